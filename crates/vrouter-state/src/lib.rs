@@ -1,1 +1,9 @@
+//! The state directory contract shared by vrouter-discovery and vrouter-router: the
+//! domain types, the files' schema, their atomic locked I/O, and the attach protocol.
 
+pub mod attach;
+pub mod schema;
+pub mod types;
+
+pub use schema::*;
+pub use types::*;

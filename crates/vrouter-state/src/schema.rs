@@ -1,0 +1,168 @@
+//! The contents of the state directory's files. Both binaries read and write these;
+//! every file carries a schema version and a generation counter.
+
+use crate::types::{Mac, Prefix, StackName, StackSpec, Vni};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+/// Version of the JSON schema in discovery.json and routes.json. A reader that finds
+/// another version keeps its last good state and reports it.
+pub const SCHEMA_VERSION: u32 = 1;
+
+pub const DISCOVERY_FILE: &str = "discovery.json";
+pub const ROUTES_FILE: &str = "routes.json";
+pub const EVENTS_FILE: &str = "events.log";
+pub const STATE_LOCK_FILE: &str = "state.lock";
+pub const LEADER_LOCK_FILE: &str = "leader.lock";
+pub const ATTACH_SOCKET: &str = "discovery.sock";
+
+/// discovery.json: what discovery knows about this host, its peers and its stacks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiscoveryFile {
+    pub schema: u32,
+    pub generation: u64,
+    /// Milliseconds since the Unix epoch.
+    pub updated_ms: u64,
+    pub host: HostInfo,
+    pub peers: Vec<PeerHost>,
+    pub local_stacks: Vec<LocalStack>,
+    /// Prefixes or stacks that were refused, with the reason.
+    pub refused: Vec<Refusal>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostInfo {
+    pub underlay_interface: String,
+    pub local_addr: Ipv4Addr,
+    pub advertise_addr: Ipv4Addr,
+    pub vxlan_port: u16,
+    pub underlay_mtu: u32,
+    /// Process id of the active discovery (for operators; not used for locking).
+    pub pid: u32,
+}
+
+/// A remote host and the stacks it carries.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PeerHost {
+    /// The host's underlay address: where VXLAN packets for its stacks go.
+    pub addr: Ipv4Addr,
+    pub stacks: Vec<StackSpec>,
+    /// Where this peer came from ("static", later "gossip").
+    pub source: String,
+}
+
+/// A stack whose router runs on this host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LocalStack {
+    #[serde(flatten)]
+    pub spec: StackSpec,
+    pub router_mac: Mac,
+    /// Host bridge whose subnet holds the router's IP (None until found).
+    pub bridge: Option<String>,
+    /// Whether the router's attach connection is open right now.
+    pub connected: bool,
+    /// Highest routes.json generation the router has acknowledged.
+    pub acked_generation: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub stack: StackName,
+    pub prefix: Option<Prefix>,
+    pub reason: String,
+}
+
+/// routes.json: for each local stack, the remote routes its router must install.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutesFile {
+    pub schema: u32,
+    pub generation: u64,
+    pub stacks: BTreeMap<StackName, StackRoutes>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StackRoutes {
+    pub vni: Option<Vni>,
+    pub routes: Vec<RemoteRoute>,
+}
+
+/// One remote prefix, reached through a remote router over the overlay.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RemoteRoute {
+    pub prefix: Prefix,
+    /// The stack that owns the prefix.
+    pub stack: StackName,
+    /// Remote router's overlay address (the route's gateway, onlink).
+    pub via: Ipv4Addr,
+    /// Remote router's MAC (the permanent neighbour entry).
+    pub mac: Mac,
+    /// Underlay address of the host carrying the remote stack.
+    pub host: Ipv4Addr,
+    /// The remote stack's router lives on this host (reached through a sibling macvlan).
+    pub same_host: bool,
+}
+
+/// One line of events.log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Milliseconds since the Unix epoch.
+    pub ts_ms: u64,
+    /// "discovery" or "router/<stack>".
+    pub source: String,
+    /// Short machine-readable kind, e.g. "peer_joined", "route_withdrawn",
+    /// "conflict_refused", "same_host_blocked", "state_unreadable", "error".
+    pub kind: String,
+    /// One line for an operator: what happened and, for problems, the fix.
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stack: Option<StackName>,
+}
+
+impl Event {
+    pub fn new(source: impl Into<String>, kind: impl Into<String>, message: impl Into<String>) -> Event {
+        Event {
+            ts_ms: now_ms(),
+            source: source.into(),
+            kind: kind.into(),
+            message: message.into(),
+            stack: None,
+        }
+    }
+
+    pub fn for_stack(mut self, stack: &StackName) -> Event {
+        self.stack = Some(stack.clone());
+        self
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Files that carry a schema version and a generation, so readers can check them.
+pub trait Versioned {
+    fn schema(&self) -> u32;
+    fn generation(&self) -> u64;
+}
+
+impl Versioned for DiscoveryFile {
+    fn schema(&self) -> u32 {
+        self.schema
+    }
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+impl Versioned for RoutesFile {
+    fn schema(&self) -> u32 {
+        self.schema
+    }
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+}
