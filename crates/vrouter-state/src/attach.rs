@@ -19,9 +19,13 @@ pub const MAX_MESSAGE: usize = 64 * 1024;
 pub enum RouterMessage {
     Register(Registration),
     /// The router applied this routes.json generation.
-    Ack { generation: u64 },
+    Ack {
+        generation: u64,
+    },
     /// Withdraw this stack now (`vrouter-router leave`).
-    Leave { stack: StackName },
+    Leave {
+        stack: StackName,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -3,7 +3,9 @@
 
 pub mod attach;
 pub mod schema;
+pub mod store;
 pub mod types;
 
 pub use schema::*;
+pub use store::{LeaderLock, ReadError, StateDir, StateError};
 pub use types::*;

@@ -120,7 +120,11 @@ pub struct Event {
 }
 
 impl Event {
-    pub fn new(source: impl Into<String>, kind: impl Into<String>, message: impl Into<String>) -> Event {
+    pub fn new(
+        source: impl Into<String>,
+        kind: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Event {
         Event {
             ts_ms: now_ms(),
             source: source.into(),
