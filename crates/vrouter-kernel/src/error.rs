@@ -6,7 +6,9 @@ use std::net::Ipv4Addr;
 pub enum KernelError {
     #[error("the kernel has no vxlan support; load the vxlan module on the host (modprobe vxlan)")]
     NoVxlan,
-    #[error("the kernel has no macvlan support; load the macvlan module on the host (modprobe macvlan)")]
+    #[error(
+        "the kernel has no macvlan support; load the macvlan module on the host (modprobe macvlan)"
+    )]
     NoMacvlan,
     #[error("VNI {vni} is already used by another VXLAN device on UDP port {port}; pick another VNI or remove that device")]
     VniInUse { vni: u32, port: u16 },
@@ -24,7 +26,265 @@ pub enum KernelError {
         source: rtnetlink::Error,
     },
     #[error("{op} failed: {errno}")]
-    Errno { op: String, errno: nix::errno::Errno },
+    Errno {
+        op: String,
+        errno: nix::errno::Errno,
+    },
     #[error("address {0} is not on any local link")]
     NoSuchAddress(Ipv4Addr),
+}
+
+/// The kernel's internal "not supported" errno (include/linux/errno.h), which leaks to
+/// user space from some drivers; libc has no name for it.
+pub(crate) const ENOTSUPP: i32 = 524;
+
+/// The positive errno behind a netlink failure, if the kernel sent one. Netlink carries
+/// it negated (`-EEXIST`), so it is negated back here, once, for every caller.
+pub(crate) fn errno_of(err: &rtnetlink::Error) -> Option<i32> {
+    match err {
+        rtnetlink::Error::NetlinkError(msg) => msg.code.map(|code| -code.get()),
+        _ => None,
+    }
+}
+
+/// Whether a failed delete means the object is already gone: ENOENT (neighbours,
+/// rules, FDB rows), ESRCH (routes) or ENODEV (the link itself, or the link the object
+/// hung on).
+pub(crate) fn is_gone(err: &rtnetlink::Error) -> bool {
+    matches!(
+        errno_of(err),
+        Some(libc::ENOENT) | Some(libc::ESRCH) | Some(libc::ENODEV)
+    )
+}
+
+/// What the failed request was, so that an errno can be turned into the error that
+/// tells the operator what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Context {
+    /// Nothing beyond EPERM is classified.
+    Plain,
+    /// The request names a link that may be missing (ENODEV).
+    Link(String),
+    /// RTM_NEWLINK of a VXLAN device. `vni_taken` says whether another device already
+    /// holds the VNI on that port (the caller looks after an EEXIST).
+    CreateVxlan {
+        vni: u32,
+        port: u16,
+        underlay: String,
+        vni_taken: bool,
+    },
+    /// RTM_NEWLINK of a macvlan on `parent`.
+    CreateMacvlan { parent: String },
+    /// Bringing a link up; `vxlan_port` is set when it is a VXLAN device.
+    LinkUp {
+        link: String,
+        vxlan_port: Option<u16>,
+    },
+}
+
+/// Turns a netlink failure into a `KernelError`. `op` says what failed ("create vxlan
+/// device"), `what` on what ("vxlan1000 (index 5)").
+pub(crate) fn classify(
+    op: &'static str,
+    what: String,
+    context: Context,
+    source: rtnetlink::Error,
+) -> KernelError {
+    let errno = errno_of(&source);
+    match (errno, context) {
+        (Some(libc::EPERM), _) | (Some(libc::EACCES), _) => KernelError::NotPermitted {
+            op: format!("{op} {what}"),
+        },
+        (
+            Some(libc::EEXIST),
+            Context::CreateVxlan {
+                vni,
+                port,
+                vni_taken: true,
+                ..
+            },
+        ) => KernelError::VniInUse { vni, port },
+        (Some(libc::EOPNOTSUPP) | Some(ENOTSUPP), Context::CreateVxlan { .. }) => {
+            KernelError::NoVxlan
+        }
+        (Some(libc::EOPNOTSUPP) | Some(ENOTSUPP), Context::CreateMacvlan { .. }) => {
+            KernelError::NoMacvlan
+        }
+        (
+            Some(libc::EADDRINUSE),
+            Context::LinkUp {
+                vxlan_port: Some(port),
+                ..
+            },
+        ) => KernelError::PortInUse { port },
+        (Some(libc::ENODEV), Context::Link(link))
+        | (Some(libc::ENODEV), Context::LinkUp { link, .. })
+        | (Some(libc::ENODEV), Context::CreateMacvlan { parent: link })
+        | (Some(libc::ENODEV), Context::CreateVxlan { underlay: link, .. }) => {
+            KernelError::NoSuchLink(link)
+        }
+        _ => KernelError::Netlink { op, what, source },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rtnetlink::packet_core::ErrorMessage;
+    use std::num::NonZeroI32;
+
+    /// A kernel NACK as rtnetlink hands it over: the errno negated.
+    fn nack(errno: i32) -> rtnetlink::Error {
+        let mut msg = ErrorMessage::default();
+        msg.code = NonZeroI32::new(-errno);
+        rtnetlink::Error::NetlinkError(msg)
+    }
+
+    fn vxlan(vni_taken: bool) -> Context {
+        Context::CreateVxlan {
+            vni: 1000,
+            port: 4789,
+            underlay: "index 2".into(),
+            vni_taken,
+        }
+    }
+
+    #[test]
+    fn errno_is_positive() {
+        assert_eq!(errno_of(&nack(libc::EEXIST)), Some(libc::EEXIST));
+        assert_eq!(errno_of(&rtnetlink::Error::RequestFailed), None);
+    }
+
+    #[test]
+    fn gone_on_delete() {
+        assert!(is_gone(&nack(libc::ENOENT)));
+        assert!(is_gone(&nack(libc::ESRCH)));
+        assert!(is_gone(&nack(libc::ENODEV)));
+        assert!(!is_gone(&nack(libc::EPERM)));
+        assert!(!is_gone(&nack(libc::EEXIST)));
+        assert!(!is_gone(&rtnetlink::Error::RequestFailed));
+    }
+
+    #[test]
+    fn vni_in_use_only_when_another_device_holds_it() {
+        let e = classify(
+            "create vxlan device",
+            "vxlan1000".into(),
+            vxlan(true),
+            nack(libc::EEXIST),
+        );
+        assert!(
+            matches!(
+                e,
+                KernelError::VniInUse {
+                    vni: 1000,
+                    port: 4789
+                }
+            ),
+            "{e}"
+        );
+        // EEXIST for the device's own name is a name clash, not a VNI clash.
+        let e = classify(
+            "create vxlan device",
+            "vxlan1000".into(),
+            vxlan(false),
+            nack(libc::EEXIST),
+        );
+        assert!(matches!(e, KernelError::Netlink { .. }), "{e}");
+        assert!(e.to_string().contains("vxlan1000"), "{e}");
+        // A positive code must not be mistaken for the errno (the sign slip).
+        let mut wrong_sign = ErrorMessage::default();
+        wrong_sign.code = NonZeroI32::new(libc::EEXIST);
+        let e = classify(
+            "create vxlan device",
+            "vxlan1000".into(),
+            vxlan(true),
+            rtnetlink::Error::NetlinkError(wrong_sign),
+        );
+        assert!(matches!(e, KernelError::Netlink { .. }), "{e}");
+    }
+
+    #[test]
+    fn missing_module() {
+        for errno in [libc::EOPNOTSUPP, ENOTSUPP] {
+            let e = classify(
+                "create vxlan device",
+                "vxlan1000".into(),
+                vxlan(false),
+                nack(errno),
+            );
+            assert!(matches!(e, KernelError::NoVxlan), "{e}");
+            let ctx = Context::CreateMacvlan {
+                parent: "vxlan1000".into(),
+            };
+            let e = classify("create macvlan", "mv0".into(), ctx, nack(errno));
+            assert!(matches!(e, KernelError::NoMacvlan), "{e}");
+        }
+        // Not supported elsewhere is not a missing module.
+        let e = classify(
+            "set link up",
+            "eth0".into(),
+            Context::Link("eth0".into()),
+            nack(libc::EOPNOTSUPP),
+        );
+        assert!(matches!(e, KernelError::Netlink { .. }), "{e}");
+    }
+
+    #[test]
+    fn port_in_use_only_for_vxlan() {
+        let ctx = Context::LinkUp {
+            link: "vxlan1000".into(),
+            vxlan_port: Some(4789),
+        };
+        let e = classify(
+            "set link up",
+            "vxlan1000".into(),
+            ctx,
+            nack(libc::EADDRINUSE),
+        );
+        assert!(matches!(e, KernelError::PortInUse { port: 4789 }), "{e}");
+        let ctx = Context::LinkUp {
+            link: "eth0".into(),
+            vxlan_port: None,
+        };
+        let e = classify("set link up", "eth0".into(), ctx, nack(libc::EADDRINUSE));
+        assert!(matches!(e, KernelError::Netlink { .. }), "{e}");
+    }
+
+    #[test]
+    fn not_permitted_names_the_operation() {
+        let e = classify(
+            "set link up",
+            "vxlan1000 (index 5)".into(),
+            Context::Plain,
+            nack(libc::EPERM),
+        );
+        let KernelError::NotPermitted { op } = &e else {
+            panic!("{e}")
+        };
+        assert_eq!(op, "set link up vxlan1000 (index 5)");
+        assert!(e.to_string().contains("CAP_NET_ADMIN"));
+    }
+
+    #[test]
+    fn missing_link() {
+        let e = classify(
+            "set link mtu",
+            "index 9".into(),
+            Context::Link("index 9".into()),
+            nack(libc::ENODEV),
+        );
+        assert_eq!(e.to_string(), "link index 9 not found");
+        let e = classify(
+            "replace route",
+            "10.2.0.0/24".into(),
+            Context::Plain,
+            nack(libc::ENODEV),
+        );
+        assert!(
+            e.to_string()
+                .starts_with("replace route failed for 10.2.0.0/24"),
+            "{e}"
+        );
+    }
 }

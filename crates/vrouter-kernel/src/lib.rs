@@ -5,10 +5,21 @@
 //! A `Kernel` is bound to the network namespace of the thread that called `connect`.
 
 mod error;
+mod fdb;
+mod links;
+mod neigh;
+mod routes;
+mod rules;
+
 pub use error::KernelError;
 
+use error::{classify, Context};
+use futures::StreamExt;
+use rtnetlink::packet_core::{
+    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+};
+use rtnetlink::packet_route::RouteNetlinkMessage;
 use std::net::Ipv4Addr;
-use std::os::fd::BorrowedFd;
 use vrouter_state::{Mac, Prefix, Vni};
 
 pub type Result<T> = std::result::Result<T, KernelError>;
@@ -100,122 +111,88 @@ pub struct Rule {
 }
 
 /// Handle on the routing netlink socket of one network namespace.
+///
+/// Cloning is cheap and shares the socket.
+#[derive(Clone)]
 pub struct Kernel {
-    #[allow(dead_code)]
     handle: rtnetlink::Handle,
 }
 
 impl Kernel {
     /// Opens a netlink socket in the calling thread's network namespace and spawns its
     /// connection task on the current tokio runtime.
+    ///
+    /// The socket is created here, on this thread, so it stays in this namespace even
+    /// when the connection task later runs on another worker thread.
     pub async fn connect() -> Result<Kernel> {
-        unimplemented!()
+        let (connection, handle, _) =
+            rtnetlink::new_connection().map_err(|errno| KernelError::Errno {
+                op: "open a NETLINK_ROUTE socket".into(),
+                errno: nix::errno::Errno::from_raw(errno.raw_os_error().unwrap_or(0)),
+            })?;
+        tokio::spawn(connection);
+        Ok(Kernel { handle })
     }
 
-    // ---- links ----
-    pub async fn links(&self) -> Result<Vec<Link>> {
-        unimplemented!()
-    }
-    pub async fn link_by_name(&self, _name: &str) -> Result<Option<Link>> {
-        unimplemented!()
-    }
-    pub async fn link_by_index(&self, _index: u32) -> Result<Option<Link>> {
-        unimplemented!()
-    }
-    /// Creates a VXLAN device (down). A duplicate VNI on the same port fails here with
-    /// `KernelError::VniInUse`; a kernel without vxlan with `KernelError::NoVxlan`.
-    pub async fn create_vxlan(&self, _spec: &VxlanSpec) -> Result<u32> {
-        unimplemented!()
-    }
-    /// Changes a VXLAN device's local address in place (the port cannot change).
-    pub async fn set_vxlan_local(&self, _index: u32, _local: Ipv4Addr) -> Result<()> {
-        unimplemented!()
-    }
-    /// Brings a link up. For VXLAN, a port held by a non-VXLAN socket or a VXLAN
-    /// device with mismatched flags fails here with `KernelError::PortInUse`.
-    pub async fn set_up(&self, _index: u32) -> Result<()> {
-        unimplemented!()
-    }
-    pub async fn set_mtu(&self, _index: u32, _mtu: u32) -> Result<()> {
-        unimplemented!()
-    }
-    pub async fn set_mac(&self, _index: u32, _mac: Mac) -> Result<()> {
-        unimplemented!()
-    }
-    pub async fn rename(&self, _index: u32, _name: &str) -> Result<()> {
-        unimplemented!()
-    }
-    pub async fn delete_link(&self, _index: u32) -> Result<()> {
-        unimplemented!()
-    }
-    /// Creates a macvlan (mode bridge) on `parent`, with the given MAC and MTU, down.
-    pub async fn create_macvlan(&self, _name: &str, _parent: u32, _mac: Mac, _mtu: u32) -> Result<u32> {
-        unimplemented!()
-    }
-    /// Moves a link into the namespace behind `netns` (IFLA_NET_NS_FD); needs only
-    /// CAP_NET_ADMIN, no setns.
-    pub async fn move_to_netns(&self, _index: u32, _netns: BorrowedFd<'_>) -> Result<()> {
-        unimplemented!()
+    /// Sends one request and waits for its ACK. `flags` come on top of
+    /// NLM_F_REQUEST | NLM_F_ACK.
+    async fn ack(
+        &self,
+        message: RouteNetlinkMessage,
+        flags: u16,
+    ) -> std::result::Result<(), rtnetlink::Error> {
+        let mut request = NetlinkMessage::from(message);
+        request.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+        let mut responses = self.handle.clone().request(request)?;
+        while let Some(response) = responses.next().await {
+            if let NetlinkPayload::Error(err) = response.payload {
+                if err.code.is_some() {
+                    return Err(rtnetlink::Error::NetlinkError(err));
+                }
+            }
+        }
+        Ok(())
     }
 
-    // ---- addresses ----
-    pub async fn addresses(&self) -> Result<Vec<Address>> {
-        unimplemented!()
+    /// Sends a get request (a dump when `dump` is set) and collects the answers.
+    async fn get(
+        &self,
+        message: RouteNetlinkMessage,
+        dump: bool,
+    ) -> std::result::Result<Vec<RouteNetlinkMessage>, rtnetlink::Error> {
+        let mut request = NetlinkMessage::from(message);
+        request.header.flags = NLM_F_REQUEST | if dump { NLM_F_DUMP } else { 0 };
+        let mut responses = self.handle.clone().request(request)?;
+        let mut out = Vec::new();
+        while let Some(response) = responses.next().await {
+            match response.payload {
+                NetlinkPayload::InnerMessage(inner) => out.push(inner),
+                NetlinkPayload::Error(err) if err.code.is_some() => {
+                    return Err(rtnetlink::Error::NetlinkError(err));
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
     }
 
-    // ---- routes ----
-    /// IPv4 unicast routes of one table (254 = main).
-    pub async fn routes(&self, _table: u32) -> Result<Vec<Route>> {
-        unimplemented!()
-    }
-    /// The main table's default route: (output link, gateway).
-    pub async fn default_route(&self) -> Result<Option<(u32, Option<Ipv4Addr>)>> {
-        unimplemented!()
-    }
-    pub async fn replace_route(&self, _route: &Route) -> Result<()> {
-        unimplemented!()
-    }
-    pub async fn delete_route(&self, _route: &Route) -> Result<()> {
-        unimplemented!()
+    /// "vxlan1000 (index 5)" when the link can still be found, else "index 5": for
+    /// error messages only.
+    async fn link_label(&self, index: u32) -> String {
+        match self.link_by_index(index).await {
+            Ok(Some(link)) => format!("{} (index {index})", link.name),
+            _ => format!("index {index}"),
+        }
     }
 
-    // ---- neighbours ----
-    pub async fn neighbours(&self, _index: u32) -> Result<Vec<Neighbour>> {
-        unimplemented!()
-    }
-    /// `ip neigh replace IP lladdr MAC dev INDEX nud permanent`.
-    pub async fn replace_neighbour(&self, _index: u32, _ip: Ipv4Addr, _mac: Mac) -> Result<()> {
-        unimplemented!()
-    }
-    pub async fn delete_neighbour(&self, _index: u32, _ip: Ipv4Addr) -> Result<()> {
-        unimplemented!()
-    }
-
-    // ---- FDB on VXLAN devices ----
-    pub async fn fdb(&self, _index: u32) -> Result<Vec<FdbEntry>> {
-        unimplemented!()
-    }
-    /// `bridge fdb append MAC dev INDEX dst DST self permanent` (several dsts per MAC:
-    /// the all-zeros flood list).
-    pub async fn append_fdb(&self, _index: u32, _mac: Mac, _dst: Ipv4Addr) -> Result<()> {
-        unimplemented!()
-    }
-    /// `bridge fdb replace MAC dev INDEX dst DST self permanent`.
-    pub async fn replace_fdb(&self, _index: u32, _mac: Mac, _dst: Ipv4Addr) -> Result<()> {
-        unimplemented!()
-    }
-    pub async fn delete_fdb(&self, _index: u32, _mac: Mac, _dst: Option<Ipv4Addr>) -> Result<()> {
-        unimplemented!()
-    }
-
-    // ---- policy rules ----
-    pub async fn rules(&self) -> Result<Vec<Rule>> {
-        unimplemented!()
-    }
-    pub async fn add_rule(&self, _rule: &Rule) -> Result<()> {
-        unimplemented!()
-    }
-    pub async fn delete_rule(&self, _rule: &Rule) -> Result<()> {
-        unimplemented!()
+    /// Classifies a failure of a request on one link, naming the link in the error.
+    async fn link_failure(
+        &self,
+        op: &'static str,
+        index: u32,
+        source: rtnetlink::Error,
+    ) -> KernelError {
+        let label = self.link_label(index).await;
+        classify(op, format!("link {label}"), Context::Link(label), source)
     }
 }
