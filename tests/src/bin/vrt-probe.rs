@@ -1,0 +1,329 @@
+//! vrt-probe: tiny, bounded network probes run inside test namespaces.
+//!
+//! Subcommands (all exit 0 on success, 1 on failure, 2 on usage error):
+//!   tcp-serve <ip:port> <outfile> [idle_timeout_s=30]
+//!       Bind, create `<outfile>.ready`, accept ONE connection, write `peer=<addr>` and
+//!       `local=<addr>` lines to <outfile> (atomically), echo until EOF. Every read is
+//!       bounded by the idle timeout, the whole run by 600 s.
+//!   tcp-send <ip:port> <bytes> [timeout_s=10]
+//!       Connect, send <bytes> bytes, read the echo back, verify it, print
+//!       `ok local=<addr> peer=<addr> bytes=<n>`.
+//!   tcp-hold <ip:port> <seconds> [max_stall_ms=2000]
+//!       Keep one connection for <seconds>, sending a 16-byte message every 100 ms and
+//!       reading its echo; fails on any error or a round trip longer than max_stall_ms.
+//!   ping <ipv4> <count> <timeout_ms>
+//!       ICMP echo (ping socket if ping_group_range allows, raw socket otherwise); prints
+//!       `sent=<n> received=<m>`, exit 0 if at least one reply arrived.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::exit;
+use std::time::{Duration, Instant};
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: vrt-probe tcp-serve <ip:port> <outfile> [idle_s] | tcp-send <ip:port> <bytes> [timeout_s] | tcp-hold <ip:port> <seconds> [max_stall_ms] | ping <ip> <count> <timeout_ms>"
+    );
+    exit(2)
+}
+
+fn fail(msg: String) -> ! {
+    eprintln!("vrt-probe: {msg}");
+    exit(1)
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], i: usize, default: Option<T>) -> T {
+    match args.get(i) {
+        Some(s) => s.parse().unwrap_or_else(|_| usage()),
+        None => default.unwrap_or_else(|| usage()),
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("tcp-serve") => tcp_serve(
+            arg(&args, 1, None),
+            arg::<String>(&args, 2, None),
+            arg(&args, 3, Some(30u64)),
+        ),
+        Some("tcp-send") => tcp_send(
+            arg(&args, 1, None),
+            arg(&args, 2, None),
+            arg(&args, 3, Some(10u64)),
+        ),
+        Some("tcp-hold") => tcp_hold(
+            arg(&args, 1, None),
+            arg(&args, 2, None),
+            arg(&args, 3, Some(2000u64)),
+        ),
+        Some("ping") => ping(
+            arg(&args, 1, None),
+            arg(&args, 2, None),
+            arg(&args, 3, None),
+        ),
+        _ => usage(),
+    }
+}
+
+fn write_atomic(path: &str, content: &str) {
+    let tmp = format!("{path}.tmp");
+    std::fs::write(&tmp, content).unwrap_or_else(|e| fail(format!("write {tmp}: {e}")));
+    std::fs::rename(&tmp, path).unwrap_or_else(|e| fail(format!("rename {tmp}: {e}")));
+}
+
+fn tcp_serve(addr: SocketAddr, outfile: String, idle_s: u64) {
+    let start = Instant::now();
+    let life = Duration::from_secs(600);
+    let idle = Duration::from_secs(idle_s.max(1));
+    let l = TcpListener::bind(addr).unwrap_or_else(|e| fail(format!("bind {addr}: {e}")));
+    l.set_nonblocking(true).expect("nonblocking");
+    write_atomic(&format!("{outfile}.ready"), "ready\n");
+    let (mut s, peer) = loop {
+        match l.accept() {
+            Ok(x) => break x,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if start.elapsed() > idle {
+                    fail(format!("no connection within {idle:?}"));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => fail(format!("accept: {e}")),
+        }
+    };
+    s.set_nonblocking(false).expect("blocking");
+    s.set_read_timeout(Some(idle)).expect("timeout");
+    s.set_write_timeout(Some(idle)).expect("timeout");
+    let local = s.local_addr().expect("local addr");
+    write_atomic(&outfile, &format!("peer={peer}\nlocal={local}\n"));
+    println!("peer={peer} local={local}");
+    let mut buf = [0u8; 16384];
+    let mut total = 0u64;
+    loop {
+        if start.elapsed() > life {
+            fail("lifetime exceeded".into());
+        }
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                total += n as u64;
+                s.write_all(&buf[..n])
+                    .unwrap_or_else(|e| fail(format!("echo write: {e}")));
+            }
+            Err(e) => fail(format!("read after {total} bytes: {e}")),
+        }
+    }
+    println!("done bytes={total}");
+}
+
+fn tcp_send(addr: SocketAddr, bytes: usize, timeout_s: u64) {
+    let to = Duration::from_secs(timeout_s.max(1));
+    let s = TcpStream::connect_timeout(&addr, to)
+        .unwrap_or_else(|e| fail(format!("connect {addr}: {e}")));
+    s.set_read_timeout(Some(to)).expect("timeout");
+    s.set_write_timeout(Some(to)).expect("timeout");
+    let local = s.local_addr().expect("local");
+    let data: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
+    let mut w = s.try_clone().expect("clone");
+    let wdata = data.clone();
+    let writer = std::thread::spawn(move || {
+        let r = w.write_all(&wdata);
+        let _ = w.shutdown(Shutdown::Write);
+        r
+    });
+    let mut got = Vec::with_capacity(bytes);
+    let mut r = s;
+    if let Err(e) = r.read_to_end(&mut got) {
+        fail(format!("read echo after {} bytes: {e}", got.len()));
+    }
+    if let Err(e) = writer.join().expect("writer thread") {
+        fail(format!("write: {e}"));
+    }
+    if got != data {
+        fail(format!(
+            "echo mismatch: sent {} got {}",
+            data.len(),
+            got.len()
+        ));
+    }
+    println!("ok local={local} peer={addr} bytes={bytes}");
+}
+
+fn tcp_hold(addr: SocketAddr, seconds: u64, max_stall_ms: u64) {
+    let stall = Duration::from_millis(max_stall_ms.max(1));
+    let mut s = TcpStream::connect_timeout(&addr, stall.max(Duration::from_secs(3)))
+        .unwrap_or_else(|e| fail(format!("connect {addr}: {e}")));
+    s.set_read_timeout(Some(stall)).expect("timeout");
+    s.set_write_timeout(Some(stall)).expect("timeout");
+    s.set_nodelay(true).ok();
+    let local = s.local_addr().expect("local");
+    println!("connected local={local} peer={addr}");
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let mut seq = 0u64;
+    let mut max_rtt = Duration::ZERO;
+    while Instant::now() < end {
+        let msg = format!("{seq:015}\n");
+        let t0 = Instant::now();
+        if let Err(e) = s.write_all(msg.as_bytes()) {
+            fail(format!("write seq {seq}: {e}"));
+        }
+        let mut back = [0u8; 16];
+        if let Err(e) = s.read_exact(&mut back) {
+            fail(format!("read seq {seq} (stall > {stall:?}?): {e}"));
+        }
+        let rtt = t0.elapsed();
+        if back != msg.as_bytes() {
+            fail(format!("seq {seq}: echo mismatch"));
+        }
+        if rtt > stall {
+            fail(format!("seq {seq}: round trip {rtt:?} > {stall:?}"));
+        }
+        max_rtt = max_rtt.max(rtt);
+        seq += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = s.shutdown(Shutdown::Write);
+    println!("ok rounds={seq} max_rtt_ms={}", max_rtt.as_millis());
+}
+
+fn csum(data: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for c in data.chunks(2) {
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from_be_bytes([c[0], 0])
+        };
+        sum += w as u32;
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn ping(ip: Ipv4Addr, count: u32, timeout_ms: u64) {
+    let count = count.clamp(1, 1000);
+    // Prefer an unprivileged ping socket; fall back to a raw socket (needs CAP_NET_RAW).
+    let (fd, raw) = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_ICMP);
+        if fd >= 0 {
+            (fd, false)
+        } else {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP);
+            if fd < 0 {
+                fail(format!("socket: {}", std::io::Error::last_os_error()));
+            }
+            (fd, true)
+        }
+    };
+    let ident: u16 = (std::process::id() & 0xffff) as u16;
+    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    sa.sin_family = libc::AF_INET as libc::sa_family_t;
+    sa.sin_addr.s_addr = u32::from(ip).to_be();
+    let deadline = Instant::now() + Duration::from_millis(timeout_ms.max(1));
+    let interval = Duration::from_millis(200);
+    let mut replies = vec![false; count as usize];
+    let mut sent = 0u32;
+    let mut next_send = Instant::now();
+    // For a ping socket the kernel rewrites the id; we match on sequence numbers.
+    let mut our_id: Option<u16> = if raw { Some(ident) } else { None };
+    loop {
+        let now = Instant::now();
+        if now >= deadline || replies.iter().all(|r| *r) {
+            break;
+        }
+        if sent < count && now >= next_send {
+            let mut pkt = vec![8u8, 0, 0, 0];
+            pkt.extend_from_slice(&ident.to_be_bytes());
+            pkt.extend_from_slice(&(sent as u16).to_be_bytes());
+            pkt.extend_from_slice(b"vrt-probe-ping-payload-0123456789");
+            let c = csum(&pkt);
+            pkt[2..4].copy_from_slice(&c.to_be_bytes());
+            let r = unsafe {
+                libc::sendto(
+                    fd,
+                    pkt.as_ptr() as *const libc::c_void,
+                    pkt.len(),
+                    0,
+                    &sa as *const libc::sockaddr_in as *const libc::sockaddr,
+                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                )
+            };
+            if r < 0 {
+                eprintln!("sendto: {}", std::io::Error::last_os_error());
+            }
+            sent += 1;
+            next_send = now + interval;
+        }
+        let wait_until = if sent < count {
+            next_send.min(deadline)
+        } else {
+            deadline
+        };
+        let wait_ms = wait_until
+            .saturating_duration_since(Instant::now())
+            .as_millis()
+            .clamp(1, 1000) as i32;
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let pr = unsafe { libc::poll(&mut pfd, 1, wait_ms) };
+        if pr <= 0 {
+            continue;
+        }
+        let mut buf = [0u8; 2048];
+        let mut from: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        let mut flen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let n = unsafe {
+            libc::recvfrom(
+                fd,
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                libc::MSG_DONTWAIT,
+                &mut from as *mut libc::sockaddr_in as *mut libc::sockaddr,
+                &mut flen,
+            )
+        };
+        if n <= 0 {
+            continue;
+        }
+        let n = n as usize;
+        if u32::from_be(from.sin_addr.s_addr) != u32::from(ip) {
+            continue;
+        }
+        let icmp = if raw {
+            let ihl = ((buf[0] & 0x0f) as usize) * 4;
+            if n < ihl + 8 {
+                continue;
+            }
+            &buf[ihl..n]
+        } else {
+            if n < 8 {
+                continue;
+            }
+            &buf[..n]
+        };
+        if icmp[0] != 0 {
+            continue; // not an echo reply
+        }
+        let id = u16::from_be_bytes([icmp[4], icmp[5]]);
+        let seq = u16::from_be_bytes([icmp[6], icmp[7]]) as usize;
+        match our_id {
+            Some(o) if o != id => continue,
+            None => our_id = Some(id),
+            _ => {}
+        }
+        if seq < replies.len() && (seq as u32) < sent {
+            replies[seq] = true;
+        }
+    }
+    unsafe {
+        libc::close(fd);
+    }
+    let received = replies.iter().filter(|r| **r).count();
+    println!("sent={sent} received={received}");
+    exit(if received > 0 { 0 } else { 1 })
+}

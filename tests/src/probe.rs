@@ -1,0 +1,194 @@
+//! Harness side of the `vrt-probe` helper binary: ping and TCP probes in a namespace.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::cmd::exec_timeout;
+use crate::daemon::{spawn_in, Daemon};
+
+/// Path of the `vrt-probe` binary: `$VRT_PROBE_BIN`, else found next to (or one level
+/// above) the running test executable (`target/<profile>/deps/<test>` ->
+/// `target/<profile>/vrt-probe`). Cargo builds it for this package's integration tests.
+pub fn probe_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("VRT_PROBE_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().context("current_exe")?;
+    let mut dir = exe.parent();
+    for _ in 0..3 {
+        let Some(d) = dir else { break };
+        let cand = d.join("vrt-probe");
+        if cand.is_file() {
+            return Ok(cand);
+        }
+        dir = d.parent();
+    }
+    bail!(
+        "vrt-probe not found near {} (build with `cargo test -p vrouter-tests` or set VRT_PROBE_BIN)",
+        exe.display()
+    )
+}
+
+fn probe() -> String {
+    probe_bin()
+        .expect("vrt-probe binary")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// ICMP echo from namespace `from_ns` to `ip`: `(sent, received)`.
+pub fn ping_count(from_ns: &str, ip: &str, count: u32, timeout: Duration) -> Result<(u32, u32)> {
+    let ms = timeout.as_millis().max(1).to_string();
+    let out = exec_timeout(
+        Some(from_ns),
+        &[&probe(), "ping", ip, &count.to_string(), &ms],
+        timeout + Duration::from_secs(5),
+    )?;
+    let mut sent = 0;
+    let mut recv = 0;
+    for tok in out.stdout.split_whitespace() {
+        if let Some(v) = tok.strip_prefix("sent=") {
+            sent = v.parse().unwrap_or(0);
+        } else if let Some(v) = tok.strip_prefix("received=") {
+            recv = v.parse().unwrap_or(0);
+        }
+    }
+    if out.code == Some(2) || (sent == 0 && !out.success()) {
+        bail!("ping probe failed: {}", out.stderr.trim());
+    }
+    Ok((sent, recv))
+}
+
+/// True if at least one of `count` echo requests from `from_ns` to `ip` was answered
+/// within `timeout` (like `ping -c count -w timeout`).
+pub fn ping(from_ns: &str, ip: &str, count: u32, timeout: Duration) -> bool {
+    match ping_count(from_ns, ip, count, timeout) {
+        Ok((_, r)) => r > 0,
+        Err(e) => {
+            eprintln!("ping {from_ns} -> {ip}: {e:#}");
+            false
+        }
+    }
+}
+
+/// A one-connection TCP echo server (`vrt-probe tcp-serve`) running in a namespace.
+pub struct TcpServer {
+    pub daemon: Daemon,
+    pub addr: SocketAddr,
+    outfile: PathBuf,
+}
+
+impl TcpServer {
+    /// Start listening on `addr` (e.g. `"10.2.0.7:5000"`) in `ns`; returns once bound.
+    /// `idle` bounds the wait for the connection and every read.
+    pub fn start(ns: &str, addr: &str, log_dir: &Path, idle: Duration) -> Result<TcpServer> {
+        let addr: SocketAddr = addr
+            .parse()
+            .with_context(|| format!("bad address {addr}"))?;
+        std::fs::create_dir_all(log_dir)?;
+        let outfile = log_dir.join(format!("tcp-serve-{ns}-{}-{}.peer", addr.ip(), addr.port()));
+        let ready = PathBuf::from(format!("{}.ready", outfile.display()));
+        let _ = std::fs::remove_file(&outfile);
+        let _ = std::fs::remove_file(&ready);
+        let bin = probe();
+        let secs = idle.as_secs().max(1).to_string();
+        let mut daemon = spawn_in(
+            ns,
+            log_dir,
+            &bin,
+            &[
+                "tcp-serve",
+                &addr.to_string(),
+                &outfile.to_string_lossy(),
+                &secs,
+            ],
+            &[],
+        )?;
+        let ok = crate::wait_until(Duration::from_secs(5), Duration::from_millis(10), || {
+            ready.exists() || !daemon.is_running()
+        });
+        if !ok || !ready.exists() {
+            bail!("tcp-serve did not start\n{}", daemon.logs());
+        }
+        Ok(TcpServer {
+            daemon,
+            addr,
+            outfile,
+        })
+    }
+
+    /// The client address the server saw (proves there was no NAT), waiting up to `timeout`.
+    pub fn peer(&self, timeout: Duration) -> Result<SocketAddr> {
+        let mut found = None;
+        crate::wait_until(timeout, Duration::from_millis(10), || {
+            if let Ok(s) = std::fs::read_to_string(&self.outfile) {
+                for line in s.lines() {
+                    if let Some(v) = line.strip_prefix("peer=") {
+                        found = v.parse().ok();
+                    }
+                }
+            }
+            found.is_some()
+        });
+        match found {
+            Some(a) => Ok(a),
+            None => bail!(
+                "no connection seen by {}\n{}",
+                self.addr,
+                self.daemon.logs()
+            ),
+        }
+    }
+
+    /// Wait for the server to finish successfully (client closed, everything echoed).
+    pub fn wait(&mut self, timeout: Duration) -> Result<()> {
+        self.daemon.wait_success(timeout)
+    }
+}
+
+/// Connect from `ns` to `addr`, send `bytes` bytes, verify the echo. Returns the probe's
+/// line `ok local=<addr> peer=<addr> bytes=<n>`.
+pub fn tcp_send(ns: &str, addr: &str, bytes: usize, timeout: Duration) -> Result<String> {
+    let secs = timeout.as_secs().max(1);
+    exec_timeout(
+        Some(ns),
+        &[
+            &probe(),
+            "tcp-send",
+            addr,
+            &bytes.to_string(),
+            &secs.to_string(),
+        ],
+        Duration::from_secs(secs * 2 + 5),
+    )?
+    .check()
+    .map(|o| o.stdout.trim().to_string())
+}
+
+/// Start a long-lived connection from `ns` to `addr` that exchanges a message every
+/// 100 ms for `duration` and fails on any error or a stall longer than `max_stall`.
+/// Check the result with [`Daemon::wait_success`].
+pub fn tcp_hold(
+    ns: &str,
+    addr: &str,
+    duration: Duration,
+    max_stall: Duration,
+    log_dir: &Path,
+) -> Result<Daemon> {
+    let bin = probe();
+    spawn_in(
+        ns,
+        log_dir,
+        &bin,
+        &[
+            "tcp-hold",
+            addr,
+            &duration.as_secs().max(1).to_string(),
+            &max_stall.as_millis().max(1).to_string(),
+        ],
+        &[],
+    )
+}
