@@ -1,1 +1,15 @@
+//! vrouter-discovery: the control plane of docker-vrouter on one host.
+//!
+//! Pure decision logic (`desired`, `diff`, `retention`, `registry`, `peers`) sits in
+//! the middle; `controller` applies it through `vrouter_kernel`; `run` owns the
+//! process, the attach socket and the watchers.
 
+pub mod controller;
+pub mod desired;
+pub mod diff;
+pub mod peers;
+pub mod registry;
+pub mod retention;
+pub mod run;
+pub mod settings;
+pub mod underlay;

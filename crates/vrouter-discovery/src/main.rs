@@ -1,1 +1,35 @@
-fn main() {}
+use clap::Parser;
+use vrouter_discovery::settings::{Cli, Command};
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vrouter-discovery: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::Run => rt.block_on(vrouter_discovery::run::run(cli.settings)),
+        Command::Health => vrouter_discovery::run::health(&cli.settings),
+        Command::CheckConfig => vrouter_discovery::run::check_config(&cli.settings),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vrouter-discovery: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -29,6 +29,12 @@ pub struct DiscoveryFile {
     pub local_stacks: Vec<LocalStack>,
     /// Prefixes or stacks that were refused, with the reason.
     pub refused: Vec<Refusal>,
+    /// VNIs whose `vxlan<VNI>` device this discovery created and owns.
+    #[serde(default)]
+    pub devices: Vec<Vni>,
+    /// Count of kernel changes made by timer reconciles with no input change (drift).
+    #[serde(default)]
+    pub drift_repairs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,0 +1,716 @@
+//! The control loop's state and its one reconcile: compute the desired host state,
+//! diff it against kernel dumps, apply the difference, publish the state files.
+
+use crate::desired::{self, FdbRow, HostView, LocalRouter};
+use crate::diff::{self, Change, DeviceAction, DeviceSpec};
+use crate::peers::PeerSource;
+use crate::registry::{ConnId, Registry};
+use crate::retention::Retention;
+use crate::settings::Settings;
+use crate::underlay::{self, Underlay};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::Instant;
+use tracing::{info, warn};
+use vrouter_kernel::{FdbEntry, Kernel, KernelError, Link, Route, Rule, VxlanSpec};
+use vrouter_state::attach::{DiscoveryMessage, Registration};
+use vrouter_state::{
+    now_ms, DiscoveryFile, Event, HostInfo, LocalStack, Mac, PeerHost, Prefix, RoutesFile,
+    StackName, StackRoutes, StateDir, Vni, RTPROT_VROUTER, SCHEMA_VERSION,
+};
+
+/// VXLAN header overhead on IPv4.
+const VXLAN_OVERHEAD: u32 = 50;
+
+pub struct Controller {
+    settings: Settings,
+    dir: StateDir,
+    kernel: Kernel,
+    source: Box<dyn PeerSource>,
+    peers: Vec<PeerHost>,
+    pub registry: Registry,
+    retention: Retention,
+    published: BTreeMap<StackName, StackRoutes>,
+    routes_generation: u64,
+    discovery_generation: u64,
+    last_discovery: Option<DiscoveryFile>,
+    owned_vnis: BTreeSet<Vni>,
+    /// VNIs whose device could not be made, with the operator's message.
+    failed_vnis: BTreeMap<Vni, String>,
+    underlay: Underlay,
+    advertise: Ipv4Addr,
+    reported: BTreeSet<String>,
+    refusals: Vec<vrouter_state::Refusal>,
+    drift_repairs: u64,
+}
+
+impl Controller {
+    /// Starts from the previous run's files, so a restart or a standby's takeover
+    /// computes the same state and leaves the kernel alone.
+    pub async fn new(
+        settings: Settings,
+        dir: StateDir,
+        kernel: Kernel,
+        mut source: Box<dyn PeerSource>,
+    ) -> anyhow::Result<Controller> {
+        let underlay = underlay::detect(&kernel, settings.underlay_interface.as_deref())
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let advertise = settings.advertise_addr.unwrap_or(underlay.addr);
+        let mut registry = Registry::default();
+        let now = Instant::now();
+        let mut owned_vnis = BTreeSet::new();
+        let mut discovery_generation = 0;
+        let mut last_discovery = None;
+        if let Ok(prev) = dir.read_discovery() {
+            for s in &prev.local_stacks {
+                registry.restore(s.spec.clone(), s.acked_generation, now);
+            }
+            owned_vnis.extend(prev.devices.iter().copied());
+            discovery_generation = prev.generation;
+            last_discovery = Some(prev);
+        }
+        let (published, routes_generation) = match dir.read_routes() {
+            Ok(r) => (r.stacks, r.generation),
+            Err(_) => (BTreeMap::new(), 0),
+        };
+        let peers = match source.load() {
+            Ok(p) => p,
+            Err(e) => {
+                // At start a bad configuration is fatal: there is no previous one to keep.
+                anyhow::bail!(e)
+            }
+        };
+        let c = Controller {
+            settings,
+            dir,
+            kernel,
+            source,
+            peers,
+            registry,
+            retention: Retention::default(),
+            published,
+            routes_generation,
+            discovery_generation,
+            last_discovery,
+            owned_vnis,
+            failed_vnis: BTreeMap::new(),
+            underlay,
+            advertise,
+            reported: BTreeSet::new(),
+            refusals: Vec::new(),
+            drift_repairs: 0,
+        };
+        c.event(
+            "started",
+            format!(
+                "active on underlay {} ({}), advertising {}, VXLAN port {}, {} peer host(s) from {}",
+                c.underlay.ifname,
+                c.underlay.addr,
+                c.advertise,
+                c.settings.vxlan_port,
+                c.peers.len(),
+                c.source.name()
+            ),
+            None,
+        );
+        c.check_sysctls();
+        Ok(c)
+    }
+
+    pub fn event(&self, kind: &str, message: String, stack: Option<&StackName>) {
+        info!(kind, stack = stack.map(|s| s.as_str()), "{message}");
+        let mut e = Event::new("discovery", kind, message);
+        if let Some(s) = stack {
+            e = e.for_stack(s);
+        }
+        if let Err(err) = self.dir.append_event(&e) {
+            warn!("cannot append to events.log: {err}");
+        }
+    }
+
+    /// Discovery never writes sysctls (it may not); it reports the ones that break the
+    /// datapath.
+    fn check_sysctls(&self) {
+        let read = |p: &str| {
+            std::fs::read_to_string(p)
+                .ok()
+                .map(|s| s.trim().to_string())
+        };
+        if read("/proc/sys/net/ipv4/ip_forward").as_deref() == Some("0") {
+            self.event(
+                "host_check",
+                "net.ipv4.ip_forward is 0 on this host, so stacks cannot be steered to their routers; Docker normally enables it, check the daemon's ip-forward setting".into(),
+                None,
+            );
+        }
+    }
+
+    pub fn config_files(&self) -> Vec<std::path::PathBuf> {
+        self.source.watched_files()
+    }
+
+    /// Reloads the peers; a bad file keeps the previous peers.
+    pub fn reload_peers(&mut self) {
+        match self.source.load() {
+            Ok(p) => {
+                if p != self.peers {
+                    self.event(
+                        "config_loaded",
+                        format!("peer configuration reloaded: {} peer host(s)", p.len()),
+                        None,
+                    );
+                    self.peers = p;
+                }
+            }
+            Err(e) => self.event(
+                "config_invalid",
+                format!("{e} (keeping the previous peers)"),
+                None,
+            ),
+        }
+    }
+
+    /// Handles a router's registration; returns the reply for it.
+    pub async fn register(
+        &mut self,
+        conn: ConnId,
+        reg: Registration,
+        netns: Option<OwnedFd>,
+    ) -> DiscoveryMessage {
+        let spec = reg.spec;
+        if !spec.prefixes.iter().any(|p| p.contains(spec.router_ip)) {
+            return self.refuse(
+                &spec.name,
+                format!(
+                    "router address {} of stack {} is outside its prefixes {}; set VROUTER_PREFIXES to include the stack network",
+                    spec.router_ip,
+                    spec.name,
+                    join(&spec.prefixes)
+                ),
+            );
+        }
+        if let Err(e) = self.registry.register(spec.clone(), conn) {
+            return self.refuse(&spec.name, e);
+        }
+        if !reg.needs_link {
+            self.event(
+                "router_registered",
+                format!(
+                    "router of stack {} reconnected with its overlay link",
+                    spec.name
+                ),
+                Some(&spec.name),
+            );
+            return DiscoveryMessage::Registered;
+        }
+        let Some(netns) = netns else {
+            return self.refuse(
+                &spec.name,
+                "registration asked for an overlay link but carried no namespace descriptor".into(),
+            );
+        };
+        let device = match self.ensure_device(spec.vni).await {
+            Ok(d) => d,
+            Err(e) => {
+                self.registry.leave(&spec.name);
+                return self.refuse(&spec.name, e);
+            }
+        };
+        let mac = spec.router_mac();
+        let name = format!("vrm{:08x}", u32::from(spec.router_ip));
+        match self.attach_link(&name, &device, mac, netns).await {
+            Ok(()) => {
+                self.event(
+                    "router_attached",
+                    format!(
+                        "router of stack {} ({}, VNI {}) attached through {} on {}",
+                        spec.name, spec.router_ip, spec.vni, name, device.name
+                    ),
+                    Some(&spec.name),
+                );
+                DiscoveryMessage::Attached {
+                    ifname: name,
+                    mac,
+                    mtu: device.mtu,
+                }
+            }
+            Err(e) => {
+                self.registry.leave(&spec.name);
+                self.refuse(&spec.name, e)
+            }
+        }
+    }
+
+    fn refuse(&self, stack: &StackName, reason: String) -> DiscoveryMessage {
+        self.event("registration_refused", reason.clone(), Some(stack));
+        DiscoveryMessage::Refused { reason }
+    }
+
+    /// Creates the router's macvlan on the VXLAN device and moves it into the router's
+    /// namespace. The descriptor is closed on return, so a stopped router's namespace
+    /// is not kept alive. Nothing is left behind on failure.
+    async fn attach_link(
+        &self,
+        name: &str,
+        device: &Link,
+        mac: Mac,
+        netns: OwnedFd,
+    ) -> Result<(), String> {
+        let k = &self.kernel;
+        if let Some(stale) = k.link_by_name(name).await.map_err(|e| e.to_string())? {
+            k.delete_link(stale.index)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let index = k
+            .create_macvlan(name, device.index, mac, device.mtu)
+            .await
+            .map_err(|e| format!("cannot create the router's macvlan {name}: {e}"))?;
+        if let Err(e) = k.move_to_netns(index, netns.as_fd()).await {
+            let _ = k.delete_link(index).await;
+            return Err(format!(
+                "cannot move {name} into the router's network namespace: {e}"
+            ));
+        }
+        drop(netns);
+        Ok(())
+    }
+
+    pub fn ack(&mut self, conn: ConnId, generation: u64) -> bool {
+        self.registry.ack(conn, generation)
+    }
+
+    pub fn leave(&mut self, stack: &StackName) {
+        if self.registry.leave(stack).is_some() {
+            self.event(
+                "stack_left",
+                format!("stack {stack} left (explicit leave); its routes are withdrawn now"),
+                Some(stack),
+            );
+        }
+    }
+
+    pub fn disconnected(&mut self, conn: ConnId) {
+        if let Some(name) = self.registry.disconnected(conn, Instant::now()) {
+            self.event(
+                "router_disconnected",
+                format!(
+                    "router of stack {name} disconnected; withdrawing it in {} ms unless it comes back",
+                    self.settings.grace_ms
+                ),
+                Some(&name),
+            );
+        }
+    }
+
+    pub fn expire(&mut self) {
+        for name in self.registry.expire(Instant::now(), self.settings.grace()) {
+            self.event(
+                "stack_withdrawn",
+                format!(
+                    "router of stack {name} did not come back within {} ms; stack withdrawn",
+                    self.settings.grace_ms
+                ),
+                Some(&name),
+            );
+        }
+    }
+
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.registry.next_expiry(self.settings.grace())
+    }
+
+    fn device_spec(&self, vni: Vni) -> DeviceSpec {
+        DeviceSpec {
+            vni,
+            local: self.underlay.addr,
+            underlay: self.underlay.index,
+            port: self.settings.vxlan_port,
+            mtu: self.underlay.mtu.saturating_sub(VXLAN_OVERHEAD),
+            learning: self.settings.vxlan_learning,
+        }
+    }
+
+    /// Makes `vxlan<VNI>` match its spec: reuse, adjust in place, or (only when it must)
+    /// replace. A failed device is deleted again and the error names the fix.
+    async fn ensure_device(&mut self, vni: Vni) -> Result<Link, String> {
+        let want = self.device_spec(vni);
+        let name = vni.vxlan_ifname();
+        let k = &self.kernel;
+        let have = k.link_by_name(&name).await.map_err(|e| e.to_string())?;
+        let action = diff::device_action(&want, have.as_ref());
+        let result = match action {
+            DeviceAction::Keep => Ok(()),
+            DeviceAction::Adjust { local, mtu, up } => {
+                let index = have.as_ref().expect("adjust has a link").index;
+                async {
+                    if let Some(a) = local {
+                        k.set_vxlan_local(index, a).await?;
+                    }
+                    if let Some(m) = mtu {
+                        k.set_mtu(index, m).await?;
+                    }
+                    if up {
+                        k.set_up(index).await?;
+                    }
+                    Ok::<(), KernelError>(())
+                }
+                .await
+                .map_err(|e| (e, Some(index)))
+            }
+            DeviceAction::Create | DeviceAction::Replace { .. } => {
+                if let DeviceAction::Replace { why } = &action {
+                    self.event(
+                        "device_replaced",
+                        format!("replacing {name}: {why}; routers on it are re-attached"),
+                        None,
+                    );
+                    if let Some(old) = &have {
+                        k.delete_link(old.index).await.map_err(|e| e.to_string())?;
+                    }
+                }
+                let spec = VxlanSpec {
+                    name: name.clone(),
+                    vni,
+                    local: want.local,
+                    underlay: want.underlay,
+                    port: want.port,
+                    mtu: want.mtu,
+                    learning: want.learning,
+                };
+                match k.create_vxlan(&spec).await {
+                    Err(e) => Err((e, None)),
+                    Ok(index) => k.set_up(index).await.map_err(|e| (e, Some(index))),
+                }
+            }
+        };
+        match result {
+            Ok(()) => {
+                self.failed_vnis.remove(&vni);
+                if matches!(action, DeviceAction::Create | DeviceAction::Replace { .. }) {
+                    self.event(
+                        "device_created",
+                        format!(
+                            "created {name} (VNI {vni}, local {}, dev {}, UDP port {}, MTU {})",
+                            want.local, self.underlay.ifname, want.port, want.mtu
+                        ),
+                        None,
+                    );
+                }
+                self.owned_vnis.insert(vni);
+                k.link_by_name(&name)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| format!("{name} vanished right after it was set up"))
+            }
+            Err((e, index)) => {
+                // A device that cannot come up is deleted again: no half-built state.
+                if let (Some(i), false) = (index, matches!(action, DeviceAction::Adjust { .. })) {
+                    let _ = k.delete_link(i).await;
+                }
+                let msg = format!("cannot set up {name} for VNI {vni}: {e}");
+                if self.failed_vnis.insert(vni, msg.clone()).as_ref() != Some(&msg) {
+                    self.event("error", msg.clone(), None);
+                }
+                Err(msg)
+            }
+        }
+    }
+
+    fn local_routers(&self, links: &[Link], addrs: &[vrouter_kernel::Address]) -> Vec<LocalRouter> {
+        self.registry
+            .entries()
+            .map(|e| {
+                let bridge = addrs
+                    .iter()
+                    .filter(|a| Prefix::containing(a.addr, a.prefix_len).contains(e.spec.router_ip))
+                    .filter_map(|a| links.iter().find(|l| l.index == a.index))
+                    .find(|l| !matches!(l.kind.as_deref(), Some("vxlan") | Some("macvlan")))
+                    .map(|l| (l.name.clone(), l.index));
+                LocalRouter {
+                    spec: e.spec.clone(),
+                    bridge,
+                }
+            })
+            .collect()
+    }
+
+    /// One full reconcile. Returns the number of kernel changes made.
+    pub async fn reconcile(&mut self) -> anyhow::Result<usize> {
+        self.expire();
+        if let Ok(u) =
+            underlay::detect(&self.kernel, self.settings.underlay_interface.as_deref()).await
+        {
+            if u != self.underlay {
+                self.event(
+                    "underlay_changed",
+                    format!("underlay is now {} ({}), MTU {}", u.ifname, u.addr, u.mtu),
+                    None,
+                );
+                if self.settings.advertise_addr.is_none() {
+                    self.advertise = u.addr;
+                }
+                self.underlay = u;
+            }
+        }
+        let k = &self.kernel;
+        let links = k.links().await?;
+        let addrs = k.addresses().await?;
+        let local = self.local_routers(&links, &addrs);
+        let bridges: BTreeSet<u32> = local
+            .iter()
+            .filter_map(|l| l.bridge.as_ref().map(|b| b.1))
+            .collect();
+        let host = HostView {
+            advertise_addr: Some(self.advertise),
+            host_networks: addrs
+                .iter()
+                .filter(|a| !bridges.contains(&a.index) && !a.addr.is_loopback())
+                .map(|a| Prefix::containing(a.addr, a.prefix_len))
+                .collect(),
+        };
+        let want = desired::compute(&host, &local, &self.peers);
+        for r in &want.refusals {
+            let key = format!("{}|{:?}|{}", r.stack, r.prefix, r.reason);
+            if self.reported.insert(key) {
+                self.event("conflict_refused", r.reason.clone(), Some(&r.stack));
+            }
+        }
+        let mut changes = 0;
+
+        // Devices: one per VNI in use; devices we own and no longer need go.
+        let mut devices: BTreeMap<Vni, Link> = BTreeMap::new();
+        for vni in &want.vnis {
+            if let Ok(link) = self.ensure_device(*vni).await {
+                devices.insert(*vni, link);
+            }
+        }
+        for vni in self.owned_vnis.clone() {
+            if want.vnis.contains(&vni) {
+                continue;
+            }
+            if let Some(l) = self.kernel.link_by_name(&vni.vxlan_ifname()).await? {
+                if l.kind.as_deref() == Some("vxlan") {
+                    self.kernel.delete_link(l.index).await?;
+                    changes += 1;
+                    self.event(
+                        "device_deleted",
+                        format!(
+                            "deleted {} (no stack on VNI {vni} left on this host)",
+                            l.name
+                        ),
+                        None,
+                    );
+                }
+            }
+            self.owned_vnis.remove(&vni);
+        }
+
+        // FDB: desired rows plus rows routers may still use, on the devices we have.
+        let registry = &self.registry;
+        let mut target: BTreeSet<FdbRow> = want.fdb.clone();
+        target.extend(self.retention.retained(|v| registry.acks(v)));
+        target.retain(|r| devices.contains_key(&r.vni));
+        let observed = self.dump_fdb(&devices).await?;
+        for change in diff::diff_fdb(&target, &observed) {
+            changes += 1;
+            if let Err(e) = self.apply(&change, &devices).await {
+                self.event("error", format!("{change:?} failed: {e}"), None);
+            }
+        }
+
+        // Publish what the FDB now carries.
+        let present = self.dump_fdb(&devices).await?;
+        let published = desired::publish(&local, &want.candidates, &present);
+        if published != self.published {
+            self.routes_generation += 1;
+            let file = RoutesFile {
+                schema: SCHEMA_VERSION,
+                generation: self.routes_generation,
+                stacks: published.clone(),
+            };
+            self.dir.write_routes(&file)?;
+            self.report_route_changes(&published);
+            self.retention
+                .published(&self.published, &published, self.routes_generation);
+            self.published = published;
+        }
+        let registry = &self.registry;
+        self.retention.forget_acked(|v| registry.acks(v));
+
+        // Steering, from what is published.
+        let (want_rules, want_routes) =
+            desired::steering(&local, &self.published, self.settings.rule_priority);
+        let have_rules: BTreeSet<Rule> = self
+            .kernel
+            .rules()
+            .await?
+            .into_iter()
+            .filter(|r| r.protocol == RTPROT_VROUTER && r.iif.is_some() && r.fwmark.is_none())
+            .collect();
+        let tables: BTreeSet<u32> = want_rules
+            .iter()
+            .chain(have_rules.iter())
+            .map(|r| r.table)
+            .collect();
+        let mut have_routes: BTreeSet<Route> = BTreeSet::new();
+        for t in tables {
+            have_routes.extend(
+                self.kernel
+                    .routes(t)
+                    .await?
+                    .into_iter()
+                    .filter(|r| r.protocol == RTPROT_VROUTER),
+            );
+        }
+        for change in diff::diff_steering(&want_rules, &want_routes, &have_rules, &have_routes) {
+            changes += 1;
+            if let Err(e) = self.apply(&change, &devices).await {
+                self.event("error", format!("{change:?} failed: {e}"), None);
+            }
+        }
+
+        self.refusals = want.refusals;
+        self.write_discovery(&local)?;
+        Ok(changes)
+    }
+
+    /// Records changes made by a timer reconcile that had no new input: drift.
+    pub fn count_drift(&mut self, changes: usize) {
+        if changes > 0 {
+            self.drift_repairs += changes as u64;
+            self.event(
+                "drift_repaired",
+                format!(
+                    "repaired {changes} kernel entr{} that drifted from the desired state",
+                    if changes == 1 { "y" } else { "ies" }
+                ),
+                None,
+            );
+        }
+    }
+
+    fn report_route_changes(&self, new: &BTreeMap<StackName, StackRoutes>) {
+        let key = |r: &vrouter_state::RemoteRoute| (r.prefix, r.stack.clone());
+        for (stack, routes) in new {
+            let old: BTreeSet<_> = self
+                .published
+                .get(stack)
+                .map(|s| s.routes.iter().map(key).collect())
+                .unwrap_or_default();
+            let now: BTreeSet<_> = routes.routes.iter().map(key).collect();
+            for (p, from) in now.difference(&old) {
+                self.event(
+                    "route_added",
+                    format!("stack {stack}: {p} of stack {from} published"),
+                    Some(stack),
+                );
+            }
+            for (p, from) in old.difference(&now) {
+                self.event(
+                    "route_withdrawn",
+                    format!("stack {stack}: {p} of stack {from} withdrawn"),
+                    Some(stack),
+                );
+            }
+        }
+    }
+
+    async fn dump_fdb(&self, devices: &BTreeMap<Vni, Link>) -> anyhow::Result<BTreeSet<FdbRow>> {
+        let mut out = BTreeSet::new();
+        for (vni, link) in devices {
+            for FdbEntry {
+                mac,
+                dst,
+                permanent,
+                ..
+            } in self.kernel.fdb(link.index).await?
+            {
+                if let (Some(dst), true) = (dst, permanent) {
+                    out.insert(FdbRow {
+                        vni: *vni,
+                        mac,
+                        dst,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn apply(
+        &self,
+        change: &Change,
+        devices: &BTreeMap<Vni, Link>,
+    ) -> Result<(), KernelError> {
+        let k = &self.kernel;
+        let dev = |r: &FdbRow| devices.get(&r.vni).map(|l| l.index).unwrap_or(0);
+        match change {
+            Change::AppendFlood(r) => k.append_fdb(dev(r), r.mac, r.dst).await,
+            Change::ReplaceRouterRow(r) => k.replace_fdb(dev(r), r.mac, r.dst).await,
+            Change::DeleteFdb(r) => k.delete_fdb(dev(r), r.mac, Some(r.dst)).await,
+            Change::ReplaceRoute(r) => k.replace_route(r).await,
+            Change::DeleteRoute(r) => k.delete_route(r).await,
+            Change::AddRule(r) => k.add_rule(r).await,
+            Change::DeleteRule(r) => k.delete_rule(r).await,
+        }
+    }
+
+    fn write_discovery(&mut self, local: &[LocalRouter]) -> anyhow::Result<()> {
+        let mut file = DiscoveryFile {
+            schema: SCHEMA_VERSION,
+            generation: self.discovery_generation,
+            updated_ms: 0,
+            host: HostInfo {
+                underlay_interface: self.underlay.ifname.clone(),
+                local_addr: self.underlay.addr,
+                advertise_addr: self.advertise,
+                vxlan_port: self.settings.vxlan_port,
+                underlay_mtu: self.underlay.mtu,
+                pid: std::process::id(),
+            },
+            peers: self.peers.clone(),
+            local_stacks: local
+                .iter()
+                .map(|l| {
+                    let e = self.registry.get(&l.spec.name);
+                    LocalStack {
+                        spec: l.spec.clone(),
+                        router_mac: l.spec.router_mac(),
+                        bridge: l.bridge.as_ref().map(|b| b.0.clone()),
+                        connected: e.is_some_and(|e| e.conn.is_some()),
+                        acked_generation: e.map(|e| e.acked).unwrap_or(0),
+                    }
+                })
+                .collect(),
+            refused: self.refusals.clone(),
+            devices: self.owned_vnis.iter().copied().collect(),
+            drift_repairs: self.drift_repairs,
+        };
+        let unchanged = self.last_discovery.as_ref().is_some_and(|prev| {
+            let mut p = prev.clone();
+            p.updated_ms = 0;
+            p.generation = file.generation;
+            p == file
+        });
+        if unchanged {
+            return Ok(());
+        }
+        self.discovery_generation += 1;
+        file.generation = self.discovery_generation;
+        file.updated_ms = now_ms();
+        self.dir.write_discovery(&file)?;
+        self.last_discovery = Some(file);
+        Ok(())
+    }
+}
+
+fn join(prefixes: &[Prefix]) -> String {
+    prefixes
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}

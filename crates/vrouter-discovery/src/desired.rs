@@ -1,0 +1,514 @@
+//! The host's desired state as a plain value, computed from what discovery knows:
+//! the local routers, the peers and the host's own networks. Pure; no kernel here.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use vrouter_kernel::{Route, Rule};
+use vrouter_state::{
+    Mac, PeerHost, Prefix, Refusal, RemoteRoute, StackName, StackRoutes, StackSpec, Vni,
+    RTPROT_VROUTER,
+};
+
+/// What the host looks like, as far as the decision needs it.
+#[derive(Debug, Clone, Default)]
+pub struct HostView {
+    /// The address peers reach this host at (put in same-host routes for reference).
+    pub advertise_addr: Option<Ipv4Addr>,
+    /// Subnets of the host's own interfaces that are not stack bridges (underlay,
+    /// docker0, ...): remote prefixes must not cover them.
+    pub host_networks: Vec<Prefix>,
+}
+
+/// A router attached on this host, with the bridge its stack's containers use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalRouter {
+    pub spec: StackSpec,
+    /// (bridge name, bridge ifindex), once the bridge holding router_ip is found.
+    pub bridge: Option<(String, u32)>,
+}
+
+/// One forwarding-database row on `vxlan<vni>`: all-zeros (flood) or a router's MAC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FdbRow {
+    pub vni: Vni,
+    pub mac: Mac,
+    pub dst: Ipv4Addr,
+}
+
+impl FdbRow {
+    pub fn is_flood(&self) -> bool {
+        self.mac == Mac::ZERO
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// VNIs that need a `vxlan<VNI>` device on this host.
+    pub vnis: BTreeSet<Vni>,
+    pub fdb: BTreeSet<FdbRow>,
+    /// For each local stack, every route it should get once its FDB row exists.
+    pub candidates: BTreeMap<StackName, Vec<RemoteRoute>>,
+    pub refusals: Vec<Refusal>,
+}
+
+/// An accepted stack, wherever it lives.
+struct Placed<'a> {
+    spec: &'a StackSpec,
+    /// None for a local stack.
+    host: Option<Ipv4Addr>,
+    prefixes: Vec<Prefix>,
+}
+
+/// Computes the desired state. Conflicts are settled deterministically: for two stacks
+/// with overlapping prefixes, the stack whose name sorts first keeps the prefix, so
+/// every host that sees the same stacks decides the same way.
+pub fn compute(host: &HostView, local: &[LocalRouter], peers: &[PeerHost]) -> Desired {
+    let mut refusals = Vec::new();
+    let local_names: BTreeSet<&StackName> = local.iter().map(|l| &l.spec.name).collect();
+
+    // Everything that announces prefixes, in deterministic order (by stack name).
+    let mut all: Vec<(&StackSpec, Option<Ipv4Addr>)> =
+        local.iter().map(|l| (&l.spec, None)).collect();
+    for p in peers {
+        for s in &p.stacks {
+            if local_names.contains(&s.name) {
+                refusals.push(Refusal {
+                    stack: s.name.clone(),
+                    prefix: None,
+                    reason: format!(
+                        "stack {} announced by host {} has the name of a stack on this host; give every stack its own name",
+                        s.name, p.addr
+                    ),
+                });
+                continue;
+            }
+            if Some(p.addr) == host.advertise_addr {
+                refusals.push(Refusal {
+                    stack: s.name.clone(),
+                    prefix: None,
+                    reason: format!(
+                        "stack {} is configured on host {}, which is this host's own address; remove it from the peer configuration",
+                        s.name, p.addr
+                    ),
+                });
+                continue;
+            }
+            all.push((s, Some(p.addr)));
+        }
+    }
+    all.sort_by(|a, b| a.0.name.cmp(&b.0.name).then(a.1.cmp(&b.1)));
+
+    let mut placed: Vec<Placed> = Vec::new();
+    let mut seen_names: BTreeSet<&StackName> = BTreeSet::new();
+    for (spec, at) in all {
+        if !seen_names.insert(&spec.name) {
+            refusals.push(Refusal {
+                stack: spec.name.clone(),
+                prefix: None,
+                reason: format!(
+                    "stack {} is announced by more than one host; only the first ({}) is used",
+                    spec.name,
+                    placed
+                        .iter()
+                        .find(|p| p.spec.name == spec.name)
+                        .and_then(|p| p.host)
+                        .map(|h| h.to_string())
+                        .unwrap_or_else(|| "this host".into())
+                ),
+            });
+            continue;
+        }
+        let mut kept = Vec::new();
+        for prefix in &spec.prefixes {
+            let refuse = |reason: String| Refusal {
+                stack: spec.name.clone(),
+                prefix: Some(*prefix),
+                reason,
+            };
+            if prefix.is_default() {
+                refusals.push(refuse(format!(
+                    "stack {} announces the default route {prefix}; announce the stack's own subnets only",
+                    spec.name
+                )));
+                continue;
+            }
+            if at.is_some() {
+                if let Some(n) = host.host_networks.iter().find(|n| n.overlaps(prefix)) {
+                    refusals.push(refuse(format!(
+                        "prefix {prefix} of stack {} overlaps this host's network {n}; renumber one of them",
+                        spec.name
+                    )));
+                    continue;
+                }
+            }
+            if let Some(owner) = placed
+                .iter()
+                .find(|p| p.prefixes.iter().any(|q| q.overlaps(prefix)))
+            {
+                refusals.push(refuse(format!(
+                    "prefix {prefix} of stack {} overlaps a prefix of stack {}, which keeps it; give each stack its own subnet",
+                    spec.name, owner.spec.name
+                )));
+                continue;
+            }
+            kept.push(*prefix);
+        }
+        placed.push(Placed {
+            spec,
+            host: at,
+            prefixes: kept,
+        });
+    }
+
+    let mut d = Desired {
+        refusals,
+        ..Desired::default()
+    };
+    for l in local {
+        d.vnis.insert(l.spec.vni);
+    }
+    for p in placed
+        .iter()
+        .filter(|p| p.host.is_some() && !p.prefixes.is_empty())
+    {
+        let dst = p.host.expect("remote");
+        if d.vnis.contains(&p.spec.vni) {
+            d.fdb.insert(FdbRow {
+                vni: p.spec.vni,
+                mac: Mac::ZERO,
+                dst,
+            });
+            d.fdb.insert(FdbRow {
+                vni: p.spec.vni,
+                mac: p.spec.router_mac(),
+                dst,
+            });
+        }
+    }
+    for l in local {
+        let mut routes = Vec::new();
+        for p in placed
+            .iter()
+            .filter(|p| p.spec.vni == l.spec.vni && p.spec.name != l.spec.name)
+        {
+            for prefix in &p.prefixes {
+                routes.push(RemoteRoute {
+                    prefix: *prefix,
+                    stack: p.spec.name.clone(),
+                    via: p.spec.router_ip,
+                    mac: p.spec.router_mac(),
+                    host: p
+                        .host
+                        .or(host.advertise_addr)
+                        .unwrap_or(Ipv4Addr::UNSPECIFIED),
+                    same_host: p.host.is_none(),
+                });
+            }
+        }
+        routes.sort();
+        d.candidates.insert(l.spec.name.clone(), routes);
+    }
+    d
+}
+
+/// The routes to publish: a remote route only once its router's FDB row is present
+/// in the kernel, so a router never gets a route the host cannot yet carry.
+pub fn publish(
+    local: &[LocalRouter],
+    candidates: &BTreeMap<StackName, Vec<RemoteRoute>>,
+    present: &BTreeSet<FdbRow>,
+) -> BTreeMap<StackName, StackRoutes> {
+    let mut out = BTreeMap::new();
+    for l in local {
+        let routes = candidates
+            .get(&l.spec.name)
+            .map(|rs| {
+                rs.iter()
+                    .filter(|r| {
+                        r.same_host
+                            || present.contains(&FdbRow {
+                                vni: l.spec.vni,
+                                mac: r.mac,
+                                dst: r.host,
+                            })
+                    })
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.insert(
+            l.spec.name.clone(),
+            StackRoutes {
+                vni: Some(l.spec.vni),
+                routes,
+            },
+        );
+    }
+    out
+}
+
+/// The routing table that steers a stack's traffic: numbered after its router's
+/// address, so it is stable across restarts and unique on the host.
+pub fn steering_table(router_ip: Ipv4Addr) -> u32 {
+    u32::from(router_ip)
+}
+
+/// Host steering for the published routes: per local stack with a known bridge, a rule
+/// `iif <bridge> lookup <table>` and, in that table, each remote prefix via the router.
+pub fn steering(
+    local: &[LocalRouter],
+    published: &BTreeMap<StackName, StackRoutes>,
+    priority: u32,
+) -> (BTreeSet<Rule>, BTreeSet<Route>) {
+    let mut rules = BTreeSet::new();
+    let mut routes = BTreeSet::new();
+    for l in local {
+        let Some((bridge, index)) = &l.bridge else {
+            continue;
+        };
+        let table = steering_table(l.spec.router_ip);
+        rules.insert(Rule {
+            priority,
+            iif: Some(bridge.clone()),
+            fwmark: None,
+            table,
+            protocol: RTPROT_VROUTER,
+        });
+        for r in published
+            .get(&l.spec.name)
+            .map(|s| s.routes.as_slice())
+            .unwrap_or_default()
+        {
+            routes.insert(Route {
+                table,
+                dst: r.prefix,
+                gateway: Some(l.spec.router_ip),
+                oif: Some(*index),
+                onlink: false,
+                protocol: RTPROT_VROUTER,
+            });
+        }
+    }
+    (rules, routes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, vni: u32, prefix: &str, router: &str) -> StackSpec {
+        StackSpec {
+            name: StackName::new(name).unwrap(),
+            vni: Vni::new(vni).unwrap(),
+            prefixes: vec![prefix.parse().unwrap()],
+            router_ip: router.parse().unwrap(),
+        }
+    }
+
+    fn local(name: &str, vni: u32, prefix: &str, router: &str, br: &str, idx: u32) -> LocalRouter {
+        LocalRouter {
+            spec: spec(name, vni, prefix, router),
+            bridge: Some((br.into(), idx)),
+        }
+    }
+
+    fn peer(addr: &str, stacks: Vec<StackSpec>) -> PeerHost {
+        PeerHost {
+            addr: addr.parse().unwrap(),
+            stacks,
+            source: "static".into(),
+        }
+    }
+
+    fn host() -> HostView {
+        HostView {
+            advertise_addr: Some("198.18.0.1".parse().unwrap()),
+            host_networks: vec!["198.18.0.0/24".parse().unwrap()],
+        }
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn topology() -> (Vec<LocalRouter>, Vec<PeerHost>) {
+        let local = vec![
+            local("a", 1000, "10.1.0.0/24", "10.1.0.254", "br-a", 10),
+            local("c", 1000, "10.3.0.0/24", "10.3.0.254", "br-c", 11),
+            local("f", 2000, "10.6.0.0/24", "10.6.0.254", "br-f", 12),
+        ];
+        let peers = vec![
+            peer(
+                "198.18.0.2",
+                vec![spec("b", 1000, "10.2.0.0/24", "10.2.0.254")],
+            ),
+            peer(
+                "198.18.0.3",
+                vec![
+                    spec("d", 2000, "10.4.0.0/24", "10.4.0.254"),
+                    spec("g", 2000, "10.7.0.0/24", "10.7.0.254"),
+                ],
+            ),
+        ];
+        (local, peers)
+    }
+
+    #[test]
+    fn routes_stay_within_a_vni() {
+        let (local, peers) = topology();
+        let d = compute(&host(), &local, &peers);
+        assert!(d.refusals.is_empty(), "{:?}", d.refusals);
+        let a: Vec<_> = d.candidates[&StackName::new("a").unwrap()]
+            .iter()
+            .map(|r| (r.stack.to_string(), r.same_host))
+            .collect();
+        assert_eq!(a, vec![("b".to_string(), false), ("c".to_string(), true)]);
+        let f: Vec<_> = d.candidates[&StackName::new("f").unwrap()]
+            .iter()
+            .map(|r| r.stack.to_string())
+            .collect();
+        assert_eq!(f, vec!["d", "g"]);
+        assert_eq!(d.vnis.len(), 2);
+    }
+
+    #[test]
+    fn fdb_has_flood_and_router_rows_per_remote_host() {
+        let (local, peers) = topology();
+        let d = compute(&host(), &local, &peers);
+        let v1000 = Vni::new(1000).unwrap();
+        let v2000 = Vni::new(2000).unwrap();
+        let expect: BTreeSet<FdbRow> = [
+            FdbRow {
+                vni: v1000,
+                mac: Mac::ZERO,
+                dst: ip("198.18.0.2"),
+            },
+            FdbRow {
+                vni: v1000,
+                mac: Mac::for_router(v1000, ip("10.2.0.254")),
+                dst: ip("198.18.0.2"),
+            },
+            FdbRow {
+                vni: v2000,
+                mac: Mac::ZERO,
+                dst: ip("198.18.0.3"),
+            },
+            FdbRow {
+                vni: v2000,
+                mac: Mac::for_router(v2000, ip("10.4.0.254")),
+                dst: ip("198.18.0.3"),
+            },
+            FdbRow {
+                vni: v2000,
+                mac: Mac::for_router(v2000, ip("10.7.0.254")),
+                dst: ip("198.18.0.3"),
+            },
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(d.fdb, expect);
+    }
+
+    #[test]
+    fn no_device_or_fdb_for_a_vni_without_local_stacks() {
+        let (mut local, peers) = topology();
+        local.retain(|l| l.spec.vni.get() == 1000);
+        let d = compute(&host(), &local, &peers);
+        assert!(d.fdb.iter().all(|r| r.vni.get() == 1000));
+        assert_eq!(d.vnis.len(), 1);
+    }
+
+    #[test]
+    fn publish_waits_for_fdb_rows() {
+        let (local, peers) = topology();
+        let d = compute(&host(), &local, &peers);
+        let none = publish(&local, &d.candidates, &BTreeSet::new());
+        let a = &none[&StackName::new("a").unwrap()];
+        assert_eq!(a.routes.len(), 1, "only the same-host route: {a:?}");
+        assert!(a.routes[0].same_host);
+        let all = publish(&local, &d.candidates, &d.fdb);
+        assert_eq!(all[&StackName::new("a").unwrap()].routes.len(), 2);
+        assert_eq!(all[&StackName::new("f").unwrap()].routes.len(), 2);
+    }
+
+    #[test]
+    fn overlaps_are_refused_deterministically() {
+        let (local, mut peers) = topology();
+        peers[0]
+            .stacks
+            .push(spec("aa", 1000, "10.1.0.0/16", "10.1.9.254"));
+        peers[0]
+            .stacks
+            .push(spec("z", 1000, "10.2.0.128/25", "10.2.0.129"));
+        let d = compute(&host(), &local, &peers);
+        let refused: Vec<_> = d
+            .refusals
+            .iter()
+            .map(|r| (r.stack.to_string(), r.prefix.map(|p| p.to_string())))
+            .collect();
+        assert_eq!(
+            refused,
+            vec![
+                ("aa".to_string(), Some("10.1.0.0/16".to_string())),
+                ("z".to_string(), Some("10.2.0.128/25".to_string())),
+            ]
+        );
+        assert!(d.refusals[0]
+            .reason
+            .contains("overlaps a prefix of stack a"));
+        // Same inputs in another order give the same answer.
+        peers.reverse();
+        let d2 = compute(&host(), &local, &peers);
+        assert_eq!(d.refusals, d2.refusals);
+        assert_eq!(d.candidates, d2.candidates);
+    }
+
+    #[test]
+    fn default_route_host_networks_and_name_clashes_are_refused() {
+        let (local, mut peers) = topology();
+        peers[0]
+            .stacks
+            .push(spec("x", 1000, "0.0.0.0/0", "0.0.0.1"));
+        peers[0]
+            .stacks
+            .push(spec("y", 1000, "198.18.0.0/16", "198.18.1.1"));
+        peers[0]
+            .stacks
+            .push(spec("a", 1000, "10.99.0.0/24", "10.99.0.254"));
+        peers.push(peer(
+            "198.18.0.1",
+            vec![spec("self", 1000, "10.98.0.0/24", "10.98.0.254")],
+        ));
+        let d = compute(&host(), &local, &peers);
+        let reasons: Vec<&str> = d.refusals.iter().map(|r| r.reason.as_str()).collect();
+        assert_eq!(reasons.len(), 4, "{reasons:?}");
+        assert!(reasons.iter().any(|r| r.contains("default route")));
+        assert!(reasons
+            .iter()
+            .any(|r| r.contains("overlaps this host's network 198.18.0.0/24")));
+        assert!(reasons
+            .iter()
+            .any(|r| r.contains("name of a stack on this host")));
+        assert!(reasons
+            .iter()
+            .any(|r| r.contains("this host's own address")));
+        assert_eq!(d.candidates[&StackName::new("a").unwrap()].len(), 2);
+    }
+
+    #[test]
+    fn steering_rule_per_bridge_and_route_per_published_prefix() {
+        let (mut local, peers) = topology();
+        local[1].bridge = None; // c's bridge not found yet
+        let d = compute(&host(), &local, &peers);
+        let published = publish(&local, &d.candidates, &d.fdb);
+        let (rules, routes) = steering(&local, &published, 1000);
+        let iifs: Vec<_> = rules.iter().map(|r| r.iif.clone().unwrap()).collect();
+        assert_eq!(iifs, vec!["br-a", "br-f"]);
+        let t = steering_table(ip("10.1.0.254"));
+        let a_routes: Vec<_> = routes.iter().filter(|r| r.table == t).collect();
+        assert_eq!(a_routes.len(), 2);
+        assert!(a_routes.iter().all(|r| r.gateway == Some(ip("10.1.0.254"))
+            && r.oif == Some(10)
+            && r.protocol == RTPROT_VROUTER));
+    }
+}

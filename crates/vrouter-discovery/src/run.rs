@@ -1,0 +1,283 @@
+//! The process: leader election, the attach server, watchers, and the event loop that
+//! feeds the controller. All kernel work happens on the loop's task, one at a time.
+
+use crate::controller::Controller;
+use crate::peers::{NoPeers, PeerSource, StaticPeers};
+use crate::registry::ConnId;
+use crate::settings::Settings;
+use anyhow::Context;
+use notify::Watcher;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+use vrouter_kernel::Kernel;
+use vrouter_state::attach::{AttachListener, AttachSocket, DiscoveryMessage, RouterMessage};
+use vrouter_state::{Event, StackName, StateDir};
+
+enum Input {
+    Register {
+        conn: ConnId,
+        reg: vrouter_state::attach::Registration,
+        fd: Option<OwnedFd>,
+        reply: oneshot::Sender<DiscoveryMessage>,
+    },
+    Ack {
+        conn: ConnId,
+        generation: u64,
+    },
+    Leave {
+        stack: StackName,
+        reply: oneshot::Sender<DiscoveryMessage>,
+    },
+    Closed {
+        conn: ConnId,
+    },
+    ConfigChanged,
+}
+
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let dir = StateDir::open(&settings.state_dir)?;
+    let lead = match dir.try_lead()? {
+        Some(l) => l,
+        None => {
+            info!(
+                "another discovery is active on {}; waiting as standby",
+                settings.state_dir.display()
+            );
+            let _ = dir.append_event(&Event::new(
+                "discovery",
+                "standby",
+                format!(
+                    "pid {} waits as standby for the leader lock",
+                    std::process::id()
+                ),
+            ));
+            let d2 = StateDir::open(&settings.state_dir)?;
+            tokio::task::spawn_blocking(move || d2.lead_blocking())
+                .await
+                .context("standby wait failed")??
+        }
+    };
+    info!("leader lock acquired");
+    let kernel = Kernel::connect().await?;
+    let source: Box<dyn PeerSource> = match &settings.config {
+        Some(p) => Box::new(StaticPeers::new(p)),
+        None => Box::new(NoPeers),
+    };
+    let mut ctl = Controller::new(settings.clone(), dir, kernel, source).await?;
+    let listener = AttachListener::bind(&StateDir::open(&settings.state_dir)?.socket_path())
+        .with_context(|| {
+            format!(
+                "cannot listen on the attach socket in {}; check that the state directory is writable",
+                settings.state_dir.display()
+            )
+        })?;
+
+    let (tx, mut rx) = mpsc::channel::<Input>(256);
+    tokio::spawn(accept_loop(listener, tx.clone()));
+    let _watcher = watch_config(&ctl.config_files(), tx.clone());
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(settings.reconcile_interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    if let Err(e) = ctl.reconcile().await {
+        ctl.event("error", format!("reconcile failed: {e:#}"), None);
+    }
+    loop {
+        let expiry = ctl.next_expiry();
+        let timer = async {
+            match expiry {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let mut timer_reconcile = false;
+        tokio::select! {
+            Some(input) = rx.recv() => handle(&mut ctl, input).await,
+            _ = tick.tick() => timer_reconcile = true,
+            _ = timer => {},
+            _ = hup.recv() => { info!("SIGHUP: reloading peer configuration"); ctl.reload_peers(); }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+        // Batch whatever else arrived before reconciling once.
+        while let Ok(input) = rx.try_recv() {
+            timer_reconcile = false;
+            handle(&mut ctl, input).await;
+        }
+        match ctl.reconcile().await {
+            Ok(n) if timer_reconcile => ctl.count_drift(n),
+            Ok(_) => {}
+            Err(e) => ctl.event("error", format!("reconcile failed: {e:#}"), None),
+        }
+    }
+    // Kernel state stays: the datapath keeps running while the control plane is away.
+    info!("stopping; kernel state is left in place");
+    drop(lead);
+    Ok(())
+}
+
+async fn handle(ctl: &mut Controller, input: Input) {
+    match input {
+        Input::Register {
+            conn,
+            reg,
+            fd,
+            reply,
+        } => {
+            let answer = ctl.register(conn, reg, fd).await;
+            let _ = reply.send(answer);
+        }
+        Input::Ack { conn, generation } => {
+            ctl.ack(conn, generation);
+        }
+        Input::Leave { stack, reply } => {
+            ctl.leave(&stack);
+            let _ = reply.send(DiscoveryMessage::Left);
+        }
+        Input::Closed { conn } => ctl.disconnected(conn),
+        Input::ConfigChanged => ctl.reload_peers(),
+    }
+}
+
+async fn accept_loop(listener: AttachListener, tx: mpsc::Sender<Input>) {
+    let mut next: ConnId = 1;
+    loop {
+        match listener.accept().await {
+            Ok(sock) => {
+                let conn = next;
+                next += 1;
+                tokio::spawn(serve(conn, Arc::new(sock), tx.clone()));
+            }
+            Err(e) => {
+                warn!("attach socket accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn serve(conn: ConnId, sock: Arc<AttachSocket>, tx: mpsc::Sender<Input>) {
+    loop {
+        let msg = match sock.recv::<RouterMessage>().await {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                warn!("malformed message on attach connection {conn}: {e}");
+                continue;
+            }
+            Err(e) => {
+                warn!("attach connection {conn} failed: {e}");
+                break;
+            }
+        };
+        let (message, fd) = msg;
+        let reply = match message {
+            RouterMessage::Register(reg) => {
+                let (rtx, rrx) = oneshot::channel();
+                if tx
+                    .send(Input::Register {
+                        conn,
+                        reg,
+                        fd,
+                        reply: rtx,
+                    })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                rrx.await.ok()
+            }
+            RouterMessage::Ack { generation } => {
+                let _ = tx.send(Input::Ack { conn, generation }).await;
+                None
+            }
+            RouterMessage::Leave { stack } => {
+                let (rtx, rrx) = oneshot::channel();
+                let _ = tx.send(Input::Leave { stack, reply: rtx }).await;
+                rrx.await.ok()
+            }
+        };
+        if let Some(r) = reply {
+            if let Err(e) = sock.send(&r, None).await {
+                warn!("attach connection {conn}: reply failed: {e}");
+                break;
+            }
+        }
+    }
+    let _ = tx.send(Input::Closed { conn }).await;
+}
+
+/// Watches the configuration files' directories (a rename replaces the inode, and
+/// Docker configs and editors both rename).
+fn watch_config(
+    files: &[std::path::PathBuf],
+    tx: mpsc::Sender<Input>,
+) -> Option<notify::RecommendedWatcher> {
+    if files.is_empty() {
+        return None;
+    }
+    let names: Vec<std::path::PathBuf> = files.to_vec();
+    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            if ev.paths.iter().any(|p| {
+                names
+                    .iter()
+                    .any(|n| p == n || p.file_name() == n.file_name())
+            }) {
+                let _ = tx.try_send(Input::ConfigChanged);
+            }
+        }
+    })
+    .map_err(|e| warn!("cannot watch the configuration: {e}; reload with SIGHUP"))
+    .ok()?;
+    for f in files {
+        let dir = f
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        if let Err(e) = w.watch(dir, notify::RecursiveMode::NonRecursive) {
+            warn!("cannot watch {}: {e}; reload with SIGHUP", dir.display());
+        }
+    }
+    Some(w)
+}
+
+/// HEALTHCHECK: healthy when some discovery holds the leader lock and discovery.json
+/// is readable.
+pub fn health(settings: &Settings) -> anyhow::Result<()> {
+    let dir = StateDir::open(&settings.state_dir)?;
+    if let Some(lock) = dir.try_lead()? {
+        drop(lock);
+        anyhow::bail!(
+            "no active discovery holds the leader lock of {}",
+            settings.state_dir.display()
+        );
+    }
+    let d = dir
+        .read_discovery()
+        .map_err(|e| anyhow::anyhow!("discovery.json: {e}"))?;
+    println!(
+        "ok: generation {}, {} local stack(s), {} peer host(s)",
+        d.generation,
+        d.local_stacks.len(),
+        d.peers.len()
+    );
+    Ok(())
+}
+
+/// Checks the peer configuration and prints what it declares.
+pub fn check_config(settings: &Settings) -> anyhow::Result<()> {
+    let Some(path) = &settings.config else {
+        anyhow::bail!("no peer configuration given; set --config / VROUTER_CONFIG");
+    };
+    let peers = StaticPeers::new(path).load().map_err(anyhow::Error::msg)?;
+    println!("{}", serde_json::to_string_pretty(&peers)?);
+    Ok(())
+}

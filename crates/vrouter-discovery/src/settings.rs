@@ -1,0 +1,154 @@
+//! Command-line and environment settings of vrouter-discovery.
+
+use clap::Parser;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "vrouter-discovery",
+    version,
+    about = "docker-vrouter control plane: owns the VXLAN devices, FDB and host steering, attaches routers, publishes routes"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Run the control plane (the default).
+    Run,
+    /// Exit 0 if an active discovery holds the leader lock of the state directory and
+    /// discovery.json is readable; used as the image's HEALTHCHECK.
+    Health,
+    /// Parse and check the static peer configuration, print the peers, and exit.
+    CheckConfig,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Settings {
+    /// Shared state directory (discovery.json, routes.json, events.log, the attach socket).
+    #[arg(
+        long,
+        env = "VROUTER_STATE_DIR",
+        default_value = "/var/lib/docker-router"
+    )]
+    pub state_dir: PathBuf,
+
+    /// Underlay interface; detected from the default route when unset.
+    #[arg(long, env = "VROUTER_UNDERLAY_INTERFACE")]
+    pub underlay_interface: Option<String>,
+
+    /// Address peers send VXLAN traffic to, when it differs from the underlay address (NAT).
+    #[arg(long, env = "VROUTER_ADVERTISE_ADDR", value_parser = parse_ipv4("--advertise-addr / VROUTER_ADVERTISE_ADDR"))]
+    pub advertise_addr: Option<Ipv4Addr>,
+
+    /// UDP port of the VXLAN devices.
+    #[arg(long, env = "VROUTER_VXLAN_PORT", default_value_t = 4789, value_parser = parse_port)]
+    pub vxlan_port: u16,
+
+    /// Static peer configuration (TOML), reloaded when it changes and on SIGHUP.
+    #[arg(long, env = "VROUTER_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Turn on source-address learning on the VXLAN devices (off by default: static
+    /// entries make it unnecessary, and learned rows hide missing static rows).
+    #[arg(long, env = "VROUTER_VXLAN_LEARNING", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub vxlan_learning: bool,
+
+    /// How long a router whose connection closed may take to come back before its stack
+    /// is withdrawn, in milliseconds.
+    #[arg(long, env = "VROUTER_GRACE_MS", default_value_t = 3000)]
+    pub grace_ms: u64,
+
+    /// Interval of the drift-repairing reconcile, in milliseconds.
+    #[arg(long, env = "VROUTER_RECONCILE_MS", default_value_t = 2000)]
+    pub reconcile_ms: u64,
+
+    /// Priority of the host steering policy rules.
+    #[arg(long, env = "VROUTER_RULE_PRIORITY", default_value_t = 1000)]
+    pub rule_priority: u32,
+}
+
+impl Settings {
+    pub fn grace(&self) -> Duration {
+        Duration::from_millis(self.grace_ms)
+    }
+
+    pub fn reconcile_interval(&self) -> Duration {
+        Duration::from_millis(self.reconcile_ms.max(100))
+    }
+}
+
+fn parse_ipv4(setting: &'static str) -> impl Fn(&str) -> Result<Ipv4Addr, String> + Clone {
+    move |s: &str| {
+        s.trim().parse::<Ipv4Addr>().map_err(|_| {
+            format!("{setting} = {s:?} is not an IPv4 address; write it like 198.18.0.1")
+        })
+    }
+}
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(format!(
+            "--vxlan-port / VROUTER_VXLAN_PORT = {s:?} is not a UDP port; use 1..65535 (default 4789)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        let mut v = vec!["vrouter-discovery"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v)
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.settings.vxlan_port, 4789);
+        assert_eq!(
+            c.settings.state_dir,
+            PathBuf::from("/var/lib/docker-router")
+        );
+        assert!(!c.settings.vxlan_learning);
+        assert!(c.settings.config.is_none());
+    }
+
+    #[test]
+    fn bad_values_name_setting() {
+        let e = parse(&["--vxlan-port", "0"]).unwrap_err().to_string();
+        assert!(
+            e.contains("VROUTER_VXLAN_PORT") && e.contains("1..65535"),
+            "{e}"
+        );
+        let e = parse(&["--advertise-addr", "1.2.3"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("VROUTER_ADVERTISE_ADDR"), "{e}");
+    }
+
+    #[test]
+    fn learning_flag() {
+        assert!(
+            parse(&["--vxlan-learning"])
+                .unwrap()
+                .settings
+                .vxlan_learning
+        );
+        assert!(
+            !parse(&["--vxlan-learning", "false"])
+                .unwrap()
+                .settings
+                .vxlan_learning
+        );
+    }
+}
