@@ -450,6 +450,7 @@ impl StateDir {
 
     fn open_events(&self, path: &Path) -> Result<File, StateError> {
         OpenOptions::new()
+            .read(true) // to check for a torn last line
             .append(true)
             .create(true)
             .mode(FILE_MODE)
