@@ -132,7 +132,7 @@ pub fn render_ruleset(nets: &[FwNetwork]) -> String {
     );
     let _ = writeln!(
         s,
-        "  chain OUTPUT {{\n    type nat hook output priority dstnat; policy accept;\n    ip daddr != 127.0.0.0/8 fib daddr type local jump DOCKER\n  }}"
+        "  chain OUTPUT {{\n    type nat hook output priority -100; policy accept;\n    ip daddr != 127.0.0.0/8 fib daddr type local jump DOCKER\n  }}"
     );
     let _ = writeln!(
         s,

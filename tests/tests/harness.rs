@@ -1,0 +1,408 @@
+//! Proof tests for the simulated-host harness: the hand-made kernel recipe of DESIGN.md
+//! ("Verified by hand on this kernel") under the Docker-28.2-like firewall.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use vrouter_tests::cleanup::{list_links, list_namespaces};
+use vrouter_tests::*;
+
+const T: Duration = Duration::from_secs(3);
+
+/// One stack for the recipe: its router, prefix and overlay MAC.
+struct Stack {
+    net: &'static str,
+    host: usize,
+    prefix: &'static str,
+    router_ip: &'static str,
+    mac: &'static str,
+    table: u32,
+}
+
+const STACKS: [Stack; 3] = [
+    Stack {
+        net: "a",
+        host: 1,
+        prefix: "10.1.0.0/24",
+        router_ip: "10.1.0.254",
+        mac: "02:e8:0a:01:00:fe",
+        table: 101,
+    },
+    Stack {
+        net: "b",
+        host: 2,
+        prefix: "10.2.0.0/24",
+        router_ip: "10.2.0.254",
+        mac: "02:e8:0a:02:00:fe",
+        table: 102,
+    },
+    Stack {
+        net: "c",
+        host: 1,
+        prefix: "10.3.0.0/24",
+        router_ip: "10.3.0.254",
+        mac: "02:e8:0a:03:00:fe",
+        table: 103,
+    },
+];
+
+fn build(test: &str) -> Topology {
+    let mut topo = Topology::builder(test).hosts(2).build().expect("topology");
+    for (h, net, cidr, svc) in [
+        (1, "a", "10.1.0.0/24", "10.1.0.5"),
+        (1, "c", "10.3.0.0/24", "10.3.0.5"),
+        (2, "b", "10.2.0.0/24", "10.2.0.7"),
+    ] {
+        let host = topo.host_mut(h);
+        host.add_network(net, cidr, Protection::Protected).unwrap();
+        let rtr = cidr.replace(".0/24", ".254");
+        host.add_container(net, "rtr", &rtr, Role::Router).unwrap();
+        host.add_container(net, "svc", svc, Role::Service).unwrap();
+    }
+    topo
+}
+
+/// DESIGN.md's hand recipe: vxlan1000 per host, a macvlan per router moved into the
+/// router's namespace, FDB rows, host steering, router neighbours and onlink routes.
+fn hand_recipe(topo: &Topology) {
+    for host in topo.hosts() {
+        let hn = Some(host.ns.as_str());
+        let ul = host.underlay_ip.to_string();
+        ns_run(
+            hn,
+            &format!(
+                "ip link add vxlan1000 type vxlan id 1000 local {ul} dev eth0 dstport 4789 nolearning"
+            ),
+        )
+        .unwrap();
+        ns_run(hn, "ip link set vxlan1000 mtu 1450 up").unwrap();
+        // Flood list: every other host.
+        for other in topo.hosts().iter().filter(|o| o.index != host.index) {
+            ns_run(
+                hn,
+                &format!(
+                    "bridge fdb append 00:00:00:00:00:00 dev vxlan1000 dst {}",
+                    other.underlay_ip
+                ),
+            )
+            .unwrap();
+        }
+        for s in STACKS.iter() {
+            if s.host == host.index {
+                let rtr = host.container(s.net, "rtr").unwrap();
+                let mv = format!("mv{}", s.net);
+                ns_run(
+                    hn,
+                    &format!("ip link add {mv} link vxlan1000 type macvlan mode bridge"),
+                )
+                .unwrap();
+                ns_run(hn, &format!("ip link set {mv} netns {}", rtr.ns)).unwrap();
+                let rn = Some(rtr.ns.as_str());
+                ns_run(rn, &format!("ip link set {mv} name ovl1000")).unwrap();
+                ns_run(
+                    rn,
+                    &format!("ip link set ovl1000 address {} mtu 1450 up", s.mac),
+                )
+                .unwrap();
+                // Host steering: from this stack's bridge to every other prefix.
+                ns_run(
+                    hn,
+                    &format!("ip rule add iif br-{} lookup {} pref 1000", s.net, s.table),
+                )
+                .unwrap();
+                for o in STACKS.iter().filter(|o| o.net != s.net) {
+                    ns_run(
+                        hn,
+                        &format!(
+                            "ip route replace {} via {} dev br-{} table {}",
+                            o.prefix, s.router_ip, s.net, s.table
+                        ),
+                    )
+                    .unwrap();
+                    ns_run(
+                        rn,
+                        &format!(
+                            "ip neigh replace {} lladdr {} dev ovl1000 nud permanent",
+                            o.router_ip, o.mac
+                        ),
+                    )
+                    .unwrap();
+                    ns_run(
+                        rn,
+                        &format!(
+                            "ip route replace {} via {} dev ovl1000 onlink",
+                            o.prefix, o.router_ip
+                        ),
+                    )
+                    .unwrap();
+                }
+            } else {
+                // Remote router: permanent FDB row to its host.
+                let remote = topo.host(s.host);
+                ns_run(
+                    hn,
+                    &format!(
+                        "bridge fdb replace {} dev vxlan1000 dst {} self permanent",
+                        s.mac, remote.underlay_ip
+                    ),
+                )
+                .unwrap();
+            }
+        }
+    }
+}
+
+fn svc(topo: &Topology, host: usize, net: &str) -> Container {
+    topo.host(host).container(net, "svc").unwrap().clone()
+}
+
+/// TCP from `from` to `to_ip:port`; returns the source address the server saw.
+fn tcp_peer(topo: &Topology, from: &Container, to: &Container, port: u16) -> IpAddr {
+    let addr = format!("{}:{port}", to.ip);
+    let mut server = TcpServer::start(&to.ns, &addr, topo.log_dir(), T).unwrap();
+    let out = tcp_send(&from.ns, &addr, 100_000, T).unwrap();
+    assert!(out.starts_with("ok "), "{out}");
+    let peer = server.peer(T).unwrap();
+    server.wait(T).unwrap();
+    peer.ip()
+}
+
+#[test]
+fn hand_recipe_under_docker_28_2_firewall() {
+    require_root!();
+    let prefix = prefix();
+    let mut topo = build("hand_recipe_under_docker_28_2_firewall");
+    let before = topo.firewall_snapshots().unwrap();
+    for (h, s) in topo.hosts().iter().zip(&before) {
+        assert!(
+            s.contains("policy drop") && s.contains("DOCKER-ISOLATION-STAGE-2"),
+            "{}: {s}",
+            h.ns
+        );
+    }
+    // Raw drops for every container of the protected networks.
+    assert!(before[0].contains("iifname != \"br-a\" ip daddr 10.1.0.5 drop"));
+    assert!(before[0].contains("iifname != \"br-c\" ip daddr 10.3.0.254 drop"));
+    assert!(before[1].contains("iifname != \"br-b\" ip daddr 10.2.0.7 drop"));
+
+    let (a, b, c) = (svc(&topo, 1, "a"), svc(&topo, 2, "b"), svc(&topo, 1, "c"));
+    // Sanity: gateway and own router reachable, underlay up, remote not yet.
+    assert!(ping(&a.ns, "10.1.0.1", 1, T));
+    assert!(ping(&a.ns, "10.1.0.254", 1, T));
+    assert!(ping(&topo.host(1).ns, "198.18.0.2", 1, T));
+    assert!(!ping(&a.ns, "10.2.0.7", 1, Duration::from_millis(800)));
+
+    hand_recipe(&topo);
+
+    // Cross-host, both ways.
+    assert!(ping(&a.ns, "10.2.0.7", 3, T), "A -> B ping");
+    assert!(ping(&b.ns, "10.1.0.5", 3, T), "B -> A ping");
+    // Cross-host TCP keeps the source address (no NAT), both ways.
+    assert_eq!(tcp_peer(&topo, &a, &b, 5001), IpAddr::V4(a.ip));
+    assert_eq!(tcp_peer(&topo, &b, &a, 5002), IpAddr::V4(b.ip));
+    // A held connection survives (the tool later used across daemon restarts).
+    {
+        let addr = "10.2.0.7:5003";
+        let mut server = TcpServer::start(&b.ns, addr, topo.log_dir(), T).unwrap();
+        let mut hold = tcp_hold(
+            &a.ns,
+            addr,
+            Duration::from_secs(2),
+            Duration::from_millis(1000),
+            topo.log_dir(),
+        )
+        .unwrap();
+        hold.wait_success(Duration::from_secs(10)).unwrap();
+        assert!(hold.stdout().contains("ok rounds="), "{}", hold.logs());
+        assert_eq!(server.peer(T).unwrap().ip(), IpAddr::V4(a.ip));
+        server.wait(T).unwrap();
+    }
+
+    // Same host, protected networks: Docker 28.2's raw rule drops A <-> C.
+    assert!(
+        !ping(&a.ns, "10.3.0.5", 2, Duration::from_millis(1500)),
+        "A -> C must be dropped"
+    );
+    assert!(
+        !ping(&c.ns, "10.1.0.5", 2, Duration::from_millis(1500)),
+        "C -> A must be dropped"
+    );
+
+    // The recipe and the traffic never touched the firewall.
+    assert_eq!(topo.firewall_snapshots().unwrap(), before);
+
+    // nat-unprotected on only one side is not enough (the reply hits the other's raw rule).
+    topo.host_mut(1)
+        .set_protection("c", Protection::NatUnprotected)
+        .unwrap();
+    assert!(!ping(&a.ns, "10.3.0.5", 2, Duration::from_millis(1500)));
+    // Both nat-unprotected: A <-> C passes through the routers, source kept.
+    topo.host_mut(1)
+        .set_protection("a", Protection::NatUnprotected)
+        .unwrap();
+    let unprot = topo.host(1).firewall_snapshot().unwrap();
+    assert!(!unprot.contains("ip daddr 10.1.0.5 drop"), "{unprot}");
+    assert!(ping(&a.ns, "10.3.0.5", 3, T), "A -> C, nat-unprotected");
+    assert!(ping(&c.ns, "10.1.0.5", 3, T), "C -> A, nat-unprotected");
+    assert_eq!(tcp_peer(&topo, &a, &c, 5004), IpAddr::V4(a.ip));
+    // Isolation stays for nat-unprotected: without host steering the host would route
+    // br-a -> br-c directly, and DOCKER-ISOLATION drops that.
+    let h1 = topo.host(1).ns.clone();
+    ns_run(Some(&h1), "ip rule del iif br-a lookup 101 pref 1000").unwrap();
+    ns_run(Some(&h1), "ip rule del iif br-c lookup 103 pref 1000").unwrap();
+    assert!(
+        !ping(&a.ns, "10.3.0.5", 2, Duration::from_millis(1500)),
+        "direct bridge-to-bridge forwarding must be isolated"
+    );
+    ns_run(Some(&h1), "ip rule add iif br-a lookup 101 pref 1000").unwrap();
+    ns_run(Some(&h1), "ip rule add iif br-c lookup 103 pref 1000").unwrap();
+    assert!(ping(&a.ns, "10.3.0.5", 3, T));
+    assert_eq!(topo.host(1).firewall_snapshot().unwrap(), unprot);
+    assert_eq!(topo.host(2).firewall_snapshot().unwrap(), before[1]);
+
+    drop(topo);
+    assert_eq!(list_namespaces(&prefix), Vec::<String>::new());
+    assert_eq!(list_links(&prefix), Vec::<String>::new());
+}
+
+fn check_confined(out: &str, ctx: &str) {
+    let cap = |k: &str| {
+        out.lines()
+            .find(|l| l.starts_with(k))
+            .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    for k in ["CapEff:", "CapPrm:", "CapBnd:", "CapInh:", "CapAmb:"] {
+        assert_eq!(cap(k), "0000000000001000", "{ctx}: {k}\n{out}");
+    }
+    assert!(out.contains("SYSCTL-WRITE-FAILED"), "{ctx}: {out}");
+    assert!(!out.contains("SYSCTL-WRITE-OK"), "{ctx}: {out}");
+    assert!(out.contains("SYS-WRITE-FAILED"), "{ctx}: {out}");
+    assert!(out.contains("SETNS-FAILED"), "{ctx}: {out}");
+    assert!(out.contains("NETADMIN-OK"), "{ctx}: {out}");
+}
+
+const CONFINED_SCRIPT: &str = "grep Cap /proc/self/status; \
+    (echo 0 > /proc/sys/net/ipv4/ip_forward) 2>/dev/null && echo SYSCTL-WRITE-OK || echo SYSCTL-WRITE-FAILED; \
+    (echo 1400 > /sys/class/net/lo/mtu) 2>/dev/null && echo SYS-WRITE-OK || echo SYS-WRITE-FAILED; \
+    ip netns exec \"$1\" true 2>/dev/null && echo SETNS-OK || echo SETNS-FAILED; \
+    ip link add vrtp0 type veth peer name vrtp1 && ip link del vrtp0 && echo NETADMIN-OK";
+
+#[test]
+fn privileged_spawn_has_only_net_admin() {
+    require_root!();
+    let mut topo = Topology::builder("privileged_spawn_has_only_net_admin")
+        .hosts(1)
+        .build()
+        .unwrap();
+    let host = topo.host_mut(1);
+    host.add_network("a", "10.1.0.0/24", Protection::Protected)
+        .unwrap();
+    let rtr = host
+        .add_container("a", "rtr", "10.1.0.254", Role::Router)
+        .unwrap();
+    let host = topo.host(1);
+    let ul = topo.underlay_ns.clone();
+
+    let mut d = host
+        .spawn_privileged(
+            "sh",
+            &["-c", CONFINED_SCRIPT, "sh", &ul],
+            &[("VRT_TEST", "1")],
+        )
+        .unwrap();
+    d.wait_success(Duration::from_secs(10)).unwrap();
+    check_confined(&d.stdout(), "host");
+    // The sysctl really did not change, and the host's own /proc/sys is still writable.
+    assert_eq!(
+        host.exec_ok(&["cat", "/proc/sys/net/ipv4/ip_forward"])
+            .unwrap()
+            .stdout
+            .trim(),
+        "1"
+    );
+    host.exec_ok(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+        .unwrap();
+
+    let mut d = rtr
+        .spawn_privileged("sh", &["-c", CONFINED_SCRIPT, "sh", &ul], &[])
+        .unwrap();
+    d.wait_success(Duration::from_secs(10)).unwrap();
+    check_confined(&d.stdout(), "router");
+    assert_eq!(
+        rtr.exec_ok(&["sysctl", "-n", "net.ipv4.conf.all.rp_filter"])
+            .unwrap()
+            .stdout
+            .trim(),
+        "2"
+    );
+
+    // Environment is passed; kill and wait work; the pid is the command's own.
+    let mut d = host
+        .spawn_privileged(
+            "sh",
+            &["-c", "echo started $VRT_X; exec sleep 30"],
+            &[("VRT_X", "yes")],
+        )
+        .unwrap();
+    assert!(d.wait_for_output("started yes", Duration::from_secs(5)));
+    assert!(d.is_running());
+    d.kill(libc::SIGTERM).unwrap();
+    let st = d
+        .wait_exit(Duration::from_secs(5))
+        .unwrap()
+        .expect("exited");
+    assert!(!st.success());
+}
+
+#[test]
+fn cleanup_removes_leftovers() {
+    require_root!();
+    let p = prefix();
+    let _lock = TestLock::acquire().unwrap();
+    let ns = format!("{p}-stray");
+    ns_run(None, &format!("ip netns add {ns}")).unwrap();
+    let mut sleeper = spawn_in(
+        &ns,
+        &log_dir_for("cleanup_removes_leftovers"),
+        "sleep",
+        &["30"],
+        &[],
+    )
+    .unwrap();
+    assert!(wait_until(T, Duration::from_millis(20), || {
+        exec_ok(None, &["ip", "netns", "pids", &ns])
+            .map(|o| !o.stdout.trim().is_empty())
+            .unwrap_or(false)
+    }));
+    let removed = cleanup_leftovers(&p).unwrap();
+    assert!(removed.contains(&format!("netns {ns}")), "{removed:?}");
+    assert!(!list_namespaces(&p).contains(&ns));
+    assert!(sleeper.wait_exit(T).unwrap().is_some(), "process killed");
+}
+
+#[test]
+fn firewall_render_shape() {
+    // No root needed: the rendered script's structure.
+    let nets = [
+        FwNetwork {
+            bridge: "br-a".into(),
+            subnet: "10.1.0.0/24".into(),
+            protection: Protection::Protected,
+            containers: vec![Ipv4Addr::new(10, 1, 0, 5)],
+        },
+        FwNetwork {
+            bridge: "br-c".into(),
+            subnet: "10.3.0.0/24".into(),
+            protection: Protection::NatUnprotected,
+            containers: vec![Ipv4Addr::new(10, 3, 0, 5)],
+        },
+    ];
+    let s = render_ruleset(&nets);
+    assert!(s.contains("iifname != \"br-a\" ip daddr 10.1.0.5 drop"));
+    assert!(!s.contains("ip daddr 10.3.0.5 drop"));
+    assert!(s.contains("iifname != \"br-a\" oifname \"br-a\" drop"));
+    assert!(s.contains("iifname != \"br-c\" oifname \"br-c\" accept"));
+    assert!(s.contains("oifname != \"br-c\" ip saddr 10.3.0.0/24 masquerade"));
+    assert!(s.contains("oifname \"br-c\" drop"));
+}
