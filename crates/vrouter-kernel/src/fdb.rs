@@ -134,7 +134,12 @@ fn fdb_entry_of(message: NeighbourMessage) -> Option<FdbEntry> {
             NeighbourAttribute::LinkLayerAddress(bytes) => {
                 mac = <[u8; 6]>::try_from(bytes).ok().map(Mac)
             }
+            // In AF_BRIDGE messages netlink-packet-route cannot tell the address
+            // family of NDA_DST and hands over raw bytes.
             NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => dst = Some(a),
+            NeighbourAttribute::Destination(NeighbourAddress::Other(bytes)) => {
+                dst = <[u8; 4]>::try_from(bytes).ok().map(Ipv4Addr::from)
+            }
             _ => {}
         }
     }
@@ -165,6 +170,19 @@ mod tests {
                 dst: Some(dst),
                 permanent: true
             }
+        );
+    }
+
+    #[test]
+    fn destination_as_parsed_from_a_bridge_dump() {
+        let mut m = fdb_message(5, Mac::ZERO, None);
+        m.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Other(
+                vec![198, 18, 0, 2],
+            )));
+        assert_eq!(
+            fdb_entry_of(m).unwrap().dst,
+            Some(Ipv4Addr::new(198, 18, 0, 2))
         );
     }
 

@@ -1,0 +1,718 @@
+//! Root tests against the real kernel. Each runs on its own thread inside a throwaway
+//! network namespace (`unshare(CLONE_NEWNET)` on that thread), so nothing leaks into
+//! the host and tests run in parallel. Without root they print a skip line, except
+//! under CI=true where a skip would hide a regression, so they fail.
+
+use nix::sched::{setns, unshare, CloneFlags};
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, UdpSocket};
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::Duration;
+use vrouter_kernel::{FdbEntry, Kernel, KernelError, Neighbour, Route, Rule, VxlanInfo, VxlanSpec};
+use vrouter_state::{Mac, Vni, RTPROT_VROUTER};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+const LOCAL: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+
+fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("root test skipped under CI: {test} needs root for network namespaces");
+    }
+    eprintln!("skipping {test}: needs root for network namespaces");
+    false
+}
+
+/// Runs `body` on a new thread with a current-thread runtime, after `enter` has put
+/// that thread in the namespace to use.
+fn on_thread<F, Fut, T>(enter: impl FnOnce() + Send, body: F) -> T
+where
+    F: FnOnce() -> Fut + Send,
+    Fut: Future<Output = T>,
+    T: Send,
+{
+    std::thread::scope(|scope| {
+        let thread = scope.spawn(move || {
+            enter();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            runtime.block_on(async {
+                tokio::time::timeout(TIMEOUT, body())
+                    .await
+                    .expect("test timed out")
+            })
+        });
+        thread
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// Runs a test in a fresh network namespace.
+fn in_new_netns<F, Fut>(test: &str, body: F)
+where
+    F: FnOnce() -> Fut + Send,
+    Fut: Future<Output = ()>,
+{
+    if root_or_skip(test) {
+        on_thread(
+            || unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)"),
+            body,
+        );
+    }
+}
+
+/// Runs `body` in the namespace behind `netns`.
+fn in_netns<F, Fut, T>(netns: &OwnedFd, body: F) -> T
+where
+    F: FnOnce() -> Fut + Send,
+    Fut: Future<Output = T>,
+    T: Send,
+{
+    on_thread(
+        || setns(netns.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns"),
+        body,
+    )
+}
+
+/// A second namespace, kept alive by the descriptor (as a router hands it over).
+fn spare_netns() -> OwnedFd {
+    std::thread::spawn(|| {
+        unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+        OwnedFd::from(std::fs::File::open("/proc/thread-self/ns/net").expect("open ns/net"))
+    })
+    .join()
+    .expect("namespace thread")
+}
+
+/// A veth pair `name`/`name`p, up, with `addr/len` on `name` (this kernel has no dummy
+/// driver). Returns the index of `name`.
+async fn veth(kernel: &Kernel, name: &str, addr: Ipv4Addr, len: u8) -> u32 {
+    let (connection, handle, _) = rtnetlink::new_connection().expect("netlink socket");
+    tokio::spawn(connection);
+    let peer = format!("{name}p");
+    handle
+        .link()
+        .add(rtnetlink::LinkVeth::new(name, &peer).build())
+        .execute()
+        .await
+        .expect("create veth");
+    let index = kernel
+        .link_by_name(name)
+        .await
+        .unwrap()
+        .expect("veth exists")
+        .index;
+    handle
+        .address()
+        .add(index, IpAddr::V4(addr), len)
+        .execute()
+        .await
+        .expect("add address");
+    kernel.set_up(index).await.expect("veth up");
+    let peer_index = kernel.link_by_name(&peer).await.unwrap().unwrap().index;
+    kernel.set_up(peer_index).await.expect("veth peer up");
+    index
+}
+
+fn spec(name: &str, vni: u32, underlay: u32, port: u16) -> VxlanSpec {
+    VxlanSpec {
+        name: name.into(),
+        vni: Vni::new(vni).unwrap(),
+        local: LOCAL,
+        underlay,
+        port,
+        mtu: 1450,
+        learning: false,
+    }
+}
+
+#[test]
+fn vxlan_create_dump_and_link_changes() {
+    in_new_netns("vxlan_create_dump_and_link_changes", || async {
+        let k = Kernel::connect().await.unwrap();
+        let under = veth(&k, "under0", LOCAL, 24).await;
+
+        let index = k
+            .create_vxlan(&spec("vxlan1000", 1000, under, 4789))
+            .await
+            .unwrap();
+        let link = k.link_by_name("vxlan1000").await.unwrap().expect("created");
+        assert_eq!(link.index, index);
+        assert_eq!(link.kind.as_deref(), Some("vxlan"));
+        assert_eq!(link.mtu, 1450);
+        assert!(!link.up, "created down");
+        assert!(link.mac.is_some());
+        assert_eq!(
+            link.vxlan,
+            Some(VxlanInfo {
+                vni: Vni::new(1000).unwrap(),
+                local: Some(LOCAL),
+                underlay: Some(under),
+                port: 4789,
+                learning: false,
+            })
+        );
+        assert_eq!(k.link_by_index(index).await.unwrap(), Some(link.clone()));
+        assert!(k.links().await.unwrap().contains(&link));
+
+        // Learning on, for the seed's mode.
+        let learning = VxlanSpec {
+            learning: true,
+            ..spec("vxlan2000", 2000, under, 4789)
+        };
+        let i2 = k.create_vxlan(&learning).await.unwrap();
+        let info = k.link_by_index(i2).await.unwrap().unwrap().vxlan.unwrap();
+        assert!(info.learning);
+
+        // A veth's IFLA_LINK is its peer.
+        let peer = k.link_by_name("under0p").await.unwrap().unwrap();
+        assert_eq!(
+            k.link_by_index(under).await.unwrap().unwrap().parent,
+            Some(peer.index)
+        );
+
+        k.set_up(index).await.unwrap();
+        k.set_mtu(index, 1400).await.unwrap();
+        let mac = Mac([0x02, 0xe8, 0, 0, 0, 1]);
+        k.set_mac(index, mac).await.unwrap();
+        k.rename(index, "vx-renamed").await.unwrap();
+        let link = k.link_by_index(index).await.unwrap().unwrap();
+        assert!(link.up);
+        assert_eq!(
+            (link.mtu, link.mac, link.name.as_str()),
+            (1400, Some(mac), "vx-renamed")
+        );
+        assert_eq!(k.link_by_name("vxlan1000").await.unwrap(), None);
+
+        k.delete_link(index).await.unwrap();
+        assert_eq!(k.link_by_index(index).await.unwrap(), None);
+        k.delete_link(index)
+            .await
+            .expect("deleting a gone link is Ok");
+
+        let err = k.set_mtu(index, 1400).await.unwrap_err();
+        assert!(matches!(err, KernelError::NoSuchLink(_)), "{err}");
+        assert!(err.to_string().contains(&index.to_string()), "{err}");
+    });
+}
+
+#[test]
+fn duplicate_vni_is_vni_in_use() {
+    in_new_netns("duplicate_vni_is_vni_in_use", || async {
+        let k = Kernel::connect().await.unwrap();
+        let under = veth(&k, "under0", LOCAL, 24).await;
+        k.create_vxlan(&spec("vxlan1000", 1000, under, 4789))
+            .await
+            .unwrap();
+
+        let err = k
+            .create_vxlan(&spec("other", 1000, under, 4789))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KernelError::VniInUse {
+                    vni: 1000,
+                    port: 4789
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(k.link_by_name("other").await.unwrap(), None);
+
+        // The same name with another VNI is a name clash, reported as such.
+        let err = k
+            .create_vxlan(&spec("vxlan1000", 1001, under, 4789))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, KernelError::Netlink { .. }), "{err}");
+        assert!(err.to_string().contains("vxlan1000"), "{err}");
+
+        // The same VNI on another port is another VXLAN network.
+        k.create_vxlan(&spec("vxlan1000b", 1000, under, 4790))
+            .await
+            .unwrap();
+
+        // A missing underlay is named.
+        let err = k
+            .create_vxlan(&spec("vxlan3000", 3000, 9999, 4789))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, KernelError::NoSuchLink(_)), "{err}");
+    });
+}
+
+#[test]
+fn port_held_by_udp_socket_is_port_in_use() {
+    in_new_netns("port_held_by_udp_socket_is_port_in_use", || async {
+        let k = Kernel::connect().await.unwrap();
+        let under = veth(&k, "under0", LOCAL, 24).await;
+        let index = k
+            .create_vxlan(&spec("vxlan1000", 1000, under, 4790))
+            .await
+            .unwrap();
+
+        // Created on this thread, so bound in this namespace.
+        let squatter = UdpSocket::bind("0.0.0.0:4790").unwrap();
+        let err = k.set_up(index).await.unwrap_err();
+        assert!(
+            matches!(err, KernelError::PortInUse { port: 4790 }),
+            "{err}"
+        );
+        assert!(!k.link_by_index(index).await.unwrap().unwrap().up);
+
+        drop(squatter);
+        k.set_up(index).await.unwrap();
+        assert!(k.link_by_index(index).await.unwrap().unwrap().up);
+    });
+}
+
+#[test]
+fn vxlan_local_changes_in_place() {
+    in_new_netns("vxlan_local_changes_in_place", || async {
+        let k = Kernel::connect().await.unwrap();
+        let under = veth(&k, "under0", LOCAL, 24).await;
+        let index = k
+            .create_vxlan(&spec("vxlan1000", 1000, under, 4789))
+            .await
+            .unwrap();
+        k.set_up(index).await.unwrap();
+        let peer = Ipv4Addr::new(198, 18, 0, 2);
+        k.append_fdb(index, Mac::ZERO, peer).await.unwrap();
+        let mv = k
+            .create_macvlan("mv0", index, Mac([2, 0xe8, 10, 1, 0, 0xfe]), 1450)
+            .await
+            .unwrap();
+
+        let moved = Ipv4Addr::new(198, 18, 0, 9);
+        k.set_vxlan_local(index, moved).await.unwrap();
+
+        let link = k.link_by_name("vxlan1000").await.unwrap().unwrap();
+        assert_eq!(link.index, index, "same device");
+        assert!(link.up);
+        let info = link.vxlan.unwrap();
+        assert_eq!(info.local, Some(moved));
+        assert_eq!(
+            (info.vni.get(), info.port, info.underlay),
+            (1000, 4789, Some(under))
+        );
+        assert_eq!(k.fdb(index).await.unwrap().len(), 1, "FDB kept");
+        assert!(k.link_by_index(mv).await.unwrap().is_some(), "macvlan kept");
+
+        let err = k.set_vxlan_local(9999, moved).await.unwrap_err();
+        assert!(matches!(err, KernelError::NoSuchLink(_)), "{err}");
+    });
+}
+
+#[test]
+fn macvlan_moves_into_another_namespace() {
+    in_new_netns("macvlan_moves_into_another_namespace", || async {
+        let k = Kernel::connect().await.unwrap();
+        let under = veth(&k, "under0", LOCAL, 24).await;
+        let vx = k
+            .create_vxlan(&spec("vxlan1000", 1000, under, 4789))
+            .await
+            .unwrap();
+        let mac = Mac([2, 0xe8, 10, 1, 0, 0xfe]);
+        let index = k.create_macvlan("mv0", vx, mac, 1450).await.unwrap();
+
+        let link = k.link_by_index(index).await.unwrap().unwrap();
+        assert_eq!(link.kind.as_deref(), Some("macvlan"));
+        assert_eq!(
+            (link.parent, link.mac, link.mtu, link.up),
+            (Some(vx), Some(mac), 1450, false)
+        );
+
+        let router = spare_netns();
+        k.move_to_netns(index, router.as_fd()).await.unwrap();
+        assert_eq!(k.link_by_name("mv0").await.unwrap(), None);
+        assert!(!k.links().await.unwrap().iter().any(|l| l.name == "mv0"));
+
+        // Renamed on the way: the name is free in the target even if the source's
+        // naming scheme differs.
+        let mac2 = Mac([2, 0xe8, 10, 3, 0, 0xfe]);
+        let index2 = k.create_macvlan("mv1", vx, mac2, 1450).await.unwrap();
+        k.move_to_netns_as(index2, router.as_fd(), "ovl1000")
+            .await
+            .unwrap();
+        assert_eq!(k.link_by_name("mv1").await.unwrap(), None);
+
+        let seen = in_netns(&router, || async {
+            let k = Kernel::connect().await.unwrap();
+            let mv0 = k.link_by_name("mv0").await.unwrap().expect("mv0 arrived");
+            let ovl = k
+                .link_by_name("ovl1000")
+                .await
+                .unwrap()
+                .expect("renamed on move");
+            // The router finishes the attachment itself.
+            k.rename(mv0.index, "ovl2000").await.unwrap();
+            k.set_up(ovl.index).await.unwrap();
+            let ovl = k.link_by_index(ovl.index).await.unwrap().unwrap();
+            (mv0, ovl, k.link_by_name("ovl2000").await.unwrap().is_some())
+        });
+        let (mv0, ovl, renamed) = seen;
+        assert_eq!((mv0.kind.as_deref(), mv0.mac), (Some("macvlan"), Some(mac)));
+        assert_eq!((ovl.mac, ovl.up), (Some(mac2), true));
+        assert!(renamed);
+
+        let err = k.create_macvlan("mv2", 9999, mac, 1450).await.unwrap_err();
+        assert!(matches!(err, KernelError::NoSuchLink(_)), "{err}");
+    });
+}
+
+#[test]
+fn routes_replace_dump_delete() {
+    in_new_netns("routes_replace_dump_delete", || async {
+        let k = Kernel::connect().await.unwrap();
+        let dev = veth(&k, "brA", Ipv4Addr::new(10, 1, 0, 1), 24).await;
+
+        assert!(k
+            .addresses()
+            .await
+            .unwrap()
+            .iter()
+            .any(|a| a.index == dev && a.addr == Ipv4Addr::new(10, 1, 0, 1) && a.prefix_len == 24));
+
+        let overlay = Route {
+            table: 101,
+            dst: "10.2.0.0/24".parse().unwrap(),
+            gateway: Some(Ipv4Addr::new(10, 2, 0, 254)),
+            oif: Some(dev),
+            onlink: true,
+            protocol: RTPROT_VROUTER,
+        };
+        k.replace_route(&overlay).await.unwrap();
+        k.replace_route(&overlay)
+            .await
+            .expect("replace is idempotent");
+        assert_eq!(k.routes(101).await.unwrap(), vec![overlay.clone()]);
+
+        let moved = Route {
+            gateway: Some(Ipv4Addr::new(10, 2, 0, 253)),
+            ..overlay.clone()
+        };
+        k.replace_route(&moved).await.unwrap();
+        assert_eq!(k.routes(101).await.unwrap(), vec![moved.clone()]);
+
+        // Tables above 255 travel in RTA_TABLE.
+        let big = Route {
+            table: 1000,
+            ..overlay.clone()
+        };
+        k.replace_route(&big).await.unwrap();
+        assert_eq!(k.routes(1000).await.unwrap(), vec![big.clone()]);
+
+        // Main: a gateway in the connected subnet, an onlink one, a device route.
+        assert_eq!(k.default_route().await.unwrap(), None);
+        let steer = Route {
+            table: 254,
+            dst: "10.3.0.0/24".parse().unwrap(),
+            gateway: Some(Ipv4Addr::new(10, 1, 0, 254)),
+            oif: Some(dev),
+            onlink: false,
+            protocol: RTPROT_VROUTER,
+        };
+        let onlink = Route {
+            dst: "10.4.0.0/24".parse().unwrap(),
+            gateway: Some(Ipv4Addr::new(10, 9, 9, 9)),
+            onlink: true,
+            ..steer.clone()
+        };
+        let direct = Route {
+            dst: "10.5.0.0/24".parse().unwrap(),
+            gateway: None,
+            ..steer.clone()
+        };
+        let default = Route {
+            dst: "0.0.0.0/0".parse().unwrap(),
+            protocol: 4, // RTPROT_STATIC
+            ..steer.clone()
+        };
+        for r in [&steer, &onlink, &direct, &default] {
+            k.replace_route(r).await.unwrap();
+        }
+        let main = k.routes(254).await.unwrap();
+        for r in [&steer, &onlink, &direct, &default] {
+            assert!(main.contains(r), "{r:?} not in {main:?}");
+        }
+        assert!(
+            main.iter()
+                .any(|r| r.dst == "10.1.0.0/24".parse().unwrap() && r.protocol == 2),
+            "the kernel's connected route is listed too: {main:?}"
+        );
+        assert!(!main.contains(&overlay), "tables are kept apart");
+        assert_eq!(
+            k.default_route().await.unwrap(),
+            Some((dev, Some(Ipv4Addr::new(10, 1, 0, 254))))
+        );
+
+        // Delete is exact and idempotent.
+        k.delete_route(&moved).await.unwrap();
+        assert_eq!(k.routes(101).await.unwrap(), vec![]);
+        k.delete_route(&moved)
+            .await
+            .expect("deleting a gone route is Ok");
+        for r in [&steer, &onlink, &direct, &default, &big] {
+            k.delete_route(r).await.unwrap();
+        }
+        let main = k.routes(254).await.unwrap();
+        assert!(
+            main.iter().all(|r| r.protocol != RTPROT_VROUTER),
+            "{main:?}"
+        );
+        assert_eq!(k.default_route().await.unwrap(), None);
+        assert_eq!(k.routes(1000).await.unwrap(), vec![]);
+
+        // A gateway outside every subnet without onlink is refused, and named.
+        let unreachable = Route {
+            onlink: false,
+            ..overlay.clone()
+        };
+        let err = k.replace_route(&unreachable).await.unwrap_err();
+        assert!(
+            err.to_string().contains("10.2.0.0/24 via 10.2.0.254"),
+            "{err}"
+        );
+    });
+}
+
+#[test]
+fn neighbours_replace_dump_delete() {
+    in_new_netns("neighbours_replace_dump_delete", || async {
+        let k = Kernel::connect().await.unwrap();
+        let dev = veth(&k, "ovl1000", Ipv4Addr::new(10, 1, 0, 254), 24).await;
+        let ip = Ipv4Addr::new(10, 2, 0, 254);
+        let mac = Mac([2, 0xe8, 10, 2, 0, 0xfe]);
+
+        k.replace_neighbour(dev, ip, mac).await.unwrap();
+        k.replace_neighbour(dev, ip, mac)
+            .await
+            .expect("replace is idempotent");
+        let want = Neighbour {
+            index: dev,
+            ip,
+            mac: Some(mac),
+            permanent: true,
+        };
+        assert_eq!(k.neighbours(dev).await.unwrap(), vec![want.clone()]);
+
+        let mac2 = Mac([2, 0xe8, 10, 2, 0, 0xfd]);
+        k.replace_neighbour(dev, ip, mac2).await.unwrap();
+        assert_eq!(
+            k.neighbours(dev).await.unwrap(),
+            vec![Neighbour {
+                mac: Some(mac2),
+                ..want
+            }]
+        );
+
+        let peer = k.link_by_name("ovl1000p").await.unwrap().unwrap().index;
+        assert_eq!(k.neighbours(peer).await.unwrap(), vec![], "per link");
+
+        k.delete_neighbour(dev, ip).await.unwrap();
+        assert_eq!(k.neighbours(dev).await.unwrap(), vec![]);
+        k.delete_neighbour(dev, ip)
+            .await
+            .expect("deleting a gone neighbour is Ok");
+
+        let err = k.replace_neighbour(9999, ip, mac).await.unwrap_err();
+        assert!(matches!(err, KernelError::NoSuchLink(_)), "{err}");
+    });
+}
+
+#[test]
+fn fdb_append_replace_dump_delete() {
+    in_new_netns("fdb_append_replace_dump_delete", || async {
+        let k = Kernel::connect().await.unwrap();
+        let under = veth(&k, "under0", LOCAL, 24).await;
+        let vx = k
+            .create_vxlan(&spec("vxlan1000", 1000, under, 4789))
+            .await
+            .unwrap();
+        let (host2, host3, host4) = (
+            Ipv4Addr::new(198, 18, 0, 2),
+            Ipv4Addr::new(198, 18, 0, 3),
+            Ipv4Addr::new(198, 18, 0, 4),
+        );
+        let flood = |dst| FdbEntry {
+            index: vx,
+            mac: Mac::ZERO,
+            dst: Some(dst),
+            permanent: true,
+        };
+
+        // The flood list: one row per remote host.
+        k.append_fdb(vx, Mac::ZERO, host2).await.unwrap();
+        k.append_fdb(vx, Mac::ZERO, host3).await.unwrap();
+        k.append_fdb(vx, Mac::ZERO, host2)
+            .await
+            .expect("append is idempotent");
+        let mut rows = k.fdb(vx).await.unwrap();
+        rows.sort();
+        assert_eq!(rows, vec![flood(host2), flood(host3)]);
+
+        // A remote router's MAC: one destination, replaced when it moves.
+        let router = Mac([2, 0xe8, 10, 2, 0, 0xfe]);
+        k.replace_fdb(vx, router, host2).await.unwrap();
+        k.replace_fdb(vx, router, host4).await.unwrap();
+        let rows = k.fdb(vx).await.unwrap();
+        let router_rows: Vec<_> = rows.iter().filter(|r| r.mac == router).collect();
+        assert_eq!(
+            router_rows,
+            vec![&FdbEntry {
+                index: vx,
+                mac: router,
+                dst: Some(host4),
+                permanent: true
+            }]
+        );
+
+        // The kernel refuses replace on the all-zeros row; append is the way there.
+        let err = k.replace_fdb(vx, Mac::ZERO, host4).await.unwrap_err();
+        assert!(matches!(err, KernelError::Netlink { .. }), "{err}");
+        assert!(
+            err.to_string().contains("00:00:00:00:00:00 dst 198.18.0.4"),
+            "{err}"
+        );
+
+        // One destination of the flood list goes, the other stays.
+        k.delete_fdb(vx, Mac::ZERO, Some(host2)).await.unwrap();
+        k.delete_fdb(vx, Mac::ZERO, Some(host2))
+            .await
+            .expect("deleting a gone row is Ok");
+        k.delete_fdb(vx, router, None).await.unwrap();
+        k.delete_fdb(vx, router, None)
+            .await
+            .expect("deleting a gone row is Ok");
+        assert_eq!(k.fdb(vx).await.unwrap(), vec![flood(host3)]);
+
+        // Another device's rows are not listed.
+        let vx2 = k
+            .create_vxlan(&spec("vxlan2000", 2000, under, 4789))
+            .await
+            .unwrap();
+        assert_eq!(k.fdb(vx2).await.unwrap(), vec![]);
+    });
+}
+
+#[test]
+fn rules_add_dump_delete() {
+    in_new_netns("rules_add_dump_delete", || async {
+        let k = Kernel::connect().await.unwrap();
+        let defaults = k.rules().await.unwrap();
+        let priorities: Vec<u32> = defaults.iter().map(|r| r.priority).collect();
+        assert_eq!(priorities, vec![0, 32766, 32767], "{defaults:?}");
+        assert_eq!(defaults[1].table, 254);
+
+        // The bridge need not exist: rules match interface names.
+        let steer = Rule {
+            priority: 1000,
+            iif: Some("brA".into()),
+            fwmark: None,
+            table: 101,
+            protocol: RTPROT_VROUTER,
+        };
+        let probe = Rule {
+            priority: 1001,
+            iif: None,
+            fwmark: Some(0x76),
+            table: 1000,
+            protocol: RTPROT_VROUTER,
+        };
+        k.add_rule(&steer).await.unwrap();
+        k.add_rule(&steer)
+            .await
+            .expect("adding an existing rule is Ok");
+        k.add_rule(&probe).await.unwrap();
+        let rules = k.rules().await.unwrap();
+        let ours: Vec<_> = rules
+            .iter()
+            .filter(|r| r.protocol == RTPROT_VROUTER)
+            .cloned()
+            .collect();
+        assert_eq!(ours, vec![steer.clone(), probe.clone()]);
+
+        // Exact delete: another protocol does not match.
+        let other = Rule {
+            protocol: 4,
+            ..steer.clone()
+        };
+        k.delete_rule(&other).await.unwrap();
+        assert!(k.rules().await.unwrap().contains(&steer));
+
+        k.delete_rule(&steer).await.unwrap();
+        k.delete_rule(&probe).await.unwrap();
+        k.delete_rule(&probe)
+            .await
+            .expect("deleting a gone rule is Ok");
+        assert_eq!(k.rules().await.unwrap(), defaults);
+    });
+}
+
+/// Clears CAP_NET_ADMIN from the calling thread's effective set (capabilities are per
+/// thread), as a process without it would run.
+fn drop_net_admin_on_this_thread() {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Default, Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    const CAP_NET_ADMIN: u32 = 12;
+    let mut header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: header and a two-element data array, as capget/capset take for version 3.
+    unsafe {
+        assert_eq!(
+            libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()),
+            0
+        );
+        data[0].effective &= !(1 << CAP_NET_ADMIN);
+        assert_eq!(
+            libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()),
+            0
+        );
+    }
+}
+
+#[test]
+fn without_net_admin_is_not_permitted() {
+    in_new_netns("without_net_admin_is_not_permitted", || async {
+        // The kernel checks the credentials the netlink socket was opened with.
+        drop_net_admin_on_this_thread();
+        let k = Kernel::connect().await.unwrap();
+        let lo = k
+            .link_by_name("lo")
+            .await
+            .unwrap()
+            .expect("dumps need no privilege");
+        let err = k.set_up(lo.index).await.unwrap_err();
+        let KernelError::NotPermitted { op } = &err else {
+            panic!("{err:?}")
+        };
+        assert!(op.contains("set link up") && op.contains("lo"), "{err}");
+        let err = k
+            .create_vxlan(&spec("vxlan1000", 1000, lo.index, 4789))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, KernelError::NotPermitted { .. }), "{err:?}");
+    });
+}
