@@ -81,8 +81,13 @@ pub fn cleanup_leftovers(prefix: &str) -> Result<Vec<String>> {
         removed.push(format!("netns {ns}"));
     }
     for link in list_links(prefix) {
-        let _ = exec(None, &["ip", "link", "del", &link]);
-        removed.push(format!("link {link}"));
+        // A veth peer disappears with its pair: only count what we actually deleted.
+        if exec(None, &["ip", "link", "del", &link])
+            .map(|o| o.success())
+            .unwrap_or(false)
+        {
+            removed.push(format!("link {link}"));
+        }
     }
     Ok(removed)
 }

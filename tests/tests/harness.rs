@@ -406,3 +406,40 @@ fn firewall_render_shape() {
     assert!(s.contains("oifname != \"br-c\" ip saddr 10.3.0.0/24 masquerade"));
     assert!(s.contains("oifname \"br-c\" drop"));
 }
+
+#[test]
+fn topology_cleans_up_on_panic() {
+    require_root!();
+    let p = prefix();
+    let r = std::panic::catch_unwind(|| {
+        let mut topo = Topology::builder("topology_cleans_up_on_panic")
+            .hosts(1)
+            .build()
+            .unwrap();
+        let h = topo.host_mut(1);
+        h.add_network("a", "10.1.0.0/24", Protection::Protected)
+            .unwrap();
+        let c = h
+            .add_container("a", "svc", "10.1.0.5", Role::Service)
+            .unwrap();
+        let _d = c
+            .spawn_privileged("sh", &["-c", "echo daemon-log-line; exec sleep 60"], &[])
+            .unwrap();
+        // A process the harness did not start, left in a namespace.
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &c.ns, "sleep", "60"])
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        panic!("deliberate failure");
+    });
+    assert!(r.is_err());
+    assert_eq!(list_namespaces(&p), Vec::<String>::new());
+    // The daemon's log was kept for the post-mortem.
+    let dir = log_dir_for("topology_cleans_up_on_panic");
+    let logs: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.unwrap().path()).ok())
+        .collect();
+    assert!(logs.iter().any(|l| l.contains("daemon-log-line")));
+}

@@ -1,0 +1,30 @@
+#!/bin/sh
+# Remove what simulated-host tests (vrouter-tests harness) may have left behind:
+# every network namespace named <prefix>-* (after SIGKILLing the processes inside it)
+# and every link named <prefix>-* in the current namespace.
+# Usage: tests/cleanup.sh [prefix]   (default: $VROUTER_TEST_PREFIX or "vrt")
+# Prints what it removed; exits 0 unless something could not be removed.
+set -u
+p="${1:-${VROUTER_TEST_PREFIX:-vrt}}"
+case "$p" in
+  ''|*[!A-Za-z0-9]*) echo "cleanup.sh: bad prefix '$p'" >&2; exit 2 ;;
+esac
+rc=0
+for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^$p-"); do
+  i=0
+  while [ $i -lt 20 ]; do
+    pids=$(ip netns pids "$ns" 2>/dev/null)
+    [ -z "$pids" ] && break
+    kill -9 $pids 2>/dev/null
+    sleep 0.05
+    i=$((i + 1))
+  done
+  if ip netns del "$ns"; then echo "removed netns $ns"; else rc=1; fi
+done
+for l in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 | grep "^$p-"); do
+  ip link show "$l" >/dev/null 2>&1 || continue  # a veth peer goes with its pair
+  if ip link del "$l"; then echo "removed link $l"; else rc=1; fi
+done
+left=$(ip netns list 2>/dev/null | awk '{print $1}' | grep "^$p-")
+[ -n "$left" ] && { echo "cleanup.sh: still present: $left" >&2; rc=1; }
+exit $rc
