@@ -3,6 +3,18 @@
 //! where the kernel offers them; dumps return plain values for diffing.
 //!
 //! A `Kernel` is bound to the network namespace of the thread that called `connect`.
+//!
+//! - Writes are idempotent: routes, neighbours and FDB rows use NLM_F_REPLACE (or
+//!   NLM_F_APPEND for the flood list), `add_rule` treats an existing rule as done, and
+//!   every delete of something already gone (ENOENT, ESRCH or ENODEV) returns `Ok`.
+//! - Errors say what failed on what (link name and index, prefix, rule); the errno
+//!   cases an operator can act on are classified (`KernelError::VniInUse`,
+//!   `PortInUse`, `NoVxlan`, `NoMacvlan`, `NotPermitted`, `NoSuchLink`).
+//! - Dumps are not filtered by the kernel: `routes`, `neighbours` and `fdb` dump the
+//!   family and keep what was asked for.
+//!
+//! The methods live by object: `links.rs` (links, addresses), `routes.rs`, `neigh.rs`,
+//! `fdb.rs`, `rules.rs`.
 
 mod error;
 mod fdb;
@@ -35,7 +47,9 @@ pub struct Link {
     pub mtu: u32,
     /// Administratively up (IFF_UP).
     pub up: bool,
-    /// IFLA_LINK: the lower device (for macvlan, vxlan's underlay is in `vxlan.underlay`).
+    /// IFLA_LINK: the lower device (for macvlan, vxlan's underlay is in `vxlan.underlay`;
+    /// for veth, the peer). After a move to another namespace it is an index in the
+    /// namespace the link came from.
     pub parent: Option<u32>,
     pub vxlan: Option<VxlanInfo>,
 }

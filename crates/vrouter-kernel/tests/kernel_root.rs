@@ -360,6 +360,8 @@ fn macvlan_moves_into_another_namespace() {
         });
         let (mv0, ovl, renamed) = seen;
         assert_eq!((mv0.kind.as_deref(), mv0.mac), (Some("macvlan"), Some(mac)));
+        // IFLA_LINK still names the lower device by its index in the namespace it left.
+        assert_eq!(mv0.parent, Some(vx));
         assert_eq!((ovl.mac, ovl.up), (Some(mac2), true));
         assert!(renamed);
 
