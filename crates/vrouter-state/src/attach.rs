@@ -206,10 +206,19 @@ impl AttachSocket {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 Err(e) => {
+                    let hint = match e {
+                        Errno::ENOENT | Errno::ECONNREFUSED => {
+                            "; is vrouter-discovery running with the same state directory?"
+                        }
+                        Errno::EACCES => {
+                            "; the router's uid or gid needs write access to the socket (mode 0660)"
+                        }
+                        _ => "",
+                    };
                     return Err(io::Error::new(
                         io::Error::from(e).kind(),
-                        format!("cannot connect to {}: {e}", path.display()),
-                    ))
+                        format!("cannot connect to {}: {e}{hint}", path.display()),
+                    ));
                 }
             }
         }

@@ -348,7 +348,9 @@ impl StateDir {
     }
 
     /// All retained events, oldest first (events.log.1 then events.log). Lines that
-    /// do not parse, such as a torn last line, are skipped.
+    /// do not parse, such as a torn last line, are skipped. Takes no lock: a rotation
+    /// between the two reads can repeat or miss a few events, which is fine for
+    /// showing an operator what happened.
     pub fn read_events(&self) -> Result<Vec<Event>, ReadError> {
         let mut events = Vec::new();
         for name in [EVENTS_ROTATED_FILE, EVENTS_FILE] {

@@ -334,6 +334,10 @@ async fn bind_replaces_a_stale_socket_but_not_a_live_one() {
     assert!(std::fs::metadata(&path).unwrap().file_type().is_socket());
     let e = AttachSocket::connect(&path).await.unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+    assert!(
+        e.to_string().contains("is vrouter-discovery running"),
+        "{e}"
+    );
 
     let listener = AttachListener::bind(&path).unwrap();
     let client = AttachSocket::connect(&path).await.unwrap();
