@@ -23,6 +23,7 @@ pub mod cleanup;
 pub mod cmd;
 pub mod daemon;
 pub mod firewall;
+pub mod mesh;
 pub mod probe;
 pub mod topology;
 

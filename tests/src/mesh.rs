@@ -1,0 +1,404 @@
+//! A docker-vrouter mesh on simulated hosts: the project's real binaries, each run as
+//! Docker would run it, on top of [`Topology`]. Used by the integration tests and the demo.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use vrouter_state::{Event, RoutesFile, StateDir};
+
+use crate::daemon::Daemon;
+use crate::topology::{Container, Protection, Role, Topology};
+use crate::{exec_ok, wait_until};
+
+/// One compose stack: a network with a router at .254 and a service at .5.
+#[derive(Debug, Clone)]
+pub struct StackDef {
+    pub name: &'static str,
+    pub host: usize,
+    pub vni: u32,
+    pub cidr: &'static str,
+    pub protection: Protection,
+}
+
+impl StackDef {
+    pub fn new(name: &'static str, host: usize, vni: u32, cidr: &'static str) -> StackDef {
+        StackDef {
+            name,
+            host,
+            vni,
+            cidr,
+            protection: Protection::Protected,
+        }
+    }
+
+    pub fn unprotected(mut self) -> StackDef {
+        self.protection = Protection::NatUnprotected;
+        self
+    }
+
+    fn base(&self) -> [u8; 4] {
+        let a: std::net::Ipv4Addr = self.cidr.split('/').next().unwrap().parse().unwrap();
+        a.octets()
+    }
+
+    pub fn router_ip(&self) -> String {
+        let o = self.base();
+        format!("{}.{}.{}.254", o[0], o[1], o[2])
+    }
+
+    pub fn service_ip(&self) -> String {
+        let o = self.base();
+        format!("{}.{}.{}.5", o[0], o[1], o[2])
+    }
+}
+
+/// Directory holding the project's binaries: `$VROUTER_BIN_DIR`, else the cargo profile
+/// directory this test binary was built into (`target/<profile>`).
+pub fn bin_dir() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("VROUTER_BIN_DIR") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent();
+    for _ in 0..3 {
+        let Some(d) = dir else { break };
+        if d.join("vrouter-discovery").is_file() && d.join("vrouter-router").is_file() {
+            return Ok(d.to_path_buf());
+        }
+        dir = d.parent();
+    }
+    bail!(
+        "vrouter-discovery / vrouter-router not found near {}; run `cargo build --release --workspace --bins` (make test does) or set VROUTER_BIN_DIR",
+        exe.display()
+    )
+}
+
+pub struct Mesh {
+    // Daemons first: fields drop in order, so processes die before their namespaces go.
+    discovery: BTreeMap<usize, Daemon>,
+    standby: BTreeMap<usize, Daemon>,
+    routers: BTreeMap<String, Daemon>,
+    pub stacks: Vec<StackDef>,
+    /// Stacks left out of the other hosts' static configuration.
+    removed: Vec<String>,
+    pub topo: Topology,
+    bins: PathBuf,
+}
+
+impl Mesh {
+    /// Builds the hosts and stacks, writes each host's static peer file, and starts
+    /// discovery on every host and a router in every stack.
+    pub fn start(test: &str, hosts: usize, stacks: Vec<StackDef>) -> Result<Mesh> {
+        let bins = bin_dir()?;
+        let mut topo = Topology::builder(test).hosts(hosts).build()?;
+        for s in &stacks {
+            let h = topo.host_mut(s.host);
+            h.add_network(s.name, s.cidr, s.protection)?;
+            h.add_container(s.name, "rtr", &s.router_ip(), Role::Router)?;
+            h.add_container(s.name, "svc", &s.service_ip(), Role::Service)?;
+        }
+        let mut mesh = Mesh {
+            discovery: BTreeMap::new(),
+            standby: BTreeMap::new(),
+            routers: BTreeMap::new(),
+            stacks,
+            removed: Vec::new(),
+            topo,
+            bins,
+        };
+        for h in 1..=hosts {
+            let dir = mesh.state_dir(h);
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir)?;
+            mesh.write_config(h)?;
+            mesh.start_discovery(h)?;
+        }
+        let names: Vec<String> = mesh.stacks.iter().map(|s| s.name.to_string()).collect();
+        for n in names {
+            mesh.start_router(&n)?;
+        }
+        Ok(mesh)
+    }
+
+    pub fn state_dir(&self, host: usize) -> PathBuf {
+        PathBuf::from(format!("/run/{}-state-h{host}", crate::prefix()))
+    }
+
+    /// The static peer file; in a directory of its own, as a mounted Docker config is.
+    pub fn config_path(&self, host: usize) -> PathBuf {
+        PathBuf::from(format!("/run/{}-conf-h{host}/peers.toml", crate::prefix()))
+    }
+
+    pub fn stack(&self, name: &str) -> &StackDef {
+        self.stacks
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no stack {name}"))
+    }
+
+    pub fn svc(&self, stack: &str) -> Container {
+        let s = self.stack(stack);
+        self.topo
+            .host(s.host)
+            .container(s.name, "svc")
+            .unwrap()
+            .clone()
+    }
+
+    pub fn rtr(&self, stack: &str) -> Container {
+        let s = self.stack(stack);
+        self.topo
+            .host(s.host)
+            .container(s.name, "rtr")
+            .unwrap()
+            .clone()
+    }
+
+    /// The static peer file of `host`: every stack on the other hosts, except removed ones.
+    pub fn write_config(&self, host: usize) -> Result<()> {
+        let mut out = String::new();
+        for h in self.topo.hosts() {
+            if h.index == host {
+                continue;
+            }
+            let stacks: Vec<&StackDef> = self
+                .stacks
+                .iter()
+                .filter(|s| s.host == h.index && !self.removed.iter().any(|r| r == s.name))
+                .collect();
+            if stacks.is_empty() {
+                continue;
+            }
+            out.push_str(&format!("[[host]]\naddress = \"{}\"\n", h.underlay_ip));
+            for s in stacks {
+                out.push_str(&format!(
+                    "[[host.stack]]\nname = \"{}\"\nvni = {}\nprefixes = [\"{}\"]\nrouter_ip = \"{}\"\n",
+                    s.name,
+                    s.vni,
+                    s.cidr,
+                    s.router_ip()
+                ));
+            }
+            out.push('\n');
+        }
+        // Atomic replace, as a config-management tool or Docker config would.
+        let path = self.config_path(host);
+        std::fs::create_dir_all(path.parent().unwrap())?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, out)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    /// Drops a stack from every other host's configuration (its router keeps running).
+    pub fn remove_from_config(&mut self, stack: &str) -> Result<()> {
+        self.removed.push(stack.to_string());
+        let owner = self.stack(stack).host;
+        for h in 1..=self.topo.hosts().len() {
+            if h != owner {
+                self.write_config(h)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn discovery_args(&self, host: usize) -> Vec<String> {
+        vec![
+            "--state-dir".into(),
+            self.state_dir(host).display().to_string(),
+            "--config".into(),
+            self.config_path(host).display().to_string(),
+        ]
+    }
+
+    fn spawn_discovery(&self, host: usize) -> Result<Daemon> {
+        let bin = self.bins.join("vrouter-discovery");
+        let args = self.discovery_args(host);
+        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        self.topo
+            .host(host)
+            .spawn_privileged(bin.to_str().unwrap(), &args, &[("RUST_LOG", "info")])
+    }
+
+    pub fn start_discovery(&mut self, host: usize) -> Result<()> {
+        let d = self.spawn_discovery(host)?;
+        self.discovery.insert(host, d);
+        Ok(())
+    }
+
+    /// A second discovery on the same state directory: it waits as standby.
+    pub fn start_standby(&mut self, host: usize) -> Result<()> {
+        let d = self.spawn_discovery(host)?;
+        self.standby.insert(host, d);
+        Ok(())
+    }
+
+    /// Promotes the standby's process handle to "the discovery" of the host (after the
+    /// active one was killed).
+    pub fn standby_is_active(&mut self, host: usize) {
+        if let Some(d) = self.standby.remove(&host) {
+            self.discovery.insert(host, d);
+        }
+    }
+
+    pub fn discovery(&mut self, host: usize) -> &mut Daemon {
+        self.discovery.get_mut(&host).expect("discovery running")
+    }
+
+    pub fn stop_discovery(&mut self, host: usize, signal: i32) -> Result<()> {
+        if let Some(mut d) = self.discovery.remove(&host) {
+            d.kill(signal)?;
+            d.wait_exit(Duration::from_secs(5))?;
+        }
+        Ok(())
+    }
+
+    pub fn start_router(&mut self, stack: &str) -> Result<()> {
+        let s = self.stack(stack).clone();
+        let bin = self.bins.join("vrouter-router");
+        let dir = self.state_dir(s.host).display().to_string();
+        let vni = s.vni.to_string();
+        let d = self.rtr(stack).spawn_privileged(
+            bin.to_str().unwrap(),
+            &[],
+            &[
+                ("VROUTER_STACK", s.name),
+                ("VROUTER_VNI", &vni),
+                ("VROUTER_STATE_DIR", &dir),
+                ("RUST_LOG", "info"),
+            ],
+        )?;
+        self.routers.insert(stack.to_string(), d);
+        Ok(())
+    }
+
+    pub fn stop_router(&mut self, stack: &str, signal: i32) -> Result<()> {
+        if let Some(mut d) = self.routers.remove(stack) {
+            d.kill(signal)?;
+            d.wait_exit(Duration::from_secs(5))?;
+        }
+        Ok(())
+    }
+
+    /// Restarts a router the way `docker restart` does: SIGTERM, a fresh network
+    /// namespace with the same address, and a new process.
+    pub fn restart_router_fresh_ns(&mut self, stack: &str) -> Result<()> {
+        self.stop_router(stack, libc::SIGTERM)?;
+        let s = self.stack(stack).clone();
+        let h = self.topo.host_mut(s.host);
+        h.remove_container(s.name, "rtr")?;
+        h.add_container(s.name, "rtr", &s.router_ip(), Role::Router)?;
+        self.start_router(stack)
+    }
+
+    pub fn routes(&self, host: usize) -> Result<RoutesFile> {
+        let dir = StateDir::open(&self.state_dir(host))?;
+        dir.read_routes().map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    pub fn events(&self, host: usize) -> Vec<Event> {
+        StateDir::open(&self.state_dir(host))
+            .ok()
+            .and_then(|d| d.read_events().ok())
+            .unwrap_or_default()
+    }
+
+    /// Prefixes routed (proto 118) in a stack's router namespace.
+    pub fn router_routes(&self, stack: &str) -> Vec<String> {
+        let out = exec_ok(
+            Some(&self.rtr(stack).ns),
+            &["ip", "-4", "route", "show", "proto", "118"],
+        )
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+        let mut v: Vec<String> = out
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .filter(|p| p != "default")
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Waits until a stack's router has exactly the routes of `to` installed.
+    pub fn wait_router_routes(&self, stack: &str, to: &[&str], timeout: Duration) -> bool {
+        let mut want: Vec<String> = to.iter().map(|s| self.stack(s).cidr.to_string()).collect();
+        want.sort();
+        wait_until(timeout, Duration::from_millis(50), || {
+            self.router_routes(stack) == want
+        })
+    }
+
+    /// Waits until every stack's router has routes to every other stack on its VNI.
+    pub fn wait_converged(&self, timeout: Duration) -> Result<()> {
+        for s in &self.stacks {
+            let peers: Vec<&str> = self
+                .stacks
+                .iter()
+                .filter(|o| {
+                    o.vni == s.vni && o.name != s.name && !self.removed.iter().any(|r| r == o.name)
+                })
+                .map(|o| o.name)
+                .collect();
+            if !self.wait_router_routes(s.name, &peers, timeout) {
+                self.dump_logs();
+                bail!(
+                    "stack {} did not converge: router has {:?}, want routes to {:?}",
+                    s.name,
+                    self.router_routes(s.name),
+                    peers
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn dump_logs(&self) {
+        for d in self
+            .discovery
+            .values()
+            .chain(self.standby.values())
+            .chain(self.routers.values())
+        {
+            d.dump_logs();
+        }
+        for h in 1..=self.topo.hosts().len() {
+            eprintln!("--- events.log of host {h}");
+            for e in self.events(h) {
+                eprintln!("{} {} {}: {}", e.ts_ms, e.source, e.kind, e.message);
+            }
+        }
+    }
+
+    /// ifindex of a link in a host namespace.
+    pub fn ifindex(&self, host: usize, link: &str) -> Result<u32> {
+        let out = exec_ok(
+            Some(&self.topo.host(host).ns),
+            &["cat", &format!("/sys/class/net/{link}/ifindex")],
+        )
+        .context("reading ifindex")?;
+        Ok(out.stdout.trim().parse()?)
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        for d in self
+            .discovery
+            .values_mut()
+            .chain(self.standby.values_mut())
+            .chain(self.routers.values_mut())
+        {
+            let _ = d.kill(libc::SIGKILL);
+        }
+        for h in 1..=self.topo.hosts().len() {
+            let _ = std::fs::remove_dir_all(self.state_dir(h));
+            let _ = std::fs::remove_dir_all(self.config_path(h).parent().unwrap());
+        }
+    }
+}

@@ -1,0 +1,472 @@
+//! End-to-end tests of the static mesh: the real vrouter-discovery and vrouter-router
+//! binaries on simulated hosts that carry a Docker-28.2-like firewall, each daemon with
+//! only CAP_NET_ADMIN and a read-only /proc/sys.
+
+use std::time::{Duration, Instant};
+use vrouter_tests::mesh::{Mesh, StackDef};
+use vrouter_tests::*;
+
+const CONVERGE: Duration = Duration::from_secs(20);
+
+/// Three hosts: A, C, F on host 1; B on host 2; D, G on host 3. A and C (same host and
+/// VNI) use the nat-unprotected networks; F, D and G keep Docker's default protection.
+fn full_mesh(test: &str) -> Mesh {
+    Mesh::start(
+        test,
+        3,
+        vec![
+            StackDef::new("a", 1, 1000, "10.1.0.0/24").unprotected(),
+            StackDef::new("b", 2, 1000, "10.2.0.0/24"),
+            StackDef::new("c", 1, 1000, "10.3.0.0/24").unprotected(),
+            StackDef::new("d", 3, 2000, "10.4.0.0/24"),
+            StackDef::new("f", 1, 2000, "10.6.0.0/24"),
+            StackDef::new("g", 3, 2000, "10.7.0.0/24"),
+        ],
+    )
+    .expect("mesh starts")
+}
+
+fn two_hosts(test: &str) -> Mesh {
+    Mesh::start(
+        test,
+        2,
+        vec![
+            StackDef::new("a", 1, 1000, "10.1.0.0/24"),
+            StackDef::new("b", 2, 1000, "10.2.0.0/24"),
+        ],
+    )
+    .expect("mesh starts")
+}
+
+/// A TCP transfer from one stack's service to another's; the receiver must see the
+/// sender's own address (no NAT).
+fn transfer(mesh: &Mesh, from: &str, to: &str, port: u16) -> Result<(), String> {
+    let dst = mesh.svc(to);
+    let src = mesh.svc(from);
+    let addr = format!("{}:{port}", dst.ip);
+    let server = TcpServer::start(&dst.ns, &addr, mesh.topo.log_dir(), Duration::from_secs(5))
+        .map_err(|e| format!("{e:#}"))?;
+    tcp_send(&src.ns, &addr, 256 * 1024, Duration::from_secs(5))
+        .map_err(|e| format!("{from}->{to}: {e:#}"))?;
+    let peer = server
+        .peer(Duration::from_secs(2))
+        .map_err(|e| format!("{e:#}"))?;
+    if peer.ip().to_string() != src.ip.to_string() {
+        return Err(format!(
+            "{from}->{to}: receiver saw {peer}, sender is {} (NAT!)",
+            src.ip
+        ));
+    }
+    Ok(())
+}
+
+fn reachable(mesh: &Mesh, from: &str, to: &str) -> bool {
+    ping(
+        &mesh.svc(from).ns,
+        &mesh.svc(to).ip.to_string(),
+        3,
+        Duration::from_secs(3),
+    )
+}
+
+#[test]
+fn connectivity_isolation_and_same_host_block() {
+    require_root!();
+    let mesh = full_mesh("connectivity");
+    let fw_before = mesh.topo.firewall_snapshots().unwrap();
+    mesh.wait_converged(CONVERGE).unwrap();
+
+    // Every pair on a VNI, across hosts and on the same host (except the protected pair).
+    let pairs = [("a", "b"), ("a", "c"), ("b", "c"), ("d", "f"), ("f", "g")];
+    let mut port = 5100;
+    for (x, y) in pairs {
+        for (from, to) in [(x, y), (y, x)] {
+            assert!(reachable(&mesh, from, to), "ping {from} -> {to} failed");
+            port += 1;
+            transfer(&mesh, from, to, port).unwrap();
+        }
+    }
+
+    // VNI isolation: nothing between VNI 1000 and 2000.
+    for (from, to) in [("a", "f"), ("a", "d"), ("b", "g"), ("f", "c")] {
+        assert!(
+            !reachable(&mesh, from, to),
+            "{from} reached {to} across VNIs"
+        );
+    }
+    // Not even with a route and neighbour to F forced by hand into router A.
+    let rtr_a = mesh.rtr("a");
+    let f = mesh.stack("f");
+    let f_mac = vrouter_state::Mac::for_router(
+        vrouter_state::Vni::new(f.vni).unwrap(),
+        f.router_ip().parse().unwrap(),
+    );
+    let mut crossed = false;
+    for _ in 0..3 {
+        rtr_a
+            .exec_ok(&[
+                "ip",
+                "neigh",
+                "replace",
+                &f.router_ip(),
+                "lladdr",
+                &f_mac.to_string(),
+                "dev",
+                "ovl1000",
+                "nud",
+                "permanent",
+            ])
+            .unwrap();
+        rtr_a
+            .exec_ok(&[
+                "ip",
+                "route",
+                "replace",
+                f.cidr,
+                "via",
+                &f.router_ip(),
+                "dev",
+                "ovl1000",
+                "onlink",
+            ])
+            .unwrap();
+        crossed |= ping(&rtr_a.ns, &f.service_ip(), 1, Duration::from_secs(1));
+    }
+    let _ = rtr_a.exec(&["ip", "route", "del", f.cidr]);
+    assert!(
+        !crossed,
+        "router A reached F over VNI 1000 with a forced route"
+    );
+
+    // The protected same-host pair D/G is blocked by Docker's raw rule, as documented,
+    // while the unprotected pair A/C passes (checked above).
+    assert!(
+        !reachable(&mesh, "d", "g"),
+        "protected same-host pair passed"
+    );
+    assert!(
+        !reachable(&mesh, "g", "d"),
+        "protected same-host pair passed"
+    );
+    // ... and the routers report it, naming the network and the fix.
+    let ok = wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+        mesh.events(3).iter().any(|e| {
+            e.kind == "same_host_blocked"
+                && e.message.contains("nat-unprotected")
+                && (e.message.contains("stack d") || e.message.contains("stack g"))
+        })
+    });
+    assert!(ok, "no same_host_blocked event on host 3");
+    // The unprotected pair is not reported.
+    assert!(!mesh.events(1).iter().any(|e| e.kind == "same_host_blocked"));
+
+    assert_eq!(
+        fw_before,
+        mesh.topo.firewall_snapshots().unwrap(),
+        "firewall changed"
+    );
+}
+
+#[test]
+fn discovery_restart_keeps_connections_and_repairs_drift() {
+    require_root!();
+    let mut mesh = two_hosts("discovery_restart");
+    mesh.wait_converged(CONVERGE).unwrap();
+    let h1 = mesh.topo.host(1).ns.clone();
+    let vx_before = mesh.ifindex(1, "vxlan1000").unwrap();
+    let ovl_before = exec_ok(
+        Some(&mesh.rtr("a").ns),
+        &["cat", "/sys/class/net/ovl1000/ifindex"],
+    )
+    .unwrap()
+    .stdout;
+
+    let b = mesh.svc("b");
+    let server = TcpServer::start(
+        &b.ns,
+        &format!("{}:5200", b.ip),
+        mesh.topo.log_dir(),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let mut hold = tcp_hold(
+        &mesh.svc("a").ns,
+        &format!("{}:5200", b.ip),
+        Duration::from_secs(8),
+        Duration::from_secs(2),
+        mesh.topo.log_dir(),
+    )
+    .unwrap();
+    server.peer(Duration::from_secs(3)).unwrap();
+
+    mesh.stop_discovery(1, libc::SIGTERM).unwrap();
+    // Drift while discovery is down: one FDB row and one steering rule disappear.
+    let b_mac = vrouter_state::Mac::for_router(
+        vrouter_state::Vni::new(1000).unwrap(),
+        "10.2.0.254".parse().unwrap(),
+    );
+    exec_ok(
+        Some(&h1),
+        &[
+            "bridge",
+            "fdb",
+            "del",
+            &b_mac.to_string(),
+            "dev",
+            "vxlan1000",
+            "dst",
+            "198.18.0.2",
+            "self",
+        ],
+    )
+    .unwrap();
+    exec_ok(
+        Some(&h1),
+        &["ip", "rule", "del", "iif", "br-a", "pref", "1000"],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    mesh.start_discovery(1).unwrap();
+
+    let repaired = wait_until(Duration::from_secs(5), Duration::from_millis(100), || {
+        let fdb = exec_ok(Some(&h1), &["bridge", "fdb", "show", "dev", "vxlan1000"])
+            .unwrap()
+            .stdout;
+        let rules = exec_ok(Some(&h1), &["ip", "rule", "show"]).unwrap().stdout;
+        fdb.contains(&b_mac.to_string()) && rules.contains("iif br-a")
+    });
+    assert!(
+        repaired,
+        "FDB row and steering rule not repaired after restart"
+    );
+    hold.wait_success(Duration::from_secs(20))
+        .expect("TCP connection survived the discovery restart");
+
+    // No flush and rebuild: the same devices.
+    assert_eq!(
+        vx_before,
+        mesh.ifindex(1, "vxlan1000").unwrap(),
+        "vxlan1000 was recreated"
+    );
+    let ovl_after = exec_ok(
+        Some(&mesh.rtr("a").ns),
+        &["cat", "/sys/class/net/ovl1000/ifindex"],
+    )
+    .unwrap()
+    .stdout;
+    assert_eq!(
+        ovl_before, ovl_after,
+        "router A's overlay link was recreated"
+    );
+    assert!(reachable(&mesh, "a", "b"));
+}
+
+#[test]
+fn router_restart_in_fresh_namespace_does_not_flap() {
+    require_root!();
+    let mut mesh = two_hosts("router_restart");
+    mesh.wait_converged(CONVERGE).unwrap();
+    let a = mesh.svc("a");
+    let server = TcpServer::start(
+        &a.ns,
+        &format!("{}:5300", a.ip),
+        mesh.topo.log_dir(),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let mut hold = tcp_hold(
+        &mesh.svc("b").ns,
+        &format!("{}:5300", a.ip),
+        Duration::from_secs(8),
+        Duration::from_secs(4),
+        mesh.topo.log_dir(),
+    )
+    .unwrap();
+    server.peer(Duration::from_secs(3)).unwrap();
+
+    let events_before = mesh.events(2).len();
+    let started = Instant::now();
+    mesh.restart_router_fresh_ns("a").unwrap();
+    let restarted = Instant::now();
+    let attached = mesh.wait_router_routes("a", &["b"], Duration::from_secs(5));
+    let took = restarted.elapsed();
+    assert!(attached, "router A not re-attached");
+    assert!(
+        took <= Duration::from_secs(1),
+        "re-attach took {took:?} (restart itself {:?})",
+        restarted - started
+    );
+    eprintln!("router re-attached {took:?} after its new process started");
+
+    hold.wait_success(Duration::from_secs(20))
+        .expect("TCP connection survived the router restart");
+    let later: Vec<_> = mesh.events(2).into_iter().skip(events_before).collect();
+    assert!(
+        !later
+            .iter()
+            .any(|e| e.kind == "route_withdrawn" || e.kind == "stack_withdrawn"),
+        "router restart flapped the mesh: {later:?}"
+    );
+    assert!(!mesh.events(1).iter().any(|e| e.kind == "stack_withdrawn"));
+}
+
+#[test]
+fn removal_from_configuration_withdraws_within_5s() {
+    require_root!();
+    let mut mesh = Mesh::start(
+        "removal",
+        3,
+        vec![
+            StackDef::new("a", 1, 1000, "10.1.0.0/24"),
+            StackDef::new("b", 2, 1000, "10.2.0.0/24"),
+            StackDef::new("c", 3, 1000, "10.3.0.0/24"),
+        ],
+    )
+    .unwrap();
+    mesh.wait_converged(CONVERGE).unwrap();
+    let t = Instant::now();
+    mesh.remove_from_config("b").unwrap();
+    assert!(
+        mesh.wait_router_routes("a", &["c"], Duration::from_secs(5)),
+        "A kept B's routes: {:?}",
+        mesh.router_routes("a")
+    );
+    assert!(
+        mesh.wait_router_routes("c", &["a"], Duration::from_secs(5)),
+        "C kept B's routes"
+    );
+    eprintln!("removal applied everywhere in {:?}", t.elapsed());
+    // A and C are undisturbed.
+    assert!(reachable(&mesh, "a", "c"));
+    // B's FDB rows are gone from host 1 once router A acknowledged.
+    let h1 = mesh.topo.host(1).ns.clone();
+    let gone = wait_until(Duration::from_secs(5), Duration::from_millis(100), || {
+        !exec_ok(Some(&h1), &["bridge", "fdb", "show", "dev", "vxlan1000"])
+            .unwrap()
+            .stdout
+            .contains("198.18.0.2")
+    });
+    assert!(gone, "FDB rows of the removed host remain");
+}
+
+#[test]
+fn standby_takes_over_without_stopping_traffic() {
+    require_root!();
+    let mut mesh = Mesh::start(
+        "standby",
+        2,
+        vec![
+            StackDef::new("a", 1, 1000, "10.1.0.0/24"),
+            StackDef::new("b", 2, 1000, "10.2.0.0/24"),
+            StackDef::new("c", 2, 1000, "10.3.0.0/24"),
+        ],
+    )
+    .unwrap();
+    mesh.wait_converged(CONVERGE).unwrap();
+    mesh.start_standby(1).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
+    let b = mesh.svc("b");
+    let server = TcpServer::start(
+        &b.ns,
+        &format!("{}:5400", b.ip),
+        mesh.topo.log_dir(),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let mut hold = tcp_hold(
+        &mesh.svc("a").ns,
+        &format!("{}:5400", b.ip),
+        Duration::from_secs(6),
+        Duration::from_millis(1000),
+        mesh.topo.log_dir(),
+    )
+    .unwrap();
+    server.peer(Duration::from_secs(3)).unwrap();
+
+    mesh.stop_discovery(1, libc::SIGKILL).unwrap();
+    mesh.standby_is_active(1);
+    let took_over = wait_until(Duration::from_secs(1), Duration::from_millis(20), || {
+        mesh.events(1)
+            .iter()
+            .any(|e| e.kind == "started" && e.message.contains("active"))
+            && mesh
+                .events(1)
+                .iter()
+                .filter(|e| e.kind == "started")
+                .count()
+                >= 2
+    });
+    assert!(took_over, "standby did not take over within 1 s");
+    let t = Instant::now();
+    mesh.remove_from_config("c").unwrap();
+    assert!(
+        mesh.wait_router_routes("a", &["b"], Duration::from_secs(1)),
+        "config change not applied within 1 s of takeover"
+    );
+    eprintln!("standby applied a config change in {:?}", t.elapsed());
+    hold.wait_success(Duration::from_secs(20))
+        .expect("traffic never stopped");
+}
+
+#[test]
+fn router_leave_and_disappearance() {
+    require_root!();
+    let mut mesh = Mesh::start(
+        "leave",
+        2,
+        vec![
+            StackDef::new("a", 1, 1000, "10.1.0.0/24"),
+            StackDef::new("b", 2, 1000, "10.2.0.0/24"),
+            StackDef::new("c", 2, 1000, "10.3.0.0/24"),
+        ],
+    )
+    .unwrap();
+    mesh.wait_converged(CONVERGE).unwrap();
+    // A SIGTERM alone is not a departure: within the grace period nothing is withdrawn.
+    mesh.stop_router("c", libc::SIGTERM).unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(mesh
+        .routes(2)
+        .unwrap()
+        .stacks
+        .contains_key(&vrouter_state::StackName::new("c").unwrap()));
+    // ... but a router that stays away is withdrawn after the grace period.
+    let t = Instant::now();
+    assert!(
+        mesh.wait_router_routes("b", &["a"], Duration::from_secs(6)),
+        "C not withdrawn after grace"
+    );
+    eprintln!(
+        "stack C withdrawn {:?} after the grace check began",
+        t.elapsed()
+    );
+
+    // An explicit leave withdraws at once.
+    let bin = vrouter_tests::mesh::bin_dir()
+        .unwrap()
+        .join("vrouter-router");
+    let dir = mesh.state_dir(2).display().to_string();
+    let out = exec_ok(
+        Some(&mesh.rtr("b").ns),
+        &[
+            "env",
+            "VROUTER_STACK=b",
+            &format!("VROUTER_STATE_DIR={dir}"),
+            bin.to_str().unwrap(),
+            "leave",
+        ],
+    );
+    assert!(out.is_ok(), "leave failed: {out:?}");
+    let t = Instant::now();
+    let hosts_routes_gone = wait_until(Duration::from_secs(2), Duration::from_millis(50), || {
+        !mesh
+            .routes(2)
+            .unwrap()
+            .stacks
+            .contains_key(&vrouter_state::StackName::new("b").unwrap())
+    });
+    assert!(hosts_routes_gone, "leave did not withdraw B at once");
+    eprintln!("explicit leave withdrew B in {:?}", t.elapsed());
+    assert!(mesh.events(2).iter().any(|e| e.kind == "stack_left"));
+}
