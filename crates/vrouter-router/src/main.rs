@@ -1,1 +1,52 @@
-fn main() {}
+use std::process::ExitCode;
+use vrouter_router::settings::{Settings, HELP};
+use vrouter_router::Command;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let command = match Command::parse(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vrouter-router: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match command {
+        Command::Version => {
+            println!("vrouter-router {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Command::Help => {
+            print!("{HELP}");
+            return ExitCode::SUCCESS;
+        }
+        _ => {}
+    }
+    let settings = match Settings::from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vrouter-router: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match command {
+        Command::Run => vrouter_router::main_run(settings),
+        Command::Leave => vrouter_router::main_leave(settings),
+        Command::Health => vrouter_router::main_health(settings),
+        Command::Version | Command::Help => unreachable!("handled above"),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vrouter-router: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! The plan that turns the observed routing state into the desired one. Pure.
+//!
+//! Order matters for traffic in flight (Flannel's order, made reconciling): a route
+//! is only installed once its gateway's neighbour is, and a neighbour is only removed
+//! once no route uses it; a rule is added after the table it points to is filled, and
+//! removed before it is emptied. A route whose gateway changed is replaced in place,
+//! never deleted and re-added, so it does not blink.
+
+use crate::desired::RoutingState;
+use std::net::Ipv4Addr;
+use vrouter_kernel::{Route, Rule};
+use vrouter_state::Mac;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    DeleteRule(Rule),
+    DeleteRoute(Route),
+    ReplaceNeighbour { index: u32, ip: Ipv4Addr, mac: Mac },
+    ReplaceRoute(Route),
+    AddRule(Rule),
+    DeleteNeighbour { index: u32, ip: Ipv4Addr },
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Change::DeleteRule(r) => write!(f, "delete rule {}", show_rule(r)),
+            Change::DeleteRoute(r) => write!(f, "delete route {}", show_route(r)),
+            Change::ReplaceNeighbour { index, ip, mac } => {
+                write!(f, "replace neighbour {ip} lladdr {mac} dev #{index}")
+            }
+            Change::ReplaceRoute(r) => write!(f, "replace route {}", show_route(r)),
+            Change::AddRule(r) => write!(f, "add rule {}", show_rule(r)),
+            Change::DeleteNeighbour { index, ip } => {
+                write!(f, "delete neighbour {ip} dev #{index}")
+            }
+        }
+    }
+}
+
+fn show_route(r: &Route) -> String {
+    let mut s = format!("{} table {}", r.dst, r.table);
+    if let Some(gw) = r.gateway {
+        s += &format!(" via {gw}");
+    }
+    if let Some(oif) = r.oif {
+        s += &format!(" dev #{oif}");
+    }
+    if r.onlink {
+        s += " onlink";
+    }
+    s
+}
+
+fn show_rule(r: &Rule) -> String {
+    let mut s = format!("pref {}", r.priority);
+    if let Some(iif) = &r.iif {
+        s += &format!(" iif {iif}");
+    }
+    if let Some(mark) = r.fwmark {
+        s += &format!(" fwmark {mark:#x}");
+    }
+    s + &format!(" lookup {}", r.table)
+}
+
+/// The ordered changes that make `observed` equal to `desired`. Empty when they
+/// already agree.
+pub fn diff(desired: &RoutingState, observed: &RoutingState) -> Vec<Change> {
+    let mut plan = Vec::new();
+
+    // Rules are compared whole: the kernel has no "replace" for them.
+    for rule in observed.rules.difference(&desired.rules) {
+        plan.push(Change::DeleteRule(rule.clone()));
+    }
+    for (key, route) in &observed.routes {
+        if !desired.routes.contains_key(key) {
+            plan.push(Change::DeleteRoute(route.clone()));
+        }
+    }
+    for (&(index, ip), &mac) in &desired.neighbours {
+        if observed.neighbours.get(&(index, ip)) != Some(&mac) {
+            plan.push(Change::ReplaceNeighbour { index, ip, mac });
+        }
+    }
+    for (key, route) in &desired.routes {
+        if observed.routes.get(key) != Some(route) {
+            plan.push(Change::ReplaceRoute(route.clone()));
+        }
+    }
+    for rule in desired.rules.difference(&observed.rules) {
+        plan.push(Change::AddRule(rule.clone()));
+    }
+    for &(index, ip) in observed.neighbours.keys() {
+        if !desired.neighbours.contains_key(&(index, ip)) {
+            plan.push(Change::DeleteNeighbour { index, ip });
+        }
+    }
+    plan
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::desired::{compute, Computed, DesiredRouter, ProbePath, MAIN_TABLE};
+    use vrouter_state::{
+        Prefix, RemoteRoute, RoutesFile, StackName, StackRoutes, StackSpec, Vni, RTPROT_VROUTER,
+    };
+
+    /// The kernel's semantics for each change, as a model: what `apply` does to a
+    /// real kernel, minus the kernel.
+    pub(crate) fn model_apply(state: &mut RoutingState, change: &Change) {
+        match change {
+            Change::DeleteRule(r) => {
+                state.rules.remove(r);
+            }
+            Change::DeleteRoute(r) => {
+                state.routes.remove(&(r.table, r.dst));
+            }
+            Change::ReplaceNeighbour { index, ip, mac } => {
+                state.neighbours.insert((*index, *ip), *mac);
+            }
+            Change::ReplaceRoute(r) => {
+                state.routes.insert((r.table, r.dst), r.clone());
+            }
+            Change::AddRule(r) => {
+                state.rules.insert(r.clone());
+            }
+            Change::DeleteNeighbour { index, ip } => {
+                state.neighbours.remove(&(*index, *ip));
+            }
+        }
+    }
+
+    fn spec() -> StackSpec {
+        StackSpec {
+            name: StackName::new("a").unwrap(),
+            vni: Vni::new(1000).unwrap(),
+            prefixes: vec!["10.1.0.0/24".parse().unwrap()],
+            router_ip: "10.1.0.254".parse().unwrap(),
+        }
+    }
+
+    fn desired(routes: &[(&str, &str, bool)]) -> DesiredRouter {
+        let mut f = RoutesFile {
+            schema: vrouter_state::SCHEMA_VERSION,
+            generation: 1,
+            ..RoutesFile::default()
+        };
+        let routes = routes
+            .iter()
+            .map(|(p, via, same_host)| {
+                let via: Ipv4Addr = via.parse().unwrap();
+                RemoteRoute {
+                    prefix: p.parse().unwrap(),
+                    stack: StackName::new("b").unwrap(),
+                    via,
+                    mac: Mac::for_router(Vni::new(1000).unwrap(), via),
+                    host: "198.18.0.2".parse().unwrap(),
+                    same_host: *same_host,
+                }
+            })
+            .collect();
+        f.stacks.insert(
+            StackName::new("a").unwrap(),
+            StackRoutes { vni: None, routes },
+        );
+        match compute(&spec(), &f) {
+            Computed::Listed { desired, .. } => desired,
+            Computed::NotListed => unreachable!(),
+        }
+    }
+
+    const OVL: u32 = 9;
+    const PROBE: ProbePath = ProbePath {
+        gateway: Ipv4Addr::new(10, 1, 0, 1),
+        oif: 2,
+    };
+
+    fn converge(desired: &RoutingState, observed: &mut RoutingState) -> Vec<Change> {
+        let plan = diff(desired, observed);
+        for c in &plan {
+            model_apply(observed, c);
+        }
+        plan
+    }
+
+    fn position(plan: &[Change], f: impl Fn(&Change) -> bool) -> usize {
+        plan.iter().position(f).expect("change present")
+    }
+
+    #[test]
+    fn from_empty_neighbours_before_routes_and_rule_last() {
+        let d =
+            desired(&[("10.2.0.0/24", "10.2.0.254", false)]).routing_state(Some(OVL), Some(PROBE));
+        let plan = diff(&d, &RoutingState::default());
+        assert_eq!(plan.len(), 4, "{plan:?}");
+        let neigh = position(&plan, |c| matches!(c, Change::ReplaceNeighbour { .. }));
+        let route = position(
+            &plan,
+            |c| matches!(c, Change::ReplaceRoute(r) if r.table == MAIN_TABLE),
+        );
+        let table = position(
+            &plan,
+            |c| matches!(c, Change::ReplaceRoute(r) if r.table == crate::desired::PROBE_TABLE),
+        );
+        let rule = position(&plan, |c| matches!(c, Change::AddRule(_)));
+        assert!(neigh < route);
+        assert!(table < rule);
+    }
+
+    #[test]
+    fn idempotent() {
+        let d = desired(&[
+            ("10.2.0.0/24", "10.2.0.254", false),
+            ("10.3.0.0/24", "10.3.0.254", true),
+        ])
+        .routing_state(Some(OVL), Some(PROBE));
+        let mut observed = RoutingState::default();
+        assert!(!converge(&d, &mut observed).is_empty());
+        assert_eq!(observed, d);
+        assert!(diff(&d, &observed).is_empty());
+    }
+
+    #[test]
+    fn stale_entries_removed_routes_before_neighbours() {
+        let old = desired(&[
+            ("10.2.0.0/24", "10.2.0.254", false),
+            ("10.3.0.0/24", "10.3.0.254", false),
+        ])
+        .routing_state(Some(OVL), Some(PROBE));
+        let new = desired(&[("10.2.0.0/24", "10.2.0.254", false)]).routing_state(Some(OVL), None);
+        let mut observed = old.clone();
+        let plan = converge(&new, &mut observed);
+        assert_eq!(observed, new);
+        let route = position(
+            &plan,
+            |c| matches!(c, Change::DeleteRoute(r) if r.dst == "10.3.0.0/24".parse::<Prefix>().unwrap()),
+        );
+        let neigh = position(
+            &plan,
+            |c| matches!(c, Change::DeleteNeighbour { ip, .. } if *ip == Ipv4Addr::new(10, 3, 0, 254)),
+        );
+        assert!(route < neigh);
+        let rule = position(&plan, |c| matches!(c, Change::DeleteRule(_)));
+        let table = position(
+            &plan,
+            |c| matches!(c, Change::DeleteRoute(r) if r.table == crate::desired::PROBE_TABLE),
+        );
+        assert!(rule < table);
+        // The kept route is not touched.
+        assert!(!plan.iter().any(|c| matches!(c,
+            Change::ReplaceRoute(r) | Change::DeleteRoute(r) if r.dst == "10.2.0.0/24".parse::<Prefix>().unwrap())));
+    }
+
+    #[test]
+    fn gateway_change_replaces_in_place() {
+        let old = desired(&[("10.2.0.0/24", "10.2.0.254", false)]).routing_state(Some(OVL), None);
+        let new = desired(&[("10.2.0.0/24", "10.2.0.253", false)]).routing_state(Some(OVL), None);
+        let mut observed = old;
+        let plan = converge(&new, &mut observed);
+        assert_eq!(observed, new);
+        assert!(
+            !plan.iter().any(|c| matches!(c, Change::DeleteRoute(_))),
+            "{plan:?}"
+        );
+        let add_neigh = position(&plan, |c| matches!(c, Change::ReplaceNeighbour { .. }));
+        let replace = position(&plan, |c| matches!(c, Change::ReplaceRoute(_)));
+        let del_neigh = position(&plan, |c| matches!(c, Change::DeleteNeighbour { .. }));
+        assert!(add_neigh < replace && replace < del_neigh, "{plan:?}");
+    }
+
+    #[test]
+    fn drifted_attributes_are_repaired() {
+        let d = desired(&[("10.2.0.0/24", "10.2.0.254", false)]).routing_state(Some(OVL), None);
+        let mut observed = d.clone();
+        // Someone dropped onlink and changed the neighbour's MAC.
+        observed.routes.values_mut().for_each(|r| r.onlink = false);
+        observed
+            .neighbours
+            .values_mut()
+            .for_each(|m| *m = Mac::ZERO);
+        let plan = converge(&d, &mut observed);
+        assert_eq!(plan.len(), 2, "{plan:?}");
+        assert_eq!(observed, d);
+    }
+
+    #[test]
+    fn changed_rule_is_deleted_then_added() {
+        let d = DesiredRouter::default().routing_state(None, Some(PROBE));
+        let mut observed = d.clone();
+        let mut odd = observed.rules.iter().next().unwrap().clone();
+        observed.rules.clear();
+        odd.priority = 200;
+        odd.protocol = RTPROT_VROUTER;
+        observed.rules.insert(odd);
+        let plan = converge(&d, &mut observed);
+        assert!(matches!(plan.first(), Some(Change::DeleteRule(_))));
+        assert!(matches!(plan.last(), Some(Change::AddRule(_))));
+        assert_eq!(observed, d);
+    }
+
+    #[test]
+    fn new_overlay_link_moves_everything() {
+        let d = desired(&[("10.2.0.0/24", "10.2.0.254", false)]);
+        let mut observed = d.routing_state(Some(OVL), None);
+        let target = d.routing_state(Some(OVL + 1), None);
+        converge(&target, &mut observed);
+        assert_eq!(observed, target);
+    }
+}

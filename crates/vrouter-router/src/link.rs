@@ -1,0 +1,207 @@
+//! The router's links: finding its place on the stack network at start, checking its
+//! overlay link, and adopting the link discovery moves into its namespace.
+
+use crate::desired::ProbePath;
+use crate::settings::{self, Settings, StackAttachment};
+use anyhow::Context;
+use vrouter_kernel::{Kernel, KernelError, Link};
+use vrouter_state::{Mac, Prefix};
+
+/// Where the router sits, learned from its namespace at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Surroundings {
+    pub attachment: StackAttachment,
+    pub prefixes: Vec<Prefix>,
+    /// Path for marked probes (None without a default route with a gateway).
+    pub probe_path: Option<ProbePath>,
+}
+
+/// Resolves the settings that default to facts of the namespace.
+pub async fn surroundings(kernel: &Kernel, settings: &Settings) -> anyhow::Result<Surroundings> {
+    let links = kernel.links().await.context("listing links")?;
+    let addrs = kernel.addresses().await.context("listing addresses")?;
+    let default = kernel
+        .default_route()
+        .await
+        .context("reading the default route")?;
+    let attachment = settings::resolve_router_ip(
+        settings.router_ip,
+        &links,
+        &addrs,
+        default.map(|(oif, _)| oif),
+    )?;
+    let prefixes = match &settings.prefixes {
+        Some(p) => p.clone(),
+        None => {
+            let p = settings::connected_prefixes(&links, &addrs);
+            if p.is_empty() {
+                anyhow::bail!("VROUTER_PREFIXES is not set and the router has no connected subnet outside lo and ovl*; set VROUTER_PREFIXES to the stack's subnets");
+            }
+            p
+        }
+    };
+    if !prefixes.iter().any(|p| p.contains(attachment.router_ip)) {
+        anyhow::bail!(
+            "VROUTER_PREFIXES={:?} does not contain the router's address {}; the router must sit in its stack's subnet",
+            prefixes.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(","),
+            attachment.router_ip
+        );
+    }
+    let probe_path = match default {
+        Some((oif, Some(gateway))) => Some(ProbePath { gateway, oif }),
+        _ => None,
+    };
+    Ok(Surroundings {
+        attachment,
+        prefixes,
+        probe_path,
+    })
+}
+
+/// The overlay link as the router finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OverlayLink {
+    Working {
+        index: u32,
+    },
+    /// Present but unusable; the reason is for the log.
+    Broken {
+        index: u32,
+        reason: String,
+    },
+    Absent,
+}
+
+impl OverlayLink {
+    pub fn index(&self) -> Option<u32> {
+        match self {
+            OverlayLink::Working { index } => Some(*index),
+            _ => None,
+        }
+    }
+}
+
+/// Judges a link against what the router's overlay link must be. Pure.
+pub fn judge(link: Option<&Link>, mac: Mac) -> OverlayLink {
+    let Some(link) = link else {
+        return OverlayLink::Absent;
+    };
+    let broken = |reason: String| OverlayLink::Broken {
+        index: link.index,
+        reason,
+    };
+    if link.kind.as_deref() != Some("macvlan") {
+        return broken(format!(
+            "{} is a {} link, not a macvlan",
+            link.name,
+            link.kind.as_deref().unwrap_or("plain")
+        ));
+    }
+    if link.mac != Some(mac) {
+        return broken(format!(
+            "{} has MAC {}, expected {mac}",
+            link.name,
+            link.mac.map(|m| m.to_string()).unwrap_or_default()
+        ));
+    }
+    if !link.up {
+        return broken(format!("{} is down", link.name));
+    }
+    OverlayLink::Working { index: link.index }
+}
+
+pub async fn overlay_link(
+    kernel: &Kernel,
+    name: &str,
+    mac: Mac,
+) -> Result<OverlayLink, KernelError> {
+    Ok(judge(kernel.link_by_name(name).await?.as_ref(), mac))
+}
+
+/// Takes over the link discovery just moved into this namespace under `ifname`:
+/// removes a stale overlay link, renames the new one, sets its MAC and MTU, brings
+/// it up. Returns its index.
+pub async fn adopt(
+    kernel: &Kernel,
+    ifname: &str,
+    name: &str,
+    mac: Mac,
+    mtu: u32,
+) -> anyhow::Result<u32> {
+    let link = kernel
+        .link_by_name(ifname)
+        .await?
+        .with_context(|| format!("discovery reported moving {ifname} into the router's namespace, but no such link is here"))?;
+    if ifname != name {
+        if let Some(stale) = kernel.link_by_name(name).await? {
+            tracing::info!(
+                link = name,
+                index = stale.index,
+                "removing the stale overlay link"
+            );
+            kernel
+                .delete_link(stale.index)
+                .await
+                .with_context(|| format!("removing the stale {name}"))?;
+        }
+        kernel
+            .rename(link.index, name)
+            .await
+            .with_context(|| format!("renaming {ifname} to {name}"))?;
+    }
+    if link.mac != Some(mac) {
+        kernel
+            .set_mac(link.index, mac)
+            .await
+            .with_context(|| format!("setting {name}'s MAC to {mac}"))?;
+    }
+    if link.mtu != mtu && mtu > 0 {
+        kernel
+            .set_mtu(link.index, mtu)
+            .await
+            .with_context(|| format!("setting {name}'s MTU to {mtu}"))?;
+    }
+    kernel
+        .set_up(link.index)
+        .await
+        .with_context(|| format!("bringing {name} up"))?;
+    Ok(link.index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(kind: Option<&str>, mac: Mac, up: bool) -> Link {
+        Link {
+            index: 5,
+            name: "ovl1000".into(),
+            kind: kind.map(str::to_string),
+            mac: Some(mac),
+            mtu: 1450,
+            up,
+            parent: None,
+            vxlan: None,
+        }
+    }
+
+    #[test]
+    fn judging_the_overlay_link() {
+        let mac: Mac = "02:e8:0a:01:00:fe".parse().unwrap();
+        assert_eq!(judge(None, mac), OverlayLink::Absent);
+        assert_eq!(
+            judge(Some(&link(Some("macvlan"), mac, true)), mac),
+            OverlayLink::Working { index: 5 }
+        );
+        for l in [
+            link(Some("macvlan"), mac, false),
+            link(Some("macvlan"), Mac::ZERO, true),
+            link(Some("dummy"), mac, true),
+            link(None, mac, true),
+        ] {
+            let j = judge(Some(&l), mac);
+            assert!(matches!(j, OverlayLink::Broken { index: 5, .. }), "{j:?}");
+            assert_eq!(j.index(), None);
+        }
+    }
+}

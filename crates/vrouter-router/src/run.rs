@@ -1,0 +1,455 @@
+//! The router's event loop: routes.json changes, the reconcile timer, messages from
+//! discovery, probe results and signals, one at a time on one task.
+
+use crate::apply;
+use crate::attach::{self, DiscoveryConn, Phase, RECONNECT_MIN, REFUSED_RETRY, REPLY_TIMEOUT};
+use crate::desired::{Intent, ProbePath, RoutingState, SameHostPeer, MAIN_TABLE};
+use crate::diff::diff;
+use crate::link::{self, OverlayLink, Surroundings};
+use crate::probe::{self, ProbeResult, ProbeTracker, PROBE_INTERVAL};
+use crate::settings::Settings;
+use anyhow::Context;
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, watch};
+use vrouter_kernel::Kernel;
+use vrouter_state::attach::DiscoveryMessage;
+use vrouter_state::{Event, Mac, StackSpec, StateDir, ROUTES_FILE};
+
+/// Why a reconcile runs; only the timer finds drift (the others bring new intent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Start,
+    RoutesChanged,
+    Attached,
+    Timer,
+}
+
+pub struct Router {
+    spec: StackSpec,
+    source: String,
+    overlay_name: String,
+    mac: Mac,
+    probe_path: Option<ProbePath>,
+    socket_path: PathBuf,
+    state: StateDir,
+    kernel: Kernel,
+    intent: Intent,
+    discovery: DiscoveryConn,
+    /// The routing state last applied in full, to tell drift from new intent.
+    applied: Option<RoutingState>,
+    drift_repairs: u64,
+    last_apply_error: Option<String>,
+    last_overlay: Option<OverlayLink>,
+    probes: ProbeTracker,
+    peers: watch::Sender<BTreeSet<SameHostPeer>>,
+}
+
+/// Runs the router until SIGTERM or SIGINT. Neither sends Leave: Docker sends SIGTERM
+/// on every restart, and the kernel state should outlive this process.
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let kernel = Kernel::connect()
+        .await
+        .context("opening the routing netlink socket")?;
+    let Surroundings {
+        attachment,
+        prefixes,
+        probe_path,
+    } = link::surroundings(&kernel, &settings).await?;
+    let spec = StackSpec {
+        name: settings.stack.clone(),
+        vni: settings.vni,
+        prefixes,
+        router_ip: attachment.router_ip,
+    };
+    let state = StateDir::open(&settings.state_dir)?;
+    tracing::info!(
+        stack = %spec.name,
+        vni = %spec.vni,
+        router_ip = %spec.router_ip,
+        prefixes = %spec.prefixes.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(","),
+        state_dir = %settings.state_dir.display(),
+        "vrouter-router starting"
+    );
+    if probe_path.is_none() {
+        tracing::warn!("no default route with a gateway: same-host probes are off");
+    }
+
+    let (file_tx, mut file_rx) = mpsc::unbounded_channel::<()>();
+    let _watcher = watch_routes(&settings.state_dir, file_tx);
+
+    match probe::bind_responder(spec.router_ip, settings.probe_port).await {
+        Ok(sock) => {
+            tokio::spawn(probe::respond(sock));
+        }
+        Err(e) => tracing::error!(
+            addr = %spec.router_ip, port = settings.probe_port, error = %e,
+            "cannot answer same-host probes; other routers will report this stack as blocked (is VROUTER_PROBE_PORT in use?)"
+        ),
+    }
+    let (peers_tx, peers_rx) = watch::channel(BTreeSet::new());
+    let (probe_tx, mut probe_rx) = mpsc::channel::<ProbeResult>(64);
+    tokio::spawn(probe_loop(
+        spec.router_ip,
+        settings.probe_port,
+        peers_rx,
+        probe_tx,
+    ));
+
+    let mut router = Router {
+        source: format!("router/{}", spec.name),
+        overlay_name: settings.overlay_ifname(),
+        mac: spec.router_mac(),
+        probe_path,
+        socket_path: state.socket_path(),
+        spec,
+        state,
+        kernel,
+        intent: Intent::default(),
+        discovery: DiscoveryConn::default(),
+        applied: None,
+        drift_repairs: 0,
+        last_apply_error: None,
+        last_overlay: None,
+        probes: ProbeTracker::default(),
+        peers: peers_tx,
+    };
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut timer = tokio::time::interval(settings.reconcile_interval);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    router.reconcile(Trigger::Start).await;
+    loop {
+        let socket = router.discovery.socket.clone();
+        let connected = socket.is_some();
+        let retry_at = router.discovery.retry_at;
+        tokio::select! {
+            _ = sigterm.recv() => {
+                tracing::info!("SIGTERM: exiting, routes stay in place");
+                return Ok(());
+            }
+            _ = sigint.recv() => {
+                tracing::info!("SIGINT: exiting, routes stay in place");
+                return Ok(());
+            }
+            Some(()) = file_rx.recv() => {
+                // Coalesce a burst (temp file, rename) into one reconcile.
+                while file_rx.try_recv().is_ok() {}
+                router.reconcile(Trigger::RoutesChanged).await;
+            }
+            _ = timer.tick() => router.tick().await,
+            msg = attach::recv(socket), if connected => router.on_message(msg).await,
+            _ = tokio::time::sleep_until(retry_at), if !connected => router.connect().await,
+            Some(result) = probe_rx.recv() => router.on_probe(result),
+        }
+    }
+}
+
+/// Watches the state directory (a rename replaces routes.json's inode, so watching
+/// the file would go deaf after the first write) and signals changes to routes.json.
+fn watch_routes(
+    dir: &std::path::Path,
+    tx: mpsc::UnboundedSender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::{RecursiveMode, Watcher};
+    let handler = move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            if ev
+                .paths
+                .iter()
+                .any(|p| p.file_name().is_some_and(|n| n == ROUTES_FILE))
+            {
+                let _ = tx.send(());
+            }
+        }
+    };
+    let watcher = notify::recommended_watcher(handler).and_then(|mut w| {
+        w.watch(dir, RecursiveMode::NonRecursive)?;
+        Ok(w)
+    });
+    match watcher {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the state directory; relying on the reconcile timer (raise fs.inotify.max_user_instances?)");
+            None
+        }
+    }
+}
+
+async fn probe_loop(
+    router_ip: std::net::Ipv4Addr,
+    port: u16,
+    mut peers: watch::Receiver<BTreeSet<SameHostPeer>>,
+    results: mpsc::Sender<ProbeResult>,
+) {
+    let mut interval = tokio::time::interval(PROBE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            changed = peers.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+        let round: Vec<SameHostPeer> = peers.borrow_and_update().iter().cloned().collect();
+        let probes = round.into_iter().map(|peer| async move {
+            match probe::probe(router_ip, peer.via, port).await {
+                Ok(reachable) => Some(ProbeResult { peer, reachable }),
+                Err(e) => {
+                    tracing::warn!(peer = %peer.stack, error = %e, "cannot send a same-host probe");
+                    None
+                }
+            }
+        });
+        for r in futures::future::join_all(probes)
+            .await
+            .into_iter()
+            .flatten()
+        {
+            if results.send(r).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+impl Router {
+    fn event(&self, kind: &str, message: impl Into<String>) {
+        let event = Event::new(&self.source, kind, message).for_stack(&self.spec.name);
+        if let Err(e) = self.state.append_event(&event) {
+            tracing::warn!(error = %e, kind, "cannot write an event");
+        }
+    }
+
+    async fn overlay(&mut self) -> OverlayLink {
+        let now = match link::overlay_link(&self.kernel, &self.overlay_name, self.mac).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the overlay link");
+                // Unknown is not absent: do not ask for a new link on a failed dump.
+                return self.last_overlay.clone().unwrap_or(OverlayLink::Absent);
+            }
+        };
+        if self.last_overlay.as_ref() != Some(&now) {
+            match &now {
+                OverlayLink::Working { index } => {
+                    tracing::info!(link = %self.overlay_name, index, "overlay link is working")
+                }
+                OverlayLink::Broken { reason, .. } => {
+                    tracing::warn!(link = %self.overlay_name, %reason, "overlay link is not usable")
+                }
+                OverlayLink::Absent => {
+                    tracing::warn!(link = %self.overlay_name, "overlay link is absent")
+                }
+            }
+            self.last_overlay = Some(now.clone());
+        }
+        now
+    }
+
+    async fn tick(&mut self) {
+        let overlay = self.overlay().await;
+        match self.discovery.phase {
+            Phase::Registered if overlay.index().is_none() => {
+                tracing::info!("asking discovery for a new overlay link");
+                self.register(true).await;
+            }
+            Phase::Awaiting { since, .. } if since.elapsed() > REPLY_TIMEOUT => {
+                tracing::warn!(
+                    "discovery did not answer the registration within {}s; reconnecting",
+                    REPLY_TIMEOUT.as_secs()
+                );
+                self.discovery.disconnect_for(RECONNECT_MIN);
+            }
+            _ => {}
+        }
+        self.reconcile(Trigger::Timer).await;
+    }
+
+    async fn connect(&mut self) {
+        if self.discovery.connect(&self.socket_path).await {
+            let needs_link = self.overlay().await.index().is_none();
+            self.register(needs_link).await;
+        }
+    }
+
+    async fn register(&mut self, needs_link: bool) {
+        if let Err(e) = self.discovery.register(&self.spec, needs_link).await {
+            tracing::warn!(error = %e, "cannot register with discovery; reconnecting");
+            self.discovery.disconnect_for(RECONNECT_MIN);
+        }
+    }
+
+    async fn on_message(&mut self, msg: std::io::Result<Option<(DiscoveryMessage, bool)>>) {
+        let msg = match msg {
+            Ok(Some((m, with_fd))) => {
+                if with_fd {
+                    tracing::debug!("discovery sent an unexpected descriptor; closed");
+                }
+                m
+            }
+            Ok(None) => {
+                tracing::info!("discovery closed the connection; routes stay, reconnecting");
+                self.discovery.disconnect_for(Duration::ZERO);
+                return;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                tracing::warn!(error = %e, "ignored a bad message from discovery");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "attach connection failed; reconnecting");
+                self.discovery.disconnect_for(RECONNECT_MIN);
+                return;
+            }
+        };
+        match msg {
+            DiscoveryMessage::Attached { ifname, mac, mtu } => {
+                if mac != self.mac {
+                    tracing::warn!(%mac, expected = %self.mac, "discovery sent another MAC; using the derived one");
+                }
+                self.discovery.phase = Phase::Registered;
+                match link::adopt(&self.kernel, &ifname, &self.overlay_name, self.mac, mtu).await {
+                    Ok(index) => {
+                        tracing::info!(%ifname, link = %self.overlay_name, index, mtu, "overlay link attached");
+                        self.reconcile(Trigger::Attached).await;
+                    }
+                    Err(e) => {
+                        let msg = format!("{e:#}");
+                        tracing::error!(error = %msg, "cannot take over the overlay link");
+                        self.event(
+                            "attach_failed",
+                            format!("cannot take over overlay link {ifname}: {msg}"),
+                        );
+                    }
+                }
+            }
+            DiscoveryMessage::Registered => {
+                tracing::info!("registration accepted, overlay link kept");
+                self.discovery.phase = Phase::Registered;
+                // Acknowledge the current generation on this new connection.
+                self.reconcile(Trigger::RoutesChanged).await;
+            }
+            DiscoveryMessage::Refused { reason } => {
+                tracing::error!(%reason, "discovery refused the registration; retrying in {}s", REFUSED_RETRY.as_secs());
+                self.event("registration_refused", reason);
+                self.discovery.disconnect_for(REFUSED_RETRY);
+            }
+            DiscoveryMessage::Left => tracing::debug!("unexpected Left from discovery; ignored"),
+        }
+    }
+
+    fn on_probe(&mut self, result: ProbeResult) {
+        // A result for a peer removed meanwhile is stale.
+        if !self.peers.borrow().contains(&result.peer) {
+            return;
+        }
+        if let Some((kind, message)) = self.probes.record(&self.spec.name, &result) {
+            if kind == "same_host_ok" {
+                tracing::info!(peer = %result.peer.stack, "{message}");
+            } else {
+                tracing::warn!(peer = %result.peer.stack, "{message}");
+            }
+            self.event(kind, message);
+        }
+    }
+
+    /// Reads routes.json into `self.intent`, reporting problems once.
+    fn read_intent(&mut self) {
+        let read = self.state.read_routes();
+        for (kind, message) in self.intent.absorb(&self.spec, read) {
+            tracing::warn!("{message}");
+            self.event(kind, message);
+        }
+    }
+
+    /// Makes the kernel match the intent. Never fails: problems are logged and
+    /// reported as events, and the next trigger tries again.
+    pub async fn reconcile(&mut self, trigger: Trigger) {
+        self.read_intent();
+        let overlay = self.overlay().await.index();
+        let known = self.intent.last_good.as_ref();
+        let desired = known
+            .cloned()
+            .unwrap_or_default()
+            .routing_state(overlay, self.probe_path);
+        let mut observed = match apply::observe(&self.kernel, overlay).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot dump the routing state");
+                return;
+            }
+        };
+        if known.is_none() {
+            // Nothing good was ever read: leave the remote routes as they are (they
+            // may be from before a restart in this namespace) and only set up probing.
+            observed.routes.retain(|(table, _), _| *table != MAIN_TABLE);
+            observed.neighbours.clear();
+        }
+        let plan = diff(&desired, &observed);
+        if !plan.is_empty() {
+            let drift = trigger == Trigger::Timer && self.applied.as_ref() == Some(&desired);
+            if drift {
+                self.drift_repairs += 1;
+                tracing::warn!(
+                    changes = plan.len(),
+                    repairs = self.drift_repairs,
+                    "repairing drift: the kernel no longer matched the desired state"
+                );
+            }
+            for change in &plan {
+                tracing::info!(?trigger, "{change}");
+            }
+            let done = apply::apply(&self.kernel, &plan).await;
+            if !done.ok() {
+                let msg = done.failed.join("; ");
+                if self.last_apply_error.as_deref() != Some(msg.as_str()) {
+                    self.event(
+                        "apply_failed",
+                        format!(
+                            "{} of {} changes failed: {msg}",
+                            done.failed.len(),
+                            plan.len()
+                        ),
+                    );
+                    self.last_apply_error = Some(msg);
+                }
+                self.applied = None;
+                self.update_peers(false);
+                return;
+            }
+        }
+        self.last_apply_error = None;
+        self.applied = Some(desired);
+        self.update_peers(true);
+        if let (true, Some(_), Some(d)) = (self.intent.listed, overlay, &self.intent.last_good) {
+            if let Err(e) = self.discovery.ack(d.generation).await {
+                tracing::warn!(error = %e, "cannot acknowledge to discovery; reconnecting");
+                self.discovery.disconnect_for(RECONNECT_MIN);
+            }
+        }
+    }
+
+    /// Hands the probe loop the peers to probe: only once the probe rule is in place,
+    /// since without it a marked probe would go straight over the overlay and pass.
+    fn update_peers(&mut self, probe_rule_ok: bool) {
+        let peers = match (&self.intent.last_good, self.probe_path, probe_rule_ok) {
+            (Some(d), Some(_), true) => d.same_host.clone(),
+            _ => BTreeSet::new(),
+        };
+        self.probes.retain(&peers);
+        self.peers.send_if_modified(|current| {
+            if *current != peers {
+                *current = peers;
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
