@@ -65,6 +65,18 @@ fn build(test: &str) -> Topology {
 /// DESIGN.md's hand recipe: vxlan1000 per host, a macvlan per router moved into the
 /// router's namespace, FDB rows, host steering, router neighbours and onlink routes.
 fn hand_recipe(topo: &Topology) {
+    recipe(topo, Attachment::Macvlan)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Attachment {
+    /// DESIGN.md's choice: a macvlan (mode bridge) on vxlan1000.
+    Macvlan,
+    /// The rejected alternative: a host bridge holding vxlan1000 and a veth per router.
+    BridgeVeth,
+}
+
+fn recipe(topo: &Topology, how: Attachment) {
     for host in topo.hosts() {
         let hn = Some(host.ns.as_str());
         let ul = host.underlay_ip.to_string();
@@ -76,6 +88,11 @@ fn hand_recipe(topo: &Topology) {
         )
         .unwrap();
         ns_run(hn, "ip link set vxlan1000 mtu 1450 up").unwrap();
+        if how == Attachment::BridgeVeth {
+            ns_run(hn, "ip link add ovbr type bridge stp_state 0").unwrap();
+            ns_run(hn, "ip link set ovbr mtu 1450 up").unwrap();
+            ns_run(hn, "ip link set vxlan1000 master ovbr").unwrap();
+        }
         // Flood list: every other host.
         for other in topo.hosts().iter().filter(|o| o.index != host.index) {
             ns_run(
@@ -91,12 +108,27 @@ fn hand_recipe(topo: &Topology) {
             if s.host == host.index {
                 let rtr = host.container(s.net, "rtr").unwrap();
                 let mv = format!("mv{}", s.net);
-                ns_run(
-                    hn,
-                    &format!("ip link add {mv} link vxlan1000 type macvlan mode bridge"),
-                )
-                .unwrap();
-                ns_run(hn, &format!("ip link set {mv} netns {}", rtr.ns)).unwrap();
+                match how {
+                    Attachment::Macvlan => {
+                        ns_run(
+                            hn,
+                            &format!("ip link add {mv} link vxlan1000 type macvlan mode bridge"),
+                        )
+                        .unwrap();
+                        ns_run(hn, &format!("ip link set {mv} netns {}", rtr.ns)).unwrap();
+                    }
+                    Attachment::BridgeVeth => {
+                        ns_run(
+                            hn,
+                            &format!(
+                                "ip link add vv{} mtu 1450 type veth peer name {mv} netns {}",
+                                s.net, rtr.ns
+                            ),
+                        )
+                        .unwrap();
+                        ns_run(hn, &format!("ip link set vv{} master ovbr up", s.net)).unwrap();
+                    }
+                }
                 let rn = Some(rtr.ns.as_str());
                 ns_run(rn, &format!("ip link set {mv} name ovl1000")).unwrap();
                 ns_run(
@@ -425,12 +457,14 @@ fn topology_cleans_up_on_panic() {
         let _d = c
             .spawn_privileged("sh", &["-c", "echo daemon-log-line; exec sleep 60"], &[])
             .unwrap();
-        // A process the harness did not start, left in a namespace.
-        std::process::Command::new("ip")
+        // A process the harness did not start, left in a namespace: the topology must
+        // kill it (`ip netns pids`) before deleting the namespace.
+        let mut stray = std::process::Command::new("ip")
             .args(["netns", "exec", &c.ns, "sleep", "60"])
             .spawn()
             .unwrap();
         std::thread::sleep(Duration::from_millis(200));
+        std::thread::spawn(move || stray.wait()); // reap it once killed
         panic!("deliberate failure");
     });
     assert!(r.is_err());
@@ -442,4 +476,26 @@ fn topology_cleans_up_on_panic() {
         .filter_map(|e| std::fs::read_to_string(e.unwrap().path()).ok())
         .collect();
     assert!(logs.iter().any(|l| l.contains("daemon-log-line")));
+}
+
+#[test]
+fn bridge_veth_attachment_is_killed_by_bridge_netfilter() {
+    // DESIGN.md: "a bridge+veth attachment went to 100% loss under a Docker-28-like
+    // ruleset; the macvlan attachment passed". Proves the emulated firewall really sees
+    // bridged frames (bridge-nf-call-iptables) in the simulated hosts.
+    require_root!();
+    let topo = build("bridge_veth_attachment_is_killed_by_bridge_netfilter");
+    recipe(&topo, Attachment::BridgeVeth);
+    let (a, b) = (svc(&topo, 1, "a"), svc(&topo, 2, "b"));
+    assert!(
+        !ping(&a.ns, "10.2.0.7", 2, Duration::from_millis(1500)),
+        "bridged overlay frames must hit the FORWARD drop"
+    );
+    // Same recipe with bridge netfilter off passes: the firewall is what drops it.
+    for h in topo.hosts() {
+        h.exec_ok(&["sysctl", "-q", "-w", "net.bridge.bridge-nf-call-iptables=0"])
+            .unwrap();
+    }
+    assert!(ping(&a.ns, "10.2.0.7", 3, T), "A -> B without bridge-nf");
+    assert!(ping(&b.ns, "10.1.0.5", 3, T), "B -> A without bridge-nf");
 }
