@@ -22,19 +22,25 @@ build:
 musl:
 	$(CARGO) build --release --target $(MUSL_TARGET) -p vrouter-discovery -p vrouter-router -p vrouter-tests --bins
 
+# The test-service image also carries Debian's busybox-static (apt-get install busybox-static).
 images: musl
-	docker build -f Dockerfile.discovery -t docker-vrouter/discovery:$(IMAGE_TAG) .
-	docker build -f Dockerfile.router -t docker-vrouter/router:$(IMAGE_TAG) .
-	docker build -f Dockerfile.testsvc -t docker-vrouter/testsvc:$(IMAGE_TAG) .
-	@docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep '^docker-vrouter/'
+	install -D -m 0755 /bin/busybox target/docker-stage/busybox
+	DOCKER_BUILDKIT=0 docker build -q -f Dockerfile.discovery -t docker-vrouter/discovery:$(IMAGE_TAG) .
+	DOCKER_BUILDKIT=0 docker build -q -f Dockerfile.router -t docker-vrouter/router:$(IMAGE_TAG) .
+	DOCKER_BUILDKIT=0 docker build -q -f Dockerfile.testsvc -t docker-vrouter/testsvc:$(IMAGE_TAG) .
+	@docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep '^docker-vrouter/.*:$(IMAGE_TAG) '
+
+# End-to-end tests against the real Docker engine (root; builds the images itself).
+docker-test: musl
+	$(CARGO) test --release -p vrouter-tests --test docker_e2e -- --test-threads=1
 
 demo: setup build
-	bash tests/cleanup.sh
+	bash .ci/cleanup
 	$(CARGO) run --release -p vrouter-tests --bin vrt-demo
 
 # Everything: unit tests without root, then the namespace and Docker tests (root).
 test: setup
-	bash tests/cleanup.sh
+	bash .ci/cleanup
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) test --release --workspace --lib --bins
 	$(CARGO) test --release --workspace --tests -- --test-threads=1
@@ -43,7 +49,7 @@ bench: setup build
 	$(CARGO) run --release -p vrouter-tests --bin vrt-bench
 
 clean-leftovers:
-	bash tests/cleanup.sh
+	bash .ci/cleanup
 
 fmt:
 	$(CARGO) fmt --all
