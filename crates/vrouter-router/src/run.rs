@@ -158,10 +158,20 @@ fn watch_routes(
     use notify::{RecursiveMode, Watcher};
     let handler = move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res {
-            if ev
-                .paths
-                .iter()
-                .any(|p| p.file_name().is_some_and(|n| n == ROUTES_FILE))
+            // Opening and closing count as access events; our own reads would
+            // otherwise trigger reconciles forever.
+            let change = matches!(
+                ev.kind,
+                notify::EventKind::Create(_)
+                    | notify::EventKind::Modify(_)
+                    | notify::EventKind::Remove(_)
+                    | notify::EventKind::Any
+            );
+            if change
+                && ev
+                    .paths
+                    .iter()
+                    .any(|p| p.file_name().is_some_and(|n| n == ROUTES_FILE))
             {
                 let _ = tx.send(());
             }

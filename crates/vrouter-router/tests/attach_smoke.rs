@@ -1,0 +1,369 @@
+//! Root smoke test of the router binary against a fake discovery, in throwaway
+//! network namespaces: attach through the namespace descriptor, routes and neighbours
+//! from routes.json, drift repair, a corrupt file keeping the routes, discovery
+//! restarts, the overlay link disappearing, health, SIGTERM leaving routes in place.
+//!
+//! Skipped (passes trivially) when not root or without iproute2. The router runs
+//! under `setpriv` with NET_ADMIN only, as in its container.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+use vrouter_kernel::Kernel;
+use vrouter_state::attach::{AttachListener, AttachSocket, DiscoveryMessage, RouterMessage};
+use vrouter_state::{
+    Mac, RemoteRoute, RoutesFile, StackName, StackRoutes, StateDir, Vni, SCHEMA_VERSION,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vrouter-router");
+
+fn can_run() -> bool {
+    (unsafe { libc::geteuid() }) == 0
+        && Command::new("ip").arg("-V").output().is_ok()
+        && Command::new("setpriv").arg("--version").output().is_ok()
+}
+
+fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("spawn");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Removes the namespaces (and so every link in them) however the test ends.
+struct Netns(Vec<String>);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", n]).output();
+        }
+    }
+}
+
+struct Router(Child);
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+enum Control {
+    DropConnection,
+}
+
+/// A fake discovery in the "host" namespace: answers Register with a fresh macvlan on
+/// a VXLAN device (moved through the descriptor) or Registered, and logs every message.
+fn fake_discovery(
+    host_ns: String,
+    socket: PathBuf,
+    log: Arc<Mutex<Vec<RouterMessage>>>,
+    control: mpsc::Receiver<Control>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(format!("/run/netns/{host_ns}")).unwrap();
+        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let kernel = Kernel::connect().await.unwrap();
+            let lower = kernel.link_by_name("vx0").await.unwrap().unwrap().index;
+            let listener = AttachListener::bind(&socket).unwrap();
+            let mut conn: Option<Arc<AttachSocket>> = None;
+            let mut made = 0u32;
+            loop {
+                if let Ok(Control::DropConnection) = control.try_recv() {
+                    conn = None;
+                }
+                let current = conn.clone();
+                tokio::select! {
+                    accepted = listener.accept() => conn = Some(Arc::new(accepted.unwrap())),
+                    msg = async { current.as_ref().unwrap().recv::<RouterMessage>().await }, if current.is_some() => {
+                        let Some((msg, fd)) = msg.unwrap() else { conn = None; continue };
+                        log.lock().unwrap().push(msg.clone());
+                        let sock = current.unwrap();
+                        if let RouterMessage::Register(reg) = msg {
+                            if reg.needs_link {
+                                let fd: OwnedFd = fd.expect("descriptor with needs_link");
+                                made += 1;
+                                let name = format!("mv{made}");
+                                let mac = reg.spec.router_mac();
+                                let idx = kernel.create_macvlan(&name, lower, mac, 1450).await.unwrap();
+                                kernel.move_to_netns(idx, fd.as_fd()).await.unwrap();
+                                drop(fd);
+                                sock.send(&DiscoveryMessage::Attached { ifname: name, mac, mtu: 1450 }, None).await.unwrap();
+                            } else {
+                                sock.send(&DiscoveryMessage::Registered, None).await.unwrap();
+                            }
+                        }
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+        });
+    })
+}
+
+fn routes_file(generation: u64, via: &str) -> RoutesFile {
+    let via: std::net::Ipv4Addr = via.parse().unwrap();
+    let vni = Vni::new(1000).unwrap();
+    let mut stacks = BTreeMap::new();
+    stacks.insert(
+        StackName::new("a").unwrap(),
+        StackRoutes {
+            vni: Some(vni),
+            routes: vec![RemoteRoute {
+                prefix: "10.2.0.0/24".parse().unwrap(),
+                stack: StackName::new("b").unwrap(),
+                via,
+                mac: Mac::for_router(vni, via),
+                host: "198.18.0.2".parse().unwrap(),
+                same_host: false,
+            }],
+        },
+    );
+    RoutesFile {
+        schema: SCHEMA_VERSION,
+        generation,
+        stacks,
+    }
+}
+
+fn in_ns(ns: &str, args: &[&str]) -> String {
+    let mut full = vec!["ip", "-n", ns];
+    full.extend_from_slice(args);
+    let out = Command::new(full[0]).args(&full[1..]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn acks(log: &Mutex<Vec<RouterMessage>>) -> Vec<u64> {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter_map(|m| match m {
+            RouterMessage::Ack { generation } => Some(*generation),
+            _ => None,
+        })
+        .collect()
+}
+
+fn registrations(log: &Mutex<Vec<RouterMessage>>) -> Vec<bool> {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter_map(|m| match m {
+            RouterMessage::Register(r) => Some(r.needs_link),
+            _ => None,
+        })
+        .collect()
+}
+
+fn router_cmd(ns: &str, state: &Path, sub: Option<&str>) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns, "setpriv"])
+        .args([
+            "--bounding-set=-all,+net_admin",
+            "--inh-caps=-all,+net_admin",
+            "--ambient-caps=-all,+net_admin",
+            BIN,
+        ])
+        .args(sub)
+        .env("VROUTER_STACK", "a")
+        .env("VROUTER_STATE_DIR", state)
+        .env("VROUTER_RECONCILE_INTERVAL_MS", "200")
+        .env("RUST_LOG", "info");
+    c
+}
+
+#[test]
+fn router_attaches_reconciles_and_survives_discovery() {
+    if !can_run() {
+        eprintln!("skipped: needs root, iproute2 and setpriv");
+        return;
+    }
+    let tag = std::process::id();
+    let (h, r) = (format!("vrr{tag}h"), format!("vrr{tag}r"));
+    let _ns = Netns(vec![h.clone(), r.clone()]);
+    sh(&["ip", "netns", "add", &h]);
+    sh(&["ip", "netns", "add", &r]);
+    sh(&[
+        "ip", "-n", &h, "link", "add", "br-a", "type", "veth", "peer", "name", "eth0", "netns", &r,
+    ]);
+    sh(&["ip", "-n", &h, "addr", "add", "10.1.0.1/24", "dev", "br-a"]);
+    sh(&["ip", "-n", &h, "link", "set", "br-a", "up"]);
+    sh(&[
+        "ip",
+        "-n",
+        &h,
+        "link",
+        "add",
+        "vx0",
+        "type",
+        "vxlan",
+        "id",
+        "1000",
+        "dstport",
+        "4789",
+        "nolearning",
+    ]);
+    sh(&["ip", "-n", &h, "link", "set", "vx0", "up"]);
+    sh(&["ip", "-n", &r, "link", "set", "lo", "up"]);
+    sh(&[
+        "ip",
+        "-n",
+        &r,
+        "addr",
+        "add",
+        "10.1.0.254/24",
+        "dev",
+        "eth0",
+    ]);
+    sh(&["ip", "-n", &r, "link", "set", "eth0", "up"]);
+    sh(&["ip", "-n", &r, "route", "add", "default", "via", "10.1.0.1"]);
+
+    let state_path = std::env::temp_dir().join(format!("vrr-state-{tag}"));
+    let _ = std::fs::remove_dir_all(&state_path);
+    std::fs::create_dir_all(&state_path).unwrap();
+    let state = StateDir::open(&state_path).unwrap();
+    state.write_routes(&routes_file(1, "10.2.0.254")).unwrap();
+
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (ctl_tx, ctl_rx) = mpsc::channel();
+    let _discovery = fake_discovery(h.clone(), state.socket_path(), log.clone(), ctl_rx);
+
+    let mut router = Router(
+        router_cmd(&r, &state_path, None)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+
+    // Attach: registered with the descriptor, link adopted, routes in, generation acked.
+    wait_for("ack of generation 1", Duration::from_secs(10), || {
+        acks(&log).contains(&1)
+    });
+    assert_eq!(registrations(&log), vec![true]);
+    let link = in_ns(&r, &["-d", "link", "show", "ovl1000"]);
+    assert!(
+        link.contains("02:e8:0a:01:00:fe") && link.contains("mtu 1450") && link.contains("macvlan"),
+        "{link}"
+    );
+    let routes = in_ns(&r, &["route", "show", "proto", "118"]);
+    assert!(
+        routes.contains("10.2.0.0/24 via 10.2.0.254 dev ovl1000 onlink"),
+        "{routes}"
+    );
+    let neigh = in_ns(&r, &["neigh", "show", "dev", "ovl1000"]);
+    assert!(
+        neigh.contains("10.2.0.254 lladdr 02:e8:0a:02:00:fe PERMANENT"),
+        "{neigh}"
+    );
+    let rules = in_ns(&r, &["rule", "show"]);
+    assert!(
+        rules.contains("100:\tfrom all fwmark 0x7672 lookup 30322 proto 118"),
+        "{rules}"
+    );
+    let table = in_ns(&r, &["route", "show", "table", "30322"]);
+    assert!(
+        table.contains("default via 10.1.0.1 dev eth0 proto 118"),
+        "{table}"
+    );
+
+    // Health passes.
+    let health = router_cmd(&r, &state_path, Some("health"))
+        .output()
+        .unwrap();
+    assert!(
+        health.status.success(),
+        "{}",
+        String::from_utf8_lossy(&health.stderr)
+    );
+
+    // Drift is repaired by the timer.
+    sh(&["ip", "-n", &r, "route", "del", "10.2.0.0/24"]);
+    wait_for("drift repair", Duration::from_secs(5), || {
+        in_ns(&r, &["route", "show", "proto", "118"]).contains("10.2.0.0/24 via 10.2.0.254")
+    });
+
+    // A changed gateway is replaced; the old neighbour goes.
+    state.write_routes(&routes_file(2, "10.2.0.253")).unwrap();
+    wait_for("gateway change", Duration::from_secs(5), || {
+        in_ns(&r, &["route", "show", "proto", "118"]).contains("10.2.0.0/24 via 10.2.0.253")
+            && !in_ns(&r, &["neigh", "show", "dev", "ovl1000"]).contains("10.2.0.254")
+    });
+    wait_for("ack of generation 2", Duration::from_secs(5), || {
+        acks(&log).contains(&2)
+    });
+
+    // A corrupt file keeps the routes and is reported once.
+    std::fs::write(state_path.join("routes.json"), b"{\"schema\": 1, \"gener").unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(in_ns(&r, &["route", "show", "proto", "118"]).contains("10.2.0.0/24 via 10.2.0.253"));
+    let unreadable = state
+        .read_events()
+        .unwrap()
+        .iter()
+        .filter(|e| e.kind == "state_unreadable")
+        .count();
+    assert_eq!(unreadable, 1);
+
+    // Discovery restarts: the router reconnects without asking for a link.
+    state.write_routes(&routes_file(3, "10.2.0.253")).unwrap();
+    ctl_tx.send(Control::DropConnection).unwrap();
+    wait_for("re-registration", Duration::from_secs(5), || {
+        registrations(&log).len() == 2
+    });
+    assert_eq!(registrations(&log), vec![true, false]);
+    wait_for("ack of generation 3", Duration::from_secs(5), || {
+        acks(&log).contains(&3)
+    });
+
+    // The overlay link disappears: the router asks for a new one and reinstalls.
+    sh(&["ip", "-n", &r, "link", "del", "ovl1000"]);
+    wait_for("re-attach", Duration::from_secs(5), || {
+        registrations(&log) == vec![true, false, true]
+            && in_ns(&r, &["route", "show", "proto", "118"])
+                .contains("10.2.0.0/24 via 10.2.0.253 dev ovl1000 onlink")
+    });
+
+    // SIGTERM: exit 0, routes stay, no Leave.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(router.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = router.0.wait().unwrap();
+    // `ip netns exec` passes the signal's outcome through as the child's exit code.
+    assert!(status.success(), "{status:?}");
+    assert!(in_ns(&r, &["route", "show", "proto", "118"]).contains("10.2.0.0/24"));
+    assert!(!log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|m| matches!(m, RouterMessage::Leave { .. })));
+    let _ = std::fs::remove_dir_all(&state_path);
+}
