@@ -11,6 +11,8 @@ use vrouter_state::{Mac, Prefix};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Surroundings {
     pub attachment: StackAttachment,
+    /// Name of the stack network's interface (holding the router's address).
+    pub stack_ifname: String,
     pub prefixes: Vec<Prefix>,
     /// Path for marked probes (None without a default route with a gateway).
     pub probe_path: Option<ProbePath>,
@@ -51,8 +53,14 @@ pub async fn surroundings(kernel: &Kernel, settings: &Settings) -> anyhow::Resul
         Some((oif, Some(gateway))) => Some(ProbePath { gateway, oif }),
         _ => None,
     };
+    let stack_ifname = links
+        .iter()
+        .find(|l| l.index == attachment.index)
+        .map(|l| l.name.clone())
+        .unwrap_or_default();
     Ok(Surroundings {
         attachment,
+        stack_ifname,
         prefixes,
         probe_path,
     })

@@ -24,6 +24,36 @@ pub const PROBE_WAIT: Duration = Duration::from_millis(1000);
 /// Time between probe rounds.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(10);
 
+/// Whether the kernel accepts, on the stack interface, a packet whose source is one
+/// of the router's own addresses. A marked probe comes back from the host with the
+/// router's own address as its source; without `accept_local` the kernel drops it as
+/// a martian and every probe would report a block that is not there. `all` and the
+/// device's value are ORed by the kernel.
+pub fn accept_local_on(all: Option<&str>, dev: Option<&str>) -> bool {
+    let on = |v: Option<&str>| v.is_some_and(|v| v.trim() == "1");
+    on(all) || on(dev)
+}
+
+/// Reads `accept_local` for `ifname` from /proc/sys (readable with a read-only /proc/sys).
+pub fn accept_local_enabled(ifname: &str) -> bool {
+    let read = |dev: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{dev}/accept_local")).ok()
+    };
+    let dev = if ifname.is_empty() || ifname.contains('/') {
+        None
+    } else {
+        read(ifname)
+    };
+    accept_local_on(read("all").as_deref(), dev.as_deref())
+}
+
+/// Why same-host probing is off, and the fix (an event at start).
+pub fn accept_local_fix(ifname: &str) -> String {
+    format!(
+        "same-host probes are off: net.ipv4.conf.all.accept_local (or .{ifname}.accept_local) is 0 in the router's namespace, so a probe returning through the host would be dropped as a martian; add sysctls: {{net.ipv4.conf.all.accept_local: 1}} to the router service to detect Docker's same-host block"
+    )
+}
+
 /// The echo for a probe datagram, or None for anything else (the responder answers
 /// only probes, so it cannot be used to reflect arbitrary traffic).
 pub fn echo_for(datagram: &[u8]) -> Option<Vec<u8>> {
@@ -163,6 +193,15 @@ impl ProbeTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accept_local_is_ored() {
+        assert!(!accept_local_on(None, None));
+        assert!(!accept_local_on(Some("0\n"), Some("0\n")));
+        assert!(accept_local_on(Some("1\n"), Some("0\n")));
+        assert!(accept_local_on(Some("0\n"), Some("1\n")));
+        assert!(accept_local_fix("eth0").contains("net.ipv4.conf.all.accept_local: 1"));
+    }
 
     #[test]
     fn responder_answers_only_probes() {

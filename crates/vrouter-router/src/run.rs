@@ -55,6 +55,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .context("opening the routing netlink socket")?;
     let Surroundings {
         attachment,
+        stack_ifname,
         prefixes,
         probe_path,
     } = link::surroundings(&kernel, &settings).await?;
@@ -73,9 +74,18 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         state_dir = %settings.state_dir.display(),
         "vrouter-router starting"
     );
+    let mut probe_off = None;
     if probe_path.is_none() {
-        tracing::warn!("no default route with a gateway: same-host probes are off");
+        probe_off = Some("same-host probes are off: the router has no default route with a gateway (the stack network's gateway is the way through the host)".to_string());
+    } else if !probe::accept_local_enabled(&stack_ifname) {
+        probe_off = Some(probe::accept_local_fix(&stack_ifname));
     }
+    // Without a working probe path, no probe rule either.
+    let probe_path = if probe_off.is_none() {
+        probe_path
+    } else {
+        None
+    };
 
     let (file_tx, mut file_rx) = mpsc::unbounded_channel::<()>();
     let _watcher = watch_routes(&settings.state_dir, file_tx);
@@ -122,6 +132,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let mut timer = tokio::time::interval(settings.reconcile_interval);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+    if let Some(why) = probe_off {
+        tracing::warn!("{why}");
+        router.event("probe_disabled", why);
+    }
     router.reconcile(Trigger::Start).await;
     loop {
         let socket = router.discovery.socket.clone();

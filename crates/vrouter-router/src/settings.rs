@@ -49,7 +49,9 @@ SETTINGS (environment):
     RUST_LOG                       log filter (default info)
 
 The container needs cap_drop: [ALL], cap_add: [NET_ADMIN], and the sysctls
-net.ipv4.ip_forward=1 and net.ipv4.conf.all.rp_filter=2 (or 0).
+net.ipv4.ip_forward=1, net.ipv4.conf.all.rp_filter=2 (or 0), and
+net.ipv4.conf.all.accept_local=1 (same-host probes return through the host with
+the router's own address as source; without it probing is off).
 ";
 
 /// A setting had a bad value; the message is one line naming the setting, the value

@@ -244,6 +244,18 @@ fn router_attaches_reconciles_and_survives_discovery() {
     ]);
     sh(&["ip", "-n", &r, "link", "set", "eth0", "up"]);
     sh(&["ip", "-n", &r, "route", "add", "default", "via", "10.1.0.1"]);
+    // As the router's compose service sets them (sysctls:).
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &r,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+        "net.ipv4.conf.all.rp_filter=2",
+        "net.ipv4.conf.all.accept_local=1",
+    ]);
 
     let state_path = std::env::temp_dir().join(format!("vrr-state-{tag}"));
     let _ = std::fs::remove_dir_all(&state_path);
