@@ -4,6 +4,7 @@
 //! the middle; `controller` applies it through `vrouter_kernel`; `run` owns the
 //! process, the attach socket and the watchers.
 
+pub mod allinone;
 pub mod controller;
 pub mod desired;
 pub mod diff;

@@ -27,6 +27,9 @@ pub enum Command {
     Health,
     /// Parse and check the static peer configuration, print the peers, and exit.
     CheckConfig,
+    /// Both roles in one privileged host-network container: the router runs in a private
+    /// network namespace plugged into the stack's bridge (deploy/all-in-one).
+    AllInOne(crate::allinone::AllInOneArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
