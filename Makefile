@@ -39,11 +39,12 @@ demo: setup build
 	$(CARGO) run --release -p vrouter-tests --bin vrt-demo
 
 # Everything: unit tests without root, then the namespace and Docker tests (root).
+# Debug builds: quicker to compile on two cores, and the tests find the daemons next to
+# themselves in target/debug. Root tests share the host (and Docker) one at a time.
 test: setup
 	bash .ci/cleanup
-	$(CARGO) build --release --workspace --bins
-	$(CARGO) test --release --workspace --lib --bins
-	$(CARGO) test --release --workspace --tests -- --test-threads=1
+	$(CARGO) build --workspace --bins
+	$(CARGO) test --workspace -- --test-threads=1
 
 bench: setup build
 	$(CARGO) run --release -p vrouter-tests --bin vrt-bench
