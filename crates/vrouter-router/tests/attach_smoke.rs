@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 use vrouter_kernel::Kernel;
-use vrouter_state::attach::{AttachListener, AttachSocket, DiscoveryMessage, RouterMessage};
+use vrouter_state::attach::{AttachListener, DiscoveryMessage, RouterMessage};
 use vrouter_state::{
     Mac, RemoteRoute, RoutesFile, StackName, StackRoutes, StateDir, Vni, SCHEMA_VERSION,
 };
@@ -75,7 +75,8 @@ enum Control {
 }
 
 /// A fake discovery in the "host" namespace: answers Register with a fresh macvlan on
-/// a VXLAN device (moved through the descriptor) or Registered, and logs every message.
+/// a VXLAN device (moved through the descriptor) or Registered, and logs every
+/// message. Serves any number of routers; `DropConnection` closes all connections.
 fn fake_discovery(
     host_ns: String,
     socket: PathBuf,
@@ -93,36 +94,58 @@ fn fake_discovery(
             let kernel = Kernel::connect().await.unwrap();
             let lower = kernel.link_by_name("vx0").await.unwrap().unwrap().index;
             let listener = AttachListener::bind(&socket).unwrap();
-            let mut conn: Option<Arc<AttachSocket>> = None;
-            let mut made = 0u32;
+            let (drop_tx, _) = tokio::sync::watch::channel(0u32);
+            let made = Arc::new(std::sync::atomic::AtomicU32::new(0));
             loop {
                 if let Ok(Control::DropConnection) = control.try_recv() {
-                    conn = None;
+                    drop_tx.send_modify(|g| *g += 1);
                 }
-                let current = conn.clone();
-                tokio::select! {
-                    accepted = listener.accept() => conn = Some(Arc::new(accepted.unwrap())),
-                    msg = async { current.as_ref().unwrap().recv::<RouterMessage>().await }, if current.is_some() => {
-                        let Some((msg, fd)) = msg.unwrap() else { conn = None; continue };
+                let accepted = tokio::select! {
+                    a = listener.accept() => a.unwrap(),
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
+                };
+                let (kernel, log, made) = (kernel.clone(), log.clone(), made.clone());
+                let mut dropped = drop_tx.subscribe();
+                tokio::spawn(async move {
+                    loop {
+                        let msg = tokio::select! {
+                            m = accepted.recv::<RouterMessage>() => m.unwrap(),
+                            _ = dropped.changed() => return,
+                        };
+                        let Some((msg, fd)) = msg else { return };
                         log.lock().unwrap().push(msg.clone());
-                        let sock = current.unwrap();
                         if let RouterMessage::Register(reg) = msg {
                             if reg.needs_link {
                                 let fd: OwnedFd = fd.expect("descriptor with needs_link");
-                                made += 1;
-                                let name = format!("mv{made}");
+                                let n = made.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                                let name = format!("mv{n}");
                                 let mac = reg.spec.router_mac();
-                                let idx = kernel.create_macvlan(&name, lower, mac, 1450).await.unwrap();
+                                let idx = kernel
+                                    .create_macvlan(&name, lower, mac, 1450)
+                                    .await
+                                    .unwrap();
                                 kernel.move_to_netns(idx, fd.as_fd()).await.unwrap();
                                 drop(fd);
-                                sock.send(&DiscoveryMessage::Attached { ifname: name, mac, mtu: 1450 }, None).await.unwrap();
+                                accepted
+                                    .send(
+                                        &DiscoveryMessage::Attached {
+                                            ifname: name,
+                                            mac,
+                                            mtu: 1450,
+                                        },
+                                        None,
+                                    )
+                                    .await
+                                    .unwrap();
                             } else {
-                                sock.send(&DiscoveryMessage::Registered, None).await.unwrap();
+                                accepted
+                                    .send(&DiscoveryMessage::Registered, None)
+                                    .await
+                                    .unwrap();
                             }
                         }
                     }
-                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-                }
+                });
             }
         });
     })
@@ -183,6 +206,10 @@ fn registrations(log: &Mutex<Vec<RouterMessage>>) -> Vec<bool> {
 }
 
 fn router_cmd(ns: &str, state: &Path, sub: Option<&str>) -> Command {
+    router_cmd_for("a", ns, state, sub)
+}
+
+fn router_cmd_for(stack: &str, ns: &str, state: &Path, sub: Option<&str>) -> Command {
     let mut c = Command::new("ip");
     c.args(["netns", "exec", ns, "setpriv"])
         .args([
@@ -192,7 +219,7 @@ fn router_cmd(ns: &str, state: &Path, sub: Option<&str>) -> Command {
             BIN,
         ])
         .args(sub)
-        .env("VROUTER_STACK", "a")
+        .env("VROUTER_STACK", stack)
         .env("VROUTER_STATE_DIR", state)
         .env("VROUTER_RECONCILE_INTERVAL_MS", "200")
         .env("RUST_LOG", "info");
@@ -377,5 +404,233 @@ fn router_attaches_reconciles_and_survives_discovery() {
         .unwrap()
         .iter()
         .any(|m| matches!(m, RouterMessage::Leave { .. })));
+    let _ = std::fs::remove_dir_all(&state_path);
+}
+
+fn remote(prefix: &str, stack: &str, via: &str) -> RemoteRoute {
+    let via: std::net::Ipv4Addr = via.parse().unwrap();
+    RemoteRoute {
+        prefix: prefix.parse().unwrap(),
+        stack: StackName::new(stack).unwrap(),
+        via,
+        mac: Mac::for_router(Vni::new(1000).unwrap(), via),
+        host: "198.18.0.1".parse().unwrap(),
+        same_host: true,
+    }
+}
+
+/// Two stacks on one host: the probe from A goes out through the host, which steers
+/// it back to A, over the overlay to C and back. A host that drops it (as Docker
+/// 28.2+ does for protected networks; here a prohibit route) is reported, and so is
+/// the recovery.
+#[test]
+fn same_host_probe_reports_block_and_recovery() {
+    if !can_run() {
+        eprintln!("skipped: needs root, iproute2 and setpriv");
+        return;
+    }
+    let tag = std::process::id();
+    let (h, a, c) = (
+        format!("vrp{tag}h"),
+        format!("vrp{tag}a"),
+        format!("vrp{tag}c"),
+    );
+    let _ns = Netns(vec![h.clone(), a.clone(), c.clone()]);
+    for n in [&h, &a, &c] {
+        sh(&["ip", "netns", "add", n]);
+        sh(&["ip", "-n", n, "link", "set", "lo", "up"]);
+    }
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &h,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &h,
+        "link",
+        "add",
+        "vx0",
+        "type",
+        "vxlan",
+        "id",
+        "1000",
+        "dstport",
+        "4789",
+        "nolearning",
+    ]);
+    sh(&["ip", "-n", &h, "link", "set", "vx0", "up"]);
+    for (ns, br, net) in [(&a, "br-a", "10.1.0"), (&c, "br-c", "10.3.0")] {
+        sh(&[
+            "ip", "-n", &h, "link", "add", br, "type", "veth", "peer", "name", "eth0", "netns", ns,
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &h,
+            "addr",
+            "add",
+            &format!("{net}.1/24"),
+            "dev",
+            br,
+        ]);
+        sh(&["ip", "-n", &h, "link", "set", br, "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{net}.254/24"),
+            "dev",
+            "eth0",
+        ]);
+        sh(&["ip", "-n", ns, "link", "set", "eth0", "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("{net}.1"),
+        ]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.all.rp_filter=2",
+            "net.ipv4.conf.all.accept_local=1",
+        ]);
+    }
+    // Host steering, as discovery installs it; A's side starts out blocked.
+    sh(&[
+        "ip", "-n", &h, "rule", "add", "iif", "br-a", "lookup", "101", "pref", "1000",
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &h,
+        "route",
+        "add",
+        "prohibit",
+        "10.3.0.0/24",
+        "table",
+        "101",
+    ]);
+    sh(&[
+        "ip", "-n", &h, "rule", "add", "iif", "br-c", "lookup", "103", "pref", "1000",
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &h,
+        "route",
+        "add",
+        "10.1.0.0/24",
+        "via",
+        "10.3.0.254",
+        "dev",
+        "br-c",
+        "table",
+        "103",
+    ]);
+
+    let state_path = std::env::temp_dir().join(format!("vrp-state-{tag}"));
+    let _ = std::fs::remove_dir_all(&state_path);
+    std::fs::create_dir_all(&state_path).unwrap();
+    let state = StateDir::open(&state_path).unwrap();
+    let mut stacks = BTreeMap::new();
+    let vni = Some(Vni::new(1000).unwrap());
+    stacks.insert(
+        StackName::new("a").unwrap(),
+        StackRoutes {
+            vni,
+            routes: vec![remote("10.3.0.0/24", "c", "10.3.0.254")],
+        },
+    );
+    stacks.insert(
+        StackName::new("c").unwrap(),
+        StackRoutes {
+            vni,
+            routes: vec![remote("10.1.0.0/24", "a", "10.1.0.254")],
+        },
+    );
+    state
+        .write_routes(&RoutesFile {
+            schema: SCHEMA_VERSION,
+            generation: 1,
+            stacks,
+        })
+        .unwrap();
+
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (_ctl_tx, ctl_rx) = mpsc::channel();
+    let _discovery = fake_discovery(h.clone(), state.socket_path(), log.clone(), ctl_rx);
+    let _ra = Router(
+        router_cmd_for("a", &a, &state_path, None)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let _rc = Router(
+        router_cmd_for("c", &c, &state_path, None)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+
+    let events = |kind: &str, stack: &str| {
+        state
+            .read_events()
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == kind && e.stack.as_ref().map(|s| s.as_str()) == Some(stack))
+            .collect::<Vec<_>>()
+    };
+    wait_for("A reports the block", Duration::from_secs(15), || {
+        !events("same_host_blocked", "a").is_empty()
+    });
+    let blocked = &events("same_host_blocked", "a")[0];
+    assert_eq!(blocked.source, "router/a");
+    assert!(
+        blocked.message.contains("same-host stack c")
+            && blocked.message.contains("nat-unprotected"),
+        "{}",
+        blocked.message
+    );
+    // C's path through the host is open: no block reported.
+    assert!(events("same_host_blocked", "c").is_empty());
+
+    // Unblock: the host steers A's traffic back to router A.
+    sh(&[
+        "ip",
+        "-n",
+        &h,
+        "route",
+        "replace",
+        "10.3.0.0/24",
+        "via",
+        "10.1.0.254",
+        "dev",
+        "br-a",
+        "table",
+        "101",
+    ]);
+    wait_for("A reports recovery", Duration::from_secs(20), || {
+        !events("same_host_ok", "a").is_empty()
+    });
+    assert_eq!(events("same_host_blocked", "a").len(), 1, "reported once");
+    assert!(events("same_host_blocked", "c").is_empty());
     let _ = std::fs::remove_dir_all(&state_path);
 }
