@@ -50,6 +50,25 @@ impl Drop for Netns {
     }
 }
 
+/// Removes the state directory however the test ends; declared before the routers so
+/// it is dropped after them (nothing writes into it any more).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(prefix: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 struct Router(Child);
 
 impl Drop for Router {
@@ -284,9 +303,8 @@ fn router_attaches_reconciles_and_survives_discovery() {
         "net.ipv4.conf.all.accept_local=1",
     ]);
 
-    let state_path = std::env::temp_dir().join(format!("vrr-state-{tag}"));
-    let _ = std::fs::remove_dir_all(&state_path);
-    std::fs::create_dir_all(&state_path).unwrap();
+    let dir = TempDir::new("vrr-state");
+    let state_path = dir.0.clone();
     let state = StateDir::open(&state_path).unwrap();
     state.write_routes(&routes_file(1, "10.2.0.254")).unwrap();
 
@@ -404,7 +422,6 @@ fn router_attaches_reconciles_and_survives_discovery() {
         .unwrap()
         .iter()
         .any(|m| matches!(m, RouterMessage::Leave { .. })));
-    let _ = std::fs::remove_dir_all(&state_path);
 }
 
 fn remote(prefix: &str, stack: &str, via: &str) -> RemoteRoute {
@@ -546,9 +563,8 @@ fn same_host_probe_reports_block_and_recovery() {
         "103",
     ]);
 
-    let state_path = std::env::temp_dir().join(format!("vrp-state-{tag}"));
-    let _ = std::fs::remove_dir_all(&state_path);
-    std::fs::create_dir_all(&state_path).unwrap();
+    let dir = TempDir::new("vrp-state");
+    let state_path = dir.0.clone();
     let state = StateDir::open(&state_path).unwrap();
     let mut stacks = BTreeMap::new();
     let vni = Some(Vni::new(1000).unwrap());
@@ -632,5 +648,4 @@ fn same_host_probe_reports_block_and_recovery() {
     });
     assert_eq!(events("same_host_blocked", "a").len(), 1, "reported once");
     assert!(events("same_host_blocked", "c").is_empty());
-    let _ = std::fs::remove_dir_all(&state_path);
 }
