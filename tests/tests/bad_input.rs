@@ -1,0 +1,310 @@
+//! Bad input: every bad setting gets one clear line naming the setting, the value and
+//! the fix, and no half-built kernel state is left behind.
+
+use std::time::Duration;
+use vrouter_tests::mesh::{bin_dir, Mesh, StackDef};
+use vrouter_tests::*;
+
+fn discovery() -> String {
+    bin_dir()
+        .unwrap()
+        .join("vrouter-discovery")
+        .display()
+        .to_string()
+}
+
+fn router() -> String {
+    bin_dir()
+        .unwrap()
+        .join("vrouter-router")
+        .display()
+        .to_string()
+}
+
+fn tmpdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("{}-bad-{name}-{}", prefix(), std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Runs a command to completion; returns (success, stderr).
+fn run(argv: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let mut c = std::process::Command::new(argv[0]);
+    c.args(&argv[1..])
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = vrouter_tests::cmd::run_cmd(&mut c, None, Duration::from_secs(10)).unwrap();
+    (out.success(), out.stderr)
+}
+
+fn one_error_line(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("vrouter-")).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got:\n{stderr}");
+    lines[0].to_string()
+}
+
+#[test]
+fn discovery_rejects_bad_settings_with_one_clear_line() {
+    let dir = tmpdir("disc");
+    let d = dir.display().to_string();
+    let bin = discovery();
+
+    let (ok, err) = run(&[&bin, "--state-dir", "/nonexistent/vrouter"], &[]);
+    assert!(!ok);
+    let line = one_error_line(&err);
+    assert!(
+        line.contains("/nonexistent/vrouter")
+            && line.contains("VROUTER_STATE_DIR")
+            && line.contains("create it"),
+        "{line}"
+    );
+
+    let (ok, err) = run(
+        &[&bin, "--state-dir", &d],
+        &[("VROUTER_VXLAN_PORT", "70000")],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("VROUTER_VXLAN_PORT") && err.contains("70000"),
+        "{err}"
+    );
+
+    for (bad, needle) in [
+        ("prefixes = [\"10.2.0.0/33\"]", "10.2.0.0/33"),
+        ("prefixes = [\"10.2.0.1/24\"]", "did you mean 10.2.0.0/24"),
+        ("vni = 0\nprefixes = [\"10.2.0.0/24\"]", "vni = 0"),
+        (
+            "vni = 16777216\nprefixes = [\"10.2.0.0/24\"]",
+            "1..16777215",
+        ),
+    ] {
+        let cfg = dir.join("peers.toml");
+        std::fs::write(
+            &cfg,
+            format!("[[host]]\naddress = \"192.0.2.99\"\n[[host.stack]]\nname = \"b\"\n{bad}\nrouter_ip = \"10.2.0.254\"\n"),
+        )
+        .unwrap();
+        let (ok, err) = run(
+            &[
+                &bin,
+                "--state-dir",
+                &d,
+                "--config",
+                cfg.to_str().unwrap(),
+                "check-config",
+            ],
+            &[],
+        );
+        assert!(!ok, "{bad} accepted");
+        let line = one_error_line(&err);
+        assert!(
+            line.contains("peers.toml") && line.contains("stack \"b\"") && line.contains(needle),
+            "{line}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn router_rejects_bad_settings_with_one_clear_line() {
+    let dir = tmpdir("rtr");
+    let d = dir.display().to_string();
+    let bin = router();
+    let cases: &[(&[(&str, &str)], &[&str])] = &[
+        (&[("VROUTER_STATE_DIR", &d)], &["VROUTER_STACK"]),
+        (
+            &[
+                ("VROUTER_STACK", "a"),
+                ("VROUTER_VNI", "0"),
+                ("VROUTER_STATE_DIR", &d),
+            ],
+            &["VROUTER_VNI", "1..16777215"],
+        ),
+        (
+            &[
+                ("VROUTER_STACK", "a"),
+                ("VROUTER_VNI", "16777216"),
+                ("VROUTER_STATE_DIR", &d),
+            ],
+            &["VROUTER_VNI", "16777216"],
+        ),
+        (
+            &[
+                ("VROUTER_STACK", "a"),
+                ("VROUTER_PREFIXES", "10.1.0.0/33"),
+                ("VROUTER_STATE_DIR", &d),
+            ],
+            &["VROUTER_PREFIXES", "10.1.0.0/33"],
+        ),
+        (
+            &[("VROUTER_STACK", "a b"), ("VROUTER_STATE_DIR", &d)],
+            &["VROUTER_STACK", "a b"],
+        ),
+        (
+            &[
+                ("VROUTER_STACK", "a"),
+                ("VROUTER_STATE_DIR", "/nonexistent/vrouter"),
+            ],
+            &["/nonexistent/vrouter", "VROUTER_STATE_DIR"],
+        ),
+    ];
+    for (env, needles) in cases {
+        let mut env = env.to_vec();
+        env.push(("VROUTER_ALLOW_EXTRA_CAPS", "1"));
+        let (ok, err) = run(&[&bin], &env);
+        assert!(!ok, "{env:?} accepted");
+        let line = one_error_line(&err);
+        for n in *needles {
+            assert!(line.contains(n), "{env:?}: {line}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn router_refuses_extra_capabilities() {
+    require_root!();
+    let dir = tmpdir("caps");
+    // As root with a full bounding set and no VROUTER_ALLOW_EXTRA_CAPS.
+    let (ok, err) = run(
+        &[&router()],
+        &[
+            ("VROUTER_STACK", "a"),
+            ("VROUTER_STATE_DIR", dir.to_str().unwrap()),
+        ],
+    );
+    assert!(!ok);
+    let line = one_error_line(&err);
+    assert!(
+        line.contains("cap_drop") && line.contains("VROUTER_ALLOW_EXTRA_CAPS"),
+        "{line}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn udp_port_in_use_is_reported_and_nothing_is_left_behind() {
+    require_root!();
+    let mut topo = Topology::builder("port_in_use").hosts(1).build().unwrap();
+    let h = topo.host_mut(1);
+    h.add_network("a", "10.1.0.0/24", Protection::Protected)
+        .unwrap();
+    let rtr = h
+        .add_container("a", "rtr", "10.1.0.254", Role::Router)
+        .unwrap();
+    let ns = h.ns.clone();
+    // A plain UDP socket holds the VXLAN port.
+    let mut holder = h
+        .spawn(
+            "python3",
+            &["-c", "import socket,time; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', 4789)); print('bound', flush=True); time.sleep(60)"],
+            &[],
+        )
+        .unwrap();
+    assert!(holder.wait_for_output("bound", Duration::from_secs(5)));
+    let state = std::path::PathBuf::from(format!("/run/{}-state-port", prefix()));
+    let _ = std::fs::remove_dir_all(&state);
+    std::fs::create_dir_all(&state).unwrap();
+    let s = state.display().to_string();
+    let _disc = h
+        .spawn_privileged(&discovery(), &["--state-dir", &s], &[])
+        .unwrap();
+    let _rtr = rtr
+        .spawn_privileged(
+            &router(),
+            &[],
+            &[("VROUTER_STACK", "a"), ("VROUTER_STATE_DIR", &s)],
+        )
+        .unwrap();
+    let events = || {
+        vrouter_state::StateDir::open(&state)
+            .unwrap()
+            .read_events()
+            .unwrap_or_default()
+    };
+    let reported = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        events().iter().any(|e| {
+            e.message.contains("UDP port 4789 is in use")
+                && e.message.contains("VROUTER_VXLAN_PORT")
+        })
+    });
+    assert!(
+        reported,
+        "no clear event for the port in use: {:#?}",
+        events()
+    );
+    // No half-built device.
+    let links = exec_ok(Some(&ns), &["ip", "-o", "link", "show"])
+        .unwrap()
+        .stdout;
+    assert!(!links.contains("vxlan1000"), "device left behind:\n{links}");
+    assert!(!links.contains("vrm"), "macvlan left behind:\n{links}");
+    // Once the port is free, the router gets attached without a restart.
+    holder.kill(libc::SIGKILL).unwrap();
+    let attached = wait_until(Duration::from_secs(15), Duration::from_millis(200), || {
+        exec(Some(&rtr.ns), &["ip", "link", "show", "ovl1000"])
+            .map(|o| o.success())
+            .unwrap_or(false)
+    });
+    assert!(
+        attached,
+        "router not attached after the port was freed: {:#?}",
+        events()
+    );
+    drop(topo);
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+#[test]
+fn overlapping_prefixes_are_refused_with_an_event_on_every_host() {
+    require_root!();
+    let mesh = Mesh::start(
+        "overlap",
+        2,
+        vec![
+            StackDef::new("a", 1, 1000, "10.1.0.0/24"),
+            StackDef::new("b", 2, 1000, "10.0.0.0/8"),
+        ],
+    )
+    .unwrap();
+    for h in [1, 2] {
+        let ok = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+            mesh.events(h).iter().any(|e| {
+                e.kind == "conflict_refused"
+                    && e.message.contains("10.0.0.0/8")
+                    && e.message.contains("stack b")
+                    && e.message.contains("stack a")
+            })
+        });
+        assert!(
+            ok,
+            "host {h}: no conflict_refused event: {:#?}",
+            mesh.events(h)
+        );
+    }
+    // The decision is the same on every host: a keeps its prefix, b's is refused and
+    // published nowhere.
+    for h in [1, 2] {
+        let d = vrouter_state::StateDir::open(&mesh.state_dir(h))
+            .unwrap()
+            .read_discovery()
+            .unwrap();
+        let refused: Vec<String> = d
+            .refused
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {}",
+                    r.stack,
+                    r.prefix.map(|p| p.to_string()).unwrap_or_default()
+                )
+            })
+            .collect();
+        assert_eq!(refused, vec!["b 10.0.0.0/8".to_string()], "host {h}");
+    }
+    assert!(mesh.wait_router_routes("a", &[], Duration::from_secs(10)));
+}
