@@ -470,3 +470,76 @@ fn router_leave_and_disappearance() {
     eprintln!("explicit leave withdrew B in {:?}", t.elapsed());
     assert!(mesh.events(2).iter().any(|e| e.kind == "stack_left"));
 }
+
+#[test]
+fn lost_overlay_link_is_reattached_without_disturbing_other_stacks() {
+    require_root!();
+    let mesh = Mesh::start(
+        "overlay_loss",
+        2,
+        vec![
+            StackDef::new("a", 1, 1000, "10.1.0.0/24"),
+            StackDef::new("f", 1, 2000, "10.6.0.0/24"),
+            StackDef::new("b", 2, 1000, "10.2.0.0/24"),
+            StackDef::new("d", 2, 2000, "10.4.0.0/24"),
+        ],
+    )
+    .unwrap();
+    mesh.wait_converged(CONVERGE).unwrap();
+    let f_ovl = exec_ok(
+        Some(&mesh.rtr("f").ns),
+        &["cat", "/sys/class/net/ovl2000/ifindex"],
+    )
+    .unwrap()
+    .stdout;
+    let vx2000 = mesh.ifindex(1, "vxlan2000").unwrap();
+
+    // The router's overlay link disappears (as when vxlan1000 is replaced on the host).
+    exec_ok(Some(&mesh.rtr("a").ns), &["ip", "link", "del", "ovl1000"]).unwrap();
+    let t = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+            exec(Some(&mesh.rtr("a").ns), &["ip", "link", "show", "ovl1000"])
+                .map(|o| o.success())
+                .unwrap_or(false)
+                && mesh.router_routes("a") == vec!["10.2.0.0/24".to_string()]
+        }),
+        "router A did not get a new overlay link"
+    );
+    eprintln!(
+        "router A re-attached {:?} after losing its link",
+        t.elapsed()
+    );
+    assert!(wait_until(
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        || reachable(&mesh, "a", "b")
+    ));
+
+    // The whole VXLAN device goes: discovery recreates it, the router re-attaches.
+    exec_ok(
+        Some(&mesh.topo.host(1).ns),
+        &["ip", "link", "del", "vxlan1000"],
+    )
+    .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+            reachable(&mesh, "a", "b")
+        }),
+        "A did not recover after vxlan1000 was deleted"
+    );
+    // The other stack on the host was never disturbed.
+    let f_after = exec_ok(
+        Some(&mesh.rtr("f").ns),
+        &["cat", "/sys/class/net/ovl2000/ifindex"],
+    )
+    .unwrap()
+    .stdout;
+    assert_eq!(f_ovl, f_after, "stack F's overlay link was recreated");
+    assert_eq!(
+        vx2000,
+        mesh.ifindex(1, "vxlan2000").unwrap(),
+        "vxlan2000 was recreated"
+    );
+    assert!(reachable(&mesh, "f", "d"));
+}
