@@ -308,3 +308,66 @@ fn overlapping_prefixes_are_refused_with_an_event_on_every_host() {
     }
     assert!(mesh.wait_router_routes("a", &[], Duration::from_secs(10)));
 }
+
+#[test]
+fn duplicate_vni_is_reported_and_nothing_is_left_behind() {
+    require_root!();
+    let mut topo = Topology::builder("duplicate_vni").hosts(1).build().unwrap();
+    let h = topo.host_mut(1);
+    h.add_network("a", "10.1.0.0/24", Protection::Protected)
+        .unwrap();
+    let rtr = h
+        .add_container("a", "rtr", "10.1.0.254", Role::Router)
+        .unwrap();
+    let ns = h.ns.clone();
+    // Someone else's VXLAN device already uses VNI 1000 on port 4789.
+    exec_ok(
+        Some(&ns),
+        &[
+            "ip", "link", "add", "foreign0", "type", "vxlan", "id", "1000", "dstport", "4789",
+            "dev", "eth0",
+        ],
+    )
+    .unwrap();
+    let state = std::path::PathBuf::from(format!("/run/{}-state-dupvni", prefix()));
+    let _ = std::fs::remove_dir_all(&state);
+    std::fs::create_dir_all(&state).unwrap();
+    let s = state.display().to_string();
+    let _disc = h
+        .spawn_privileged(&discovery(), &["--state-dir", &s], &[])
+        .unwrap();
+    let _rtr = rtr
+        .spawn_privileged(
+            &router(),
+            &[],
+            &[("VROUTER_STACK", "a"), ("VROUTER_STATE_DIR", &s)],
+        )
+        .unwrap();
+    let events = || {
+        vrouter_state::StateDir::open(&state)
+            .unwrap()
+            .read_events()
+            .unwrap_or_default()
+    };
+    let reported = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        events().iter().any(|e| {
+            e.message
+                .contains("VNI 1000 is already used by another VXLAN device")
+        })
+    });
+    assert!(
+        reported,
+        "no clear event for the duplicate VNI: {:#?}",
+        events()
+    );
+    let links = exec_ok(Some(&ns), &["ip", "-o", "link", "show"])
+        .unwrap()
+        .stdout;
+    assert!(
+        !links.contains("vxlan1000") && !links.contains("vrm"),
+        "half-built state:\n{links}"
+    );
+    assert!(links.contains("foreign0"), "the foreign device was touched");
+    drop(topo);
+    let _ = std::fs::remove_dir_all(&state);
+}
