@@ -120,7 +120,17 @@ impl Controller {
     }
 
     pub fn event(&self, kind: &str, message: String, stack: Option<&StackName>) {
-        info!(kind, stack = stack.map(|s| s.as_str()), "{message}");
+        let stack_name = stack.map(|s| s.as_str());
+        match kind {
+            "error"
+            | "registration_refused"
+            | "conflict_refused"
+            | "config_invalid"
+            | "host_check" => {
+                warn!(kind, stack = stack_name, "{message}")
+            }
+            _ => info!(kind, stack = stack_name, "{message}"),
+        }
         let mut e = Event::new("discovery", kind, message);
         if let Some(s) = stack {
             e = e.for_stack(s);
