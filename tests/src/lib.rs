@@ -22,6 +22,7 @@
 pub mod cleanup;
 pub mod cmd;
 pub mod daemon;
+pub mod docker;
 pub mod firewall;
 pub mod mesh;
 pub mod probe;

@@ -339,9 +339,9 @@ impl Plumbing {
                 ("/proc/sys/net/ipv4/ip_forward", "1"),
                 ("/proc/sys/net/ipv4/conf/all/rp_filter", "2"),
                 ("/proc/sys/net/ipv4/conf/default/rp_filter", "2"),
+                ("/proc/sys/net/ipv4/conf/all/accept_local", "1"),
             ] {
-                std::fs::write(path, value)
-                    .map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))?;
+                write_sysctl(path, value)?;
             }
             let nl = Netlink::open()?;
             let lo = if_index("lo")?;
@@ -390,6 +390,54 @@ impl Drop for Plumbing {
             }
         }
     }
+}
+
+/// Writes a sysctl of the calling thread's network namespace. Docker mounts /proc/sys
+/// read-only unless the container is privileged; with CAP_SYS_ADMIN (which this
+/// variant needs anyway, for the namespace) the calling helper thread then takes a
+/// private mount namespace of its own and remounts its copy of /proc/sys read-write.
+/// Nothing changes for the container's other processes.
+fn write_sysctl(path: &str, value: &str) -> io::Result<()> {
+    match std::fs::write(path, value) {
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => {
+            remount_proc_sys_rw_for_this_thread()?;
+            std::fs::write(path, value)
+        }
+        r => r,
+    }
+    .map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))
+}
+
+fn remount_proc_sys_rw_for_this_thread() -> io::Result<()> {
+    let none = c"none";
+    let root = c"/";
+    let sys = c"/proc/sys";
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::mount(
+            none.as_ptr(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::mount(
+            none.as_ptr(),
+            sys.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// A new network namespace, held by the returned descriptor.

@@ -1,0 +1,709 @@
+//! End-to-end tests with the real Docker engine and Compose: the images built from this
+//! repository, the compose files of deploy/, stacks on this host and a stack on a
+//! simulated host. Root only; they skip (or fail, with CI=true) when no engine is
+//! reachable. They take the harness's global lock, label everything they create
+//! (`com.docker-vrouter.test=<prefix>`) and remove it on drop, even on failure.
+//!
+//! Knobs: VROUTER_DOCKER_IMAGES_FRESH=1 reuses the `<prefix>-test` images if they exist;
+//! VROUTER_DOCKER_KEEP_IMAGES=1 keeps them afterwards.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use vrouter_tests::docker::*;
+use vrouter_tests::mesh::{Mesh, StackDef};
+use vrouter_tests::{prefix, require_docker, tcp_send, TcpServer, TestLock};
+
+const NET_ADMIN: u64 = 1 << 12;
+const FIVE_S: Duration = Duration::from_secs(5);
+
+fn underlay_mtu() -> u32 {
+    let out = run_ok(&["ip", "-4", "route", "show", "default"])
+        .unwrap()
+        .stdout;
+    let dev = out
+        .split_whitespace()
+        .skip_while(|w| *w != "dev")
+        .nth(1)
+        .unwrap_or("eth0")
+        .to_string();
+    std::fs::read_to_string(format!("/sys/class/net/{dev}/mtu"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1500)
+}
+
+fn ping(from: &Stack, ip: &str, count: u32, timeout_ms: u32) -> bool {
+    from.exec(
+        "web",
+        &[
+            "vrt-probe",
+            "ping",
+            ip,
+            &count.to_string(),
+            &timeout_ms.to_string(),
+        ],
+    )
+    .map(|o| o.success())
+    .unwrap_or(false)
+}
+
+/// Time until `from`'s service gets an echo reply from `ip`, within `timeout`.
+fn wait_ping(from: &Stack, ip: &str, timeout: Duration) -> Option<Duration> {
+    within(timeout, || ping(from, ip, 1, 500))
+}
+
+fn web_ip(s: &Stack) -> String {
+    s.ip("web").unwrap()
+}
+
+/// A TCP transfer from `from`'s service to `to`'s service on `port`; the receiver must
+/// see the sender's own address (no NAT).
+fn tcp_check(from: &Stack, to: &Stack, port: u16) {
+    let to_ip = web_ip(to);
+    let from_ip = web_ip(from);
+    let out = format!("/tmp/srv-{port}");
+    to.exec_detached(
+        "web",
+        &[
+            "vrt-probe",
+            "tcp-serve",
+            &format!("0.0.0.0:{port}"),
+            &out,
+            "20",
+        ],
+    )
+    .unwrap();
+    let ready = within(FIVE_S, || {
+        to.exec("web", &["cat", &format!("{out}.ready")])
+            .map(|o| o.success())
+            .unwrap_or(false)
+    });
+    assert!(
+        ready.is_some(),
+        "tcp-serve did not start in {}",
+        to.spec.project()
+    );
+    let sent = from
+        .exec(
+            "web",
+            &[
+                "vrt-probe",
+                "tcp-send",
+                &format!("{to_ip}:{port}"),
+                "200000",
+                "5",
+            ],
+        )
+        .unwrap();
+    assert!(
+        sent.success(),
+        "TCP {} -> {} failed: {}{}",
+        from.spec.project(),
+        to.spec.project(),
+        sent.stdout,
+        sent.stderr
+    );
+    let seen = to.exec("web", &["cat", &out]).unwrap().stdout;
+    assert!(
+        seen.contains(&format!("peer={from_ip}:")),
+        "{} saw {seen:?}, expected the sender's own address {from_ip}",
+        to.spec.project()
+    );
+}
+
+/// Nothing passes from `from`'s service to `to`'s: neither ping nor TCP.
+fn assert_unreachable(from: &Stack, to_ip: &str) {
+    assert!(
+        !ping(from, to_ip, 2, 1000),
+        "{} reached {to_ip} by ping across VNIs",
+        from.spec.project()
+    );
+    let t = from
+        .exec(
+            "web",
+            &[
+                "vrt-probe",
+                "tcp-send",
+                &format!("{to_ip}:5999"),
+                "100",
+                "2",
+            ],
+        )
+        .unwrap();
+    assert!(
+        !t.success(),
+        "{} reached {to_ip} by TCP across VNIs",
+        from.spec.project()
+    );
+}
+
+fn router_has_route(router_pid: u32, prefix: &str) -> bool {
+    in_container_netns(router_pid, &["ip", "-4", "route", "show", prefix])
+        .map(|o| !o.stdout.trim().is_empty())
+        .unwrap_or(false)
+}
+
+fn wait_healthy(id: &str, timeout: Duration) -> String {
+    let mut last = String::new();
+    within(timeout, || {
+        last = docker(&["inspect", "-f", "{{.State.Health.Status}}", id]).unwrap_or_default();
+        last == "healthy"
+    });
+    last
+}
+
+struct Snapshots {
+    fw: String,
+    sysctl: String,
+}
+
+fn snapshot() -> Snapshots {
+    Snapshots {
+        fw: firewall_snapshot(&[]).unwrap(),
+        sysctl: sysctl_snapshot().unwrap(),
+    }
+}
+
+/// The engine's firewall and the bridge/forwarding sysctls must be identical in every
+/// snapshot, once the rules Docker itself adds for the test networks are left out.
+fn assert_same(snaps: &[(&str, &Snapshots)], exclude: &[String]) {
+    let (name0, first) = snaps[0];
+    let fw0 = without(&first.fw, exclude);
+    for (name, s) in &snaps[1..] {
+        let fw = without(&s.fw, exclude);
+        if fw != fw0 {
+            let a: Vec<&str> = fw0.lines().collect();
+            let b: Vec<&str> = fw.lines().collect();
+            let gone: Vec<&&str> = a.iter().filter(|l| !b.contains(l)).collect();
+            let new: Vec<&&str> = b.iter().filter(|l| !a.contains(l)).collect();
+            panic!("firewall differs between {name0} and {name}: only in {name0}: {gone:#?}\nonly in {name}: {new:#?}");
+        }
+        assert_eq!(
+            first.sysctl, s.sysctl,
+            "net.bridge.* / forwarding sysctls differ between {name0} and {name}"
+        );
+    }
+}
+
+fn state_dir(tag: &str) -> PathBuf {
+    PathBuf::from(format!("/run/{}-docker-state{tag}", prefix()))
+}
+
+fn check_images(images: &Images) {
+    for (name, size) in images.sizes().unwrap() {
+        eprintln!("image {name}: {:.2} MB", size as f64 / 1e6);
+        assert!(
+            size <= 15_000_000,
+            "{name} is {size} bytes, over the 15 MB target"
+        );
+    }
+}
+
+/// Stacks A and B (VNI 1000, nat-unprotected networks, deploy/multi-stack) and C
+/// (VNI 2000, deploy/privsep) on this host.
+#[test]
+fn docker_stacks_on_one_host() {
+    require_docker!();
+    let _lock = TestLock::acquire().unwrap();
+    remove_labelled(None);
+    eprintln!("{}", versions());
+    let images = Images::build().unwrap();
+    check_images(&images);
+    let state = state_dir("");
+    let mut host = HostGuard::new(&[1000, 2000], std::slice::from_ref(&state)).unwrap();
+    let links_before = host_links().unwrap();
+    let before = snapshot();
+    let mtu = underlay_mtu() - 50;
+
+    let spec = |name: &str, pattern, vni, net: &str| {
+        let mut s = StackSpec::new(name, pattern, vni, net, &state);
+        s.mtu = mtu;
+        s
+    };
+    let mut a = Stack::new(spec("a", Pattern::MultiStackA, 1000, "10.201.0"), &images).unwrap();
+    let mut b = Stack::new(spec("b", Pattern::MultiStackB, 1000, "10.202.0"), &images).unwrap();
+    let mut c = Stack::new(spec("c", Pattern::PrivSep, 2000, "10.203.0"), &images).unwrap();
+
+    // A first, so that its discovery is the active one; B's and C's wait as standbys.
+    a.up().unwrap();
+    host.bridges.push(a.bridge().unwrap());
+    let a_router = container_facts(&a.container("router").unwrap()).unwrap();
+    assert!(
+        within(Duration::from_secs(20), || in_container_netns(
+            a_router.pid,
+            &["ip", "link", "show", "ovl1000"]
+        )
+        .map(|o| o.success())
+        .unwrap_or(false))
+        .is_some(),
+        "router A was not attached\n{}",
+        a.logs()
+    );
+    b.up().unwrap();
+    host.bridges.push(b.bridge().unwrap());
+    c.up().unwrap();
+    host.bridges.push(c.bridge().unwrap());
+    let (a_ip, b_ip, c_ip) = (web_ip(&a), web_ip(&b), web_ip(&c));
+
+    // Connectivity, both ways, no NAT; VNI isolation.
+    let t = wait_ping(&a, &b_ip, Duration::from_secs(30));
+    assert!(t.is_some(), "A never reached B\n{}\n{}", a.logs(), b.logs());
+    eprintln!("A -> B converged after {:?}", t.unwrap());
+    assert!(ping(&b, &a_ip, 3, 2000), "B -> A ping failed");
+    tcp_check(&a, &b, 5001);
+    tcp_check(&b, &a, 5002);
+    assert_unreachable(&a, &c_ip);
+    assert_unreachable(&b, &c_ip);
+    assert_unreachable(&c, &a_ip);
+    assert_unreachable(&c, &b_ip);
+
+    // Privileges, as docker inspect and the kernel see them.
+    for s in [&a, &c] {
+        let r = container_facts(&s.container("router").unwrap()).unwrap();
+        let who = format!("router of {}", s.spec.project());
+        assert_eq!(r.cap_eff, NET_ADMIN, "{who}: CapEff {:#x}", r.cap_eff);
+        assert!(r.own_netns, "{who} is in the host network namespace");
+        assert!(
+            r.readonly_rootfs && r.root_mount_ro,
+            "{who}: root file system not read-only"
+        );
+        assert!(!r.privileged, "{who} is privileged");
+        let d = container_facts(&s.container("discovery").unwrap()).unwrap();
+        let who = format!("discovery of {}", s.spec.project());
+        assert_eq!(d.cap_eff, NET_ADMIN, "{who}: CapEff {:#x}", d.cap_eff);
+        assert!(!d.privileged, "{who} is privileged");
+        assert!(
+            !d.own_netns && d.network_mode == "host",
+            "{who}: not host network"
+        );
+        assert!(
+            !d.mounts
+                .iter()
+                .any(|(src, dst)| src.contains("docker.sock") || dst.contains("docker.sock")),
+            "{who} has the Docker socket: {:?}",
+            d.mounts
+        );
+    }
+    // HEALTHCHECKs run the binaries' own `health` subcommands.
+    for s in [&a, &c] {
+        for svc in ["discovery", "router"] {
+            let id = s.container(svc).unwrap();
+            let st = wait_healthy(&id, Duration::from_secs(40));
+            assert_eq!(st, "healthy", "{svc} of {}", s.spec.project());
+        }
+    }
+    let middle = snapshot();
+
+    // Router restart: a new network namespace, re-attached, connectivity back in 5 s.
+    a.restart("router").unwrap();
+    let t = wait_ping(&a, &b_ip, FIVE_S);
+    assert!(
+        t.is_some(),
+        "A -> B not back within 5 s of restarting A's router\n{}",
+        a.logs()
+    );
+    eprintln!("router restart: connectivity back after {:?}", t.unwrap());
+    assert!(ping(&b, &a_ip, 2, 2000));
+
+    // Discovery restarts (the active one, then the one that took over) under a TCP
+    // connection that must survive.
+    let hold_port = 5010;
+    b.exec_detached(
+        "web",
+        &[
+            "vrt-probe",
+            "tcp-serve",
+            &format!("0.0.0.0:{hold_port}"),
+            "/tmp/hold",
+            "30",
+        ],
+    )
+    .unwrap();
+    within(FIVE_S, || {
+        b.exec("web", &["cat", "/tmp/hold.ready"])
+            .map(|o| o.success())
+            .unwrap_or(false)
+    });
+    let mut hold = a
+        .exec_background(
+            "web",
+            &[
+                "vrt-probe",
+                "tcp-hold",
+                &format!("{b_ip}:{hold_port}"),
+                "14",
+                "2000",
+            ],
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    for s in [&a, &b] {
+        s.restart("discovery").unwrap();
+        let t = wait_ping(&a, &b_ip, FIVE_S);
+        assert!(
+            t.is_some(),
+            "A -> B not back within 5 s of restarting {}'s discovery",
+            s.spec.project()
+        );
+        eprintln!(
+            "discovery restart of {}: connectivity after {:?}",
+            s.spec.project(),
+            t.unwrap()
+        );
+    }
+    hold.wait_success(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("TCP connection did not survive the discovery restarts: {e:#}"));
+
+    // Down of B: its routes leave A within 5 s, and nothing of B stays on the host.
+    let a_router = container_facts(&a.container("router").unwrap()).unwrap();
+    let b_bridge = b.bridge().unwrap();
+    let b_router_mac = vrouter_state::Mac::for_router(
+        vrouter_state::Vni::new(1000).unwrap(),
+        b.spec.router_ip().parse().unwrap(),
+    )
+    .to_string();
+    assert!(router_has_route(a_router.pid, &b.spec.subnet()));
+    let t0 = Instant::now();
+    b.down().unwrap();
+    let down_took = t0.elapsed();
+    let t = within(FIVE_S, || !router_has_route(a_router.pid, &b.spec.subnet()));
+    assert!(
+        t.is_some(),
+        "B's route still in router A 5 s after `down` returned\n{}",
+        a.logs()
+    );
+    eprintln!(
+        "down of B took {down_took:?}; B's route left A {:?} later",
+        t.unwrap()
+    );
+    let rules = ip_rules();
+    assert!(
+        !rules.contains(&b_bridge),
+        "a rule for B's bridge stayed:\n{rules}"
+    );
+    let fdb = fdb("vxlan1000");
+    assert!(
+        !fdb.to_lowercase().contains(&b_router_mac.to_lowercase())
+            && !fdb.contains(&b.spec.router_ip()),
+        "an FDB entry of B stayed on vxlan1000:\n{fdb}"
+    );
+    let a_bridge = a.bridge().unwrap();
+    let c_bridge = c.bridge().unwrap();
+    for l in host_links().unwrap().difference(&links_before) {
+        let line = link_line(l).unwrap_or_default();
+        let ours = l == "vxlan1000"
+            || l == "vxlan2000"
+            || *l == a_bridge
+            || *l == c_bridge
+            || line.contains(&format!("master {a_bridge} "))
+            || line.contains(&format!("master {c_bridge} "));
+        assert!(ours, "link {l} stayed after B went down: {line}");
+    }
+    assert!(ping(&a, &a.spec.router_ip(), 1, 1000));
+
+    // B again: connectivity returns, A untouched.
+    b.up().unwrap();
+    host.bridges.push(b.bridge().unwrap());
+    let b_ip = web_ip(&b);
+    let t = wait_ping(&a, &b_ip, Duration::from_secs(20));
+    assert!(
+        t.is_some(),
+        "A -> B not back after B came up again\n{}",
+        b.logs()
+    );
+    eprintln!("B up again: connectivity after {:?}", t.unwrap());
+    tcp_check(&b, &a, 5003);
+    let a_router2 = container_facts(&a.container("router").unwrap()).unwrap();
+    assert_eq!(
+        (a_router.id.as_str(), a_router.started_at.as_str()),
+        (a_router2.id.as_str(), a_router2.started_at.as_str()),
+        "A's router was touched"
+    );
+
+    // Everything down; Docker's firewall and the sysctls never changed.
+    let mut exclude: Vec<String> = host.bridges.clone();
+    exclude.extend([a.spec.subnet(), b.spec.subnet(), c.spec.subnet()]);
+    b.down().unwrap();
+    c.down().unwrap();
+    a.down().unwrap();
+    let after = snapshot();
+    assert_same(
+        &[("before", &before), ("middle", &middle), ("after", &after)],
+        &exclude,
+    );
+    host.cleanup();
+}
+
+/// deploy/all-in-one: stacks D and E (VNI 1000) and F (VNI 2000), each one container
+/// running both roles.
+#[test]
+fn docker_all_in_one() {
+    require_docker!();
+    let _lock = TestLock::acquire().unwrap();
+    remove_labelled(None);
+    let images = Images::build().unwrap();
+    let state = state_dir("-aio");
+    let mut host = HostGuard::new(&[1000, 2000], std::slice::from_ref(&state)).unwrap();
+    let links_before = host_links().unwrap();
+    let before = snapshot();
+    let mtu = underlay_mtu() - 50;
+    // `privileged: true` cannot start a container on a daemon whose own bounding set
+    // lacks a capability (this machine's lacks CAP_SYS_RESOURCE: runc fails with
+    // "unable to apply caps"). VROUTER_AIO_PRIVILEGED=0 runs the same container with
+    // cap_add NET_ADMIN + SYS_ADMIN instead; the all-in-one then remounts its own copy
+    // of /proc/sys to set the router namespace's sysctls.
+    let privileged = match std::env::var("VROUTER_AIO_PRIVILEGED") {
+        Ok(v) => v != "0",
+        Err(_) => {
+            let bnd = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+            let bnd = bnd
+                .lines()
+                .find(|l| l.starts_with("CapBnd:"))
+                .and_then(|l| u64::from_str_radix(l.split_whitespace().nth(1)?, 16).ok())
+                .unwrap_or(0);
+            let last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(40);
+            let all = if last >= 63 {
+                u64::MAX
+            } else {
+                (1u64 << (last + 1)) - 1
+            };
+            bnd & all == all
+        }
+    };
+    eprintln!("all-in-one containers privileged: {privileged}");
+    let spec = |name: &str, vni, net: &str| {
+        let mut s = StackSpec::new(name, Pattern::AllInOne, vni, net, &state);
+        s.mtu = mtu;
+        if !privileged {
+            s.extra_override =
+                Some("    privileged: false\n    cap_add: [NET_ADMIN, SYS_ADMIN]\n".to_string());
+        }
+        s
+    };
+    let mut d = Stack::new(spec("d", 1000, "10.204.0"), &images).unwrap();
+    let mut e = Stack::new(spec("e", 1000, "10.205.0"), &images).unwrap();
+    let mut f = Stack::new(spec("f", 2000, "10.206.0"), &images).unwrap();
+    d.up().unwrap();
+    host.bridges.push(d.bridge().unwrap());
+    e.up().unwrap();
+    host.bridges.push(e.bridge().unwrap());
+    f.up().unwrap();
+    host.bridges.push(f.bridge().unwrap());
+    let (d_ip, e_ip, f_ip) = (web_ip(&d), web_ip(&e), web_ip(&f));
+
+    let t = wait_ping(&d, &e_ip, Duration::from_secs(30));
+    assert!(t.is_some(), "D never reached E\n{}\n{}", d.logs(), e.logs());
+    eprintln!("all-in-one D -> E converged after {:?}", t.unwrap());
+    assert!(ping(&e, &d_ip, 3, 2000));
+    tcp_check(&d, &e, 5101);
+    tcp_check(&e, &d, 5102);
+    assert_unreachable(&d, &f_ip);
+    assert_unreachable(&e, &f_ip);
+    assert_unreachable(&f, &d_ip);
+    // The router namespace hangs off D's bridge through the all-in-one's veth.
+    let veth = vrouter_discovery_veth(&d);
+    let line = link_line(&veth).unwrap_or_default();
+    assert!(
+        line.contains(&format!("master {} ", d.bridge().unwrap())),
+        "{veth} is not on D's bridge: {line:?}"
+    );
+    let middle = snapshot();
+
+    // A restart of the all-in-one container brings connectivity back.
+    d.restart("vrouter").unwrap();
+    let t = wait_ping(&d, &e_ip, Duration::from_secs(10));
+    assert!(
+        t.is_some(),
+        "D -> E not back after restarting D's all-in-one\n{}",
+        d.logs()
+    );
+    eprintln!("all-in-one restart: connectivity after {:?}", t.unwrap());
+
+    let mut exclude: Vec<String> = host.bridges.clone();
+    exclude.extend([d.spec.subnet(), e.spec.subnet(), f.spec.subnet()]);
+    f.down().unwrap();
+    e.down().unwrap();
+    d.down().unwrap();
+    for l in host_links().unwrap().difference(&links_before) {
+        assert!(
+            l.starts_with("vxlan"),
+            "link {l} stayed after the all-in-one stacks went down"
+        );
+    }
+    let after = snapshot();
+    assert_same(
+        &[("before", &before), ("middle", &middle), ("after", &after)],
+        &exclude,
+    );
+    host.cleanup();
+}
+
+/// The all-in-one's host-side veth name for a stack (mirrors
+/// vrouter_discovery::allinone::veth_name: "vra" + FNV-1a of the stack name).
+fn vrouter_discovery_veth(s: &Stack) -> String {
+    let mut h: u32 = 0x811c9dc5;
+    for b in s.spec.project().bytes() {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x01000193);
+    }
+    format!("vra{h:08x}")
+}
+
+/// Cross-host: Docker stack X on this host, stack Y on a simulated host (a namespace
+/// running the binaries natively) joined to this host by a prefixed veth pair; they
+/// talk over VXLAN both ways.
+#[test]
+fn docker_cross_host() {
+    require_docker!();
+    // The mesh takes the global test lock itself.
+    let y = StackDef::new("y", 1, 1000, "10.20.0.0/24");
+    let mesh = Mesh::start("docker_cross_host", 1, vec![y.clone()]).unwrap();
+    remove_labelled(None);
+    let images = Images::build().unwrap();
+    let p = prefix();
+    let state = state_dir("-x");
+    let conf_dir = PathBuf::from(format!("/run/{p}-docker-conf-x"));
+    let mut host = HostGuard::new(&[1000], &[state.clone(), conf_dir.clone()]).unwrap();
+    let before = snapshot();
+
+    // This host's underlay link to the simulated hosts' underlay bridge.
+    let link = format!("{p}-dkr");
+    let ul = mesh.topo.underlay_ns.clone();
+    run_ok(&[
+        "ip", "link", "add", &link, "type", "veth", "peer", "name", "dkr", "netns", &ul,
+    ])
+    .unwrap();
+    run_ok(&[
+        "ip", "netns", "exec", &ul, "ip", "link", "set", "dkr", "master", "br0", "up",
+    ])
+    .unwrap();
+    run_ok(&["ip", "addr", "add", "198.18.0.100/24", "dev", &link]).unwrap();
+    run_ok(&["ip", "link", "set", &link, "up"]).unwrap();
+    let sim = mesh.topo.host(1).underlay_ip.to_string();
+
+    let x_net = "10.207.0";
+    std::fs::write(
+        conf_dir.join("peers.toml"),
+        format!(
+            "[[host]]\naddress = \"{sim}\"\n\n[[host.stack]]\nname = \"{}\"\nvni = 1000\nprefixes = [\"{}\"]\nrouter_ip = \"{}\"\n",
+            y.name,
+            y.cidr,
+            y.router_ip()
+        ),
+    )
+    .unwrap();
+    let mut spec = StackSpec::new("x", Pattern::MultiHost, 1000, x_net, &state);
+    spec.mtu = 1450;
+    spec.discovery_env
+        .push(("VROUTER_UNDERLAY_INTERFACE".into(), link.clone()));
+    spec.compose_env
+        .push(("VROUTER_CONFIG_DIR".into(), conf_dir.display().to_string()));
+    let mut x = Stack::new(spec, &images).unwrap();
+    // The simulated host learns of X from its own peer file.
+    let sim_conf = mesh.config_path(1);
+    let tmp = sim_conf.with_extension("tmp");
+    std::fs::write(
+        &tmp,
+        format!(
+            "[[host]]\naddress = \"198.18.0.100\"\n\n[[host.stack]]\nname = \"{}\"\nvni = 1000\nprefixes = [\"{}\"]\nrouter_ip = \"{}\"\n",
+            x.spec.project(),
+            x.spec.subnet(),
+            x.spec.router_ip()
+        ),
+    )
+    .unwrap();
+    std::fs::rename(&tmp, &sim_conf).unwrap();
+
+    x.up().unwrap();
+    host.bridges.push(x.bridge().unwrap());
+    let x_ip = web_ip(&x);
+    let y_svc = mesh.svc("y");
+    let y_ip = y.service_ip();
+
+    let t = wait_ping(&x, &y_ip, Duration::from_secs(30));
+    assert!(
+        t.is_some(),
+        "X (Docker) never reached Y (simulated host)\n{}",
+        x.logs()
+    );
+    eprintln!("cross-host X -> Y converged after {:?}", t.unwrap());
+    let local = x
+        .exec("web", &["vrt-probe", "ping", &y_ip, "1", "1000"])
+        .unwrap();
+    assert!(local.success());
+    assert!(
+        vrouter_tests::ping(&y_svc.ns, &x_ip, 3, Duration::from_secs(3)),
+        "Y -> X ping failed"
+    );
+    // TCP X -> Y (Y's server sees X's own address) and Y -> X.
+    let mut srv = TcpServer::start(
+        &y_svc.ns,
+        &format!("{y_ip}:5201"),
+        mesh.topo.log_dir(),
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    let sent = x
+        .exec(
+            "web",
+            &[
+                "vrt-probe",
+                "tcp-send",
+                &format!("{y_ip}:5201"),
+                "200000",
+                "5",
+            ],
+        )
+        .unwrap();
+    assert!(
+        sent.success(),
+        "TCP X -> Y failed: {}{}",
+        sent.stdout,
+        sent.stderr
+    );
+    assert_eq!(srv.peer(FIVE_S).unwrap().ip().to_string(), x_ip);
+    srv.wait(FIVE_S).unwrap();
+    x.exec_detached(
+        "web",
+        &[
+            "vrt-probe",
+            "tcp-serve",
+            "0.0.0.0:5202",
+            "/tmp/srv-5202",
+            "20",
+        ],
+    )
+    .unwrap();
+    within(FIVE_S, || {
+        x.exec("web", &["cat", "/tmp/srv-5202.ready"])
+            .map(|o| o.success())
+            .unwrap_or(false)
+    });
+    tcp_send(&y_svc.ns, &format!("{x_ip}:5202"), 200000, FIVE_S).unwrap();
+    let seen = x.exec("web", &["cat", "/tmp/srv-5202"]).unwrap().stdout;
+    assert!(seen.contains(&format!("peer={y_ip}:")), "X saw {seen:?}");
+    // The VXLAN device is bound to the configured underlay link.
+    let vx = run_ok(&["ip", "-d", "link", "show", "vxlan1000"])
+        .unwrap()
+        .stdout;
+    assert!(
+        vx.contains("local 198.18.0.100") && vx.contains(&format!("dev {link}")),
+        "vxlan1000 is not on {link}: {vx}"
+    );
+    let middle = snapshot();
+
+    let exclude = vec![host.bridges[0].clone(), x.spec.subnet()];
+    x.down().unwrap();
+    let after = snapshot();
+    assert_same(
+        &[("before", &before), ("middle", &middle), ("after", &after)],
+        &exclude,
+    );
+    host.cleanup();
+    let _ = run(&["ip", "link", "del", &link], &[]);
+    drop(mesh);
+}
