@@ -4,6 +4,7 @@
 use crate::desired::ProbePath;
 use crate::settings::{self, Settings, StackAttachment};
 use anyhow::Context;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use vrouter_kernel::{Kernel, KernelError, Link};
 use vrouter_state::{Mac, Prefix};
 
@@ -64,6 +65,58 @@ pub async fn surroundings(kernel: &Kernel, settings: &Settings) -> anyhow::Resul
         prefixes,
         probe_path,
     })
+}
+
+/// The MAC the router gives its stack interface: Docker's historic derivation,
+/// 02:42 then the IPv4 address. A restarted router container gets a new namespace and,
+/// on recent Docker, a new random MAC, while the host's neighbour entry for the router
+/// (host steering) and the services' (after ICMP redirects) keep the old one for
+/// seconds; a MAC that only depends on the address makes them right at once. On Docker
+/// versions that derive it this way already, setting it changes nothing.
+pub fn stable_stack_mac(router_ip: Ipv4Addr) -> Mac {
+    let o = router_ip.octets();
+    Mac([0x02, 0x42, o[0], o[1], o[2], o[3]])
+}
+
+/// Gives the stack interface its [`stable_stack_mac`] (live: veth allows it while
+/// up), then sends one datagram to the gateway so that the router ARPs for it and the
+/// host refreshes its neighbour entry for the router from that request. Err is the
+/// line for the log and the event when the MAC cannot be set; the router goes on.
+pub async fn set_stable_stack_mac(
+    kernel: &Kernel,
+    index: u32,
+    ifname: &str,
+    router_ip: Ipv4Addr,
+    gateway: Option<Ipv4Addr>,
+) -> Result<(), String> {
+    let mac = stable_stack_mac(router_ip);
+    let current = kernel
+        .link_by_index(index)
+        .await
+        .map_err(|e| format!("cannot read the stack interface {ifname}: {e}"))?
+        .and_then(|l| l.mac);
+    let result = if current == Some(mac) {
+        Ok(())
+    } else {
+        match kernel.set_mac(index, mac).await {
+            Ok(()) => {
+                tracing::info!(link = ifname, %mac, previous = ?current.map(|m| m.to_string()), "stack interface MAC set");
+                Ok(())
+            }
+            Err(e) => Err(format!(
+                "cannot set the stack interface {ifname}'s MAC to {mac} ({e}); after a restart of this router the host and the services reach it only once their neighbour entries expire (a few seconds)"
+            )),
+        }
+    };
+    if let Some(gateway) = gateway {
+        // Port 9 (discard); the answer, if any, does not matter, the ARP request does.
+        let sent = std::net::UdpSocket::bind(SocketAddrV4::new(router_ip, 0))
+            .and_then(|s| s.send_to(b"vrouter", SocketAddrV4::new(gateway, 9)));
+        if let Err(e) = sent {
+            tracing::debug!(%gateway, error = %e, "gateway nudge not sent");
+        }
+    }
+    result
 }
 
 /// The overlay link as the router finds it.

@@ -1,148 +1,149 @@
 //! Same-host block detection. Docker 28.2+ drops packets that enter the host from one
 //! bridge addressed to a container of another protected bridge, which is exactly the
-//! path from a service of stack A to a service of same-host stack C. The router finds
-//! out by sending a probe to C's router marked with [`PROBE_MARK`]: its own policy rule
-//! sends marked packets out through the host (the stack network's gateway) instead of
-//! over the overlay, so the probe takes a service's path. If Docker lets it through,
-//! the host steers it back to this router, which forwards it over the overlay to C,
-//! whose echo comes straight back over the overlay.
+//! path from a service of stack A to a service of same-host stack C. The rule sits in
+//! the raw table's PREROUTING chain (`iifname != "br-C" ip daddr <container> drop`),
+//! before routing.
 //!
-//! Every router answers probes with an echo responder on `router_ip:probe_port`.
+//! The router finds out with a UDP datagram to C's router that takes a service's path
+//! and goes no further than the host:
+//! - it carries [`PROBE_MARK`] (SO_MARK), so the router's own policy rule sends it out
+//!   through the stack network's gateway (the host) instead of over the overlay;
+//! - its TTL is 1, so if the host routes it at all, forwarding expires it and the host
+//!   answers ICMP Time Exceeded. `ip_forward` checks the TTL before the FORWARD hook,
+//!   so Docker's filter rules do not matter; only the raw drop does;
+//! - the socket has IP_RECVERR, so that ICMP error lands on its error queue, read with
+//!   `recvmsg(MSG_ERRQUEUE)`.
+//!
+//! Time Exceeded means the path is open; silence after [`PROBE_TRIES`] tries means
+//! Docker dropped it. No responder is needed on the peer and no sysctl in the router
+//! (the answer comes from the host's address, not the router's own). Tries are spread
+//! [`PROBE_SPACING`] apart because the host rate-limits ICMP errors per destination
+//! (`net.ipv4.icmp_ratelimit`: one per second after a burst of six), and one answer
+//! is enough.
 
 use crate::desired::{SameHostPeer, PROBE_MARK};
+use nix::sys::socket::{self, sockopt, ControlMessageOwned, MsgFlags, SockaddrIn};
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::IoSliceMut;
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use vrouter_state::StackName;
 
-const PROBE_MAGIC: &[u8] = b"vrouter-probe ";
-const ECHO_MAGIC: &[u8] = b"vrouter-echo ";
-/// Tries per probe round, and how long each waits for the echo.
+/// Destination port of probes. Nothing listens there: the datagram never gets past
+/// the host (traceroute's first port, for whoever reads a capture).
+pub const PROBE_PORT: u16 = 33434;
+/// Probes per peer and round; one answer is enough.
 pub const PROBE_TRIES: u32 = 3;
+/// Time between tries. A peer's tries span a full second, so even when the host's
+/// ICMP rate limit is spent (many same-host peers) one of them gets an answer.
+pub const PROBE_SPACING: Duration = Duration::from_millis(500);
+/// How long to wait for an answer after the last try.
 pub const PROBE_WAIT: Duration = Duration::from_millis(1000);
 /// Time between probe rounds.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Whether the kernel accepts, on the stack interface, a packet whose source is one
-/// of the router's own addresses. A marked probe comes back from the host with the
-/// router's own address as its source; without `accept_local` the kernel drops it as
-/// a martian and every probe would report a block that is not there. `all` and the
-/// device's value are ORed by the kernel.
-pub fn accept_local_on(all: Option<&str>, dev: Option<&str>) -> bool {
-    let on = |v: Option<&str>| v.is_some_and(|v| v.trim() == "1");
-    on(all) || on(dev)
+const ICMP_TIME_EXCEEDED: u8 = 11;
+/// `SO_EE_ORIGIN_ICMP`: the queued error came from an ICMP message.
+const SO_EE_ORIGIN_ICMP: u8 = 2;
+
+/// Whether one entry of the error queue answers the probe: only ICMP Time Exceeded
+/// does (the host routed it). Local errors and unreachables say nothing. Pure.
+pub fn is_answer(origin: u8, icmp_type: u8) -> bool {
+    origin == SO_EE_ORIGIN_ICMP && icmp_type == ICMP_TIME_EXCEEDED
 }
 
-/// Reads `accept_local` for `ifname` from /proc/sys (readable with a read-only /proc/sys).
-pub fn accept_local_enabled(ifname: &str) -> bool {
-    let read = |dev: &str| {
-        std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{dev}/accept_local")).ok()
-    };
-    let dev = if ifname.is_empty() || ifname.contains('/') {
-        None
-    } else {
-        read(ifname)
-    };
-    accept_local_on(read("all").as_deref(), dev.as_deref())
+/// Binds a probe socket: from `router_ip`, marked, TTL 1, ICMP errors queued.
+fn probe_socket(router_ip: Ipv4Addr) -> std::io::Result<UdpSocket> {
+    let sock = std::net::UdpSocket::bind(SocketAddrV4::new(router_ip, 0))?;
+    // SO_MARK needs CAP_NET_ADMIN, which the router keeps for this among others.
+    socket::setsockopt(&sock, sockopt::Mark, &PROBE_MARK)?;
+    sock.set_ttl(1)?;
+    socket::setsockopt(&sock, sockopt::Ipv4RecvErr, &true)?;
+    sock.set_nonblocking(true)?;
+    UdpSocket::from_std(sock)
 }
 
-/// Why same-host probing is off, and the fix (an event at start).
-pub fn accept_local_fix(ifname: &str) -> String {
-    format!(
-        "same-host probes are off: net.ipv4.conf.all.accept_local (or .{ifname}.accept_local) is 0 in the router's namespace, so a probe returning through the host would be dropped as a martian; add sysctls: {{net.ipv4.conf.all.accept_local: 1}} to the router service to detect Docker's same-host block"
-    )
+/// One entry of a socket's error queue.
+#[derive(Debug, Clone, Copy, Default)]
+struct QueuedError {
+    origin: u8,
+    icmp_type: u8,
+    icmp_code: u8,
+    offender: Option<Ipv4Addr>,
 }
 
-/// The echo for a probe datagram, or None for anything else (the responder answers
-/// only probes, so it cannot be used to reflect arbitrary traffic).
-pub fn echo_for(datagram: &[u8]) -> Option<Vec<u8>> {
-    let nonce = datagram.strip_prefix(PROBE_MAGIC)?;
-    if nonce.is_empty() || nonce.len() > 64 {
-        return None;
+/// Reads one entry of the socket's error queue; WouldBlock when it is empty.
+fn read_error(sock: &UdpSocket) -> std::io::Result<QueuedError> {
+    let mut buf = [0u8; 256];
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let mut cmsg = nix::cmsg_space!(libc::sock_extended_err, libc::sockaddr_in);
+    let msg = socket::recvmsg::<SockaddrIn>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_ERRQUEUE | MsgFlags::MSG_DONTWAIT,
+    )?;
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::Ipv4RecvErr(ee, offender) = c {
+            return Ok(QueuedError {
+                origin: ee.ee_origin,
+                icmp_type: ee.ee_type,
+                icmp_code: ee.ee_code,
+                offender: offender.map(|a| Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr))),
+            });
+        }
     }
-    Some([ECHO_MAGIC, nonce].concat())
+    // An entry without an extended error: consumed, and no answer.
+    Ok(QueuedError::default())
 }
 
-fn probe_datagram(nonce: u64) -> Vec<u8> {
-    [PROBE_MAGIC, nonce.to_string().as_bytes()].concat()
-}
-
-fn is_echo_of(datagram: &[u8], nonce: u64) -> bool {
-    datagram.strip_prefix(ECHO_MAGIC) == Some(nonce.to_string().as_bytes())
-}
-
-/// Answers probes on `addr` until the task is dropped.
-pub async fn respond(socket: UdpSocket) {
-    let mut buf = [0u8; 128];
+/// Waits until `deadline` for an answer on the error queue.
+async fn answered(sock: &UdpSocket, target: Ipv4Addr, deadline: tokio::time::Instant) -> bool {
     loop {
-        match socket.recv_from(&mut buf).await {
-            Ok((n, from)) => {
-                if let Some(echo) = echo_for(&buf[..n]) {
-                    if let Err(e) = socket.send_to(&echo, from).await {
-                        tracing::debug!(%from, error = %e, "probe echo not sent");
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "probe responder receive failed");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+        // The error queue makes the socket report EPOLLERR.
+        let next = sock.async_io(Interest::ERROR, || read_error(sock));
+        match tokio::time::timeout_at(deadline, next).await {
+            Err(_elapsed) => return false,
+            Ok(Ok(e)) if is_answer(e.origin, e.icmp_type) => return true,
+            Ok(Ok(e)) => tracing::debug!(
+                %target, origin = e.origin, icmp_type = e.icmp_type, icmp_code = e.icmp_code,
+                offender = ?e.offender, "a probe error that is no answer"
+            ),
+            Ok(Err(e)) => {
+                tracing::debug!(%target, error = %e, "reading the probe's error queue failed");
+                tokio::time::sleep_until(deadline).await;
+                return false;
             }
         }
     }
 }
 
-/// Binds the echo responder.
-pub async fn bind_responder(router_ip: Ipv4Addr, port: u16) -> std::io::Result<UdpSocket> {
-    UdpSocket::bind(SocketAddrV4::new(router_ip, port)).await
-}
-
-/// Sends up to [`PROBE_TRIES`] marked probes from `router_ip` to `target` and reports
-/// whether an echo came back.
-pub async fn probe(router_ip: Ipv4Addr, target: Ipv4Addr, port: u16) -> std::io::Result<bool> {
-    let std_sock = std::net::UdpSocket::bind(SocketAddrV4::new(router_ip, 0))?;
-    // SO_MARK needs CAP_NET_ADMIN, which the router keeps for this among others.
-    nix::sys::socket::setsockopt(&std_sock, nix::sys::socket::sockopt::Mark, &PROBE_MARK)
-        .map_err(std::io::Error::from)?;
-    std_sock.set_nonblocking(true)?;
-    let sock = UdpSocket::from_std(std_sock)?;
-    sock.connect(SocketAddrV4::new(target, port)).await?;
-    let mut buf = [0u8; 128];
-    for _ in 0..PROBE_TRIES {
-        let nonce = nonce();
-        if let Err(e) = sock.send(&probe_datagram(nonce)).await {
-            // No route or a refused ICMP from the last try: count it as a lost try.
+/// Sends up to [`PROBE_TRIES`] marked TTL-1 probes from `router_ip` to `target` and
+/// reports whether the host answered Time Exceeded, i.e. whether the path through the
+/// host is open. Err only when the socket cannot be set up (e.g. SO_MARK without
+/// CAP_NET_ADMIN).
+pub async fn probe(router_ip: Ipv4Addr, target: Ipv4Addr) -> std::io::Result<bool> {
+    let sock = probe_socket(router_ip)?;
+    let dest = SocketAddrV4::new(target, PROBE_PORT);
+    for n in 1..=PROBE_TRIES {
+        if let Err(e) = sock.send_to(b"vrouter-probe", dest).await {
+            // An ICMP error also leaves a pending socket error, which a send reports
+            // once; the entry stays on the error queue.
             tracing::debug!(%target, error = %e, "probe not sent");
         }
-        let deadline = tokio::time::Instant::now() + PROBE_WAIT;
-        loop {
-            match tokio::time::timeout_at(deadline, sock.recv(&mut buf)).await {
-                Err(_elapsed) => break,
-                Ok(Ok(n)) if is_echo_of(&buf[..n], nonce) => return Ok(true),
-                // A late echo of an earlier try still proves the path.
-                Ok(Ok(n)) if buf[..n].starts_with(ECHO_MAGIC) => return Ok(true),
-                Ok(Ok(_)) => continue,
-                Ok(Err(e)) => {
-                    tracing::debug!(%target, error = %e, "probe receive failed");
-                    tokio::time::sleep_until(deadline).await;
-                    break;
-                }
-            }
+        let wait = if n < PROBE_TRIES {
+            PROBE_SPACING
+        } else {
+            PROBE_WAIT
+        };
+        if answered(&sock, target, tokio::time::Instant::now() + wait).await {
+            return Ok(true);
         }
     }
     Ok(false)
-}
-
-fn nonce() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.finish()
 }
 
 /// One probe round's result for one peer.
@@ -195,23 +196,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn accept_local_is_ored() {
-        assert!(!accept_local_on(None, None));
-        assert!(!accept_local_on(Some("0\n"), Some("0\n")));
-        assert!(accept_local_on(Some("1\n"), Some("0\n")));
-        assert!(accept_local_on(Some("0\n"), Some("1\n")));
-        assert!(accept_local_fix("eth0").contains("net.ipv4.conf.all.accept_local: 1"));
-    }
-
-    #[test]
-    fn responder_answers_only_probes() {
-        let p = probe_datagram(42);
-        let echo = echo_for(&p).unwrap();
-        assert!(is_echo_of(&echo, 42));
-        assert!(!is_echo_of(&echo, 43));
-        assert_eq!(echo_for(b"hello"), None);
-        assert_eq!(echo_for(PROBE_MAGIC), None);
-        assert_eq!(echo_for(&[PROBE_MAGIC, &[b'x'; 65]].concat()), None);
+    fn only_time_exceeded_answers() {
+        assert!(is_answer(SO_EE_ORIGIN_ICMP, 11));
+        // Port/host unreachable, echo reply, a local error (origin 1): no answer.
+        assert!(!is_answer(SO_EE_ORIGIN_ICMP, 3));
+        assert!(!is_answer(SO_EE_ORIGIN_ICMP, 0));
+        assert!(!is_answer(1, 11));
     }
 
     fn peer() -> SameHostPeer {
@@ -249,27 +239,19 @@ mod tests {
     }
 
     #[test]
-    fn echo_round_trip_on_loopback() {
-        // Without CAP_NET_ADMIN, SO_MARK fails; the responder half is still tested.
+    fn loopback_gives_no_answer() {
+        // On loopback nothing is forwarded, so nothing expires: the probe gets a port
+        // unreachable (not an answer) and reports the path closed. Without
+        // CAP_NET_ADMIN, SO_MARK fails first.
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         rt.block_on(async {
-            let responder = bind_responder(Ipv4Addr::LOCALHOST, 0).await.unwrap();
-            let port = responder.local_addr().unwrap().port();
-            let task = tokio::spawn(respond(responder));
-            match probe(Ipv4Addr::LOCALHOST, Ipv4Addr::LOCALHOST, port).await {
-                Ok(reachable) => assert!(reachable),
+            match probe(Ipv4Addr::LOCALHOST, Ipv4Addr::LOCALHOST).await {
+                Ok(open) => assert!(!open),
                 Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}"),
             }
-            // Silence: a port nobody answers on.
-            let quiet = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            let qport = quiet.local_addr().unwrap().port();
-            if let Ok(r) = probe(Ipv4Addr::LOCALHOST, Ipv4Addr::LOCALHOST, qport).await {
-                assert!(!r);
-            }
-            task.abort();
         });
     }
 }

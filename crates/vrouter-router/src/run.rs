@@ -74,39 +74,35 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         state_dir = %settings.state_dir.display(),
         "vrouter-router starting"
     );
-    let mut probe_off = None;
     if probe_path.is_none() {
-        probe_off = Some("same-host probes are off: the router has no default route with a gateway (the stack network's gateway is the way through the host)".to_string());
-    } else if !probe::accept_local_enabled(&stack_ifname) {
-        probe_off = Some(probe::accept_local_fix(&stack_ifname));
+        tracing::warn!("same-host probes are off: the router has no default route with a gateway (the stack network's gateway is the way through the host)");
     }
-    // Without a working probe path, no probe rule either.
-    let probe_path = if probe_off.is_none() {
-        probe_path
-    } else {
-        None
+    let events = EventSink {
+        source: format!("router/{}", spec.name),
+        stack: spec.name.clone(),
+        state: &state,
     };
+    // Before registering: the host and the services must find this router under the
+    // MAC they already know.
+    if let Err(message) = link::set_stable_stack_mac(
+        &kernel,
+        attachment.index,
+        &stack_ifname,
+        spec.router_ip,
+        probe_path.map(|p| p.gateway),
+    )
+    .await
+    {
+        tracing::warn!("{message}");
+        events.emit("stack_mac_unchanged", message);
+    }
 
     let (file_tx, mut file_rx) = mpsc::unbounded_channel::<()>();
     let _watcher = watch_routes(&settings.state_dir, file_tx);
 
-    match probe::bind_responder(spec.router_ip, settings.probe_port).await {
-        Ok(sock) => {
-            tokio::spawn(probe::respond(sock));
-        }
-        Err(e) => tracing::error!(
-            addr = %spec.router_ip, port = settings.probe_port, error = %e,
-            "cannot answer same-host probes; other routers will report this stack as blocked (is VROUTER_PROBE_PORT in use?)"
-        ),
-    }
     let (peers_tx, peers_rx) = watch::channel(BTreeSet::new());
     let (probe_tx, mut probe_rx) = mpsc::channel::<ProbeResult>(64);
-    tokio::spawn(probe_loop(
-        spec.router_ip,
-        settings.probe_port,
-        peers_rx,
-        probe_tx,
-    ));
+    tokio::spawn(probe_loop(spec.router_ip, peers_rx, probe_tx));
 
     let mut router = Router {
         source: format!("router/{}", spec.name),
@@ -132,10 +128,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let mut timer = tokio::time::interval(settings.reconcile_interval);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    if let Some(why) = probe_off {
-        tracing::warn!("{why}");
-        router.event("probe_disabled", why);
-    }
     router.reconcile(Trigger::Start).await;
     loop {
         let socket = router.discovery.socket.clone();
@@ -206,11 +198,11 @@ fn watch_routes(
 
 async fn probe_loop(
     router_ip: std::net::Ipv4Addr,
-    port: u16,
     mut peers: watch::Receiver<BTreeSet<SameHostPeer>>,
     results: mpsc::Sender<ProbeResult>,
 ) {
     let mut interval = tokio::time::interval(PROBE_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = interval.tick() => {}
@@ -221,23 +213,35 @@ async fn probe_loop(
             }
         }
         let round: Vec<SameHostPeer> = peers.borrow_and_update().iter().cloned().collect();
-        let probes = round.into_iter().map(|peer| async move {
-            match probe::probe(router_ip, peer.via, port).await {
-                Ok(reachable) => Some(ProbeResult { peer, reachable }),
+        // One peer after another: the host's ICMP rate limit is per destination (this
+        // router), so concurrent probes would compete for its answers.
+        for peer in round {
+            let result = match probe::probe(router_ip, peer.via).await {
+                Ok(reachable) => ProbeResult { peer, reachable },
                 Err(e) => {
                     tracing::warn!(peer = %peer.stack, error = %e, "cannot send a same-host probe");
-                    None
+                    continue;
                 }
-            }
-        });
-        for r in futures::future::join_all(probes)
-            .await
-            .into_iter()
-            .flatten()
-        {
-            if results.send(r).await.is_err() {
+            };
+            if results.send(result).await.is_err() {
                 return;
             }
+        }
+    }
+}
+
+/// Writes events before the router exists (at start).
+struct EventSink<'a> {
+    source: String,
+    stack: vrouter_state::StackName,
+    state: &'a StateDir,
+}
+
+impl EventSink<'_> {
+    fn emit(&self, kind: &str, message: impl Into<String>) {
+        let event = Event::new(&self.source, kind, message).for_stack(&self.stack);
+        if let Err(e) = self.state.append_event(&event) {
+            tracing::warn!(error = %e, kind, "cannot write an event");
         }
     }
 }

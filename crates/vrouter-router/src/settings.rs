@@ -11,7 +11,6 @@ use vrouter_state::{Prefix, StackName, Vni};
 
 pub const DEFAULT_VNI: u32 = 1000;
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/docker-router";
-pub const DEFAULT_PROBE_PORT: u16 = 4790;
 pub const DEFAULT_RECONCILE_INTERVAL_MS: u64 = 2000;
 
 /// Shortest reconcile interval accepted: below it the router would spend its time
@@ -41,7 +40,6 @@ SETTINGS (environment):
     VROUTER_ROUTER_IP              the router's IPv4 address on the stack network
                                    (default: the address of the interface holding
                                    the default route, else of the only interface)
-    VROUTER_PROBE_PORT             UDP port of the same-host probe echo (default 4790)
     VROUTER_RECONCILE_INTERVAL_MS  how often the kernel is checked for drift
                                    (default 2000)
     VROUTER_ALLOW_EXTRA_CAPS       1/true to run with a bounding set wider than
@@ -49,9 +47,9 @@ SETTINGS (environment):
     RUST_LOG                       log filter (default info)
 
 The container needs cap_drop: [ALL], cap_add: [NET_ADMIN], and the sysctls
-net.ipv4.ip_forward=1, net.ipv4.conf.all.rp_filter=2 (or 0), and
-net.ipv4.conf.all.accept_local=1 (same-host probes return through the host with
-the router's own address as source; without it probing is off).
+net.ipv4.ip_forward=1 and net.ipv4.conf.all.rp_filter=2 (or 0). At start the
+router sets its stack interface's MAC to 02:42 followed by its IPv4 address, so the
+host and the services find it again at once after a restart.
 ";
 
 /// A setting had a bad value; the message is one line naming the setting, the value
@@ -69,7 +67,6 @@ pub struct Settings {
     pub state_dir: PathBuf,
     /// None: derive from the interfaces at start.
     pub router_ip: Option<Ipv4Addr>,
-    pub probe_port: u16,
     pub reconcile_interval: Duration,
     pub allow_extra_caps: bool,
 }
@@ -130,19 +127,6 @@ impl Settings {
                 Ok(ip)
             })
             .transpose()?;
-        let probe_port = match get("VROUTER_PROBE_PORT") {
-            None => DEFAULT_PROBE_PORT,
-            Some(v) => match v.trim().parse::<u16>() {
-                Ok(p) if p != 0 => p,
-                _ => {
-                    return Err(bad(
-                        "VROUTER_PROBE_PORT",
-                        &v,
-                        "use a UDP port in 1..65535 (default 4790)",
-                    ))
-                }
-            },
-        };
         let reconcile_interval = match get("VROUTER_RECONCILE_INTERVAL_MS") {
             None => Duration::from_millis(DEFAULT_RECONCILE_INTERVAL_MS),
             Some(v) => match v.trim().parse::<u64>() {
@@ -178,7 +162,6 @@ impl Settings {
             prefixes,
             state_dir,
             router_ip,
-            probe_port,
             reconcile_interval,
             allow_extra_caps,
         })
@@ -367,7 +350,6 @@ mod tests {
         assert_eq!(s.prefixes, None);
         assert_eq!(s.state_dir, PathBuf::from("/var/lib/docker-router"));
         assert_eq!(s.router_ip, None);
-        assert_eq!(s.probe_port, 4790);
         assert_eq!(s.reconcile_interval, Duration::from_millis(2000));
         assert!(!s.allow_extra_caps);
         assert_eq!(s.overlay_ifname(), "ovl1000");
@@ -381,7 +363,6 @@ mod tests {
             ("VROUTER_PREFIXES", "10.1.0.0/24, 10.1.1.0/24"),
             ("VROUTER_STATE_DIR", "/srv/state"),
             ("VROUTER_ROUTER_IP", "10.1.0.254"),
-            ("VROUTER_PROBE_PORT", "5000"),
             ("VROUTER_RECONCILE_INTERVAL_MS", "500"),
             ("VROUTER_ALLOW_EXTRA_CAPS", "true"),
         ])
@@ -396,7 +377,6 @@ mod tests {
         );
         assert_eq!(s.state_dir, PathBuf::from("/srv/state"));
         assert_eq!(s.router_ip, Some(Ipv4Addr::new(10, 1, 0, 254)));
-        assert_eq!(s.probe_port, 5000);
         assert_eq!(s.reconcile_interval, Duration::from_millis(500));
         assert!(s.allow_extra_caps);
     }
@@ -429,8 +409,6 @@ mod tests {
             ("VROUTER_STATE_DIR", "state", "absolute path"),
             ("VROUTER_ROUTER_IP", "10.1.0", "IPv4 address"),
             ("VROUTER_ROUTER_IP", "127.0.0.1", "unicast"),
-            ("VROUTER_PROBE_PORT", "0", "1..65535"),
-            ("VROUTER_PROBE_PORT", "70000", "1..65535"),
             ("VROUTER_RECONCILE_INTERVAL_MS", "10", "at least 100"),
             ("VROUTER_RECONCILE_INTERVAL_MS", "soon", "milliseconds"),
             ("VROUTER_ALLOW_EXTRA_CAPS", "maybe", "1/true"),

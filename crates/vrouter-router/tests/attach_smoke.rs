@@ -300,7 +300,6 @@ fn router_attaches_reconciles_and_survives_discovery() {
         "-qw",
         "net.ipv4.ip_forward=1",
         "net.ipv4.conf.all.rp_filter=2",
-        "net.ipv4.conf.all.accept_local=1",
     ]);
 
     let dir = TempDir::new("vrr-state");
@@ -349,6 +348,9 @@ fn router_attaches_reconciles_and_survives_discovery() {
         table.contains("default via 10.1.0.1 dev eth0 proto 118"),
         "{table}"
     );
+    // The stack interface carries the stable MAC.
+    let eth0 = in_ns(&r, &["link", "show", "eth0"]);
+    assert!(eth0.contains("link/ether 02:42:0a:01:00:fe"), "{eth0}");
 
     // Health passes.
     let health = router_cmd(&r, &state_path, Some("health"))
@@ -436,14 +438,15 @@ fn remote(prefix: &str, stack: &str, via: &str) -> RemoteRoute {
     }
 }
 
-/// Two stacks on one host: the probe from A goes out through the host, which steers
-/// it back to A, over the overlay to C and back. A host that drops it (as Docker
-/// 28.2+ does for protected networks; here a prohibit route) is reported, and so is
-/// the recovery.
+/// Two stacks on one host: the TTL-1 probe from A to C's router goes out through the
+/// host, whose forwarding expires it and answers Time Exceeded. A host that drops it
+/// in the raw table before routing (as Docker 28.2+ does for protected networks: the
+/// same nftables rule here) is reported, and so is the recovery once the drop goes.
+/// No accept_local or other extra sysctl in the routers.
 #[test]
 fn same_host_probe_reports_block_and_recovery() {
-    if !can_run() {
-        eprintln!("skipped: needs root, iproute2 and setpriv");
+    if !can_run() || Command::new("nft").arg("--version").output().is_err() {
+        eprintln!("skipped: needs root, iproute2, setpriv and nft");
         return;
     }
     let tag = std::process::id();
@@ -527,40 +530,29 @@ fn same_host_probe_reports_block_and_recovery() {
             "-qw",
             "net.ipv4.ip_forward=1",
             "net.ipv4.conf.all.rp_filter=2",
-            "net.ipv4.conf.all.accept_local=1",
         ]);
     }
-    // Host steering, as discovery installs it; A's side starts out blocked.
-    sh(&[
-        "ip", "-n", &h, "rule", "add", "iif", "br-a", "lookup", "101", "pref", "1000",
-    ]);
-    sh(&[
-        "ip",
-        "-n",
-        &h,
-        "route",
-        "add",
-        "prohibit",
-        "10.3.0.0/24",
-        "table",
-        "101",
-    ]);
-    sh(&[
-        "ip", "-n", &h, "rule", "add", "iif", "br-c", "lookup", "103", "pref", "1000",
-    ]);
+    // Host steering, as discovery installs it.
+    for (br, table, dst, via) in [
+        ("br-a", "101", "10.3.0.0/24", "10.1.0.254"),
+        ("br-c", "103", "10.1.0.0/24", "10.3.0.254"),
+    ] {
+        sh(&[
+            "ip", "-n", &h, "rule", "add", "iif", br, "lookup", table, "pref", "1000",
+        ]);
+        sh(&[
+            "ip", "-n", &h, "route", "add", dst, "via", via, "dev", br, "table", table,
+        ]);
+    }
+    // C's network is protected as by Docker 28.2+: a raw-table drop of packets to C's
+    // containers that enter from anywhere but C's bridge. A's network is not.
     sh(&[
         "ip",
-        "-n",
+        "netns",
+        "exec",
         &h,
-        "route",
-        "add",
-        "10.1.0.0/24",
-        "via",
-        "10.3.0.254",
-        "dev",
-        "br-c",
-        "table",
-        "103",
+        "nft",
+        "add table ip vrt_raw; add chain ip vrt_raw PREROUTING { type filter hook prerouting priority raw; policy accept; }; add rule ip vrt_raw PREROUTING iifname != \"br-c\" ip daddr 10.3.0.254 drop",
     ]);
 
     let dir = TempDir::new("vrp-state");
@@ -628,24 +620,97 @@ fn same_host_probe_reports_block_and_recovery() {
     // C's path through the host is open: no block reported.
     assert!(events("same_host_blocked", "c").is_empty());
 
-    // Unblock: the host steers A's traffic back to router A.
-    sh(&[
-        "ip",
-        "-n",
-        &h,
-        "route",
-        "replace",
-        "10.3.0.0/24",
-        "via",
-        "10.1.0.254",
-        "dev",
-        "br-a",
-        "table",
-        "101",
-    ]);
+    // Unblock: as with gateway_mode_ipv4=nat-unprotected, no raw drop.
+    sh(&["ip", "netns", "exec", &h, "nft", "delete table ip vrt_raw"]);
     wait_for("A reports recovery", Duration::from_secs(20), || {
         !events("same_host_ok", "a").is_empty()
     });
     assert_eq!(events("same_host_blocked", "a").len(), 1, "reported once");
     assert!(events("same_host_blocked", "c").is_empty());
+}
+
+/// A router in a fresh namespace (as after a container restart: a new veth with a new
+/// random MAC) sets its stack interface's MAC to 02:42:<IPv4>, with the link up, and
+/// the host's neighbour entry for the router, still holding the previous MAC, is
+/// corrected at once by the router's ARP for its gateway.
+#[test]
+fn stack_interface_gets_stable_mac_and_host_learns_it() {
+    if !can_run() {
+        eprintln!("skipped: needs root, iproute2 and setpriv");
+        return;
+    }
+    let tag = std::process::id();
+    let (h, r) = (format!("vrm{tag}h"), format!("vrm{tag}r"));
+    let _ns = Netns(vec![h.clone(), r.clone()]);
+    sh(&["ip", "netns", "add", &h]);
+    sh(&["ip", "netns", "add", &r]);
+    sh(&[
+        "ip", "-n", &h, "link", "add", "br-a", "type", "veth", "peer", "name", "eth0", "netns", &r,
+    ]);
+    sh(&["ip", "-n", &h, "addr", "add", "10.1.0.1/24", "dev", "br-a"]);
+    sh(&["ip", "-n", &h, "link", "set", "br-a", "up"]);
+    sh(&["ip", "-n", &r, "link", "set", "lo", "up"]);
+    sh(&[
+        "ip",
+        "-n",
+        &r,
+        "addr",
+        "add",
+        "10.1.0.254/24",
+        "dev",
+        "eth0",
+    ]);
+    sh(&["ip", "-n", &r, "link", "set", "eth0", "up"]);
+    sh(&["ip", "-n", &r, "route", "add", "default", "via", "10.1.0.1"]);
+    let old = "02:11:22:33:44:55";
+    sh(&["ip", "-n", &r, "link", "set", "eth0", "address", old]);
+    // The host knows the router under the old MAC (as after the previous container).
+    sh(&[
+        "ip",
+        "-n",
+        &h,
+        "neigh",
+        "replace",
+        "10.1.0.254",
+        "lladdr",
+        old,
+        "dev",
+        "br-a",
+        "nud",
+        "reachable",
+    ]);
+
+    let dir = TempDir::new("vrm-state");
+    let state = StateDir::open(&dir.0).unwrap();
+    let started = Instant::now();
+    let _router = Router(
+        router_cmd(&r, &dir.0, None)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let stable = "02:42:0a:01:00:fe";
+    wait_for(
+        "the host to learn the stable MAC",
+        Duration::from_secs(3),
+        || in_ns(&h, &["neigh", "show", "10.1.0.254", "dev", "br-a"]).contains(stable),
+    );
+    eprintln!(
+        "host neighbour corrected {:?} after the router started",
+        started.elapsed()
+    );
+    let eth0 = in_ns(&r, &["link", "show", "eth0"]);
+    assert!(eth0.contains(&format!("link/ether {stable}")), "{eth0}");
+    assert!(eth0.contains("state UP") || eth0.contains(",UP"), "{eth0}");
+    // Nothing was flushed: the default route stays.
+    let routes = in_ns(&r, &["route", "show", "default"]);
+    assert!(routes.contains("default via 10.1.0.1 dev eth0"), "{routes}");
+    assert!(
+        !state
+            .read_events()
+            .unwrap()
+            .iter()
+            .any(|e| e.kind == "stack_mac_unchanged"),
+        "no event when the MAC was set"
+    );
 }
