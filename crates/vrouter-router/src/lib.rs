@@ -3,6 +3,19 @@
 //! the overlay link discovery moves in, and keeps its neighbours, routes and probe
 //! rule reconciled to routes.json.
 //!
+//! At start, before registering, the router gives its stack interface a stable MAC,
+//! 02:42 followed by its IPv4 address (Docker's historic derivation, so a no-op where
+//! Docker still derives it), and sends one datagram to the gateway so that it ARPs and
+//! the host refreshes its neighbour entry for the router. A restarted router container
+//! gets a fresh namespace and, on recent Docker, a random MAC; with the stable one the
+//! host's steering neighbour and the services' entries stay right and traffic does not
+//! stall until their neighbour entries are probed again. Failing to set it is logged
+//! and reported (`stack_mac_unchanged`), and the router goes on.
+//!
+//! Same-host block detection ([`probe`]) needs no responder and no sysctl: a marked
+//! TTL-1 probe is answered by the host's ICMP Time Exceeded unless Docker's raw-table
+//! drop swallows it.
+//!
 //! Pure parts ([`settings`], [`desired`], [`diff`]) are tested without root; [`apply`]
 //! and [`link`] are the only modules that touch the kernel.
 
