@@ -25,6 +25,31 @@ for l in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 |
   ip link show "$l" >/dev/null 2>&1 || continue  # a veth peer goes with its pair
   if ip link del "$l"; then echo "removed link $l"; else rc=1; fi
 done
+# ---- Docker end-to-end tests (tests/src/docker.rs) -----------------------------------
+# Containers carry the label com.docker-vrouter.test=<prefix>; compose projects, and so
+# their networks (<prefix><stack>_stack), are named with the prefix; the images are
+# tagged docker-vrouter/*:<prefix>-test; state and config under /run/<prefix>-docker-*.
+# Steering rules of the project (protocol 118) whose bridge is gone ("detached") are
+# garbage of a stopped discovery.
+if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
+  for c in $(docker ps -aq --filter "label=com.docker-vrouter.test=$p"); do
+    if docker rm -f "$c" >/dev/null; then echo "removed container $c"; else rc=1; fi
+  done
+  for n in $(docker network ls --format '{{.Name}}' | grep -E "^$p[a-z0-9]*_stack\$"); do
+    if docker network rm "$n" >/dev/null; then echo "removed network $n"; else rc=1; fi
+  done
+  for i in discovery router testsvc; do
+    if docker image inspect "docker-vrouter/$i:$p-test" >/dev/null 2>&1; then
+      docker rmi -f "docker-vrouter/$i:$p-test" >/dev/null && echo "removed image docker-vrouter/$i:$p-test"
+    fi
+  done
+fi
+ip -4 rule show 2>/dev/null | grep 'proto 118' | grep '\[detached\]' | while read -r pref _ _ _ iif _ _ table _; do
+  pref=${pref%:}
+  ip -4 rule del pref "$pref" iif "$iif" table "$table" && echo "removed detached rule $pref iif $iif"
+done
+rm -rf /run/"$p"-docker-conf* 2>/dev/null
+# --------------------------------------------------------------------------------------
 left=$(ip netns list 2>/dev/null | awk '{print $1}' | grep "^$p-")
 [ -n "$left" ] && { echo "cleanup.sh: still present: $left" >&2; rc=1; }
 exit $rc

@@ -339,7 +339,6 @@ impl Plumbing {
                 ("/proc/sys/net/ipv4/ip_forward", "1"),
                 ("/proc/sys/net/ipv4/conf/all/rp_filter", "2"),
                 ("/proc/sys/net/ipv4/conf/default/rp_filter", "2"),
-                ("/proc/sys/net/ipv4/conf/all/accept_local", "1"),
             ] {
                 write_sysctl(path, value)?;
             }

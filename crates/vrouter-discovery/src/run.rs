@@ -55,10 +55,21 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                     std::process::id()
                 ),
             ));
-            let d2 = StateDir::open(&settings.state_dir)?;
-            tokio::task::spawn_blocking(move || d2.lead_blocking())
-                .await
-                .context("standby wait failed")??
+            // Poll instead of blocking in lead_blocking: a standby must still stop at once
+            // on SIGTERM (as PID 1 of a container an unhandled SIGTERM is ignored, so
+            // `docker stop` waited its full timeout and SIGKILLed it).
+            let mut term = signal(SignalKind::terminate())?;
+            let mut int = signal(SignalKind::interrupt())?;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = term.recv() => return Ok(()),
+                    _ = int.recv() => return Ok(()),
+                }
+                if let Some(l) = dir.try_lead()? {
+                    break l;
+                }
+            }
         }
     };
     info!("leader lock acquired");
