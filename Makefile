@@ -31,8 +31,9 @@ images: musl
 	@docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep '^docker-vrouter/.*:$(IMAGE_TAG) '
 
 # End-to-end tests against the real Docker engine (root; builds the images itself).
+# The cross-host test runs the musl binaries natively on its simulated host.
 docker-test: musl
-	$(CARGO) test --release -p vrouter-tests --test docker_e2e -- --test-threads=1
+	VROUTER_BIN_DIR=$(CURDIR)/target/$(MUSL_TARGET)/release $(CARGO) test --release -p vrouter-tests --test docker_e2e -- --test-threads=1
 
 demo: setup build
 	bash .ci/cleanup
