@@ -184,6 +184,15 @@ impl Host {
                 "0",
             ],
         )?;
+        // Docker gives every bridge a random MAC of its own; without one a Linux bridge
+        // takes its lowest port's MAC and changes it when containers come and go.
+        let n = self.networks.len() as u8;
+        let idx = self.index as u8;
+        let mac = format!(
+            "02:42:b0:{idx:02x}:{n:02x}:{:02x}",
+            std::process::id() as u8
+        );
+        exec_ok(ns, &["ip", "link", "set", &bridge, "address", &mac])?;
         exec_ok(
             ns,
             &[
