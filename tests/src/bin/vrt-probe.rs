@@ -11,6 +11,12 @@
 //!   tcp-hold <ip:port> <seconds> [max_stall_ms=2000]
 //!       Keep one connection for <seconds>, sending a 16-byte message every 100 ms and
 //!       reading its echo; fails on any error or a round trip longer than max_stall_ms.
+//!   tcp-sink <ip:port> <outfile> [idle_timeout_s=30]
+//!       Like tcp-serve, but discards what it reads (for throughput), and at EOF writes
+//!       `bytes=<n>` to <outfile> and closes.
+//!   tcp-blast <ip:port> <bytes> [timeout_s=60]
+//!       Connect, send <bytes> bytes in 1 MiB writes, wait for the sink to close, print
+//!       `ok bytes=<n> secs=<s> mbit_s=<r>`.
 //!   ping <ipv4> <count> <timeout_ms>
 //!       ICMP echo (ping socket if ping_group_range allows, raw socket otherwise); prints
 //!       `sent=<n> received=<m>`, exit 0 if at least one reply arrived.
@@ -57,6 +63,16 @@ fn main() {
             arg(&args, 2, None),
             arg(&args, 3, Some(2000u64)),
         ),
+        Some("tcp-sink") => tcp_sink(
+            arg(&args, 1, None),
+            arg::<String>(&args, 2, None),
+            arg(&args, 3, Some(30u64)),
+        ),
+        Some("tcp-blast") => tcp_blast(
+            arg(&args, 1, None),
+            arg(&args, 2, None),
+            arg(&args, 3, Some(60u64)),
+        ),
         Some("ping") => ping(
             arg(&args, 1, None),
             arg(&args, 2, None),
@@ -64,6 +80,64 @@ fn main() {
         ),
         _ => usage(),
     }
+}
+
+fn tcp_sink(addr: SocketAddr, outfile: String, idle_s: u64) {
+    let idle = Duration::from_secs(idle_s.max(1));
+    let l = TcpListener::bind(addr).unwrap_or_else(|e| fail(format!("bind {addr}: {e}")));
+    write_atomic(&format!("{outfile}.ready"), "ready\n");
+    l.set_nonblocking(true).expect("nonblocking");
+    let start = Instant::now();
+    let (mut s, peer) = loop {
+        match l.accept() {
+            Ok(x) => break x,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if start.elapsed() > idle {
+                    fail(format!("no connection within {idle:?}"));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => fail(format!("accept: {e}")),
+        }
+    };
+    s.set_nonblocking(false).expect("blocking");
+    s.set_read_timeout(Some(idle)).expect("timeout");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n as u64,
+            Err(e) => fail(format!("read after {total} bytes: {e}")),
+        }
+    }
+    write_atomic(&outfile, &format!("peer={peer}\nbytes={total}\n"));
+    println!("done bytes={total}");
+}
+
+fn tcp_blast(addr: SocketAddr, bytes: usize, timeout_s: u64) {
+    let to = Duration::from_secs(timeout_s.max(1));
+    let mut s = TcpStream::connect_timeout(&addr, to)
+        .unwrap_or_else(|e| fail(format!("connect {addr}: {e}")));
+    s.set_write_timeout(Some(to)).expect("timeout");
+    s.set_read_timeout(Some(to)).expect("timeout");
+    let chunk = vec![0x5au8; 1 << 20];
+    let t = Instant::now();
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        s.write_all(&chunk[..n])
+            .unwrap_or_else(|e| fail(format!("write: {e}")));
+        left -= n;
+    }
+    let _ = s.shutdown(Shutdown::Write);
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "ok bytes={bytes} secs={secs:.3} mbit_s={:.0}",
+        bytes as f64 * 8.0 / secs / 1e6
+    );
 }
 
 fn write_atomic(path: &str, content: &str) {
