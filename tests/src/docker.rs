@@ -670,8 +670,8 @@ pub fn container_facts(id: &str) -> Result<ContainerFacts> {
     // Fields: id parent major:minor root mountpoint options ...; the last "/" wins.
     let root_opts = mountinfo
         .lines()
-        .filter(|l| l.split_whitespace().nth(4) == Some("/"))
-        .last()
+        .rev()
+        .find(|l| l.split_whitespace().nth(4) == Some("/"))
         .and_then(|l| l.split_whitespace().nth(5).map(|s| s.to_string()))
         .unwrap_or_default();
     Ok(ContainerFacts {

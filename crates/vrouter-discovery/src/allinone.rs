@@ -528,7 +528,7 @@ impl Msg {
         self.buf.extend_from_slice(&v.to_ne_bytes());
     }
     fn pad(&mut self) {
-        while self.buf.len() % 4 != 0 {
+        while !self.buf.len().is_multiple_of(4) {
             self.buf.push(0);
         }
     }
