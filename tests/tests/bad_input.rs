@@ -114,7 +114,9 @@ fn router_rejects_bad_settings_with_one_clear_line() {
     let dir = tmpdir("rtr");
     let d = dir.display().to_string();
     let bin = router();
-    let cases: &[(&[(&str, &str)], &[&str])] = &[
+    // (environment, what the one error line must mention)
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: &[Case] = &[
         (&[("VROUTER_STATE_DIR", &d)], &["VROUTER_STACK"]),
         (
             &[

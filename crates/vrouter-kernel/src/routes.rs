@@ -100,7 +100,7 @@ fn describe(route: &Route) -> String {
 
 fn route_message(route: &Route, delete: bool) -> RouteMessage {
     let mut builder = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(route.dst.addr(), route.dst.len())
+        .destination_prefix(route.dst.addr(), route.dst.prefix_len())
         .protocol(RouteProtocol::from(route.protocol))
         .kind(RouteType::Unicast);
     if let Some(gw) = route.gateway {
