@@ -543,3 +543,60 @@ fn lost_overlay_link_is_reattached_without_disturbing_other_stacks() {
     );
     assert!(reachable(&mesh, "f", "d"));
 }
+
+#[test]
+fn cleanup_removes_what_discovery_made_once_the_stacks_are_gone() {
+    require_root!();
+    let mut mesh = two_hosts("cleanup");
+    mesh.wait_converged(CONVERGE).unwrap();
+    let h1 = mesh.topo.host(1).ns.clone();
+    let bin = vrouter_tests::mesh::bin_dir()
+        .unwrap()
+        .join("vrouter-discovery");
+    let dir = mesh.state_dir(1).display().to_string();
+    let cleanup = |mesh: &Mesh| {
+        let mut d = mesh
+            .topo
+            .host(1)
+            .spawn_privileged(
+                bin.to_str().unwrap(),
+                &["--state-dir", &dir, "cleanup"],
+                &[],
+            )
+            .unwrap();
+        let status = d
+            .wait_exit(Duration::from_secs(10))
+            .unwrap()
+            .expect("cleanup finished");
+        (status.success(), d.stdout() + &d.stderr())
+    };
+    // Refused while a discovery is active.
+    let (ok, out) = cleanup(&mesh);
+    assert!(!ok && out.contains("stop it"), "{out}");
+
+    // `compose down` of the last stack: router and discovery both get SIGTERM.
+    mesh.stop_router("a", libc::SIGTERM).unwrap();
+    mesh.stop_discovery(1, libc::SIGTERM).unwrap();
+    let (ok, out) = cleanup(&mesh);
+    assert!(ok, "{out}");
+    assert!(out.contains("removed vxlan1000"), "{out}");
+    let links = exec_ok(Some(&h1), &["ip", "-o", "link", "show"])
+        .unwrap()
+        .stdout;
+    assert!(!links.contains("vxlan1000"), "{links}");
+    let rules = exec_ok(Some(&h1), &["ip", "rule", "show"]).unwrap().stdout;
+    assert!(!rules.contains("proto 118"), "{rules}");
+    let routes = exec_ok(
+        Some(&h1),
+        &["ip", "route", "show", "table", "all", "proto", "118"],
+    )
+    .unwrap()
+    .stdout;
+    assert!(routes.trim().is_empty(), "{routes}");
+    // The other host is untouched.
+    assert!(exec_ok(
+        Some(&mesh.topo.host(2).ns),
+        &["ip", "link", "show", "vxlan1000"]
+    )
+    .is_ok());
+}

@@ -292,3 +292,60 @@ pub fn check_config(settings: &Settings) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(&peers)?);
     Ok(())
 }
+
+/// Removes what discovery made on this host: the VXLAN devices it recorded as its own,
+/// every steering rule and steering-table route stamped with its protocol, and the
+/// state files. Holds the leader lock meanwhile, so it never races an active discovery.
+pub async fn cleanup(settings: &Settings) -> anyhow::Result<()> {
+    use vrouter_state::RTPROT_VROUTER;
+    let dir = StateDir::open(&settings.state_dir)?;
+    let Some(_lead) = dir.try_lead()? else {
+        anyhow::bail!(
+            "a discovery is active on {}; stop it (and its standbys) before cleaning up",
+            settings.state_dir.display()
+        );
+    };
+    let kernel = Kernel::connect().await?;
+    let mut removed = Vec::new();
+    if let Ok(d) = dir.read_discovery() {
+        for vni in d.devices {
+            if let Some(l) = kernel.link_by_name(&vni.vxlan_ifname()).await? {
+                if l.kind.as_deref() == Some("vxlan") {
+                    kernel.delete_link(l.index).await?;
+                    removed.push(l.name);
+                }
+            }
+        }
+    }
+    for rule in kernel.rules().await? {
+        if rule.protocol != RTPROT_VROUTER || rule.iif.is_none() || rule.fwmark.is_some() {
+            continue;
+        }
+        for route in kernel.routes(rule.table).await? {
+            if route.protocol == RTPROT_VROUTER {
+                kernel.delete_route(&route).await?;
+                removed.push(format!("route {} table {}", route.dst, route.table));
+            }
+        }
+        kernel.delete_rule(&rule).await?;
+        removed.push(format!(
+            "rule iif {} table {}",
+            rule.iif.as_deref().unwrap_or("?"),
+            rule.table
+        ));
+    }
+    for name in [vrouter_state::DISCOVERY_FILE, vrouter_state::ROUTES_FILE] {
+        let path = settings.state_dir.join(name);
+        if path.exists() {
+            std::fs::remove_file(&path)?;
+            removed.push(path.display().to_string());
+        }
+    }
+    if removed.is_empty() {
+        println!("nothing to remove");
+    }
+    for r in removed {
+        println!("removed {r}");
+    }
+    Ok(())
+}

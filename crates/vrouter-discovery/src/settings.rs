@@ -27,6 +27,10 @@ pub enum Command {
     Health,
     /// Parse and check the static peer configuration, print the peers, and exit.
     CheckConfig,
+    /// Remove everything discovery made on this host (its VXLAN devices, steering rules
+    /// and routes, and the state files), after the last stack is down. Refuses while a
+    /// discovery is active on the state directory.
+    Cleanup,
     /// Both roles in one privileged host-network container: the router runs in a private
     /// network namespace plugged into the stack's bridge (deploy/all-in-one).
     AllInOne(crate::allinone::AllInOneArgs),
