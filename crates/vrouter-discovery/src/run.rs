@@ -2,7 +2,6 @@
 //! feeds the controller. All kernel work happens on the loop's task, one at a time.
 
 use crate::controller::Controller;
-use crate::peers::{NoPeers, PeerSource, StaticPeers};
 use crate::registry::ConnId;
 use crate::settings::Settings;
 use anyhow::Context;
@@ -74,10 +73,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     info!("leader lock acquired");
     let kernel = Kernel::connect().await?;
-    let source: Box<dyn PeerSource> = match &settings.config {
-        Some(p) => Box::new(StaticPeers::new(p)),
-        None => Box::new(NoPeers),
-    };
+    let source = crate::peers::from_settings(&settings).map_err(anyhow::Error::msg)?;
     let mut ctl = Controller::new(settings.clone(), dir, kernel, source).await?;
     let listener = AttachListener::bind(&StateDir::open(&settings.state_dir)?.socket_path())
         .with_context(|| {
@@ -285,10 +281,14 @@ pub fn health(settings: &Settings) -> anyhow::Result<()> {
 
 /// Checks the peer configuration and prints what it declares.
 pub fn check_config(settings: &Settings) -> anyhow::Result<()> {
-    let Some(path) = &settings.config else {
-        anyhow::bail!("no peer configuration given; set --config / VROUTER_CONFIG");
-    };
-    let peers = StaticPeers::new(path).load().map_err(anyhow::Error::msg)?;
+    if settings.config.is_none() && settings.peers.is_none() {
+        anyhow::bail!(
+            "no peer configuration given; set --config / VROUTER_CONFIG or --peers / VROUTER_PEERS"
+        );
+    }
+    let peers = crate::peers::from_settings(settings)
+        .and_then(|mut s| s.load())
+        .map_err(anyhow::Error::msg)?;
     println!("{}", serde_json::to_string_pretty(&peers)?);
     Ok(())
 }

@@ -62,6 +62,10 @@ pub struct Settings {
     #[arg(long, env = "VROUTER_CONFIG")]
     pub config: Option<PathBuf>,
 
+    /// Static peers inline, in the configuration file's TOML format (instead of --config).
+    #[arg(long, env = "VROUTER_PEERS", hide_env_values = true)]
+    pub peers: Option<String>,
+
     /// Turn on source-address learning on the VXLAN devices (off by default: static
     /// entries make it unnecessary, and learned rows hide missing static rows).
     #[arg(long, env = "VROUTER_VXLAN_LEARNING", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]

@@ -20,6 +20,45 @@ pub trait PeerSource: Send {
     fn watched_files(&self) -> Vec<std::path::PathBuf>;
 }
 
+/// Static peers given inline (`--peers` / `VROUTER_PEERS`), in the same TOML format as
+/// the file: handy in a compose file's `environment:` as a block scalar. Fixed for the
+/// life of the process.
+pub struct InlinePeers {
+    text: String,
+}
+
+impl InlinePeers {
+    pub fn new(text: &str) -> InlinePeers {
+        InlinePeers {
+            text: text.to_string(),
+        }
+    }
+}
+
+impl PeerSource for InlinePeers {
+    fn name(&self) -> &'static str {
+        "static"
+    }
+    fn load(&mut self) -> Result<Vec<PeerHost>, String> {
+        parse_static_config(&self.text, "--peers / VROUTER_PEERS")
+    }
+    fn watched_files(&self) -> Vec<std::path::PathBuf> {
+        Vec::new()
+    }
+}
+
+/// Picks the peer source from the settings; both a file and inline peers is an error.
+pub fn from_settings(s: &crate::settings::Settings) -> Result<Box<dyn PeerSource>, String> {
+    match (&s.config, &s.peers) {
+        (Some(_), Some(_)) => Err(
+            "both --config / VROUTER_CONFIG and --peers / VROUTER_PEERS are set; give the peers in one place".into(),
+        ),
+        (Some(path), None) => Ok(Box::new(StaticPeers::new(path))),
+        (None, Some(text)) => Ok(Box::new(InlinePeers::new(text))),
+        (None, None) => Ok(Box::new(NoPeers)),
+    }
+}
+
 /// A source with no peers, for a host that only has local stacks.
 pub struct NoPeers;
 
@@ -32,5 +71,39 @@ impl PeerSource for NoPeers {
     }
     fn watched_files(&self) -> Vec<std::path::PathBuf> {
         Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn settings(args: &[&str]) -> crate::settings::Settings {
+        let mut v = vec!["vrouter-discovery"];
+        v.extend_from_slice(args);
+        crate::settings::Cli::try_parse_from(v).unwrap().settings
+    }
+
+    #[test]
+    fn inline_peers_parse_like_the_file() {
+        let text = "[[host]]\naddress = \"198.18.0.2\"\n[[host.stack]]\nname = \"b\"\nprefixes = [\"10.2.0.0/24\"]\nrouter_ip = \"10.2.0.254\"\n";
+        let mut src = from_settings(&settings(&["--peers", text])).unwrap();
+        let peers = src.load().unwrap();
+        assert_eq!(peers.len(), 1);
+        assert_eq!(peers[0].stacks[0].name.as_str(), "b");
+        let mut bad =
+            from_settings(&settings(&["--peers", "[[host]]\naddress = \"x\"\n"])).unwrap();
+        let e = bad.load().unwrap_err();
+        assert!(e.starts_with("--peers / VROUTER_PEERS"), "{e}");
+    }
+
+    #[test]
+    fn one_source_only() {
+        let e = from_settings(&settings(&["--peers", "", "--config", "/x"]))
+            .err()
+            .unwrap();
+        assert!(e.contains("one place"), "{e}");
+        assert_eq!(from_settings(&settings(&[])).unwrap().name(), "none");
     }
 }
