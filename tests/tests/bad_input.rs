@@ -188,77 +188,135 @@ fn router_refuses_extra_capabilities() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// One simulated host with stack a's router, prepared by `prepare` (which runs before
+/// the daemons start), then discovery and the router under Docker's privileges.
+struct OneHost {
+    _daemons: Vec<Daemon>,
+    topo: Topology,
+    rtr: Container,
+    state: std::path::PathBuf,
+}
+
+impl OneHost {
+    fn start(test: &str, prepare: impl FnOnce(&mut Host)) -> OneHost {
+        let mut topo = Topology::builder(test).hosts(1).build().unwrap();
+        let h = topo.host_mut(1);
+        h.add_network("a", "10.1.0.0/24", Protection::Protected)
+            .unwrap();
+        let rtr = h
+            .add_container("a", "rtr", "10.1.0.254", Role::Router)
+            .unwrap();
+        prepare(h);
+        let state = std::path::PathBuf::from(format!("/run/{}-state-{test}", prefix()));
+        let _ = std::fs::remove_dir_all(&state);
+        std::fs::create_dir_all(&state).unwrap();
+        let s = state.display().to_string();
+        let disc = h
+            .spawn_privileged(&discovery(), &["--state-dir", &s], &[])
+            .unwrap();
+        let r = rtr
+            .spawn_privileged(
+                &router(),
+                &[],
+                &[("VROUTER_STACK", "a"), ("VROUTER_STATE_DIR", &s)],
+            )
+            .unwrap();
+        OneHost {
+            _daemons: vec![disc, r],
+            topo,
+            rtr,
+            state,
+        }
+    }
+
+    fn events(&self) -> Vec<vrouter_state::Event> {
+        vrouter_state::StateDir::open(&self.state)
+            .ok()
+            .and_then(|d| d.read_events().ok())
+            .unwrap_or_default()
+    }
+
+    fn wait_event(&self, what: impl Fn(&str) -> bool) -> bool {
+        wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+            self.events().iter().any(|e| what(&e.message))
+        })
+    }
+
+    fn host_links(&self) -> String {
+        exec_ok(Some(&self.topo.host(1).ns), &["ip", "-o", "link", "show"])
+            .unwrap()
+            .stdout
+    }
+}
+
+impl Drop for OneHost {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
 #[test]
 fn udp_port_in_use_is_reported_and_nothing_is_left_behind() {
     require_root!();
-    let mut topo = Topology::builder("port_in_use").hosts(1).build().unwrap();
-    let h = topo.host_mut(1);
-    h.add_network("a", "10.1.0.0/24", Protection::Protected)
-        .unwrap();
-    let rtr = h
-        .add_container("a", "rtr", "10.1.0.254", Role::Router)
-        .unwrap();
-    let ns = h.ns.clone();
-    // A plain UDP socket holds the VXLAN port.
-    let mut holder = h
-        .spawn(
-            "python3",
-            &["-c", "import socket,time; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', 4789)); print('bound', flush=True); time.sleep(60)"],
-            &[],
-        )
-        .unwrap();
-    assert!(holder.wait_for_output("bound", Duration::from_secs(5)));
-    let state = std::path::PathBuf::from(format!("/run/{}-state-port", prefix()));
-    let _ = std::fs::remove_dir_all(&state);
-    std::fs::create_dir_all(&state).unwrap();
-    let s = state.display().to_string();
-    let _disc = h
-        .spawn_privileged(&discovery(), &["--state-dir", &s], &[])
-        .unwrap();
-    let _rtr = rtr
-        .spawn_privileged(
-            &router(),
-            &[],
-            &[("VROUTER_STACK", "a"), ("VROUTER_STATE_DIR", &s)],
-        )
-        .unwrap();
-    let events = || {
-        vrouter_state::StateDir::open(&state)
-            .unwrap()
-            .read_events()
-            .unwrap_or_default()
-    };
-    let reported = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
-        events().iter().any(|e| {
-            e.message.contains("UDP port 4789 is in use")
-                && e.message.contains("VROUTER_VXLAN_PORT")
-        })
+    let mut holder = None;
+    let t = OneHost::start("port", |h| {
+        // A plain UDP socket holds the VXLAN port.
+        let d = h
+            .spawn(
+                "python3",
+                &["-c", "import socket,time; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', 4789)); print('bound', flush=True); time.sleep(60)"],
+                &[],
+            )
+            .unwrap();
+        assert!(d.wait_for_output("bound", Duration::from_secs(5)));
+        holder = Some(d);
     });
     assert!(
-        reported,
+        t.wait_event(|m| m.contains("UDP port 4789 is in use") && m.contains("VROUTER_VXLAN_PORT")),
         "no clear event for the port in use: {:#?}",
-        events()
+        t.events()
     );
-    // No half-built device.
-    let links = exec_ok(Some(&ns), &["ip", "-o", "link", "show"])
-        .unwrap()
-        .stdout;
-    assert!(!links.contains("vxlan1000"), "device left behind:\n{links}");
-    assert!(!links.contains("vrm"), "macvlan left behind:\n{links}");
+    let links = t.host_links();
+    assert!(
+        !links.contains("vxlan1000") && !links.contains("vrm"),
+        "half-built state:\n{links}"
+    );
     // Once the port is free, the router gets attached without a restart.
-    holder.kill(libc::SIGKILL).unwrap();
+    holder.unwrap().kill(libc::SIGKILL).unwrap();
     let attached = wait_until(Duration::from_secs(15), Duration::from_millis(200), || {
-        exec(Some(&rtr.ns), &["ip", "link", "show", "ovl1000"])
+        exec(Some(&t.rtr.ns), &["ip", "link", "show", "ovl1000"])
             .map(|o| o.success())
             .unwrap_or(false)
     });
     assert!(
         attached,
         "router not attached after the port was freed: {:#?}",
-        events()
+        t.events()
     );
-    drop(topo);
-    let _ = std::fs::remove_dir_all(&state);
+}
+
+#[test]
+fn duplicate_vni_is_reported_and_nothing_is_left_behind() {
+    require_root!();
+    let t = OneHost::start("dupvni", |h| {
+        // Someone else's VXLAN device already uses VNI 1000 on port 4789.
+        h.exec_ok(&[
+            "ip", "link", "add", "foreign0", "type", "vxlan", "id", "1000", "dstport", "4789",
+            "dev", "eth0",
+        ])
+        .unwrap();
+    });
+    assert!(
+        t.wait_event(|m| m.contains("VNI 1000 is already used by another VXLAN device")),
+        "no clear event for the duplicate VNI: {:#?}",
+        t.events()
+    );
+    let links = t.host_links();
+    assert!(
+        !links.contains("vxlan1000") && !links.contains("vrm"),
+        "half-built state:\n{links}"
+    );
+    assert!(links.contains("foreign0"), "the foreign device was touched");
 }
 
 #[test]
@@ -309,67 +367,4 @@ fn overlapping_prefixes_are_refused_with_an_event_on_every_host() {
         assert_eq!(refused, vec!["b 10.0.0.0/8".to_string()], "host {h}");
     }
     assert!(mesh.wait_router_routes("a", &[], Duration::from_secs(10)));
-}
-
-#[test]
-fn duplicate_vni_is_reported_and_nothing_is_left_behind() {
-    require_root!();
-    let mut topo = Topology::builder("duplicate_vni").hosts(1).build().unwrap();
-    let h = topo.host_mut(1);
-    h.add_network("a", "10.1.0.0/24", Protection::Protected)
-        .unwrap();
-    let rtr = h
-        .add_container("a", "rtr", "10.1.0.254", Role::Router)
-        .unwrap();
-    let ns = h.ns.clone();
-    // Someone else's VXLAN device already uses VNI 1000 on port 4789.
-    exec_ok(
-        Some(&ns),
-        &[
-            "ip", "link", "add", "foreign0", "type", "vxlan", "id", "1000", "dstport", "4789",
-            "dev", "eth0",
-        ],
-    )
-    .unwrap();
-    let state = std::path::PathBuf::from(format!("/run/{}-state-dupvni", prefix()));
-    let _ = std::fs::remove_dir_all(&state);
-    std::fs::create_dir_all(&state).unwrap();
-    let s = state.display().to_string();
-    let _disc = h
-        .spawn_privileged(&discovery(), &["--state-dir", &s], &[])
-        .unwrap();
-    let _rtr = rtr
-        .spawn_privileged(
-            &router(),
-            &[],
-            &[("VROUTER_STACK", "a"), ("VROUTER_STATE_DIR", &s)],
-        )
-        .unwrap();
-    let events = || {
-        vrouter_state::StateDir::open(&state)
-            .unwrap()
-            .read_events()
-            .unwrap_or_default()
-    };
-    let reported = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
-        events().iter().any(|e| {
-            e.message
-                .contains("VNI 1000 is already used by another VXLAN device")
-        })
-    });
-    assert!(
-        reported,
-        "no clear event for the duplicate VNI: {:#?}",
-        events()
-    );
-    let links = exec_ok(Some(&ns), &["ip", "-o", "link", "show"])
-        .unwrap()
-        .stdout;
-    assert!(
-        !links.contains("vxlan1000") && !links.contains("vrm"),
-        "half-built state:\n{links}"
-    );
-    assert!(links.contains("foreign0"), "the foreign device was touched");
-    drop(topo);
-    let _ = std::fs::remove_dir_all(&state);
 }

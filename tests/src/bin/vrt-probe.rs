@@ -84,24 +84,7 @@ fn main() {
 
 fn tcp_sink(addr: SocketAddr, outfile: String, idle_s: u64) {
     let idle = Duration::from_secs(idle_s.max(1));
-    let l = TcpListener::bind(addr).unwrap_or_else(|e| fail(format!("bind {addr}: {e}")));
-    write_atomic(&format!("{outfile}.ready"), "ready\n");
-    l.set_nonblocking(true).expect("nonblocking");
-    let start = Instant::now();
-    let (mut s, peer) = loop {
-        match l.accept() {
-            Ok(x) => break x,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if start.elapsed() > idle {
-                    fail(format!("no connection within {idle:?}"));
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => fail(format!("accept: {e}")),
-        }
-    };
-    s.set_nonblocking(false).expect("blocking");
-    s.set_read_timeout(Some(idle)).expect("timeout");
+    let (mut s, peer) = accept_one(addr, &outfile, idle);
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
     loop {
@@ -140,20 +123,14 @@ fn tcp_blast(addr: SocketAddr, bytes: usize, timeout_s: u64) {
     );
 }
 
-fn write_atomic(path: &str, content: &str) {
-    let tmp = format!("{path}.tmp");
-    std::fs::write(&tmp, content).unwrap_or_else(|e| fail(format!("write {tmp}: {e}")));
-    std::fs::rename(&tmp, path).unwrap_or_else(|e| fail(format!("rename {tmp}: {e}")));
-}
-
-fn tcp_serve(addr: SocketAddr, outfile: String, idle_s: u64) {
+/// Binds, creates `<outfile>.ready`, and accepts one connection within `idle`; the
+/// stream comes back blocking, with `idle` as its read timeout.
+fn accept_one(addr: SocketAddr, outfile: &str, idle: Duration) -> (TcpStream, SocketAddr) {
     let start = Instant::now();
-    let life = Duration::from_secs(600);
-    let idle = Duration::from_secs(idle_s.max(1));
     let l = TcpListener::bind(addr).unwrap_or_else(|e| fail(format!("bind {addr}: {e}")));
     l.set_nonblocking(true).expect("nonblocking");
     write_atomic(&format!("{outfile}.ready"), "ready\n");
-    let (mut s, peer) = loop {
+    let (s, peer) = loop {
         match l.accept() {
             Ok(x) => break x,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -167,6 +144,20 @@ fn tcp_serve(addr: SocketAddr, outfile: String, idle_s: u64) {
     };
     s.set_nonblocking(false).expect("blocking");
     s.set_read_timeout(Some(idle)).expect("timeout");
+    (s, peer)
+}
+
+fn write_atomic(path: &str, content: &str) {
+    let tmp = format!("{path}.tmp");
+    std::fs::write(&tmp, content).unwrap_or_else(|e| fail(format!("write {tmp}: {e}")));
+    std::fs::rename(&tmp, path).unwrap_or_else(|e| fail(format!("rename {tmp}: {e}")));
+}
+
+fn tcp_serve(addr: SocketAddr, outfile: String, idle_s: u64) {
+    let start = Instant::now();
+    let life = Duration::from_secs(600);
+    let idle = Duration::from_secs(idle_s.max(1));
+    let (mut s, peer) = accept_one(addr, &outfile, idle);
     s.set_write_timeout(Some(idle)).expect("timeout");
     let local = s.local_addr().expect("local addr");
     write_atomic(&outfile, &format!("peer={peer}\nlocal={local}\n"));
