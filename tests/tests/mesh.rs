@@ -384,6 +384,8 @@ fn standby_takes_over_without_stopping_traffic() {
     .unwrap();
     server.peer(Duration::from_secs(3)).unwrap();
 
+    let vx_before = mesh.ifindex(1, "vxlan1000").unwrap();
+    let events_before = mesh.events(1).len();
     mesh.stop_discovery(1, libc::SIGKILL).unwrap();
     mesh.standby_is_active(1);
     let took_over = wait_until(Duration::from_secs(1), Duration::from_millis(20), || {
@@ -398,6 +400,21 @@ fn standby_takes_over_without_stopping_traffic() {
                 >= 2
     });
     assert!(took_over, "standby did not take over within 1 s");
+    // Without disturbing the kernel state: same device, nothing rebuilt or withdrawn.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(vx_before, mesh.ifindex(1, "vxlan1000").unwrap());
+    let after: Vec<_> = mesh.events(1).into_iter().skip(events_before).collect();
+    assert!(
+        !after.iter().any(|e| matches!(
+            e.kind.as_str(),
+            "device_created"
+                | "device_replaced"
+                | "route_withdrawn"
+                | "stack_withdrawn"
+                | "drift_repaired"
+        )),
+        "takeover disturbed the kernel state: {after:#?}"
+    );
     let t = Instant::now();
     mesh.remove_from_config("c").unwrap();
     assert!(
