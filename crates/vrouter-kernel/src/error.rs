@@ -18,6 +18,10 @@ pub enum KernelError {
     NotPermitted { op: String },
     #[error("link {0} not found")]
     NoSuchLink(String),
+    #[error("cannot create {what}: a link of that name already exists ({names}); delete the leftover (ip link del NAME) or pick another name")]
+    LinkExists { what: String, names: String },
+    #[error("cannot make link {link} a port of {master}: {master} is not a bridge; pass the bridge's index")]
+    NotABridge { link: String, master: String },
     #[error("{op} failed for {what}: {source}")]
     Netlink {
         op: &'static str,
@@ -75,6 +79,15 @@ pub(crate) enum Context {
     },
     /// RTM_NEWLINK of a macvlan on `parent`.
     CreateMacvlan { parent: String },
+    /// RTM_NEWLINK with NLM_F_EXCL; `names` says which names may be taken where.
+    Create { names: String },
+    /// Making `link` a port of `master`; `master_exists` says whether a dump still
+    /// finds the master (the kernel answers EINVAL for a missing one).
+    SetMaster {
+        link: String,
+        master: String,
+        master_exists: bool,
+    },
     /// Bringing a link up; `vxlan_port` is set when it is a VXLAN device.
     LinkUp {
         link: String,
@@ -117,7 +130,20 @@ pub(crate) fn classify(
                 ..
             },
         ) => KernelError::PortInUse { port },
+        (Some(libc::EEXIST), Context::Create { names }) => KernelError::LinkExists { what, names },
+        (Some(libc::EOPNOTSUPP), Context::SetMaster { link, master, .. }) => {
+            KernelError::NotABridge { link, master }
+        }
+        (
+            Some(libc::EINVAL),
+            Context::SetMaster {
+                master,
+                master_exists: false,
+                ..
+            },
+        ) => KernelError::NoSuchLink(master),
         (Some(libc::ENODEV), Context::Link(link))
+        | (Some(libc::ENODEV), Context::SetMaster { link, .. })
         | (Some(libc::ENODEV), Context::LinkUp { link, .. })
         | (Some(libc::ENODEV), Context::CreateMacvlan { parent: link })
         | (Some(libc::ENODEV), Context::CreateVxlan { underlay: link, .. }) => {
@@ -264,6 +290,64 @@ mod tests {
         };
         assert_eq!(op, "set link up vxlan1000 (index 5)");
         assert!(e.to_string().contains("CAP_NET_ADMIN"));
+    }
+
+    #[test]
+    fn name_taken_at_creation() {
+        let ctx = Context::Create {
+            names: "vra1 here or eth0 in the peer's namespace".into(),
+        };
+        let e = classify(
+            "create veth pair",
+            "vra1 (peer eth0 in another namespace)".into(),
+            ctx.clone(),
+            nack(libc::EEXIST),
+        );
+        assert!(matches!(e, KernelError::LinkExists { .. }), "{e}");
+        let text = e.to_string();
+        assert!(text.contains("vra1") && text.contains("eth0"), "{e}");
+        assert!(text.contains("delete the leftover"), "{e}");
+        let e = classify("create veth pair", "vra1".into(), ctx, nack(libc::EINVAL));
+        assert!(matches!(e, KernelError::Netlink { .. }), "{e}");
+    }
+
+    #[test]
+    fn master_must_be_a_bridge() {
+        let ctx = |master_exists| Context::SetMaster {
+            link: "vra1 (index 7)".into(),
+            master: if master_exists {
+                "eth0 (index 2)".into()
+            } else {
+                "index 99".into()
+            },
+            master_exists,
+        };
+        let e = classify(
+            "set link master",
+            "link vra1 (index 7)".into(),
+            ctx(true),
+            nack(libc::EOPNOTSUPP),
+        );
+        let KernelError::NotABridge { link, master } = &e else {
+            panic!("{e}")
+        };
+        assert_eq!(
+            (link.as_str(), master.as_str()),
+            ("vra1 (index 7)", "eth0 (index 2)")
+        );
+        assert!(e.to_string().contains("not a bridge"), "{e}");
+        let e = classify(
+            "set link master",
+            "x".into(),
+            ctx(false),
+            nack(libc::EINVAL),
+        );
+        assert_eq!(e.to_string(), "link index 99 not found");
+        // EINVAL with the master present is the bridge refusing this port.
+        let e = classify("set link master", "x".into(), ctx(true), nack(libc::EINVAL));
+        assert!(matches!(e, KernelError::Netlink { .. }), "{e}");
+        let e = classify("set link master", "x".into(), ctx(true), nack(libc::ENODEV));
+        assert_eq!(e.to_string(), "link vra1 (index 7) not found");
     }
 
     #[test]

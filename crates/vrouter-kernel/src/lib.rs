@@ -4,12 +4,14 @@
 //!
 //! A `Kernel` is bound to the network namespace of the thread that called `connect`.
 //!
-//! - Writes are idempotent: routes, neighbours and FDB rows use NLM_F_REPLACE (or
-//!   NLM_F_APPEND for the flood list), `add_rule` treats an existing rule as done, and
-//!   every delete of something already gone (ENOENT, ESRCH or ENODEV) returns `Ok`.
+//! - Writes are idempotent: routes, addresses, neighbours and FDB rows use
+//!   NLM_F_REPLACE (or NLM_F_APPEND for the flood list), `add_rule` treats an existing
+//!   rule as done, and every delete of something already gone (ENOENT, ESRCH or
+//!   ENODEV) returns `Ok`.
 //! - Errors say what failed on what (link name and index, prefix, rule); the errno
 //!   cases an operator can act on are classified (`KernelError::VniInUse`,
-//!   `PortInUse`, `NoVxlan`, `NoMacvlan`, `NotPermitted`, `NoSuchLink`).
+//!   `PortInUse`, `NoVxlan`, `NoMacvlan`, `NotPermitted`, `NoSuchLink`, `LinkExists`,
+//!   `NotABridge`).
 //! - Dumps are not filtered by the kernel: `routes`, `neighbours` and `fdb` dump the
 //!   family and keep what was asked for.
 //!
@@ -36,8 +38,8 @@ use vrouter_state::{Mac, Prefix, Vni};
 
 pub type Result<T> = std::result::Result<T, KernelError>;
 
-/// A link as the kernel reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A link as the kernel reports it. `Default` is for building values in tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Link {
     pub index: u32,
     pub name: String,

@@ -1,14 +1,17 @@
-//! Links (VXLAN devices, macvlans) and IPv4 addresses.
+//! Links (VXLAN devices, macvlans, veth pairs, bridge ports) and IPv4 addresses.
 
 use crate::error::{classify, errno_of, is_gone, Context};
 use crate::{Address, Kernel, KernelError, Link, Result, VxlanInfo, VxlanSpec};
-use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_EXCL};
+use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{
-    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, MacVlanMode,
+    InfoData, InfoKind, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    MacVlanMode,
 };
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
-use rtnetlink::{LinkMacVlan, LinkMessageBuilder, LinkUnspec, LinkVxlan};
+use rtnetlink::{
+    AddressMessageBuilder, LinkMacVlan, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan,
+};
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use vrouter_state::{Mac, Vni};
@@ -217,6 +220,92 @@ impl Kernel {
         match self.set_link(message).await {
             Ok(()) => Ok(()),
             Err(e) => Err(self.link_failure("move link to namespace", index, e).await),
+        }
+    }
+
+    /// Creates a veth pair: `name` here (down) and its peer `peer` directly in the
+    /// namespace behind `peer_netns` (down), both with `mtu`. The peer's name only has
+    /// to be free over there. A name taken on either side fails with
+    /// `KernelError::LinkExists`. Returns the index of `name`.
+    pub async fn create_veth_into(
+        &self,
+        name: &str,
+        mtu: u32,
+        peer_netns: BorrowedFd<'_>,
+        peer: &str,
+    ) -> Result<u32> {
+        let peer_message = LinkUnspec::new_with_name(peer)
+            .mtu(mtu)
+            .setns_by_fd(peer_netns.as_raw_fd())
+            .build();
+        let message = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(name)
+            .mtu(mtu)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_message)))
+            .build();
+        let sent = self
+            .ack(
+                RouteNetlinkMessage::NewLink(message),
+                NLM_F_CREATE | NLM_F_EXCL,
+            )
+            .await;
+        if let Err(source) = sent {
+            let what = format!("{name} (peer {peer} in another namespace)");
+            let context = Context::Create {
+                names: format!("{name} here or {peer} in the peer's namespace"),
+            };
+            return Err(classify("create veth pair", what, context, source));
+        }
+        self.created_index(name).await
+    }
+
+    /// Makes `index` a port of the bridge `master` (`ip link set DEV master BR`). A
+    /// master that is no bridge fails with `KernelError::NotABridge`, a missing one with
+    /// `KernelError::NoSuchLink`; either way the kernel has already taken the link off
+    /// its previous master.
+    pub async fn set_master(&self, index: u32, master: u32) -> Result<()> {
+        let message = LinkUnspec::new_with_index(index).controller(master).build();
+        let Err(source) = self.set_link(message).await else {
+            return Ok(());
+        };
+        let link = self.link_label(index).await;
+        let master_link = self.link_by_index(master).await.ok().flatten();
+        let context = Context::SetMaster {
+            link: link.clone(),
+            master: match &master_link {
+                Some(m) => format!("{} (index {master})", m.name),
+                None => format!("index {master}"),
+            },
+            master_exists: master_link.is_some(),
+        };
+        Err(classify(
+            "set link master",
+            format!("link {link}"),
+            context,
+            source,
+        ))
+    }
+
+    /// `ip address replace ADDR/LEN dev LINK` (NLM_F_CREATE | NLM_F_REPLACE):
+    /// idempotent.
+    pub async fn replace_address(&self, index: u32, addr: Ipv4Addr, prefix_len: u8) -> Result<()> {
+        let message = AddressMessageBuilder::<Ipv4Addr>::new()
+            .index(index)
+            .address(addr, prefix_len)
+            .build();
+        let sent = self
+            .ack(
+                RouteNetlinkMessage::NewAddress(message),
+                NLM_F_CREATE | NLM_F_REPLACE,
+            )
+            .await;
+        match sent {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let label = self.link_label(index).await;
+                let what = format!("{addr}/{prefix_len} on link {label}");
+                Err(classify("replace address", what, Context::Link(label), e))
+            }
         }
     }
 

@@ -5,7 +5,7 @@
 
 use nix::sched::{setns, unshare, CloneFlags};
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, UdpSocket};
+use std::net::{Ipv4Addr, UdpSocket};
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 use vrouter_kernel::{FdbEntry, Kernel, KernelError, Neighbour, Route, Rule, VxlanInfo, VxlanSpec};
@@ -108,10 +108,8 @@ async fn veth(kernel: &Kernel, name: &str, addr: Ipv4Addr, len: u8) -> u32 {
         .unwrap()
         .expect("veth exists")
         .index;
-    handle
-        .address()
-        .add(index, IpAddr::V4(addr), len)
-        .execute()
+    kernel
+        .replace_address(index, addr, len)
         .await
         .expect("add address");
     kernel.set_up(index).await.expect("veth up");
@@ -367,6 +365,135 @@ fn macvlan_moves_into_another_namespace() {
 
         let err = k.create_macvlan("mv2", 9999, mac, 1450).await.unwrap_err();
         assert!(matches!(err, KernelError::NoSuchLink(_)), "{err}");
+    });
+}
+
+/// IFLA_MASTER of a link, read straight from rtnetlink (`Link` does not carry it).
+async fn master_of(index: u32) -> Option<u32> {
+    use futures::TryStreamExt;
+    use rtnetlink::packet_route::link::LinkAttribute;
+    let (connection, handle, _) = rtnetlink::new_connection().expect("netlink socket");
+    tokio::spawn(connection);
+    let message = handle
+        .link()
+        .get()
+        .match_index(index)
+        .execute()
+        .try_next()
+        .await
+        .expect("get link")
+        .expect("link exists");
+    message.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Controller(master) => Some(*master),
+        _ => None,
+    })
+}
+
+#[test]
+fn veth_into_namespace_on_a_bridge() {
+    in_new_netns("veth_into_namespace_on_a_bridge", || async {
+        let k = Kernel::connect().await.unwrap();
+        let (connection, handle, _) = rtnetlink::new_connection().expect("netlink socket");
+        tokio::spawn(connection);
+        handle
+            .link()
+            .add(rtnetlink::LinkBridge::new("br-stack").build())
+            .execute()
+            .await
+            .expect("create bridge");
+        let bridge = k.link_by_name("br-stack").await.unwrap().unwrap().index;
+        k.replace_address(bridge, Ipv4Addr::new(10, 1, 0, 1), 24)
+            .await
+            .unwrap();
+        k.set_up(bridge).await.unwrap();
+
+        // The host end here, the peer created (and named) in the router's namespace.
+        let router = spare_netns();
+        let host = k
+            .create_veth_into("vra0", 1400, router.as_fd(), "eth0")
+            .await
+            .unwrap();
+        let link = k.link_by_index(host).await.unwrap().unwrap();
+        assert_eq!(
+            (link.name.as_str(), link.kind.as_deref(), link.mtu, link.up),
+            ("vra0", Some("veth"), 1400, false)
+        );
+        assert_eq!(k.link_by_name("eth0").await.unwrap(), None, "peer moved");
+
+        // A name taken on either side is a leftover to delete, named as such.
+        for (name, peer) in [("vra0", "eth1"), ("vra1", "eth0")] {
+            let err = k
+                .create_veth_into(name, 1400, router.as_fd(), peer)
+                .await
+                .unwrap_err();
+            assert!(matches!(err, KernelError::LinkExists { .. }), "{err}");
+            assert!(err.to_string().contains(name), "{err}");
+            assert_eq!(k.link_by_name("vra1").await.unwrap(), None);
+        }
+
+        assert_eq!(master_of(host).await, None);
+        k.set_master(host, bridge).await.unwrap();
+        k.set_master(host, bridge)
+            .await
+            .expect("same master again is Ok");
+        assert_eq!(master_of(host).await, Some(bridge));
+        k.set_up(host).await.unwrap();
+
+        // Only a bridge can be a master, and it must exist.
+        let other = veth(&k, "other0", Ipv4Addr::new(10, 9, 0, 1), 24).await;
+        let err = k.set_master(host, other).await.unwrap_err();
+        assert!(matches!(err, KernelError::NotABridge { .. }), "{err}");
+        assert!(err.to_string().contains("other0"), "{err}");
+        let err = k.set_master(host, 9999).await.unwrap_err();
+        assert!(matches!(err, KernelError::NoSuchLink(_)), "{err}");
+        assert!(err.to_string().contains("9999"), "{err}");
+        // The kernel detaches from the old master before it looks at the new one.
+        assert_eq!(master_of(host).await, None, "left without a master");
+        k.set_master(host, bridge).await.unwrap();
+        assert_eq!(master_of(host).await, Some(bridge));
+
+        // The inside end, configured by a Kernel connected in the router's namespace.
+        let gateway = Ipv4Addr::new(10, 1, 0, 1);
+        let router_ip = Ipv4Addr::new(10, 1, 0, 254);
+        let (eth0, addresses, default) = in_netns(&router, || async {
+            let k = Kernel::connect().await.unwrap();
+            let lo = k.link_by_name("lo").await.unwrap().unwrap();
+            k.set_up(lo.index).await.unwrap();
+            let eth0 = k.link_by_name("eth0").await.unwrap().expect("peer here");
+            k.set_up(eth0.index).await.unwrap();
+            k.replace_address(eth0.index, router_ip, 24).await.unwrap();
+            k.replace_address(eth0.index, router_ip, 24)
+                .await
+                .expect("replace is idempotent");
+            let default = Route {
+                table: 254,
+                dst: "0.0.0.0/0".parse().unwrap(),
+                gateway: Some(gateway),
+                oif: Some(eth0.index),
+                onlink: false,
+                protocol: 3, // RTPROT_BOOT, as `ip route add` does
+            };
+            k.replace_route(&default).await.unwrap();
+            let err = k.replace_address(9999, router_ip, 24).await.unwrap_err();
+            assert!(matches!(err, KernelError::NoSuchLink(_)), "{err}");
+            let eth0 = k.link_by_index(eth0.index).await.unwrap().unwrap();
+            (
+                eth0,
+                k.addresses().await.unwrap(),
+                k.default_route().await.unwrap(),
+            )
+        });
+        assert_eq!(
+            (eth0.kind.as_deref(), eth0.mtu, eth0.up),
+            (Some("veth"), 1400, true)
+        );
+        let on_eth0: Vec<_> = addresses.iter().filter(|a| a.index == eth0.index).collect();
+        assert_eq!(on_eth0.len(), 1, "{addresses:?}");
+        assert_eq!((on_eth0[0].addr, on_eth0[0].prefix_len), (router_ip, 24));
+        assert_eq!(default, Some((eth0.index, Some(gateway))));
+
+        k.delete_link(host).await.unwrap();
+        assert_eq!(k.link_by_name("vra0").await.unwrap(), None);
     });
 }
 
