@@ -59,12 +59,7 @@ impl Kernel {
             .learning(spec.learning)
             .mtu(spec.mtu)
             .build();
-        let sent = self
-            .ack(
-                RouteNetlinkMessage::NewLink(message),
-                NLM_F_CREATE | NLM_F_EXCL,
-            )
-            .await;
+        let sent = self.create_link(message).await;
         if let Err(source) = sent {
             // The kernel answers EEXIST both for a taken name and for a VNI already
             // bound on the port by another device; only a dump tells them apart.
@@ -173,12 +168,7 @@ impl Kernel {
             .address(mac.0.to_vec())
             .mtu(mtu)
             .build();
-        let sent = self
-            .ack(
-                RouteNetlinkMessage::NewLink(message),
-                NLM_F_CREATE | NLM_F_EXCL,
-            )
-            .await;
+        let sent = self.create_link(message).await;
         if let Err(source) = sent {
             let parent = self.link_label(parent).await;
             let what = format!("{name} on {parent}");
@@ -243,12 +233,7 @@ impl Kernel {
             .mtu(mtu)
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_message)))
             .build();
-        let sent = self
-            .ack(
-                RouteNetlinkMessage::NewLink(message),
-                NLM_F_CREATE | NLM_F_EXCL,
-            )
-            .await;
+        let sent = self.create_link(message).await;
         if let Err(source) = sent {
             let what = format!("{name} (peer {peer} in another namespace)");
             let context = Context::Create {
@@ -311,6 +296,15 @@ impl Kernel {
 
     async fn set_link(&self, message: LinkMessage) -> std::result::Result<(), rtnetlink::Error> {
         self.ack(RouteNetlinkMessage::SetLink(message), 0).await
+    }
+
+    /// RTM_NEWLINK that fails rather than touch an existing link of the same name.
+    async fn create_link(&self, message: LinkMessage) -> std::result::Result<(), rtnetlink::Error> {
+        self.ack(
+            RouteNetlinkMessage::NewLink(message),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+        .await
     }
 
     async fn created_index(&self, name: &str) -> Result<u32> {
