@@ -513,6 +513,8 @@ impl Drop for Stack {
             self.override_dir
                 .join(format!("{}.override.yml", self.spec.project())),
         );
+        // Shared by the stacks of a test: gone with the last one (fails while not empty).
+        let _ = std::fs::remove_dir(&self.override_dir);
     }
 }
 
