@@ -60,6 +60,33 @@ fn transfer(mesh: &Mesh, from: &str, to: &str, port: u16) -> Result<(), String> 
     Ok(())
 }
 
+/// A TCP connection from one stack's service to another's that exchanges a message every
+/// 100 ms for `duration` and fails on any stall longer than `max_stall`; check it with
+/// `wait_success` on the returned probe. The server must outlive the probe.
+fn hold_connection(
+    mesh: &Mesh,
+    from: &str,
+    to: &str,
+    port: u16,
+    duration: Duration,
+    max_stall: Duration,
+) -> (TcpServer, Daemon) {
+    let dst = mesh.svc(to);
+    let addr = format!("{}:{port}", dst.ip);
+    let server =
+        TcpServer::start(&dst.ns, &addr, mesh.topo.log_dir(), Duration::from_secs(30)).unwrap();
+    let hold = tcp_hold(
+        &mesh.svc(from).ns,
+        &addr,
+        duration,
+        max_stall,
+        mesh.topo.log_dir(),
+    )
+    .unwrap();
+    server.peer(Duration::from_secs(3)).unwrap();
+    (server, hold)
+}
+
 fn reachable(mesh: &Mesh, from: &str, to: &str) -> bool {
     ping(
         &mesh.svc(from).ns,
@@ -181,23 +208,14 @@ fn discovery_restart_keeps_connections_and_repairs_drift() {
     .unwrap()
     .stdout;
 
-    let b = mesh.svc("b");
-    let server = TcpServer::start(
-        &b.ns,
-        &format!("{}:5200", b.ip),
-        mesh.topo.log_dir(),
-        Duration::from_secs(30),
-    )
-    .unwrap();
-    let mut hold = tcp_hold(
-        &mesh.svc("a").ns,
-        &format!("{}:5200", b.ip),
+    let (_server, mut hold) = hold_connection(
+        &mesh,
+        "a",
+        "b",
+        5200,
         Duration::from_secs(8),
         Duration::from_secs(2),
-        mesh.topo.log_dir(),
-    )
-    .unwrap();
-    server.peer(Duration::from_secs(3)).unwrap();
+    );
 
     mesh.stop_discovery(1, libc::SIGTERM).unwrap();
     // Drift while discovery is down: one FDB row and one steering rule disappear.
@@ -266,23 +284,14 @@ fn router_restart_in_fresh_namespace_does_not_flap() {
     require_root!();
     let mut mesh = two_hosts("router_restart");
     mesh.wait_converged(CONVERGE).unwrap();
-    let a = mesh.svc("a");
-    let server = TcpServer::start(
-        &a.ns,
-        &format!("{}:5300", a.ip),
-        mesh.topo.log_dir(),
-        Duration::from_secs(30),
-    )
-    .unwrap();
-    let mut hold = tcp_hold(
-        &mesh.svc("b").ns,
-        &format!("{}:5300", a.ip),
+    let (_server, mut hold) = hold_connection(
+        &mesh,
+        "b",
+        "a",
+        5300,
         Duration::from_secs(8),
         Duration::from_secs(4),
-        mesh.topo.log_dir(),
-    )
-    .unwrap();
-    server.peer(Duration::from_secs(3)).unwrap();
+    );
 
     let events_before = mesh.events(2).len();
     let started = Instant::now();
@@ -366,23 +375,14 @@ fn standby_takes_over_without_stopping_traffic() {
     mesh.start_standby(1).unwrap();
     std::thread::sleep(Duration::from_millis(500));
 
-    let b = mesh.svc("b");
-    let server = TcpServer::start(
-        &b.ns,
-        &format!("{}:5400", b.ip),
-        mesh.topo.log_dir(),
-        Duration::from_secs(30),
-    )
-    .unwrap();
-    let mut hold = tcp_hold(
-        &mesh.svc("a").ns,
-        &format!("{}:5400", b.ip),
+    let (_server, mut hold) = hold_connection(
+        &mesh,
+        "a",
+        "b",
+        5400,
         Duration::from_secs(6),
         Duration::from_millis(1000),
-        mesh.topo.log_dir(),
-    )
-    .unwrap();
-    server.peer(Duration::from_secs(3)).unwrap();
+    );
 
     let vx_before = mesh.ifindex(1, "vxlan1000").unwrap();
     let events_before = mesh.events(1).len();
