@@ -96,6 +96,12 @@ pub fn run_cmd(cmd: &mut Command, input: Option<&[u8]>, timeout: Duration) -> Re
             break Some(st);
         }
         if Instant::now() >= deadline {
+            // Say where it hung before killing it.
+            let _ = std::fs::write(
+                std::env::temp_dir().join(format!("vrt-hang-{pid}")),
+                where_stuck(pid),
+            );
+            eprintln!("`{cmdline}` hung: {}", where_stuck(pid));
             // Kill the whole process group so grandchildren do not keep the pipes open.
             unsafe {
                 libc::kill(-pid, libc::SIGKILL);
@@ -125,12 +131,42 @@ pub fn run_cmd(cmd: &mut Command, input: Option<&[u8]>, timeout: Duration) -> Re
     }
 }
 
+/// State, wait channel and kernel stack of a process and its children, for the message
+/// of a command that timed out.
+fn where_stuck(pid: i32) -> String {
+    let read = |p: String| std::fs::read_to_string(p).unwrap_or_default();
+    let mut out = String::new();
+    let mut pids = vec![pid];
+    let children = read(format!("/proc/{pid}/task/{pid}/children"));
+    pids.extend(
+        children
+            .split_whitespace()
+            .filter_map(|c| c.parse::<i32>().ok()),
+    );
+    for p in pids {
+        let state = read(format!("/proc/{p}/stat"));
+        let cmd = read(format!("/proc/{p}/cmdline")).replace('\0', " ");
+        out.push_str(&format!(
+            "[pid {p} {cmd}: {} wchan={} stack: {}] ",
+            state.split_whitespace().nth(2).unwrap_or("?"),
+            read(format!("/proc/{p}/wchan")),
+            read(format!("/proc/{p}/stack")).replace('\n', " | ")
+        ));
+    }
+    out
+}
+
 fn build(ns: Option<&str>, argv: &[&str]) -> Command {
     assert!(!argv.is_empty(), "empty command");
     match ns {
+        // nsenter joins only the network namespace. `ip netns exec` also makes a mount
+        // namespace (to remount /sys), and tearing that down waits for an expedited RCU
+        // grace period, which on this VM kernel sometimes takes longer than the command's
+        // whole timeout. /proc/sys/net follows the network namespace either way; /sys
+        // does not, so read link details through netlink (`ip`), not /sys.
         Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).args(argv);
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{ns}")).arg("--").args(argv);
             c
         }
         None => {

@@ -61,8 +61,18 @@ fn start(
     let stderr_path = log_dir.join(format!("{name}.stderr"));
     let out = File::create(&stdout_path)?;
     let err = File::create(&stderr_path)?;
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns]);
+    // Daemons under test get `ip netns exec` (a sysfs of their own network namespace, as
+    // in a container); helpers join only the network namespace (see cmd.rs: a mount
+    // namespace's teardown can stall for seconds on this kernel).
+    let mut c = if privileged_wrapper {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]);
+        c
+    } else {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{ns}")).arg("--");
+        c
+    };
     if privileged_wrapper {
         c.args(["unshare", "-m", "--propagation", "private", "sh", "-c"])
             .arg(PRIVILEGED_WRAPPER)

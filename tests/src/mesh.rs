@@ -374,12 +374,7 @@ impl Mesh {
 
     /// ifindex of a link in a host namespace.
     pub fn ifindex(&self, host: usize, link: &str) -> Result<u32> {
-        let out = exec_ok(
-            Some(&self.topo.host(host).ns),
-            &["cat", &format!("/sys/class/net/{link}/ifindex")],
-        )
-        .context("reading ifindex")?;
-        Ok(out.stdout.trim().parse()?)
+        link_index(&self.topo.host(host).ns, link)
     }
 }
 
@@ -401,4 +396,14 @@ impl Drop for Mesh {
             let _ = std::fs::remove_dir_all(self.config_path(h).parent().unwrap());
         }
     }
+}
+
+/// ifindex of a link in a namespace (from netlink: /sys in the caller's mount namespace
+/// shows the caller's network namespace, not `ns`'s).
+pub fn link_index(ns: &str, link: &str) -> Result<u32> {
+    let out = exec_ok(Some(ns), &["ip", "-o", "link", "show", "dev", link])?.stdout;
+    out.split(':')
+        .next()
+        .and_then(|i| i.trim().parse().ok())
+        .with_context(|| format!("no index for {link} in {ns}: {out}"))
 }

@@ -201,12 +201,7 @@ fn discovery_restart_keeps_connections_and_repairs_drift() {
     mesh.wait_converged(CONVERGE).unwrap();
     let h1 = mesh.topo.host(1).ns.clone();
     let vx_before = mesh.ifindex(1, "vxlan1000").unwrap();
-    let ovl_before = exec_ok(
-        Some(&mesh.rtr("a").ns),
-        &["cat", "/sys/class/net/ovl1000/ifindex"],
-    )
-    .unwrap()
-    .stdout;
+    let ovl_before = vrouter_tests::mesh::link_index(&mesh.rtr("a").ns, "ovl1000").unwrap();
 
     let (_server, mut hold) = hold_connection(
         &mesh,
@@ -266,12 +261,7 @@ fn discovery_restart_keeps_connections_and_repairs_drift() {
         mesh.ifindex(1, "vxlan1000").unwrap(),
         "vxlan1000 was recreated"
     );
-    let ovl_after = exec_ok(
-        Some(&mesh.rtr("a").ns),
-        &["cat", "/sys/class/net/ovl1000/ifindex"],
-    )
-    .unwrap()
-    .stdout;
+    let ovl_after = vrouter_tests::mesh::link_index(&mesh.rtr("a").ns, "ovl1000").unwrap();
     assert_eq!(
         ovl_before, ovl_after,
         "router A's overlay link was recreated"
@@ -503,12 +493,7 @@ fn lost_overlay_link_is_reattached_without_disturbing_other_stacks() {
     )
     .unwrap();
     mesh.wait_converged(CONVERGE).unwrap();
-    let f_ovl = exec_ok(
-        Some(&mesh.rtr("f").ns),
-        &["cat", "/sys/class/net/ovl2000/ifindex"],
-    )
-    .unwrap()
-    .stdout;
+    let f_ovl = vrouter_tests::mesh::link_index(&mesh.rtr("f").ns, "ovl2000").unwrap();
     let vx2000 = mesh.ifindex(1, "vxlan2000").unwrap();
 
     // The router's overlay link disappears (as when vxlan1000 is replaced on the host).
@@ -546,12 +531,7 @@ fn lost_overlay_link_is_reattached_without_disturbing_other_stacks() {
         "A did not recover after vxlan1000 was deleted"
     );
     // The other stack on the host was never disturbed.
-    let f_after = exec_ok(
-        Some(&mesh.rtr("f").ns),
-        &["cat", "/sys/class/net/ovl2000/ifindex"],
-    )
-    .unwrap()
-    .stdout;
+    let f_after = vrouter_tests::mesh::link_index(&mesh.rtr("f").ns, "ovl2000").unwrap();
     assert_eq!(f_ovl, f_after, "stack F's overlay link was recreated");
     assert_eq!(
         vx2000,
