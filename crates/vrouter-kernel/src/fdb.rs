@@ -15,20 +15,10 @@ impl Kernel {
     /// The VXLAN device's own FDB rows (NTF_SELF), one per (MAC, destination): the
     /// all-zeros flood list shows as one row per remote.
     pub async fn fdb(&self, index: u32) -> Result<Vec<FdbEntry>> {
-        let mut message = NeighbourMessage::default();
-        message.header.family = AddressFamily::Bridge;
-        let answers = self
-            .get(RouteNetlinkMessage::GetNeighbour(message), true)
-            .await
-            .map_err(|e| classify("dump fdb", format!("link index {index}"), Context::Plain, e))?;
-        Ok(answers
-            .into_iter()
-            .filter_map(|answer| match answer {
-                RouteNetlinkMessage::NewNeighbour(m) => fdb_entry_of(m),
-                _ => None,
-            })
-            .filter(|entry| entry.index == index)
-            .collect())
+        let all = self
+            .dump_neighbours(AddressFamily::Bridge, "dump fdb", index, fdb_entry_of)
+            .await?;
+        Ok(all.into_iter().filter(|e| e.index == index).collect())
     }
 
     /// `bridge fdb append MAC dev INDEX dst DST self permanent` (several dsts per MAC:

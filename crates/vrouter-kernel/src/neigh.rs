@@ -14,26 +14,33 @@ use vrouter_state::Mac;
 impl Kernel {
     /// IPv4 neighbours on link `index`.
     pub async fn neighbours(&self, index: u32) -> Result<Vec<Neighbour>> {
+        let all = self
+            .dump_neighbours(AddressFamily::Inet, "dump neighbours", index, neighbour_of)
+            .await?;
+        Ok(all.into_iter().filter(|n| n.index == index).collect())
+    }
+
+    /// Dumps the neighbour table of one family (IPv4 ARP, or AF_BRIDGE for FDB rows),
+    /// converting each entry with `convert`; entries it cannot read are skipped.
+    pub(crate) async fn dump_neighbours<T>(
+        &self,
+        family: AddressFamily,
+        op: &'static str,
+        index: u32,
+        convert: impl Fn(NeighbourMessage) -> Option<T>,
+    ) -> Result<Vec<T>> {
         let mut message = NeighbourMessage::default();
-        message.header.family = AddressFamily::Inet;
+        message.header.family = family;
         let answers = self
             .get(RouteNetlinkMessage::GetNeighbour(message), true)
             .await
-            .map_err(|e| {
-                classify(
-                    "dump neighbours",
-                    format!("link index {index}"),
-                    Context::Plain,
-                    e,
-                )
-            })?;
+            .map_err(|e| classify(op, format!("link index {index}"), Context::Plain, e))?;
         Ok(answers
             .into_iter()
             .filter_map(|answer| match answer {
-                RouteNetlinkMessage::NewNeighbour(m) => neighbour_of(m),
+                RouteNetlinkMessage::NewNeighbour(m) => convert(m),
                 _ => None,
             })
-            .filter(|n| n.index == index)
             .collect())
     }
 
