@@ -1,0 +1,910 @@
+//! One gossip node, sans-IO: SWIM membership through foca, versioned records spread by
+//! broadcast (piggybacked on SWIM and pushed at once on change) and by anti-entropy
+//! (a state hash with a random member every `anti_entropy`; on a mismatch, digests and
+//! the missing records both ways; the same with every new member), and every packet
+//! sealed. The caller feeds it packets and the time, and sends what it hands back.
+//!
+//! Time is milliseconds on a monotonic clock the caller chooses (the simulator's or the
+//! process's); the wall clock is only used to version records and stamp claims, as
+//! `wall_base_ms + now`.
+
+use crate::record::{ClaimedStack, Member, NodeId, NodeRecord};
+use crate::seal::{Keyring, Reject, Sealer, OVERHEAD};
+use foca::{BroadcastHandler, Foca, Invalidates, Notification, PostcardCodec, Runtime, Timer};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::num::{NonZeroU8, NonZeroUsize};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Largest UDP payload a node sends (sealed), chosen to fit a 1500-byte path with room
+/// for tunnels on the way.
+pub const MAX_DATAGRAM: usize = 1400;
+/// Largest plaintext inside one sealed datagram.
+const MAX_PLAIN: usize = MAX_DATAGRAM - OVERHEAD;
+/// Room left for the envelope around a foca packet.
+const ENVELOPE: usize = 8;
+/// Largest encoded record: it must fit one datagram as a broadcast and in `Records`.
+pub const MAX_RECORD: usize = 1100;
+/// Digest entries per packet.
+const DIGEST_PAGE: usize = 60;
+
+/// The one parameter set used everywhere: in the daemon, the tests and the simulations.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Params {
+    pub probe_period_ms: u64,
+    pub probe_rtt_ms: u64,
+    pub indirect_probes: usize,
+    pub suspect_to_down_ms: u64,
+    pub max_transmissions: u8,
+    pub gossip_every_ms: u64,
+    pub gossip_fanout: usize,
+    pub announce_to_down_every_ms: u64,
+    pub anti_entropy_ms: u64,
+    pub join_retry_ms: u64,
+}
+
+impl Default for Params {
+    fn default() -> Params {
+        Params {
+            probe_period_ms: 1000,
+            probe_rtt_ms: 300,
+            indirect_probes: 3,
+            suspect_to_down_ms: 1500,
+            max_transmissions: 10,
+            gossip_every_ms: 200,
+            gossip_fanout: 3,
+            announce_to_down_every_ms: 3000,
+            anti_entropy_ms: 1000,
+            join_retry_ms: 1000,
+        }
+    }
+}
+
+impl Params {
+    fn foca(&self) -> foca::Config {
+        let mut c = foca::Config::simple();
+        c.probe_period = Duration::from_millis(self.probe_period_ms);
+        c.probe_rtt = Duration::from_millis(self.probe_rtt_ms);
+        c.num_indirect_probes = NonZeroUsize::new(self.indirect_probes.max(1)).expect("max(1)");
+        c.suspect_to_down_after = Duration::from_millis(self.suspect_to_down_ms);
+        c.max_transmissions = NonZeroU8::new(self.max_transmissions.max(1)).expect("max(1)");
+        c.max_packet_size = NonZeroUsize::new(MAX_PLAIN - ENVELOPE).expect("positive");
+        c.notify_down_members = true;
+        c.remove_down_after = Some(Duration::from_secs(24 * 3600));
+        c.periodic_announce = Some(foca::PeriodicParams {
+            frequency: Duration::from_secs(30),
+            num_members: NonZeroUsize::new(1).expect("1"),
+        });
+        c.periodic_announce_to_down_members = Some(foca::PeriodicParams {
+            frequency: Duration::from_millis(self.announce_to_down_every_ms),
+            num_members: NonZeroUsize::new(2).expect("2"),
+        });
+        c.periodic_gossip = Some(foca::PeriodicParams {
+            frequency: Duration::from_millis(self.gossip_every_ms),
+            num_members: NonZeroUsize::new(self.gossip_fanout.max(1)).expect("max(1)"),
+        });
+        c
+    }
+}
+
+/// What travels inside a sealed datagram.
+#[derive(Debug, Serialize, Deserialize)]
+enum Wire {
+    /// A foca packet.
+    Swim(Vec<u8>),
+    /// "Let me in": sent to a bootstrap address, whose node id we do not know yet.
+    Join(Member),
+    /// The bootstrap node's identity, so the joiner can announce itself to it.
+    JoinAck(Member),
+    /// Anti-entropy opener: a hash over every (id, version) the sender holds.
+    Sync {
+        hash: u64,
+        count: u32,
+    },
+    /// The (id, version) pairs the sender holds for ids in `lo..=hi`.
+    Digest {
+        lo: NodeId,
+        hi: NodeId,
+        entries: Vec<(NodeId, u64)>,
+    },
+    /// Records the sender asks for.
+    Want(Vec<NodeId>),
+    Records(Vec<NodeRecord>),
+}
+
+/// A member's standing, as the routing decision needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberState {
+    Alive,
+    Suspect,
+    /// Membership failed (no answer to SWIM probes, direct or indirect).
+    Down,
+    /// Left on purpose.
+    Left,
+    /// A record with no membership information yet (learned through anti-entropy).
+    Unknown,
+}
+
+impl MemberState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Alive => "alive",
+            MemberState::Suspect => "suspect",
+            MemberState::Down => "down",
+            MemberState::Left => "left",
+            MemberState::Unknown => "unknown",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct MemberView {
+    pub record: NodeRecord,
+    pub state: MemberState,
+    /// Monotonic ms of the last state change seen.
+    pub since: u64,
+}
+
+/// Something the caller should log or put in events.log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GossipEvent {
+    MemberJoined(NodeId, SocketAddrV4),
+    MemberFailed(NodeId),
+    MemberLeft(NodeId),
+    /// Same id, new underlay or gossip address.
+    MemberMigrated {
+        id: NodeId,
+        from: Ipv4Addr,
+        to: Ipv4Addr,
+    },
+    /// This node was declared down by the others and rejoined with a new incarnation.
+    Rejoined,
+    /// Packets dropped since the last report, by reason (reported at most every 10 s).
+    Rejected(Vec<(Reject, u64)>),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub packets_in: u64,
+    pub packets_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub rejected_bad_key: u64,
+    pub rejected_malformed: u64,
+    pub rejected_replayed: u64,
+    pub anti_entropy_rounds: u64,
+    pub records_pulled: u64,
+}
+
+/// Test-only faults (the daemon sets them from a file named by an environment variable).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// Neither send nor accept record broadcasts: only anti-entropy moves records.
+    pub drop_broadcasts: bool,
+}
+
+/// Records every node knows, shared with foca's broadcast handler.
+#[derive(Default)]
+struct Store {
+    own: Option<NodeId>,
+    records: BTreeMap<NodeId, NodeRecord>,
+    /// A record about ourselves newer than ours (a previous life's): raise above it.
+    own_seen: u64,
+    drop_broadcasts: bool,
+    changed: bool,
+    /// (id, old underlay, new underlay) seen since the last drain.
+    migrations: Vec<(NodeId, Ipv4Addr, Ipv4Addr)>,
+}
+
+impl Store {
+    /// Keeps `r` if it is newer than what is known. Returns whether it was.
+    fn offer(&mut self, r: NodeRecord) -> bool {
+        if Some(r.id) == self.own {
+            self.own_seen = self.own_seen.max(r.version);
+            return false;
+        }
+        match self.records.get(&r.id) {
+            Some(old) if old.version >= r.version => false,
+            old => {
+                if let Some(old) = old {
+                    if old.underlay != r.underlay {
+                        self.migrations.push((r.id, old.underlay, r.underlay));
+                    }
+                }
+                self.records.insert(r.id, r);
+                self.changed = true;
+                true
+            }
+        }
+    }
+
+    /// A hash over every (id, version) held, `own` included: two converged nodes agree.
+    fn hash(&self, own: &NodeRecord) -> u64 {
+        self.records
+            .values()
+            .chain(std::iter::once(own))
+            .fold(0u64, |acc, r| {
+                acc.wrapping_add(mix(r.id.0 ^ mix(r.version)))
+            })
+    }
+}
+
+fn mix(mut z: u64) -> u64 {
+    // splitmix64's finaliser.
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RecordKey {
+    id: NodeId,
+    version: u64,
+}
+
+impl Invalidates for RecordKey {
+    fn invalidates(&self, other: &Self) -> bool {
+        self.id == other.id && self.version >= other.version
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("undecodable record broadcast")]
+struct BadBroadcast;
+
+struct Handler(Arc<Mutex<Store>>);
+
+impl BroadcastHandler<Member> for Handler {
+    type Key = RecordKey;
+    type Error = BadBroadcast;
+
+    fn receive_item(
+        &mut self,
+        data: &[u8],
+        sender: Option<&Member>,
+    ) -> Result<Option<RecordKey>, BadBroadcast> {
+        let r: NodeRecord = postcard::from_bytes(data).map_err(|_| BadBroadcast)?;
+        let key = RecordKey {
+            id: r.id,
+            version: r.version,
+        };
+        let mut store = self.0.lock().expect("store lock");
+        if sender.is_none() {
+            // Our own record, added by us.
+            return Ok(Some(key));
+        }
+        if store.drop_broadcasts {
+            return Ok(None);
+        }
+        Ok(store.offer(r).then_some(key))
+    }
+}
+
+/// Collects what foca asks for during one call.
+#[derive(Default)]
+struct Collect {
+    sends: Vec<(Member, Vec<u8>)>,
+    timers: Vec<(Duration, Timer<Member>)>,
+    notes: Vec<foca::OwnedNotification<Member>>,
+}
+
+impl Runtime<Member> for Collect {
+    fn notify(&mut self, n: Notification<'_, Member>) {
+        self.notes.push(n.to_owned());
+    }
+    fn send_to(&mut self, to: Member, data: &[u8]) {
+        self.sends.push((to, data.to_vec()));
+    }
+    fn submit_after(&mut self, event: Timer<Member>, after: Duration) {
+        self.timers.push((after, event));
+    }
+}
+
+type Swim = Foca<Member, PostcardCodec, StdRng, Handler>;
+
+pub struct Node {
+    params: Params,
+    swim: Swim,
+    store: Arc<Mutex<Store>>,
+    sealer: Sealer,
+    rng: StdRng,
+    me: Member,
+    record: NodeRecord,
+    wall_base_ms: u64,
+    now: u64,
+    timers: BinaryHeap<Reverse<(u64, u64, TimerBox)>>,
+    timer_seq: u64,
+    outbox: Vec<(SocketAddrV4, Vec<u8>)>,
+    events: Vec<GossipEvent>,
+    join: Vec<SocketAddrV4>,
+    next_join: u64,
+    next_ae: u64,
+    counters: Counters,
+    unreported: BTreeMap<Reject, u64>,
+    next_reject_report: u64,
+    /// Membership state per id, with the time it last changed.
+    states: HashMap<NodeId, (MemberState, u64)>,
+    left: bool,
+}
+
+/// Timers in a heap need an order; foca's Timer has one, but the tuple needs it boxed
+/// with the sequence number first so equal deadlines keep submission order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TimerBox(Timer<Member>);
+
+impl PartialOrd for TimerBox {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for TimerBox {
+    fn cmp(&self, _other: &Self) -> std::cmp::Ordering {
+        std::cmp::Ordering::Equal
+    }
+}
+
+impl Node {
+    /// A node that publishes `record` (its version is set here). `now` is the
+    /// monotonic clock, `wall_ms` the wall clock at the same instant, `seed` feeds the
+    /// random choices (use the OS's in production, a fixed one in simulations).
+    pub fn new(
+        params: Params,
+        mut record: NodeRecord,
+        keyring: Keyring,
+        now: u64,
+        wall_ms: u64,
+        seed: u64,
+    ) -> Node {
+        let me = Member {
+            id: record.id,
+            addr: record.gossip_addr,
+            bump: wall_ms,
+        };
+        record.version = wall_ms.max(1);
+        let store = Arc::new(Mutex::new(Store {
+            own: Some(record.id),
+            ..Store::default()
+        }));
+        let swim = Foca::with_custom_broadcast(
+            me.clone(),
+            params.foca(),
+            StdRng::seed_from_u64(seed),
+            PostcardCodec,
+            Handler(store.clone()),
+        );
+        let sealer = Sealer::new(keyring, record.id.0, wall_ms.saturating_mul(1000));
+        let mut n = Node {
+            next_ae: now + params.anti_entropy_ms,
+            params,
+            swim,
+            store,
+            sealer,
+            rng: StdRng::seed_from_u64(seed ^ 0x5EED),
+            me,
+            record,
+            wall_base_ms: wall_ms.saturating_sub(now),
+            now,
+            timers: BinaryHeap::new(),
+            timer_seq: 0,
+            outbox: Vec::new(),
+            events: Vec::new(),
+            join: Vec::new(),
+            next_join: now,
+            counters: Counters::default(),
+            unreported: BTreeMap::new(),
+            next_reject_report: now,
+            states: HashMap::new(),
+            left: false,
+        };
+        n.queue_own_broadcast();
+        n
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.me.id
+    }
+
+    pub fn record(&self) -> &NodeRecord {
+        &self.record
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    pub fn keyring(&self) -> &Keyring {
+        self.sealer.keyring()
+    }
+
+    pub fn set_keyring(&mut self, k: Keyring) {
+        self.sealer.set_keyring(k);
+    }
+
+    pub fn set_faults(&mut self, f: Faults) {
+        self.store.lock().expect("store lock").drop_broadcasts = f.drop_broadcasts;
+    }
+
+    /// The bootstrap addresses (resolved by the caller, again whenever it likes). While
+    /// the node has no live member it sends them a join every `join_retry_ms`.
+    pub fn set_join(&mut self, addrs: Vec<SocketAddrV4>) {
+        self.join = addrs
+            .into_iter()
+            .filter(|a| *a != self.record.gossip_addr)
+            .collect();
+    }
+
+    fn wall(&self) -> u64 {
+        self.wall_base_ms + self.now
+    }
+
+    /// Publishes a new record content (stacks, addresses). Returns whether it changed.
+    pub fn update(
+        &mut self,
+        now: u64,
+        gossip_addr: SocketAddrV4,
+        underlay: Ipv4Addr,
+        vxlan_port: u16,
+        stacks: Vec<ClaimedStack>,
+    ) -> Result<bool, String> {
+        self.now = self.now.max(now);
+        let mut next = self.record.clone();
+        next.gossip_addr = gossip_addr;
+        next.underlay = underlay;
+        next.vxlan_port = vxlan_port;
+        next.stacks = stacks;
+        if next == self.record {
+            return Ok(false);
+        }
+        let size = postcard::to_allocvec(&next)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX);
+        if size > MAX_RECORD {
+            return Err(format!(
+                "this host's record would be {size} bytes, over the {MAX_RECORD}-byte limit of one gossip datagram; announce fewer stacks or prefixes"
+            ));
+        }
+        next.version = self.wall().max(self.record.version + 1);
+        let moved = gossip_addr != self.me.addr;
+        self.record = next;
+        if moved {
+            let new = Member {
+                addr: gossip_addr,
+                bump: self.me.bump.wrapping_add(1).max(self.wall()),
+                id: self.me.id,
+            };
+            let mut rt = Collect::default();
+            if self.swim.change_identity(new.clone(), &mut rt).is_ok() {
+                self.me = new;
+            }
+            self.drain(rt);
+        }
+        self.queue_own_broadcast();
+        Ok(true)
+    }
+
+    fn queue_own_broadcast(&mut self) {
+        if self.store.lock().expect("store lock").drop_broadcasts {
+            return;
+        }
+        if let Ok(bytes) = postcard::to_allocvec(&self.record) {
+            let _ = self.swim.add_broadcast(&bytes);
+            let mut rt = Collect::default();
+            let _ = self.swim.broadcast(&mut rt);
+            self.drain(rt);
+        }
+    }
+
+    /// Leaves on purpose: a tombstone record (no stacks, `left`) goes out by broadcast
+    /// and directly to a few members, then SWIM declares this node down.
+    pub fn leave(&mut self, now: u64) {
+        self.now = self.now.max(now);
+        self.record.left = true;
+        self.record.stacks.clear();
+        self.record.version = self.wall().max(self.record.version + 1);
+        self.left = true;
+        self.queue_own_broadcast();
+        let members: Vec<Member> = self.swim.iter_members().map(|m| m.id().clone()).collect();
+        for m in members.iter().take(5) {
+            self.send_wire(m.addr, &Wire::Records(vec![self.record.clone()]));
+        }
+        let mut rt = Collect::default();
+        let _ = self.swim.leave_cluster(&mut rt);
+        self.drain(rt);
+    }
+
+    /// Hands a received datagram to the node.
+    pub fn handle_packet(&mut self, now: u64, from: SocketAddrV4, data: &[u8]) {
+        self.now = self.now.max(now);
+        self.counters.packets_in += 1;
+        self.counters.bytes_in += data.len() as u64;
+        let (sender, plain) = match self.sealer.open(data) {
+            Ok(x) => x,
+            Err(r) => return self.reject(r),
+        };
+        if sender == self.me.id.0 {
+            return;
+        }
+        let wire: Wire = match postcard::from_bytes(&plain) {
+            Ok(w) => w,
+            Err(_) => return self.reject(Reject::Malformed),
+        };
+        if self.left {
+            return;
+        }
+        match wire {
+            Wire::Swim(bytes) => {
+                let mut rt = Collect::default();
+                let _ = self.swim.handle_data(&bytes, &mut rt);
+                self.drain(rt);
+            }
+            Wire::Join(m) => {
+                if m.id == self.me.id {
+                    return;
+                }
+                let mut rt = Collect::default();
+                let _ =
+                    self.swim
+                        .apply_many(std::iter::once(foca::Member::alive(m)), true, &mut rt);
+                self.drain(rt);
+                self.send_wire(from, &Wire::JoinAck(self.me.clone()));
+            }
+            Wire::JoinAck(m) => {
+                if m.id == self.me.id {
+                    return;
+                }
+                let mut rt = Collect::default();
+                let _ = self.swim.announce(m, &mut rt);
+                self.drain(rt);
+                self.start_sync(from);
+            }
+            Wire::Sync { hash, .. } => {
+                let store = self.store.lock().expect("store lock");
+                let mine = store.hash(&self.record);
+                let pages = if mine != hash {
+                    digest_pages(&store.records, &self.record)
+                } else {
+                    Vec::new()
+                };
+                drop(store);
+                for p in pages {
+                    self.send_wire(from, &p);
+                }
+            }
+            Wire::Digest { lo, hi, entries } => {
+                let theirs: HashMap<NodeId, u64> = entries.into_iter().collect();
+                let store = self.store.lock().expect("store lock");
+                let mut want = Vec::new();
+                for (id, v) in &theirs {
+                    if Some(*id) == store.own {
+                        continue;
+                    }
+                    if store.records.get(id).is_none_or(|r| r.version < *v) {
+                        want.push(*id);
+                    }
+                }
+                let mut push: Vec<NodeRecord> = store
+                    .records
+                    .range(lo..=hi)
+                    .filter(|(id, r)| theirs.get(id).is_none_or(|v| *v < r.version))
+                    .map(|(_, r)| r.clone())
+                    .collect();
+                drop(store);
+                // Our own record: the digest may miss it (or hold an older version).
+                if self.me.id >= lo
+                    && self.me.id <= hi
+                    && theirs
+                        .get(&self.me.id)
+                        .is_none_or(|v| *v < self.record.version)
+                {
+                    push.push(self.record.clone());
+                }
+                if !want.is_empty() {
+                    for chunk in want.chunks(DIGEST_PAGE) {
+                        self.send_wire(from, &Wire::Want(chunk.to_vec()));
+                    }
+                }
+                self.send_records(from, push);
+            }
+            Wire::Want(ids) => {
+                let store = self.store.lock().expect("store lock");
+                let mut recs: Vec<NodeRecord> = ids
+                    .iter()
+                    .filter_map(|id| store.records.get(id).cloned())
+                    .collect();
+                drop(store);
+                if ids.contains(&self.me.id) {
+                    recs.push(self.record.clone());
+                }
+                self.send_records(from, recs);
+            }
+            Wire::Records(recs) => {
+                let mut store = self.store.lock().expect("store lock");
+                for r in recs {
+                    if store.offer(r) {
+                        self.counters.records_pulled += 1;
+                    }
+                }
+            }
+        }
+        self.after_input();
+    }
+
+    fn reject(&mut self, r: Reject) {
+        match r {
+            Reject::BadKey => self.counters.rejected_bad_key += 1,
+            Reject::Malformed => self.counters.rejected_malformed += 1,
+            Reject::Replayed => self.counters.rejected_replayed += 1,
+        }
+        *self.unreported.entry(r).or_default() += 1;
+        if self.now >= self.next_reject_report {
+            self.next_reject_report = self.now + 10_000;
+            let list = std::mem::take(&mut self.unreported).into_iter().collect();
+            self.events.push(GossipEvent::Rejected(list));
+        }
+    }
+
+    /// Runs due timers, anti-entropy and join retries.
+    pub fn tick(&mut self, now: u64) {
+        self.now = self.now.max(now);
+        while let Some(Reverse((at, _, _))) = self.timers.peek() {
+            if *at > self.now {
+                break;
+            }
+            let Reverse((_, _, TimerBox(t))) = self.timers.pop().expect("peeked");
+            let mut rt = Collect::default();
+            let _ = self.swim.handle_timer(t, &mut rt);
+            self.drain(rt);
+        }
+        if self.left {
+            return;
+        }
+        if self.now >= self.next_join {
+            self.next_join = self.now + self.params.join_retry_ms;
+            if self.swim.num_members() == 0 {
+                for a in self.join.clone() {
+                    self.send_wire(a, &Wire::Join(self.me.clone()));
+                }
+            }
+        }
+        if self.now >= self.next_ae {
+            self.next_ae = self.now + self.params.anti_entropy_ms;
+            let members: Vec<SocketAddrV4> =
+                self.swim.iter_members().map(|m| m.id().addr).collect();
+            if !members.is_empty() {
+                let pick = members[self.rng.random_range(0..members.len())];
+                self.counters.anti_entropy_rounds += 1;
+                self.start_sync(pick);
+            }
+        }
+        if !self.unreported.is_empty() && self.now >= self.next_reject_report {
+            self.next_reject_report = self.now + 10_000;
+            let list = std::mem::take(&mut self.unreported).into_iter().collect();
+            self.events.push(GossipEvent::Rejected(list));
+        }
+        self.after_input();
+    }
+
+    /// When `tick` should next run.
+    pub fn next_deadline(&self) -> u64 {
+        let t = self
+            .timers
+            .peek()
+            .map(|Reverse((at, _, _))| *at)
+            .unwrap_or(u64::MAX);
+        t.min(self.next_ae).min(self.next_join)
+    }
+
+    fn start_sync(&mut self, to: SocketAddrV4) {
+        let store = self.store.lock().expect("store lock");
+        let hash = store.hash(&self.record);
+        let count = store.records.len() as u32 + 1;
+        drop(store);
+        self.send_wire(to, &Wire::Sync { hash, count });
+    }
+
+    fn send_records(&mut self, to: SocketAddrV4, recs: Vec<NodeRecord>) {
+        let mut batch: Vec<NodeRecord> = Vec::new();
+        let mut size = 16;
+        for r in recs {
+            let len = postcard::to_allocvec(&r)
+                .map(|v| v.len())
+                .unwrap_or(MAX_RECORD);
+            if !batch.is_empty() && size + len > MAX_PLAIN - 32 {
+                self.send_wire(to, &Wire::Records(std::mem::take(&mut batch)));
+                size = 16;
+            }
+            size += len;
+            batch.push(r);
+        }
+        if !batch.is_empty() {
+            self.send_wire(to, &Wire::Records(batch));
+        }
+    }
+
+    fn send_wire(&mut self, to: SocketAddrV4, w: &Wire) {
+        let plain = match postcard::to_allocvec(w) {
+            Ok(p) => p,
+            Err(_) => return,
+        };
+        let sealed = self.sealer.seal(&plain);
+        self.counters.packets_out += 1;
+        self.counters.bytes_out += sealed.len() as u64;
+        self.outbox.push((to, sealed));
+    }
+
+    fn drain(&mut self, rt: Collect) {
+        for (to, data) in rt.sends {
+            self.send_wire(to.addr, &Wire::Swim(data));
+        }
+        for (after, t) in rt.timers {
+            self.timer_seq += 1;
+            let at = self.now + after.as_millis() as u64;
+            self.timers.push(Reverse((at, self.timer_seq, TimerBox(t))));
+        }
+        for n in rt.notes {
+            match n {
+                foca::OwnedNotification::MemberUp(m) => {
+                    self.events.push(GossipEvent::MemberJoined(m.id, m.addr));
+                    self.start_sync(m.addr);
+                }
+                foca::OwnedNotification::MemberDown(m) => {
+                    let left = self
+                        .store
+                        .lock()
+                        .expect("store lock")
+                        .records
+                        .get(&m.id)
+                        .is_some_and(|r| r.left);
+                    self.events.push(if left {
+                        GossipEvent::MemberLeft(m.id)
+                    } else {
+                        GossipEvent::MemberFailed(m.id)
+                    });
+                }
+                foca::OwnedNotification::Rejoin(m) => {
+                    self.me = m;
+                    self.events.push(GossipEvent::Rejoined);
+                    // Everyone may have dropped our record's freshness: push it again.
+                    self.queue_own_broadcast_later();
+                }
+                foca::OwnedNotification::Defunct => {
+                    let mut rt = Collect::default();
+                    if let Some(m) = foca::Identity::renew(&self.me) {
+                        if self.swim.change_identity(m.clone(), &mut rt).is_ok() {
+                            self.me = m;
+                        }
+                    }
+                    self.drain(rt);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn queue_own_broadcast_later(&mut self) {
+        if let Ok(bytes) = postcard::to_allocvec(&self.record) {
+            let _ = self.swim.add_broadcast(&bytes);
+        }
+    }
+
+    /// Bookkeeping after any input: raise our version above a previous life's, note
+    /// state changes and migrations.
+    fn after_input(&mut self) {
+        let own_seen = {
+            let mut s = self.store.lock().expect("store lock");
+            std::mem::take(&mut s.own_seen)
+        };
+        if own_seen >= self.record.version && !self.left {
+            self.record.version = own_seen + 1;
+            self.queue_own_broadcast();
+        }
+        // Membership states.
+        let mut now_states: HashMap<NodeId, MemberState> = HashMap::new();
+        for m in self.swim.iter_membership_state() {
+            let st = match m.state() {
+                foca::State::Alive => MemberState::Alive,
+                foca::State::Suspect => MemberState::Suspect,
+                foca::State::Down => MemberState::Down,
+            };
+            now_states.insert(m.id().id, st);
+        }
+        let mut store = self.store.lock().expect("store lock");
+        for (id, from, to) in std::mem::take(&mut store.migrations) {
+            self.events
+                .push(GossipEvent::MemberMigrated { id, from, to });
+        }
+        for (id, r) in &store.records {
+            let st = if r.left {
+                MemberState::Left
+            } else {
+                now_states.get(id).copied().unwrap_or(MemberState::Unknown)
+            };
+            match self.states.get(id) {
+                Some((old, _)) if *old == st => {}
+                _ => {
+                    self.states.insert(*id, (st, self.now));
+                }
+            }
+        }
+    }
+
+    /// Takes what the node wants sent.
+    pub fn take_outbox(&mut self) -> Vec<(SocketAddrV4, Vec<u8>)> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    pub fn take_events(&mut self) -> Vec<GossipEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Whether records changed since the last call.
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.store.lock().expect("store lock").changed)
+    }
+
+    /// Every other node known, with its record and standing.
+    pub fn members(&self) -> Vec<MemberView> {
+        let store = self.store.lock().expect("store lock");
+        store
+            .records
+            .values()
+            .map(|r| {
+                let (state, since) = self
+                    .states
+                    .get(&r.id)
+                    .copied()
+                    .unwrap_or((MemberState::Unknown, self.now));
+                MemberView {
+                    record: r.clone(),
+                    state,
+                    since,
+                }
+            })
+            .collect()
+    }
+
+    /// Number of members SWIM considers active.
+    pub fn active_members(&self) -> usize {
+        self.swim.num_members()
+    }
+}
+
+fn digest_pages(records: &BTreeMap<NodeId, NodeRecord>, own: &NodeRecord) -> Vec<Wire> {
+    let mut all: Vec<(NodeId, u64)> = records.values().map(|r| (r.id, r.version)).collect();
+    all.push((own.id, own.version));
+    all.sort();
+    if all.is_empty() {
+        return vec![Wire::Digest {
+            lo: NodeId(0),
+            hi: NodeId(u64::MAX),
+            entries: Vec::new(),
+        }];
+    }
+    let n = all.len().div_ceil(DIGEST_PAGE);
+    let mut out = Vec::with_capacity(n);
+    for (i, chunk) in all.chunks(DIGEST_PAGE).enumerate() {
+        let lo = if i == 0 { NodeId(0) } else { chunk[0].0 };
+        let hi = if i + 1 == n {
+            NodeId(u64::MAX)
+        } else {
+            NodeId(all[(i + 1) * DIGEST_PAGE].0 .0 - 1)
+        };
+        out.push(Wire::Digest {
+            lo,
+            hi,
+            entries: chunk.to_vec(),
+        });
+    }
+    out
+}
