@@ -2,6 +2,7 @@
 //! diff it against kernel dumps, apply the difference, publish the state files.
 
 use crate::desired::{self, FdbRow, HostView, LocalRouter};
+use crate::gossip::GossipHandle;
 use crate::diff::{self, Change, DeviceAction, DeviceSpec};
 use crate::peers::PeerSource;
 use crate::registry::{ConnId, Registry};
@@ -16,12 +17,17 @@ use tracing::{info, warn};
 use vrouter_kernel::{FdbEntry, Kernel, KernelError, Link, Route, Rule, VxlanSpec};
 use vrouter_state::attach::{DiscoveryMessage, Registration};
 use vrouter_state::{
-    now_ms, DiscoveryFile, Event, HostInfo, LocalStack, Mac, PeerHost, Prefix, RoutesFile,
+    now_ms, DiscoveryFile, Event, GossipMember, GossipStatus, HostInfo, LocalStack, Mac,
+    PeerHost, Prefix, RoutesFile,
     StackName, StackRoutes, StateDir, Vni, RTPROT_VROUTER, SCHEMA_VERSION,
 };
 
 /// VXLAN header overhead on IPv4.
 const VXLAN_OVERHEAD: u32 = 50;
+/// A router's probe file older than this says nothing about the datapath.
+const PROBE_FRESH_MS: u64 = 5_000;
+/// Where routers write their overlay probe results (see vrouter-router's overlay probes).
+pub const PROBES_DIR: &str = "probes";
 
 pub struct Controller {
     settings: Settings,
@@ -43,6 +49,16 @@ pub struct Controller {
     reported: BTreeSet<String>,
     refusals: Vec<vrouter_state::Refusal>,
     drift_repairs: u64,
+    /// The gossip mesh, when configured; static peers still apply beside it.
+    gossip: Option<GossipHandle>,
+    /// When each local stack was first claimed (kept in the state directory).
+    claims: BTreeMap<StackName, u64>,
+    /// Static and gossip peers routed in the last reconcile.
+    all_peers: Vec<PeerHost>,
+    gossip_status: Option<GossipStatus>,
+    /// Gossip node ids whose stacks were routed at the last reconcile.
+    routed_nodes: BTreeSet<String>,
+    left_mesh: bool,
 }
 
 impl Controller {
@@ -101,6 +117,12 @@ impl Controller {
             reported: BTreeSet::new(),
             refusals: Vec::new(),
             drift_repairs: 0,
+            gossip: None,
+            claims: BTreeMap::new(),
+            all_peers: Vec::new(),
+            gossip_status: None,
+            routed_nodes: BTreeSet::new(),
+            left_mesh: false,
         };
         c.event(
             "started",
@@ -158,7 +180,214 @@ impl Controller {
     }
 
     pub fn config_files(&self) -> Vec<std::path::PathBuf> {
-        self.source.watched_files()
+        let mut f = self.source.watched_files();
+        f.extend(crate::gossip::watched(&self.settings));
+        f
+    }
+
+    /// The address this host advertises (VXLAN and gossip).
+    pub fn advertise(&self) -> Ipv4Addr {
+        self.advertise
+    }
+
+    /// The stacks this host announces: every registered one (in grace too, so a
+    /// restart announces the same stacks), with its first claim time.
+    pub fn claimed_stacks(&mut self) -> Vec<vrouter_gossip::ClaimedStack> {
+        let now = now_ms();
+        let names: BTreeSet<StackName> = self.registry.entries().map(|e| e.spec.name.clone()).collect();
+        let before = self.claims.clone();
+        self.claims.retain(|n, _| names.contains(n));
+        for n in &names {
+            self.claims.entry(n.clone()).or_insert(now);
+        }
+        if self.claims != before {
+            if let Err(e) = crate::gossip::store_claims(self.dir.path(), &self.claims) {
+                warn!("cannot store claims.json: {e}");
+            }
+        }
+        self.registry
+            .entries()
+            .map(|e| vrouter_gossip::ClaimedStack {
+                spec: e.spec.clone(),
+                claimed_ms: self.claims.get(&e.spec.name).copied().unwrap_or(now),
+            })
+            .collect()
+    }
+
+    pub fn set_gossip_claims(&mut self, claims: BTreeMap<StackName, u64>) {
+        self.claims = claims;
+    }
+
+    pub fn claims(&self) -> &BTreeMap<StackName, u64> {
+        &self.claims
+    }
+
+    pub fn set_gossip(&mut self, g: GossipHandle, claims: BTreeMap<StackName, u64>) {
+        self.claims = claims;
+        self.gossip = Some(g);
+    }
+
+    pub fn has_gossip(&self) -> bool {
+        self.gossip.is_some()
+    }
+
+    /// Whether some gossip member's membership failed (then datapath probes matter).
+    pub fn has_failed_members(&self) -> bool {
+        self.gossip_status
+            .as_ref()
+            .is_some_and(|s| s.members.iter().any(|m| m.state == "down"))
+    }
+
+    /// `vrouter-discovery leave-mesh`: leave on purpose; others withdraw at once.
+    pub async fn leave_mesh(&mut self) {
+        if let Some(g) = &self.gossip {
+            g.leave().await;
+            self.left_mesh = true;
+            self.event(
+                "left_mesh",
+                "this host left the gossip mesh on purpose; every other host withdraws its stacks now, and this host stops routing to theirs".into(),
+                None,
+            );
+        }
+    }
+
+    fn gossip_event(&self, e: vrouter_gossip::GossipEvent) {
+        use vrouter_gossip::GossipEvent as G;
+        match e {
+            G::MemberJoined(id, addr) => {
+                self.event("member_joined", format!("node {id} at {addr} is alive"), None)
+            }
+            G::MemberFailed(id) => self.event(
+                "member_failed",
+                format!("membership of node {id} failed (no answer to direct or indirect probes); its stacks stay routed while its routers answer overlay probes"),
+                None,
+            ),
+            G::MemberLeft(id) => self.event(
+                "member_left",
+                format!("node {id} left the mesh on purpose; its stacks are withdrawn"),
+                None,
+            ),
+            G::MemberMigrated { id, from, to } => self.event(
+                "member_migrated",
+                format!("node {id} moved from {from} to {to}; its stacks follow"),
+                None,
+            ),
+            G::Rejoined => self.event(
+                "rejoined",
+                "the mesh had declared this host down; it rejoined with a new incarnation".into(),
+                None,
+            ),
+            G::Rejected(list) => {
+                let parts: Vec<String> = list.iter().map(|(r, n)| format!("{n} {}", r.as_str())).collect();
+                self.event(
+                    "gossip_rejected",
+                    format!("dropped gossip packets: {} (bad_key: a host with another secret, or a rotation step missed; replayed: a copy of an old packet)", parts.join(", ")),
+                    None,
+                )
+            }
+        }
+    }
+
+    /// Gossip members whose stacks are routed: not left, and either membership holds or
+    /// a local router got an overlay probe answer from the host recently (the datapath
+    /// is headless: a host whose discovery is down keeps its routes while its routers
+    /// answer). Also builds the status for discovery.json.
+    fn gossip_peers(&mut self) -> Vec<PeerHost> {
+        let Some(g) = &self.gossip else {
+            return Vec::new();
+        };
+        let events = g.take_events();
+        let snap = g.snapshot();
+        for e in events {
+            self.gossip_event(e);
+        }
+        let now = now_ms();
+        let mut reachable_hosts: BTreeSet<Ipv4Addr> = BTreeSet::new();
+        let mut reachable_routers: BTreeSet<Ipv4Addr> = BTreeSet::new();
+        for (updated_ms, reachable) in read_probes(&self.dir.path().join(PROBES_DIR)) {
+            if now.saturating_sub(updated_ms) > PROBE_FRESH_MS {
+                continue;
+            }
+            for (host, router) in reachable {
+                reachable_hosts.insert(host);
+                reachable_routers.insert(router);
+            }
+        }
+        let mut peers = Vec::new();
+        let mut members = Vec::new();
+        let mut routed_nodes = BTreeSet::new();
+        for m in &snap.members {
+            let r = &m.record;
+            let reachable = reachable_hosts.contains(&r.underlay)
+                || r.stacks.iter().any(|s| reachable_routers.contains(&s.spec.router_ip));
+            let routed = !self.left_mesh
+                && match m.state {
+                    vrouter_gossip::MemberState::Left => false,
+                    vrouter_gossip::MemberState::Down => reachable,
+                    _ => true,
+                };
+            let id = r.id.to_string();
+            if routed && !r.stacks.is_empty() {
+                routed_nodes.insert(id.clone());
+                peers.push(PeerHost {
+                    addr: r.underlay,
+                    stacks: r.stacks.iter().map(|s| s.spec.clone()).collect(),
+                    source: "gossip".into(),
+                    node: Some(id.clone()),
+                    claims: r.stacks.iter().map(|s| (s.spec.name.clone(), s.claimed_ms)).collect(),
+                });
+            }
+            members.push(GossipMember {
+                node_id: id,
+                addr: r.gossip_addr.to_string(),
+                underlay: r.underlay,
+                state: m.state.as_str().into(),
+                stacks: r.stacks.iter().map(|s| s.spec.name.clone()).collect(),
+                version: r.version,
+                datapath_reachable: reachable,
+                routed,
+            });
+        }
+        for gone in self.routed_nodes.difference(&routed_nodes) {
+            let why = members
+                .iter()
+                .find(|m| &m.node_id == gone)
+                .map(|m| match m.state.as_str() {
+                    "left" => "it left the mesh".to_string(),
+                    "down" => "its membership failed and its routers do not answer overlay probes".to_string(),
+                    s => format!("state {s}"),
+                })
+                .unwrap_or_else(|| "it is no longer known".into());
+            self.event("peer_withdrawn", format!("stacks of node {gone} withdrawn: {why}"), None);
+        }
+        for back in routed_nodes.difference(&self.routed_nodes) {
+            self.event("peer_routed", format!("stacks of node {back} are routed"), None);
+        }
+        self.routed_nodes = routed_nodes;
+        let c = &snap.counters;
+        let counters: BTreeMap<String, u64> = [
+            ("packets_in", c.packets_in),
+            ("packets_out", c.packets_out),
+            ("bytes_in", c.bytes_in),
+            ("bytes_out", c.bytes_out),
+            ("rejected_bad_key", c.rejected_bad_key),
+            ("rejected_malformed", c.rejected_malformed),
+            ("rejected_replayed", c.rejected_replayed),
+            ("anti_entropy_rounds", c.anti_entropy_rounds),
+            ("records_pulled", c.records_pulled),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        self.gossip_status = Some(GossipStatus {
+            node_id: snap.node_id.to_string(),
+            addr: snap.addr.to_string(),
+            keys: snap.keys.clone(),
+            insecure: snap.insecure,
+            members,
+            counters,
+        });
+        peers
     }
 
     /// Reloads the peers; a bad file keeps the previous peers.
@@ -473,6 +702,17 @@ impl Controller {
             .iter()
             .filter_map(|l| l.bridge.as_ref().map(|b| b.1))
             .collect();
+        if let Some(g) = &self.gossip {
+            let stacks = {
+                let _ = g;
+                self.claimed_stacks()
+            };
+            if let Some(g) = &self.gossip {
+                g.set_local(self.advertise, self.settings.vxlan_port, stacks);
+            }
+        }
+        let mut all_peers = self.peers.clone();
+        all_peers.extend(self.gossip_peers());
         let host = HostView {
             advertise_addr: Some(self.advertise),
             host_networks: addrs
@@ -480,8 +720,12 @@ impl Controller {
                 .filter(|a| !bridges.contains(&a.index) && !a.addr.is_loopback())
                 .map(|a| Prefix::containing(a.addr, a.prefix_len))
                 .collect(),
+            node_id: self.gossip.as_ref().map(|g| g.node_id.to_string()),
+            local_claims: self.claims.clone(),
+            max_prefixes_per_host: self.settings.max_prefixes_per_host,
         };
-        let want = desired::compute(&host, &local, &self.peers);
+        let want = desired::compute(&host, &local, &all_peers);
+        self.all_peers = all_peers;
         for r in &want.refusals {
             let key = format!("{}|{:?}|{}", r.stack, r.prefix, r.reason);
             if self.reported.insert(key) {
@@ -681,7 +925,7 @@ impl Controller {
                 underlay_mtu: self.underlay.mtu,
                 pid: std::process::id(),
             },
-            peers: self.peers.clone(),
+            peers: self.all_peers.clone(),
             local_stacks: local
                 .iter()
                 .map(|l| {
@@ -698,6 +942,7 @@ impl Controller {
             refused: self.refusals.clone(),
             devices: self.owned_vnis.iter().copied().collect(),
             drift_repairs: self.drift_repairs,
+            gossip: self.gossip_status.clone(),
         };
         let unchanged = self.last_discovery.as_ref().is_some_and(|prev| {
             let mut p = prev.clone();
@@ -715,6 +960,40 @@ impl Controller {
         self.last_discovery = Some(file);
         Ok(())
     }
+}
+
+/// The routers' probe files (`probes/<stack>.json`): per file its update time and the
+/// (host, router) pairs that answered recently. Unreadable files say nothing.
+fn read_probes(dir: &std::path::Path) -> Vec<(u64, Vec<(Ipv4Addr, Ipv4Addr)>)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().and_then(|x| x.to_str()) != Some("json") {
+            continue;
+        }
+        let Ok(v) = std::fs::read(&path)
+            .map_err(|_| ())
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).map_err(|_| ()))
+        else {
+            continue;
+        };
+        let updated = v.get("updated_ms").and_then(|x| x.as_u64()).unwrap_or(0);
+        let mut pairs = Vec::new();
+        for p in v.get("peers").and_then(|x| x.as_array()).into_iter().flatten() {
+            if p.get("reachable").and_then(|x| x.as_bool()) != Some(true) {
+                continue;
+            }
+            let ip = |k: &str| p.get(k).and_then(|x| x.as_str()).and_then(|s| s.parse::<Ipv4Addr>().ok());
+            if let (Some(h), Some(r)) = (ip("host"), ip("router_ip")) {
+                pairs.push((h, r));
+            }
+        }
+        out.push((updated, pairs));
+    }
+    out
 }
 
 fn join(prefixes: &[Prefix]) -> String {

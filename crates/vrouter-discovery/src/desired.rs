@@ -17,6 +17,12 @@ pub struct HostView {
     /// Subnets of the host's own interfaces that are not stack bridges (underlay,
     /// docker0, ...): remote prefixes must not cover them.
     pub host_networks: Vec<Prefix>,
+    /// Gossip: this host's node id and when each local stack was first claimed.
+    /// Unset (static mode), every claim ranks as 0 and ties go by stack name.
+    pub node_id: Option<String>,
+    pub local_claims: BTreeMap<StackName, u64>,
+    /// Most prefixes one remote host may announce; the rest are refused (0: no cap).
+    pub max_prefixes_per_host: usize,
 }
 
 /// A router attached on this host, with the bridge its stack's containers use.
@@ -60,17 +66,44 @@ struct Placed<'a> {
 }
 
 /// Computes the desired state. Conflicts are settled deterministically: for two stacks
-/// with overlapping prefixes, the stack whose name sorts first keeps the prefix, so
-/// every host that sees the same stacks decides the same way.
+/// with overlapping prefixes, the earlier claim keeps the prefix (gossip stamps each
+/// stack with the time its host first announced it), then the lower node id, then the
+/// stack name; static peers and local stacks in static mode rank as claim 0. Every host
+/// that sees the same stacks decides the same way, and a newcomer cannot take a prefix
+/// someone already holds by choosing its node id.
 pub fn compute(host: &HostView, local: &[LocalRouter], peers: &[PeerHost]) -> Desired {
     let mut refusals = Vec::new();
     let local_names: BTreeSet<&StackName> = local.iter().map(|l| &l.spec.name).collect();
+    let own_node = host.node_id.clone().unwrap_or_default();
 
-    // Everything that announces prefixes, in deterministic order (by stack name).
-    let mut all: Vec<(&StackSpec, Option<Ipv4Addr>)> =
-        local.iter().map(|l| (&l.spec, None)).collect();
+    // Everything that announces prefixes, in deterministic order.
+    type Rank = (u64, String);
+    let mut all: Vec<(&StackSpec, Option<Ipv4Addr>, Rank)> = local
+        .iter()
+        .map(|l| {
+            let claim = host.local_claims.get(&l.spec.name).copied().unwrap_or(0);
+            (&l.spec, None, (claim, own_node.clone()))
+        })
+        .collect();
     for p in peers {
+        let mut budget = if host.max_prefixes_per_host == 0 {
+            usize::MAX
+        } else {
+            host.max_prefixes_per_host
+        };
         for s in &p.stacks {
+            if s.prefixes.len() > budget {
+                refusals.push(Refusal {
+                    stack: s.name.clone(),
+                    prefix: None,
+                    reason: format!(
+                        "host {} announces more than {} prefixes; stack {} is refused (raise VROUTER_MAX_PREFIXES_PER_HOST on every host, or announce fewer)",
+                        p.addr, host.max_prefixes_per_host, s.name
+                    ),
+                });
+                continue;
+            }
+            budget -= s.prefixes.len();
             if local_names.contains(&s.name) {
                 refusals.push(Refusal {
                     stack: s.name.clone(),
@@ -93,14 +126,20 @@ pub fn compute(host: &HostView, local: &[LocalRouter], peers: &[PeerHost]) -> De
                 });
                 continue;
             }
-            all.push((s, Some(p.addr)));
+            let claim = p.claims.get(&s.name).copied().unwrap_or(0);
+            let node = p.node.clone().unwrap_or_default();
+            all.push((s, Some(p.addr), (claim, node)));
         }
     }
-    all.sort_by(|a, b| a.0.name.cmp(&b.0.name).then(a.1.cmp(&b.1)));
+    all.sort_by(|a, b| {
+        a.2.cmp(&b.2)
+            .then(a.0.name.cmp(&b.0.name))
+            .then(a.1.cmp(&b.1))
+    });
 
     let mut placed: Vec<Placed> = Vec::new();
     let mut seen_names: BTreeSet<&StackName> = BTreeSet::new();
-    for (spec, at) in all {
+    for (spec, at, _) in all {
         if !seen_names.insert(&spec.name) {
             refusals.push(Refusal {
                 stack: spec.name.clone(),
@@ -317,6 +356,8 @@ mod tests {
             addr: addr.parse().unwrap(),
             stacks,
             source: "static".into(),
+            node: None,
+            claims: Default::default(),
         }
     }
 
@@ -324,7 +365,66 @@ mod tests {
         HostView {
             advertise_addr: Some("198.18.0.1".parse().unwrap()),
             host_networks: vec!["198.18.0.0/24".parse().unwrap()],
+            ..HostView::default()
         }
+    }
+
+    fn gossip_peer(addr: &str, node: &str, stacks: Vec<(StackSpec, u64)>) -> PeerHost {
+        PeerHost {
+            addr: addr.parse().unwrap(),
+            claims: stacks.iter().map(|(s, c)| (s.name.clone(), *c)).collect(),
+            stacks: stacks.into_iter().map(|(s, _)| s).collect(),
+            source: "gossip".into(),
+            node: Some(node.into()),
+        }
+    }
+
+    #[test]
+    fn earlier_claim_wins_whatever_the_name_or_node_id() {
+        let vni = 100;
+        // "aaa" sorts first by name and its node id is lower, but claimed later.
+        let holder = gossip_peer(
+            "198.18.0.2",
+            "ffffffffffffffff",
+            vec![(spec("zzz", vni, "10.9.0.0/24", "10.9.0.254"), 1_000)],
+        );
+        let hijack = gossip_peer(
+            "198.18.0.3",
+            "0000000000000001",
+            vec![(spec("aaa", vni, "10.9.0.0/16", "10.9.1.254"), 2_000)],
+        );
+        let l = local("mine", vni, "10.1.0.0/24", "10.1.0.254", "br1", 7);
+        let mut h = host();
+        h.local_claims.insert(l.spec.name.clone(), 500);
+        let d = compute(&h, &[l], &[hijack.clone(), holder.clone()]);
+        let routes = &d.candidates[&StackName::new("mine").unwrap()];
+        assert_eq!(routes.len(), 1);
+        assert_eq!(routes[0].stack.as_str(), "zzz");
+        assert!(d.refusals.iter().any(|r| r.stack.as_str() == "aaa"));
+        // Equal claims: the lower node id wins.
+        let tie = gossip_peer(
+            "198.18.0.3",
+            "0000000000000001",
+            vec![(spec("aaa", vni, "10.9.0.0/16", "10.9.1.254"), 1_000)],
+        );
+        let d = compute(&host(), &[], &[tie, holder]);
+        assert!(d.refusals.iter().any(|r| r.stack.as_str() == "zzz"));
+    }
+
+    #[test]
+    fn per_host_prefix_cap() {
+        let mut h = host();
+        h.max_prefixes_per_host = 2;
+        let mut s1 = spec("one", 100, "10.5.0.0/24", "10.5.0.254");
+        s1.prefixes.push("10.6.0.0/24".parse().unwrap());
+        let s2 = spec("two", 100, "10.7.0.0/24", "10.7.0.254");
+        let p = gossip_peer("198.18.0.2", "0000000000000002", vec![(s1, 1), (s2, 1)]);
+        let l = local("mine", 100, "10.1.0.0/24", "10.1.0.254", "br1", 7);
+        let d = compute(&h, &[l], &[p]);
+        let routes = &d.candidates[&StackName::new("mine").unwrap()];
+        assert_eq!(routes.len(), 2, "{routes:?}");
+        let r = d.refusals.iter().find(|r| r.stack.as_str() == "two").unwrap();
+        assert!(r.reason.contains("more than 2 prefixes"), "{}", r.reason);
     }
 
     fn ip(s: &str) -> Ipv4Addr {

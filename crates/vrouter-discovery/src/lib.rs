@@ -8,6 +8,7 @@ pub mod allinone;
 pub mod controller;
 pub mod desired;
 pub mod diff;
+pub mod gossip;
 pub mod peers;
 pub mod registry;
 pub mod retention;

@@ -24,6 +24,7 @@ fn main() -> std::process::ExitCode {
         Command::Run => rt.block_on(vrouter_discovery::run::run(cli.settings)),
         Command::Health => vrouter_discovery::run::health(&cli.settings),
         Command::CheckConfig => vrouter_discovery::run::check_config(&cli.settings),
+        Command::LeaveMesh => rt.block_on(vrouter_discovery::run::leave_mesh(&cli.settings)),
         Command::Cleanup => rt.block_on(vrouter_discovery::run::cleanup(&cli.settings)),
         Command::AllInOne(a) => rt.block_on(vrouter_discovery::allinone::run(cli.settings, a)),
     };

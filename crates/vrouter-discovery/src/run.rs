@@ -35,6 +35,11 @@ enum Input {
         conn: ConnId,
     },
     ConfigChanged,
+    LeaveMesh {
+        reply: oneshot::Sender<DiscoveryMessage>,
+    },
+    /// A router's overlay probe results changed.
+    ProbesChanged,
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
@@ -75,6 +80,19 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let kernel = Kernel::connect().await?;
     let source = crate::peers::from_settings(&settings).map_err(anyhow::Error::msg)?;
     let mut ctl = Controller::new(settings.clone(), dir, kernel, source).await?;
+    let (gossip_tx, mut gossip_rx) = mpsc::channel::<()>(1);
+    if settings.gossip_enabled() {
+        let node_id = crate::gossip::load_node_id(&settings.state_dir)?;
+        let claims = crate::gossip::load_claims(&settings.state_dir);
+        // Announce what the previous run had (routers in grace), so a restart changes
+        // nothing elsewhere.
+        ctl.set_gossip_claims(claims);
+        let stacks = ctl.claimed_stacks();
+        let handle =
+            crate::gossip::start(&settings, node_id, ctl.advertise(), stacks, gossip_tx).await?;
+        let claims = ctl.claims().clone();
+        ctl.set_gossip(handle, claims);
+    }
     let listener = AttachListener::bind(&StateDir::open(&settings.state_dir)?.socket_path())
         .with_context(|| {
             format!(
@@ -86,6 +104,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::channel::<Input>(256);
     tokio::spawn(accept_loop(listener, tx.clone()));
     let _watcher = watch_config(&ctl.config_files(), tx.clone());
+    let _probes_watcher = if ctl.has_gossip() {
+        watch_probes(&settings.state_dir, tx.clone())
+    } else {
+        None
+    };
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -104,10 +127,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             }
         };
         let mut timer_reconcile = false;
+        // Probe results only matter while some member's membership has failed.
+        let mut only_probes = false;
         tokio::select! {
-            Some(input) = rx.recv() => handle(&mut ctl, input).await,
+            Some(input) = rx.recv() => {
+                only_probes = matches!(input, Input::ProbesChanged);
+                handle(&mut ctl, input).await
+            }
             _ = tick.tick() => timer_reconcile = true,
             _ = timer => {},
+            Some(()) = gossip_rx.recv() => {}
             _ = hup.recv() => { info!("SIGHUP: reloading peer configuration"); ctl.reload_peers(); }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -115,7 +144,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         // Batch whatever else arrived before reconciling once.
         while let Ok(input) = rx.try_recv() {
             timer_reconcile = false;
+            only_probes &= matches!(input, Input::ProbesChanged);
             handle(&mut ctl, input).await;
+        }
+        if only_probes && !ctl.has_failed_members() {
+            continue;
         }
         match ctl.reconcile().await {
             Ok(n) if timer_reconcile => ctl.count_drift(n),
@@ -149,7 +182,40 @@ async fn handle(ctl: &mut Controller, input: Input) {
         }
         Input::Closed { conn } => ctl.disconnected(conn),
         Input::ConfigChanged => ctl.reload_peers(),
+        Input::LeaveMesh { reply } => {
+            if ctl.has_gossip() {
+                ctl.leave_mesh().await;
+                let _ = reply.send(DiscoveryMessage::Left);
+            } else {
+                let _ = reply.send(DiscoveryMessage::Refused {
+                    reason: "this discovery runs without gossip (no secret or join configured); there is no mesh to leave".into(),
+                });
+            }
+        }
+        Input::ProbesChanged => {}
     }
+}
+
+/// Watches the routers' probe results (`probes/` in the state directory).
+fn watch_probes(
+    state_dir: &std::path::Path,
+    tx: mpsc::Sender<Input>,
+) -> Option<notify::RecommendedWatcher> {
+    let dir = state_dir.join(crate::controller::PROBES_DIR);
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        warn!("cannot create {}: {e}", dir.display());
+        return None;
+    }
+    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            if matches!(ev.kind, notify::EventKind::Create(_) | notify::EventKind::Modify(_)) {
+                let _ = tx.try_send(Input::ProbesChanged);
+            }
+        }
+    })
+    .ok()?;
+    w.watch(&dir, notify::RecursiveMode::NonRecursive).ok()?;
+    Some(w)
 }
 
 async fn accept_loop(listener: AttachListener, tx: mpsc::Sender<Input>) {
@@ -208,6 +274,11 @@ async fn serve(conn: ConnId, sock: Arc<AttachSocket>, tx: mpsc::Sender<Input>) {
             RouterMessage::Leave { stack } => {
                 let (rtx, rrx) = oneshot::channel();
                 let _ = tx.send(Input::Leave { stack, reply: rtx }).await;
+                rrx.await.ok()
+            }
+            RouterMessage::LeaveMesh => {
+                let (rtx, rrx) = oneshot::channel();
+                let _ = tx.send(Input::LeaveMesh { reply: rtx }).await;
                 rrx.await.ok()
             }
         };
@@ -348,4 +419,27 @@ pub async fn cleanup(settings: &Settings) -> anyhow::Result<()> {
         println!("removed {r}");
     }
     Ok(())
+}
+
+/// `vrouter-discovery leave-mesh`: asks the running discovery to leave the mesh.
+pub async fn leave_mesh(settings: &Settings) -> anyhow::Result<()> {
+    let path = StateDir::open(&settings.state_dir)?.socket_path();
+    let socket = AttachSocket::connect(&path).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach discovery at {} ({e}); is vrouter-discovery running with this VROUTER_STATE_DIR?",
+            path.display()
+        )
+    })?;
+    socket.send(&RouterMessage::LeaveMesh, None).await?;
+    let answer = tokio::time::timeout(Duration::from_secs(5), socket.recv::<DiscoveryMessage>())
+        .await
+        .map_err(|_| anyhow::anyhow!("discovery did not confirm the leave within 5 s"))??;
+    match answer {
+        Some((DiscoveryMessage::Left, _)) => {
+            println!("left the mesh: every other host withdraws this host's stacks");
+            Ok(())
+        }
+        Some((DiscoveryMessage::Refused { reason }, _)) => anyhow::bail!("{reason}"),
+        other => anyhow::bail!("unexpected answer from discovery: {other:?}"),
+    }
 }

@@ -27,6 +27,9 @@ pub enum Command {
     Health,
     /// Parse and check the static peer configuration, print the peers, and exit.
     CheckConfig,
+    /// Leave the gossip mesh on purpose: every other host withdraws this host's stacks
+    /// at once (a plain stop or restart does not). The running discovery then idles.
+    LeaveMesh,
     /// Remove everything discovery made on this host (its VXLAN devices, steering rules
     /// and routes, and the state files), after the last stack is down. Refuses while a
     /// discovery is active on the state directory.
@@ -83,11 +86,52 @@ pub struct Settings {
     /// Priority of the host steering policy rules.
     #[arg(long, env = "VROUTER_RULE_PRIORITY", default_value_t = 1000)]
     pub rule_priority: u32,
+
+    /// Gossip bootstrap peers, `host[:port]` by address or DNS name, comma-separated
+    /// (names are re-resolved). One is enough; the config file's `join` adds more.
+    #[arg(long, env = "VROUTER_JOIN", value_delimiter = ',')]
+    pub join: Vec<String>,
+
+    /// UDP port of the gossip mesh (Docker Swarm uses 7946; this avoids it).
+    #[arg(long, env = "VROUTER_GOSSIP_PORT", default_value_t = 7950, value_parser = parse_port)]
+    pub gossip_port: u16,
+
+    /// Address the gossip socket binds to (the advertised address is
+    /// --advertise-addr or the underlay address).
+    #[arg(long, env = "VROUTER_GOSSIP_BIND", default_value = "0.0.0.0", value_parser = parse_ipv4("--gossip-bind / VROUTER_GOSSIP_BIND"))]
+    pub gossip_bind: Ipv4Addr,
+
+    /// File of gossip secrets, one per line: the first seals what this host sends, all
+    /// are accepted (rotation). Re-read when it changes and on SIGHUP.
+    #[arg(long, env = "VROUTER_SECRET_FILE")]
+    pub secret_file: Option<PathBuf>,
+
+    /// Gossip secrets inline, comma-separated, the sending one first.
+    #[arg(long, env = "VROUTER_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+
+    /// Run the gossip mesh without a secret: anyone who can reach the port can join
+    /// and announce routes. Only for labs.
+    #[arg(long, env = "VROUTER_INSECURE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub insecure: bool,
+
+    /// Most prefixes one remote host may announce; the rest are refused.
+    #[arg(long, env = "VROUTER_MAX_PREFIXES_PER_HOST", default_value_t = 64)]
+    pub max_prefixes_per_host: usize,
+
+    /// Test-only fault switch: a file whose lines (e.g. `drop-broadcasts`) turn faults on.
+    #[arg(long, env = "VROUTER_TEST_FAULTS", hide = true)]
+    pub test_faults: Option<PathBuf>,
 }
 
 impl Settings {
     pub fn grace(&self) -> Duration {
         Duration::from_millis(self.grace_ms)
+    }
+
+    /// Gossip runs when a secret (or `--insecure`) or a bootstrap peer is configured.
+    pub fn gossip_enabled(&self) -> bool {
+        self.secret_file.is_some() || self.secret.is_some() || self.insecure || !self.join.is_empty()
     }
 
     pub fn reconcile_interval(&self) -> Duration {

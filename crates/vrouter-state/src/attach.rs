@@ -26,6 +26,9 @@ pub enum RouterMessage {
     Leave {
         stack: StackName,
     },
+    /// This host leaves the gossip mesh on purpose (`vrouter-discovery leave-mesh`):
+    /// every other host withdraws its stacks at once.
+    LeaveMesh,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

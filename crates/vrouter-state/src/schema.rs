@@ -35,6 +35,42 @@ pub struct DiscoveryFile {
     /// Count of kernel changes made by timer reconciles with no input change (drift).
     #[serde(default)]
     pub drift_repairs: u64,
+    /// The gossip mesh as this host sees it (absent in static-only mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gossip: Option<GossipStatus>,
+}
+
+/// This host's view of the gossip mesh.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GossipStatus {
+    /// This host's stable node id (16 hex digits, kept in the state directory).
+    pub node_id: String,
+    /// The gossip address other hosts reach this host at.
+    pub addr: String,
+    /// Fingerprints of the accepted keys, the sending key first.
+    pub keys: Vec<String>,
+    pub insecure: bool,
+    pub members: Vec<GossipMember>,
+    /// Packet and rejection counters since start.
+    pub counters: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GossipMember {
+    pub node_id: String,
+    /// Gossip address.
+    pub addr: String,
+    /// Underlay (VXLAN) address.
+    pub underlay: Ipv4Addr,
+    /// "alive", "suspect", "down" (membership failed), "left" or "unknown".
+    pub state: String,
+    pub stacks: Vec<StackName>,
+    pub version: u64,
+    /// Whether a local router got an overlay probe answer from this host's routers
+    /// recently (the datapath's own liveness, separate from membership).
+    pub datapath_reachable: bool,
+    /// Whether its stacks are routed from this host now.
+    pub routed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,8 +90,15 @@ pub struct PeerHost {
     /// The host's underlay address: where VXLAN packets for its stacks go.
     pub addr: Ipv4Addr,
     pub stacks: Vec<StackSpec>,
-    /// Where this peer came from ("static", later "gossip").
+    /// Where this peer came from ("static" or "gossip").
     pub source: String,
+    /// Gossip only: the node id of the host (ties between equal claims go by it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Gossip only: when each stack was first claimed (ms since the epoch); between two
+    /// overlapping prefixes the earlier claim wins. Static peers have none and rank as 0.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub claims: BTreeMap<StackName, u64>,
 }
 
 /// A stack whose router runs on this host.

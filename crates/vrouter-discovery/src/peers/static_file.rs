@@ -25,6 +25,11 @@ use vrouter_state::{PeerHost, Prefix, StackName, StackSpec, Vni};
 struct FileDoc {
     #[serde(default)]
     host: Vec<HostDoc>,
+    /// Gossip bootstrap peers (`host[:port]`), read by the gossip module; the static
+    /// peers and gossip mix in one file.
+    #[serde(default)]
+    #[allow(dead_code)]
+    join: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -124,6 +129,8 @@ pub fn parse_static_config(text: &str, origin: &str) -> Result<Vec<PeerHost>, St
             addr,
             stacks,
             source: "static".into(),
+            node: None,
+            claims: Default::default(),
         });
     }
     hosts.sort();
