@@ -24,15 +24,20 @@ pub mod cmd;
 pub mod daemon;
 pub mod docker;
 pub mod firewall;
+pub mod gossip;
 pub mod mesh;
 pub mod probe;
 pub mod topology;
+pub mod underlay;
 
 pub use cleanup::cleanup_leftovers;
 pub use cmd::{exec, exec_input, exec_ok, exec_timeout, ns_run, sh, CmdOutput, CMD_TIMEOUT};
 pub use daemon::{spawn_in, spawn_privileged_in, Daemon, PRIVILEGED_WRAPPER};
 pub use firewall::{render_ruleset, FwNetwork};
-pub use probe::{ping, ping_count, probe_bin, tcp_hold, tcp_send, TcpServer};
+pub use probe::{
+    ping, ping_burst, ping_count, probe_bin, send_udp_file, tcp_hold, tcp_send, TcpServer,
+    UdpCapture,
+};
 pub use topology::{Container, Host, Network, Protection, Role, Topology, TopologyBuilder};
 
 use std::fs::{File, OpenOptions};

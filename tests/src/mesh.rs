@@ -20,6 +20,10 @@ pub struct StackDef {
     pub vni: u32,
     pub cidr: &'static str,
     pub protection: Protection,
+    /// What the router announces (`VROUTER_PREFIXES`), when not its network's subnet.
+    pub prefixes: Option<&'static str>,
+    /// Router and service addresses, when not `.254` and `.5` of the subnet's first /24.
+    pub addrs: Option<(&'static str, &'static str)>,
 }
 
 impl StackDef {
@@ -30,7 +34,21 @@ impl StackDef {
             vni,
             cidr,
             protection: Protection::Protected,
+            prefixes: None,
+            addrs: None,
         }
+    }
+
+    /// Router at `router`, service at `service` (both in the subnet).
+    pub fn addresses(mut self, router: &'static str, service: &'static str) -> StackDef {
+        self.addrs = Some((router, service));
+        self
+    }
+
+    /// The router announces `prefixes` (comma-separated CIDRs) instead of its subnet.
+    pub fn announce(mut self, prefixes: &'static str) -> StackDef {
+        self.prefixes = Some(prefixes);
+        self
     }
 
     pub fn unprotected(mut self) -> StackDef {
@@ -44,11 +62,17 @@ impl StackDef {
     }
 
     pub fn router_ip(&self) -> String {
+        if let Some((r, _)) = self.addrs {
+            return r.to_string();
+        }
         let o = self.base();
         format!("{}.{}.{}.254", o[0], o[1], o[2])
     }
 
     pub fn service_ip(&self) -> String {
+        if let Some((_, v)) = self.addrs {
+            return v.to_string();
+        }
         let o = self.base();
         format!("{}.{}.{}.5", o[0], o[1], o[2])
     }
@@ -83,6 +107,10 @@ pub struct Mesh {
     pub stacks: Vec<StackDef>,
     /// Stacks left out of the other hosts' static configuration.
     removed: Vec<String>,
+    /// Extra environment of each host's discovery (e.g. the gossip settings).
+    discovery_env: BTreeMap<usize, Vec<(String, String)>>,
+    /// Whether discovery gets the static peer file (`--config`); off for gossip meshes.
+    static_peers: bool,
     pub topo: Topology,
     bins: PathBuf,
 }
@@ -91,35 +119,101 @@ impl Mesh {
     /// Builds the hosts and stacks, writes each host's static peer file, and starts
     /// discovery on every host and a router in every stack.
     pub fn start(test: &str, hosts: usize, stacks: Vec<StackDef>) -> Result<Mesh> {
-        let bins = bin_dir()?;
-        let mut topo = Topology::builder(test).hosts(hosts).build()?;
-        for s in &stacks {
-            let h = topo.host_mut(s.host);
-            h.add_network(s.name, s.cidr, s.protection)?;
-            h.add_container(s.name, "rtr", &s.router_ip(), Role::Router)?;
-            h.add_container(s.name, "svc", &s.service_ip(), Role::Service)?;
+        let mut mesh = Mesh::build(test, hosts, stacks)?;
+        for h in 1..=hosts {
+            mesh.write_config(h)?;
+            mesh.start_discovery(h)?;
         }
+        mesh.start_routers()?;
+        Ok(mesh)
+    }
+
+    /// Builds the hosts, the stacks' networks and containers, and empty state
+    /// directories; starts nothing (see [`Mesh::start`], [`crate::gossip::GossipMesh`]).
+    pub fn build(test: &str, hosts: usize, stacks: Vec<StackDef>) -> Result<Mesh> {
+        let bins = bin_dir()?;
+        let topo = Topology::builder(test).hosts(hosts).build()?;
         let mut mesh = Mesh {
             discovery: BTreeMap::new(),
             standby: BTreeMap::new(),
             routers: BTreeMap::new(),
-            stacks,
+            stacks: Vec::new(),
             removed: Vec::new(),
+            discovery_env: BTreeMap::new(),
+            static_peers: true,
             topo,
             bins,
         };
-        for h in 1..=hosts {
-            let dir = mesh.state_dir(h);
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir)?;
-            mesh.write_config(h)?;
-            mesh.start_discovery(h)?;
+        for s in stacks {
+            mesh.add_stack_containers(s)?;
         }
-        let names: Vec<String> = mesh.stacks.iter().map(|s| s.name.to_string()).collect();
-        for n in names {
-            mesh.start_router(&n)?;
+        for h in 1..=hosts {
+            mesh.reset_state_dir(h)?;
         }
         Ok(mesh)
+    }
+
+    fn reset_state_dir(&self, host: usize) -> Result<()> {
+        let dir = self.state_dir(host);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        Ok(())
+    }
+
+    fn add_stack_containers(&mut self, s: StackDef) -> Result<()> {
+        let h = self.topo.host_mut(s.host);
+        h.add_network(s.name, s.cidr, s.protection)?;
+        h.add_container(s.name, "rtr", &s.router_ip(), Role::Router)?;
+        h.add_container(s.name, "svc", &s.service_ip(), Role::Service)?;
+        self.stacks.push(s);
+        Ok(())
+    }
+
+    /// Starts the router of every stack that has none running.
+    pub fn start_routers(&mut self) -> Result<()> {
+        let names: Vec<String> = self
+            .stacks
+            .iter()
+            .map(|s| s.name.to_string())
+            .filter(|n| !self.routers.contains_key(n))
+            .collect();
+        for n in names {
+            self.start_router(&n)?;
+        }
+        Ok(())
+    }
+
+    /// A new stack on a running mesh: its network, router and service, and its router
+    /// started.
+    pub fn add_stack(&mut self, s: StackDef) -> Result<()> {
+        let name = s.name;
+        self.add_stack_containers(s)?;
+        self.start_router(name)
+    }
+
+    /// A new simulated host (next index, next underlay address) with an empty state
+    /// directory; nothing started on it. Returns its index.
+    pub fn add_host(&mut self) -> Result<usize> {
+        let h = self.topo.add_next_host()?;
+        self.reset_state_dir(h)?;
+        Ok(h)
+    }
+
+    /// Give discovery the static peer file (`--config`, the default) or not.
+    pub fn set_static_peers(&mut self, on: bool) {
+        self.static_peers = on;
+    }
+
+    /// Sets (replaces) one environment variable of `host`'s discovery, for its next start.
+    pub fn set_discovery_env(&mut self, host: usize, key: &str, value: &str) {
+        let env = self.discovery_env.entry(host).or_default();
+        env.retain(|(k, _)| k != key);
+        env.push((key.to_string(), value.to_string()));
+    }
+
+    /// Path of the project's binary `name` (`vrouter-discovery`, `vrouter-router`).
+    pub fn bin(&self, name: &str) -> PathBuf {
+        self.bins.join(name)
     }
 
     pub fn state_dir(&self, host: usize) -> PathBuf {
@@ -205,21 +299,28 @@ impl Mesh {
     }
 
     fn discovery_args(&self, host: usize) -> Vec<String> {
-        vec![
+        let mut v = vec![
             "--state-dir".into(),
             self.state_dir(host).display().to_string(),
-            "--config".into(),
-            self.config_path(host).display().to_string(),
-        ]
+        ];
+        if self.static_peers {
+            v.push("--config".into());
+            v.push(self.config_path(host).display().to_string());
+        }
+        v
     }
 
     fn spawn_discovery(&self, host: usize) -> Result<Daemon> {
         let bin = self.bins.join("vrouter-discovery");
         let args = self.discovery_args(host);
         let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let mut env: Vec<(&str, &str)> = vec![("RUST_LOG", "info")];
+        if let Some(extra) = self.discovery_env.get(&host) {
+            env.extend(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        }
         self.topo
             .host(host)
-            .spawn_privileged(bin.to_str().unwrap(), &args, &[("RUST_LOG", "info")])
+            .spawn_privileged(bin.to_str().unwrap(), &args, &env)
     }
 
     pub fn start_discovery(&mut self, host: usize) -> Result<()> {
@@ -260,16 +361,18 @@ impl Mesh {
         let bin = self.bins.join("vrouter-router");
         let dir = self.state_dir(s.host).display().to_string();
         let vni = s.vni.to_string();
-        let d = self.rtr(stack).spawn_privileged(
-            bin.to_str().unwrap(),
-            &[],
-            &[
-                ("VROUTER_STACK", s.name),
-                ("VROUTER_VNI", &vni),
-                ("VROUTER_STATE_DIR", &dir),
-                ("RUST_LOG", "info"),
-            ],
-        )?;
+        let mut env = vec![
+            ("VROUTER_STACK", s.name),
+            ("VROUTER_VNI", vni.as_str()),
+            ("VROUTER_STATE_DIR", dir.as_str()),
+            ("RUST_LOG", "info"),
+        ];
+        if let Some(p) = s.prefixes {
+            env.push(("VROUTER_PREFIXES", p));
+        }
+        let d = self
+            .rtr(stack)
+            .spawn_privileged(bin.to_str().unwrap(), &[], &env)?;
         self.routers.insert(stack.to_string(), d);
         Ok(())
     }

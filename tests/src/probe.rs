@@ -192,3 +192,119 @@ pub fn tcp_hold(
         &[],
     )
 }
+
+/// `count` echo requests every `interval` from `from_ns` to `ip`, waiting up to `timeout`
+/// in all: `(sent, received)`. For loss measurements.
+pub fn ping_burst(
+    from_ns: &str,
+    ip: &str,
+    count: u32,
+    interval: Duration,
+    timeout: Duration,
+) -> Result<(u32, u32)> {
+    let out = exec_timeout(
+        Some(from_ns),
+        &[
+            &probe(),
+            "ping",
+            ip,
+            &count.to_string(),
+            &timeout.as_millis().max(1).to_string(),
+            &interval.as_millis().max(1).to_string(),
+        ],
+        timeout + Duration::from_secs(5),
+    )?;
+    let mut sent = None;
+    let mut recv = None;
+    for tok in out.stdout.split_whitespace() {
+        if let Some(v) = tok.strip_prefix("sent=") {
+            sent = v.parse().ok();
+        } else if let Some(v) = tok.strip_prefix("received=") {
+            recv = v.parse().ok();
+        }
+    }
+    match (sent, recv) {
+        (Some(s), Some(r)) => Ok((s, r)),
+        _ => bail!(
+            "ping probe failed: {} {}",
+            out.stdout.trim(),
+            out.stderr.trim()
+        ),
+    }
+}
+
+/// A running `vrt-probe capture-udp`: the payload of the first UDP datagram that arrives
+/// in a namespace for a port.
+pub struct UdpCapture {
+    pub daemon: Daemon,
+    pub out: PathBuf,
+}
+
+impl UdpCapture {
+    /// Starts capturing in `ns` (returns once the socket is open). `src`: only datagrams
+    /// from this address. The capture gives up after `timeout`.
+    pub fn start(
+        ns: &str,
+        port: u16,
+        src: Option<std::net::Ipv4Addr>,
+        out: &Path,
+        timeout: Duration,
+        log_dir: &Path,
+    ) -> Result<UdpCapture> {
+        let ready = PathBuf::from(format!("{}.ready", out.display()));
+        let _ = std::fs::remove_file(out);
+        let _ = std::fs::remove_file(&ready);
+        let bin = probe();
+        let port_s = port.to_string();
+        let out_s = out.to_string_lossy().into_owned();
+        let ms = timeout.as_millis().max(1).to_string();
+        let src_s = src.map(|s| s.to_string());
+        let mut args = vec![
+            "capture-udp",
+            "--port",
+            &port_s,
+            "--out",
+            &out_s,
+            "--timeout-ms",
+            &ms,
+        ];
+        if let Some(s) = &src_s {
+            args.extend(["--src", s.as_str()]);
+        }
+        let mut daemon = spawn_in(ns, log_dir, &bin, &args, &[])?;
+        let ok = crate::wait_until(Duration::from_secs(5), Duration::from_millis(10), || {
+            ready.exists() || !daemon.is_running()
+        });
+        if !ok || !ready.exists() {
+            bail!("capture-udp did not start\n{}", daemon.logs());
+        }
+        Ok(UdpCapture {
+            daemon,
+            out: out.to_path_buf(),
+        })
+    }
+
+    /// Waits (up to `timeout`) for the capture to finish; the captured payload.
+    pub fn wait(&mut self, timeout: Duration) -> Result<Vec<u8>> {
+        self.daemon.wait_success(timeout)?;
+        std::fs::read(&self.out).with_context(|| format!("reading {}", self.out.display()))
+    }
+}
+
+/// Sends the bytes of `file` as one UDP datagram from `ns` to `to` (`ip:port`).
+pub fn send_udp_file(ns: &str, to: &str, file: &Path) -> Result<()> {
+    exec_timeout(
+        Some(ns),
+        &[
+            &probe(),
+            "send-file",
+            "--to",
+            to,
+            "--file",
+            &file.to_string_lossy(),
+        ],
+        Duration::from_secs(10),
+    )?
+    .check()
+    .map(|_| ())
+}

@@ -624,6 +624,17 @@ impl Topology {
         Ok(())
     }
 
+    /// Adds the next host (index `hosts().len() + 1`, underlay address 198.18.0.<index>)
+    /// to a built topology. Returns its index.
+    pub fn add_next_host(&mut self) -> Result<usize> {
+        let i = self.hosts.len() + 1;
+        if i > 200 {
+            bail!("at most 200 hosts");
+        }
+        self.add_host(i)?;
+        Ok(i)
+    }
+
     /// Host `i` (1-based). Panics if out of range.
     pub fn host(&self, i: usize) -> &Host {
         &self.hosts[i - 1]

@@ -499,3 +499,159 @@ fn bridge_veth_attachment_is_killed_by_bridge_netfilter() {
     assert!(ping(&a.ns, "10.2.0.7", 3, T), "A -> B without bridge-nf");
     assert!(ping(&b.ns, "10.1.0.5", 3, T), "B -> A without bridge-nf");
 }
+
+/// The underlay faults and packet helpers the gossip tests use (tests/src/underlay.rs,
+/// `vrt-probe capture-udp` / `send-file`), without any daemon: link down, partition,
+/// loss, a new underlay address, capture and replay of one datagram.
+#[test]
+fn underlay_faults_and_udp_capture() {
+    require_root!();
+    let short = Duration::from_millis(400);
+    let mut topo = Topology::builder("underlay_faults_and_udp_capture")
+        .hosts(4)
+        .build()
+        .unwrap();
+    let names: Vec<String> = topo.hosts().iter().map(|h| h.ns.clone()).collect();
+    let ns = |i: usize| names[i - 1].clone();
+    let ip = |t: &Topology, i: usize| t.host(i).underlay_ip.to_string();
+    assert!(ping(&ns(1), &ip(&topo, 2), 1, T));
+
+    // Link down: host 2 unreachable, host 3 still fine; back up: reachable again.
+    topo.set_underlay_link(2, false).unwrap();
+    assert!(
+        !ping(&ns(1), &ip(&topo, 2), 1, short),
+        "link down, ping passed"
+    );
+    assert!(ping(&ns(1), &ip(&topo, 3), 1, T));
+    topo.set_underlay_link(2, true).unwrap();
+    assert!(
+        wait_until(T, Duration::from_millis(50), || ping(
+            &ns(1),
+            &ip(&topo, 2),
+            1,
+            short
+        )),
+        "link restored, no ping"
+    );
+
+    // Partition {1,2} | {3,4}: exactly the cross pairs are cut, both ways.
+    topo.partition(&[1, 2], &[3, 4]).unwrap();
+    for (a, b, ok) in [
+        (1, 2, true),
+        (3, 4, true),
+        (1, 3, false),
+        (1, 4, false),
+        (2, 3, false),
+        (4, 2, false),
+    ] {
+        let got = ping(&ns(a), &ip(&topo, b), 1, if ok { T } else { short });
+        assert_eq!(got, ok, "partition: ping {a} -> {b}");
+    }
+    topo.heal().unwrap();
+    assert!(ping(&ns(1), &ip(&topo, 3), 1, T), "healed, 1 -> 3");
+    assert!(ping(&ns(4), &ip(&topo, 2), 1, T), "healed, 4 -> 2");
+
+    // 20% loss on every crossing: an echo crosses twice, so ~64% of 400 come back.
+    topo.underlay_loss(20).unwrap();
+    let (sent, recv) = ping_burst(
+        &ns(1),
+        &ip(&topo, 2),
+        400,
+        Duration::from_millis(4),
+        Duration::from_secs(3),
+    )
+    .unwrap();
+    eprintln!("20% underlay loss: {recv}/{sent} echoes answered (expect ~256)");
+    assert_eq!(sent, 400);
+    assert!(
+        (200..=310).contains(&recv),
+        "{recv}/{sent} answered at 20% loss"
+    );
+    topo.clear_underlay_loss().unwrap();
+    let (sent, recv) = ping_burst(
+        &ns(1),
+        &ip(&topo, 2),
+        100,
+        Duration::from_millis(4),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    assert_eq!((sent, recv), (100, 100), "loss cleared");
+
+    // New underlay address for host 3: the old one is gone, the new one answers, the
+    // default route still works.
+    let new_ip: Ipv4Addr = "198.18.0.103".parse().unwrap();
+    let old_ip = ip(&topo, 3);
+    topo.change_underlay_ip(3, new_ip).unwrap();
+    assert_eq!(topo.host(3).underlay_ip, new_ip);
+    assert!(ping(&ns(1), "198.18.0.103", 1, T), "new address");
+    assert!(
+        !ping(&ns(1), &old_ip, 1, short),
+        "old address still answers"
+    );
+    assert!(
+        ping(&ns(3), "198.18.0.254", 1, T),
+        "gateway from the new address"
+    );
+    let route = exec_ok(Some(&ns(3)), &["ip", "route", "get", "192.0.2.1"])
+        .unwrap()
+        .stdout;
+    assert!(
+        route.contains("via 198.18.0.254") && route.contains("src 198.18.0.103"),
+        "{route}"
+    );
+    // A partition set up after the change uses the new address.
+    topo.partition(&[3], &[1]).unwrap();
+    assert!(!ping(&ns(1), "198.18.0.103", 1, short));
+    topo.heal().unwrap();
+
+    // Capture one datagram arriving at host 2 from host 1, then replay the capture.
+    let dir = topo.log_dir().to_path_buf();
+    let payload: Vec<u8> = (0..600u32).map(|i| (i * 7 % 256) as u8).collect();
+    let src = dir.join("payload.bin");
+    std::fs::write(&src, &payload).unwrap();
+    let to = format!("{}:7950", ip(&topo, 2));
+    let mut cap = UdpCapture::start(
+        &ns(2),
+        7950,
+        Some(topo.host(1).underlay_ip),
+        &dir.join("cap1.bin"),
+        Duration::from_secs(5),
+        &dir,
+    )
+    .unwrap();
+    // Not from host 1, or to another port: ignored.
+    send_udp_file(&ns(4), &to, &dir.join("payload.bin")).unwrap();
+    send_udp_file(&ns(1), &format!("{}:7951", ip(&topo, 2)), &src).unwrap();
+    send_udp_file(&ns(1), &to, &src).unwrap();
+    let got = cap.wait(Duration::from_secs(5)).unwrap();
+    assert_eq!(got, payload, "captured payload");
+    assert!(
+        cap.daemon.stdout().contains("from=198.18.0.1:"),
+        "{}",
+        cap.daemon.stdout()
+    );
+    let mut cap2 = UdpCapture::start(&ns(2), 7950, None, &dir.join("cap2.bin"), T, &dir).unwrap();
+    send_udp_file(&ns(1), &to, &dir.join("cap1.bin")).unwrap();
+    assert_eq!(cap2.wait(T).unwrap(), payload, "replayed payload");
+    // A capture with nothing to capture ends within its timeout.
+    let mut cap3 = UdpCapture::start(
+        &ns(2),
+        7950,
+        None,
+        &dir.join("cap3.bin"),
+        Duration::from_millis(300),
+        &dir,
+    )
+    .unwrap();
+    assert!(cap3.wait(T).is_err());
+
+    let ul = topo.underlay_ns.clone();
+    let table = topo.faults_table();
+    topo.clear_underlay_faults();
+    assert!(
+        !exec(Some(&ul), &["nft", "list", "table", "bridge", &table])
+            .unwrap()
+            .success()
+    );
+}

@@ -669,6 +669,7 @@ impl Node {
         if self.left {
             return;
         }
+        self.clear_stale_suspicions();
         if self.now >= self.next_join {
             self.next_join = self.now + self.params.join_retry_ms;
             if self.swim.num_members() == 0 {
@@ -693,6 +694,39 @@ impl Node {
             self.events.push(GossipEvent::Rejected(list));
         }
         self.after_input();
+    }
+
+    /// A suspicion only ends by the prober's timer (down) or the member's refutation.
+    /// When this node changes identity (a rejoin after being cut off), foca drops its
+    /// pending timers, and a member it suspected while cut off, which never heard of the
+    /// suspicion, stays suspect for good. Past twice the suspicion timeout plus a probe
+    /// period, such a member is taken as alive again (locally, with a higher
+    /// incarnation, not gossiped); if it really is gone, this node's own probes find out.
+    fn clear_stale_suspicions(&mut self) {
+        let limit = 2 * self.params.suspect_to_down_ms + self.params.probe_period_ms;
+        let stale: Vec<foca::Member<Member>> = self
+            .swim
+            .iter_membership_state()
+            .filter(|m| m.state() == foca::State::Suspect)
+            .filter(|m| {
+                self.states
+                    .get(&m.id().id)
+                    .is_some_and(|(st, since)| *st == MemberState::Suspect && self.now > since + limit)
+            })
+            .map(|m| {
+                foca::Member::new(
+                    m.id().clone(),
+                    m.incarnation().saturating_add(1),
+                    foca::State::Alive,
+                )
+            })
+            .collect();
+        if stale.is_empty() {
+            return;
+        }
+        let mut rt = Collect::default();
+        let _ = self.swim.apply_many(stale.into_iter(), false, &mut rt);
+        self.drain(rt);
     }
 
     /// When `tick` should next run.

@@ -17,9 +17,16 @@
 //!   tcp-blast <ip:port> <bytes> [timeout_s=60]
 //!       Connect, send <bytes> bytes in 1 MiB writes, wait for the sink to close, print
 //!       `ok bytes=<n> secs=<s> mbit_s=<r>`.
-//!   ping <ipv4> <count> <timeout_ms>
+//!   ping <ipv4> <count> <timeout_ms> [interval_ms=200]
 //!       ICMP echo (ping socket if ping_group_range allows, raw socket otherwise); prints
 //!       `sent=<n> received=<m>`, exit 0 if at least one reply arrived.
+//!   capture-udp --port <P> --out <file> --timeout-ms <T> [--src <ipv4>]
+//!       AF_PACKET socket on every interface of the namespace: saves the UDP payload of
+//!       the first IPv4 datagram received (not sent) to port P (from --src only, if
+//!       given) to <file>, atomically. Creates `<file>.ready` once listening; prints
+//!       `captured bytes=<n> from=<ip:port> to=<ip:port>`; fails after T ms.
+//!   send-file --to <ip:port> --file <file> [--from-port <P>]
+//!       Sends the file's bytes as one UDP datagram; prints `sent bytes=<n>`.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -28,7 +35,7 @@ use std::time::{Duration, Instant};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: vrt-probe tcp-serve <ip:port> <outfile> [idle_s] | tcp-send <ip:port> <bytes> [timeout_s] | tcp-hold <ip:port> <seconds> [max_stall_ms] | ping <ip> <count> <timeout_ms>"
+        "usage: vrt-probe tcp-serve <ip:port> <outfile> [idle_s] | tcp-send <ip:port> <bytes> [timeout_s] | tcp-hold <ip:port> <seconds> [max_stall_ms] | ping <ip> <count> <timeout_ms> [interval_ms] | capture-udp --port P --out FILE --timeout-ms T [--src IP] | send-file --to IP:PORT --file FILE [--from-port P]"
     );
     exit(2)
 }
@@ -43,6 +50,20 @@ fn arg<T: std::str::FromStr>(args: &[String], i: usize, default: Option<T>) -> T
         Some(s) => s.parse().unwrap_or_else(|_| usage()),
         None => default.unwrap_or_else(|| usage()),
     }
+}
+
+/// Value of `--name <value>` (after the subcommand).
+fn flag<T: std::str::FromStr>(args: &[String], name: &str, default: Option<T>) -> T {
+    match flag_opt(args, name) {
+        Some(v) => v,
+        None => default.unwrap_or_else(|| usage()),
+    }
+}
+
+fn flag_opt<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
+    let i = args.iter().position(|a| a == name)?;
+    let v = args.get(i + 1).unwrap_or_else(|| usage());
+    Some(v.parse().unwrap_or_else(|_| usage()))
 }
 
 fn main() {
@@ -77,6 +98,18 @@ fn main() {
             arg(&args, 1, None),
             arg(&args, 2, None),
             arg(&args, 3, None),
+            arg(&args, 4, Some(200u64)),
+        ),
+        Some("capture-udp") => capture_udp(
+            flag(&args, "--port", None),
+            flag::<String>(&args, "--out", None),
+            flag(&args, "--timeout-ms", None),
+            flag_opt(&args, "--src"),
+        ),
+        Some("send-file") => send_file(
+            flag(&args, "--to", None),
+            flag::<String>(&args, "--file", None),
+            flag(&args, "--from-port", Some(0u16)),
         ),
         _ => usage(),
     }
@@ -148,6 +181,10 @@ fn accept_one(addr: SocketAddr, outfile: &str, idle: Duration) -> (TcpStream, So
 }
 
 fn write_atomic(path: &str, content: &str) {
+    write_atomic_bytes(path, content.as_bytes())
+}
+
+fn write_atomic_bytes(path: &str, content: &[u8]) {
     let tmp = format!("{path}.tmp");
     std::fs::write(&tmp, content).unwrap_or_else(|e| fail(format!("write {tmp}: {e}")));
     std::fs::rename(&tmp, path).unwrap_or_else(|e| fail(format!("rename {tmp}: {e}")));
@@ -267,7 +304,7 @@ fn csum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-fn ping(ip: Ipv4Addr, count: u32, timeout_ms: u64) {
+fn ping(ip: Ipv4Addr, count: u32, timeout_ms: u64, interval_ms: u64) {
     let count = count.clamp(1, 1000);
     // Prefer an unprivileged ping socket; fall back to a raw socket (needs CAP_NET_RAW).
     let (fd, raw) = unsafe {
@@ -287,7 +324,7 @@ fn ping(ip: Ipv4Addr, count: u32, timeout_ms: u64) {
     sa.sin_family = libc::AF_INET as libc::sa_family_t;
     sa.sin_addr.s_addr = u32::from(ip).to_be();
     let deadline = Instant::now() + Duration::from_millis(timeout_ms.max(1));
-    let interval = Duration::from_millis(200);
+    let interval = Duration::from_millis(interval_ms.max(1));
     let mut replies = vec![false; count as usize];
     let mut sent = 0u32;
     let mut next_send = Instant::now();
@@ -391,4 +428,102 @@ fn ping(ip: Ipv4Addr, count: u32, timeout_ms: u64) {
     let received = replies.iter().filter(|r| **r).count();
     println!("sent={sent} received={received}");
     exit(if received > 0 { 0 } else { 1 })
+}
+
+fn capture_udp(port: u16, out: String, timeout_ms: u64, src: Option<Ipv4Addr>) {
+    let deadline = Instant::now() + Duration::from_millis(timeout_ms.max(1));
+    let proto = (libc::ETH_P_IP as u16).to_be() as libc::c_int;
+    // SOCK_DGRAM: the kernel strips the link-layer header, we get the IPv4 packet.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, proto) };
+    if fd < 0 {
+        fail(format!(
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    write_atomic(&format!("{out}.ready"), "ready\n");
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            fail(format!(
+                "no UDP datagram to port {port} within {timeout_ms} ms"
+            ));
+        }
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = left.as_millis().clamp(1, 1000) as i32;
+        if unsafe { libc::poll(&mut pfd, 1, ms) } <= 0 {
+            continue;
+        }
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        let mut slen = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+        let n = unsafe {
+            libc::recvfrom(
+                fd,
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                libc::MSG_DONTWAIT,
+                &mut sll as *mut libc::sockaddr_ll as *mut libc::sockaddr,
+                &mut slen,
+            )
+        };
+        if n <= 0 {
+            continue;
+        }
+        if sll.sll_pkttype == libc::PACKET_OUTGOING {
+            continue; // sent by this namespace, not received
+        }
+        let pkt = &buf[..n as usize];
+        if pkt.len() < 20 || pkt[0] >> 4 != 4 || pkt[9] != libc::IPPROTO_UDP as u8 {
+            continue;
+        }
+        let ihl = ((pkt[0] & 0x0f) as usize) * 4;
+        let frag = u16::from_be_bytes([pkt[6], pkt[7]]);
+        if frag & 0x3fff != 0 {
+            continue; // a fragment: not a whole datagram
+        }
+        let total = (u16::from_be_bytes([pkt[2], pkt[3]]) as usize).min(pkt.len());
+        if total < ihl + 8 {
+            continue;
+        }
+        let s_ip = Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15]);
+        let d_ip = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
+        if src.is_some_and(|s| s != s_ip) {
+            continue;
+        }
+        let udp = &pkt[ihl..total];
+        let sport = u16::from_be_bytes([udp[0], udp[1]]);
+        let dport = u16::from_be_bytes([udp[2], udp[3]]);
+        if dport != port {
+            continue;
+        }
+        let ulen = (u16::from_be_bytes([udp[4], udp[5]]) as usize).clamp(8, udp.len());
+        let payload = &udp[8..ulen];
+        write_atomic_bytes(&out, payload);
+        unsafe {
+            libc::close(fd);
+        }
+        println!(
+            "captured bytes={} from={s_ip}:{sport} to={d_ip}:{dport}",
+            payload.len()
+        );
+        return;
+    }
+}
+
+fn send_file(to: SocketAddr, file: String, from_port: u16) {
+    let data = std::fs::read(&file).unwrap_or_else(|e| fail(format!("read {file}: {e}")));
+    let sock = std::net::UdpSocket::bind(("0.0.0.0", from_port))
+        .unwrap_or_else(|e| fail(format!("bind port {from_port}: {e}")));
+    let n = sock
+        .send_to(&data, to)
+        .unwrap_or_else(|e| fail(format!("send to {to}: {e}")));
+    if n != data.len() {
+        fail(format!("sent {n} of {} bytes", data.len()));
+    }
+    println!("sent bytes={n}");
 }
