@@ -160,7 +160,8 @@ impl Mesh {
         Ok(())
     }
 
-    fn add_stack_containers(&mut self, s: StackDef) -> Result<()> {
+    /// Adds a stack's network, service and router namespace without starting its router.
+    pub fn add_stack_containers(&mut self, s: StackDef) -> Result<()> {
         let h = self.topo.host_mut(s.host);
         h.add_network(s.name, s.cidr, s.protection)?;
         h.add_container(s.name, "rtr", &s.router_ip(), Role::Router)?;

@@ -644,3 +644,40 @@ fn five_percent_loss_for_two_minutes() {
     assert!(g.full_mesh_gap().is_none(), "{:?}", g.full_mesh_gap());
     assert_ring(&g, Duration::from_secs(5), "after the loss");
 }
+
+/// (l) `vrouter-discovery leave-mesh` on host 2: every other host withdraws s2 at once
+/// (well under the failure-detection time), and the others stay a full mesh. A SIGTERM
+/// restart of host 5's discovery, by contrast, withdraws nothing.
+#[test]
+fn explicit_leave_withdraws_at_once_and_a_restart_does_not() {
+    require_root!();
+    let mut g = five("gossip_leave");
+    let since = now_ms();
+    g.stop_discovery(5, libc::SIGTERM).unwrap();
+    g.start_discovery(5).unwrap();
+    g.wait_full_mesh(CONVERGE)
+        .unwrap_or_else(|e| panic!("after a SIGTERM restart: {e:#}\n{}", g.summary()));
+    std::thread::sleep(Duration::from_secs(1));
+    no_events(&g, &WITHDRAWAL_KINDS, since, "SIGTERM restart of host 5's discovery");
+
+    let others = [1, 3, 4, 5];
+    let t = Instant::now();
+    g.leave_mesh(2).unwrap();
+    let gone = wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+        others.iter().all(|h| !g.routed_stacks(*h).contains("s2"))
+    });
+    let took = t.elapsed();
+    assert!(gone, "s2 still routed 5 s after leave-mesh\n{}", g.summary());
+    eprintln!("gossip_leave: s2 withdrawn everywhere {took:?} after leave-mesh");
+    assert!(
+        took < Duration::from_millis(1500),
+        "leave took {took:?}, as slow as failure detection"
+    );
+    for h in others {
+        assert_eq!(g.member_state(h, 2).as_deref(), Some("left"), "host {h}\n{}", g.summary());
+    }
+    g.mesh_hosts.retain(|h| *h != 2);
+    g.excluded_stacks.push("s2".into());
+    g.wait_full_mesh(Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("the rest after the leave: {e:#}\n{}", g.summary()));
+}

@@ -50,11 +50,14 @@ pub struct Params {
 
 impl Default for Params {
     fn default() -> Params {
+        // Tuned on the simulator (N=10, 20 crashes, then 10 minutes at 5 % loss):
+        // 1000/300/1500 ms detected in p50 3.9 s, max 5.8 s; 500/200/1000 in p50 2.2 s,
+        // max 3.4 s; neither declared anyone down at 5 % loss.
         Params {
-            probe_period_ms: 1000,
-            probe_rtt_ms: 300,
+            probe_period_ms: 500,
+            probe_rtt_ms: 200,
             indirect_probes: 3,
-            suspect_to_down_ms: 1500,
+            suspect_to_down_ms: 1000,
             max_transmissions: 10,
             gossip_every_ms: 200,
             gossip_fanout: 3,
