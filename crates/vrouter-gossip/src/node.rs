@@ -842,7 +842,9 @@ impl Node {
             let mut s = self.store.lock().expect("store lock");
             std::mem::take(&mut s.own_seen)
         };
-        if own_seen >= self.record.version && !self.left {
+        // Strictly newer only: our current record comes back to us all the time
+        // (broadcasts reach their origin too).
+        if own_seen > self.record.version && !self.left {
             self.record.version = own_seen + 1;
             self.queue_own_broadcast();
         }
