@@ -114,6 +114,29 @@ fn connectivity_isolation_and_same_host_block() {
         }
     }
 
+    // The routers' overlay probes reach the remote routers (not the same-host ones).
+    let overlay_ok = |host: usize, stack: &str, peers: &[&str]| {
+        let dir = vrouter_state::StateDir::open_readonly(&mesh.state_dir(host)).unwrap();
+        let files = dir.read_all_probes();
+        let Some(f) = files.iter().find(|f| f.stack.as_str() == stack) else {
+            return false;
+        };
+        let mut seen: Vec<String> = f
+            .peers
+            .iter()
+            .filter(|p| p.reachable)
+            .map(|p| p.stack.to_string())
+            .collect();
+        seen.sort();
+        f.peers.len() == peers.len() && seen == peers
+    };
+    let probed = wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
+        overlay_ok(1, "a", &["b"])
+            && overlay_ok(2, "b", &["a", "c"])
+            && overlay_ok(1, "f", &["d", "g"])
+    });
+    assert!(probed, "overlay probes did not reach the remote routers");
+
     // VNI isolation: nothing between VNI 1000 and 2000.
     for (from, to) in [("a", "f"), ("a", "d"), ("b", "g"), ("f", "c")] {
         assert!(

@@ -24,6 +24,17 @@ pub struct SameHostPeer {
     pub via: Ipv4Addr,
 }
 
+/// A remote stack's router on another host, reached over the overlay: the overlay
+/// probes check it answers (see [`crate::overlay_probe`]).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RemoteRouter {
+    /// The router's overlay address (the routes' gateway).
+    pub via: Ipv4Addr,
+    pub stack: StackName,
+    /// Underlay address of the host carrying it.
+    pub host: Ipv4Addr,
+}
+
 /// The remote part of the router's desired state, as routes.json gives it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DesiredRouter {
@@ -34,6 +45,8 @@ pub struct DesiredRouter {
     /// Remote prefix -> remote router address (routes onlink via the overlay link).
     pub routes: BTreeMap<Prefix, Ipv4Addr>,
     pub same_host: BTreeSet<SameHostPeer>,
+    /// Routers of installed routes on other hosts (overlay probe targets).
+    pub remote_routers: BTreeSet<RemoteRouter>,
 }
 
 /// A route from routes.json the router will not install, and why (one line for an
@@ -157,6 +170,12 @@ pub fn compute(own: &StackSpec, file: &RoutesFile) -> Computed {
             desired.same_host.insert(SameHostPeer {
                 stack: r.stack.clone(),
                 via: r.via,
+            });
+        } else {
+            desired.remote_routers.insert(RemoteRouter {
+                via: r.via,
+                stack: r.stack.clone(),
+                host: r.host,
             });
         }
     }
@@ -386,6 +405,16 @@ mod tests {
                 via: "10.3.0.254".parse().unwrap()
             }]
         );
+        // One remote router for its two routes; the same-host one is not probed
+        // over the overlay.
+        assert_eq!(
+            d.remote_routers.iter().cloned().collect::<Vec<_>>(),
+            vec![RemoteRouter {
+                via: "10.2.0.254".parse().unwrap(),
+                stack: StackName::new("b").unwrap(),
+                host: "198.18.0.2".parse().unwrap(),
+            }]
+        );
     }
 
     #[test]
@@ -416,6 +445,11 @@ mod tests {
             .contains("overlaps this stack's own prefix 10.1.0.0/24")));
         // The neighbour of a skipped route is not installed either.
         assert!(!d.neighbours.contains_key(&"10.9.0.254".parse().unwrap()));
+        // Nor is its router probed.
+        assert!(d
+            .remote_routers
+            .iter()
+            .all(|r| r.via != "10.9.0.254".parse::<Ipv4Addr>().unwrap()));
     }
 
     #[test]

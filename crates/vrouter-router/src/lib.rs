@@ -16,6 +16,11 @@
 //! TTL-1 probe is answered by the host's ICMP Time Exceeded unless Docker's raw-table
 //! drop swallows it.
 //!
+//! Overlay liveness ([`overlay_probe`]): every router answers UDP probes on its router
+//! IP and probes the routers of its remote routes over the overlay, writing the
+//! results to `probes/<stack>.json` for discovery, which withdraws a host only when
+//! both its gossip membership and its datapath are gone.
+//!
 //! Pure parts ([`settings`], [`desired`], [`diff`]) are tested without root; [`apply`]
 //! and [`link`] are the only modules that touch the kernel.
 
@@ -25,6 +30,7 @@ pub mod caps;
 pub mod desired;
 pub mod diff;
 pub mod link;
+pub mod overlay_probe;
 pub mod probe;
 pub mod run;
 pub mod settings;

@@ -3,9 +3,10 @@
 
 use crate::apply;
 use crate::attach::{self, DiscoveryConn, Phase, RECONNECT_MIN, REFUSED_RETRY, REPLY_TIMEOUT};
-use crate::desired::{Intent, ProbePath, RoutingState, SameHostPeer, MAIN_TABLE};
+use crate::desired::{Intent, ProbePath, RemoteRouter, RoutingState, SameHostPeer, MAIN_TABLE};
 use crate::diff::diff;
 use crate::link::{self, OverlayLink, Surroundings};
+use crate::overlay_probe::{self, ProbeConfig};
 use crate::probe::{self, ProbeResult, ProbeTracker, PROBE_INTERVAL};
 use crate::settings::Settings;
 use anyhow::Context;
@@ -45,6 +46,8 @@ pub struct Router {
     last_overlay: Option<OverlayLink>,
     probes: ProbeTracker,
     peers: watch::Sender<BTreeSet<SameHostPeer>>,
+    /// The remote routers the overlay probe task probes.
+    remote_routers: watch::Sender<BTreeSet<RemoteRouter>>,
 }
 
 /// Runs the router until SIGTERM or SIGINT. Neither sends Leave: Docker sends SIGTERM
@@ -103,6 +106,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let (peers_tx, peers_rx) = watch::channel(BTreeSet::new());
     let (probe_tx, mut probe_rx) = mpsc::channel::<ProbeResult>(64);
     tokio::spawn(probe_loop(spec.router_ip, peers_rx, probe_tx));
+    let (remote_tx, remote_rx) = watch::channel(BTreeSet::new());
+    tokio::spawn(overlay_probe::run(
+        ProbeConfig {
+            stack: spec.name.clone(),
+            router_ip: spec.router_ip,
+            state_dir: settings.state_dir.clone(),
+            interval: overlay_probe::PROBE_INTERVAL,
+        },
+        remote_rx,
+    ));
 
     let mut router = Router {
         source: format!("router/{}", spec.name),
@@ -121,6 +134,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         last_overlay: None,
         probes: ProbeTracker::default(),
         peers: peers_tx,
+        remote_routers: remote_tx,
     };
 
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -465,7 +479,23 @@ impl Router {
 
     /// Hands the probe loop the peers to probe: only once the probe rule is in place,
     /// since without it a marked probe would go straight over the overlay and pass.
+    /// The overlay probe task gets the remote routers of the desired routes whatever
+    /// the outcome: a route that could not be installed shows as unreachable.
     fn update_peers(&mut self, probe_rule_ok: bool) {
+        let remote = self
+            .intent
+            .last_good
+            .as_ref()
+            .map(|d| d.remote_routers.clone())
+            .unwrap_or_default();
+        self.remote_routers.send_if_modified(|current| {
+            if *current != remote {
+                *current = remote;
+                true
+            } else {
+                false
+            }
+        });
         let peers = match (&self.intent.last_good, self.probe_path, probe_rule_ok) {
             (Some(d), Some(_), true) => d.same_host.clone(),
             _ => BTreeSet::new(),

@@ -2,10 +2,12 @@
 //! domain types, the files' schema, their atomic locked I/O, and the attach protocol.
 
 pub mod attach;
+pub mod probes;
 pub mod schema;
 pub mod store;
 pub mod types;
 
+pub use probes::{PeerProbe, ProbesFile, OVERLAY_PROBE_PORT, PROBES_DIR};
 pub use schema::*;
 pub use store::{LeaderLock, ReadError, StateDir, StateError};
 pub use types::*;

@@ -16,6 +16,7 @@
 //! The leader lock (`leader.lock`) is a different file from `state.lock`: holding
 //! leadership for the life of a process must not block writes by routers.
 
+use crate::probes::{ProbesFile, PROBES_DIR};
 use crate::schema::{
     DiscoveryFile, Event, RoutesFile, Versioned, DISCOVERY_FILE, EVENTS_FILE, LEADER_LOCK_FILE,
     ROUTES_FILE, SCHEMA_VERSION, STATE_LOCK_FILE,
@@ -313,6 +314,38 @@ impl StateDir {
         self.read_json(ROUTES_FILE)
     }
 
+    /// Writes this router's probe results to `probes/<stack>.json` atomically under
+    /// the state lock, creating `probes/` if missing.
+    pub fn write_probes(&self, file: &ProbesFile) -> Result<(), StateError> {
+        let _lock = self.lock_state("writing probe results")?;
+        let dir = self.path.join(PROBES_DIR);
+        fs::create_dir_all(&dir).map_err(StateError::io("creating", &dir))?;
+        self.write_json_in(&dir, &ProbesFile::file_name(&file.stack), file)
+    }
+
+    /// Every router's probe results, sorted by stack. Takes no lock; files that are
+    /// missing, corrupt, of another schema or unreadable are skipped (with a debug
+    /// log), as are temp files.
+    pub fn read_all_probes(&self) -> Vec<ProbesFile> {
+        let Ok(entries) = fs::read_dir(self.path.join(PROBES_DIR)) else {
+            return Vec::new();
+        };
+        let mut files = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with('.') || !name.ends_with(".json") {
+                continue;
+            }
+            match self.read_json::<ProbesFile>(&format!("{PROBES_DIR}/{name}")) {
+                Ok(f) => files.push(f),
+                Err(e) => tracing::debug!("skipped a probe file: {e}"),
+            }
+        }
+        files.sort_by(|a, b| a.stack.cmp(&b.stack));
+        files
+    }
+
     /// Appends one line to events.log under the state lock, rotating it to
     /// events.log.1 first when the line would take it past the cap.
     pub fn append_event(&self, event: &Event) -> Result<(), StateError> {
@@ -475,11 +508,22 @@ impl StateDir {
     /// files of this name are removed first: temp files are only made under the lock,
     /// so any found while holding it belong to a writer that died.
     fn write_json_locked<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StateError> {
-        let target = self.path.join(name);
-        let tmp_prefix = format!(".{name}.tmp.");
-        self.remove_stale_temps(&tmp_prefix);
+        self.write_json_in(&self.path, name, value)
+    }
 
-        let tmp = self.path.join(format!(
+    /// [`StateDir::write_json_locked`] for a file in `dir` (the state directory or a
+    /// subdirectory of it); the caller holds the state lock.
+    fn write_json_in<T: Serialize>(
+        &self,
+        dir: &Path,
+        name: &str,
+        value: &T,
+    ) -> Result<(), StateError> {
+        let target = dir.join(name);
+        let tmp_prefix = format!(".{name}.tmp.");
+        remove_stale_temps(dir, &tmp_prefix);
+
+        let tmp = dir.join(format!(
             "{tmp_prefix}{}.{}",
             std::process::id(),
             UNIQUE.fetch_add(1, Ordering::Relaxed)
@@ -511,20 +555,9 @@ impl StateDir {
             return Err(StateError::io("renaming into place", &target)(e));
         }
         // Make the rename itself durable.
-        File::open(&self.path)
+        File::open(dir)
             .and_then(|d| d.sync_all())
-            .map_err(StateError::io("syncing", &self.path))
-    }
-
-    fn remove_stale_temps(&self, prefix: &str) {
-        let Ok(entries) = fs::read_dir(&self.path) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(prefix) {
-                let _ = fs::remove_file(entry.path());
-            }
-        }
+            .map_err(StateError::io("syncing", dir))
     }
 
     fn read_json<T: DeserializeOwned + Versioned>(&self, name: &str) -> Result<T, ReadError> {
@@ -559,6 +592,19 @@ impl StateDir {
         let file: T = serde_json::from_value(value).map_err(|e| corrupt(e.to_string()))?;
         debug_assert_eq!(file.schema(), SCHEMA_VERSION);
         Ok(file)
+    }
+}
+
+/// Removes the temp files starting with `prefix` in `dir`; see
+/// [`StateDir::write_json_locked`].
+fn remove_stale_temps(dir: &Path, prefix: &str) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(prefix) {
+            let _ = fs::remove_file(entry.path());
+        }
     }
 }
 

@@ -1,0 +1,197 @@
+//! Overlay liveness probes: what each router writes about the remote routers it probes
+//! over the overlay, and discovery reads to tell a host whose gossip membership failed
+//! but whose datapath still works from a host that is really gone.
+//!
+//! One file per local stack, `probes/<stack>.json` in the state directory, written
+//! atomically under the state lock by that stack's router ([`crate::StateDir::write_probes`])
+//! and read without a lock ([`crate::StateDir::read_all_probes`]).
+
+use crate::schema::Versioned;
+use crate::types::StackName;
+use serde::{Deserialize, Serialize};
+use std::net::Ipv4Addr;
+
+/// UDP port every router answers overlay probes on, bound to its router IP.
+pub const OVERLAY_PROBE_PORT: u16 = 7471;
+
+/// Subdirectory of the state directory holding the routers' probe files.
+pub const PROBES_DIR: &str = "probes";
+
+/// `probes/<stack>.json`: one router's view of the remote routers it probes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbesFile {
+    /// [`crate::SCHEMA_VERSION`].
+    pub schema: u32,
+    /// Counts up with every write by this router process.
+    pub generation: u64,
+    /// The stack whose router wrote this file.
+    pub stack: StackName,
+    /// Milliseconds since the Unix epoch; a reader ignores a stale file.
+    pub updated_ms: u64,
+    /// Time between probes to each peer.
+    pub interval_ms: u64,
+    pub peers: Vec<PeerProbe>,
+}
+
+/// One remote router as seen by the probing router.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerProbe {
+    /// The remote router's overlay address (the routes' gateway).
+    pub router_ip: Ipv4Addr,
+    /// The remote stack.
+    pub stack: StackName,
+    /// Underlay address of the host carrying the remote stack (`RemoteRoute.host`).
+    pub host: Ipv4Addr,
+    /// When the last answer arrived (ms since the Unix epoch); None if none ever did.
+    pub last_ok_ms: Option<u64>,
+    /// Round-trip time of the last answer, in microseconds.
+    pub rtt_us: Option<u64>,
+    /// Requests sent since the peer appeared.
+    pub sent: u64,
+    /// Answers received since the peer appeared.
+    pub received: u64,
+    /// An answer arrived within the reach window (three intervals).
+    pub reachable: bool,
+}
+
+impl ProbesFile {
+    /// The file's name inside [`PROBES_DIR`].
+    pub fn file_name(stack: &StackName) -> String {
+        format!("{stack}.json")
+    }
+}
+
+impl Versioned for ProbesFile {
+    fn schema(&self) -> u32 {
+        self.schema
+    }
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{StateDir, SCHEMA_VERSION};
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static UNIQUE: AtomicU64 = AtomicU64::new(0);
+
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> TempDir {
+            let path = std::env::temp_dir().join(format!(
+                "vrouter-state-probes-{}-{}",
+                std::process::id(),
+                UNIQUE.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = std::fs::remove_dir_all(&path);
+            std::fs::create_dir_all(&path).unwrap();
+            TempDir(path)
+        }
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn file(stack: &str, generation: u64) -> ProbesFile {
+        ProbesFile {
+            schema: SCHEMA_VERSION,
+            generation,
+            stack: StackName::new(stack).unwrap(),
+            updated_ms: 1_700_000_000_000,
+            interval_ms: 250,
+            peers: vec![
+                PeerProbe {
+                    router_ip: "10.2.0.254".parse().unwrap(),
+                    stack: StackName::new("b").unwrap(),
+                    host: "192.168.0.2".parse().unwrap(),
+                    last_ok_ms: Some(1_699_999_999_900),
+                    rtt_us: Some(412),
+                    sent: 10,
+                    received: 9,
+                    reachable: true,
+                },
+                PeerProbe {
+                    router_ip: "10.3.0.254".parse().unwrap(),
+                    stack: StackName::new("c").unwrap(),
+                    host: "192.168.0.3".parse().unwrap(),
+                    last_ok_ms: None,
+                    rtt_us: None,
+                    sent: 10,
+                    received: 0,
+                    reachable: false,
+                },
+            ],
+        }
+    }
+
+    fn sorted(mut v: Vec<ProbesFile>) -> Vec<ProbesFile> {
+        v.sort_by(|a, b| a.stack.cmp(&b.stack));
+        v
+    }
+
+    #[test]
+    fn round_trip_creates_the_directory() {
+        let tmp = TempDir::new();
+        let dir = StateDir::open(tmp.path()).unwrap();
+        assert!(dir.read_all_probes().is_empty(), "no probes directory yet");
+        let a = file("a", 1);
+        dir.write_probes(&a).unwrap();
+        assert!(tmp.path().join(PROBES_DIR).join("a.json").is_file());
+        assert_eq!(dir.read_all_probes(), vec![a.clone()]);
+
+        // A rewrite replaces; another stack adds a file.
+        let mut a2 = file("a", 2);
+        a2.peers.pop();
+        dir.write_probes(&a2).unwrap();
+        let b = file("b", 7);
+        dir.write_probes(&b).unwrap();
+        assert_eq!(sorted(dir.read_all_probes()), vec![a2, b]);
+
+        // No temp files are left behind.
+        let names: Vec<String> = std::fs::read_dir(tmp.path().join(PROBES_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn unusable_files_are_skipped() {
+        let tmp = TempDir::new();
+        let dir = StateDir::open(tmp.path()).unwrap();
+        let a = file("a", 1);
+        dir.write_probes(&a).unwrap();
+        let probes = tmp.path().join(PROBES_DIR);
+        let full = serde_json::to_string(&file("t", 1)).unwrap();
+        // Torn (a writer that bypassed the atomic rename), garbage, another schema,
+        // the wrong shape, a stray temp file and a directory.
+        std::fs::write(probes.join("t.json"), &full[..full.len() / 2]).unwrap();
+        std::fs::write(probes.join("g.json"), b"\x00\xffnot json").unwrap();
+        let mut other = file("o", 1);
+        other.schema = SCHEMA_VERSION + 1;
+        std::fs::write(probes.join("o.json"), serde_json::to_vec(&other).unwrap()).unwrap();
+        std::fs::write(probes.join("s.json"), br#"{"schema":1,"peers":3}"#).unwrap();
+        std::fs::write(probes.join(".a.json.tmp.1.0"), full.as_bytes()).unwrap();
+        std::fs::create_dir(probes.join("d.json")).unwrap();
+        assert_eq!(dir.read_all_probes(), vec![a]);
+    }
+
+    #[test]
+    fn read_only_dir_cannot_write_probes() {
+        let tmp = TempDir::new();
+        let dir = StateDir::open_readonly(tmp.path()).unwrap();
+        assert!(dir.write_probes(&file("a", 1)).is_err());
+        assert!(dir.read_all_probes().is_empty());
+    }
+}
