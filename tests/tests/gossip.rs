@@ -658,7 +658,12 @@ fn explicit_leave_withdraws_at_once_and_a_restart_does_not() {
     g.wait_full_mesh(CONVERGE)
         .unwrap_or_else(|e| panic!("after a SIGTERM restart: {e:#}\n{}", g.summary()));
     std::thread::sleep(Duration::from_secs(1));
-    no_events(&g, &WITHDRAWAL_KINDS, since, "SIGTERM restart of host 5's discovery");
+    no_events(
+        &g,
+        &WITHDRAWAL_KINDS,
+        since,
+        "SIGTERM restart of host 5's discovery",
+    );
 
     let others = [1, 3, 4, 5];
     let t = Instant::now();
@@ -667,14 +672,23 @@ fn explicit_leave_withdraws_at_once_and_a_restart_does_not() {
         others.iter().all(|h| !g.routed_stacks(*h).contains("s2"))
     });
     let took = t.elapsed();
-    assert!(gone, "s2 still routed 5 s after leave-mesh\n{}", g.summary());
+    assert!(
+        gone,
+        "s2 still routed 5 s after leave-mesh\n{}",
+        g.summary()
+    );
     eprintln!("gossip_leave: s2 withdrawn everywhere {took:?} after leave-mesh");
     assert!(
         took < Duration::from_millis(1500),
         "leave took {took:?}, as slow as failure detection"
     );
     for h in others {
-        assert_eq!(g.member_state(h, 2).as_deref(), Some("left"), "host {h}\n{}", g.summary());
+        assert_eq!(
+            g.member_state(h, 2).as_deref(),
+            Some("left"),
+            "host {h}\n{}",
+            g.summary()
+        );
     }
     g.mesh_hosts.retain(|h| *h != 2);
     g.excluded_stacks.push("s2".into());

@@ -2,8 +2,8 @@
 //! diff it against kernel dumps, apply the difference, publish the state files.
 
 use crate::desired::{self, FdbRow, HostView, LocalRouter};
-use crate::gossip::GossipHandle;
 use crate::diff::{self, Change, DeviceAction, DeviceSpec};
+use crate::gossip::GossipHandle;
 use crate::peers::PeerSource;
 use crate::registry::{ConnId, Registry};
 use crate::retention::Retention;
@@ -17,17 +17,14 @@ use tracing::{info, warn};
 use vrouter_kernel::{FdbEntry, Kernel, KernelError, Link, Route, Rule, VxlanSpec};
 use vrouter_state::attach::{DiscoveryMessage, Registration};
 use vrouter_state::{
-    now_ms, DiscoveryFile, Event, GossipMember, GossipStatus, HostInfo, LocalStack, Mac,
-    PeerHost, Prefix, RoutesFile,
-    StackName, StackRoutes, StateDir, Vni, RTPROT_VROUTER, SCHEMA_VERSION,
+    now_ms, DiscoveryFile, Event, GossipMember, GossipStatus, HostInfo, LocalStack, Mac, PeerHost,
+    Prefix, RoutesFile, StackName, StackRoutes, StateDir, Vni, RTPROT_VROUTER, SCHEMA_VERSION,
 };
 
 /// VXLAN header overhead on IPv4.
 const VXLAN_OVERHEAD: u32 = 50;
 /// A router's probe file older than this says nothing about the datapath.
 const PROBE_FRESH_MS: u64 = 5_000;
-/// Where routers write their overlay probe results (see vrouter-router's overlay probes).
-pub const PROBES_DIR: &str = "probes";
 
 pub struct Controller {
     settings: Settings,
@@ -194,7 +191,11 @@ impl Controller {
     /// restart announces the same stacks), with its first claim time.
     pub fn claimed_stacks(&mut self) -> Vec<vrouter_gossip::ClaimedStack> {
         let now = now_ms();
-        let names: BTreeSet<StackName> = self.registry.entries().map(|e| e.spec.name.clone()).collect();
+        let names: BTreeSet<StackName> = self
+            .registry
+            .entries()
+            .map(|e| e.spec.name.clone())
+            .collect();
         let before = self.claims.clone();
         self.claims.retain(|n, _| names.contains(n));
         for n in &names {
@@ -304,13 +305,13 @@ impl Controller {
         let now = now_ms();
         let mut reachable_hosts: BTreeSet<Ipv4Addr> = BTreeSet::new();
         let mut reachable_routers: BTreeSet<Ipv4Addr> = BTreeSet::new();
-        for (updated_ms, reachable) in read_probes(&self.dir.path().join(PROBES_DIR)) {
-            if now.saturating_sub(updated_ms) > PROBE_FRESH_MS {
+        for f in self.dir.read_all_probes() {
+            if now.saturating_sub(f.updated_ms) > PROBE_FRESH_MS {
                 continue;
             }
-            for (host, router) in reachable {
-                reachable_hosts.insert(host);
-                reachable_routers.insert(router);
+            for p in f.peers.iter().filter(|p| p.reachable) {
+                reachable_hosts.insert(p.host);
+                reachable_routers.insert(p.router_ip);
             }
         }
         let mut peers = Vec::new();
@@ -319,7 +320,9 @@ impl Controller {
         for m in &snap.members {
             let r = &m.record;
             let reachable = reachable_hosts.contains(&r.underlay)
-                || r.stacks.iter().any(|s| reachable_routers.contains(&s.spec.router_ip));
+                || r.stacks
+                    .iter()
+                    .any(|s| reachable_routers.contains(&s.spec.router_ip));
             let routed = !self.left_mesh
                 && match m.state {
                     vrouter_gossip::MemberState::Left => false,
@@ -334,7 +337,11 @@ impl Controller {
                     stacks: r.stacks.iter().map(|s| s.spec.clone()).collect(),
                     source: "gossip".into(),
                     node: Some(id.clone()),
-                    claims: r.stacks.iter().map(|s| (s.spec.name.clone(), s.claimed_ms)).collect(),
+                    claims: r
+                        .stacks
+                        .iter()
+                        .map(|s| (s.spec.name.clone(), s.claimed_ms))
+                        .collect(),
                 });
             }
             members.push(GossipMember {
@@ -354,14 +361,23 @@ impl Controller {
                 .find(|m| &m.node_id == gone)
                 .map(|m| match m.state.as_str() {
                     "left" => "it left the mesh".to_string(),
-                    "down" => "its membership failed and its routers do not answer overlay probes".to_string(),
+                    "down" => "its membership failed and its routers do not answer overlay probes"
+                        .to_string(),
                     s => format!("state {s}"),
                 })
                 .unwrap_or_else(|| "it is no longer known".into());
-            self.event("peer_withdrawn", format!("stacks of node {gone} withdrawn: {why}"), None);
+            self.event(
+                "peer_withdrawn",
+                format!("stacks of node {gone} withdrawn: {why}"),
+                None,
+            );
         }
         for back in routed_nodes.difference(&self.routed_nodes) {
-            self.event("peer_routed", format!("stacks of node {back} are routed"), None);
+            self.event(
+                "peer_routed",
+                format!("stacks of node {back} are routed"),
+                None,
+            );
         }
         self.routed_nodes = routed_nodes;
         let c = &snap.counters;
@@ -960,40 +976,6 @@ impl Controller {
         self.last_discovery = Some(file);
         Ok(())
     }
-}
-
-/// The routers' probe files (`probes/<stack>.json`): per file its update time and the
-/// (host, router) pairs that answered recently. Unreadable files say nothing.
-fn read_probes(dir: &std::path::Path) -> Vec<(u64, Vec<(Ipv4Addr, Ipv4Addr)>)> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for e in entries.flatten() {
-        let path = e.path();
-        if path.extension().and_then(|x| x.to_str()) != Some("json") {
-            continue;
-        }
-        let Ok(v) = std::fs::read(&path)
-            .map_err(|_| ())
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).map_err(|_| ()))
-        else {
-            continue;
-        };
-        let updated = v.get("updated_ms").and_then(|x| x.as_u64()).unwrap_or(0);
-        let mut pairs = Vec::new();
-        for p in v.get("peers").and_then(|x| x.as_array()).into_iter().flatten() {
-            if p.get("reachable").and_then(|x| x.as_bool()) != Some(true) {
-                continue;
-            }
-            let ip = |k: &str| p.get(k).and_then(|x| x.as_str()).and_then(|s| s.parse::<Ipv4Addr>().ok());
-            if let (Some(h), Some(r)) = (ip("host"), ip("router_ip")) {
-                pairs.push((h, r));
-            }
-        }
-        out.push((updated, pairs));
-    }
-    out
 }
 
 fn join(prefixes: &[Prefix]) -> String {

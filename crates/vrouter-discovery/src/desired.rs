@@ -423,7 +423,11 @@ mod tests {
         let d = compute(&h, &[l], &[p]);
         let routes = &d.candidates[&StackName::new("mine").unwrap()];
         assert_eq!(routes.len(), 2, "{routes:?}");
-        let r = d.refusals.iter().find(|r| r.stack.as_str() == "two").unwrap();
+        let r = d
+            .refusals
+            .iter()
+            .find(|r| r.stack.as_str() == "two")
+            .unwrap();
         assert!(r.reason.contains("more than 2 prefixes"), "{}", r.reason);
     }
 

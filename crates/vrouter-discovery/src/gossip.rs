@@ -159,7 +159,11 @@ pub fn join_specs(s: &Settings) -> Vec<String> {
         if let Ok(text) = std::fs::read_to_string(path) {
             if let Ok(v) = text.parse::<toml::Table>() {
                 if let Some(arr) = v.get("join").and_then(|j| j.as_array()) {
-                    out.extend(arr.iter().filter_map(|x| x.as_str()).map(|x| x.trim().to_string()));
+                    out.extend(
+                        arr.iter()
+                            .filter_map(|x| x.as_str())
+                            .map(|x| x.trim().to_string()),
+                    );
                 }
             }
         }
@@ -174,7 +178,10 @@ pub fn join_specs(s: &Settings) -> Vec<String> {
 async fn resolve(specs: &[String], default_port: u16) -> Vec<SocketAddrV4> {
     let mut out = Vec::new();
     for spec in specs {
-        let with_port = if spec.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+        let with_port = if spec
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        {
             spec.clone()
         } else {
             format!("{spec}:{default_port}")
@@ -405,7 +412,10 @@ impl Task {
             Ok(k) => {
                 let fp = k.fingerprints();
                 if fp != self.node.keyring().fingerprints() {
-                    info!("gossip keys reloaded: sending with {}, accepting {:?}", fp[0], fp);
+                    info!(
+                        "gossip keys reloaded: sending with {}, accepting {:?}",
+                        fp[0], fp
+                    );
                     let mut e = self.events.lock().expect("events lock");
                     let _ = &mut e;
                     self.node.set_keyring(k);
@@ -438,8 +448,13 @@ mod tests {
         let s = settings(&["--join", "198.18.0.1"]);
         assert!(s.gossip_enabled());
         let e = load_keyring(&s).unwrap_err();
-        assert!(e.contains("VROUTER_SECRET_FILE") && e.contains("--insecure"), "{e}");
-        assert!(load_keyring(&settings(&["--insecure"])).unwrap().is_insecure());
+        assert!(
+            e.contains("VROUTER_SECRET_FILE") && e.contains("--insecure"),
+            "{e}"
+        );
+        assert!(load_keyring(&settings(&["--insecure"]))
+            .unwrap()
+            .is_insecure());
         assert!(!settings(&[]).gossip_enabled());
     }
 
@@ -453,10 +468,17 @@ mod tests {
         assert_eq!(k.fingerprints().len(), 2);
         std::fs::write(&f, "short\n").unwrap();
         let e = load_keyring(&settings(&["--secret-file", f.to_str().unwrap()])).unwrap_err();
-        assert!(e.contains(f.to_str().unwrap()) && e.contains("at least 16"), "{e}");
+        assert!(
+            e.contains(f.to_str().unwrap()) && e.contains("at least 16"),
+            "{e}"
+        );
         let e = load_keyring(&settings(&["--secret-file", "/nonexistent/secret"])).unwrap_err();
         assert!(e.contains("cannot read"), "{e}");
-        let k = load_keyring(&settings(&["--secret", "aaaaaaaaaaaaaaaaaaaa,bbbbbbbbbbbbbbbbbbbb"])).unwrap();
+        let k = load_keyring(&settings(&[
+            "--secret",
+            "aaaaaaaaaaaaaaaaaaaa,bbbbbbbbbbbbbbbbbbbb",
+        ]))
+        .unwrap();
         assert_eq!(k.fingerprints().len(), 2);
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -467,10 +489,20 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("peers.toml");
         std::fs::write(&f, "join = [\"seed.example:7950\", \"198.18.0.9\"]\n").unwrap();
-        let s = settings(&["--join", "198.18.0.1, 198.18.0.2:8000", "--config", f.to_str().unwrap()]);
+        let s = settings(&[
+            "--join",
+            "198.18.0.1, 198.18.0.2:8000",
+            "--config",
+            f.to_str().unwrap(),
+        ]);
         assert_eq!(
             join_specs(&s),
-            vec!["198.18.0.1", "198.18.0.2:8000", "198.18.0.9", "seed.example:7950"]
+            vec![
+                "198.18.0.1",
+                "198.18.0.2:8000",
+                "198.18.0.9",
+                "seed.example:7950"
+            ]
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -483,7 +515,10 @@ mod tests {
         let b = load_node_id(&dir).unwrap();
         assert_eq!(a, b);
         std::fs::write(dir.join(NODE_ID_FILE), "garbage").unwrap();
-        assert!(load_node_id(&dir).unwrap_err().to_string().contains("16 hex"));
+        assert!(load_node_id(&dir)
+            .unwrap_err()
+            .to_string()
+            .contains("16 hex"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

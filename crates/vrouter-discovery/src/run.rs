@@ -201,14 +201,17 @@ fn watch_probes(
     state_dir: &std::path::Path,
     tx: mpsc::Sender<Input>,
 ) -> Option<notify::RecommendedWatcher> {
-    let dir = state_dir.join(crate::controller::PROBES_DIR);
+    let dir = state_dir.join(vrouter_state::PROBES_DIR);
     if let Err(e) = std::fs::create_dir_all(&dir) {
         warn!("cannot create {}: {e}", dir.display());
         return None;
     }
     let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res {
-            if matches!(ev.kind, notify::EventKind::Create(_) | notify::EventKind::Modify(_)) {
+            if matches!(
+                ev.kind,
+                notify::EventKind::Create(_) | notify::EventKind::Modify(_)
+            ) {
                 let _ = tx.try_send(Input::ProbesChanged);
             }
         }

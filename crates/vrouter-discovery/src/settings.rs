@@ -131,7 +131,10 @@ impl Settings {
 
     /// Gossip runs when a secret (or `--insecure`) or a bootstrap peer is configured.
     pub fn gossip_enabled(&self) -> bool {
-        self.secret_file.is_some() || self.secret.is_some() || self.insecure || !self.join.is_empty()
+        self.secret_file.is_some()
+            || self.secret.is_some()
+            || self.insecure
+            || !self.join.is_empty()
     }
 
     pub fn reconcile_interval(&self) -> Duration {

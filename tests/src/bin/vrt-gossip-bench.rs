@@ -87,7 +87,8 @@ fn bench(quick: bool) -> anyhow::Result<serde_json::Value> {
         let from_host = 1 + (host % N);
         let name: &'static str = Box::leak(format!("j{i}").into_boxed_str());
         let cidr: &'static str = Box::leak(format!("10.{}.0.0/24", 100 + i).into_boxed_str());
-        g.mesh.add_stack_containers(StackDef::new(name, host, 1000, cidr))?;
+        g.mesh
+            .add_stack_containers(StackDef::new(name, host, 1000, cidr))?;
         let from = g.stack_on(from_host);
         let (src_ns, dst_ip) = (g.svc(from).ns.clone(), g.svc(name).ip.to_string());
         let t = Instant::now();
