@@ -25,6 +25,9 @@ use vrouter_state::{
 const VXLAN_OVERHEAD: u32 = 50;
 /// A router's probe file older than this says nothing about the datapath.
 const PROBE_FRESH_MS: u64 = 5_000;
+/// How long a restarted discovery keeps routing the previous run's gossip peers that
+/// gossip has not reported yet.
+const REMEMBER_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct Controller {
     settings: Settings,
@@ -56,6 +59,11 @@ pub struct Controller {
     /// Gossip node ids whose stacks were routed at the last reconcile.
     routed_nodes: BTreeSet<String>,
     left_mesh: bool,
+    /// Gossip peers the previous run routed (from discovery.json), kept routed after a
+    /// restart until gossip knows them again or `REMEMBER_FOR` has passed: a restart
+    /// must not withdraw anything (the datapath is headless).
+    remembered: Vec<PeerHost>,
+    started: Instant,
 }
 
 impl Controller {
@@ -76,7 +84,14 @@ impl Controller {
         let mut owned_vnis = BTreeSet::new();
         let mut discovery_generation = 0;
         let mut last_discovery = None;
+        let mut remembered = Vec::new();
         if let Ok(prev) = dir.read_discovery() {
+            remembered = prev
+                .peers
+                .iter()
+                .filter(|p| p.source == "gossip" && p.node.is_some())
+                .cloned()
+                .collect();
             for s in &prev.local_stacks {
                 registry.restore(s.spec.clone(), s.acked_generation, now);
             }
@@ -120,6 +135,8 @@ impl Controller {
             gossip_status: None,
             routed_nodes: BTreeSet::new(),
             left_mesh: false,
+            remembered: Vec::new(),
+            started: Instant::now(),
         };
         c.event(
             "started",
@@ -135,6 +152,8 @@ impl Controller {
             None,
         );
         c.check_sysctls();
+        let mut c = c;
+        c.remembered = remembered;
         Ok(c)
     }
 
@@ -354,6 +373,18 @@ impl Controller {
                 datapath_reachable: reachable,
                 routed,
             });
+        }
+        // After a restart, what the previous run routed stays until gossip knows it.
+        if self.started.elapsed() < REMEMBER_FOR && !self.left_mesh {
+            let known: BTreeSet<String> = members.iter().map(|m| m.node_id.clone()).collect();
+            self.remembered
+                .retain(|p| !known.contains(p.node.as_deref().unwrap_or_default()));
+            for p in &self.remembered {
+                routed_nodes.insert(p.node.clone().unwrap_or_default());
+                peers.push(p.clone());
+            }
+        } else {
+            self.remembered.clear();
         }
         for gone in self.routed_nodes.difference(&routed_nodes) {
             let why = members

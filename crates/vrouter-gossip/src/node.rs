@@ -461,6 +461,9 @@ impl Node {
         stacks: Vec<ClaimedStack>,
     ) -> Result<bool, String> {
         self.now = self.now.max(now);
+        if self.left {
+            return Ok(false);
+        }
         let mut next = self.record.clone();
         next.gossip_addr = gossip_addr;
         next.underlay = underlay;
@@ -712,9 +715,9 @@ impl Node {
             .iter_membership_state()
             .filter(|m| m.state() == foca::State::Suspect)
             .filter(|m| {
-                self.states
-                    .get(&m.id().id)
-                    .is_some_and(|(st, since)| *st == MemberState::Suspect && self.now > since + limit)
+                self.states.get(&m.id().id).is_some_and(|(st, since)| {
+                    *st == MemberState::Suspect && self.now > since + limit
+                })
             })
             .map(|m| {
                 foca::Member::new(
