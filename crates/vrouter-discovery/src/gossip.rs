@@ -232,6 +232,7 @@ pub async fn start(
         vxlan_port: settings.vxlan_port,
         stacks,
         left: false,
+        bump: 0,
     };
     let epoch = Instant::now();
     let mut seed = [0u8; 8];

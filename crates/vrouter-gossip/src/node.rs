@@ -335,6 +335,8 @@ pub struct Node {
     /// Membership state per id, with the time it last changed.
     states: HashMap<NodeId, (MemberState, u64)>,
     left: bool,
+    /// Our SWIM identity changed (rejoin): the record must carry the new bump.
+    identity_changed: bool,
 }
 
 /// Timers in a heap need an order; foca's Timer has one, but the tuple needs it boxed
@@ -371,6 +373,7 @@ impl Node {
             bump: wall_ms,
         };
         record.version = wall_ms.max(1);
+        record.bump = me.bump;
         let store = Arc::new(Mutex::new(Store {
             own: Some(record.id),
             ..Store::default()
@@ -405,6 +408,7 @@ impl Node {
             next_reject_report: now,
             states: HashMap::new(),
             left: false,
+            identity_changed: false,
         };
         n.queue_own_broadcast();
         n
@@ -492,6 +496,7 @@ impl Node {
             let mut rt = Collect::default();
             if self.swim.change_identity(new.clone(), &mut rt).is_ok() {
                 self.me = new;
+                self.record.bump = self.me.bump;
             }
             self.drain(rt);
         }
@@ -796,7 +801,12 @@ impl Node {
             match n {
                 foca::OwnedNotification::MemberUp(m) => {
                     self.events.push(GossipEvent::MemberJoined(m.id, m.addr));
-                    self.start_sync(m.addr);
+                    // A full exchange with the new member; in a big mesh only a few
+                    // members do it (about 3 expected), or a join wave costs N².
+                    let active = self.swim.num_members();
+                    if active <= 8 || self.rng.random_range(0..active) < 3 {
+                        self.start_sync(m.addr);
+                    }
                 }
                 foca::OwnedNotification::MemberDown(m) => {
                     let left = self
@@ -814,6 +824,7 @@ impl Node {
                 }
                 foca::OwnedNotification::Rejoin(m) => {
                     self.me = m;
+                    self.identity_changed = true;
                     self.events.push(GossipEvent::Rejoined);
                     // Everyone may have dropped our record's freshness: push it again.
                     self.queue_own_broadcast_later();
@@ -823,6 +834,7 @@ impl Node {
                     if let Some(m) = foca::Identity::renew(&self.me) {
                         if self.swim.change_identity(m.clone(), &mut rt).is_ok() {
                             self.me = m;
+                            self.identity_changed = true;
                         }
                     }
                     self.drain(rt);
@@ -851,6 +863,11 @@ impl Node {
             self.record.version = own_seen + 1;
             self.queue_own_broadcast();
         }
+        if std::mem::take(&mut self.identity_changed) && !self.left {
+            self.record.bump = self.me.bump;
+            self.record.version = self.wall().max(self.record.version + 1);
+            self.queue_own_broadcast();
+        }
         // Membership states.
         let mut now_states: HashMap<NodeId, MemberState> = HashMap::new();
         for m in self.swim.iter_membership_state() {
@@ -860,6 +877,37 @@ impl Node {
                 foca::State::Down => MemberState::Down,
             };
             now_states.insert(m.id().id, st);
+        }
+        // A record of a node SWIM has never heard of: add it as a member (SWIM learns
+        // members only from piggybacked updates and announces, which a big join wave
+        // outruns). If the node is gone, SWIM's own probes declare it down.
+        let unknown: Vec<foca::Member<Member>> = {
+            let store = self.store.lock().expect("store lock");
+            store
+                .records
+                .values()
+                .filter(|r| !r.left && r.bump != 0 && !now_states.contains_key(&r.id))
+                .map(|r| {
+                    foca::Member::alive(Member {
+                        id: r.id,
+                        addr: r.gossip_addr,
+                        bump: r.bump,
+                    })
+                })
+                .collect()
+        };
+        if !unknown.is_empty() {
+            let mut rt = Collect::default();
+            let _ = self.swim.apply_many(unknown.into_iter(), false, &mut rt);
+            self.drain(rt);
+            for m in self.swim.iter_membership_state() {
+                let st = match m.state() {
+                    foca::State::Alive => MemberState::Alive,
+                    foca::State::Suspect => MemberState::Suspect,
+                    foca::State::Down => MemberState::Down,
+                };
+                now_states.insert(m.id().id, st);
+            }
         }
         let mut store = self.store.lock().expect("store lock");
         for (id, from, to) in std::mem::take(&mut store.migrations) {

@@ -59,6 +59,10 @@ pub struct NodeRecord {
     pub stacks: Vec<ClaimedStack>,
     /// Set by an explicit leave: the node's stacks are withdrawn at once everywhere.
     pub left: bool,
+    /// The bump of the node's SWIM identity (see [`Member`]) when this version was made:
+    /// a node that learns a record before it learns the member can add the member to
+    /// its membership directly.
+    pub bump: u64,
 }
 
 impl NodeRecord {
