@@ -279,6 +279,10 @@ impl ProbeTable {
                 sent: p.sent,
                 received: p.received,
                 reachable: p.reachable,
+                srtt_us: None,
+                recent_sent: 0,
+                recent_lost: 0,
+                mtu: None,
             })
             .collect()
     }
@@ -547,6 +551,8 @@ impl ProbeTask {
             updated_ms: wall_ms,
             interval_ms: u64::try_from(self.config.interval.as_millis()).unwrap_or(u64::MAX),
             peers: self.table.snapshot(now_us, wall_ms),
+            health: None,
+            traffic: Vec::new(),
         };
         self.policy.written(now_us, has_peers);
         let state = Arc::clone(&self.state);
@@ -661,6 +667,10 @@ mod tests {
                 sent: 1,
                 received: 1,
                 reachable: true,
+                srtt_us: None,
+                recent_sent: 0,
+                recent_lost: 0,
+                mtu: None,
             }]
         );
     }

@@ -7,7 +7,9 @@ pub mod schema;
 pub mod store;
 pub mod types;
 
-pub use probes::{PeerProbe, ProbesFile, OVERLAY_PROBE_PORT, PROBES_DIR};
+pub use probes::{
+    MtuCheck, PeerProbe, ProbesFile, RouterHealth, StackTraffic, OVERLAY_PROBE_PORT, PROBES_DIR,
+};
 pub use schema::*;
 pub use store::{LeaderLock, ReadError, StateDir, StateError};
 pub use types::*;

@@ -31,6 +31,59 @@ pub struct ProbesFile {
     /// Time between probes to each peer.
     pub interval_ms: u64,
     pub peers: Vec<PeerProbe>,
+    /// The router's own health: routes in sync with routes.json, overlay link present.
+    /// None from a router that does not report it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<RouterHealth>,
+    /// Traffic to and from each remote stack, counted in the router's namespace.
+    /// Empty when the router cannot count (see `RouterHealth::traffic_error`).
+    #[serde(default)]
+    pub traffic: Vec<StackTraffic>,
+}
+
+/// What the router knows about its own datapath (written with the probes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouterHealth {
+    /// Remote routes routes.json asks for (this stack's entry).
+    pub routes_desired: u32,
+    /// Of those, present in the kernel as desired at the last check.
+    pub routes_installed: u32,
+    /// Routes or neighbours the router found wrong or missing and repaired, since start.
+    pub drift_repaired: u64,
+    /// The overlay link (`ovl<VNI>`) exists in the router's namespace and is up.
+    pub overlay_link_up: bool,
+    /// The last reconcile error, if the last reconcile failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Why traffic counters are missing, if they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_error: Option<String>,
+}
+
+/// Bytes and packets between this stack and one remote stack, in IP bytes (the IP
+/// header and payload, no Ethernet or VXLAN overhead), counted by the router's
+/// forwarding path since the counters were created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StackTraffic {
+    /// The remote stack.
+    pub stack: StackName,
+    /// Forwarded from this stack toward the remote stack.
+    pub tx_bytes: u64,
+    pub tx_packets: u64,
+    /// Forwarded from the remote stack into this stack.
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+}
+
+/// The path-MTU check of one peer: a probe of exactly the overlay MTU, sent with DF.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MtuCheck {
+    /// IP bytes of the probe (the overlay link's MTU).
+    pub size: u32,
+    /// The full-size probe was answered at the last check.
+    pub ok: bool,
+    /// When the last check finished (ms since the Unix epoch).
+    pub checked_ms: u64,
 }
 
 /// One remote router as seen by the probing router.
@@ -52,6 +105,18 @@ pub struct PeerProbe {
     pub received: u64,
     /// An answer arrived within the reach window (three intervals).
     pub reachable: bool,
+    /// Smoothed round-trip time (microseconds), over recent answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub srtt_us: Option<u64>,
+    /// Requests in the recent loss window (the last 10 s or so) and how many of them
+    /// got no answer; loss = recent_lost / recent_sent.
+    #[serde(default)]
+    pub recent_sent: u32,
+    #[serde(default)]
+    pub recent_lost: u32,
+    /// The full-MTU check, once one has run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<MtuCheck>,
 }
 
 impl ProbesFile {
@@ -120,6 +185,14 @@ mod tests {
                     sent: 10,
                     received: 9,
                     reachable: true,
+                    srtt_us: Some(400),
+                    recent_sent: 40,
+                    recent_lost: 1,
+                    mtu: Some(MtuCheck {
+                        size: 1450,
+                        ok: true,
+                        checked_ms: 1_699_999_999_000,
+                    }),
                 },
                 PeerProbe {
                     router_ip: "10.3.0.254".parse().unwrap(),
@@ -130,8 +203,27 @@ mod tests {
                     sent: 10,
                     received: 0,
                     reachable: false,
+                    srtt_us: None,
+                    recent_sent: 0,
+                    recent_lost: 0,
+                    mtu: None,
                 },
             ],
+            health: Some(RouterHealth {
+                routes_desired: 2,
+                routes_installed: 2,
+                drift_repaired: 0,
+                overlay_link_up: true,
+                last_error: None,
+                traffic_error: None,
+            }),
+            traffic: vec![StackTraffic {
+                stack: StackName::new("b").unwrap(),
+                tx_bytes: 1000,
+                tx_packets: 10,
+                rx_bytes: 2000,
+                rx_packets: 20,
+            }],
         }
     }
 
