@@ -14,6 +14,8 @@ pub enum KernelError {
     VniInUse { vni: u32, port: u16 },
     #[error("UDP port {port} is in use by another socket or a VXLAN device with different flags; free the port or set --vxlan-port / VROUTER_VXLAN_PORT")]
     PortInUse { port: u16 },
+    #[error("the kernel has no nf_tables support, so traffic is not counted; load it on the host (modprobe nf_tables)")]
+    NoNfTables,
     #[error("operation not permitted: {op}; the process needs CAP_NET_ADMIN")]
     NotPermitted { op: String },
     #[error("link {0} not found")]

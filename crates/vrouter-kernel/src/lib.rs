@@ -16,16 +16,19 @@
 //!   family and keep what was asked for.
 //!
 //! The methods live by object: `links.rs` (links, addresses), `routes.rs`, `neigh.rs`,
-//! `fdb.rs`, `rules.rs`.
+//! `fdb.rs`, `rules.rs`. `nft.rs` is the one part on another netlink family:
+//! per-prefix traffic counters in nftables over NETLINK_NETFILTER ([`Nft`]).
 
 mod error;
 mod fdb;
 mod links;
 mod neigh;
+mod nft;
 mod routes;
 mod rules;
 
 pub use error::KernelError;
+pub use nft::{CounterReading, Direction, Nft, PrefixCounter};
 
 use error::{classify, Context};
 use futures::StreamExt;
