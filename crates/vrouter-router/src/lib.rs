@@ -21,8 +21,13 @@
 //! results to `probes/<stack>.json` for discovery, which withdraws a host only when
 //! both its gossip membership and its datapath are gone.
 //!
-//! Pure parts ([`settings`], [`desired`], [`diff`]) are tested without root; [`apply`]
-//! and [`link`] are the only modules that touch the kernel.
+//! Traffic statistics ([`traffic`]): per remote prefix, an nftables counter rule in
+//! each direction at the forward hook (over netlink, no `nft` binary), summed per
+//! remote stack once a second into `probes/<stack>.json`.
+//!
+//! Pure parts ([`settings`], [`desired`], [`diff`], the plan in [`traffic`]) are tested
+//! without root; [`apply`], [`link`] and [`traffic`]'s `TrafficCounters` are the only
+//! code that touches the kernel.
 
 pub mod apply;
 pub mod attach;
@@ -34,6 +39,7 @@ pub mod overlay_probe;
 pub mod probe;
 pub mod run;
 pub mod settings;
+pub mod traffic;
 
 use settings::Settings;
 use vrouter_kernel::Kernel;

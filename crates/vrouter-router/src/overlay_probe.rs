@@ -22,6 +22,7 @@
 //! the socket and the writes.
 
 use crate::desired::RemoteRouter;
+use crate::traffic::TrafficReport;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
@@ -335,6 +336,8 @@ pub struct ProbeConfig {
     pub router_ip: Ipv4Addr,
     pub state_dir: PathBuf,
     pub interval: Duration,
+    /// The traffic counters to put in the file (`ProbesFile::traffic`), if counted.
+    pub traffic: Option<watch::Receiver<TrafficReport>>,
 }
 
 /// The probe task: answers probes, probes the remote routers in `peers`, and writes
@@ -537,7 +540,15 @@ impl ProbeTask {
         if self.writer.as_ref().is_some_and(|w| !w.is_finished()) {
             return;
         }
-        let has_peers = !self.table.is_empty();
+        let traffic = self
+            .config
+            .traffic
+            .as_ref()
+            .map(|t| t.borrow().stacks.clone())
+            .unwrap_or_default();
+        // Counted traffic keeps the file fresh even without overlay peers (same-host
+        // stacks only).
+        let has_peers = !self.table.is_empty() || !traffic.is_empty();
         let period_us = u64::try_from(WRITE_EVERY.as_micros()).unwrap_or(u64::MAX);
         if !self.policy.due(now_us, has_peers, period_us) {
             return;
@@ -552,7 +563,7 @@ impl ProbeTask {
             interval_ms: u64::try_from(self.config.interval.as_millis()).unwrap_or(u64::MAX),
             peers: self.table.snapshot(now_us, wall_ms),
             health: None,
-            traffic: Vec::new(),
+            traffic,
         };
         self.policy.written(now_us, has_peers);
         let state = Arc::clone(&self.state);
@@ -781,6 +792,7 @@ mod tests {
             router_ip,
             state_dir: dir.clone(),
             interval: Duration::from_millis(50),
+            traffic: None,
         };
         let (a_tx, a_rx) = watch::channel(BTreeSet::from([
             router("127.77.0.2", "b", "192.168.0.2"),
@@ -844,6 +856,57 @@ mod tests {
         drop((a_tx, b_tx));
         a.await.unwrap();
         b.await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The traffic counters go into the file, and keep it fresh without any overlay
+    /// peer (a stack whose remote stacks are all on the same host).
+    #[tokio::test]
+    async fn traffic_is_written_without_peers() {
+        let dir = std::env::temp_dir().join(format!(
+            "vrouter-router-overlay-traffic-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let report = |bytes| TrafficReport {
+            stacks: vec![vrouter_state::StackTraffic {
+                stack: StackName::new("c").unwrap(),
+                tx_bytes: bytes,
+                tx_packets: 1,
+                rx_bytes: 0,
+                rx_packets: 0,
+            }],
+            error: None,
+        };
+        let (traffic_tx, traffic_rx) = watch::channel(report(100));
+        let (peers_tx, peers_rx) = watch::channel(BTreeSet::new());
+        let config = ProbeConfig {
+            stack: StackName::new("a").unwrap(),
+            router_ip: ip("127.77.1.1"),
+            state_dir: dir.clone(),
+            interval: Duration::from_millis(50),
+            traffic: Some(traffic_rx),
+        };
+        let task = tokio::spawn(run(config, peers_rx));
+        let state = StateDir::open_readonly(&dir).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        for bytes in [100, 5000] {
+            traffic_tx.send_replace(report(bytes));
+            loop {
+                let file = state.read_all_probes().into_iter().next();
+                if file
+                    .as_ref()
+                    .is_some_and(|f| f.traffic == report(bytes).stacks)
+                {
+                    break;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "{file:#?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        drop(peers_tx);
+        task.await.unwrap();
         let _ = std::fs::remove_dir_all(&dir);
     }
 

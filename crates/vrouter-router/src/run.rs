@@ -9,6 +9,7 @@ use crate::link::{self, OverlayLink, Surroundings};
 use crate::overlay_probe::{self, ProbeConfig};
 use crate::probe::{self, ProbeResult, ProbeTracker, PROBE_INTERVAL};
 use crate::settings::Settings;
+use crate::traffic::{self, TrafficCounters};
 use anyhow::Context;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -48,6 +49,8 @@ pub struct Router {
     peers: watch::Sender<BTreeSet<SameHostPeer>>,
     /// The remote routers the overlay probe task probes.
     remote_routers: watch::Sender<BTreeSet<RemoteRouter>>,
+    /// Per-remote-stack traffic counters (nftables), published to the probe task.
+    traffic: TrafficCounters,
 }
 
 /// Runs the router until SIGTERM or SIGINT. Neither sends Leave: Docker sends SIGTERM
@@ -107,12 +110,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let (probe_tx, mut probe_rx) = mpsc::channel::<ProbeResult>(64);
     tokio::spawn(probe_loop(spec.router_ip, peers_rx, probe_tx));
     let (remote_tx, remote_rx) = watch::channel(BTreeSet::new());
+    let (traffic, traffic_rx) = TrafficCounters::new();
     tokio::spawn(overlay_probe::run(
         ProbeConfig {
             stack: spec.name.clone(),
             router_ip: spec.router_ip,
             state_dir: settings.state_dir.clone(),
             interval: overlay_probe::PROBE_INTERVAL,
+            traffic: Some(traffic_rx),
         },
         remote_rx,
     ));
@@ -135,12 +140,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         probes: ProbeTracker::default(),
         peers: peers_tx,
         remote_routers: remote_tx,
+        traffic,
     };
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut timer = tokio::time::interval(settings.reconcile_interval);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut traffic_timer = tokio::time::interval(traffic::READ_EVERY);
+    traffic_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     router.reconcile(Trigger::Start).await;
     loop {
@@ -162,6 +170,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 router.reconcile(Trigger::RoutesChanged).await;
             }
             _ = timer.tick() => router.tick().await,
+            _ = traffic_timer.tick() => router.traffic.read(),
             msg = attach::recv(socket), if connected => router.on_message(msg).await,
             _ = tokio::time::sleep_until(retry_at), if !connected => router.connect().await,
             Some(result) = probe_rx.recv() => router.on_probe(result),
@@ -410,10 +419,16 @@ impl Router {
         }
     }
 
-    /// Makes the kernel match the intent. Never fails: problems are logged and
-    /// reported as events, and the next trigger tries again.
+    /// Makes the kernel match the intent: the routes, then the traffic counters of
+    /// the routed prefixes. Never fails: problems are logged and reported as events,
+    /// and the next trigger tries again.
     pub async fn reconcile(&mut self, trigger: Trigger) {
         self.read_intent();
+        self.reconcile_routes(trigger).await;
+        self.traffic.reconcile(self.intent.last_good.as_ref());
+    }
+
+    async fn reconcile_routes(&mut self, trigger: Trigger) {
         let overlay = self.overlay().await.index();
         let known = self.intent.last_good.as_ref();
         let desired = known
