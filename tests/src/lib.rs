@@ -35,8 +35,8 @@ pub use cmd::{exec, exec_input, exec_ok, exec_timeout, ns_run, sh, CmdOutput, CM
 pub use daemon::{spawn_in, spawn_privileged_in, Daemon, PRIVILEGED_WRAPPER};
 pub use firewall::{render_ruleset, FwNetwork};
 pub use probe::{
-    ping, ping_burst, ping_count, probe_bin, send_udp_file, tcp_hold, tcp_send, TcpServer,
-    UdpCapture,
+    ping, ping_burst, ping_count, probe_bin, send_udp_file, tcp_hold, tcp_send, udp_burst,
+    TcpServer, UdpCapture, UdpSink,
 };
 pub use topology::{Container, Host, Network, Protection, Role, Topology, TopologyBuilder};
 

@@ -308,3 +308,87 @@ pub fn send_udp_file(ns: &str, to: &str, file: &Path) -> Result<()> {
     .check()
     .map(|_| ())
 }
+
+/// A running `vrt-probe udp-sink`: counts the datagrams arriving on a port.
+pub struct UdpSink {
+    pub daemon: Daemon,
+    pub out: PathBuf,
+}
+
+impl UdpSink {
+    /// Starts a sink in `ns` for `count` datagrams on `port` (returns once bound); it
+    /// gives up after `timeout`.
+    pub fn start(
+        ns: &str,
+        port: u16,
+        count: u64,
+        out: &Path,
+        timeout: Duration,
+        log_dir: &Path,
+    ) -> Result<UdpSink> {
+        let ready = PathBuf::from(format!("{}.ready", out.display()));
+        let _ = std::fs::remove_file(out);
+        let _ = std::fs::remove_file(&ready);
+        let (port_s, count_s) = (port.to_string(), count.to_string());
+        let out_s = out.to_string_lossy().into_owned();
+        let ms = timeout.as_millis().max(1).to_string();
+        let args = [
+            "udp-sink",
+            "--port",
+            &port_s,
+            "--out",
+            &out_s,
+            "--count",
+            &count_s,
+            "--timeout-ms",
+            &ms,
+        ];
+        let mut daemon = spawn_in(ns, log_dir, &probe(), &args, &[])?;
+        let ok = crate::wait_until(Duration::from_secs(5), Duration::from_millis(10), || {
+            ready.exists() || !daemon.is_running()
+        });
+        if !ok || !ready.exists() {
+            bail!("udp-sink did not start\n{}", daemon.logs());
+        }
+        Ok(UdpSink {
+            daemon,
+            out: out.to_path_buf(),
+        })
+    }
+
+    /// Waits for the sink to get all its datagrams: `(datagrams, IP bytes)`.
+    pub fn wait(&mut self, timeout: Duration) -> Result<(u64, u64)> {
+        self.daemon.wait_success(timeout)?;
+        let text = std::fs::read_to_string(&self.out)
+            .with_context(|| format!("reading {}", self.out.display()))?;
+        let value = |key: &str| {
+            text.split_whitespace()
+                .find_map(|t| t.strip_prefix(key))
+                .and_then(|v| v.parse().ok())
+        };
+        match (value("received="), value("ip_bytes=")) {
+            (Some(n), Some(b)) => Ok((n, b)),
+            _ => bail!("udp-sink wrote {text:?}"),
+        }
+    }
+}
+
+/// Starts sending `count` UDP datagrams of exactly `ip_size` IP bytes from `ns` to `to`
+/// (`ip:port`); wait for the returned process with `wait_success`.
+pub fn udp_burst(ns: &str, to: &str, count: u64, ip_size: u64, log_dir: &Path) -> Result<Daemon> {
+    spawn_in(
+        ns,
+        log_dir,
+        &probe(),
+        &[
+            "udp-send",
+            "--to",
+            to,
+            "--count",
+            &count.to_string(),
+            "--size",
+            &ip_size.to_string(),
+        ],
+        &[],
+    )
+}

@@ -27,6 +27,13 @@
 //!       `captured bytes=<n> from=<ip:port> to=<ip:port>`; fails after T ms.
 //!   send-file --to <ip:port> --file <file> [--from-port <P>]
 //!       Sends the file's bytes as one UDP datagram; prints `sent bytes=<n>`.
+//!   udp-send --to <ip:port> --count <N> --size <IP bytes> [--gap-us <G>=200]
+//!       Sends N datagrams of exactly <IP bytes> each (IPv4 + UDP header + payload),
+//!       G microseconds apart; prints `sent count=<n> ip_bytes=<b>`.
+//!   udp-sink --port <P> --out <file> --count <N> --timeout-ms <T>
+//!       Binds 0.0.0.0:P, creates `<file>.ready`, counts datagrams until N arrived or T
+//!       ms passed, then writes `received=<n> ip_bytes=<b>` to <file> atomically; exit 0
+//!       only if all N arrived.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -35,7 +42,7 @@ use std::time::{Duration, Instant};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: vrt-probe tcp-serve <ip:port> <outfile> [idle_s] | tcp-send <ip:port> <bytes> [timeout_s] | tcp-hold <ip:port> <seconds> [max_stall_ms] | ping <ip> <count> <timeout_ms> [interval_ms] | capture-udp --port P --out FILE --timeout-ms T [--src IP] | send-file --to IP:PORT --file FILE [--from-port P]"
+        "usage: vrt-probe tcp-serve <ip:port> <outfile> [idle_s] | tcp-send <ip:port> <bytes> [timeout_s] | tcp-hold <ip:port> <seconds> [max_stall_ms] | ping <ip> <count> <timeout_ms> [interval_ms] | capture-udp --port P --out FILE --timeout-ms T [--src IP] | send-file --to IP:PORT --file FILE [--from-port P] | udp-send --to IP:PORT --count N --size B [--gap-us G] | udp-sink --port P --out FILE --count N --timeout-ms T"
     );
     exit(2)
 }
@@ -111,7 +118,70 @@ fn main() {
             flag::<String>(&args, "--file", None),
             flag(&args, "--from-port", Some(0u16)),
         ),
+        Some("udp-send") => udp_send(
+            flag(&args, "--to", None),
+            flag(&args, "--count", None),
+            flag(&args, "--size", None),
+            flag(&args, "--gap-us", Some(200u64)),
+        ),
+        Some("udp-sink") => udp_sink(
+            flag(&args, "--port", None),
+            flag::<String>(&args, "--out", None),
+            flag(&args, "--count", None),
+            flag(&args, "--timeout-ms", None),
+        ),
         _ => usage(),
+    }
+}
+
+/// IPv4 header without options plus the UDP header.
+const UDP_IP_OVERHEAD: usize = 28;
+
+fn udp_send(to: SocketAddr, count: u64, size: usize, gap_us: u64) {
+    if !(UDP_IP_OVERHEAD..=1500).contains(&size) {
+        fail(format!("--size {size}: use 28..=1500 IP bytes"));
+    }
+    let sock =
+        std::net::UdpSocket::bind(("0.0.0.0", 0)).unwrap_or_else(|e| fail(format!("bind: {e}")));
+    let payload = vec![0x5au8; size - UDP_IP_OVERHEAD];
+    for i in 0..count {
+        let n = sock
+            .send_to(&payload, to)
+            .unwrap_or_else(|e| fail(format!("datagram {i} to {to}: {e}")));
+        if n != payload.len() {
+            fail(format!("datagram {i}: sent {n} of {} bytes", payload.len()));
+        }
+        std::thread::sleep(Duration::from_micros(gap_us));
+    }
+    println!("sent count={count} ip_bytes={}", count * size as u64);
+}
+
+fn udp_sink(port: u16, out: String, count: u64, timeout_ms: u64) {
+    let deadline = Instant::now() + Duration::from_millis(timeout_ms.max(1));
+    let sock = std::net::UdpSocket::bind(("0.0.0.0", port))
+        .unwrap_or_else(|e| fail(format!("bind port {port}: {e}")));
+    write_atomic(&format!("{out}.ready"), "ready\n");
+    let mut buf = vec![0u8; 65536];
+    let (mut received, mut ip_bytes) = (0u64, 0u64);
+    while received < count {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        sock.set_read_timeout(Some(left.min(Duration::from_millis(500))))
+            .unwrap_or_else(|e| fail(format!("timeout: {e}")));
+        if let Ok(n) = sock.recv(&mut buf) {
+            received += 1;
+            ip_bytes += (n + UDP_IP_OVERHEAD) as u64;
+        }
+    }
+    let line = format!("received={received} ip_bytes={ip_bytes}\n");
+    write_atomic(&out, &line);
+    print!("{line}");
+    if received < count {
+        fail(format!(
+            "{received} of {count} datagrams within {timeout_ms} ms"
+        ));
     }
 }
 

@@ -1,0 +1,176 @@
+//! End to end: the real daemons count the traffic a router forwards to and from each
+//! remote stack (nftables counters in the router's namespace) and publish it in
+//! `probes/<stack>.json`.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use vrouter_state::{StackTraffic, StateDir};
+use vrouter_tests::mesh::{Mesh, StackDef};
+use vrouter_tests::*;
+
+const CONVERGE: Duration = Duration::from_secs(20);
+/// What else router a may forward while the test runs, besides the test's datagrams.
+/// Its own overlay and same-host probes are sent by the router itself (not forwarded),
+/// so nothing is expected; the allowance covers a stray packet or two.
+const OVERHEAD_PACKETS: u64 = 4;
+const OVERHEAD_BYTES: u64 = OVERHEAD_PACKETS * 100;
+
+/// Stack a's view of its traffic, per remote stack, from host 1's probes file, and
+/// when the file was written (ms since the epoch).
+fn traffic_of_a_at(mesh: &Mesh) -> (BTreeMap<String, StackTraffic>, u64) {
+    let dir = StateDir::open_readonly(&mesh.state_dir(1)).unwrap();
+    dir.read_all_probes()
+        .into_iter()
+        .find(|f| f.stack.as_str() == "a")
+        .map(|f| {
+            let traffic = f
+                .traffic
+                .into_iter()
+                .map(|t| (t.stack.to_string(), t))
+                .collect();
+            (traffic, f.updated_ms)
+        })
+        .unwrap_or_default()
+}
+
+fn traffic_of_a(mesh: &Mesh) -> BTreeMap<String, StackTraffic> {
+    traffic_of_a_at(mesh).0
+}
+
+/// Stack a (host 1) exchanges fixed-size UDP datagrams with b (host 2) and c (host 3),
+/// in different counts, all four flows at once. Router a's counters for each remote
+/// stack and direction grow by N to N + overhead, where N is counted in IP bytes.
+#[test]
+fn traffic_per_remote_stack_is_counted() {
+    require_root!();
+    let mesh = Mesh::start(
+        "traffic",
+        3,
+        vec![
+            StackDef::new("a", 1, 1000, "10.1.0.0/24"),
+            StackDef::new("b", 2, 1000, "10.2.0.0/24"),
+            StackDef::new("c", 3, 1000, "10.3.0.0/24"),
+        ],
+    )
+    .expect("mesh starts");
+    mesh.wait_converged(CONVERGE).unwrap();
+    // Warm the paths (neighbours, the hosts' redirects) before the baseline.
+    for to in ["b", "c"] {
+        assert!(
+            ping(
+                &mesh.svc("a").ns,
+                &mesh.svc(to).ip.to_string(),
+                3,
+                Duration::from_secs(5)
+            ),
+            "ping a -> {to}"
+        );
+    }
+    // Both remote stacks are counted (counters exist) before the baseline is taken.
+    let ok = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        let t = traffic_of_a(&mesh);
+        t.contains_key("b") && t.contains_key("c")
+    });
+    if !ok {
+        mesh.dump_logs();
+        panic!("no traffic counters for b and c in probes/a.json");
+    }
+    // The baseline must include the warm-up: counters are read every second and the
+    // file written every second, so a file written 1.1 s after now has read them after
+    // now.
+    let settled = vrouter_state::now_ms() + 1100;
+    let mut before = BTreeMap::new();
+    let ok = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        let (t, updated) = traffic_of_a_at(&mesh);
+        before = t;
+        updated >= settled
+    });
+    assert!(ok, "probes/a.json is not rewritten");
+
+    // (from, to, port, datagrams, IP bytes each)
+    let flows: [(&str, &str, u16, u64, u64); 4] = [
+        ("a", "b", 7601, 40, 500),
+        ("a", "c", 7602, 70, 1200),
+        ("b", "a", 7603, 25, 300),
+        ("c", "a", 7604, 15, 700),
+    ];
+    let log_dir = mesh.topo.log_dir().to_path_buf();
+    let mut sinks: Vec<UdpSink> = flows
+        .iter()
+        .map(|(_, to, port, count, _)| {
+            let out = log_dir.join(format!("sink-{port}.out"));
+            UdpSink::start(
+                &mesh.svc(to).ns,
+                *port,
+                *count,
+                &out,
+                Duration::from_secs(20),
+                &log_dir,
+            )
+            .unwrap()
+        })
+        .collect();
+    let mut senders: Vec<Daemon> = flows
+        .iter()
+        .map(|(from, to, port, count, size)| {
+            let dst = format!("{}:{port}", mesh.svc(to).ip);
+            udp_burst(&mesh.svc(from).ns, &dst, *count, *size, &log_dir).unwrap()
+        })
+        .collect();
+    for s in &mut senders {
+        s.wait_success(Duration::from_secs(20)).unwrap();
+    }
+    for (sink, (from, to, _, count, size)) in sinks.iter_mut().zip(flows.iter()) {
+        assert_eq!(
+            sink.wait(Duration::from_secs(20)).unwrap(),
+            (*count, count * size),
+            "{from} -> {to}: every datagram arrives"
+        );
+    }
+
+    // Expected growth of a's counters: tx toward b and c, rx from them.
+    let want = |stack: &str| {
+        let tx = flows.iter().find(|f| f.0 == "a" && f.1 == stack).unwrap();
+        let rx = flows.iter().find(|f| f.0 == stack && f.1 == "a").unwrap();
+        (tx.3, tx.3 * tx.4, rx.3, rx.3 * rx.4)
+    };
+    let delta = |now: &BTreeMap<String, StackTraffic>, stack: &str| {
+        let (n, b) = (&now[stack], &before[stack]);
+        (
+            n.tx_packets - b.tx_packets,
+            n.tx_bytes - b.tx_bytes,
+            n.rx_packets - b.rx_packets,
+            n.rx_bytes - b.rx_bytes,
+        )
+    };
+    let at_least = |d: (u64, u64, u64, u64), w: (u64, u64, u64, u64)| {
+        d.0 >= w.0 && d.1 >= w.1 && d.2 >= w.2 && d.3 >= w.3
+    };
+    // The file is rewritten about once a second.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let now = loop {
+        let now = traffic_of_a(&mesh);
+        if ["b", "c"]
+            .iter()
+            .all(|s| now.contains_key(*s) && at_least(delta(&now, s), want(s)))
+        {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "counters did not reach the sent traffic: before {before:#?}, now {now:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for stack in ["b", "c"] {
+        let (d, w) = (delta(&now, stack), want(stack));
+        println!("a <-> {stack}: counted (tx pkts, tx bytes, rx pkts, rx bytes) {d:?}, sent {w:?}");
+        assert!(
+            d.0 <= w.0 + OVERHEAD_PACKETS
+                && d.1 <= w.1 + OVERHEAD_BYTES
+                && d.2 <= w.2 + OVERHEAD_PACKETS
+                && d.3 <= w.3 + OVERHEAD_BYTES,
+            "a <-> {stack}: counted {d:?}, sent {w:?}, more than the overhead allows"
+        );
+    }
+}
