@@ -133,10 +133,12 @@ pub fn verdict(
     let file = routes.map_err(|e| format!("cannot check the routes: {e}"))?;
     let desired = match compute(own, &file) {
         Computed::Listed { desired, .. } => desired,
-        Computed::NotListed => return Err(format!(
+        Computed::NotListed => {
+            return Err(format!(
             "routes.json (generation {}) does not list stack {}: discovery has not registered it",
             file.generation, own.name
-        )),
+        ))
+        }
     };
     let check = check_routes(&desired, Some(index), observed);
     if !check.in_sync() {

@@ -598,6 +598,11 @@ impl WritePolicy {
         self.urgent = true;
     }
 
+    /// A change waits to be written.
+    pub fn is_urgent(&self) -> bool {
+        self.urgent
+    }
+
     pub fn due(&self, now_us: u64, period_us: u64) -> bool {
         match self.last_write_us {
             None => true,
@@ -699,10 +704,26 @@ pub async fn run(
                 }
             }
             _ = sleep_until(expiry) => task.refresh(clock()),
+            // A change came while the previous write was in flight: write it as soon
+            // as that one is done, not at the next tick.
+            _ = finished(&mut task.writer), if task.policy.is_urgent() => {
+                task.writer = None;
+                task.maybe_write(clock());
+            }
             received = recv(socket.as_deref(), &mut buf) => {
                 task.on_datagram(received, &buf, clock())
             }
         }
+    }
+}
+
+/// Waits for the write in flight; never returns without one.
+async fn finished(writer: &mut Option<JoinHandle<()>>) {
+    match writer {
+        Some(w) => {
+            let _ = w.await;
+        }
+        None => std::future::pending().await,
     }
 }
 
