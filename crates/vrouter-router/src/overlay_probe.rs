@@ -1161,7 +1161,6 @@ mod tests {
         // and the last one's deadline passed.
         assert_eq!(loss(&t, now + 2_000 * MS), (32 + 1, 8 + 1));
         // A silent peer: everything lost.
-        let mut now = now;
         for _ in 0..8 {
             round(&mut t, now);
             now += 250 * MS;
