@@ -133,7 +133,8 @@ pub fn main_status(settings: Settings, json: bool) -> anyhow::Result<()> {
             settings.state_dir.display()
         );
     };
-    let view = status::view(&file, vrouter_state::now_ms());
+    let routes = state.read_routes().ok();
+    let view = status::view(&file, routes.as_ref(), vrouter_state::now_ms());
     if json {
         println!("{}", serde_json::to_string_pretty(&view)?);
     } else {

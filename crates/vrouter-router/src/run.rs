@@ -114,16 +114,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     tokio::spawn(probe_loop(spec.router_ip, peers_rx, probe_tx));
     let (remote_tx, remote_rx) = watch::channel(BTreeSet::new());
     let (health_tx, health_rx) = watch::channel(None);
-    tokio::spawn(overlay_probe::run(
-        ProbeConfig {
-            stack: spec.name.clone(),
-            router_ip: spec.router_ip,
-            state_dir: settings.state_dir.clone(),
-            interval: overlay_probe::PROBE_INTERVAL,
-        },
-        remote_rx,
-        health_rx,
-    ));
+    let probe_config = ProbeConfig {
+        stack: spec.name.clone(),
+        router_ip: spec.router_ip,
+        state_dir: settings.state_dir.clone(),
+        interval: overlay_probe::PROBE_INTERVAL,
+    };
 
     let mut router = Router {
         source: format!("router/{}", spec.name),
@@ -153,6 +149,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     router.reconcile(Trigger::Start).await;
+    // After the first reconcile, so the probes file carries the health from its first
+    // write on.
+    tokio::spawn(overlay_probe::run(probe_config, remote_rx, health_rx));
     loop {
         let socket = router.discovery.socket.clone();
         let connected = socket.is_some();

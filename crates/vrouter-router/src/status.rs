@@ -1,12 +1,14 @@
 //! `vrouter-router status [--json]`: the router's own stack as its probes file shows it
 //! (overlay link, routes desired and installed, and per remote router reachability,
-//! RTT, loss, the MTU check and traffic). [`view`] is a pure function of the file and
-//! the clock; [`render`] turns it into the table, and `--json` prints the same view.
+//! RTT, loss, the MTU check and traffic), plus the same-host stacks routes.json lists
+//! (reached without the underlay, so not probed over it). [`view`] is a pure function
+//! of the files and the clock; [`render`] turns it into the table, and `--json` prints
+//! the same view.
 
 use serde::Serialize;
 use std::fmt::Write;
 use std::net::Ipv4Addr;
-use vrouter_state::{ProbesFile, RouterHealth, StackName, StackTraffic};
+use vrouter_state::{ProbesFile, RouterHealth, RoutesFile, StackName, StackTraffic};
 
 /// A probes file older than this says nothing about the present: the router is not
 /// running or is wedged (discovery uses the same age).
@@ -25,8 +27,17 @@ pub struct StatusView {
     /// None from a router that does not report its health.
     pub health: Option<RouterHealth>,
     pub peers: Vec<PeerStatus>,
+    /// Stacks on this host routes.json routes this stack to (empty without routes.json).
+    pub same_host: Vec<SameHostStack>,
     /// Traffic per remote stack, as counted by the router (empty if it does not count).
     pub traffic: Vec<StackTraffic>,
+}
+
+/// A remote stack whose router is on this host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SameHostStack {
+    pub stack: StackName,
+    pub router_ip: Ipv4Addr,
 }
 
 /// One remote router.
@@ -57,8 +68,24 @@ pub struct MtuStatus {
     pub age_ms: u64,
 }
 
-/// The view of `file` at wall time `now_ms`. Pure.
-pub fn view(file: &ProbesFile, now_ms: u64) -> StatusView {
+/// The view of `file` (and routes.json, if readable) at wall time `now_ms`. Pure.
+pub fn view(file: &ProbesFile, routes: Option<&RoutesFile>, now_ms: u64) -> StatusView {
+    let mut same_host: Vec<SameHostStack> = routes
+        .and_then(|r| r.stacks.get(&file.stack))
+        .map(|entry| {
+            entry
+                .routes
+                .iter()
+                .filter(|r| r.same_host)
+                .map(|r| SameHostStack {
+                    stack: r.stack.clone(),
+                    router_ip: r.via,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    same_host.sort_by(|a, b| (&a.stack, a.router_ip).cmp(&(&b.stack, b.router_ip)));
+    same_host.dedup();
     let age = |t: u64| now_ms.saturating_sub(t);
     let peers = file
         .peers
@@ -92,6 +119,7 @@ pub fn view(file: &ProbesFile, now_ms: u64) -> StatusView {
         probe_interval_ms: file.interval_ms,
         health: file.health.clone(),
         peers,
+        same_host,
         traffic: file.traffic.clone(),
     }
 }
@@ -240,6 +268,18 @@ pub fn render(v: &StatusView) -> String {
         }
         out.push_str(&table(&rows));
     }
+    if !v.same_host.is_empty() {
+        let list: Vec<String> = v
+            .same_host
+            .iter()
+            .map(|s| format!("{} ({})", s.stack, s.router_ip))
+            .collect();
+        let _ = writeln!(
+            out,
+            "same host, not probed over the underlay: {}",
+            list.join(", ")
+        );
+    }
     // Traffic with stacks that are not probed (same host) gets its own lines.
     let unprobed: Vec<&StackTraffic> = v
         .traffic
@@ -328,7 +368,7 @@ mod tests {
 
     #[test]
     fn view_derives_ages_loss_and_traffic() {
-        let v = view(&file(), NOW);
+        let v = view(&file(), None, NOW);
         assert_eq!(v.age_ms, 300);
         assert!(!v.stale);
         assert_eq!(v.probe_interval_ms, 250);
@@ -352,14 +392,14 @@ mod tests {
         f.peers[0].recent_sent = 0;
         f.peers[0].recent_lost = 0;
         f.updated_ms = NOW - 6_000;
-        let v = view(&f, NOW);
+        let v = view(&f, None, NOW);
         assert_eq!(v.peers[0].loss_pct, None, "nothing decided yet");
         assert!(v.stale);
     }
 
     #[test]
     fn table_shows_every_field() {
-        let text = render(&view(&file(), NOW));
+        let text = render(&view(&file(), None, NOW));
         assert!(
             text.starts_with("stack a: probes file written 0.3s ago\n"),
             "{text}"
@@ -403,15 +443,69 @@ mod tests {
         f.traffic.clear();
         f.health = None;
         f.updated_ms = NOW - 60_000;
-        let text = render(&view(&f, NOW));
+        let text = render(&view(&f, None, NOW));
         assert!(text.contains("STALE"), "{text}");
         assert!(text.contains("health: not reported"), "{text}");
         assert!(text.contains("no remote routers"), "{text}");
     }
 
     #[test]
+    fn same_host_stacks_come_from_routes_json() {
+        use vrouter_state::{Mac, RemoteRoute, StackRoutes, Vni};
+        let route = |prefix: &str, stack: &str, via: &str, same_host| {
+            let via: Ipv4Addr = via.parse().unwrap();
+            RemoteRoute {
+                prefix: prefix.parse().unwrap(),
+                stack: StackName::new(stack).unwrap(),
+                via,
+                mac: Mac::for_router(Vni::new(1000).unwrap(), via),
+                host: "198.18.0.1".parse().unwrap(),
+                same_host,
+            }
+        };
+        let mut routes = RoutesFile {
+            schema: SCHEMA_VERSION,
+            generation: 3,
+            ..RoutesFile::default()
+        };
+        routes.stacks.insert(
+            StackName::new("a").unwrap(),
+            StackRoutes {
+                vni: None,
+                routes: vec![
+                    route("10.2.0.0/24", "b", "10.2.0.254", false),
+                    route("10.5.0.0/24", "s", "10.5.0.254", true),
+                    route("10.5.1.0/24", "s", "10.5.0.254", true),
+                ],
+            },
+        );
+        // Another stack's entry is not ours.
+        routes.stacks.insert(
+            StackName::new("z").unwrap(),
+            StackRoutes {
+                vni: None,
+                routes: vec![route("10.9.0.0/24", "y", "10.9.0.254", true)],
+            },
+        );
+        let v = view(&file(), Some(&routes), NOW);
+        assert_eq!(
+            v.same_host,
+            vec![SameHostStack {
+                stack: StackName::new("s").unwrap(),
+                router_ip: "10.5.0.254".parse().unwrap()
+            }]
+        );
+        let text = render(&v);
+        assert!(
+            text.contains("same host, not probed over the underlay: s (10.5.0.254)"),
+            "{text}"
+        );
+        assert!(view(&file(), None, NOW).same_host.is_empty());
+    }
+
+    #[test]
     fn json_is_the_same_view() {
-        let v = view(&file(), NOW);
+        let v = view(&file(), None, NOW);
         let j: serde_json::Value = serde_json::to_value(&v).unwrap();
         assert_eq!(j["stack"], "a");
         assert_eq!(j["stale"], false);
