@@ -826,8 +826,9 @@ impl ProbeTask {
             )
         } else {
             format!(
-                "{who} answers small probes but not {}-byte probes with DF (the overlay MTU): full-size packets are dropped on the path (an MTU black hole); lower the underlay's VXLAN overhead or raise the MTU of every underlay hop to the overlay MTU + 50",
-                c.size
+                "{who} answers small probes but not {}-byte probes with DF (the overlay MTU): full-size packets are dropped on the path (an MTU black hole); every underlay hop between the hosts must carry {} bytes (the overlay MTU + 50 of VXLAN), or the underlay interface's MTU must be lowered to the smallest hop's so the overlay MTU follows",
+                c.size,
+                c.size + 50
             )
         };
         tracing::warn!("overlay probes: {message}");
