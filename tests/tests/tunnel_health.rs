@@ -266,6 +266,48 @@ fn mtu_black_hole_fails_the_check_while_the_tunnel_stays_up() {
         restored.elapsed().as_millis()
     );
     assert!(mesh.events(1).iter().any(|e| e.kind == "mtu_check_ok"));
+
+    // A local route with a smaller MTU: the full-size probe cannot even leave
+    // (EMSGSIZE with DF), and the check fails at once, saying so. The daemon does not
+    // manage route metrics, so the route stays until put back.
+    let route = |extra: &[&str]| {
+        let mut argv = vec![
+            "ip",
+            "route",
+            "replace",
+            "10.2.0.0/24",
+            "via",
+            "10.2.0.254",
+            "dev",
+            "ovl1000",
+            "onlink",
+            "proto",
+            "118",
+        ];
+        argv.extend_from_slice(extra);
+        mesh.rtr("a").exec_ok(&argv).unwrap();
+    };
+    route(&["mtu", "lock", "1400"]);
+    let failed = wait_until(Duration::from_secs(15), Duration::from_millis(50), || {
+        peer(&mesh, 1, "a", "b")
+            .and_then(|p| p.mtu)
+            .is_some_and(|m| !m.ok)
+    });
+    assert!(
+        failed,
+        "EMSGSIZE did not fail the check: {:?}",
+        peer(&mesh, 1, "a", "b")
+    );
+    assert!(mesh
+        .events(1)
+        .iter()
+        .any(|e| e.kind == "mtu_check_failed" && e.message.contains("EMSGSIZE")));
+    assert!(peer(&mesh, 1, "a", "b").unwrap().reachable);
+    route(&[]);
+    let passed = wait_until(Duration::from_secs(15), Duration::from_millis(50), || {
+        mtu_ok("a", 1, "b") == Some((ovl_mtu, true))
+    });
+    assert!(passed, "{:?}", peer(&mesh, 1, "a", "b"));
 }
 
 /// `vrouter-router healthcheck` passes on a good router and fails, with the reason, when
