@@ -91,6 +91,7 @@ fn killed_remote_router_is_down_within_three_intervals() {
             assert_eq!(s["health"]["overlay_link_up"], true);
             let table = router_cmd(&mesh, "a", &["status"]);
             assert!(table.success(), "{}", table.stderr);
+            eprintln!("`vrouter-router status` in router a:\n{}", table.stdout);
             let row = table.stdout.lines().find(|l| l.starts_with("b ")).unwrap();
             assert!(row.contains("10.2.0.254") && row.contains(" up "), "{row}");
         }
