@@ -39,7 +39,8 @@ fn main() -> ExitCode {
     let result = match command {
         Command::Run => vrouter_router::main_run(settings),
         Command::Leave => vrouter_router::main_leave(settings),
-        Command::Health => vrouter_router::main_health(settings),
+        Command::Healthcheck => vrouter_router::main_healthcheck(settings),
+        Command::Status { json } => vrouter_router::main_status(settings, json),
         Command::Version | Command::Help => unreachable!("handled above"),
     };
     match result {
