@@ -2,8 +2,9 @@
 //! feeds the controller. All kernel work happens on the loop's task, one at a time.
 
 use crate::controller::Controller;
+use crate::readiness::Live;
 use crate::registry::ConnId;
-use crate::settings::Settings;
+use crate::settings::{HttpAddr, Settings};
 use anyhow::Context;
 use notify::Watcher;
 use std::os::fd::OwnedFd;
@@ -43,7 +44,7 @@ enum Input {
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    let dir = StateDir::open(&settings.state_dir)?;
+    let dir = StateDir::open(&settings.state_dir)?.with_events_cap(settings.events_max_bytes);
     let lead = match dir.try_lead()? {
         Some(l) => l,
         None => {
@@ -80,6 +81,27 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let kernel = Kernel::connect().await?;
     let source = crate::peers::from_settings(&settings).map_err(anyhow::Error::msg)?;
     let mut ctl = Controller::new(settings.clone(), dir, kernel, source).await?;
+    // The HTTP endpoint belongs to the leader: standbys share the host's port.
+    let live = Arc::new(Live::default());
+    if let HttpAddr(Some(addr)) = settings.http_addr {
+        match crate::http::bind(addr).await {
+            Ok(listener) => {
+                info!("HTTP endpoint on http://{addr} (/healthz, /readyz, /metrics, /v1/status)");
+                tokio::spawn(crate::http::serve(
+                    listener,
+                    settings.state_dir.clone(),
+                    live.clone(),
+                ));
+            }
+            // The control plane matters more than its endpoint: report and go on.
+            Err(e) => ctl.event_because(
+                "error",
+                "http_bind_failed",
+                format!("cannot serve HTTP on {addr} ({e}); set --http-addr / VROUTER_HTTP_ADDR to a free address, or off"),
+                None,
+            ),
+        }
+    }
     let (gossip_tx, mut gossip_rx) = mpsc::channel::<()>(1);
     if settings.gossip_enabled() {
         let node_id = crate::gossip::load_node_id(&settings.state_dir)?;
@@ -115,9 +137,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(settings.reconcile_interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    if let Err(e) = ctl.reconcile().await {
-        ctl.event("error", format!("reconcile failed: {e:#}"), None);
-    }
+    reconcile(&mut ctl, &live, false).await;
     loop {
         let expiry = ctl.next_expiry();
         let timer = async {
@@ -150,16 +170,32 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         if only_probes && !ctl.has_failed_members() {
             continue;
         }
-        match ctl.reconcile().await {
-            Ok(n) if timer_reconcile => ctl.count_drift(n),
-            Ok(_) => {}
-            Err(e) => ctl.event("error", format!("reconcile failed: {e:#}"), None),
-        }
+        reconcile(&mut ctl, &live, timer_reconcile).await;
     }
     // Kernel state stays: the datapath keeps running while the control plane is away.
     info!("stopping; kernel state is left in place");
     drop(lead);
     Ok(())
+}
+
+/// One reconcile, timed, with its readiness handed to the HTTP task. A timer
+/// reconcile's changes are drift.
+async fn reconcile(ctl: &mut Controller, live: &Live, timer: bool) {
+    let started = std::time::Instant::now();
+    let result = ctl.reconcile().await;
+    let took = started.elapsed();
+    let ok = result.is_ok();
+    match result {
+        Ok(n) if timer => ctl.count_drift(n),
+        Ok(_) => {}
+        Err(e) => ctl.event_because(
+            "error",
+            "reconcile_failed",
+            format!("reconcile failed: {e:#}"),
+            None,
+        ),
+    }
+    live.reconciled(took, ok, ctl.readiness());
 }
 
 async fn handle(ctl: &mut Controller, input: Input) {
@@ -350,6 +386,19 @@ pub fn health(settings: &Settings) -> anyhow::Result<()> {
         d.local_stacks.len(),
         d.peers.len()
     );
+    Ok(())
+}
+
+/// `vrouter-discovery status [--json]`: the status from the state files alone, so it
+/// works while discovery is down.
+pub fn status(settings: &Settings, json: bool) -> anyhow::Result<()> {
+    let dir = StateDir::open_readonly(&settings.state_dir).map_err(anyhow::Error::msg)?;
+    let status = crate::status::from_dir(&dir, None).map_err(anyhow::Error::msg)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", crate::status::render_text(&status));
+    }
     Ok(())
 }
 
