@@ -802,7 +802,12 @@ impl Controller {
         for r in &want.refusals {
             let key = format!("{}|{:?}|{}", r.stack, r.prefix, r.reason);
             if self.reported.insert(key) {
-                self.event_because("conflict_refused", &r.code, r.reason.clone(), Some(&r.stack));
+                self.event_because(
+                    "conflict_refused",
+                    &r.code,
+                    r.reason.clone(),
+                    Some(&r.stack),
+                );
             }
         }
         let mut changes = 0;
@@ -858,10 +863,7 @@ impl Controller {
         let published = desired::publish(&local, &want.candidates, &present);
         if !self.routes_current && published == self.published {
             // After a restart: routes.json is current if it already says the same.
-            self.routes_current = self
-                .dir
-                .read_routes()
-                .is_ok_and(|r| r.stacks == published);
+            self.routes_current = self.dir.read_routes().is_ok_and(|r| r.stacks == published);
         }
         if published != self.published || !self.routes_current {
             self.routes_generation += 1;
@@ -955,7 +957,10 @@ impl Controller {
                 if self.state_error.take().is_some() {
                     self.event(
                         "state_writable",
-                        format!("the state directory {} is writable again", self.dir.path().display()),
+                        format!(
+                            "the state directory {} is writable again",
+                            self.dir.path().display()
+                        ),
                         None,
                     );
                 }
@@ -1006,7 +1011,13 @@ impl Controller {
                 .iter()
                 .map(key)
                 .collect();
-            let now: BTreeSet<_> = new.get(stack).unwrap_or(&empty).routes.iter().map(key).collect();
+            let now: BTreeSet<_> = new
+                .get(stack)
+                .unwrap_or(&empty)
+                .routes
+                .iter()
+                .map(key)
+                .collect();
             for (p, from) in now.difference(&old) {
                 self.event_because(
                     "route_added",

@@ -118,7 +118,9 @@ async fn answer<B>(req: &Request<B>, state_dir: PathBuf, live: Arc<Live>) -> Res
             })
             .await;
             match built {
-                Ok(Ok(body)) if metrics => reply(StatusCode::OK, crate::metrics::CONTENT_TYPE, body),
+                Ok(Ok(body)) if metrics => {
+                    reply(StatusCode::OK, crate::metrics::CONTENT_TYPE, body)
+                }
                 Ok(Ok(body)) => reply(StatusCode::OK, JSON, body),
                 Ok(Err(e)) => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("{e}\n")),
                 Err(e) => reply(

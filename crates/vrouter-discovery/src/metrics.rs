@@ -101,9 +101,7 @@ pub fn render(s: &Status, reconcile: Option<&Histogram>) -> String {
         reg.register("vrouter_gossip_bytes", "Gossip bytes (sealed)", bytes);
         let rejected = Family::<Labels, Counter>::default();
         for (reason, n) in &g.rejected {
-            rejected
-                .get_or_create(&l(&[("reason", reason)]))
-                .inc_by(*n);
+            rejected.get_or_create(&l(&[("reason", reason)])).inc_by(*n);
         }
         reg.register(
             "vrouter_gossip_rejected",
@@ -151,9 +149,7 @@ pub fn render(s: &Status, reconcile: Option<&Histogram>) -> String {
         if let Some(x) = t.loss {
             loss.get_or_create(&labels).set(x);
         }
-        reachable
-            .get_or_create(&labels)
-            .set(i64::from(t.reachable));
+        reachable.get_or_create(&labels).set(i64::from(t.reachable));
         if let Some(ok) = t.mtu_ok {
             mtu_ok.get_or_create(&labels).set(i64::from(ok));
         }
@@ -216,4 +212,132 @@ pub fn render(s: &Status, reconcile: Option<&Histogram>) -> String {
     let mut out = String::new();
     encode(&mut out, &reg).expect("writing to a String cannot fail");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::tests::{discovery, probes, routes, NOW};
+    use crate::status::{build, LiveFacts};
+
+    /// The value of one series, by its exact name and labels as rendered.
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map(|v| v.parse().unwrap())
+    }
+
+    #[test]
+    fn every_metric_from_hand_made_files() {
+        let live = LiveFacts {
+            ready: true,
+            not_ready: vec![],
+            reconciles: 7,
+            reconcile_errors: 2,
+            last_reconcile_ms: Some(1.5),
+        };
+        let s = build(&discovery(), Some(&routes()), &probes(), Some(live), NOW);
+        let h = reconcile_histogram();
+        h.observe(0.004);
+        h.observe(0.020);
+        let text = render(&s, Some(&h));
+        let expect = [
+            (r#"vrouter_peers{state="static"}"#, 1.0),
+            (r#"vrouter_peers{state="down"}"#, 1.0),
+            (r#"vrouter_peers{state="left"}"#, 1.0),
+            (r#"vrouter_peers{state="alive"}"#, 0.0),
+            ("vrouter_tunnels", 2.0),
+            (r#"vrouter_routes_desired{stack="a"}"#, 3.0),
+            (r#"vrouter_routes_desired{stack="c"}"#, 2.0),
+            (r#"vrouter_routes_installed{stack="a"}"#, 2.0),
+            (r#"vrouter_drift_repairs_total{component="discovery"}"#, 3.0),
+            (
+                r#"vrouter_drift_repairs_total{component="router",stack="a"}"#,
+                6.0,
+            ),
+            (r#"vrouter_gossip_packets_total{direction="in"}"#, 100.0),
+            (r#"vrouter_gossip_packets_total{direction="out"}"#, 120.0),
+            (r#"vrouter_gossip_bytes_total{direction="out"}"#, 12_000.0),
+            (r#"vrouter_gossip_rejected_total{reason="bad_key"}"#, 5.0),
+            (r#"vrouter_gossip_rejected_total{reason="malformed"}"#, 1.0),
+            ("vrouter_refused_prefixes", 1.0),
+            (
+                r#"vrouter_stack_traffic_bytes_total{local_stack="a",remote_stack="b",direction="tx"}"#,
+                1_000.0,
+            ),
+            (
+                r#"vrouter_stack_traffic_bytes_total{local_stack="a",remote_stack="b",direction="rx"}"#,
+                2_000.0,
+            ),
+            (
+                r#"vrouter_stack_traffic_packets_total{local_stack="a",remote_stack="b",direction="rx"}"#,
+                20.0,
+            ),
+            (
+                r#"vrouter_peer_rtt_seconds{local_stack="a",remote_stack="b"}"#,
+                0.0008,
+            ),
+            (
+                r#"vrouter_peer_loss_ratio{local_stack="a",remote_stack="d"}"#,
+                0.25,
+            ),
+            (
+                r#"vrouter_peer_reachable{local_stack="a",remote_stack="b"}"#,
+                1.0,
+            ),
+            (
+                r#"vrouter_peer_reachable{local_stack="c",remote_stack="b"}"#,
+                0.0,
+            ),
+            (
+                r#"vrouter_peer_mtu_ok{local_stack="a",remote_stack="b"}"#,
+                1.0,
+            ),
+            (
+                r#"vrouter_peer_mtu_ok{local_stack="a",remote_stack="d"}"#,
+                0.0,
+            ),
+            ("vrouter_ready", 1.0),
+            (r#"vrouter_reconciles_total{result="ok"}"#, 5.0),
+            (r#"vrouter_reconciles_total{result="error"}"#, 2.0),
+            ("vrouter_reconcile_duration_seconds_count", 2.0),
+            (
+                r#"vrouter_reconcile_duration_seconds_bucket{le="0.008"}"#,
+                1.0,
+            ),
+        ];
+        for (series, want) in expect {
+            assert_eq!(value(&text, series), Some(want), "{series} in:\n{text}");
+        }
+        // Stale report: no installed figure for c; no counters for a->d.
+        assert_eq!(value(&text, r#"vrouter_routes_installed{stack="c"}"#), None);
+        let stale = r#"{local_stack="c",remote_stack="b"}"#;
+        for m in [
+            "vrouter_peer_rtt_seconds",
+            "vrouter_peer_loss_ratio",
+            "vrouter_peer_mtu_ok",
+        ] {
+            assert_eq!(value(&text, &format!("{m}{stale}")), None, "{m}");
+        }
+        assert!(!text.contains(r#"remote_stack="d",direction"#), "{text}");
+        assert!(text.contains("# TYPE vrouter_reconcile_duration_seconds histogram"));
+        assert!(text.contains("# TYPE vrouter_stack_traffic_bytes counter"));
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn without_the_daemon_or_gossip() {
+        let mut d = discovery();
+        d.gossip = None;
+        let s = build(&d, Some(&routes()), &[], None, NOW);
+        let text = render(&s, None);
+        assert!(!text.contains("vrouter_ready"), "{text}");
+        assert!(!text.contains("vrouter_gossip"), "{text}");
+        assert!(!text.contains("vrouter_reconcile_duration"), "{text}");
+        assert_eq!(value(&text, "vrouter_tunnels"), Some(2.0));
+        assert_eq!(
+            value(&text, r#"vrouter_routes_desired{stack="a"}"#),
+            Some(3.0)
+        );
+    }
 }

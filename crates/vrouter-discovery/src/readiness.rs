@@ -37,7 +37,9 @@ impl Readiness {
             why.push(format!("state directory not writable: {e}"));
         }
         for s in &self.unattached {
-            why.push(format!("router of stack {s} is registered but not attached"));
+            why.push(format!(
+                "router of stack {s} is registered but not attached"
+            ));
         }
         for vni in &self.devices {
             let name = vni.vxlan_ifname();
@@ -134,7 +136,10 @@ mod tests {
 
         // A device deleted under us.
         let why = fine.not_ready(|n| n != "vxlan1000");
-        assert_eq!(why, vec!["vxlan1000 is missing; the next reconcile recreates it"]);
+        assert_eq!(
+            why,
+            vec!["vxlan1000 is missing; the next reconcile recreates it"]
+        );
 
         let mut broken = fine.clone();
         broken.state_error = Some("permission denied".into());

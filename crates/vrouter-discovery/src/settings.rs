@@ -231,10 +231,15 @@ mod tests {
         assert_eq!(c.settings.http_addr, HttpAddr(None));
         assert_eq!(c.settings.events_max_bytes, 65536);
         let c = parse(&["--http-addr", "0.0.0.0:9100"]).unwrap();
-        assert_eq!(c.settings.http_addr, HttpAddr(Some("0.0.0.0:9100".parse().unwrap())));
+        assert_eq!(
+            c.settings.http_addr,
+            HttpAddr(Some("0.0.0.0:9100".parse().unwrap()))
+        );
         let e = parse(&["--http-addr", "9474"]).unwrap_err().to_string();
         assert!(e.contains("VROUTER_HTTP_ADDR") && e.contains("off"), "{e}");
-        let e = parse(&["--events-max-bytes", "10"]).unwrap_err().to_string();
+        let e = parse(&["--events-max-bytes", "10"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("VROUTER_EVENTS_MAX_BYTES"), "{e}");
         let c = parse(&["status", "--json"]).unwrap();
         assert!(matches!(c.command, Some(Command::Status { json: true })));

@@ -261,8 +261,11 @@ pub fn build(
         probes.iter().map(|f| (&f.stack, f)).collect();
     let mut routes_rows = Vec::new();
     let mut tunnels: BTreeSet<(Vni, Ipv4Addr)> = BTreeSet::new();
-    let mut names: BTreeSet<&StackName> =
-        discovery.local_stacks.iter().map(|l| &l.spec.name).collect();
+    let mut names: BTreeSet<&StackName> = discovery
+        .local_stacks
+        .iter()
+        .map(|l| &l.spec.name)
+        .collect();
     if let Some(r) = routes {
         names.extend(r.stacks.keys());
     }
@@ -296,17 +299,19 @@ pub fn build(
         let mut remote: BTreeSet<&StackName> = f.peers.iter().map(|p| &p.stack).collect();
         remote.extend(f.traffic.iter().map(|t| &t.stack));
         for r in remote {
-            let probe = f.peers.iter().find(|p| &p.stack == r);
+            let peer = f.peers.iter().find(|p| &p.stack == r);
+            // A stale report's measurements say nothing now; its counters still count.
+            let probe = peer.filter(|_| fresh(f));
             let count = f.traffic.iter().find(|t| &t.stack == r);
             traffic.push(PeerTraffic {
                 local_stack: f.stack.clone(),
                 remote_stack: r.clone(),
-                remote_host: probe.map(|p| p.host),
-                reachable: fresh(f) && probe.is_some_and(|p| p.reachable),
+                remote_host: peer.map(|p| p.host),
+                reachable: probe.is_some_and(|p| p.reachable),
                 rtt_us: probe.and_then(|p| p.srtt_us.or(p.rtt_us)),
-                loss: probe
-                    .filter(|p| p.recent_sent > 0)
-                    .map(|p| f64::from(p.recent_lost.min(p.recent_sent)) / f64::from(p.recent_sent)),
+                loss: probe.filter(|p| p.recent_sent > 0).map(|p| {
+                    f64::from(p.recent_lost.min(p.recent_sent)) / f64::from(p.recent_sent)
+                }),
                 mtu_ok: probe.and_then(|p| p.mtu.as_ref()).map(|m| m.ok),
                 mtu_size: probe.and_then(|p| p.mtu.as_ref()).map(|m| m.size),
                 tx_bytes: count.map(|c| c.tx_bytes),
@@ -355,10 +360,7 @@ pub fn build(
 /// Reads the state directory and builds the status (the CLI's path, and the daemon's
 /// with its live facts). A missing or unusable discovery.json is an error that says
 /// what to do; a missing routes.json is not (nothing published yet).
-pub fn from_dir(
-    dir: &vrouter_state::StateDir,
-    live: Option<LiveFacts>,
-) -> Result<Status, String> {
+pub fn from_dir(dir: &vrouter_state::StateDir, live: Option<LiveFacts>) -> Result<Status, String> {
     let discovery = dir.read_discovery().map_err(|e| e.to_string())?;
     let routes = match dir.read_routes() {
         Ok(r) => Some(r),
@@ -640,5 +642,445 @@ fn age(now: u64, then: Option<u64>) -> String {
     match then {
         Some(t) if t > 0 => fmt_ms(now.saturating_sub(t)),
         _ => "never".into(),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use vrouter_state::{
+        GossipMember, GossipStatus, LocalStack, MtuCheck, PeerHost, PeerProbe, RemoteRoute,
+        RouterHealth, StackRoutes, StackSpec, StackTraffic, SCHEMA_VERSION,
+    };
+
+    pub(crate) const NOW: u64 = 1_800_000_000_000;
+
+    fn name(s: &str) -> StackName {
+        StackName::new(s).unwrap()
+    }
+
+    fn spec(n: &str, third: u8) -> StackSpec {
+        StackSpec {
+            name: name(n),
+            vni: Vni::new(1000).unwrap(),
+            prefixes: vec![format!("10.{third}.0.0/24").parse().unwrap()],
+            router_ip: Ipv4Addr::new(10, third, 0, 254),
+        }
+    }
+
+    fn route(n: &str, third: u8, host: Ipv4Addr, same_host: bool) -> RemoteRoute {
+        let s = spec(n, third);
+        RemoteRoute {
+            prefix: s.prefixes[0],
+            stack: s.name.clone(),
+            via: s.router_ip,
+            mac: s.router_mac(),
+            host,
+            same_host,
+        }
+    }
+
+    const H1: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+    const H2: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+    const H3: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+
+    /// Host 1 carries a and c; host 2 carries b (static); host 3 (gossip, down) d.
+    pub(crate) fn discovery() -> DiscoveryFile {
+        let local = |n: &str, third: u8, connected: bool| LocalStack {
+            spec: spec(n, third),
+            router_mac: spec(n, third).router_mac(),
+            bridge: Some(format!("br-{n}")),
+            connected,
+            acked_generation: 4,
+        };
+        DiscoveryFile {
+            schema: SCHEMA_VERSION,
+            generation: 9,
+            updated_ms: NOW - 1_000,
+            host: HostInfo {
+                underlay_interface: "eth0".into(),
+                local_addr: H1,
+                advertise_addr: H1,
+                vxlan_port: 4789,
+                underlay_mtu: 1500,
+                pid: 42,
+            },
+            peers: vec![
+                PeerHost {
+                    addr: H2,
+                    stacks: vec![spec("b", 2)],
+                    source: "static".into(),
+                    node: None,
+                    claims: BTreeMap::new(),
+                },
+                PeerHost {
+                    addr: H3,
+                    stacks: vec![spec("d", 4)],
+                    source: "gossip".into(),
+                    node: Some("00000000000000d3".into()),
+                    claims: BTreeMap::new(),
+                },
+            ],
+            local_stacks: vec![local("a", 1, true), local("c", 3, false)],
+            refused: vec![vrouter_state::Refusal {
+                stack: name("x"),
+                prefix: Some("10.2.0.0/25".parse().unwrap()),
+                reason: "prefix 10.2.0.0/25 of stack x overlaps a prefix of stack b".into(),
+                code: "overlap".into(),
+            }],
+            devices: vec![Vni::new(1000).unwrap()],
+            drift_repairs: 3,
+            gossip: Some(GossipStatus {
+                node_id: "00000000000000d1".into(),
+                addr: "198.18.0.1:7950".into(),
+                keys: vec![],
+                insecure: true,
+                members: vec![
+                    GossipMember {
+                        node_id: "00000000000000d3".into(),
+                        addr: "198.18.0.3:7950".into(),
+                        underlay: H3,
+                        state: "down".into(),
+                        stacks: vec![name("d")],
+                        version: 2,
+                        datapath_reachable: true,
+                        routed: true,
+                    },
+                    GossipMember {
+                        node_id: "00000000000000d4".into(),
+                        addr: "198.18.0.4:7950".into(),
+                        underlay: Ipv4Addr::new(198, 18, 0, 4),
+                        state: "left".into(),
+                        stacks: vec![],
+                        version: 7,
+                        datapath_reachable: false,
+                        routed: false,
+                    },
+                ],
+                counters: [
+                    ("packets_in", 100),
+                    ("packets_out", 120),
+                    ("bytes_in", 10_000),
+                    ("bytes_out", 12_000),
+                    ("rejected_bad_key", 5),
+                    ("rejected_malformed", 1),
+                    ("rejected_replayed", 0),
+                    ("anti_entropy_rounds", 9),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            }),
+        }
+    }
+
+    pub(crate) fn routes() -> RoutesFile {
+        let vni = Some(Vni::new(1000).unwrap());
+        let mut stacks = BTreeMap::new();
+        stacks.insert(
+            name("a"),
+            StackRoutes {
+                vni,
+                routes: vec![
+                    route("b", 2, H2, false),
+                    route("c", 3, H1, true),
+                    route("d", 4, H3, false),
+                ],
+            },
+        );
+        stacks.insert(
+            name("c"),
+            StackRoutes {
+                vni,
+                routes: vec![route("a", 1, H1, true), route("b", 2, H2, false)],
+            },
+        );
+        RoutesFile {
+            schema: SCHEMA_VERSION,
+            generation: 17,
+            stacks,
+        }
+    }
+
+    /// Router a's report: fresh, b reachable with traffic and MTU ok, d lossy and
+    /// failing the MTU check. Router c's report is stale.
+    pub(crate) fn probes() -> Vec<ProbesFile> {
+        let peer = |n: &str, third: u8, host: Ipv4Addr| PeerProbe {
+            router_ip: Ipv4Addr::new(10, third, 0, 254),
+            stack: name(n),
+            host,
+            last_ok_ms: Some(NOW - 200),
+            rtt_us: Some(900),
+            sent: 100,
+            received: 99,
+            reachable: true,
+            srtt_us: Some(800),
+            recent_sent: 40,
+            recent_lost: 0,
+            mtu: Some(MtuCheck {
+                size: 1450,
+                ok: true,
+                checked_ms: NOW - 5_000,
+            }),
+        };
+        let mut d = peer("d", 4, H3);
+        d.recent_lost = 10;
+        d.srtt_us = Some(2_500);
+        d.mtu = Some(MtuCheck {
+            size: 1450,
+            ok: false,
+            checked_ms: NOW - 5_000,
+        });
+        let a = ProbesFile {
+            schema: SCHEMA_VERSION,
+            generation: 50,
+            stack: name("a"),
+            updated_ms: NOW - 300,
+            interval_ms: 250,
+            peers: vec![peer("b", 2, H2), d],
+            health: Some(RouterHealth {
+                routes_desired: 3,
+                routes_installed: 2,
+                drift_repaired: 6,
+                overlay_link_up: true,
+                last_error: Some("route 10.4.0.0/24: network unreachable".into()),
+                traffic_error: None,
+            }),
+            traffic: vec![StackTraffic {
+                stack: name("b"),
+                tx_bytes: 1_000,
+                tx_packets: 10,
+                rx_bytes: 2_000,
+                rx_packets: 20,
+            }],
+        };
+        let mut c_peer = peer("b", 2, H2);
+        c_peer.srtt_us = Some(100);
+        let c = ProbesFile {
+            schema: SCHEMA_VERSION,
+            generation: 3,
+            stack: name("c"),
+            updated_ms: NOW - 60_000,
+            interval_ms: 250,
+            peers: vec![c_peer],
+            health: Some(RouterHealth {
+                routes_desired: 2,
+                routes_installed: 2,
+                drift_repaired: 1,
+                overlay_link_up: true,
+                last_error: None,
+                traffic_error: None,
+            }),
+            traffic: vec![],
+        };
+        vec![a, c]
+    }
+
+    #[test]
+    fn hosts_stacks_routes_and_tunnels() {
+        let s = build(&discovery(), Some(&routes()), &probes(), None, NOW);
+        assert_eq!(s.routes_generation, Some(17));
+        assert_eq!(s.devices, vec!["vxlan1000"]);
+        // Tunnels: (1000, H2) and (1000, H3); same-host routes need none.
+        assert_eq!(s.tunnels, 2);
+
+        let addrs: Vec<Ipv4Addr> = s.hosts.iter().map(|h| h.addr).collect();
+        assert_eq!(addrs, vec![H2, H3, Ipv4Addr::new(198, 18, 0, 4)]);
+        let h2 = &s.hosts[0];
+        assert_eq!(h2.state, "static");
+        assert!(h2.datapath_reachable);
+        assert_eq!(h2.last_seen_ms, Some(NOW - 200));
+        // c's stale report says 100 us, but only fresh reports count for RTT.
+        assert_eq!(h2.rtt_us, Some(800));
+        let h3 = &s.hosts[1];
+        assert_eq!(h3.state, "down");
+        assert!(h3.routed && h3.datapath_reachable);
+        assert_eq!(h3.node_id.as_deref(), Some("00000000000000d3"));
+        assert_eq!(h3.stacks, vec![name("d")]);
+        assert_eq!(s.hosts[2].state, "left");
+        assert!(!s.hosts[2].routed);
+        let by_state: Vec<(&str, u64)> = s
+            .peers_by_state
+            .iter()
+            .map(|(k, v)| (k.as_str(), *v))
+            .collect();
+        assert_eq!(
+            by_state,
+            vec![
+                ("alive", 0),
+                ("down", 1),
+                ("left", 1),
+                ("static", 1),
+                ("suspect", 0)
+            ]
+        );
+
+        let names: Vec<(&str, Option<Ipv4Addr>)> =
+            s.stacks.iter().map(|r| (r.name.as_str(), r.host)).collect();
+        assert_eq!(
+            names,
+            vec![("a", None), ("c", None), ("b", Some(H2)), ("d", Some(H3))]
+        );
+        assert_eq!(s.stacks[1].connected, Some(false));
+
+        assert_eq!(s.routes.len(), 2);
+        let a = &s.routes[0];
+        assert_eq!((a.desired, a.installed), (3, Some(2)));
+        assert_eq!(a.router_drift_repaired, Some(6));
+        assert_eq!(a.report_age_ms, Some(300));
+        assert!(a.router_error.as_deref().unwrap().contains("unreachable"));
+        // c's report is stale: installed unknown, its repair count still stands.
+        let c = &s.routes[1];
+        assert_eq!((c.desired, c.installed), (2, None));
+        assert_eq!(c.router_drift_repaired, Some(1));
+
+        assert_eq!(s.drift_repairs, 3);
+        assert_eq!(s.refused.len(), 1);
+        let g = s.gossip.as_ref().unwrap();
+        assert_eq!(
+            (g.packets_in, g.packets_out, g.bytes_in, g.bytes_out),
+            (100, 120, 10_000, 12_000)
+        );
+        assert_eq!(
+            g.rejected,
+            [("bad_key", 5), ("malformed", 1), ("replayed", 0)]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect::<BTreeMap<_, _>>()
+        );
+    }
+
+    #[test]
+    fn traffic_per_remote_stack_from_the_probe_files() {
+        let s = build(&discovery(), Some(&routes()), &probes(), None, NOW);
+        let rows: Vec<(&str, &str)> = s
+            .traffic
+            .iter()
+            .map(|t| (t.local_stack.as_str(), t.remote_stack.as_str()))
+            .collect();
+        assert_eq!(rows, vec![("a", "b"), ("a", "d"), ("c", "b")]);
+        let ab = &s.traffic[0];
+        assert!(ab.reachable);
+        assert_eq!(ab.remote_host, Some(H2));
+        assert_eq!(ab.rtt_us, Some(800));
+        assert_eq!(ab.loss, Some(0.0));
+        assert_eq!((ab.mtu_ok, ab.mtu_size), (Some(true), Some(1450)));
+        assert_eq!(
+            (ab.tx_bytes, ab.tx_packets, ab.rx_bytes, ab.rx_packets),
+            (Some(1_000), Some(10), Some(2_000), Some(20))
+        );
+        let ad = &s.traffic[1];
+        assert_eq!(ad.loss, Some(0.25));
+        assert_eq!(ad.mtu_ok, Some(false));
+        assert_eq!(ad.tx_bytes, None, "no counters for d");
+        // A stale report is not reachable, whatever it says, and measures nothing.
+        let cb = &s.traffic[2];
+        assert!(!cb.reachable);
+        assert_eq!(cb.remote_host, Some(H2));
+        assert_eq!((cb.rtt_us, cb.loss, cb.mtu_ok), (None, None, None));
+    }
+
+    #[test]
+    fn files_without_the_optional_parts() {
+        let mut d = discovery();
+        d.gossip = None;
+        d.peers.truncate(1);
+        let mut p = probes();
+        for f in &mut p {
+            f.health = None;
+            f.traffic.clear();
+            for peer in &mut f.peers {
+                peer.srtt_us = None;
+                peer.recent_sent = 0;
+                peer.recent_lost = 0;
+                peer.mtu = None;
+            }
+        }
+        let s = build(&d, None, &p, None, NOW);
+        assert_eq!(s.routes_generation, None);
+        assert_eq!(s.tunnels, 0);
+        assert!(s.gossip.is_none());
+        assert_eq!(s.peers_by_state.get("static"), Some(&1));
+        assert_eq!(s.peers_by_state.len(), 1, "{:?}", s.peers_by_state);
+        // Local stacks are listed even with nothing published.
+        assert_eq!(
+            s.routes.iter().map(|r| r.desired).collect::<Vec<_>>(),
+            vec![0, 0]
+        );
+        assert!(s.routes.iter().all(|r| r.installed.is_none()));
+        let ab = &s.traffic[0];
+        assert_eq!(ab.rtt_us, Some(900), "falls back to the last RTT");
+        assert_eq!((ab.loss, ab.mtu_ok, ab.tx_bytes), (None, None, None));
+    }
+
+    #[test]
+    fn text_has_every_section_and_json_the_same_facts() {
+        let live = LiveFacts {
+            ready: false,
+            not_ready: vec!["vxlan1000 is missing; the next reconcile recreates it".into()],
+            reconciles: 5,
+            reconcile_errors: 1,
+            last_reconcile_ms: Some(2.0),
+        };
+        let s = build(&discovery(), Some(&routes()), &probes(), Some(live), NOW);
+        let text = render_text(&s);
+        for needle in [
+            "NOT READY: vxlan1000 is missing",
+            "tunnels: 2; drift repairs: 3",
+            "HOSTS",
+            "198.18.0.3  down",
+            "0.80 ms",
+            "STACKS",
+            "10.1.0.0/24",
+            "local (disconnected)",
+            "ROUTES",
+            "2/3",
+            "CONFLICTS AND REFUSED PREFIXES",
+            "x 10.2.0.0/25: prefix 10.2.0.0/25 of stack x overlaps",
+            "TRAFFIC",
+            "a -> d",
+            "25.0%",
+            "FAIL 1450",
+            "1000/10",
+            "2000/20",
+            "rejected: bad_key 5, malformed 1, replayed 0",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing in:\n{text}");
+        }
+        let json: serde_json::Value = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["tunnels"], 2);
+        assert_eq!(json["live"]["ready"], false);
+        assert_eq!(json["hosts"][1]["state"], "down");
+        assert_eq!(json["traffic"][0]["tx_bytes"], 1000);
+        assert_eq!(json["routes"][0]["installed"], 2);
+        assert_eq!(json["refused"][0]["code"], "overlap");
+    }
+
+    #[test]
+    fn from_dir_names_missing_and_corrupt_files() {
+        let tmp = std::env::temp_dir().join(format!("vrouter-status-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).unwrap();
+        let dir = vrouter_state::StateDir::open(&tmp).unwrap();
+        let e = from_dir(&dir, None).unwrap_err();
+        assert!(e.contains("discovery.json does not exist"), "{e}");
+        dir.write_discovery(&discovery()).unwrap();
+        let s = from_dir(&dir, None).unwrap();
+        assert_eq!(
+            s.routes_generation, None,
+            "a missing routes.json is no error"
+        );
+        std::fs::write(tmp.join("routes.json"), b"{not json").unwrap();
+        let e = from_dir(&dir, None).unwrap_err();
+        assert!(e.contains("routes.json is not valid"), "{e}");
+        dir.write_routes(&routes()).unwrap();
+        for p in probes() {
+            dir.write_probes(&p).unwrap();
+        }
+        let s = from_dir(&dir, None).unwrap();
+        assert_eq!(s.routes_generation, Some(17));
+        assert_eq!(s.traffic.len(), 3);
+        std::fs::remove_dir_all(&tmp).unwrap();
     }
 }

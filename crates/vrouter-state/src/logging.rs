@@ -54,6 +54,9 @@ mod tests {
         assert_eq!(parse_format(Some("Text")), Ok(LogFormat::Text));
         assert_eq!(parse_format(Some(" json ")), Ok(LogFormat::Json));
         let e = parse_format(Some("yaml")).unwrap_err();
-        assert!(e.contains("VROUTER_LOG_FORMAT") && e.contains("text or json"), "{e}");
+        assert!(
+            e.contains("VROUTER_LOG_FORMAT") && e.contains("text or json"),
+            "{e}"
+        );
     }
 }
