@@ -66,8 +66,10 @@ pub struct Controller {
     started: Instant,
     /// routes.json holds what this process computes (it wrote it, or found it equal).
     routes_current: bool,
-    /// The last state-directory write or writability check failed: why.
+    /// The last reconcile's state-directory writes or writability check failed: why.
     state_error: Option<String>,
+    /// The first state-directory failure of the reconcile in progress.
+    state_failure: Option<String>,
     /// Devices the last reconcile made or found, which must stay.
     devices_up: Vec<Vni>,
 }
@@ -145,6 +147,7 @@ impl Controller {
             started: Instant::now(),
             routes_current: false,
             state_error: None,
+            state_failure: None,
             devices_up: Vec::new(),
         };
         c.event(
@@ -746,6 +749,12 @@ impl Controller {
 
     /// One full reconcile. Returns the number of kernel changes made.
     pub async fn reconcile(&mut self) -> anyhow::Result<usize> {
+        let r = self.reconcile_once().await;
+        self.settle_state();
+        r
+    }
+
+    async fn reconcile_once(&mut self) -> anyhow::Result<usize> {
         self.expire();
         // Writes happen only on change, so prove the directory writable every time:
         // readiness must notice an unwritable directory before the next write fails.
@@ -946,35 +955,39 @@ impl Controller {
         }
     }
 
-    /// Notes the outcome of a state-directory write or check; events on a change.
+    /// Notes the outcome of a state-directory write or check (the first failure of a
+    /// reconcile counts; [`Controller::settle_state`] reports transitions).
     fn note_state<T>(
         &mut self,
         what: &str,
         r: Result<T, vrouter_state::StateError>,
     ) -> anyhow::Result<T> {
-        match r {
-            Ok(v) => {
-                if self.state_error.take().is_some() {
-                    self.event(
-                        "state_writable",
-                        format!(
-                            "the state directory {} is writable again",
-                            self.dir.path().display()
-                        ),
-                        None,
-                    );
-                }
-                Ok(v)
+        r.map_err(|e| {
+            if self.state_failure.is_none() {
+                self.state_failure = Some(format!("{what}: {e}"));
             }
-            Err(e) => {
-                let msg = format!("{what}: {e}");
-                if self.state_error.as_ref() != Some(&msg) {
-                    self.event_because("state_unwritable", "state_write_failed", msg.clone(), None);
-                }
-                self.state_error = Some(msg);
-                Err(e.into())
+            e.into()
+        })
+    }
+
+    /// At the end of a reconcile: the state directory is healthy if nothing failed.
+    fn settle_state(&mut self) {
+        let now = self.state_failure.take();
+        match (&self.state_error, &now) {
+            (None, Some(msg)) => {
+                self.event_because("state_unwritable", "state_write_failed", msg.clone(), None)
             }
+            (Some(_), None) => self.event(
+                "state_writable",
+                format!(
+                    "the state directory {} is writable again; the state files are current",
+                    self.dir.path().display()
+                ),
+                None,
+            ),
+            _ => {}
         }
+        self.state_error = now;
     }
 
     /// Records changes made by a timer reconcile that had no new input: drift.

@@ -43,6 +43,20 @@ enum Input {
     ProbesChanged,
 }
 
+impl Input {
+    fn name(&self) -> &'static str {
+        match self {
+            Input::Register { .. } => "register",
+            Input::Ack { .. } => "ack",
+            Input::Leave { .. } => "leave",
+            Input::Closed { .. } => "closed",
+            Input::ConfigChanged => "config_changed",
+            Input::LeaveMesh { .. } => "leave_mesh",
+            Input::ProbesChanged => "probes_changed",
+        }
+    }
+}
+
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let dir = StateDir::open(&settings.state_dir)?.with_events_cap(settings.events_max_bytes);
     let lead = match dir.try_lead()? {
@@ -199,6 +213,7 @@ async fn reconcile(ctl: &mut Controller, live: &Live, timer: bool) {
 }
 
 async fn handle(ctl: &mut Controller, input: Input) {
+    tracing::debug!(input = input.name(), "loop input");
     match input {
         Input::Register {
             conn,
@@ -331,6 +346,22 @@ async fn serve(conn: ConnId, sock: Arc<AttachSocket>, tx: mpsc::Sender<Input>) {
     let _ = tx.send(Input::Closed { conn }).await;
 }
 
+/// Whether a watcher event can mean new content. Opening and reading a file is an
+/// event too (inotify's IN_OPEN / IN_CLOSE_NOWRITE): reacting to those made every
+/// reload trigger the next, and discovery spun at full CPU after the first change.
+fn changes_content(kind: &notify::EventKind) -> bool {
+    use notify::EventKind;
+    matches!(
+        kind,
+        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) | EventKind::Any
+    ) || matches!(
+        kind,
+        EventKind::Access(notify::event::AccessKind::Close(
+            notify::event::AccessMode::Write
+        ))
+    )
+}
+
 /// Watches the configuration files' directories (a rename replaces the inode, and
 /// Docker configs and editors both rename).
 fn watch_config(
@@ -343,11 +374,13 @@ fn watch_config(
     let names: Vec<std::path::PathBuf> = files.to_vec();
     let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res {
-            if ev.paths.iter().any(|p| {
-                names
-                    .iter()
-                    .any(|n| p == n || p.file_name() == n.file_name())
-            }) {
+            if changes_content(&ev.kind)
+                && ev.paths.iter().any(|p| {
+                    names
+                        .iter()
+                        .any(|n| p == n || p.file_name() == n.file_name())
+                })
+            {
                 let _ = tx.try_send(Input::ConfigChanged);
             }
         }
@@ -493,5 +526,29 @@ pub async fn leave_mesh(settings: &Settings) -> anyhow::Result<()> {
         }
         Some((DiscoveryMessage::Refused { reason }, _)) => anyhow::bail!("{reason}"),
         other => anyhow::bail!("unexpected answer from discovery: {other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::changes_content;
+    use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
+    use notify::EventKind;
+
+    #[test]
+    fn reading_the_configuration_is_not_a_change() {
+        assert!(!changes_content(&EventKind::Access(AccessKind::Open(
+            AccessMode::Any
+        ))));
+        assert!(!changes_content(&EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        ))));
+        assert!(changes_content(&EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        ))));
+        assert!(changes_content(&EventKind::Create(CreateKind::File)));
+        assert!(changes_content(&EventKind::Modify(ModifyKind::Name(
+            RenameMode::To
+        ))));
     }
 }

@@ -174,9 +174,9 @@ fn parse_http_addr(s: &str) -> Result<HttpAddr, String> {
 
 fn parse_events_cap(s: &str) -> Result<u64, String> {
     match s.trim().parse::<u64>() {
-        Ok(n) if n >= 4096 => Ok(n),
+        Ok(n) if n >= 1024 => Ok(n),
         _ => Err(format!(
-            "--events-max-bytes / VROUTER_EVENTS_MAX_BYTES = {s:?} is not a size in bytes of at least 4096 (default 1048576)"
+            "--events-max-bytes / VROUTER_EVENTS_MAX_BYTES = {s:?} is not a size in bytes of at least 1024 (default 1048576)"
         )),
     }
 }

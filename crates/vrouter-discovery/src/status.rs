@@ -56,6 +56,9 @@ pub struct Status {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gossip: Option<GossipCounters>,
     pub traffic: Vec<PeerTraffic>,
+    /// State files that could not be used (e.g. a corrupt routes.json), with the fix.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
 }
 
 /// One remote host.
@@ -354,27 +357,35 @@ pub fn build(
         refused: discovery.refused.clone(),
         gossip,
         traffic,
+        problems: Vec::new(),
     }
 }
 
 /// Reads the state directory and builds the status (the CLI's path, and the daemon's
 /// with its live facts). A missing or unusable discovery.json is an error that says
-/// what to do; a missing routes.json is not (nothing published yet).
+/// what to do; a missing routes.json is not (nothing published yet), and an unusable
+/// one is listed in `problems` (the rest is still worth showing).
 pub fn from_dir(dir: &vrouter_state::StateDir, live: Option<LiveFacts>) -> Result<Status, String> {
     let discovery = dir.read_discovery().map_err(|e| e.to_string())?;
+    let mut problems = Vec::new();
     let routes = match dir.read_routes() {
         Ok(r) => Some(r),
         Err(vrouter_state::ReadError::Missing { .. }) => None,
-        Err(e) => return Err(e.to_string()),
+        Err(e) => {
+            problems.push(e.to_string());
+            None
+        }
     };
     let probes = dir.read_all_probes();
-    Ok(build(
+    let mut status = build(
         &discovery,
         routes.as_ref(),
         &probes,
         live,
         vrouter_state::now_ms(),
-    ))
+    );
+    status.problems = problems;
+    Ok(status)
 }
 
 /// Human tables for `vrouter-discovery status`.
@@ -395,6 +406,9 @@ pub fn render_text(s: &Status) -> String {
             .map(|g| format!("generation {g}"))
             .unwrap_or_else(|| "missing".into())
     );
+    for p in &s.problems {
+        let _ = writeln!(out, "PROBLEM: {p}");
+    }
     if let Some(l) = &s.live {
         if l.ready {
             let _ = writeln!(out, "ready");
@@ -1072,8 +1086,19 @@ pub(crate) mod tests {
             "a missing routes.json is no error"
         );
         std::fs::write(tmp.join("routes.json"), b"{not json").unwrap();
+        let s = from_dir(&dir, None).unwrap();
+        assert_eq!(s.routes_generation, None);
+        assert_eq!(s.problems.len(), 1);
+        assert!(
+            s.problems[0].contains("routes.json is not valid"),
+            "{:?}",
+            s.problems
+        );
+        assert!(render_text(&s).contains("PROBLEM: "), "{}", render_text(&s));
+        std::fs::write(tmp.join("discovery.json"), b"[]").unwrap();
         let e = from_dir(&dir, None).unwrap_err();
-        assert!(e.contains("routes.json is not valid"), "{e}");
+        assert!(e.contains("discovery.json is not valid"), "{e}");
+        dir.write_discovery(&discovery()).unwrap();
         dir.write_routes(&routes()).unwrap();
         for p in probes() {
             dir.write_probes(&p).unwrap();
