@@ -313,6 +313,17 @@ fn http_endpoints_match_the_kernel_and_readiness_follows_faults() {
     );
     wait_ready(&mesh, 200, "ready", Duration::from_secs(5));
 
+    // A registered router that is gone (a restart, before its grace ends): 503.
+    mesh.stop_router("a", libc::SIGTERM).unwrap();
+    wait_ready(
+        &mesh,
+        503,
+        "router of stack a is registered but not attached",
+        Duration::from_secs(2),
+    );
+    mesh.start_router("a").unwrap();
+    wait_ready(&mesh, 200, "ready", Duration::from_secs(10));
+
     // events.log rotated at the configured 2 KiB; every line has a reason.
     let log = std::fs::metadata(state.join("events.log")).unwrap().len();
     assert!(log <= 2048, "events.log is {log} bytes");
