@@ -47,8 +47,14 @@ test: setup
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace -- --test-threads=1
 
+# Raw results go to target/bench/*.json; docs/benchmarks.md and docs/gossip-sim.md say
+# what each figure means and record a run.
 bench: setup build
-	$(CARGO) run --release -p vrouter-tests --bin vrt-bench
+	mkdir -p target/bench
+	bash .ci/cleanup
+	target/release/vrt-bench
+	target/release/vrt-gossip-bench --out target/bench/gossip-real.json
+	target/release/gossip-sim --n1000 --out target/bench/gossip-sim.json
 
 clean-leftovers:
 	bash .ci/cleanup

@@ -25,6 +25,7 @@ pub mod daemon;
 pub mod docker;
 pub mod firewall;
 pub mod gossip;
+pub mod http;
 pub mod mesh;
 pub mod probe;
 pub mod topology;
@@ -34,6 +35,7 @@ pub use cleanup::cleanup_leftovers;
 pub use cmd::{exec, exec_input, exec_ok, exec_timeout, ns_run, sh, CmdOutput, CMD_TIMEOUT};
 pub use daemon::{spawn_in, spawn_privileged_in, Daemon, PRIVILEGED_WRAPPER};
 pub use firewall::{render_ruleset, FwNetwork};
+pub use http::{http_get, http_request, metric, HttpReply};
 pub use probe::{
     ping, ping_burst, ping_count, probe_bin, send_udp_file, tcp_hold, tcp_send, udp_burst,
     TcpServer, UdpCapture, UdpSink,

@@ -349,6 +349,11 @@ impl Mesh {
         self.discovery.get_mut(&host).expect("discovery running")
     }
 
+    /// The running router of `stack`.
+    pub fn router(&mut self, stack: &str) -> &mut Daemon {
+        self.routers.get_mut(stack).expect("router running")
+    }
+
     pub fn stop_discovery(&mut self, host: usize, signal: i32) -> Result<()> {
         if let Some(mut d) = self.discovery.remove(&host) {
             d.kill(signal)?;

@@ -64,6 +64,14 @@ pub struct Controller {
     /// must not withdraw anything (the datapath is headless).
     remembered: Vec<PeerHost>,
     started: Instant,
+    /// routes.json holds what this process computes (it wrote it, or found it equal).
+    routes_current: bool,
+    /// The last reconcile's state-directory writes or writability check failed: why.
+    state_error: Option<String>,
+    /// The first state-directory failure of the reconcile in progress.
+    state_failure: Option<String>,
+    /// Devices the last reconcile made or found, which must stay.
+    devices_up: Vec<Vni>,
 }
 
 impl Controller {
@@ -137,6 +145,10 @@ impl Controller {
             left_mesh: false,
             remembered: Vec::new(),
             started: Instant::now(),
+            routes_current: false,
+            state_error: None,
+            state_failure: None,
+            devices_up: Vec::new(),
         };
         c.event(
             "started",
@@ -158,9 +170,21 @@ impl Controller {
     }
 
     pub fn event(&self, kind: &str, message: String, stack: Option<&StackName>) {
+        self.event_because(kind, kind, message, stack)
+    }
+
+    /// An event with a machine-readable cause other than its kind.
+    pub fn event_because(
+        &self,
+        kind: &str,
+        reason: &str,
+        message: String,
+        stack: Option<&StackName>,
+    ) {
         let stack_name = stack.map(|s| s.as_str());
         match kind {
             "error"
+            | "state_unwritable"
             | "registration_refused"
             | "conflict_refused"
             | "config_invalid"
@@ -169,7 +193,7 @@ impl Controller {
             }
             _ => info!(kind, stack = stack_name, "{message}"),
         }
-        let mut e = Event::new("discovery", kind, message);
+        let mut e = Event::new("discovery", kind, message).because(reason);
         if let Some(s) = stack {
             e = e.for_stack(s);
         }
@@ -698,7 +722,7 @@ impl Controller {
                 }
                 let msg = format!("cannot set up {name} for VNI {vni}: {e}");
                 if self.failed_vnis.insert(vni, msg.clone()).as_ref() != Some(&msg) {
-                    self.event("error", msg.clone(), None);
+                    self.event_because("error", "device_failed", msg.clone(), None);
                 }
                 Err(msg)
             }
@@ -725,7 +749,18 @@ impl Controller {
 
     /// One full reconcile. Returns the number of kernel changes made.
     pub async fn reconcile(&mut self) -> anyhow::Result<usize> {
+        let r = self.reconcile_once().await;
+        self.settle_state();
+        r
+    }
+
+    async fn reconcile_once(&mut self) -> anyhow::Result<usize> {
         self.expire();
+        // Writes happen only on change, so prove the directory writable every time:
+        // readiness must notice an unwritable directory before the next write fails.
+        // The kernel is reconciled either way: the datapath does not need the files.
+        let check = self.dir.check_writable();
+        let _ = self.note_state("checking the state directory", check);
         if let Ok(u) =
             underlay::detect(&self.kernel, self.settings.underlay_interface.as_deref()).await
         {
@@ -776,7 +811,12 @@ impl Controller {
         for r in &want.refusals {
             let key = format!("{}|{:?}|{}", r.stack, r.prefix, r.reason);
             if self.reported.insert(key) {
-                self.event("conflict_refused", r.reason.clone(), Some(&r.stack));
+                self.event_because(
+                    "conflict_refused",
+                    &r.code,
+                    r.reason.clone(),
+                    Some(&r.stack),
+                );
             }
         }
         let mut changes = 0;
@@ -818,25 +858,40 @@ impl Controller {
         for change in diff::diff_fdb(&target, &observed) {
             changes += 1;
             if let Err(e) = self.apply(&change, &devices).await {
-                self.event("error", format!("{change:?} failed: {e}"), None);
+                self.event_because(
+                    "error",
+                    "kernel_change_failed",
+                    format!("{change:?} failed: {e}"),
+                    None,
+                );
             }
         }
 
         // Publish what the FDB now carries.
         let present = self.dump_fdb(&devices).await?;
         let published = desired::publish(&local, &want.candidates, &present);
-        if published != self.published {
+        if !self.routes_current && published == self.published {
+            // After a restart: routes.json is current if it already says the same.
+            self.routes_current = self.dir.read_routes().is_ok_and(|r| r.stacks == published);
+        }
+        if published != self.published || !self.routes_current {
             self.routes_generation += 1;
             let file = RoutesFile {
                 schema: SCHEMA_VERSION,
                 generation: self.routes_generation,
                 stacks: published.clone(),
             };
-            self.dir.write_routes(&file)?;
-            self.report_route_changes(&published);
-            self.retention
-                .published(&self.published, &published, self.routes_generation);
-            self.published = published;
+            let written = self.dir.write_routes(&file);
+            if self.note_state("writing routes.json", written).is_ok() {
+                self.routes_current = true;
+                self.report_route_changes(&published, &want);
+                self.retention
+                    .published(&self.published, &published, self.routes_generation);
+                self.published = published;
+            } else {
+                // Not published: the next reconcile tries again with this generation.
+                self.routes_generation -= 1;
+            }
         }
         let registry = &self.registry;
         self.retention.forget_acked(|v| registry.acks(v));
@@ -869,13 +924,70 @@ impl Controller {
         for change in diff::diff_steering(&want_rules, &want_routes, &have_rules, &have_routes) {
             changes += 1;
             if let Err(e) = self.apply(&change, &devices).await {
-                self.event("error", format!("{change:?} failed: {e}"), None);
+                self.event_because(
+                    "error",
+                    "kernel_change_failed",
+                    format!("{change:?} failed: {e}"),
+                    None,
+                );
             }
         }
 
+        self.devices_up = devices.keys().copied().collect();
         self.refusals = want.refusals;
         self.write_discovery(&local)?;
         Ok(changes)
+    }
+
+    /// What the loop hands to `/readyz` after a reconcile.
+    pub fn readiness(&self) -> crate::readiness::Readiness {
+        crate::readiness::Readiness {
+            routes_current: self.routes_current,
+            unattached: self
+                .registry
+                .entries()
+                .filter(|e| e.conn.is_none())
+                .map(|e| e.spec.name.clone())
+                .collect(),
+            state_error: self.state_error.clone(),
+            devices: self.devices_up.clone(),
+            device_errors: self.failed_vnis.values().cloned().collect(),
+        }
+    }
+
+    /// Notes the outcome of a state-directory write or check (the first failure of a
+    /// reconcile counts; [`Controller::settle_state`] reports transitions).
+    fn note_state<T>(
+        &mut self,
+        what: &str,
+        r: Result<T, vrouter_state::StateError>,
+    ) -> anyhow::Result<T> {
+        r.map_err(|e| {
+            if self.state_failure.is_none() {
+                self.state_failure = Some(format!("{what}: {e}"));
+            }
+            e.into()
+        })
+    }
+
+    /// At the end of a reconcile: the state directory is healthy if nothing failed.
+    fn settle_state(&mut self) {
+        let now = self.state_failure.take();
+        match (&self.state_error, &now) {
+            (None, Some(msg)) => {
+                self.event_because("state_unwritable", "state_write_failed", msg.clone(), None)
+            }
+            (Some(_), None) => self.event(
+                "state_writable",
+                format!(
+                    "the state directory {} is writable again; the state files are current",
+                    self.dir.path().display()
+                ),
+                None,
+            ),
+            _ => {}
+        }
+        self.state_error = now;
     }
 
     /// Records changes made by a timer reconcile that had no new input: drift.
@@ -893,26 +1005,62 @@ impl Controller {
         }
     }
 
-    fn report_route_changes(&self, new: &BTreeMap<StackName, StackRoutes>) {
+    /// One event per route that routes.json gained or lost, with the cause.
+    fn report_route_changes(
+        &self,
+        new: &BTreeMap<StackName, StackRoutes>,
+        want: &desired::Desired,
+    ) {
+        let generation = self.routes_generation;
         let key = |r: &vrouter_state::RemoteRoute| (r.prefix, r.stack.clone());
-        for (stack, routes) in new {
+        let empty = StackRoutes::default();
+        let stacks: BTreeSet<&StackName> = new.keys().chain(self.published.keys()).collect();
+        for stack in stacks {
             let old: BTreeSet<_> = self
                 .published
                 .get(stack)
-                .map(|s| s.routes.iter().map(key).collect())
-                .unwrap_or_default();
-            let now: BTreeSet<_> = routes.routes.iter().map(key).collect();
+                .unwrap_or(&empty)
+                .routes
+                .iter()
+                .map(key)
+                .collect();
+            let now: BTreeSet<_> = new
+                .get(stack)
+                .unwrap_or(&empty)
+                .routes
+                .iter()
+                .map(key)
+                .collect();
             for (p, from) in now.difference(&old) {
-                self.event(
+                self.event_because(
                     "route_added",
-                    format!("stack {stack}: {p} of stack {from} published"),
+                    "announced",
+                    format!("stack {stack}: {p} of stack {from} published (routes.json generation {generation})"),
                     Some(stack),
                 );
             }
             for (p, from) in old.difference(&now) {
-                self.event(
+                let reason = if !new.contains_key(stack) {
+                    "local_stack_gone"
+                } else if want
+                    .refusals
+                    .iter()
+                    .any(|r| &r.stack == from && r.prefix.is_none_or(|q| q == *p))
+                {
+                    "conflict_refused"
+                } else if want
+                    .candidates
+                    .get(stack)
+                    .is_some_and(|c| c.iter().any(|r| r.prefix == *p && &r.stack == from))
+                {
+                    "fdb_row_missing"
+                } else {
+                    "stack_gone"
+                };
+                self.event_because(
                     "route_withdrawn",
-                    format!("stack {stack}: {p} of stack {from} withdrawn"),
+                    reason,
+                    format!("stack {stack}: {p} of stack {from} withdrawn ({}; routes.json generation {generation})", reason.replace('_', " ")),
                     Some(stack),
                 );
             }
@@ -1000,10 +1148,14 @@ impl Controller {
         if unchanged {
             return Ok(());
         }
-        self.discovery_generation += 1;
-        file.generation = self.discovery_generation;
+        file.generation = self.discovery_generation + 1;
         file.updated_ms = now_ms();
-        self.dir.write_discovery(&file)?;
+        let written = self.dir.write_discovery(&file);
+        if self.note_state("writing discovery.json", written).is_err() {
+            // Readiness reports it; the next reconcile tries again.
+            return Ok(());
+        }
+        self.discovery_generation += 1;
         self.last_discovery = Some(file);
         Ok(())
     }

@@ -100,6 +100,7 @@ pub fn compute(host: &HostView, local: &[LocalRouter], peers: &[PeerHost]) -> De
                         "host {} announces more than {} prefixes; stack {} is refused (raise VROUTER_MAX_PREFIXES_PER_HOST on every host, or announce fewer)",
                         p.addr, host.max_prefixes_per_host, s.name
                     ),
+                    code: "prefix_cap".into(),
                 });
                 continue;
             }
@@ -112,6 +113,7 @@ pub fn compute(host: &HostView, local: &[LocalRouter], peers: &[PeerHost]) -> De
                         "stack {} announced by host {} has the name of a stack on this host; give every stack its own name",
                         s.name, p.addr
                     ),
+                    code: "name_clash".into(),
                 });
                 continue;
             }
@@ -123,6 +125,7 @@ pub fn compute(host: &HostView, local: &[LocalRouter], peers: &[PeerHost]) -> De
                         "stack {} is configured on host {}, which is this host's own address; remove it from the peer configuration",
                         s.name, p.addr
                     ),
+                    code: "own_address".into(),
                 });
                 continue;
             }
@@ -154,18 +157,20 @@ pub fn compute(host: &HostView, local: &[LocalRouter], peers: &[PeerHost]) -> De
                         .map(|h| h.to_string())
                         .unwrap_or_else(|| "this host".into())
                 ),
+                code: "duplicate_stack".into(),
             });
             continue;
         }
         let mut kept = Vec::new();
         for prefix in &spec.prefixes {
-            let refuse = |reason: String| Refusal {
+            let refuse = |code: &str, reason: String| Refusal {
                 stack: spec.name.clone(),
                 prefix: Some(*prefix),
                 reason,
+                code: code.into(),
             };
             if prefix.is_default() {
-                refusals.push(refuse(format!(
+                refusals.push(refuse("default_route", format!(
                     "stack {} announces the default route {prefix}; announce the stack's own subnets only",
                     spec.name
                 )));
@@ -173,7 +178,7 @@ pub fn compute(host: &HostView, local: &[LocalRouter], peers: &[PeerHost]) -> De
             }
             if at.is_some() {
                 if let Some(n) = host.host_networks.iter().find(|n| n.overlaps(prefix)) {
-                    refusals.push(refuse(format!(
+                    refusals.push(refuse("host_network", format!(
                         "prefix {prefix} of stack {} overlaps this host's network {n}; renumber one of them",
                         spec.name
                     )));
@@ -184,7 +189,7 @@ pub fn compute(host: &HostView, local: &[LocalRouter], peers: &[PeerHost]) -> De
                 .iter()
                 .find(|p| p.prefixes.iter().any(|q| q.overlaps(prefix)))
             {
-                refusals.push(refuse(format!(
+                refusals.push(refuse("overlap", format!(
                     "prefix {prefix} of stack {} overlaps a prefix of stack {}, which keeps it; give each stack its own subnet",
                     spec.name, owner.spec.name
                 )));

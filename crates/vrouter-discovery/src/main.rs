@@ -2,13 +2,7 @@ use clap::Parser;
 use vrouter_discovery::settings::{Cli, Command};
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    vrouter_state::logging::init();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -24,6 +18,7 @@ fn main() -> std::process::ExitCode {
         Command::Run => rt.block_on(vrouter_discovery::run::run(cli.settings)),
         Command::Health => vrouter_discovery::run::health(&cli.settings),
         Command::CheckConfig => vrouter_discovery::run::check_config(&cli.settings),
+        Command::Status { json } => vrouter_discovery::run::status(&cli.settings, json),
         Command::LeaveMesh => rt.block_on(vrouter_discovery::run::leave_mesh(&cli.settings)),
         Command::Cleanup => rt.block_on(vrouter_discovery::run::cleanup(&cli.settings)),
         Command::AllInOne(a) => rt.block_on(vrouter_discovery::allinone::run(cli.settings, a)),

@@ -2,8 +2,9 @@
 //! feeds the controller. All kernel work happens on the loop's task, one at a time.
 
 use crate::controller::Controller;
+use crate::readiness::Live;
 use crate::registry::ConnId;
-use crate::settings::Settings;
+use crate::settings::{HttpAddr, Settings};
 use anyhow::Context;
 use notify::Watcher;
 use std::os::fd::OwnedFd;
@@ -42,8 +43,22 @@ enum Input {
     ProbesChanged,
 }
 
+impl Input {
+    fn name(&self) -> &'static str {
+        match self {
+            Input::Register { .. } => "register",
+            Input::Ack { .. } => "ack",
+            Input::Leave { .. } => "leave",
+            Input::Closed { .. } => "closed",
+            Input::ConfigChanged => "config_changed",
+            Input::LeaveMesh { .. } => "leave_mesh",
+            Input::ProbesChanged => "probes_changed",
+        }
+    }
+}
+
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    let dir = StateDir::open(&settings.state_dir)?;
+    let dir = StateDir::open(&settings.state_dir)?.with_events_cap(settings.events_max_bytes);
     let lead = match dir.try_lead()? {
         Some(l) => l,
         None => {
@@ -80,6 +95,27 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let kernel = Kernel::connect().await?;
     let source = crate::peers::from_settings(&settings).map_err(anyhow::Error::msg)?;
     let mut ctl = Controller::new(settings.clone(), dir, kernel, source).await?;
+    // The HTTP endpoint belongs to the leader: standbys share the host's port.
+    let live = Arc::new(Live::default());
+    if let HttpAddr(Some(addr)) = settings.http_addr {
+        match crate::http::bind(addr).await {
+            Ok(listener) => {
+                info!("HTTP endpoint on http://{addr} (/healthz, /readyz, /metrics, /v1/status)");
+                tokio::spawn(crate::http::serve(
+                    listener,
+                    settings.state_dir.clone(),
+                    live.clone(),
+                ));
+            }
+            // The control plane matters more than its endpoint: report and go on.
+            Err(e) => ctl.event_because(
+                "error",
+                "http_bind_failed",
+                format!("cannot serve HTTP on {addr} ({e}); set --http-addr / VROUTER_HTTP_ADDR to a free address, or off"),
+                None,
+            ),
+        }
+    }
     let (gossip_tx, mut gossip_rx) = mpsc::channel::<()>(1);
     if settings.gossip_enabled() {
         let node_id = crate::gossip::load_node_id(&settings.state_dir)?;
@@ -115,9 +151,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(settings.reconcile_interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    if let Err(e) = ctl.reconcile().await {
-        ctl.event("error", format!("reconcile failed: {e:#}"), None);
-    }
+    reconcile(&mut ctl, &live, false).await;
     loop {
         let expiry = ctl.next_expiry();
         let timer = async {
@@ -150,11 +184,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         if only_probes && !ctl.has_failed_members() {
             continue;
         }
-        match ctl.reconcile().await {
-            Ok(n) if timer_reconcile => ctl.count_drift(n),
-            Ok(_) => {}
-            Err(e) => ctl.event("error", format!("reconcile failed: {e:#}"), None),
-        }
+        reconcile(&mut ctl, &live, timer_reconcile).await;
     }
     // Kernel state stays: the datapath keeps running while the control plane is away.
     info!("stopping; kernel state is left in place");
@@ -162,7 +192,28 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One reconcile, timed, with its readiness handed to the HTTP task. A timer
+/// reconcile's changes are drift.
+async fn reconcile(ctl: &mut Controller, live: &Live, timer: bool) {
+    let started = std::time::Instant::now();
+    let result = ctl.reconcile().await;
+    let took = started.elapsed();
+    let ok = result.is_ok();
+    match result {
+        Ok(n) if timer => ctl.count_drift(n),
+        Ok(_) => {}
+        Err(e) => ctl.event_because(
+            "error",
+            "reconcile_failed",
+            format!("reconcile failed: {e:#}"),
+            None,
+        ),
+    }
+    live.reconciled(took, ok, ctl.readiness());
+}
+
 async fn handle(ctl: &mut Controller, input: Input) {
+    tracing::debug!(input = input.name(), "loop input");
     match input {
         Input::Register {
             conn,
@@ -295,6 +346,22 @@ async fn serve(conn: ConnId, sock: Arc<AttachSocket>, tx: mpsc::Sender<Input>) {
     let _ = tx.send(Input::Closed { conn }).await;
 }
 
+/// Whether a watcher event can mean new content. Opening and reading a file is an
+/// event too (inotify's IN_OPEN / IN_CLOSE_NOWRITE): reacting to those made every
+/// reload trigger the next, and discovery spun at full CPU after the first change.
+fn changes_content(kind: &notify::EventKind) -> bool {
+    use notify::EventKind;
+    matches!(
+        kind,
+        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) | EventKind::Any
+    ) || matches!(
+        kind,
+        EventKind::Access(notify::event::AccessKind::Close(
+            notify::event::AccessMode::Write
+        ))
+    )
+}
+
 /// Watches the configuration files' directories (a rename replaces the inode, and
 /// Docker configs and editors both rename).
 fn watch_config(
@@ -307,11 +374,13 @@ fn watch_config(
     let names: Vec<std::path::PathBuf> = files.to_vec();
     let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res {
-            if ev.paths.iter().any(|p| {
-                names
-                    .iter()
-                    .any(|n| p == n || p.file_name() == n.file_name())
-            }) {
+            if changes_content(&ev.kind)
+                && ev.paths.iter().any(|p| {
+                    names
+                        .iter()
+                        .any(|n| p == n || p.file_name() == n.file_name())
+                })
+            {
                 let _ = tx.try_send(Input::ConfigChanged);
             }
         }
@@ -350,6 +419,19 @@ pub fn health(settings: &Settings) -> anyhow::Result<()> {
         d.local_stacks.len(),
         d.peers.len()
     );
+    Ok(())
+}
+
+/// `vrouter-discovery status [--json]`: the status from the state files alone, so it
+/// works while discovery is down.
+pub fn status(settings: &Settings, json: bool) -> anyhow::Result<()> {
+    let dir = StateDir::open_readonly(&settings.state_dir).map_err(anyhow::Error::msg)?;
+    let status = crate::status::from_dir(&dir, None).map_err(anyhow::Error::msg)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", crate::status::render_text(&status));
+    }
     Ok(())
 }
 
@@ -444,5 +526,29 @@ pub async fn leave_mesh(settings: &Settings) -> anyhow::Result<()> {
         }
         Some((DiscoveryMessage::Refused { reason }, _)) => anyhow::bail!("{reason}"),
         other => anyhow::bail!("unexpected answer from discovery: {other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::changes_content;
+    use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
+    use notify::EventKind;
+
+    #[test]
+    fn reading_the_configuration_is_not_a_change() {
+        assert!(!changes_content(&EventKind::Access(AccessKind::Open(
+            AccessMode::Any
+        ))));
+        assert!(!changes_content(&EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        ))));
+        assert!(changes_content(&EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        ))));
+        assert!(changes_content(&EventKind::Create(CreateKind::File)));
+        assert!(changes_content(&EventKind::Modify(ModifyKind::Name(
+            RenameMode::To
+        ))));
     }
 }

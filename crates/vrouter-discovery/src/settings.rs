@@ -34,6 +34,13 @@ pub enum Command {
     /// and routes, and the state files), after the last stack is down. Refuses while a
     /// discovery is active on the state directory.
     Cleanup,
+    /// Print this host's status from the state directory (works while discovery is
+    /// down: the datapath is headless): hosts, stacks, routes, conflicts, traffic.
+    Status {
+        /// Print the status as JSON (the same document as GET /v1/status).
+        #[arg(long)]
+        json: bool,
+    },
     /// Both roles in one privileged host-network container: the router runs in a private
     /// network namespace plugged into the stack's bridge (deploy/all-in-one).
     AllInOne(crate::allinone::AllInOneArgs),
@@ -119,6 +126,15 @@ pub struct Settings {
     #[arg(long, env = "VROUTER_MAX_PREFIXES_PER_HOST", default_value_t = 64)]
     pub max_prefixes_per_host: usize,
 
+    /// Address of the HTTP endpoint (/healthz, /readyz, /metrics, /v1/status), or `off`.
+    /// Loopback by default: expose it on purpose (it has no authentication).
+    #[arg(long, env = "VROUTER_HTTP_ADDR", default_value = "127.0.0.1:9474", value_parser = parse_http_addr)]
+    pub http_addr: HttpAddr,
+
+    /// Size at which events.log is rotated to events.log.1 (one old file is kept), in bytes.
+    #[arg(long, env = "VROUTER_EVENTS_MAX_BYTES", default_value_t = vrouter_state::store::DEFAULT_EVENTS_CAP, value_parser = parse_events_cap)]
+    pub events_max_bytes: u64,
+
     /// Test-only fault switch: a file whose lines (e.g. `drop-broadcasts`) turn faults on.
     #[arg(long, env = "VROUTER_TEST_FAULTS", hide = true)]
     pub test_faults: Option<PathBuf>,
@@ -139,6 +155,29 @@ impl Settings {
 
     pub fn reconcile_interval(&self) -> Duration {
         Duration::from_millis(self.reconcile_ms.max(100))
+    }
+}
+
+/// Where the HTTP endpoint listens, if anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpAddr(pub Option<std::net::SocketAddr>);
+
+fn parse_http_addr(s: &str) -> Result<HttpAddr, String> {
+    let t = s.trim();
+    if t.is_empty() || t.eq_ignore_ascii_case("off") {
+        return Ok(HttpAddr(None));
+    }
+    t.parse().map(|a| HttpAddr(Some(a))).map_err(|_| {
+        format!("--http-addr / VROUTER_HTTP_ADDR = {s:?} is not an address:port; write it like 127.0.0.1:9474, or off")
+    })
+}
+
+fn parse_events_cap(s: &str) -> Result<u64, String> {
+    match s.trim().parse::<u64>() {
+        Ok(n) if n >= 1024 => Ok(n),
+        _ => Err(format!(
+            "--events-max-bytes / VROUTER_EVENTS_MAX_BYTES = {s:?} is not a size in bytes of at least 1024 (default 1048576)"
+        )),
     }
 }
 
@@ -179,6 +218,31 @@ mod tests {
         );
         assert!(!c.settings.vxlan_learning);
         assert!(c.settings.config.is_none());
+        assert_eq!(
+            c.settings.http_addr,
+            HttpAddr(Some("127.0.0.1:9474".parse().unwrap()))
+        );
+        assert_eq!(c.settings.events_max_bytes, 1024 * 1024);
+    }
+
+    #[test]
+    fn http_addr_and_events_cap() {
+        let c = parse(&["--http-addr", "off", "--events-max-bytes", "65536"]).unwrap();
+        assert_eq!(c.settings.http_addr, HttpAddr(None));
+        assert_eq!(c.settings.events_max_bytes, 65536);
+        let c = parse(&["--http-addr", "0.0.0.0:9100"]).unwrap();
+        assert_eq!(
+            c.settings.http_addr,
+            HttpAddr(Some("0.0.0.0:9100".parse().unwrap()))
+        );
+        let e = parse(&["--http-addr", "9474"]).unwrap_err().to_string();
+        assert!(e.contains("VROUTER_HTTP_ADDR") && e.contains("off"), "{e}");
+        let e = parse(&["--events-max-bytes", "10"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("VROUTER_EVENTS_MAX_BYTES"), "{e}");
+        let c = parse(&["status", "--json"]).unwrap();
+        assert!(matches!(c.command, Some(Command::Status { json: true })));
     }
 
     #[test]

@@ -21,28 +21,36 @@
 //! results to `probes/<stack>.json` for discovery, which withdraws a host only when
 //! both its gossip membership and its datapath are gone.
 //!
+//! Health ([`health`]): after every reconcile the router compares the kernel's routes
+//! and neighbours with routes.json and publishes the counts, the overlay link's state
+//! and the last error in its probes file; `vrouter-router healthcheck` (the image's
+//! HEALTHCHECK) makes the same comparison from its own reads. `vrouter-router status`
+//! ([`status`]) shows the probes file as a table or as JSON.
+//!
 //! Traffic statistics ([`traffic`]): per remote prefix, an nftables counter rule in
 //! each direction at the forward hook (over netlink, no `nft` binary), summed per
 //! remote stack once a second into `probes/<stack>.json`.
 //!
-//! Pure parts ([`settings`], [`desired`], [`diff`], the plan in [`traffic`]) are tested
-//! without root; [`apply`], [`link`] and [`traffic`]'s `TrafficCounters` are the only
-//! code that touches the kernel.
+//! Pure parts ([`settings`], [`desired`], [`diff`], [`health::check_routes`],
+//! [`status::view`], the plan in [`traffic`]) are tested without root; [`apply`],
+//! [`link`] and [`traffic`]'s `TrafficCounters` are the only code that touches the
+//! kernel.
 
 pub mod apply;
 pub mod attach;
 pub mod caps;
 pub mod desired;
 pub mod diff;
+pub mod health;
 pub mod link;
 pub mod overlay_probe;
 pub mod probe;
 pub mod run;
 pub mod settings;
+pub mod status;
 pub mod traffic;
 
 use settings::Settings;
-use vrouter_kernel::Kernel;
 use vrouter_state::StateDir;
 
 /// What `vrouter-router` was asked to do.
@@ -50,7 +58,11 @@ use vrouter_state::StateDir;
 pub enum Command {
     Run,
     Leave,
-    Health,
+    /// The image's HEALTHCHECK (`health` is accepted as an older name).
+    Healthcheck,
+    Status {
+        json: bool,
+    },
     Version,
     Help,
 }
@@ -58,22 +70,20 @@ pub enum Command {
 impl Command {
     /// Parses the arguments after the program name.
     pub fn parse(args: &[String]) -> Result<Command, String> {
-        match args {
-            [] => Ok(Command::Run),
-            [a] => match a.as_str() {
-                "run" => Ok(Command::Run),
-                "leave" => Ok(Command::Leave),
-                "health" => Ok(Command::Health),
-                "--version" | "-V" | "version" => Ok(Command::Version),
-                "--help" | "-h" | "help" => Ok(Command::Help),
-                other => Err(format!(
-                    "unknown argument {other:?}; use leave, health, --version or --help (settings come from the environment)"
-                )),
-            },
-            _ => Err(format!(
-                "too many arguments ({}); use one of leave, health, --version, --help (settings come from the environment)",
-                args.join(" ")
-            )),
+        const USE: &str =
+            "use leave, healthcheck, status [--json], --version or --help (settings come from the environment)";
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        match args.as_slice() {
+            [] | ["run"] => Ok(Command::Run),
+            ["leave"] => Ok(Command::Leave),
+            ["healthcheck"] | ["health"] => Ok(Command::Healthcheck),
+            ["status"] => Ok(Command::Status { json: false }),
+            ["status", "--json"] => Ok(Command::Status { json: true }),
+            ["--version" | "-V" | "version"] => Ok(Command::Version),
+            ["--help" | "-h" | "help"] => Ok(Command::Help),
+            ["status", other] => Err(format!("unknown status option {other:?}; {USE}")),
+            [other] => Err(format!("unknown argument {other:?}; {USE}")),
+            _ => Err(format!("unexpected arguments ({}); {USE}", args.join(" "))),
         }
     }
 }
@@ -101,21 +111,42 @@ pub fn main_leave(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `vrouter-router health`: Ok when the overlay link exists and is up and routes.json
-/// is readable; otherwise the reason.
-pub fn main_health(settings: Settings) -> anyhow::Result<()> {
-    runtime()?.block_on(async {
-        let name = settings.overlay_ifname();
-        let kernel = Kernel::connect().await?;
-        match kernel.link_by_name(&name).await? {
-            None => anyhow::bail!("overlay link {name} is absent (not attached by discovery yet?)"),
-            Some(l) if !l.up => anyhow::bail!("overlay link {name} is down"),
-            Some(_) => {}
+/// `vrouter-router healthcheck`: Ok when the overlay link is there and up and the
+/// kernel's routes and neighbours match routes.json; otherwise the one-line reason.
+/// Reads the kernel and routes.json itself, never the daemon's files.
+pub fn main_healthcheck(settings: Settings) -> anyhow::Result<()> {
+    let verdict = runtime()?.block_on(health::healthcheck(&settings));
+    match verdict {
+        Ok(summary) => {
+            println!("{summary}");
+            Ok(())
         }
-        let state = StateDir::open_readonly(&settings.state_dir)?;
-        state.read_routes().map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok(())
-    })
+        Err(reason) => anyhow::bail!("unhealthy: {reason}"),
+    }
+}
+
+/// `vrouter-router status [--json]`: this stack's probes file as a table or JSON.
+pub fn main_status(settings: Settings, json: bool) -> anyhow::Result<()> {
+    let state = StateDir::open_readonly(&settings.state_dir)?;
+    let Some(file) = state
+        .read_all_probes()
+        .into_iter()
+        .find(|f| f.stack == settings.stack)
+    else {
+        anyhow::bail!(
+            "no probes file for stack {} in {}: the router has not run with this state directory (check VROUTER_STACK and VROUTER_STATE_DIR)",
+            settings.stack,
+            settings.state_dir.display()
+        );
+    };
+    let routes = state.read_routes().ok();
+    let view = status::view(&file, routes.as_ref(), vrouter_state::now_ms());
+    if json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        print!("{}", status::render(&view));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -130,10 +161,17 @@ mod tests {
     fn commands() {
         assert_eq!(parse(&[]), Ok(Command::Run));
         assert_eq!(parse(&["leave"]), Ok(Command::Leave));
-        assert_eq!(parse(&["health"]), Ok(Command::Health));
+        assert_eq!(parse(&["healthcheck"]), Ok(Command::Healthcheck));
+        assert_eq!(parse(&["health"]), Ok(Command::Healthcheck));
+        assert_eq!(parse(&["status"]), Ok(Command::Status { json: false }));
+        assert_eq!(
+            parse(&["status", "--json"]),
+            Ok(Command::Status { json: true })
+        );
         assert_eq!(parse(&["--version"]), Ok(Command::Version));
         assert_eq!(parse(&["-h"]), Ok(Command::Help));
         assert!(parse(&["--stack=a"]).unwrap_err().contains("environment"));
         assert!(parse(&["leave", "now"]).is_err());
+        assert!(parse(&["status", "--yaml"]).unwrap_err().contains("--yaml"));
     }
 }

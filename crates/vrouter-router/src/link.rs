@@ -124,6 +124,8 @@ pub async fn set_stable_stack_mac(
 pub enum OverlayLink {
     Working {
         index: u32,
+        /// Its MTU: the size of the path MTU probes.
+        mtu: u32,
     },
     /// Present but unusable; the reason is for the log.
     Broken {
@@ -136,7 +138,15 @@ pub enum OverlayLink {
 impl OverlayLink {
     pub fn index(&self) -> Option<u32> {
         match self {
-            OverlayLink::Working { index } => Some(*index),
+            OverlayLink::Working { index, .. } => Some(*index),
+            _ => None,
+        }
+    }
+
+    /// The working link's MTU.
+    pub fn mtu(&self) -> Option<u32> {
+        match self {
+            OverlayLink::Working { mtu, .. } => Some(*mtu),
             _ => None,
         }
     }
@@ -168,7 +178,10 @@ pub fn judge(link: Option<&Link>, mac: Mac) -> OverlayLink {
     if !link.up {
         return broken(format!("{} is down", link.name));
     }
-    OverlayLink::Working { index: link.index }
+    OverlayLink::Working {
+        index: link.index,
+        mtu: link.mtu,
+    }
 }
 
 pub async fn overlay_link(
@@ -252,7 +265,10 @@ mod tests {
         assert_eq!(judge(None, mac), OverlayLink::Absent);
         assert_eq!(
             judge(Some(&link(Some("macvlan"), mac, true)), mac),
-            OverlayLink::Working { index: 5 }
+            OverlayLink::Working {
+                index: 5,
+                mtu: 1450
+            }
         );
         for l in [
             link(Some("macvlan"), mac, false),

@@ -3,13 +3,7 @@ use vrouter_router::settings::{Settings, HELP};
 use vrouter_router::Command;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    vrouter_state::logging::init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let command = match Command::parse(&args) {
         Ok(c) => c,
@@ -39,7 +33,8 @@ fn main() -> ExitCode {
     let result = match command {
         Command::Run => vrouter_router::main_run(settings),
         Command::Leave => vrouter_router::main_leave(settings),
-        Command::Health => vrouter_router::main_health(settings),
+        Command::Healthcheck => vrouter_router::main_healthcheck(settings),
+        Command::Status { json } => vrouter_router::main_status(settings, json),
         Command::Version | Command::Help => unreachable!("handled above"),
     };
     match result {

@@ -14,9 +14,28 @@
 //! - it writes `probes/<stack>.json` ([`ProbesFile`]) when a peer's reachability
 //!   changes or the set of peers does, and otherwise at most once per second.
 //!
-//! Wire format (17 bytes, big-endian): kind (1 = request, 2 = reply), sequence (u64),
-//! the requester's timestamp (u64, echoed unchanged). A reply is the request with the
-//! kind swapped. Anything else is ignored.
+//! Besides reachability, the table keeps per peer a smoothed round-trip time (RFC 6298's
+//! SRTT, gain 1/8) and the loss over the last [`LOSS_WINDOW`]: a request counts as lost
+//! once its reach deadline ([`REACH_INTERVALS`] intervals) passed without an answer.
+//!
+//! Path MTU check: every [`MTU_CHECK_EVERY`] (and as soon as a new peer answers), the
+//! router sends a request whose IP packet is exactly the overlay link's MTU, with DF set
+//! (the socket has IP_PMTUDISC_DO), up to [`MTU_TRIES`] times an interval apart; the
+//! peer answers with a reply of the same size. No answer while the small probes are
+//! answered means full-size packets die on the way (an MTU black hole, e.g. an underlay
+//! hop with a smaller MTU that drops instead of fragmenting), so the check fails
+//! instead of connections hanging unexplained. A local EMSGSIZE (the router's own route
+//! is smaller) fails it at once. A change is logged and written to events.log
+//! (`mtu_check_failed`, `mtu_check_ok`).
+//!
+//! The router's own health ([`HealthReport`], from the event loop through a watch
+//! channel) rides in the same file, which is written at least once a second.
+//!
+//! Wire format (big-endian): kind (1 = request, 2 = reply, 3 = full-size request,
+//! 4 = full-size reply), sequence (u64), the requester's timestamp (u64, echoed
+//! unchanged). Kinds 1 and 2 are exactly 17 bytes; kinds 3 and 4 are padded with zeros
+//! to the probed size. A reply is the request with the kind swapped. Anything else is
+//! ignored.
 //!
 //! [`ProbeTable`] is the pure part (a clock in microseconds is passed in); [`run`] owns
 //! the socket and the writes.
@@ -25,6 +44,7 @@ use crate::desired::RemoteRouter;
 use crate::traffic::TrafficReport;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,7 +52,8 @@ use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use vrouter_state::{
-    now_ms, PeerProbe, ProbesFile, StackName, StateDir, OVERLAY_PROBE_PORT, SCHEMA_VERSION,
+    now_ms, Event, MtuCheck, PeerProbe, ProbesFile, RouterHealth, StackName, StateDir,
+    OVERLAY_PROBE_PORT, SCHEMA_VERSION,
 };
 
 /// Time between requests to each peer.
@@ -45,17 +66,30 @@ pub const WRITE_EVERY: Duration = Duration::from_secs(1);
 /// Requests remembered per peer awaiting a reply; older ones are forgotten and their
 /// late replies ignored.
 pub const OUTSTANDING: usize = 16;
+/// Requests sent this long ago or less make up the loss figures.
+pub const LOSS_WINDOW: Duration = Duration::from_secs(10);
+/// Time between a peer's MTU checks (the first runs as soon as the peer answers).
+pub const MTU_CHECK_EVERY: Duration = Duration::from_secs(5);
+/// Full-size requests per check, one interval apart; one answer passes the check.
+pub const MTU_TRIES: usize = 3;
+/// IPv4 and UDP headers: a probe's IP size is its payload plus this.
+pub const IP_UDP_HEADERS: usize = 28;
 
-/// Size of every probe datagram.
+/// Size of a small probe datagram (and the least of a full-size one).
 pub const PACKET_LEN: usize = 17;
 const KIND_REQUEST: u8 = 1;
 const KIND_REPLY: u8 = 2;
+const KIND_MTU_REQUEST: u8 = 3;
+const KIND_MTU_REPLY: u8 = 4;
 
-/// A request or a reply.
+/// A request or a reply, small or full-size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Request,
     Reply,
+    /// A request padded to the probed size (the path MTU check).
+    MtuRequest,
+    MtuReply,
 }
 
 /// One probe datagram.
@@ -73,23 +107,36 @@ impl Packet {
         b[0] = match self.kind {
             Kind::Request => KIND_REQUEST,
             Kind::Reply => KIND_REPLY,
+            Kind::MtuRequest => KIND_MTU_REQUEST,
+            Kind::MtuReply => KIND_MTU_REPLY,
         };
         b[1..9].copy_from_slice(&self.seq.to_be_bytes());
         b[9..17].copy_from_slice(&self.sent_us.to_be_bytes());
         b
     }
 
-    /// None for anything but a well-formed 17-byte request or reply.
+    /// The packet padded with zeros to `len` bytes (at least [`PACKET_LEN`]): the
+    /// datagram of a full-size probe.
+    pub fn encode_padded(&self, len: usize) -> Vec<u8> {
+        let mut b = vec![0u8; len.max(PACKET_LEN)];
+        b[..PACKET_LEN].copy_from_slice(&self.encode());
+        b
+    }
+
+    /// None for anything but a well-formed datagram: a small request or reply of
+    /// exactly 17 bytes, or a full-size one of at least 17.
     pub fn decode(b: &[u8]) -> Option<Packet> {
-        let b: &[u8; PACKET_LEN] = b.try_into().ok()?;
-        let kind = match b[0] {
-            KIND_REQUEST => Kind::Request,
-            KIND_REPLY => Kind::Reply,
+        let head: &[u8; PACKET_LEN] = b.get(..PACKET_LEN)?.try_into().ok()?;
+        let kind = match head[0] {
+            KIND_REQUEST if b.len() == PACKET_LEN => Kind::Request,
+            KIND_REPLY if b.len() == PACKET_LEN => Kind::Reply,
+            KIND_MTU_REQUEST => Kind::MtuRequest,
+            KIND_MTU_REPLY => Kind::MtuReply,
             _ => return None,
         };
         let u64_at = |i: usize| {
             let mut x = [0u8; 8];
-            x.copy_from_slice(&b[i..i + 8]);
+            x.copy_from_slice(&head[i..i + 8]);
             u64::from_be_bytes(x)
         };
         Some(Packet {
@@ -99,13 +146,64 @@ impl Packet {
         })
     }
 
-    /// The answer to a request; None for a reply (replies are never answered).
+    /// The answer to a request (sent at the request's size); None for a reply
+    /// (replies are never answered).
     pub fn answer(&self) -> Option<Packet> {
-        (self.kind == Kind::Request).then_some(Packet {
-            kind: Kind::Reply,
-            ..*self
-        })
+        let kind = match self.kind {
+            Kind::Request => Kind::Reply,
+            Kind::MtuRequest => Kind::MtuReply,
+            Kind::Reply | Kind::MtuReply => return None,
+        };
+        Some(Packet { kind, ..*self })
     }
+}
+
+/// One request in the loss window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SentProbe {
+    seq: u64,
+    sent_us: u64,
+    answered_us: Option<u64>,
+}
+
+/// A finished MTU check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MtuResult {
+    size: u32,
+    ok: bool,
+    at_us: u64,
+}
+
+/// An MTU check in progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct MtuRun {
+    size: u32,
+    /// Sequences of the tries sent so far.
+    seqs: Vec<u64>,
+    last_try_us: u64,
+}
+
+/// A peer's MTU checks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct MtuState {
+    last: Option<MtuResult>,
+    running: Option<MtuRun>,
+    /// No new check starts before this.
+    next_us: u64,
+}
+
+/// A peer's MTU check finished with a result different from the one before (or its
+/// first result).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MtuChange {
+    pub peer: Ipv4Addr,
+    /// IP bytes probed.
+    pub size: u32,
+    pub ok: bool,
+    /// The previous result; None for the first check of this peer.
+    pub was: Option<bool>,
+    /// The probe could not even leave: the local route's MTU is smaller (EMSGSIZE).
+    pub local: bool,
 }
 
 /// What the table knows of one remote router.
@@ -117,10 +215,15 @@ struct PeerState {
     outstanding: VecDeque<(u64, u64)>,
     last_ok_us: Option<u64>,
     rtt_us: Option<u64>,
+    /// Smoothed RTT (RFC 6298: the first sample, then 7/8 old + 1/8 new).
+    srtt_us: Option<u64>,
     sent: u64,
     received: u64,
     /// As of the last [`ProbeTable::refresh`].
     reachable: bool,
+    /// Requests of the loss window, oldest first.
+    history: VecDeque<SentProbe>,
+    mtu: MtuState,
 }
 
 /// Per-peer probe bookkeeping. Pure: every method takes the time, in microseconds
@@ -189,9 +292,12 @@ impl ProbeTable {
                     outstanding: VecDeque::new(),
                     last_ok_us: None,
                     rtt_us: None,
+                    srtt_us: None,
                     sent: 0,
                     received: 0,
                     reachable: false,
+                    history: VecDeque::new(),
+                    mtu: MtuState::default(),
                 }
             });
         }
@@ -215,6 +321,20 @@ impl ProbeTable {
         }
         p.outstanding.push_back((seq, now_us));
         p.sent += 1;
+        // Kept until the oldest can no longer fall in the window.
+        let keep_us = duration_us(LOSS_WINDOW);
+        while p
+            .history
+            .front()
+            .is_some_and(|h| now_us.saturating_sub(h.sent_us) > keep_us)
+        {
+            p.history.pop_front();
+        }
+        p.history.push_back(SentProbe {
+            seq,
+            sent_us: now_us,
+            answered_us: None,
+        });
     }
 
     /// Takes in a reply from `from`; returns whether it answered one of our
@@ -229,10 +349,165 @@ impl ProbeTable {
         let (_, sent_us) = p.outstanding.remove(i).expect("position is in range");
         // Requests sent before this one that are still unanswered are not lost for
         // sure (reordering), so they stay until pushed out.
-        p.rtt_us = Some(now_us.saturating_sub(sent_us));
+        let rtt = now_us.saturating_sub(sent_us);
+        p.rtt_us = Some(rtt);
+        p.srtt_us = Some(p.srtt_us.map_or(rtt, |s| (7 * s + rtt) / 8));
         p.last_ok_us = Some(p.last_ok_us.map_or(now_us, |t| t.max(now_us)));
         p.received += 1;
+        if let Some(h) = p.history.iter_mut().find(|h| h.seq == seq) {
+            h.answered_us.get_or_insert(now_us);
+        }
         true
+    }
+
+    /// (decided, lost) requests of `p` sent within the loss window before `now_us`: a
+    /// request is decided once answered in time or once its reach deadline passed, and
+    /// lost if that deadline passed without an answer.
+    fn recent_loss(&self, p: &PeerState, now_us: u64) -> (u32, u32) {
+        let window_us = duration_us(LOSS_WINDOW);
+        let (mut decided, mut lost) = (0u32, 0u32);
+        for h in &p.history {
+            if now_us.saturating_sub(h.sent_us) > window_us {
+                continue;
+            }
+            let deadline = h.sent_us.saturating_add(self.reach_window_us);
+            if h.answered_us.is_some_and(|a| a <= deadline) {
+                decided += 1;
+            } else if now_us >= deadline {
+                decided += 1;
+                lost += 1;
+            }
+        }
+        (decided, lost)
+    }
+
+    /// When the earliest reachable peer turns unreachable if no answer comes first
+    /// (its last answer plus the reach window); None when no peer is reachable. The
+    /// caller refreshes then, so a silent peer is reported within the window itself,
+    /// not up to an interval later at the next tick.
+    pub fn next_expiry_us(&self) -> Option<u64> {
+        self.peers
+            .values()
+            .filter(|p| p.reachable)
+            .filter_map(|p| p.last_ok_us)
+            .map(|t| t.saturating_add(self.reach_window_us))
+            .min()
+    }
+
+    /// The full-size probes to send now for checks of `size` IP bytes: the first try
+    /// of a check for each reachable peer whose next check is due (or whose last one
+    /// probed another size), and the next try of checks under way, an interval after
+    /// the previous one. Each returned (peer, sequence) counts as sent; report a local
+    /// failure to send with [`ProbeTable::mtu_send_failed`].
+    pub fn mtu_due(&mut self, size: u32, now_us: u64) -> Vec<(Ipv4Addr, u64)> {
+        let mut out = Vec::new();
+        for (ip, p) in &mut self.peers {
+            let m = &mut p.mtu;
+            if m.running.as_ref().is_some_and(|r| r.size != size) {
+                m.running = None;
+                m.next_us = now_us;
+            }
+            match &mut m.running {
+                Some(run) => {
+                    if run.seqs.len() < MTU_TRIES
+                        && now_us.saturating_sub(run.last_try_us) >= self.interval_us
+                    {
+                        let seq = self.next_seq;
+                        self.next_seq = self.next_seq.wrapping_add(1);
+                        run.seqs.push(seq);
+                        run.last_try_us = now_us;
+                        out.push((*ip, seq));
+                    }
+                }
+                None => {
+                    let due = now_us >= m.next_us || m.last.is_some_and(|l| l.size != size);
+                    if p.reachable && due {
+                        let seq = self.next_seq;
+                        self.next_seq = self.next_seq.wrapping_add(1);
+                        m.running = Some(MtuRun {
+                            size,
+                            seqs: vec![seq],
+                            last_try_us: now_us,
+                        });
+                        out.push((*ip, seq));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Ends `peer`'s check: `ok`, or failed.
+    fn mtu_finish(
+        &mut self,
+        peer: Ipv4Addr,
+        ok: bool,
+        local: bool,
+        now_us: u64,
+    ) -> Option<MtuChange> {
+        let every_us = duration_us(MTU_CHECK_EVERY);
+        let p = self.peers.get_mut(&peer)?;
+        let run = p.mtu.running.take()?;
+        let was = p.mtu.last.map(|l| l.ok);
+        p.mtu.last = Some(MtuResult {
+            size: run.size,
+            ok,
+            at_us: now_us,
+        });
+        p.mtu.next_us = now_us.saturating_add(every_us);
+        (was != Some(ok)).then_some(MtuChange {
+            peer,
+            size: run.size,
+            ok,
+            was,
+            local,
+        })
+    }
+
+    /// Takes in a full-size reply of `size` IP bytes: it passes the peer's check if it
+    /// answers one of the check's tries at the probed size.
+    pub fn record_mtu_reply(
+        &mut self,
+        from: Ipv4Addr,
+        seq: u64,
+        size: u32,
+        now_us: u64,
+    ) -> Option<MtuChange> {
+        let run = self.peers.get(&from)?.mtu.running.as_ref()?;
+        if run.size != size || !run.seqs.contains(&seq) {
+            return None;
+        }
+        self.mtu_finish(from, true, false, now_us)
+    }
+
+    /// A full-size probe to `peer` could not leave because it is larger than the local
+    /// route allows (EMSGSIZE): the check fails at once.
+    pub fn mtu_send_failed(&mut self, peer: Ipv4Addr, now_us: u64) -> Option<MtuChange> {
+        self.mtu_finish(peer, false, true, now_us)
+    }
+
+    /// Ends the checks whose last try went unanswered for the reach window: failed if
+    /// the peer still answers small probes, else inconclusive (nothing changes; a new
+    /// check starts once the peer answers again).
+    pub fn mtu_expire(&mut self, now_us: u64) -> Vec<MtuChange> {
+        let window = self.reach_window_us;
+        let mut expired = Vec::new();
+        for (ip, p) in &mut self.peers {
+            let Some(run) = &p.mtu.running else { continue };
+            if run.seqs.len() < MTU_TRIES || now_us.saturating_sub(run.last_try_us) < window {
+                continue;
+            }
+            if p.reachable {
+                expired.push(*ip);
+            } else {
+                p.mtu.running = None;
+                p.mtu.next_us = now_us;
+            }
+        }
+        expired
+            .into_iter()
+            .filter_map(|ip| self.mtu_finish(ip, false, false, now_us))
+            .collect()
     }
 
     fn reachable_at(&self, p: &PeerState, now_us: u64) -> bool {
@@ -267,23 +542,29 @@ impl ProbeTable {
     /// The peers as the probes file shows them. `now_us` is the table's clock and
     /// `wall_ms` the wall clock at the same moment, to date the last answers.
     pub fn snapshot(&self, now_us: u64, wall_ms: u64) -> Vec<PeerProbe> {
+        let wall = |t: u64| wall_ms.saturating_sub(now_us.saturating_sub(t) / 1000);
         self.peers
             .iter()
-            .map(|(ip, p)| PeerProbe {
-                router_ip: *ip,
-                stack: p.stack.clone(),
-                host: p.host,
-                last_ok_ms: p
-                    .last_ok_us
-                    .map(|t| wall_ms.saturating_sub(now_us.saturating_sub(t) / 1000)),
-                rtt_us: p.rtt_us,
-                sent: p.sent,
-                received: p.received,
-                reachable: p.reachable,
-                srtt_us: None,
-                recent_sent: 0,
-                recent_lost: 0,
-                mtu: None,
+            .map(|(ip, p)| {
+                let (recent_sent, recent_lost) = self.recent_loss(p, now_us);
+                PeerProbe {
+                    router_ip: *ip,
+                    stack: p.stack.clone(),
+                    host: p.host,
+                    last_ok_ms: p.last_ok_us.map(wall),
+                    rtt_us: p.rtt_us,
+                    sent: p.sent,
+                    received: p.received,
+                    reachable: p.reachable,
+                    srtt_us: p.srtt_us,
+                    recent_sent,
+                    recent_lost,
+                    mtu: p.mtu.last.map(|m| MtuCheck {
+                        size: m.size,
+                        ok: m.ok,
+                        checked_ms: wall(m.at_us),
+                    }),
+                }
             })
             .collect()
     }
@@ -297,36 +578,53 @@ impl ProbeTable {
     }
 }
 
-/// When to write the probes file. Pure.
+fn duration_us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// When to write the probes file: at once after a change that matters (reachability,
+/// the peer set, an MTU result, the router's health), else once per period, peers or
+/// not (the file carries the router's health, and its age tells readers the router
+/// is alive). Pure.
 #[derive(Debug, Clone, Default)]
 pub struct WritePolicy {
     last_write_us: Option<u64>,
     /// Something changed that must be written without waiting for the period.
     urgent: bool,
-    /// The last write had no peers (then nothing is rewritten until peers appear).
-    wrote_empty: bool,
 }
 
 impl WritePolicy {
-    /// A reachability or peer-set change: write at the next chance.
+    /// A change to report: write at the next chance.
     pub fn mark_urgent(&mut self) {
         self.urgent = true;
     }
 
-    pub fn due(&self, now_us: u64, has_peers: bool, period_us: u64) -> bool {
+    /// A change waits to be written.
+    pub fn is_urgent(&self) -> bool {
+        self.urgent
+    }
+
+    pub fn due(&self, now_us: u64, period_us: u64) -> bool {
         match self.last_write_us {
             None => true,
             Some(_) if self.urgent => true,
-            Some(_) if !has_peers && self.wrote_empty => false,
             Some(t) => now_us.saturating_sub(t) >= period_us,
         }
     }
 
-    pub fn written(&mut self, now_us: u64, had_peers: bool) {
+    pub fn written(&mut self, now_us: u64) {
         self.last_write_us = Some(now_us);
         self.urgent = false;
-        self.wrote_empty = !had_peers;
     }
+}
+
+/// What the router's event loop reports to the probe task after each check of its
+/// kernel state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthReport {
+    pub health: RouterHealth,
+    /// The overlay link's MTU, the size of the full-size probes; None without a link.
+    pub overlay_mtu: Option<u32>,
 }
 
 /// What the probe task needs to know about its router.
@@ -340,9 +638,14 @@ pub struct ProbeConfig {
     pub traffic: Option<watch::Receiver<TrafficReport>>,
 }
 
-/// The probe task: answers probes, probes the remote routers in `peers`, and writes
-/// the results. Ends when `peers`' sender is dropped.
-pub async fn run(config: ProbeConfig, mut peers: watch::Receiver<BTreeSet<RemoteRouter>>) {
+/// The probe task: answers probes, probes the remote routers in `peers`, checks their
+/// path MTU at the overlay link's MTU from `health`, and writes the results with the
+/// router's health. Ends when `peers`' sender is dropped.
+pub async fn run(
+    config: ProbeConfig,
+    mut peers: watch::Receiver<BTreeSet<RemoteRouter>>,
+    mut health: watch::Receiver<Option<HealthReport>>,
+) {
     let state = match StateDir::open(&config.state_dir) {
         Ok(s) => Arc::new(s),
         Err(e) => {
@@ -364,16 +667,24 @@ pub async fn run(config: ProbeConfig, mut peers: watch::Receiver<BTreeSet<Remote
         generation,
         socket: None,
         bind_failed: false,
+        health: None,
         state,
         config,
     };
     task.table.set_peers(peers.borrow_and_update().iter());
+    task.health = health.borrow_and_update().clone();
+    let mut health_open = true;
 
     let mut interval = tokio::time::interval(task.config.interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut buf = [0u8; 64];
+    // Full-size probes can be as large as any MTU.
+    let mut buf = vec![0u8; 65536];
     loop {
         let socket = task.socket.clone();
+        let expiry = task
+            .table
+            .next_expiry_us()
+            .map(|us| origin + Duration::from_micros(us));
         tokio::select! {
             _ = interval.tick() => task.tick(clock()),
             changed = peers.changed() => {
@@ -385,10 +696,45 @@ pub async fn run(config: ProbeConfig, mut peers: watch::Receiver<BTreeSet<Remote
                     task.policy.mark_urgent();
                 }
             }
+            changed = health.changed(), if health_open => {
+                match changed {
+                    Ok(()) => {
+                        task.health = health.borrow_and_update().clone();
+                        task.policy.mark_urgent();
+                        task.maybe_write(clock());
+                    }
+                    Err(_) => health_open = false,
+                }
+            }
+            _ = sleep_until(expiry) => task.refresh(clock()),
+            // A change came while the previous write was in flight: write it as soon
+            // as that one is done, not at the next tick.
+            _ = finished(&mut task.writer), if task.policy.is_urgent() => {
+                task.writer = None;
+                task.maybe_write(clock());
+            }
             received = recv(socket.as_deref(), &mut buf) => {
                 task.on_datagram(received, &buf, clock())
             }
         }
+    }
+}
+
+/// Waits for the write in flight; never returns without one.
+async fn finished(writer: &mut Option<JoinHandle<()>>) {
+    match writer {
+        Some(w) => {
+            let _ = w.await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `at`; never returns without a time.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -411,12 +757,15 @@ struct ProbeTask {
     socket: Option<Arc<UdpSocket>>,
     /// A bind failure was logged (logged once until a bind succeeds).
     bind_failed: bool,
+    /// The router's latest report.
+    health: Option<HealthReport>,
 }
 
 impl ProbeTask {
     fn bind(&mut self) {
         let addr = SocketAddrV4::new(self.config.router_ip, OVERLAY_PROBE_PORT);
         let bound = std::net::UdpSocket::bind(addr).and_then(|s| {
+            set_dont_fragment(&s)?;
             s.set_nonblocking(true)?;
             UdpSocket::from_std(s)
         });
@@ -435,10 +784,8 @@ impl ProbeTask {
         }
     }
 
-    fn tick(&mut self, now_us: u64) {
-        if self.socket.is_none() {
-            self.bind();
-        }
+    /// Recomputes reachability, reports changes, and writes if due.
+    fn refresh(&mut self, now_us: u64) {
         for (peer, reachable) in self.table.refresh(now_us) {
             let who = self.table.describe(peer);
             if reachable {
@@ -451,7 +798,59 @@ impl ProbeTask {
             }
             self.policy.mark_urgent();
         }
+        for change in self.table.mtu_expire(now_us) {
+            self.report_mtu(change);
+        }
         self.maybe_write(now_us);
+    }
+
+    /// Logs an MTU check result that changed, and writes it to events.log unless it is
+    /// a first success (the normal case needs no event).
+    fn report_mtu(&mut self, c: MtuChange) {
+        self.policy.mark_urgent();
+        let who = self.table.describe(c.peer);
+        if c.ok {
+            tracing::info!(
+                "overlay probes: {who} answers {}-byte probes with DF (the overlay MTU)",
+                c.size
+            );
+            if c.was == Some(false) {
+                self.event(
+                    "mtu_check_ok",
+                    format!("{who} answers {}-byte probes with DF again: full-size packets pass the path", c.size),
+                );
+            }
+            return;
+        }
+        let message = if c.local {
+            format!(
+                "{who}: a {}-byte probe with DF cannot leave this router (EMSGSIZE: its route to the peer has a smaller MTU than the overlay link); full-size packets to that stack fail",
+                c.size
+            )
+        } else {
+            format!(
+                "{who} answers small probes but not {}-byte probes with DF (the overlay MTU): full-size packets are dropped on the path (an MTU black hole); every underlay hop between the hosts must carry {} bytes (the overlay MTU + 50 of VXLAN), or the underlay interface's MTU must be lowered to the smallest hop's so the overlay MTU follows",
+                c.size,
+                c.size + 50
+            )
+        };
+        tracing::warn!("overlay probes: {message}");
+        self.event("mtu_check_failed", message);
+    }
+
+    fn event(&self, kind: &str, message: String) {
+        let event = Event::new(format!("router/{}", self.config.stack), kind, message)
+            .for_stack(&self.config.stack);
+        if let Err(e) = self.state.append_event(&event) {
+            tracing::warn!(error = %e, kind, "cannot write an event");
+        }
+    }
+
+    fn tick(&mut self, now_us: u64) {
+        if self.socket.is_none() {
+            self.bind();
+        }
+        self.refresh(now_us);
         let Some(socket) = self.socket.clone() else {
             return;
         };
@@ -470,6 +869,28 @@ impl ProbeTask {
                 // No route yet, a full buffer: this round's request is lost, which
                 // is what the reachability says.
                 Err(e) => tracing::debug!(%peer, error = %e, "overlay probe not sent"),
+            }
+        }
+        let Some(size) = self.health.as_ref().and_then(|h| h.overlay_mtu) else {
+            return;
+        };
+        let payload = (size as usize).saturating_sub(IP_UDP_HEADERS);
+        for (peer, seq) in self.table.mtu_due(size, now_us) {
+            let packet = Packet {
+                kind: Kind::MtuRequest,
+                seq,
+                sent_us: now_us,
+            };
+            let to = SocketAddr::V4(SocketAddrV4::new(peer, OVERLAY_PROBE_PORT));
+            match socket.try_send_to(&packet.encode_padded(payload), to) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
+                    if let Some(change) = self.table.mtu_send_failed(peer, now_us) {
+                        self.report_mtu(change);
+                    }
+                }
+                // Counts as an unanswered try.
+                Err(e) => tracing::debug!(%peer, error = %e, "full-size probe not sent"),
             }
         }
     }
@@ -504,11 +925,25 @@ impl ProbeTask {
             return;
         };
         match packet.kind {
-            Kind::Request => {
+            Kind::Request | Kind::MtuRequest => {
                 let Some(socket) = &self.socket else { return };
                 let answer = packet.answer().expect("a request has an answer");
-                if let Err(e) = socket.try_send_to(&answer.encode(), SocketAddr::V4(from)) {
+                // The same size as the request: a full-size request is answered in full.
+                if let Err(e) = socket.try_send_to(&answer.encode_padded(len), SocketAddr::V4(from))
+                {
                     tracing::debug!(%from, error = %e, "overlay probe answer not sent");
+                }
+            }
+            Kind::MtuReply => {
+                let size = u32::try_from(len + IP_UDP_HEADERS).unwrap_or(u32::MAX);
+                if from.port() == OVERLAY_PROBE_PORT {
+                    if let Some(change) =
+                        self.table
+                            .record_mtu_reply(*from.ip(), packet.seq, size, now_us)
+                    {
+                        self.report_mtu(change);
+                        self.maybe_write(now_us);
+                    }
                 }
             }
             Kind::Reply => {
@@ -517,21 +952,10 @@ impl ProbeTask {
                     && self.table.is_reachable(*from.ip()) == Some(false)
                 {
                     // Report recovery at once rather than at the next tick.
-                    self.tick_refresh(now_us);
+                    self.refresh(now_us);
                 }
             }
         }
-    }
-
-    /// Refreshes reachability outside the tick (a first answer) and writes if due.
-    fn tick_refresh(&mut self, now_us: u64) {
-        for (peer, reachable) in self.table.refresh(now_us) {
-            if reachable {
-                tracing::info!("overlay probes: {} answers", self.table.describe(peer));
-            }
-            self.policy.mark_urgent();
-        }
-        self.maybe_write(now_us);
     }
 
     /// Writes the probes file if the policy says so and no write is in flight (then
@@ -540,17 +964,8 @@ impl ProbeTask {
         if self.writer.as_ref().is_some_and(|w| !w.is_finished()) {
             return;
         }
-        let traffic = self
-            .config
-            .traffic
-            .as_ref()
-            .map(|t| t.borrow().stacks.clone())
-            .unwrap_or_default();
-        // Counted traffic keeps the file fresh even without overlay peers (same-host
-        // stacks only).
-        let has_peers = !self.table.is_empty() || !traffic.is_empty();
-        let period_us = u64::try_from(WRITE_EVERY.as_micros()).unwrap_or(u64::MAX);
-        if !self.policy.due(now_us, has_peers, period_us) {
+        let traffic = self.config.traffic.as_ref().map(|t| t.borrow().clone());
+        if !self.policy.due(now_us, duration_us(WRITE_EVERY)) {
             return;
         }
         self.generation += 1;
@@ -562,16 +977,42 @@ impl ProbeTask {
             updated_ms: wall_ms,
             interval_ms: u64::try_from(self.config.interval.as_millis()).unwrap_or(u64::MAX),
             peers: self.table.snapshot(now_us, wall_ms),
-            health: None,
-            traffic,
+            health: self.health.as_ref().map(|h| {
+                let mut health = h.health.clone();
+                health.traffic_error = traffic.as_ref().and_then(|t| t.error.clone());
+                health
+            }),
+            traffic: traffic.map(|t| t.stacks).unwrap_or_default(),
         };
-        self.policy.written(now_us, has_peers);
+        self.policy.written(now_us);
         let state = Arc::clone(&self.state);
         self.writer = Some(tokio::task::spawn_blocking(move || {
             if let Err(e) = state.write_probes(&file) {
                 tracing::warn!(error = %e, "overlay probes: cannot write the results");
             }
         }));
+    }
+}
+
+/// Sets IP_MTU_DISCOVER to IP_PMTUDISC_DO: every datagram leaves with DF, and one
+/// larger than the route's MTU fails with EMSGSIZE instead of being fragmented, so a
+/// full-size probe tests the path at exactly its size.
+fn set_dont_fragment(socket: &std::net::UdpSocket) -> std::io::Result<()> {
+    let value: libc::c_int = libc::IP_PMTUDISC_DO;
+    // SAFETY: a valid socket descriptor, and a pointer to a c_int with its size.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -639,10 +1080,266 @@ mod tests {
         long.push(0);
         assert_eq!(Packet::decode(&long), None);
         let mut bad = b;
-        for kind in [0u8, 3, 0xff] {
+        for kind in [0u8, 5, 0xff] {
             bad[0] = kind;
             assert_eq!(Packet::decode(&bad), None);
         }
+    }
+
+    #[test]
+    fn full_size_packets_are_answered_at_their_size() {
+        let p = Packet {
+            kind: Kind::MtuRequest,
+            seq: 7,
+            sent_us: 9,
+        };
+        let wire = p.encode_padded(1450 - IP_UDP_HEADERS);
+        assert_eq!(wire.len(), 1422);
+        assert_eq!(wire[0], 3);
+        assert!(wire[PACKET_LEN..].iter().all(|&b| b == 0));
+        assert_eq!(Packet::decode(&wire), Some(p));
+        // Any length from the header up is a full-size packet.
+        assert_eq!(Packet::decode(&wire[..PACKET_LEN]), Some(p));
+        assert_eq!(Packet::decode(&wire[..PACKET_LEN - 1]), None);
+        let a = p.answer().unwrap();
+        assert_eq!(a.kind, Kind::MtuReply);
+        assert_eq!((a.seq, a.sent_us), (7, 9));
+        let reply = a.encode_padded(wire.len());
+        assert_eq!(
+            reply.len(),
+            wire.len(),
+            "the reply is as large as the request"
+        );
+        assert_eq!(reply[0], 4);
+        assert_eq!(Packet::decode(&reply).unwrap().answer(), None);
+        // Small kinds must be exactly 17 bytes: a padded small request is junk.
+        let small = Packet {
+            kind: Kind::Request,
+            ..p
+        };
+        assert_eq!(Packet::decode(&small.encode_padded(100)), None);
+    }
+
+    #[test]
+    fn smoothed_rtt_follows_rfc_6298() {
+        let mut t = table(&[router("10.2.0.254", "b", "192.168.0.2")]);
+        let b = ip("10.2.0.254");
+        let mut now = 0;
+        let mut expect = None::<u64>;
+        for rtt in [800u64, 400, 400, 1600, 400] {
+            let seq = round(&mut t, now)[0].1;
+            assert!(t.record_reply(b, seq, now + rtt));
+            // First sample as is, then 7/8 of the old plus 1/8 of the new.
+            expect = Some(expect.map_or(rtt, |s| (7 * s + rtt) / 8));
+            let p = &t.snapshot(now + rtt, 0)[0];
+            assert_eq!(p.rtt_us, Some(rtt));
+            assert_eq!(p.srtt_us, expect);
+            now += 250 * MS;
+        }
+        assert_eq!(expect, Some(764));
+    }
+
+    #[test]
+    fn loss_counts_requests_past_their_deadline_in_the_last_10s() {
+        let mut t = table(&[router("10.2.0.254", "b", "192.168.0.2")]);
+        let b = ip("10.2.0.254");
+        let loss = |t: &ProbeTable, now| {
+            let p = &t.snapshot(now, 0)[0];
+            (p.recent_sent, p.recent_lost)
+        };
+        // 40 requests over 10 s; every 4th unanswered, one answered too late.
+        let mut now = 0;
+        let mut late = None;
+        for i in 0..40u64 {
+            let seq = round(&mut t, now)[0].1;
+            match i % 4 {
+                0 => {}
+                1 if i == 5 => late = Some((seq, now)),
+                _ => assert!(t.record_reply(b, seq, now + 500)),
+            }
+            now += 250 * MS;
+        }
+        let (seq, sent) = late.unwrap();
+        // After its 750 ms deadline: lost even though it is answered (and the answer
+        // still counts for reachability).
+        assert!(t.record_reply(b, seq, sent + 800 * MS));
+        // One more, just sent: undecided, so not counted yet.
+        round(&mut t, now);
+        assert_eq!(loss(&t, now), (40, 10 + 1));
+        // 2 s later the window has slid past the first 8 (two dropped, the late one)
+        // and the last one's deadline passed.
+        assert_eq!(loss(&t, now + 2_000 * MS), (32 + 1, 8 + 1));
+        // A silent peer: everything lost.
+        for _ in 0..8 {
+            round(&mut t, now);
+            now += 250 * MS;
+        }
+        let (s, l) = loss(&t, now + 750 * MS);
+        assert!(s >= 8 && l >= 8, "{s} {l}");
+        // The history stays bounded.
+        for _ in 0..1000 {
+            round(&mut t, now);
+            now += 250 * MS;
+        }
+        assert!(
+            t.peers[&b].history.len() <= 41,
+            "{}",
+            t.peers[&b].history.len()
+        );
+    }
+
+    #[test]
+    fn expiry_is_the_earliest_reachable_peers_deadline() {
+        let mut t = table(&[
+            router("10.2.0.254", "b", "192.168.0.2"),
+            router("10.3.0.254", "c", "192.168.0.3"),
+        ]);
+        let (b, c) = (ip("10.2.0.254"), ip("10.3.0.254"));
+        assert_eq!(t.next_expiry_us(), None, "nobody reachable");
+        let sent = round(&mut t, 0);
+        t.record_reply(b, sent[0].1, 1_000);
+        t.record_reply(c, sent[1].1, 2_000);
+        assert_eq!(t.next_expiry_us(), None, "not reachable before a refresh");
+        t.refresh(2_000);
+        assert_eq!(t.next_expiry_us(), Some(1_000 + 750 * MS));
+        // Exactly at the deadline b is no longer reachable; c's deadline is next.
+        assert_eq!(t.refresh(1_000 + 750 * MS), vec![(b, false)]);
+        assert_eq!(t.next_expiry_us(), Some(2_000 + 750 * MS));
+        // Just before it, c still is.
+        assert_eq!(t.refresh(2_000 + 750 * MS - 1), vec![]);
+        assert_eq!(t.refresh(2_000 + 750 * MS), vec![(c, false)]);
+        assert_eq!(t.next_expiry_us(), None);
+    }
+
+    /// Runs the MTU state machine for one reachable peer `b`, answering small probes
+    /// every interval, and full-size ones when `answer` says so.
+    fn mtu_run(
+        t: &mut ProbeTable,
+        from: u64,
+        until: u64,
+        answer: impl Fn(u64) -> bool,
+    ) -> (Vec<(u64, MtuChange)>, usize) {
+        let b = ip("10.2.0.254");
+        let mut changes = Vec::new();
+        let mut full = 0;
+        let mut now = from;
+        while now < until {
+            for (p, seq) in round(t, now) {
+                t.record_reply(p, seq, now + 1);
+            }
+            t.refresh(now + 1);
+            changes.extend(t.mtu_expire(now).into_iter().map(|c| (now, c)));
+            for (p, seq) in t.mtu_due(1450, now) {
+                assert_eq!(p, b);
+                full += 1;
+                if answer(now) {
+                    if let Some(c) = t.record_mtu_reply(p, seq, 1450, now + 2) {
+                        changes.push((now, c));
+                    }
+                }
+            }
+            now += 250 * MS;
+        }
+        (changes, full)
+    }
+
+    #[test]
+    fn mtu_check_passes_fails_and_recovers() {
+        let mut t = table(&[router("10.2.0.254", "b", "192.168.0.2")]);
+        let b = ip("10.2.0.254");
+        // Not reachable yet: no check.
+        assert!(t.mtu_due(1450, 0).is_empty());
+
+        // The first check runs as soon as b answers, and passes at the first try.
+        let (changes, full) = mtu_run(&mut t, 0, 4_000 * MS, |_| true);
+        assert_eq!(full, 1, "one check, one try");
+        assert_eq!(changes.len(), 1);
+        assert_eq!(
+            changes[0].1,
+            MtuChange {
+                peer: b,
+                size: 1450,
+                ok: true,
+                was: None,
+                local: false
+            }
+        );
+        let m = t.snapshot(4_000 * MS, 10_000).remove(0).mtu.unwrap();
+        assert_eq!((m.size, m.ok), (1450, true));
+        // Passed 2 µs after the start, 3,999.998 ms before wall time 10,000 ms.
+        assert_eq!(m.checked_ms, 6_001);
+
+        // From 4 s the full-size probes die; the next check is due 5 s after the
+        // first: three tries an interval apart, then the reach window, then failed.
+        let (changes, full) = mtu_run(&mut t, 4_000 * MS, 11_000 * MS, |_| false);
+        assert_eq!(full, MTU_TRIES, "one failed check");
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        let (at, c) = changes[0];
+        assert_eq!((c.ok, c.was, c.local), (false, Some(true), false));
+        // Due 5 s after the first passed (at 2 µs), so the tick at 5.25 s starts it;
+        // tries at 5.25/5.5/5.75 s; failed 750 ms after the last try.
+        assert_eq!(at, 6_500 * MS);
+        assert!(!t.snapshot(at, 0)[0].mtu.as_ref().unwrap().ok);
+        assert!(t.is_reachable(b) == Some(true), "small probes still pass");
+
+        // Fixed: the next check (5 s after the failure) passes again.
+        let (changes, _) = mtu_run(&mut t, 11_000 * MS, 20_000 * MS, |_| true);
+        assert_eq!(changes.len(), 1);
+        assert_eq!((changes[0].1.ok, changes[0].1.was), (true, Some(false)));
+        assert_eq!(changes[0].0, 11_500 * MS);
+    }
+
+    #[test]
+    fn mtu_check_details() {
+        let mut t = table(&[router("10.2.0.254", "b", "192.168.0.2")]);
+        let b = ip("10.2.0.254");
+        let seq = round(&mut t, 0)[0].1;
+        t.record_reply(b, seq, 1);
+        t.refresh(1);
+        let tries = t.mtu_due(1450, 0);
+        assert_eq!(tries.len(), 1);
+        // Nothing more until an interval passed.
+        assert!(t.mtu_due(1450, 100 * MS).is_empty());
+        // A reply of another size or sequence does not pass it.
+        assert_eq!(t.record_mtu_reply(b, tries[0].1, 1400, 10), None);
+        assert_eq!(t.record_mtu_reply(b, tries[0].1 + 99, 1450, 10), None);
+        assert_eq!(
+            t.record_mtu_reply(ip("10.9.9.9"), tries[0].1, 1450, 10),
+            None
+        );
+        // A local EMSGSIZE fails it at once.
+        let c = t.mtu_send_failed(b, 20).unwrap();
+        assert_eq!((c.ok, c.local, c.was), (false, true, None));
+        assert_eq!(t.mtu_send_failed(b, 21), None, "no check under way");
+        assert!(t.mtu_due(1450, 1_000 * MS).is_empty(), "next one in 5 s");
+        // The overlay MTU changed: a check at the new size starts at once.
+        let again = t.mtu_due(1400, 1_000 * MS);
+        assert_eq!(again.len(), 1);
+        // ... and passes; a late reply to the old check is ignored.
+        assert_eq!(t.record_mtu_reply(b, tries[0].1, 1450, 1_000 * MS), None);
+        let c = t
+            .record_mtu_reply(b, again[0].1, 1400, 1_000 * MS + 5)
+            .unwrap();
+        assert_eq!((c.ok, c.size, c.was), (true, 1400, Some(false)));
+
+        // A check that ends while small probes fail too says nothing.
+        let mut now = 7_000 * MS;
+        let seq = round(&mut t, now)[0].1;
+        t.record_reply(b, seq, now + 1);
+        t.refresh(now + 1);
+        assert_eq!(t.mtu_due(1400, now).len(), 1);
+        for _ in 0..8 {
+            now += 250 * MS;
+            round(&mut t, now);
+            t.refresh(now);
+            t.mtu_due(1400, now);
+            assert_eq!(t.mtu_expire(now), vec![]);
+        }
+        assert_eq!(t.is_reachable(b), Some(false));
+        let m = t.snapshot(now, 0)[0].mtu.clone().unwrap();
+        assert!(m.ok, "still the last conclusive result");
+        assert!(t.peers[&b].mtu.running.is_none(), "abandoned");
+        assert!(t.mtu_due(1400, now).is_empty(), "not while unreachable");
     }
 
     #[test]
@@ -678,8 +1375,8 @@ mod tests {
                 sent: 1,
                 received: 1,
                 reachable: true,
-                srtt_us: None,
-                recent_sent: 0,
+                srtt_us: Some(420),
+                recent_sent: 1,
                 recent_lost: 0,
                 mtu: None,
             }]
@@ -799,8 +1496,24 @@ mod tests {
             router("127.77.0.3", "dead", "192.168.0.3"),
         ]));
         let (b_tx, b_rx) = watch::channel(BTreeSet::new());
-        let a = tokio::spawn(run(config("a", a_ip), a_rx));
-        let b = tokio::spawn(run(config("b", b_ip), b_rx));
+        // Loopback's MTU is 65536: probe at 1400, an overlay MTU.
+        let report = |installed| {
+            Some(HealthReport {
+                health: RouterHealth {
+                    routes_desired: 2,
+                    routes_installed: installed,
+                    drift_repaired: 0,
+                    overlay_link_up: true,
+                    last_error: None,
+                    traffic_error: None,
+                },
+                overlay_mtu: Some(1400),
+            })
+        };
+        let (a_health, a_health_rx) = watch::channel(report(2));
+        let (_b_health, b_health_rx) = watch::channel(None);
+        let a = tokio::spawn(run(config("a", a_ip), a_rx, a_health_rx));
+        let b = tokio::spawn(run(config("b", b_ip), b_rx, b_health_rx));
         // b learns of a later, as after a routes.json change.
         b_tx.send_replace(BTreeSet::from([router("127.77.0.1", "a", "192.168.0.1")]));
 
@@ -820,7 +1533,15 @@ mod tests {
                         .iter()
                         .any(|p| p.router_ip == dead_ip && p.sent >= 5)
             });
-            if reachable("a", b_ip) && reachable("b", a_ip) && dead_probed {
+            // b answers the full-size probes at the full size.
+            let mtu_ok = files.iter().any(|f| {
+                f.stack.as_str() == "a"
+                    && f.peers.iter().any(|p| {
+                        p.router_ip == b_ip
+                            && p.mtu.as_ref().is_some_and(|m| m.ok && m.size == 1400)
+                    })
+            });
+            if reachable("a", b_ip) && reachable("b", a_ip) && dead_probed && mtu_ok {
                 break files;
             }
             assert!(
@@ -834,8 +1555,30 @@ mod tests {
         let pb = fa.peers.iter().find(|p| p.router_ip == b_ip).unwrap();
         assert_eq!(pb.host, ip("192.168.0.2"));
         assert!(pb.received > 0 && pb.rtt_us.is_some() && pb.last_ok_ms.is_some());
+        assert!(pb.srtt_us.is_some() && pb.recent_sent > 0);
         let pd = fa.peers.iter().find(|p| p.router_ip == dead_ip).unwrap();
         assert!(!pd.reachable && pd.received == 0 && pd.last_ok_ms.is_none());
+        assert!(pd.recent_lost > 0 && pd.recent_lost == pd.recent_sent);
+        assert_eq!(pd.mtu, None, "no MTU check without small answers");
+        // The router's health is in the file; b, with none reported, writes none.
+        assert_eq!(fa.health, report(2).map(|r| r.health));
+        let fb = files.iter().find(|f| f.stack.as_str() == "b").unwrap();
+        assert_eq!(fb.health, None);
+
+        // A health change is written at once.
+        a_health.send_replace(report(1));
+        loop {
+            let fa = state
+                .read_all_probes()
+                .into_iter()
+                .find(|f| f.stack.as_str() == "a")
+                .unwrap();
+            if fa.health.as_ref().is_some_and(|h| h.routes_installed == 1) {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{fa:#?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
 
         // A peer leaves the routes: it leaves the file.
         a_tx.send_replace(BTreeSet::from([router("127.77.0.2", "b", "192.168.0.2")]));
@@ -853,7 +1596,7 @@ mod tests {
         }
 
         // The tasks end with their senders.
-        drop((a_tx, b_tx));
+        drop((a_tx, b_tx, a_health));
         a.await.unwrap();
         b.await.unwrap();
         let _ = std::fs::remove_dir_all(&dir);
@@ -869,7 +1612,7 @@ mod tests {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let report = |bytes| TrafficReport {
+        let report = |bytes, error: Option<&str>| TrafficReport {
             stacks: vec![vrouter_state::StackTraffic {
                 stack: StackName::new("c").unwrap(),
                 tx_bytes: bytes,
@@ -877,10 +1620,21 @@ mod tests {
                 rx_bytes: 0,
                 rx_packets: 0,
             }],
-            error: None,
+            error: error.map(str::to_string),
         };
-        let (traffic_tx, traffic_rx) = watch::channel(report(100));
+        let (traffic_tx, traffic_rx) = watch::channel(report(100, None));
         let (peers_tx, peers_rx) = watch::channel(BTreeSet::new());
+        let (_health_tx, health_rx) = watch::channel(Some(HealthReport {
+            health: RouterHealth {
+                routes_desired: 0,
+                routes_installed: 0,
+                drift_repaired: 0,
+                overlay_link_up: true,
+                last_error: None,
+                traffic_error: None,
+            },
+            overlay_mtu: Some(1400),
+        }));
         let config = ProbeConfig {
             stack: StackName::new("a").unwrap(),
             router_ip: ip("127.77.1.1"),
@@ -888,17 +1642,18 @@ mod tests {
             interval: Duration::from_millis(50),
             traffic: Some(traffic_rx),
         };
-        let task = tokio::spawn(run(config, peers_rx));
+        let task = tokio::spawn(run(config, peers_rx, health_rx));
         let state = StateDir::open_readonly(&dir).unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        for bytes in [100, 5000] {
-            traffic_tx.send_replace(report(bytes));
+        // The counters go into the file, and the counting error into its health.
+        for (bytes, error) in [(100, None), (5000, Some("no nf_tables"))] {
+            traffic_tx.send_replace(report(bytes, error));
             loop {
                 let file = state.read_all_probes().into_iter().next();
-                if file
-                    .as_ref()
-                    .is_some_and(|f| f.traffic == report(bytes).stacks)
-                {
+                if file.as_ref().is_some_and(|f| {
+                    f.traffic == report(bytes, error).stacks
+                        && f.health.as_ref().map(|h| h.traffic_error.as_deref()) == Some(error)
+                }) {
                     break;
                 }
                 assert!(tokio::time::Instant::now() < deadline, "{file:#?}");
@@ -914,17 +1669,18 @@ mod tests {
     fn write_policy() {
         let period = 1_000 * MS;
         let mut w = WritePolicy::default();
-        assert!(w.due(0, false, period), "first write");
-        w.written(0, true);
-        assert!(!w.due(500 * MS, true, period));
-        assert!(w.due(1_000 * MS, true, period), "counters, once per period");
+        assert!(w.due(0, period), "first write");
+        w.written(0);
+        assert!(!w.due(500 * MS, period));
+        assert!(
+            w.due(1_000 * MS, period),
+            "counters and health, once per period"
+        );
         w.mark_urgent();
-        assert!(w.due(500 * MS, true, period), "a change is written at once");
-        w.written(500 * MS, false);
-        // Without peers the empty file is written once, then left alone.
-        assert!(!w.due(10_000 * MS, false, period));
-        assert!(w.due(10_000 * MS, true, period));
-        w.mark_urgent();
-        assert!(w.due(10_000 * MS, false, period));
+        assert!(w.due(500 * MS, period), "a change is written at once");
+        w.written(500 * MS);
+        assert!(!w.due(1_400 * MS, period));
+        // Peers or not: the file carries the router's health and shows it is alive.
+        assert!(w.due(1_500 * MS, period));
     }
 }

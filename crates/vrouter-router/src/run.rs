@@ -5,8 +5,9 @@ use crate::apply;
 use crate::attach::{self, DiscoveryConn, Phase, RECONNECT_MIN, REFUSED_RETRY, REPLY_TIMEOUT};
 use crate::desired::{Intent, ProbePath, RemoteRouter, RoutingState, SameHostPeer, MAIN_TABLE};
 use crate::diff::diff;
+use crate::health::{check_routes, RouteCheck};
 use crate::link::{self, OverlayLink, Surroundings};
-use crate::overlay_probe::{self, ProbeConfig};
+use crate::overlay_probe::{self, HealthReport, ProbeConfig};
 use crate::probe::{self, ProbeResult, ProbeTracker, PROBE_INTERVAL};
 use crate::settings::Settings;
 use crate::traffic::{self, TrafficCounters};
@@ -18,7 +19,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 use vrouter_kernel::Kernel;
 use vrouter_state::attach::DiscoveryMessage;
-use vrouter_state::{Event, Mac, StackSpec, StateDir, ROUTES_FILE};
+use vrouter_state::{Event, Mac, RouterHealth, StackSpec, StateDir, ROUTES_FILE};
 
 /// Why a reconcile runs; only the timer finds drift (the others bring new intent).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,8 +43,13 @@ pub struct Router {
     discovery: DiscoveryConn,
     /// The routing state last applied in full, to tell drift from new intent.
     applied: Option<RoutingState>,
+    /// Routes, neighbours and rules found wrong or missing and repaired, since start.
     drift_repairs: u64,
     last_apply_error: Option<String>,
+    /// Why routes.json could not be read at the last try (the last good state stays).
+    routes_error: Option<String>,
+    /// The router's health, for the probes file.
+    health: watch::Sender<Option<HealthReport>>,
     last_overlay: Option<OverlayLink>,
     probes: ProbeTracker,
     peers: watch::Sender<BTreeSet<SameHostPeer>>,
@@ -110,17 +116,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let (probe_tx, mut probe_rx) = mpsc::channel::<ProbeResult>(64);
     tokio::spawn(probe_loop(spec.router_ip, peers_rx, probe_tx));
     let (remote_tx, remote_rx) = watch::channel(BTreeSet::new());
+    let (health_tx, health_rx) = watch::channel(None);
     let (traffic, traffic_rx) = TrafficCounters::new();
-    tokio::spawn(overlay_probe::run(
-        ProbeConfig {
-            stack: spec.name.clone(),
-            router_ip: spec.router_ip,
-            state_dir: settings.state_dir.clone(),
-            interval: overlay_probe::PROBE_INTERVAL,
-            traffic: Some(traffic_rx),
-        },
-        remote_rx,
-    ));
+    let probe_config = ProbeConfig {
+        stack: spec.name.clone(),
+        router_ip: spec.router_ip,
+        state_dir: settings.state_dir.clone(),
+        interval: overlay_probe::PROBE_INTERVAL,
+        traffic: Some(traffic_rx),
+    };
 
     let mut router = Router {
         source: format!("router/{}", spec.name),
@@ -136,6 +140,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         applied: None,
         drift_repairs: 0,
         last_apply_error: None,
+        routes_error: None,
+        health: health_tx,
         last_overlay: None,
         probes: ProbeTracker::default(),
         peers: peers_tx,
@@ -151,6 +157,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     traffic_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     router.reconcile(Trigger::Start).await;
+    // After the first reconcile, so the probes file carries the health from its first
+    // write on.
+    tokio::spawn(overlay_probe::run(probe_config, remote_rx, health_rx));
     loop {
         let socket = router.discovery.socket.clone();
         let connected = socket.is_some();
@@ -288,8 +297,8 @@ impl Router {
         };
         if self.last_overlay.as_ref() != Some(&now) {
             match &now {
-                OverlayLink::Working { index } => {
-                    tracing::info!(link = %self.overlay_name, index, "overlay link is working")
+                OverlayLink::Working { index, mtu } => {
+                    tracing::info!(link = %self.overlay_name, index, mtu, "overlay link is working")
                 }
                 OverlayLink::Broken { reason, .. } => {
                     tracing::warn!(link = %self.overlay_name, %reason, "overlay link is not usable")
@@ -413,6 +422,10 @@ impl Router {
     /// Reads routes.json into `self.intent`, reporting problems once.
     fn read_intent(&mut self) {
         let read = self.state.read_routes();
+        self.routes_error = read
+            .as_ref()
+            .err()
+            .map(|e| format!("{e}; the last good routes stay in force"));
         for (kind, message) in self.intent.absorb(&self.spec, read) {
             tracing::warn!("{message}");
             self.event(kind, message);
@@ -429,7 +442,8 @@ impl Router {
     }
 
     async fn reconcile_routes(&mut self, trigger: Trigger) {
-        let overlay = self.overlay().await.index();
+        let link = self.overlay().await;
+        let overlay = link.index();
         let known = self.intent.last_good.as_ref();
         let desired = known
             .cloned()
@@ -439,6 +453,12 @@ impl Router {
             Ok(o) => o,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot dump the routing state");
+                self.publish_health(
+                    &link,
+                    None,
+                    Some(format!("cannot dump the routing state: {e}")),
+                )
+                .await;
                 return;
             }
         };
@@ -452,7 +472,7 @@ impl Router {
         if !plan.is_empty() {
             let drift = trigger == Trigger::Timer && self.applied.as_ref() == Some(&desired);
             if drift {
-                self.drift_repairs += 1;
+                self.drift_repairs += plan.len() as u64;
                 tracing::warn!(
                     changes = plan.len(),
                     repairs = self.drift_repairs,
@@ -478,10 +498,15 @@ impl Router {
                 }
                 self.applied = None;
                 self.update_peers(false);
+                let error = self.last_apply_error.clone();
+                self.publish_health(&link, None, error).await;
                 return;
             }
         }
         self.last_apply_error = None;
+        // Unchanged, the dump is still the kernel's state; else dump again.
+        let after = plan.is_empty().then_some(observed);
+        self.publish_health(&link, after, None).await;
         self.applied = Some(desired);
         self.update_peers(true);
         if let (true, Some(_), Some(d)) = (self.intent.listed, overlay, &self.intent.last_good) {
@@ -490,6 +515,50 @@ impl Router {
                 self.discovery.disconnect_for(RECONNECT_MIN);
             }
         }
+    }
+
+    /// Compares the kernel (`observed`, or a fresh dump) with routes.json's routes and
+    /// hands the result to the probe task, which writes it into the probes file.
+    async fn publish_health(
+        &mut self,
+        link: &OverlayLink,
+        observed: Option<RoutingState>,
+        error: Option<String>,
+    ) {
+        let desired = self.intent.last_good.clone().unwrap_or_default();
+        let observed = match observed {
+            Some(o) => Ok(o),
+            None => apply::observe(&self.kernel, link.index()).await,
+        };
+        let (check, error) = match observed {
+            Ok(o) => (check_routes(&desired, link.index(), &o), error),
+            Err(e) => (
+                RouteCheck {
+                    desired: u32::try_from(desired.routes.len()).unwrap_or(u32::MAX),
+                    ..RouteCheck::default()
+                },
+                error.or(Some(format!("cannot dump the routing state: {e}"))),
+            ),
+        };
+        let report = HealthReport {
+            health: RouterHealth {
+                routes_desired: check.desired,
+                routes_installed: check.installed,
+                drift_repaired: self.drift_repairs,
+                overlay_link_up: link.index().is_some(),
+                last_error: error.or_else(|| self.routes_error.clone()),
+                traffic_error: None,
+            },
+            overlay_mtu: link.mtu(),
+        };
+        self.health.send_if_modified(|current| {
+            if current.as_ref() != Some(&report) {
+                *current = Some(report);
+                true
+            } else {
+                false
+            }
+        });
     }
 
     /// Hands the probe loop the peers to probe: only once the probe rule is in place,

@@ -24,8 +24,14 @@ vrouter-router: the data plane of one compose stack (docker-vrouter)
 USAGE:
     vrouter-router            run the router (in the stack's network namespace)
     vrouter-router leave      withdraw this stack from the mesh now, then exit
-    vrouter-router health     exit 0 if the overlay link is up and routes.json is
-                              readable, else print why and exit 1 (HEALTHCHECK)
+    vrouter-router healthcheck
+                              exit 0 if the overlay link is up and the kernel's
+                              routes match routes.json, else print why and exit 1
+                              (the image's HEALTHCHECK; `health` is an alias)
+    vrouter-router status [--json]
+                              this stack's overlay link, routes, and each remote
+                              router's reachability, RTT, loss, MTU check and
+                              traffic (from probes/<stack>.json)
     vrouter-router --version  print the version
     vrouter-router --help     print this text
 

@@ -2,6 +2,7 @@
 //! domain types, the files' schema, their atomic locked I/O, and the attach protocol.
 
 pub mod attach;
+pub mod logging;
 pub mod probes;
 pub mod schema;
 pub mod store;

@@ -120,6 +120,10 @@ pub struct Refusal {
     pub stack: StackName,
     pub prefix: Option<Prefix>,
     pub reason: String,
+    /// Machine-readable cause: "prefix_cap", "name_clash", "own_address",
+    /// "duplicate_stack", "default_route", "host_network" or "overlap".
+    #[serde(default)]
+    pub code: String,
 }
 
 /// routes.json: for each local stack, the remote routes its router must install.
@@ -162,6 +166,11 @@ pub struct Event {
     /// Short machine-readable kind, e.g. "peer_joined", "route_withdrawn",
     /// "conflict_refused", "same_host_blocked", "state_unreadable", "error".
     pub kind: String,
+    /// Short machine-readable cause, e.g. "overlap" for a refusal, "fdb_row_missing"
+    /// for a withdrawn route, "reconcile_failed" for an error. Events without a more
+    /// specific cause carry their kind. Absent in lines written by older versions.
+    #[serde(default)]
+    pub reason: String,
     /// One line for an operator: what happened and, for problems, the fix.
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -174,13 +183,21 @@ impl Event {
         kind: impl Into<String>,
         message: impl Into<String>,
     ) -> Event {
+        let kind = kind.into();
         Event {
             ts_ms: now_ms(),
             source: source.into(),
-            kind: kind.into(),
+            reason: kind.clone(),
+            kind,
             message: message.into(),
             stack: None,
         }
+    }
+
+    /// Sets the machine-readable cause (the kind by default).
+    pub fn because(mut self, reason: impl Into<String>) -> Event {
+        self.reason = reason.into();
+        self
     }
 
     pub fn for_stack(mut self, stack: &StackName) -> Event {

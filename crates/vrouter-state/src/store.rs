@@ -184,6 +184,17 @@ impl StateDir {
     /// because mode bits do not reveal a read-only bind mount.
     pub fn open(path: &Path) -> Result<StateDir, StateError> {
         let dir = StateDir::open_readonly(path)?;
+        dir.check_writable()?;
+        Ok(StateDir {
+            writable: true,
+            ..dir
+        })
+    }
+
+    /// Proves the directory writable now by creating and removing a probe file (mode
+    /// bits do not reveal a read-only bind mount or missing capabilities).
+    pub fn check_writable(&self) -> Result<(), StateError> {
+        let path = &self.path;
         let probe = path.join(format!(
             ".probe.{}.{}",
             std::process::id(),
@@ -208,10 +219,7 @@ impl StateDir {
                 })
             }
         }
-        Ok(StateDir {
-            writable: true,
-            ..dir
-        })
+        Ok(())
     }
 
     /// Opens the directory for reading only (a healthcheck, a status command). It

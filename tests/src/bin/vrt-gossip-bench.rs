@@ -80,7 +80,7 @@ fn bench(quick: bool) -> anyhow::Result<serde_json::Value> {
     eprintln!("gossip-bench: idle traffic per node mean {idle_mean:.2} kbit/s, max {idle_max:.2}");
 
     // Join convergence: a new stack on host k, pinged from a service on another host.
-    let joins = if quick { 3 } else { 6 };
+    let joins = if quick { 3 } else { 10 };
     let mut join_ms = Vec::new();
     for i in 0..joins {
         let host = 1 + (i * 3) % N;
@@ -107,7 +107,7 @@ fn bench(quick: bool) -> anyhow::Result<serde_json::Value> {
     }
 
     // Failure detection: cut a host off, wait until every other host withdrew it.
-    let rounds = if quick { 4 } else { 12 };
+    let rounds = if quick { 4 } else { 20 };
     let mut detect_ms = Vec::new();
     for i in 0..rounds {
         let victim = 2 + i % (N - 1);

@@ -1,0 +1,343 @@
+//! `/metrics`: the [`Status`] rendered as Prometheus text (OpenMetrics exposition,
+//! through the prometheus-client crate). A fresh registry per scrape, filled from the
+//! status, so the numbers are the ones `/v1/status` shows; only the reconcile-duration
+//! histogram lives across scrapes, in the daemon.
+
+use crate::status::Status;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+use std::sync::atomic::AtomicU64;
+
+/// The content type of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+type Labels = Vec<(String, String)>;
+type GaugeF = Gauge<f64, AtomicU64>;
+
+/// The reconcile-duration histogram: 1 ms to about 16 s.
+pub fn reconcile_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+fn l(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Renders the status (and, in the daemon, the reconcile histogram).
+pub fn render(s: &Status, reconcile: Option<&Histogram>) -> String {
+    let mut reg = Registry::default();
+
+    let peers = Family::<Labels, Gauge>::default();
+    for (state, n) in &s.peers_by_state {
+        peers.get_or_create(&l(&[("state", state)])).set(*n as i64);
+    }
+    reg.register("vrouter_peers", "Remote hosts by state", peers);
+
+    let tunnels = Gauge::<i64>::default();
+    tunnels.set(s.tunnels as i64);
+    reg.register(
+        "vrouter_tunnels",
+        "VXLAN tunnels: (VNI, remote host) pairs carrying published routes",
+        tunnels,
+    );
+
+    let desired = Family::<Labels, Gauge>::default();
+    let installed = Family::<Labels, Gauge>::default();
+    let router_drift = Family::<Labels, Counter>::default();
+    for r in &s.routes {
+        let stack = l(&[("stack", r.stack.as_str())]);
+        desired.get_or_create(&stack).set(r.desired as i64);
+        if let Some(i) = r.installed {
+            installed.get_or_create(&stack).set(i as i64);
+        }
+        if let Some(d) = r.router_drift_repaired {
+            router_drift
+                .get_or_create(&l(&[("component", "router"), ("stack", r.stack.as_str())]))
+                .inc_by(d);
+        }
+    }
+    reg.register(
+        "vrouter_routes_desired",
+        "Remote routes routes.json gives each local stack",
+        desired,
+    );
+    reg.register(
+        "vrouter_routes_installed",
+        "Remote routes installed in each local router's namespace, as the router reports",
+        installed,
+    );
+    router_drift
+        .get_or_create(&l(&[("component", "discovery")]))
+        .inc_by(s.drift_repairs);
+    reg.register(
+        "vrouter_drift_repairs",
+        "Kernel entries found drifted and repaired (discovery's host state, each router's namespace)",
+        router_drift,
+    );
+
+    if let Some(g) = &s.gossip {
+        let packets = Family::<Labels, Counter>::default();
+        packets
+            .get_or_create(&l(&[("direction", "in")]))
+            .inc_by(g.packets_in);
+        packets
+            .get_or_create(&l(&[("direction", "out")]))
+            .inc_by(g.packets_out);
+        reg.register("vrouter_gossip_packets", "Gossip packets", packets);
+        let bytes = Family::<Labels, Counter>::default();
+        bytes
+            .get_or_create(&l(&[("direction", "in")]))
+            .inc_by(g.bytes_in);
+        bytes
+            .get_or_create(&l(&[("direction", "out")]))
+            .inc_by(g.bytes_out);
+        reg.register("vrouter_gossip_bytes", "Gossip bytes (sealed)", bytes);
+        let rejected = Family::<Labels, Counter>::default();
+        for (reason, n) in &g.rejected {
+            rejected.get_or_create(&l(&[("reason", reason)])).inc_by(*n);
+        }
+        reg.register(
+            "vrouter_gossip_rejected",
+            "Gossip packets dropped, by reason",
+            rejected,
+        );
+    }
+
+    let refused = Gauge::<i64>::default();
+    refused.set(s.refused.len() as i64);
+    reg.register(
+        "vrouter_refused_prefixes",
+        "Prefixes or stacks refused (overlap, default route, host network, name clash, cap)",
+        refused,
+    );
+
+    let bytes = Family::<Labels, Counter>::default();
+    let packets = Family::<Labels, Counter>::default();
+    let rtt = Family::<Labels, GaugeF>::default();
+    let loss = Family::<Labels, GaugeF>::default();
+    let reachable = Family::<Labels, Gauge>::default();
+    let mtu_ok = Family::<Labels, Gauge>::default();
+    for t in &s.traffic {
+        let pair = [
+            ("local_stack", t.local_stack.as_str()),
+            ("remote_stack", t.remote_stack.as_str()),
+        ];
+        for (dir, b, p) in [
+            ("tx", t.tx_bytes, t.tx_packets),
+            ("rx", t.rx_bytes, t.rx_packets),
+        ] {
+            let mut labels = l(&pair);
+            labels.push(("direction".into(), dir.into()));
+            if let Some(b) = b {
+                bytes.get_or_create(&labels).inc_by(b);
+            }
+            if let Some(p) = p {
+                packets.get_or_create(&labels).inc_by(p);
+            }
+        }
+        let labels = l(&pair);
+        if let Some(us) = t.rtt_us {
+            rtt.get_or_create(&labels).set(us as f64 / 1e6);
+        }
+        if let Some(x) = t.loss {
+            loss.get_or_create(&labels).set(x);
+        }
+        reachable.get_or_create(&labels).set(i64::from(t.reachable));
+        if let Some(ok) = t.mtu_ok {
+            mtu_ok.get_or_create(&labels).set(i64::from(ok));
+        }
+    }
+    reg.register(
+        "vrouter_stack_traffic_bytes",
+        "IP bytes forwarded between a local and a remote stack (tx: toward the remote stack)",
+        bytes,
+    );
+    reg.register(
+        "vrouter_stack_traffic_packets",
+        "Packets forwarded between a local and a remote stack (tx: toward the remote stack)",
+        packets,
+    );
+    reg.register(
+        "vrouter_peer_rtt_seconds",
+        "Smoothed overlay probe round-trip time to a remote stack's router",
+        rtt,
+    );
+    reg.register(
+        "vrouter_peer_loss_ratio",
+        "Recent overlay probe loss to a remote stack's router (0..1)",
+        loss,
+    );
+    reg.register(
+        "vrouter_peer_reachable",
+        "1 if the remote stack's router answered overlay probes recently",
+        reachable,
+    );
+    reg.register(
+        "vrouter_peer_mtu_ok",
+        "1 if a probe of the full overlay MTU passed at the last path-MTU check",
+        mtu_ok,
+    );
+
+    if let Some(live) = &s.live {
+        let ready = Gauge::<i64>::default();
+        ready.set(i64::from(live.ready));
+        reg.register(
+            "vrouter_ready",
+            "1 when /readyz answers 200: datapath programmed and state files current",
+            ready,
+        );
+        let runs = Family::<Labels, Counter>::default();
+        runs.get_or_create(&l(&[("result", "ok")]))
+            .inc_by(live.reconciles.saturating_sub(live.reconcile_errors));
+        runs.get_or_create(&l(&[("result", "error")]))
+            .inc_by(live.reconcile_errors);
+        reg.register("vrouter_reconciles", "Reconciles run, by result", runs);
+    }
+    if let Some(h) = reconcile {
+        reg.register_with_unit(
+            "vrouter_reconcile_duration",
+            "Duration of one reconcile",
+            Unit::Seconds,
+            h.clone(),
+        );
+    }
+
+    let mut out = String::new();
+    encode(&mut out, &reg).expect("writing to a String cannot fail");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::tests::{discovery, probes, routes, NOW};
+    use crate::status::{build, LiveFacts};
+
+    /// The value of one series, by its exact name and labels as rendered.
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map(|v| v.parse().unwrap())
+    }
+
+    #[test]
+    fn every_metric_from_hand_made_files() {
+        let live = LiveFacts {
+            ready: true,
+            not_ready: vec![],
+            reconciles: 7,
+            reconcile_errors: 2,
+            last_reconcile_ms: Some(1.5),
+        };
+        let s = build(&discovery(), Some(&routes()), &probes(), Some(live), NOW);
+        let h = reconcile_histogram();
+        h.observe(0.004);
+        h.observe(0.020);
+        let text = render(&s, Some(&h));
+        let expect = [
+            (r#"vrouter_peers{state="static"}"#, 1.0),
+            (r#"vrouter_peers{state="down"}"#, 1.0),
+            (r#"vrouter_peers{state="left"}"#, 1.0),
+            (r#"vrouter_peers{state="alive"}"#, 0.0),
+            ("vrouter_tunnels", 2.0),
+            (r#"vrouter_routes_desired{stack="a"}"#, 3.0),
+            (r#"vrouter_routes_desired{stack="c"}"#, 2.0),
+            (r#"vrouter_routes_installed{stack="a"}"#, 2.0),
+            (r#"vrouter_drift_repairs_total{component="discovery"}"#, 3.0),
+            (
+                r#"vrouter_drift_repairs_total{component="router",stack="a"}"#,
+                6.0,
+            ),
+            (r#"vrouter_gossip_packets_total{direction="in"}"#, 100.0),
+            (r#"vrouter_gossip_packets_total{direction="out"}"#, 120.0),
+            (r#"vrouter_gossip_bytes_total{direction="out"}"#, 12_000.0),
+            (r#"vrouter_gossip_rejected_total{reason="bad_key"}"#, 5.0),
+            (r#"vrouter_gossip_rejected_total{reason="malformed"}"#, 1.0),
+            ("vrouter_refused_prefixes", 1.0),
+            (
+                r#"vrouter_stack_traffic_bytes_total{local_stack="a",remote_stack="b",direction="tx"}"#,
+                1_000.0,
+            ),
+            (
+                r#"vrouter_stack_traffic_bytes_total{local_stack="a",remote_stack="b",direction="rx"}"#,
+                2_000.0,
+            ),
+            (
+                r#"vrouter_stack_traffic_packets_total{local_stack="a",remote_stack="b",direction="rx"}"#,
+                20.0,
+            ),
+            (
+                r#"vrouter_peer_rtt_seconds{local_stack="a",remote_stack="b"}"#,
+                0.0008,
+            ),
+            (
+                r#"vrouter_peer_loss_ratio{local_stack="a",remote_stack="d"}"#,
+                0.25,
+            ),
+            (
+                r#"vrouter_peer_reachable{local_stack="a",remote_stack="b"}"#,
+                1.0,
+            ),
+            (
+                r#"vrouter_peer_reachable{local_stack="c",remote_stack="b"}"#,
+                0.0,
+            ),
+            (
+                r#"vrouter_peer_mtu_ok{local_stack="a",remote_stack="b"}"#,
+                1.0,
+            ),
+            (
+                r#"vrouter_peer_mtu_ok{local_stack="a",remote_stack="d"}"#,
+                0.0,
+            ),
+            ("vrouter_ready", 1.0),
+            (r#"vrouter_reconciles_total{result="ok"}"#, 5.0),
+            (r#"vrouter_reconciles_total{result="error"}"#, 2.0),
+            ("vrouter_reconcile_duration_seconds_count", 2.0),
+            (
+                r#"vrouter_reconcile_duration_seconds_bucket{le="0.008"}"#,
+                1.0,
+            ),
+        ];
+        for (series, want) in expect {
+            assert_eq!(value(&text, series), Some(want), "{series} in:\n{text}");
+        }
+        // Stale report: no installed figure for c; no counters for a->d.
+        assert_eq!(value(&text, r#"vrouter_routes_installed{stack="c"}"#), None);
+        let stale = r#"{local_stack="c",remote_stack="b"}"#;
+        for m in [
+            "vrouter_peer_rtt_seconds",
+            "vrouter_peer_loss_ratio",
+            "vrouter_peer_mtu_ok",
+        ] {
+            assert_eq!(value(&text, &format!("{m}{stale}")), None, "{m}");
+        }
+        assert!(!text.contains(r#"remote_stack="d",direction"#), "{text}");
+        assert!(text.contains("# TYPE vrouter_reconcile_duration_seconds histogram"));
+        assert!(text.contains("# TYPE vrouter_stack_traffic_bytes counter"));
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn without_the_daemon_or_gossip() {
+        let mut d = discovery();
+        d.gossip = None;
+        let s = build(&d, Some(&routes()), &[], None, NOW);
+        let text = render(&s, None);
+        assert!(!text.contains("vrouter_ready"), "{text}");
+        assert!(!text.contains("vrouter_gossip"), "{text}");
+        assert!(!text.contains("vrouter_reconcile_duration"), "{text}");
+        assert_eq!(value(&text, "vrouter_tunnels"), Some(2.0));
+        assert_eq!(
+            value(&text, r#"vrouter_routes_desired{stack="a"}"#),
+            Some(3.0)
+        );
+    }
+}

@@ -1,0 +1,371 @@
+//! The router's health: do the kernel's routes and neighbours on the overlay link match
+//! what routes.json asks of this stack, and is the overlay link there and up?
+//!
+//! [`check_routes`] is pure (a desired state and a kernel dump in, counts and problems
+//! out). The daemon runs it after every reconcile and publishes the counts in
+//! `probes/<stack>.json`; `vrouter-router healthcheck` ([`healthcheck`]) runs it on its
+//! own dump and its own read of routes.json, so a wedged daemon cannot look healthy
+//! by leaving a good file behind.
+
+use crate::apply;
+use crate::desired::{compute, Computed, DesiredRouter, RoutingState, MAIN_TABLE};
+use crate::link::{self, OverlayLink};
+use crate::settings::Settings;
+use anyhow::Context;
+use vrouter_kernel::Kernel;
+use vrouter_state::{StackSpec, StateDir};
+
+/// How the kernel compares with the desired routes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteCheck {
+    /// Routes the router accepted from routes.json (skipped ones excluded: they are
+    /// refused on purpose and reported as events).
+    pub desired: u32,
+    /// Of those, the ones in the kernel as desired, with their gateway's permanent
+    /// neighbour.
+    pub installed: u32,
+    /// One line per difference: missing or wrong routes and neighbours, and routes of
+    /// ours (proto 118, main table) that routes.json no longer asks for.
+    pub problems: Vec<String>,
+}
+
+impl RouteCheck {
+    pub fn in_sync(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Compares the remote routes of `desired` with the kernel dump `observed` (see
+/// [`apply::observe`]); `overlay` is the working overlay link's index (without one,
+/// nothing can be installed). Pure.
+pub fn check_routes(
+    desired: &DesiredRouter,
+    overlay: Option<u32>,
+    observed: &RoutingState,
+) -> RouteCheck {
+    let mut check = RouteCheck {
+        desired: u32::try_from(desired.routes.len()).unwrap_or(u32::MAX),
+        ..RouteCheck::default()
+    };
+    let Some(ovl) = overlay else {
+        if !desired.routes.is_empty() {
+            check.problems.push(format!(
+                "{} route(s) cannot be installed without the overlay link",
+                desired.routes.len()
+            ));
+        }
+        return check;
+    };
+    let want = desired.routing_state(Some(ovl), None);
+    for ((table, dst), route) in &want.routes {
+        let via = route.gateway.expect("remote routes have a gateway");
+        let route_ok = match observed.routes.get(&(*table, *dst)) {
+            Some(r) if r == route => true,
+            Some(r) => {
+                check.problems.push(format!(
+                    "route to {dst} goes via {} dev #{}, routes.json says via {via} dev #{ovl}",
+                    r.gateway
+                        .map(|g| g.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    r.oif.unwrap_or(0)
+                ));
+                false
+            }
+            None => {
+                check
+                    .problems
+                    .push(format!("route to {dst} via {via} is missing"));
+                false
+            }
+        };
+        let mac = want.neighbours[&(ovl, via)];
+        let neighbour_ok = match observed.neighbours.get(&(ovl, via)) {
+            Some(m) if *m == mac => true,
+            Some(m) => {
+                check.problems.push(format!(
+                    "neighbour {via} has MAC {m}, routes.json says {mac}"
+                ));
+                false
+            }
+            None => {
+                check
+                    .problems
+                    .push(format!("permanent neighbour {via} ({mac}) is missing"));
+                false
+            }
+        };
+        if route_ok && neighbour_ok {
+            check.installed += 1;
+        }
+    }
+    for (table, dst) in observed.routes.keys() {
+        if *table == MAIN_TABLE && !want.routes.contains_key(&(*table, *dst)) {
+            check
+                .problems
+                .push(format!("route to {dst} is not in routes.json (stale)"));
+        }
+    }
+    // A neighbour problem shows once per route using it.
+    check.problems.dedup();
+    check
+}
+
+/// The verdict of `vrouter-router healthcheck` from what it read. Pure. `Ok` carries a
+/// one-line summary, `Err` the one-line reason.
+pub fn verdict(
+    own: &StackSpec,
+    routes: Result<vrouter_state::RoutesFile, vrouter_state::ReadError>,
+    overlay: &OverlayLink,
+    ifname: &str,
+    observed: &RoutingState,
+) -> Result<String, String> {
+    let index = match overlay {
+        OverlayLink::Working { index, .. } => *index,
+        OverlayLink::Absent => {
+            return Err(format!(
+                "overlay link {ifname} is gone (not attached by discovery, or deleted)"
+            ))
+        }
+        OverlayLink::Broken { reason, .. } => {
+            return Err(format!("overlay link {ifname} is not usable: {reason}"))
+        }
+    };
+    let file = routes.map_err(|e| format!("cannot check the routes: {e}"))?;
+    let desired = match compute(own, &file) {
+        Computed::Listed { desired, .. } => desired,
+        Computed::NotListed => {
+            return Err(format!(
+            "routes.json (generation {}) does not list stack {}: discovery has not registered it",
+            file.generation, own.name
+        ))
+        }
+    };
+    let check = check_routes(&desired, Some(index), observed);
+    if !check.in_sync() {
+        return Err(format!(
+            "routes diverge from routes.json generation {} ({} of {} installed): {}",
+            file.generation,
+            check.installed,
+            check.desired,
+            check.problems.join("; ")
+        ));
+    }
+    Ok(format!(
+        "ok: {ifname} up, {} route(s) as routes.json generation {} asks",
+        check.installed, file.generation
+    ))
+}
+
+/// `vrouter-router healthcheck`, run in the router's namespace (the image's
+/// HEALTHCHECK): reads routes.json and the kernel itself, never the daemon's files.
+pub async fn healthcheck(settings: &Settings) -> Result<String, String> {
+    let run = async {
+        let kernel = Kernel::connect().await.context("opening netlink")?;
+        let s = link::surroundings(&kernel, settings).await?;
+        let own = StackSpec {
+            name: settings.stack.clone(),
+            vni: settings.vni,
+            prefixes: s.prefixes,
+            router_ip: s.attachment.router_ip,
+        };
+        let ifname = settings.overlay_ifname();
+        let overlay = link::overlay_link(&kernel, &ifname, own.router_mac())
+            .await
+            .with_context(|| format!("reading {ifname}"))?;
+        let observed = apply::observe(&kernel, overlay.index())
+            .await
+            .context("dumping routes and neighbours")?;
+        let routes = StateDir::open_readonly(&settings.state_dir)?.read_routes();
+        anyhow::Ok(verdict(&own, routes, &overlay, &ifname, &observed))
+    };
+    run.await.unwrap_or_else(|e| Err(format!("{e:#}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desired::ProbePath;
+    use vrouter_state::{Mac, RemoteRoute, RoutesFile, StackName, StackRoutes, Vni};
+
+    fn own() -> StackSpec {
+        StackSpec {
+            name: StackName::new("a").unwrap(),
+            vni: Vni::new(1000).unwrap(),
+            prefixes: vec!["10.1.0.0/24".parse().unwrap()],
+            router_ip: "10.1.0.254".parse().unwrap(),
+        }
+    }
+
+    fn route(prefix: &str, stack: &str, via: &str) -> RemoteRoute {
+        let via: std::net::Ipv4Addr = via.parse().unwrap();
+        RemoteRoute {
+            prefix: prefix.parse().unwrap(),
+            stack: StackName::new(stack).unwrap(),
+            via,
+            mac: Mac::for_router(Vni::new(1000).unwrap(), via),
+            host: "198.18.0.2".parse().unwrap(),
+            same_host: false,
+        }
+    }
+
+    fn file(routes: Vec<RemoteRoute>) -> RoutesFile {
+        let mut f = RoutesFile {
+            schema: vrouter_state::SCHEMA_VERSION,
+            generation: 4,
+            ..RoutesFile::default()
+        };
+        f.stacks.insert(
+            StackName::new("a").unwrap(),
+            StackRoutes {
+                vni: Some(Vni::new(1000).unwrap()),
+                routes,
+            },
+        );
+        f
+    }
+
+    fn desired(f: &RoutesFile) -> DesiredRouter {
+        match compute(&own(), f) {
+            Computed::Listed { desired, .. } => desired,
+            Computed::NotListed => panic!("not listed"),
+        }
+    }
+
+    const OVL: u32 = 7;
+
+    fn two() -> RoutesFile {
+        file(vec![
+            route("10.2.0.0/24", "b", "10.2.0.254"),
+            route("10.3.0.0/24", "c", "10.3.0.254"),
+        ])
+    }
+
+    /// The kernel as the router leaves it, including the probe path (not judged).
+    fn installed(d: &DesiredRouter) -> RoutingState {
+        d.routing_state(
+            Some(OVL),
+            Some(ProbePath {
+                gateway: "10.1.0.1".parse().unwrap(),
+                oif: 2,
+            }),
+        )
+    }
+
+    #[test]
+    fn in_sync_counts_every_route() {
+        let d = desired(&two());
+        let c = check_routes(&d, Some(OVL), &installed(&d));
+        assert_eq!((c.desired, c.installed), (2, 2));
+        assert!(c.in_sync(), "{:?}", c.problems);
+        // Nothing desired, nothing installed: in sync.
+        let empty = desired(&file(vec![]));
+        let c = check_routes(&empty, Some(OVL), &RoutingState::default());
+        assert_eq!((c.desired, c.installed, c.in_sync()), (0, 0, true));
+    }
+
+    #[test]
+    fn missing_wrong_and_stale_objects_diverge() {
+        let d = desired(&two());
+        let b: vrouter_state::Prefix = "10.2.0.0/24".parse().unwrap();
+
+        let mut k = installed(&d);
+        k.routes.remove(&(MAIN_TABLE, b));
+        let c = check_routes(&d, Some(OVL), &k);
+        assert_eq!((c.desired, c.installed), (2, 1));
+        assert_eq!(
+            c.problems,
+            vec!["route to 10.2.0.0/24 via 10.2.0.254 is missing"]
+        );
+
+        let mut k = installed(&d);
+        k.routes.get_mut(&(MAIN_TABLE, b)).unwrap().gateway = Some("10.2.0.9".parse().unwrap());
+        let c = check_routes(&d, Some(OVL), &k);
+        assert_eq!(c.installed, 1);
+        assert!(
+            c.problems[0].contains("goes via 10.2.0.9"),
+            "{:?}",
+            c.problems
+        );
+
+        let mut k = installed(&d);
+        k.neighbours.remove(&(OVL, "10.3.0.254".parse().unwrap()));
+        let c = check_routes(&d, Some(OVL), &k);
+        assert_eq!(c.installed, 1);
+        assert!(
+            c.problems[0].contains("neighbour 10.3.0.254"),
+            "{:?}",
+            c.problems
+        );
+
+        let mut k = installed(&d);
+        k.neighbours
+            .insert((OVL, "10.3.0.254".parse().unwrap()), Mac::ZERO);
+        assert!(check_routes(&d, Some(OVL), &k).problems[0].contains("has MAC"));
+
+        // A route routes.json no longer lists: everything desired is there, but the
+        // kernel diverges.
+        let one = desired(&file(vec![route("10.2.0.0/24", "b", "10.2.0.254")]));
+        let c = check_routes(&one, Some(OVL), &installed(&d));
+        assert_eq!((c.desired, c.installed), (1, 1));
+        assert_eq!(
+            c.problems,
+            vec!["route to 10.3.0.0/24 is not in routes.json (stale)"]
+        );
+
+        // No overlay link: nothing is installed.
+        let c = check_routes(&d, None, &installed(&d));
+        assert_eq!((c.desired, c.installed, c.in_sync()), (2, 0, false));
+    }
+
+    #[test]
+    fn verdicts() {
+        let d = desired(&two());
+        let up = OverlayLink::Working {
+            index: OVL,
+            mtu: 1450,
+        };
+        let ok = verdict(&own(), Ok(two()), &up, "ovl1000", &installed(&d)).unwrap();
+        assert_eq!(
+            ok,
+            "ok: ovl1000 up, 2 route(s) as routes.json generation 4 asks"
+        );
+
+        let e = verdict(
+            &own(),
+            Ok(two()),
+            &OverlayLink::Absent,
+            "ovl1000",
+            &installed(&d),
+        )
+        .unwrap_err();
+        assert!(e.contains("ovl1000 is gone"), "{e}");
+        let broken = OverlayLink::Broken {
+            index: OVL,
+            reason: "ovl1000 is down".into(),
+        };
+        let e = verdict(&own(), Ok(two()), &broken, "ovl1000", &installed(&d)).unwrap_err();
+        assert!(e.contains("not usable: ovl1000 is down"), "{e}");
+
+        let mut k = installed(&d);
+        k.routes
+            .remove(&(MAIN_TABLE, "10.3.0.0/24".parse().unwrap()));
+        let e = verdict(&own(), Ok(two()), &up, "ovl1000", &k).unwrap_err();
+        assert!(
+            e.starts_with("routes diverge from routes.json generation 4 (1 of 2 installed)")
+                && e.contains("10.3.0.0/24"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'));
+
+        let missing = Err(vrouter_state::ReadError::Missing {
+            path: "/s/routes.json".into(),
+        });
+        let e = verdict(&own(), missing, &up, "ovl1000", &installed(&d)).unwrap_err();
+        assert!(e.contains("routes.json"), "{e}");
+
+        let mut other = two();
+        other.stacks.clear();
+        let e = verdict(&own(), Ok(other), &up, "ovl1000", &installed(&d)).unwrap_err();
+        assert!(e.contains("does not list stack a"), "{e}");
+    }
+}
