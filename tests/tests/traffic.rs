@@ -1,6 +1,7 @@
 //! End to end: the real daemons count the traffic a router forwards to and from each
 //! remote stack (nftables counters in the router's namespace) and publish it in
-//! `probes/<stack>.json`.
+//! `probes/<stack>.json`; discovery serves the same counters in `/metrics` and
+//! `/v1/status`.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -14,6 +15,43 @@ const CONVERGE: Duration = Duration::from_secs(20);
 /// so nothing is expected; the allowance covers a stray packet or two.
 const OVERHEAD_PACKETS: u64 = 4;
 const OVERHEAD_BYTES: u64 = OVERHEAD_PACKETS * 100;
+const HTTP: &str = "127.0.0.1:9474";
+
+/// Router a's counters toward/from `remote` as discovery's `/metrics` on host 1 shows
+/// them: (tx packets, tx bytes, rx packets, rx bytes).
+fn metrics_of_a(mesh: &Mesh, remote: &str) -> Option<(u64, u64, u64, u64)> {
+    let reply = http_get(&mesh.topo.host(1).ns, HTTP, "/metrics").ok()?;
+    let m = |name: &str, dir: &str| {
+        metric(
+            &reply.body,
+            &format!(
+                r#"vrouter_stack_traffic_{name}_total{{local_stack="a",remote_stack="{remote}",direction="{dir}"}}"#
+            ),
+        )
+        .map(|v| v as u64)
+    };
+    Some((
+        m("packets", "tx")?,
+        m("bytes", "tx")?,
+        m("packets", "rx")?,
+        m("bytes", "rx")?,
+    ))
+}
+
+/// The same from `/v1/status` (its `traffic` rows).
+fn status_of_a(mesh: &Mesh, remote: &str) -> Option<(u64, u64, u64, u64)> {
+    let reply = http_get(&mesh.topo.host(1).ns, HTTP, "/v1/status").ok()?;
+    let v: serde_json::Value = serde_json::from_str(&reply.body).ok()?;
+    let row = v["traffic"].as_array()?.iter().find(|r| {
+        r["local_stack"].as_str() == Some("a") && r["remote_stack"].as_str() == Some(remote)
+    })?;
+    Some((
+        row["tx_packets"].as_u64()?,
+        row["tx_bytes"].as_u64()?,
+        row["rx_packets"].as_u64()?,
+        row["rx_bytes"].as_u64()?,
+    ))
+}
 
 /// Stack a's view of its traffic, per remote stack, from host 1's probes file, and
 /// when the file was written (ms since the epoch).
@@ -172,5 +210,42 @@ fn traffic_per_remote_stack_is_counted() {
                 && d.3 <= w.3 + OVERHEAD_BYTES,
             "a <-> {stack}: counted {d:?}, sent {w:?}, more than the overhead allows"
         );
+    }
+
+    // Discovery's /metrics and /v1/status carry the same counters: each lands between
+    // the sent traffic and the sent traffic plus the overhead, over the baseline.
+    for (what, read) in [
+        (
+            "/metrics",
+            metrics_of_a as fn(&Mesh, &str) -> Option<(u64, u64, u64, u64)>,
+        ),
+        ("/v1/status", status_of_a),
+    ] {
+        for stack in ["b", "c"] {
+            let b = &before[stack];
+            let w = want(stack);
+            let mut last = None;
+            let ok = wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
+                last = read(&mesh, stack);
+                last.is_some_and(|c| {
+                    let d = (
+                        c.0 - b.tx_packets,
+                        c.1 - b.tx_bytes,
+                        c.2 - b.rx_packets,
+                        c.3 - b.rx_bytes,
+                    );
+                    at_least(d, w)
+                        && d.0 <= w.0 + OVERHEAD_PACKETS
+                        && d.1 <= w.1 + OVERHEAD_BYTES
+                        && d.2 <= w.2 + OVERHEAD_PACKETS
+                        && d.3 <= w.3 + OVERHEAD_BYTES
+                })
+            });
+            println!("{what} a <-> {stack}: {last:?} (baseline {b:?}, sent {w:?})");
+            assert!(
+                ok,
+                "{what}: a <-> {stack} shows {last:?}; baseline {b:?}, sent {w:?}"
+            );
+        }
     }
 }
