@@ -85,18 +85,18 @@ pub fn render(s: &Status, reconcile: Option<&Histogram>) -> String {
     if let Some(g) = &s.gossip {
         let packets = Family::<Labels, Counter>::default();
         packets
-            .get_or_create(&l(&[("direction", "in")]))
+            .get_or_create(&l(&[("direction", "rx")]))
             .inc_by(g.packets_in);
         packets
-            .get_or_create(&l(&[("direction", "out")]))
+            .get_or_create(&l(&[("direction", "tx")]))
             .inc_by(g.packets_out);
         reg.register("vrouter_gossip_packets", "Gossip packets", packets);
         let bytes = Family::<Labels, Counter>::default();
         bytes
-            .get_or_create(&l(&[("direction", "in")]))
+            .get_or_create(&l(&[("direction", "rx")]))
             .inc_by(g.bytes_in);
         bytes
-            .get_or_create(&l(&[("direction", "out")]))
+            .get_or_create(&l(&[("direction", "tx")]))
             .inc_by(g.bytes_out);
         reg.register("vrouter_gossip_bytes", "Gossip bytes (sealed)", bytes);
         let rejected = Family::<Labels, Counter>::default();
@@ -255,9 +255,9 @@ mod tests {
                 r#"vrouter_drift_repairs_total{component="router",stack="a"}"#,
                 6.0,
             ),
-            (r#"vrouter_gossip_packets_total{direction="in"}"#, 100.0),
-            (r#"vrouter_gossip_packets_total{direction="out"}"#, 120.0),
-            (r#"vrouter_gossip_bytes_total{direction="out"}"#, 12_000.0),
+            (r#"vrouter_gossip_packets_total{direction="rx"}"#, 100.0),
+            (r#"vrouter_gossip_packets_total{direction="tx"}"#, 120.0),
+            (r#"vrouter_gossip_bytes_total{direction="tx"}"#, 12_000.0),
             (r#"vrouter_gossip_rejected_total{reason="bad_key"}"#, 5.0),
             (r#"vrouter_gossip_rejected_total{reason="malformed"}"#, 1.0),
             ("vrouter_refused_prefixes", 1.0),
