@@ -92,6 +92,38 @@ fn demo() -> anyhow::Result<()> {
         server.peer(Duration::from_secs(2))?
     );
 
+    section("what an operator sees on host 1: vrouter-discovery status");
+    // Give the routers' probe files a second to carry RTT and the traffic just sent.
+    std::thread::sleep(Duration::from_millis(1500));
+    let state = mesh.state_dir(1);
+    let disc = mesh.bin("vrouter-discovery");
+    let out = exec_ok(
+        Some(h1),
+        &[
+            disc.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "status",
+        ],
+    )?;
+    print!("{}", out.stdout);
+    section("router a: vrouter-router status");
+    let rtr = mesh.bin("vrouter-router");
+    let env_state = format!("VROUTER_STATE_DIR={}", state.display());
+    let out = ra.exec(&[
+        "env",
+        "VROUTER_STACK=a",
+        "VROUTER_VNI=1000",
+        &env_state,
+        "RUST_LOG=warn",
+        rtr.to_str().unwrap(),
+        "status",
+    ])?;
+    print!("{}", out.stdout);
+    println!(
+        "(also: /metrics, /readyz, /v1/status on 127.0.0.1:9474 in each host; see docs/operations.md)"
+    );
+
     section("cleaning up");
     drop(server);
     drop(mesh);
