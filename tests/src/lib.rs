@@ -19,6 +19,7 @@
 //! }
 //! ```
 
+pub mod bench;
 pub mod cleanup;
 pub mod cmd;
 pub mod daemon;
