@@ -1,0 +1,539 @@
+#!/usr/bin/python3
+"""Generates docs/benchmarks.md and docs/benchmarks.png from the raw results of
+`make bench` (target/bench/*.json).
+
+Every number in the generated document comes from those files; the script holds only
+prose (what each bench measures) and layout. Each file has the schema written by
+tests/src/bench.rs (`write_results`):
+
+    {"bench": str, "command": str,
+     "machine": {"cpus", "cpu_model", "mem_gib", "kernel", "commit", "unix_time"},
+     "figures": [{"key", "label", "unit", "samples", "median", "min", "max", "spread",
+                  "target"?: {"at_most": x} | {"at_least": x}, "met"?: bool}],
+     "extra": any}
+
+A median of null (a run that never finished: the writers' infinity) is shown as "n/a"
+and misses its target.
+
+Usage (`make bench-report`):
+
+    /usr/bin/python3 tests/bench-report.py --in target/bench --md docs/benchmarks.md \\
+        --png docs/benchmarks.png --raw-dir docs/bench
+
+Needs matplotlib (Debian: python3-matplotlib) for the chart.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import shutil
+import sys
+
+REGENERATE = (
+    "`make bench` (root: it builds simulated hosts; runs every bench, writes "
+    "target/bench/*.json, then this report), or `make bench-report` to regenerate this "
+    "page from the JSON already in target/bench/"
+)
+
+# The known benches, in the order the document shows them: (file stem, title, prose).
+# Prose says what the paths and figures are; every number comes from the JSON.
+SECTIONS = [
+    (
+        "datapath",
+        "Datapath (`vrt-bench`)",
+        """\
+Simulated hosts (network namespaces on a veth underlay), all paths built in the same run
+and measured interleaved, so that the noise of a shared machine hits them alike. The
+baselines get the same offloads, MTU and sysctls as the overlay, from the same code.
+
+- **overlay**: service to service across hosts through docker-vrouter (stack, router,
+  VXLAN, router, stack);
+- **flannel**: Flannel-style, the same services over a VXLAN device in the host
+  namespaces (a /32 on the device, an onlink route, a permanent neighbour and an FDB
+  entry per remote host), no router;
+- **routed**: host to host, routed, without VXLAN;
+- **underlay**: host to host directly over the underlay;
+- **overlay_fw**: the overlay once more with the Docker-like firewall loaded (the other
+  paths run without it).
+
+Throughput is iperf3 TCP with 1 stream (`tcp1`) and 4 streams (`tcp4`); latency is the
+ping RTT (`ping`) and a small TCP request/response RTT (`tcp_rr`). `ratio` figures divide
+one path's throughput by another's within each round.""",
+    ),
+    (
+        "control",
+        "Control plane (`vrt-ctl-bench`)",
+        """\
+- **reconcile**: time to reconcile 1,000 and 10,000 remote prefixes (behind as many
+  distinct gateways) into a router, from the routes.json rename until the kernel's route
+  dump matches;
+- **rss**: peak resident memory of each daemon with 10 and 1,000 remote stacks;
+- **ready**: time from a daemon's start until it is ready.""",
+    ),
+    (
+        "images",
+        "Image sizes (`vrt-image-sizes`)",
+        """\
+`make images` builds three `FROM scratch` images from the static musl binaries (release
+profile `opt-level = "s"`, LTO, one codegen unit, stripped, `panic = "abort"`):
+discovery carries vrouter-discovery and vrouter-router (for `all-in-one`), router carries
+vrouter-router, testsvc carries busybox-static and vrt-probe (tests and examples only).
+Sizes as `docker image inspect -f '{{.Size}}'` reports them, in MB (10^6 bytes).""",
+    ),
+    (
+        "gossip-real",
+        "Gossip mesh, real daemons (`vrt-gossip-bench`)",
+        """\
+Simulated hosts (network namespaces on a veth underlay, the Docker-28.2-like firewall,
+daemons under CAP_NET_ADMIN only, a shared secret), one stack per host, all joined
+through host 1's address.
+
+- **join**: a new stack's router started on one host, until the first ping answered
+  from its service by a service on another host;
+- **failure detection**: a host's underlay link taken down, until its stack is
+  withdrawn on every other host;
+- **false failures**: a long run at 5 % loss on every host's underlay (nftables
+  `numgen random` drop, both directions), counting `member_failed` events and
+  withdrawals;
+- **idle traffic**: gossip bytes sent per node over a quiet window (UDP payload plus
+  28 bytes of IP/UDP headers per datagram), one sample per node.
+
+Join convergence is much shorter than failure detection because nothing waits for a
+timer: the new router registers, discovery bumps its record and broadcasts it at once,
+and the other hosts program the FDB row and routes on receipt.""",
+    ),
+    (
+        "gossip-sim",
+        "Gossip mesh, simulation (`gossip-sim`)",
+        """\
+The production `vrouter_gossip::Node` on a simulated clock and network, every datagram
+really sealed and opened, bytes counted on the wire; see docs/gossip-sim.md for the
+model and what is not modelled. Seeds are fixed, so a given tree gives the same figures
+on every run. Large-mesh figures (`n1000`, or `n200` without `--n1000`): nodes start 10
+per 100 ms through one address; the join figure is the time after the last start until
+every node sees every other alive with its record (checked every 500 ms).""",
+    ),
+]
+
+GOSSIP_INTRO = """\
+Routers probe each other over the overlay every 250 ms and report a peer reachable
+while it answered within 3 intervals; a remote host's stacks are withdrawn when its
+membership is down and no local router reports it reachable (ARCHITECTURE.md,
+"Routing decision")."""
+
+# Gossip parameters as gossip-sim prints them under extra.params (Params::default()).
+PARAM_TEXT = [
+    ("probe_period_ms", "probe period {} ms"),
+    ("probe_rtt_ms", "probe RTT {} ms"),
+    ("indirect_probes", "{} indirect probes"),
+    ("suspect_to_down_ms", "suspect→down {} ms"),
+    ("max_transmissions", "max transmissions {}"),
+    ("gossip_every_ms", "periodic gossip every {} ms"),
+    ("gossip_fanout", "to {} members"),
+    ("announce_to_down_every_ms", "announce to down members every {} ms"),
+    ("anti_entropy_ms", "anti-entropy every {} ms"),
+    ("join_retry_ms", "join retry {} ms"),
+]
+
+
+class BadInput(Exception):
+    pass
+
+
+def fmt(v):
+    """A number for the tables: thousands separators, precision by magnitude."""
+    if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+        return "n/a"
+    if not math.isfinite(v):
+        return "n/a"
+    if float(v).is_integer():
+        return f"{int(v):,}"
+    a = abs(v)
+    if a >= 100:
+        return f"{v:,.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    if a >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3g}"
+
+
+def num(v):
+    """A JSON number as float, None (null, the writers' infinity/NaN) as NaN."""
+    if v is None:
+        return math.nan
+    return float(v)
+
+
+def target_text(t, unit):
+    if t is None:
+        return "—"
+    if "at_most" in t:
+        return f"≤ {fmt(t['at_most'])} {unit}"
+    if "at_least" in t:
+        return f"≥ {fmt(t['at_least'])} {unit}"
+    raise BadInput(f"target {t!r}: expected at_most or at_least")
+
+
+def target_met(f):
+    """Whether a figure met its target (None without a target). The writer's "met" is
+    checked against the median, so a hand-edited file cannot claim a target."""
+    t = f.get("target")
+    if t is None:
+        return None
+    m = num(f.get("median"))
+    if math.isnan(m):
+        computed = False
+    elif "at_most" in t:
+        computed = m <= float(t["at_most"])
+    elif "at_least" in t:
+        computed = m >= float(t["at_least"])
+    else:
+        raise BadInput(f"{f['key']}: target {t!r}: expected at_most or at_least")
+    if "met" in f and bool(f["met"]) != computed:
+        raise BadInput(
+            f"{f['key']}: met={f['met']} but median {f.get('median')} vs target {t} says {computed}"
+        )
+    return computed
+
+
+def met_text(f):
+    m = target_met(f)
+    if m is None:
+        return "—"
+    return "✅ met" if m else "❌ MISSED"
+
+
+def load(path):
+    """One results file, checked against the schema."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{path}: cannot read JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise BadInput(f"{path}: expected a JSON object")
+    for k in ("bench", "command", "machine", "figures"):
+        if k not in doc:
+            raise BadInput(
+                f"{path}: no {k!r}: not a tests/src/bench.rs results file "
+                "(written by write_results)"
+            )
+    if not isinstance(doc["figures"], list):
+        raise BadInput(f"{path}: 'figures' must be a list")
+    for i, f in enumerate(doc["figures"]):
+        for k in ("key", "label", "unit", "samples", "median", "min", "max"):
+            if not isinstance(f, dict) or k not in f:
+                raise BadInput(f"{path}: figure {i}: no {k!r}")
+        if not isinstance(f["samples"], list):
+            raise BadInput(f"{path}: figure {f['key']}: 'samples' must be a list")
+        try:
+            target_met(f)
+        except BadInput as e:
+            raise BadInput(f"{path}: {e}") from e
+        except (TypeError, ValueError) as e:
+            raise BadInput(f"{path}: figure {f['key']}: bad number: {e}") from e
+    return doc
+
+
+def read_dir(d):
+    """{stem: doc} for every *.json in d."""
+    if not os.path.isdir(d):
+        raise BadInput(f"{d}: no such directory (run `make bench` first)")
+    out = {}
+    for name in sorted(os.listdir(d)):
+        if name.endswith(".json"):
+            out[name[: -len(".json")]] = load(os.path.join(d, name))
+    return out
+
+
+def when(unix):
+    if not unix:
+        return "unknown"
+    t = datetime.datetime.fromtimestamp(int(unix), tz=datetime.timezone.utc)
+    return t.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def figures_table(doc):
+    rows = [
+        "| Figure | Key | Median | Unit | Spread (min–max) | Samples | Target | Met |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for f in doc["figures"]:
+        spread = f"{fmt(f['min'])}–{fmt(f['max'])}"
+        s = f.get("spread")
+        if isinstance(s, (int, float)) and math.isfinite(s) and len(f["samples"]) > 1:
+            spread += f" ({s * 100:.0f} %)"
+        rows.append(
+            "| {} | `{}` | {} | {} | {} | {} | {} | {} |".format(
+                f["label"].replace("|", "\\|"),
+                f["key"],
+                fmt(f["median"]),
+                f["unit"],
+                spread,
+                len(f["samples"]),
+                target_text(f.get("target"), f["unit"]),
+                met_text(f),
+            )
+        )
+    return rows
+
+
+def machine_table(docs):
+    rows = [
+        "| Results | CPUs | CPU model | Memory | Kernel | Commit | Date |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for stem, doc in docs.items():
+        m = doc.get("machine") or {}
+        rows.append(
+            "| {}.json | {} | {} | {} GiB | {} | `{}` | {} |".format(
+                stem,
+                m.get("cpus", "?"),
+                m.get("cpu_model") or "?",
+                fmt(m.get("mem_gib")),
+                m.get("kernel") or "?",
+                m.get("commit") or "?",
+                when(m.get("unix_time")),
+            )
+        )
+    return rows
+
+
+def params_text(docs):
+    sim = docs.get("gossip-sim")
+    params = (sim or {}).get("extra") or {}
+    params = params.get("params") if isinstance(params, dict) else None
+    if not isinstance(params, dict):
+        return (
+            "One parameter set serves every figure, the daemon and the tests: "
+            "`vrouter_gossip::Params::default()` (crates/vrouter-gossip/src/node.rs)."
+        )
+    parts = [t.format(params[k]) for k, t in PARAM_TEXT if k in params]
+    return (
+        "One parameter set serves every figure, the daemon and the tests: "
+        "`vrouter_gossip::Params::default()` (as gossip-sim.json records it): "
+        + ", ".join(parts)
+        + "."
+    )
+
+
+def render(docs, in_dir, md_path, png_path, raw_links, chart_panels):
+    """The markdown page. raw_links: {stem: path relative to the page} or {}."""
+    md_dir = os.path.dirname(os.path.abspath(md_path))
+    out = [
+        "# Benchmarks",
+        "",
+        "<!-- Generated by tests/bench-report.py from target/bench/*.json: do not edit by",
+        "     hand. Regenerate with `make bench` or `make bench-report`. -->",
+        "",
+        f"This page is generated by `tests/bench-report.py` from the raw results in "
+        f"`{in_dir}/*.json`; do not edit it by hand. To regenerate: {REGENERATE}.",
+        "Every number below comes from those files: the median of the samples, their "
+        "range, the number of samples, and the target the issue sets, where it sets one.",
+    ]
+    if raw_links:
+        out.append(
+            "The raw JSON of this run is kept beside the page: "
+            + ", ".join(f"[{s}.json]({p})" for s, p in raw_links.items())
+            + "."
+        )
+    out += ["", "## Machine", ""]
+    if docs:
+        out += machine_table(docs)
+    else:
+        out.append(f"No results: `{in_dir}` holds no *.json.")
+    if chart_panels:
+        rel = os.path.relpath(os.path.abspath(png_path), md_dir)
+        out += ["", f"![{' and '.join(chart_panels)}]({rel})"]
+    known = {stem for stem, _, _ in SECTIONS}
+    sections = [(s, t, p) for s, t, p in SECTIONS]
+    sections += [(s, f"`{s}`", None) for s in docs if s not in known]
+    gossip_intro_done = False
+    for stem, title, prose in sections:
+        out += ["", f"## {title}", ""]
+        if stem.startswith("gossip") and not gossip_intro_done:
+            out += [params_text(docs), GOSSIP_INTRO, ""]
+            gossip_intro_done = True
+        if prose:
+            out += [prose, ""]
+        doc = docs.get(stem)
+        if doc is None:
+            out.append(
+                f"*Not in this run: `{in_dir}/{stem}.json` is missing (run `make bench`).*"
+            )
+            continue
+        out += ["```sh", doc["command"], "```", ""]
+        if doc["figures"]:
+            out += figures_table(doc)
+        else:
+            out.append("*The file holds no figures.*")
+        if stem in raw_links:
+            out += ["", f"Raw: [{stem}.json]({raw_links[stem]})."]
+    return "\n".join(out) + "\n"
+
+
+# ---- chart ----
+
+
+def by_prefix(docs, prefix):
+    return [f for d in docs.values() for f in d["figures"] if f["key"].startswith(prefix)]
+
+
+def ratio_figures(docs):
+    """datapath.ratio.<name>.<tcp1|tcp4>: throughput ratios."""
+    return [
+        f
+        for f in by_prefix(docs, "datapath.ratio.")
+        if f["key"].rsplit(".", 1)[-1] in ("tcp1", "tcp4")
+    ]
+
+
+def reconcile_figures(docs):
+    return by_prefix(docs, "control.reconcile.")
+
+
+def chart_panels(docs):
+    p = []
+    if ratio_figures(docs):
+        p.append("throughput ratios")
+    if reconcile_figures(docs):
+        p.append("reconcile times")
+    return p
+
+
+def targets_of(figs, kind):
+    return sorted({float(f["target"][kind]) for f in figs if kind in (f.get("target") or {})})
+
+
+def bars(ax, figs, names, series, label_of):
+    """Grouped bars: names on x, one bar per series; error bars from min to max."""
+    width = 0.8 / max(1, len(series))
+    for j, s in enumerate(series):
+        xs, ys, lo, hi = [], [], [], []
+        for i, n in enumerate(names):
+            f = figs.get((n, s))
+            if f is None or math.isnan(num(f["median"])):
+                continue
+            m = num(f["median"])
+            xs.append(i + (j - (len(series) - 1) / 2) * width)
+            ys.append(m)
+            lo.append(max(0.0, m - num(f["min"])) if not math.isnan(num(f["min"])) else 0.0)
+            hi.append(max(0.0, num(f["max"]) - m) if not math.isnan(num(f["max"])) else 0.0)
+        if xs:
+            b = ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=label_of(s))
+            ax.bar_label(b, labels=[fmt(y) for y in ys], fontsize="x-small", padding=2)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=20, ha="right")
+
+
+def draw_chart(docs, png_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    ratios = ratio_figures(docs)
+    if ratios:
+        panels.append("ratios")
+    recon = reconcile_figures(docs)
+    if recon:
+        panels.append("reconcile")
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, p in zip(axes[0], panels):
+        if p == "ratios":
+            figs = {}
+            names = []
+            for f in ratios:
+                name, streams = f["key"][len("datapath.ratio.") :].rsplit(".", 1)
+                name = "/".join(name.rsplit("_", 1))
+                figs[(name, streams)] = f
+                if name not in names:
+                    names.append(name)
+            series = [s for s in ("tcp1", "tcp4") if any(k[1] == s for k in figs)]
+            bars(ax, figs, names, series, lambda s: {"tcp1": "1 stream", "tcp4": "4 streams"}[s])
+            for t in targets_of(ratios, "at_least"):
+                ax.axhline(t, color="red", linestyle="--", linewidth=1, label=f"target ≥ {fmt(t)}")
+            ax.axhline(1.0, color="grey", linewidth=0.5)
+            ax.set_ylabel("throughput ratio (median of rounds)")
+            ax.set_title("Datapath: TCP throughput ratios")
+        else:
+            units = sorted({f["unit"] for f in recon})
+            figs = {}
+            names = []
+            for f in recon:
+                name = f["key"][len("control.reconcile.") :]
+                figs[(name, "")] = f
+                names.append(name)
+            bars(ax, figs, names, [""], lambda s: "median (min–max)")
+            for t in targets_of(recon, "at_most"):
+                ax.axhline(t, color="red", linestyle="--", linewidth=1, label=f"target ≤ {fmt(t)} {'/'.join(units)}")
+            ax.set_ylabel(f"reconcile time ({', '.join(units)})")
+            ax.set_xlabel("remote prefixes")
+            ax.set_title("Control plane: route reconcile")
+        ax.legend(fontsize="small")
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
+    tmp = png_path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return True
+
+
+def write_atomic(path, text):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--in", dest="in_dir", default="target/bench", help="results directory")
+    ap.add_argument("--md", default="docs/benchmarks.md", help="markdown page to write")
+    ap.add_argument("--png", default="docs/benchmarks.png", help="chart to write")
+    ap.add_argument(
+        "--raw-dir", help="copy the raw JSON here (linked from the page), e.g. docs/bench"
+    )
+    a = ap.parse_args(argv)
+    try:
+        docs = read_dir(a.in_dir)
+    except BadInput as e:
+        print(f"bench-report: {e}", file=sys.stderr)
+        return 2
+    md_dir = os.path.dirname(os.path.abspath(a.md))
+    raw_links = {}
+    if a.raw_dir:
+        os.makedirs(a.raw_dir, exist_ok=True)
+        for stem in docs:
+            dst = os.path.join(a.raw_dir, stem + ".json")
+            shutil.copyfile(os.path.join(a.in_dir, stem + ".json"), dst)
+            raw_links[stem] = os.path.relpath(os.path.abspath(dst), md_dir)
+    try:
+        drawn = draw_chart(docs, a.png)
+    except ImportError as e:
+        print(
+            f"bench-report: matplotlib is missing ({e}): apt-get install python3-matplotlib "
+            "(or run .ci/setup)",
+            file=sys.stderr,
+        )
+        return 3
+    panels = chart_panels(docs) if drawn else []
+    write_atomic(a.md, render(docs, a.in_dir, a.md, a.png, raw_links, panels))
+    print(
+        f"bench-report: {len(docs)} results file(s) -> {a.md}"
+        + (f", {a.png} ({', '.join(panels)})" if drawn else " (no chart: no ratio or reconcile figures)")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+#!/usr/bin/python3
+"""Tests of tests/bench-report.py on synthetic results in a temporary directory.
+
+Run with `/usr/bin/python3 tests/test_bench_report.py` (tests/tests/bench_report.rs does,
+so `make test` runs it). The figures here are made up for the test and never leave the
+temporary directory.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import statistics
+import struct
+import tempfile
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+spec = importlib.util.spec_from_file_location("bench_report", os.path.join(HERE, "bench-report.py"))
+report = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(report)
+
+MACHINE = {
+    "cpus": 2,
+    "cpu_model": "Test CPU 9000",
+    "mem_gib": 7.5,
+    "kernel": "6.1.0-test",
+    "commit": "abc1234",
+    "unix_time": 1_800_000_000,
+}
+
+
+def figure(key, label, unit, samples, target=None):
+    """A figure as tests/src/bench.rs writes it (None samples are its infinities)."""
+    finite = [s for s in samples if s is not None]
+    if len(finite) == len(samples):
+        med = statistics.median(samples)
+        lo, hi = min(samples), max(samples)
+        spread = (hi - lo) / med if med else None
+    else:
+        med, lo, hi, spread = None, None, None, None
+    f = {
+        "key": key,
+        "label": label,
+        "unit": unit,
+        "samples": samples,
+        "median": med,
+        "min": lo,
+        "max": hi,
+        "spread": spread,
+    }
+    if target:
+        kind, t = target
+        f["target"] = {kind: t}
+        f["met"] = med is not None and (med <= t if kind == "at_most" else med >= t)
+    return f
+
+
+def results(bench, figures, extra=None):
+    return {
+        "bench": bench,
+        "command": f"target/release/{bench} --out target/bench/{bench}.json",
+        "machine": MACHINE,
+        "figures": figures,
+        "extra": extra or {},
+    }
+
+
+DATAPATH = results(
+    "vrt-bench",
+    [
+        figure("datapath.overlay.tcp1", "overlay, 1 stream", "Mbit/s", [9120.5, 9300.25, 8990.0]),
+        figure("datapath.flannel.tcp1", "flannel, 1 stream", "Mbit/s", [10010.0, 9950.0, 10120.0]),
+        figure("datapath.overlay.ping", "overlay, ping RTT", "us", [41.5, 39.25, 44.0]),
+        figure(
+            "datapath.ratio.overlay_flannel.tcp1",
+            "overlay / flannel, 1 stream",
+            "ratio",
+            [0.911, 0.934, 0.889],
+            ("at_least", 0.9),
+        ),
+        figure(
+            "datapath.ratio.overlay_flannel.tcp4",
+            "overlay / flannel, 4 streams",
+            "ratio",
+            [0.71, 0.83, 0.77],
+            ("at_least", 0.9),
+        ),
+        figure(
+            "datapath.ratio.overlay_underlay.tcp1",
+            "overlay / underlay, 1 stream",
+            "ratio",
+            [0.52, 0.55, 0.49],
+        ),
+    ],
+)
+
+CONTROL = results(
+    "vrt-ctl-bench",
+    [
+        figure("control.reconcile.1k", "reconcile 1,000 prefixes", "ms", [81.0, 77.5, 90.0]),
+        figure(
+            "control.reconcile.10k",
+            "reconcile 10,000 prefixes",
+            "ms",
+            [1234.0, 1180.0, 1400.0],
+            ("at_most", 1000.0),
+        ),
+        figure("control.rss.router.1000", "router peak RSS, 1,000 stacks", "MiB", [12.7], ("at_most", 30.0)),
+        figure("control.ready.router", "router start to ready", "ms", [None, 41.0], ("at_most", 200.0)),
+    ],
+)
+
+
+def png_ok(path):
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+    return head[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", head[16:24])[0] > 100
+
+
+class Report(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory(prefix="bench-report-test-")
+        self.d = self.tmp.name
+        self.inp = os.path.join(self.d, "bench")
+        os.makedirs(self.inp)
+        self.md = os.path.join(self.d, "docs", "benchmarks.md")
+        self.png = os.path.join(self.d, "docs", "benchmarks.png")
+        self.raw = os.path.join(self.d, "docs", "bench")
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def put(self, stem, doc):
+        with open(os.path.join(self.inp, stem + ".json"), "w") as fh:
+            json.dump(doc, fh)
+
+    def run_report(self, raw=True):
+        args = ["--in", self.inp, "--md", self.md, "--png", self.png]
+        if raw:
+            args += ["--raw-dir", self.raw]
+        rc = report.main(args)
+        self.assertEqual(rc, 0)
+        with open(self.md, encoding="utf-8") as fh:
+            return fh.read()
+
+    def row(self, md, key):
+        rows = [l for l in md.splitlines() if f"| `{key}` |" in l]
+        self.assertEqual(len(rows), 1, f"one table row for {key}")
+        return rows[0]
+
+    def test_every_median_in_the_markdown(self):
+        self.put("datapath", DATAPATH)
+        self.put("control", CONTROL)
+        md = self.run_report()
+        for doc in (DATAPATH, CONTROL):
+            self.assertIn(doc["command"], md)
+            for f in doc["figures"]:
+                row = self.row(md, f["key"])
+                cells = [c.strip() for c in row.strip("|").split("|")]
+                self.assertEqual(cells[0], f["label"])
+                self.assertEqual(cells[2], report.fmt(f["median"]), f["key"])
+                self.assertEqual(cells[3], f["unit"])
+                self.assertEqual(cells[5], str(len(f["samples"])))
+        # Formatting: thousands separators, fixed precision, nulls as n/a.
+        self.assertIn("| 9,120 |", self.row(md, "datapath.overlay.tcp1"))
+        self.assertIn("| 41.5 |", self.row(md, "datapath.overlay.ping"))
+        self.assertIn("| 0.911 |", self.row(md, "datapath.ratio.overlay_flannel.tcp1"))
+        self.assertIn("| n/a |", self.row(md, "control.ready.router"))
+        self.assertIn("8,990–9,300 (3 %)", self.row(md, "datapath.overlay.tcp1"))
+        # Machine, generated-file header, date from unix_time.
+        for s in ("Test CPU 9000", "6.1.0-test", "`abc1234`", "7.50 GiB", "2027-01-15 08:00 UTC"):
+            self.assertIn(s, md)
+        self.assertIn("do not edit", md)
+        self.assertIn("make bench-report", md)
+
+    def test_targets_met_and_missed(self):
+        self.put("datapath", DATAPATH)
+        self.put("control", CONTROL)
+        md = self.run_report()
+        expect = {
+            "datapath.ratio.overlay_flannel.tcp1": ("≥ 0.9 ratio", "✅ met"),
+            "datapath.ratio.overlay_flannel.tcp4": ("≥ 0.9 ratio", "❌ MISSED"),
+            "control.reconcile.10k": ("≤ 1,000 ms", "❌ MISSED"),
+            "control.rss.router.1000": ("≤ 30 MiB", "✅ met"),
+            # A sample that never finished: no median, so the target is missed.
+            "control.ready.router": ("≤ 200 ms", "❌ MISSED"),
+            "datapath.overlay.tcp1": ("—", "—"),
+        }
+        for key, (target, met) in expect.items():
+            cells = [c.strip() for c in self.row(md, key).strip("|").split("|")]
+            self.assertEqual((cells[6], cells[7]), (target, met), key)
+
+    def test_met_that_contradicts_the_median_is_rejected(self):
+        bad = json.loads(json.dumps(CONTROL))
+        bad["figures"][1]["met"] = True
+        self.put("control", bad)
+        self.assertEqual(report.main(["--in", self.inp, "--md", self.md, "--png", self.png]), 2)
+        self.assertFalse(os.path.exists(self.md))
+
+    def test_missing_files_are_noted(self):
+        self.put("control", CONTROL)
+        md = self.run_report()
+        for stem in ("datapath", "images", "gossip-real", "gossip-sim"):
+            self.assertIn(f"`{self.inp}/{stem}.json` is missing", md)
+        self.assertNotIn(f"`{self.inp}/control.json` is missing", md)
+        # Only the reconcile panel: the chart exists and the page links it.
+        self.assertTrue(png_ok(self.png))
+        self.assertIn("![reconcile times](benchmarks.png)", md)
+        self.assertEqual(os.listdir(self.raw), ["control.json"])
+        self.assertIn("[control.json](bench/control.json)", md)
+
+    def test_no_chart_without_its_figures(self):
+        self.put("images", results("vrt-image-sizes", [
+            figure("images.router", "docker-vrouter/router", "MB", [2.383072], ("at_most", 15.0)),
+        ]))
+        md = self.run_report(raw=False)
+        self.assertFalse(os.path.exists(self.png))
+        self.assertNotIn("benchmarks.png", md)
+        self.assertIn("| 2.38 |", self.row(md, "images.router"))
+
+    def test_chart_with_both_panels(self):
+        self.put("datapath", DATAPATH)
+        self.put("control", CONTROL)
+        md = self.run_report()
+        self.assertTrue(png_ok(self.png))
+        self.assertIn("![throughput ratios and reconcile times](benchmarks.png)", md)
+        self.assertEqual(sorted(os.listdir(self.raw)), ["control.json", "datapath.json"])
+
+    def test_unknown_bench_gets_a_section(self):
+        self.put("extra-bench", results("vrt-extra", [figure("extra.x", "something", "ms", [3.0])]))
+        md = self.run_report()
+        self.assertIn("## `extra-bench`", md)
+        self.assertIn("| 3 |", self.row(md, "extra.x"))
+
+    def test_gossip_params_from_the_sim(self):
+        self.put("gossip-sim", results("gossip-sim", [], {"params": {"probe_period_ms": 500, "gossip_fanout": 3}}))
+        md = self.run_report()
+        self.assertIn("probe period 500 ms, to 3 members.", md)
+        self.assertIn("*The file holds no figures.*", md)
+
+    def test_bad_input(self):
+        with open(os.path.join(self.inp, "old.json"), "w") as fh:
+            json.dump({"hosts": 10, "join_convergence_ms": {"p50": 1}}, fh)
+        self.assertEqual(report.main(["--in", self.inp, "--md", self.md, "--png", self.png]), 2)
+        with open(os.path.join(self.inp, "old.json"), "w") as fh:
+            fh.write("{not json")
+        self.assertEqual(report.main(["--in", self.inp, "--md", self.md, "--png", self.png]), 2)
+        self.assertEqual(report.main(["--in", os.path.join(self.d, "nope"), "--md", self.md]), 2)
+        self.assertFalse(os.path.exists(self.md))
+
+    def test_fmt(self):
+        self.assertEqual(report.fmt(18723.4), "18,723")
+        self.assertEqual(report.fmt(5400544), "5,400,544")
+        self.assertEqual(report.fmt(123.4), "123")
+        self.assertEqual(report.fmt(12.34), "12.3")
+        self.assertEqual(report.fmt(1.234), "1.23")
+        self.assertEqual(report.fmt(0.0123), "0.0123")
+        self.assertEqual(report.fmt(0), "0")
+        self.assertEqual(report.fmt(None), "n/a")
+        self.assertEqual(report.fmt(math.inf), "n/a")
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
