@@ -11,11 +11,14 @@
 //! - false failures at 5 % underlay loss (nftables `numgen random`): `member_failed` and
 //!   `peer_withdrawn` events over the run.
 //!
-//! Prints one JSON object (and writes it to `--out FILE` when given). `--quick` runs
-//! fewer rounds and one minute of loss instead of ten.
+//! Prints the measurements as one JSON object; with `--out FILE` also writes them as
+//! `gossip.real.*` figures in the schema of tests/src/bench.rs (for
+//! tests/bench-report.py), the object above under `extra`. `--quick` runs fewer rounds
+//! and one minute of loss instead of ten.
 
 use serde_json::json;
 use std::time::{Duration, Instant};
+use vrouter_tests::bench::{write_results, Figure, Samples, Target};
 use vrouter_tests::gossip::{now_ms, GossipMesh};
 use vrouter_tests::mesh::StackDef;
 use vrouter_tests::probe::ping;
@@ -33,12 +36,14 @@ fn main() {
         .position(|a| a == "--out")
         .and_then(|i| args.get(i + 1).cloned());
     match bench(quick) {
-        Ok(v) => {
+        Ok((figures, v)) => {
             let text = serde_json::to_string_pretty(&v).expect("json");
             println!("{text}");
             if let Some(p) = out {
-                if let Err(e) = std::fs::write(&p, text + "\n") {
-                    eprintln!("vrt-gossip-bench: cannot write {p}: {e}");
+                let command = args.join(" ");
+                let path = std::path::Path::new(&p);
+                if let Err(e) = write_results(path, "vrt-gossip-bench", &command, &figures, v) {
+                    eprintln!("vrt-gossip-bench: cannot write {p}: {e:#}");
                     std::process::exit(1);
                 }
             }
@@ -56,7 +61,7 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     v[i.min(v.len() - 1)]
 }
 
-fn bench(quick: bool) -> anyhow::Result<serde_json::Value> {
+fn bench(quick: bool) -> anyhow::Result<(Vec<Figure>, serde_json::Value)> {
     const N: usize = 10;
     let started = Instant::now();
     let mut g = GossipMesh::start_one_stack_per_host("gbench", N)?;
@@ -142,19 +147,67 @@ fn bench(quick: bool) -> anyhow::Result<serde_json::Value> {
         "gossip-bench: {loss_for:?} at 5% loss: {failed} member_failed, {withdrawn} withdrawals"
     );
 
-    Ok(json!({
-        "machine": {
-            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-            "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
-        },
-        "hosts": N,
-        "quick": quick,
-        "params": "vrouter_gossip::Params::default()",
-        "mesh_converged_ms": mesh_time.as_millis() as u64,
-        "idle_traffic_kbit_s_per_node": { "mean": idle_mean, "max": idle_max, "window_s": window.as_secs() },
-        "join_convergence_ms": { "samples": join_ms.clone(), "p50": percentile(join_ms.clone(), 0.5), "max": percentile(join_ms, 1.0) },
-        "failure_detection_ms": { "samples": detect_ms.clone(), "p50": percentile(detect_ms.clone(), 0.5), "p99": percentile(detect_ms, 0.99) },
-        "loss5": { "seconds": loss_for.as_secs(), "member_failed": failed, "withdrawals": withdrawn },
-        "wall_s": started.elapsed().as_secs(),
-    }))
+    let figures = vec![
+        Figure::new(
+            "gossip.real.join_ms",
+            &format!("Join convergence: a new stack's router started on one host → first ping answered from a service on another host ({N} hosts)"),
+            "ms",
+            Samples(join_ms.clone()),
+        )
+        .with_target(Target::AtMost(1000.0)),
+        Figure::new(
+            "gossip.real.failure_detection_ms",
+            &format!("Failure detection: a host's underlay link taken down → its stack withdrawn on all {} others", N - 1),
+            "ms",
+            Samples(detect_ms.clone()),
+        )
+        .with_target(Target::AtMost(3000.0)),
+        Figure::new(
+            "gossip.real.failure_detection_p99_ms",
+            &format!("Failure detection, p99 (nearest rank) of the {} cuts", detect_ms.len()),
+            "ms",
+            Samples(vec![percentile(detect_ms.clone(), 0.99)]),
+        )
+        .with_target(Target::AtMost(5000.0)),
+        Figure::new(
+            "gossip.real.loss5.member_failed",
+            &format!("False failures: `member_failed` events in {} s at 5 % loss on every underlay", loss_for.as_secs()),
+            "events",
+            Samples(vec![failed as f64]),
+        )
+        .with_target(Target::AtMost(0.0)),
+        Figure::new(
+            "gossip.real.loss5.withdrawals",
+            &format!("False failures: stack or route withdrawals in {} s at 5 % loss", loss_for.as_secs()),
+            "events",
+            Samples(vec![withdrawn as f64]),
+        )
+        .with_target(Target::AtMost(0.0)),
+        Figure::new(
+            "gossip.real.idle_kbit_per_node",
+            &format!("Gossip traffic sent per node, idle ({} s window, UDP payload + 28 bytes IP/UDP per datagram; one sample per node)", window.as_secs()),
+            "kbit/s",
+            Samples(idle_kbit.clone()),
+        ),
+        Figure::new(
+            "gossip.real.mesh_converged_ms",
+            "Whole mesh from the routers' start to every host routing every stack",
+            "ms",
+            Samples(vec![mesh_time.as_secs_f64() * 1000.0]),
+        ),
+    ];
+    Ok((
+        figures,
+        json!({
+            "hosts": N,
+            "quick": quick,
+            "params": "vrouter_gossip::Params::default()",
+            "mesh_converged_ms": mesh_time.as_millis() as u64,
+            "idle_traffic_kbit_s_per_node": { "mean": idle_mean, "max": idle_max, "window_s": window.as_secs() },
+            "join_convergence_ms": { "samples": join_ms.clone(), "p50": percentile(join_ms.clone(), 0.5), "max": percentile(join_ms, 1.0) },
+            "failure_detection_ms": { "samples": detect_ms.clone(), "p50": percentile(detect_ms.clone(), 0.5), "p99": percentile(detect_ms, 0.99) },
+            "loss5": { "seconds": loss_for.as_secs(), "member_failed": failed, "withdrawals": withdrawn },
+            "wall_s": started.elapsed().as_secs(),
+        }),
+    ))
 }

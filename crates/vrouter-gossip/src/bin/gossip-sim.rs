@@ -5,8 +5,18 @@
 //! cargo run --release -p vrouter-gossip --bin gossip-sim [-- --quick] [-- --out FILE]
 //! ```
 //!
-//! See docs/gossip-sim.md for what is measured and what is not modelled.
+//! See docs/gossip-sim.md for what is measured and what is not modelled. With `--out
+//! FILE` the figures are also written as `gossip.sim.*` in the schema every `make bench`
+//! result uses (tests/src/bench.rs, shared by path: this crate cannot depend on the test
+//! crate), the printed object under `extra`, for tests/bench-report.py.
 
+// Only part of the shared bench module is used here, and its `pub` items are private
+// in a binary (which is what makes clippy read `Target::to_json(&self)` as a lint).
+#[allow(dead_code, clippy::wrong_self_convention)]
+#[path = "../../../../tests/src/bench.rs"]
+mod bench;
+
+use bench::{write_results, Figure, Samples, Target};
 use serde_json::{json, Value};
 use std::time::Instant;
 use vrouter_gossip::sim::{Sim, IP_UDP_HEADERS};
@@ -558,9 +568,171 @@ fn main() {
     let text = serde_json::to_string_pretty(&out).expect("json");
     println!("{text}");
     if let Some(path) = o.out {
-        if let Err(e) = std::fs::write(&path, format!("{text}\n")) {
-            eprintln!("gossip-sim: cannot write {path}: {e}");
+        let figures = figures(&out, big);
+        let command = std::env::args().collect::<Vec<_>>().join(" ");
+        let p = std::path::Path::new(&path);
+        if let Err(e) = write_results(p, "gossip-sim", &command, &figures, out) {
+            eprintln!("gossip-sim: cannot write {path}: {e:#}");
             std::process::exit(1);
         }
     }
+}
+
+/// Samples from a JSON array of numbers; null (what an infinity, a run that never
+/// finished, became in JSON) is an infinity again.
+fn samples(v: &Value) -> Samples {
+    Samples(
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|x| x.as_f64().unwrap_or(f64::INFINITY))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    )
+}
+
+/// One sample: a number, or an infinity for null or absent.
+fn one(v: &Value) -> Samples {
+    Samples(vec![v.as_f64().unwrap_or(f64::INFINITY)])
+}
+
+/// The report's figures, taken from the measurements in `out` (nothing measured again).
+fn figures(out: &Value, big: usize) -> Vec<Figure> {
+    let mut f = Vec::new();
+    for n in [10, 100] {
+        let v = &out[format!("idle_traffic_n{n}").as_str()];
+        let target = Target::AtMost(v["target_kbit_s_per_node"].as_f64().unwrap_or(10.0));
+        let what = format!(
+            "{} s after convergence + {} s settle",
+            v["window_ms"].as_u64().unwrap_or(0) / 1000,
+            v["settle_ms"].as_u64().unwrap_or(0) / 1000
+        );
+        f.push(Figure::new(
+            &format!("gossip.sim.idle_n{n}.mean_kbit"),
+            &format!("Gossip traffic sent per node, idle, N={n}: mean over nodes, one sample per run ({what})"),
+            "kbit/s",
+            samples(&v["sent_kbit_s_per_node_mean"]["values"]),
+        ));
+        f.push(
+            Figure::new(
+                &format!("gossip.sim.idle_n{n}.max_kbit"),
+                &format!(
+                    "Gossip traffic sent per node, idle, N={n}: busiest node, one sample per run"
+                ),
+                "kbit/s",
+                samples(&v["sent_kbit_s_per_node_max"]["values"]),
+            )
+            .with_target(target),
+        );
+    }
+    let fd = &out["failure_detection_n10"];
+    let runs = fd["ms"]["runs"].as_u64().unwrap_or(0);
+    f.push(
+        Figure::new(
+            "gossip.sim.failure_detection_n10_ms",
+            &format!("Failure detection, membership only, N=10: a node crashes → all others see it Down ({runs} crashes)"),
+            "ms",
+            samples(&fd["ms"]["values"]),
+        )
+        .with_target(Target::AtMost(3000.0)),
+    );
+    f.push(
+        Figure::new(
+            "gossip.sim.failure_detection_n10_p99_ms",
+            &format!("Failure detection, N=10: p99 (nearest rank) of the {runs} crashes"),
+            "ms",
+            one(&fd["ms"]["p99"]),
+        )
+        .with_target(Target::AtMost(5000.0)),
+    );
+    let ff = &out["false_failures_loss5_n10"];
+    let per_run = |k: &str| {
+        Samples(
+            ff["runs"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|r| r[k].as_f64().unwrap_or(f64::INFINITY))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        )
+    };
+    let minutes = ff["duration_ms"].as_u64().unwrap_or(0) / 60_000;
+    f.push(
+        Figure::new(
+            "gossip.sim.loss5_n10.down_samples",
+            &format!("False Down at 5 % loss, N=10: node × member pairs seen Down (sampled every 500 ms), one sample per run of {minutes} simulated minutes"),
+            "samples",
+            per_run("down_samples"),
+        )
+        .with_target(Target::AtMost(0.0)),
+    );
+    f.push(
+        Figure::new(
+            "gossip.sim.loss5_n10.member_failed",
+            &format!("False failures at 5 % loss, N=10: `MemberFailed` events, one sample per run of {minutes} simulated minutes"),
+            "events",
+            per_run("member_failed_events"),
+        )
+        .with_target(Target::AtMost(0.0)),
+    );
+    let jc = &out["join_convergence_n10"];
+    f.push(
+        Figure::new(
+            "gossip.sim.join_n10.all_see_new_ms",
+            "Join, N=10: a new node joins through node 0 → all 9 others see it alive with its record",
+            "ms",
+            samples(&jc["all_see_new_node_ms"]["values"]),
+        )
+        .with_target(Target::AtMost(1000.0)),
+    );
+    f.push(Figure::new(
+        "gossip.sim.join_n10.new_sees_all_ms",
+        "Join, N=10: the new node sees all 9 others alive with their records",
+        "ms",
+        samples(&jc["new_node_sees_all_ms"]["values"]),
+    ));
+    for (suffix, what) in [("", "latency 1 ms"), ("_latency_1_5ms", "latency 1–5 ms")] {
+        let key = format!("n{big}{}", suffix.replace("_latency_", "_lat"));
+        let v = &out[format!("convergence_n{big}{suffix}").as_str()];
+        let others = big - 1;
+        f.push(
+            Figure::new(
+                &format!("gossip.sim.{key}.record_update_ms"),
+                &format!(
+                    "Convergence at N={big} ({what}): a record update reaching all {others} others"
+                ),
+                "ms",
+                samples(&v["record_update"]["ms"]["values"]),
+            )
+            .with_target(Target::AtMost(3000.0)),
+        );
+        f.push(
+            Figure::new(
+                &format!("gossip.sim.{key}.join_after_last_start_ms"),
+                &format!("Convergence at N={big} ({what}): {big} nodes joining 10 per 100 ms through one address, until all see all, after the last start (checked every 500 ms)"),
+                "ms",
+                one(&v["join"]["converged_ms_after_last_start"]),
+            )
+            .with_target(Target::AtMost(3000.0)),
+        );
+        let idle = &v["idle_after_join_kbit_s_per_node"];
+        f.push(Figure::new(
+            &format!("gossip.sim.{key}.idle_after_join_mean_kbit"),
+            &format!("Gossip traffic per node at N={big} ({what}) right after the join, mean over nodes (10 s window)"),
+            "kbit/s",
+            one(&idle["mean"]),
+        ));
+        f.push(Figure::new(
+            &format!("gossip.sim.{key}.idle_after_join_max_kbit"),
+            &format!(
+                "Gossip traffic per node at N={big} ({what}) right after the join, busiest node"
+            ),
+            "kbit/s",
+            one(&idle["max"]),
+        ));
+    }
+    f
 }
