@@ -8,7 +8,7 @@ IMAGE_TAG ?= local
 PREFIX ?= vrt
 export VROUTER_TEST_PREFIX ?= $(PREFIX)
 
-.PHONY: all setup build musl images demo test unit-test root-test docker-test bench clean-leftovers fmt lint
+.PHONY: all setup build musl images demo test unit-test root-test docker-test bench bench-report clean-leftovers fmt lint
 
 all: build
 
@@ -47,14 +47,23 @@ test: setup
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace -- --test-threads=1
 
-# Raw results go to target/bench/*.json; docs/benchmarks.md and docs/gossip-sim.md say
-# what each figure means and record a run.
-bench: setup build
+# Raw results go to target/bench/*.json (one schema: tests/src/bench.rs); bench-report
+# turns them into docs/benchmarks.md and docs/benchmarks.png and keeps a copy of the
+# JSON in docs/bench/. Nothing in docs/benchmarks.md is typed by hand.
+bench: setup build images
 	mkdir -p target/bench
 	bash .ci/cleanup
-	target/release/vrt-bench
+	target/release/vrt-bench --out target/bench/datapath.json
+	target/release/vrt-ctl-bench --out target/bench/control.json
 	target/release/vrt-gossip-bench --out target/bench/gossip-real.json
 	target/release/gossip-sim --n1000 --out target/bench/gossip-sim.json
+	target/release/vrt-image-sizes --tag $(IMAGE_TAG) --out target/bench/images.json
+	$(MAKE) bench-report
+
+# Regenerates docs/benchmarks.md and docs/benchmarks.png from target/bench/*.json
+# (needs python3-matplotlib, which .ci/setup installs).
+bench-report:
+	/usr/bin/python3 tests/bench-report.py --in target/bench --md docs/benchmarks.md --png docs/benchmarks.png --raw-dir docs/bench
 
 clean-leftovers:
 	bash .ci/cleanup
