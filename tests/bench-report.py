@@ -84,7 +84,7 @@ Sizes as `docker image inspect -f '{{.Size}}'` reports them, in MB (10^6 bytes).
     ),
     (
         "gossip-real",
-        "Gossip mesh, real daemons (`vrt-gossip-bench`)",
+        "Real daemons, N=10 simulated hosts (`vrt-gossip-bench`)",
         """\
 Simulated hosts (network namespaces on a veth underlay, the Docker-28.2-like firewall,
 daemons under CAP_NET_ADMIN only, a shared secret), one stack per host, all joined
@@ -106,7 +106,7 @@ and the other hosts program the FDB row and routes on receipt.""",
     ),
     (
         "gossip-sim",
-        "Gossip mesh, simulation (`gossip-sim`)",
+        "Simulation, N=10 to N=1,000 (`gossip-sim`)",
         """\
 The production `vrouter_gossip::Node` on a simulated clock and network, every datagram
 really sealed and opened, bytes counted on the wire; see docs/gossip-sim.md for the
@@ -262,10 +262,12 @@ def figures_table(doc):
         "|---|---|---|---|---|---|---|---|",
     ]
     for f in doc["figures"]:
-        spread = f"{fmt(f['min'])}–{fmt(f['max'])}"
+        spread = "—"
         s = f.get("spread")
-        if isinstance(s, (int, float)) and math.isfinite(s) and len(f["samples"]) > 1:
-            spread += f" ({s * 100:.0f} %)"
+        if len(f["samples"]) > 1:
+            spread = f"{fmt(f['min'])}–{fmt(f['max'])}"
+            if isinstance(s, (int, float)) and math.isfinite(s):
+                spread += f" ({s * 100:.0f} %)"
         rows.append(
             "| {} | `{}` | {} | {} | {} | {} | {} | {} |".format(
                 f["label"].replace("|", "\\|"),
@@ -311,7 +313,7 @@ def params_text(docs):
             "One parameter set serves every figure, the daemon and the tests: "
             "`vrouter_gossip::Params::default()` (crates/vrouter-gossip/src/node.rs)."
         )
-    parts = [t.format(params[k]) for k, t in PARAM_TEXT if k in params]
+    parts = [t.format(fmt(params[k])) for k, t in PARAM_TEXT if k in params]
     return (
         "One parameter set serves every figure, the daemon and the tests: "
         "`vrouter_gossip::Params::default()` (as gossip-sim.json records it): "
@@ -353,10 +355,14 @@ def render(docs, in_dir, md_path, png_path, raw_links, chart_panels):
     sections += [(s, f"`{s}`", None) for s in docs if s not in known]
     gossip_intro_done = False
     for stem, title, prose in sections:
-        out += ["", f"## {title}", ""]
-        if stem.startswith("gossip") and not gossip_intro_done:
-            out += [params_text(docs), GOSSIP_INTRO, ""]
-            gossip_intro_done = True
+        if stem.startswith("gossip-") and stem in known:
+            # The gossip benches share one section: the parameters, then one per bench.
+            if not gossip_intro_done:
+                out += ["", "## Gossip mesh", "", params_text(docs), GOSSIP_INTRO]
+                gossip_intro_done = True
+            out += ["", f"### {title}", ""]
+        else:
+            out += ["", f"## {title}", ""]
         if prose:
             out += [prose, ""]
         doc = docs.get(stem)

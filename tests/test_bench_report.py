@@ -6,7 +6,9 @@ so `make test` runs it). The figures here are made up for the test and never lea
 temporary directory.
 """
 
+import contextlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -139,8 +141,11 @@ class Report(unittest.TestCase):
         args = ["--in", self.inp, "--md", self.md, "--png", self.png]
         if raw:
             args += ["--raw-dir", self.raw]
-        rc = report.main(args)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            rc = report.main(args)
         self.assertEqual(rc, 0)
+        self.assertIn("bench-report: ", printed.getvalue())
         with open(self.md, encoding="utf-8") as fh:
             return fh.read()
 
@@ -234,10 +239,22 @@ class Report(unittest.TestCase):
         self.assertIn("| 3 |", self.row(md, "extra.x"))
 
     def test_gossip_params_from_the_sim(self):
-        self.put("gossip-sim", results("gossip-sim", [], {"params": {"probe_period_ms": 500, "gossip_fanout": 3}}))
+        self.put(
+            "gossip-sim",
+            results("gossip-sim", [], {"params": {"probe_period_ms": 500, "suspect_to_down_ms": 1000}}),
+        )
+        self.put("gossip-real", results("vrt-gossip-bench", [
+            figure("gossip.real.loss5.member_failed", "false failures", "events", [0.0], ("at_most", 0.0)),
+        ]))
         md = self.run_report()
-        self.assertIn("probe period 500 ms, to 3 members.", md)
+        self.assertIn("probe period 500 ms, suspect→down 1,000 ms.", md)
         self.assertIn("*The file holds no figures.*", md)
+        self.assertEqual(md.count("## Gossip mesh"), 1)
+        self.assertLess(md.index("## Gossip mesh"), md.index("### Real daemons"))
+        self.assertLess(md.index("### Real daemons"), md.index("### Simulation"))
+        # One sample: no range to show.
+        cells = [c.strip() for c in self.row(md, "gossip.real.loss5.member_failed").strip("|").split("|")]
+        self.assertEqual(cells[2:], ["0", "events", "—", "1", "≤ 0 events", "✅ met"])
 
     def test_bad_input(self):
         with open(os.path.join(self.inp, "old.json"), "w") as fh:
