@@ -372,6 +372,9 @@ def render(docs, in_dir, md_path, png_path, raw_links, chart_panels):
             )
             continue
         out += ["```sh", doc["command"], "```", ""]
+        extra = doc.get("extra") if isinstance(doc.get("extra"), dict) else {}
+        if isinstance(extra.get("docker_engine"), str):
+            out += [f"Docker Engine {extra['docker_engine']}.", ""]
         if doc["figures"]:
             out += figures_table(doc)
         else:

@@ -218,11 +218,12 @@ class Report(unittest.TestCase):
     def test_no_chart_without_its_figures(self):
         self.put("images", results("vrt-image-sizes", [
             figure("images.router", "docker-vrouter/router", "MB", [2.383072], ("at_most", 15.0)),
-        ]))
+        ], {"docker_engine": "99.0.1 (API 9.99)"}))
         md = self.run_report(raw=False)
         self.assertFalse(os.path.exists(self.png))
         self.assertNotIn("benchmarks.png", md)
         self.assertIn("| 2.38 |", self.row(md, "images.router"))
+        self.assertIn("Docker Engine 99.0.1 (API 9.99).", md)
 
     def test_chart_with_both_panels(self):
         self.put("datapath", DATAPATH)
