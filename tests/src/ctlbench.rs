@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use vrouter_state::{
-    Mac, Prefix, RemoteRoute, RoutesFile, StackName, StackRoutes, Vni, ROUTES_FILE,
-    RTPROT_VROUTER, SCHEMA_VERSION, STATE_LOCK_FILE,
+    Mac, Prefix, RemoteRoute, RoutesFile, StackName, StackRoutes, Vni, ROUTES_FILE, RTPROT_VROUTER,
+    SCHEMA_VERSION, STATE_LOCK_FILE,
 };
 
 /// Most synthetic remote stacks: one /24 each in 10.64.0.0/10.
@@ -107,6 +107,28 @@ pub fn static_peers_toml(n: usize, vni: Vni) -> Result<String> {
         ));
     }
     Ok(out)
+}
+
+/// A `bridge -batch` script giving `vxlan<VNI>` the forwarding rows discovery keeps for
+/// `routes`: per remote host a flood row (all-zeros MAC) and per remote router its MAC,
+/// both towards the host's underlay address.
+pub fn fdb_batch(vni: Vni, routes: &[RemoteRoute]) -> String {
+    let dev = vni.vxlan_ifname();
+    let mut out = String::new();
+    let mut hosts = HashSet::new();
+    for r in routes {
+        if hosts.insert(r.host) {
+            out.push_str(&format!(
+                "fdb append 00:00:00:00:00:00 dev {dev} dst {} self permanent\n",
+                r.host
+            ));
+        }
+        out.push_str(&format!(
+            "fdb replace {} dev {dev} dst {} self permanent\n",
+            r.mac, r.host
+        ));
+    }
+    out
 }
 
 /// The (network, length) keys of `routes`' prefixes, for [`count_installed`].
@@ -647,6 +669,21 @@ mod tests {
     }
 
     #[test]
+    fn fdb_rows_per_host_and_router() {
+        let vni = Vni::new(1000).unwrap();
+        let routes = remote_routes(3, vni).unwrap();
+        let b = fdb_batch(vni, &routes);
+        assert_eq!(b.lines().count(), 6);
+        assert!(
+            b.contains("fdb append 00:00:00:00:00:00 dev vxlan1000 dst 198.19.0.3 self permanent")
+        );
+        assert!(b.contains(&format!(
+            "fdb replace {} dev vxlan1000 dst 198.19.0.1 self permanent",
+            Mac::for_router(vni, "10.64.0.254".parse().unwrap())
+        )));
+    }
+
+    #[test]
     fn static_peers_one_host_per_stack() {
         let vni = Vni::new(1000).unwrap();
         let t = static_peers_toml(2, vni).unwrap();
@@ -684,14 +721,16 @@ mod tests {
 
     #[test]
     fn cpu_ticks_from_stat() {
-        let s = "42 (vrouter (x) y) S 1 42 42 0 -1 4194560 100 0 0 0 17 5 0 0 20 0 3 0 100 1000 200";
+        let s =
+            "42 (vrouter (x) y) S 1 42 42 0 -1 4194560 100 0 0 0 17 5 0 0 20 0 3 0 100 1000 200";
         assert_eq!(stat_cpu_ticks(s), Some(22));
         assert_eq!(stat_cpu_ticks("42 (x) S 1"), None);
     }
 
     #[test]
     fn vmhwm_from_status() {
-        let s = "Name:\tvrouter-router\nVmPeak:\t  20000 kB\nVmHWM:\t    8123 kB\nVmRSS:\t 7000 kB\n";
+        let s =
+            "Name:\tvrouter-router\nVmPeak:\t  20000 kB\nVmHWM:\t    8123 kB\nVmRSS:\t 7000 kB\n";
         assert_eq!(status_kib(s, "VmHWM"), Some(8123));
         assert_eq!(status_kib(s, "VmRSS"), Some(7000));
         assert_eq!(status_kib(s, "VmSwap"), None);
@@ -727,7 +766,12 @@ mod tests {
             118,
             &[attr(RTA_GATEWAY, &[10, 64, 0, 254])],
         );
-        let nh = route_msg([10, 64, 1, 0], 24, 118, &[attr(RTA_NH_ID, &7u32.to_ne_bytes())]);
+        let nh = route_msg(
+            [10, 64, 1, 0],
+            24,
+            118,
+            &[attr(RTA_NH_ID, &7u32.to_ne_bytes())],
+        );
         let other_proto = route_msg([10, 64, 2, 0], 24, 4, &[attr(RTA_GATEWAY, &[1, 1, 1, 1])]);
         let unwanted = route_msg([10, 99, 0, 0], 24, 118, &[attr(RTA_GATEWAY, &[1, 1, 1, 1])]);
         let no_gw = route_msg([10, 64, 3, 0], 24, 118, &[]);

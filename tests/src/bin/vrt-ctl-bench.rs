@@ -55,18 +55,20 @@
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use vrouter_state::{StackName, Vni};
 use vrouter_tests::bench::{write_results, Figure, Samples, Target};
+use vrouter_tests::cmd::run_cmd;
 use vrouter_tests::ctlbench::{
-    peak_rss_mib, prefix_keys, publish_routes, remote_routes, routes_file, static_peers_toml,
-    wait_http_200, wait_quiet, Netlink, IFF_UP,
+    fdb_batch, peak_rss_mib, prefix_keys, publish_routes, remote_routes, routes_file,
+    static_peers_toml, wait_http_200, wait_quiet, Netlink, IFF_UP,
 };
 use vrouter_tests::mesh::{Mesh, StackDef};
-use vrouter_tests::{exec, spawn_privileged_in, wait_until, Role};
+use vrouter_tests::{exec, exec_ok, spawn_privileged_in, wait_until, Role};
 
 const VNI: u32 = 1000;
 const STACK: &str = "a";
@@ -74,6 +76,9 @@ const STACK_CIDR: &str = "10.1.0.0/24";
 const ROUTER_IP: &str = "10.1.0.254";
 const READYZ: &str = "127.0.0.1:9474";
 const POLL: Duration = Duration::from_millis(2);
+/// Longest wait for one install or withdrawal; a round that takes longer is recorded in
+/// `extra.reconcile_failures` and ends that size's rounds.
+const RECONCILE_TIMEOUT: Duration = Duration::from_secs(180);
 
 struct Args {
     out: PathBuf,
@@ -198,7 +203,9 @@ fn start_router_until_ready(
     wanted: &HashSet<(Ipv4Addr, u8)>,
     timeout: Duration,
 ) -> Result<Duration> {
-    let ovl = Vni::new(VNI).map_err(|e| anyhow::anyhow!("{e}"))?.overlay_ifname();
+    let ovl = Vni::new(VNI)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .overlay_ifname();
     let t0 = Instant::now();
     mesh.start_router(STACK)?;
     let deadline = t0 + timeout;
@@ -234,8 +241,10 @@ fn healthcheck(mesh: &Mesh) -> Result<Duration> {
     let argv = ["env", &stack, &vni, &dir, &bin, "healthcheck"];
     let t0 = Instant::now();
     let mut last = String::new();
-    let ok = wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
-        match exec(Some(&ns), &argv) {
+    let ok = wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || match exec(Some(&ns), &argv) {
             Ok(o) if o.success() => true,
             Ok(o) => {
                 last = format!("{}{}", o.stdout.trim(), o.stderr.trim());
@@ -245,8 +254,8 @@ fn healthcheck(mesh: &Mesh) -> Result<Duration> {
                 last = e.to_string();
                 false
             }
-        }
-    });
+        },
+    );
     if !ok {
         bail!("vrouter-router healthcheck did not pass within 10 s: {last}");
     }
@@ -338,7 +347,8 @@ fn bench(args: &Args) -> Result<(Vec<Figure>, Value)> {
         let wanted = prefix_keys(&remote_routes(n, vni)?);
         mesh.start_discovery(1)?;
         let mut nl = Netlink::in_netns(&mesh.rtr(STACK).ns)?;
-        let first = start_router_until_ready(&mut mesh, &mut nl, &wanted, Duration::from_secs(120))?;
+        let first =
+            start_router_until_ready(&mut mesh, &mut nl, &wanted, Duration::from_secs(120))?;
         // The socket holds its namespace: let it go before the namespace is replaced
         // (the old overlay link, with the same MAC, lives until the namespace does).
         drop(nl);
@@ -351,7 +361,10 @@ fn bench(args: &Args) -> Result<(Vec<Figure>, Value)> {
         if !wait_until(Duration::from_secs(60), Duration::from_millis(20), || {
             published(&mesh) == n
         }) {
-            bail!("routes.json lists {} routes for {STACK}, want {n}", published(&mesh));
+            bail!(
+                "routes.json lists {} routes for {STACK}, want {n}",
+                published(&mesh)
+            );
         }
         let (mut rss_d, mut rss_r, mut ready_r) =
             (Samples::default(), Samples::default(), Samples::default());
@@ -366,15 +379,26 @@ fn bench(args: &Args) -> Result<(Vec<Figure>, Value)> {
             mesh.stop_router(STACK, libc::SIGTERM)?;
             let ns = fresh_router_ns(&mut mesh)?;
             let mut nl = Netlink::in_netns(&ns)?;
-            let ready = start_router_until_ready(&mut mesh, &mut nl, &wanted, Duration::from_secs(120))?;
+            let ready =
+                start_router_until_ready(&mut mesh, &mut nl, &wanted, Duration::from_secs(120))?;
             drop(nl);
             ready_r.push(ms(ready));
             let hc = healthcheck(&mesh)?;
             health_after.push(json!({"remote": n, "round": r + 1, "ms_after_ready": ms(hc)}));
             let rpid = mesh.router(STACK).pid();
             let dpid = mesh.discovery(1).pid();
-            wait_quiet(rpid, 0.25, Duration::from_millis(250), Duration::from_secs(20))?;
-            wait_quiet(dpid, 0.25, Duration::from_millis(250), Duration::from_secs(20))?;
+            wait_quiet(
+                rpid,
+                0.25,
+                Duration::from_millis(250),
+                Duration::from_secs(20),
+            )?;
+            wait_quiet(
+                dpid,
+                0.25,
+                Duration::from_millis(250),
+                Duration::from_secs(20),
+            )?;
             std::thread::sleep(Duration::from_secs(2));
             let (d, rt) = (
                 peak_rss_mib(dpid, "vrouter-discovery")?,
@@ -430,27 +454,69 @@ fn bench(args: &Args) -> Result<(Vec<Figure>, Value)> {
     let rns = mesh.rtr(STACK).ns;
     let rpid = mesh.router(STACK).pid();
     let mut nl = Netlink::in_netns(&rns)?;
-    let all = prefix_keys(&remote_routes(10_000, vni)?);
+    let all_routes = remote_routes(10_000, vni)?;
+    let all = prefix_keys(&all_routes);
+    // The VXLAN forwarding rows discovery would keep for these remote stacks (it
+    // programmed those of the first 1,000 already): without them the router's overlay
+    // probes to unknown MACs would be flooded to every remote host.
+    let h1 = mesh.topo.host(1).ns.clone();
+    let fdb = run_cmd(
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{h1}"))
+            .args(["--", "bridge", "-force", "-batch", "-"]),
+        Some(fdb_batch(vni, &all_routes).as_bytes()),
+        Duration::from_secs(300),
+    )?;
+    let rows = exec_ok(
+        Some(&h1),
+        &["bridge", "fdb", "show", "dev", &vni.vxlan_ifname()],
+    )?
+    .stdout
+    .lines()
+    .filter(|l| l.contains(" dst 198.19."))
+    .count();
+    if rows < 2 * all_routes.len() {
+        bail!(
+            "vxlan{VNI} has {rows} forwarding rows to the remote hosts, want {}: {}",
+            2 * all_routes.len(),
+            fdb.stderr.lines().take(5).collect::<Vec<_>>().join("; ")
+        );
+    }
+    extra.insert("fdb_rows".into(), json!(rows));
     generation += 1;
     publish_routes(&dir, &routes_file(&stack, vni, Vec::new(), generation))?;
     nl.wait_installed(&all, 0, Duration::from_secs(60), POLL)
         .context("emptying the router before the reconcile rounds")?;
     let mut quiet_misses = 0u32;
     let mut nexthops = json!(null);
+    let mut failures: Vec<String> = Vec::new();
+    let quiet = |misses: &mut u32| -> Result<()> {
+        if !wait_quiet(
+            rpid,
+            0.25,
+            Duration::from_millis(250),
+            Duration::from_secs(5),
+        )? {
+            *misses += 1;
+        }
+        Ok(())
+    };
     for (n, key) in [(1000usize, "1k"), (10_000, "10k")] {
         let routes = remote_routes(n, vni)?;
         let wanted = prefix_keys(&routes);
         let (mut add, mut del) = (Samples::default(), Samples::default());
         for r in 0..rounds {
-            if !wait_quiet(rpid, 0.25, Duration::from_millis(250), Duration::from_secs(20))? {
-                quiet_misses += 1;
-            }
+            quiet(&mut quiet_misses)?;
             generation += 1;
             let t0 = publish_routes(&dir, &routes_file(&stack, vni, routes.clone(), generation))?;
-            let t1 = nl
-                .wait_installed(&wanted, n, Duration::from_secs(600), POLL)
-                .inspect_err(|_| mesh.dump_logs())?;
-            add.push(ms(t1 - t0));
+            match nl.wait_installed(&wanted, n, RECONCILE_TIMEOUT, POLL) {
+                Ok(t1) => add.push(ms(t1 - t0)),
+                Err(e) => {
+                    failures.push(format!("install {n}, round {}: {e:#}", r + 1));
+                    eprintln!("ctl-bench: install {n}, round {}: {e:#}", r + 1);
+                    break;
+                }
+            }
             let dump = nl.routes()?;
             let ours: Vec<_> = dump
                 .iter()
@@ -461,15 +527,17 @@ fn bench(args: &Args) -> Result<(Vec<Figure>, Value)> {
                 "with_gateway": ours.iter().filter(|r| r.gateway.is_some()).count(),
                 "with_nexthop_object": ours.iter().filter(|r| r.nh_id.is_some()).count(),
             });
-            if !wait_quiet(rpid, 0.25, Duration::from_millis(250), Duration::from_secs(20))? {
-                quiet_misses += 1;
-            }
+            quiet(&mut quiet_misses)?;
             generation += 1;
             let t0 = publish_routes(&dir, &routes_file(&stack, vni, Vec::new(), generation))?;
-            let t1 = nl
-                .wait_installed(&wanted, 0, Duration::from_secs(600), POLL)
-                .inspect_err(|_| mesh.dump_logs())?;
-            del.push(ms(t1 - t0));
+            match nl.wait_installed(&wanted, 0, RECONCILE_TIMEOUT, POLL) {
+                Ok(t1) => del.push(ms(t1 - t0)),
+                Err(e) => {
+                    failures.push(format!("withdraw {n}, round {}: {e:#}", r + 1));
+                    eprintln!("ctl-bench: withdraw {n}, round {}: {e:#}", r + 1);
+                    break;
+                }
+            }
             eprintln!(
                 "ctl-bench: reconcile {n} round {}: install {:.1} ms, withdraw {:.1} ms",
                 r + 1,
@@ -496,6 +564,7 @@ fn bench(args: &Args) -> Result<(Vec<Figure>, Value)> {
     }
     extra.insert("last_install_10k".into(), nexthops);
     extra.insert("router_not_quiet_before_round".into(), json!(quiet_misses));
+    extra.insert("reconcile_failures".into(), json!(failures));
     extra.insert(
         "duration_s".into(),
         json!((started.elapsed().as_secs_f64() * 10.0).round() / 10.0),
