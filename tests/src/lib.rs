@@ -22,6 +22,7 @@
 pub mod bench;
 pub mod cleanup;
 pub mod cmd;
+pub mod ctlbench;
 pub mod daemon;
 pub mod docker;
 pub mod firewall;
