@@ -10,7 +10,10 @@
 //!   over the overlay with the router IP as source, and the answer comes back the same
 //!   way;
 //! - every [`PROBE_INTERVAL`] it sends one request to each remote router (the `via` of
-//!   every installed route on another host) and matches the replies by sequence;
+//!   every installed route on another host) and matches the replies by sequence; with
+//!   more than 250 remote routers the requests are spread over several ticks so a
+//!   router never sends more than [`MAX_PROBES_PER_SEC`] (each peer's interval and
+//!   reach window grow instead);
 //! - it writes `probes/<stack>.json` ([`ProbesFile`]) when a peer's reachability
 //!   changes or the set of peers does, and otherwise at most once per second.
 //!
@@ -56,8 +59,19 @@ use vrouter_state::{
     OVERLAY_PROBE_PORT, SCHEMA_VERSION,
 };
 
-/// Time between requests to each peer.
+/// Time between requests to each peer (and between the probe task's ticks), while the
+/// peers are few enough for [`MAX_PROBES_PER_SEC`].
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+/// The most small requests a router sends per second, whatever the number of peers.
+/// Up to 250 peers each is probed every [`PROBE_INTERVAL`]; beyond that the per-peer
+/// interval (and with it the reach window) grows so the total stays at this rate: at
+/// 1,000 peers each is probed every second, at 10,000 every 10 s. Without the cap a
+/// router with 10,000 remote routers sent 40,000 requests a second in bursts that
+/// starved its own event loop (measured by `vrt-ctl-bench`).
+pub const MAX_PROBES_PER_SEC: u64 = 1000;
+/// The most full-size (MTU) checks started per tick; further due checks wait for
+/// the next ticks.
+pub const MTU_STARTS_PER_TICK: usize = 32;
 /// A peer is reachable while its last answer is younger than this many intervals.
 pub const REACH_INTERVALS: u64 = 3;
 /// Without a reachability change, the file is rewritten at most this often (and at
@@ -230,10 +244,15 @@ struct PeerState {
 /// on a monotonic clock with any origin.
 #[derive(Debug, Clone)]
 pub struct ProbeTable {
+    /// The tick: the per-peer interval while the peers are few.
+    base_interval_us: u64,
+    /// The per-peer interval: the tick, or longer with many peers.
     interval_us: u64,
     reach_window_us: u64,
     next_seq: u64,
     peers: BTreeMap<Ipv4Addr, PeerState>,
+    /// The last peer probed: the next tick goes on after it.
+    cursor: Option<Ipv4Addr>,
 }
 
 impl ProbeTable {
@@ -242,15 +261,55 @@ impl ProbeTable {
     pub fn new(interval: Duration, first_seq: u64) -> ProbeTable {
         let interval_us = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX);
         ProbeTable {
+            base_interval_us: interval_us.max(1),
             interval_us,
             reach_window_us: interval_us.saturating_mul(REACH_INTERVALS),
             next_seq: first_seq,
             peers: BTreeMap::new(),
+            cursor: None,
         }
     }
 
+    /// Time between requests to each peer: the tick, or longer when more peers than
+    /// [`MAX_PROBES_PER_SEC`] allows share it.
     pub fn interval(&self) -> Duration {
         Duration::from_micros(self.interval_us)
+    }
+
+    /// Recomputes the per-peer interval and the reach window for the peer count.
+    fn rescale(&mut self) {
+        let n = u64::try_from(self.peers.len()).unwrap_or(u64::MAX);
+        let spread_us = n.saturating_mul(1_000_000) / MAX_PROBES_PER_SEC;
+        self.interval_us = self.base_interval_us.max(spread_us);
+        self.reach_window_us = self.interval_us.saturating_mul(REACH_INTERVALS);
+    }
+
+    /// The peers to send a small request to at this tick: all of them while they are
+    /// few; with many, the next share in address order after the last tick's, so each
+    /// peer gets one request per [`ProbeTable::interval`].
+    pub fn probe_round(&mut self) -> Vec<Ipv4Addr> {
+        let n = self.peers.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let ticks = usize::try_from(self.interval_us.div_ceil(self.base_interval_us))
+            .unwrap_or(usize::MAX)
+            .max(1);
+        let per_tick = n.div_ceil(ticks);
+        let mut out: Vec<Ipv4Addr> = match self.cursor {
+            Some(c) => self
+                .peers
+                .range((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded))
+                .map(|(ip, _)| *ip)
+                .take(per_tick)
+                .collect(),
+            None => Vec::new(),
+        };
+        // Wrap around: the peers up to the cursor, which the first part did not take.
+        let more = per_tick - out.len();
+        out.extend(self.peers.keys().copied().take(more));
+        self.cursor = out.last().copied();
+        out
     }
 
     /// A peer is reachable while its last answer is younger than this.
@@ -301,6 +360,7 @@ impl ProbeTable {
                 }
             });
         }
+        self.rescale();
         changed
     }
 
@@ -399,8 +459,11 @@ impl ProbeTable {
     /// probed another size), and the next try of checks under way, an interval after
     /// the previous one. Each returned (peer, sequence) counts as sent; report a local
     /// failure to send with [`ProbeTable::mtu_send_failed`].
+    /// At most [`MTU_STARTS_PER_TICK`] checks start per call; the other due ones start
+    /// at later calls.
     pub fn mtu_due(&mut self, size: u32, now_us: u64) -> Vec<(Ipv4Addr, u64)> {
         let mut out = Vec::new();
+        let mut started = 0;
         for (ip, p) in &mut self.peers {
             let m = &mut p.mtu;
             if m.running.as_ref().is_some_and(|r| r.size != size) {
@@ -421,7 +484,8 @@ impl ProbeTable {
                 }
                 None => {
                     let due = now_us >= m.next_us || m.last.is_some_and(|l| l.size != size);
-                    if p.reachable && due {
+                    if p.reachable && due && started < MTU_STARTS_PER_TICK {
+                        started += 1;
                         let seq = self.next_seq;
                         self.next_seq = self.next_seq.wrapping_add(1);
                         m.running = Some(MtuRun {
@@ -854,7 +918,7 @@ impl ProbeTask {
         let Some(socket) = self.socket.clone() else {
             return;
         };
-        for peer in self.table.peer_ips() {
+        for peer in self.table.probe_round() {
             let seq = self.table.next_seq();
             let packet = Packet {
                 kind: Kind::Request,
@@ -1429,6 +1493,78 @@ mod tests {
         let late = t.peers[&c].outstanding.back().unwrap().0;
         assert!(t.record_reply(c, late, now + 1));
         assert_eq!(t.refresh(now + 1), vec![(c, true)]);
+    }
+
+    fn many(n: usize) -> Vec<RemoteRouter> {
+        (0..n)
+            .map(|i| {
+                let via = Ipv4Addr::from(0x0a00_0000u32 + ((i as u32) << 8) + 254);
+                RemoteRouter {
+                    via,
+                    stack: StackName::new(&format!("s{i}")).unwrap(),
+                    host: "198.18.0.2".parse().unwrap(),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn few_peers_are_all_probed_every_tick() {
+        let mut t = ProbeTable::new(PROBE_INTERVAL, 1);
+        t.set_peers(many(250).iter());
+        assert_eq!(t.interval(), PROBE_INTERVAL);
+        assert_eq!(t.reach_window(), PROBE_INTERVAL * 3);
+        for _ in 0..3 {
+            assert_eq!(t.probe_round().len(), 250);
+        }
+    }
+
+    #[test]
+    fn many_peers_share_the_probe_budget_round_robin() {
+        let mut t = ProbeTable::new(PROBE_INTERVAL, 1);
+        let routers = many(10_000);
+        t.set_peers(routers.iter());
+        // 10,000 peers at 1,000 requests/s: each every 10 s, reachable for 30 s.
+        assert_eq!(t.interval(), Duration::from_secs(10));
+        assert_eq!(t.reach_window(), Duration::from_secs(30));
+        let ticks = 40; // 10 s of 250 ms ticks
+        let mut seen = BTreeMap::<Ipv4Addr, usize>::new();
+        for _ in 0..ticks {
+            let round = t.probe_round();
+            // 1,000/s over 4 ticks a second.
+            assert_eq!(round.len(), 250);
+            for ip in round {
+                *seen.entry(ip).or_default() += 1;
+            }
+        }
+        assert_eq!(seen.len(), 10_000, "every peer is probed once per interval");
+        assert!(seen.values().all(|&c| c == 1));
+        // Fewer peers again: back to every tick.
+        t.set_peers(routers[..10].iter());
+        assert_eq!(t.interval(), PROBE_INTERVAL);
+        assert_eq!(t.probe_round().len(), 10);
+        assert_eq!(t.probe_round().len(), 10);
+    }
+
+    #[test]
+    fn mtu_checks_start_within_the_budget() {
+        let mut t = ProbeTable::new(PROBE_INTERVAL, 1);
+        t.set_peers(many(100).iter());
+        let now = 10 * MS;
+        for ip in t.peer_ips() {
+            let seq = t.next_seq();
+            t.record_sent(ip, seq, now);
+            t.record_reply(ip, seq, now + 1);
+        }
+        t.refresh(now + 1);
+        let first = t.mtu_due(1450, now + 2);
+        assert_eq!(first.len(), MTU_STARTS_PER_TICK);
+        let second = t.mtu_due(1450, now + 3);
+        // The next batch starts; the first batch's retries are not due yet.
+        assert_eq!(second.len(), MTU_STARTS_PER_TICK);
+        assert!(second
+            .iter()
+            .all(|(ip, _)| !first.iter().any(|(f, _)| f == ip)));
     }
 
     #[test]
