@@ -23,6 +23,7 @@ pub mod bench;
 pub mod cleanup;
 pub mod cmd;
 pub mod daemon;
+pub mod datapath;
 pub mod docker;
 pub mod firewall;
 pub mod gossip;
