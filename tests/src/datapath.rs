@@ -486,7 +486,21 @@ impl Datapath {
                 .map(|o| o.stdout.lines().map(str::to_string).collect::<Vec<_>>())
                 .unwrap_or_default()
         };
+        let lines = |ns: &str, argv: &[&str]| {
+            exec_ok(Some(ns), argv)
+                .map(|o| o.stdout.lines().map(str::to_string).collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+        let overlay_to = self
+            .paths
+            .iter()
+            .find(|p| p.name == "overlay")
+            .map(|p| p.to_ip.to_string())
+            .unwrap_or_default();
         json!({
+            "host_rules": {"host1": lines(&h1, &["ip", "-4", "rule", "show"]), "host2": lines(&h2, &["ip", "-4", "rule", "show"])},
+            "overlay_sender_route": lines(&svc_ns("overlay"), &["ip", "-4", "route", "get", &overlay_to]),
+            "router_nft": {"router_a": lines(&ra.ns, &["nft", "list", "ruleset"])},
             "underlay": {"subnet": "198.18.0.0/24", "host1": self.mesh.topo.host(1).underlay_ip.to_string(), "host2": self.mesh.topo.host(2).underlay_ip.to_string(), "mtu": link_mtu(&h1, "eth0")},
             "vxlan_mtu": self.vxlan_mtu,
             "tcp_mss": self.mss,

@@ -175,7 +175,6 @@ fn run(args: &Args) -> Result<()> {
         args.rounds,
         args.secs
     );
-    let topology = dp.describe();
 
     let paths = dp.paths.clone();
     let plain: Vec<&PathDef> = paths.iter().filter(|p| !p.firewall).collect();
@@ -223,6 +222,9 @@ fn run(args: &Args) -> Result<()> {
         );
     }
 
+    // After the runs: the sender's route then shows whether the host's ICMP redirect
+    // took effect.
+    let topology = dp.describe();
     let figures = figures(&paths, &samples);
     print_table(args, &dp, &figures);
     let extra = json!({
