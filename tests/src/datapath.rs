@@ -460,10 +460,12 @@ impl Datapath {
                 .map(|o| o.stdout.trim().to_string())
                 .unwrap_or_else(|_| "?".into())
         };
+        let svc_a = svc_ns("overlay");
         let sysctls: Vec<Value> = [
             (h1.as_str(), "host 1"),
             (h2.as_str(), "host 2"),
             (ra.ns.as_str(), "router a"),
+            (svc_a.as_str(), "service a (overlay sender)"),
         ]
         .iter()
         .map(|(ns, who)| {
@@ -473,6 +475,9 @@ impl Datapath {
                 "net.ipv4.conf.default.rp_filter",
                 "net.bridge.bridge-nf-call-iptables",
                 "net.ipv4.tcp_congestion_control",
+                "net.ipv4.conf.eth0.forwarding",
+                "net.ipv4.conf.all.accept_redirects",
+                "net.ipv4.conf.eth0.accept_redirects",
             ];
             let vals: serde_json::Map<String, Value> = keys
                 .iter()
@@ -499,6 +504,11 @@ impl Datapath {
             .unwrap_or_default();
         json!({
             "host_rules": {"host1": lines(&h1, &["ip", "-4", "rule", "show"]), "host2": lines(&h2, &["ip", "-4", "rule", "show"])},
+            // Whether the overlay's sender took the host's ICMP redirect to its router (a
+            // service namespace that inherited forwarding=1 and all.accept_redirects=0
+            // ignores it and keeps sending through the host).
+            "overlay_sender_icmp_redirects": lines(&svc_a, &["nstat", "-az", "IcmpInRedirects"]),
+            "overlay_host_icmp_redirects": lines(&h1, &["nstat", "-az", "IcmpOutRedirects"]),
             "overlay_sender_route": lines(&svc_ns("overlay"), &["ip", "-4", "route", "get", &overlay_to]),
             "router_nft": {"router_a": lines(&ra.ns, &["nft", "list", "ruleset"])},
             "underlay": {"subnet": "198.18.0.0/24", "host1": self.mesh.topo.host(1).underlay_ip.to_string(), "host2": self.mesh.topo.host(2).underlay_ip.to_string(), "mtu": link_mtu(&h1, "eth0")},
