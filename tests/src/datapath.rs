@@ -36,6 +36,14 @@
 //!   segments of the same size, the TCP clients set their MSS to the VXLAN MTU - 40
 //!   (`iperf3 -M 1410`); nothing else on the routed and underlay paths is changed.
 //!
+//! ICMP redirects: the overlay's sender reaches its router through the host (policy
+//! rule, br-a back to br-a) until it takes the host's redirect. A namespace inherits
+//! the init namespace's IPv4 `conf/all` settings, so on a host with `ip_forward=1` and
+//! `conf.all.accept_redirects=0` (as here) the service ignores the redirect and every
+//! packet takes the detour: one more IP forward and bridge pass than Flannel's path.
+//! The bench leaves this as the host has it and records the sender's route, the redirect
+//! counters and the sysctls in `extra`.
+//!
 //! The exact topology (addresses, devices, MTUs, `ethtool -k` offloads, the VXLAN
 //! devices' `ip -d link` details, sysctls) goes into the JSON's `extra` through
 //! [`Datapath::describe`].
