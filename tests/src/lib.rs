@@ -24,6 +24,7 @@ pub mod cleanup;
 pub mod cmd;
 pub mod ctlbench;
 pub mod daemon;
+pub mod datapath;
 pub mod docker;
 pub mod firewall;
 pub mod gossip;

@@ -111,6 +111,8 @@ pub struct Host {
     networks: Vec<Network>,
     prefix: String,
     log_dir: PathBuf,
+    /// Whether the Docker-like ruleset is loaded (on by default; see [`Host::set_firewall`]).
+    firewall: bool,
 }
 
 fn parse_cidr(cidr: &str) -> Result<(Ipv4Addr, u8)> {
@@ -370,8 +372,34 @@ impl Host {
         render_ruleset(&self.fw_networks())
     }
 
-    /// (Re)load the Docker-like ruleset atomically.
+    /// Loads the Docker-like ruleset (`on`, the default) or removes its tables (`off`,
+    /// for baselines such as `vrt-bench`'s datapath paths); later network and container
+    /// changes keep to the choice.
+    pub fn set_firewall(&mut self, on: bool) -> Result<()> {
+        self.firewall = on;
+        self.apply_firewall()
+    }
+
+    pub fn firewall_enabled(&self) -> bool {
+        self.firewall
+    }
+
+    /// (Re)load the Docker-like ruleset atomically; with the firewall turned off, remove
+    /// its tables instead.
     pub fn apply_firewall(&self) -> Result<()> {
+        if !self.firewall {
+            let script: String = [
+                crate::firewall::RAW_TABLE,
+                crate::firewall::FILTER_TABLE,
+                crate::firewall::NAT_TABLE,
+            ]
+            .iter()
+            .map(|t| format!("add table ip {t}\ndelete table ip {t}\n"))
+            .collect();
+            return exec_input(Some(&self.ns), &["nft", "-f", "-"], script.as_bytes())
+                .context("removing the firewall")
+                .map(|_| ());
+        }
         exec_input(
             Some(&self.ns),
             &["nft", "-f", "-"],
@@ -618,6 +646,7 @@ impl Topology {
             networks: Vec::new(),
             prefix: self.prefix.clone(),
             log_dir: self.log_dir.clone(),
+            firewall: true,
         };
         host.apply_firewall()?;
         self.hosts.push(host);

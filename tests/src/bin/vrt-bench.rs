@@ -1,154 +1,351 @@
-//! `make bench`: side-by-side measurements in one run on simulated hosts, reported as
-//! ratios because these machines are noisy. Each path is measured `ROUNDS` times,
-//! interleaved, and the median is reported.
+//! `make bench`, datapath part: TCP throughput and latency over five paths built in one
+//! run on two simulated hosts (see `vrouter_tests::datapath` for the topology and what
+//! the baselines share with the overlay):
 //!
-//! - Single-stream TCP throughput: underlay host to host (no VXLAN, no firewall in the path's
-//!   forward chain) vs service to service across hosts through docker-vrouter, vs two
-//!   stacks on one host through sibling macvlans.
-//! - Control plane: time for a fresh two-host mesh to converge, and for a router restarted
-//!   in a fresh namespace to get its routes back.
+//! - `overlay`: service to service through docker-vrouter (stack, router, VXLAN,
+//!   router, stack);
+//! - `flannel`: the same kind of services over a Flannel-style VXLAN device in the host
+//!   namespaces, no router;
+//! - `routed`: the same kind of services routed host to host without VXLAN;
+//! - `underlay`: host namespace to host namespace over the underlay;
+//! - `overlay_fw`: the overlay again with the Docker-like firewall loaded.
+//!
+//! Per path and round: single-stream and 4-stream TCP (iperf3, Mbit/s received), ping
+//! RTT (average of 20, ms) and TCP request/response round trip (median of 2,000 1-byte
+//! exchanges, µs). Rounds are interleaved (round 1 measures every path, then round 2,
+//! ...; the path order rotates each round) and each figure is the median over rounds.
+//! Ratios are taken per round (overlay in round i / Flannel in round i) and their median
+//! reported. Writes `target/bench/datapath.json` (see `vrouter_tests::bench`) and prints
+//! a table.
+//!
+//! Usage: `vrt-bench [--out PATH] [--rounds N] [--secs S] [--quick]` (needs root; set
+//! `VROUTER_TEST_PREFIX` when other tests run beside it).
 
-use std::time::{Duration, Instant};
-use vrouter_tests::mesh::{Mesh, StackDef};
-use vrouter_tests::{exec_timeout, probe_bin, spawn_in, wait_until};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
-const ROUNDS: usize = 5;
-const BYTES: usize = 1024 * 1024 * 1024;
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use vrouter_tests::bench::{write_results, Figure, Samples, Target};
+use vrouter_tests::datapath::{iperf, ping_rtt, tcp_rr, Datapath, PathDef};
+
+/// Pings per RTT sample, 50 ms apart.
+const PINGS: u32 = 20;
+/// 1-byte exchanges per TCP request/response sample.
+const RR_ITERATIONS: u32 = 2000;
+/// Target of overlay / Flannel-style throughput (the issue's; the goal is 1.0).
+const FLANNEL_TARGET: f64 = 0.9;
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+struct Args {
+    out: PathBuf,
+    rounds: usize,
+    secs: u32,
+}
+
+fn usage() -> ! {
+    eprintln!("usage: vrt-bench [--out PATH] [--rounds N (1..=50)] [--secs S (1..=60)] [--quick]");
+    std::process::exit(2)
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        out: PathBuf::from("target/bench/datapath.json"),
+        rounds: 5,
+        secs: 5,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut val = |what: &str| {
+            it.next().unwrap_or_else(|| {
+                eprintln!("vrt-bench: {what} needs a value");
+                usage()
+            })
+        };
+        match arg.as_str() {
+            "--out" => a.out = PathBuf::from(val("--out")),
+            "--rounds" => {
+                a.rounds = val("--rounds").parse().unwrap_or_else(|_| usage());
+            }
+            "--secs" => a.secs = val("--secs").parse().unwrap_or_else(|_| usage()),
+            "--quick" => {
+                a.rounds = 1;
+                a.secs = 2;
+            }
+            "-h" | "--help" => usage(),
+            other => {
+                eprintln!("vrt-bench: unknown argument {other}");
+                usage()
+            }
+        }
+    }
+    if !(1..=50).contains(&a.rounds) || !(1..=60).contains(&a.secs) {
+        usage()
+    }
+    a
+}
 
 fn main() {
+    let args = parse_args();
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("vrt-bench: needs root (network namespaces)");
         std::process::exit(1);
     }
-    if let Err(e) = bench() {
+    // SIGINT/SIGTERM end the run after the current measurement, so that the harness's
+    // Drop removes the namespaces and daemons.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    if let Err(e) = run(&args) {
         eprintln!("vrt-bench: {e:#}");
         std::process::exit(1);
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
+/// Samples of one path, by metric (`tcp1`, `tcp4`, `ping`, `tcp_rr`, `tcp_rr_mean`).
+type PathSamples = BTreeMap<&'static str, Samples>;
 
-/// One single-stream TCP transfer into a sink; returns Mbit/s.
-fn transfer(
-    mesh: &Mesh,
-    from_ns: &str,
-    to_ns: &str,
-    to_ip: &str,
-    port: u16,
-) -> anyhow::Result<f64> {
-    let addr = format!("{to_ip}:{port}");
-    let dir = mesh.topo.log_dir();
-    let out = dir.join(format!("sink-{port}"));
-    let ready = dir.join(format!("sink-{port}.ready"));
-    let probe = probe_bin()?.display().to_string();
-    let mut sink = spawn_in(
-        to_ns,
-        dir,
-        &probe,
-        &["tcp-sink", &addr, out.to_str().unwrap(), "60"],
-        &[],
-    )?;
-    if !wait_until(Duration::from_secs(5), Duration::from_millis(10), || {
-        ready.exists()
-    }) {
-        anyhow::bail!("tcp-sink did not start\n{}", sink.logs());
+fn check_stop() -> Result<()> {
+    if STOP.load(Ordering::SeqCst) {
+        bail!("interrupted; cleaning up");
     }
-    let line = exec_timeout(
-        Some(from_ns),
-        &[&probe, "tcp-blast", &addr, &BYTES.to_string(), "120"],
-        Duration::from_secs(150),
-    )?
-    .check()?
-    .stdout;
-    sink.wait_success(Duration::from_secs(10))?;
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("mbit_s="))
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("unexpected tcp-blast output: {line}"))
-}
-
-fn bench() -> anyhow::Result<()> {
-    let t = Instant::now();
-    let mut mesh = Mesh::start(
-        "bench",
-        2,
-        vec![
-            StackDef::new("a", 1, 1000, "10.1.0.0/24").unprotected(),
-            StackDef::new("b", 2, 1000, "10.2.0.0/24"),
-            StackDef::new("c", 1, 1000, "10.3.0.0/24").unprotected(),
-        ],
-    )?;
-    mesh.wait_converged(Duration::from_secs(30))?;
-    let converge = t.elapsed();
-
-    let h1 = mesh.topo.host(1).ns.clone();
-    let h2 = mesh.topo.host(2).ns.clone();
-    let (a, b, c) = (mesh.svc("a"), mesh.svc("b"), mesh.svc("c"));
-    let mut underlay = Vec::new();
-    let mut overlay = Vec::new();
-    let mut same_host = Vec::new();
-    let mut port = 6000;
-    for _ in 0..ROUNDS {
-        port += 3;
-        underlay.push(transfer(&mesh, &h1, &h2, "198.18.0.2", port)?);
-        overlay.push(transfer(&mesh, &a.ns, &b.ns, &b.ip.to_string(), port + 1)?);
-        same_host.push(transfer(&mesh, &a.ns, &c.ns, &c.ip.to_string(), port + 2)?);
-    }
-    let (u, o, s) = (
-        median(underlay.clone()),
-        median(overlay.clone()),
-        median(same_host.clone()),
-    );
-
-    let t = Instant::now();
-    mesh.restart_router_fresh_ns("a")?;
-    let restarted = Instant::now();
-    if !mesh.wait_router_routes("a", &["b", "c"], Duration::from_secs(10)) {
-        anyhow::bail!("router a did not get its routes back");
-    }
-    let reattach = restarted.elapsed();
-    let restart_total = t.elapsed();
-
-    println!(
-        "docker-vrouter benchmark ({ROUNDS} interleaved rounds, median; one TCP stream of {} MiB into a sink)",
-        BYTES >> 20
-    );
-    println!("machine: {} cores, kernel {}", num_cpus(), kernel());
-    println!("{:<44} {:>10} {:>8}", "path", "Mbit/s", "ratio");
-    println!(
-        "{:<44} {:>10.0} {:>8.2}",
-        "underlay, host to host (baseline)", u, 1.0
-    );
-    println!(
-        "{:<44} {:>10.0} {:>8.2}",
-        "service to service across hosts (VXLAN)",
-        o,
-        o / u
-    );
-    println!(
-        "{:<44} {:>10.0} {:>8.2}",
-        "service to service on one host (macvlan)",
-        s,
-        s / u
-    );
-    println!("rounds: underlay {underlay:.0?}, overlay {overlay:.0?}, same-host {same_host:.0?}");
-    println!("two-host mesh start to converged: {converge:.2?}");
-    println!("router restart in a fresh namespace: routes back {reattach:.2?} after the new process started ({restart_total:.2?} including the namespace rebuild)");
     Ok(())
 }
 
-fn num_cpus() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+fn measure(
+    dp: &Datapath,
+    p: &PathDef,
+    secs: u32,
+    port: &mut u16,
+    s: &mut PathSamples,
+) -> Result<()> {
+    let dir = dp.log_dir().to_path_buf();
+    for (key, streams) in [("tcp1", 1), ("tcp4", 4)] {
+        check_stop()?;
+        *port += 1;
+        let v = iperf(&dir, p, *port, secs, streams, dp.mss)
+            .with_context(|| format!("{key} on {}", p.name))?;
+        s.entry(key).or_default().push(v);
+    }
+    check_stop()?;
+    s.entry("ping").or_default().push(ping_rtt(p, PINGS)?);
+    check_stop()?;
+    *port += 1;
+    let (p50, mean) =
+        tcp_rr(&dir, p, *port, RR_ITERATIONS).with_context(|| format!("tcp_rr on {}", p.name))?;
+    s.entry("tcp_rr").or_default().push(p50);
+    s.entry("tcp_rr_mean").or_default().push(mean);
+    eprintln!(
+        "  {:<11} tcp1 {:>7.0} Mbit/s  tcp4 {:>7.0} Mbit/s  ping {:.3} ms  tcp_rr {:.1} us",
+        p.name,
+        last(s, "tcp1"),
+        last(s, "tcp4"),
+        last(s, "ping"),
+        last(s, "tcp_rr")
+    );
+    Ok(())
 }
 
-fn kernel() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .unwrap_or_default()
-        .trim()
-        .to_string()
+fn last(s: &PathSamples, k: &str) -> f64 {
+    s.get(k)
+        .and_then(|v| v.0.last().copied())
+        .unwrap_or(f64::NAN)
+}
+
+fn run(args: &Args) -> Result<()> {
+    let command = std::iter::once("vrt-bench".to_string())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let t = Instant::now();
+    let mut dp = Datapath::build("bench-datapath")?;
+    eprintln!(
+        "vrt-bench: topology up in {:.1?} (vxlan MTU {}, TCP MSS {}); {} rounds of {} s runs",
+        t.elapsed(),
+        dp.vxlan_mtu,
+        dp.mss,
+        args.rounds,
+        args.secs
+    );
+
+    let paths = dp.paths.clone();
+    let plain: Vec<&PathDef> = paths.iter().filter(|p| !p.firewall).collect();
+    let fw: Vec<&PathDef> = paths.iter().filter(|p| p.firewall).collect();
+    let mut samples: BTreeMap<&'static str, PathSamples> = BTreeMap::new();
+    let mut order_log = Vec::new();
+    let mut port: u16 = 5200;
+    for round in 0..args.rounds {
+        eprintln!("round {}/{}", round + 1, args.rounds);
+        let mut order: Vec<&PathDef> = plain.clone();
+        order.rotate_left(round % plain.len().max(1));
+        dp.set_firewall(false)?;
+        for p in &order {
+            measure(
+                &dp,
+                p,
+                args.secs,
+                &mut port,
+                samples.entry(p.name).or_default(),
+            )?;
+        }
+        if !fw.is_empty() {
+            dp.set_firewall(true)?;
+            for p in &fw {
+                let r = measure(
+                    &dp,
+                    p,
+                    args.secs,
+                    &mut port,
+                    samples.entry(p.name).or_default(),
+                );
+                if r.is_err() {
+                    let _ = dp.set_firewall(false);
+                }
+                r?;
+            }
+            dp.set_firewall(false)?;
+        }
+        order_log.push(
+            order
+                .iter()
+                .chain(fw.iter())
+                .map(|p| p.name)
+                .collect::<Vec<_>>(),
+        );
+    }
+
+    // After the runs: the sender's route then shows whether the host's ICMP redirect
+    // took effect.
+    let topology = dp.describe();
+    let figures = figures(&paths, &samples);
+    print_table(args, &dp, &figures);
+    let extra = json!({
+        "topology": topology,
+        "rounds": args.rounds,
+        "secs_per_iperf_run": args.secs,
+        "pings_per_sample": PINGS,
+        "tcp_rr_iterations": RR_ITERATIONS,
+        "round_order": order_log,
+        "tcp_rr_mean_us": paths.iter().map(|p| (p.name, samples.get(p.name).and_then(|s| s.get("tcp_rr_mean")).map(|s| s.to_json()))).collect::<BTreeMap<_, _>>(),
+        "method": "iperf3 -c <to_ip> -t <secs> -P <1|4> -M <mss> -J from the sender namespace against iperf3 -s -1 in the receiver namespace, end.sum_received.bits_per_second; ping -c 20 -i 0.05 average; vrt-probe tcp-rr median of 2000 1-byte exchanges (TCP_NODELAY both ends) after 50 warm-up; rounds interleaved, path order rotated per round; ratios per round, median reported",
+    });
+    write_results(&args.out, "datapath", &command, &figures, extra)?;
+    println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+fn figures(paths: &[PathDef], samples: &BTreeMap<&'static str, PathSamples>) -> Vec<Figure> {
+    let get = |p: &str, k: &str| {
+        samples
+            .get(p)
+            .and_then(|s| s.get(k))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let mut figs = Vec::new();
+    for p in paths {
+        for (k, what, unit) in [
+            ("tcp1", "single-stream TCP", "Mbit/s"),
+            ("tcp4", "4-stream TCP", "Mbit/s"),
+            ("ping", "ping RTT", "ms"),
+            ("tcp_rr", "TCP request/response RTT", "us"),
+        ] {
+            figs.push(Figure::new(
+                &format!("datapath.{}.{k}", p.name),
+                &format!("{what}, {}", p.label),
+                unit,
+                get(p.name, k),
+            ));
+        }
+    }
+    let ratio = |a: &str, b: &str, k: &str| {
+        let (x, y) = (get(a, k), get(b, k));
+        Samples(x.0.iter().zip(&y.0).map(|(x, y)| x / y).collect())
+    };
+    let mut pairs: Vec<(&str, &str, Option<Target>)> = vec![
+        ("overlay", "flannel", Some(Target::AtLeast(FLANNEL_TARGET))),
+        ("overlay", "routed", None),
+        ("overlay_fw", "overlay", None),
+    ];
+    for p in paths.iter().filter(|p| p.name != "underlay") {
+        pairs.push((p.name, "underlay", None));
+    }
+    for (a, b, target) in pairs {
+        for (k, what) in [("tcp1", "single-stream"), ("tcp4", "4-stream")] {
+            let f = Figure::new(
+                &format!("datapath.ratio.{a}_{b}.{k}"),
+                &format!("{what} TCP, {a} / {b} (per round)"),
+                "ratio",
+                ratio(a, b, k),
+            );
+            figs.push(match target {
+                Some(t) => f.with_target(t),
+                None => f,
+            });
+        }
+    }
+    figs
+}
+
+fn print_table(args: &Args, dp: &Datapath, figs: &[Figure]) {
+    let fig = |k: &str| figs.iter().find(|f| f.key == k);
+    let med = |k: &str| fig(k).map(|f| f.samples.median()).unwrap_or(f64::NAN);
+    let spr = |k: &str| fig(k).map(|f| f.samples.spread()).unwrap_or(f64::NAN);
+    println!(
+        "\ndocker-vrouter datapath ({} interleaved rounds, median; iperf3 {} s runs, MSS {}; spread = (max-min)/median)",
+        args.rounds, args.secs, dp.mss
+    );
+    println!(
+        "{:<11} {:>10} {:>6} {:>10} {:>6} {:>9} {:>10}",
+        "path", "tcp1 Mb/s", "spr", "tcp4 Mb/s", "spr", "ping ms", "tcp_rr us"
+    );
+    for p in &dp.paths {
+        let k = |m: &str| format!("datapath.{}.{m}", p.name);
+        println!(
+            "{:<11} {:>10.0} {:>6.2} {:>10.0} {:>6.2} {:>9.3} {:>10.1}",
+            p.name,
+            med(&k("tcp1")),
+            spr(&k("tcp1")),
+            med(&k("tcp4")),
+            spr(&k("tcp4")),
+            med(&k("ping")),
+            med(&k("tcp_rr"))
+        );
+    }
+    println!("\n{:<40} {:>7} {:>7}  target", "ratio", "median", "spread");
+    for f in figs.iter().filter(|f| f.unit == "ratio") {
+        let target = match f.target {
+            Some(t @ Target::AtLeast(v)) => format!(
+                ">= {v} {}",
+                if t.met(f.samples.median()) {
+                    "met"
+                } else {
+                    "NOT met"
+                }
+            ),
+            Some(t @ Target::AtMost(v)) => format!(
+                "<= {v} {}",
+                if t.met(f.samples.median()) {
+                    "met"
+                } else {
+                    "NOT met"
+                }
+            ),
+            None => String::new(),
+        };
+        println!(
+            "{:<40} {:>7.3} {:>7.2}  {target}",
+            f.key.trim_start_matches("datapath.ratio."),
+            f.samples.median(),
+            f.samples.spread()
+        );
+    }
 }

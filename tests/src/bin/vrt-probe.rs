@@ -17,6 +17,10 @@
 //!   tcp-blast <ip:port> <bytes> [timeout_s=60]
 //!       Connect, send <bytes> bytes in 1 MiB writes, wait for the sink to close, print
 //!       `ok bytes=<n> secs=<s> mbit_s=<r>`.
+//!   tcp-rr <ip:port> <iterations> [timeout_s=10]
+//!       One connection (TCP_NODELAY) to an echo server (tcp-serve): after 50 warm-up
+//!       exchanges, <iterations> times send 1 byte and wait for its echo; prints
+//!       `ok n=<n> mean_us=<m> p50_us=<p> p90_us=<q> min_us=<a> max_us=<b>`.
 //!   ping <ipv4> <count> <timeout_ms> [interval_ms=200]
 //!       ICMP echo (ping socket if ping_group_range allows, raw socket otherwise); prints
 //!       `sent=<n> received=<m>`, exit 0 if at least one reply arrived.
@@ -42,7 +46,7 @@ use std::time::{Duration, Instant};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: vrt-probe tcp-serve <ip:port> <outfile> [idle_s] | tcp-send <ip:port> <bytes> [timeout_s] | tcp-hold <ip:port> <seconds> [max_stall_ms] | ping <ip> <count> <timeout_ms> [interval_ms] | capture-udp --port P --out FILE --timeout-ms T [--src IP] | send-file --to IP:PORT --file FILE [--from-port P] | udp-send --to IP:PORT --count N --size B [--gap-us G] | udp-sink --port P --out FILE --count N --timeout-ms T"
+        "usage: vrt-probe tcp-serve <ip:port> <outfile> [idle_s] | tcp-send <ip:port> <bytes> [timeout_s] | tcp-hold <ip:port> <seconds> [max_stall_ms] | tcp-rr <ip:port> <iterations> [timeout_s] | ping <ip> <count> <timeout_ms> [interval_ms] | capture-udp --port P --out FILE --timeout-ms T [--src IP] | send-file --to IP:PORT --file FILE [--from-port P] | udp-send --to IP:PORT --count N --size B [--gap-us G] | udp-sink --port P --out FILE --count N --timeout-ms T"
     );
     exit(2)
 }
@@ -100,6 +104,11 @@ fn main() {
             arg(&args, 1, None),
             arg(&args, 2, None),
             arg(&args, 3, Some(60u64)),
+        ),
+        Some("tcp-rr") => tcp_rr(
+            arg(&args, 1, None),
+            arg(&args, 2, None),
+            arg(&args, 3, Some(10u64)),
         ),
         Some("ping") => ping(
             arg(&args, 1, None),
@@ -266,6 +275,8 @@ fn tcp_serve(addr: SocketAddr, outfile: String, idle_s: u64) {
     let idle = Duration::from_secs(idle_s.max(1));
     let (mut s, peer) = accept_one(addr, &outfile, idle);
     s.set_write_timeout(Some(idle)).expect("timeout");
+    // Echo at once (tcp-rr measures round trips).
+    s.set_nodelay(true).ok();
     let local = s.local_addr().expect("local addr");
     write_atomic(&outfile, &format!("peer={peer}\nlocal={local}\n"));
     println!("peer={peer} local={local}");
@@ -319,6 +330,53 @@ fn tcp_send(addr: SocketAddr, bytes: usize, timeout_s: u64) {
         ));
     }
     println!("ok local={local} peer={addr} bytes={bytes}");
+}
+
+fn tcp_rr(addr: SocketAddr, iterations: usize, timeout_s: u64) {
+    const WARMUP: usize = 50;
+    if iterations == 0 || iterations > 10_000_000 {
+        fail(format!("iterations must be 1..=10000000, not {iterations}"));
+    }
+    let to = Duration::from_secs(timeout_s.max(1));
+    let mut s = TcpStream::connect_timeout(&addr, to)
+        .unwrap_or_else(|e| fail(format!("connect {addr}: {e}")));
+    s.set_read_timeout(Some(to)).expect("timeout");
+    s.set_write_timeout(Some(to)).expect("timeout");
+    s.set_nodelay(true)
+        .unwrap_or_else(|e| fail(format!("TCP_NODELAY: {e}")));
+    let start = Instant::now();
+    let mut rtts = Vec::with_capacity(iterations);
+    let mut byte = [0u8; 1];
+    for i in 0..WARMUP + iterations {
+        if start.elapsed() > to * 10 {
+            fail(format!("{i} exchanges took longer than {:?}", to * 10));
+        }
+        let t = Instant::now();
+        s.write_all(&[i as u8])
+            .unwrap_or_else(|e| fail(format!("write #{i}: {e}")));
+        s.read_exact(&mut byte)
+            .unwrap_or_else(|e| fail(format!("read echo #{i}: {e}")));
+        if byte[0] != i as u8 {
+            fail(format!("echo #{i}: got {} back", byte[0]));
+        }
+        if i >= WARMUP {
+            rtts.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    let _ = s.shutdown(Shutdown::Write);
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    let mean = rtts.iter().sum::<f64>() / rtts.len() as f64;
+    rtts.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: usize| rtts[(rtts.len() - 1) * p / 100];
+    println!(
+        "ok n={} mean_us={mean:.1} p50_us={:.1} p90_us={:.1} min_us={:.1} max_us={:.1}",
+        rtts.len(),
+        pct(50),
+        pct(90),
+        rtts[0],
+        rtts[rtts.len() - 1]
+    );
 }
 
 fn tcp_hold(addr: SocketAddr, seconds: u64, max_stall_ms: u64) {
