@@ -472,6 +472,7 @@ fn veth_into_namespace_on_a_bridge() {
                 oif: Some(eth0.index),
                 onlink: false,
                 protocol: 3, // RTPROT_BOOT, as `ip route add` does
+                nexthop: None,
             };
             k.replace_route(&default).await.unwrap();
             let err = k.replace_address(9999, router_ip, 24).await.unwrap_err();
@@ -517,6 +518,7 @@ fn routes_replace_dump_delete() {
             oif: Some(dev),
             onlink: true,
             protocol: RTPROT_VROUTER,
+            nexthop: None,
         };
         k.replace_route(&overlay).await.unwrap();
         k.replace_route(&overlay)
@@ -548,6 +550,7 @@ fn routes_replace_dump_delete() {
             oif: Some(dev),
             onlink: false,
             protocol: RTPROT_VROUTER,
+            nexthop: None,
         };
         let onlink = Route {
             dst: "10.4.0.0/24".parse().unwrap(),
@@ -563,6 +566,7 @@ fn routes_replace_dump_delete() {
         let default = Route {
             dst: "0.0.0.0/0".parse().unwrap(),
             protocol: 4, // RTPROT_STATIC
+            nexthop: None,
             ..steer.clone()
         };
         for r in [&steer, &onlink, &direct, &default] {

@@ -167,6 +167,7 @@ mod tests {
                     oif: Some(2),
                     onlink: false,
                     protocol: 3, // boot: Docker's default route
+                    nexthop: None,
                 }],
                 foreign_neighbours: vec![Neighbour {
                     index: OVL,

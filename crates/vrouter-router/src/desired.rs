@@ -307,6 +307,7 @@ impl DesiredRouter {
                         oif: Some(ovl),
                         onlink: true,
                         protocol: RTPROT_VROUTER,
+                        nexthop: None,
                     },
                 );
             }
@@ -322,6 +323,7 @@ impl DesiredRouter {
                     oif: Some(path.oif),
                     onlink: false,
                     protocol: RTPROT_VROUTER,
+                    nexthop: None,
                 },
             );
             state.rules.insert(probe_rule());
