@@ -504,7 +504,12 @@ impl Router {
                 continue;
             }
             if !done.ok() {
-                let msg = done.failed.join("; ");
+                // The first few say what is wrong; 10,000 lines would not say more.
+                const SHOWN: usize = 5;
+                let mut msg = done.failed[..done.failed.len().min(SHOWN)].join("; ");
+                if done.failed.len() > SHOWN {
+                    msg += &format!("; and {} more", done.failed.len() - SHOWN);
+                }
                 if self.last_apply_error.as_deref() != Some(msg.as_str()) {
                     self.event(
                         "apply_failed",
