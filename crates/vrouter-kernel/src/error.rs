@@ -140,7 +140,7 @@ pub(crate) fn classify(
         (Some(libc::EEXIST), Context::Create { names }) => KernelError::LinkExists { what, names },
         (Some(libc::EOPNOTSUPP) | Some(ENOTSUPP), Context::Nexthop { .. })
         | (Some(libc::EINVAL), Context::Nexthop { dump: true }) => KernelError::NoNexthops {
-            op: format!("{op} {what}").trim_end().to_string(),
+            op: format!("{op} {what}"),
         },
         (Some(libc::EOPNOTSUPP), Context::SetMaster { link, master, .. }) => {
             KernelError::NotABridge { link, master }

@@ -112,7 +112,7 @@ impl Kernel {
             .map_err(|e| {
                 classify(
                     "dump nexthops",
-                    String::new(),
+                    "the nexthop table".into(),
                     Context::Nexthop { dump: true },
                     e,
                 )
