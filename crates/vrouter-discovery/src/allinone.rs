@@ -368,6 +368,7 @@ impl Plumbing {
                 oif: Some(eth0),
                 onlink: false,
                 protocol: libc::RTPROT_BOOT,
+                nexthop: None,
             })
             .await?;
         Ok(())

@@ -330,6 +330,7 @@ pub fn steering(
                 oif: Some(*index),
                 onlink: false,
                 protocol: RTPROT_VROUTER,
+                nexthop: None,
             });
         }
     }

@@ -276,6 +276,7 @@ mod tests {
             oif: Some(10),
             onlink: false,
             protocol: RTPROT_VROUTER,
+            nexthop: None,
         }
     }
 

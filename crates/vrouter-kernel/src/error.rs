@@ -36,6 +36,8 @@ pub enum KernelError {
         op: String,
         errno: nix::errno::Errno,
     },
+    #[error("the kernel has no nexthop objects (Linux 5.3 or later has them): {op} was refused; routes go with a plain gateway instead")]
+    NoNexthops { op: String },
     #[error("address {0} is not on any local link")]
     NoSuchAddress(Ipv4Addr),
 }
@@ -90,6 +92,9 @@ pub(crate) enum Context {
         master: String,
         master_exists: bool,
     },
+    /// A nexthop request (`dump` for RTM_GETNEXTHOP): a kernel without nexthop
+    /// objects answers EOPNOTSUPP (EINVAL to a dump on some versions).
+    Nexthop { dump: bool },
     /// Bringing a link up; `vxlan_port` is set when it is a VXLAN device.
     LinkUp {
         link: String,
@@ -133,6 +138,10 @@ pub(crate) fn classify(
             },
         ) => KernelError::PortInUse { port },
         (Some(libc::EEXIST), Context::Create { names }) => KernelError::LinkExists { what, names },
+        (Some(libc::EOPNOTSUPP) | Some(ENOTSUPP), Context::Nexthop { .. })
+        | (Some(libc::EINVAL), Context::Nexthop { dump: true }) => KernelError::NoNexthops {
+            op: format!("{op} {what}"),
+        },
         (Some(libc::EOPNOTSUPP), Context::SetMaster { link, master, .. }) => {
             KernelError::NotABridge { link, master }
         }
@@ -350,6 +359,40 @@ mod tests {
         assert!(matches!(e, KernelError::Netlink { .. }), "{e}");
         let e = classify("set link master", "x".into(), ctx(true), nack(libc::ENODEV));
         assert_eq!(e.to_string(), "link vra1 (index 7) not found");
+    }
+
+    #[test]
+    fn nexthops_unsupported() {
+        let ctx = |dump| Context::Nexthop { dump };
+        for errno in [libc::EOPNOTSUPP, ENOTSUPP] {
+            let e = classify("replace nexthop", "id 7".into(), ctx(false), nack(errno));
+            assert!(matches!(e, KernelError::NoNexthops { .. }), "{e}");
+            assert!(e.to_string().contains("replace nexthop id 7"), "{e}");
+        }
+        let e = classify(
+            "dump nexthops",
+            String::new(),
+            ctx(true),
+            nack(libc::EINVAL),
+        );
+        assert!(matches!(e, KernelError::NoNexthops { .. }), "{e}");
+        // EINVAL to a replace is a bad nexthop (a multicast gateway, say), not an old
+        // kernel.
+        let e = classify(
+            "replace nexthop",
+            "id 7".into(),
+            ctx(false),
+            nack(libc::EINVAL),
+        );
+        assert!(matches!(e, KernelError::Netlink { .. }), "{e}");
+        // Elsewhere EOPNOTSUPP says nothing about nexthops.
+        let e = classify(
+            "replace route",
+            "x".into(),
+            Context::Plain,
+            nack(libc::EOPNOTSUPP),
+        );
+        assert!(matches!(e, KernelError::Netlink { .. }), "{e}");
     }
 
     #[test]

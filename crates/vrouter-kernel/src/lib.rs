@@ -16,13 +16,20 @@
 //!   family and keep what was asked for.
 //!
 //! The methods live by object: `links.rs` (links, addresses), `routes.rs`, `neigh.rs`,
-//! `fdb.rs`, `rules.rs`. `nft.rs` is the one part on another netlink family:
-//! per-prefix traffic counters in nftables over NETLINK_NETFILTER ([`Nft`]).
+//! `fdb.rs`, `rules.rs`, `nexthop.rs` (nexthop objects, which the rtnetlink crates do
+//! not model: their messages go over a second NETLINK_ROUTE socket of their own).
+//! `nft.rs` is the one part on another netlink family: per-prefix traffic counters in
+//! nftables over NETLINK_NETFILTER ([`Nft`]).
+//!
+//! Requests may be pipelined: each method sends its request when first polled, so
+//! callers that poll many at once (`futures::StreamExt::buffered`) keep them in flight
+//! together. The kernel handles one socket's requests in the order they were sent.
 
 mod error;
 mod fdb;
 mod links;
 mod neigh;
+mod nexthop;
 mod nft;
 mod routes;
 mod rules;
@@ -99,6 +106,23 @@ pub struct Route {
     pub onlink: bool,
     /// RTPROT_*; routes this project owns carry `vrouter_state::RTPROT_VROUTER`.
     pub protocol: u8,
+    /// RTA_NH_ID: the route forwards through this nexthop object, which holds the
+    /// gateway and link; `gateway`, `oif` and `onlink` are then unset (the copies the
+    /// kernel adds to dumps are dropped).
+    pub nexthop: Option<u32>,
+}
+
+/// An IPv4 nexthop object (`ip nexthop`): a gateway on a link that routes refer to
+/// by id. The kernel installs routes through nexthop objects in linear time, while
+/// routes with a distinct gateway each take quadratic time.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Nexthop {
+    pub id: u32,
+    pub gateway: Option<Ipv4Addr>,
+    pub oif: Option<u32>,
+    pub onlink: bool,
+    /// Nexthops this project owns carry `vrouter_state::RTPROT_VROUTER`.
+    pub protocol: u8,
 }
 
 /// An IPv4 neighbour (ARP) entry.
@@ -135,6 +159,8 @@ pub struct Rule {
 #[derive(Clone)]
 pub struct Kernel {
     handle: rtnetlink::Handle,
+    /// The socket for nexthop objects (see `nexthop.rs`).
+    nexthops: nexthop::Handle,
 }
 
 impl Kernel {
@@ -150,7 +176,8 @@ impl Kernel {
                 errno: nix::errno::Errno::from_raw(errno.raw_os_error().unwrap_or(0)),
             })?;
         tokio::spawn(connection);
-        Ok(Kernel { handle })
+        let nexthops = nexthop::connect()?;
+        Ok(Kernel { handle, nexthops })
     }
 
     /// Sends one request and waits for its ACK. `flags` come on top of

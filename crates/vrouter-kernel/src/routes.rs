@@ -92,6 +92,9 @@ fn describe(route: &Route) -> String {
     if let Some(oif) = route.oif {
         s += &format!(" dev index {oif}");
     }
+    if let Some(id) = route.nexthop {
+        s += &format!(" nhid {id}");
+    }
     if route.onlink {
         s += " onlink";
     }
@@ -112,14 +115,17 @@ fn route_message(route: &Route, delete: bool) -> RouteMessage {
     if route.onlink {
         builder = builder.onlink();
     }
-    // As iproute2 does: a route without gateway is on-link (scope link); a delete
-    // matches any scope (RT_SCOPE_NOWHERE).
-    builder = builder.scope(match (delete, route.gateway) {
-        (true, _) => RouteScope::NoWhere,
-        (false, None) => RouteScope::Link,
-        (false, Some(_)) => RouteScope::Universe,
+    // As iproute2 does: a route without gateway or nexthop object is on-link (scope
+    // link); a delete matches any scope (RT_SCOPE_NOWHERE).
+    builder = builder.scope(match (delete, route.gateway, route.nexthop) {
+        (true, _, _) => RouteScope::NoWhere,
+        (false, None, None) => RouteScope::Link,
+        (false, _, _) => RouteScope::Universe,
     });
     let mut message = builder.build();
+    if let Some(id) = route.nexthop {
+        message.attributes.push(RouteAttribute::NhId(id));
+    }
     // RTA_TABLE always: it is the only way to name tables above 255, and the kernel
     // prefers it over the header byte.
     message.header.table = u8::try_from(route.table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
@@ -136,8 +142,10 @@ fn route_of(message: RouteMessage) -> Option<Route> {
     let mut dst = Ipv4Addr::UNSPECIFIED;
     let mut gateway = None;
     let mut oif = None;
+    let mut nexthop = None;
     for attribute in &message.attributes {
         match attribute {
+            RouteAttribute::NhId(id) => nexthop = Some(*id),
             RouteAttribute::Table(t) => table = *t,
             RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = *a,
             RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some(*a),
@@ -145,13 +153,22 @@ fn route_of(message: RouteMessage) -> Option<Route> {
             _ => {}
         }
     }
+    let onlink = header.flags.contains(RouteFlags::Onlink);
+    // Through a nexthop object, the gateway, link and onlink flag are the object's;
+    // the kernel copies them into the dump (net.ipv4.nexthop_compat_mode), and they
+    // are dropped so that the route reads as it was written.
+    let (gateway, oif, onlink) = match nexthop {
+        Some(_) => (None, None, false),
+        None => (gateway, oif, onlink),
+    };
     Some(Route {
         table,
         dst: Prefix::new(dst, header.destination_prefix_length).ok()?,
         gateway,
         oif,
-        onlink: header.flags.contains(RouteFlags::Onlink),
+        onlink,
         protocol: header.protocol.into(),
+        nexthop,
     })
 }
 
@@ -167,6 +184,17 @@ mod tests {
             oif: Some(7),
             onlink: true,
             protocol: vrouter_state::RTPROT_VROUTER,
+            nexthop: None,
+        }
+    }
+
+    fn through_nexthop(table: u32) -> Route {
+        Route {
+            gateway: None,
+            oif: None,
+            onlink: false,
+            nexthop: Some(0x0a02_00fe),
+            ..route(table)
         }
     }
 
@@ -175,7 +203,25 @@ mod tests {
         for table in [101, 254, 1000] {
             let r = route(table);
             assert_eq!(route_of(route_message(&r, false)), Some(r));
+            let r = through_nexthop(table);
+            assert_eq!(route_of(route_message(&r, false)), Some(r));
         }
+    }
+
+    #[test]
+    fn nexthop_route_drops_the_compat_copies() {
+        let r = through_nexthop(254);
+        let mut m = route_message(&r, false);
+        assert_eq!(m.header.scope, RouteScope::Universe);
+        assert!(m.attributes.contains(&RouteAttribute::NhId(0x0a02_00fe)));
+        // What the kernel adds to a dump of it.
+        m.attributes
+            .push(RouteAttribute::Gateway(RouteAddress::Inet(Ipv4Addr::new(
+                10, 2, 0, 254,
+            ))));
+        m.attributes.push(RouteAttribute::Oif(7));
+        m.header.flags |= RouteFlags::Onlink;
+        assert_eq!(route_of(m), Some(r));
     }
 
     #[test]

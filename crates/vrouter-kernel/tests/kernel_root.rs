@@ -8,7 +8,9 @@ use std::future::Future;
 use std::net::{Ipv4Addr, UdpSocket};
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
-use vrouter_kernel::{FdbEntry, Kernel, KernelError, Neighbour, Route, Rule, VxlanInfo, VxlanSpec};
+use vrouter_kernel::{
+    FdbEntry, Kernel, KernelError, Neighbour, Nexthop, Route, Rule, VxlanInfo, VxlanSpec,
+};
 use vrouter_state::{Mac, Vni, RTPROT_VROUTER};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -472,6 +474,7 @@ fn veth_into_namespace_on_a_bridge() {
                 oif: Some(eth0.index),
                 onlink: false,
                 protocol: 3, // RTPROT_BOOT, as `ip route add` does
+                nexthop: None,
             };
             k.replace_route(&default).await.unwrap();
             let err = k.replace_address(9999, router_ip, 24).await.unwrap_err();
@@ -517,6 +520,7 @@ fn routes_replace_dump_delete() {
             oif: Some(dev),
             onlink: true,
             protocol: RTPROT_VROUTER,
+            nexthop: None,
         };
         k.replace_route(&overlay).await.unwrap();
         k.replace_route(&overlay)
@@ -548,6 +552,7 @@ fn routes_replace_dump_delete() {
             oif: Some(dev),
             onlink: false,
             protocol: RTPROT_VROUTER,
+            nexthop: None,
         };
         let onlink = Route {
             dst: "10.4.0.0/24".parse().unwrap(),
@@ -563,6 +568,7 @@ fn routes_replace_dump_delete() {
         let default = Route {
             dst: "0.0.0.0/0".parse().unwrap(),
             protocol: 4, // RTPROT_STATIC
+            nexthop: None,
             ..steer.clone()
         };
         for r in [&steer, &onlink, &direct, &default] {
@@ -610,6 +616,75 @@ fn routes_replace_dump_delete() {
             err.to_string().contains("10.2.0.0/24 via 10.2.0.254"),
             "{err}"
         );
+    });
+}
+
+#[test]
+fn nexthops_replace_dump_delete() {
+    in_new_netns("nexthops_replace_dump_delete", || async {
+        let k = Kernel::connect().await.unwrap();
+        let dev = veth(&k, "ovl1000", Ipv4Addr::new(10, 1, 0, 254), 24).await;
+        assert_eq!(k.nexthops().await.unwrap(), vec![]);
+        let nh = Nexthop {
+            id: u32::from(Ipv4Addr::new(10, 2, 0, 254)),
+            gateway: Some(Ipv4Addr::new(10, 2, 0, 254)),
+            oif: Some(dev),
+            onlink: true,
+            protocol: RTPROT_VROUTER,
+        };
+        k.replace_nexthop(&nh).await.unwrap();
+        k.replace_nexthop(&nh).await.expect("replace is idempotent");
+        assert_eq!(k.nexthops().await.unwrap(), vec![nh.clone()]);
+
+        let route = Route {
+            table: 254,
+            dst: "10.2.0.0/24".parse().unwrap(),
+            gateway: None,
+            oif: None,
+            onlink: false,
+            protocol: RTPROT_VROUTER,
+            nexthop: Some(nh.id),
+        };
+        k.replace_route(&route).await.unwrap();
+        let main = k.routes(254).await.unwrap();
+        assert!(main.contains(&route), "{main:?}");
+
+        // Replacing the nexthop moves its routes with it.
+        let moved = Nexthop {
+            gateway: Some(Ipv4Addr::new(10, 2, 0, 253)),
+            ..nh.clone()
+        };
+        k.replace_nexthop(&moved).await.unwrap();
+        assert_eq!(k.nexthops().await.unwrap(), vec![moved.clone()]);
+        assert!(k.routes(254).await.unwrap().contains(&route));
+
+        // A route cannot name a nexthop that does not exist.
+        let dangling = Route {
+            nexthop: Some(7),
+            dst: "10.3.0.0/24".parse().unwrap(),
+            ..route.clone()
+        };
+        let err = k.replace_route(&dangling).await.unwrap_err();
+        assert!(err.to_string().contains("10.3.0.0/24 nhid 7"), "{err}");
+
+        // Delete is exact and idempotent; the route goes first, as the router does.
+        k.delete_route(&route).await.unwrap();
+        assert!(!k.routes(254).await.unwrap().contains(&route));
+        k.delete_nexthop(nh.id).await.unwrap();
+        k.delete_nexthop(nh.id)
+            .await
+            .expect("deleting a gone nexthop is Ok");
+        assert_eq!(k.nexthops().await.unwrap(), vec![]);
+
+        // A nexthop on a missing link is refused and named.
+        let err = k
+            .replace_nexthop(&Nexthop {
+                oif: Some(9999),
+                ..nh.clone()
+            })
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("dev index 9999"), "{err}");
     });
 }
 

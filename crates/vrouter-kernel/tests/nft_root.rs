@@ -339,6 +339,7 @@ fn forwarded_ip_bytes_are_counted_exactly() {
                 oif: Some(ovl),
                 onlink: false,
                 protocol: 4,
+                nexthop: None,
             })
             .await
             .unwrap();
@@ -362,6 +363,7 @@ fn forwarded_ip_bytes_are_counted_exactly() {
                 oif: Some(eth0),
                 onlink: false,
                 protocol: 4,
+                nexthop: None,
             })
             .await
             .unwrap();

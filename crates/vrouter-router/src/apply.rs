@@ -2,14 +2,19 @@
 //! dump what this project owns, and carry out a plan from [`crate::diff`].
 //!
 //! It works through [`RoutingKernel`], implemented by `vrouter_kernel::Kernel` and, in
-//! tests, by a model, so the dump filters and the error handling are tested without
-//! root.
+//! tests, by a model, so the dump filters, the error handling and the fallback to
+//! plain routes are tested without root.
 
 use crate::desired::{RoutingState, MAIN_TABLE, PROBE_TABLE};
 use crate::diff::Change;
+use futures::StreamExt;
 use std::net::Ipv4Addr;
-use vrouter_kernel::{Kernel, KernelError, Neighbour, Route, Rule};
+use vrouter_kernel::{Kernel, KernelError, Neighbour, Nexthop, Route, Rule};
 use vrouter_state::{Mac, RTPROT_VROUTER};
+
+/// Requests kept in flight at once while carrying out a plan: one at a time, 10,000
+/// routes would each wait a round trip to the kernel.
+pub const IN_FLIGHT: usize = 64;
 
 /// The kernel operations the router's reconcile needs.
 #[allow(async_fn_in_trait)]
@@ -17,6 +22,9 @@ pub trait RoutingKernel {
     async fn routes(&self, table: u32) -> Result<Vec<Route>, KernelError>;
     async fn neighbours(&self, index: u32) -> Result<Vec<Neighbour>, KernelError>;
     async fn rules(&self) -> Result<Vec<Rule>, KernelError>;
+    async fn nexthops(&self) -> Result<Vec<Nexthop>, KernelError>;
+    async fn replace_nexthop(&self, nexthop: &Nexthop) -> Result<(), KernelError>;
+    async fn delete_nexthop(&self, id: u32) -> Result<(), KernelError>;
     async fn replace_route(&self, route: &Route) -> Result<(), KernelError>;
     async fn delete_route(&self, route: &Route) -> Result<(), KernelError>;
     async fn replace_neighbour(
@@ -39,6 +47,15 @@ impl RoutingKernel for Kernel {
     }
     async fn rules(&self) -> Result<Vec<Rule>, KernelError> {
         Kernel::rules(self).await
+    }
+    async fn nexthops(&self) -> Result<Vec<Nexthop>, KernelError> {
+        Kernel::nexthops(self).await
+    }
+    async fn replace_nexthop(&self, nexthop: &Nexthop) -> Result<(), KernelError> {
+        Kernel::replace_nexthop(self, nexthop).await
+    }
+    async fn delete_nexthop(&self, id: u32) -> Result<(), KernelError> {
+        Kernel::delete_nexthop(self, id).await
     }
     async fn replace_route(&self, route: &Route) -> Result<(), KernelError> {
         Kernel::replace_route(self, route).await
@@ -66,10 +83,10 @@ impl RoutingKernel for Kernel {
 }
 
 /// Dumps the objects this project owns in the router's namespace: permanent
-/// neighbours on the overlay link, routes with protocol RTPROT_VROUTER in the main and
-/// probe tables, rules with that protocol. Everything else (Docker's routes, the
-/// kernel's connected routes, learned neighbours) is invisible to the diff and so is
-/// never touched.
+/// neighbours on the overlay link, nexthop objects, routes and rules with protocol
+/// RTPROT_VROUTER (routes in the main and probe tables). Everything else (Docker's
+/// routes, the kernel's connected routes, learned neighbours) is invisible to the
+/// diff and so is never touched. A kernel without nexthop objects has none of ours.
 pub async fn observe<K: RoutingKernel>(
     kernel: &K,
     overlay: Option<u32>,
@@ -81,6 +98,17 @@ pub async fn observe<K: RoutingKernel>(
                 state.neighbours.insert((ovl, n.ip), mac);
             }
         }
+    }
+    match kernel.nexthops().await {
+        Ok(nexthops) => {
+            for n in nexthops {
+                if n.protocol == RTPROT_VROUTER {
+                    state.nexthops.insert(n.id, n);
+                }
+            }
+        }
+        Err(KernelError::NoNexthops { .. }) => {}
+        Err(e) => return Err(e),
     }
     for table in [MAIN_TABLE, PROBE_TABLE] {
         for r in kernel.routes(table).await? {
@@ -104,6 +132,9 @@ pub struct Applied {
     /// One line per change that failed. The rest of the plan is still carried out:
     /// a later reconcile retries what failed, and stopping would leave more stale.
     pub failed: Vec<String>,
+    /// The kernel refused a nexthop object as unsupported (before Linux 5.3): the
+    /// caller should go on with [`crate::desired::RouteStyle::Plain`].
+    pub nexthops_refused: bool,
 }
 
 impl Applied {
@@ -112,48 +143,80 @@ impl Applied {
     }
 }
 
-/// Carries out `plan` in order.
+/// Carries out `plan` in order. Consecutive changes of one kind (the diff groups
+/// them: all route deletes, then all neighbours, ...) do not depend on each other, so
+/// up to [`IN_FLIGHT`] of them go to the kernel at once; a kind starts once the one
+/// before it is done, which keeps the diff's order where it matters.
 pub async fn apply<K: RoutingKernel>(kernel: &K, plan: &[Change]) -> Applied {
     let mut out = Applied::default();
-    for change in plan {
-        let result = match change {
-            Change::DeleteRule(r) => kernel.delete_rule(r).await,
-            Change::DeleteRoute(r) => kernel.delete_route(r).await,
-            Change::ReplaceNeighbour { index, ip, mac } => {
-                kernel.replace_neighbour(*index, *ip, *mac).await
-            }
-            Change::ReplaceRoute(r) => kernel.replace_route(r).await,
-            Change::AddRule(r) => kernel.add_rule(r).await,
-            Change::DeleteNeighbour { index, ip } => kernel.delete_neighbour(*index, *ip).await,
-        };
-        match result {
-            Ok(()) => {
-                tracing::debug!(%change, "applied");
-                out.done += 1;
-            }
-            Err(e) => {
-                tracing::warn!(%change, error = %e, "change failed");
-                out.failed.push(format!("{change}: {e}"));
+    for group in plan.chunk_by(|a, b| std::mem::discriminant(a) == std::mem::discriminant(b)) {
+        let mut results = futures::stream::iter(group)
+            .map(|change| async move { (change, carry_out(kernel, change).await) })
+            .buffered(IN_FLIGHT);
+        while let Some((change, result)) = results.next().await {
+            match result {
+                Ok(()) => {
+                    tracing::debug!(%change, "applied");
+                    out.done += 1;
+                }
+                Err(e) => {
+                    if matches!(e, KernelError::NoNexthops { .. }) {
+                        out.nexthops_refused = true;
+                    }
+                    tracing::debug!(%change, error = %e, "change failed");
+                    out.failed.push(format!("{change}: {e}"));
+                }
             }
         }
     }
+    if !out.failed.is_empty() {
+        tracing::warn!(
+            failed = out.failed.len(),
+            of = plan.len(),
+            first = %out.failed[0],
+            "changes failed"
+        );
+    }
     out
+}
+
+async fn carry_out<K: RoutingKernel>(kernel: &K, change: &Change) -> Result<(), KernelError> {
+    match change {
+        Change::DeleteRule(r) => kernel.delete_rule(r).await,
+        Change::DeleteRoute(r) => kernel.delete_route(r).await,
+        Change::ReplaceNeighbour { index, ip, mac } => {
+            kernel.replace_neighbour(*index, *ip, *mac).await
+        }
+        Change::ReplaceNexthop(n) => kernel.replace_nexthop(n).await,
+        Change::ReplaceRoute(r) => kernel.replace_route(r).await,
+        Change::AddRule(r) => kernel.add_rule(r).await,
+        Change::DeleteNexthop(id) => kernel.delete_nexthop(*id).await,
+        Change::DeleteNeighbour { index, ip } => kernel.delete_neighbour(*index, *ip).await,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::desired::{DesiredRouter, ProbePath};
+    use crate::desired::{DesiredRouter, ProbePath, RouteStyle};
     use crate::diff::{diff, tests::model_apply};
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
     use vrouter_state::{Prefix, Vni};
 
     /// A kernel modelled by the diff's own semantics, plus objects that are not ours.
+    /// Each request yields once, as a real one waits for the kernel's answer, so that
+    /// pipelining shows in `most_in_flight`.
     struct FakeKernel {
         ours: Mutex<RoutingState>,
         foreign_routes: Vec<Route>,
         foreign_neighbours: Vec<Neighbour>,
+        foreign_nexthops: Vec<Nexthop>,
         fail_routes: bool,
+        /// A kernel before 5.3: no nexthop objects at all.
+        no_nexthops: bool,
+        in_flight: AtomicUsize,
+        most_in_flight: AtomicUsize,
     }
 
     impl FakeKernel {
@@ -167,6 +230,7 @@ mod tests {
                     oif: Some(2),
                     onlink: false,
                     protocol: 3, // boot: Docker's default route
+                    nexthop: None,
                 }],
                 foreign_neighbours: vec![Neighbour {
                     index: OVL,
@@ -174,16 +238,45 @@ mod tests {
                     mac: Some(Mac::ZERO),
                     permanent: false,
                 }],
+                foreign_nexthops: vec![Nexthop {
+                    id: 1,
+                    gateway: Some("10.1.0.1".parse().unwrap()),
+                    oif: Some(2),
+                    onlink: false,
+                    protocol: 4, // static: made by hand
+                }],
                 fail_routes: false,
+                no_nexthops: false,
+                in_flight: AtomicUsize::new(0),
+                most_in_flight: AtomicUsize::new(0),
             }
         }
-        fn change(&self, c: Change) -> Result<(), KernelError> {
+
+        async fn change(&self, c: Change) -> Result<(), KernelError> {
+            let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_in_flight.fetch_max(now, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
             if self.fail_routes && matches!(c, Change::ReplaceRoute(_)) {
                 return Err(KernelError::NotPermitted {
                     op: "replace route".into(),
                 });
             }
-            model_apply(&mut self.ours.lock().unwrap(), &c);
+            let mut ours = self.ours.lock().unwrap();
+            match &c {
+                Change::ReplaceNexthop(_) | Change::DeleteNexthop(_) if self.no_nexthops => {
+                    return Err(KernelError::NoNexthops { op: format!("{c}") });
+                }
+                // As the kernel: a route through a nexthop it does not have is
+                // refused.
+                Change::ReplaceRoute(Route {
+                    nexthop: Some(id), ..
+                }) if !ours.nexthops.contains_key(id) => {
+                    return Err(KernelError::NoSuchLink(format!("nexthop id {id}")));
+                }
+                _ => {}
+            }
+            model_apply(&mut ours, &c);
             Ok(())
         }
     }
@@ -225,11 +318,31 @@ mod tests {
             });
             Ok(rules)
         }
+        async fn nexthops(&self) -> Result<Vec<Nexthop>, KernelError> {
+            if self.no_nexthops {
+                return Err(KernelError::NoNexthops {
+                    op: "dump nexthops".into(),
+                });
+            }
+            let ours = self.ours.lock().unwrap();
+            Ok(ours
+                .nexthops
+                .values()
+                .chain(self.foreign_nexthops.iter())
+                .cloned()
+                .collect())
+        }
+        async fn replace_nexthop(&self, nexthop: &Nexthop) -> Result<(), KernelError> {
+            self.change(Change::ReplaceNexthop(nexthop.clone())).await
+        }
+        async fn delete_nexthop(&self, id: u32) -> Result<(), KernelError> {
+            self.change(Change::DeleteNexthop(id)).await
+        }
         async fn replace_route(&self, route: &Route) -> Result<(), KernelError> {
-            self.change(Change::ReplaceRoute(route.clone()))
+            self.change(Change::ReplaceRoute(route.clone())).await
         }
         async fn delete_route(&self, route: &Route) -> Result<(), KernelError> {
-            self.change(Change::DeleteRoute(route.clone()))
+            self.change(Change::DeleteRoute(route.clone())).await
         }
         async fn replace_neighbour(
             &self,
@@ -238,34 +351,54 @@ mod tests {
             mac: Mac,
         ) -> Result<(), KernelError> {
             self.change(Change::ReplaceNeighbour { index, ip, mac })
+                .await
         }
         async fn delete_neighbour(&self, index: u32, ip: Ipv4Addr) -> Result<(), KernelError> {
-            self.change(Change::DeleteNeighbour { index, ip })
+            self.change(Change::DeleteNeighbour { index, ip }).await
         }
         async fn add_rule(&self, rule: &Rule) -> Result<(), KernelError> {
-            self.change(Change::AddRule(rule.clone()))
+            self.change(Change::AddRule(rule.clone())).await
         }
         async fn delete_rule(&self, rule: &Rule) -> Result<(), KernelError> {
-            self.change(Change::DeleteRule(rule.clone()))
+            self.change(Change::DeleteRule(rule.clone())).await
         }
     }
 
     const OVL: u32 = 9;
 
-    fn desired() -> RoutingState {
+    fn desired_router() -> DesiredRouter {
         let via: Ipv4Addr = "10.2.0.254".parse().unwrap();
         let mut d = DesiredRouter::default();
         d.neighbours
             .insert(via, Mac::for_router(Vni::new(1000).unwrap(), via));
         d.routes
             .insert("10.2.0.0/24".parse::<Prefix>().unwrap(), via);
-        d.routing_state(
-            Some(OVL),
-            Some(ProbePath {
-                gateway: "10.1.0.1".parse().unwrap(),
-                oif: 2,
-            }),
-        )
+        d
+    }
+
+    fn probe() -> Option<ProbePath> {
+        Some(ProbePath {
+            gateway: "10.1.0.1".parse().unwrap(),
+            oif: 2,
+        })
+    }
+
+    fn desired() -> RoutingState {
+        desired_router().routing_state(Some(OVL), probe(), RouteStyle::Nexthop)
+    }
+
+    /// `n` prefixes 10.x.y.0/24, each behind its own router 10.x.y.254.
+    fn many(n: u32) -> DesiredRouter {
+        let mut d = DesiredRouter::default();
+        for i in 0..n {
+            let [_, _, x, y] = (i + 2 * 256).to_be_bytes();
+            let via = Ipv4Addr::new(10, x, y, 254);
+            d.neighbours
+                .insert(via, Mac::for_router(Vni::new(1000).unwrap(), via));
+            d.routes
+                .insert(Prefix::new(Ipv4Addr::new(10, x, y, 0), 24).unwrap(), via);
+        }
+        d
     }
 
     fn block_on<F: std::future::Future>(f: F) -> F::Output {
@@ -289,6 +422,7 @@ mod tests {
         block_on(async {
             let k = FakeKernel::new();
             let d = desired();
+            assert_eq!(d.nexthops.len(), 1);
             let plan = diff(&d, &observe(&k, Some(OVL)).await.unwrap());
             let done = apply(&k, &plan).await;
             assert!(done.ok());
@@ -296,7 +430,7 @@ mod tests {
             let after = observe(&k, Some(OVL)).await.unwrap();
             assert_eq!(after, d);
             assert!(diff(&d, &after).is_empty());
-            // Withdrawal removes ours and leaves the foreign default route alone.
+            // Withdrawal removes ours and leaves the foreign objects alone.
             let plan = diff(&RoutingState::default(), &after);
             assert!(apply(&k, &plan).await.ok());
             assert_eq!(
@@ -304,6 +438,31 @@ mod tests {
                 RoutingState::default()
             );
             assert_eq!(k.routes(MAIN_TABLE).await.unwrap().len(), 1);
+            assert_eq!(k.nexthops().await.unwrap(), k.foreign_nexthops);
+        })
+    }
+
+    #[test]
+    fn many_changes_are_pipelined_in_order() {
+        block_on(async {
+            let k = FakeKernel::new();
+            let d = many(1000).routing_state(Some(OVL), probe(), RouteStyle::Nexthop);
+            let plan = diff(&d, &observe(&k, Some(OVL)).await.unwrap());
+            assert_eq!(plan.len(), 3 * 1000 + 2);
+            let done = apply(&k, &plan).await;
+            // Every route found its nexthop: kinds did not overtake each other.
+            assert!(done.ok(), "{:?}", &done.failed[..done.failed.len().min(3)]);
+            let most = k.most_in_flight.load(Ordering::SeqCst);
+            assert!(most > 1 && most <= IN_FLIGHT, "{most} in flight");
+            assert_eq!(observe(&k, Some(OVL)).await.unwrap(), d);
+            // Withdrawn: routes go before their nexthops, which would take them along
+            // in a real kernel, and nothing of ours is left.
+            let plan = diff(&RoutingState::default(), &d);
+            assert!(apply(&k, &plan).await.ok());
+            assert_eq!(
+                observe(&k, Some(OVL)).await.unwrap(),
+                RoutingState::default()
+            );
         })
     }
 
@@ -316,16 +475,53 @@ mod tests {
             let plan = diff(&d, &RoutingState::default());
             let done = apply(&k, &plan).await;
             assert!(!done.ok());
+            assert!(!done.nexthops_refused);
             assert_eq!(done.failed.len(), 2, "{:?}", done.failed);
             assert!(done.failed[0].contains("CAP_NET_ADMIN"));
-            // The neighbour and rule went in; the next reconcile retries the routes.
+            // The neighbour, nexthop and rule went in; the next reconcile retries the
+            // routes.
             let after = observe(&k, Some(OVL)).await.unwrap();
             assert_eq!(after.neighbours, d.neighbours);
+            assert_eq!(after.nexthops, d.nexthops);
             k.fail_routes = false;
             let retry = diff(&d, &after);
             assert_eq!(retry.len(), 2);
             assert!(apply(&k, &retry).await.ok());
             assert_eq!(observe(&k, Some(OVL)).await.unwrap(), d);
+        })
+    }
+
+    #[test]
+    fn without_nexthop_objects_plain_routes_do() {
+        block_on(async {
+            let mut k = FakeKernel::new();
+            k.no_nexthops = true;
+            // Observing such a kernel works: it has none of ours.
+            let seen = observe(&k, Some(OVL)).await.unwrap();
+            assert_eq!(seen, RoutingState::default());
+            // The first try says why it failed, per change.
+            let plan = diff(&desired(), &seen);
+            let done = apply(&k, &plan).await;
+            assert!(done.nexthops_refused);
+            assert_eq!(done.failed.len(), 2, "{:?}", done.failed);
+            assert!(
+                done.failed[0].contains("no nexthop objects"),
+                "{:?}",
+                done.failed
+            );
+            assert!(
+                done.failed[1].contains("replace route 10.2.0.0/24"),
+                "{:?}",
+                done.failed
+            );
+            // The same intent as plain routes goes in whole.
+            let plain = desired_router().routing_state(Some(OVL), probe(), RouteStyle::Plain);
+            let plan = diff(&plain, &observe(&k, Some(OVL)).await.unwrap());
+            let done = apply(&k, &plan).await;
+            assert!(done.ok() && !done.nexthops_refused, "{:?}", done.failed);
+            let after = observe(&k, Some(OVL)).await.unwrap();
+            assert_eq!(after, plain);
+            assert!(diff(&plain, &after).is_empty());
         })
     }
 }

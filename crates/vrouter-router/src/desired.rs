@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
-use vrouter_kernel::{Route, Rule};
+use vrouter_kernel::{Nexthop, Route, Rule};
 use vrouter_state::{
     Mac, Prefix, ReadError, RemoteRoute, RoutesFile, StackName, StackSpec, RTPROT_VROUTER,
 };
@@ -263,6 +263,28 @@ pub struct ProbePath {
     pub oif: u32,
 }
 
+/// How remote routes name their gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteStyle {
+    /// Through a nexthop object per remote router (RTA_NH_ID): the kernel installs
+    /// these in linear time, where routes with distinct gateways take quadratic time
+    /// (10,000 in 2.2 s measured).
+    Nexthop,
+    /// With the gateway in the route itself: for kernels without nexthop objects
+    /// (before 5.3), found out by the first refused nexthop.
+    Plain,
+}
+
+/// The id of the nexthop object for the remote router at `via`: the address read as a
+/// number. All of them sit on the overlay link, so the gateway alone names one; a new
+/// overlay link moves each in place (replace). Ids below 2^24 (0.0.0.0/8, never a
+/// router's address) are not used, which keeps clear of hand-numbered nexthops
+/// (`ip nexthop add id 1`); such a gateway gets a plain route.
+pub fn nexthop_id(via: Ipv4Addr) -> Option<u32> {
+    let id = u32::from(via);
+    (id >= 1 << 24).then_some(id)
+}
+
 /// Kernel objects this project owns in the router's namespace, keyed the way the
 /// kernel identifies them. Both the desired and the observed state take this shape,
 /// so diffing is a comparison of two values.
@@ -270,10 +292,26 @@ pub struct ProbePath {
 pub struct RoutingState {
     /// (link index, address) -> MAC: permanent neighbours on the overlay link.
     pub neighbours: BTreeMap<(u32, Ipv4Addr), Mac>,
+    /// id -> nexthop object, protocol RTPROT_VROUTER only: one per remote router.
+    pub nexthops: BTreeMap<u32, Nexthop>,
     /// (table, destination) -> route, protocol RTPROT_VROUTER only.
     pub routes: BTreeMap<(u32, Prefix), Route>,
     /// Policy rules with protocol RTPROT_VROUTER.
     pub rules: BTreeSet<Rule>,
+}
+
+impl RoutingState {
+    /// Where `route` sends packets: (gateway, output link, onlink), looked up in this
+    /// state's nexthops for a route through one; None for a nexthop not in it.
+    pub fn forwarding(&self, route: &Route) -> Option<(Option<Ipv4Addr>, Option<u32>, bool)> {
+        match route.nexthop {
+            None => Some((route.gateway, route.oif, route.onlink)),
+            Some(id) => self
+                .nexthops
+                .get(&id)
+                .map(|nh| (nh.gateway, nh.oif, nh.onlink)),
+        }
+    }
 }
 
 /// The probe rule: marked packets look up the probe table.
@@ -290,25 +328,53 @@ pub fn probe_rule() -> Rule {
 impl DesiredRouter {
     /// The kernel objects for this desired state. Without an overlay link there is
     /// nothing to hang remote routes on (they died with the link); without a probe
-    /// path (no default route) there is no probe rule.
-    pub fn routing_state(&self, overlay: Option<u32>, probe: Option<ProbePath>) -> RoutingState {
+    /// path (no default route) there is no probe rule. In [`RouteStyle::Nexthop`],
+    /// each remote router gets a nexthop object (onlink on the overlay link) and its
+    /// routes refer to it.
+    pub fn routing_state(
+        &self,
+        overlay: Option<u32>,
+        probe: Option<ProbePath>,
+        style: RouteStyle,
+    ) -> RoutingState {
         let mut state = RoutingState::default();
         if let Some(ovl) = overlay {
             for (&ip, &mac) in &self.neighbours {
                 state.neighbours.insert((ovl, ip), mac);
             }
             for (&dst, &via) in &self.routes {
-                state.routes.insert(
-                    (MAIN_TABLE, dst),
-                    Route {
-                        table: MAIN_TABLE,
-                        dst,
-                        gateway: Some(via),
-                        oif: Some(ovl),
-                        onlink: true,
-                        protocol: RTPROT_VROUTER,
-                    },
-                );
+                let plain = Route {
+                    table: MAIN_TABLE,
+                    dst,
+                    gateway: Some(via),
+                    oif: Some(ovl),
+                    onlink: true,
+                    protocol: RTPROT_VROUTER,
+                    nexthop: None,
+                };
+                let route = match (style, nexthop_id(via)) {
+                    (RouteStyle::Nexthop, Some(id)) => {
+                        state.nexthops.insert(
+                            id,
+                            Nexthop {
+                                id,
+                                gateway: Some(via),
+                                oif: Some(ovl),
+                                onlink: true,
+                                protocol: RTPROT_VROUTER,
+                            },
+                        );
+                        Route {
+                            gateway: None,
+                            oif: None,
+                            onlink: false,
+                            nexthop: Some(id),
+                            ..plain
+                        }
+                    }
+                    _ => plain,
+                };
+                state.routes.insert((MAIN_TABLE, dst), route);
             }
         }
         if let Some(path) = probe {
@@ -322,6 +388,7 @@ impl DesiredRouter {
                     oif: Some(path.oif),
                     onlink: false,
                     protocol: RTPROT_VROUTER,
+                    nexthop: None,
                 },
             );
             state.rules.insert(probe_rule());
@@ -491,12 +558,38 @@ mod tests {
             gateway: "10.1.0.1".parse().unwrap(),
             oif: 2,
         };
-        let s = d.routing_state(Some(7), Some(probe));
+        let s = d.routing_state(Some(7), Some(probe), RouteStyle::Plain);
         let r = &s.routes[&(MAIN_TABLE, "10.2.0.0/24".parse().unwrap())];
         assert_eq!(r.gateway, Some("10.2.0.254".parse().unwrap()));
         assert_eq!(r.oif, Some(7));
         assert!(r.onlink);
         assert_eq!(r.protocol, 118);
+        assert_eq!(r.nexthop, None);
+        assert!(s.nexthops.is_empty());
+        // Through a nexthop object: the route names it, the object holds the rest,
+        // and both forward the same way.
+        let n = d.routing_state(Some(7), Some(probe), RouteStyle::Nexthop);
+        let via: Ipv4Addr = "10.2.0.254".parse().unwrap();
+        let id = nexthop_id(via).unwrap();
+        assert_eq!(id, 0x0a02_00fe);
+        let nr = &n.routes[&(MAIN_TABLE, "10.2.0.0/24".parse().unwrap())];
+        assert_eq!(
+            (nr.nexthop, nr.gateway, nr.oif, nr.onlink),
+            (Some(id), None, None, false)
+        );
+        assert_eq!(
+            n.nexthops[&id],
+            Nexthop {
+                id,
+                gateway: Some(via),
+                oif: Some(7),
+                onlink: true,
+                protocol: 118
+            }
+        );
+        assert_eq!(n.forwarding(nr), s.forwarding(r));
+        assert_eq!(n.neighbours, s.neighbours);
+        assert_eq!(RoutingState::default().forwarding(nr), None);
         assert!(s
             .neighbours
             .contains_key(&(7, "10.2.0.254".parse().unwrap())));
@@ -505,10 +598,24 @@ mod tests {
         assert_eq!(p.oif, Some(2));
         assert_eq!(s.rules.iter().next().unwrap(), &probe_rule());
         // No overlay link: only the probe path.
-        let s = d.routing_state(None, Some(probe));
+        let s = d.routing_state(None, Some(probe), RouteStyle::Nexthop);
         assert!(s.neighbours.is_empty());
         assert_eq!(s.routes.len(), 1);
-        assert!(d.routing_state(None, None) == RoutingState::default());
+        assert!(d.routing_state(None, None, RouteStyle::Nexthop) == RoutingState::default());
+    }
+
+    #[test]
+    fn nexthop_ids_stay_out_of_the_low_range() {
+        assert_eq!(nexthop_id("10.2.0.254".parse().unwrap()), Some(0x0a02_00fe));
+        assert_eq!(nexthop_id("1.0.0.0".parse().unwrap()), Some(1 << 24));
+        assert_eq!(nexthop_id("0.0.0.7".parse().unwrap()), None);
+        // Such a gateway gets a plain route.
+        let mut d = DesiredRouter::default();
+        let via: Ipv4Addr = "0.0.0.7".parse().unwrap();
+        d.routes.insert("10.2.0.0/24".parse().unwrap(), via);
+        let s = d.routing_state(Some(7), None, RouteStyle::Nexthop);
+        assert!(s.nexthops.is_empty());
+        assert_eq!(s.routes.values().next().unwrap().gateway, Some(via));
     }
 
     fn corrupt() -> ReadError {

@@ -1,14 +1,20 @@
 //! The plan that turns the observed routing state into the desired one. Pure.
 //!
 //! Order matters for traffic in flight (Flannel's order, made reconciling): a route
-//! is only installed once its gateway's neighbour is, and a neighbour is only removed
-//! once no route uses it; a rule is added after the table it points to is filled, and
-//! removed before it is emptied. A route whose gateway changed is replaced in place,
-//! never deleted and re-added, so it does not blink.
+//! is only installed once its gateway's neighbour and nexthop object are, and a
+//! nexthop or neighbour is only removed once no route uses it (the kernel deletes the
+//! routes of a deleted nexthop); a rule is added after the table it points to is
+//! filled, and removed before it is emptied. A route whose gateway changed is replaced
+//! in place, never deleted and re-added, so it does not blink.
+//!
+//! A route is compared by where it forwards: one with its gateway in itself (put there
+//! by hand, or by a router that ran without nexthop objects) agrees with the desired
+//! route through a nexthop object to the same gateway, link and onlink flag, and is
+//! left alone.
 
 use crate::desired::RoutingState;
 use std::net::Ipv4Addr;
-use vrouter_kernel::{Route, Rule};
+use vrouter_kernel::{Nexthop, Route, Rule};
 use vrouter_state::Mac;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,8 +22,10 @@ pub enum Change {
     DeleteRule(Rule),
     DeleteRoute(Route),
     ReplaceNeighbour { index: u32, ip: Ipv4Addr, mac: Mac },
+    ReplaceNexthop(Nexthop),
     ReplaceRoute(Route),
     AddRule(Rule),
+    DeleteNexthop(u32),
     DeleteNeighbour { index: u32, ip: Ipv4Addr },
 }
 
@@ -29,8 +37,22 @@ impl std::fmt::Display for Change {
             Change::ReplaceNeighbour { index, ip, mac } => {
                 write!(f, "replace neighbour {ip} lladdr {mac} dev #{index}")
             }
+            Change::ReplaceNexthop(n) => {
+                write!(f, "replace nexthop id {}", n.id)?;
+                if let Some(gw) = n.gateway {
+                    write!(f, " via {gw}")?;
+                }
+                if let Some(oif) = n.oif {
+                    write!(f, " dev #{oif}")?;
+                }
+                if n.onlink {
+                    write!(f, " onlink")?;
+                }
+                Ok(())
+            }
             Change::ReplaceRoute(r) => write!(f, "replace route {}", show_route(r)),
             Change::AddRule(r) => write!(f, "add rule {}", show_rule(r)),
+            Change::DeleteNexthop(id) => write!(f, "delete nexthop id {id}"),
             Change::DeleteNeighbour { index, ip } => {
                 write!(f, "delete neighbour {ip} dev #{index}")
             }
@@ -46,10 +68,22 @@ fn show_route(r: &Route) -> String {
     if let Some(oif) = r.oif {
         s += &format!(" dev #{oif}");
     }
+    if let Some(id) = r.nexthop {
+        s += &format!(" nhid {id}");
+    }
     if r.onlink {
         s += " onlink";
     }
     s
+}
+
+/// Whether the observed route `seen` does what the desired `want` asks: the same, or
+/// one with its gateway in itself forwarding the same way (see the module's doc).
+fn agrees(desired: &RoutingState, want: &Route, observed: &RoutingState, seen: &Route) -> bool {
+    seen == want
+        || (seen.nexthop.is_none()
+            && (seen.table, seen.dst, seen.protocol) == (want.table, want.dst, want.protocol)
+            && desired.forwarding(want) == observed.forwarding(seen))
 }
 
 fn show_rule(r: &Rule) -> String {
@@ -82,13 +116,27 @@ pub fn diff(desired: &RoutingState, observed: &RoutingState) -> Vec<Change> {
             plan.push(Change::ReplaceNeighbour { index, ip, mac });
         }
     }
+    for (id, nexthop) in &desired.nexthops {
+        if observed.nexthops.get(id) != Some(nexthop) {
+            plan.push(Change::ReplaceNexthop(nexthop.clone()));
+        }
+    }
     for (key, route) in &desired.routes {
-        if observed.routes.get(key) != Some(route) {
+        let in_sync = observed
+            .routes
+            .get(key)
+            .is_some_and(|seen| agrees(desired, route, observed, seen));
+        if !in_sync {
             plan.push(Change::ReplaceRoute(route.clone()));
         }
     }
     for rule in desired.rules.difference(&observed.rules) {
         plan.push(Change::AddRule(rule.clone()));
+    }
+    for &id in observed.nexthops.keys() {
+        if !desired.nexthops.contains_key(&id) {
+            plan.push(Change::DeleteNexthop(id));
+        }
     }
     for &(index, ip) in observed.neighbours.keys() {
         if !desired.neighbours.contains_key(&(index, ip)) {
@@ -101,7 +149,7 @@ pub fn diff(desired: &RoutingState, observed: &RoutingState) -> Vec<Change> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::desired::{compute, Computed, DesiredRouter, ProbePath, MAIN_TABLE};
+    use crate::desired::{compute, Computed, DesiredRouter, ProbePath, RouteStyle, MAIN_TABLE};
     use vrouter_state::{
         Prefix, RemoteRoute, RoutesFile, StackName, StackRoutes, StackSpec, Vni, RTPROT_VROUTER,
     };
@@ -124,6 +172,14 @@ pub(crate) mod tests {
             }
             Change::AddRule(r) => {
                 state.rules.insert(r.clone());
+            }
+            Change::ReplaceNexthop(n) => {
+                state.nexthops.insert(n.id, n.clone());
+            }
+            Change::DeleteNexthop(id) => {
+                // The kernel deletes the routes through it too.
+                state.nexthops.remove(id);
+                state.routes.retain(|_, r| r.nexthop != Some(*id));
             }
             Change::DeleteNeighbour { index, ip } => {
                 state.neighbours.remove(&(*index, *ip));
@@ -190,11 +246,15 @@ pub(crate) mod tests {
 
     #[test]
     fn from_empty_neighbours_before_routes_and_rule_last() {
-        let d =
-            desired(&[("10.2.0.0/24", "10.2.0.254", false)]).routing_state(Some(OVL), Some(PROBE));
+        let d = desired(&[("10.2.0.0/24", "10.2.0.254", false)]).routing_state(
+            Some(OVL),
+            Some(PROBE),
+            RouteStyle::Nexthop,
+        );
         let plan = diff(&d, &RoutingState::default());
-        assert_eq!(plan.len(), 4, "{plan:?}");
+        assert_eq!(plan.len(), 5, "{plan:?}");
         let neigh = position(&plan, |c| matches!(c, Change::ReplaceNeighbour { .. }));
+        let nexthop = position(&plan, |c| matches!(c, Change::ReplaceNexthop(_)));
         let route = position(
             &plan,
             |c| matches!(c, Change::ReplaceRoute(r) if r.table == MAIN_TABLE),
@@ -204,7 +264,7 @@ pub(crate) mod tests {
             |c| matches!(c, Change::ReplaceRoute(r) if r.table == crate::desired::PROBE_TABLE),
         );
         let rule = position(&plan, |c| matches!(c, Change::AddRule(_)));
-        assert!(neigh < route);
+        assert!(neigh < nexthop && nexthop < route, "{plan:?}");
         assert!(table < rule);
     }
 
@@ -214,7 +274,7 @@ pub(crate) mod tests {
             ("10.2.0.0/24", "10.2.0.254", false),
             ("10.3.0.0/24", "10.3.0.254", true),
         ])
-        .routing_state(Some(OVL), Some(PROBE));
+        .routing_state(Some(OVL), Some(PROBE), RouteStyle::Nexthop);
         let mut observed = RoutingState::default();
         assert!(!converge(&d, &mut observed).is_empty());
         assert_eq!(observed, d);
@@ -227,8 +287,12 @@ pub(crate) mod tests {
             ("10.2.0.0/24", "10.2.0.254", false),
             ("10.3.0.0/24", "10.3.0.254", false),
         ])
-        .routing_state(Some(OVL), Some(PROBE));
-        let new = desired(&[("10.2.0.0/24", "10.2.0.254", false)]).routing_state(Some(OVL), None);
+        .routing_state(Some(OVL), Some(PROBE), RouteStyle::Nexthop);
+        let new = desired(&[("10.2.0.0/24", "10.2.0.254", false)]).routing_state(
+            Some(OVL),
+            None,
+            RouteStyle::Nexthop,
+        );
         let mut observed = old.clone();
         let plan = converge(&new, &mut observed);
         assert_eq!(observed, new);
@@ -240,7 +304,11 @@ pub(crate) mod tests {
             &plan,
             |c| matches!(c, Change::DeleteNeighbour { ip, .. } if *ip == Ipv4Addr::new(10, 3, 0, 254)),
         );
-        assert!(route < neigh);
+        let nexthop = position(
+            &plan,
+            |c| matches!(c, Change::DeleteNexthop(id) if *id == u32::from(Ipv4Addr::new(10, 3, 0, 254))),
+        );
+        assert!(route < nexthop && nexthop < neigh, "{plan:?}");
         let rule = position(&plan, |c| matches!(c, Change::DeleteRule(_)));
         let table = position(
             &plan,
@@ -254,8 +322,16 @@ pub(crate) mod tests {
 
     #[test]
     fn gateway_change_replaces_in_place() {
-        let old = desired(&[("10.2.0.0/24", "10.2.0.254", false)]).routing_state(Some(OVL), None);
-        let new = desired(&[("10.2.0.0/24", "10.2.0.253", false)]).routing_state(Some(OVL), None);
+        let old = desired(&[("10.2.0.0/24", "10.2.0.254", false)]).routing_state(
+            Some(OVL),
+            None,
+            RouteStyle::Nexthop,
+        );
+        let new = desired(&[("10.2.0.0/24", "10.2.0.253", false)]).routing_state(
+            Some(OVL),
+            None,
+            RouteStyle::Nexthop,
+        );
         let mut observed = old;
         let plan = converge(&new, &mut observed);
         assert_eq!(observed, new);
@@ -264,29 +340,86 @@ pub(crate) mod tests {
             "{plan:?}"
         );
         let add_neigh = position(&plan, |c| matches!(c, Change::ReplaceNeighbour { .. }));
+        let add_nexthop = position(&plan, |c| matches!(c, Change::ReplaceNexthop(_)));
         let replace = position(&plan, |c| matches!(c, Change::ReplaceRoute(_)));
+        let del_nexthop = position(&plan, |c| matches!(c, Change::DeleteNexthop(_)));
         let del_neigh = position(&plan, |c| matches!(c, Change::DeleteNeighbour { .. }));
-        assert!(add_neigh < replace && replace < del_neigh, "{plan:?}");
+        assert!(
+            add_neigh < add_nexthop
+                && add_nexthop < replace
+                && replace < del_nexthop
+                && del_nexthop < del_neigh,
+            "{plan:?}"
+        );
     }
 
     #[test]
     fn drifted_attributes_are_repaired() {
-        let d = desired(&[("10.2.0.0/24", "10.2.0.254", false)]).routing_state(Some(OVL), None);
-        let mut observed = d.clone();
-        // Someone dropped onlink and changed the neighbour's MAC.
-        observed.routes.values_mut().for_each(|r| r.onlink = false);
-        observed
-            .neighbours
-            .values_mut()
-            .for_each(|m| *m = Mac::ZERO);
-        let plan = converge(&d, &mut observed);
-        assert_eq!(plan.len(), 2, "{plan:?}");
-        assert_eq!(observed, d);
+        for style in [RouteStyle::Nexthop, RouteStyle::Plain] {
+            let d = desired(&[("10.2.0.0/24", "10.2.0.254", false)]).routing_state(
+                Some(OVL),
+                None,
+                style,
+            );
+            let mut observed = d.clone();
+            // Someone dropped onlink and changed the neighbour's MAC.
+            observed.routes.values_mut().for_each(|r| r.onlink = false);
+            observed
+                .nexthops
+                .values_mut()
+                .for_each(|n| n.onlink = false);
+            observed
+                .neighbours
+                .values_mut()
+                .for_each(|m| *m = Mac::ZERO);
+            let plan = converge(&d, &mut observed);
+            assert_eq!(plan.len(), 2, "{style:?}: {plan:?}");
+            assert_eq!(observed, d);
+        }
+    }
+
+    #[test]
+    fn plain_route_to_the_same_gateway_is_left_alone() {
+        let d = desired(&[
+            ("10.2.0.0/24", "10.2.0.254", false),
+            ("10.3.0.0/24", "10.3.0.254", false),
+        ]);
+        let nexthops = d.routing_state(Some(OVL), None, RouteStyle::Nexthop);
+        let plain = d.routing_state(Some(OVL), None, RouteStyle::Plain);
+        // Routes from a router that ran without nexthop objects, or put back by hand:
+        // only the nexthop objects are added.
+        let mut observed = plain.clone();
+        let plan = converge(&nexthops, &mut observed);
+        assert!(
+            plan.iter().all(|c| matches!(c, Change::ReplaceNexthop(_))),
+            "{plan:?}"
+        );
+        assert_eq!(plan.len(), 2);
+        assert!(diff(&nexthops, &observed).is_empty());
+        // One pointing elsewhere is replaced.
+        let b = (MAIN_TABLE, "10.2.0.0/24".parse::<Prefix>().unwrap());
+        observed.routes.get_mut(&b).unwrap().gateway = Some(Ipv4Addr::new(10, 3, 0, 254));
+        let plan = converge(&nexthops, &mut observed);
+        assert_eq!(
+            plan,
+            vec![Change::ReplaceRoute(nexthops.routes[&b].clone())]
+        );
+        // Going back to plain routes replaces the routes before their nexthops go
+        // (which would take the routes with them).
+        let mut observed = nexthops.clone();
+        let plan = converge(&plain, &mut observed);
+        assert_eq!(observed, plain, "{plan:?}");
+        let last_route = plan
+            .iter()
+            .rposition(|c| matches!(c, Change::ReplaceRoute(_)))
+            .unwrap();
+        let first_delete = position(&plan, |c| matches!(c, Change::DeleteNexthop(_)));
+        assert!(last_route < first_delete, "{plan:?}");
     }
 
     #[test]
     fn changed_rule_is_deleted_then_added() {
-        let d = DesiredRouter::default().routing_state(None, Some(PROBE));
+        let d = DesiredRouter::default().routing_state(None, Some(PROBE), RouteStyle::Nexthop);
         let mut observed = d.clone();
         let mut odd = observed.rules.iter().next().unwrap().clone();
         observed.rules.clear();
@@ -302,8 +435,8 @@ pub(crate) mod tests {
     #[test]
     fn new_overlay_link_moves_everything() {
         let d = desired(&[("10.2.0.0/24", "10.2.0.254", false)]);
-        let mut observed = d.routing_state(Some(OVL), None);
-        let target = d.routing_state(Some(OVL + 1), None);
+        let mut observed = d.routing_state(Some(OVL), None, RouteStyle::Nexthop);
+        let target = d.routing_state(Some(OVL + 1), None, RouteStyle::Nexthop);
         converge(&target, &mut observed);
         assert_eq!(observed, target);
     }

@@ -8,7 +8,7 @@
 //! by leaving a good file behind.
 
 use crate::apply;
-use crate::desired::{compute, Computed, DesiredRouter, RoutingState, MAIN_TABLE};
+use crate::desired::{compute, Computed, DesiredRouter, RouteStyle, RoutingState, MAIN_TABLE};
 use crate::link::{self, OverlayLink};
 use crate::settings::Settings;
 use anyhow::Context;
@@ -37,7 +37,9 @@ impl RouteCheck {
 
 /// Compares the remote routes of `desired` with the kernel dump `observed` (see
 /// [`apply::observe`]); `overlay` is the working overlay link's index (without one,
-/// nothing can be installed). Pure.
+/// nothing can be installed). Routes are judged by where they forward: through a
+/// nexthop object (looked up in `observed`) or with the gateway in the route, as the
+/// router installs them on kernels without nexthop objects. Pure.
 pub fn check_routes(
     desired: &DesiredRouter,
     overlay: Option<u32>,
@@ -56,21 +58,31 @@ pub fn check_routes(
         }
         return check;
     };
-    let want = desired.routing_state(Some(ovl), None);
+    let want = desired.routing_state(Some(ovl), None, RouteStyle::Plain);
     for ((table, dst), route) in &want.routes {
-        let via = route.gateway.expect("remote routes have a gateway");
+        let via = route.gateway.expect("plain remote routes have a gateway");
         let route_ok = match observed.routes.get(&(*table, *dst)) {
-            Some(r) if r == route => true,
-            Some(r) => {
-                check.problems.push(format!(
-                    "route to {dst} goes via {} dev #{}, routes.json says via {via} dev #{ovl}",
-                    r.gateway
-                        .map(|g| g.to_string())
-                        .unwrap_or_else(|| "-".into()),
-                    r.oif.unwrap_or(0)
-                ));
-                false
-            }
+            Some(r) => match observed.forwarding(r) {
+                Some(f) if f == (route.gateway, route.oif, route.onlink) => true,
+                Some((gateway, oif, onlink)) => {
+                    check.problems.push(format!(
+                        "route to {dst} goes via {} dev #{}{}, routes.json says via {via} dev #{ovl} onlink",
+                        gateway
+                            .map(|g| g.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        oif.unwrap_or(0),
+                        if onlink { " onlink" } else { "" }
+                    ));
+                    false
+                }
+                None => {
+                    check.problems.push(format!(
+                        "route to {dst} uses nexthop id {}, which is missing",
+                        r.nexthop.unwrap_or(0)
+                    ));
+                    false
+                }
+            },
             None => {
                 check
                     .problems
@@ -242,21 +254,30 @@ mod tests {
 
     /// The kernel as the router leaves it, including the probe path (not judged).
     fn installed(d: &DesiredRouter) -> RoutingState {
+        installed_as(d, RouteStyle::Nexthop)
+    }
+
+    fn installed_as(d: &DesiredRouter, style: RouteStyle) -> RoutingState {
         d.routing_state(
             Some(OVL),
             Some(ProbePath {
                 gateway: "10.1.0.1".parse().unwrap(),
                 oif: 2,
             }),
+            style,
         )
     }
 
     #[test]
     fn in_sync_counts_every_route() {
         let d = desired(&two());
-        let c = check_routes(&d, Some(OVL), &installed(&d));
-        assert_eq!((c.desired, c.installed), (2, 2));
-        assert!(c.in_sync(), "{:?}", c.problems);
+        // Through nexthop objects, or with gateways in the routes (a kernel without
+        // nexthop objects, or a route put back by hand): the same forwarding.
+        for style in [RouteStyle::Nexthop, RouteStyle::Plain] {
+            let c = check_routes(&d, Some(OVL), &installed_as(&d, style));
+            assert_eq!((c.desired, c.installed), (2, 2), "{style:?}");
+            assert!(c.in_sync(), "{style:?}: {:?}", c.problems);
+        }
         // Nothing desired, nothing installed: in sync.
         let empty = desired(&file(vec![]));
         let c = check_routes(&empty, Some(OVL), &RoutingState::default());
@@ -277,7 +298,7 @@ mod tests {
             vec!["route to 10.2.0.0/24 via 10.2.0.254 is missing"]
         );
 
-        let mut k = installed(&d);
+        let mut k = installed_as(&d, RouteStyle::Plain);
         k.routes.get_mut(&(MAIN_TABLE, b)).unwrap().gateway = Some("10.2.0.9".parse().unwrap());
         let c = check_routes(&d, Some(OVL), &k);
         assert_eq!(c.installed, 1);
@@ -285,6 +306,25 @@ mod tests {
             c.problems[0].contains("goes via 10.2.0.9"),
             "{:?}",
             c.problems
+        );
+
+        // A nexthop object pointing elsewhere, or gone.
+        let id = crate::desired::nexthop_id("10.2.0.254".parse().unwrap()).unwrap();
+        let mut k = installed(&d);
+        k.nexthops.get_mut(&id).unwrap().onlink = false;
+        let c = check_routes(&d, Some(OVL), &k);
+        assert_eq!(c.installed, 1);
+        assert_eq!(
+            c.problems,
+            vec!["route to 10.2.0.0/24 goes via 10.2.0.254 dev #7, routes.json says via 10.2.0.254 dev #7 onlink"]
+        );
+        k.nexthops.remove(&id);
+        let c = check_routes(&d, Some(OVL), &k);
+        assert_eq!(
+            c.problems,
+            vec![format!(
+                "route to 10.2.0.0/24 uses nexthop id {id}, which is missing"
+            )]
         );
 
         let mut k = installed(&d);

@@ -3,8 +3,10 @@
 
 use crate::apply;
 use crate::attach::{self, DiscoveryConn, Phase, RECONNECT_MIN, REFUSED_RETRY, REPLY_TIMEOUT};
-use crate::desired::{Intent, ProbePath, RemoteRouter, RoutingState, SameHostPeer, MAIN_TABLE};
-use crate::diff::diff;
+use crate::desired::{
+    Intent, ProbePath, RemoteRouter, RouteStyle, RoutingState, SameHostPeer, MAIN_TABLE,
+};
+use crate::diff::{diff, Change};
 use crate::health::{check_routes, RouteCheck};
 use crate::link::{self, OverlayLink, Surroundings};
 use crate::overlay_probe::{self, HealthReport, ProbeConfig};
@@ -45,6 +47,8 @@ pub struct Router {
     applied: Option<RoutingState>,
     /// Routes, neighbours and rules found wrong or missing and repaired, since start.
     drift_repairs: u64,
+    /// Nexthop objects until the kernel refuses one, then plain routes for good.
+    style: RouteStyle,
     last_apply_error: Option<String>,
     /// Why routes.json could not be read at the last try (the last good state stays).
     routes_error: Option<String>,
@@ -139,6 +143,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         discovery: DiscoveryConn::default(),
         applied: None,
         drift_repairs: 0,
+        style: RouteStyle::Nexthop,
         last_apply_error: None,
         routes_error: None,
         health: health_tx,
@@ -444,32 +449,42 @@ impl Router {
     async fn reconcile_routes(&mut self, trigger: Trigger) {
         let link = self.overlay().await;
         let overlay = link.index();
-        let known = self.intent.last_good.as_ref();
-        let desired = known
-            .cloned()
-            .unwrap_or_default()
-            .routing_state(overlay, self.probe_path);
-        let mut observed = match apply::observe(&self.kernel, overlay).await {
-            Ok(o) => o,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot dump the routing state");
-                self.publish_health(
-                    &link,
-                    None,
-                    Some(format!("cannot dump the routing state: {e}")),
-                )
-                .await;
-                return;
+        // At most twice: once more with plain routes if the kernel refuses nexthop
+        // objects.
+        let mut attempts = 0;
+        let (desired, plan, observed) = loop {
+            attempts += 1;
+            let known = self.intent.last_good.as_ref();
+            let desired = known.cloned().unwrap_or_default().routing_state(
+                overlay,
+                self.probe_path,
+                self.style,
+            );
+            let mut observed = match apply::observe(&self.kernel, overlay).await {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot dump the routing state");
+                    self.publish_health(
+                        &link,
+                        None,
+                        Some(format!("cannot dump the routing state: {e}")),
+                    )
+                    .await;
+                    return;
+                }
+            };
+            if known.is_none() {
+                // Nothing good was ever read: leave the remote routes as they are
+                // (they may be from before a restart in this namespace) and only set
+                // up probing. Their nexthops stay too: deleting one deletes its routes.
+                observed.routes.retain(|(table, _), _| *table != MAIN_TABLE);
+                observed.neighbours.clear();
+                observed.nexthops.clear();
             }
-        };
-        if known.is_none() {
-            // Nothing good was ever read: leave the remote routes as they are (they
-            // may be from before a restart in this namespace) and only set up probing.
-            observed.routes.retain(|(table, _), _| *table != MAIN_TABLE);
-            observed.neighbours.clear();
-        }
-        let plan = diff(&desired, &observed);
-        if !plan.is_empty() {
+            let plan = diff(&desired, &observed);
+            if plan.is_empty() {
+                break (desired, plan, observed);
+            }
             let drift = trigger == Trigger::Timer && self.applied.as_ref() == Some(&desired);
             if drift {
                 self.drift_repairs += plan.len() as u64;
@@ -479,12 +494,22 @@ impl Router {
                     "repairing drift: the kernel no longer matched the desired state"
                 );
             }
-            for change in &plan {
-                tracing::info!(?trigger, "{change}");
-            }
+            log_plan(trigger, &plan);
             let done = apply::apply(&self.kernel, &plan).await;
+            if done.nexthops_refused && self.style == RouteStyle::Nexthop && attempts == 1 {
+                let message = "the kernel has no nexthop objects (Linux 5.3 or later has them); remote routes carry their gateway instead, which installs slower at scale";
+                tracing::warn!("{message}");
+                self.event("nexthops_unsupported", message);
+                self.style = RouteStyle::Plain;
+                continue;
+            }
             if !done.ok() {
-                let msg = done.failed.join("; ");
+                // The first few say what is wrong; 10,000 lines would not say more.
+                const SHOWN: usize = 5;
+                let mut msg = done.failed[..done.failed.len().min(SHOWN)].join("; ");
+                if done.failed.len() > SHOWN {
+                    msg += &format!("; and {} more", done.failed.len() - SHOWN);
+                }
                 if self.last_apply_error.as_deref() != Some(msg.as_str()) {
                     self.event(
                         "apply_failed",
@@ -502,7 +527,8 @@ impl Router {
                 self.publish_health(&link, None, error).await;
                 return;
             }
-        }
+            break (desired, plan, observed);
+        };
         self.last_apply_error = None;
         // Unchanged, the dump is still the kernel's state; else dump again.
         let after = plan.is_empty().then_some(observed);
@@ -594,4 +620,32 @@ impl Router {
             }
         });
     }
+}
+
+/// Logs a plan: each change when there are few, else a count per kind (each change
+/// at debug), since 10,000 lines would slow the reconcile they describe.
+fn log_plan(trigger: Trigger, plan: &[Change]) {
+    const EACH: usize = 32;
+    if plan.len() <= EACH {
+        for change in plan {
+            tracing::info!(?trigger, "{change}");
+        }
+        return;
+    }
+    let mut kinds: Vec<(String, usize)> = Vec::new();
+    for change in plan {
+        tracing::debug!(?trigger, "{change}");
+        let kind: String = change
+            .to_string()
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ");
+        match kinds.last_mut() {
+            Some((k, n)) if *k == kind => *n += 1,
+            _ => kinds.push((kind, 1)),
+        }
+    }
+    let summary: Vec<String> = kinds.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+    tracing::info!(?trigger, changes = plan.len(), "{}", summary.join(", "));
 }

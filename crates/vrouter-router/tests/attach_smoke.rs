@@ -202,6 +202,26 @@ fn in_ns(ns: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The router's routes (`ip route show proto 118`), each line without its `nhid N`:
+/// the routes go through nexthop objects, whose gateway and link `ip` prints too.
+fn our_routes(ns: &str) -> String {
+    in_ns(ns, &["route", "show", "proto", "118"])
+        .lines()
+        .map(|line| {
+            let mut words = line.split_whitespace();
+            let mut kept = Vec::new();
+            while let Some(w) = words.next() {
+                if w == "nhid" {
+                    words.next();
+                } else {
+                    kept.push(w);
+                }
+            }
+            kept.join(" ") + "\n"
+        })
+        .collect()
+}
+
 fn acks(log: &Mutex<Vec<RouterMessage>>) -> Vec<u64> {
     log.lock()
         .unwrap()
@@ -330,8 +350,13 @@ fn router_attaches_reconciles_and_survives_discovery() {
     );
     let routes = in_ns(&r, &["route", "show", "proto", "118"]);
     assert!(
-        routes.contains("10.2.0.0/24 via 10.2.0.254 dev ovl1000 onlink"),
+        routes.contains("10.2.0.0/24 nhid 167903486 via 10.2.0.254 dev ovl1000 onlink"),
         "{routes}"
+    );
+    let nexthops = in_ns(&r, &["nexthop", "show", "proto", "118"]);
+    assert!(
+        nexthops.contains("id 167903486 via 10.2.0.254 dev ovl1000") && nexthops.contains("onlink"),
+        "{nexthops}"
     );
     let neigh = in_ns(&r, &["neigh", "show", "dev", "ovl1000"]);
     assert!(
@@ -365,14 +390,15 @@ fn router_attaches_reconciles_and_survives_discovery() {
     // Drift is repaired by the timer.
     sh(&["ip", "-n", &r, "route", "del", "10.2.0.0/24"]);
     wait_for("drift repair", Duration::from_secs(5), || {
-        in_ns(&r, &["route", "show", "proto", "118"]).contains("10.2.0.0/24 via 10.2.0.254")
+        our_routes(&r).contains("10.2.0.0/24 via 10.2.0.254")
     });
 
     // A changed gateway is replaced; the old neighbour goes.
     state.write_routes(&routes_file(2, "10.2.0.253")).unwrap();
     wait_for("gateway change", Duration::from_secs(5), || {
-        in_ns(&r, &["route", "show", "proto", "118"]).contains("10.2.0.0/24 via 10.2.0.253")
+        our_routes(&r).contains("10.2.0.0/24 via 10.2.0.253")
             && !in_ns(&r, &["neigh", "show", "dev", "ovl1000"]).contains("10.2.0.254")
+            && !in_ns(&r, &["nexthop", "show"]).contains("10.2.0.254")
     });
     wait_for("ack of generation 2", Duration::from_secs(5), || {
         acks(&log).contains(&2)
@@ -381,7 +407,7 @@ fn router_attaches_reconciles_and_survives_discovery() {
     // A corrupt file keeps the routes and is reported once.
     std::fs::write(state_path.join("routes.json"), b"{\"schema\": 1, \"gener").unwrap();
     std::thread::sleep(Duration::from_millis(1000));
-    assert!(in_ns(&r, &["route", "show", "proto", "118"]).contains("10.2.0.0/24 via 10.2.0.253"));
+    assert!(our_routes(&r).contains("10.2.0.0/24 via 10.2.0.253"));
     let unreadable = state
         .read_events()
         .unwrap()
@@ -405,8 +431,7 @@ fn router_attaches_reconciles_and_survives_discovery() {
     sh(&["ip", "-n", &r, "link", "del", "ovl1000"]);
     wait_for("re-attach", Duration::from_secs(5), || {
         registrations(&log) == vec![true, false, true]
-            && in_ns(&r, &["route", "show", "proto", "118"])
-                .contains("10.2.0.0/24 via 10.2.0.253 dev ovl1000 onlink")
+            && our_routes(&r).contains("10.2.0.0/24 via 10.2.0.253 dev ovl1000 onlink")
     });
 
     // SIGTERM: exit 0, routes stay, no Leave.
@@ -418,7 +443,7 @@ fn router_attaches_reconciles_and_survives_discovery() {
     let status = router.0.wait().unwrap();
     // `ip netns exec` passes the signal's outcome through as the child's exit code.
     assert!(status.success(), "{status:?}");
-    assert!(in_ns(&r, &["route", "show", "proto", "118"]).contains("10.2.0.0/24"));
+    assert!(our_routes(&r).contains("10.2.0.0/24"));
     assert!(!log
         .lock()
         .unwrap()
