@@ -177,6 +177,7 @@ fn flannel_peer(
             oif: Some(l.index),
             onlink: true,
             protocol: RTPROT_STATIC,
+            nexthop: None,
         })
         .await?;
         Ok(())
