@@ -613,4 +613,79 @@ mod tests {
         .join()
         .unwrap();
     }
+
+    /// Root only: a router upgraded in place finds the per-prefix rules of earlier
+    /// versions (`ip daddr <prefix> counter comment "vrouter to ..."`, made here with
+    /// the nft CLI where it is installed); the first reconcile removes them all and
+    /// counts on set elements instead.
+    #[test]
+    fn the_old_rule_layout_is_replaced_in_place() {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "needs root");
+            eprintln!("skipping the_old_rule_layout_is_replaced_in_place: needs root");
+            return;
+        }
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let mut script = String::from(
+                "table ip vrouter {\n chain traffic {\n  type filter hook forward priority 0; policy accept;\n",
+            );
+            for c in desired(&routes()) {
+                let field = match c.direction {
+                    Direction::ToPrefix => "daddr",
+                    Direction::FromPrefix => "saddr",
+                };
+                script.push_str(&format!(
+                    "  ip {field} {} counter comment \"{}\"\n",
+                    c.prefix,
+                    c.comment()
+                ));
+            }
+            script.push_str(" }\n}\n");
+            let loaded = std::process::Command::new("timeout")
+                .args(["10", "nft", "-f", "-"])
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .and_then(|mut child| {
+                    use std::io::Write;
+                    child.stdin.take().expect("stdin").write_all(script.as_bytes())?;
+                    child.wait()
+                });
+            if !loaded.is_ok_and(|status| status.success()) {
+                assert_ne!(
+                    std::env::var("CI").as_deref(),
+                    Ok("true"),
+                    "nft is needed to build the old layout"
+                );
+                eprintln!("skipping the_old_rule_layout_is_replaced_in_place: no nft CLI");
+                return;
+            }
+            let nft = Nft::connect(TABLE, CHAIN).unwrap();
+            let old = nft.dump().unwrap();
+            assert_eq!(old.rules.len(), 6, "{old:?}");
+            assert!(old.rules.iter().all(|r| r.slot.is_none()), "not ours");
+            assert!(old.sets.is_empty());
+
+            let (mut counters, rx) = TrafficCounters::new();
+            counters.reconcile(Some(&routes()));
+            assert_eq!(rx.borrow().error, None);
+            let now = nft.dump().unwrap();
+            assert_eq!(now.rules.len(), 4, "{now:?}");
+            assert!(now.rules.iter().all(|r| r.slot.is_some()));
+            assert!(old.rules.iter().all(|r| !now.rules.contains(r)));
+            assert_eq!(now.elements.len(), 6);
+            assert!(diff(&desired(&routes()), &now).is_empty());
+            assert_eq!(
+                rx.borrow()
+                    .stacks
+                    .iter()
+                    .map(|t| t.stack.clone())
+                    .collect::<Vec<_>>(),
+                vec![stack("b"), stack("c")]
+            );
+        })
+        .join()
+        .unwrap();
+    }
 }
