@@ -35,7 +35,9 @@ mod routes;
 mod rules;
 
 pub use error::KernelError;
-pub use nft::{CounterReading, Direction, Nft, PrefixCounter};
+pub use nft::{
+    CounterDump, CounterReading, Direction, Nft, PrefixCounter, RuleReading, SetReading, Slot,
+};
 
 use error::{classify, Context};
 use futures::StreamExt;

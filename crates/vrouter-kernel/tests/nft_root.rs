@@ -8,7 +8,9 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsFd, OwnedFd};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use vrouter_kernel::{CounterReading, Direction, Kernel, KernelError, Nft, PrefixCounter, Route};
+use vrouter_kernel::{
+    CounterReading, Direction, Kernel, KernelError, Nft, PrefixCounter, Route, Slot,
+};
 use vrouter_state::StackName;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -126,11 +128,19 @@ fn ours(readings: &[CounterReading]) -> Vec<PrefixCounter> {
     v
 }
 
+fn slot(direction: Direction, prefix_len: u8) -> Slot {
+    Slot {
+        direction,
+        prefix_len,
+    }
+}
+
 #[test]
 fn counters_create_dump_readd_delete() {
     in_new_netns("counters_create_dump_readd_delete", || async {
         let nft = Nft::connect("vrtest", "traffic").unwrap();
-        assert_eq!(nft.counters().unwrap(), vec![], "no table yet: no rules");
+        assert_eq!(nft.counters().unwrap(), vec![], "no table yet: no counters");
+        assert_eq!(nft.dump().unwrap(), Default::default());
         nft.delete_table().expect("deleting a missing table is Ok");
         nft.ensure_chain().unwrap();
         nft.ensure_chain().expect("ensuring twice is Ok");
@@ -142,21 +152,41 @@ fn counters_create_dump_readd_delete() {
         let b_from = counter(Direction::FromPrefix, "10.3.0.7/32", "b");
         nft.add_counters(&[a_to.clone(), a_from.clone(), b_to.clone()])
             .unwrap();
-        let first = nft.counters().unwrap();
-        assert_eq!(first.len(), 3, "{first:?}");
+        let first = nft.dump().unwrap();
+        assert_eq!(first.elements.len(), 3, "{first:?}");
         assert_eq!(
-            ours(&first),
+            ours(&first.elements),
             vec![a_to.clone(), a_from.clone(), b_to.clone()]
         );
-        assert!(first.iter().all(|r| r.bytes == 0 && r.packets == 0));
+        assert!(first
+            .elements
+            .iter()
+            .all(|r| r.bytes == 0 && r.packets == 0));
+        // One set and one rule per slot.
+        let mut slots: Vec<Option<Slot>> = first.rules.iter().map(|r| r.slot).collect();
+        slots.sort();
+        assert_eq!(
+            slots,
+            vec![
+                Some(slot(Direction::ToPrefix, 24)),
+                Some(slot(Direction::ToPrefix, 32)),
+                Some(slot(Direction::FromPrefix, 24)),
+            ]
+        );
+        assert_eq!(first.sets.len(), 3);
+        assert!(first.sets.iter().all(|s| s.slot.is_some()), "{first:?}");
 
-        // Re-adding what is there adds nothing; the new one is added.
+        // Re-adding what is there adds nothing; the new one is added with its set.
         nft.add_counters(&[a_to.clone(), b_to.clone(), b_from.clone(), b_from.clone()])
             .unwrap();
-        let second = nft.counters().unwrap();
-        assert_eq!(second.len(), 4, "{second:?}");
-        for r in &first {
-            assert!(second.contains(r), "rule {r:?} kept with its handle");
+        let second = nft.dump().unwrap();
+        assert_eq!(second.elements.len(), 4, "{second:?}");
+        assert_eq!(second.rules.len(), 4);
+        for r in &first.rules {
+            assert!(second.rules.contains(r), "rule {r:?} kept with its handle");
+        }
+        for e in &first.elements {
+            assert!(second.elements.contains(e), "element {e:?} kept");
         }
 
         // The kernel agrees with our encoding, as nft decodes it.
@@ -167,13 +197,19 @@ fn counters_create_dump_readd_delete() {
                 "{listing}"
             );
             for line in [
-                "ip daddr 10.2.0.0/24 counter packets 0 bytes 0 comment \"vrouter to 10.2.0.0/24 stack a\"",
-                "ip saddr 10.2.0.0/24 counter packets 0 bytes 0 comment \"vrouter from 10.2.0.0/24 stack a\"",
-                "ip daddr 10.3.0.7 counter packets 0 bytes 0 comment \"vrouter to 10.3.0.7/32 stack b\"",
-                "ip saddr 10.3.0.7 counter packets 0 bytes 0 comment \"vrouter from 10.3.0.7/32 stack b\"",
+                "ip daddr & 255.255.255.0 == @to_24 comment \"vrouter count to_24\"",
+                "ip saddr & 255.255.255.0 == @from_24 comment \"vrouter count from_24\"",
+                "ip daddr @to_32 comment \"vrouter count to_32\"",
+                "ip saddr @from_32 comment \"vrouter count from_32\"",
+                "set to_24 {",
+                "type ipv4_addr",
+                "counter",
+                "10.2.0.0 counter packets 0 bytes 0 comment \"vrouter to 10.2.0.0/24 stack a\"",
+                "10.3.0.7 counter packets 0 bytes 0 comment \"vrouter from 10.3.0.7/32 stack b\"",
             ] {
                 assert!(listing.contains(line), "missing {line:?} in\n{listing}");
             }
+            assert!(!listing.contains("flags"), "a plain hash:\n{listing}");
             // A rule someone else put in the chain shows up, but not as ours.
             assert!(nft_run(&[
                 "add",
@@ -185,40 +221,56 @@ fn counters_create_dump_readd_delete() {
                 "daddr",
                 "10.9.0.0/16",
                 "counter",
-                "comment",
-                "\"vrouter to 10.2.0.0/24 stack a\""
             ]));
-            let with_foreign = nft.counters().unwrap();
+            let with_foreign = nft.rules().unwrap();
             assert_eq!(with_foreign.len(), 5);
-            assert_eq!(
-                with_foreign.iter().filter(|r| r.counter.is_none()).count(),
-                1
-            );
             let foreign: Vec<u64> = with_foreign
                 .iter()
-                .filter(|r| r.counter.is_none())
+                .filter(|r| r.slot.is_none())
                 .map(|r| r.handle)
                 .collect();
+            assert_eq!(foreign.len(), 1);
             nft.delete_rules(&foreign).unwrap();
+            // An element someone else added to our set: there, but not ours.
+            assert!(nft_run(&[
+                "add", "element", "ip", "vrtest", "to_24", "{", "10.9.9.0", "}",
+            ]));
+            let elements = nft.counters().unwrap();
+            assert_eq!(elements.len(), 5);
+            assert_eq!(elements.iter().filter(|e| e.counter.is_none()).count(), 1);
+            nft.delete_elements(&[(slot(Direction::ToPrefix, 24), "10.9.9.0".parse().unwrap())])
+                .unwrap();
         }
 
-        // Delete by handle; what is gone already is fine, alone or in a batch.
-        let victim = second
+        // Delete elements; what is gone already is fine, alone or in a batch.
+        let a_from_at = (Slot::of(&a_from), a_from.prefix.addr());
+        let b_to_at = (Slot::of(&b_to), b_to.prefix.addr());
+        nft.delete_elements(&[a_from_at]).unwrap();
+        nft.delete_elements(&[a_from_at])
+            .expect("deleting a gone element is Ok");
+        nft.delete_elements(&[a_from_at, b_to_at])
+            .expect("a gone element in a batch does not stop the rest");
+        assert_eq!(
+            ours(&nft.counters().unwrap()),
+            vec![a_to.clone(), b_from.clone()]
+        );
+
+        // A set goes after its rule; rules and sets already gone are fine.
+        let to32 = second
+            .rules
             .iter()
-            .find(|r| r.counter.as_ref() == Some(&a_from))
+            .find(|r| r.slot == Some(slot(Direction::ToPrefix, 32)))
             .unwrap()
             .handle;
-        nft.delete_rules(&[victim]).unwrap();
-        nft.delete_rules(&[victim])
+        nft.delete_rules(&[to32]).unwrap();
+        nft.delete_rules(&[to32])
             .expect("deleting a gone rule is Ok");
-        let other = second
-            .iter()
-            .find(|r| r.counter.as_ref() == Some(&b_to))
-            .unwrap()
-            .handle;
-        nft.delete_rules(&[victim, other])
-            .expect("a gone rule in a batch does not stop the rest");
-        assert_eq!(ours(&nft.counters().unwrap()), vec![a_to, b_from]);
+        nft.delete_sets(&["to_32".into()]).unwrap();
+        nft.delete_sets(&["to_32".into(), "nope".into()])
+            .expect("deleting gone sets is Ok");
+        let now = nft.dump().unwrap();
+        assert_eq!(now.rules.len(), 3);
+        assert_eq!(now.sets.len(), 3);
 
         nft.delete_table().unwrap();
         assert_eq!(nft.counters().unwrap(), vec![]);
@@ -311,6 +363,26 @@ fn receive(socket: &UdpSocket, from: Ipv4Addr, want: usize, ip_size: usize) -> u
 #[test]
 fn forwarded_ip_bytes_are_counted_exactly() {
     in_new_netns("forwarded_ip_bytes_are_counted_exactly", || async {
+        count_forwarded(0).await
+    });
+}
+
+/// The same among counters for 1,000 more remote /24s and an overlapping /16: the chain
+/// holds one rule per direction and prefix length (4), not two per prefix (2,006);
+/// each count lands on its own element, the /16 counts what its /24 does, and the
+/// 1,000 others stay at zero.
+#[test]
+fn a_thousand_prefixes_take_four_rules_and_count_exactly() {
+    in_new_netns(
+        "a_thousand_prefixes_take_four_rules_and_count_exactly",
+        || async { count_forwarded(1000).await },
+    );
+}
+
+/// `extra` more /24 prefixes (10.100.0.0/24 and up, stacks x0, x1, ...) and, when
+/// `extra` > 0, stack "wide" owning 10.2.0.0/16 around stack a's 10.2.0.0/24.
+async fn count_forwarded(extra: usize) {
+    {
         let k = Kernel::connect().await.unwrap();
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("enable forwarding");
         let stack_ns = spare_netns();
@@ -407,7 +479,33 @@ fn forwarded_ip_bytes_are_counted_exactly() {
             counter(Direction::FromPrefix, "10.2.0.0/24", "a"),
             counter(Direction::FromPrefix, "10.3.0.0/24", "b"),
         ];
-        nft.add_counters(&counters).unwrap();
+        let mut all = counters.to_vec();
+        let others: Vec<PrefixCounter> = (0..extra)
+            .flat_map(|i| {
+                let prefix = format!("10.{}.{}.0/24", 100 + i / 256, i % 256);
+                let stack = format!("x{i}");
+                [Direction::ToPrefix, Direction::FromPrefix].map(|d| counter(d, &prefix, &stack))
+            })
+            .collect();
+        all.extend(others.iter().cloned());
+        let wide = [
+            counter(Direction::ToPrefix, "10.2.0.0/16", "wide"),
+            counter(Direction::FromPrefix, "10.2.0.0/16", "wide"),
+        ];
+        if extra > 0 {
+            all.extend(wide.iter().cloned());
+        }
+        let started = Instant::now();
+        nft.add_counters(&all).unwrap();
+        println!("{} counters added in {:?}", all.len(), started.elapsed());
+        let dump = nft.dump().unwrap();
+        assert_eq!(dump.elements.len(), all.len());
+        let want_rules = if extra > 0 { 4 } else { 2 };
+        assert_eq!(dump.rules.len(), want_rules, "{:?}", dump.rules);
+        assert!(dump.rules.iter().all(|r| r.slot.is_some()));
+        // Adding them all again changes nothing.
+        nft.add_counters(&all).unwrap();
+        assert_eq!(nft.dump().unwrap(), dump);
 
         // (from socket, to, count, IP size, receiving socket, sender address)
         let flows = [
@@ -474,6 +572,14 @@ fn forwarded_ip_bytes_are_counted_exactly() {
                 "{c:?}: {count} datagrams of {size} IP bytes"
             );
         }
+        if extra > 0 {
+            // The /16 around a's /24 counts the same packets again.
+            assert_eq!(count_of(&wide[0]), count_of(&counters[0]));
+            assert_eq!(count_of(&wide[1]), count_of(&counters[2]));
+            for c in &others {
+                assert_eq!(count_of(c), (0, 0), "{c:?}");
+            }
+        }
         nft.delete_table().unwrap();
-    });
+    }
 }

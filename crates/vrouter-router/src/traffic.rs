@@ -1,16 +1,24 @@
 //! Traffic statistics: bytes and packets forwarded to and from each remote stack,
 //! counted by nftables in the router's namespace (see `vrouter_kernel::Nft`).
 //!
-//! Per remote prefix there are two rules in chain `traffic` of table `ip vrouter` at
-//! the forward hook: `ip daddr <prefix> counter` (tx: from this stack toward the remote
-//! stack) and `ip saddr <prefix> counter` (rx). The counters count IP bytes (header and
+//! The counters live on set elements in table `ip vrouter` (see `vrouter_kernel::Nft`):
+//! per direction and prefix length in use, one hash set (`to_24`: from this stack
+//! toward the remote prefix, tx; `from_24`: rx) keyed by the prefix's network address,
+//! and one rule in chain `traffic` at the forward hook that looks the masked address
+//! up in it (`ip daddr & 255.255.255.0 @to_24`); the lookup updates the element's
+//! counter. A forwarded packet costs one lookup per rule, and there are two rules per
+//! prefix length in use, however many remote prefixes there are (1,000 remote stacks
+//! with /24s: 2 rules, 2,000 elements). A packet is counted in every configured prefix
+//! that contains its address (one per length). The counters count IP bytes (header and
 //! payload) of what the router forwards; its own probes are not forwarded and not
-//! counted. They start at zero when a rule is created and survive router restarts in
-//! the same namespace (the table stays); a new namespace (container restart) starts
+//! counted. They start at zero when an element is created and survive router restarts
+//! in the same namespace (the table stays); a new namespace (container restart) starts
 //! over.
 //!
 //! Pure parts: [`desired`] (the counters this stack's routes call for), [`diff`]
-//! against a dump (unchanged rules are kept so their counts go on) and [`aggregate`]
+//! against a dump (unchanged elements are kept so their counts go on; sets and rules
+//! of lengths no longer used, and anything else in the chain, such as the per-prefix
+//! rules of earlier versions, are removed) and [`aggregate`]
 //! (per remote stack). [`TrafficCounters`] applies them and publishes a
 //! [`TrafficReport`] on a watch channel, which the overlay-probe writer puts in
 //! `probes/<stack>.json`. Without nf_tables (or the permission) the router goes on
@@ -21,7 +29,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 use tokio::sync::watch;
-use vrouter_kernel::{CounterReading, Direction, Nft, PrefixCounter};
+use vrouter_kernel::{CounterDump, CounterReading, Direction, Nft, PrefixCounter, Slot};
 use vrouter_state::{StackName, StackTraffic};
 
 /// The router's nftables table (family ip) and its counting chain.
@@ -68,32 +76,76 @@ pub fn desired(routes: &DesiredRouter) -> BTreeSet<PrefixCounter> {
     out
 }
 
-/// Changes that make the chain hold exactly the desired counters.
+/// Changes that make the table hold exactly the desired counters, applied in this
+/// order: rules, elements, sets are deleted, then sets, rules and elements added.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CounterPlan {
+    /// Handles of rules to delete: lookups of slots no longer used or of sets that are
+    /// not ours, duplicates, and any other rule in the chain (such as the per-prefix
+    /// counter rules of earlier versions).
+    pub delete_rules: Vec<u64>,
+    /// Elements no longer desired (or not ours) in sets that stay.
+    pub delete_elements: Vec<(Slot, Ipv4Addr)>,
+    /// Sets named like a slot that is no longer used, or that are not what we create.
+    pub delete_sets: Vec<String>,
+    /// Slots in use whose set or rule is missing.
+    pub add_slots: Vec<Slot>,
     pub add: Vec<PrefixCounter>,
-    /// Handles of rules to delete: counters no longer desired, duplicates, and rules
-    /// that are not ours.
-    pub delete: Vec<u64>,
 }
 
 impl CounterPlan {
     pub fn is_empty(&self) -> bool {
-        self.add.is_empty() && self.delete.is_empty()
+        self.delete_rules.is_empty()
+            && self.delete_elements.is_empty()
+            && self.delete_sets.is_empty()
+            && self.add_slots.is_empty()
+            && self.add.is_empty()
     }
 }
 
-/// Pure diff: a desired counter already in the chain is kept (its count goes on),
-/// missing ones are added, everything else is deleted.
-pub fn diff(desired: &BTreeSet<PrefixCounter>, dumped: &[CounterReading]) -> CounterPlan {
-    let mut kept: BTreeSet<&PrefixCounter> = BTreeSet::new();
+/// Pure diff: a desired counter already in its set is kept (its count goes on),
+/// missing ones are added, everything else is deleted; a set and its rule stay while
+/// their slot is used.
+pub fn diff(desired: &BTreeSet<PrefixCounter>, dumped: &CounterDump) -> CounterPlan {
+    let used: BTreeSet<Slot> = desired.iter().map(Slot::of).collect();
     let mut plan = CounterPlan::default();
-    for r in dumped {
-        match &r.counter {
-            Some(c) if desired.contains(c) && kept.insert(c) => {}
-            _ => plan.delete.push(r.handle),
+    // Sets: ours and used stay; a slot's name on anything else goes (sets with other
+    // names are not ours to touch).
+    let mut kept_sets: BTreeSet<Slot> = BTreeSet::new();
+    for set in &dumped.sets {
+        match set.slot {
+            Some(slot) if used.contains(&slot) => {
+                kept_sets.insert(slot);
+            }
+            Some(_) => plan.delete_sets.push(set.name.clone()),
+            None if Slot::from_set_name(&set.name).is_some() => {
+                plan.delete_sets.push(set.name.clone())
+            }
+            None => {}
         }
     }
+    let mut kept_rules: BTreeSet<Slot> = BTreeSet::new();
+    for r in &dumped.rules {
+        match r.slot {
+            Some(slot) if kept_sets.contains(&slot) && kept_rules.insert(slot) => {}
+            _ => plan.delete_rules.push(r.handle),
+        }
+    }
+    let mut kept: BTreeSet<&PrefixCounter> = BTreeSet::new();
+    for e in &dumped.elements {
+        if !kept_sets.contains(&e.slot) {
+            continue; // goes with its set
+        }
+        match &e.counter {
+            Some(c) if desired.contains(c) && kept.insert(c) => {}
+            _ => plan.delete_elements.push((e.slot, e.key)),
+        }
+    }
+    plan.add_slots = used
+        .iter()
+        .filter(|s| !kept_sets.contains(s) || !kept_rules.contains(s))
+        .copied()
+        .collect();
     plan.add = desired
         .iter()
         .filter(|c| !kept.contains(c))
@@ -103,7 +155,8 @@ pub fn diff(desired: &BTreeSet<PrefixCounter>, dumped: &[CounterReading]) -> Cou
 }
 
 /// Sums the counters per remote stack (tx: toward its prefixes, rx: from them).
-/// Only counters in `desired` count, when it is known; rules that are not ours never.
+/// Only counters in `desired` count, when it is known; elements that are not ours
+/// never.
 pub fn aggregate(
     readings: &[CounterReading],
     desired: Option<&BTreeSet<PrefixCounter>>,
@@ -135,7 +188,8 @@ pub fn aggregate(
     per.into_values().collect()
 }
 
-/// The kernel side: keeps the counting rules reconciled and publishes the counts.
+/// The kernel side: keeps the counting sets and rules reconciled and publishes the
+/// counts.
 pub struct TrafficCounters {
     nft: Option<Nft>,
     /// The counters last reconciled toward; None until routes.json was read.
@@ -157,24 +211,29 @@ impl TrafficCounters {
         )
     }
 
-    /// Makes the counting rules match `routes` (after each route reconcile). With no
-    /// routes known yet (`None`), the rules in place are left alone, as the routes
+    /// Makes the counting sets match `routes` (after each route reconcile). With no
+    /// routes known yet (`None`), the counters in place are left alone, as the routes
     /// are. Never fails: a failure goes into the report, and the next call retries.
     pub fn reconcile(&mut self, routes: Option<&DesiredRouter>) {
         let Some(routes) = routes else { return };
         let wanted = desired(routes);
         let result = self.connected().and_then(|nft| {
-            let plan = diff(&wanted, &nft.counters()?);
+            let plan = diff(&wanted, &nft.dump()?);
             if !plan.is_empty() {
                 tracing::info!(
                     add = plan.add.len(),
-                    delete = plan.delete.len(),
-                    "traffic counters: updating the counting rules"
+                    delete = plan.delete_elements.len(),
+                    add_slots = plan.add_slots.len(),
+                    delete_rules = plan.delete_rules.len(),
+                    delete_sets = plan.delete_sets.len(),
+                    "traffic counters: updating the counting sets"
                 );
             }
-            nft.delete_rules(&plan.delete)?;
-            if !plan.add.is_empty() {
-                nft.add_counters(&plan.add)?;
+            nft.delete_rules(&plan.delete_rules)?;
+            nft.delete_elements(&plan.delete_elements)?;
+            nft.delete_sets(&plan.delete_sets)?;
+            if !plan.add.is_empty() || !plan.add_slots.is_empty() {
+                nft.add(&plan.add_slots, &plan.add)?;
             }
             Ok(())
         });
@@ -243,6 +302,7 @@ impl TrafficCounters {
 mod tests {
     use super::*;
     use crate::desired::{RemoteRouter, SameHostPeer};
+    use vrouter_kernel::{RuleReading, SetReading};
     use vrouter_state::Prefix;
 
     fn ip(s: &str) -> Ipv4Addr {
@@ -265,12 +325,57 @@ mod tests {
         }
     }
 
-    fn reading(handle: u64, c: Option<PrefixCounter>, bytes: u64, packets: u64) -> CounterReading {
+    /// An element of ours with its counts.
+    fn reading(c: &PrefixCounter, bytes: u64, packets: u64) -> CounterReading {
         CounterReading {
-            handle,
-            counter: c,
+            slot: Slot::of(c),
+            key: c.prefix.addr(),
+            counter: Some(c.clone()),
             bytes,
             packets,
+        }
+    }
+
+    /// An element without our comment (or whose comment disagrees with its key).
+    fn foreign(slot: Slot, key: &str, bytes: u64, packets: u64) -> CounterReading {
+        CounterReading {
+            slot,
+            key: ip(key),
+            counter: None,
+            bytes,
+            packets,
+        }
+    }
+
+    fn slot(direction: Direction, prefix_len: u8) -> Slot {
+        Slot {
+            direction,
+            prefix_len,
+        }
+    }
+
+    fn set(name: &str, ours: bool) -> SetReading {
+        SetReading {
+            name: name.to_string(),
+            slot: Slot::from_set_name(name).filter(|_| ours),
+        }
+    }
+
+    fn rule(handle: u64, slot: Option<Slot>) -> RuleReading {
+        RuleReading { handle, slot }
+    }
+
+    /// What the kernel holds once `desired` is in place (rule handles from 1).
+    fn applied(desired: &BTreeSet<PrefixCounter>) -> CounterDump {
+        let slots: BTreeSet<Slot> = desired.iter().map(Slot::of).collect();
+        CounterDump {
+            rules: slots
+                .iter()
+                .enumerate()
+                .map(|(i, s)| rule(i as u64 + 1, Some(*s)))
+                .collect(),
+            sets: slots.iter().map(|s| set(&s.set_name(), true)).collect(),
+            elements: desired.iter().map(|c| reading(c, 0, 0)).collect(),
         }
     }
 
@@ -308,69 +413,116 @@ mod tests {
     }
 
     #[test]
+    fn diff_from_nothing_adds_every_slot_and_counter() {
+        let want = desired(&routes());
+        let plan = diff(&want, &CounterDump::default());
+        // Two lengths (/24, /16) in two directions.
+        assert_eq!(
+            plan.add_slots,
+            vec![
+                slot(Direction::ToPrefix, 16),
+                slot(Direction::ToPrefix, 24),
+                slot(Direction::FromPrefix, 16),
+                slot(Direction::FromPrefix, 24),
+            ]
+        );
+        assert_eq!(plan.add, want.iter().cloned().collect::<Vec<_>>());
+        assert!(plan.delete_rules.is_empty() && plan.delete_elements.is_empty());
+        assert!(plan.delete_sets.is_empty());
+        // Applied: nothing left to do.
+        assert!(diff(&want, &applied(&want)).is_empty());
+    }
+
+    #[test]
     fn diff_keeps_adds_and_deletes() {
         let want = desired(&routes());
         let b_to = counter(Direction::ToPrefix, "10.2.0.0/24", "b");
         let gone = counter(Direction::ToPrefix, "10.9.0.0/24", "z");
-        let dumped = vec![
-            reading(1, Some(b_to.clone()), 500, 1),
-            reading(2, Some(b_to.clone()), 0, 0), // duplicate
-            reading(3, Some(gone), 9, 9),         // stack no longer routed
-            reading(4, None, 0, 0),               // not ours
-        ];
+        let to24 = slot(Direction::ToPrefix, 24);
+        let to32 = slot(Direction::ToPrefix, 32);
+        let dumped = CounterDump {
+            rules: vec![
+                rule(1, Some(to24)),
+                rule(2, Some(to24)), // duplicate
+                rule(3, Some(to32)), // length no longer used
+                rule(4, None),       // not ours: an old per-prefix rule
+            ],
+            sets: vec![
+                set("to_24", true),
+                set("to_32", true),
+                set("from_24", false), // named like ours, but not a counting hash
+                set("mine", false),    // someone else's: left alone
+            ],
+            elements: vec![
+                reading(&b_to, 500, 1),
+                reading(&gone, 9, 9),            // stack no longer routed
+                foreign(to24, "10.3.0.0", 0, 0), // not ours
+                foreign(to32, "10.2.0.9", 0, 0), // goes with its set
+            ],
+        };
         let plan = diff(&want, &dumped);
-        assert_eq!(plan.delete, vec![2, 3, 4]);
+        assert_eq!(plan.delete_rules, vec![2, 3, 4]);
+        assert_eq!(
+            plan.delete_elements,
+            vec![(to24, ip("10.9.0.0")), (to24, ip("10.3.0.0"))]
+        );
+        assert_eq!(
+            plan.delete_sets,
+            vec!["to_32".to_string(), "from_24".into()]
+        );
+        assert_eq!(
+            plan.add_slots,
+            vec![
+                slot(Direction::ToPrefix, 16),
+                slot(Direction::FromPrefix, 16),
+                slot(Direction::FromPrefix, 24),
+            ],
+            "to_24 has its set and rule"
+        );
         assert_eq!(plan.add.len(), 5);
         assert!(!plan.add.contains(&b_to), "kept, with its count");
 
-        // Applied: nothing left to do.
-        let mut now = vec![reading(1, Some(b_to), 500, 1)];
-        now.extend(
-            plan.add
-                .iter()
-                .enumerate()
-                .map(|(i, c)| reading(10 + i as u64, Some(c.clone()), 0, 0)),
-        );
-        assert!(diff(&want, &now).is_empty());
-        // Nothing desired: everything goes.
-        assert_eq!(diff(&BTreeSet::new(), &now).delete.len(), 6);
+        // A set whose rule is gone gets its rule back, elements untouched.
+        let mut no_rule = applied(&want);
+        no_rule.rules.retain(|r| r.slot != Some(to24));
+        let plan = diff(&want, &no_rule);
+        assert_eq!(plan.add_slots, vec![to24]);
+        assert!(plan.add.is_empty() && plan.delete_elements.is_empty());
+
+        // Nothing desired: every rule and set goes (elements with their sets).
+        let now = applied(&want);
+        let plan = diff(&BTreeSet::new(), &now);
+        assert_eq!(plan.delete_rules.len(), 4);
+        assert_eq!(plan.delete_sets.len(), 4);
+        assert!(plan.delete_elements.is_empty() && plan.add_slots.is_empty());
+    }
+
+    /// A router upgraded in place finds the per-prefix rules of earlier versions in its
+    /// chain: they are all deleted and the sets take over.
+    #[test]
+    fn diff_replaces_the_old_rule_layout() {
+        let want = desired(&routes());
+        let old = CounterDump {
+            rules: (1..=6).map(|h| rule(h, None)).collect(),
+            sets: Vec::new(),
+            elements: Vec::new(),
+        };
+        let plan = diff(&want, &old);
+        assert_eq!(plan.delete_rules, vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(plan.add_slots.len(), 4);
+        assert_eq!(plan.add.len(), 6);
     }
 
     #[test]
     fn aggregate_sums_per_stack_and_direction() {
         let want = desired(&routes());
         let readings = vec![
-            reading(
-                1,
-                Some(counter(Direction::ToPrefix, "10.2.0.0/24", "b")),
-                1000,
-                2,
-            ),
-            reading(
-                2,
-                Some(counter(Direction::ToPrefix, "10.20.0.0/16", "b")),
-                300,
-                1,
-            ),
-            reading(
-                3,
-                Some(counter(Direction::FromPrefix, "10.2.0.0/24", "b")),
-                40,
-                1,
-            ),
-            reading(
-                4,
-                Some(counter(Direction::FromPrefix, "10.3.0.0/24", "c")),
-                7,
-                1,
-            ),
-            reading(
-                5,
-                Some(counter(Direction::ToPrefix, "10.9.0.0/24", "z")),
-                9,
-                9,
-            ),
-            reading(6, None, 1_000_000, 1000),
+            reading(&counter(Direction::ToPrefix, "10.2.0.0/24", "b"), 1000, 2),
+            reading(&counter(Direction::ToPrefix, "10.20.0.0/16", "b"), 300, 1),
+            reading(&counter(Direction::FromPrefix, "10.2.0.0/24", "b"), 40, 1),
+            reading(&counter(Direction::FromPrefix, "10.3.0.0/24", "c"), 7, 1),
+            reading(&counter(Direction::ToPrefix, "10.9.0.0/24", "z"), 9, 9),
+            foreign(slot(Direction::ToPrefix, 24), "10.8.0.0", 1_000_000, 1000),
         ];
         let b = StackTraffic {
             stack: stack("b"),
@@ -431,17 +583,107 @@ mod tests {
                 rx_packets: 0,
             };
             assert_eq!(report.stacks, vec![zero("b"), zero("c")]);
-            // Nothing to change the second time: the rules (and counts) stay.
+            // Nothing to change the second time: the rules, sets and elements stay.
             let nft = Nft::connect(TABLE, CHAIN).unwrap();
-            let handles: Vec<u64> = nft.counters().unwrap().iter().map(|r| r.handle).collect();
-            assert_eq!(handles.len(), 6);
+            let before = nft.dump().unwrap();
+            assert_eq!(before.elements.len(), 6);
+            assert_eq!(before.rules.len(), 4, "two lengths, two directions");
+            assert_eq!(before.sets.len(), 4);
+            assert!(diff(&desired(&routes()), &before).is_empty());
             counters.reconcile(Some(&routes()));
-            let again: Vec<u64> = nft.counters().unwrap().iter().map(|r| r.handle).collect();
-            assert_eq!(again, handles);
+            assert_eq!(nft.dump().unwrap(), before);
+            // One prefix (and with it the /16 length) no longer routed: its elements,
+            // sets and rules go, the rest stays.
+            let mut fewer = routes();
+            fewer.routes.remove(&prefix("10.20.0.0/16"));
+            counters.reconcile(Some(&fewer));
+            let after = nft.dump().unwrap();
+            assert_eq!(after.rules.len(), 2);
+            assert_eq!(after.sets.len(), 2);
+            assert_eq!(after.elements.len(), 4);
+            for r in &after.rules {
+                assert!(before.rules.contains(r), "rule {r:?} kept");
+            }
             // Routes gone: counters gone.
             counters.reconcile(Some(&DesiredRouter::default()));
             assert!(nft.counters().unwrap().is_empty());
+            assert_eq!(nft.dump().unwrap(), CounterDump::default());
             assert!(rx.borrow().stacks.is_empty());
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// Root only: a router upgraded in place finds the per-prefix rules of earlier
+    /// versions (`ip daddr <prefix> counter comment "vrouter to ..."`, made here with
+    /// the nft CLI where it is installed); the first reconcile removes them all and
+    /// counts on set elements instead.
+    #[test]
+    fn the_old_rule_layout_is_replaced_in_place() {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "needs root");
+            eprintln!("skipping the_old_rule_layout_is_replaced_in_place: needs root");
+            return;
+        }
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let mut script = String::from(
+                "table ip vrouter {\n chain traffic {\n  type filter hook forward priority 0; policy accept;\n",
+            );
+            for c in desired(&routes()) {
+                let field = match c.direction {
+                    Direction::ToPrefix => "daddr",
+                    Direction::FromPrefix => "saddr",
+                };
+                script.push_str(&format!(
+                    "  ip {field} {} counter comment \"{}\"\n",
+                    c.prefix,
+                    c.comment()
+                ));
+            }
+            script.push_str(" }\n}\n");
+            let loaded = std::process::Command::new("timeout")
+                .args(["10", "nft", "-f", "-"])
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .and_then(|mut child| {
+                    use std::io::Write;
+                    child.stdin.take().expect("stdin").write_all(script.as_bytes())?;
+                    child.wait()
+                });
+            if !loaded.is_ok_and(|status| status.success()) {
+                assert_ne!(
+                    std::env::var("CI").as_deref(),
+                    Ok("true"),
+                    "nft is needed to build the old layout"
+                );
+                eprintln!("skipping the_old_rule_layout_is_replaced_in_place: no nft CLI");
+                return;
+            }
+            let nft = Nft::connect(TABLE, CHAIN).unwrap();
+            let old = nft.dump().unwrap();
+            assert_eq!(old.rules.len(), 6, "{old:?}");
+            assert!(old.rules.iter().all(|r| r.slot.is_none()), "not ours");
+            assert!(old.sets.is_empty());
+
+            let (mut counters, rx) = TrafficCounters::new();
+            counters.reconcile(Some(&routes()));
+            assert_eq!(rx.borrow().error, None);
+            let now = nft.dump().unwrap();
+            assert_eq!(now.rules.len(), 4, "{now:?}");
+            assert!(now.rules.iter().all(|r| r.slot.is_some()));
+            assert!(old.rules.iter().all(|r| !now.rules.contains(r)));
+            assert_eq!(now.elements.len(), 6);
+            assert!(diff(&desired(&routes()), &now).is_empty());
+            assert_eq!(
+                rx.borrow()
+                    .stacks
+                    .iter()
+                    .map(|t| t.stack.clone())
+                    .collect::<Vec<_>>(),
+                vec![stack("b"), stack("c")]
+            );
         })
         .join()
         .unwrap();
