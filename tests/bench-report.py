@@ -60,7 +60,18 @@ baselines get the same offloads, MTU and sysctls as the overlay, from the same c
 
 Throughput is iperf3 TCP with 1 stream (`tcp1`) and 4 streams (`tcp4`); latency is the
 ping RTT (`ping`) and a small TCP request/response RTT (`tcp_rr`). `ratio` figures divide
-one path's throughput by another's within each round.""",
+one path's throughput by another's within each round.
+
+Where the overlay costs more than the Flannel-style path: its packets cross two more
+network namespaces. The services do not take the host's ICMP redirect (Linux's
+`secure_redirects` default), so on the sending host a packet goes service, bridge, host
+IP forward, back out of the bridge, router, VXLAN; on the receiving host VXLAN, router,
+bridge, service. The Flannel-style path forwards once in each host. Each extra hop is
+an IP forward and a veth crossing per packet; with 4 streams both CPUs are saturated and
+the ratio follows the CPU cost per byte. An nftables bridge rule that hands the frames
+straight to the router's port (skipping the host's forward) was built and measured and
+gave no consistent gain (docs/ARCHITECTURE.md, "Where the code differs from
+DESIGN.md").""",
     ),
     (
         "control",
@@ -118,8 +129,9 @@ every node sees every other alive with its record (checked every 500 ms).""",
 ]
 
 GOSSIP_INTRO = """\
-Routers probe each other over the overlay every 250 ms and report a peer reachable
-while it answered within 3 intervals; a remote host's stacks are withdrawn when its
+Routers probe each other over the overlay every 250 ms (with more than 250 remote
+routers, at most 1,000 requests a second, so each peer less often) and report a peer
+reachable while it answered within 3 intervals; a remote host's stacks are withdrawn when its
 membership is down and no local router reports it reachable (ARCHITECTURE.md,
 "Routing decision")."""
 
