@@ -190,14 +190,9 @@ impl GossipMesh {
 
     /// Replaces the host's secret file (atomically) with `lines`, one secret a line.
     pub fn write_secret(&self, host: usize, lines: &[&str]) -> Result<()> {
-        let path = self.secret_path(host);
-        std::fs::create_dir_all(path.parent().unwrap())?;
-        let tmp = path.with_extension("tmp");
         let mut text = lines.join("\n");
         text.push('\n');
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, &path)?;
-        Ok(())
+        crate::write_file_atomic(&self.secret_path(host), text)
     }
 
     /// Turns a test fault (a line of the host's fault file, e.g. `drop-broadcasts`) on
@@ -216,10 +211,7 @@ impl GossipMesh {
         if !text.is_empty() {
             text.push('\n');
         }
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, &path)?;
-        Ok(())
+        crate::write_file_atomic(&path, text)
     }
 
     /// [`Topology::set_underlay_link`](crate::topology::Topology::set_underlay_link).

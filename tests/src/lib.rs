@@ -149,6 +149,19 @@ pub fn log_dir_for(test_name: &str) -> PathBuf {
     base.join(safe)
 }
 
+/// Replaces `path` atomically with `contents` (a temp file beside it, then a rename), as
+/// a config-management tool would, so a watching daemon never reads half a file.
+/// Creates the parent directory.
+pub fn write_file_atomic(path: &std::path::Path, contents: impl AsRef<[u8]>) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
 /// Poll `f` every `interval` until it returns true or `timeout` passes. Returns the last result.
 pub fn wait_until(timeout: Duration, interval: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

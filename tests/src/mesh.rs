@@ -278,13 +278,7 @@ impl Mesh {
             }
             out.push('\n');
         }
-        // Atomic replace, as a config-management tool or Docker config would.
-        let path = self.config_path(host);
-        std::fs::create_dir_all(path.parent().unwrap())?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, out)?;
-        std::fs::rename(&tmp, &path)?;
-        Ok(())
+        crate::write_file_atomic(&self.config_path(host), out)
     }
 
     /// Drops a stack from every other host's configuration (its router keeps running).

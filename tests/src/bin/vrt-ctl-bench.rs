@@ -77,7 +77,7 @@ use vrouter_tests::ctlbench::{
     static_peers_toml, wait_http_200, wait_quiet, Netlink, IFF_UP,
 };
 use vrouter_tests::mesh::{Mesh, StackDef};
-use vrouter_tests::{exec, exec_ok, spawn_privileged_in, wait_until, Role};
+use vrouter_tests::{exec, exec_ok, spawn_privileged_in, wait_until, write_file_atomic, Role};
 
 const VNI: u32 = 1000;
 const STACK: &str = "a";
@@ -183,16 +183,6 @@ fn main() {
 
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
-}
-
-/// Replaces a host's static peer file atomically (discovery watches it).
-fn write_peers(mesh: &Mesh, host: usize, text: &str) -> Result<()> {
-    let path = mesh.config_path(host);
-    std::fs::create_dir_all(path.parent().unwrap())?;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, &path)?;
-    Ok(())
 }
 
 /// Gives the stack's router a fresh namespace (as `docker restart` does); the old
@@ -352,7 +342,7 @@ fn bench(args: &Args) -> Result<(Vec<Figure>, Value)> {
             fresh_router_ns(&mut mesh)?;
         }
         mesh.stop_discovery(1, libc::SIGTERM)?;
-        write_peers(&mesh, 1, &static_peers_toml(n, vni)?)?;
+        write_file_atomic(&mesh.config_path(1), static_peers_toml(n, vni)?)?;
         let wanted = prefix_keys(&remote_routes(n, vni)?);
         mesh.start_discovery(1)?;
         let mut nl = Netlink::in_netns(&mesh.rtr(STACK).ns)?;
