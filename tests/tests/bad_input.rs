@@ -347,24 +347,31 @@ fn overlapping_prefixes_are_refused_with_an_event_on_every_host() {
         );
     }
     // The decision is the same on every host: a keeps its prefix, b's is refused and
-    // published nowhere.
+    // published nowhere. Discovery logs the event before it programs the kernel and
+    // publishes discovery.json, so the file may lag the event by a reconcile: wait for
+    // it (a host that refused a before b's router registered corrects itself then).
+    let expected = vec!["b 10.0.0.0/8".to_string()];
     for h in [1, 2] {
-        let d = vrouter_state::StateDir::open(&mesh.state_dir(h))
-            .unwrap()
-            .read_discovery()
-            .unwrap();
-        let refused: Vec<String> = d
-            .refused
-            .iter()
-            .map(|r| {
-                format!(
-                    "{} {}",
-                    r.stack,
-                    r.prefix.map(|p| p.to_string()).unwrap_or_default()
-                )
-            })
-            .collect();
-        assert_eq!(refused, vec!["b 10.0.0.0/8".to_string()], "host {h}");
+        let refused = || -> Vec<String> {
+            vrouter_state::StateDir::open(&mesh.state_dir(h))
+                .unwrap()
+                .read_discovery()
+                .unwrap()
+                .refused
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{} {}",
+                        r.stack,
+                        r.prefix.map(|p| p.to_string()).unwrap_or_default()
+                    )
+                })
+                .collect()
+        };
+        wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+            refused() == expected
+        });
+        assert_eq!(refused(), expected, "host {h}");
     }
     assert!(mesh.wait_router_routes("a", &[], Duration::from_secs(10)));
 }
