@@ -27,7 +27,7 @@ pub enum Protection {
 pub enum Role {
     /// `net.ipv4.ping_group_range = "0 2147483647"` (as Docker sets it).
     Service,
-    /// `ip_forward=1`, `conf.{all,default}.rp_filter=2` (as compose `sysctls:` would).
+    /// `ip_forward=1`, `conf.{all,default}.rp_filter=0` (as compose `sysctls:` would).
     Router,
 }
 
@@ -294,8 +294,8 @@ impl Host {
         match role {
             Role::Router => {
                 sysctl(&ns, "net.ipv4.ip_forward=1")?;
-                sysctl(&ns, "net.ipv4.conf.all.rp_filter=2")?;
-                sysctl(&ns, "net.ipv4.conf.default.rp_filter=2")?;
+                sysctl(&ns, "net.ipv4.conf.all.rp_filter=0")?;
+                sysctl(&ns, "net.ipv4.conf.default.rp_filter=0")?;
             }
             Role::Service => {
                 sysctl(&ns, "net.ipv4.ping_group_range=0 2147483647")?;

@@ -366,7 +366,7 @@ fn privileged_spawn_has_only_net_admin() {
             .unwrap()
             .stdout
             .trim(),
-        "2"
+        "0"
     );
 
     // Environment is passed; kill and wait work; the pid is the command's own.

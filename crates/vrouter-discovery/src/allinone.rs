@@ -5,7 +5,7 @@
 //! 1. Wait for the stack's bridge: the host interface whose subnet holds the router IP
 //!    (Docker creates it when the stack comes up).
 //! 2. Create a private network namespace (a helper thread `unshare`s CLONE_NEWNET; the
-//!    namespace is then held by a descriptor), set its forwarding and loose rp_filter
+//!    namespace is then held by a descriptor), set its forwarding sysctl and turn rp_filter off
 //!    sysctls, and plug it into the bridge with a veth pair: `vra<hash>` on the bridge,
 //!    `eth0` inside with the router IP and a default route via the bridge's address.
 //!    This is what Docker does for a router container.
@@ -342,8 +342,8 @@ impl Plumbing {
         let inside = in_netns(self.ns.as_fd(), || {
             for (path, value) in [
                 ("/proc/sys/net/ipv4/ip_forward", "1"),
-                ("/proc/sys/net/ipv4/conf/all/rp_filter", "2"),
-                ("/proc/sys/net/ipv4/conf/default/rp_filter", "2"),
+                ("/proc/sys/net/ipv4/conf/all/rp_filter", "0"),
+                ("/proc/sys/net/ipv4/conf/default/rp_filter", "0"),
             ] {
                 write_sysctl(path, value)?;
             }

@@ -5,7 +5,7 @@
 //! tests, by a model, so the dump filters, the error handling and the fallback to
 //! plain routes are tested without root.
 
-use crate::desired::{RoutingState, MAIN_TABLE, PROBE_TABLE};
+use crate::desired::{RoutingState, LEGACY_PROBE_TABLE, MAIN_TABLE};
 use crate::diff::Change;
 use futures::StreamExt;
 use std::net::Ipv4Addr;
@@ -84,8 +84,8 @@ impl RoutingKernel for Kernel {
 
 /// Dumps the objects this project owns in the router's namespace: permanent
 /// neighbours on the overlay link, nexthop objects, routes and rules with protocol
-/// RTPROT_VROUTER (routes in the main and probe tables). Everything else (Docker's
-/// routes, the kernel's connected routes, learned neighbours) is invisible to the
+/// RTPROT_VROUTER (routes in the main table, and in the probe table of older
+/// releases). Everything else (Docker's routes, the kernel's connected routes, learned neighbours) is invisible to the
 /// diff and so is never touched. A kernel without nexthop objects has none of ours.
 pub async fn observe<K: RoutingKernel>(
     kernel: &K,
@@ -110,7 +110,7 @@ pub async fn observe<K: RoutingKernel>(
         Err(KernelError::NoNexthops { .. }) => {}
         Err(e) => return Err(e),
     }
-    for table in [MAIN_TABLE, PROBE_TABLE] {
+    for table in [MAIN_TABLE, LEGACY_PROBE_TABLE] {
         for r in kernel.routes(table).await? {
             if r.protocol == RTPROT_VROUTER && r.table == table {
                 state.routes.insert((r.table, r.dst), r);
@@ -198,7 +198,7 @@ async fn carry_out<K: RoutingKernel>(kernel: &K, change: &Change) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::desired::{DesiredRouter, ProbePath, RouteStyle};
+    use crate::desired::{DesiredRouter, RouteStyle};
     use crate::diff::{diff, tests::model_apply};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
@@ -376,15 +376,8 @@ mod tests {
         d
     }
 
-    fn probe() -> Option<ProbePath> {
-        Some(ProbePath {
-            gateway: "10.1.0.1".parse().unwrap(),
-            oif: 2,
-        })
-    }
-
     fn desired() -> RoutingState {
-        desired_router().routing_state(Some(OVL), probe(), RouteStyle::Nexthop)
+        desired_router().routing_state(Some(OVL), RouteStyle::Nexthop)
     }
 
     /// `n` prefixes 10.x.y.0/24, each behind its own router 10.x.y.254.
@@ -446,9 +439,9 @@ mod tests {
     fn many_changes_are_pipelined_in_order() {
         block_on(async {
             let k = FakeKernel::new();
-            let d = many(1000).routing_state(Some(OVL), probe(), RouteStyle::Nexthop);
+            let d = many(1000).routing_state(Some(OVL), RouteStyle::Nexthop);
             let plan = diff(&d, &observe(&k, Some(OVL)).await.unwrap());
-            assert_eq!(plan.len(), 3 * 1000 + 2);
+            assert_eq!(plan.len(), 3 * 1000);
             let done = apply(&k, &plan).await;
             // Every route found its nexthop: kinds did not overtake each other.
             assert!(done.ok(), "{:?}", &done.failed[..done.failed.len().min(3)]);
@@ -476,16 +469,15 @@ mod tests {
             let done = apply(&k, &plan).await;
             assert!(!done.ok());
             assert!(!done.nexthops_refused);
-            assert_eq!(done.failed.len(), 2, "{:?}", done.failed);
+            assert_eq!(done.failed.len(), 1, "{:?}", done.failed);
             assert!(done.failed[0].contains("CAP_NET_ADMIN"));
-            // The neighbour, nexthop and rule went in; the next reconcile retries the
-            // routes.
+            // The neighbour and nexthop went in; the next reconcile retries the route.
             let after = observe(&k, Some(OVL)).await.unwrap();
             assert_eq!(after.neighbours, d.neighbours);
             assert_eq!(after.nexthops, d.nexthops);
             k.fail_routes = false;
             let retry = diff(&d, &after);
-            assert_eq!(retry.len(), 2);
+            assert_eq!(retry.len(), 1);
             assert!(apply(&k, &retry).await.ok());
             assert_eq!(observe(&k, Some(OVL)).await.unwrap(), d);
         })
@@ -515,7 +507,7 @@ mod tests {
                 done.failed
             );
             // The same intent as plain routes goes in whole.
-            let plain = desired_router().routing_state(Some(OVL), probe(), RouteStyle::Plain);
+            let plain = desired_router().routing_state(Some(OVL), RouteStyle::Plain);
             let plan = diff(&plain, &observe(&k, Some(OVL)).await.unwrap());
             let done = apply(&k, &plan).await;
             assert!(done.ok() && !done.nexthops_refused, "{:?}", done.failed);

@@ -10,11 +10,13 @@ use vrouter_state::{
 
 /// The main routing table.
 pub const MAIN_TABLE: u32 = 254;
-/// Firewall mark of same-host probes ("vr"), and the table their rule looks up.
-pub const PROBE_MARK: u32 = 0x7672;
-pub const PROBE_TABLE: u32 = 0x7672;
-/// Priority of the probe rule: before main (32766), after local (0).
-pub const PROBE_RULE_PRIORITY: u32 = 100;
+/// The table that routers up to 0.1 (stop 10) filled for same-host probes, behind a
+/// policy rule on their firewall mark. Probes now pick the stack interface with
+/// IP_UNICAST_IF instead ([`crate::probe`]): any policy rule turns off the kernel's
+/// merged-table fast path for every forwarded packet. Still dumped, so that a router
+/// upgraded in place removes the old rule and table (they have protocol
+/// RTPROT_VROUTER and are not desired).
+pub const LEGACY_PROBE_TABLE: u32 = 0x7672;
 
 /// A remote stack whose router lives on this host (reached through a sibling
 /// macvlan): the one path Docker 28.2+'s firewall may block, so it is probed.
@@ -255,8 +257,8 @@ pub fn read_error_kind(e: &ReadError) -> String {
     }
 }
 
-/// Where the router's marked probes leave: the stack network's gateway (the host's
-/// bridge address) on the stack interface.
+/// Where the router's same-host probes leave: the stack network's gateway (the host's
+/// bridge address) on the stack interface, the default route's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProbePath {
     pub gateway: Ipv4Addr,
@@ -314,29 +316,13 @@ impl RoutingState {
     }
 }
 
-/// The probe rule: marked packets look up the probe table.
-pub fn probe_rule() -> Rule {
-    Rule {
-        priority: PROBE_RULE_PRIORITY,
-        iif: None,
-        fwmark: Some(PROBE_MARK),
-        table: PROBE_TABLE,
-        protocol: RTPROT_VROUTER,
-    }
-}
-
 impl DesiredRouter {
     /// The kernel objects for this desired state. Without an overlay link there is
-    /// nothing to hang remote routes on (they died with the link); without a probe
-    /// path (no default route) there is no probe rule. In [`RouteStyle::Nexthop`],
-    /// each remote router gets a nexthop object (onlink on the overlay link) and its
-    /// routes refer to it.
-    pub fn routing_state(
-        &self,
-        overlay: Option<u32>,
-        probe: Option<ProbePath>,
-        style: RouteStyle,
-    ) -> RoutingState {
+    /// nothing to hang remote routes on (they died with the link). In
+    /// [`RouteStyle::Nexthop`], each remote router gets a nexthop object (onlink on the
+    /// overlay link) and its routes refer to it. No policy rules: the router's
+    /// namespace keeps the kernel's single-lookup path (see [`LEGACY_PROBE_TABLE`]).
+    pub fn routing_state(&self, overlay: Option<u32>, style: RouteStyle) -> RoutingState {
         let mut state = RoutingState::default();
         if let Some(ovl) = overlay {
             for (&ip, &mac) in &self.neighbours {
@@ -376,22 +362,6 @@ impl DesiredRouter {
                 };
                 state.routes.insert((MAIN_TABLE, dst), route);
             }
-        }
-        if let Some(path) = probe {
-            let dst = Prefix::new(Ipv4Addr::UNSPECIFIED, 0).expect("0.0.0.0/0 is canonical");
-            state.routes.insert(
-                (PROBE_TABLE, dst),
-                Route {
-                    table: PROBE_TABLE,
-                    dst,
-                    gateway: Some(path.gateway),
-                    oif: Some(path.oif),
-                    onlink: false,
-                    protocol: RTPROT_VROUTER,
-                    nexthop: None,
-                },
-            );
-            state.rules.insert(probe_rule());
         }
         state
     }
@@ -554,11 +524,7 @@ mod tests {
     fn routing_state_shapes() {
         let f = file(1, vec![route("10.2.0.0/24", "b", "10.2.0.254", false)]);
         let (d, _) = listed(compute(&own(), &f));
-        let probe = ProbePath {
-            gateway: "10.1.0.1".parse().unwrap(),
-            oif: 2,
-        };
-        let s = d.routing_state(Some(7), Some(probe), RouteStyle::Plain);
+        let s = d.routing_state(Some(7), RouteStyle::Plain);
         let r = &s.routes[&(MAIN_TABLE, "10.2.0.0/24".parse().unwrap())];
         assert_eq!(r.gateway, Some("10.2.0.254".parse().unwrap()));
         assert_eq!(r.oif, Some(7));
@@ -568,7 +534,7 @@ mod tests {
         assert!(s.nexthops.is_empty());
         // Through a nexthop object: the route names it, the object holds the rest,
         // and both forward the same way.
-        let n = d.routing_state(Some(7), Some(probe), RouteStyle::Nexthop);
+        let n = d.routing_state(Some(7), RouteStyle::Nexthop);
         let via: Ipv4Addr = "10.2.0.254".parse().unwrap();
         let id = nexthop_id(via).unwrap();
         assert_eq!(id, 0x0a02_00fe);
@@ -593,15 +559,12 @@ mod tests {
         assert!(s
             .neighbours
             .contains_key(&(7, "10.2.0.254".parse().unwrap())));
-        let p = &s.routes[&(PROBE_TABLE, "0.0.0.0/0".parse().unwrap())];
-        assert_eq!(p.gateway, Some(probe.gateway));
-        assert_eq!(p.oif, Some(2));
-        assert_eq!(s.rules.iter().next().unwrap(), &probe_rule());
-        // No overlay link: only the probe path.
-        let s = d.routing_state(None, Some(probe), RouteStyle::Nexthop);
-        assert!(s.neighbours.is_empty());
-        assert_eq!(s.routes.len(), 1);
-        assert!(d.routing_state(None, None, RouteStyle::Nexthop) == RoutingState::default());
+        // Only the main table, and no policy rule (it would cost every forwarded
+        // packet a rule walk).
+        assert!(s.rules.is_empty() && n.rules.is_empty());
+        assert!(s.routes.keys().all(|(t, _)| *t == MAIN_TABLE));
+        // No overlay link: nothing.
+        assert!(d.routing_state(None, RouteStyle::Nexthop) == RoutingState::default());
     }
 
     #[test]
@@ -613,7 +576,7 @@ mod tests {
         let mut d = DesiredRouter::default();
         let via: Ipv4Addr = "0.0.0.7".parse().unwrap();
         d.routes.insert("10.2.0.0/24".parse().unwrap(), via);
-        let s = d.routing_state(Some(7), None, RouteStyle::Nexthop);
+        let s = d.routing_state(Some(7), RouteStyle::Nexthop);
         assert!(s.nexthops.is_empty());
         assert_eq!(s.routes.values().next().unwrap().gateway, Some(via));
     }

@@ -245,27 +245,57 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn from_empty_neighbours_before_routes_and_rule_last() {
-        let d = desired(&[("10.2.0.0/24", "10.2.0.254", false)]).routing_state(
-            Some(OVL),
-            Some(PROBE),
-            RouteStyle::Nexthop,
-        );
+    fn from_empty_neighbours_before_routes() {
+        let d = desired(&[("10.2.0.0/24", "10.2.0.254", false)])
+            .routing_state(Some(OVL), RouteStyle::Nexthop);
         let plan = diff(&d, &RoutingState::default());
-        assert_eq!(plan.len(), 5, "{plan:?}");
+        assert_eq!(plan.len(), 3, "{plan:?}");
         let neigh = position(&plan, |c| matches!(c, Change::ReplaceNeighbour { .. }));
         let nexthop = position(&plan, |c| matches!(c, Change::ReplaceNexthop(_)));
         let route = position(
             &plan,
             |c| matches!(c, Change::ReplaceRoute(r) if r.table == MAIN_TABLE),
         );
+        assert!(neigh < nexthop && nexthop < route, "{plan:?}");
+    }
+
+    /// The probe rule and table an older router left in the namespace: rule first
+    /// (else marked packets would look up an empty table), then its route.
+    #[test]
+    fn legacy_probe_rule_and_table_removed_rule_first() {
+        use crate::desired::LEGACY_PROBE_TABLE;
+        let d = desired(&[("10.2.0.0/24", "10.2.0.254", false)])
+            .routing_state(Some(OVL), RouteStyle::Nexthop);
+        let mut observed = d.clone();
+        observed.rules.insert(vrouter_kernel::Rule {
+            priority: 100,
+            iif: None,
+            fwmark: Some(0x7672),
+            table: LEGACY_PROBE_TABLE,
+            protocol: 118,
+        });
+        let dst: Prefix = "0.0.0.0/0".parse().unwrap();
+        observed.routes.insert(
+            (LEGACY_PROBE_TABLE, dst),
+            Route {
+                table: LEGACY_PROBE_TABLE,
+                dst,
+                gateway: Some(PROBE.gateway),
+                oif: Some(PROBE.oif),
+                onlink: false,
+                protocol: 118,
+                nexthop: None,
+            },
+        );
+        let plan = converge(&d, &mut observed);
+        assert_eq!(observed, d);
+        assert_eq!(plan.len(), 2, "{plan:?}");
+        let rule = position(&plan, |c| matches!(c, Change::DeleteRule(_)));
         let table = position(
             &plan,
-            |c| matches!(c, Change::ReplaceRoute(r) if r.table == crate::desired::PROBE_TABLE),
+            |c| matches!(c, Change::DeleteRoute(r) if r.table == LEGACY_PROBE_TABLE),
         );
-        let rule = position(&plan, |c| matches!(c, Change::AddRule(_)));
-        assert!(neigh < nexthop && nexthop < route, "{plan:?}");
-        assert!(table < rule);
+        assert!(rule < table);
     }
 
     #[test]
@@ -274,7 +304,7 @@ pub(crate) mod tests {
             ("10.2.0.0/24", "10.2.0.254", false),
             ("10.3.0.0/24", "10.3.0.254", true),
         ])
-        .routing_state(Some(OVL), Some(PROBE), RouteStyle::Nexthop);
+        .routing_state(Some(OVL), RouteStyle::Nexthop);
         let mut observed = RoutingState::default();
         assert!(!converge(&d, &mut observed).is_empty());
         assert_eq!(observed, d);
@@ -287,12 +317,9 @@ pub(crate) mod tests {
             ("10.2.0.0/24", "10.2.0.254", false),
             ("10.3.0.0/24", "10.3.0.254", false),
         ])
-        .routing_state(Some(OVL), Some(PROBE), RouteStyle::Nexthop);
-        let new = desired(&[("10.2.0.0/24", "10.2.0.254", false)]).routing_state(
-            Some(OVL),
-            None,
-            RouteStyle::Nexthop,
-        );
+        .routing_state(Some(OVL), RouteStyle::Nexthop);
+        let new = desired(&[("10.2.0.0/24", "10.2.0.254", false)])
+            .routing_state(Some(OVL), RouteStyle::Nexthop);
         let mut observed = old.clone();
         let plan = converge(&new, &mut observed);
         assert_eq!(observed, new);
@@ -309,12 +336,6 @@ pub(crate) mod tests {
             |c| matches!(c, Change::DeleteNexthop(id) if *id == u32::from(Ipv4Addr::new(10, 3, 0, 254))),
         );
         assert!(route < nexthop && nexthop < neigh, "{plan:?}");
-        let rule = position(&plan, |c| matches!(c, Change::DeleteRule(_)));
-        let table = position(
-            &plan,
-            |c| matches!(c, Change::DeleteRoute(r) if r.table == crate::desired::PROBE_TABLE),
-        );
-        assert!(rule < table);
         // The kept route is not touched.
         assert!(!plan.iter().any(|c| matches!(c,
             Change::ReplaceRoute(r) | Change::DeleteRoute(r) if r.dst == "10.2.0.0/24".parse::<Prefix>().unwrap())));
@@ -322,16 +343,10 @@ pub(crate) mod tests {
 
     #[test]
     fn gateway_change_replaces_in_place() {
-        let old = desired(&[("10.2.0.0/24", "10.2.0.254", false)]).routing_state(
-            Some(OVL),
-            None,
-            RouteStyle::Nexthop,
-        );
-        let new = desired(&[("10.2.0.0/24", "10.2.0.253", false)]).routing_state(
-            Some(OVL),
-            None,
-            RouteStyle::Nexthop,
-        );
+        let old = desired(&[("10.2.0.0/24", "10.2.0.254", false)])
+            .routing_state(Some(OVL), RouteStyle::Nexthop);
+        let new = desired(&[("10.2.0.0/24", "10.2.0.253", false)])
+            .routing_state(Some(OVL), RouteStyle::Nexthop);
         let mut observed = old;
         let plan = converge(&new, &mut observed);
         assert_eq!(observed, new);
@@ -356,11 +371,8 @@ pub(crate) mod tests {
     #[test]
     fn drifted_attributes_are_repaired() {
         for style in [RouteStyle::Nexthop, RouteStyle::Plain] {
-            let d = desired(&[("10.2.0.0/24", "10.2.0.254", false)]).routing_state(
-                Some(OVL),
-                None,
-                style,
-            );
+            let d =
+                desired(&[("10.2.0.0/24", "10.2.0.254", false)]).routing_state(Some(OVL), style);
             let mut observed = d.clone();
             // Someone dropped onlink and changed the neighbour's MAC.
             observed.routes.values_mut().for_each(|r| r.onlink = false);
@@ -384,8 +396,8 @@ pub(crate) mod tests {
             ("10.2.0.0/24", "10.2.0.254", false),
             ("10.3.0.0/24", "10.3.0.254", false),
         ]);
-        let nexthops = d.routing_state(Some(OVL), None, RouteStyle::Nexthop);
-        let plain = d.routing_state(Some(OVL), None, RouteStyle::Plain);
+        let nexthops = d.routing_state(Some(OVL), RouteStyle::Nexthop);
+        let plain = d.routing_state(Some(OVL), RouteStyle::Plain);
         // Routes from a router that ran without nexthop objects, or put back by hand:
         // only the nexthop objects are added.
         let mut observed = plain.clone();
@@ -419,13 +431,22 @@ pub(crate) mod tests {
 
     #[test]
     fn changed_rule_is_deleted_then_added() {
-        let d = DesiredRouter::default().routing_state(None, Some(PROBE), RouteStyle::Nexthop);
+        // The diff handles rules in general (none are desired today).
+        let rule = Rule {
+            priority: 100,
+            iif: None,
+            fwmark: Some(7),
+            table: 7,
+            protocol: RTPROT_VROUTER,
+        };
+        let mut d = DesiredRouter::default().routing_state(None, RouteStyle::Nexthop);
+        d.rules.insert(rule.clone());
         let mut observed = d.clone();
-        let mut odd = observed.rules.iter().next().unwrap().clone();
         observed.rules.clear();
-        odd.priority = 200;
-        odd.protocol = RTPROT_VROUTER;
-        observed.rules.insert(odd);
+        observed.rules.insert(Rule {
+            priority: 200,
+            ..rule
+        });
         let plan = converge(&d, &mut observed);
         assert!(matches!(plan.first(), Some(Change::DeleteRule(_))));
         assert!(matches!(plan.last(), Some(Change::AddRule(_))));
@@ -435,8 +456,8 @@ pub(crate) mod tests {
     #[test]
     fn new_overlay_link_moves_everything() {
         let d = desired(&[("10.2.0.0/24", "10.2.0.254", false)]);
-        let mut observed = d.routing_state(Some(OVL), None, RouteStyle::Nexthop);
-        let target = d.routing_state(Some(OVL + 1), None, RouteStyle::Nexthop);
+        let mut observed = d.routing_state(Some(OVL), RouteStyle::Nexthop);
+        let target = d.routing_state(Some(OVL + 1), RouteStyle::Nexthop);
         converge(&target, &mut observed);
         assert_eq!(observed, target);
     }

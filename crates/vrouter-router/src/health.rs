@@ -58,7 +58,7 @@ pub fn check_routes(
         }
         return check;
     };
-    let want = desired.routing_state(Some(ovl), None, RouteStyle::Plain);
+    let want = desired.routing_state(Some(ovl), RouteStyle::Plain);
     for ((table, dst), route) in &want.routes {
         let via = route.gateway.expect("plain remote routes have a gateway");
         let route_ok = match observed.routes.get(&(*table, *dst)) {
@@ -196,7 +196,6 @@ pub async fn healthcheck(settings: &Settings) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::desired::ProbePath;
     use vrouter_state::{Mac, RemoteRoute, RoutesFile, StackName, StackRoutes, Vni};
 
     fn own() -> StackSpec {
@@ -252,20 +251,13 @@ mod tests {
         ])
     }
 
-    /// The kernel as the router leaves it, including the probe path (not judged).
+    /// The kernel as the router leaves it.
     fn installed(d: &DesiredRouter) -> RoutingState {
         installed_as(d, RouteStyle::Nexthop)
     }
 
     fn installed_as(d: &DesiredRouter, style: RouteStyle) -> RoutingState {
-        d.routing_state(
-            Some(OVL),
-            Some(ProbePath {
-                gateway: "10.1.0.1".parse().unwrap(),
-                oif: 2,
-            }),
-            style,
-        )
+        d.routing_state(Some(OVL), style)
     }
 
     #[test]

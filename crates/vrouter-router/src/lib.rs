@@ -12,8 +12,8 @@
 //! stall until their neighbour entries are probed again. Failing to set it is logged
 //! and reported (`stack_mac_unchanged`), and the router goes on.
 //!
-//! Same-host block detection ([`probe`]) needs no responder and no sysctl: a marked
-//! TTL-1 probe is answered by the host's ICMP Time Exceeded unless Docker's raw-table
+//! Same-host block detection ([`probe`]) needs no responder, no sysctl and no policy
+//! rule: a TTL-1 probe sent out through the stack interface (IP_UNICAST_IF) is answered by the host's ICMP Time Exceeded unless Docker's raw-table
 //! drop swallows it.
 //!
 //! Overlay liveness ([`overlay_probe`]): every router answers UDP probes on its router

@@ -15,7 +15,7 @@ pub struct Surroundings {
     /// Name of the stack network's interface (holding the router's address).
     pub stack_ifname: String,
     pub prefixes: Vec<Prefix>,
-    /// Path for marked probes (None without a default route with a gateway).
+    /// Path for same-host probes (None without a default route with a gateway).
     pub probe_path: Option<ProbePath>,
 }
 

@@ -6,8 +6,11 @@
 //!
 //! The router finds out with a UDP datagram to C's router that takes a service's path
 //! and goes no further than the host:
-//! - it carries [`PROBE_MARK`] (SO_MARK), so the router's own policy rule sends it out
-//!   through the stack network's gateway (the host) instead of over the overlay;
+//! - its socket names the stack interface as its output (IP_UNICAST_IF), so the route
+//!   lookup skips the remote routes on the overlay link and takes the default route
+//!   through the stack network's gateway (the host). No policy rule and no mark: a
+//!   rule in the router's namespace would cost every forwarded packet a rule walk
+//!   (the kernel looks up one merged table only while a namespace has no rules);
 //! - its TTL is 1, so if the host routes it at all, forwarding expires it and the host
 //!   answers ICMP Time Exceeded. `ip_forward` checks the TTL before the FORWARD hook,
 //!   so Docker's filter rules do not matter; only the raw drop does;
@@ -21,7 +24,7 @@
 //! (`net.ipv4.icmp_ratelimit`: one per second after a burst of six), and one answer
 //! is enough.
 
-use crate::desired::{SameHostPeer, PROBE_MARK};
+use crate::desired::SameHostPeer;
 use nix::sys::socket::{self, sockopt, ControlMessageOwned, MsgFlags, SockaddrIn};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::IoSliceMut;
@@ -55,11 +58,33 @@ pub fn is_answer(origin: u8, icmp_type: u8) -> bool {
     origin == SO_EE_ORIGIN_ICMP && icmp_type == ICMP_TIME_EXCEEDED
 }
 
-/// Binds a probe socket: from `router_ip`, marked, TTL 1, ICMP errors queued.
-fn probe_socket(router_ip: Ipv4Addr) -> std::io::Result<UdpSocket> {
+/// Sets IP_UNICAST_IF: unicast datagrams of `sock` leave through link `oif` (routes
+/// through other links are skipped in the lookup). Needs no capability.
+fn set_unicast_if(sock: &std::net::UdpSocket, oif: u32) -> std::io::Result<()> {
+    // The kernel reads the index of an IPv4 socket in network byte order.
+    let index: u32 = oif.to_be();
+    // SAFETY: a valid descriptor, and a pointer to a u32 with its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_UNICAST_IF,
+            (&index as *const u32).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Binds a probe socket: from `router_ip`, out through link `oif`, TTL 1, ICMP errors
+/// queued.
+fn probe_socket(router_ip: Ipv4Addr, oif: u32) -> std::io::Result<UdpSocket> {
     let sock = std::net::UdpSocket::bind(SocketAddrV4::new(router_ip, 0))?;
-    // SO_MARK needs CAP_NET_ADMIN, which the router keeps for this among others.
-    socket::setsockopt(&sock, sockopt::Mark, &PROBE_MARK)?;
+    set_unicast_if(&sock, oif)?;
     sock.set_ttl(1)?;
     socket::setsockopt(&sock, sockopt::Ipv4RecvErr, &true)?;
     sock.set_nonblocking(true)?;
@@ -121,12 +146,12 @@ async fn answered(sock: &UdpSocket, target: Ipv4Addr, deadline: tokio::time::Ins
     }
 }
 
-/// Sends up to [`PROBE_TRIES`] marked TTL-1 probes from `router_ip` to `target` and
-/// reports whether the host answered Time Exceeded, i.e. whether the path through the
-/// host is open. Err only when the socket cannot be set up (e.g. SO_MARK without
-/// CAP_NET_ADMIN).
-pub async fn probe(router_ip: Ipv4Addr, target: Ipv4Addr) -> std::io::Result<bool> {
-    let sock = probe_socket(router_ip)?;
+/// Sends up to [`PROBE_TRIES`] TTL-1 probes from `router_ip` out through the stack
+/// interface `oif` to `target` and reports whether the host answered Time Exceeded,
+/// i.e. whether the path through the host is open. Err only when the socket cannot be
+/// set up.
+pub async fn probe(router_ip: Ipv4Addr, oif: u32, target: Ipv4Addr) -> std::io::Result<bool> {
+    let sock = probe_socket(router_ip, oif)?;
     let dest = SocketAddrV4::new(target, PROBE_PORT);
     for n in 1..=PROBE_TRIES {
         if let Err(e) = sock.send_to(b"vrouter-probe", dest).await {
@@ -241,17 +266,17 @@ mod tests {
     #[test]
     fn loopback_gives_no_answer() {
         // On loopback nothing is forwarded, so nothing expires: the probe gets a port
-        // unreachable (not an answer) and reports the path closed. Without
-        // CAP_NET_ADMIN, SO_MARK fails first.
+        // unreachable (not an answer) and reports the path closed. No capability is
+        // needed (lo is link 1 in every namespace).
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         rt.block_on(async {
-            match probe(Ipv4Addr::LOCALHOST, Ipv4Addr::LOCALHOST).await {
-                Ok(open) => assert!(!open),
-                Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}"),
-            }
+            let open = probe(Ipv4Addr::LOCALHOST, 1, Ipv4Addr::LOCALHOST)
+                .await
+                .unwrap();
+            assert!(!open);
         });
     }
 }

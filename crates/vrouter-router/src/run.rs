@@ -118,7 +118,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 
     let (peers_tx, peers_rx) = watch::channel(BTreeSet::new());
     let (probe_tx, mut probe_rx) = mpsc::channel::<ProbeResult>(64);
-    tokio::spawn(probe_loop(spec.router_ip, peers_rx, probe_tx));
+    if let Some(path) = probe_path {
+        tokio::spawn(probe_loop(spec.router_ip, path.oif, peers_rx, probe_tx));
+    }
     let (remote_tx, remote_rx) = watch::channel(BTreeSet::new());
     let (health_tx, health_rx) = watch::channel(None);
     let (traffic, traffic_rx) = TrafficCounters::new();
@@ -235,6 +237,7 @@ fn watch_routes(
 
 async fn probe_loop(
     router_ip: std::net::Ipv4Addr,
+    oif: u32,
     mut peers: watch::Receiver<BTreeSet<SameHostPeer>>,
     results: mpsc::Sender<ProbeResult>,
 ) {
@@ -253,7 +256,7 @@ async fn probe_loop(
         // One peer after another: the host's ICMP rate limit is per destination (this
         // router), so concurrent probes would compete for its answers.
         for peer in round {
-            let result = match probe::probe(router_ip, peer.via).await {
+            let result = match probe::probe(router_ip, oif, peer.via).await {
                 Ok(reachable) => ProbeResult { peer, reachable },
                 Err(e) => {
                     tracing::warn!(peer = %peer.stack, error = %e, "cannot send a same-host probe");
@@ -455,11 +458,10 @@ impl Router {
         let (desired, plan, observed) = loop {
             attempts += 1;
             let known = self.intent.last_good.as_ref();
-            let desired = known.cloned().unwrap_or_default().routing_state(
-                overlay,
-                self.probe_path,
-                self.style,
-            );
+            let desired = known
+                .cloned()
+                .unwrap_or_default()
+                .routing_state(overlay, self.style);
             let mut observed = match apply::observe(&self.kernel, overlay).await {
                 Ok(o) => o,
                 Err(e) => {
@@ -522,7 +524,7 @@ impl Router {
                     self.last_apply_error = Some(msg);
                 }
                 self.applied = None;
-                self.update_peers(false);
+                self.update_peers();
                 let error = self.last_apply_error.clone();
                 self.publish_health(&link, None, error).await;
                 return;
@@ -534,7 +536,7 @@ impl Router {
         let after = plan.is_empty().then_some(observed);
         self.publish_health(&link, after, None).await;
         self.applied = Some(desired);
-        self.update_peers(true);
+        self.update_peers();
         if let (true, Some(_), Some(d)) = (self.intent.listed, overlay, &self.intent.last_good) {
             if let Err(e) = self.discovery.ack(d.generation).await {
                 tracing::warn!(error = %e, "cannot acknowledge to discovery; reconnecting");
@@ -587,11 +589,10 @@ impl Router {
         });
     }
 
-    /// Hands the probe loop the peers to probe: only once the probe rule is in place,
-    /// since without it a marked probe would go straight over the overlay and pass.
-    /// The overlay probe task gets the remote routers of the desired routes whatever
+    /// Hands the probe loop the peers to probe (none without a probe path: no default
+    /// route through the stack network's gateway). The overlay probe task gets the remote routers of the desired routes whatever
     /// the outcome: a route that could not be installed shows as unreachable.
-    fn update_peers(&mut self, probe_rule_ok: bool) {
+    fn update_peers(&mut self) {
         let remote = self
             .intent
             .last_good
@@ -606,8 +607,8 @@ impl Router {
                 false
             }
         });
-        let peers = match (&self.intent.last_good, self.probe_path, probe_rule_ok) {
-            (Some(d), Some(_), true) => d.same_host.clone(),
+        let peers = match (&self.intent.last_good, self.probe_path) {
+            (Some(d), Some(_)) => d.same_host.clone(),
             _ => BTreeSet::new(),
         };
         self.probes.retain(&peers);

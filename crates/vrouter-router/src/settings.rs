@@ -53,7 +53,8 @@ SETTINGS (environment):
     RUST_LOG                       log filter (default info)
 
 The container needs cap_drop: [ALL], cap_add: [NET_ADMIN], and the sysctls
-net.ipv4.ip_forward=1 and net.ipv4.conf.all.rp_filter=2 (or 0). At start the
+net.ipv4.ip_forward=1 and net.ipv4.conf.{all,default}.rp_filter=0 (2 works too, at
+the cost of a route lookup per packet; 1 drops traffic). At start the
 router sets its stack interface's MAC to 02:42 followed by its IPv4 address, so the
 host and the services find it again at once after a restart.
 ";

@@ -144,7 +144,7 @@ fn ten_thousand_gateways_through_nexthop_objects() {
     in_new_netns(
         "ten_thousand_gateways_through_nexthop_objects",
         |k, ovl| async move {
-            let all = remote_stacks(PREFIXES).routing_state(Some(ovl), None, RouteStyle::Nexthop);
+            let all = remote_stacks(PREFIXES).routing_state(Some(ovl), RouteStyle::Nexthop);
             assert_eq!(all.nexthops.len(), PREFIXES as usize);
 
             let (took, changes) = reconcile(&k, ovl, &all).await;
@@ -173,8 +173,7 @@ fn ten_thousand_gateways_through_nexthop_objects() {
                 .all(|r| r.nexthop.is_some() && r.gateway.is_none()));
 
             // Half the remote stacks go: their routes, nexthops and neighbours with them.
-            let half =
-                remote_stacks(PREFIXES / 2).routing_state(Some(ovl), None, RouteStyle::Nexthop);
+            let half = remote_stacks(PREFIXES / 2).routing_state(Some(ovl), RouteStyle::Nexthop);
             let (took, changes) = reconcile(&k, ovl, &half).await;
             assert_eq!(changes, 3 * (PREFIXES / 2) as usize);
             eprintln!(
@@ -210,7 +209,7 @@ fn plain_routes_against_nexthop_objects() {
         in_new_netns("plain_routes_against_nexthop_objects", |k, ovl| {
             let took = &mut took;
             async move {
-                let d = remote_stacks(PREFIXES).routing_state(Some(ovl), None, style);
+                let d = remote_stacks(PREFIXES).routing_state(Some(ovl), style);
                 let (install, _) = reconcile(&k, ovl, &d).await;
                 assert!(observe(&k, Some(ovl)).await.unwrap() == d);
                 let (withdraw, _) = reconcile(&k, ovl, &RoutingState::default()).await;

@@ -18,8 +18,10 @@
 //! reported. Writes `target/bench/datapath.json` (see `vrouter_tests::bench`) and prints
 //! a table.
 //!
-//! Usage: `vrt-bench [--out PATH] [--rounds N] [--secs S] [--quick]` (needs root; set
-//! `VROUTER_TEST_PREFIX` when other tests run beside it).
+//! Usage: `vrt-bench [--out PATH] [--rounds N] [--secs S] [--quick] [--hold]` (needs
+//! root; set `VROUTER_TEST_PREFIX` when other tests run beside it). `--hold` builds the
+//! topology, prints the paths and waits for Ctrl-C instead of measuring (for profiling
+//! by hand); the namespaces go when it ends.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -48,10 +50,11 @@ struct Args {
     out: PathBuf,
     rounds: usize,
     secs: u32,
+    hold: bool,
 }
 
 fn usage() -> ! {
-    eprintln!("usage: vrt-bench [--out PATH] [--rounds N (1..=50)] [--secs S (1..=60)] [--quick]");
+    eprintln!("usage: vrt-bench [--out PATH] [--rounds N (1..=50)] [--secs S (1..=60)] [--quick] [--hold]");
     std::process::exit(2)
 }
 
@@ -60,6 +63,7 @@ fn parse_args() -> Args {
         out: PathBuf::from("target/bench/datapath.json"),
         rounds: 5,
         secs: 5,
+        hold: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -79,6 +83,7 @@ fn parse_args() -> Args {
                 a.rounds = 1;
                 a.secs = 2;
             }
+            "--hold" => a.hold = true,
             "-h" | "--help" => usage(),
             other => {
                 eprintln!("vrt-bench: unknown argument {other}");
@@ -177,6 +182,24 @@ fn run(args: &Args) -> Result<()> {
     );
 
     let paths = dp.paths.clone();
+    if args.hold {
+        for p in &paths {
+            eprintln!(
+                "  {:<11} {} ({}) -> {} ({}){}",
+                p.name,
+                p.from_ns,
+                p.from_ip,
+                p.to_ns,
+                p.to_ip,
+                if p.firewall { " [firewall]" } else { "" }
+            );
+        }
+        eprintln!("vrt-bench: holding the topology; Ctrl-C or SIGTERM ends it");
+        while !STOP.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        return Ok(());
+    }
     let plain: Vec<&PathDef> = paths.iter().filter(|p| !p.firewall).collect();
     let fw: Vec<&PathDef> = paths.iter().filter(|p| p.firewall).collect();
     let mut samples: BTreeMap<&'static str, PathSamples> = BTreeMap::new();
