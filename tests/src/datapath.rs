@@ -20,6 +20,23 @@
 //!   hosts (it is loaded only while this path is measured and removed again, so the
 //!   other paths never run under it).
 //!
+//! Paths that take the overlay's cost apart (same run, same rounds):
+//! - `overlay_redirect`: a second service in each of stacks `a` and `b` (10.1.0.6,
+//!   10.2.0.6) with `net.ipv4.conf.all.accept_redirects=1`, so that after the first
+//!   packet it takes the host's ICMP redirect and sends straight to its router: the
+//!   overlay without the sending host's detour.
+//! - `overlay_nobnf`, `flannel_nobnf`: the overlay and the Flannel-style path measured
+//!   while `net.bridge.bridge-nf-call-iptables=0` on both hosts (set only for them and
+//!   put back): what Docker's bridge netfilter costs each path. The overlay's routers
+//!   deliver into the stack bridge as bridged frames, which bridge netfilter hands to
+//!   the IPv4 hooks once more; the Flannel-style host sends into its bridge from the
+//!   host itself, which it does not.
+//!
+//! Under the Docker-like firewall the Flannel-style path carries nothing: the receiving
+//! host forwards from `flannel.1` into a protected bridge, which Docker's raw-table
+//! rule and FORWARD chain drop (and the sending host would masquerade the source).
+//! [`Datapath::flannel_under_firewall`] checks that and the JSON records it.
+//!
 //! What the baselines share with the overlay, from the same code:
 //! - `flannel.1` is created by `vrouter_kernel::Kernel::create_vxlan`, the call
 //!   discovery makes for `vxlan1000`, with the UDP port, learning flag, underlay device
@@ -83,8 +100,31 @@ pub struct PathDef {
     pub from_ip: Ipv4Addr,
     pub to_ns: String,
     pub to_ip: Ipv4Addr,
-    /// Measured with the Docker-like firewall loaded on both hosts.
-    pub firewall: bool,
+    /// How the hosts are set while it is measured.
+    pub condition: Condition,
+}
+
+/// How the two hosts are set while a path is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Condition {
+    /// No firewall, bridge netfilter on (`bridge-nf-call-iptables=1`, as Docker sets).
+    Plain,
+    /// The Docker-like firewall loaded on both hosts.
+    Firewall,
+    /// No firewall, and `bridge-nf-call-iptables=0` on both hosts.
+    NoBridgeNf,
+}
+
+impl Condition {
+    pub const ALL: [Condition; 3] = [Condition::Plain, Condition::NoBridgeNf, Condition::Firewall];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Condition::Plain => "plain",
+            Condition::Firewall => "firewall",
+            Condition::NoBridgeNf => "no_bridge_nf",
+        }
+    }
 }
 
 /// The two hosts, the mesh and the baselines, built and checked.
@@ -184,6 +224,18 @@ fn flannel_peer(
     })
 }
 
+/// The router `ns` sends to `dst` through when it holds a redirected route for it
+/// (`ip route get` shows `<redirected>`), else None.
+pub fn redirected_to(ns: &str, dst: Ipv4Addr) -> Option<Ipv4Addr> {
+    let out = exec_ok(Some(ns), &["ip", "-4", "route", "get", &dst.to_string()]).ok()?;
+    if !out.stdout.contains("redirected") {
+        return None;
+    }
+    let mut words = out.stdout.split_whitespace();
+    words.find(|w| *w == "via")?;
+    words.next()?.parse().ok()
+}
+
 impl Datapath {
     /// Builds the mesh and the baselines, checks every path answers a ping, and leaves
     /// the firewall off on both hosts.
@@ -212,6 +264,20 @@ impl Datapath {
             svcs.push(h.add_container(net, "svc", ip, Role::Service)?);
         }
         let (fa, fb, ra, rb) = (&svcs[0], &svcs[1], &svcs[2], &svcs[3]);
+        // Services that take the host's redirect (see the module doc).
+        let mut redirected = Vec::new();
+        for (stack, host, ip) in [("a", 1, "10.1.0.6"), ("b", 2, "10.2.0.6")] {
+            let c = mesh
+                .topo
+                .host_mut(host)
+                .add_container(stack, "svc2", ip, Role::Service)?;
+            exec_ok(
+                Some(&c.ns),
+                &["sysctl", "-q", "-w", "net.ipv4.conf.all.accept_redirects=1"],
+            )?;
+            redirected.push(c);
+        }
+        let (a2, b2) = (&redirected[0], &redirected[1]);
 
         let h1 = mesh.topo.host(1).ns.clone();
         let h2 = mesh.topo.host(2).ns.clone();
@@ -281,36 +347,38 @@ impl Datapath {
             ],
         )?;
 
-        let path = |name, label, from: &crate::Container, to: &crate::Container, fw| PathDef {
-            name,
-            label,
-            from_ns: from.ns.clone(),
-            from_ip: from.ip,
-            to_ns: to.ns.clone(),
-            to_ip: to.ip,
-            firewall: fw,
-        };
+        use Condition::{Firewall, NoBridgeNf, Plain};
+        let path =
+            |name, label, from: &crate::Container, to: &crate::Container, condition| PathDef {
+                name,
+                label,
+                from_ns: from.ns.clone(),
+                from_ip: from.ip,
+                to_ns: to.ns.clone(),
+                to_ip: to.ip,
+                condition,
+            };
         let paths = vec![
             path(
                 "overlay",
                 "service to service over docker-vrouter",
                 &a,
                 &b,
-                false,
+                Plain,
             ),
             path(
                 "flannel",
                 "service to service over Flannel-style VXLAN in the hosts",
                 fa,
                 fb,
-                false,
+                Plain,
             ),
             path(
                 "routed",
                 "service to service routed host to host, no VXLAN",
                 ra,
                 rb,
-                false,
+                Plain,
             ),
             PathDef {
                 name: "underlay",
@@ -319,14 +387,35 @@ impl Datapath {
                 from_ip: u1,
                 to_ns: h2.clone(),
                 to_ip: u2,
-                firewall: false,
+                condition: Plain,
             },
+            path(
+                "overlay_redirect",
+                "service to service over docker-vrouter, services taking the host's redirect",
+                a2,
+                b2,
+                Plain,
+            ),
+            path(
+                "overlay_nobnf",
+                "service to service over docker-vrouter, bridge netfilter off",
+                &a,
+                &b,
+                NoBridgeNf,
+            ),
+            path(
+                "flannel_nobnf",
+                "service to service over Flannel-style VXLAN, bridge netfilter off",
+                fa,
+                fb,
+                NoBridgeNf,
+            ),
             path(
                 "overlay_fw",
                 "service to service over docker-vrouter, Docker-like firewall loaded",
                 &a,
                 &b,
-                true,
+                Firewall,
             ),
         ];
         if vxlan_mtu <= TCP_IP_HEADERS + 500 {
@@ -338,10 +427,10 @@ impl Datapath {
             mss: vxlan_mtu - TCP_IP_HEADERS,
             vxlan_mtu,
         };
-        // Every path must work with the firewall on (as the overlay is used) and off.
-        for fw in [true, false] {
-            dp.set_firewall(fw)?;
-            for p in dp.paths.iter().filter(|p| p.firewall == fw) {
+        // Every path must work under its condition.
+        for c in Condition::ALL {
+            dp.set_condition(c)?;
+            for p in dp.paths.iter().filter(|p| p.condition == c) {
                 let ok = wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
                     crate::ping(&p.from_ns, &p.to_ip.to_string(), 1, Duration::from_secs(1))
                 });
@@ -356,7 +445,57 @@ impl Datapath {
                 }
             }
         }
+        dp.set_condition(Plain)?;
+        // The redirected services must have taken the redirect (the ping above was the
+        // first packet; the host sends it with the answer).
+        for (from, to) in [(a2, b2), (b2, a2)] {
+            let ok = wait_until(Duration::from_secs(5), Duration::from_millis(200), || {
+                let _ = crate::ping(&from.ns, &to.ip.to_string(), 1, Duration::from_secs(1));
+                redirected_to(&from.ns, to.ip).is_some()
+            });
+            if !ok {
+                bail!(
+                    "{} did not take the host's redirect towards {}",
+                    from.ns,
+                    to.ip
+                );
+            }
+        }
         Ok(dp)
+    }
+
+    /// Sets the hosts for a path's [`Condition`]: the firewall, and bridge netfilter.
+    pub fn set_condition(&mut self, c: Condition) -> Result<()> {
+        self.set_firewall(c == Condition::Firewall)?;
+        let bnf = if c == Condition::NoBridgeNf { "0" } else { "1" };
+        for h in 1..=2 {
+            let ns = self.mesh.topo.host(h).ns.clone();
+            exec_ok(
+                Some(&ns),
+                &[
+                    "sysctl",
+                    "-q",
+                    "-w",
+                    &format!("net.bridge.bridge-nf-call-iptables={bnf}"),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Whether the Flannel-style path answers a ping with the Docker-like firewall
+    /// loaded (it should not: see the module doc). Leaves the hosts [`Condition::Plain`].
+    pub fn flannel_under_firewall(&mut self) -> Result<bool> {
+        let p = self
+            .paths
+            .iter()
+            .find(|p| p.name == "flannel")
+            .context("no flannel path")?
+            .clone();
+        self.set_condition(Condition::Firewall)?;
+        let answered = crate::ping(&p.from_ns, &p.to_ip.to_string(), 3, Duration::from_secs(3));
+        self.set_condition(Condition::Plain)?;
+        Ok(answered)
     }
 
     /// Loads (`on`) or removes the Docker-like firewall on both hosts.
@@ -519,6 +658,7 @@ impl Datapath {
             "overlay_sender_icmp_redirects": lines(&svc_a, &["nstat", "-az", "IcmpInRedirects"]),
             "overlay_host_icmp_redirects": lines(&h1, &["nstat", "-az", "IcmpOutRedirects"]),
             "overlay_sender_route": lines(&svc_ns("overlay"), &["ip", "-4", "route", "get", &overlay_to]),
+            "overlay_redirect_sender_route": self.paths.iter().find(|p| p.name == "overlay_redirect").map(|p| lines(&p.from_ns, &["ip", "-4", "route", "get", &p.to_ip.to_string()])),
             "router_nft": {"router_a": lines(&ra.ns, &["nft", "list", "ruleset"])},
             "underlay": {"subnet": "198.18.0.0/24", "host1": self.mesh.topo.host(1).underlay_ip.to_string(), "host2": self.mesh.topo.host(2).underlay_ip.to_string(), "mtu": link_mtu(&h1, "eth0")},
             "vxlan_mtu": self.vxlan_mtu,
@@ -530,7 +670,7 @@ impl Datapath {
                 "from_ip": p.from_ip.to_string(),
                 "to_ns": p.to_ns,
                 "to_ip": p.to_ip.to_string(),
-                "firewall": p.firewall,
+                "condition": p.condition.name(),
             })).collect::<Vec<_>>(),
             "links": links,
             "vxlan_details": {
@@ -548,6 +688,7 @@ impl Datapath {
             },
             "routed": "each host: ip route <remote subnet> via <remote underlay IP> dev eth0",
             "firewall": "Docker-28.2-like nftables ruleset (tests/src/firewall.rs) loaded on both hosts only while overlay_fw is measured, removed for the other paths",
+            "no_bridge_nf": "net.bridge.bridge-nf-call-iptables=0 on both hosts only while overlay_nobnf and flannel_nobnf are measured, 1 otherwise (Docker's setting)",
         })
     }
 }

@@ -8,7 +8,10 @@
 //!   namespaces, no router;
 //! - `routed`: the same kind of services routed host to host without VXLAN;
 //! - `underlay`: host namespace to host namespace over the underlay;
-//! - `overlay_fw`: the overlay again with the Docker-like firewall loaded.
+//! - `overlay_fw`: the overlay again with the Docker-like firewall loaded;
+//! - `overlay_redirect`, `overlay_nobnf`, `flannel_nobnf`: the overlay's cost taken
+//!   apart (services that take the host's redirect; both VXLAN paths with bridge
+//!   netfilter off).
 //!
 //! Per path and round: single-stream and 4-stream TCP (iperf3, Mbit/s received), ping
 //! RTT (average of 20, ms) and TCP request/response round trip (median of 2,000 1-byte
@@ -31,7 +34,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use vrouter_tests::bench::{write_results, Figure, Samples, Target};
-use vrouter_tests::datapath::{iperf, ping_rtt, tcp_rr, Datapath, PathDef};
+use vrouter_tests::datapath::{iperf, ping_rtt, tcp_rr, Condition, Datapath, PathDef};
 
 /// Pings per RTT sample, 50 ms apart.
 const PINGS: u32 = 20;
@@ -149,7 +152,7 @@ fn measure(
     s.entry("tcp_rr").or_default().push(p50);
     s.entry("tcp_rr_mean").or_default().push(mean);
     eprintln!(
-        "  {:<11} tcp1 {:>7.0} Mbit/s  tcp4 {:>7.0} Mbit/s  ping {:.3} ms  tcp_rr {:.1} us",
+        "  {:<16} tcp1 {:>7.0} Mbit/s  tcp4 {:>7.0} Mbit/s  ping {:.3} ms  tcp_rr {:.1} us",
         p.name,
         last(s, "tcp1"),
         last(s, "tcp4"),
@@ -185,13 +188,16 @@ fn run(args: &Args) -> Result<()> {
     if args.hold {
         for p in &paths {
             eprintln!(
-                "  {:<11} {} ({}) -> {} ({}){}",
+                "  {:<16} {} ({}) -> {} ({}){}",
                 p.name,
                 p.from_ns,
                 p.from_ip,
                 p.to_ns,
                 p.to_ip,
-                if p.firewall { " [firewall]" } else { "" }
+                match p.condition {
+                    Condition::Plain => String::new(),
+                    c => format!(" [{}]", c.name()),
+                }
             );
         }
         eprintln!("vrt-bench: holding the topology; Ctrl-C or SIGTERM ends it");
@@ -200,28 +206,23 @@ fn run(args: &Args) -> Result<()> {
         }
         return Ok(());
     }
-    let plain: Vec<&PathDef> = paths.iter().filter(|p| !p.firewall).collect();
-    let fw: Vec<&PathDef> = paths.iter().filter(|p| p.firewall).collect();
     let mut samples: BTreeMap<&'static str, PathSamples> = BTreeMap::new();
     let mut order_log = Vec::new();
     let mut port: u16 = 5200;
     for round in 0..args.rounds {
         eprintln!("round {}/{}", round + 1, args.rounds);
-        let mut order: Vec<&PathDef> = plain.clone();
-        order.rotate_left(round % plain.len().max(1));
-        dp.set_firewall(false)?;
-        for p in &order {
-            measure(
-                &dp,
-                p,
-                args.secs,
-                &mut port,
-                samples.entry(p.name).or_default(),
-            )?;
-        }
-        if !fw.is_empty() {
-            dp.set_firewall(true)?;
-            for p in &fw {
+        let mut measured = Vec::new();
+        // Per condition, its paths in an order rotated each round; the hosts go back to
+        // the plain condition afterwards, and on any error.
+        for c in Condition::ALL {
+            let mut order: Vec<&PathDef> = paths.iter().filter(|p| p.condition == c).collect();
+            if order.is_empty() {
+                continue;
+            }
+            let n = order.len();
+            order.rotate_left(round % n);
+            dp.set_condition(c)?;
+            for p in &order {
                 let r = measure(
                     &dp,
                     p,
@@ -230,20 +231,16 @@ fn run(args: &Args) -> Result<()> {
                     samples.entry(p.name).or_default(),
                 );
                 if r.is_err() {
-                    let _ = dp.set_firewall(false);
+                    let _ = dp.set_condition(Condition::Plain);
                 }
                 r?;
+                measured.push(p.name);
             }
-            dp.set_firewall(false)?;
         }
-        order_log.push(
-            order
-                .iter()
-                .chain(fw.iter())
-                .map(|p| p.name)
-                .collect::<Vec<_>>(),
-        );
+        dp.set_condition(Condition::Plain)?;
+        order_log.push(measured);
     }
+    let flannel_fw = dp.flannel_under_firewall()?;
 
     // After the runs: the sender's route then shows whether the host's ICMP redirect
     // took effect.
@@ -257,6 +254,7 @@ fn run(args: &Args) -> Result<()> {
         "pings_per_sample": PINGS,
         "tcp_rr_iterations": RR_ITERATIONS,
         "round_order": order_log,
+        "flannel_under_firewall_answers_ping": flannel_fw,
         "tcp_rr_mean_us": paths.iter().map(|p| (p.name, samples.get(p.name).and_then(|s| s.get("tcp_rr_mean")).map(|s| s.to_json()))).collect::<BTreeMap<_, _>>(),
         "method": "iperf3 -c <to_ip> -t <secs> -P <1|4> -M <mss> -J from the sender namespace against iperf3 -s -1 in the receiver namespace, end.sum_received.bits_per_second; ping -c 20 -i 0.05 average; vrt-probe tcp-rr median of 2000 1-byte exchanges (TCP_NODELAY both ends) after 50 warm-up; rounds interleaved, path order rotated per round; ratios per round, median reported",
     });
@@ -297,9 +295,13 @@ fn figures(paths: &[PathDef], samples: &BTreeMap<&'static str, PathSamples>) -> 
         ("overlay", "flannel", Some(Target::AtLeast(FLANNEL_TARGET))),
         ("overlay", "routed", None),
         ("overlay_fw", "overlay", None),
+        ("overlay_redirect", "flannel", None),
+        ("overlay_nobnf", "flannel_nobnf", None),
     ];
-    for p in paths.iter().filter(|p| p.name != "underlay") {
-        pairs.push((p.name, "underlay", None));
+    for p in ["overlay", "flannel", "routed", "overlay_fw"] {
+        if paths.iter().any(|d| d.name == p) {
+            pairs.push((p, "underlay", None));
+        }
     }
     for (a, b, target) in pairs {
         for (k, what) in [("tcp1", "single-stream"), ("tcp4", "4-stream")] {
@@ -327,13 +329,13 @@ fn print_table(args: &Args, dp: &Datapath, figs: &[Figure]) {
         args.rounds, args.secs, dp.mss
     );
     println!(
-        "{:<11} {:>10} {:>6} {:>10} {:>6} {:>9} {:>10}",
+        "{:<16} {:>10} {:>6} {:>10} {:>6} {:>9} {:>10}",
         "path", "tcp1 Mb/s", "spr", "tcp4 Mb/s", "spr", "ping ms", "tcp_rr us"
     );
     for p in &dp.paths {
         let k = |m: &str| format!("datapath.{}.{m}", p.name);
         println!(
-            "{:<11} {:>10.0} {:>6.2} {:>10.0} {:>6.2} {:>9.3} {:>10.1}",
+            "{:<16} {:>10.0} {:>6.2} {:>10.0} {:>6.2} {:>9.3} {:>10.1}",
             p.name,
             med(&k("tcp1")),
             spr(&k("tcp1")),
