@@ -26,6 +26,7 @@ Needs matplotlib (Debian: python3-matplotlib) for the chart.
 import argparse
 import datetime
 import json
+import re
 import math
 import os
 import shutil
@@ -56,21 +57,36 @@ baselines get the same offloads, MTU and sysctls as the overlay, from the same c
 - **routed**: host to host, routed, without VXLAN;
 - **underlay**: host to host directly over the underlay;
 - **overlay_fw**: the overlay once more with the Docker-like firewall loaded (the other
-  paths run without it).
+  paths run without it);
+- **overlay_redirect**: the overlay between two more services of the same stacks that
+  accept the host's ICMP redirect (`net.ipv4.conf.all.accept_redirects=1`), so they
+  send straight to their router instead of through the host;
+- **overlay_nobnf**, **flannel_nobnf**: the overlay and the Flannel-style path once more
+  with `net.bridge.bridge-nf-call-iptables=0` on both hosts (Docker sets 1).
 
 Throughput is iperf3 TCP with 1 stream (`tcp1`) and 4 streams (`tcp4`); latency is the
 ping RTT (`ping`) and a small TCP request/response RTT (`tcp_rr`). `ratio` figures divide
 one path's throughput by another's within each round.
 
-Where the overlay costs more than the Flannel-style path: its packets cross two more
-network namespaces. The services do not take the host's ICMP redirect (Linux's
-`secure_redirects` default), so on the sending host a packet goes service, bridge, host
-IP forward, back out of the bridge, router, VXLAN; on the receiving host VXLAN, router,
-bridge, service. The Flannel-style path forwards once in each host. Each extra hop is
-an IP forward and a veth crossing per packet; with 4 streams both CPUs are saturated and
-the ratio follows the CPU cost per byte. An nftables bridge rule that hands the frames
-straight to the router's port (skipping the host's forward) was built and measured and
-gave no consistent gain (docs/ARCHITECTURE.md, "Where the code differs from
+Why the overlay costs more than the Flannel-style path. Per direction the Flannel-style
+path forwards once in each host. The overlay forwards in the sending host (the service's
+gateway is the host's bridge), in router A and in router B, crosses two more veth pairs
+(host to router A, router B to its bridge) and sends router B's packets into the
+service's bridge as bridged frames, which bridge netfilter hands to the IPv4 hooks
+again. With 4 streams both CPUs are saturated, so the ratio follows the CPU cost per
+byte. Two of these costs are measured on their own above: the sending host's detour
+(`overlay_redirect` / `flannel`: services that take the redirect skip it) and bridge
+netfilter (`overlay_nobnf` / `flannel_nobnf`). Neither can be removed without changing
+something that is not ours: a service namespace inherits `forwarding=1` and
+`conf.all.accept_redirects=0` from a Docker host, so it ignores the redirect (a service
+may opt in with a compose sysctl, docs/operations.md), and Docker turns bridge netfilter
+on. The router hops are the design itself: Docker's firewall drops what a host forwards
+into a protected bridge from outside and masquerades what leaves a bridge through
+another interface, so only a container on the bridge can deliver remote traffic
+unchanged. The Flannel-style path is exactly such a host forward: under the Docker-like
+firewall it answers no ping at all (`flannel_under_firewall_answers_ping` in the JSON).
+An nftables bridge rule that hands frames straight to the router's port was built and
+measured and gave no consistent gain (docs/ARCHITECTURE.md, "Where the code differs from
 DESIGN.md").""",
     ),
     (
@@ -387,6 +403,14 @@ def render(docs, in_dir, md_path, png_path, raw_links, chart_panels):
         extra = doc.get("extra") if isinstance(doc.get("extra"), dict) else {}
         if isinstance(extra.get("docker_engine"), str):
             out += [f"Docker Engine {extra['docker_engine']}.", ""]
+        if isinstance(extra.get("flannel_under_firewall_answers_ping"), bool):
+            answered = extra["flannel_under_firewall_answers_ping"]
+            out += [
+                "With the Docker-like firewall loaded, the Flannel-style path "
+                + ("answered a ping." if answered else "answered no ping (3 tries).")
+                + " The overlay under the same firewall is `overlay_fw`.",
+                "",
+            ]
         if doc["figures"]:
             out += figures_table(doc)
         else:
@@ -410,6 +434,17 @@ def ratio_figures(docs):
         for f in by_prefix(docs, "datapath.ratio.")
         if f["key"].rsplit(".", 1)[-1] in ("tcp1", "tcp4")
     ]
+
+
+def ratio_name(f):
+    """The chart's name of a ratio figure, "a/b": from its label ("..., a / b (per
+    round)") since path names hold underscores themselves (overlay_nobnf_flannel_nobnf);
+    else from the key."""
+    m = re.search(r", (\S+) / (\S+) \(", f.get("label", ""))
+    if m:
+        return f"{m.group(1)}/{m.group(2)}"
+    name = f["key"][len("datapath.ratio.") :].rsplit(".", 1)[0]
+    return "/".join(name.rsplit("_", 1))
 
 
 def reconcile_figures(docs):
@@ -465,14 +500,18 @@ def draw_chart(docs, png_path):
         panels.append("reconcile")
     if not panels:
         return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    # The ratio panel widens with the number of ratios.
+    widths = [max(6.5, 0.9 * len({ratio_name(f) for f in ratios})) if p == "ratios" else 6.5 for p in panels]
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(sum(widths), 4.5), squeeze=False, gridspec_kw={"width_ratios": widths}
+    )
     for ax, p in zip(axes[0], panels):
         if p == "ratios":
             figs = {}
             names = []
             for f in ratios:
-                name, streams = f["key"][len("datapath.ratio.") :].rsplit(".", 1)
-                name = "/".join(name.rsplit("_", 1))
+                streams = f["key"].rsplit(".", 1)[1]
+                name = ratio_name(f)
                 figs[(name, streams)] = f
                 if name not in names:
                     names.append(name)

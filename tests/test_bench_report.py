@@ -267,6 +267,24 @@ class Report(unittest.TestCase):
         self.assertEqual(report.main(["--in", os.path.join(self.d, "nope"), "--md", self.md]), 2)
         self.assertFalse(os.path.exists(self.md))
 
+    def test_flannel_under_firewall_is_reported(self):
+        doc = json.loads(json.dumps(DATAPATH))
+        doc["extra"] = {"flannel_under_firewall_answers_ping": False}
+        self.put("datapath", doc)
+        self.assertIn("the Flannel-style path answered no ping", self.run_report())
+        doc["extra"] = {"flannel_under_firewall_answers_ping": True}
+        self.put("datapath", doc)
+        self.assertIn("the Flannel-style path answered a ping.", self.run_report())
+
+    def test_ratio_names_with_underscores(self):
+        f = {
+            "key": "datapath.ratio.overlay_nobnf_flannel_nobnf.tcp4",
+            "label": "4-stream TCP, overlay_nobnf / flannel_nobnf (per round)",
+        }
+        self.assertEqual(report.ratio_name(f), "overlay_nobnf/flannel_nobnf")
+        # Without a label of that shape: the key's last underscore splits it.
+        self.assertEqual(report.ratio_name({"key": "datapath.ratio.overlay_flannel.tcp1"}), "overlay/flannel")
+
     def test_fmt(self):
         self.assertEqual(report.fmt(18723.4), "18,723")
         self.assertEqual(report.fmt(5400544), "5,400,544")
