@@ -64,7 +64,7 @@ fn usage() -> ! {
 fn parse_args() -> Args {
     let mut a = Args {
         out: PathBuf::from("target/bench/datapath.json"),
-        rounds: 5,
+        rounds: 7,
         secs: 5,
         hold: false,
     };
