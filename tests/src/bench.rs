@@ -69,6 +69,15 @@ impl Target {
             Target::AtLeast(t) => value >= t,
         }
     }
+    /// How `value` fares: "<= 1000 ms: met", ">= 0.9 ratio: NOT met".
+    pub fn verdict(&self, value: f64, unit: &str) -> String {
+        let (op, t) = match *self {
+            Target::AtMost(t) => ("<=", t),
+            Target::AtLeast(t) => (">=", t),
+        };
+        let met = if self.met(value) { "met" } else { "NOT met" };
+        format!("{op} {t} {unit}: {met}")
+    }
     pub fn to_json(&self) -> Value {
         match *self {
             Target::AtMost(t) => json!({"at_most": t}),

@@ -958,13 +958,7 @@ fn parse_rule(payload: &[u8]) -> Option<(String, String, RuleReading)> {
             NFTA_RULE_TABLE => table = Some(c_string(value)),
             NFTA_RULE_CHAIN => chain = Some(c_string(value)),
             NFTA_RULE_HANDLE => handle = be64(value),
-            NFTA_RULE_EXPRESSIONS => {
-                for (elem, body) in attrs(value) {
-                    if elem == NFTA_LIST_ELEM {
-                        exprs.push(parse_expr(body));
-                    }
-                }
-            }
+            NFTA_RULE_EXPRESSIONS => exprs.extend(list_exprs(value)),
             _ => {}
         }
     }
@@ -992,11 +986,7 @@ fn parse_set(payload: &[u8]) -> Option<(String, SetReading)> {
             NFTA_SET_FLAGS => flags = be32(value),
             NFTA_SET_KEY_LEN => key_len = be32(value),
             NFTA_SET_EXPR => exprs.push(parse_expr(value)),
-            NFTA_SET_EXPRESSIONS => exprs.extend(
-                attrs(value)
-                    .filter(|(k, _)| *k == NFTA_LIST_ELEM)
-                    .map(|(_, body)| parse_expr(body)),
-            ),
+            NFTA_SET_EXPRESSIONS => exprs.extend(list_exprs(value)),
             _ => {}
         }
     }
@@ -1049,11 +1039,7 @@ fn parse_element(elem: &[u8], slot: Slot) -> Option<CounterReading> {
             }
             NFTA_SET_ELEM_USERDATA => comment = comment_of(value),
             NFTA_SET_ELEM_EXPR => exprs.push(parse_expr(value)),
-            NFTA_SET_ELEM_EXPRESSIONS => exprs.extend(
-                attrs(value)
-                    .filter(|(k, _)| *k == NFTA_LIST_ELEM)
-                    .map(|(_, body)| parse_expr(body)),
-            ),
+            NFTA_SET_ELEM_EXPRESSIONS => exprs.extend(list_exprs(value)),
             _ => {}
         }
     }
@@ -1101,6 +1087,13 @@ enum Expr {
         packets: u64,
     },
     Other(String),
+}
+
+/// The expressions of a nested NFTA_LIST_ELEM list (a rule's, a set's, an element's).
+fn list_exprs(list: &[u8]) -> impl Iterator<Item = Expr> + '_ {
+    attrs(list)
+        .filter(|(k, _)| *k == NFTA_LIST_ELEM)
+        .map(|(_, body)| parse_expr(body))
 }
 
 fn parse_expr(body: &[u8]) -> Expr {

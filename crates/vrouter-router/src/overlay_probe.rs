@@ -47,7 +47,6 @@ use crate::desired::RemoteRouter;
 use crate::traffic::TrafficReport;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -1062,22 +1061,7 @@ impl ProbeTask {
 /// larger than the route's MTU fails with EMSGSIZE instead of being fragmented, so a
 /// full-size probe tests the path at exactly its size.
 fn set_dont_fragment(socket: &std::net::UdpSocket) -> std::io::Result<()> {
-    let value: libc::c_int = libc::IP_PMTUDISC_DO;
-    // SAFETY: a valid socket descriptor, and a pointer to a c_int with its size.
-    let r = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    crate::probe::set_ipv4_option(socket, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DO)
 }
 
 #[cfg(test)]

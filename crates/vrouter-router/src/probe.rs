@@ -58,19 +58,20 @@ pub fn is_answer(origin: u8, icmp_type: u8) -> bool {
     origin == SO_EE_ORIGIN_ICMP && icmp_type == ICMP_TIME_EXCEEDED
 }
 
-/// Sets IP_UNICAST_IF: unicast datagrams of `sock` leave through link `oif` (routes
-/// through other links are skipped in the lookup). Needs no capability.
-fn set_unicast_if(sock: &std::net::UdpSocket, oif: u32) -> std::io::Result<()> {
-    // The kernel reads the index of an IPv4 socket in network byte order.
-    let index: u32 = oif.to_be();
-    // SAFETY: a valid descriptor, and a pointer to a u32 with its size.
+/// Sets an int-valued IPPROTO_IP option that nix has no wrapper for.
+pub(crate) fn set_ipv4_option(
+    sock: &std::net::UdpSocket,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
+    // SAFETY: a valid descriptor, and a pointer to a c_int with its size.
     let rc = unsafe {
         libc::setsockopt(
             sock.as_raw_fd(),
             libc::IPPROTO_IP,
-            libc::IP_UNICAST_IF,
-            (&index as *const u32).cast(),
-            std::mem::size_of::<u32>() as libc::socklen_t,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
     if rc == 0 {
@@ -78,6 +79,13 @@ fn set_unicast_if(sock: &std::net::UdpSocket, oif: u32) -> std::io::Result<()> {
     } else {
         Err(std::io::Error::last_os_error())
     }
+}
+
+/// Sets IP_UNICAST_IF: unicast datagrams of `sock` leave through link `oif` (routes
+/// through other links are skipped in the lookup). Needs no capability.
+fn set_unicast_if(sock: &std::net::UdpSocket, oif: u32) -> std::io::Result<()> {
+    // The kernel reads the index of an IPv4 socket in network byte order.
+    set_ipv4_option(sock, libc::IP_UNICAST_IF, oif.to_be() as libc::c_int)
 }
 
 /// Binds a probe socket: from `router_ip`, out through link `oif`, TTL 1, ICMP errors

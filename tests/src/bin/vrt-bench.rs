@@ -347,25 +347,10 @@ fn print_table(args: &Args, dp: &Datapath, figs: &[Figure]) {
     }
     println!("\n{:<40} {:>7} {:>7}  target", "ratio", "median", "spread");
     for f in figs.iter().filter(|f| f.unit == "ratio") {
-        let target = match f.target {
-            Some(t @ Target::AtLeast(v)) => format!(
-                ">= {v} {}",
-                if t.met(f.samples.median()) {
-                    "met"
-                } else {
-                    "NOT met"
-                }
-            ),
-            Some(t @ Target::AtMost(v)) => format!(
-                "<= {v} {}",
-                if t.met(f.samples.median()) {
-                    "met"
-                } else {
-                    "NOT met"
-                }
-            ),
-            None => String::new(),
-        };
+        let target = f
+            .target
+            .map(|t| t.verdict(f.samples.median(), &f.unit))
+            .unwrap_or_default();
         println!(
             "{:<40} {:>7.3} {:>7.2}  {target}",
             f.key.trim_start_matches("datapath.ratio."),

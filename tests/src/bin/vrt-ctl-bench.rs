@@ -152,19 +152,10 @@ fn main() {
     println!("\ncontrol plane ({} round(s) each):", args.rounds);
     for f in &figures {
         let s = &f.samples;
-        let target = match f.target {
-            Some(t @ Target::AtMost(v)) => format!(
-                "  target <= {v} {}: {}",
-                f.unit,
-                if t.met(s.median()) { "met" } else { "NOT met" }
-            ),
-            Some(t @ Target::AtLeast(v)) => format!(
-                "  target >= {v} {}: {}",
-                f.unit,
-                if t.met(s.median()) { "met" } else { "NOT met" }
-            ),
-            None => String::new(),
-        };
+        let target = f
+            .target
+            .map(|t| format!("  target {}", t.verdict(s.median(), &f.unit)))
+            .unwrap_or_default();
         println!(
             "  {:<28} {:>9.1} {:<4} (min {:.1}, max {:.1}){target}",
             f.key,
