@@ -56,6 +56,11 @@ pub struct Settings {
     )]
     pub state_dir: PathBuf,
 
+    /// Discovery's private directory (node id, claims, leader lock, replay state, the
+    /// admin socket): never mounted by routers. Defaults to `<state-dir>-private`.
+    #[arg(long, env = "VROUTER_PRIVATE_DIR")]
+    pub private_dir: Option<PathBuf>,
+
     /// Underlay interface; detected from the default route when unset.
     #[arg(long, env = "VROUTER_UNDERLAY_INTERFACE")]
     pub underlay_interface: Option<String>,
@@ -141,6 +146,16 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// Discovery's private directory: `--private-dir`, or `<state-dir>-private` beside
+    /// the shared one (`/var/lib/docker-router-private` by default).
+    pub fn private_dir(&self) -> PathBuf {
+        self.private_dir.clone().unwrap_or_else(|| {
+            let mut s = self.state_dir.clone().into_os_string();
+            s.push("-private");
+            PathBuf::from(s)
+        })
+    }
+
     pub fn grace(&self) -> Duration {
         Duration::from_millis(self.grace_ms)
     }
