@@ -1,6 +1,7 @@
 //! The control loop's state and its one reconcile: compute the desired host state,
 //! diff it against kernel dumps, apply the difference, publish the state files.
 
+use crate::attach::Peer;
 use crate::desired::{self, FdbRow, HostView, LocalRouter};
 use crate::diff::{self, Change, DeviceAction, DeviceSpec};
 use crate::gossip::GossipHandle;
@@ -15,7 +16,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
 use tracing::{info, warn};
 use vrouter_kernel::{FdbEntry, Kernel, KernelError, Link, Route, Rule, VxlanSpec};
-use vrouter_state::attach::{DiscoveryMessage, Registration};
+use vrouter_state::attach::{DiscoveryMessage, NetnsKey, Registration};
 use vrouter_state::{
     now_ms, DiscoveryFile, Event, GossipMember, GossipStatus, HostInfo, LocalStack, Mac, PeerHost,
     Prefix, RoutesFile, StackName, StackRoutes, StateDir, Vni, RTPROT_VROUTER, SCHEMA_VERSION,
@@ -482,12 +483,15 @@ impl Controller {
         }
     }
 
-    /// Handles a router's registration; returns the reply for it.
+    /// Handles a router's registration from the namespace `peer`; returns the reply.
+    /// Everything is checked, and the overlay link made, before the registry changes:
+    /// a refused registration leaves the registry as it was.
     pub async fn register(
         &mut self,
         conn: ConnId,
         reg: Registration,
         netns: Option<OwnedFd>,
+        peer: Peer,
     ) -> DiscoveryMessage {
         let spec = reg.spec;
         if !spec.prefixes.iter().any(|p| p.contains(spec.router_ip)) {
@@ -501,10 +505,33 @@ impl Controller {
                 ),
             );
         }
-        if let Err(e) = self.registry.register(spec.clone(), conn) {
+        if let Err(e) = self.registry.admit(&spec, conn, peer.key) {
             return self.refuse(&spec.name, e);
         }
+        // The descriptor the link moves through must be the connecting namespace.
+        if let Some(fd) = &netns {
+            if NetnsKey::of(fd.as_fd()).ok() != Some(peer.key) {
+                return self.refuse(
+                    &spec.name,
+                    format!(
+                        "the namespace descriptor sent with stack {}'s registration is not the connecting router's own network namespace (/proc/self/ns/net)",
+                        spec.name
+                    ),
+                );
+            }
+        }
+        let holder = match crate::holder::observe(&self.kernel, peer.ns.as_fd()).await {
+            Ok(o) => crate::holder::verify(spec.router_ip, &o),
+            Err(e) => Err(e),
+        };
+        drop(peer.ns);
+        if let Err(e) = holder {
+            return self.refuse(&spec.name, format!("stack {} refused: {e}", spec.name));
+        }
         if !reg.needs_link {
+            if let Err(e) = self.registry.register(spec.clone(), conn, peer.key) {
+                return self.refuse(&spec.name, e);
+            }
             self.event(
                 "router_registered",
                 format!(
@@ -523,33 +550,28 @@ impl Controller {
         };
         let device = match self.ensure_device(spec.vni).await {
             Ok(d) => d,
-            Err(e) => {
-                self.registry.leave(&spec.name);
-                return self.refuse(&spec.name, e);
-            }
+            Err(e) => return self.refuse(&spec.name, e),
         };
         let mac = spec.router_mac();
         let name = format!("vrm{:08x}", u32::from(spec.router_ip));
-        match self.attach_link(&name, &device, mac, netns).await {
-            Ok(()) => {
-                self.event(
-                    "router_attached",
-                    format!(
-                        "router of stack {} ({}, VNI {}) attached through {} on {}",
-                        spec.name, spec.router_ip, spec.vni, name, device.name
-                    ),
-                    Some(&spec.name),
-                );
-                DiscoveryMessage::Attached {
-                    ifname: name,
-                    mac,
-                    mtu: device.mtu,
-                }
-            }
-            Err(e) => {
-                self.registry.leave(&spec.name);
-                self.refuse(&spec.name, e)
-            }
+        if let Err(e) = self.attach_link(&name, &device, mac, netns).await {
+            return self.refuse(&spec.name, e);
+        }
+        if let Err(e) = self.registry.register(spec.clone(), conn, peer.key) {
+            return self.refuse(&spec.name, e);
+        }
+        self.event(
+            "router_attached",
+            format!(
+                "router of stack {} ({}, VNI {}) attached through {} on {}",
+                spec.name, spec.router_ip, spec.vni, name, device.name
+            ),
+            Some(&spec.name),
+        );
+        DiscoveryMessage::Attached {
+            ifname: name,
+            mac,
+            mtu: device.mtu,
         }
     }
 
@@ -592,7 +614,33 @@ impl Controller {
         self.registry.ack(conn, generation)
     }
 
-    pub fn leave(&mut self, stack: &StackName) {
+    /// An explicit leave of `stack`, on connection `conn` from namespace `peer`: for
+    /// the stack the connection registered, or, on a connection that registered none
+    /// (`vrouter-router leave`), from the namespace that holds the stack's router
+    /// address. Returns the reply.
+    pub async fn leave(&mut self, conn: ConnId, stack: &StackName, peer: Peer) -> DiscoveryMessage {
+        let refuse = |this: &Self, reason: String| {
+            this.event_because("registration_refused", "leave_refused", reason.clone(), Some(stack));
+            DiscoveryMessage::Refused { reason }
+        };
+        if let Some(own) = self.registry.by_conn(conn) {
+            if own.spec.name != *stack {
+                let reason = format!(
+                    "this connection registered stack {}; it cannot withdraw stack {stack}",
+                    own.spec.name
+                );
+                return refuse(self, reason);
+            }
+        } else if let Some(e) = self.registry.get(stack) {
+            let router_ip = e.spec.router_ip;
+            let holder = match crate::holder::observe(&self.kernel, peer.ns.as_fd()).await {
+                Ok(o) => crate::holder::verify(router_ip, &o),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = holder {
+                return refuse(self, format!("leave of stack {stack} refused: {e}"));
+            }
+        }
         if self.registry.leave(stack).is_some() {
             self.event(
                 "stack_left",
@@ -600,10 +648,11 @@ impl Controller {
                 Some(stack),
             );
         }
+        DiscoveryMessage::Left
     }
 
     pub fn disconnected(&mut self, conn: ConnId) {
-        if let Some(name) = self.registry.disconnected(conn, Instant::now()) {
+        for name in self.registry.disconnected(conn, Instant::now()) {
             self.event(
                 "router_disconnected",
                 format!(

@@ -1,14 +1,16 @@
 //! vrouter-discovery: the control plane of docker-vrouter on one host.
 //!
-//! Pure decision logic (`desired`, `diff`, `retention`, `registry`, `peers`) sits in
+//! Pure decision logic (`desired`, `diff`, `retention`, `registry`, `peers`, `holder`) sits in
 //! the middle; `controller` applies it through `vrouter_kernel`; `run` owns the
-//! process, the attach socket and the watchers.
+//! process and the watchers; `attach` the attach and admin sockets.
 
 pub mod allinone;
+pub mod attach;
 pub mod controller;
 pub mod desired;
 pub mod diff;
 pub mod gossip;
+pub mod holder;
 pub mod http;
 pub mod metrics;
 pub mod peers;

@@ -19,7 +19,9 @@ fn main() -> std::process::ExitCode {
         Command::Health => vrouter_discovery::run::health(&cli.settings),
         Command::CheckConfig => vrouter_discovery::run::check_config(&cli.settings),
         Command::Status { json } => vrouter_discovery::run::status(&cli.settings, json),
-        Command::LeaveMesh => rt.block_on(vrouter_discovery::run::leave_mesh(&cli.settings)),
+        Command::LeaveMesh => rt.block_on(vrouter_discovery::attach::leave_mesh(
+            &cli.settings.private_dir(),
+        )),
         Command::Cleanup => rt.block_on(vrouter_discovery::run::cleanup(&cli.settings)),
         Command::AllInOne(a) => rt.block_on(vrouter_discovery::allinone::run(cli.settings, a)),
     };

@@ -1,12 +1,23 @@
 //! The routers attached on this host, their connections and acknowledgements, and
 //! the grace period that keeps a restarting router's stack in place. Pure, with the
 //! clock passed in.
+//!
+//! A connection acts for one stack: [`Registry::admit`] refuses a second stack on the
+//! same connection, a name held by a router at another address, and more than
+//! [`MAX_STACKS_PER_NETNS`] stacks from one namespace. Whether the namespace really
+//! holds the router address is the kernel's to say (`holder`), before `register`.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
+use vrouter_state::attach::NetnsKey;
 use vrouter_state::{StackName, StackSpec, Vni};
 
 pub type ConnId = u64;
+
+/// Stacks registered and connected from one network namespace at a time. A router
+/// namespace holds one stack's router; the namespace check already limits a
+/// namespace to the router addresses it holds, this bounds it whatever it holds.
+pub const MAX_STACKS_PER_NETNS: usize = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -16,6 +27,9 @@ pub struct Entry {
     /// When the connection closed (None while connected).
     pub gone_since: Option<Instant>,
     pub acked: u64,
+    /// The namespace the router registered from (None for a stack restored from a
+    /// previous run, until its router reconnects).
+    pub netns: Option<NetnsKey>,
 }
 
 #[derive(Debug, Default)]
@@ -34,14 +48,51 @@ impl Registry {
                 conn: None,
                 gone_since: Some(now),
                 acked,
+                netns: None,
             },
         );
     }
 
-    /// Registers (or re-registers) a router. Refuses a router address already held by
-    /// another stack here; a new connection for the same stack replaces the old one
-    /// (a restarted router may reconnect before its old connection is noticed closed).
-    pub fn register(&mut self, spec: StackSpec, conn: ConnId) -> Result<(), String> {
+    /// Whether `conn`, from namespace `netns`, may register `spec`; changes nothing.
+    /// Refused: another stack on a connection that already registered one; a router
+    /// address held by another stack here; a name held (connected or in its restart
+    /// grace) by a router at another address; more than [`MAX_STACKS_PER_NETNS`]
+    /// connected stacks from one namespace. A new connection for the same stack and
+    /// address may replace the old one (a restarted router may reconnect before its
+    /// old connection is noticed closed); the caller has checked that its namespace
+    /// holds the address.
+    pub fn admit(&self, spec: &StackSpec, conn: ConnId, netns: NetnsKey) -> Result<(), String> {
+        if let Some(own) = self.by_conn(conn).filter(|e| e.spec.name != spec.name) {
+            return Err(format!(
+                "this connection already registered stack {}; a connection acts for one stack only (stack {} needs a connection of its own)",
+                own.spec.name, spec.name
+            ));
+        }
+        if let Some(held) = self
+            .entries
+            .get(&spec.name)
+            .filter(|e| e.spec.router_ip != spec.router_ip)
+        {
+            let state = if held.conn.is_some() {
+                "connected"
+            } else {
+                "in its restart grace period"
+            };
+            return Err(format!(
+                "stack {} is registered by its router at {} ({state}); a router at {} cannot take the name over. Stop the other router, or wait for its grace period to end if the stack's router address changed",
+                spec.name, held.spec.router_ip, spec.router_ip
+            ));
+        }
+        let from_netns = self
+            .entries
+            .values()
+            .filter(|e| e.conn.is_some() && e.netns == Some(netns) && e.spec.name != spec.name)
+            .count();
+        if from_netns >= MAX_STACKS_PER_NETNS {
+            return Err(format!(
+                "{from_netns} stacks are already registered from this router's network namespace ({netns}); at most {MAX_STACKS_PER_NETNS} are accepted from one namespace"
+            ));
+        }
         if let Some(other) = self
             .entries
             .values()
@@ -52,6 +103,17 @@ impl Registry {
                 spec.router_ip, spec.name, other.spec.name
             ));
         }
+        Ok(())
+    }
+
+    /// Registers (or re-registers) a router after [`Registry::admit`]'s checks.
+    pub fn register(
+        &mut self,
+        spec: StackSpec,
+        conn: ConnId,
+        netns: NetnsKey,
+    ) -> Result<(), String> {
+        self.admit(&spec, conn, netns)?;
         let acked = self
             .entries
             .get(&spec.name)
@@ -65,17 +127,22 @@ impl Registry {
                 conn: Some(conn),
                 gone_since: None,
                 acked,
+                netns: Some(netns),
             },
         );
         Ok(())
     }
 
-    /// The connection closed: start the grace period. Returns the stack, if any.
-    pub fn disconnected(&mut self, conn: ConnId, now: Instant) -> Option<StackName> {
-        let e = self.entries.values_mut().find(|e| e.conn == Some(conn))?;
-        e.conn = None;
-        e.gone_since = Some(now);
-        Some(e.spec.name.clone())
+    /// The connection closed: every stack it held starts its grace period. Returns
+    /// those stacks.
+    pub fn disconnected(&mut self, conn: ConnId, now: Instant) -> Vec<StackName> {
+        let mut gone = Vec::new();
+        for e in self.entries.values_mut().filter(|e| e.conn == Some(conn)) {
+            e.conn = None;
+            e.gone_since = Some(now);
+            gone.push(e.spec.name.clone());
+        }
+        gone
     }
 
     pub fn ack(&mut self, conn: ConnId, generation: u64) -> bool {
@@ -151,17 +218,23 @@ mod tests {
         }
     }
 
+    const NS: NetnsKey = NetnsKey { dev: 4, ino: 100 };
+
+    fn ns(ino: u64) -> NetnsKey {
+        NetnsKey { dev: 4, ino }
+    }
+
     #[test]
     fn grace_keeps_a_restarting_router() {
         let mut r = Registry::default();
         let t0 = Instant::now();
         let grace = Duration::from_secs(3);
-        r.register(spec("a", "10.1.0.254"), 1).unwrap();
+        r.register(spec("a", "10.1.0.254"), 1, ns(1)).unwrap();
         assert!(r.ack(1, 5));
-        assert_eq!(r.disconnected(1, t0).unwrap().as_str(), "a");
+        assert_eq!(r.disconnected(1, t0), vec![StackName::new("a").unwrap()]);
         assert!(r.expire(t0 + Duration::from_secs(1), grace).is_empty());
         assert_eq!(r.next_expiry(grace), Some(t0 + grace));
-        r.register(spec("a", "10.1.0.254"), 2).unwrap();
+        r.register(spec("a", "10.1.0.254"), 2, ns(2)).unwrap();
         assert_eq!(r.get(&StackName::new("a").unwrap()).unwrap().acked, 5);
         assert!(r.expire(t0 + Duration::from_secs(10), grace).is_empty());
         assert_eq!(r.next_expiry(grace), None);
@@ -171,7 +244,7 @@ mod tests {
     fn grace_expiry_withdraws() {
         let mut r = Registry::default();
         let t0 = Instant::now();
-        r.register(spec("a", "10.1.0.254"), 1).unwrap();
+        r.register(spec("a", "10.1.0.254"), 1, ns(1)).unwrap();
         r.disconnected(1, t0);
         let gone = r.expire(t0 + Duration::from_secs(3), Duration::from_secs(3));
         assert_eq!(gone.len(), 1);
@@ -181,10 +254,10 @@ mod tests {
     #[test]
     fn router_address_clash_refused_and_acks_per_vni() {
         let mut r = Registry::default();
-        r.register(spec("a", "10.1.0.254"), 1).unwrap();
-        let e = r.register(spec("b", "10.1.0.254"), 2).unwrap_err();
+        r.register(spec("a", "10.1.0.254"), 1, ns(1)).unwrap();
+        let e = r.register(spec("b", "10.1.0.254"), 2, ns(2)).unwrap_err();
         assert!(e.contains("already used by stack a"), "{e}");
-        r.register(spec("c", "10.1.0.253"), 3).unwrap();
+        r.register(spec("c", "10.1.0.253"), 3, ns(3)).unwrap();
         r.ack(3, 9);
         let mut acks = r.acks(Vni::new(1000).unwrap());
         acks.sort();
@@ -192,5 +265,75 @@ mod tests {
         assert!(r.acks(Vni::new(2000).unwrap()).is_empty());
         assert!(r.leave(&StackName::new("a").unwrap()).is_some());
         assert_eq!(r.acks(Vni::new(1000).unwrap()), vec![9]);
+    }
+
+    #[test]
+    fn a_connection_acts_for_one_stack() {
+        let mut r = Registry::default();
+        r.register(spec("a", "10.1.0.254"), 1, NS).unwrap();
+        // The same stack again on the same connection is a re-registration.
+        r.register(spec("a", "10.1.0.254"), 1, NS).unwrap();
+        let e = r.register(spec("b", "10.2.0.254"), 1, NS).unwrap_err();
+        assert!(e.contains("already registered stack a"), "{e}");
+        assert!(r.get(&StackName::new("b").unwrap()).is_none(), "nothing left");
+        // Acks on the connection apply to its own stack only.
+        assert!(r.ack(1, 3));
+        assert!(!r.ack(2, 9));
+        assert_eq!(r.get(&StackName::new("a").unwrap()).unwrap().acked, 3);
+    }
+
+    #[test]
+    fn a_name_is_not_taken_over_by_another_router_address() {
+        let mut r = Registry::default();
+        let t0 = Instant::now();
+        r.register(spec("a", "10.1.0.254"), 1, ns(1)).unwrap();
+        let e = r.register(spec("a", "10.9.0.254"), 2, ns(2)).unwrap_err();
+        assert!(e.contains("registered by its router at 10.1.0.254 (connected)"), "{e}");
+        // Nor during its restart grace.
+        r.disconnected(1, t0);
+        let e = r.register(spec("a", "10.9.0.254"), 2, ns(2)).unwrap_err();
+        assert!(e.contains("in its restart grace period"), "{e}");
+        let a = r.get(&StackName::new("a").unwrap()).unwrap();
+        assert_eq!((a.spec.router_ip.to_string(), a.conn), ("10.1.0.254".into(), None));
+        // The restarted router (same address, new namespace) takes it back.
+        r.register(spec("a", "10.1.0.254"), 3, ns(3)).unwrap();
+        // After the grace ends, the name is free.
+        r.disconnected(3, t0);
+        r.expire(t0 + Duration::from_secs(5), Duration::from_secs(3));
+        r.register(spec("a", "10.9.0.254"), 2, ns(2)).unwrap();
+    }
+
+    #[test]
+    fn every_stack_of_a_closed_connection_takes_the_grace_path() {
+        let mut r = Registry::default();
+        let t0 = Instant::now();
+        // Restored stacks adopted by one connection (as an older discovery allowed).
+        for (name, ip) in [("a", "10.1.0.254"), ("b", "10.2.0.254")] {
+            r.restore(spec(name, ip), 0, t0);
+            let e = r.entries.get_mut(&StackName::new(name).unwrap()).unwrap();
+            e.conn = Some(7);
+            e.gone_since = None;
+        }
+        let mut gone = r.disconnected(7, t0);
+        gone.sort();
+        assert_eq!(gone.len(), 2);
+        assert!(r.entries().all(|e| e.conn.is_none() && e.gone_since == Some(t0)));
+        assert_eq!(r.expire(t0 + Duration::from_secs(3), Duration::from_secs(3)).len(), 2);
+    }
+
+    #[test]
+    fn stacks_per_namespace_are_capped() {
+        let mut r = Registry::default();
+        for i in 0..MAX_STACKS_PER_NETNS {
+            let name = format!("s{i}");
+            let ip = format!("10.{i}.0.254");
+            r.register(spec(&name, &ip), i as u64, NS).unwrap();
+        }
+        let e = r.register(spec("x", "10.99.0.254"), 99, NS).unwrap_err();
+        assert!(e.contains("at most 4"), "{e}");
+        r.register(spec("x", "10.99.0.254"), 99, ns(2)).unwrap();
+        // A stack that went away no longer counts.
+        r.disconnected(0, Instant::now());
+        r.register(spec("y", "10.98.0.254"), 98, NS).unwrap();
     }
 }

@@ -1,6 +1,7 @@
 //! The process: leader election, the attach server, watchers, and the event loop that
 //! feeds the controller. All kernel work happens on the loop's task, one at a time.
 
+use crate::attach::Peer;
 use crate::controller::Controller;
 use crate::readiness::Live;
 use crate::registry::ConnId;
@@ -14,14 +15,16 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 use vrouter_kernel::Kernel;
-use vrouter_state::attach::{AttachListener, AttachSocket, DiscoveryMessage, RouterMessage};
+use vrouter_state::attach::{AttachListener, DiscoveryMessage};
 use vrouter_state::{Event, StackName, StateDir};
 
-enum Input {
+/// What the event loop handles, one at a time.
+pub(crate) enum Input {
     Register {
         conn: ConnId,
         reg: vrouter_state::attach::Registration,
         fd: Option<OwnedFd>,
+        peer: Peer,
         reply: oneshot::Sender<DiscoveryMessage>,
     },
     Ack {
@@ -29,13 +32,20 @@ enum Input {
         generation: u64,
     },
     Leave {
+        conn: ConnId,
         stack: StackName,
+        peer: Peer,
         reply: oneshot::Sender<DiscoveryMessage>,
     },
     Closed {
         conn: ConnId,
     },
+    /// A namespace reached a cap on attach connections (first refusal only).
+    AttachRefused {
+        reason: String,
+    },
     ConfigChanged,
+    /// From the admin socket only.
     LeaveMesh {
         reply: oneshot::Sender<DiscoveryMessage>,
     },
@@ -50,6 +60,7 @@ impl Input {
             Input::Ack { .. } => "ack",
             Input::Leave { .. } => "leave",
             Input::Closed { .. } => "closed",
+            Input::AttachRefused { .. } => "attach_refused",
             Input::ConfigChanged => "config_changed",
             Input::LeaveMesh { .. } => "leave_mesh",
             Input::ProbesChanged => "probes_changed",
@@ -138,7 +149,23 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         })?;
 
     let (tx, mut rx) = mpsc::channel::<Input>(256);
-    tokio::spawn(accept_loop(listener, tx.clone()));
+    tokio::spawn(crate::attach::accept_loop(listener, tx.clone()));
+    let private_dir = settings.private_dir();
+    match crate::attach::bind_admin(&private_dir) {
+        Ok(admin) => {
+            tokio::spawn(crate::attach::admin_loop(admin, tx.clone()));
+        }
+        // Routing goes on without it; only the admin commands are unavailable.
+        Err(e) => ctl.event_because(
+            "error",
+            "admin_socket_failed",
+            format!(
+                "cannot listen on {} ({e}); admin commands (leave-mesh) are unavailable. Make --private-dir / VROUTER_PRIVATE_DIR a writable directory of discovery's own",
+                private_dir.join(vrouter_state::attach::ADMIN_SOCKET).display()
+            ),
+            None,
+        ),
+    }
     let _watcher = watch_config(&ctl.config_files(), tx.clone());
     let _probes_watcher = if ctl.has_gossip() {
         watch_probes(&settings.state_dir, tx.clone())
@@ -219,19 +246,28 @@ async fn handle(ctl: &mut Controller, input: Input) {
             conn,
             reg,
             fd,
+            peer,
             reply,
         } => {
-            let answer = ctl.register(conn, reg, fd).await;
+            let answer = ctl.register(conn, reg, fd, peer).await;
             let _ = reply.send(answer);
         }
         Input::Ack { conn, generation } => {
             ctl.ack(conn, generation);
         }
-        Input::Leave { stack, reply } => {
-            ctl.leave(&stack);
-            let _ = reply.send(DiscoveryMessage::Left);
+        Input::Leave {
+            conn,
+            stack,
+            peer,
+            reply,
+        } => {
+            let answer = ctl.leave(conn, &stack, peer).await;
+            let _ = reply.send(answer);
         }
         Input::Closed { conn } => ctl.disconnected(conn),
+        Input::AttachRefused { reason } => {
+            ctl.event_because("registration_refused", "attach_limit", reason, None)
+        }
         Input::ConfigChanged => ctl.reload_peers(),
         Input::LeaveMesh { reply } => {
             if ctl.has_gossip() {
@@ -270,80 +306,6 @@ fn watch_probes(
     .ok()?;
     w.watch(&dir, notify::RecursiveMode::NonRecursive).ok()?;
     Some(w)
-}
-
-async fn accept_loop(listener: AttachListener, tx: mpsc::Sender<Input>) {
-    let mut next: ConnId = 1;
-    loop {
-        match listener.accept().await {
-            Ok(sock) => {
-                let conn = next;
-                next += 1;
-                tokio::spawn(serve(conn, Arc::new(sock), tx.clone()));
-            }
-            Err(e) => {
-                warn!("attach socket accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-async fn serve(conn: ConnId, sock: Arc<AttachSocket>, tx: mpsc::Sender<Input>) {
-    loop {
-        let msg = match sock.recv::<RouterMessage>().await {
-            Ok(Some(m)) => m,
-            Ok(None) => break,
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                warn!("malformed message on attach connection {conn}: {e}");
-                continue;
-            }
-            Err(e) => {
-                warn!("attach connection {conn} failed: {e}");
-                break;
-            }
-        };
-        let (message, fd) = msg;
-        let reply = match message {
-            RouterMessage::Register(reg) => {
-                let (rtx, rrx) = oneshot::channel();
-                if tx
-                    .send(Input::Register {
-                        conn,
-                        reg,
-                        fd,
-                        reply: rtx,
-                    })
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-                rrx.await.ok()
-            }
-            RouterMessage::Ack { generation } => {
-                let _ = tx.send(Input::Ack { conn, generation }).await;
-                None
-            }
-            RouterMessage::Leave { stack } => {
-                let (rtx, rrx) = oneshot::channel();
-                let _ = tx.send(Input::Leave { stack, reply: rtx }).await;
-                rrx.await.ok()
-            }
-            RouterMessage::LeaveMesh => {
-                let (rtx, rrx) = oneshot::channel();
-                let _ = tx.send(Input::LeaveMesh { reply: rtx }).await;
-                rrx.await.ok()
-            }
-        };
-        if let Some(r) = reply {
-            if let Err(e) = sock.send(&r, None).await {
-                warn!("attach connection {conn}: reply failed: {e}");
-                break;
-            }
-        }
-    }
-    let _ = tx.send(Input::Closed { conn }).await;
 }
 
 /// Whether a watcher event can mean new content. Opening and reading a file is an
@@ -504,29 +466,6 @@ pub async fn cleanup(settings: &Settings) -> anyhow::Result<()> {
         println!("removed {r}");
     }
     Ok(())
-}
-
-/// `vrouter-discovery leave-mesh`: asks the running discovery to leave the mesh.
-pub async fn leave_mesh(settings: &Settings) -> anyhow::Result<()> {
-    let path = StateDir::open(&settings.state_dir)?.socket_path();
-    let socket = AttachSocket::connect(&path).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot reach discovery at {} ({e}); is vrouter-discovery running with this VROUTER_STATE_DIR?",
-            path.display()
-        )
-    })?;
-    socket.send(&RouterMessage::LeaveMesh, None).await?;
-    let answer = tokio::time::timeout(Duration::from_secs(5), socket.recv::<DiscoveryMessage>())
-        .await
-        .map_err(|_| anyhow::anyhow!("discovery did not confirm the leave within 5 s"))??;
-    match answer {
-        Some((DiscoveryMessage::Left, _)) => {
-            println!("left the mesh: every other host withdraws this host's stacks");
-            Ok(())
-        }
-        Some((DiscoveryMessage::Refused { reason }, _)) => anyhow::bail!("{reason}"),
-        other => anyhow::bail!("unexpected answer from discovery: {other:?}"),
-    }
 }
 
 #[cfg(test)]

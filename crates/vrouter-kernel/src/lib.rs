@@ -17,7 +17,9 @@
 //!
 //! The methods live by object: `links.rs` (links, addresses), `routes.rs`, `neigh.rs`,
 //! `fdb.rs`, `rules.rs`, `nexthop.rs` (nexthop objects, which the rtnetlink crates do
-//! not model: their messages go over a second NETLINK_ROUTE socket of their own).
+//! not model: their messages go over a second NETLINK_ROUTE socket of their own),
+//! `netns.rs` (other namespaces seen from this one: netnsids, veth peers, and their
+//! addresses over a third socket with strict checking, which targeted dumps need).
 //! `nft.rs` is the one part on another netlink family: per-prefix traffic counters in
 //! nftables over NETLINK_NETFILTER ([`Nft`]).
 //!
@@ -29,12 +31,14 @@ mod error;
 mod fdb;
 mod links;
 mod neigh;
+mod netns;
 mod nexthop;
 mod nft;
 mod routes;
 mod rules;
 
 pub use error::KernelError;
+pub use netns::VethPort;
 pub use nft::{
     CounterDump, CounterReading, Direction, Nft, PrefixCounter, RuleReading, SetReading, Slot,
 };
@@ -163,6 +167,9 @@ pub struct Kernel {
     handle: rtnetlink::Handle,
     /// The socket for nexthop objects (see `nexthop.rs`).
     nexthops: nexthop::Handle,
+    /// A routing socket with NETLINK_GET_STRICT_CHK: the kernel honours a dump's
+    /// IFA_TARGET_NETNSID only in strict mode (see `netns.rs`).
+    strict: rtnetlink::Handle,
 }
 
 impl Kernel {
@@ -179,7 +186,12 @@ impl Kernel {
             })?;
         tokio::spawn(connection);
         let nexthops = nexthop::connect()?;
-        Ok(Kernel { handle, nexthops })
+        let strict = netns::connect_strict()?;
+        Ok(Kernel {
+            handle,
+            nexthops,
+            strict,
+        })
     }
 
     /// Sends one request and waits for its ACK. `flags` come on top of
@@ -208,21 +220,33 @@ impl Kernel {
         message: RouteNetlinkMessage,
         dump: bool,
     ) -> std::result::Result<Vec<RouteNetlinkMessage>, rtnetlink::Error> {
-        let mut request = NetlinkMessage::from(message);
-        request.header.flags = NLM_F_REQUEST | if dump { NLM_F_DUMP } else { 0 };
-        let mut responses = self.handle.clone().request(request)?;
-        let mut out = Vec::new();
-        while let Some(response) = responses.next().await {
-            match response.payload {
-                NetlinkPayload::InnerMessage(inner) => out.push(inner),
-                NetlinkPayload::Error(err) if err.code.is_some() => {
-                    return Err(rtnetlink::Error::NetlinkError(err));
-                }
-                _ => {}
-            }
-        }
-        Ok(out)
+        get_on(&self.handle, message, dump).await
     }
+}
+
+/// Sends a get request on `handle`'s socket and collects the answers.
+async fn get_on(
+    handle: &rtnetlink::Handle,
+    message: RouteNetlinkMessage,
+    dump: bool,
+) -> std::result::Result<Vec<RouteNetlinkMessage>, rtnetlink::Error> {
+    let mut request = NetlinkMessage::from(message);
+    request.header.flags = NLM_F_REQUEST | if dump { NLM_F_DUMP } else { 0 };
+    let mut responses = handle.clone().request(request)?;
+    let mut out = Vec::new();
+    while let Some(response) = responses.next().await {
+        match response.payload {
+            NetlinkPayload::InnerMessage(inner) => out.push(inner),
+            NetlinkPayload::Error(err) if err.code.is_some() => {
+                return Err(rtnetlink::Error::NetlinkError(err));
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+impl Kernel {
 
     /// "vxlan1000 (index 5)" when the link can still be found, else "index 5": for
     /// error messages only.

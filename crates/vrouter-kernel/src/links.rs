@@ -392,7 +392,7 @@ pub(crate) fn vxlan_of(data: &[InfoVxlan]) -> Option<VxlanInfo> {
     Some(info)
 }
 
-fn address_of(message: AddressMessage) -> Option<Address> {
+pub(crate) fn address_of(message: AddressMessage) -> Option<Address> {
     let mut local = None;
     let mut address = None;
     for attribute in message.attributes {

@@ -920,3 +920,53 @@ fn without_net_admin_is_not_permitted() {
         assert!(matches!(err, KernelError::NotPermitted { .. }), "{err:?}");
     });
 }
+
+#[test]
+fn another_namespace_seen_through_its_veth_without_entering_it() {
+    in_new_netns("another_namespace_seen_through_its_veth", || async {
+        let k = Kernel::connect().await.unwrap();
+        let router = spare_netns();
+        let stranger = spare_netns();
+        // Nothing here refers to either namespace yet.
+        assert_eq!(k.netns_id(router.as_fd()).await.unwrap(), None);
+        let host = k
+            .create_veth_into("vra0", 1400, router.as_fd(), "eth0")
+            .await
+            .unwrap();
+        in_netns(&router, || async {
+            let inside = Kernel::connect().await.unwrap();
+            let eth0 = inside.link_by_name("eth0").await.unwrap().unwrap().index;
+            inside
+                .replace_address(eth0, Ipv4Addr::new(10, 1, 0, 254), 24)
+                .await
+                .unwrap();
+        });
+        let ports = k.foreign_veths().await.unwrap();
+        assert_eq!(ports.len(), 1, "{ports:?}");
+        let port = &ports[0];
+        assert_eq!((port.index, port.name.as_str(), port.master), (host, "vra0", None));
+        // The dump gave the peer's namespace an id; the descriptor resolves to it.
+        assert_eq!(
+            k.netns_id(router.as_fd()).await.unwrap(),
+            Some(port.peer_netnsid)
+        );
+        assert_eq!(k.netns_id(stranger.as_fd()).await.unwrap(), None);
+        // Its addresses, not this namespace's (strict mode is what makes the kernel
+        // honour the target).
+        let addrs = k.addresses_in(port.peer_netnsid).await.unwrap();
+        assert!(
+            addrs
+                .iter()
+                .any(|a| a.addr == Ipv4Addr::new(10, 1, 0, 254)
+                    && a.index == port.peer_index
+                    && a.prefix_len == 24),
+            "{addrs:?}"
+        );
+        assert!(k.addresses().await.unwrap().iter().all(|a| a.addr != Ipv4Addr::new(10, 1, 0, 254)));
+        // An unknown id shows nothing (the kernel's error ends the dump).
+        assert!(k
+            .addresses_in(port.peer_netnsid + 100)
+            .await
+            .map_or(true, |a| a.is_empty()));
+    });
+}

@@ -7,6 +7,13 @@
 //! discovery learns the router is gone. It sends `Ack` after each routes.json
 //! generation it applied, and `Register` again if its overlay link disappears.
 //! `Leave` withdraws the stack at once.
+//!
+//! Every router can reach this socket, so a connection acts only for its own stack:
+//! it registers one stack, from the network namespace that holds the stack's router
+//! address (discovery learns the connecting namespace from the socket itself,
+//! [`AttachSocket::peer_netns`]); `Ack` and `Leave` apply to that stack only. Admin
+//! commands ([`AdminMessage`]) never come through it: they go through `admin.sock` in
+//! discovery's private directory, which routers do not mount.
 
 use crate::types::{Mac, StackName, StackSpec};
 use serde::{Deserialize, Serialize};
@@ -22,14 +29,25 @@ pub enum RouterMessage {
     Ack {
         generation: u64,
     },
-    /// Withdraw this stack now (`vrouter-router leave`).
+    /// Withdraw this stack now (`vrouter-router leave`). Accepted for the stack this
+    /// connection registered, or, on a connection that registered none, from the
+    /// namespace that holds the stack's router address.
     Leave {
         stack: StackName,
     },
+}
+
+/// Commands on the admin socket (`admin.sock` in discovery's private directory).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AdminMessage {
     /// This host leaves the gossip mesh on purpose (`vrouter-discovery leave-mesh`):
     /// every other host withdraws its stacks at once.
     LeaveMesh,
 }
+
+/// Name of the admin socket in discovery's private directory.
+pub const ADMIN_SOCKET: &str = "admin.sock";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Registration {
@@ -49,9 +67,53 @@ pub enum DiscoveryMessage {
     Registered,
     /// Registration refused; `reason` names the problem and the fix.
     Refused { reason: String },
-    /// Reply to `Leave`.
+    /// Reply to `Leave` (and to the admin command `LeaveMesh`).
     Left,
 }
+
+/// A network namespace's identity: the device and inode of its nsfs file, unique
+/// while the namespace lives. Two descriptors name the same namespace exactly when
+/// their keys are equal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NetnsKey {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl NetnsKey {
+    /// The key of the namespace behind `fd` (a /proc/<pid>/ns/net or SIOCGSKNS
+    /// descriptor). Anything that is not a namespace file is `InvalidInput`.
+    pub fn of(fd: BorrowedFd<'_>) -> io::Result<NetnsKey> {
+        let st = nix::sys::stat::fstat(fd)?;
+        // nsfs files are their own kind: neither regular, directory, socket nor device.
+        // NS_GET_NSTYPE (an ioctl on nsfs only) tells a network namespace for sure.
+        // SAFETY: ioctl with no argument on a descriptor we borrow.
+        let kind = unsafe { libc::ioctl(fd.as_raw_fd(), NS_GET_NSTYPE as _) };
+        if kind != libc::CLONE_NEWNET {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the descriptor is not a network namespace",
+            ));
+        }
+        Ok(NetnsKey {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        })
+    }
+}
+
+impl std::fmt::Display for NetnsKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "net:[{}]", self.ino)
+    }
+}
+
+/// `ioctl(sock, SIOCGSKNS)`: a descriptor of the socket's network namespace
+/// (linux/sockios.h). Needs CAP_NET_ADMIN over that namespace.
+const SIOCGSKNS: libc::c_ulong = 0x894C;
+/// `ioctl(nsfd, NS_GET_NSTYPE)`: the CLONE_NEW* type of a namespace (linux/nsfs.h,
+/// `_IO(0xb7, 0x3)`).
+const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
 
 // ---------------------------------------------------------------------------------
 // The socket.
@@ -316,6 +378,21 @@ impl AttachSocket {
             Ok(msg) => Ok(Some((msg, fds.pop()))),
             Err(e) => invalid(format!("malformed attach message ({e}); dropped")),
         }
+    }
+
+    /// The network namespace of the process that connected (the other end). The
+    /// kernel creates the accepted end of a Unix connection in the connecting
+    /// socket's namespace, so SIOCGSKNS on it names the peer's namespace: no peer can
+    /// forge it, and a router without CAP_SYS_ADMIN cannot create a socket in another
+    /// namespace. Needs CAP_NET_ADMIN over that namespace (discovery has it).
+    pub fn peer_netns(&self) -> io::Result<OwnedFd> {
+        // SAFETY: SIOCGSKNS takes no argument and returns a new descriptor or -1.
+        let raw = unsafe { libc::ioctl(self.fd.get_ref().as_raw_fd(), SIOCGSKNS as _) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the kernel just opened this descriptor for us (close-on-exec).
+        Ok(unsafe { OwnedFd::from_raw_fd(raw) })
     }
 
     /// True once the peer has closed its end or its process has died (POLLHUP),

@@ -237,7 +237,9 @@ impl<'de> Deserialize<'de> for Mac {
     }
 }
 
-/// A compose stack's name: 1-64 characters of [A-Za-z0-9_.-].
+/// A compose stack's name: 1-64 characters of [A-Za-z0-9_.-], not starting with `.`
+/// (the stack's probes file, `probes/<name>.json`, would be hidden, and `..` would
+/// name a parent directory).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct StackName(String);
 
@@ -245,12 +247,13 @@ impl StackName {
     pub fn new(name: &str) -> Result<StackName, ParseError> {
         let ok = !name.is_empty()
             && name.len() <= 64
+            && !name.starts_with('.')
             && name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
         if !ok {
             return Err(ParseError(format!(
-                "stack name {name:?} is invalid; use 1-64 characters of letters, digits, '_', '-' or '.'"
+                "stack name {name:?} is invalid; use 1-64 characters of letters, digits, '_', '-' or '.', not starting with '.'"
             )));
         }
         Ok(StackName(name.to_string()))
@@ -348,5 +351,11 @@ mod tests {
         assert!(StackName::new("web-1.prod_x").is_ok());
         assert!(StackName::new("").is_err());
         assert!(StackName::new("a b").is_err());
+        for hidden in [".web", "..", "."] {
+            let e = StackName::new(hidden).unwrap_err().to_string();
+            assert!(e.contains("not starting with '.'"), "{e}");
+        }
+        assert!(serde_json::from_str::<StackName>("\".web\"").is_err());
+        assert!(StackName::new("web.").is_ok());
     }
 }

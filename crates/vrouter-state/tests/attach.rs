@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::time::timeout;
 use vrouter_state::attach::{
-    AttachListener, AttachSocket, DiscoveryMessage, Registration, RouterMessage, MAX_MESSAGE,
-    SOCKET_MODE,
+    AttachListener, AttachSocket, DiscoveryMessage, NetnsKey, Registration, RouterMessage,
+    MAX_MESSAGE, SOCKET_MODE,
 };
 use vrouter_state::{Mac, StackName, StackSpec, Vni, ATTACH_SOCKET};
 
@@ -376,4 +376,60 @@ async fn pair_connects_two_ends_in_process() {
         .unwrap()
         .unwrap();
     assert_eq!(got, DiscoveryMessage::Left);
+}
+
+/// Connects from a fresh network namespace (a helper thread that unshares one);
+/// returns the connected descriptor and the namespace's key. None without root.
+fn connect_from_new_netns(path: &Path) -> Option<(std::os::fd::OwnedFd, NetnsKey)> {
+    let path = path.to_path_buf();
+    std::thread::spawn(move || {
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return None;
+        }
+        let ns = File::open("/proc/thread-self/ns/net").unwrap();
+        let key = NetnsKey::of(ns.as_fd()).unwrap();
+        let fd = socket::socket(
+            socket::AddressFamily::Unix,
+            socket::SockType::SeqPacket,
+            socket::SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        socket::connect(fd.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
+        Some((fd, key))
+    })
+    .join()
+    .unwrap()
+}
+
+#[tokio::test]
+async fn peer_netns_names_the_connecting_namespace() {
+    let tmp = TempDir::new("attach-peerns");
+    let (listener, _client, server) = listen_and_connect(tmp.path()).await;
+    let own = NetnsKey::of(File::open("/proc/self/ns/net").unwrap().as_fd()).unwrap();
+    let same = match server.peer_netns() {
+        Ok(fd) => NetnsKey::of(fd.as_fd()).unwrap(),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            eprintln!("skipped: SIOCGSKNS needs CAP_NET_ADMIN");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(same, own);
+    // A regular file is not a namespace.
+    let f = File::open("/proc/self/cmdline").unwrap();
+    assert_eq!(
+        NetnsKey::of(f.as_fd()).unwrap_err().kind(),
+        io::ErrorKind::InvalidInput
+    );
+    let Some((_far_client, far_key)) =
+        connect_from_new_netns(&tmp.path().join(ATTACH_SOCKET))
+    else {
+        eprintln!("skipped: creating a network namespace needs root");
+        return;
+    };
+    let far = timeout(T, listener.accept()).await.unwrap().unwrap();
+    let got = NetnsKey::of(far.peer_netns().unwrap().as_fd()).unwrap();
+    assert_eq!(got, far_key, "the accepted end names the connector's namespace");
+    assert_ne!(got, own);
 }
