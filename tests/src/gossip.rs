@@ -604,8 +604,9 @@ impl GossipMesh {
         walk(&self.probes(host, stack)?, remote)
     }
 
-    /// `vrouter-discovery leave-mesh` on `host` (same state directory): its discovery
-    /// leaves the mesh on purpose.
+    /// `vrouter-discovery leave-mesh` on `host`, as `docker exec <discovery>` runs it
+    /// (same state directory, so the same private directory and its admin socket):
+    /// its discovery leaves the mesh on purpose.
     pub fn leave_mesh(&self, host: usize) -> Result<()> {
         let bin = self.bin("vrouter-discovery");
         let dir = self.state_dir(host).display().to_string();

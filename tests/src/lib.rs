@@ -19,6 +19,7 @@
 //! }
 //! ```
 
+pub mod attach;
 pub mod bench;
 pub mod cleanup;
 pub mod cmd;
