@@ -183,3 +183,63 @@ fn a_flood_of_connections_from_one_router_leaves_discovery_serving() {
     assert!(refusals[0].contains("at most 8"), "{refusals:?}");
     drop(held);
 }
+
+/// The all-in-one variant's router lives in a namespace the container made and plugged
+/// into the bridge with a veth: it passes the same check.
+#[test]
+fn all_in_one_router_passes_the_namespace_check() {
+    require_root!();
+    let mut topo = Topology::builder("attaio").hosts(1).build().unwrap();
+    topo.host_mut(1)
+        .add_network("a", "10.1.0.0/24", Protection::Protected)
+        .unwrap();
+    let state = std::path::PathBuf::from(format!("/run/{}-state-aio", prefix()));
+    let private = std::path::PathBuf::from(format!("/run/{}-state-aio-private", prefix()));
+    let _ = std::fs::remove_dir_all(&state);
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::create_dir_all(&state).unwrap();
+    struct Cleanup(Vec<std::path::PathBuf>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for d in &self.0 {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
+    }
+    let _cleanup = Cleanup(vec![state.clone(), private.clone()]);
+    let bin = vrouter_tests::mesh::bin_dir().unwrap().join("vrouter-discovery");
+    let dir = state.display().to_string();
+    // Privileged, as its compose file runs it.
+    let mut d = topo
+        .host(1)
+        .spawn(
+            bin.to_str().unwrap(),
+            &["all-in-one"],
+            &[
+                ("VROUTER_ALLOW_EXTRA_CAPS", "1"),
+                ("VROUTER_STACK", "a"),
+                ("VROUTER_VNI", "1000"),
+                ("VROUTER_ROUTER_IP", "10.1.0.254"),
+                ("VROUTER_STATE_DIR", &dir),
+                ("VROUTER_HTTP_ADDR", "off"),
+                ("RUST_LOG", "info"),
+            ],
+        )
+        .unwrap();
+    let events = || {
+        vrouter_state::StateDir::open(&state)
+            .ok()
+            .and_then(|s| s.read_events().ok())
+            .unwrap_or_default()
+    };
+    let attached = wait_until(Duration::from_secs(20), Duration::from_millis(100), || {
+        events().iter().any(|e| e.kind == "router_attached")
+    });
+    if !attached {
+        d.dump_logs();
+    }
+    assert!(attached, "all-in-one router not attached: {:?}", events());
+    assert!(!events().iter().any(|e| e.kind == "registration_refused"));
+    let _ = d.kill(libc::SIGTERM);
+    let _ = d.wait_exit(Duration::from_secs(5));
+}
