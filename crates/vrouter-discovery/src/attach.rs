@@ -30,6 +30,10 @@ use vrouter_state::attach::{
 pub const MAX_CONNECTIONS_PER_NETNS: usize = 8;
 /// Open attach connections in all (each holds a descriptor here).
 pub const MAX_CONNECTIONS: usize = 512;
+/// After a refused registration or leave, a connection's next message waits this
+/// long: each check costs the control loop kernel dumps, and a router retries every
+/// 5 s anyway.
+pub const REFUSAL_PAUSE: Duration = Duration::from_secs(1);
 
 /// The namespace a connection came from, for the loop's checks: its key and a
 /// descriptor of it (closed when the check is done, so a stopped router's namespace
@@ -120,7 +124,14 @@ pub(crate) async fn accept_loop(listener: AttachListener, tx: mpsc::Sender<Input
         let key = match Peer::of(&sock) {
             Ok(p) => p.key,
             Err(e) => {
-                warn!("attach connection: cannot tell its network namespace ({e}); closed");
+                let reason = format!(
+                    "discovery cannot tell this connection's network namespace ({e}); it needs CAP_NET_ADMIN over the router's namespace"
+                );
+                warn!("attach connection refused: {reason}");
+                tokio::spawn(async move {
+                    let reply = DiscoveryMessage::Refused { reason };
+                    let _ = tokio::time::timeout(Duration::from_millis(100), sock.send(&reply, None)).await;
+                });
                 continue;
             }
         };
@@ -228,9 +239,13 @@ async fn serve(conn: ConnId, sock: Arc<AttachSocket>, tx: mpsc::Sender<Input>) {
             }
         };
         if let Some(r) = reply {
+            let refused = matches!(r, DiscoveryMessage::Refused { .. });
             if let Err(e) = sock.send(&r, None).await {
                 warn!("attach connection {conn}: reply failed: {e}");
                 break;
+            }
+            if refused {
+                tokio::time::sleep(REFUSAL_PAUSE).await;
             }
         }
     }
