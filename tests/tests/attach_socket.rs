@@ -157,9 +157,20 @@ fn a_flood_of_connections_from_one_router_leaves_discovery_serving() {
     mesh.wait_converged(CONVERGE).unwrap();
     let sock = mesh.state_dir(1).join(vrouter_state::ATTACH_SOCKET);
 
+    let pid = mesh.discovery(1).pid();
+    let open_fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let before = open_fds();
     let t = Instant::now();
     let held = flood(&mesh.rtr("a").ns, &sock, 1000, Duration::from_secs(10)).unwrap();
     eprintln!("flood: {} connections opened in {:?}", held.len(), t.elapsed());
+    // Discovery holds at most the namespace's share of them.
+    std::thread::sleep(Duration::from_millis(500));
+    let during = open_fds();
+    eprintln!("discovery's descriptors: {before} before the flood, {during} during it");
+    assert!(
+        during <= before + 8 + 4,
+        "discovery holds {during} descriptors under the flood ({before} before)"
+    );
 
     // Discovery still answers /healthz ...
     let host_ns = mesh.topo.host(1).ns.clone();
