@@ -49,11 +49,12 @@ pub fn conversation(
         for (msg, with_fd) in messages {
             let fd = with_fd.then(|| own.as_fd());
             sock.send(msg, fd).await?;
-            let reply = tokio::time::timeout(Duration::from_secs(5), sock.recv::<DiscoveryMessage>())
-                .await
-                .ok()
-                .and_then(|r| r.ok().flatten())
-                .map(|(m, _)| m);
+            let reply =
+                tokio::time::timeout(Duration::from_secs(5), sock.recv::<DiscoveryMessage>())
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok().flatten())
+                    .map(|(m, _)| m);
             replies.push(reply);
         }
         Ok(replies)

@@ -70,7 +70,10 @@ fn a_connection_acts_only_for_its_own_stack() {
     let replies = conversation(
         &b_ns,
         &sock,
-        &[(register(&mesh, "a", true), true), (register(&mesh, "a", false), false)],
+        &[
+            (register(&mesh, "a", true), true),
+            (register(&mesh, "a", false), false),
+        ],
     )
     .unwrap();
     for r in &replies {
@@ -80,7 +83,11 @@ fn a_connection_acts_only_for_its_own_stack() {
     assert_eq!(count(&mesh, 1, "router_attached", "a"), attached_a);
     assert!(count(&mesh, 1, "registration_refused", "a") >= 2);
     let b_links = exec_ok(Some(&b_ns), &["ip", "-o", "link"]).unwrap().stdout;
-    assert_eq!(b_links.matches("vrm").count(), 0, "no link of A in B: {b_links}");
+    assert_eq!(
+        b_links.matches("vrm").count(),
+        0,
+        "no link of A in B: {b_links}"
+    );
 
     // Nor may B withdraw A.
     let leave_a = serde_json::to_value(RouterMessage::Leave {
@@ -102,7 +109,8 @@ fn a_connection_acts_only_for_its_own_stack() {
 
     // During A's restart grace its name is not up for grabs either.
     mesh.stop_router("a", libc::SIGTERM).unwrap();
-    let reason = refused(&conversation(&b_ns, &sock, &[(register(&mesh, "a", true), true)]).unwrap()[0]);
+    let reason =
+        refused(&conversation(&b_ns, &sock, &[(register(&mesh, "a", true), true)]).unwrap()[0]);
     assert!(reason.contains("10.1.0.254"), "{reason}");
     assert_eq!(count(&mesh, 1, "router_attached", "a"), attached_a);
     // A's own router comes back (a fresh namespace with A's address) and is accepted.
@@ -113,15 +121,20 @@ fn a_connection_acts_only_for_its_own_stack() {
     // `vrouter-router leave` (a fresh connection from the stack's own namespace) works.
     let left = conversation(&mesh.rtr("a").ns, &sock, &[(leave_a, false)]).unwrap();
     assert_eq!(left[0], Some(DiscoveryMessage::Left));
-    assert!(wait_until(Duration::from_secs(3), Duration::from_millis(50), || !routed_on(
-        &mesh, 1, "a"
-    )));
+    assert!(wait_until(
+        Duration::from_secs(3),
+        Duration::from_millis(50),
+        || !routed_on(&mesh, 1, "a")
+    ));
 
     // Last, since it takes B's registration over: one connection registers one stack.
     let replies = conversation(
         &b_ns,
         &sock,
-        &[(register(&mesh, "b", false), false), (register(&mesh, "c", false), false)],
+        &[
+            (register(&mesh, "b", false), false),
+            (register(&mesh, "c", false), false),
+        ],
     )
     .unwrap();
     assert_eq!(replies[0], Some(DiscoveryMessage::Registered));
@@ -158,11 +171,19 @@ fn a_flood_of_connections_from_one_router_leaves_discovery_serving() {
     let sock = mesh.state_dir(1).join(vrouter_state::ATTACH_SOCKET);
 
     let pid = mesh.discovery(1).pid();
-    let open_fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let open_fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
     let before = open_fds();
     let t = Instant::now();
     let held = flood(&mesh.rtr("a").ns, &sock, 1000, Duration::from_secs(10)).unwrap();
-    eprintln!("flood: {} connections opened in {:?}", held.len(), t.elapsed());
+    eprintln!(
+        "flood: {} connections opened in {:?}",
+        held.len(),
+        t.elapsed()
+    );
     // Discovery holds at most the namespace's share of them.
     std::thread::sleep(Duration::from_millis(500));
     let during = open_fds();
@@ -180,17 +201,25 @@ fn a_flood_of_connections_from_one_router_leaves_discovery_serving() {
     assert!(healthy, "/healthz not served during the flood");
     // ... and another router still registers, and everyone is routed to it.
     let t = Instant::now();
-    mesh.add_stack(StackDef::new("b", 1, 1000, "10.2.0.0/24")).unwrap();
+    mesh.add_stack(StackDef::new("b", 1, 1000, "10.2.0.0/24"))
+        .unwrap();
     mesh.write_config(2).unwrap();
     mesh.wait_converged(CONVERGE).unwrap();
-    eprintln!("stack b converged {:?} after its router started, under the flood", t.elapsed());
+    eprintln!(
+        "stack b converged {:?} after its router started, under the flood",
+        t.elapsed()
+    );
     let refusals: Vec<String> = mesh
         .events(1)
         .into_iter()
         .filter(|e| e.kind == "registration_refused" && e.reason == "attach_limit")
         .map(|e| e.message)
         .collect();
-    assert_eq!(refusals.len(), 1, "one event per flooding namespace: {refusals:?}");
+    assert_eq!(
+        refusals.len(),
+        1,
+        "one event per flooding namespace: {refusals:?}"
+    );
     assert!(refusals[0].contains("at most 8"), "{refusals:?}");
     drop(held);
 }
@@ -218,7 +247,9 @@ fn all_in_one_router_passes_the_namespace_check() {
         }
     }
     let _cleanup = Cleanup(vec![state.clone(), private.clone()]);
-    let bin = vrouter_tests::mesh::bin_dir().unwrap().join("vrouter-discovery");
+    let bin = vrouter_tests::mesh::bin_dir()
+        .unwrap()
+        .join("vrouter-discovery");
     let dir = state.display().to_string();
     // Privileged, as its compose file runs it.
     let mut d = topo

@@ -130,7 +130,9 @@ pub(crate) async fn accept_loop(listener: AttachListener, tx: mpsc::Sender<Input
                 warn!("attach connection refused: {reason}");
                 tokio::spawn(async move {
                     let reply = DiscoveryMessage::Refused { reason };
-                    let _ = tokio::time::timeout(Duration::from_millis(100), sock.send(&reply, None)).await;
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(100), sock.send(&reply, None))
+                            .await;
                 });
                 continue;
             }
@@ -142,7 +144,8 @@ pub(crate) async fn accept_loop(listener: AttachListener, tx: mpsc::Sender<Input
                 reason: turned.reason.clone(),
             };
             tokio::spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_millis(100), sock.send(&reply, None)).await;
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(100), sock.send(&reply, None)).await;
             });
             if turned.first {
                 let _ = tx.try_send(Input::AttachRefused {

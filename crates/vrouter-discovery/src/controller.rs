@@ -620,7 +620,12 @@ impl Controller {
     /// address. Returns the reply.
     pub async fn leave(&mut self, conn: ConnId, stack: &StackName, peer: Peer) -> DiscoveryMessage {
         let refuse = |this: &Self, reason: String| {
-            this.event_because("registration_refused", "leave_refused", reason.clone(), Some(stack));
+            this.event_because(
+                "registration_refused",
+                "leave_refused",
+                reason.clone(),
+                Some(stack),
+            );
             DiscoveryMessage::Refused { reason }
         };
         if let Some(own) = self.registry.by_conn(conn) {

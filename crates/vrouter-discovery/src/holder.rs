@@ -80,7 +80,10 @@ pub fn verify(router_ip: Ipv4Addr, o: &Observed) -> Result<(), String> {
         .ports
         .iter()
         .filter(|p| p.peer_netnsid == nsid)
-        .filter(|p| p.master.is_some_and(|m| bridges.iter().any(|b| b.index == m)))
+        .filter(|p| {
+            p.master
+                .is_some_and(|m| bridges.iter().any(|b| b.index == m))
+        })
         .collect();
     if ports.is_empty() {
         return Err(format!(
@@ -184,8 +187,11 @@ mod tests {
         let e = verify(A.parse().unwrap(), &o).unwrap_err();
         assert!(e.contains("no port on br-a"), "{e}");
         // An address no bridge here serves.
-        let e = verify("10.9.0.254".parse().unwrap(), &from(0, vec![addr(2, "10.9.0.254", 24)]))
-            .unwrap_err();
+        let e = verify(
+            "10.9.0.254".parse().unwrap(),
+            &from(0, vec![addr(2, "10.9.0.254", 24)]),
+        )
+        .unwrap_err();
         assert!(e.contains("no bridge on this host"), "{e}");
     }
 }

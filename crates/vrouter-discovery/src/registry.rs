@@ -275,7 +275,10 @@ mod tests {
         r.register(spec("a", "10.1.0.254"), 1, NS).unwrap();
         let e = r.register(spec("b", "10.2.0.254"), 1, NS).unwrap_err();
         assert!(e.contains("already registered stack a"), "{e}");
-        assert!(r.get(&StackName::new("b").unwrap()).is_none(), "nothing left");
+        assert!(
+            r.get(&StackName::new("b").unwrap()).is_none(),
+            "nothing left"
+        );
         // Acks on the connection apply to its own stack only.
         assert!(r.ack(1, 3));
         assert!(!r.ack(2, 9));
@@ -288,13 +291,19 @@ mod tests {
         let t0 = Instant::now();
         r.register(spec("a", "10.1.0.254"), 1, ns(1)).unwrap();
         let e = r.register(spec("a", "10.9.0.254"), 2, ns(2)).unwrap_err();
-        assert!(e.contains("registered by its router at 10.1.0.254 (connected)"), "{e}");
+        assert!(
+            e.contains("registered by its router at 10.1.0.254 (connected)"),
+            "{e}"
+        );
         // Nor during its restart grace.
         r.disconnected(1, t0);
         let e = r.register(spec("a", "10.9.0.254"), 2, ns(2)).unwrap_err();
         assert!(e.contains("in its restart grace period"), "{e}");
         let a = r.get(&StackName::new("a").unwrap()).unwrap();
-        assert_eq!((a.spec.router_ip.to_string(), a.conn), ("10.1.0.254".into(), None));
+        assert_eq!(
+            (a.spec.router_ip.to_string(), a.conn),
+            ("10.1.0.254".into(), None)
+        );
         // The restarted router (same address, new namespace) takes it back.
         r.register(spec("a", "10.1.0.254"), 3, ns(3)).unwrap();
         // After the grace ends, the name is free.
@@ -317,8 +326,14 @@ mod tests {
         let mut gone = r.disconnected(7, t0);
         gone.sort();
         assert_eq!(gone.len(), 2);
-        assert!(r.entries().all(|e| e.conn.is_none() && e.gone_since == Some(t0)));
-        assert_eq!(r.expire(t0 + Duration::from_secs(3), Duration::from_secs(3)).len(), 2);
+        assert!(r
+            .entries()
+            .all(|e| e.conn.is_none() && e.gone_since == Some(t0)));
+        assert_eq!(
+            r.expire(t0 + Duration::from_secs(3), Duration::from_secs(3))
+                .len(),
+            2
+        );
     }
 
     #[test]

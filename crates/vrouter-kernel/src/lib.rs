@@ -247,7 +247,6 @@ async fn get_on(
 }
 
 impl Kernel {
-
     /// "vxlan1000 (index 5)" when the link can still be found, else "index 5": for
     /// error messages only.
     async fn link_label(&self, index: u32) -> String {

@@ -65,7 +65,14 @@ impl Kernel {
             .push(NsidAttribute::Fd(ns.as_raw_fd() as u32));
         let mut request = NetlinkMessage::from(RouteNetlinkMessage::GetNsId(message));
         request.header.flags = NLM_F_REQUEST;
-        let fail = |e| classify("get netnsid", "a namespace descriptor".into(), Context::Plain, e);
+        let fail = |e| {
+            classify(
+                "get netnsid",
+                "a namespace descriptor".into(),
+                Context::Plain,
+                e,
+            )
+        };
         let mut responses = self.handle.clone().request(request).map_err(fail)?;
         let mut id = None;
         while let Some(response) = responses.next().await {

@@ -944,7 +944,10 @@ fn another_namespace_seen_through_its_veth_without_entering_it() {
         let ports = k.foreign_veths().await.unwrap();
         assert_eq!(ports.len(), 1, "{ports:?}");
         let port = &ports[0];
-        assert_eq!((port.index, port.name.as_str(), port.master), (host, "vra0", None));
+        assert_eq!(
+            (port.index, port.name.as_str(), port.master),
+            (host, "vra0", None)
+        );
         // The dump gave the peer's namespace an id; the descriptor resolves to it.
         assert_eq!(
             k.netns_id(router.as_fd()).await.unwrap(),
@@ -955,14 +958,17 @@ fn another_namespace_seen_through_its_veth_without_entering_it() {
         // honour the target).
         let addrs = k.addresses_in(port.peer_netnsid).await.unwrap();
         assert!(
-            addrs
-                .iter()
-                .any(|a| a.addr == Ipv4Addr::new(10, 1, 0, 254)
-                    && a.index == port.peer_index
-                    && a.prefix_len == 24),
+            addrs.iter().any(|a| a.addr == Ipv4Addr::new(10, 1, 0, 254)
+                && a.index == port.peer_index
+                && a.prefix_len == 24),
             "{addrs:?}"
         );
-        assert!(k.addresses().await.unwrap().iter().all(|a| a.addr != Ipv4Addr::new(10, 1, 0, 254)));
+        assert!(k
+            .addresses()
+            .await
+            .unwrap()
+            .iter()
+            .all(|a| a.addr != Ipv4Addr::new(10, 1, 0, 254)));
         // An unknown id shows nothing (the kernel's error ends the dump).
         assert!(k
             .addresses_in(port.peer_netnsid + 100)

@@ -422,14 +422,16 @@ async fn peer_netns_names_the_connecting_namespace() {
         NetnsKey::of(f.as_fd()).unwrap_err().kind(),
         io::ErrorKind::InvalidInput
     );
-    let Some((_far_client, far_key)) =
-        connect_from_new_netns(&tmp.path().join(ATTACH_SOCKET))
+    let Some((_far_client, far_key)) = connect_from_new_netns(&tmp.path().join(ATTACH_SOCKET))
     else {
         eprintln!("skipped: creating a network namespace needs root");
         return;
     };
     let far = timeout(T, listener.accept()).await.unwrap().unwrap();
     let got = NetnsKey::of(far.peer_netns().unwrap().as_fd()).unwrap();
-    assert_eq!(got, far_key, "the accepted end names the connector's namespace");
+    assert_eq!(
+        got, far_key,
+        "the accepted end names the connector's namespace"
+    );
     assert_ne!(got, own);
 }
