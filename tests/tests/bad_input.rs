@@ -252,6 +252,8 @@ impl OneHost {
 impl Drop for OneHost {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.state);
+        // Discovery's private directory (its default, beside the state directory).
+        let _ = std::fs::remove_dir_all(format!("{}-private", self.state.display()));
     }
 }
 

@@ -144,7 +144,8 @@ fn reload_on_change_on_sighup_and_keep_previous_on_error() {
 
     drop(disc);
     drop(topo);
-    for d in [&state, &conf_dir, &target_dir] {
+    let private = PathBuf::from(format!("{}-private", state.display()));
+    for d in [&state, &conf_dir, &target_dir, &private] {
         let _ = std::fs::remove_dir_all(d);
     }
 }
