@@ -361,7 +361,7 @@ mod tests {
         PeerHost {
             addr: addr.parse().unwrap(),
             stacks,
-            source: "static".into(),
+            source: vrouter_state::PeerOrigin::Static,
             node: None,
             claims: Default::default(),
         }
@@ -380,7 +380,7 @@ mod tests {
             addr: addr.parse().unwrap(),
             claims: stacks.iter().map(|(s, c)| (s.name.clone(), *c)).collect(),
             stacks: stacks.into_iter().map(|(s, _)| s).collect(),
-            source: "gossip".into(),
+            source: vrouter_state::PeerOrigin::Gossip,
             node: Some(node.into()),
         }
     }

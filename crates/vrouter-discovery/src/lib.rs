@@ -1,6 +1,6 @@
 //! vrouter-discovery: the control plane of docker-vrouter on one host.
 //!
-//! Pure decision logic (`desired`, `diff`, `retention`, `registry`, `peers`) sits in
+//! Pure decision logic (`membership`, `desired`, `diff`, `retention`, `registry`, `peers`) sits in
 //! the middle; `controller` applies it through `vrouter_kernel`; `run` owns the
 //! process, the attach socket and the watchers.
 
@@ -10,6 +10,7 @@ pub mod desired;
 pub mod diff;
 pub mod gossip;
 pub mod http;
+pub mod membership;
 pub mod metrics;
 pub mod peers;
 pub mod readiness;

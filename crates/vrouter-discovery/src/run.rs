@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 use vrouter_kernel::Kernel;
 use vrouter_state::attach::{AttachListener, AttachSocket, DiscoveryMessage, RouterMessage};
-use vrouter_state::{Event, StackName, StateDir};
+use vrouter_state::{Event, EventKind, StackName, StateDir};
 
 enum Input {
     Register {
@@ -68,7 +68,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             );
             let _ = dir.append_event(&Event::new(
                 "discovery",
-                "standby",
+                EventKind::Standby,
                 format!(
                     "pid {} waits as standby for the leader lock",
                     std::process::id()
@@ -109,7 +109,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             }
             // The control plane matters more than its endpoint: report and go on.
             Err(e) => ctl.event_because(
-                "error",
+                EventKind::Error,
                 "http_bind_failed",
                 format!("cannot serve HTTP on {addr} ({e}); set --http-addr / VROUTER_HTTP_ADDR to a free address, or off"),
                 None,
@@ -203,7 +203,7 @@ async fn reconcile(ctl: &mut Controller, live: &Live, timer: bool) {
         Ok(n) if timer => ctl.count_drift(n),
         Ok(_) => {}
         Err(e) => ctl.event_because(
-            "error",
+            EventKind::Error,
             "reconcile_failed",
             format!("reconcile failed: {e:#}"),
             None,

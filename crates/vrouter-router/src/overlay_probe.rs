@@ -53,6 +53,7 @@ use std::time::Duration;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use vrouter_state::EventKind;
 use vrouter_state::{
     now_ms, Event, MtuCheck, PeerProbe, ProbesFile, RouterHealth, StackName, StateDir,
     OVERLAY_PROBE_PORT, SCHEMA_VERSION,
@@ -879,7 +880,7 @@ impl ProbeTask {
             );
             if c.was == Some(false) {
                 self.event(
-                    "mtu_check_ok",
+                    EventKind::MtuCheckOk,
                     format!("{who} answers {}-byte probes with DF again: full-size packets pass the path", c.size),
                 );
             }
@@ -898,14 +899,14 @@ impl ProbeTask {
             )
         };
         tracing::warn!("overlay probes: {message}");
-        self.event("mtu_check_failed", message);
+        self.event(EventKind::MtuCheckFailed, message);
     }
 
-    fn event(&self, kind: &str, message: String) {
+    fn event(&self, kind: EventKind, message: String) {
         let event = Event::new(format!("router/{}", self.config.stack), kind, message)
             .for_stack(&self.config.stack);
         if let Err(e) = self.state.append_event(&event) {
-            tracing::warn!(error = %e, kind, "cannot write an event");
+            tracing::warn!(error = %e, kind = %event.kind, "cannot write an event");
         }
     }
 

@@ -21,6 +21,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 use vrouter_kernel::Kernel;
 use vrouter_state::attach::DiscoveryMessage;
+use vrouter_state::EventKind;
 use vrouter_state::{Event, Mac, RouterHealth, StackSpec, StateDir, ROUTES_FILE};
 
 /// Why a reconcile runs; only the timer finds drift (the others bring new intent).
@@ -110,7 +111,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     .await
     {
         tracing::warn!("{message}");
-        events.emit("stack_mac_unchanged", message);
+        events.emit(EventKind::StackMacUnchanged, message);
     }
 
     let (file_tx, mut file_rx) = mpsc::unbounded_channel::<()>();
@@ -278,19 +279,19 @@ struct EventSink<'a> {
 }
 
 impl EventSink<'_> {
-    fn emit(&self, kind: &str, message: impl Into<String>) {
+    fn emit(&self, kind: EventKind, message: impl Into<String>) {
         let event = Event::new(&self.source, kind, message).for_stack(&self.stack);
         if let Err(e) = self.state.append_event(&event) {
-            tracing::warn!(error = %e, kind, "cannot write an event");
+            tracing::warn!(error = %e, kind = %event.kind, "cannot write an event");
         }
     }
 }
 
 impl Router {
-    fn event(&self, kind: &str, message: impl Into<String>) {
+    fn event(&self, kind: EventKind, message: impl Into<String>) {
         let event = Event::new(&self.source, kind, message).for_stack(&self.spec.name);
         if let Err(e) = self.state.append_event(&event) {
-            tracing::warn!(error = %e, kind, "cannot write an event");
+            tracing::warn!(error = %e, kind = %event.kind, "cannot write an event");
         }
     }
 
@@ -391,7 +392,7 @@ impl Router {
                         let msg = format!("{e:#}");
                         tracing::error!(error = %msg, "cannot take over the overlay link");
                         self.event(
-                            "attach_failed",
+                            EventKind::AttachFailed,
                             format!("cannot take over overlay link {ifname}: {msg}"),
                         );
                     }
@@ -405,7 +406,7 @@ impl Router {
             }
             DiscoveryMessage::Refused { reason } => {
                 tracing::error!(%reason, "discovery refused the registration; retrying in {}s", REFUSED_RETRY.as_secs());
-                self.event("registration_refused", reason);
+                self.event(EventKind::RegistrationRefused, reason);
                 self.discovery.disconnect_for(REFUSED_RETRY);
             }
             DiscoveryMessage::Left => tracing::debug!("unexpected Left from discovery; ignored"),
@@ -418,7 +419,7 @@ impl Router {
             return;
         }
         if let Some((kind, message)) = self.probes.record(&self.spec.name, &result) {
-            if kind == "same_host_ok" {
+            if kind == EventKind::SameHostOk {
                 tracing::info!(peer = %result.peer.stack, "{message}");
             } else {
                 tracing::warn!(peer = %result.peer.stack, "{message}");
@@ -501,7 +502,7 @@ impl Router {
             if done.nexthops_refused && self.style == RouteStyle::Nexthop && attempts == 1 {
                 let message = "the kernel has no nexthop objects (Linux 5.3 or later has them); remote routes carry their gateway instead, which installs slower at scale";
                 tracing::warn!("{message}");
-                self.event("nexthops_unsupported", message);
+                self.event(EventKind::NexthopsUnsupported, message);
                 self.style = RouteStyle::Plain;
                 continue;
             }
@@ -514,7 +515,7 @@ impl Router {
                 }
                 if self.last_apply_error.as_deref() != Some(msg.as_str()) {
                     self.event(
-                        "apply_failed",
+                        EventKind::ApplyFailed,
                         format!(
                             "{} of {} changes failed: {msg}",
                             done.failed.len(),
