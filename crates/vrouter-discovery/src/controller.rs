@@ -440,6 +440,14 @@ impl Controller {
                 ),
             );
         }
+        // Two local routers with one address on one VNI would share a MAC and a
+        // macvlan name: the second attach would delete the first's link.
+        if let Some(other) = self.registry.entries().find(|e| {
+            e.spec.name != spec.name && e.spec.vni == spec.vni && e.spec.router_ip == spec.router_ip
+        }) {
+            let refusal = crate::safety::router_clash(&spec, &other.spec);
+            return self.refuse(&spec.name, refusal.reason);
+        }
         if let Err(e) = self.registry.register(spec.clone(), conn) {
             return self.refuse(&spec.name, e);
         }
@@ -744,6 +752,15 @@ impl Controller {
             node_id: self.gossip.as_ref().map(|g| g.node_id.to_string()),
             local_claims: self.claims.clone(),
             max_prefixes_per_host: self.settings.max_prefixes_per_host,
+            underlay_network: Some(Prefix::containing(
+                self.underlay.addr,
+                self.underlay.prefix_len,
+            )),
+            bridge_networks: addrs
+                .iter()
+                .filter(|a| bridges.contains(&a.index) && !a.addr.is_loopback())
+                .map(|a| (a.index, Prefix::containing(a.addr, a.prefix_len)))
+                .collect(),
         };
         let want = desired::compute(&host, &local, &all_peers);
         self.all_peers = all_peers;

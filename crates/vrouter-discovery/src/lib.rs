@@ -17,6 +17,7 @@ pub mod readiness;
 pub mod registry;
 pub mod retention;
 pub mod run;
+pub mod safety;
 pub mod settings;
 pub mod status;
 pub mod underlay;
