@@ -96,7 +96,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let source = crate::peers::from_settings(&settings).map_err(anyhow::Error::msg)?;
     let mut ctl = Controller::new(settings.clone(), dir, kernel, source).await?;
     // The HTTP endpoint belongs to the leader: standbys share the host's port.
-    let live = Arc::new(Live::default());
+    let live = Arc::new(Live::new(settings.reconcile_interval()));
     if let HttpAddr(Some(addr)) = settings.http_addr {
         match crate::http::bind(addr).await {
             Ok(listener) => {
@@ -195,6 +195,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 /// One reconcile, timed, with its readiness handed to the HTTP task. A timer
 /// reconcile's changes are drift.
 async fn reconcile(ctl: &mut Controller, live: &Live, timer: bool) {
+    #[cfg(debug_assertions)]
+    test_stall().await;
     let started = std::time::Instant::now();
     let result = ctl.reconcile().await;
     let took = started.elapsed();
@@ -210,6 +212,19 @@ async fn reconcile(ctl: &mut Controller, live: &Live, timer: bool) {
         ),
     }
     live.reconciled(took, ok, ctl.readiness());
+}
+
+/// Test hook, in debug builds only: while the file named by `VROUTER_TEST_STALL_FILE`
+/// exists, the control loop waits before its next reconcile, as a wedged kernel call
+/// or file read would hold it. The HTTP task goes on answering meanwhile.
+#[cfg(debug_assertions)]
+async fn test_stall() {
+    let Some(path) = std::env::var_os("VROUTER_TEST_STALL_FILE") else {
+        return;
+    };
+    while std::path::Path::new(&path).exists() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn handle(ctl: &mut Controller, input: Input) {
@@ -413,6 +428,16 @@ pub fn health(settings: &Settings) -> anyhow::Result<()> {
     let d = dir
         .read_discovery()
         .map_err(|e| anyhow::anyhow!("discovery.json: {e}"))?;
+    // The files outlive a stuck loop; the loop's own endpoint says whether it still
+    // completes reconciles.
+    if let HttpAddr(Some(addr)) = settings.http_addr {
+        let (code, body) = crate::http::get(addr, "/healthz").map_err(|e| {
+            anyhow::anyhow!("cannot ask the active discovery at http://{addr}/healthz ({e}); check --http-addr / VROUTER_HTTP_ADDR")
+        })?;
+        if code != 200 {
+            anyhow::bail!("{}", body.trim());
+        }
+    }
     println!(
         "ok: generation {}, {} local stack(s), {} peer host(s)",
         d.generation,
