@@ -860,7 +860,7 @@ pub(crate) mod tests {
                 overlay_link_up: true,
                 last_error: Some("route 10.4.0.0/24: network unreachable".into()),
                 traffic_error: None,
-            reconciled_ms: None,
+                reconciled_ms: None,
             }),
             traffic: vec![StackTraffic {
                 stack: name("b"),
@@ -886,7 +886,7 @@ pub(crate) mod tests {
                 overlay_link_up: true,
                 last_error: None,
                 traffic_error: None,
-            reconciled_ms: None,
+                reconciled_ms: None,
             }),
             traffic: vec![],
         };

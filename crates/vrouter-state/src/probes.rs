@@ -220,7 +220,7 @@ mod tests {
                 overlay_link_up: true,
                 last_error: None,
                 traffic_error: None,
-            reconciled_ms: None,
+                reconciled_ms: None,
             }),
             traffic: vec![StackTraffic {
                 stack: StackName::new("b").unwrap(),
