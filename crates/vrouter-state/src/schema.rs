@@ -121,7 +121,8 @@ pub struct Refusal {
     pub prefix: Option<Prefix>,
     pub reason: String,
     /// Machine-readable cause: "prefix_cap", "name_clash", "own_address",
-    /// "duplicate_stack", "default_route", "host_network" or "overlap".
+    /// "duplicate_stack", "default_route", "reserved_prefix", "underlay_network",
+    /// "host_network", "router_outside_prefixes", "router_ip_clash" or "overlap".
     #[serde(default)]
     pub code: String,
 }

@@ -271,7 +271,7 @@ const EVENTS: &[(&str, EventKind, &str)] = &[
 
 fn event(source: &str, kind: &EventKind, reason: &str, i: usize) -> Event {
     let mut e = Event::new(source, kind.clone(), format!("message {i}")).because(reason);
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         e = e.for_stack(&stack("a"));
     }
     e.ts_ms = TS + i as u64;
