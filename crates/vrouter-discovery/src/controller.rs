@@ -334,10 +334,9 @@ impl Controller {
         }
     }
 
-    /// Gossip members whose stacks are routed: not left, and either membership holds or
-    /// a local router got an overlay probe answer from the host recently (the datapath
-    /// is headless: a host whose discovery is down keeps its routes while its routers
-    /// answer). Also builds the status for discovery.json.
+    /// Gossip members whose stacks are routed: observes the gossip snapshot and the
+    /// probe files, lets [`membership::decide`] choose, and reports the transitions.
+    /// Also builds the status for discovery.json.
     fn gossip_peers(&mut self) -> Vec<PeerHost> {
         let Some(g) = &self.gossip else {
             return Vec::new();
@@ -971,55 +970,20 @@ impl Controller {
         want: &desired::Desired,
     ) {
         let generation = self.routes_generation;
-        let key = |r: &vrouter_state::RemoteRoute| (r.prefix, r.stack.clone());
-        let empty = StackRoutes::default();
-        let stacks: BTreeSet<&StackName> = new.keys().chain(self.published.keys()).collect();
-        for stack in stacks {
-            let old: BTreeSet<_> = self
-                .published
-                .get(stack)
-                .unwrap_or(&empty)
-                .routes
-                .iter()
-                .map(key)
-                .collect();
-            let now: BTreeSet<_> = new
-                .get(stack)
-                .unwrap_or(&empty)
-                .routes
-                .iter()
-                .map(key)
-                .collect();
-            for (p, from) in now.difference(&old) {
+        for c in diff::route_changes(&self.published, new, want) {
+            let (stack, p, from) = (&c.stack, c.prefix, &c.from);
+            if c.added {
                 self.event_because(
                     EventKind::RouteAdded,
-                    "announced",
+                    c.reason,
                     format!("stack {stack}: {p} of stack {from} published (routes.json generation {generation})"),
                     Some(stack),
                 );
-            }
-            for (p, from) in old.difference(&now) {
-                let reason = if !new.contains_key(stack) {
-                    "local_stack_gone"
-                } else if want
-                    .refusals
-                    .iter()
-                    .any(|r| &r.stack == from && r.prefix.is_none_or(|q| q == *p))
-                {
-                    "conflict_refused"
-                } else if want
-                    .candidates
-                    .get(stack)
-                    .is_some_and(|c| c.iter().any(|r| r.prefix == *p && &r.stack == from))
-                {
-                    "fdb_row_missing"
-                } else {
-                    "stack_gone"
-                };
+            } else {
                 self.event_because(
                     EventKind::RouteWithdrawn,
-                    reason,
-                    format!("stack {stack}: {p} of stack {from} withdrawn ({}; routes.json generation {generation})", reason.replace('_', " ")),
+                    c.reason,
+                    format!("stack {stack}: {p} of stack {from} withdrawn ({}; routes.json generation {generation})", c.reason.replace('_', " ")),
                     Some(stack),
                 );
             }
