@@ -429,14 +429,24 @@ pub fn health(settings: &Settings) -> anyhow::Result<()> {
         .read_discovery()
         .map_err(|e| anyhow::anyhow!("discovery.json: {e}"))?;
     // The files outlive a stuck loop; the loop's own endpoint says whether it still
-    // completes reconciles.
+    // completes reconciles. No listener there (HTTP off, or its bind failed: an error
+    // event) leaves the loop unchecked; a listener that does not answer is a process
+    // wedged as a whole.
+    let mut unchecked = None;
     if let HttpAddr(Some(addr)) = settings.http_addr {
-        let (code, body) = crate::http::get(addr, "/healthz").map_err(|e| {
-            anyhow::anyhow!("cannot ask the active discovery at http://{addr}/healthz ({e}); check --http-addr / VROUTER_HTTP_ADDR")
-        })?;
-        if code != 200 {
-            anyhow::bail!("{}", body.trim());
+        match crate::http::get(addr, "/healthz") {
+            Ok((200, _)) => {}
+            Ok((_, body)) => anyhow::bail!("{}", body.trim()),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                unchecked = Some(format!("nothing listens on http://{addr}"))
+            }
+            Err(e) => anyhow::bail!(
+                "the active discovery does not answer on http://{addr}/healthz ({e}): it is stuck"
+            ),
         }
+    }
+    if let Some(why) = unchecked {
+        println!("control loop not checked: {why} (--http-addr / VROUTER_HTTP_ADDR)");
     }
     println!(
         "ok: generation {}, {} local stack(s), {} peer host(s)",
