@@ -380,9 +380,9 @@ fn overlapping_prefixes_are_refused_with_an_event_on_every_host() {
 /// routed: `evil` on host 2 uses stack a's router address (its FDB row would send a's
 /// own MAC to host 2), `twin` reuses b's router address from another host (two FDB
 /// rows for one MAC, flapping), `meta` announces the cloud metadata range beside a
-/// good prefix. Each is refused with an event naming it; nothing of them
-/// reaches routes.json, the FDB or router a's routing table, while b and meta's good
-/// prefix are routed.
+/// good prefix, and local stack b announces it too (host 2 refuses that). Each is
+/// refused with an event naming it; nothing of them reaches routes.json, the FDB or
+/// router a's routing table, while b and meta's good prefixes are routed.
 #[test]
 fn unsafe_stacks_and_prefixes_are_refused_with_an_event_and_never_routed() {
     require_root!();
@@ -391,7 +391,8 @@ fn unsafe_stacks_and_prefixes_are_refused_with_an_event_and_never_routed() {
         2,
         vec![
             StackDef::new("a", 1, 1000, "10.1.0.0/24"),
-            StackDef::new("b", 2, 1000, "10.2.0.0/24"),
+            // A local stack is held to the same rules: host 2 refuses b's metadata range.
+            StackDef::new("b", 2, 1000, "10.2.0.0/24").announce("10.2.0.0/24,169.254.0.0/16"),
         ],
     )
     .unwrap();
@@ -430,6 +431,19 @@ fn unsafe_stacks_and_prefixes_are_refused_with_an_event_and_never_routed() {
         });
         assert!(seen, "no {reason} event for {stack}: {:#?}", mesh.events(1));
     }
+    let local = wait_until(Duration::from_secs(15), Duration::from_millis(100), || {
+        mesh.events(2).iter().any(|e| {
+            e.kind == "conflict_refused"
+                && e.reason == "reserved_prefix"
+                && e.message.contains("169.254.0.0/16")
+                && e.stack.as_ref().is_some_and(|s| s.as_str() == "b")
+        })
+    });
+    assert!(
+        local,
+        "host 2 did not refuse its own stack's 169.254.0.0/16: {:#?}",
+        mesh.events(2)
+    );
     let routes = || -> Vec<String> {
         let mut v: Vec<String> = mesh
             .routes(1)
