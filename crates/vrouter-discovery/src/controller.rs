@@ -439,13 +439,10 @@ impl Controller {
                 ),
             );
         }
-        // Two local routers with one address on one VNI would share a MAC and a
-        // macvlan name: the second attach would delete the first's link.
-        if let Some(other) = self.registry.entries().find(|e| {
-            e.spec.name != spec.name && e.spec.vni == spec.vni && e.spec.router_ip == spec.router_ip
-        }) {
-            let refusal = crate::safety::router_clash(&spec, &other.spec);
-            return self.refuse(&spec.name, refusal.reason);
+        if let Some(r) =
+            crate::safety::registration_clash(&spec, self.registry.entries().map(|e| &e.spec))
+        {
+            return self.refuse(&spec.name, r.reason);
         }
         if let Err(e) = self.registry.register(spec.clone(), conn) {
             return self.refuse(&spec.name, e);

@@ -117,6 +117,19 @@ pub fn router_clash(spec: &StackSpec, owner: &StackSpec) -> Refusal {
     )
 }
 
+/// A router registering on this host with the address another local stack's router
+/// already has on the VNI: both would get the same MAC and the same macvlan name, and
+/// attaching the second would delete the first's link. Refused at registration.
+pub fn registration_clash<'a>(
+    spec: &StackSpec,
+    registered: impl IntoIterator<Item = &'a StackSpec>,
+) -> Option<Refusal> {
+    registered
+        .into_iter()
+        .find(|o| o.name != spec.name && o.vni == spec.vni && o.router_ip == spec.router_ip)
+        .map(|owner| router_clash(spec, owner))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,5 +218,22 @@ mod tests {
             "{}",
             r.reason
         );
+    }
+
+    #[test]
+    fn a_second_local_router_with_a_taken_address_is_refused() {
+        let named = |name: &str, vni: u32, router: &str| StackSpec {
+            name: StackName::new(name).unwrap(),
+            vni: Vni::new(vni).unwrap(),
+            ..spec(&["10.1.0.0/24"], router)
+        };
+        let a = named("a", 1000, "10.1.0.254");
+        let registered = [a.clone(), named("c", 2000, "10.1.0.253")];
+        // The same stack again (a router restart) is not a clash, nor another VNI.
+        assert!(registration_clash(&a, &registered).is_none());
+        assert!(registration_clash(&named("x", 2000, "10.1.0.254"), &registered).is_none());
+        let r = registration_clash(&named("x", 1000, "10.1.0.254"), &registered).unwrap();
+        assert_eq!(r.code, "router_ip_clash");
+        assert!(r.reason.contains("stack a already uses"), "{}", r.reason);
     }
 }
