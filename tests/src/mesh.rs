@@ -109,6 +109,8 @@ pub struct Mesh {
     removed: Vec<String>,
     /// Extra environment of each host's discovery (e.g. the gossip settings).
     discovery_env: BTreeMap<usize, Vec<(String, String)>>,
+    /// Extra environment of each stack's router.
+    router_env: BTreeMap<String, Vec<(String, String)>>,
     /// Whether discovery gets the static peer file (`--config`); off for gossip meshes.
     static_peers: bool,
     pub topo: Topology,
@@ -140,6 +142,7 @@ impl Mesh {
             stacks: Vec::new(),
             removed: Vec::new(),
             discovery_env: BTreeMap::new(),
+            router_env: BTreeMap::new(),
             static_peers: true,
             topo,
             bins,
@@ -209,6 +212,13 @@ impl Mesh {
     /// Sets (replaces) one environment variable of `host`'s discovery, for its next start.
     pub fn set_discovery_env(&mut self, host: usize, key: &str, value: &str) {
         let env = self.discovery_env.entry(host).or_default();
+        env.retain(|(k, _)| k != key);
+        env.push((key.to_string(), value.to_string()));
+    }
+
+    /// Sets an environment variable of `stack`'s router (from its next start on).
+    pub fn set_router_env(&mut self, stack: &str, key: &str, value: &str) {
+        let env = self.router_env.entry(stack.to_string()).or_default();
         env.retain(|(k, _)| k != key);
         env.push((key.to_string(), value.to_string()));
     }
@@ -376,6 +386,9 @@ impl Mesh {
         ];
         if let Some(p) = s.prefixes {
             env.push(("VROUTER_PREFIXES", p));
+        }
+        if let Some(extra) = self.router_env.get(stack) {
+            env.extend(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         }
         let d = self
             .rtr(stack)

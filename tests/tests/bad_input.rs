@@ -377,3 +377,141 @@ fn overlapping_prefixes_are_refused_with_an_event_on_every_host() {
     }
     assert!(mesh.wait_router_routes("a", &[], Duration::from_secs(10)));
 }
+
+/// Host 1's peer file names, beside stack b on host 2, stacks that must never be
+/// routed: `evil` on host 2 uses stack a's router address (its FDB row would send a's
+/// own MAC to host 2), `twin` reuses b's router address from another host (two FDB
+/// rows for one MAC, flapping), `meta` announces the cloud metadata range beside a
+/// good prefix, and local stack b announces it too (host 2 refuses that). Each is
+/// refused with an event naming it; nothing of them reaches routes.json, the FDB or
+/// router a's routing table, while b and meta's good prefixes are routed.
+#[test]
+fn unsafe_stacks_and_prefixes_are_refused_with_an_event_and_never_routed() {
+    require_root!();
+    let mut mesh = Mesh::build(
+        "unsafe",
+        2,
+        vec![
+            StackDef::new("a", 1, 1000, "10.1.0.0/24"),
+            // A local stack is held to the same rules: host 2 refuses b's metadata range.
+            StackDef::new("b", 2, 1000, "10.2.0.0/24").announce("10.2.0.0/24,169.254.0.0/16"),
+        ],
+    )
+    .unwrap();
+    let h2 = mesh.topo.host(2).underlay_ip;
+    let o = h2.octets();
+    let elsewhere = std::net::Ipv4Addr::new(o[0], o[1], o[2], 250);
+    let stack = |name: &str, prefixes: &str, router: &str| {
+        format!(
+            "[[host.stack]]\nname = \"{name}\"\nvni = 1000\nprefixes = [{prefixes}]\nrouter_ip = \"{router}\"\n"
+        )
+    };
+    let config = format!(
+        "[[host]]\naddress = \"{h2}\"\n{}{}{}\n[[host]]\naddress = \"{elsewhere}\"\n{}",
+        stack("b", "\"10.2.0.0/24\"", "10.2.0.254"),
+        stack("evil", "\"10.1.0.254/32\", \"10.9.0.0/24\"", "10.1.0.254"),
+        stack("meta", "\"10.7.0.0/24\", \"169.254.0.0/16\"", "10.7.0.254"),
+        stack("twin", "\"10.2.0.254/32\", \"10.8.0.0/24\"", "10.2.0.254"),
+    );
+    write_file_atomic(&mesh.config_path(1), config).unwrap();
+    mesh.write_config(2).unwrap();
+    mesh.start_discovery(1).unwrap();
+    mesh.start_discovery(2).unwrap();
+    mesh.start_routers().unwrap();
+
+    for (stack, reason) in [
+        ("evil", "router_ip_clash"),
+        ("twin", "router_ip_clash"),
+        ("meta", "reserved_prefix"),
+    ] {
+        let seen = wait_until(Duration::from_secs(15), Duration::from_millis(100), || {
+            mesh.events(1).iter().any(|e| {
+                e.kind == "conflict_refused"
+                    && e.reason == reason
+                    && e.stack.as_ref().is_some_and(|s| s.as_str() == stack)
+            })
+        });
+        assert!(seen, "no {reason} event for {stack}: {:#?}", mesh.events(1));
+    }
+    let local = wait_until(Duration::from_secs(15), Duration::from_millis(100), || {
+        mesh.events(2).iter().any(|e| {
+            e.kind == "conflict_refused"
+                && e.reason == "reserved_prefix"
+                && e.message.contains("169.254.0.0/16")
+                && e.stack.as_ref().is_some_and(|s| s.as_str() == "b")
+        })
+    });
+    assert!(
+        local,
+        "host 2 did not refuse its own stack's 169.254.0.0/16: {:#?}",
+        mesh.events(2)
+    );
+    let routes = || -> Vec<String> {
+        let mut v: Vec<String> = mesh
+            .routes(1)
+            .map(|r| {
+                r.stacks
+                    .get(&vrouter_state::StackName::new("a").unwrap())
+                    .map(|s| {
+                        s.routes
+                            .iter()
+                            .map(|r| format!("{} {}", r.stack, r.prefix))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let want = vec!["b 10.2.0.0/24".to_string(), "meta 10.7.0.0/24".to_string()];
+    wait_until(Duration::from_secs(15), Duration::from_millis(100), || {
+        routes() == want
+    });
+    assert_eq!(routes(), want);
+    let installed = wait_until(Duration::from_secs(15), Duration::from_millis(100), || {
+        mesh.router_routes("a") == ["10.2.0.0/24", "10.7.0.0/24"]
+    });
+    assert!(installed, "router a: {:?}", mesh.router_routes("a"));
+
+    // One FDB row per router MAC, and none for a's own MAC.
+    let fdb = exec_ok(
+        Some(&mesh.topo.host(1).ns),
+        &["bridge", "fdb", "show", "dev", "vxlan1000"],
+    )
+    .unwrap()
+    .stdout;
+    let rows = |mac: &str| {
+        fdb.lines()
+            .filter(|l| l.starts_with(mac) && l.contains(" dst "))
+            .count()
+    };
+    assert_eq!(
+        rows("02:e8:0a:01:00:fe"),
+        0,
+        "a's MAC sent elsewhere:\n{fdb}"
+    );
+    assert_eq!(rows("02:e8:0a:02:00:fe"), 1, "b's MAC:\n{fdb}");
+    assert!(
+        !fdb.contains(&elsewhere.to_string()),
+        "twin's host has rows:\n{fdb}"
+    );
+    let refused: Vec<String> = vrouter_state::StateDir::open(&mesh.state_dir(1))
+        .unwrap()
+        .read_discovery()
+        .unwrap()
+        .refused
+        .iter()
+        .map(|r| format!("{} {}", r.stack, r.code))
+        .collect();
+    for want in [
+        "evil router_ip_clash",
+        "twin router_ip_clash",
+        "meta reserved_prefix",
+    ] {
+        assert!(
+            refused.iter().any(|r| r == want),
+            "{want} not in {refused:?}"
+        );
+    }
+}

@@ -413,3 +413,118 @@ fn status_cli_reports_unusable_state_directories() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A control loop that stops completing reconciles (held by the debug-build test hook,
+/// as a wedged kernel call or file read would hold it) turns discovery's /readyz and
+/// /healthz to 503 and its `health` command red, and the router's healthcheck red,
+/// while their other tasks go on answering; both recover when the loop moves again.
+#[test]
+fn a_stuck_control_loop_is_not_healthy() {
+    require_root!();
+    let mut mesh =
+        Mesh::build("stuck", 1, vec![StackDef::new("a", 1, 1000, "10.1.0.0/24")]).unwrap();
+    let stall_d = std::path::PathBuf::from(format!("/run/{}-stall-discovery", prefix()));
+    let stall_r = std::path::PathBuf::from(format!("/run/{}-stall-router", prefix()));
+    let _ = std::fs::remove_file(&stall_d);
+    let _ = std::fs::remove_file(&stall_r);
+    mesh.set_discovery_env(1, "VROUTER_TEST_STALL_FILE", stall_d.to_str().unwrap());
+    mesh.set_discovery_env(1, "VROUTER_RECONCILE_MS", "300");
+    mesh.set_router_env("a", "VROUTER_TEST_STALL_FILE", stall_r.to_str().unwrap());
+    mesh.set_router_env("a", "VROUTER_RECONCILE_INTERVAL_MS", "300");
+    mesh.write_config(1).unwrap();
+    mesh.start_discovery(1).unwrap();
+    mesh.start_routers().unwrap();
+    let ns = mesh.topo.host(1).ns.clone();
+    assert!(wait_until(CONVERGE, Duration::from_millis(100), || {
+        http_get(&ns, HTTP, "/healthz").is_ok()
+    }));
+    wait_ready(&mesh, 200, "ready", CONVERGE);
+
+    let state = mesh.state_dir(1).display().to_string();
+    let discovery = mesh.bin("vrouter-discovery").display().to_string();
+    let health = || {
+        exec(
+            Some(&ns),
+            &[
+                "env",
+                &format!("VROUTER_STATE_DIR={state}"),
+                &discovery,
+                "health",
+            ],
+        )
+        .unwrap()
+    };
+    let h = health();
+    assert!(
+        h.success(),
+        "health before the stall: {}{}",
+        h.stdout,
+        h.stderr
+    );
+
+    std::fs::write(&stall_d, "").unwrap();
+    let r = wait_ready(
+        &mesh,
+        503,
+        "has not completed a reconcile",
+        Duration::from_secs(10),
+    );
+    assert!(r.body.contains("3 intervals of 0.3 s"), "{}", r.body);
+    let hz = get(&mesh, 1, "/healthz");
+    assert_eq!(hz.status, 503, "{}", hz.body);
+    let h = health();
+    assert!(
+        !h.success() && h.stderr.contains("has not completed a reconcile"),
+        "health during the stall: {}{}",
+        h.stdout,
+        h.stderr
+    );
+    std::fs::remove_file(&stall_d).unwrap();
+    wait_ready(&mesh, 200, "ready", Duration::from_secs(10));
+    assert_eq!(get(&mesh, 1, "/healthz").status, 200);
+    assert!(health().success());
+
+    // The router: its healthcheck reads the kernel and its probes file.
+    let rtr = mesh.rtr("a");
+    let router = mesh.bin("vrouter-router").display().to_string();
+    let healthcheck = || {
+        exec(
+            Some(&rtr.ns),
+            &[
+                "env",
+                "VROUTER_STACK=a",
+                &format!("VROUTER_STATE_DIR={state}"),
+                "VROUTER_RECONCILE_INTERVAL_MS=300",
+                &router,
+                "healthcheck",
+            ],
+        )
+        .unwrap()
+    };
+    let ok = wait_until(CONVERGE, Duration::from_millis(100), || {
+        healthcheck().success()
+    });
+    let h = healthcheck();
+    assert!(
+        ok,
+        "router healthcheck before the stall: {}{}",
+        h.stdout, h.stderr
+    );
+    std::fs::write(&stall_r, "").unwrap();
+    let stuck = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        let h = healthcheck();
+        !h.success()
+            && format!("{}{}", h.stdout, h.stderr).contains("has not completed a reconcile")
+    });
+    let h = healthcheck();
+    let _ = std::fs::remove_file(&stall_r);
+    assert!(
+        stuck,
+        "router healthcheck during the stall: {}{}",
+        h.stdout, h.stderr
+    );
+    let ok = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        healthcheck().success()
+    });
+    assert!(ok, "router healthcheck after the stall");
+}

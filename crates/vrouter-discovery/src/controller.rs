@@ -5,6 +5,7 @@ use crate::attach::Peer;
 use crate::desired::{self, FdbRow, HostView, LocalRouter};
 use crate::diff::{self, Change, DeviceAction, DeviceSpec};
 use crate::gossip::GossipHandle;
+use crate::membership;
 use crate::peers::PeerSource;
 use crate::registry::{ConnId, Registry};
 use crate::retention::Retention;
@@ -18,14 +19,12 @@ use tracing::{info, warn};
 use vrouter_kernel::{FdbEntry, Kernel, KernelError, Link, Route, Rule, VxlanSpec};
 use vrouter_state::attach::{DiscoveryMessage, NetnsKey, Registration};
 use vrouter_state::{
-    now_ms, DiscoveryFile, Event, GossipMember, GossipStatus, HostInfo, LocalStack, Mac, PeerHost,
+    now_ms, DiscoveryFile, Event, EventKind, GossipStatus, HostInfo, LocalStack, Mac, PeerHost,
     Prefix, RoutesFile, StackName, StackRoutes, StateDir, Vni, RTPROT_VROUTER, SCHEMA_VERSION,
 };
 
 /// VXLAN header overhead on IPv4.
 const VXLAN_OVERHEAD: u32 = 50;
-/// A router's probe file older than this says nothing about the datapath.
-const PROBE_FRESH_MS: u64 = 5_000;
 /// How long a restarted discovery keeps routing the previous run's gossip peers that
 /// gossip has not reported yet.
 const REMEMBER_FOR: std::time::Duration = std::time::Duration::from_secs(10);
@@ -98,7 +97,7 @@ impl Controller {
             remembered = prev
                 .peers
                 .iter()
-                .filter(|p| p.source == "gossip" && p.node.is_some())
+                .filter(|p| p.source == vrouter_state::PeerOrigin::Gossip && p.node.is_some())
                 .cloned()
                 .collect();
             for s in &prev.local_stacks {
@@ -152,7 +151,7 @@ impl Controller {
             devices_up: Vec::new(),
         };
         c.event(
-            "started",
+            EventKind::Started,
             format!(
                 "active on underlay {} ({}), advertising {}, VXLAN port {}, {} peer host(s) from {}",
                 c.underlay.ifname,
@@ -170,29 +169,30 @@ impl Controller {
         Ok(c)
     }
 
-    pub fn event(&self, kind: &str, message: String, stack: Option<&StackName>) {
-        self.event_because(kind, kind, message, stack)
+    pub fn event(&self, kind: EventKind, message: String, stack: Option<&StackName>) {
+        let reason = kind.as_str().to_string();
+        self.event_because(kind, &reason, message, stack)
     }
 
     /// An event with a machine-readable cause other than its kind.
     pub fn event_because(
         &self,
-        kind: &str,
+        kind: EventKind,
         reason: &str,
         message: String,
         stack: Option<&StackName>,
     ) {
         let stack_name = stack.map(|s| s.as_str());
         match kind {
-            "error"
-            | "state_unwritable"
-            | "registration_refused"
-            | "conflict_refused"
-            | "config_invalid"
-            | "host_check" => {
-                warn!(kind, stack = stack_name, "{message}")
+            EventKind::Error
+            | EventKind::StateUnwritable
+            | EventKind::RegistrationRefused
+            | EventKind::ConflictRefused
+            | EventKind::ConfigInvalid
+            | EventKind::HostCheck => {
+                warn!(kind = %kind, stack = stack_name, "{message}")
             }
-            _ => info!(kind, stack = stack_name, "{message}"),
+            _ => info!(kind = %kind, stack = stack_name, "{message}"),
         }
         let mut e = Event::new("discovery", kind, message).because(reason);
         if let Some(s) = stack {
@@ -213,7 +213,7 @@ impl Controller {
         };
         if read("/proc/sys/net/ipv4/ip_forward").as_deref() == Some("0") {
             self.event(
-                "host_check",
+                EventKind::HostCheck,
                 "net.ipv4.ip_forward is 0 on this host, so stacks cannot be steered to their routers; Docker normally enables it, check the daemon's ip-forward setting".into(),
                 None,
             );
@@ -278,9 +278,11 @@ impl Controller {
 
     /// Whether some gossip member's membership failed (then datapath probes matter).
     pub fn has_failed_members(&self) -> bool {
-        self.gossip_status
-            .as_ref()
-            .is_some_and(|s| s.members.iter().any(|m| m.state == "down"))
+        self.gossip_status.as_ref().is_some_and(|s| {
+            s.members
+                .iter()
+                .any(|m| m.state == vrouter_state::MemberState::Down)
+        })
     }
 
     /// `vrouter-discovery leave-mesh`: leave on purpose; others withdraw at once.
@@ -289,7 +291,7 @@ impl Controller {
             g.leave().await;
             self.left_mesh = true;
             self.event(
-                "left_mesh",
+                EventKind::LeftMesh,
                 "this host left the gossip mesh on purpose; every other host withdraws its stacks now, and this host stops routing to theirs".into(),
                 None,
             );
@@ -300,32 +302,32 @@ impl Controller {
         use vrouter_gossip::GossipEvent as G;
         match e {
             G::MemberJoined(id, addr) => {
-                self.event("member_joined", format!("node {id} at {addr} is alive"), None)
+                self.event(EventKind::MemberJoined, format!("node {id} at {addr} is alive"), None)
             }
             G::MemberFailed(id) => self.event(
-                "member_failed",
+                EventKind::MemberFailed,
                 format!("membership of node {id} failed (no answer to direct or indirect probes); its stacks stay routed while its routers answer overlay probes"),
                 None,
             ),
             G::MemberLeft(id) => self.event(
-                "member_left",
+                EventKind::MemberLeft,
                 format!("node {id} left the mesh on purpose; its stacks are withdrawn"),
                 None,
             ),
             G::MemberMigrated { id, from, to } => self.event(
-                "member_migrated",
+                EventKind::MemberMigrated,
                 format!("node {id} moved from {from} to {to}; its stacks follow"),
                 None,
             ),
             G::Rejoined => self.event(
-                "rejoined",
+                EventKind::Rejoined,
                 "the mesh had declared this host down; it rejoined with a new incarnation".into(),
                 None,
             ),
             G::Rejected(list) => {
                 let parts: Vec<String> = list.iter().map(|(r, n)| format!("{n} {}", r.as_str())).collect();
                 self.event(
-                    "gossip_rejected",
+                    EventKind::GossipRejected,
                     format!("dropped gossip packets: {} (bad_key: a host with another secret, or a rotation step missed; replayed: a copy of an old packet)", parts.join(", ")),
                     None,
                 )
@@ -333,10 +335,9 @@ impl Controller {
         }
     }
 
-    /// Gossip members whose stacks are routed: not left, and either membership holds or
-    /// a local router got an overlay probe answer from the host recently (the datapath
-    /// is headless: a host whose discovery is down keeps its routes while its routers
-    /// answer). Also builds the status for discovery.json.
+    /// Gossip members whose stacks are routed: observes the gossip snapshot and the
+    /// probe files, lets [`membership::decide`] choose, and reports the transitions.
+    /// Also builds the status for discovery.json.
     fn gossip_peers(&mut self) -> Vec<PeerHost> {
         let Some(g) = &self.gossip else {
             return Vec::new();
@@ -346,96 +347,33 @@ impl Controller {
         for e in events {
             self.gossip_event(e);
         }
-        let now = now_ms();
-        let mut reachable_hosts: BTreeSet<Ipv4Addr> = BTreeSet::new();
-        let mut reachable_routers: BTreeSet<Ipv4Addr> = BTreeSet::new();
-        for f in self.dir.read_all_probes() {
-            if now.saturating_sub(f.updated_ms) > PROBE_FRESH_MS {
-                continue;
+        let reachable = membership::reachability(&self.dir.read_all_probes(), now_ms());
+        let decided = membership::decide(membership::Facts {
+            members: &snap.members,
+            reachable: &reachable,
+            left_mesh: self.left_mesh,
+            remembering: self.started.elapsed() < REMEMBER_FOR,
+            remembered: &self.remembered,
+            routed_before: &self.routed_nodes,
+        });
+        for change in &decided.changes {
+            match change {
+                membership::Change::Withdrawn { node, why } => self.event(
+                    EventKind::PeerWithdrawn,
+                    format!("stacks of node {node} withdrawn: {why}"),
+                    None,
+                ),
+                membership::Change::Routed { node } => self.event(
+                    EventKind::PeerRouted,
+                    format!("stacks of node {node} are routed"),
+                    None,
+                ),
             }
-            for p in f.peers.iter().filter(|p| p.reachable) {
-                reachable_hosts.insert(p.host);
-                reachable_routers.insert(p.router_ip);
-            }
         }
-        let mut peers = Vec::new();
-        let mut members = Vec::new();
-        let mut routed_nodes = BTreeSet::new();
-        for m in &snap.members {
-            let r = &m.record;
-            let reachable = reachable_hosts.contains(&r.underlay)
-                || r.stacks
-                    .iter()
-                    .any(|s| reachable_routers.contains(&s.spec.router_ip));
-            let routed = !self.left_mesh
-                && match m.state {
-                    vrouter_gossip::MemberState::Left => false,
-                    vrouter_gossip::MemberState::Down => reachable,
-                    _ => true,
-                };
-            let id = r.id.to_string();
-            if routed && !r.stacks.is_empty() {
-                routed_nodes.insert(id.clone());
-                peers.push(PeerHost {
-                    addr: r.underlay,
-                    stacks: r.stacks.iter().map(|s| s.spec.clone()).collect(),
-                    source: "gossip".into(),
-                    node: Some(id.clone()),
-                    claims: r
-                        .stacks
-                        .iter()
-                        .map(|s| (s.spec.name.clone(), s.claimed_ms))
-                        .collect(),
-                });
-            }
-            members.push(GossipMember {
-                node_id: id,
-                addr: r.gossip_addr.to_string(),
-                underlay: r.underlay,
-                state: m.state.as_str().into(),
-                stacks: r.stacks.iter().map(|s| s.spec.name.clone()).collect(),
-                version: r.version,
-                datapath_reachable: reachable,
-                routed,
-            });
-        }
-        // After a restart, what the previous run routed stays until gossip knows it.
-        if self.started.elapsed() < REMEMBER_FOR && !self.left_mesh {
-            let known: BTreeSet<String> = members.iter().map(|m| m.node_id.clone()).collect();
-            self.remembered
-                .retain(|p| !known.contains(p.node.as_deref().unwrap_or_default()));
-            for p in &self.remembered {
-                routed_nodes.insert(p.node.clone().unwrap_or_default());
-                peers.push(p.clone());
-            }
-        } else {
-            self.remembered.clear();
-        }
-        for gone in self.routed_nodes.difference(&routed_nodes) {
-            let why = members
-                .iter()
-                .find(|m| &m.node_id == gone)
-                .map(|m| match m.state.as_str() {
-                    "left" => "it left the mesh".to_string(),
-                    "down" => "its membership failed and its routers do not answer overlay probes"
-                        .to_string(),
-                    s => format!("state {s}"),
-                })
-                .unwrap_or_else(|| "it is no longer known".into());
-            self.event(
-                "peer_withdrawn",
-                format!("stacks of node {gone} withdrawn: {why}"),
-                None,
-            );
-        }
-        for back in routed_nodes.difference(&self.routed_nodes) {
-            self.event(
-                "peer_routed",
-                format!("stacks of node {back} are routed"),
-                None,
-            );
-        }
-        self.routed_nodes = routed_nodes;
+        self.remembered = decided.remembered;
+        self.routed_nodes = decided.routed;
+        let members = decided.members;
+        let peers = decided.peers;
         let c = &snap.counters;
         let counters: BTreeMap<String, u64> = [
             ("packets_in", c.packets_in),
@@ -468,7 +406,7 @@ impl Controller {
             Ok(p) => {
                 if p != self.peers {
                     self.event(
-                        "config_loaded",
+                        EventKind::ConfigLoaded,
                         format!("peer configuration reloaded: {} peer host(s)", p.len()),
                         None,
                     );
@@ -476,7 +414,7 @@ impl Controller {
                 }
             }
             Err(e) => self.event(
-                "config_invalid",
+                EventKind::ConfigInvalid,
                 format!("{e} (keeping the previous peers)"),
                 None,
             ),
@@ -504,6 +442,11 @@ impl Controller {
                     join(&spec.prefixes)
                 ),
             );
+        }
+        if let Some(r) =
+            crate::safety::registration_clash(&spec, self.registry.entries().map(|e| &e.spec))
+        {
+            return self.refuse(&spec.name, r.reason);
         }
         if let Err(e) = self.registry.admit(&spec, conn, peer.key) {
             return self.refuse(&spec.name, e);
@@ -533,7 +476,7 @@ impl Controller {
                 return self.refuse(&spec.name, e);
             }
             self.event(
-                "router_registered",
+                EventKind::RouterRegistered,
                 format!(
                     "router of stack {} reconnected with its overlay link",
                     spec.name
@@ -561,7 +504,7 @@ impl Controller {
             return self.refuse(&spec.name, e);
         }
         self.event(
-            "router_attached",
+            EventKind::RouterAttached,
             format!(
                 "router of stack {} ({}, VNI {}) attached through {} on {}",
                 spec.name, spec.router_ip, spec.vni, name, device.name
@@ -576,7 +519,7 @@ impl Controller {
     }
 
     fn refuse(&self, stack: &StackName, reason: String) -> DiscoveryMessage {
-        self.event("registration_refused", reason.clone(), Some(stack));
+        self.event(EventKind::RegistrationRefused, reason.clone(), Some(stack));
         DiscoveryMessage::Refused { reason }
     }
 
@@ -621,7 +564,7 @@ impl Controller {
     pub async fn leave(&mut self, conn: ConnId, stack: &StackName, peer: Peer) -> DiscoveryMessage {
         let refuse = |this: &Self, reason: String| {
             this.event_because(
-                "registration_refused",
+                EventKind::RegistrationRefused,
                 "leave_refused",
                 reason.clone(),
                 Some(stack),
@@ -648,7 +591,7 @@ impl Controller {
         }
         if self.registry.leave(stack).is_some() {
             self.event(
-                "stack_left",
+                EventKind::StackLeft,
                 format!("stack {stack} left (explicit leave); its routes are withdrawn now"),
                 Some(stack),
             );
@@ -659,7 +602,7 @@ impl Controller {
     pub fn disconnected(&mut self, conn: ConnId) {
         for name in self.registry.disconnected(conn, Instant::now()) {
             self.event(
-                "router_disconnected",
+                EventKind::RouterDisconnected,
                 format!(
                     "router of stack {name} disconnected; withdrawing it in {} ms unless it comes back",
                     self.settings.grace_ms
@@ -672,7 +615,7 @@ impl Controller {
     pub fn expire(&mut self) {
         for name in self.registry.expire(Instant::now(), self.settings.grace()) {
             self.event(
-                "stack_withdrawn",
+                EventKind::StackWithdrawn,
                 format!(
                     "router of stack {name} did not come back within {} ms; stack withdrawn",
                     self.settings.grace_ms
@@ -727,7 +670,7 @@ impl Controller {
             DeviceAction::Create | DeviceAction::Replace { .. } => {
                 if let DeviceAction::Replace { why } = &action {
                     self.event(
-                        "device_replaced",
+                        EventKind::DeviceReplaced,
                         format!("replacing {name}: {why}; routers on it are re-attached"),
                         None,
                     );
@@ -755,7 +698,7 @@ impl Controller {
                 self.failed_vnis.remove(&vni);
                 if matches!(action, DeviceAction::Create | DeviceAction::Replace { .. }) {
                     self.event(
-                        "device_created",
+                        EventKind::DeviceCreated,
                         format!(
                             "created {name} (VNI {vni}, local {}, dev {}, UDP port {}, MTU {})",
                             want.local, self.underlay.ifname, want.port, want.mtu
@@ -776,7 +719,7 @@ impl Controller {
                 }
                 let msg = format!("cannot set up {name} for VNI {vni}: {e}");
                 if self.failed_vnis.insert(vni, msg.clone()).as_ref() != Some(&msg) {
-                    self.event_because("error", "device_failed", msg.clone(), None);
+                    self.event_because(EventKind::Error, "device_failed", msg.clone(), None);
                 }
                 Err(msg)
             }
@@ -820,7 +763,7 @@ impl Controller {
         {
             if u != self.underlay {
                 self.event(
-                    "underlay_changed",
+                    EventKind::UnderlayChanged,
                     format!("underlay is now {} ({}), MTU {}", u.ifname, u.addr, u.mtu),
                     None,
                 );
@@ -859,6 +802,15 @@ impl Controller {
             node_id: self.gossip.as_ref().map(|g| g.node_id.to_string()),
             local_claims: self.claims.clone(),
             max_prefixes_per_host: self.settings.max_prefixes_per_host,
+            underlay_network: Some(Prefix::containing(
+                self.underlay.addr,
+                self.underlay.prefix_len,
+            )),
+            bridge_networks: addrs
+                .iter()
+                .filter(|a| bridges.contains(&a.index) && !a.addr.is_loopback())
+                .map(|a| (a.index, Prefix::containing(a.addr, a.prefix_len)))
+                .collect(),
         };
         let want = desired::compute(&host, &local, &all_peers);
         self.all_peers = all_peers;
@@ -866,7 +818,7 @@ impl Controller {
             let key = format!("{}|{:?}|{}", r.stack, r.prefix, r.reason);
             if self.reported.insert(key) {
                 self.event_because(
-                    "conflict_refused",
+                    EventKind::ConflictRefused,
                     &r.code,
                     r.reason.clone(),
                     Some(&r.stack),
@@ -891,7 +843,7 @@ impl Controller {
                     self.kernel.delete_link(l.index).await?;
                     changes += 1;
                     self.event(
-                        "device_deleted",
+                        EventKind::DeviceDeleted,
                         format!(
                             "deleted {} (no stack on VNI {vni} left on this host)",
                             l.name
@@ -913,7 +865,7 @@ impl Controller {
             changes += 1;
             if let Err(e) = self.apply(&change, &devices).await {
                 self.event_because(
-                    "error",
+                    EventKind::Error,
                     "kernel_change_failed",
                     format!("{change:?} failed: {e}"),
                     None,
@@ -979,7 +931,7 @@ impl Controller {
             changes += 1;
             if let Err(e) = self.apply(&change, &devices).await {
                 self.event_because(
-                    "error",
+                    EventKind::Error,
                     "kernel_change_failed",
                     format!("{change:?} failed: {e}"),
                     None,
@@ -1028,11 +980,14 @@ impl Controller {
     fn settle_state(&mut self) {
         let now = self.state_failure.take();
         match (&self.state_error, &now) {
-            (None, Some(msg)) => {
-                self.event_because("state_unwritable", "state_write_failed", msg.clone(), None)
-            }
+            (None, Some(msg)) => self.event_because(
+                EventKind::StateUnwritable,
+                "state_write_failed",
+                msg.clone(),
+                None,
+            ),
             (Some(_), None) => self.event(
-                "state_writable",
+                EventKind::StateWritable,
                 format!(
                     "the state directory {} is writable again; the state files are current",
                     self.dir.path().display()
@@ -1049,7 +1004,7 @@ impl Controller {
         if changes > 0 {
             self.drift_repairs += changes as u64;
             self.event(
-                "drift_repaired",
+                EventKind::DriftRepaired,
                 format!(
                     "repaired {changes} kernel entr{} that drifted from the desired state",
                     if changes == 1 { "y" } else { "ies" }
@@ -1066,55 +1021,20 @@ impl Controller {
         want: &desired::Desired,
     ) {
         let generation = self.routes_generation;
-        let key = |r: &vrouter_state::RemoteRoute| (r.prefix, r.stack.clone());
-        let empty = StackRoutes::default();
-        let stacks: BTreeSet<&StackName> = new.keys().chain(self.published.keys()).collect();
-        for stack in stacks {
-            let old: BTreeSet<_> = self
-                .published
-                .get(stack)
-                .unwrap_or(&empty)
-                .routes
-                .iter()
-                .map(key)
-                .collect();
-            let now: BTreeSet<_> = new
-                .get(stack)
-                .unwrap_or(&empty)
-                .routes
-                .iter()
-                .map(key)
-                .collect();
-            for (p, from) in now.difference(&old) {
+        for c in diff::route_changes(&self.published, new, want) {
+            let (stack, p, from) = (&c.stack, c.prefix, &c.from);
+            if c.added {
                 self.event_because(
-                    "route_added",
-                    "announced",
+                    EventKind::RouteAdded,
+                    c.reason,
                     format!("stack {stack}: {p} of stack {from} published (routes.json generation {generation})"),
                     Some(stack),
                 );
-            }
-            for (p, from) in old.difference(&now) {
-                let reason = if !new.contains_key(stack) {
-                    "local_stack_gone"
-                } else if want
-                    .refusals
-                    .iter()
-                    .any(|r| &r.stack == from && r.prefix.is_none_or(|q| q == *p))
-                {
-                    "conflict_refused"
-                } else if want
-                    .candidates
-                    .get(stack)
-                    .is_some_and(|c| c.iter().any(|r| r.prefix == *p && &r.stack == from))
-                {
-                    "fdb_row_missing"
-                } else {
-                    "stack_gone"
-                };
+            } else {
                 self.event_because(
-                    "route_withdrawn",
-                    reason,
-                    format!("stack {stack}: {p} of stack {from} withdrawn ({}; routes.json generation {generation})", reason.replace('_', " ")),
+                    EventKind::RouteWithdrawn,
+                    c.reason,
+                    format!("stack {stack}: {p} of stack {from} withdrawn ({}; routes.json generation {generation})", c.reason.replace('_', " ")),
                     Some(stack),
                 );
             }

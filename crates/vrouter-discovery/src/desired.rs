@@ -1,6 +1,7 @@
 //! The host's desired state as a plain value, computed from what discovery knows:
 //! the local routers, the peers and the host's own networks. Pure; no kernel here.
 
+use crate::safety;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use vrouter_kernel::{Route, Rule};
@@ -23,6 +24,11 @@ pub struct HostView {
     pub local_claims: BTreeMap<StackName, u64>,
     /// Most prefixes one remote host may announce; the rest are refused (0: no cap).
     pub max_prefixes_per_host: usize,
+    /// The underlay's network: no stack's prefix may cover it.
+    pub underlay_network: Option<Prefix>,
+    /// Subnets on local stacks' bridges, by bridge ifindex: a local stack's prefixes
+    /// must not cover another stack's bridge (see [`crate::safety`]).
+    pub bridge_networks: Vec<(u32, Prefix)>,
 }
 
 /// A router attached on this host, with the bridge its stack's containers use.
@@ -142,6 +148,8 @@ pub fn compute(host: &HostView, local: &[LocalRouter], peers: &[PeerHost]) -> De
 
     let mut placed: Vec<Placed> = Vec::new();
     let mut seen_names: BTreeSet<&StackName> = BTreeSet::new();
+    // Stacks refused whole: a local one gets no routes either.
+    let mut refused_stacks: BTreeSet<&StackName> = BTreeSet::new();
     for (spec, at, _) in all {
         if !seen_names.insert(&spec.name) {
             refusals.push(Refusal {
@@ -161,6 +169,37 @@ pub fn compute(host: &HostView, local: &[LocalRouter], peers: &[PeerHost]) -> De
             });
             continue;
         }
+        if let Some(r) = safety::check_stack(spec) {
+            refused_stacks.insert(&spec.name);
+            refusals.push(r);
+            continue;
+        }
+        if let Some(owner) = placed
+            .iter()
+            .find(|p| p.spec.vni == spec.vni && p.spec.router_ip == spec.router_ip)
+        {
+            refused_stacks.insert(&spec.name);
+            refusals.push(safety::router_clash(spec, owner.spec));
+            continue;
+        }
+        // A local stack's own bridge is its network; other stacks' bridges are not.
+        let own_bridge = local
+            .iter()
+            .find(|l| at.is_none() && l.spec.name == spec.name)
+            .and_then(|l| l.bridge.as_ref().map(|b| b.1));
+        let mut others = host.host_networks.clone();
+        if at.is_none() {
+            others.extend(
+                host.bridge_networks
+                    .iter()
+                    .filter(|(i, _)| Some(*i) != own_bridge)
+                    .map(|(_, n)| *n),
+            );
+        }
+        let networks = safety::HostNetworks {
+            underlay: host.underlay_network,
+            others: &others,
+        };
         let mut kept = Vec::new();
         for prefix in &spec.prefixes {
             let refuse = |code: &str, reason: String| Refusal {
@@ -169,21 +208,9 @@ pub fn compute(host: &HostView, local: &[LocalRouter], peers: &[PeerHost]) -> De
                 reason,
                 code: code.into(),
             };
-            if prefix.is_default() {
-                refusals.push(refuse("default_route", format!(
-                    "stack {} announces the default route {prefix}; announce the stack's own subnets only",
-                    spec.name
-                )));
+            if let Some(r) = safety::check_prefix(spec, *prefix, networks) {
+                refusals.push(r);
                 continue;
-            }
-            if at.is_some() {
-                if let Some(n) = host.host_networks.iter().find(|n| n.overlaps(prefix)) {
-                    refusals.push(refuse("host_network", format!(
-                        "prefix {prefix} of stack {} overlaps this host's network {n}; renumber one of them",
-                        spec.name
-                    )));
-                    continue;
-                }
             }
             if let Some(owner) = placed
                 .iter()
@@ -231,6 +258,10 @@ pub fn compute(host: &HostView, local: &[LocalRouter], peers: &[PeerHost]) -> De
     }
     for l in local {
         let mut routes = Vec::new();
+        if refused_stacks.contains(&l.spec.name) {
+            d.candidates.insert(l.spec.name.clone(), routes);
+            continue;
+        }
         for p in placed
             .iter()
             .filter(|p| p.spec.vni == l.spec.vni && p.spec.name != l.spec.name)
@@ -361,7 +392,7 @@ mod tests {
         PeerHost {
             addr: addr.parse().unwrap(),
             stacks,
-            source: "static".into(),
+            source: vrouter_state::PeerOrigin::Static,
             node: None,
             claims: Default::default(),
         }
@@ -380,7 +411,7 @@ mod tests {
             addr: addr.parse().unwrap(),
             claims: stacks.iter().map(|(s, c)| (s.name.clone(), *c)).collect(),
             stacks: stacks.into_iter().map(|(s, _)| s).collect(),
-            source: "gossip".into(),
+            source: vrouter_state::PeerOrigin::Gossip,
             node: Some(node.into()),
         }
     }
@@ -603,6 +634,184 @@ mod tests {
             .iter()
             .any(|r| r.contains("this host's own address")));
         assert_eq!(d.candidates[&StackName::new("a").unwrap()].len(), 2);
+    }
+
+    fn codes(d: &Desired) -> Vec<(String, Option<String>, String)> {
+        d.refusals
+            .iter()
+            .map(|r| {
+                (
+                    r.stack.to_string(),
+                    r.prefix.map(|p| p.to_string()),
+                    r.code.clone(),
+                )
+            })
+            .collect()
+    }
+
+    fn routed(d: &Desired, stack: &str) -> Vec<String> {
+        d.candidates[&StackName::new(stack).unwrap()]
+            .iter()
+            .map(|r| format!("{} {}", r.stack, r.prefix))
+            .collect()
+    }
+
+    fn safety_host() -> HostView {
+        HostView {
+            underlay_network: Some("198.18.0.0/24".parse().unwrap()),
+            bridge_networks: vec![
+                (10, "10.1.0.0/24".parse().unwrap()),
+                (11, "10.3.0.0/24".parse().unwrap()),
+                (12, "10.6.0.0/24".parse().unwrap()),
+            ],
+            host_networks: vec!["172.17.0.0/16".parse().unwrap()],
+            ..host()
+        }
+    }
+
+    #[test]
+    fn unsafe_prefixes_are_refused_for_local_and_remote_stacks_alike() {
+        let (mut local, mut peers) = topology();
+        // Local stack a also announces loopback and the metadata range, and c covers
+        // docker0 and stack a's bridge; its own bridge is fine.
+        local[0].spec.prefixes.push("127.0.0.0/8".parse().unwrap());
+        local[0]
+            .spec
+            .prefixes
+            .push("169.254.169.254/32".parse().unwrap());
+        local[1].spec.prefixes = vec![
+            "10.3.0.0/24".parse().unwrap(),
+            "172.17.0.0/16".parse().unwrap(),
+            "10.1.0.128/25".parse().unwrap(),
+        ];
+        // Remote stack b announces multicast, 240/4 and the underlay network.
+        peers[0].stacks[0].prefixes.extend([
+            "224.0.0.0/4".parse::<Prefix>().unwrap(),
+            "240.0.0.0/4".parse().unwrap(),
+            "198.18.0.0/23".parse().unwrap(),
+            "0.0.0.0/8".parse().unwrap(),
+        ]);
+        let d = compute(&safety_host(), &local, &peers);
+        let mut got = codes(&d);
+        got.sort();
+        let s = |x: &str| x.to_string();
+        let mut want = vec![
+            (s("a"), Some(s("127.0.0.0/8")), s("reserved_prefix")),
+            (s("a"), Some(s("169.254.169.254/32")), s("reserved_prefix")),
+            (s("c"), Some(s("172.17.0.0/16")), s("host_network")),
+            (s("c"), Some(s("10.1.0.128/25")), s("host_network")),
+            (s("b"), Some(s("224.0.0.0/4")), s("reserved_prefix")),
+            (s("b"), Some(s("240.0.0.0/4")), s("reserved_prefix")),
+            (s("b"), Some(s("198.18.0.0/23")), s("underlay_network")),
+            (s("b"), Some(s("0.0.0.0/8")), s("reserved_prefix")),
+        ];
+        want.sort();
+        assert_eq!(got, want);
+        // Only the safe prefixes are routed, on every local stack of the VNI.
+        assert_eq!(routed(&d, "a"), vec!["b 10.2.0.0/24", "c 10.3.0.0/24"]);
+        assert_eq!(routed(&d, "c"), vec!["a 10.1.0.0/24", "b 10.2.0.0/24"]);
+    }
+
+    #[test]
+    fn a_router_outside_its_prefixes_is_refused_with_no_fdb_row_or_route() {
+        let (local, mut peers) = topology();
+        // x claims stack a's router address (and so its MAC) for another network.
+        peers[0]
+            .stacks
+            .push(spec("x", 1000, "10.9.0.0/24", "10.1.0.254"));
+        let d = compute(&safety_host(), &local, &peers);
+        assert_eq!(
+            codes(&d),
+            vec![("x".to_string(), None, "router_outside_prefixes".to_string())]
+        );
+        let a_mac = Mac::for_router(Vni::new(1000).unwrap(), "10.1.0.254".parse().unwrap());
+        assert!(d.fdb.iter().all(|r| r.mac != a_mac), "{:?}", d.fdb);
+        assert_eq!(routed(&d, "a"), vec!["b 10.2.0.0/24", "c 10.3.0.0/24"]);
+    }
+
+    #[test]
+    fn a_router_address_used_twice_on_a_vni_keeps_one_owner() {
+        let (local, mut peers) = topology();
+        // y on another host uses b's router address on the same VNI: one MAC, two
+        // hosts. The earlier claim (static: by name) keeps it; y is refused whole.
+        peers.push(peer(
+            "198.18.0.4",
+            vec![StackSpec {
+                prefixes: vec![
+                    "10.2.0.254/32".parse().unwrap(),
+                    "10.8.0.0/24".parse().unwrap(),
+                ],
+                ..spec("y", 1000, "10.2.0.0/24", "10.2.0.254")
+            }],
+        ));
+        // z uses the same address on another VNI: a different MAC, no clash.
+        peers.push(peer(
+            "198.18.0.5",
+            vec![StackSpec {
+                prefixes: vec!["10.2.0.254/32".parse().unwrap()],
+                ..spec("z", 2000, "10.2.0.0/24", "10.2.0.254")
+            }],
+        ));
+        let d = compute(&safety_host(), &local, &peers);
+        let got = codes(&d);
+        assert!(
+            got.contains(&("y".to_string(), None, "router_ip_clash".to_string())),
+            "{got:?}"
+        );
+        assert!(!got
+            .iter()
+            .any(|(s, _, c)| s == "z" && c == "router_ip_clash"));
+        let b_mac = Mac::for_router(Vni::new(1000).unwrap(), "10.2.0.254".parse().unwrap());
+        let rows: Vec<_> = d.fdb.iter().filter(|r| r.mac == b_mac).collect();
+        assert_eq!(rows.len(), 1, "one FDB row per MAC: {rows:?}");
+        assert_eq!(rows[0].dst, "198.18.0.2".parse::<Ipv4Addr>().unwrap());
+        assert!(!routed(&d, "a").iter().any(|r| r.starts_with("y ")));
+        let r = d
+            .refusals
+            .iter()
+            .find(|r| r.code == "router_ip_clash")
+            .unwrap();
+        assert!(
+            r.reason.contains("stack b") && r.reason.contains("10.2.0.254"),
+            "{}",
+            r.reason
+        );
+    }
+
+    #[test]
+    fn a_local_stack_whose_router_address_is_taken_gets_no_routes() {
+        let (local, mut peers) = topology();
+        // Remote w claimed a's router address first (gossip claim 1 against a's 5).
+        peers.push(gossip_peer(
+            "198.18.0.4",
+            "n4",
+            vec![(spec("w", 1000, "10.1.0.254/32", "10.1.0.254"), 1)],
+        ));
+        let mut host = safety_host();
+        host.node_id = Some("n1".into());
+        host.local_claims = [(StackName::new("a").unwrap(), 5)].into();
+        let d = compute(&host, &local, &peers);
+        assert!(codes(&d).contains(&("a".to_string(), None, "router_ip_clash".to_string())));
+        assert!(routed(&d, "a").is_empty());
+        assert!(!routed(&d, "c").iter().any(|r| r.starts_with("a ")));
+    }
+
+    #[test]
+    fn a_stack_seen_on_two_hosts_is_not_a_router_clash() {
+        // Migration: the same stack (same name, same router) announced by its old and
+        // its new host is the duplicate rule's business, never a router clash.
+        let (local, mut peers) = topology();
+        peers.push(peer(
+            "198.18.0.4",
+            vec![spec("b", 1000, "10.2.0.0/24", "10.2.0.254")],
+        ));
+        let d = compute(&safety_host(), &local, &peers);
+        assert!(
+            !d.refusals.iter().any(|r| r.code == "router_ip_clash"),
+            "{:?}",
+            d.refusals
+        );
+        assert_eq!(routed(&d, "a"), vec!["b 10.2.0.0/24", "c 10.3.0.0/24"]);
     }
 
     #[test]

@@ -1,11 +1,11 @@
 //! Pure differences between the desired host state and a dump of the kernel, as an
 //! ordered list of changes. Applying the list is the only kernel-touching step.
 
-use crate::desired::FdbRow;
+use crate::desired::{Desired, FdbRow};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use vrouter_kernel::{Link, Route, Rule};
-use vrouter_state::{Prefix, Vni};
+use vrouter_state::{Prefix, StackName, StackRoutes, Vni};
 
 /// What the VXLAN device of a VNI should look like.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,6 +155,77 @@ pub fn diff_steering(
     for r in have_routes.difference(want_routes) {
         if !want_keys.contains(&(r.table, r.dst)) {
             out.push(Change::DeleteRoute(r.clone()));
+        }
+    }
+    out
+}
+
+/// A route routes.json gained or lost for a local stack, with its cause (the event's
+/// `reason`): `announced`; or withdrawn because the local stack is gone
+/// (`local_stack_gone`), the remote stack or prefix was refused (`conflict_refused`),
+/// its FDB row is not in the kernel (`fdb_row_missing`), or it is no longer announced
+/// (`stack_gone`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteChange {
+    /// The local stack whose routes changed.
+    pub stack: StackName,
+    pub prefix: Prefix,
+    /// The stack that owns the prefix.
+    pub from: StackName,
+    pub added: bool,
+    pub reason: &'static str,
+}
+
+/// Compares two generations of routes.json's stacks. Pure.
+pub fn route_changes(
+    old: &BTreeMap<StackName, StackRoutes>,
+    new: &BTreeMap<StackName, StackRoutes>,
+    want: &Desired,
+) -> Vec<RouteChange> {
+    let key = |r: &vrouter_state::RemoteRoute| (r.prefix, r.stack.clone());
+    let routes = |m: &BTreeMap<StackName, StackRoutes>, s: &StackName| -> BTreeSet<_> {
+        m.get(s)
+            .map(|s| s.routes.iter().map(key).collect())
+            .unwrap_or_default()
+    };
+    let mut out = Vec::new();
+    let stacks: BTreeSet<&StackName> = new.keys().chain(old.keys()).collect();
+    for stack in stacks {
+        let (was, now) = (routes(old, stack), routes(new, stack));
+        for (prefix, from) in now.difference(&was) {
+            out.push(RouteChange {
+                stack: stack.clone(),
+                prefix: *prefix,
+                from: from.clone(),
+                added: true,
+                reason: "announced",
+            });
+        }
+        for (prefix, from) in was.difference(&now) {
+            let reason = if !new.contains_key(stack) {
+                "local_stack_gone"
+            } else if want
+                .refusals
+                .iter()
+                .any(|r| &r.stack == from && r.prefix.is_none_or(|q| q == *prefix))
+            {
+                "conflict_refused"
+            } else if want
+                .candidates
+                .get(stack)
+                .is_some_and(|c| c.iter().any(|r| r.prefix == *prefix && &r.stack == from))
+            {
+                "fdb_row_missing"
+            } else {
+                "stack_gone"
+            };
+            out.push(RouteChange {
+                stack: stack.clone(),
+                prefix: *prefix,
+                from: from.clone(),
+                added: false,
+                reason,
+            });
         }
     }
     out
@@ -319,5 +390,72 @@ mod tests {
             ]
         );
         assert!(diff_steering(&want_rules, &want_routes, &want_rules, &want_routes).is_empty());
+    }
+
+    #[test]
+    fn route_changes_name_their_cause() {
+        let name = |s: &str| StackName::new(s).unwrap();
+        let route = |prefix: &str, from: &str| vrouter_state::RemoteRoute {
+            prefix: prefix.parse().unwrap(),
+            stack: name(from),
+            via: ip("10.9.9.254"),
+            mac: Mac::ZERO,
+            host: ip("198.18.0.2"),
+            same_host: false,
+        };
+        let file = |stacks: Vec<(&str, Vec<vrouter_state::RemoteRoute>)>| {
+            stacks
+                .into_iter()
+                .map(|(s, routes)| (name(s), StackRoutes { vni: None, routes }))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let old = file(vec![
+            (
+                "a",
+                vec![
+                    route("10.2.0.0/24", "b"),
+                    route("10.3.0.0/24", "c"),
+                    route("10.4.0.0/24", "d"),
+                    route("10.5.0.0/24", "e"),
+                ],
+            ),
+            ("gone", vec![route("10.2.0.0/24", "b")]),
+        ]);
+        let new = file(vec![(
+            "a",
+            vec![route("10.2.0.0/24", "b"), route("10.6.0.0/24", "f")],
+        )]);
+        let want = Desired {
+            refusals: vec![vrouter_state::Refusal {
+                stack: name("c"),
+                prefix: None,
+                reason: String::new(),
+                code: "router_ip_clash".into(),
+            }],
+            candidates: [(name("a"), vec![route("10.4.0.0/24", "d")])].into(),
+            ..Desired::default()
+        };
+        let got: Vec<(String, String, bool, &str)> = route_changes(&old, &new, &want)
+            .into_iter()
+            .map(|c| {
+                (
+                    c.stack.to_string(),
+                    format!("{} {}", c.from, c.prefix),
+                    c.added,
+                    c.reason,
+                )
+            })
+            .collect();
+        let s = |x: &str| x.to_string();
+        assert_eq!(
+            got,
+            vec![
+                (s("a"), s("f 10.6.0.0/24"), true, "announced"),
+                (s("a"), s("c 10.3.0.0/24"), false, "conflict_refused"),
+                (s("a"), s("d 10.4.0.0/24"), false, "fdb_row_missing"),
+                (s("a"), s("e 10.5.0.0/24"), false, "stack_gone"),
+                (s("gone"), s("b 10.2.0.0/24"), false, "local_stack_gone"),
+            ]
+        );
     }
 }

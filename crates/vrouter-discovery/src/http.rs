@@ -87,7 +87,12 @@ async fn answer<B>(req: &Request<B>, state_dir: PathBuf, live: Arc<Live>) -> Res
         return r;
     }
     match req.uri().path() {
-        "/healthz" => reply(StatusCode::OK, TEXT, "ok\n".into()),
+        // Alive means the control loop still completes reconciles, not only that this
+        // task answers.
+        "/healthz" => match live.stalled(std::time::Instant::now()) {
+            None => reply(StatusCode::OK, TEXT, "ok\n".into()),
+            Some(why) => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("{why}\n")),
+        },
         "/readyz" => {
             let facts = live.facts();
             if facts.ready {
@@ -136,4 +141,31 @@ async fn answer<B>(req: &Request<B>, state_dir: PathBuf, live: Arc<Live>) -> Res
             "not found; try /healthz, /readyz, /metrics or /v1/status\n".into(),
         ),
     }
+}
+
+/// A plain HTTP/1.0 GET for `vrouter-discovery health`: (status code, body). An
+/// unspecified listen address is asked on loopback.
+pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    // Within the image HEALTHCHECK's 3 s timeout.
+    let timeout = Duration::from_secs(1);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut raw = Vec::new();
+    stream.take(64 * 1024).read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP answer");
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(bad)?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    Ok((code, body.to_string()))
 }

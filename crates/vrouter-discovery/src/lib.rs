@@ -1,6 +1,7 @@
 //! vrouter-discovery: the control plane of docker-vrouter on one host.
 //!
-//! Pure decision logic (`desired`, `diff`, `retention`, `registry`, `peers`, `holder`) sits in
+//! Pure decision logic (`membership`, `desired`, `diff`, `retention`, `registry`, `peers`,
+//! `holder`) sits in
 //! the middle; `controller` applies it through `vrouter_kernel`; `run` owns the
 //! process and the watchers; `attach` the attach and admin sockets.
 
@@ -12,12 +13,14 @@ pub mod diff;
 pub mod gossip;
 pub mod holder;
 pub mod http;
+pub mod membership;
 pub mod metrics;
 pub mod peers;
 pub mod readiness;
 pub mod registry;
 pub mod retention;
 pub mod run;
+pub mod safety;
 pub mod settings;
 pub mod status;
 pub mod underlay;

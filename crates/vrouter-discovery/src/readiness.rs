@@ -6,7 +6,7 @@
 use crate::status::LiveFacts;
 use prometheus_client::metrics::histogram::Histogram;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use vrouter_state::{StackName, Vni};
 
 /// What the loop knows after a reconcile.
@@ -60,6 +60,32 @@ struct Counts {
     reconciles: u64,
     reconcile_errors: u64,
     last_reconcile: Option<Duration>,
+    /// When the last reconcile completed.
+    completed_at: Option<Instant>,
+}
+
+/// A control loop that completes no reconcile for this many intervals is stuck.
+pub const STALL_INTERVALS: u32 = 3;
+
+/// Why the control loop counts as stuck at `now`, if it does: no reconcile completed
+/// within [`STALL_INTERVALS`] intervals (counted from the loop's start before the
+/// first one). Pure.
+pub fn stalled(
+    completed_at: Option<Instant>,
+    started: Instant,
+    now: Instant,
+    interval: Duration,
+) -> Option<String> {
+    let since = completed_at.unwrap_or(started);
+    let age = now.saturating_duration_since(since);
+    let limit = interval * STALL_INTERVALS;
+    (age > limit).then(|| {
+        format!(
+            "the control loop has not completed a reconcile for {:.1} s ({STALL_INTERVALS} intervals of {:.1} s); it is stuck, see the log of its last step",
+            age.as_secs_f64(),
+            interval.as_secs_f64()
+        )
+    })
 }
 
 /// Shared between the loop (writer) and the HTTP task (reader). The lock is held only
@@ -68,18 +94,33 @@ struct Counts {
 pub struct Live {
     counts: Mutex<Counts>,
     pub reconcile_duration: Histogram,
+    /// The loop's reconcile interval (it reconciles at least this often).
+    interval: Duration,
+    started: Instant,
 }
 
 impl Default for Live {
     fn default() -> Live {
-        Live {
-            counts: Mutex::new(Counts::default()),
-            reconcile_duration: crate::metrics::reconcile_histogram(),
-        }
+        Live::new(Duration::from_secs(2))
     }
 }
 
 impl Live {
+    pub fn new(interval: Duration) -> Live {
+        Live {
+            counts: Mutex::new(Counts::default()),
+            reconcile_duration: crate::metrics::reconcile_histogram(),
+            interval,
+            started: Instant::now(),
+        }
+    }
+
+    /// Why the control loop is stuck at `now`, if it is (see [`stalled`]).
+    pub fn stalled(&self, now: Instant) -> Option<String> {
+        let c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        stalled(c.completed_at, self.started, now, self.interval)
+    }
+
     /// Records one reconcile and the readiness it left.
     pub fn reconciled(&self, took: Duration, ok: bool, readiness: Readiness) {
         self.reconcile_duration.observe(took.as_secs_f64());
@@ -89,13 +130,19 @@ impl Live {
             c.reconcile_errors += 1;
         }
         c.last_reconcile = Some(took);
+        c.completed_at = Some(Instant::now());
         c.readiness = readiness;
     }
 
     /// The facts for `/readyz`, `/metrics` and `/v1/status`, checking devices live.
     pub fn facts(&self) -> LiveFacts {
+        self.facts_at(Instant::now())
+    }
+
+    fn facts_at(&self, now: Instant) -> LiveFacts {
         let c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let not_ready = c.readiness.not_ready(device_exists);
+        let mut not_ready = c.readiness.not_ready(device_exists);
+        not_ready.extend(stalled(c.completed_at, self.started, now, self.interval));
         LiveFacts {
             ready: not_ready.is_empty(),
             not_ready,
@@ -150,6 +197,49 @@ mod tests {
         assert!(why[0].contains("not writable: permission denied"));
         assert!(why[1].contains("stack a is registered but not attached"));
         assert!(why[2].contains("vxlan7"));
+    }
+
+    #[test]
+    fn a_loop_without_a_reconcile_for_three_intervals_is_stuck() {
+        let t0 = Instant::now();
+        let i = Duration::from_secs(2);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // Before the first reconcile, counted from the start.
+        assert_eq!(stalled(None, t0, at(6_000), i), None);
+        let why = stalled(None, t0, at(6_001), i).unwrap();
+        assert!(
+            why.contains("6.0 s") && why.contains("3 intervals of 2.0 s"),
+            "{why}"
+        );
+        // After one, from its completion.
+        assert_eq!(stalled(Some(at(10_000)), t0, at(15_000), i), None);
+        assert!(stalled(Some(at(10_000)), t0, at(16_500), i).is_some());
+        // A clock reading before the completion is not a stall.
+        assert_eq!(stalled(Some(at(10_000)), t0, at(9_000), i), None);
+    }
+
+    #[test]
+    fn readiness_and_stall_come_from_the_same_facts() {
+        let live = Live::new(Duration::from_millis(100));
+        let ok = Readiness {
+            routes_current: true,
+            ..Readiness::default()
+        };
+        live.reconciled(Duration::from_millis(1), true, ok.clone());
+        let now = Instant::now();
+        assert!(live.facts_at(now).ready);
+        assert!(live.stalled(now).is_none());
+        let later = now + Duration::from_millis(400);
+        let f = live.facts_at(later);
+        assert!(!f.ready);
+        assert!(
+            f.not_ready[0].contains("has not completed a reconcile"),
+            "{f:?}"
+        );
+        assert!(live.stalled(later).is_some());
+        // The next reconcile clears it.
+        live.reconciled(Duration::from_millis(1), true, ok);
+        assert!(live.facts().ready);
     }
 
     #[test]

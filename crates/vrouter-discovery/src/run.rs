@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 use vrouter_kernel::Kernel;
 use vrouter_state::attach::{AttachListener, DiscoveryMessage};
-use vrouter_state::{Event, StackName, StateDir};
+use vrouter_state::{Event, EventKind, StackName, StateDir};
 
 /// What the event loop handles, one at a time.
 pub(crate) enum Input {
@@ -79,7 +79,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             );
             let _ = dir.append_event(&Event::new(
                 "discovery",
-                "standby",
+                EventKind::Standby,
                 format!(
                     "pid {} waits as standby for the leader lock",
                     std::process::id()
@@ -107,7 +107,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let source = crate::peers::from_settings(&settings).map_err(anyhow::Error::msg)?;
     let mut ctl = Controller::new(settings.clone(), dir, kernel, source).await?;
     // The HTTP endpoint belongs to the leader: standbys share the host's port.
-    let live = Arc::new(Live::default());
+    let live = Arc::new(Live::new(settings.reconcile_interval()));
     if let HttpAddr(Some(addr)) = settings.http_addr {
         match crate::http::bind(addr).await {
             Ok(listener) => {
@@ -120,7 +120,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             }
             // The control plane matters more than its endpoint: report and go on.
             Err(e) => ctl.event_because(
-                "error",
+                EventKind::Error,
                 "http_bind_failed",
                 format!("cannot serve HTTP on {addr} ({e}); set --http-addr / VROUTER_HTTP_ADDR to a free address, or off"),
                 None,
@@ -157,7 +157,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         }
         // Routing goes on without it; only the admin commands are unavailable.
         Err(e) => ctl.event_because(
-            "error",
+            EventKind::Error,
             "admin_socket_failed",
             format!(
                 "cannot listen on {} ({e}); admin commands (leave-mesh) are unavailable. Make --private-dir / VROUTER_PRIVATE_DIR a writable directory of discovery's own",
@@ -222,6 +222,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 /// One reconcile, timed, with its readiness handed to the HTTP task. A timer
 /// reconcile's changes are drift.
 async fn reconcile(ctl: &mut Controller, live: &Live, timer: bool) {
+    #[cfg(debug_assertions)]
+    test_stall().await;
     let started = std::time::Instant::now();
     let result = ctl.reconcile().await;
     let took = started.elapsed();
@@ -230,13 +232,26 @@ async fn reconcile(ctl: &mut Controller, live: &Live, timer: bool) {
         Ok(n) if timer => ctl.count_drift(n),
         Ok(_) => {}
         Err(e) => ctl.event_because(
-            "error",
+            EventKind::Error,
             "reconcile_failed",
             format!("reconcile failed: {e:#}"),
             None,
         ),
     }
     live.reconciled(took, ok, ctl.readiness());
+}
+
+/// Test hook, in debug builds only: while the file named by `VROUTER_TEST_STALL_FILE`
+/// exists, the control loop waits before its next reconcile, as a wedged kernel call
+/// or file read would hold it. The HTTP task goes on answering meanwhile.
+#[cfg(debug_assertions)]
+async fn test_stall() {
+    let Some(path) = std::env::var_os("VROUTER_TEST_STALL_FILE") else {
+        return;
+    };
+    while std::path::Path::new(&path).exists() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn handle(ctl: &mut Controller, input: Input) {
@@ -266,7 +281,7 @@ async fn handle(ctl: &mut Controller, input: Input) {
         }
         Input::Closed { conn } => ctl.disconnected(conn),
         Input::AttachRefused { reason } => {
-            ctl.event_because("registration_refused", "attach_limit", reason, None)
+            ctl.event_because(EventKind::RegistrationRefused, "attach_limit", reason, None)
         }
         Input::ConfigChanged => ctl.reload_peers(),
         Input::LeaveMesh { reply } => {
@@ -375,6 +390,26 @@ pub fn health(settings: &Settings) -> anyhow::Result<()> {
     let d = dir
         .read_discovery()
         .map_err(|e| anyhow::anyhow!("discovery.json: {e}"))?;
+    // The files outlive a stuck loop; the loop's own endpoint says whether it still
+    // completes reconciles. No listener there (HTTP off, or its bind failed: an error
+    // event) leaves the loop unchecked; a listener that does not answer is a process
+    // wedged as a whole.
+    let mut unchecked = None;
+    if let HttpAddr(Some(addr)) = settings.http_addr {
+        match crate::http::get(addr, "/healthz") {
+            Ok((200, _)) => {}
+            Ok((_, body)) => anyhow::bail!("{}", body.trim()),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                unchecked = Some(format!("nothing listens on http://{addr}"))
+            }
+            Err(e) => anyhow::bail!(
+                "the active discovery does not answer on http://{addr}/healthz ({e}): it is stuck"
+            ),
+        }
+    }
+    if let Some(why) = unchecked {
+        println!("control loop not checked: {why} (--http-addr / VROUTER_HTTP_ADDR)");
+    }
     println!(
         "ok: generation {}, {} local stack(s), {} peer host(s)",
         d.generation,

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use vrouter_state::{
-    DiscoveryFile, HostInfo, Prefix, ProbesFile, Refusal, RoutesFile, StackName, Vni,
+    DiscoveryFile, HostInfo, PeerOrigin, Prefix, ProbesFile, Refusal, RoutesFile, StackName, Vni,
 };
 
 /// A router's probe file older than this says nothing about the datapath (the same
@@ -164,12 +164,12 @@ pub fn build(
     for p in &discovery.peers {
         let row = hosts.entry(p.addr).or_insert_with(|| HostRow {
             addr: p.addr,
-            state: if p.source == "static" {
+            state: if p.source == PeerOrigin::Static {
                 "static".into()
             } else {
                 "unknown".into()
             },
-            source: p.source.clone(),
+            source: p.source.to_string(),
             node_id: p.node.clone(),
             routed: true,
             datapath_reachable: false,
@@ -183,8 +183,8 @@ pub fn build(
         for m in &g.members {
             let row = hosts.entry(m.underlay).or_insert_with(|| HostRow {
                 addr: m.underlay,
-                state: m.state.clone(),
-                source: "gossip".into(),
+                state: m.state.to_string(),
+                source: PeerOrigin::Gossip.to_string(),
                 node_id: Some(m.node_id.clone()),
                 routed: m.routed,
                 datapath_reachable: false,
@@ -192,7 +192,7 @@ pub fn build(
                 rtt_us: None,
                 stacks: m.stacks.clone(),
             });
-            row.state = m.state.clone();
+            row.state = m.state.to_string();
             row.routed = m.routed;
             row.node_id = Some(m.node_id.clone());
         }
@@ -724,14 +724,14 @@ pub(crate) mod tests {
                 PeerHost {
                     addr: H2,
                     stacks: vec![spec("b", 2)],
-                    source: "static".into(),
+                    source: PeerOrigin::Static,
                     node: None,
                     claims: BTreeMap::new(),
                 },
                 PeerHost {
                     addr: H3,
                     stacks: vec![spec("d", 4)],
-                    source: "gossip".into(),
+                    source: PeerOrigin::Gossip,
                     node: Some("00000000000000d3".into()),
                     claims: BTreeMap::new(),
                 },
@@ -755,7 +755,7 @@ pub(crate) mod tests {
                         node_id: "00000000000000d3".into(),
                         addr: "198.18.0.3:7950".into(),
                         underlay: H3,
-                        state: "down".into(),
+                        state: vrouter_state::MemberState::Down,
                         stacks: vec![name("d")],
                         version: 2,
                         datapath_reachable: true,
@@ -765,7 +765,7 @@ pub(crate) mod tests {
                         node_id: "00000000000000d4".into(),
                         addr: "198.18.0.4:7950".into(),
                         underlay: Ipv4Addr::new(198, 18, 0, 4),
-                        state: "left".into(),
+                        state: vrouter_state::MemberState::Left,
                         stacks: vec![],
                         version: 7,
                         datapath_reachable: false,
@@ -860,6 +860,7 @@ pub(crate) mod tests {
                 overlay_link_up: true,
                 last_error: Some("route 10.4.0.0/24: network unreachable".into()),
                 traffic_error: None,
+                reconciled_ms: None,
             }),
             traffic: vec![StackTraffic {
                 stack: name("b"),
@@ -885,6 +886,7 @@ pub(crate) mod tests {
                 overlay_link_up: true,
                 last_error: None,
                 traffic_error: None,
+                reconciled_ms: None,
             }),
             traffic: vec![],
         };

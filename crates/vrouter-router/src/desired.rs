@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use vrouter_kernel::{Nexthop, Route, Rule};
+use vrouter_state::EventKind;
 use vrouter_state::{
     Mac, Prefix, ReadError, RemoteRoute, RoutesFile, StackName, StackSpec, RTPROT_VROUTER,
 };
@@ -207,7 +208,7 @@ impl Intent {
         &mut self,
         own: &StackSpec,
         read: Result<RoutesFile, ReadError>,
-    ) -> Vec<(&'static str, String)> {
+    ) -> Vec<(EventKind, String)> {
         let mut events = Vec::new();
         match read {
             Ok(file) => {
@@ -218,7 +219,7 @@ impl Intent {
                     Computed::Listed { desired, skipped } => {
                         let now: BTreeSet<String> = skipped.into_iter().map(|s| s.reason).collect();
                         for reason in now.difference(&self.skipped) {
-                            events.push(("route_skipped", reason.clone()));
+                            events.push((EventKind::RouteSkipped, reason.clone()));
                         }
                         self.skipped = now;
                         self.last_good = Some(desired);
@@ -237,7 +238,7 @@ impl Intent {
                 self.listed = false;
                 let kind = read_error_kind(&e);
                 if self.read_error.as_deref() != Some(kind.as_str()) {
-                    events.push(("state_unreadable", e.to_string()));
+                    events.push((EventKind::StateUnreadable, e.to_string()));
                     self.read_error = Some(kind);
                 }
             }

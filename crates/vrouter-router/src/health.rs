@@ -168,6 +168,42 @@ pub fn verdict(
     ))
 }
 
+/// A control loop that completes no reconcile for this many intervals is stuck.
+pub const STALL_INTERVALS: u32 = 3;
+
+/// Whether the router daemon's own loop is alive, from its probes file (`own`): the
+/// file is rewritten every second by the daemon's probe task, and carries when the
+/// loop last completed a reconcile. The kernel may still match routes.json while the
+/// loop is stuck, so the routes alone cannot tell. No file (probes not written yet, or
+/// an older router) says nothing. Pure.
+pub fn loop_verdict(
+    own: Option<&vrouter_state::ProbesFile>,
+    now_ms: u64,
+    interval: std::time::Duration,
+) -> Result<(), String> {
+    let Some(file) = own else {
+        return Ok(());
+    };
+    let limit = u64::try_from((interval * STALL_INTERVALS).as_millis()).unwrap_or(u64::MAX);
+    // The probe task writes at least every second.
+    let file_age = now_ms.saturating_sub(file.updated_ms);
+    if file_age > limit.max(3_000) + 1_000 {
+        return Err(format!(
+            "the router daemon has not rewritten probes/{}.json for {:.1} s: it is stuck or gone",
+            file.stack,
+            file_age as f64 / 1000.0
+        ));
+    }
+    match file.health.as_ref().and_then(|h| h.reconciled_ms) {
+        Some(at) if now_ms.saturating_sub(at) > limit => Err(format!(
+            "the router's control loop has not completed a reconcile for {:.1} s ({STALL_INTERVALS} intervals of {:.1} s); it is stuck, see the router's log",
+            now_ms.saturating_sub(at) as f64 / 1000.0,
+            interval.as_secs_f64()
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// `vrouter-router healthcheck`, run in the router's namespace (the image's
 /// HEALTHCHECK): reads routes.json and the kernel itself, never the daemon's files.
 pub async fn healthcheck(settings: &Settings) -> Result<String, String> {
@@ -187,8 +223,20 @@ pub async fn healthcheck(settings: &Settings) -> Result<String, String> {
         let observed = apply::observe(&kernel, overlay.index())
             .await
             .context("dumping routes and neighbours")?;
-        let routes = StateDir::open_readonly(&settings.state_dir)?.read_routes();
-        anyhow::Ok(verdict(&own, routes, &overlay, &ifname, &observed))
+        let dir = StateDir::open_readonly(&settings.state_dir)?;
+        let routes = dir.read_routes();
+        let probes = dir
+            .read_all_probes()
+            .into_iter()
+            .find(|f| f.stack == own.name);
+        anyhow::Ok(
+            loop_verdict(
+                probes.as_ref(),
+                vrouter_state::now_ms(),
+                settings.reconcile_interval,
+            )
+            .and_then(|()| verdict(&own, routes, &overlay, &ifname, &observed)),
+        )
     };
     run.await.unwrap_or_else(|e| Err(format!("{e:#}")))
 }
@@ -399,5 +447,40 @@ mod tests {
         other.stacks.clear();
         let e = verdict(&own(), Ok(other), &up, "ovl1000", &installed(&d)).unwrap_err();
         assert!(e.contains("does not list stack a"), "{e}");
+    }
+
+    #[test]
+    fn a_stuck_loop_or_a_silent_daemon_fails_the_healthcheck() {
+        let interval = std::time::Duration::from_secs(2);
+        let now = 1_700_000_100_000u64;
+        let file = |updated_ms: u64, reconciled_ms: Option<u64>| vrouter_state::ProbesFile {
+            schema: 1,
+            generation: 1,
+            stack: StackName::new("a").unwrap(),
+            updated_ms,
+            interval_ms: 1000,
+            peers: Vec::new(),
+            health: Some(vrouter_state::RouterHealth {
+                routes_desired: 0,
+                routes_installed: 0,
+                drift_repaired: 0,
+                overlay_link_up: true,
+                last_error: None,
+                traffic_error: None,
+                reconciled_ms,
+            }),
+            traffic: Vec::new(),
+        };
+        assert_eq!(loop_verdict(None, now, interval), Ok(()));
+        assert_eq!(
+            loop_verdict(Some(&file(now, Some(now - 6_000))), now, interval),
+            Ok(())
+        );
+        assert_eq!(loop_verdict(Some(&file(now, None)), now, interval), Ok(()));
+        let e = loop_verdict(Some(&file(now - 500, Some(now - 6_001))), now, interval).unwrap_err();
+        assert!(e.contains("has not completed a reconcile for 6.0 s"), "{e}");
+        let e =
+            loop_verdict(Some(&file(now - 8_000, Some(now - 1_000))), now, interval).unwrap_err();
+        assert!(e.contains("has not rewritten probes/a.json"), "{e}");
     }
 }

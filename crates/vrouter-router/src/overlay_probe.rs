@@ -48,11 +48,13 @@ use crate::traffic::TrafficReport;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use vrouter_state::EventKind;
 use vrouter_state::{
     now_ms, Event, MtuCheck, PeerProbe, ProbesFile, RouterHealth, StackName, StateDir,
     OVERLAY_PROBE_PORT, SCHEMA_VERSION,
@@ -699,6 +701,9 @@ pub struct ProbeConfig {
     pub interval: Duration,
     /// The traffic counters to put in the file (`ProbesFile::traffic`), if counted.
     pub traffic: Option<watch::Receiver<TrafficReport>>,
+    /// When the router's loop last completed a reconcile (ms since the epoch, 0 before
+    /// the first), written as `RouterHealth::reconciled_ms`.
+    pub loop_heartbeat: Option<Arc<AtomicU64>>,
 }
 
 /// The probe task: answers probes, probes the remote routers in `peers`, checks their
@@ -879,7 +884,7 @@ impl ProbeTask {
             );
             if c.was == Some(false) {
                 self.event(
-                    "mtu_check_ok",
+                    EventKind::MtuCheckOk,
                     format!("{who} answers {}-byte probes with DF again: full-size packets pass the path", c.size),
                 );
             }
@@ -898,14 +903,14 @@ impl ProbeTask {
             )
         };
         tracing::warn!("overlay probes: {message}");
-        self.event("mtu_check_failed", message);
+        self.event(EventKind::MtuCheckFailed, message);
     }
 
-    fn event(&self, kind: &str, message: String) {
+    fn event(&self, kind: EventKind, message: String) {
         let event = Event::new(format!("router/{}", self.config.stack), kind, message)
             .for_stack(&self.config.stack);
         if let Err(e) = self.state.append_event(&event) {
-            tracing::warn!(error = %e, kind, "cannot write an event");
+            tracing::warn!(error = %e, kind = %event.kind, "cannot write an event");
         }
     }
 
@@ -1043,6 +1048,12 @@ impl ProbeTask {
             health: self.health.as_ref().map(|h| {
                 let mut health = h.health.clone();
                 health.traffic_error = traffic.as_ref().and_then(|t| t.error.clone());
+                health.reconciled_ms = self
+                    .config
+                    .loop_heartbeat
+                    .as_ref()
+                    .map(|b| b.load(Ordering::Relaxed))
+                    .filter(|ms| *ms > 0);
                 health
             }),
             traffic: traffic.map(|t| t.stacks).unwrap_or_default(),
@@ -1610,6 +1621,7 @@ mod tests {
             state_dir: dir.clone(),
             interval: Duration::from_millis(50),
             traffic: None,
+            loop_heartbeat: None,
         };
         let (a_tx, a_rx) = watch::channel(BTreeSet::from([
             router("127.77.0.2", "b", "192.168.0.2"),
@@ -1626,6 +1638,7 @@ mod tests {
                     overlay_link_up: true,
                     last_error: None,
                     traffic_error: None,
+                    reconciled_ms: None,
                 },
                 overlay_mtu: Some(1400),
             })
@@ -1752,6 +1765,7 @@ mod tests {
                 overlay_link_up: true,
                 last_error: None,
                 traffic_error: None,
+                reconciled_ms: None,
             },
             overlay_mtu: Some(1400),
         }));
@@ -1761,6 +1775,7 @@ mod tests {
             state_dir: dir.clone(),
             interval: Duration::from_millis(50),
             traffic: Some(traffic_rx),
+            loop_heartbeat: None,
         };
         let task = tokio::spawn(run(config, peers_rx, health_rx));
         let state = StateDir::open_readonly(&dir).unwrap();

@@ -33,6 +33,7 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
+use vrouter_state::EventKind;
 use vrouter_state::StackName;
 
 /// Destination port of probes. Nothing listens there: the datagram never gets past
@@ -187,7 +188,7 @@ pub struct ProbeResult {
 }
 
 /// An event the tracker wants written: (kind, message).
-pub type ProbeEvent = (&'static str, String);
+pub type ProbeEvent = (EventKind, String);
 
 /// Turns probe results into events, only when a peer's state changes: blocked the
 /// first time it fails, ok when it answers again after having been blocked.
@@ -201,14 +202,14 @@ impl ProbeTracker {
         let was_blocked = self.blocked.insert(result.peer.clone(), !result.reachable);
         match (was_blocked, result.reachable) {
             (Some(true), true) => Some((
-                "same_host_ok",
+                EventKind::SameHostOk,
                 format!(
                     "traffic from stack {own} to same-host stack {} passes again",
                     result.peer.stack
                 ),
             )),
             (None | Some(false), false) => Some((
-                "same_host_blocked",
+                EventKind::SameHostBlocked,
                 format!(
                     "traffic from stack {own} to same-host stack {} ({}) is dropped by Docker's firewall (Docker 28.2+ isolates bridges); set driver option com.docker.network.bridge.gateway_mode_ipv4=nat-unprotected on both stacks' networks, or daemon option allow-direct-routing",
                     result.peer.stack, result.peer.via

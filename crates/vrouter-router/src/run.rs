@@ -16,12 +16,15 @@ use crate::traffic::{self, TrafficCounters};
 use anyhow::Context;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 use vrouter_kernel::Kernel;
 use vrouter_state::attach::DiscoveryMessage;
-use vrouter_state::{Event, Mac, RouterHealth, StackSpec, StateDir, ROUTES_FILE};
+use vrouter_state::EventKind;
+use vrouter_state::{now_ms, Event, Mac, RouterHealth, StackSpec, StateDir, ROUTES_FILE};
 
 /// Why a reconcile runs; only the timer finds drift (the others bring new intent).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +64,8 @@ pub struct Router {
     remote_routers: watch::Sender<BTreeSet<RemoteRouter>>,
     /// Per-remote-stack traffic counters (nftables), published to the probe task.
     traffic: TrafficCounters,
+    /// When the last reconcile completed (ms since the epoch), for the healthcheck.
+    heartbeat: Arc<AtomicU64>,
 }
 
 /// Runs the router until SIGTERM or SIGINT. Neither sends Leave: Docker sends SIGTERM
@@ -110,7 +115,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     .await
     {
         tracing::warn!("{message}");
-        events.emit("stack_mac_unchanged", message);
+        events.emit(EventKind::StackMacUnchanged, message);
     }
 
     let (file_tx, mut file_rx) = mpsc::unbounded_channel::<()>();
@@ -124,12 +129,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let (remote_tx, remote_rx) = watch::channel(BTreeSet::new());
     let (health_tx, health_rx) = watch::channel(None);
     let (traffic, traffic_rx) = TrafficCounters::new();
+    let heartbeat = Arc::new(AtomicU64::new(0));
     let probe_config = ProbeConfig {
         stack: spec.name.clone(),
         router_ip: spec.router_ip,
         state_dir: settings.state_dir.clone(),
         interval: overlay_probe::PROBE_INTERVAL,
         traffic: Some(traffic_rx),
+        loop_heartbeat: Some(heartbeat.clone()),
     };
 
     let mut router = Router {
@@ -154,6 +161,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         peers: peers_tx,
         remote_routers: remote_tx,
         traffic,
+        heartbeat,
     };
 
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -191,6 +199,19 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             _ = tokio::time::sleep_until(retry_at), if !connected => router.connect().await,
             Some(result) = probe_rx.recv() => router.on_probe(result),
         }
+    }
+}
+
+/// Test hook, in debug builds only: while the file named by `VROUTER_TEST_STALL_FILE`
+/// exists, the loop waits before its next reconcile, as a wedged kernel call would
+/// hold it.
+#[cfg(debug_assertions)]
+async fn test_stall() {
+    let Some(path) = std::env::var_os("VROUTER_TEST_STALL_FILE") else {
+        return;
+    };
+    while std::path::Path::new(&path).exists() {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
 
@@ -278,19 +299,19 @@ struct EventSink<'a> {
 }
 
 impl EventSink<'_> {
-    fn emit(&self, kind: &str, message: impl Into<String>) {
+    fn emit(&self, kind: EventKind, message: impl Into<String>) {
         let event = Event::new(&self.source, kind, message).for_stack(&self.stack);
         if let Err(e) = self.state.append_event(&event) {
-            tracing::warn!(error = %e, kind, "cannot write an event");
+            tracing::warn!(error = %e, kind = %event.kind, "cannot write an event");
         }
     }
 }
 
 impl Router {
-    fn event(&self, kind: &str, message: impl Into<String>) {
+    fn event(&self, kind: EventKind, message: impl Into<String>) {
         let event = Event::new(&self.source, kind, message).for_stack(&self.spec.name);
         if let Err(e) = self.state.append_event(&event) {
-            tracing::warn!(error = %e, kind, "cannot write an event");
+            tracing::warn!(error = %e, kind = %event.kind, "cannot write an event");
         }
     }
 
@@ -391,7 +412,7 @@ impl Router {
                         let msg = format!("{e:#}");
                         tracing::error!(error = %msg, "cannot take over the overlay link");
                         self.event(
-                            "attach_failed",
+                            EventKind::AttachFailed,
                             format!("cannot take over overlay link {ifname}: {msg}"),
                         );
                     }
@@ -405,7 +426,7 @@ impl Router {
             }
             DiscoveryMessage::Refused { reason } => {
                 tracing::error!(%reason, "discovery refused the registration; retrying in {}s", REFUSED_RETRY.as_secs());
-                self.event("registration_refused", reason);
+                self.event(EventKind::RegistrationRefused, reason);
                 self.discovery.disconnect_for(REFUSED_RETRY);
             }
             DiscoveryMessage::Left => tracing::debug!("unexpected Left from discovery; ignored"),
@@ -418,7 +439,7 @@ impl Router {
             return;
         }
         if let Some((kind, message)) = self.probes.record(&self.spec.name, &result) {
-            if kind == "same_host_ok" {
+            if kind == EventKind::SameHostOk {
                 tracing::info!(peer = %result.peer.stack, "{message}");
             } else {
                 tracing::warn!(peer = %result.peer.stack, "{message}");
@@ -444,9 +465,12 @@ impl Router {
     /// the routed prefixes. Never fails: problems are logged and reported as events,
     /// and the next trigger tries again.
     pub async fn reconcile(&mut self, trigger: Trigger) {
+        #[cfg(debug_assertions)]
+        test_stall().await;
         self.read_intent();
         self.reconcile_routes(trigger).await;
         self.traffic.reconcile(self.intent.last_good.as_ref());
+        self.heartbeat.store(now_ms(), Ordering::Relaxed);
     }
 
     async fn reconcile_routes(&mut self, trigger: Trigger) {
@@ -501,7 +525,7 @@ impl Router {
             if done.nexthops_refused && self.style == RouteStyle::Nexthop && attempts == 1 {
                 let message = "the kernel has no nexthop objects (Linux 5.3 or later has them); remote routes carry their gateway instead, which installs slower at scale";
                 tracing::warn!("{message}");
-                self.event("nexthops_unsupported", message);
+                self.event(EventKind::NexthopsUnsupported, message);
                 self.style = RouteStyle::Plain;
                 continue;
             }
@@ -514,7 +538,7 @@ impl Router {
                 }
                 if self.last_apply_error.as_deref() != Some(msg.as_str()) {
                     self.event(
-                        "apply_failed",
+                        EventKind::ApplyFailed,
                         format!(
                             "{} of {} changes failed: {msg}",
                             done.failed.len(),
@@ -576,6 +600,7 @@ impl Router {
                 overlay_link_up: link.index().is_some(),
                 last_error: error.or_else(|| self.routes_error.clone()),
                 traffic_error: None,
+                reconciled_ms: None,
             },
             overlay_mtu: link.mtu(),
         };

@@ -346,6 +346,7 @@ mod tests {
                 overlay_link_up: true,
                 last_error: Some("apply failed".into()),
                 traffic_error: None,
+                reconciled_ms: None,
             }),
             traffic: vec![
                 StackTraffic {

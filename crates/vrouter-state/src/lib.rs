@@ -2,12 +2,14 @@
 //! domain types, the files' schema, their atomic locked I/O, and the attach protocol.
 
 pub mod attach;
+pub mod kinds;
 pub mod logging;
 pub mod probes;
 pub mod schema;
 pub mod store;
 pub mod types;
 
+pub use kinds::{EventKind, MemberState, PeerOrigin};
 pub use probes::{
     MtuCheck, PeerProbe, ProbesFile, RouterHealth, StackTraffic, OVERLAY_PROBE_PORT, PROBES_DIR,
 };

@@ -58,6 +58,10 @@ pub struct RouterHealth {
     /// Why traffic counters are missing, if they are.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic_error: Option<String>,
+    /// When the router's control loop last completed a reconcile (ms since the Unix
+    /// epoch); its healthcheck fails when that is more than three intervals ago.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconciled_ms: Option<u64>,
 }
 
 /// Bytes and packets between this stack and one remote stack, in IP bytes (the IP
@@ -216,6 +220,7 @@ mod tests {
                 overlay_link_up: true,
                 last_error: None,
                 traffic_error: None,
+                reconciled_ms: None,
             }),
             traffic: vec![StackTraffic {
                 stack: StackName::new("b").unwrap(),

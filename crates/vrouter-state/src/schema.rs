@@ -1,6 +1,7 @@
 //! The contents of the state directory's files. Both binaries read and write these;
 //! every file carries a schema version and a generation counter.
 
+use crate::kinds::{EventKind, MemberState, PeerOrigin};
 use crate::types::{Mac, Prefix, StackName, StackSpec, Vni};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -62,8 +63,7 @@ pub struct GossipMember {
     pub addr: String,
     /// Underlay (VXLAN) address.
     pub underlay: Ipv4Addr,
-    /// "alive", "suspect", "down" (membership failed), "left" or "unknown".
-    pub state: String,
+    pub state: MemberState,
     pub stacks: Vec<StackName>,
     pub version: u64,
     /// Whether a local router got an overlay probe answer from this host's routers
@@ -90,8 +90,8 @@ pub struct PeerHost {
     /// The host's underlay address: where VXLAN packets for its stacks go.
     pub addr: Ipv4Addr,
     pub stacks: Vec<StackSpec>,
-    /// Where this peer came from ("static" or "gossip").
-    pub source: String,
+    /// Where this peer came from.
+    pub source: PeerOrigin,
     /// Gossip only: the node id of the host (ties between equal claims go by it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
@@ -121,7 +121,8 @@ pub struct Refusal {
     pub prefix: Option<Prefix>,
     pub reason: String,
     /// Machine-readable cause: "prefix_cap", "name_clash", "own_address",
-    /// "duplicate_stack", "default_route", "host_network" or "overlap".
+    /// "duplicate_stack", "default_route", "reserved_prefix", "underlay_network",
+    /// "host_network", "router_outside_prefixes", "router_ip_clash" or "overlap".
     #[serde(default)]
     pub code: String,
 }
@@ -163,9 +164,8 @@ pub struct Event {
     pub ts_ms: u64,
     /// "discovery" or "router/<stack>".
     pub source: String,
-    /// Short machine-readable kind, e.g. "peer_joined", "route_withdrawn",
-    /// "conflict_refused", "same_host_blocked", "state_unreadable", "error".
-    pub kind: String,
+    /// What happened, machine-readable.
+    pub kind: EventKind,
     /// Short machine-readable cause, e.g. "overlap" for a refusal, "fdb_row_missing"
     /// for a withdrawn route, "reconcile_failed" for an error. Events without a more
     /// specific cause carry their kind. Absent in lines written by older versions.
@@ -178,16 +178,11 @@ pub struct Event {
 }
 
 impl Event {
-    pub fn new(
-        source: impl Into<String>,
-        kind: impl Into<String>,
-        message: impl Into<String>,
-    ) -> Event {
-        let kind = kind.into();
+    pub fn new(source: impl Into<String>, kind: EventKind, message: impl Into<String>) -> Event {
         Event {
             ts_ms: now_ms(),
             source: source.into(),
-            reason: kind.clone(),
+            reason: kind.as_str().to_string(),
             kind,
             message: message.into(),
             stack: None,

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 use vrouter_state::{
-    DiscoveryFile, Event, ReadError, RoutesFile, StateDir, StateError, EVENTS_FILE,
+    DiscoveryFile, Event, EventKind, ReadError, RoutesFile, StateDir, StateError, EVENTS_FILE,
     LEADER_LOCK_FILE, ROUTES_FILE, SCHEMA_VERSION,
 };
 
@@ -63,7 +63,11 @@ fn write_generations(state: &StateDir, writer: &str) {
             .update_routes(|prev| routes(prev.unwrap().generation + 1, ROUTES_SMALL))
             .unwrap();
         state
-            .append_event(&Event::new(writer, "test", format!("write {i}")))
+            .append_event(&Event::new(
+                writer,
+                EventKind::Started,
+                format!("write {i}"),
+            ))
             .unwrap();
     }
 }
@@ -362,7 +366,7 @@ fn open_names_the_setting_and_the_fix() {
         Err(StateError::ReadOnly { .. })
     ));
     assert!(matches!(
-        reader.append_event(&Event::new("t", "k", "m")),
+        reader.append_event(&Event::new("t", EventKind::Started, "m")),
         Err(StateError::ReadOnly { .. })
     ));
     assert!(matches!(
@@ -379,7 +383,11 @@ fn events_skip_a_torn_line_and_the_next_append_is_whole() {
     assert!(state.read_events().unwrap().is_empty());
     for i in 0..3 {
         state
-            .append_event(&Event::new("discovery", "test", format!("e{i}")))
+            .append_event(&Event::new(
+                "discovery",
+                EventKind::Started,
+                format!("e{i}"),
+            ))
             .unwrap();
     }
     // A writer killed mid-append.
@@ -398,7 +406,7 @@ fn events_skip_a_torn_line_and_the_next_append_is_whole() {
     );
 
     state
-        .append_event(&Event::new("discovery", "test", "e3"))
+        .append_event(&Event::new("discovery", EventKind::Started, "e3"))
         .unwrap();
     let events = state.read_events().unwrap();
     assert_eq!(
@@ -411,7 +419,7 @@ fn events_skip_a_torn_line_and_the_next_append_is_whole() {
     // A corrupt line in the middle is skipped too.
     std::io::Write::write_all(&mut log, b"not json\n").unwrap();
     state
-        .append_event(&Event::new("discovery", "test", "e4"))
+        .append_event(&Event::new("discovery", EventKind::Started, "e4"))
         .unwrap();
     assert_eq!(state.read_events().unwrap().len(), 5);
 }
@@ -423,7 +431,11 @@ fn events_rotate_at_the_cap_keeping_one_old_file() {
     let state = StateDir::open(tmp.path()).unwrap().with_events_cap(cap);
     for i in 0..60 {
         state
-            .append_event(&Event::new("discovery", "test", format!("{i:03}")))
+            .append_event(&Event::new(
+                "discovery",
+                EventKind::Started,
+                format!("{i:03}"),
+            ))
             .unwrap();
     }
     let current = fs::metadata(state.events_path()).unwrap().len();

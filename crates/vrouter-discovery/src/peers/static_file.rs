@@ -128,7 +128,7 @@ pub fn parse_static_config(text: &str, origin: &str) -> Result<Vec<PeerHost>, St
         hosts.push(PeerHost {
             addr,
             stacks,
-            source: "static".into(),
+            source: vrouter_state::PeerOrigin::Static,
             node: None,
             claims: Default::default(),
         });

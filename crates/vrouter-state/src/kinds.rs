@@ -1,0 +1,169 @@
+//! The closed vocabularies of the state files: event kinds, peer sources and gossip
+//! member states. Each is an enum that reads and writes exactly the strings the files
+//! have always held, so the compiler checks every emitter and reader while the files
+//! stay byte for byte the same (tests/golden.rs). A value written by a newer version
+//! reads as `Other` instead of failing the whole file.
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+
+macro_rules! wire_enum {
+    ($(#[$m:meta])* pub enum $name:ident { $($(#[$vm:meta])* $variant:ident = $s:literal,)* }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub enum $name {
+            $($(#[$vm])* $variant,)*
+            /// A value this version does not know (written by a newer one); read only.
+            Other(String),
+        }
+
+        impl $name {
+            /// Every value this version writes.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)*];
+
+            pub fn as_str(&self) -> &str {
+                match self {
+                    $($name::$variant => $s,)*
+                    $name::Other(s) => s,
+                }
+            }
+
+            /// Never fails: an unknown string is kept as `Other`.
+            pub fn from_wire(s: &str) -> $name {
+                match s {
+                    $($s => $name::$variant,)*
+                    _ => $name::Other(s.to_string()),
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                Ok($name::from_wire(&String::deserialize(d)?))
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.as_str() == other
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.as_str() == *other
+            }
+        }
+    };
+}
+
+wire_enum! {
+    /// `kind` of an events.log line: what happened. The `reason` says why, in more
+    /// detail (e.g. `conflict_refused` with reason `overlap`).
+    pub enum EventKind {
+        // Discovery: its own life.
+        Started = "started",
+        Standby = "standby",
+        HostCheck = "host_check",
+        ConfigLoaded = "config_loaded",
+        ConfigInvalid = "config_invalid",
+        UnderlayChanged = "underlay_changed",
+        StateUnwritable = "state_unwritable",
+        StateWritable = "state_writable",
+        DriftRepaired = "drift_repaired",
+        Error = "error",
+        // Discovery: the gossip mesh.
+        MemberJoined = "member_joined",
+        MemberFailed = "member_failed",
+        MemberLeft = "member_left",
+        MemberMigrated = "member_migrated",
+        Rejoined = "rejoined",
+        GossipRejected = "gossip_rejected",
+        LeftMesh = "left_mesh",
+        PeerWithdrawn = "peer_withdrawn",
+        PeerRouted = "peer_routed",
+        // Discovery: local routers.
+        RegistrationRefused = "registration_refused",
+        RouterRegistered = "router_registered",
+        RouterAttached = "router_attached",
+        RouterDisconnected = "router_disconnected",
+        StackLeft = "stack_left",
+        StackWithdrawn = "stack_withdrawn",
+        // Discovery: devices and routes.
+        DeviceCreated = "device_created",
+        DeviceReplaced = "device_replaced",
+        DeviceDeleted = "device_deleted",
+        ConflictRefused = "conflict_refused",
+        RouteAdded = "route_added",
+        RouteWithdrawn = "route_withdrawn",
+        // Routers.
+        StackMacUnchanged = "stack_mac_unchanged",
+        AttachFailed = "attach_failed",
+        NexthopsUnsupported = "nexthops_unsupported",
+        ApplyFailed = "apply_failed",
+        MtuCheckOk = "mtu_check_ok",
+        MtuCheckFailed = "mtu_check_failed",
+        SameHostOk = "same_host_ok",
+        SameHostBlocked = "same_host_blocked",
+        RouteSkipped = "route_skipped",
+        StateUnreadable = "state_unreadable",
+    }
+}
+
+wire_enum! {
+    /// Where discovery learnt of a peer host (`source` in discovery.json's peers).
+    pub enum PeerOrigin {
+        /// The static peer configuration (`--config` / `--peers`).
+        Static = "static",
+        /// The gossip mesh.
+        Gossip = "gossip",
+    }
+}
+
+wire_enum! {
+    /// A gossip member's membership state as discovery.json shows it.
+    pub enum MemberState {
+        Alive = "alive",
+        Suspect = "suspect",
+        /// Membership failed (no answer to direct or indirect probes).
+        Down = "down",
+        /// Left the mesh on purpose.
+        Left = "left",
+        Unknown = "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strings_round_trip_and_unknown_ones_survive() {
+        for k in EventKind::ALL {
+            assert_eq!(&EventKind::from_wire(k.as_str()), k);
+            let json = serde_json::to_string(k).unwrap();
+            assert_eq!(json, format!("\"{}\"", k.as_str()));
+        }
+        let later: EventKind = serde_json::from_str("\"from_the_future\"").unwrap();
+        assert_eq!(later, EventKind::Other("from_the_future".into()));
+        assert_eq!(
+            serde_json::to_string(&later).unwrap(),
+            "\"from_the_future\""
+        );
+        assert!(EventKind::ConflictRefused == "conflict_refused");
+        assert_eq!(PeerOrigin::from_wire("gossip"), PeerOrigin::Gossip);
+        assert_eq!(MemberState::Down.to_string(), "down");
+    }
+}
