@@ -14,6 +14,7 @@ pub mod node;
 pub mod record;
 pub mod seal;
 pub mod sim;
+pub mod validate;
 
 pub use node::{Counters, Faults, GossipEvent, MemberState, MemberView, Node, Params};
 pub use record::{ClaimedStack, Member, NodeId, NodeRecord};

@@ -10,6 +10,7 @@
 
 use crate::record::{ClaimedStack, Member, NodeId, NodeRecord};
 use crate::seal::{Keyring, Reject, Sealer, OVERHEAD};
+use crate::validate;
 use foca::{BroadcastHandler, Foca, Invalidates, Notification, PostcardCodec, Runtime, Timer};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -95,9 +96,9 @@ impl Params {
     }
 }
 
-/// What travels inside a sealed datagram.
-#[derive(Debug, Serialize, Deserialize)]
-enum Wire {
+/// What travels inside a sealed datagram (checked by [`validate::wire`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum Wire {
     /// A foca packet.
     Swim(Vec<u8>),
     /// "Let me in": sent to a bootstrap address, whose node id we do not know yet.
@@ -199,6 +200,10 @@ struct Store {
     records: BTreeMap<NodeId, NodeRecord>,
     /// A record about ourselves newer than ours (a previous life's): raise above it.
     own_seen: u64,
+    /// The newest version or bump accepted ([`validate::horizon`] of the wall clock).
+    horizon: u64,
+    /// Records refused by [`validate::record`] since the last drain.
+    invalid: u64,
     drop_broadcasts: bool,
     changed: bool,
     /// (id, old underlay, new underlay) seen since the last drain.
@@ -208,6 +213,10 @@ struct Store {
 impl Store {
     /// Keeps `r` if it is newer than what is known. Returns whether it was.
     fn offer(&mut self, r: NodeRecord) -> bool {
+        if validate::record(&r, self.horizon).is_err() {
+            self.invalid += 1;
+            return false;
+        }
         if Some(r.id) == self.own {
             self.own_seen = self.own_seen.max(r.version);
             return false;
@@ -410,6 +419,7 @@ impl Node {
             left: false,
             identity_changed: false,
         };
+        n.advance(now);
         n.queue_own_broadcast();
         n
     }
@@ -452,7 +462,13 @@ impl Node {
     }
 
     fn wall(&self) -> u64 {
-        self.wall_base_ms + self.now
+        self.wall_base_ms.saturating_add(self.now)
+    }
+
+    /// Moves the clock (never back) and with it the newest version accepted.
+    fn advance(&mut self, now: u64) {
+        self.now = self.now.max(now);
+        self.store.lock().expect("store lock").horizon = validate::horizon(self.wall());
     }
 
     /// Publishes a new record content (stacks, addresses). Returns whether it changed.
@@ -464,7 +480,7 @@ impl Node {
         vxlan_port: u16,
         stacks: Vec<ClaimedStack>,
     ) -> Result<bool, String> {
-        self.now = self.now.max(now);
+        self.advance(now);
         if self.left {
             return Ok(false);
         }
@@ -484,7 +500,7 @@ impl Node {
                 "this host's record would be {size} bytes, over the {MAX_RECORD}-byte limit of one gossip datagram; announce fewer stacks or prefixes"
             ));
         }
-        next.version = self.wall().max(self.record.version + 1);
+        next.version = self.next_version();
         let moved = gossip_addr != self.me.addr;
         self.record = next;
         if moved {
@@ -504,6 +520,11 @@ impl Node {
         Ok(true)
     }
 
+    /// The version of our next record: the wall clock, or one above the current.
+    fn next_version(&self) -> u64 {
+        self.wall().max(self.record.version.saturating_add(1))
+    }
+
     fn queue_own_broadcast(&mut self) {
         if self.store.lock().expect("store lock").drop_broadcasts {
             return;
@@ -519,10 +540,10 @@ impl Node {
     /// Leaves on purpose: a tombstone record (no stacks, `left`) goes out by broadcast
     /// and directly to a few members, then SWIM declares this node down.
     pub fn leave(&mut self, now: u64) {
-        self.now = self.now.max(now);
+        self.advance(now);
         self.record.left = true;
         self.record.stacks.clear();
-        self.record.version = self.wall().max(self.record.version + 1);
+        self.record.version = self.next_version();
         self.left = true;
         self.queue_own_broadcast();
         let members: Vec<Member> = self.swim.iter_members().map(|m| m.id().clone()).collect();
@@ -536,9 +557,12 @@ impl Node {
 
     /// Hands a received datagram to the node.
     pub fn handle_packet(&mut self, now: u64, from: SocketAddrV4, data: &[u8]) {
-        self.now = self.now.max(now);
+        self.advance(now);
         self.counters.packets_in += 1;
         self.counters.bytes_in += data.len() as u64;
+        if validate::datagram(data.len()).is_err() {
+            return self.reject(Reject::Malformed);
+        }
         let (sender, plain) = match self.sealer.open(data) {
             Ok(x) => x,
             Err(r) => return self.reject(r),
@@ -550,6 +574,10 @@ impl Node {
             Ok(w) => w,
             Err(_) => return self.reject(Reject::Malformed),
         };
+        let horizon = validate::horizon(self.wall());
+        if validate::wire(&wire, horizon).is_err() {
+            return self.reject(Reject::Malformed);
+        }
         if self.left {
             return;
         }
@@ -600,7 +628,7 @@ impl Node {
                     if Some(*id) == store.own {
                         continue;
                     }
-                    if store.records.get(id).is_none_or(|r| r.version < *v) {
+                    if *v <= horizon && store.records.get(id).is_none_or(|r| r.version < *v) {
                         want.push(*id);
                     }
                 }
@@ -627,7 +655,9 @@ impl Node {
                 }
                 self.send_records(from, push);
             }
-            Wire::Want(ids) => {
+            Wire::Want(mut ids) => {
+                ids.sort_unstable();
+                ids.dedup();
                 let store = self.store.lock().expect("store lock");
                 let mut recs: Vec<NodeRecord> = ids
                     .iter()
@@ -652,12 +682,16 @@ impl Node {
     }
 
     fn reject(&mut self, r: Reject) {
+        self.reject_n(r, 1);
+    }
+
+    fn reject_n(&mut self, r: Reject, n: u64) {
         match r {
-            Reject::BadKey => self.counters.rejected_bad_key += 1,
-            Reject::Malformed => self.counters.rejected_malformed += 1,
-            Reject::Replayed => self.counters.rejected_replayed += 1,
+            Reject::BadKey => self.counters.rejected_bad_key += n,
+            Reject::Malformed => self.counters.rejected_malformed += n,
+            Reject::Replayed => self.counters.rejected_replayed += n,
         }
-        *self.unreported.entry(r).or_default() += 1;
+        *self.unreported.entry(r).or_default() += n;
         if self.now >= self.next_reject_report {
             self.next_reject_report = self.now + 10_000;
             let list = std::mem::take(&mut self.unreported).into_iter().collect();
@@ -667,7 +701,7 @@ impl Node {
 
     /// Runs due timers, anti-entropy and join retries.
     pub fn tick(&mut self, now: u64) {
-        self.now = self.now.max(now);
+        self.advance(now);
         while let Some(Reverse((at, _, _))) = self.timers.peek() {
             if *at > self.now {
                 break;
@@ -853,19 +887,24 @@ impl Node {
     /// Bookkeeping after any input: raise our version above a previous life's, note
     /// state changes and migrations.
     fn after_input(&mut self) {
-        let own_seen = {
+        let (own_seen, invalid) = {
             let mut s = self.store.lock().expect("store lock");
-            std::mem::take(&mut s.own_seen)
+            (std::mem::take(&mut s.own_seen), std::mem::take(&mut s.invalid))
         };
+        if invalid > 0 {
+            self.reject_n(Reject::Malformed, invalid);
+        }
         // Strictly newer only: our current record comes back to us all the time
-        // (broadcasts reach their origin too).
+        // (broadcasts reach their origin too). `own_seen` passed validate::record, so
+        // it is within a day of the wall clock and one more stays within every
+        // peer's bound (give or take clock skew): no forged version pins our record.
         if own_seen > self.record.version && !self.left {
-            self.record.version = own_seen + 1;
+            self.record.version = own_seen.saturating_add(1);
             self.queue_own_broadcast();
         }
         if std::mem::take(&mut self.identity_changed) && !self.left {
             self.record.bump = self.me.bump;
-            self.record.version = self.wall().max(self.record.version + 1);
+            self.record.version = self.next_version();
             self.queue_own_broadcast();
         }
         // Membership states.
