@@ -10,6 +10,7 @@
 //! - [`node`]: SWIM membership through foca, record broadcast and anti-entropy;
 //! - [`sim`]: a simulated network and clock for tests and benchmarks.
 
+pub mod fuzz;
 pub mod node;
 pub mod record;
 pub mod seal;
