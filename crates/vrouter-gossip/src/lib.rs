@@ -19,4 +19,4 @@ pub mod validate;
 
 pub use node::{Counters, Faults, GossipEvent, MemberState, MemberView, Node, Params};
 pub use record::{ClaimedStack, Member, NodeId, NodeRecord};
-pub use seal::{Keyring, Reject};
+pub use seal::{Keyring, Reject, ReplayState};

@@ -9,7 +9,7 @@
 //! `wall_base_ms + now`.
 
 use crate::record::{ClaimedStack, Member, NodeId, NodeRecord};
-use crate::seal::{Keyring, Reject, Sealer, OVERHEAD};
+use crate::seal::{Keyring, Reject, ReplayState, Sealer, OVERHEAD};
 use crate::validate;
 use foca::{BroadcastHandler, Foca, Invalidates, Notification, PostcardCodec, Runtime, Timer};
 use rand::rngs::StdRng;
@@ -446,6 +446,27 @@ impl Node {
 
     pub fn set_keyring(&mut self, k: Keyring) {
         self.sealer.set_keyring(k);
+    }
+
+    /// Replay protection's state, for the caller to store across restarts
+    /// ([`ReplayState`]); call [`Node::replay_stored`] once it is stored.
+    pub fn export_replay(&self) -> ReplayState {
+        self.sealer.export_replay()
+    }
+
+    pub fn replay_stored(&mut self, seq_reserved: u64) {
+        self.sealer.replay_stored(seq_reserved);
+    }
+
+    /// Whether the replay state must be stored now (half the reserved sequence
+    /// numbers used).
+    pub fn replay_due(&self) -> bool {
+        self.sealer.replay_due()
+    }
+
+    /// Restores the replay state stored by a previous run; call it before any packet.
+    pub fn import_replay(&mut self, state: &ReplayState) {
+        self.sealer.import_replay(state);
     }
 
     pub fn set_faults(&mut self, f: Faults) {
