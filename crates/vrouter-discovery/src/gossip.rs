@@ -682,7 +682,10 @@ mod tests {
             SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1),
             SocketAddrV4::new(Ipv4Addr::LOCALHOST, 2),
         );
-        let (a_file, b_file) = (ReplayFile::new(&top.join("a")), ReplayFile::new(&top.join("b")));
+        let (a_file, b_file) = (
+            ReplayFile::new(&top.join("a")),
+            ReplayFile::new(&top.join("b")),
+        );
         let mut a = node(1, 1, wall);
         save_replay(&mut a, &a_file);
         let mut b = node(2, 2, wall);

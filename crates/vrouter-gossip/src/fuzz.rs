@@ -52,6 +52,7 @@ fn kind(w: &Wire) -> &'static str {
 /// One message of type `KINDS[k]`, fields drawn with edge values.
 fn generate(g: &mut Gen, k: usize) -> Wire {
     match KINDS[k] {
+        "swim" if g.rng.random_bool(0.5) => Wire::Swim(g.swim_packet()),
         "swim" => Wire::Swim(g.corpus_swim()),
         "join" => Wire::Join(g.member()),
         "join_ack" => Wire::JoinAck(g.member()),
@@ -149,6 +150,11 @@ impl Fuzzer {
             rng: StdRng::seed_from_u64(seed),
             now: 60_000,
             ids: vec![NodeId(0), NodeId(u64::MAX), target_id()],
+            target: Member {
+                id: target_id(),
+                addr: sim_addr(9),
+                bump: 0,
+            },
             corpus: plains,
         };
         // The captured nodes' ids, so records and digests collide with real ones.
@@ -160,6 +166,7 @@ impl Fuzzer {
         g.ids.sort();
         g.ids.dedup();
         let node = target_node(&keys, g.now, seed);
+        g.target.bump = node.record().bump;
         Fuzzer {
             opener: Sealer::new(keys.clone(), 0xF0F0, 1),
             node,
@@ -207,6 +214,7 @@ impl Fuzzer {
     fn node_target(&mut self, report: &mut Report) {
         if self.node_execs >= NODE_LIFE {
             self.node = target_node(&self.keys, self.g.now, self.g.rng.random());
+            self.g.target.bump = self.node.record().bump;
             self.node_execs = 0;
         }
         self.node_execs += 1;
@@ -244,6 +252,7 @@ impl Fuzzer {
             self.crash(report, "node", &plain, message);
             // Its locks may be poisoned: start again.
             self.node = target_node(&self.keys, self.g.now, self.g.rng.random());
+            self.g.target.bump = self.node.record().bump;
             self.node_execs = 0;
         }
     }
@@ -299,7 +308,12 @@ impl Fuzzer {
         });
         match r {
             Ok(Some(_)) => *report.reached.entry("record.decoded".into()).or_default() += 1,
-            Ok(None) => *report.reached.entry("record.undecodable".into()).or_default() += 1,
+            Ok(None) => {
+                *report
+                    .reached
+                    .entry("record.undecodable".into())
+                    .or_default() += 1
+            }
             Err(message) => self.crash(report, "record", &bytes, message),
         }
     }
@@ -402,6 +416,8 @@ fn sample_stack(i: usize) -> ClaimedStack {
 struct Gen {
     rng: StdRng,
     now: u64,
+    /// The target node's SWIM identity (packets addressed elsewhere stop early).
+    target: Member,
     ids: Vec<NodeId>,
     corpus: Vec<Vec<u8>>,
 }
@@ -462,10 +478,12 @@ impl Gen {
 
     fn stack(&mut self) -> ClaimedStack {
         const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789_-.";
-        let len = if self.rng.random_bool(0.2) { 64 } else { self.rng.random_range(1..12) };
-        let name: String = (0..len)
-            .map(|_| *self.pick(CHARS) as char)
-            .collect();
+        let len = if self.rng.random_bool(0.2) {
+            64
+        } else {
+            self.rng.random_range(1..12)
+        };
+        let name: String = (0..len).map(|_| *self.pick(CHARS) as char).collect();
         let prefixes = (0..self.count(4))
             .map(|_| {
                 let len = self.rng.random_range(0..=32);
@@ -501,6 +519,73 @@ impl Gen {
         }
     }
 
+    /// A SWIM packet built field by field: a header (from anyone, to the target or
+    /// anyone), a count and member updates, then record broadcasts.
+    fn swim_packet(&mut self) -> Vec<u8> {
+        let member = |g: &mut Gen| {
+            if g.rng.random_bool(0.3) {
+                g.target.clone()
+            } else {
+                g.member()
+            }
+        };
+        let src = member(self);
+        let dst = if self.rng.random_bool(0.8) {
+            self.target.clone()
+        } else {
+            member(self)
+        };
+        let pn = self.rng.random();
+        let other = member(self);
+        let message = match self.rng.random_range(0..11) {
+            0 => foca::Message::Ping(pn),
+            1 => foca::Message::Ack(pn),
+            2 => foca::Message::PingReq {
+                target: other,
+                probe_number: pn,
+            },
+            3 => foca::Message::IndirectPing {
+                origin: other,
+                probe_number: pn,
+            },
+            4 => foca::Message::IndirectAck {
+                target: other,
+                probe_number: pn,
+            },
+            5 => foca::Message::ForwardedAck {
+                origin: other,
+                probe_number: pn,
+            },
+            6 => foca::Message::Announce,
+            7 => foca::Message::Feed,
+            8 => foca::Message::Gossip,
+            9 => foca::Message::Broadcast,
+            _ => foca::Message::TurnUndead,
+        };
+        let header = foca::Header {
+            src,
+            src_incarnation: self.rng.random(),
+            dst,
+            message,
+        };
+        let mut out = Vec::new();
+        let _ = foca::Codec::encode_header(&mut foca::PostcardCodec, &header, &mut out);
+        let n = self.count(4) as u16;
+        out.extend_from_slice(&n.to_be_bytes());
+        for _ in 0..n {
+            let state = *self.pick(&[foca::State::Alive, foca::State::Suspect, foca::State::Down]);
+            let m = foca::Member::new(member(self), self.rng.random(), state);
+            let _ = foca::Codec::encode_member(&mut foca::PostcardCodec, &m, &mut out);
+        }
+        for _ in 0..self.rng.random_range(0..3) {
+            let r = self.record();
+            if let Ok(b) = postcard::to_allocvec(&r) {
+                out.extend_from_slice(&b);
+            }
+        }
+        out
+    }
+
     fn pick_corpus(&mut self) -> Vec<u8> {
         if self.corpus.is_empty() {
             return self.random_bytes(64);
@@ -532,7 +617,11 @@ impl Gen {
     fn mutate(&mut self, b: &mut Vec<u8>) {
         for _ in 0..self.rng.random_range(1..=4) {
             let len = b.len();
-            let at = if len == 0 { 0 } else { self.rng.random_range(0..len) };
+            let at = if len == 0 {
+                0
+            } else {
+                self.rng.random_range(0..len)
+            };
             match self.rng.random_range(0..9) {
                 0 if len > 0 => b[at] ^= 1 << self.rng.random_range(0..8),
                 1 if len > 0 => {
@@ -544,7 +633,9 @@ impl Gen {
                     let v: &[u8] = if self.rng.random_bool(0.5) {
                         &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]
                     } else {
-                        &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]
+                        &[
+                            0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f,
+                        ]
                     };
                     b.splice(at..at, v.iter().copied());
                 }

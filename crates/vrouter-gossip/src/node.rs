@@ -11,7 +11,7 @@
 use crate::record::{ClaimedStack, Member, NodeId, NodeRecord};
 use crate::seal::{Keyring, Reject, ReplayState, Sealer, OVERHEAD};
 use crate::validate;
-use foca::{BroadcastHandler, Foca, Invalidates, Notification, PostcardCodec, Runtime, Timer};
+use foca::{BroadcastHandler, Foca, Invalidates, Notification, Runtime, Timer};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -19,6 +19,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::num::{NonZeroU8, NonZeroUsize};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -200,8 +201,9 @@ struct Store {
     records: BTreeMap<NodeId, NodeRecord>,
     /// A record about ourselves newer than ours (a previous life's): raise above it.
     own_seen: u64,
-    /// The newest version or bump accepted ([`validate::horizon`] of the wall clock).
-    horizon: u64,
+    /// The newest version or bump accepted ([`validate::horizon`] of the wall clock),
+    /// shared with the SWIM codec.
+    horizon: Arc<AtomicU64>,
     /// Records refused by [`validate::record`] since the last drain.
     invalid: u64,
     drop_broadcasts: bool,
@@ -213,7 +215,7 @@ struct Store {
 impl Store {
     /// Keeps `r` if it is newer than what is known. Returns whether it was.
     fn offer(&mut self, r: NodeRecord) -> bool {
-        if validate::record(&r, self.horizon).is_err() {
+        if validate::record(&r, self.horizon.load(Ordering::Relaxed)).is_err() {
             self.invalid += 1;
             return false;
         }
@@ -319,7 +321,7 @@ impl Runtime<Member> for Collect {
     }
 }
 
-type Swim = Foca<Member, PostcardCodec, StdRng, Handler>;
+type Swim = Foca<Member, validate::BoundedCodec, StdRng, Handler>;
 
 pub struct Node {
     params: Params,
@@ -383,15 +385,17 @@ impl Node {
         };
         record.version = wall_ms.max(1);
         record.bump = me.bump;
+        let horizon = Arc::new(AtomicU64::new(validate::horizon(wall_ms)));
         let store = Arc::new(Mutex::new(Store {
             own: Some(record.id),
+            horizon: horizon.clone(),
             ..Store::default()
         }));
         let swim = Foca::with_custom_broadcast(
             me.clone(),
             params.foca(),
             StdRng::seed_from_u64(seed),
-            PostcardCodec,
+            validate::BoundedCodec::new(horizon),
             Handler(store.clone()),
         );
         let sealer = Sealer::new(keyring, record.id.0, wall_ms.saturating_mul(1000));
@@ -489,7 +493,12 @@ impl Node {
     /// Moves the clock (never back) and with it the newest version accepted.
     fn advance(&mut self, now: u64) {
         self.now = self.now.max(now);
-        self.store.lock().expect("store lock").horizon = validate::horizon(self.wall());
+        let h = validate::horizon(self.wall());
+        self.store
+            .lock()
+            .expect("store lock")
+            .horizon
+            .store(h, Ordering::Relaxed);
     }
 
     /// Publishes a new record content (stacks, addresses). Returns whether it changed.
@@ -910,7 +919,10 @@ impl Node {
     fn after_input(&mut self) {
         let (own_seen, invalid) = {
             let mut s = self.store.lock().expect("store lock");
-            (std::mem::take(&mut s.own_seen), std::mem::take(&mut s.invalid))
+            (
+                std::mem::take(&mut s.own_seen),
+                std::mem::take(&mut s.invalid),
+            )
         };
         if invalid > 0 {
             self.reject_n(Reject::Malformed, invalid);

@@ -213,10 +213,7 @@ impl Sealer {
             .collect();
         senders.sort_unstable_by(|a, b| b.cmp(a));
         ReplayState {
-            seq_reserved: self
-                .next_seq
-                .saturating_add(SEQ_RESERVE)
-                .max(self.reserved),
+            seq_reserved: self.next_seq.saturating_add(SEQ_RESERVE).max(self.reserved),
             senders: senders.into_iter().map(|(_, id, top)| (id, top)).collect(),
         }
     }

@@ -54,7 +54,10 @@ fn main() {
     });
     println!("{}", serde_json::to_string_pretty(&extra).expect("json"));
     for c in &r.crash_inputs {
-        eprintln!("CRASH in {}: {}\n  input (hex): {}", c.target, c.message, c.input_hex);
+        eprintln!(
+            "CRASH in {}: {}\n  input (hex): {}",
+            c.target, c.message, c.input_hex
+        );
     }
     eprintln!(
         "gossip-fuzz: {} executions in {:.0} s ({:.0}/s), {} crashes, seed {}",
