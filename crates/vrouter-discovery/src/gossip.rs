@@ -324,7 +324,7 @@ pub async fn start(
         Err(e) => warn!("{e}; starting without the stored replay state (packets from before this restart may be accepted once, and a clock that stepped back may delay this node's packets)"),
     }
     // Reserve sequence numbers before the first packet goes out.
-    save_replay(&mut node, &replay);
+    let replay_failing = save_replay(&mut node, &replay, false).is_err();
     let shared = Arc::new(Mutex::new(Snapshot {
         node_id,
         addr,
@@ -352,6 +352,7 @@ pub async fn start(
         last_view: Vec::new(),
         replay,
         replay_saved: Instant::now(),
+        replay_failing,
     };
     tokio::spawn(task.run(cmd_rx));
     Ok(GossipHandle {
@@ -380,21 +381,32 @@ struct Task {
     last_view: Vec<(NodeId, vrouter_gossip::MemberState, u64)>,
     replay: ReplayFile,
     replay_saved: Instant,
+    /// The last store failed: retried every REPLAY_SAVE_EVERY, logged once.
+    replay_failing: bool,
 }
 
-/// Stores the node's replay state and tells it so; a failure is logged and retried.
-fn save_replay(node: &mut Node, file: &ReplayFile) {
+/// Stores the node's replay state and tells it so. A failure is logged unless the
+/// previous attempt failed too (`quiet`).
+fn save_replay(node: &mut Node, file: &ReplayFile, quiet: bool) -> anyhow::Result<()> {
     let state = node.export_replay();
     match file.store(&state) {
-        Ok(()) => node.replay_stored(state.seq_reserved),
-        Err(e) => warn!("cannot store the gossip replay state: {e:#}; retrying"),
+        Ok(()) => {
+            node.replay_stored(state.seq_reserved);
+            Ok(())
+        }
+        Err(e) => {
+            if !quiet {
+                warn!("cannot store the gossip replay state: {e:#}; gossip runs on, but after a restart packets captured before it may be accepted once; retrying every {} s", REPLAY_SAVE_EVERY.as_secs());
+            }
+            Err(e)
+        }
     }
 }
 
 /// The runtime drops the task on shutdown: store the state one last time.
 impl Drop for Task {
     fn drop(&mut self) {
-        save_replay(&mut self.node, &self.replay);
+        let _ = save_replay(&mut self.node, &self.replay, self.replay_failing);
     }
 }
 
@@ -458,11 +470,22 @@ impl Task {
         }
     }
 
+    /// Stores the replay state when a reservation is half used or every 10 s; while
+    /// storing fails, only every 10 s.
     fn maybe_save_replay(&mut self) {
-        if self.node.replay_due() || self.replay_saved.elapsed() >= REPLAY_SAVE_EVERY {
-            save_replay(&mut self.node, &self.replay);
-            self.replay_saved = Instant::now();
+        let periodic = self.replay_saved.elapsed() >= REPLAY_SAVE_EVERY;
+        if !periodic && (self.replay_failing || !self.node.replay_due()) {
+            return;
         }
+        let failed = save_replay(&mut self.node, &self.replay, self.replay_failing).is_err();
+        if self.replay_failing && !failed {
+            info!(
+                "gossip replay state stored again in {}",
+                self.replay.path().display()
+            );
+        }
+        self.replay_failing = failed;
+        self.replay_saved = Instant::now();
     }
 
     async fn flush(&mut self) {
@@ -646,6 +669,9 @@ mod tests {
         assert_eq!(f.load().unwrap(), Some(state));
         std::fs::write(f.path(), "{not json").unwrap();
         assert!(f.load().unwrap_err().contains("replay.json"));
+        // A directory that cannot be made is an error for the caller to log, no panic.
+        let bad = ReplayFile::new(&f.path().join("sub"));
+        assert!(bad.store(&ReplayState::default()).is_err());
         std::fs::remove_dir_all(&top).unwrap();
     }
 
@@ -687,14 +713,14 @@ mod tests {
             ReplayFile::new(&top.join("b")),
         );
         let mut a = node(1, 1, wall);
-        save_replay(&mut a, &a_file);
+        save_replay(&mut a, &a_file, false).unwrap();
         let mut b = node(2, 2, wall);
         let captured = packets(&mut a, b_addr, 10);
         for p in &captured {
             b.handle_packet(10, a_addr, p);
         }
         assert_eq!(b.counters().rejected_replayed, 0);
-        save_replay(&mut b, &b_file);
+        save_replay(&mut b, &b_file, false).unwrap();
         // b restarts: the captured packets are still old.
         let mut b = node(2, 2, wall + 60_000);
         b.import_replay(&b_file.load().unwrap().unwrap());
@@ -705,7 +731,7 @@ mod tests {
         // a restarts with its clock an hour back: its packets still get in.
         let mut a = node(1, 1, wall - 3_600_000);
         a.import_replay(&a_file.load().unwrap().unwrap());
-        save_replay(&mut a, &a_file);
+        save_replay(&mut a, &a_file, false).unwrap();
         for p in packets(&mut a, b_addr, 10) {
             b.handle_packet(1, a_addr, &p);
         }
