@@ -4,6 +4,7 @@
 //! ```text
 //! cargo build --profile fuzz -p vrouter-gossip --bin gossip-fuzz
 //! target/fuzz/gossip-fuzz [--seconds N] [--seed S] [--out FILE]
+//! target/fuzz/gossip-fuzz --replay HEX     # one reported `node` crash input again
 //! ```
 //!
 //! `make fuzz` runs it for 10 minutes. The `fuzz` profile is the release build with
@@ -35,8 +36,21 @@ fn main() {
             "--seconds" => seconds = parse(&value("--seconds"), "--seconds"),
             "--seed" => seed = parse(&value("--seed"), "--seed"),
             "--out" => out = Some(value("--out")),
+            "--replay" => {
+                let input = value("--replay");
+                match vrouter_gossip::fuzz::replay_node_input(&input) {
+                    Ok(()) => {
+                        eprintln!("gossip-fuzz: no crash");
+                        std::process::exit(0);
+                    }
+                    Err(e) => {
+                        eprintln!("gossip-fuzz: {e}");
+                        std::process::exit(1);
+                    }
+                }
+            }
             other => {
-                eprintln!("gossip-fuzz: unknown argument {other:?}; use --seconds N, --seed S, --out FILE");
+                eprintln!("gossip-fuzz: unknown argument {other:?}; use --seconds N, --seed S, --out FILE, --replay HEX");
                 std::process::exit(2);
             }
         }
