@@ -278,12 +278,19 @@ impl Fuzzer {
 
     fn seal_target(&mut self, report: &mut Report) {
         let g = &mut self.g;
-        let mut packet = if self.sealed.is_empty() || g.rng.random_range(0..8) == 0 {
-            g.random_bytes(1500)
-        } else {
-            g.pick(&self.sealed).clone()
+        let mut packet = match g.rng.random_range(0..8) {
+            0 => g.random_bytes(1500),
+            // Authentic, from a few senders with edge-value sequence numbers (0,
+            // u64::MAX, big jumps): the replay window's arithmetic.
+            1..=3 => {
+                let sender = g.rng.random_range(0..4u64);
+                let mut s = Sealer::new(self.keys.clone(), sender, g.num());
+                s.seal(&g.random_bytes(32))
+            }
+            _ if self.sealed.is_empty() => g.random_bytes(1500),
+            _ => g.pick(&self.sealed).clone(),
         };
-        if g.rng.random_range(0..4) != 0 {
+        if g.rng.random_range(0..4) == 0 {
             g.mutate(&mut packet);
         }
         let opener = &mut self.opener;
