@@ -8,7 +8,7 @@ IMAGE_TAG ?= local
 PREFIX ?= vrt
 export VROUTER_TEST_PREFIX ?= $(PREFIX)
 
-.PHONY: all setup build musl images demo test unit-test root-test docker-test bench bench-report clean-leftovers fmt lint
+.PHONY: all setup build musl images demo test unit-test root-test docker-test bench bench-report fuzz clean-leftovers fmt lint
 
 all: build
 
@@ -59,6 +59,15 @@ bench: setup build images
 	target/release/gossip-sim --n1000 --out target/bench/gossip-sim.json
 	target/release/vrt-image-sizes --tag $(IMAGE_TAG) --out target/bench/images.json
 	$(MAKE) bench-report
+
+# Fuzzes everything a gossip peer can send for 10 minutes (FUZZ_SECONDS), on stable
+# Rust: the release build with panics caught and overflow checks on (profile fuzz).
+# Writes target/bench/fuzz.json for bench-report; fails if anything crashed.
+FUZZ_SECONDS ?= 600
+fuzz:
+	$(CARGO) build --profile fuzz -p vrouter-gossip --bin gossip-fuzz
+	mkdir -p target/bench
+	target/fuzz/gossip-fuzz --seconds $(FUZZ_SECONDS) --out target/bench/fuzz.json > /dev/null
 
 # Regenerates docs/benchmarks.md and docs/benchmarks.png from target/bench/*.json
 # (needs python3-matplotlib, which .ci/setup installs).

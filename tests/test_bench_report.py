@@ -207,7 +207,8 @@ class Report(unittest.TestCase):
         self.put("control", CONTROL)
         md = self.run_report()
         for stem in ("datapath", "images", "gossip-real", "gossip-sim"):
-            self.assertIn(f"`{self.inp}/{stem}.json` is missing", md)
+            self.assertIn(f"`{self.inp}/{stem}.json` is missing (run `make bench`)", md)
+        self.assertIn(f"`{self.inp}/fuzz.json` is missing (run `make fuzz`)", md)
         self.assertNotIn(f"`{self.inp}/control.json` is missing", md)
         # Only the reconcile panel: the chart exists and the page links it.
         self.assertTrue(png_ok(self.png))
@@ -256,6 +257,33 @@ class Report(unittest.TestCase):
         # One sample: no range to show.
         cells = [c.strip() for c in self.row(md, "gossip.real.loss5.member_failed").strip("|").split("|")]
         self.assertEqual(cells[2:], ["0", "events", "—", "1", "≤ 0 events", "✅ met"])
+
+    def test_fuzz_section(self):
+        extra = {
+            "kinds": ["swim", "digest"],
+            "overflow_checks": True,
+            "report": {
+                "seconds": 600.2,
+                "executions": 1234567,
+                "crashes": 1,
+                "reached": {"node.swim": 4242, "node.digest": 17, "node.digest.refused": 99,
+                            "node.undecodable": 3},
+                "crash_inputs": [{"target": "node", "input_hex": "04ff",
+                                  "message": "panicked at x.rs:1:2:\nrange start"}],
+            },
+        }
+        self.put("fuzz", results("gossip-fuzz", [
+            figure("fuzz.executions", "Inputs executed", "count", [1234567.0]),
+            figure("fuzz.crashes", "Crashes (panics caught)", "count", [1.0], ("at_most", 0.0)),
+        ], extra))
+        md = self.run_report()
+        self.assertIn("## Gossip input fuzzing", md)
+        self.assertIn("1,234,567 inputs in 600 s, 1 crashes, overflow checks on.", md)
+        self.assertIn("| `swim` | 4,242 | 0 |", md)
+        self.assertIn("| `digest` | 17 | 99 |", md)
+        self.assertIn("| undecodable | 3 | — |", md)
+        self.assertIn("- crash in `node`: panicked at x.rs:1:2: range start (input `04ff`)", md)
+        self.assertIn("❌ MISSED", self.row(md, "fuzz.crashes"))
 
     def test_bad_input(self):
         with open(os.path.join(self.inp, "old.json"), "w") as fh:

@@ -14,12 +14,81 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 use vrouter_gossip::{
     ClaimedStack, Counters, Faults, GossipEvent, Keyring, MemberView, Node, NodeId, NodeRecord,
-    Params,
+    Params, ReplayState,
 };
 use vrouter_state::StackName;
 
 pub const NODE_ID_FILE: &str = "node-id";
 pub const CLAIMS_FILE: &str = "claims.json";
+/// Replay protection's state (in the private directory), see [`ReplayFile`].
+pub const REPLAY_FILE: &str = "replay.json";
+/// How often the replay state is stored while nothing else asks for it.
+const REPLAY_SAVE_EVERY: Duration = Duration::from_secs(10);
+
+/// Where the gossip node's replay state lives across restarts: the sequence numbers
+/// this node reserved (so it starts above them whatever the clock says) and the newest
+/// number heard from each peer (so a packet captured before a restart stays rejected).
+/// Stored when a reservation is half used, every 10 s, and when the task stops.
+pub struct ReplayFile {
+    dir: PathBuf,
+}
+
+/// replay.json: a schema number, then the state.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ReplayDoc {
+    schema: u32,
+    #[serde(flatten)]
+    state: ReplayState,
+}
+
+impl ReplayFile {
+    pub fn new(private_dir: &Path) -> ReplayFile {
+        ReplayFile {
+            dir: private_dir.to_path_buf(),
+        }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(REPLAY_FILE)
+    }
+
+    /// The stored state; none (with the reason) when missing or unreadable.
+    pub fn load(&self) -> Result<Option<ReplayState>, String> {
+        let path = self.path();
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        match serde_json::from_slice::<ReplayDoc>(&bytes) {
+            Ok(d) if d.schema == 1 => Ok(Some(d.state)),
+            Ok(d) => Err(format!(
+                "{} has schema {}, this version writes 1",
+                path.display(),
+                d.schema
+            )),
+            Err(e) => Err(format!("{} is not valid: {e}", path.display())),
+        }
+    }
+
+    /// Stores `state` atomically, creating the private directory (0700) if missing.
+    pub fn store(&self, state: &ReplayState) -> anyhow::Result<()> {
+        if !self.dir.exists() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&self.dir)
+                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", self.dir.display()))?;
+        }
+        let doc = ReplayDoc {
+            schema: 1,
+            state: state.clone(),
+        };
+        vrouter_state::write_json_atomic(&self.dir, REPLAY_FILE, &doc)?;
+        Ok(())
+    }
+}
 
 /// What the controller reads.
 #[derive(Debug, Clone)]
@@ -240,7 +309,7 @@ pub async fn start(
         use std::io::Read;
         let _ = f.read_exact(&mut seed);
     }
-    let node = Node::new(
+    let mut node = Node::new(
         Params::default(),
         record,
         keyring.clone(),
@@ -248,6 +317,14 @@ pub async fn start(
         wall_ms(),
         u64::from_be_bytes(seed),
     );
+    let replay = ReplayFile::new(&settings.private_dir());
+    match replay.load() {
+        Ok(Some(state)) => node.import_replay(&state),
+        Ok(None) => {}
+        Err(e) => warn!("{e}; starting without the stored replay state (packets from before this restart may be accepted once, and a clock that stepped back may delay this node's packets)"),
+    }
+    // Reserve sequence numbers before the first packet goes out.
+    let replay_failing = save_replay(&mut node, &replay, false).is_err();
     let shared = Arc::new(Mutex::new(Snapshot {
         node_id,
         addr,
@@ -273,6 +350,9 @@ pub async fn start(
         join_specs: join_specs(settings),
         secret_stamp: secret_stamp(settings),
         last_view: Vec::new(),
+        replay,
+        replay_saved: Instant::now(),
+        replay_failing,
     };
     tokio::spawn(task.run(cmd_rx));
     Ok(GossipHandle {
@@ -299,6 +379,35 @@ struct Task {
     join_specs: Vec<String>,
     secret_stamp: Option<(SystemTime, u64)>,
     last_view: Vec<(NodeId, vrouter_gossip::MemberState, u64)>,
+    replay: ReplayFile,
+    replay_saved: Instant,
+    /// The last store failed: retried every REPLAY_SAVE_EVERY, logged once.
+    replay_failing: bool,
+}
+
+/// Stores the node's replay state and tells it so. A failure is logged unless the
+/// previous attempt failed too (`quiet`).
+fn save_replay(node: &mut Node, file: &ReplayFile, quiet: bool) -> anyhow::Result<()> {
+    let state = node.export_replay();
+    match file.store(&state) {
+        Ok(()) => {
+            node.replay_stored(state.seq_reserved);
+            Ok(())
+        }
+        Err(e) => {
+            if !quiet {
+                warn!("cannot store the gossip replay state: {e:#}; gossip runs on, but after a restart packets captured before it may be accepted once; retrying every {} s", REPLAY_SAVE_EVERY.as_secs());
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The runtime drops the task on shutdown: store the state one last time.
+impl Drop for Task {
+    fn drop(&mut self) {
+        let _ = save_replay(&mut self.node, &self.replay, self.replay_failing);
+    }
 }
 
 impl Task {
@@ -361,7 +470,27 @@ impl Task {
         }
     }
 
+    /// Stores the replay state when a reservation is half used or every 10 s; while
+    /// storing fails, only every 10 s.
+    fn maybe_save_replay(&mut self) {
+        let periodic = self.replay_saved.elapsed() >= REPLAY_SAVE_EVERY;
+        if !periodic && (self.replay_failing || !self.node.replay_due()) {
+            return;
+        }
+        let failed = save_replay(&mut self.node, &self.replay, self.replay_failing).is_err();
+        if self.replay_failing && !failed {
+            info!(
+                "gossip replay state stored again in {}",
+                self.replay.path().display()
+            );
+        }
+        self.replay_failing = failed;
+        self.replay_saved = Instant::now();
+    }
+
     async fn flush(&mut self) {
+        // Before anything is sent: the reservation must cover every number used.
+        self.maybe_save_replay();
         for (to, data) in self.node.take_outbox() {
             // Best effort, like any UDP gossip: a full buffer or an unreachable peer is
             // what SWIM's indirect probes and anti-entropy are for.
@@ -521,6 +650,93 @@ mod tests {
             .to_string()
             .contains("16 hex"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn replay_state_is_kept_in_the_private_dir() {
+        let top = std::env::temp_dir().join(format!("vrt-replay-{}", std::process::id()));
+        let dir = top.join("private");
+        let f = ReplayFile::new(&dir);
+        assert_eq!(f.load().unwrap(), None);
+        let state = ReplayState {
+            seq_reserved: 42,
+            senders: vec![(7, 99), (8, 1)],
+        };
+        f.store(&state).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        assert_eq!(f.load().unwrap(), Some(state));
+        std::fs::write(f.path(), "{not json").unwrap();
+        assert!(f.load().unwrap_err().contains("replay.json"));
+        // A directory that cannot be made is an error for the caller to log, no panic.
+        let bad = ReplayFile::new(&f.path().join("sub"));
+        assert!(bad.store(&ReplayState::default()).is_err());
+        std::fs::remove_dir_all(&top).unwrap();
+    }
+
+    fn node(id: u64, port: u16, wall: u64) -> Node {
+        let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+        let record = NodeRecord {
+            id: NodeId(id),
+            version: 0,
+            gossip_addr: addr,
+            underlay: Ipv4Addr::LOCALHOST,
+            vxlan_port: 4789,
+            stacks: Vec::new(),
+            left: false,
+            bump: 0,
+        };
+        let keys = Keyring::from_secrets(&["replay-test-secret-0123456789"]).unwrap();
+        Node::new(Params::default(), record, keys, 0, wall, id)
+    }
+
+    /// Packets `a` sends while joining `b`'s address.
+    fn packets(a: &mut Node, b_addr: SocketAddrV4, now: u64) -> Vec<Vec<u8>> {
+        a.set_join(vec![b_addr]);
+        a.tick(now);
+        let out: Vec<Vec<u8>> = a.take_outbox().into_iter().map(|(_, p)| p).collect();
+        assert!(!out.is_empty());
+        out
+    }
+
+    #[test]
+    fn replay_protection_survives_restarts_through_the_file() {
+        let top = std::env::temp_dir().join(format!("vrt-replay2-{}", std::process::id()));
+        let wall = 1_800_000_000_000;
+        let (a_addr, b_addr) = (
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1),
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 2),
+        );
+        let (a_file, b_file) = (
+            ReplayFile::new(&top.join("a")),
+            ReplayFile::new(&top.join("b")),
+        );
+        let mut a = node(1, 1, wall);
+        save_replay(&mut a, &a_file, false).unwrap();
+        let mut b = node(2, 2, wall);
+        let captured = packets(&mut a, b_addr, 10);
+        for p in &captured {
+            b.handle_packet(10, a_addr, p);
+        }
+        assert_eq!(b.counters().rejected_replayed, 0);
+        save_replay(&mut b, &b_file, false).unwrap();
+        // b restarts: the captured packets are still old.
+        let mut b = node(2, 2, wall + 60_000);
+        b.import_replay(&b_file.load().unwrap().unwrap());
+        for p in &captured {
+            b.handle_packet(0, a_addr, p);
+        }
+        assert_eq!(b.counters().rejected_replayed, captured.len() as u64);
+        // a restarts with its clock an hour back: its packets still get in.
+        let mut a = node(1, 1, wall - 3_600_000);
+        a.import_replay(&a_file.load().unwrap().unwrap());
+        save_replay(&mut a, &a_file, false).unwrap();
+        for p in packets(&mut a, b_addr, 10) {
+            b.handle_packet(1, a_addr, &p);
+        }
+        assert_eq!(b.counters().rejected_replayed, captured.len() as u64);
+        std::fs::remove_dir_all(&top).unwrap();
     }
 
     #[tokio::test]

@@ -10,11 +10,13 @@
 //! - [`node`]: SWIM membership through foca, record broadcast and anti-entropy;
 //! - [`sim`]: a simulated network and clock for tests and benchmarks.
 
+pub mod fuzz;
 pub mod node;
 pub mod record;
 pub mod seal;
 pub mod sim;
+pub mod validate;
 
 pub use node::{Counters, Faults, GossipEvent, MemberState, MemberView, Node, Params};
 pub use record::{ClaimedStack, Member, NodeId, NodeRecord};
-pub use seal::{Keyring, Reject};
+pub use seal::{Keyring, Reject, ReplayState};

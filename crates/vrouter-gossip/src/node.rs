@@ -9,8 +9,9 @@
 //! `wall_base_ms + now`.
 
 use crate::record::{ClaimedStack, Member, NodeId, NodeRecord};
-use crate::seal::{Keyring, Reject, Sealer, OVERHEAD};
-use foca::{BroadcastHandler, Foca, Invalidates, Notification, PostcardCodec, Runtime, Timer};
+use crate::seal::{Keyring, Reject, ReplayState, Sealer, OVERHEAD};
+use crate::validate;
+use foca::{BroadcastHandler, Foca, Invalidates, Notification, Runtime, Timer};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -18,6 +19,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::num::{NonZeroU8, NonZeroUsize};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -95,9 +97,9 @@ impl Params {
     }
 }
 
-/// What travels inside a sealed datagram.
-#[derive(Debug, Serialize, Deserialize)]
-enum Wire {
+/// What travels inside a sealed datagram (checked by [`validate::wire`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum Wire {
     /// A foca packet.
     Swim(Vec<u8>),
     /// "Let me in": sent to a bootstrap address, whose node id we do not know yet.
@@ -199,6 +201,11 @@ struct Store {
     records: BTreeMap<NodeId, NodeRecord>,
     /// A record about ourselves newer than ours (a previous life's): raise above it.
     own_seen: u64,
+    /// The newest version or bump accepted ([`validate::horizon`] of the wall clock),
+    /// shared with the SWIM codec.
+    horizon: Arc<AtomicU64>,
+    /// Records refused by [`validate::record`] since the last drain.
+    invalid: u64,
     drop_broadcasts: bool,
     changed: bool,
     /// (id, old underlay, new underlay) seen since the last drain.
@@ -208,6 +215,10 @@ struct Store {
 impl Store {
     /// Keeps `r` if it is newer than what is known. Returns whether it was.
     fn offer(&mut self, r: NodeRecord) -> bool {
+        if validate::record(&r, self.horizon.load(Ordering::Relaxed)).is_err() {
+            self.invalid += 1;
+            return false;
+        }
         if Some(r.id) == self.own {
             self.own_seen = self.own_seen.max(r.version);
             return false;
@@ -310,7 +321,7 @@ impl Runtime<Member> for Collect {
     }
 }
 
-type Swim = Foca<Member, PostcardCodec, StdRng, Handler>;
+type Swim = Foca<Member, validate::BoundedCodec, StdRng, Handler>;
 
 pub struct Node {
     params: Params,
@@ -374,15 +385,17 @@ impl Node {
         };
         record.version = wall_ms.max(1);
         record.bump = me.bump;
+        let horizon = Arc::new(AtomicU64::new(validate::horizon(wall_ms)));
         let store = Arc::new(Mutex::new(Store {
             own: Some(record.id),
+            horizon: horizon.clone(),
             ..Store::default()
         }));
         let swim = Foca::with_custom_broadcast(
             me.clone(),
             params.foca(),
             StdRng::seed_from_u64(seed),
-            PostcardCodec,
+            validate::BoundedCodec::new(horizon),
             Handler(store.clone()),
         );
         let sealer = Sealer::new(keyring, record.id.0, wall_ms.saturating_mul(1000));
@@ -410,6 +423,7 @@ impl Node {
             left: false,
             identity_changed: false,
         };
+        n.advance(now);
         n.queue_own_broadcast();
         n
     }
@@ -438,6 +452,27 @@ impl Node {
         self.sealer.set_keyring(k);
     }
 
+    /// Replay protection's state, for the caller to store across restarts
+    /// ([`ReplayState`]); call [`Node::replay_stored`] once it is stored.
+    pub fn export_replay(&self) -> ReplayState {
+        self.sealer.export_replay()
+    }
+
+    pub fn replay_stored(&mut self, seq_reserved: u64) {
+        self.sealer.replay_stored(seq_reserved);
+    }
+
+    /// Whether the replay state must be stored now (half the reserved sequence
+    /// numbers used).
+    pub fn replay_due(&self) -> bool {
+        self.sealer.replay_due()
+    }
+
+    /// Restores the replay state stored by a previous run; call it before any packet.
+    pub fn import_replay(&mut self, state: &ReplayState) {
+        self.sealer.import_replay(state);
+    }
+
     pub fn set_faults(&mut self, f: Faults) {
         self.store.lock().expect("store lock").drop_broadcasts = f.drop_broadcasts;
     }
@@ -452,7 +487,18 @@ impl Node {
     }
 
     fn wall(&self) -> u64 {
-        self.wall_base_ms + self.now
+        self.wall_base_ms.saturating_add(self.now)
+    }
+
+    /// Moves the clock (never back) and with it the newest version accepted.
+    fn advance(&mut self, now: u64) {
+        self.now = self.now.max(now);
+        let h = validate::horizon(self.wall());
+        self.store
+            .lock()
+            .expect("store lock")
+            .horizon
+            .store(h, Ordering::Relaxed);
     }
 
     /// Publishes a new record content (stacks, addresses). Returns whether it changed.
@@ -464,7 +510,7 @@ impl Node {
         vxlan_port: u16,
         stacks: Vec<ClaimedStack>,
     ) -> Result<bool, String> {
-        self.now = self.now.max(now);
+        self.advance(now);
         if self.left {
             return Ok(false);
         }
@@ -484,7 +530,7 @@ impl Node {
                 "this host's record would be {size} bytes, over the {MAX_RECORD}-byte limit of one gossip datagram; announce fewer stacks or prefixes"
             ));
         }
-        next.version = self.wall().max(self.record.version + 1);
+        next.version = self.next_version();
         let moved = gossip_addr != self.me.addr;
         self.record = next;
         if moved {
@@ -504,6 +550,11 @@ impl Node {
         Ok(true)
     }
 
+    /// The version of our next record: the wall clock, or one above the current.
+    fn next_version(&self) -> u64 {
+        self.wall().max(self.record.version.saturating_add(1))
+    }
+
     fn queue_own_broadcast(&mut self) {
         if self.store.lock().expect("store lock").drop_broadcasts {
             return;
@@ -519,10 +570,10 @@ impl Node {
     /// Leaves on purpose: a tombstone record (no stacks, `left`) goes out by broadcast
     /// and directly to a few members, then SWIM declares this node down.
     pub fn leave(&mut self, now: u64) {
-        self.now = self.now.max(now);
+        self.advance(now);
         self.record.left = true;
         self.record.stacks.clear();
-        self.record.version = self.wall().max(self.record.version + 1);
+        self.record.version = self.next_version();
         self.left = true;
         self.queue_own_broadcast();
         let members: Vec<Member> = self.swim.iter_members().map(|m| m.id().clone()).collect();
@@ -536,9 +587,12 @@ impl Node {
 
     /// Hands a received datagram to the node.
     pub fn handle_packet(&mut self, now: u64, from: SocketAddrV4, data: &[u8]) {
-        self.now = self.now.max(now);
+        self.advance(now);
         self.counters.packets_in += 1;
         self.counters.bytes_in += data.len() as u64;
+        if validate::datagram(data.len()).is_err() {
+            return self.reject(Reject::Malformed);
+        }
         let (sender, plain) = match self.sealer.open(data) {
             Ok(x) => x,
             Err(r) => return self.reject(r),
@@ -550,6 +604,10 @@ impl Node {
             Ok(w) => w,
             Err(_) => return self.reject(Reject::Malformed),
         };
+        let horizon = validate::horizon(self.wall());
+        if validate::wire(&wire, horizon).is_err() {
+            return self.reject(Reject::Malformed);
+        }
         if self.left {
             return;
         }
@@ -600,7 +658,7 @@ impl Node {
                     if Some(*id) == store.own {
                         continue;
                     }
-                    if store.records.get(id).is_none_or(|r| r.version < *v) {
+                    if *v <= horizon && store.records.get(id).is_none_or(|r| r.version < *v) {
                         want.push(*id);
                     }
                 }
@@ -627,7 +685,9 @@ impl Node {
                 }
                 self.send_records(from, push);
             }
-            Wire::Want(ids) => {
+            Wire::Want(mut ids) => {
+                ids.sort_unstable();
+                ids.dedup();
                 let store = self.store.lock().expect("store lock");
                 let mut recs: Vec<NodeRecord> = ids
                     .iter()
@@ -652,12 +712,16 @@ impl Node {
     }
 
     fn reject(&mut self, r: Reject) {
+        self.reject_n(r, 1);
+    }
+
+    fn reject_n(&mut self, r: Reject, n: u64) {
         match r {
-            Reject::BadKey => self.counters.rejected_bad_key += 1,
-            Reject::Malformed => self.counters.rejected_malformed += 1,
-            Reject::Replayed => self.counters.rejected_replayed += 1,
+            Reject::BadKey => self.counters.rejected_bad_key += n,
+            Reject::Malformed => self.counters.rejected_malformed += n,
+            Reject::Replayed => self.counters.rejected_replayed += n,
         }
-        *self.unreported.entry(r).or_default() += 1;
+        *self.unreported.entry(r).or_default() += n;
         if self.now >= self.next_reject_report {
             self.next_reject_report = self.now + 10_000;
             let list = std::mem::take(&mut self.unreported).into_iter().collect();
@@ -667,7 +731,7 @@ impl Node {
 
     /// Runs due timers, anti-entropy and join retries.
     pub fn tick(&mut self, now: u64) {
-        self.now = self.now.max(now);
+        self.advance(now);
         while let Some(Reverse((at, _, _))) = self.timers.peek() {
             if *at > self.now {
                 break;
@@ -853,19 +917,27 @@ impl Node {
     /// Bookkeeping after any input: raise our version above a previous life's, note
     /// state changes and migrations.
     fn after_input(&mut self) {
-        let own_seen = {
+        let (own_seen, invalid) = {
             let mut s = self.store.lock().expect("store lock");
-            std::mem::take(&mut s.own_seen)
+            (
+                std::mem::take(&mut s.own_seen),
+                std::mem::take(&mut s.invalid),
+            )
         };
+        if invalid > 0 {
+            self.reject_n(Reject::Malformed, invalid);
+        }
         // Strictly newer only: our current record comes back to us all the time
-        // (broadcasts reach their origin too).
+        // (broadcasts reach their origin too). `own_seen` passed validate::record, so
+        // it is within a day of the wall clock and one more stays within every
+        // peer's bound (give or take clock skew): no forged version pins our record.
         if own_seen > self.record.version && !self.left {
-            self.record.version = own_seen + 1;
+            self.record.version = own_seen.saturating_add(1);
             self.queue_own_broadcast();
         }
         if std::mem::take(&mut self.identity_changed) && !self.left {
             self.record.bump = self.me.bump;
-            self.record.version = self.wall().max(self.record.version + 1);
+            self.record.version = self.next_version();
             self.queue_own_broadcast();
         }
         // Membership states.

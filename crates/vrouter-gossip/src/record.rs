@@ -86,7 +86,7 @@ impl foca::Identity for Member {
 
     fn renew(&self) -> Option<Self> {
         Some(Member {
-            bump: self.bump.wrapping_add(1),
+            bump: self.bump.saturating_add(1),
             ..self.clone()
         })
     }

@@ -14,9 +14,15 @@
 //! counts up, which also makes a restarted sender's packets newer than its old ones.
 //! The key hint (the first 4 bytes of SHA-256 of the derived key) only picks the key to
 //! try; authenticity comes from the tag alone.
+//!
+//! Across restarts ([`ReplayState`], stored by the caller): a sender reserves sequence
+//! numbers ahead and starts above the reservation, so a wall clock that stepped back
+//! neither reuses a number nor falls behind its peers' windows; a receiver restores
+//! each sender's newest number, so a packet captured before the restart stays old.
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 
@@ -30,6 +36,9 @@ pub const OVERHEAD: usize = HEADER + TAG;
 const WINDOW: u64 = 1024;
 /// Senders whose replay state is kept; the least recently heard is dropped beyond this.
 const MAX_SENDERS: usize = 65_536;
+/// Sequence numbers reserved by each [`Sealer::export_replay`]; the caller stores the
+/// state again when half of them are used ([`Sealer::replay_due`]).
+pub const SEQ_RESERVE: u64 = 1 << 20;
 /// Shortest secret accepted, in bytes.
 pub const MIN_SECRET_LEN: usize = 16;
 /// The key every `--insecure` node uses: framing and replay checks still run, but anyone
@@ -146,11 +155,24 @@ impl Keyring {
     }
 }
 
+/// What replay protection must remember across a restart, as a value the caller
+/// stores (discovery: replay.json in its private directory).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayState {
+    /// Every sequence number this sender used, or may use before the state is stored
+    /// again, is below this.
+    pub seq_reserved: u64,
+    /// (sender, newest sequence number accepted from it), most recently heard first.
+    pub senders: Vec<(u64, u64)>,
+}
+
 /// Seals outgoing packets of one sender and opens incoming ones, with replay state.
 pub struct Sealer {
     keyring: Keyring,
     sender: u64,
     next_seq: u64,
+    /// The reservation last stored ([`Sealer::replay_stored`]).
+    reserved: u64,
     windows: HashMap<u64, ReplayWindow>,
     /// Logical clock for the least-recently-heard eviction.
     heard: u64,
@@ -164,6 +186,7 @@ impl Sealer {
             keyring,
             sender,
             next_seq: seq_base,
+            reserved: 0,
             windows: HashMap::new(),
             heard: 0,
         }
@@ -178,9 +201,54 @@ impl Sealer {
         self.keyring = keyring;
     }
 
+    /// The state to store: sequence numbers reserved up to `SEQ_RESERVE` ahead, and
+    /// the newest number of every sender heard. Call [`Sealer::replay_stored`] once it
+    /// is stored.
+    pub fn export_replay(&self) -> ReplayState {
+        let mut senders: Vec<(u64, u64, u64)> = self
+            .windows
+            .iter()
+            .filter(|(_, w)| w.started)
+            .map(|(id, w)| (w.heard, *id, w.top))
+            .collect();
+        senders.sort_unstable_by(|a, b| b.cmp(a));
+        ReplayState {
+            seq_reserved: self.next_seq.saturating_add(SEQ_RESERVE).max(self.reserved),
+            senders: senders.into_iter().map(|(_, id, top)| (id, top)).collect(),
+        }
+    }
+
+    /// The state exported with this reservation is stored durably.
+    pub fn replay_stored(&mut self, seq_reserved: u64) {
+        self.reserved = self.reserved.max(seq_reserved);
+    }
+
+    /// Whether half of the stored reservation is used (or none is stored yet): export
+    /// and store the state now, before the sender runs past it.
+    pub fn replay_due(&self) -> bool {
+        self.next_seq.saturating_add(SEQ_RESERVE / 2) >= self.reserved
+    }
+
+    /// Restores a stored state: sending starts above its reservation, and each sender's
+    /// numbers up to its newest are taken as seen (a packet captured before the restart
+    /// is rejected; a reordered one that was never opened is lost, which gossip repairs).
+    pub fn import_replay(&mut self, state: &ReplayState) {
+        self.next_seq = self.next_seq.max(state.seq_reserved);
+        self.reserved = self.reserved.max(state.seq_reserved);
+        for (i, (sender, top)) in state.senders.iter().take(MAX_SENDERS).enumerate() {
+            // Most recently heard first: keep that order for the eviction.
+            let heard = (state.senders.len().min(MAX_SENDERS) - i) as u64;
+            let w = self.windows.entry(*sender).or_default();
+            if !w.started || w.top < *top {
+                *w = ReplayWindow::restored(*top, heard);
+            }
+            self.heard = self.heard.max(heard);
+        }
+    }
+
     pub fn seal(&mut self, plaintext: &[u8]) -> Vec<u8> {
         let seq = self.next_seq;
-        self.next_seq += 1;
+        self.next_seq = self.next_seq.saturating_add(1);
         let key = &self.keyring.keys[0];
         let mut header = [0u8; HEADER];
         header[..4].copy_from_slice(MAGIC);
@@ -272,6 +340,16 @@ struct ReplayWindow {
 }
 
 impl ReplayWindow {
+    /// A window whose numbers up to `top` all count as seen.
+    fn restored(top: u64, heard: u64) -> ReplayWindow {
+        ReplayWindow {
+            top,
+            seen: [u64::MAX; (WINDOW / 64) as usize],
+            started: true,
+            heard,
+        }
+    }
+
     fn accept(&mut self, seq: u64) -> bool {
         if !self.started {
             self.started = true;
@@ -399,6 +477,69 @@ mod tests {
         assert!(!w.accept(1070));
         assert!(w.accept(1000 + WINDOW + 2000));
         assert!(!w.accept(1070));
+    }
+
+    #[test]
+    fn a_restarted_receiver_still_rejects_packets_captured_before() {
+        let mut a = Sealer::new(ring(&["secret-number-one-1234"]), 7, 100);
+        let mut b = Sealer::new(ring(&["secret-number-one-1234"]), 8, 1);
+        let ps: Vec<_> = (0..2000).map(|i| a.seal(&[i as u8])).collect();
+        for p in &ps[..1999] {
+            b.open(p).unwrap();
+        }
+        let stored = b.export_replay();
+        assert_eq!(stored.senders, vec![(7, 100 + 1998)]);
+        // Without the state, a restarted receiver takes the first packet it sees.
+        let mut fresh = Sealer::new(ring(&["secret-number-one-1234"]), 8, 1);
+        assert!(fresh.open(&ps[5]).is_ok());
+        let mut b2 = Sealer::new(ring(&["secret-number-one-1234"]), 8, 1);
+        b2.import_replay(&stored);
+        assert_eq!(b2.open(&ps[5]).unwrap_err(), Reject::Replayed);
+        assert_eq!(b2.open(&ps[1990]).unwrap_err(), Reject::Replayed);
+        assert!(b2.open(&ps[1999]).is_ok(), "the next new packet");
+        assert!(b2.open(&a.seal(b"new")).is_ok());
+    }
+
+    #[test]
+    fn a_sender_whose_clock_stepped_back_starts_above_its_old_numbers() {
+        let key = "secret-number-one-1234";
+        let mut a = Sealer::new(ring(&[key]), 7, 5_000_000);
+        assert!(a.replay_due(), "nothing stored yet");
+        let stored = a.export_replay();
+        assert!(stored.seq_reserved >= 5_000_000 + SEQ_RESERVE);
+        a.replay_stored(stored.seq_reserved);
+        assert!(!a.replay_due());
+        let mut b = Sealer::new(ring(&[key]), 8, 1);
+        // Sends, then crashes without storing again: every number used is below the
+        // stored reservation.
+        let mut last = Vec::new();
+        for _ in 0..5000 {
+            last = a.seal(b"x");
+            b.open(&last).unwrap();
+        }
+        // Restarted with the clock an hour back.
+        let mut back = Sealer::new(ring(&[key]), 7, 1_000);
+        assert_eq!(b.open(&back.seal(b"y")).unwrap_err(), Reject::Replayed);
+        let mut a2 = Sealer::new(ring(&[key]), 7, 1_000);
+        a2.import_replay(&stored);
+        assert!(b.open(&a2.seal(b"z")).is_ok(), "accepted after the restart");
+        assert_eq!(b.open(&last).unwrap_err(), Reject::Replayed);
+        // The restored reservation is used up from the start: store a new one first.
+        assert!(a2.replay_due());
+        let next = a2.export_replay();
+        assert!(next.seq_reserved >= stored.seq_reserved + SEQ_RESERVE);
+    }
+
+    #[test]
+    fn the_state_is_due_again_when_half_the_reservation_is_used() {
+        let mut a = Sealer::new(ring(&["secret-number-one-1234"]), 7, 0);
+        let s = a.export_replay();
+        a.replay_stored(s.seq_reserved);
+        a.next_seq += SEQ_RESERVE / 2 - 1;
+        assert!(!a.replay_due());
+        a.seal(b"x");
+        assert!(a.replay_due());
+        assert!(a.next_seq < s.seq_reserved);
     }
 
     #[test]

@@ -14,5 +14,5 @@ pub use probes::{
     MtuCheck, PeerProbe, ProbesFile, RouterHealth, StackTraffic, OVERLAY_PROBE_PORT, PROBES_DIR,
 };
 pub use schema::*;
-pub use store::{LeaderLock, ReadError, StateDir, StateError};
+pub use store::{write_json_atomic, LeaderLock, ReadError, StateDir, StateError};
 pub use types::*;

@@ -527,45 +527,7 @@ impl StateDir {
         name: &str,
         value: &T,
     ) -> Result<(), StateError> {
-        let target = dir.join(name);
-        let tmp_prefix = format!(".{name}.tmp.");
-        remove_stale_temps(dir, &tmp_prefix);
-
-        let tmp = dir.join(format!(
-            "{tmp_prefix}{}.{}",
-            std::process::id(),
-            UNIQUE.fetch_add(1, Ordering::Relaxed)
-        ));
-        let mut bytes = serde_json::to_vec_pretty(value).map_err(|e| StateError::Io {
-            what: "serialising",
-            path: target.clone(),
-            source: io::Error::new(io::ErrorKind::InvalidData, e),
-        })?;
-        bytes.push(b'\n');
-
-        let written = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(FILE_MODE)
-                .open(&tmp)?;
-            // The umask may have cleared bits; readers under other uids need 0644.
-            f.set_permissions(fs::Permissions::from_mode(FILE_MODE))?;
-            f.write_all(&bytes)?;
-            f.sync_all()
-        })();
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(StateError::io("writing", &tmp)(e));
-        }
-        if let Err(e) = fs::rename(&tmp, &target) {
-            let _ = fs::remove_file(&tmp);
-            return Err(StateError::io("renaming into place", &target)(e));
-        }
-        // Make the rename itself durable.
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(StateError::io("syncing", dir))
+        write_json_atomic(dir, name, value)
     }
 
     fn read_json<T: DeserializeOwned + Versioned>(&self, name: &str) -> Result<T, ReadError> {
@@ -601,6 +563,56 @@ impl StateDir {
         debug_assert_eq!(file.schema(), SCHEMA_VERSION);
         Ok(file)
     }
+}
+
+/// Replaces `dir/name` with `value` as pretty JSON, atomically: a complete, fsynced
+/// temp file (created exclusively) renamed over it, then the directory synced. Readers
+/// see the old file or the new one, never a mix. Callers serialise writers of one file
+/// (the state files: under the state lock; others: one owner).
+pub fn write_json_atomic<T: Serialize>(
+    dir: &Path,
+    name: &str,
+    value: &T,
+) -> Result<(), StateError> {
+    let target = dir.join(name);
+    let tmp_prefix = format!(".{name}.tmp.");
+    remove_stale_temps(dir, &tmp_prefix);
+
+    let tmp = dir.join(format!(
+        "{tmp_prefix}{}.{}",
+        std::process::id(),
+        UNIQUE.fetch_add(1, Ordering::Relaxed)
+    ));
+    let mut bytes = serde_json::to_vec_pretty(value).map_err(|e| StateError::Io {
+        what: "serialising",
+        path: target.clone(),
+        source: io::Error::new(io::ErrorKind::InvalidData, e),
+    })?;
+    bytes.push(b'\n');
+
+    let written = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .open(&tmp)?;
+        // The umask may have cleared bits; readers under other uids need 0644.
+        f.set_permissions(fs::Permissions::from_mode(FILE_MODE))?;
+        f.write_all(&bytes)?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(StateError::io("writing", &tmp)(e));
+    }
+    if let Err(e) = fs::rename(&tmp, &target) {
+        let _ = fs::remove_file(&tmp);
+        return Err(StateError::io("renaming into place", &target)(e));
+    }
+    // Make the rename itself durable.
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(StateError::io("syncing", dir))
 }
 
 /// Removes the temp files starting with `prefix` in `dir`; see
