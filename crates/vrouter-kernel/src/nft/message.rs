@@ -201,19 +201,6 @@ impl NetlinkDeserializable for Reply {
     }
 }
 
-// Needed by NetlinkPayload's methods; replies are never sent.
-impl NetlinkSerializable for Reply {
-    fn message_type(&self) -> u16 {
-        0
-    }
-    fn buffer_len(&self) -> usize {
-        self.payload.len()
-    }
-    fn serialize(&self, buffer: &mut [u8]) {
-        buffer.copy_from_slice(&self.payload);
-    }
-}
-
 /// The messages of a received datagram; stops at the first malformed one.
 pub(super) fn replies(buf: &[u8]) -> impl Iterator<Item = NetlinkMessage<Reply>> + '_ {
     let mut rest = buf;
