@@ -20,7 +20,7 @@
 //! not model: their messages go over a second NETLINK_ROUTE socket of their own),
 //! `netns.rs` (other namespaces seen from this one: netnsids, veth peers, and their
 //! addresses over a third socket with strict checking, which targeted dumps need).
-//! `nft.rs` is the one part on another netlink family: per-prefix traffic counters in
+//! `nft/` is the one part on another netlink family: per-prefix traffic counters in
 //! nftables over NETLINK_NETFILTER ([`Nft`]).
 //!
 //! Requests may be pipelined: each method sends its request when first polled, so
@@ -41,6 +41,7 @@ pub use error::KernelError;
 pub use netns::VethPort;
 pub use nft::{
     CounterDump, CounterReading, Direction, Nft, PrefixCounter, RuleReading, SetReading, Slot,
+    MAX_OWNER_LEN,
 };
 
 use error::{classify, Context};

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use vrouter_kernel::{
     CounterReading, Direction, Kernel, KernelError, Nft, PrefixCounter, Route, Slot,
 };
-use vrouter_state::StackName;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -90,7 +89,7 @@ fn spare_netns() -> OwnedFd {
 
 fn counter(direction: Direction, prefix: &str, stack: &str) -> PrefixCounter {
     PrefixCounter {
-        stack: StackName::new(stack).unwrap(),
+        owner: format!("stack {stack}"),
         prefix: prefix.parse().unwrap(),
         direction,
     }

@@ -36,6 +36,7 @@
 //! [`link`] and [`traffic`]'s `TrafficCounters` are the only code that touches the
 //! kernel.
 
+pub mod acl;
 pub mod apply;
 pub mod attach;
 pub mod caps;

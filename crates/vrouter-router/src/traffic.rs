@@ -67,13 +67,25 @@ pub fn desired(routes: &DesiredRouter) -> BTreeSet<PrefixCounter> {
         };
         for direction in [Direction::ToPrefix, Direction::FromPrefix] {
             out.insert(PrefixCounter {
-                stack: (*stack).clone(),
+                owner: owner_of(stack),
                 prefix: *prefix,
                 direction,
             });
         }
     }
     out
+}
+
+/// The owner text of a remote stack's counters, which the kernel keeps in each
+/// element's comment: "stack b" ("vrouter to 10.2.0.0/24 stack b").
+pub fn owner_of(stack: &StackName) -> String {
+    format!("stack {stack}")
+}
+
+/// The remote stack a counter is for; None for an owner that is not a stack's.
+pub fn stack_of(counter: &PrefixCounter) -> Option<StackName> {
+    let name = counter.owner.strip_prefix("stack ")?;
+    StackName::new(name).ok()
 }
 
 /// Changes that make the table hold exactly the desired counters, applied in this
@@ -161,14 +173,15 @@ pub fn aggregate(
     readings: &[CounterReading],
     desired: Option<&BTreeSet<PrefixCounter>>,
 ) -> Vec<StackTraffic> {
-    let mut per: BTreeMap<&StackName, StackTraffic> = BTreeMap::new();
+    let mut per: BTreeMap<StackName, StackTraffic> = BTreeMap::new();
     for r in readings {
         let Some(c) = &r.counter else { continue };
         if desired.is_some_and(|d| !d.contains(c)) {
             continue;
         }
-        let t = per.entry(&c.stack).or_insert_with(|| StackTraffic {
-            stack: c.stack.clone(),
+        let Some(stack) = stack_of(c) else { continue };
+        let t = per.entry(stack.clone()).or_insert_with(|| StackTraffic {
+            stack,
             tx_bytes: 0,
             tx_packets: 0,
             rx_bytes: 0,
@@ -319,7 +332,7 @@ mod tests {
 
     fn counter(direction: Direction, p: &str, s: &str) -> PrefixCounter {
         PrefixCounter {
-            stack: stack(s),
+            owner: owner_of(&stack(s)),
             prefix: prefix(p),
             direction,
         }
@@ -547,6 +560,23 @@ mod tests {
         assert_eq!(all.len(), 3);
         assert_eq!((&all[0], &all[1]), (&b, &c));
         assert_eq!(all[2].stack, stack("z"));
+    }
+
+    #[test]
+    fn counters_name_their_stack_in_the_owner() {
+        let c = counter(Direction::ToPrefix, "10.2.0.0/24", "stack-c.prod_1");
+        assert_eq!(c.comment(), "vrouter to 10.2.0.0/24 stack stack-c.prod_1");
+        assert_eq!(stack_of(&c), Some(stack("stack-c.prod_1")));
+        // Owners that are not a stack's are not counted for any stack.
+        for other in ["stack", "stack ", "stack b extra", "host b", "b"] {
+            let c = PrefixCounter {
+                owner: other.to_string(),
+                ..c.clone()
+            };
+            assert_eq!(stack_of(&c), None, "{other:?}");
+            let r = reading(&c, 5, 1);
+            assert!(aggregate(&[r], None).is_empty(), "{other:?}");
+        }
     }
 
     /// Root only (a throwaway namespace): without CAP_NET_ADMIN the report carries the

@@ -1,0 +1,342 @@
+//! Per-prefix traffic counters in nftables, driven over NETLINK_NETFILTER.
+//!
+//! The router counts what it forwards to and from each remote stack with counters kept
+//! on set elements, so a forwarded packet costs a few hash lookups however many remote
+//! prefixes there are. Per direction and prefix length in use there is one hash set
+//! (`to_24`, `from_16`, ...: key `ipv4_addr`, no flags, a `counter` expression as the
+//! set's template, which the kernel clones into every element added without its own)
+//! and one rule in the base chain at the forward hook (type filter, priority 0, policy
+//! accept, no verdicts: it never drops anything):
+//!
+//! ```text
+//! ip daddr & 255.255.255.0 @to_24     (payload load, bitwise mask unless /32, lookup)
+//! ip saddr & 255.255.255.0 @from_24
+//! ```
+//!
+//! An element is a remote prefix's network address (the masked key); the lookup that
+//! finds it updates its counter. A packet is counted once per prefix length, in the
+//! element of every configured prefix that contains the address (as the earlier one
+//! rule per prefix did: overlapping prefixes of different lengths each count). With
+//! typically one or two prefix lengths in use that is two to four rules in the chain.
+//! No `nft` binary is needed, so it works from a FROM scratch image with only
+//! CAP_NET_ADMIN in the router's own namespace. At the ip-family forward hook the
+//! counter adds the IP packet's length (header and payload, no link-layer bytes).
+//!
+//! No crate types NF_TABLES messages under a permissive licence that fits this tree
+//! (neli only knows NFLOG, rustables is GPL), so the module is in layers:
+//!
+//! - `uapi.rs`: the kernel's numbers;
+//! - `model.rs`: the public values (slots, counters, readings);
+//! - `message.rs`: the message model, `struct nfgenmsg` and an attribute tree, framed
+//!   by netlink-packet-core (the crate's rtnetlink stack, as `nexthop.rs` uses it);
+//! - `encode.rs` / `decode.rs`: requests as nft writes them, dumps read back;
+//! - `socket.rs`: a netlink-sys NETLINK_NETFILTER socket, NFNL_MSG_BATCH_BEGIN/END
+//!   transactions (a batch applies whole or not at all; large element lists are split
+//!   in several batches to stay under the socket's send buffer) and dumps;
+//! - this file: [`Nft`], the operations the router calls.
+//!
+//! Every u32/u64 goes in network byte order, as nf_tables expects (NLA_BE32/NLA_BE64).
+//!
+//! Each element carries its identity in its userdata, in the TLV format libnftnl uses
+//! for comments, so `nft list ruleset` shows it as
+//! `10.2.0.0 counter packets 0 bytes 0 comment "vrouter to 10.2.0.0/24 stack b"`, and
+//! a dump maps an element back to its (owner, prefix, direction) without any state
+//! outside the kernel. The owner is the caller's text ("stack b"): stacks are the
+//! router's business, not this crate's. Rules and sets are recognised by their shape
+//! and names.
+
+mod decode;
+mod encode;
+mod message;
+mod model;
+mod socket;
+#[cfg(test)]
+mod tests;
+mod uapi;
+
+pub use model::{
+    CounterDump, CounterReading, Direction, PrefixCounter, RuleReading, SetReading, Slot,
+    MAX_OWNER_LEN,
+};
+
+use crate::{KernelError, Result};
+use decode::{parse_elements, parse_rule, parse_set};
+use message::{Attr, Request};
+use nix::errno::Errno;
+use rtnetlink::packet_core::NLM_F_DUMP;
+use socket::NfSocket;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use uapi::*;
+
+/// Dumps interrupted by a concurrent change are retried this often.
+const DUMP_TRIES: usize = 3;
+/// Elements per NEWSETELEM/DELSETELEM message: a nested attribute is at most 64 KiB
+/// and an element with its comment about 130 bytes (at most about 170).
+const ELEMENTS_PER_MESSAGE: usize = 256;
+
+/// A socket on the nf_tables netlink subsystem of one network namespace, scoped to
+/// one table (family ip) and its counting chain.
+pub struct Nft {
+    socket: NfSocket,
+    table: String,
+    chain: String,
+}
+
+impl std::fmt::Debug for Nft {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Nft")
+            .field("table", &self.table)
+            .field("chain", &self.chain)
+            .finish()
+    }
+}
+
+impl Nft {
+    /// Opens a NETLINK_NETFILTER socket in the calling thread's network namespace, for
+    /// the counting chain `chain` of table `ip <table>`. Nothing is created yet (see
+    /// [`Nft::ensure_chain`]).
+    pub fn connect(table: &str, chain: &str) -> Result<Nft> {
+        Ok(Nft {
+            socket: NfSocket::connect()?,
+            table: table.to_string(),
+            chain: chain.to_string(),
+        })
+    }
+
+    /// `ip <table>` and its chain: type filter, hook forward, priority 0, policy accept.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    pub fn chain(&self) -> &str {
+        &self.chain
+    }
+
+    /// Creates the table and the counting chain if missing, in one transaction.
+    /// Idempotent: existing ones are kept with their rules and counters, and a chain
+    /// whose policy was changed gets `accept` back.
+    pub fn ensure_chain(&self) -> Result<()> {
+        self.socket.transact(
+            "create nftables chain",
+            vec![
+                encode::new_table(&self.table),
+                encode::new_chain(&self.table, &self.chain),
+            ],
+        )
+    }
+
+    /// Adds the counters that are not there yet, with the set and lookup rule of each
+    /// slot they need and of each slot in `slots` (the table and chain are made if
+    /// missing). Idempotent: an element already in its set (same key) is not added
+    /// again, so its count goes on; a set or rule already there is kept. The table,
+    /// chain, sets, rules and the first elements go in one transaction; a long element
+    /// list continues in further ones.
+    pub fn add(&self, slots: &[Slot], counters: &[PrefixCounter]) -> Result<()> {
+        if let Some(bad) = counters.iter().find(|c| !c.owner_is_valid()) {
+            return Err(KernelError::Errno {
+                op: format!(
+                    "add nftables counter for {}: its owner {:?} must be 1 to {MAX_OWNER_LEN} bytes without NUL",
+                    bad.prefix, bad.owner
+                ),
+                errno: Errno::EINVAL,
+            });
+        }
+        let present = self.dump()?;
+        let mut wanted: BTreeSet<Slot> = slots.iter().copied().collect();
+        wanted.extend(counters.iter().map(Slot::of));
+        let mut messages = vec![
+            encode::new_table(&self.table),
+            encode::new_chain(&self.table, &self.chain),
+        ];
+        for slot in &wanted {
+            let name = slot.set_name();
+            if !present.sets.iter().any(|s| s.name == name) {
+                messages.push(encode::new_set(&self.table, *slot, self.socket.next_seq()));
+            }
+            if !present.rules.iter().any(|r| r.slot == Some(*slot)) {
+                messages.push(encode::new_rule(&self.table, &self.chain, *slot));
+            }
+        }
+        let mut per_set: BTreeMap<Slot, Vec<&PrefixCounter>> = BTreeMap::new();
+        let mut keys: BTreeSet<(Slot, Ipv4Addr)> =
+            present.elements.iter().map(|e| (e.slot, e.key)).collect();
+        for c in counters {
+            if keys.insert((Slot::of(c), c.prefix.addr())) {
+                per_set.entry(Slot::of(c)).or_default().push(c);
+            }
+        }
+        for (slot, list) in &per_set {
+            for chunk in list.chunks(ELEMENTS_PER_MESSAGE) {
+                messages.push(encode::new_elements(&self.table, *slot, chunk));
+            }
+        }
+        self.socket
+            .transact_split("add nftables counters", messages)
+    }
+
+    /// [`Nft::add`] without extra slots.
+    pub fn add_counters(&self, counters: &[PrefixCounter]) -> Result<()> {
+        self.add(&[], counters)
+    }
+
+    /// The elements of our counting sets with their counters. A missing table is no
+    /// counters.
+    pub fn counters(&self) -> Result<Vec<CounterReading>> {
+        let sets = self.sets()?;
+        self.elements(&sets)
+    }
+
+    /// Rules of the chain, sets of the table and elements of our sets.
+    pub fn dump(&self) -> Result<CounterDump> {
+        let rules = self.rules()?;
+        let sets = self.sets()?;
+        let elements = self.elements(&sets)?;
+        Ok(CounterDump {
+            rules,
+            sets,
+            elements,
+        })
+    }
+
+    /// Every rule of the counting chain. A missing table or chain is an empty chain.
+    pub fn rules(&self) -> Result<Vec<RuleReading>> {
+        let mut out = Vec::new();
+        for _ in 0..DUMP_TRIES {
+            let m = Request::new(
+                NFT_MSG_GETRULE,
+                NLM_F_DUMP,
+                NFPROTO_IPV4,
+                vec![Attr::str(NFTA_RULE_TABLE, &self.table)],
+            );
+            let (rules, interrupted) =
+                self.socket
+                    .dump("dump nftables rules", m, NFT_MSG_NEWRULE)?;
+            out = rules
+                .iter()
+                .filter_map(|payload| parse_rule(payload))
+                .filter(|(table, chain, _)| *table == self.table && *chain == self.chain)
+                .map(|(_, _, reading)| reading)
+                .collect();
+            if !interrupted {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every set of the table. A missing table has none.
+    pub fn sets(&self) -> Result<Vec<SetReading>> {
+        let mut out = Vec::new();
+        for _ in 0..DUMP_TRIES {
+            let m = Request::new(
+                NFT_MSG_GETSET,
+                NLM_F_DUMP,
+                NFPROTO_IPV4,
+                vec![Attr::str(NFTA_SET_TABLE, &self.table)],
+            );
+            let (sets, interrupted) = self.socket.dump("dump nftables sets", m, NFT_MSG_NEWSET)?;
+            out = sets
+                .iter()
+                .filter_map(|payload| parse_set(payload))
+                .filter(|(table, _)| *table == self.table)
+                .map(|(_, set)| set)
+                .collect();
+            if !interrupted {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The elements of those of `sets` that are ours.
+    fn elements(&self, sets: &[SetReading]) -> Result<Vec<CounterReading>> {
+        let mut out = Vec::new();
+        for set in sets {
+            let Some(slot) = set.slot else { continue };
+            let mut found = Vec::new();
+            for _ in 0..DUMP_TRIES {
+                let m = Request::new(
+                    NFT_MSG_GETSETELEM,
+                    NLM_F_DUMP,
+                    NFPROTO_IPV4,
+                    vec![
+                        Attr::str(NFTA_SET_ELEM_LIST_TABLE, &self.table),
+                        Attr::str(NFTA_SET_ELEM_LIST_SET, &set.name),
+                    ],
+                );
+                let (payloads, interrupted) =
+                    self.socket
+                        .dump("dump nftables set elements", m, NFT_MSG_NEWSETELEM)?;
+                found = payloads
+                    .iter()
+                    .flat_map(|p| parse_elements(p, &self.table, slot))
+                    .collect();
+                if !interrupted {
+                    break;
+                }
+            }
+            out.extend(found);
+        }
+        Ok(out)
+    }
+
+    /// Deletes rules of the counting chain by handle, in one transaction. Rules that
+    /// are already gone are not an error.
+    pub fn delete_rules(&self, handles: &[u64]) -> Result<()> {
+        let messages = handles
+            .iter()
+            .map(|h| encode::del_rule(&self.table, &self.chain, *h))
+            .collect();
+        self.socket
+            .transact_tolerant("delete nftables rules", messages)
+    }
+
+    /// Deletes elements (by set and key). Elements that are already gone are not an
+    /// error.
+    pub fn delete_elements(&self, elements: &[(Slot, Ipv4Addr)]) -> Result<()> {
+        let mut per_set: BTreeMap<Slot, Vec<Ipv4Addr>> = BTreeMap::new();
+        for (slot, key) in elements {
+            per_set.entry(*slot).or_default().push(*key);
+        }
+        // One element per message, so that one already gone skips only itself.
+        let mut messages = Vec::new();
+        for (slot, keys) in &per_set {
+            for key in keys {
+                messages.push(encode::del_elements(
+                    &self.table,
+                    *slot,
+                    std::slice::from_ref(key),
+                ));
+            }
+        }
+        self.socket
+            .transact_tolerant("delete nftables set elements", messages)
+    }
+
+    /// Deletes sets of the table by name, with their elements (their rules must be
+    /// gone first). Sets that are already gone are not an error.
+    pub fn delete_sets(&self, names: &[String]) -> Result<()> {
+        let messages = names
+            .iter()
+            .map(|n| encode::del_set(&self.table, n))
+            .collect();
+        self.socket
+            .transact_tolerant("delete nftables sets", messages)
+    }
+
+    /// Deletes the table with its chain, rules, sets and counters. A table that is
+    /// already gone is not an error.
+    pub fn delete_table(&self) -> Result<()> {
+        match self.socket.transact(
+            "delete nftables table",
+            vec![encode::del_table(&self.table)],
+        ) {
+            Err(KernelError::Errno {
+                errno: Errno::ENOENT,
+                ..
+            }) => Ok(()),
+            other => other,
+        }
+    }
+}
