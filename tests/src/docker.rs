@@ -820,6 +820,56 @@ pub fn container_facts(id: &str) -> Result<ContainerFacts> {
     })
 }
 
+/// The network namespace of a process, as `net:[<inode>]`.
+pub fn netns_of(pid: u32) -> Result<String> {
+    Ok(std::fs::read_link(format!("/proc/{pid}/ns/net"))?
+        .display()
+        .to_string())
+}
+
+/// Who keeps the network namespace `ns` (`net:[<inode>]`) alive from outside: tasks in
+/// it, and processes whose mount namespace holds a bind mount of it (a mount namespace
+/// made with private propagation while a container ran keeps a copy of Docker's
+/// /run/docker/netns/<id> mount, so the container's old namespace, and the router's
+/// old overlay link with its MAC, outlive a restart). One line per holder.
+pub fn netns_holders(ns: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let pid = p.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .unwrap_or_default();
+        let in_ns = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|ts| {
+                ts.flatten().any(|t| {
+                    std::fs::read_link(t.path().join("ns/net"))
+                        .map(|l| l.display().to_string() == ns)
+                        .unwrap_or(false)
+                })
+            })
+            .unwrap_or(false);
+        let mounted = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+            .map(|m| m.lines().any(|l| l.contains(ns)))
+            .unwrap_or(false);
+        if in_ns || mounted {
+            let how = if in_ns {
+                "runs in it"
+            } else {
+                "has it mounted"
+            };
+            out.push(format!("pid {pid} ({}) {how}: {}", comm.trim(), cmd.trim()));
+        }
+    }
+    out
+}
+
 /// Runs `argv` in the network namespace of a container's process (host tools, e.g. `ip`).
 pub fn in_container_netns(pid: u32, argv: &[&str]) -> Result<CmdOutput> {
     let p = pid.to_string();
@@ -1027,5 +1077,33 @@ pub fn within(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Duration
             return None;
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn netns_holders_finds_a_process_in_the_namespace() {
+        let me = std::process::id();
+        let ns = netns_of(me).unwrap();
+        assert!(ns.starts_with("net:["), "{ns}");
+        let holders = netns_holders(&ns);
+        assert!(
+            holders
+                .iter()
+                .any(|l| l.starts_with(&format!("pid {me} ")) && l.contains("runs in it")),
+            "{holders:#?}"
+        );
+        assert!(netns_holders("net:[1]").is_empty());
+    }
+
+    #[test]
+    fn private_dir_is_beside_the_state_dir() {
+        assert_eq!(
+            private_dir_of(Path::new("/var/lib/docker-router")),
+            PathBuf::from("/var/lib/docker-router-private")
+        );
     }
 }

@@ -100,7 +100,10 @@ fn every_compose_file_in_deploy_is_a_known_pattern() {
 
 #[test]
 fn stack_files_carry_only_their_router() {
-    for p in Pattern::ALL.into_iter().filter(|p| p.is_router_only_stack()) {
+    for p in Pattern::ALL
+        .into_iter()
+        .filter(|p| p.is_router_only_stack())
+    {
         let text = read(p);
         let f = p.file();
         assert_eq!(
@@ -147,7 +150,11 @@ fn discovery_runs_once_per_host_in_its_own_project() {
             PRIVATE_MOUNT,
             "VROUTER_PRIVATE_DIR: /var/lib/docker-router-private",
         ] {
-            assert!(d.contains(want), "{}: discovery lacks {want:?}", f.display());
+            assert!(
+                d.contains(want),
+                "{}: discovery lacks {want:?}",
+                f.display()
+            );
         }
         for bad in ["privileged", "docker.sock", "networks:"] {
             assert!(!d.contains(bad), "{}: discovery holds {bad:?}", f.display());
@@ -169,6 +176,9 @@ fn the_parsers_see_what_compose_sees() {
     let y = "version: \"2.4\"\n# services:\nservices:\n  a:\n    image: x  # c\n    volumes:\n      - /p:/q\n\n  b:\n    image: y\nnetworks:\n  n:\n    driver: bridge\n";
     let t = uncommented(y);
     assert_eq!(services(&t), ["a", "b"]);
-    assert_eq!(service_block(&t, "a"), "    image: x\n    volumes:\n      - /p:/q");
+    assert_eq!(
+        service_block(&t, "a"),
+        "    image: x\n    volumes:\n      - /p:/q"
+    );
     assert_eq!(service_block(&t, "b"), "    image: y");
 }

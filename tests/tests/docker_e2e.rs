@@ -389,12 +389,19 @@ fn docker_stacks_on_one_host() {
     let middle = snapshot();
 
     // Router restart: a new network namespace, re-attached, connectivity back in 5 s.
+    let old_ns = netns_of(
+        container_facts(&a.container("router").unwrap())
+            .unwrap()
+            .pid,
+    )
+    .unwrap();
     a.restart("router").unwrap();
     let t = wait_ping(&a, &b_ip, FIVE_S);
     assert!(
         t.is_some(),
-        "A -> B not back within 5 s of restarting A's router\n{}",
-        a.logs()
+        "A -> B not back within 5 s of restarting A's router\n{}\nholders of its old namespace {old_ns} (its old overlay link keeps the router's MAC up while it lives): {:#?}",
+        a.logs(),
+        netns_holders(&old_ns)
     );
     eprintln!("router restart: connectivity back after {:?}", t.unwrap());
     assert!(ping(&b, &a_ip, 2, 2000));
