@@ -27,15 +27,16 @@ for l in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 |
 done
 # ---- Docker end-to-end tests (tests/src/docker.rs) -----------------------------------
 # Containers carry the label com.docker-vrouter.test=<prefix>; compose projects, and so
-# their networks (<prefix><stack>_stack), are named with the prefix; the images are
-# tagged docker-vrouter/*:<prefix>-test; state and config under /run/<prefix>-docker-*.
+# their networks (<prefix><stack>_stack, or _default), are named with the prefix; the
+# images are tagged docker-vrouter/*:<prefix>-test; state (shared and private) and config
+# under /run/<prefix>-docker-*.
 # Steering rules of the project (protocol 118) whose bridge is gone ("detached") are
 # garbage of a stopped discovery.
 if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
   for c in $(docker ps -aq --filter "label=com.docker-vrouter.test=$p"); do
     if docker rm -f "$c" >/dev/null; then echo "removed container $c"; else rc=1; fi
   done
-  for n in $(docker network ls --format '{{.Name}}' | grep -E "^$p[a-z0-9]*_stack\$"); do
+  for n in $(docker network ls --format '{{.Name}}' | grep -E "^$p[a-z0-9]*_(stack|default)\$"); do
     if docker network rm "$n" >/dev/null; then echo "removed network $n"; else rc=1; fi
   done
   for i in discovery router testsvc; do

@@ -16,9 +16,16 @@ use anyhow::{bail, Context, Result};
 /// - `/proc/sys` is not a mount point of its own: bind it onto itself first, then
 ///   `remount,bind,ro` changes only this mount's flags (not the proc superblock).
 /// - `/sys` gets the same read-only bind remount, as in a Docker container.
+/// - The copies of namespace mounts (`/run/netns/*`, Docker's `/run/docker/netns/*`)
+///   are detached: a private copy of such a mount keeps that namespace alive for as long
+///   as the daemon runs, even after `ip netns del` or Docker removed it. A restarted
+///   router container's old namespace then keeps its overlay macvlan up, with the MAC
+///   the new one needs, and the Docker test's router restart fails while any simulated
+///   host started during it still runs.
 /// - setpriv keeps only CAP_NET_ADMIN in the bounding, inheritable and ambient sets; as uid
 ///   0 the exec'd command then has CapEff = CapPrm = CapBnd = 0x1000.
-pub const PRIVILEGED_WRAPPER: &str = "mount --bind /proc/sys /proc/sys && \
+pub const PRIVILEGED_WRAPPER: &str = "for m in $(cut -d' ' -f5 /proc/self/mountinfo | grep -E '^/run/(docker/)?netns/'); do umount -l \"$m\" 2>/dev/null; done; \
+mount --bind /proc/sys /proc/sys && \
 mount -o remount,bind,ro /proc/sys && \
 mount -o remount,bind,ro /sys && \
 exec setpriv --bounding-set=-all,+net_admin --inh-caps=-all,+net_admin --ambient-caps=-all,+net_admin -- \"$@\"";

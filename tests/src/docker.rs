@@ -246,25 +246,42 @@ impl Drop for Images {
     }
 }
 
-/// The deployment patterns in deploy/.
+/// The deployment patterns in deploy/: the host's discovery projects and the stacks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pattern {
-    /// deploy/privsep: discovery + router.
+    /// deploy/discovery: the host's one discovery, its own project.
+    Discovery,
+    /// deploy/multi-host/discovery: the same with a peer file.
+    MultiHostDiscovery,
+    /// deploy/privsep: a stack (router + service).
     PrivSep,
     /// deploy/multi-stack/stack-a (nat-unprotected network).
     MultiStackA,
     /// deploy/multi-stack/stack-b.
     MultiStackB,
-    /// deploy/all-in-one.
+    /// deploy/all-in-one: both roles in one privileged container per stack.
     AllInOne,
-    /// deploy/multi-host (peer file).
+    /// deploy/multi-host: a stack of the several-hosts pattern.
     MultiHost,
 }
 
 impl Pattern {
+    /// Every pattern, for checks over all the files.
+    pub const ALL: [Pattern; 7] = [
+        Pattern::Discovery,
+        Pattern::MultiHostDiscovery,
+        Pattern::PrivSep,
+        Pattern::MultiStackA,
+        Pattern::MultiStackB,
+        Pattern::AllInOne,
+        Pattern::MultiHost,
+    ];
+
     pub fn file(self) -> PathBuf {
         let d = repo_root().join("deploy");
         match self {
+            Pattern::Discovery => d.join("discovery/docker-compose.yml"),
+            Pattern::MultiHostDiscovery => d.join("multi-host/discovery/docker-compose.yml"),
             Pattern::PrivSep => d.join("privsep/docker-compose.yml"),
             Pattern::MultiStackA => d.join("multi-stack/stack-a/docker-compose.yml"),
             Pattern::MultiStackB => d.join("multi-stack/stack-b/docker-compose.yml"),
@@ -273,10 +290,22 @@ impl Pattern {
         }
     }
 
+    /// A host's discovery project (no stack, no network of its own).
+    pub fn is_discovery(self) -> bool {
+        matches!(self, Pattern::Discovery | Pattern::MultiHostDiscovery)
+    }
+
+    /// A stack file that must carry no discovery (every stack pattern but all-in-one,
+    /// whose one privileged container is both roles by design).
+    pub fn is_router_only_stack(self) -> bool {
+        !self.is_discovery() && self != Pattern::AllInOne
+    }
+
     pub fn services(self) -> &'static [&'static str] {
         match self {
+            Pattern::Discovery | Pattern::MultiHostDiscovery => &["discovery"],
             Pattern::AllInOne => &["vrouter", "web"],
-            _ => &["discovery", "router", "web"],
+            _ => &["router", "web"],
         }
     }
 }
@@ -292,6 +321,9 @@ pub struct StackSpec {
     pub net24: String,
     pub mtu: u32,
     pub state_dir: PathBuf,
+    /// Discovery's private directory on the host (`<state_dir>-private`), mounted by the
+    /// discovery and all-in-one services only.
+    pub private_dir: PathBuf,
     /// Extra environment for the discovery service (or the all-in-one service).
     pub discovery_env: Vec<(String, String)>,
     /// Extra environment for compose's interpolation.
@@ -310,10 +342,21 @@ impl StackSpec {
             net24: net24.into(),
             mtu: 1450,
             state_dir: state_dir.into(),
+            private_dir: private_dir_of(state_dir),
             discovery_env: Vec::new(),
             compose_env: Vec::new(),
             extra_override: None,
         }
+    }
+
+    /// A host's discovery project (`pattern` is [`Pattern::Discovery`] or
+    /// [`Pattern::MultiHostDiscovery`]) on `state_dir` and its private directory.
+    pub fn discovery(name: &str, pattern: Pattern, state_dir: &Path) -> Self {
+        assert!(
+            pattern.is_discovery(),
+            "{pattern:?} is not a discovery project"
+        );
+        StackSpec::new(name, pattern, 0, "", state_dir)
     }
 
     pub fn project(&self) -> String {
@@ -331,6 +374,14 @@ impl StackSpec {
     pub fn gateway(&self) -> String {
         format!("{}.1", self.net24)
     }
+}
+
+/// Discovery's default private directory beside a state directory (`<state>-private`,
+/// as vrouter-discovery's `Settings::private_dir`).
+pub fn private_dir_of(state_dir: &Path) -> PathBuf {
+    let mut s = state_dir.as_os_str().to_owned();
+    s.push("-private");
+    PathBuf::from(s)
 }
 
 /// A compose project brought up from a deploy/ file plus a generated override (labels,
@@ -354,19 +405,27 @@ impl Stack {
         std::fs::write(&ovr, render_override(&spec, &p))?;
         let mut env: Vec<(String, String)> = vec![
             ("VROUTER_TAG".into(), images.tag.clone()),
-            ("VROUTER_STACK".into(), spec.project()),
-            ("VROUTER_VNI".into(), spec.vni.to_string()),
-            ("VROUTER_SUBNET".into(), spec.subnet()),
-            ("VROUTER_IP_RANGE".into(), format!("{}.0/25", spec.net24)),
-            ("VROUTER_GATEWAY".into(), spec.gateway()),
-            ("VROUTER_ROUTER_IP".into(), spec.router_ip()),
-            ("VROUTER_MTU".into(), spec.mtu.to_string()),
             (
                 "VROUTER_STATE_DIR".into(),
                 spec.state_dir.display().to_string(),
             ),
+            (
+                "VROUTER_PRIVATE_DIR".into(),
+                spec.private_dir.display().to_string(),
+            ),
             ("RUST_LOG".into(), "info".into()),
         ];
+        if !spec.pattern.is_discovery() {
+            env.extend([
+                ("VROUTER_STACK".into(), spec.project()),
+                ("VROUTER_VNI".into(), spec.vni.to_string()),
+                ("VROUTER_SUBNET".into(), spec.subnet()),
+                ("VROUTER_IP_RANGE".into(), format!("{}.0/25", spec.net24)),
+                ("VROUTER_GATEWAY".into(), spec.gateway()),
+                ("VROUTER_ROUTER_IP".into(), spec.router_ip()),
+                ("VROUTER_MTU".into(), spec.mtu.to_string()),
+            ]);
+        }
         env.extend(spec.compose_env.iter().cloned());
         Ok(Stack {
             files: vec![spec.pattern.file(), ovr],
@@ -385,6 +444,59 @@ impl Stack {
 
     fn compose_ok(&self, args: &[&str]) -> Result<CmdOutput> {
         self.compose(args)?.check()
+    }
+
+    /// `config` of the deploy/ file alone (without the test override), as Compose
+    /// resolves it with this project's variables.
+    pub fn deploy_config(&self) -> Result<String> {
+        let files = [self.spec.pattern.file()];
+        let out = self
+            .compose
+            .run(&self.spec.project(), &files, &self.env, &["config"])?
+            .check()?;
+        Ok(out.stdout)
+    }
+
+    /// The services the deploy/ file alone defines, sorted.
+    pub fn deploy_services(&self) -> Result<Vec<String>> {
+        let files = [self.spec.pattern.file()];
+        let out = self
+            .compose
+            .run(
+                &self.spec.project(),
+                &files,
+                &self.env,
+                &["config", "--services"],
+            )?
+            .check()?;
+        let mut v: Vec<String> = out.stdout.split_whitespace().map(String::from).collect();
+        v.sort();
+        Ok(v)
+    }
+
+    /// `(name, image, network mode)` of every container of this project, running or not.
+    pub fn project_containers(&self) -> Result<Vec<(String, String, String)>> {
+        let ids = docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=com.docker.compose.project={}", self.spec.project()),
+        ])?;
+        ids.split_whitespace()
+            .map(|id| {
+                let out = docker(&[
+                    "inspect",
+                    "-f",
+                    "{{.Name}}|{{.Config.Image}}|{{.HostConfig.NetworkMode}}",
+                    id,
+                ])?;
+                let f: Vec<&str> = out.split('|').collect();
+                if f.len() != 3 {
+                    bail!("unexpected inspect output {out:?}");
+                }
+                Ok((f[0].to_string(), f[1].to_string(), f[2].to_string()))
+            })
+            .collect()
     }
 
     pub fn up(&mut self) -> Result<()> {
@@ -527,6 +639,13 @@ fn render_override(spec: &StackSpec, prefix: &str) -> String {
             "  {svc}:\n    labels:\n      {TEST_LABEL}: \"{prefix}\"\n"
         ));
         let is_disc = *svc == "discovery" || *svc == "vrouter";
+        if *svc == "discovery" {
+            // The deploy file's fixed `vrouter-discovery` would clash with a real one.
+            s.push_str(&format!(
+                "    container_name: \"{}-discovery\"\n",
+                spec.project()
+            ));
+        }
         if is_disc && !spec.discovery_env.is_empty() {
             s.push_str("    environment:\n");
             for (k, v) in &spec.discovery_env {
@@ -567,16 +686,21 @@ pub fn remove_labelled(project: Option<&str>) {
             let _ = run(&["docker", "rm", "-f", id], &[]);
         }
     }
-    // Networks: by name, `<prefix><stack>_stack` (see render_override).
+    // Networks: by name, `<prefix><stack>_stack` (see render_override), and a project's
+    // `_default` network should Compose ever make one (the discovery projects use only
+    // the host network).
     if let Ok(o) = run(&["docker", "network", "ls", "--format", "{{.Name}}"], &[]) {
         let pre = match project {
-            Some(p) => format!("{p}_stack"),
+            Some(p) => p.to_string(),
             None => crate::prefix(),
         };
         for name in o.stdout.split_whitespace() {
             let ours = match project {
-                Some(_) => name == pre,
-                None => name.starts_with(&pre) && name.ends_with("_stack"),
+                Some(_) => name == format!("{pre}_stack") || name == format!("{pre}_default"),
+                None => {
+                    name.starts_with(&pre)
+                        && (name.ends_with("_stack") || name.ends_with("_default"))
+                }
             };
             if ours {
                 let _ = run(&["docker", "network", "rm", name], &[]);
@@ -694,6 +818,56 @@ pub fn container_facts(id: &str) -> Result<ContainerFacts> {
         own_netns: own != host,
         root_mount_ro: root_opts.split(',').any(|o| o == "ro"),
     })
+}
+
+/// The network namespace of a process, as `net:[<inode>]`.
+pub fn netns_of(pid: u32) -> Result<String> {
+    Ok(std::fs::read_link(format!("/proc/{pid}/ns/net"))?
+        .display()
+        .to_string())
+}
+
+/// Who keeps the network namespace `ns` (`net:[<inode>]`) alive from outside: tasks in
+/// it, and processes whose mount namespace holds a bind mount of it (a mount namespace
+/// made with private propagation while a container ran keeps a copy of Docker's
+/// /run/docker/netns/<id> mount, so the container's old namespace, and the router's
+/// old overlay link with its MAC, outlive a restart). One line per holder.
+pub fn netns_holders(ns: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let pid = p.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .unwrap_or_default();
+        let in_ns = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|ts| {
+                ts.flatten().any(|t| {
+                    std::fs::read_link(t.path().join("ns/net"))
+                        .map(|l| l.display().to_string() == ns)
+                        .unwrap_or(false)
+                })
+            })
+            .unwrap_or(false);
+        let mounted = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+            .map(|m| m.lines().any(|l| l.contains(ns)))
+            .unwrap_or(false);
+        if in_ns || mounted {
+            let how = if in_ns {
+                "runs in it"
+            } else {
+                "has it mounted"
+            };
+            out.push(format!("pid {pid} ({}) {how}: {}", comm.trim(), cmd.trim()));
+        }
+    }
+    out
 }
 
 /// Runs `argv` in the network namespace of a container's process (host tools, e.g. `ip`).
@@ -903,5 +1077,33 @@ pub fn within(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Duration
             return None;
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn netns_holders_finds_a_process_in_the_namespace() {
+        let me = std::process::id();
+        let ns = netns_of(me).unwrap();
+        assert!(ns.starts_with("net:["), "{ns}");
+        let holders = netns_holders(&ns);
+        assert!(
+            holders
+                .iter()
+                .any(|l| l.starts_with(&format!("pid {me} ")) && l.contains("runs in it")),
+            "{holders:#?}"
+        );
+        assert!(netns_holders("net:[1]").is_empty());
+    }
+
+    #[test]
+    fn private_dir_is_beside_the_state_dir() {
+        assert_eq!(
+            private_dir_of(Path::new("/var/lib/docker-router")),
+            PathBuf::from("/var/lib/docker-router-private")
+        );
     }
 }

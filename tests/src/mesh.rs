@@ -156,6 +156,8 @@ impl Mesh {
         Ok(mesh)
     }
 
+    /// A fresh state directory, and no private directory left from an earlier run (its
+    /// node id and claims would carry over into this one).
     fn reset_state_dir(&self, host: usize) -> Result<()> {
         let dir = self.state_dir(host);
         let _ = std::fs::remove_dir_all(&dir);
@@ -232,10 +234,9 @@ impl Mesh {
         PathBuf::from(format!("/run/{}-state-h{host}", crate::prefix()))
     }
 
-    /// Discovery's private directory on `host` (its default, `<state dir>-private`):
-    /// the admin socket; never given to a router.
+    /// Discovery's private directory on `host`: the default beside the state directory.
     pub fn private_dir(&self, host: usize) -> PathBuf {
-        PathBuf::from(format!("/run/{}-state-h{host}-private", crate::prefix()))
+        crate::docker::private_dir_of(&self.state_dir(host))
     }
 
     /// The static peer file; in a directory of its own, as a mounted Docker config is.

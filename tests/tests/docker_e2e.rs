@@ -200,8 +200,109 @@ fn check_images(images: &Images) {
     }
 }
 
-/// Stacks A and B (VNI 1000, nat-unprotected networks, deploy/multi-stack) and C
-/// (VNI 2000, deploy/privsep) on this host.
+/// A stack file carries only its router and services: Compose resolves no discovery
+/// service, no container on the host network, no discovery image and no mount of the
+/// private directory; and once up, no container of the project is any of those.
+fn assert_router_only(s: &Stack) {
+    let who = s.spec.project();
+    assert!(
+        s.spec.pattern.is_router_only_stack(),
+        "{who} is not a stack"
+    );
+    let services = s.deploy_services().unwrap();
+    assert_eq!(
+        services,
+        ["router", "web"],
+        "{who}: {} defines services {services:?}",
+        s.spec.pattern.file().display()
+    );
+    let config = s.deploy_config().unwrap();
+    for bad in [
+        "docker-vrouter/discovery",
+        "network_mode: host",
+        "docker-router-private",
+    ] {
+        assert!(
+            !config.contains(bad),
+            "{who}: {} holds {bad:?}:\n{config}",
+            s.spec.pattern.file().display()
+        );
+    }
+    let private = s.spec.private_dir.display().to_string();
+    assert!(
+        !config.contains(&private),
+        "{who}: the stack mounts the private directory {private}:\n{config}"
+    );
+}
+
+/// At run time: no container of a stack's project is a discovery (its image or the host
+/// network), and the router mounts the shared state directory and nothing private.
+fn assert_router_only_running(s: &Stack) {
+    let who = s.spec.project();
+    for (name, image, net) in s.project_containers().unwrap() {
+        assert!(
+            !image.starts_with("docker-vrouter/discovery") && net != "host",
+            "{who}: container {name} ({image}, network {net}) belongs to no stack"
+        );
+    }
+    let r = container_facts(&s.container("router").unwrap()).unwrap();
+    let state = s.spec.state_dir.display().to_string();
+    assert!(
+        r.mounts.iter().any(|(src, _)| *src == state),
+        "router of {who} lacks the state directory: {:?}",
+        r.mounts
+    );
+    assert!(
+        r.mounts
+            .iter()
+            .all(|(src, dst)| !src.contains("private") && !dst.contains("private")),
+        "router of {who} mounts a private directory: {:?}",
+        r.mounts
+    );
+}
+
+/// The host's discovery: CAP_NET_ADMIN only, not privileged, host network, no Docker
+/// socket, and both the shared and its private directory mounted.
+fn assert_discovery_container(disc: &Stack) {
+    let d = container_facts(&disc.container("discovery").unwrap()).unwrap();
+    let who = format!("discovery ({})", disc.spec.project());
+    assert_eq!(d.cap_eff, NET_ADMIN, "{who}: CapEff {:#x}", d.cap_eff);
+    assert!(!d.privileged, "{who} is privileged");
+    assert!(
+        !d.own_netns && d.network_mode == "host",
+        "{who}: not host network"
+    );
+    assert!(
+        !d.mounts
+            .iter()
+            .any(|(src, dst)| src.contains("docker.sock") || dst.contains("docker.sock")),
+        "{who} has the Docker socket: {:?}",
+        d.mounts
+    );
+    for (src, dst) in [
+        (&disc.spec.state_dir, "/var/lib/docker-router"),
+        (&disc.spec.private_dir, "/var/lib/docker-router-private"),
+    ] {
+        let src = src.display().to_string();
+        assert!(
+            d.mounts.iter().any(|(s, t)| *s == src && t == dst),
+            "{who} does not mount {src} on {dst}: {:?}",
+            d.mounts
+        );
+    }
+}
+
+/// The discovery project of this host: up, and attached to nothing but the host.
+fn discovery_up(name: &str, pattern: Pattern, state: &std::path::Path, images: &Images) -> Stack {
+    let mut d = Stack::new(StackSpec::discovery(name, pattern, state), images).unwrap();
+    assert_eq!(d.deploy_services().unwrap(), ["discovery"]);
+    d.up().unwrap();
+    d
+}
+
+/// The host's discovery runs as its own project (deploy/discovery); stacks A and B (VNI
+/// 1000, nat-unprotected networks, deploy/multi-stack) and C (VNI 2000, deploy/privsep)
+/// carry only their routers.
 #[test]
 fn docker_stacks_on_one_host() {
     require_docker!();
@@ -211,11 +312,13 @@ fn docker_stacks_on_one_host() {
     let images = Images::build().unwrap();
     check_images(&images);
     let state = state_dir("");
-    let mut host = HostGuard::new(&[1000, 2000], std::slice::from_ref(&state)).unwrap();
+    let mut host = HostGuard::new(&[1000, 2000], &[state.clone(), private_dir_of(&state)]).unwrap();
     let links_before = host_links().unwrap();
     let before = snapshot();
     let mtu = underlay_mtu() - 50;
 
+    // The host's one discovery, its own project, before any stack.
+    let mut disc = discovery_up("disc", Pattern::Discovery, &state, &images);
     let spec = |name: &str, pattern, vni, net: &str| {
         let mut s = StackSpec::new(name, pattern, vni, net, &state);
         s.mtu = mtu;
@@ -224,8 +327,10 @@ fn docker_stacks_on_one_host() {
     let mut a = Stack::new(spec("a", Pattern::MultiStackA, 1000, "10.201.0"), &images).unwrap();
     let mut b = Stack::new(spec("b", Pattern::MultiStackB, 1000, "10.202.0"), &images).unwrap();
     let mut c = Stack::new(spec("c", Pattern::PrivSep, 2000, "10.203.0"), &images).unwrap();
+    for s in [&a, &b, &c] {
+        assert_router_only(s);
+    }
 
-    // A first, so that its discovery is the active one; B's and C's wait as standbys.
     a.up().unwrap();
     host.bridges.push(a.bridge().unwrap());
     let a_router = container_facts(&a.container("router").unwrap()).unwrap();
@@ -258,8 +363,8 @@ fn docker_stacks_on_one_host() {
     assert_unreachable(&c, &a_ip);
     assert_unreachable(&c, &b_ip);
 
-    // Privileges, as docker inspect and the kernel see them.
-    for s in [&a, &c] {
+    // Privileges, as docker inspect and the kernel see them; stacks hold no discovery.
+    for s in [&a, &b, &c] {
         let r = container_facts(&s.container("router").unwrap()).unwrap();
         let who = format!("router of {}", s.spec.project());
         assert_eq!(r.cap_eff, NET_ADMIN, "{who}: CapEff {:#x}", r.cap_eff);
@@ -269,45 +374,40 @@ fn docker_stacks_on_one_host() {
             "{who}: root file system not read-only"
         );
         assert!(!r.privileged, "{who} is privileged");
-        let d = container_facts(&s.container("discovery").unwrap()).unwrap();
-        let who = format!("discovery of {}", s.spec.project());
-        assert_eq!(d.cap_eff, NET_ADMIN, "{who}: CapEff {:#x}", d.cap_eff);
-        assert!(!d.privileged, "{who} is privileged");
-        assert!(
-            !d.own_netns && d.network_mode == "host",
-            "{who}: not host network"
-        );
-        assert!(
-            !d.mounts
-                .iter()
-                .any(|(src, dst)| src.contains("docker.sock") || dst.contains("docker.sock")),
-            "{who} has the Docker socket: {:?}",
-            d.mounts
-        );
+        assert_router_only_running(s);
     }
+    assert_discovery_container(&disc);
     // HEALTHCHECKs run the binaries' own `health` subcommands.
+    let id = disc.container("discovery").unwrap();
+    let st = wait_healthy(&id, Duration::from_secs(40));
+    assert_eq!(st, "healthy", "discovery of the host");
     for s in [&a, &c] {
-        for svc in ["discovery", "router"] {
-            let id = s.container(svc).unwrap();
-            let st = wait_healthy(&id, Duration::from_secs(40));
-            assert_eq!(st, "healthy", "{svc} of {}", s.spec.project());
-        }
+        let id = s.container("router").unwrap();
+        let st = wait_healthy(&id, Duration::from_secs(40));
+        assert_eq!(st, "healthy", "router of {}", s.spec.project());
     }
     let middle = snapshot();
 
     // Router restart: a new network namespace, re-attached, connectivity back in 5 s.
+    let old_ns = netns_of(
+        container_facts(&a.container("router").unwrap())
+            .unwrap()
+            .pid,
+    )
+    .unwrap();
     a.restart("router").unwrap();
     let t = wait_ping(&a, &b_ip, FIVE_S);
     assert!(
         t.is_some(),
-        "A -> B not back within 5 s of restarting A's router\n{}",
-        a.logs()
+        "A -> B not back within 5 s of restarting A's router\n{}\nholders of its old namespace {old_ns} (its old overlay link keeps the router's MAC up while it lives): {:#?}",
+        a.logs(),
+        netns_holders(&old_ns)
     );
     eprintln!("router restart: connectivity back after {:?}", t.unwrap());
     assert!(ping(&b, &a_ip, 2, 2000));
 
-    // Discovery restarts (the active one, then the one that took over) under a TCP
-    // connection that must survive.
+    // A restart of the host's discovery under a TCP connection that must survive (the
+    // datapath is headless), then connectivity within 5 s.
     let hold_port = 5010;
     b.exec_detached(
         "web",
@@ -338,22 +438,18 @@ fn docker_stacks_on_one_host() {
         )
         .unwrap();
     std::thread::sleep(Duration::from_secs(1));
-    for s in [&a, &b] {
-        s.restart("discovery").unwrap();
-        let t = wait_ping(&a, &b_ip, FIVE_S);
-        assert!(
-            t.is_some(),
-            "A -> B not back within 5 s of restarting {}'s discovery",
-            s.spec.project()
-        );
-        eprintln!(
-            "discovery restart of {}: connectivity after {:?}",
-            s.spec.project(),
-            t.unwrap()
-        );
-    }
+    disc.restart("discovery").unwrap();
+    let t = wait_ping(&a, &b_ip, FIVE_S);
+    assert!(
+        t.is_some(),
+        "A -> B not back within 5 s of restarting the discovery\n{}",
+        disc.logs()
+    );
+    eprintln!("discovery restart: connectivity after {:?}", t.unwrap());
+    // The discovery as it runs from now on; B's `down` below must not touch it.
+    let d_after = container_facts(&disc.container("discovery").unwrap()).unwrap();
     hold.wait_success(Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("TCP connection did not survive the discovery restarts: {e:#}"));
+        .unwrap_or_else(|e| panic!("TCP connection did not survive the discovery restart: {e:#}"));
 
     // Down of B: its routes leave A within 5 s, and nothing of B stays on the host.
     let a_router = container_facts(&a.container("router").unwrap()).unwrap();
@@ -379,6 +475,13 @@ fn docker_stacks_on_one_host() {
     eprintln!(
         "down of B took {down_took:?}; B's route left A within {:?} of its start",
         t0.elapsed()
+    );
+    // B's `down` took only B's router: the host's discovery is the same process.
+    let d_now = container_facts(&disc.container("discovery").unwrap()).unwrap();
+    assert_eq!(
+        (d_after.id.as_str(), d_after.started_at.as_str()),
+        (d_now.id.as_str(), d_now.started_at.as_str()),
+        "the host's discovery was touched by B's down"
     );
     let rules = ip_rules();
     assert!(
@@ -430,6 +533,7 @@ fn docker_stacks_on_one_host() {
     b.down().unwrap();
     c.down().unwrap();
     a.down().unwrap();
+    disc.down().unwrap();
     let after = snapshot();
     assert_same(
         &[("before", &before), ("middle", &middle), ("after", &after)],
@@ -447,7 +551,7 @@ fn docker_all_in_one() {
     remove_labelled(None);
     let images = Images::build().unwrap();
     let state = state_dir("-aio");
-    let mut host = HostGuard::new(&[1000, 2000], std::slice::from_ref(&state)).unwrap();
+    let mut host = HostGuard::new(&[1000, 2000], &[state.clone(), private_dir_of(&state)]).unwrap();
     let links_before = host_links().unwrap();
     let before = snapshot();
     let mtu = underlay_mtu() - 50;
@@ -514,6 +618,17 @@ fn docker_all_in_one() {
         line.contains(&format!("master {} ", d.bridge().unwrap())),
         "{veth} is not on D's bridge: {line:?}"
     );
+    // Both roles in one container: it mounts the shared and the private directory.
+    let v = container_facts(&d.container("vrouter").unwrap()).unwrap();
+    for dir in [&d.spec.state_dir, &d.spec.private_dir] {
+        let dir = dir.display().to_string();
+        assert!(
+            v.mounts.iter().any(|(src, _)| *src == dir),
+            "the all-in-one of {} does not mount {dir}: {:?}",
+            d.spec.project(),
+            v.mounts
+        );
+    }
     let middle = snapshot();
 
     // A restart of the all-in-one container brings connectivity back.
@@ -570,7 +685,11 @@ fn docker_cross_host() {
     let p = prefix();
     let state = state_dir("-x");
     let conf_dir = PathBuf::from(format!("/run/{p}-docker-conf-x"));
-    let mut host = HostGuard::new(&[1000], &[state.clone(), conf_dir.clone()]).unwrap();
+    let mut host = HostGuard::new(
+        &[1000],
+        &[state.clone(), private_dir_of(&state), conf_dir.clone()],
+    )
+    .unwrap();
     let before = snapshot();
 
     // This host's underlay link to the simulated hosts' underlay bridge.
@@ -599,13 +718,21 @@ fn docker_cross_host() {
         ),
     )
     .unwrap();
+    // This host's discovery (deploy/multi-host/discovery, its own project) and stack X
+    // (deploy/multi-host, the router only).
+    let mut dspec = StackSpec::discovery("xdisc", Pattern::MultiHostDiscovery, &state);
+    dspec
+        .discovery_env
+        .push(("VROUTER_UNDERLAY_INTERFACE".into(), link.clone()));
+    dspec
+        .compose_env
+        .push(("VROUTER_CONFIG_DIR".into(), conf_dir.display().to_string()));
+    let mut disc = Stack::new(dspec, &images).unwrap();
+    assert_eq!(disc.deploy_services().unwrap(), ["discovery"]);
     let mut spec = StackSpec::new("x", Pattern::MultiHost, 1000, x_net, &state);
     spec.mtu = 1450;
-    spec.discovery_env
-        .push(("VROUTER_UNDERLAY_INTERFACE".into(), link.clone()));
-    spec.compose_env
-        .push(("VROUTER_CONFIG_DIR".into(), conf_dir.display().to_string()));
     let mut x = Stack::new(spec, &images).unwrap();
+    assert_router_only(&x);
     // The simulated host learns of X from its own peer file.
     let sim_conf = mesh.config_path(1);
     let tmp = sim_conf.with_extension("tmp");
@@ -621,8 +748,11 @@ fn docker_cross_host() {
     .unwrap();
     std::fs::rename(&tmp, &sim_conf).unwrap();
 
+    disc.up().unwrap();
     x.up().unwrap();
     host.bridges.push(x.bridge().unwrap());
+    assert_router_only_running(&x);
+    assert_discovery_container(&disc);
     let x_ip = web_ip(&x);
     let y_svc = mesh.svc("y");
     let y_ip = y.service_ip();
@@ -630,8 +760,9 @@ fn docker_cross_host() {
     let t = wait_ping(&x, &y_ip, Duration::from_secs(30));
     assert!(
         t.is_some(),
-        "X (Docker) never reached Y (simulated host)\n{}",
-        x.logs()
+        "X (Docker) never reached Y (simulated host)\n{}\n{}",
+        x.logs(),
+        disc.logs()
     );
     eprintln!("cross-host X -> Y converged after {:?}", t.unwrap());
     let local = x
@@ -701,6 +832,7 @@ fn docker_cross_host() {
 
     let exclude = vec![host.bridges[0].clone(), x.spec.subnet()];
     x.down().unwrap();
+    disc.down().unwrap();
     let after = snapshot();
     assert_same(
         &[("before", &before), ("middle", &middle), ("after", &after)],

@@ -387,6 +387,42 @@ fn privileged_spawn_has_only_net_admin() {
     assert!(!st.success());
 }
 
+/// A daemon's private mount namespace holds no copy of a namespace mount: such a copy
+/// (of `/run/netns/<ns>`, or of Docker's `/run/docker/netns/<id>`) would keep that
+/// network namespace alive after `ip netns del` or a container restart, for as long as
+/// the daemon runs (a restarted router container then cannot bring its new overlay link
+/// up: the old one, with the same MAC, lives on in the pinned namespace).
+#[test]
+fn privileged_spawn_holds_no_namespace_mounts() {
+    require_root!();
+    let topo = Topology::builder("privileged_spawn_holds_no_namespace_mounts")
+        .hosts(1)
+        .build()
+        .unwrap();
+    let host = topo.host(1);
+    // The topology's own namespaces are mounted under /run/netns right now.
+    let mine = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        mine.contains(&format!(" /run/netns/{} ", host.ns)),
+        "{} is not mounted under /run/netns",
+        host.ns
+    );
+    let mut d = host
+        .spawn_privileged("sh", &["-c", "echo started; exec sleep 30"], &[])
+        .unwrap();
+    assert!(d.wait_for_output("started", Duration::from_secs(5)));
+    let theirs = std::fs::read_to_string(format!("/proc/{}/mountinfo", d.pid())).unwrap();
+    let copies: Vec<&str> = theirs
+        .lines()
+        .filter(|l| {
+            let mp = l.split_whitespace().nth(4).unwrap_or("");
+            mp.starts_with("/run/netns/") || mp.starts_with("/run/docker/netns/")
+        })
+        .collect();
+    assert!(copies.is_empty(), "the daemon holds namespace mounts: {copies:#?}");
+    d.kill(libc::SIGKILL).unwrap();
+}
+
 #[test]
 fn cleanup_removes_leftovers() {
     require_root!();
