@@ -2,6 +2,7 @@
 //! domain types, the files' schema, their atomic locked I/O, and the attach protocol.
 
 pub mod attach;
+pub mod fsio;
 pub mod logging;
 pub mod probes;
 pub mod schema;
@@ -12,5 +13,5 @@ pub use probes::{
     MtuCheck, PeerProbe, ProbesFile, RouterHealth, StackTraffic, OVERLAY_PROBE_PORT, PROBES_DIR,
 };
 pub use schema::*;
-pub use store::{LeaderLock, ReadError, StateDir, StateError};
+pub use store::{LeaderLock, PrivateDir, ReadError, StateDir, StateError};
 pub use types::*;

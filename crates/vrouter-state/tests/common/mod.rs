@@ -43,7 +43,20 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_dir_all(private_path(&self.0));
     }
+}
+
+/// Discovery's private directory for a shared directory in these tests.
+pub fn private_path(shared: &Path) -> PathBuf {
+    let mut s = shared.as_os_str().to_owned();
+    s.push("-private");
+    PathBuf::from(s)
+}
+
+/// `shared` opened as discovery opens it, with its private directory beside it.
+pub fn discovery(shared: &Path) -> vrouter_state::StateDir {
+    vrouter_state::StateDir::open_discovery(shared, &private_path(shared)).unwrap()
 }
 
 /// A child process running this test binary in `role`; SIGKILLed and reaped on drop
