@@ -156,6 +156,7 @@ impl Mesh {
     fn reset_state_dir(&self, host: usize) -> Result<()> {
         let dir = self.state_dir(host);
         let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(self.private_dir(host));
         std::fs::create_dir_all(&dir)?;
         Ok(())
     }
@@ -219,6 +220,11 @@ impl Mesh {
 
     pub fn state_dir(&self, host: usize) -> PathBuf {
         PathBuf::from(format!("/run/{}-state-h{host}", crate::prefix()))
+    }
+
+    /// Discovery's private directory (its default, `<state-dir>-private`).
+    pub fn private_dir(&self, host: usize) -> PathBuf {
+        PathBuf::from(format!("/run/{}-state-h{host}-private", crate::prefix()))
     }
 
     /// The static peer file; in a directory of its own, as a mounted Docker config is.
@@ -496,6 +502,7 @@ impl Drop for Mesh {
         }
         for h in 1..=self.topo.hosts().len() {
             let _ = std::fs::remove_dir_all(self.state_dir(h));
+            let _ = std::fs::remove_dir_all(self.private_dir(h));
             let _ = std::fs::remove_dir_all(self.config_path(h).parent().unwrap());
         }
     }

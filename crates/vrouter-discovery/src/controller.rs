@@ -23,8 +23,6 @@ use vrouter_state::{
 
 /// VXLAN header overhead on IPv4.
 const VXLAN_OVERHEAD: u32 = 50;
-/// A router's probe file older than this says nothing about the datapath.
-const PROBE_FRESH_MS: u64 = 5_000;
 /// How long a restarted discovery keeps routing the previous run's gossip peers that
 /// gossip has not reported yet.
 const REMEMBER_FOR: std::time::Duration = std::time::Duration::from_secs(10);
@@ -245,7 +243,7 @@ impl Controller {
             self.claims.entry(n.clone()).or_insert(now);
         }
         if self.claims != before {
-            if let Err(e) = crate::gossip::store_claims(self.dir.path(), &self.claims) {
+            if let Err(e) = crate::gossip::store_claims(&self.dir, &self.claims) {
                 warn!("cannot store claims.json: {e}");
             }
         }
@@ -349,7 +347,7 @@ impl Controller {
         let mut reachable_hosts: BTreeSet<Ipv4Addr> = BTreeSet::new();
         let mut reachable_routers: BTreeSet<Ipv4Addr> = BTreeSet::new();
         for f in self.dir.read_all_probes() {
-            if now.saturating_sub(f.updated_ms) > PROBE_FRESH_MS {
+            if !f.is_fresh(now) {
                 continue;
             }
             for p in f.peers.iter().filter(|p| p.reachable) {

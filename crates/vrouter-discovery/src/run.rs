@@ -58,7 +58,7 @@ impl Input {
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    let dir = StateDir::open(&settings.state_dir)?.with_events_cap(settings.events_max_bytes);
+    let dir = open_state(&settings)?.with_events_cap(settings.events_max_bytes);
     let lead = match dir.try_lead()? {
         Some(l) => l,
         None => {
@@ -118,8 +118,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     let (gossip_tx, mut gossip_rx) = mpsc::channel::<()>(1);
     if settings.gossip_enabled() {
-        let node_id = crate::gossip::load_node_id(&settings.state_dir)?;
-        let claims = crate::gossip::load_claims(&settings.state_dir);
+        let state = open_state(&settings)?;
+        let node_id = crate::gossip::load_node_id(&state)?;
+        let claims = crate::gossip::load_claims(&state);
         // Announce what the previous run had (routers in grace), so a restart changes
         // nothing elsewhere.
         ctl.set_gossip_claims(claims);
@@ -399,10 +400,19 @@ fn watch_config(
     Some(w)
 }
 
+/// The shared state directory with discovery's private directory: discovery's write
+/// lock, leader lock, node id and claims live there, out of every router's reach.
+pub fn open_state(settings: &Settings) -> anyhow::Result<StateDir> {
+    Ok(StateDir::open_discovery(
+        &settings.state_dir,
+        &settings.private_dir(),
+    )?)
+}
+
 /// HEALTHCHECK: healthy when some discovery holds the leader lock and discovery.json
 /// is readable.
 pub fn health(settings: &Settings) -> anyhow::Result<()> {
-    let dir = StateDir::open(&settings.state_dir)?;
+    let dir = open_state(settings)?;
     if let Some(lock) = dir.try_lead()? {
         drop(lock);
         anyhow::bail!(
@@ -454,7 +464,7 @@ pub fn check_config(settings: &Settings) -> anyhow::Result<()> {
 /// state files. Holds the leader lock meanwhile, so it never races an active discovery.
 pub async fn cleanup(settings: &Settings) -> anyhow::Result<()> {
     use vrouter_state::RTPROT_VROUTER;
-    let dir = StateDir::open(&settings.state_dir)?;
+    let dir = open_state(settings)?;
     let Some(_lead) = dir.try_lead()? else {
         anyhow::bail!(
             "a discovery is active on {}; stop it (and its standbys) before cleaning up",

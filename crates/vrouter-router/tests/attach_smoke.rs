@@ -66,7 +66,14 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_dir_all(self.0.with_extension("private"));
     }
+}
+
+/// The state directory as discovery opens it (its lock in a private directory beside),
+/// for tests that stand in for discovery.
+fn discovery_state(path: &std::path::Path) -> StateDir {
+    StateDir::open_discovery(path, &path.with_extension("private")).unwrap()
 }
 
 struct Router(Child);
@@ -334,7 +341,7 @@ fn router_attaches_reconciles_and_survives_discovery() {
 
     let dir = TempDir::new("vrr-state");
     let state_path = dir.0.clone();
-    let state = StateDir::open(&state_path).unwrap();
+    let state = discovery_state(&state_path);
     state.write_routes(&routes_file(1, "10.2.0.254")).unwrap();
 
     let log = Arc::new(Mutex::new(Vec::new()));
@@ -588,7 +595,7 @@ fn same_host_probe_reports_block_and_recovery() {
 
     let dir = TempDir::new("vrp-state");
     let state_path = dir.0.clone();
-    let state = StateDir::open(&state_path).unwrap();
+    let state = discovery_state(&state_path);
     let mut stacks = BTreeMap::new();
     let vni = Some(Vni::new(1000).unwrap());
     stacks.insert(
@@ -712,7 +719,7 @@ fn stack_interface_gets_stable_mac_and_host_learns_it() {
     ]);
 
     let dir = TempDir::new("vrm-state");
-    let state = StateDir::open(&dir.0).unwrap();
+    let state = discovery_state(&dir.0);
     let started = Instant::now();
     let _router = Router(
         router_cmd(&r, &dir.0, None)

@@ -51,26 +51,26 @@ fn refused_link(e: Errno, path: &Path) -> io::Error {
     }
 }
 
-/// Eight random bytes as 16 hex digits, for temp names no other writer can predict.
-pub fn random_suffix() -> String {
+/// A random number from the kernel's CSPRNG (getrandom), for names and ids no one
+/// else can predict.
+pub fn random_u64() -> u64 {
     let mut b = [0u8; 8];
     let mut filled = 0;
     while filled < b.len() {
         // SAFETY: the pointer and length describe the unfilled tail of `b`.
-        let n = unsafe {
-            libc::getrandom(
-                b[filled..].as_mut_ptr().cast(),
-                b.len() - filled,
-                0,
-            )
-        };
+        let n = unsafe { libc::getrandom(b[filled..].as_mut_ptr().cast(), b.len() - filled, 0) };
         if n > 0 {
             filled += n as usize;
         } else if io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
             panic!("getrandom failed: {}", io::Error::last_os_error());
         }
     }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    u64::from_ne_bytes(b)
+}
+
+/// 16 random hex digits, for temp names no other writer can predict.
+pub fn random_suffix() -> String {
+    format!("{:016x}", random_u64())
 }
 
 impl Dir {
