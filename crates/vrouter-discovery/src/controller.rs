@@ -87,7 +87,7 @@ impl Controller {
         let advertise = settings.advertise_addr.unwrap_or(underlay.addr);
         let mut registry = Registry::default();
         let now = Instant::now();
-        let mut owned_vnis = BTreeSet::new();
+        let mut legacy_devices = Vec::new();
         let mut discovery_generation = 0;
         let mut last_discovery = None;
         let mut remembered = Vec::new();
@@ -101,10 +101,13 @@ impl Controller {
             for s in &prev.local_stacks {
                 registry.restore(s.spec.clone(), s.acked_generation, now);
             }
-            owned_vnis.extend(prev.devices.iter().copied());
+            legacy_devices = prev.devices.clone();
             discovery_generation = prev.generation;
             last_discovery = Some(prev);
         }
+        // discovery.json is in the shared directory: its `devices` only seed the private
+        // record once, on the first start after an upgrade (see ownership).
+        let owned_vnis = crate::ownership::recorded(&dir, &legacy_devices);
         let (published, routes_generation) = match dir.read_routes() {
             Ok(r) => (r.stacks, r.generation),
             Err(_) => (BTreeMap::new(), 0),
@@ -648,6 +651,14 @@ impl Controller {
         let name = vni.vxlan_ifname();
         let k = &self.kernel;
         let have = k.link_by_name(&name).await.map_err(|e| e.to_string())?;
+        let owner = crate::ownership::owner(&want, have.as_ref(), self.owned_vnis.contains(&vni));
+        if let crate::ownership::Owner::Foreign(why) = &owner {
+            let msg = crate::ownership::refusal(vni, why);
+            if self.failed_vnis.insert(vni, msg.clone()).as_ref() != Some(&msg) {
+                self.event_because("conflict_refused", "foreign_device", msg.clone(), None);
+            }
+            return Err(msg);
+        }
         let action = diff::device_action(&want, have.as_ref());
         let result = match action {
             DeviceAction::Keep => Ok(()),
@@ -690,9 +701,32 @@ impl Controller {
                 };
                 match k.create_vxlan(&spec).await {
                     Err(e) => Err((e, None)),
-                    Ok(index) => k.set_up(index).await.map_err(|e| (e, Some(index))),
+                    Ok(index) => async {
+                        k.set_alias(index, &crate::ownership::marker(vni)).await?;
+                        k.set_up(index).await
+                    }
+                    .await
+                    .map_err(|e| (e, Some(index))),
                 }
             }
+        };
+        let result = match (result, &owner, &have) {
+            (Ok(()), crate::ownership::Owner::Adopt, Some(l)) => {
+                let marked = k.set_alias(l.index, &crate::ownership::marker(vni)).await;
+                if marked.is_ok() {
+                    self.event(
+                        "device_adopted",
+                        format!(
+                            "{name} (made by an older version) now carries the marker \"{}\"",
+                            crate::ownership::marker(vni)
+                        ),
+                        None,
+                    );
+                }
+                // Not deleted on failure: it was there before this run.
+                marked.map_err(|e| (e, None))
+            }
+            (r, _, _) => r,
         };
         match result {
             Ok(()) => {
@@ -831,7 +865,10 @@ impl Controller {
                 continue;
             }
             if let Some(l) = self.kernel.link_by_name(&vni.vxlan_ifname()).await? {
-                if l.kind.as_deref() == Some("vxlan") {
+                let owner = crate::ownership::owner(&self.device_spec(vni), Some(&l), true);
+                if let crate::ownership::Owner::Foreign(why) = owner {
+                    warn!("not deleting {}: {why}", l.name);
+                } else {
                     self.kernel.delete_link(l.index).await?;
                     changes += 1;
                     self.event(
@@ -846,6 +883,8 @@ impl Controller {
             }
             self.owned_vnis.remove(&vni);
         }
+        self.failed_vnis.retain(|v, _| want.vnis.contains(v));
+        crate::ownership::record(&self.dir, &self.owned_vnis);
 
         // FDB: desired rows plus rows routers may still use, on the devices we have.
         let registry = &self.registry;

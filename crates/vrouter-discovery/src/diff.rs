@@ -194,6 +194,7 @@ mod tests {
             up,
             parent: None,
             vxlan: Some(info),
+            alias: None,
         }
     }
 

@@ -83,8 +83,9 @@ impl GossipHandle {
 const PRIVATE_FILE_CAP: u64 = 1024 * 1024;
 
 fn private(dir: &StateDir) -> anyhow::Result<&PrivateDir> {
-    dir.private()
-        .ok_or_else(|| anyhow::anyhow!("the state directory was opened without discovery's private directory"))
+    dir.private().ok_or_else(|| {
+        anyhow::anyhow!("the state directory was opened without discovery's private directory")
+    })
 }
 
 /// `name` as an older version left it in the shared directory, read safely (no link,
@@ -109,12 +110,14 @@ pub fn load_node_id(dir: &StateDir) -> anyhow::Result<NodeId> {
     let private = private(dir)?;
     let path = private.path().join(NODE_ID_FILE);
     if let Some(bytes) = private.read(NODE_ID_FILE, PRIVATE_FILE_CAP)? {
-        return String::from_utf8_lossy(&bytes).parse::<NodeId>().map_err(|e| {
-            anyhow::anyhow!(
+        return String::from_utf8_lossy(&bytes)
+            .parse::<NodeId>()
+            .map_err(|e| {
+                anyhow::anyhow!(
                 "{}: {e}; delete the file to get a new node id (other hosts then see a new node)",
                 path.display()
             )
-        });
+            });
     }
     let adopted = legacy_file(dir, NODE_ID_FILE)
         .and_then(|b| String::from_utf8_lossy(&b).parse::<NodeId>().ok());
@@ -585,7 +588,10 @@ mod tests {
         let a = load_node_id(&dirs.state()).unwrap();
         let b = load_node_id(&dirs.state()).unwrap();
         assert_eq!(a, b);
-        assert!(!dirs.0.join(NODE_ID_FILE).exists(), "node id in the shared dir");
+        assert!(
+            !dirs.0.join(NODE_ID_FILE).exists(),
+            "node id in the shared dir"
+        );
         // A node id planted in the shared directory later changes nothing.
         std::fs::write(dirs.0.join(NODE_ID_FILE), "0123456789abcdef\n").unwrap();
         assert_eq!(load_node_id(&dirs.state()).unwrap(), a);

@@ -11,6 +11,7 @@ pub mod diff;
 pub mod gossip;
 pub mod http;
 pub mod metrics;
+pub mod ownership;
 pub mod peers;
 pub mod readiness;
 pub mod registry;

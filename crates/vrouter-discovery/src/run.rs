@@ -459,7 +459,8 @@ pub fn check_config(settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Removes what discovery made on this host: the VXLAN devices it recorded as its own,
+/// Removes what discovery made on this host: the VXLAN devices that carry its marker
+/// (or, made by an older version, are in its private record),
 /// every steering rule and steering-table route stamped with its protocol, and the
 /// state files. Holds the leader lock meanwhile, so it never races an active discovery.
 pub async fn cleanup(settings: &Settings) -> anyhow::Result<()> {
@@ -473,16 +474,26 @@ pub async fn cleanup(settings: &Settings) -> anyhow::Result<()> {
     };
     let kernel = Kernel::connect().await?;
     let mut removed = Vec::new();
-    if let Ok(d) = dir.read_discovery() {
-        for vni in d.devices {
-            if let Some(l) = kernel.link_by_name(&vni.vxlan_ifname()).await? {
-                if l.kind.as_deref() == Some("vxlan") {
-                    kernel.delete_link(l.index).await?;
-                    removed.push(l.name);
-                }
-            }
+    // Devices carrying discovery's marker, and unmarked ones of an older version that
+    // discovery's private record says it made; never anything else (see ownership).
+    let legacy = dir.read_discovery().map(|d| d.devices).unwrap_or_default();
+    let recorded = crate::ownership::recorded(&dir, &legacy);
+    for l in kernel.links().await? {
+        let Some(vni) = l.vxlan.as_ref().map(|v| v.vni) else {
+            continue;
+        };
+        let ours = l.name == vni.vxlan_ifname()
+            && l.kind.as_deref() == Some("vxlan")
+            && match l.alias.as_deref() {
+                Some(a) => a == crate::ownership::marker(vni),
+                None => recorded.contains(&vni),
+            };
+        if ours {
+            kernel.delete_link(l.index).await?;
+            removed.push(l.name);
         }
     }
+    crate::ownership::record(&dir, &Default::default());
     for rule in kernel.rules().await? {
         if rule.protocol != RTPROT_VROUTER || rule.iif.is_none() || rule.fwmark.is_some() {
             continue;

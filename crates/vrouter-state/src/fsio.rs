@@ -286,8 +286,15 @@ mod tests {
                 "{name}: {e}"
             );
         }
-        assert!(start.elapsed() < Duration::from_secs(1), "a FIFO blocked the reader");
-        assert_eq!(dir.read("ok", 4).unwrap(), b"fine", "exactly the cap is fine");
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "a FIFO blocked the reader"
+        );
+        assert_eq!(
+            dir.read("ok", 4).unwrap(),
+            b"fine",
+            "exactly the cap is fine"
+        );
     }
 
     #[test]
@@ -298,7 +305,10 @@ mod tests {
         symlink(&elsewhere.0, tmp.0.join("sub")).unwrap();
         let dir = Dir::open(&tmp.0).unwrap();
         assert!(dir.subdir("sub", None).is_err());
-        assert!(dir.subdir("sub", Some(0o755)).is_err(), "not replaced by mkdir either");
+        assert!(
+            dir.subdir("sub", Some(0o755)).is_err(),
+            "not replaced by mkdir either"
+        );
         let real = dir.subdir("real", Some(0o755)).unwrap();
         real.write_atomic("f", b"inside", 0o644).unwrap();
         assert_eq!(std::fs::read(tmp.0.join("real/f")).unwrap(), b"inside");
@@ -339,7 +349,10 @@ mod tests {
         dir.write_atomic("f", b"x", 0o600).unwrap();
         dir.remove_stale_temps("f");
         assert_eq!(dir.names().unwrap(), vec!["f".to_string()]);
-        let mode = std::fs::metadata(tmp.0.join("f")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(tmp.0.join("f"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 }

@@ -333,13 +333,20 @@ mod tests {
         // Valid JSON, padded past the cap.
         let mut big = serde_json::to_vec(&file("big", 1)).unwrap();
         big.pop();
-        big.extend(std::iter::repeat_n(b' ', crate::store::MAX_PROBES_FILE_BYTES as usize));
+        big.extend(std::iter::repeat_n(
+            b' ',
+            crate::store::MAX_PROBES_FILE_BYTES as usize,
+        ));
         big.push(b'}');
         std::fs::write(probes.join("big.json"), big).unwrap();
 
         let start = Instant::now();
         assert_eq!(dir.read_all_probes(), vec![a.clone()]);
-        assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
 
         // probes/ itself a link: not followed, for reading or writing.
         let elsewhere = tmp.path().join("elsewhere");

@@ -24,12 +24,12 @@
 //! The leader lock (`leader.lock`, private directory) is a different file from
 //! `state.lock`: holding leadership for the life of a process must not block writes.
 
+use crate::fsio::Dir;
 use crate::probes::{ProbesFile, PROBES_DIR};
 use crate::schema::{
     DiscoveryFile, Event, RoutesFile, Versioned, DISCOVERY_FILE, EVENTS_FILE, LEADER_LOCK_FILE,
     ROUTES_FILE, SCHEMA_VERSION, STATE_LOCK_FILE,
 };
-use crate::fsio::Dir;
 use crate::ATTACH_SOCKET;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -615,18 +615,22 @@ impl StateDir {
 
     fn require_private(&self, what: &'static str) -> Result<&PrivateDir, StateError> {
         self.require_writable(what)?;
-        self.private.as_ref().ok_or_else(|| StateError::NoPrivateDir {
-            path: self.path.clone(),
-            what,
-        })
+        self.private
+            .as_ref()
+            .ok_or_else(|| StateError::NoPrivateDir {
+                path: self.path.clone(),
+                what,
+            })
     }
 
     /// Discovery's write lock, in its private directory: no router can take it.
     fn lock_state(&self, what: &'static str) -> Result<StateLock, StateError> {
         let private = self.require_private(what)?;
         let file = private.open_lock(STATE_LOCK_FILE)?;
-        file.lock()
-            .map_err(StateError::io("locking", &private.path.join(STATE_LOCK_FILE)))?;
+        file.lock().map_err(StateError::io(
+            "locking",
+            &private.path.join(STATE_LOCK_FILE),
+        ))?;
         Ok(StateLock(file))
     }
 

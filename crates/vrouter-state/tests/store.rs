@@ -623,7 +623,10 @@ fn discovery_keeps_its_locks_in_its_private_dir() {
     let private = private_path(tmp.path());
     for name in [STATE_LOCK_FILE, LEADER_LOCK_FILE] {
         assert!(!tmp.path().join(name).exists(), "{name} in the shared dir");
-        assert!(private.join(name).is_file(), "{name} not in the private dir");
+        assert!(
+            private.join(name).is_file(),
+            "{name} not in the private dir"
+        );
     }
     let mode = fs::metadata(&private).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700);
@@ -701,17 +704,26 @@ fn router_events_append_without_a_lock_and_never_rotate() {
         let router = StateDir::open(&path).unwrap().with_events_cap(200);
         let mut ok = 0;
         for i in 0..20 {
-            if router.append_event(&Event::new("router/a", "k", format!("{i}"))).is_ok() {
+            if router
+                .append_event(&Event::new("router/a", "k", format!("{i}")))
+                .is_ok()
+            {
                 ok += 1;
             }
         }
         assert!(ok > 0 && ok < 20, "{ok}: appends stop far past the cap");
     });
-    assert!(!tmp.path().join(vrouter_state::store::EVENTS_ROTATED_FILE).exists());
+    assert!(!tmp
+        .path()
+        .join(vrouter_state::store::EVENTS_ROTATED_FILE)
+        .exists());
     let len = fs::metadata(tmp.path().join(EVENTS_FILE)).unwrap().len();
     assert!(len <= 400, "{len}");
     // Discovery rotates.
     let state = discovery(tmp.path()).with_events_cap(200);
     state.append_event(&Event::new("t", "k", "m")).unwrap();
-    assert!(tmp.path().join(vrouter_state::store::EVENTS_ROTATED_FILE).exists());
+    assert!(tmp
+        .path()
+        .join(vrouter_state::store::EVENTS_ROTATED_FILE)
+        .exists());
 }
