@@ -506,9 +506,19 @@ impl StateDir {
             )));
         }
         if self.private.is_some() && len > 0 && len + line.len() as u64 > self.events_cap {
-            dir.rename(EVENTS_FILE, EVENTS_ROTATED_FILE)
-                .map_err(StateError::io("rotating", &path))?;
-            log = self.open_events(&dir)?;
+            match dir.rename(EVENTS_FILE, EVENTS_ROTATED_FILE) {
+                Ok(()) => log = self.open_events(&dir)?,
+                // Something planted at events.log.1 (a directory) blocks the rename:
+                // keep the cap anyway rather than grow or stop logging.
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot rotate {} ({e}); truncating it instead",
+                        path.display()
+                    );
+                    log.set_len(0)
+                        .map_err(StateError::io("truncating", &path))?;
+                }
+            }
         } else if len > 0 {
             // A writer killed mid-append leaves a line without its newline; start ours
             // on a fresh line so only the torn one is lost.
@@ -541,6 +551,16 @@ impl StateDir {
             let text = match dir.read(name, cap) {
                 Ok(t) => t,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                // A link, FIFO or oversized file planted there: not our log.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData
+                    ) =>
+                {
+                    tracing::debug!("skipped {}: {e}", path.display());
+                    continue;
+                }
                 Err(source) => return Err(ReadError::Unreadable { path, source }),
             };
             // Only newline-terminated lines are complete.

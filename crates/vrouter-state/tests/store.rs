@@ -727,3 +727,26 @@ fn router_events_append_without_a_lock_and_never_rotate() {
         .join(vrouter_state::store::EVENTS_ROTATED_FILE)
         .exists());
 }
+
+#[test]
+fn a_planted_rotation_target_keeps_the_cap_and_the_log_going() {
+    let tmp = TempDir::new("rotation-blocked");
+    fs::create_dir(tmp.path().join(vrouter_state::store::EVENTS_ROTATED_FILE)).unwrap();
+    fs::write(
+        tmp.path()
+            .join(vrouter_state::store::EVENTS_ROTATED_FILE)
+            .join("x"),
+        b"",
+    )
+    .unwrap();
+    let state = discovery(tmp.path()).with_events_cap(300);
+    for i in 0..20 {
+        state
+            .append_event(&Event::new("t", "k", format!("event {i}")))
+            .unwrap();
+    }
+    let len = fs::metadata(tmp.path().join(EVENTS_FILE)).unwrap().len();
+    assert!(len <= 300, "{len}");
+    let events = state.read_events().unwrap();
+    assert_eq!(events.last().unwrap().message, "event 19");
+}
