@@ -207,10 +207,14 @@ impl Dir {
         unlinkat(self.fd.as_fd(), name, UnlinkatFlags::NoRemoveDir).map_err(nix_io)
     }
 
-    /// The names in this directory. Listed by path: a name from a swapped directory
-    /// is harmless, since every open goes through this directory's descriptor.
+    /// The names in this directory, listed through its descriptor (by path only where
+    /// /proc is missing: a name from a swapped directory is harmless then, since every
+    /// open goes through the descriptor).
     pub fn names(&self) -> io::Result<Vec<String>> {
-        Ok(std::fs::read_dir(&self.path)?
+        use std::os::fd::AsRawFd;
+        let by_fd = PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()));
+        let listing = std::fs::read_dir(&by_fd).or_else(|_| std::fs::read_dir(&self.path));
+        Ok(listing?
             .flatten()
             .filter_map(|e| e.file_name().to_str().map(str::to_string))
             .collect())
