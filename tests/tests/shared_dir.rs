@@ -172,9 +172,16 @@ fn a_foreign_vxlan_device_is_never_touched_and_its_vni_refused() {
         })
     });
     assert!(refused, "no foreign_device event: {:?}", mesh.events(1));
-    // Reconciles go on; the link stays exactly as it was.
-    std::thread::sleep(Duration::from_secs(3));
+    // Reconciles and the router's retries (every 5 s) go on; the link stays exactly as
+    // it was, and the refusal is written once.
+    std::thread::sleep(Duration::from_secs(6));
     assert_eq!(link_details(&mesh, 1, "vxlan1000"), before);
+    let refusals = mesh
+        .events(1)
+        .iter()
+        .filter(|e| e.reason == "foreign_device")
+        .count();
+    assert_eq!(refusals, 1, "{:?}", mesh.events(1));
     mesh.stop_router("a", libc::SIGTERM).unwrap();
     mesh.stop_discovery(1, libc::SIGTERM).unwrap();
     assert_eq!(link_details(&mesh, 1, "vxlan1000"), before);

@@ -883,7 +883,6 @@ impl Controller {
             }
             self.owned_vnis.remove(&vni);
         }
-        self.failed_vnis.retain(|v, _| want.vnis.contains(v));
         crate::ownership::record(&self.dir, &self.owned_vnis);
 
         // FDB: desired rows plus rows routers may still use, on the devices we have.
