@@ -194,3 +194,27 @@ fn a_foreign_vxlan_device_is_never_touched_and_its_vni_refused() {
     let ours = link_details(&mesh, 1, "vxlan1000");
     assert!(ours.contains("alias docker-vrouter vni=1000"), "{ours}");
 }
+
+#[test]
+fn a_foreign_link_with_an_attachment_name_is_left_alone() {
+    require_root!();
+    let mut mesh = two_hosts("foreignvrm");
+    let ns = mesh.topo.host(1).ns.clone();
+    // The name discovery gives router a's macvlan while it moves it (vrm + router IP).
+    exec_ok(
+        Some(&ns),
+        &["ip", "link", "add", "vrm0a0100fe", "type", "bridge"],
+    )
+    .unwrap();
+    let before = link_details(&mesh, 1, "vrm0a0100fe");
+    start_all(&mut mesh);
+    let refused = wait_until(CONVERGE, Duration::from_millis(100), || {
+        mesh.events(1)
+            .iter()
+            .any(|e| e.kind == "registration_refused" && e.message.contains("vrm0a0100fe"))
+    });
+    assert!(refused, "no refusal naming the link: {:?}", mesh.events(1));
+    assert_eq!(link_details(&mesh, 1, "vrm0a0100fe"), before);
+    exec_ok(Some(&ns), &["ip", "link", "del", "vrm0a0100fe"]).unwrap();
+    mesh.wait_converged(CONVERGE).unwrap();
+}

@@ -571,6 +571,13 @@ impl Controller {
     ) -> Result<(), String> {
         let k = &self.kernel;
         if let Some(stale) = k.link_by_name(name).await.map_err(|e| e.to_string())? {
+            // Only a leftover of ours (a macvlan on our device) is removed.
+            if stale.kind.as_deref() != Some("macvlan") || stale.parent != Some(device.index) {
+                return Err(format!(
+                    "{name} exists and is not a macvlan on {}: docker-vrouter did not make it and leaves it untouched; remove or rename it",
+                    device.name
+                ));
+            }
             k.delete_link(stale.index)
                 .await
                 .map_err(|e| e.to_string())?;
