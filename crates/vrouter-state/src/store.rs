@@ -277,8 +277,34 @@ impl StateDir {
     /// and holds its leader lock in the private directory.
     pub fn open_discovery(path: &Path, private: &Path) -> Result<StateDir, StateError> {
         let dir = StateDir::open(path)?;
+        // Inside the shared directory it would be every router's to write. Checked
+        // before it is created (a missing path is resolved through its parent).
+        let resolved = fs::canonicalize(private).or_else(|_| {
+            let parent = private.parent().unwrap_or(Path::new("."));
+            let parent = if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            };
+            fs::canonicalize(parent).map(|p| p.join(private.file_name().unwrap_or_default()))
+        });
+        if let (Ok(shared), Ok(own)) = (fs::canonicalize(path), resolved) {
+            if own.starts_with(&shared) {
+                return Err(StateError::Private {
+                    path: private.to_path_buf(),
+                    source: io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "it is inside the shared state directory {}, which every router mounts; choose a path outside it",
+                            path.display()
+                        ),
+                    ),
+                });
+            }
+        }
+        let private = PrivateDir::open(private)?;
         Ok(StateDir {
-            private: Some(PrivateDir::open(private)?),
+            private: Some(private),
             ..dir
         })
     }

@@ -750,3 +750,17 @@ fn a_planted_rotation_target_keeps_the_cap_and_the_log_going() {
     let events = state.read_events().unwrap();
     assert_eq!(events.last().unwrap().message, "event 19");
 }
+
+#[test]
+fn a_private_dir_inside_the_shared_one_is_refused() {
+    let tmp = TempDir::new("private-inside");
+    let e = StateDir::open_discovery(tmp.path(), &tmp.path().join("private")).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("VROUTER_PRIVATE_DIR"), "{msg}");
+    assert!(msg.contains("inside the shared state directory"), "{msg}");
+    assert!(StateDir::open_discovery(tmp.path(), tmp.path()).is_err());
+    assert!(
+        !tmp.path().join("private").exists(),
+        "created before the check"
+    );
+}
