@@ -15,6 +15,7 @@ pub mod ownership;
 pub mod peers;
 pub mod readiness;
 pub mod registry;
+pub mod relay;
 pub mod retention;
 pub mod run;
 pub mod settings;

@@ -152,6 +152,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(settings.reconcile_interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+    // Router events travel in their probes files; copy them into events.log.
+    let mut relay = crate::relay::Relay::new(open_state(&settings)?);
     reconcile(&mut ctl, &live, false).await;
     loop {
         let expiry = ctl.next_expiry();
@@ -182,6 +184,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             only_probes &= matches!(input, Input::ProbesChanged);
             handle(&mut ctl, input).await;
         }
+        relay.run(timer_reconcile);
         if only_probes && !ctl.has_failed_members() {
             continue;
         }

@@ -864,6 +864,7 @@ pub(crate) mod tests {
                 rx_bytes: 2_000,
                 rx_packets: 20,
             }],
+            events: None,
         };
         let mut c_peer = peer("b", 2, H2);
         c_peer.srtt_us = Some(100);
@@ -883,6 +884,7 @@ pub(crate) mod tests {
                 traffic_error: None,
             }),
             traffic: vec![],
+            events: None,
         };
         vec![a, c]
     }

@@ -363,6 +363,7 @@ mod tests {
                     rx_packets: 0,
                 },
             ],
+            events: None,
         }
     }
 

@@ -70,6 +70,17 @@ impl Drop for TempDir {
     }
 }
 
+/// The routers' events, as they travel in their probes files (the only file a router
+/// writes; discovery copies them into events.log).
+fn router_events(state: &StateDir) -> Vec<vrouter_state::Event> {
+    state
+        .read_all_probes()
+        .into_iter()
+        .filter_map(|f| f.events)
+        .flat_map(|e| e.recent)
+        .collect()
+}
+
 /// The state directory as discovery opens it (its lock in a private directory beside),
 /// for tests that stand in for discovery.
 fn discovery_state(path: &std::path::Path) -> StateDir {
@@ -419,11 +430,10 @@ fn router_attaches_reconciles_and_survives_discovery() {
 
     // A corrupt file keeps the routes and is reported once.
     std::fs::write(state_path.join("routes.json"), b"{\"schema\": 1, \"gener").unwrap();
-    std::thread::sleep(Duration::from_millis(1000));
+    // The event reaches the probes file with its next write (once a second).
+    std::thread::sleep(Duration::from_millis(2500));
     assert!(our_routes(&r).contains("10.2.0.0/24 via 10.2.0.253"));
-    let unreadable = state
-        .read_events()
-        .unwrap()
+    let unreadable = router_events(&state)
         .iter()
         .filter(|e| e.kind == "state_unreadable")
         .count();
@@ -637,9 +647,7 @@ fn same_host_probe_reports_block_and_recovery() {
     );
 
     let events = |kind: &str, stack: &str| {
-        state
-            .read_events()
-            .unwrap()
+        router_events(&state)
             .into_iter()
             .filter(|e| e.kind == kind && e.stack.as_ref().map(|s| s.as_str()) == Some(stack))
             .collect::<Vec<_>>()
@@ -744,9 +752,7 @@ fn stack_interface_gets_stable_mac_and_host_learns_it() {
     let routes = in_ns(&r, &["route", "show", "default"]);
     assert!(routes.contains("default via 10.1.0.1 dev eth0"), "{routes}");
     assert!(
-        !state
-            .read_events()
-            .unwrap()
+        !router_events(&state)
             .iter()
             .any(|e| e.kind == "stack_mac_unchanged"),
         "no event when the MAC was set"

@@ -10,7 +10,8 @@ pub mod store;
 pub mod types;
 
 pub use probes::{
-    MtuCheck, PeerProbe, ProbesFile, RouterHealth, StackTraffic, OVERLAY_PROBE_PORT, PROBES_DIR,
+    MtuCheck, PeerProbe, ProbesFile, RouterEvents, RouterHealth, StackTraffic, OVERLAY_PROBE_PORT,
+    PROBES_DIR,
 };
 pub use schema::*;
 pub use store::{LeaderLock, PrivateDir, ReadError, StateDir, StateError};

@@ -46,6 +46,53 @@ pub struct ProbesFile {
     /// Empty when the router cannot count (see `RouterHealth::traffic_error`).
     #[serde(default)]
     pub traffic: Vec<StackTraffic>,
+    /// The router's recent events. Routers write nothing in the shared directory but
+    /// this file; discovery copies new events from here into events.log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<RouterEvents>,
+}
+
+/// Most events a router keeps for discovery to copy.
+pub const ROUTER_EVENTS_KEPT: usize = 32;
+
+/// A router's last [`ROUTER_EVENTS_KEPT`] events, numbered: `recent[i]` has sequence
+/// number `next_seq - recent.len() + i`. `boot` is random per router process, so a
+/// restarted router (numbering from 0 again) is told apart.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouterEvents {
+    pub boot: u64,
+    pub next_seq: u64,
+    pub recent: Vec<crate::schema::Event>,
+}
+
+impl RouterEvents {
+    /// Keeps `event`, dropping the oldest past the cap.
+    pub fn push(&mut self, event: crate::schema::Event) {
+        if self.recent.len() >= ROUTER_EVENTS_KEPT {
+            self.recent.remove(0);
+        }
+        self.recent.push(event);
+        self.next_seq += 1;
+    }
+
+    /// The events after `cursor` (`(boot, next_seq)` of what was copied before), and the
+    /// cursor after them. Another boot than the cursor's means a new router process:
+    /// all its events are new.
+    pub fn after(&self, cursor: Option<(u64, u64)>) -> (Vec<crate::schema::Event>, (u64, u64)) {
+        let first = self.next_seq.saturating_sub(self.recent.len() as u64);
+        let from = match cursor {
+            Some((boot, seq)) if boot == self.boot => seq,
+            _ => 0,
+        };
+        let new = self
+            .recent
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| first.saturating_add(*i as u64) >= from)
+            .map(|(_, e)| e.clone())
+            .collect();
+        (new, (self.boot, self.next_seq.max(from)))
+    }
 }
 
 /// What the router knows about its own datapath (written with the probes).
@@ -241,6 +288,7 @@ mod tests {
                 rx_bytes: 2000,
                 rx_packets: 20,
             }],
+            events: None,
         }
     }
 
@@ -294,6 +342,46 @@ mod tests {
         std::fs::write(probes.join(".a.json.tmp.1.0"), full.as_bytes()).unwrap();
         std::fs::create_dir(probes.join("d.json")).unwrap();
         assert_eq!(dir.read_all_probes(), vec![a]);
+    }
+
+    #[test]
+    fn router_events_after_a_cursor() {
+        let ev = |i: u64| crate::Event::new("router/a", "k", format!("{i}"));
+        let mut r = RouterEvents {
+            boot: 7,
+            ..Default::default()
+        };
+        for i in 0..40 {
+            r.push(ev(i));
+        }
+        assert_eq!(r.recent.len(), ROUTER_EVENTS_KEPT);
+        assert_eq!(r.next_seq, 40);
+        let (all, cur) = r.after(None);
+        assert_eq!(all.len(), ROUTER_EVENTS_KEPT);
+        assert_eq!(all[0].message, "8");
+        assert_eq!(cur, (7, 40));
+        assert!(r.after(Some(cur)).0.is_empty());
+        r.push(ev(40));
+        let (new, cur) = r.after(Some(cur));
+        assert_eq!(new.len(), 1);
+        assert_eq!(new[0].message, "40");
+        assert_eq!(cur, (7, 41));
+        // A new router process: everything it kept is new.
+        let fresh = RouterEvents {
+            boot: 8,
+            next_seq: 1,
+            recent: vec![ev(0)],
+        };
+        assert_eq!(fresh.after(Some(cur)).0.len(), 1);
+        // A file that goes backwards (forged) never repeats what was copied.
+        let back = RouterEvents {
+            boot: 7,
+            next_seq: 20,
+            recent: vec![ev(19)],
+        };
+        let (none, cur2) = back.after(Some(cur));
+        assert!(none.is_empty());
+        assert_eq!(cur2, (7, 41));
     }
 
     #[test]

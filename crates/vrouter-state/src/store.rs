@@ -14,7 +14,8 @@
 //! serialised exactly like separate processes). No lock a router can take is on that
 //! path: a router that holds a lock, or is frozen by `docker pause` while holding one,
 //! cannot stall discovery. Routers take no lock at all: each writes only its own
-//! `probes/<stack>.json`, by atomic rename, and appends whole lines to events.log.
+//! `probes/<stack>.json`, by atomic rename; its events travel in that file and
+//! discovery copies them into events.log.
 //!
 //! Readers take no lock. A JSON file is replaced by `rename(2)` of a complete, fsynced
 //! temp file, which is atomic: a reader opens either the old inode or the new one,
@@ -25,7 +26,7 @@
 //! `state.lock`: holding leadership for the life of a process must not block writes.
 
 use crate::fsio::Dir;
-use crate::probes::{ProbesFile, PROBES_DIR};
+use crate::probes::{ProbesFile, RouterEvents, PROBES_DIR};
 use crate::schema::{
     DiscoveryFile, Event, RoutesFile, Versioned, DISCOVERY_FILE, EVENTS_FILE, LEADER_LOCK_FILE,
     ROUTES_FILE, SCHEMA_VERSION, STATE_LOCK_FILE,
@@ -59,9 +60,23 @@ pub const MAX_STATE_FILE_BYTES: u64 = 64 * 1024 * 1024;
 /// Largest probes file read (one router's view of its peers).
 pub const MAX_PROBES_FILE_BYTES: u64 = 4 * 1024 * 1024;
 
-/// A router appends to events.log without rotating it (only discovery rotates); past
-/// this many times the cap it drops its events instead of growing the file.
+/// events.log may exceed its cap by this factor before readers refuse it (a line
+/// appended at the cap, a rotation blocked by something planted).
 const ROUTER_EVENTS_SLACK: u64 = 2;
+
+/// This process's events when it is a router: they travel in its probes file (the only
+/// file a router writes), and discovery copies them into events.log. One per process,
+/// shared by every `StateDir` handle in it.
+static ROUTER_EVENTS: std::sync::Mutex<Option<RouterEvents>> = std::sync::Mutex::new(None);
+
+fn with_router_events<T>(f: impl FnOnce(&mut RouterEvents) -> T) -> T {
+    let mut guard = ROUTER_EVENTS.lock().unwrap_or_else(|p| p.into_inner());
+    let events = guard.get_or_insert_with(|| RouterEvents {
+        boot: crate::fsio::random_u64(),
+        ..Default::default()
+    });
+    f(events)
+}
 
 /// The settings that choose the state directory, for error messages.
 const SETTING: &str = "--state-dir / VROUTER_STATE_DIR";
@@ -465,6 +480,11 @@ impl StateDir {
     /// file. A `probes` that is a link is refused, not followed.
     pub fn write_probes(&self, file: &ProbesFile) -> Result<(), StateError> {
         self.require_writable("writing probe results")?;
+        let mut file = file.clone();
+        if file.events.is_none() && self.private.is_none() {
+            file.events = with_router_events(|e| (!e.recent.is_empty()).then(|| e.clone()));
+        }
+        let file = &file;
         let dir = self.shared()?;
         let probes = dir
             .subdir(PROBES_DIR, Some(0o755))
@@ -493,6 +513,10 @@ impl StateDir {
                 continue;
             }
             match read_json_in::<ProbesFile>(&probes, &name, MAX_PROBES_FILE_BYTES) {
+                // A file speaks only for the stack it is named after.
+                Ok(f) if ProbesFile::file_name(&f.stack) != name => {
+                    tracing::debug!("skipped {name}: it claims stack {}", f.stack)
+                }
                 Ok(f) => files.push(f),
                 Err(e) => tracing::debug!("skipped a probe file: {e}"),
             }
@@ -501,18 +525,20 @@ impl StateDir {
         files
     }
 
-    /// Appends one line to events.log (one `write(2)` with `O_APPEND`, so lines of
-    /// concurrent writers never interleave). Discovery appends under its private
-    /// lock and rotates the log to events.log.1 first when the line would take it past
-    /// the cap; a router appends without a lock and never rotates (it drops its event
-    /// when the log is far past the cap). A link or non-regular file planted at
-    /// events.log is never written through: discovery replaces it, a router refuses.
+    /// Records an event. Discovery appends it as one line to events.log (one `write(2)`
+    /// with `O_APPEND`) under its private lock, rotating the log to events.log.1 first
+    /// when the line would take it past the cap; a link or non-regular file planted at
+    /// events.log is replaced, never written through. A router writes nothing to the
+    /// shared directory but its probes file: its events are kept in memory (the last
+    /// [`crate::probes::ROUTER_EVENTS_KEPT`]) and travel in that file, from which
+    /// discovery copies them into events.log.
     pub fn append_event(&self, event: &Event) -> Result<(), StateError> {
         self.require_writable("appending to events.log")?;
-        let _lock = match self.private {
-            Some(_) => Some(self.lock_state("appending to events.log")?),
-            None => None,
-        };
+        if self.private.is_none() {
+            with_router_events(|e| e.push(event.clone()));
+            return Ok(());
+        }
+        let _lock = self.lock_state("appending to events.log")?;
         let dir = self.shared()?;
         let path = self.events_path();
         let mut line = serde_json::to_vec(event).expect("an Event always serialises");
@@ -524,14 +550,7 @@ impl StateDir {
             .map_err(StateError::io("reading size of", &path))?
             .len();
         let mut torn = false;
-        if self.private.is_none() && len + line.len() as u64 > self.events_cap * ROUTER_EVENTS_SLACK
-        {
-            return Err(StateError::io("appending to", &path)(io::Error::new(
-                io::ErrorKind::StorageFull,
-                "the log is past its cap and waits for discovery to rotate it",
-            )));
-        }
-        if self.private.is_some() && len > 0 && len + line.len() as u64 > self.events_cap {
+        if len > 0 && len + line.len() as u64 > self.events_cap {
             match dir.rename(EVENTS_FILE, EVENTS_ROTATED_FILE) {
                 Ok(()) => log = self.open_events(&dir)?,
                 // Something planted at events.log.1 (a directory) blocks the rename:
@@ -684,13 +703,13 @@ impl StateDir {
         Dir::open(&self.path).map_err(StateError::io("opening", &self.path))
     }
 
-    /// events.log for appending. Discovery (which holds its lock) replaces a link or
-    /// special file planted there; a router only refuses it.
+    /// events.log for appending (by discovery, which holds its lock): a link or special
+    /// file planted there is replaced.
     fn open_events(&self, dir: &Dir) -> Result<File, StateError> {
         let path = self.events_path();
         match dir.open_append(EVENTS_FILE, FILE_MODE) {
             Ok(f) => Ok(f),
-            Err(e) if self.private.is_some() && e.kind() == io::ErrorKind::InvalidInput => {
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
                 tracing::warn!("{e}; replacing it with a new events.log");
                 dir.remove(EVENTS_FILE)
                     .map_err(StateError::io("removing", &path))?;

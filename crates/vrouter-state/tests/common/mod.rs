@@ -231,3 +231,18 @@ impl Rng {
         self.0 % n
     }
 }
+
+/// A minimal probes file of `stack`.
+pub fn probes_file(stack: &str) -> vrouter_state::ProbesFile {
+    vrouter_state::ProbesFile {
+        schema: vrouter_state::SCHEMA_VERSION,
+        generation: 1,
+        stack: vrouter_state::StackName::new(stack).unwrap(),
+        updated_ms: vrouter_state::now_ms(),
+        interval_ms: 250,
+        peers: Vec::new(),
+        health: None,
+        traffic: Vec::new(),
+        events: None,
+    }
+}
