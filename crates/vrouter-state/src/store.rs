@@ -555,7 +555,12 @@ impl StateDir {
                 Ok(()) => log = self.open_events(&dir)?,
                 // Something planted at events.log.1 (a directory) blocks the rename:
                 // keep the cap anyway rather than grow or stop logging.
-                Err(e) => {
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EISDIR | libc::ENOTEMPTY | libc::EEXIST | libc::ENOTDIR)
+                    ) =>
+                {
                     tracing::warn!(
                         "cannot rotate {} ({e}); truncating it instead",
                         path.display()
@@ -563,6 +568,7 @@ impl StateDir {
                     log.set_len(0)
                         .map_err(StateError::io("truncating", &path))?;
                 }
+                Err(e) => return Err(StateError::io("rotating", &path)(e)),
             }
         } else if len > 0 {
             // A writer killed mid-append leaves a line without its newline; start ours
