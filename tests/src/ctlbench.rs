@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use vrouter_state::{
     Mac, Prefix, RemoteRoute, RoutesFile, StackName, StackRoutes, Vni, ROUTES_FILE, RTPROT_VROUTER,
-    SCHEMA_VERSION, STATE_LOCK_FILE,
+    SCHEMA_VERSION,
 };
 
 /// Most synthetic remote stacks: one /24 each in 10.64.0.0/10.
@@ -141,9 +141,11 @@ pub fn prefix_keys(routes: &[RemoteRoute]) -> HashSet<(Ipv4Addr, u8)> {
 
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
 
-/// Replaces `dir/routes.json` the way discovery does (vrouter-state's store: a complete,
-/// fsynced temp file in the same directory, renamed into place under `state.lock`, then
-/// the directory fsynced), and returns the instant just before the rename.
+/// Replaces `dir/routes.json` the way discovery does (vrouter-state's `Dir::write_atomic`:
+/// a complete, fsynced temp file in the same directory, renamed into place, then the
+/// directory fsynced; discovery's lock is in its private directory, which no reader
+/// needs), and returns the instant just before the rename. Kept apart from the one
+/// writer only to take that instant.
 pub fn publish_routes(dir: &Path, file: &RoutesFile) -> Result<Instant> {
     let mut bytes = serde_json::to_vec_pretty(file)?;
     bytes.push(b'\n');
@@ -163,23 +165,6 @@ pub fn publish_routes(dir: &Path, file: &RoutesFile) -> Result<Instant> {
         let _ = std::fs::remove_file(&tmp);
         return Err(e).with_context(|| format!("writing {}", tmp.display()));
     }
-    let lock_path = dir.join(STATE_LOCK_FILE);
-    let lock = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o644)
-        .open(&lock_path)
-        .with_context(|| format!("opening {}", lock_path.display()))?;
-    // Bounded: a writer holds the lock for one file write.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        if Instant::now() >= deadline {
-            let _ = std::fs::remove_file(&tmp);
-            bail!("{} stayed locked for 10 s", lock_path.display());
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
     let t0 = Instant::now();
     if let Err(e) = std::fs::rename(&tmp, &target) {
         let _ = std::fs::remove_file(&tmp);
@@ -188,7 +173,6 @@ pub fn publish_routes(dir: &Path, file: &RoutesFile) -> Result<Instant> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .with_context(|| format!("syncing {}", dir.display()))?;
-    drop(lock);
     Ok(t0)
 }
 

@@ -1056,6 +1056,9 @@ impl HostGuard {
         }
         for d in &self.state_dirs {
             let _ = std::fs::remove_dir_all(d);
+            let mut private = d.clone().into_os_string();
+            private.push("-private");
+            let _ = std::fs::remove_dir_all(private);
         }
     }
 }

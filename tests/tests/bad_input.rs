@@ -107,6 +107,7 @@ fn discovery_rejects_bad_settings_with_one_clear_line() {
         );
     }
     std::fs::remove_dir_all(&dir).ok();
+    std::fs::remove_dir_all(private_dir(&dir)).ok();
 }
 
 #[test]
@@ -165,6 +166,7 @@ fn router_rejects_bad_settings_with_one_clear_line() {
         }
     }
     std::fs::remove_dir_all(&dir).ok();
+    std::fs::remove_dir_all(private_dir(&dir)).ok();
 }
 
 #[test]
@@ -186,6 +188,7 @@ fn router_refuses_extra_capabilities() {
         "{line}"
     );
     std::fs::remove_dir_all(&dir).ok();
+    std::fs::remove_dir_all(private_dir(&dir)).ok();
 }
 
 /// One simulated host with stack a's router, prepared by `prepare` (which runs before
@@ -209,6 +212,7 @@ impl OneHost {
         prepare(h);
         let state = std::path::PathBuf::from(format!("/run/{}-state-{test}", prefix()));
         let _ = std::fs::remove_dir_all(&state);
+        let _ = std::fs::remove_dir_all(private_dir(&state));
         std::fs::create_dir_all(&state).unwrap();
         let s = state.display().to_string();
         let disc = h
@@ -251,10 +255,18 @@ impl OneHost {
 
 impl Drop for OneHost {
     fn drop(&mut self) {
+        // The daemons first, or they may recreate what is being removed.
+        self._daemons.clear();
         let _ = std::fs::remove_dir_all(&self.state);
-        // Discovery's private directory (its default, beside the state directory).
-        let _ = std::fs::remove_dir_all(format!("{}-private", self.state.display()));
+        let _ = std::fs::remove_dir_all(private_dir(&self.state));
     }
+}
+
+/// Discovery's private directory for a state directory (its default).
+fn private_dir(state: &std::path::Path) -> std::path::PathBuf {
+    let mut s = state.as_os_str().to_owned();
+    s.push("-private");
+    s.into()
 }
 
 #[test]

@@ -51,6 +51,7 @@ fn reload_on_change_on_sighup_and_keep_previous_on_error() {
         let _ = std::fs::remove_dir_all(d);
         std::fs::create_dir_all(d).unwrap();
     }
+    let _ = std::fs::remove_dir_all(format!("/run/{p}-state-reload-private"));
     let target = target_dir.join("peers.toml");
     let link = conf_dir.join("peers.toml");
     std::fs::write(&target, peers(&[("b", "10.2.0.0/24")])).unwrap();

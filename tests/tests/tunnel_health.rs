@@ -237,10 +237,15 @@ fn mtu_black_hole_fails_the_check_while_the_tunnel_stays_up() {
         "FIGURE MTU check failed {} ms after the underlay MTU was lowered",
         took.as_millis()
     );
-    assert!(mesh
-        .events(1)
-        .iter()
-        .any(|e| e.kind == "mtu_check_failed" && e.message.contains("10.2.0.254")));
+    // Router events reach events.log through discovery (from the probes file).
+    assert!(wait_until(
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        || mesh
+            .events(1)
+            .iter()
+            .any(|e| e.kind == "mtu_check_failed" && e.message.contains("10.2.0.254"))
+    ));
     let s = status_json(&mesh, "a");
     assert_eq!(s["peers"][0]["mtu"]["ok"], false, "{s}");
     assert_eq!(s["peers"][0]["reachable"], true, "{s}");
@@ -266,7 +271,11 @@ fn mtu_black_hole_fails_the_check_while_the_tunnel_stays_up() {
         "FIGURE MTU check passed {} ms after the MTU was restored",
         restored.elapsed().as_millis()
     );
-    assert!(mesh.events(1).iter().any(|e| e.kind == "mtu_check_ok"));
+    assert!(wait_until(
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        || mesh.events(1).iter().any(|e| e.kind == "mtu_check_ok")
+    ));
 
     // A local route with a smaller MTU: the full-size probe cannot even leave
     // (EMSGSIZE with DF), and the check fails at once, saying so. The daemon does not
@@ -299,10 +308,15 @@ fn mtu_black_hole_fails_the_check_while_the_tunnel_stays_up() {
         "EMSGSIZE did not fail the check: {:?}",
         peer(&mesh, 1, "a", "b")
     );
-    assert!(mesh
-        .events(1)
-        .iter()
-        .any(|e| e.kind == "mtu_check_failed" && e.message.contains("EMSGSIZE")));
+    // Router events reach events.log through discovery (from the probes file).
+    assert!(wait_until(
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        || mesh
+            .events(1)
+            .iter()
+            .any(|e| e.kind == "mtu_check_failed" && e.message.contains("EMSGSIZE"))
+    ));
     assert!(peer(&mesh, 1, "a", "b").unwrap().reachable);
     route(&[]);
     let passed = wait_until(Duration::from_secs(15), Duration::from_millis(50), || {

@@ -89,7 +89,7 @@ impl Controller {
         let advertise = settings.advertise_addr.unwrap_or(underlay.addr);
         let mut registry = Registry::default();
         let now = Instant::now();
-        let mut owned_vnis = BTreeSet::new();
+        let mut legacy_devices = Vec::new();
         let mut discovery_generation = 0;
         let mut last_discovery = None;
         let mut remembered = Vec::new();
@@ -103,10 +103,13 @@ impl Controller {
             for s in &prev.local_stacks {
                 registry.restore(s.spec.clone(), s.acked_generation, now);
             }
-            owned_vnis.extend(prev.devices.iter().copied());
+            legacy_devices = prev.devices.clone();
             discovery_generation = prev.generation;
             last_discovery = Some(prev);
         }
+        // discovery.json is in the shared directory: its `devices` only seed the private
+        // record once, on the first start after an upgrade (see ownership).
+        let owned_vnis = crate::ownership::recorded(&dir, &legacy_devices);
         let (published, routes_generation) = match dir.read_routes() {
             Ok(r) => (r.stacks, r.generation),
             Err(_) => (BTreeMap::new(), 0),
@@ -246,7 +249,7 @@ impl Controller {
             self.claims.entry(n.clone()).or_insert(now);
         }
         if self.claims != before {
-            if let Err(e) = crate::gossip::store_claims(self.dir.path(), &self.claims) {
+            if let Err(e) = crate::gossip::store_claims(&self.dir, &self.claims) {
                 warn!("cannot store claims.json: {e}");
             }
         }
@@ -535,6 +538,13 @@ impl Controller {
     ) -> Result<(), String> {
         let k = &self.kernel;
         if let Some(stale) = k.link_by_name(name).await.map_err(|e| e.to_string())? {
+            // Only a leftover of ours (a macvlan on our device) is removed.
+            if stale.kind.as_deref() != Some("macvlan") || stale.parent != Some(device.index) {
+                return Err(format!(
+                    "{name} exists and is not a macvlan on {}: docker-vrouter did not make it and leaves it untouched; remove or rename it",
+                    device.name
+                ));
+            }
             k.delete_link(stale.index)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -647,6 +657,14 @@ impl Controller {
         let name = vni.vxlan_ifname();
         let k = &self.kernel;
         let have = k.link_by_name(&name).await.map_err(|e| e.to_string())?;
+        let owner = crate::ownership::owner(&want, have.as_ref(), self.owned_vnis.contains(&vni));
+        if let crate::ownership::Owner::Foreign(why) = &owner {
+            let msg = crate::ownership::refusal(vni, why);
+            if self.failed_vnis.insert(vni, msg.clone()).as_ref() != Some(&msg) {
+                self.event_because(EventKind::ConflictRefused, "foreign_device", msg.clone(), None);
+            }
+            return Err(msg);
+        }
         let action = diff::device_action(&want, have.as_ref());
         let result = match action {
             DeviceAction::Keep => Ok(()),
@@ -689,9 +707,32 @@ impl Controller {
                 };
                 match k.create_vxlan(&spec).await {
                     Err(e) => Err((e, None)),
-                    Ok(index) => k.set_up(index).await.map_err(|e| (e, Some(index))),
+                    Ok(index) => async {
+                        k.set_alias(index, &crate::ownership::marker(vni)).await?;
+                        k.set_up(index).await
+                    }
+                    .await
+                    .map_err(|e| (e, Some(index))),
                 }
             }
+        };
+        let result = match (result, &owner, &have) {
+            (Ok(()), crate::ownership::Owner::Adopt, Some(l)) => {
+                let marked = k.set_alias(l.index, &crate::ownership::marker(vni)).await;
+                if marked.is_ok() {
+                    self.event(
+                        EventKind::DeviceAdopted,
+                        format!(
+                            "{name} (made by an older version) now carries the marker \"{}\"",
+                            crate::ownership::marker(vni)
+                        ),
+                        None,
+                    );
+                }
+                // Not deleted on failure: it was there before this run.
+                marked.map_err(|e| (e, None))
+            }
+            (r, _, _) => r,
         };
         match result {
             Ok(()) => {
@@ -839,7 +880,10 @@ impl Controller {
                 continue;
             }
             if let Some(l) = self.kernel.link_by_name(&vni.vxlan_ifname()).await? {
-                if l.kind.as_deref() == Some("vxlan") {
+                let owner = crate::ownership::owner(&self.device_spec(vni), Some(&l), true);
+                if let crate::ownership::Owner::Foreign(why) = owner {
+                    warn!("not deleting {}: {why}", l.name);
+                } else {
                     self.kernel.delete_link(l.index).await?;
                     changes += 1;
                     self.event(
@@ -854,6 +898,7 @@ impl Controller {
             }
             self.owned_vnis.remove(&vni);
         }
+        crate::ownership::record(&self.dir, &self.owned_vnis);
 
         // FDB: desired rows plus rows routers may still use, on the devices we have.
         let registry = &self.registry;

@@ -265,6 +265,7 @@ mod tests {
             up,
             parent: None,
             vxlan: Some(info),
+            alias: None,
         }
     }
 

@@ -6,7 +6,7 @@
 use crate::settings::Settings;
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::net::UdpSocket;
@@ -16,7 +16,7 @@ use vrouter_gossip::{
     ClaimedStack, Counters, Faults, GossipEvent, Keyring, MemberView, Node, NodeId, NodeRecord,
     Params, ReplayState,
 };
-use vrouter_state::StackName;
+use vrouter_state::{PrivateDir, StackName, StateDir};
 
 pub const NODE_ID_FILE: &str = "node-id";
 pub const CLAIMS_FILE: &str = "claims.json";
@@ -42,7 +42,7 @@ struct ReplayDoc {
 }
 
 impl ReplayFile {
-    pub fn new(private_dir: &Path) -> ReplayFile {
+    pub fn new(private_dir: &std::path::Path) -> ReplayFile {
         ReplayFile {
             dir: private_dir.to_path_buf(),
         }
@@ -52,12 +52,13 @@ impl ReplayFile {
         self.dir.join(REPLAY_FILE)
     }
 
-    /// The stored state; none (with the reason) when missing or unreadable.
+    /// The stored state; none (with the reason) when missing or unreadable. Read
+    /// like every private file: no links, regular files only, a size cap.
     pub fn load(&self) -> Result<Option<ReplayState>, String> {
         let path = self.path();
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        let bytes = match PrivateDir::open(&self.dir).and_then(|d| d.read(REPLAY_FILE, REPLAY_CAP)) {
+            Ok(Some(b)) => b,
+            Ok(None) => return Ok(None),
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         };
         match serde_json::from_slice::<ReplayDoc>(&bytes) {
@@ -71,24 +72,22 @@ impl ReplayFile {
         }
     }
 
-    /// Stores `state` atomically, creating the private directory (0700) if missing.
+    /// Stores `state` atomically through the one atomic writer, creating the private
+    /// directory (0700) if missing.
     pub fn store(&self, state: &ReplayState) -> anyhow::Result<()> {
-        if !self.dir.exists() {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&self.dir)
-                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", self.dir.display()))?;
-        }
         let doc = ReplayDoc {
             schema: 1,
             state: state.clone(),
         };
-        vrouter_state::write_json_atomic(&self.dir, REPLAY_FILE, &doc)?;
+        let mut bytes = serde_json::to_vec(&doc)?;
+        bytes.push(b'\n');
+        PrivateDir::open(&self.dir)?.write(REPLAY_FILE, &bytes)?;
         Ok(())
     }
 }
+
+/// Largest replay.json read back: 65,536 peer windows of ~40 bytes, with room.
+const REPLAY_CAP: u64 = 8 << 20;
 
 /// What the controller reads.
 #[derive(Debug, Clone)]
@@ -148,48 +147,97 @@ impl GossipHandle {
     }
 }
 
-/// Reads the node id from the state directory, or makes and stores a new one.
-pub fn load_node_id(state_dir: &Path) -> anyhow::Result<NodeId> {
-    let path = state_dir.join(NODE_ID_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(s) => s.parse::<NodeId>().map_err(|e| {
-            anyhow::anyhow!(
-                "{}: {e}; delete the file to get a new node id (other hosts then see a new node)",
-                path.display()
-            )
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut b = [0u8; 8];
-            use std::io::Read;
-            std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
-            let id = NodeId(u64::from_be_bytes(b));
-            let tmp = state_dir.join(format!(".{NODE_ID_FILE}.tmp"));
-            std::fs::write(&tmp, format!("{id}\n"))?;
-            std::fs::File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(state_dir)?.sync_all()?;
-            Ok(id)
+/// Cap on reads of discovery's small private files (node id, claims).
+const PRIVATE_FILE_CAP: u64 = 1024 * 1024;
+
+fn private(dir: &StateDir) -> anyhow::Result<&PrivateDir> {
+    dir.private().ok_or_else(|| {
+        anyhow::anyhow!("the state directory was opened without discovery's private directory")
+    })
+}
+
+/// `name` as an older version left it in the shared directory, read safely (no link,
+/// no FIFO, capped); None when absent or unusable.
+fn legacy_file(dir: &StateDir, name: &str) -> Option<Vec<u8>> {
+    let shared = vrouter_state::fsio::Dir::open(dir.path()).ok()?;
+    match shared.read(name, PRIVATE_FILE_CAP) {
+        Ok(b) => Some(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            warn!("ignoring {name} of an older version in the shared directory: {e}");
+            None
         }
-        Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
     }
 }
 
-/// When each local stack was first claimed, kept across restarts so a restart never
-/// loses a prefix to a later claimant.
-pub fn load_claims(state_dir: &Path) -> BTreeMap<StackName, u64> {
-    std::fs::read(state_dir.join(CLAIMS_FILE))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
+/// Reads the node id from the private directory, or makes and stores a new one. On the
+/// first start after an upgrade, the id an older version kept in the shared directory
+/// is adopted once (if it parses), so other hosts keep seeing the same node; from then
+/// on only the private copy counts.
+pub fn load_node_id(dir: &StateDir) -> anyhow::Result<NodeId> {
+    let private = private(dir)?;
+    let path = private.path().join(NODE_ID_FILE);
+    if let Some(bytes) = private.read(NODE_ID_FILE, PRIVATE_FILE_CAP)? {
+        return String::from_utf8_lossy(&bytes)
+            .parse::<NodeId>()
+            .map_err(|e| {
+                anyhow::anyhow!(
+                "{}: {e}; delete the file to get a new node id (other hosts then see a new node)",
+                path.display()
+            )
+            });
+    }
+    let adopted = legacy_file(dir, NODE_ID_FILE)
+        .and_then(|b| String::from_utf8_lossy(&b).parse::<NodeId>().ok());
+    let id = match adopted {
+        Some(id) => {
+            info!(
+                "adopted node id {id} from {} (kept by an older version); it now lives in {}",
+                dir.path().join(NODE_ID_FILE).display(),
+                path.display()
+            );
+            id
+        }
+        None => NodeId(vrouter_state::fsio::random_u64()),
+    };
+    private.write(NODE_ID_FILE, format!("{id}\n").as_bytes())?;
+    Ok(id)
 }
 
-pub fn store_claims(state_dir: &Path, claims: &BTreeMap<StackName, u64>) -> std::io::Result<()> {
-    let path = state_dir.join(CLAIMS_FILE);
-    let tmp = state_dir.join(format!(".{CLAIMS_FILE}.tmp"));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(claims)?)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
-    std::fs::File::open(state_dir)?.sync_all()
+/// When each local stack was first claimed, kept across restarts so a restart never
+/// loses a prefix to a later claimant. Kept in the private directory: claim times
+/// decide prefix conflicts mesh-wide. After an upgrade an older version's claims.json
+/// in the shared directory is adopted once.
+pub fn load_claims(dir: &StateDir) -> BTreeMap<StackName, u64> {
+    let Ok(private) = private(dir) else {
+        return BTreeMap::new();
+    };
+    match private.read(CLAIMS_FILE, PRIVATE_FILE_CAP) {
+        Ok(Some(b)) => return serde_json::from_slice(&b).unwrap_or_default(),
+        Ok(None) => {}
+        Err(e) => {
+            warn!("{e}");
+            return BTreeMap::new();
+        }
+    }
+    let adopted: Option<BTreeMap<StackName, u64>> =
+        legacy_file(dir, CLAIMS_FILE).and_then(|b| serde_json::from_slice(&b).ok());
+    match adopted {
+        Some(claims) => {
+            info!("adopted {} claim(s) from the shared directory's claims.json (kept by an older version)", claims.len());
+            if let Err(e) = store_claims(dir, &claims) {
+                warn!("cannot store claims.json: {e}");
+            }
+            claims
+        }
+        None => BTreeMap::new(),
+    }
+}
+
+pub fn store_claims(dir: &StateDir, claims: &BTreeMap<StackName, u64>) -> anyhow::Result<()> {
+    let bytes = serde_json::to_vec_pretty(claims)?;
+    private(dir)?.write(CLAIMS_FILE, &bytes)?;
+    Ok(())
 }
 
 /// The keys from the settings: the secret file, else the inline secrets, else the
@@ -637,19 +685,90 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    struct Dirs(std::path::PathBuf);
+
+    impl Dirs {
+        fn new(tag: &str) -> Dirs {
+            let d = std::env::temp_dir().join(format!("vrt-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            let _ = std::fs::remove_dir_all(d.with_extension("private"));
+            std::fs::create_dir_all(&d).unwrap();
+            Dirs(d)
+        }
+        fn private(&self) -> std::path::PathBuf {
+            self.0.with_extension("private")
+        }
+        fn state(&self) -> StateDir {
+            StateDir::open_discovery(&self.0, &self.private()).unwrap()
+        }
+    }
+
+    impl Drop for Dirs {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+            let _ = std::fs::remove_dir_all(self.private());
+        }
+    }
+
     #[test]
-    fn node_id_is_stable() {
-        let dir = std::env::temp_dir().join(format!("vrt-nodeid-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let a = load_node_id(&dir).unwrap();
-        let b = load_node_id(&dir).unwrap();
+    fn node_id_is_stable_and_private() {
+        let dirs = Dirs::new("nodeid");
+        let a = load_node_id(&dirs.state()).unwrap();
+        let b = load_node_id(&dirs.state()).unwrap();
         assert_eq!(a, b);
-        std::fs::write(dir.join(NODE_ID_FILE), "garbage").unwrap();
-        assert!(load_node_id(&dir)
+        assert!(
+            !dirs.0.join(NODE_ID_FILE).exists(),
+            "node id in the shared dir"
+        );
+        // A node id planted in the shared directory later changes nothing.
+        std::fs::write(dirs.0.join(NODE_ID_FILE), "0123456789abcdef\n").unwrap();
+        assert_eq!(load_node_id(&dirs.state()).unwrap(), a);
+        std::fs::write(dirs.private().join(NODE_ID_FILE), "garbage").unwrap();
+        assert!(load_node_id(&dirs.state())
             .unwrap_err()
             .to_string()
             .contains("16 hex"));
-        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_upgrade_adopts_the_old_node_id_and_claims_once() {
+        let dirs = Dirs::new("upgrade");
+        let old: NodeId = "00000000cafef00d".parse().unwrap();
+        std::fs::write(dirs.0.join(NODE_ID_FILE), format!("{old}\n")).unwrap();
+        let claims: BTreeMap<StackName, u64> =
+            [(StackName::new("a").unwrap(), 1_700_000_000_000)].into();
+        std::fs::write(
+            dirs.0.join(CLAIMS_FILE),
+            serde_json::to_vec(&claims).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(load_node_id(&dirs.state()).unwrap(), old);
+        assert_eq!(load_claims(&dirs.state()), claims);
+        assert!(dirs.private().join(NODE_ID_FILE).is_file());
+        assert!(dirs.private().join(CLAIMS_FILE).is_file());
+        // From now on the shared copies are ignored.
+        std::fs::write(dirs.0.join(NODE_ID_FILE), "0123456789abcdef\n").unwrap();
+        std::fs::write(dirs.0.join(CLAIMS_FILE), b"{}").unwrap();
+        assert_eq!(load_node_id(&dirs.state()).unwrap(), old);
+        assert_eq!(load_claims(&dirs.state()), claims);
+    }
+
+    #[test]
+    fn an_old_node_id_that_is_a_link_or_fifo_is_not_adopted() {
+        let dirs = Dirs::new("upgrade-link");
+        let elsewhere = dirs.0.join("elsewhere");
+        std::fs::write(&elsewhere, "00000000cafef00d\n").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dirs.0.join(NODE_ID_FILE)).unwrap();
+        let id = load_node_id(&dirs.state()).unwrap();
+        assert_ne!(id, "00000000cafef00d".parse().unwrap());
+        nix::unistd::mkfifo(
+            &dirs.0.join(CLAIMS_FILE),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        let start = std::time::Instant::now();
+        assert!(load_claims(&dirs.state()).is_empty());
+        assert!(start.elapsed() < Duration::from_secs(2));
     }
 
     #[test]

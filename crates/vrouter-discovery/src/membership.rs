@@ -13,9 +13,6 @@ use std::net::Ipv4Addr;
 use vrouter_gossip::MemberView;
 use vrouter_state::{GossipMember, MemberState, PeerHost, PeerOrigin, ProbesFile};
 
-/// A router's probe file older than this says nothing about the datapath.
-pub const PROBE_FRESH_MS: u64 = 5_000;
-
 /// What the local routers' overlay probes say answers right now.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reachability {
@@ -30,7 +27,7 @@ pub struct Reachability {
 pub fn reachability(probes: &[ProbesFile], now_ms: u64) -> Reachability {
     let mut r = Reachability::default();
     for f in probes {
-        if now_ms.abs_diff(f.updated_ms) > PROBE_FRESH_MS {
+        if !f.is_fresh(now_ms) {
             continue;
         }
         for p in f.peers.iter().filter(|p| p.reachable) {
@@ -346,6 +343,7 @@ mod tests {
             }],
             health: None,
             traffic: Vec::new(),
+            events: None,
         };
         let now = 1_000_000;
         let r = reachability(

@@ -69,7 +69,7 @@ impl Input {
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    let dir = StateDir::open(&settings.state_dir)?.with_events_cap(settings.events_max_bytes);
+    let dir = open_state(&settings)?.with_events_cap(settings.events_max_bytes);
     let lead = match dir.try_lead()? {
         Some(l) => l,
         None => {
@@ -129,8 +129,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     let (gossip_tx, mut gossip_rx) = mpsc::channel::<()>(1);
     if settings.gossip_enabled() {
-        let node_id = crate::gossip::load_node_id(&settings.state_dir)?;
-        let claims = crate::gossip::load_claims(&settings.state_dir);
+        let state = open_state(&settings)?;
+        let node_id = crate::gossip::load_node_id(&state)?;
+        let claims = crate::gossip::load_claims(&state);
         // Announce what the previous run had (routers in grace), so a restart changes
         // nothing elsewhere.
         ctl.set_gossip_claims(claims);
@@ -178,6 +179,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(settings.reconcile_interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+    // Router events travel in their probes files; copy them into events.log.
+    let mut relay = crate::relay::Relay::new(open_state(&settings)?);
     reconcile(&mut ctl, &live, false).await;
     loop {
         let expiry = ctl.next_expiry();
@@ -208,6 +211,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             only_probes &= matches!(input, Input::ProbesChanged);
             handle(&mut ctl, input).await;
         }
+        relay.run(timer_reconcile);
         if only_probes && !ctl.has_failed_members() {
             continue;
         }
@@ -376,10 +380,19 @@ fn watch_config(
     Some(w)
 }
 
+/// The shared state directory with discovery's private directory: discovery's write
+/// lock, leader lock, node id and claims live there, out of every router's reach.
+pub fn open_state(settings: &Settings) -> anyhow::Result<StateDir> {
+    Ok(StateDir::open_discovery(
+        &settings.state_dir,
+        &settings.private_dir(),
+    )?)
+}
+
 /// HEALTHCHECK: healthy when some discovery holds the leader lock and discovery.json
 /// is readable.
 pub fn health(settings: &Settings) -> anyhow::Result<()> {
-    let dir = StateDir::open(&settings.state_dir)?;
+    let dir = open_state(settings)?;
     if let Some(lock) = dir.try_lead()? {
         drop(lock);
         anyhow::bail!(
@@ -446,12 +459,13 @@ pub fn check_config(settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Removes what discovery made on this host: the VXLAN devices it recorded as its own,
+/// Removes what discovery made on this host: the VXLAN devices that carry its marker
+/// (or, made by an older version, are in its private record),
 /// every steering rule and steering-table route stamped with its protocol, and the
 /// state files. Holds the leader lock meanwhile, so it never races an active discovery.
 pub async fn cleanup(settings: &Settings) -> anyhow::Result<()> {
     use vrouter_state::RTPROT_VROUTER;
-    let dir = StateDir::open(&settings.state_dir)?;
+    let dir = open_state(settings)?;
     let Some(_lead) = dir.try_lead()? else {
         anyhow::bail!(
             "a discovery is active on {}; stop it (and its standbys) before cleaning up",
@@ -460,16 +474,26 @@ pub async fn cleanup(settings: &Settings) -> anyhow::Result<()> {
     };
     let kernel = Kernel::connect().await?;
     let mut removed = Vec::new();
-    if let Ok(d) = dir.read_discovery() {
-        for vni in d.devices {
-            if let Some(l) = kernel.link_by_name(&vni.vxlan_ifname()).await? {
-                if l.kind.as_deref() == Some("vxlan") {
-                    kernel.delete_link(l.index).await?;
-                    removed.push(l.name);
-                }
-            }
+    // Devices carrying discovery's marker, and unmarked ones of an older version that
+    // discovery's private record says it made; never anything else (see ownership).
+    let legacy = dir.read_discovery().map(|d| d.devices).unwrap_or_default();
+    let recorded = crate::ownership::recorded(&dir, &legacy);
+    for l in kernel.links().await? {
+        let Some(vni) = l.vxlan.as_ref().map(|v| v.vni) else {
+            continue;
+        };
+        let ours = l.name == vni.vxlan_ifname()
+            && l.kind.as_deref() == Some("vxlan")
+            && match l.alias.as_deref() {
+                Some(a) => a == crate::ownership::marker(vni),
+                None => recorded.contains(&vni),
+            };
+        if ours {
+            kernel.delete_link(l.index).await?;
+            removed.push(l.name);
         }
     }
+    crate::ownership::record(&dir, &Default::default());
     for rule in kernel.rules().await? {
         if rule.protocol != RTPROT_VROUTER || rule.iif.is_none() || rule.fwmark.is_some() {
             continue;

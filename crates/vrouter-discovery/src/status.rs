@@ -11,10 +11,6 @@ use vrouter_state::{
     DiscoveryFile, HostInfo, PeerOrigin, Prefix, ProbesFile, Refusal, RoutesFile, StackName, Vni,
 };
 
-/// A router's probe file older than this says nothing about the datapath (the same
-/// window discovery's routing decision uses).
-pub const PROBE_FRESH_MS: u64 = 5_000;
-
 /// What the state files cannot tell: known only inside the running daemon.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct LiveFacts {
@@ -157,7 +153,7 @@ pub fn build(
     live: Option<LiveFacts>,
     now_ms: u64,
 ) -> Status {
-    let fresh = |f: &ProbesFile| now_ms.saturating_sub(f.updated_ms) <= PROBE_FRESH_MS;
+    let fresh = |f: &ProbesFile| f.is_fresh(now_ms);
 
     // Hosts: configured and gossip peers, and gossip members not routed.
     let mut hosts: BTreeMap<Ipv4Addr, HostRow> = BTreeMap::new();
@@ -869,6 +865,7 @@ pub(crate) mod tests {
                 rx_bytes: 2_000,
                 rx_packets: 20,
             }],
+            events: None,
         };
         let mut c_peer = peer("b", 2, H2);
         c_peer.srtt_us = Some(100);
@@ -889,6 +886,7 @@ pub(crate) mod tests {
                 reconciled_ms: None,
             }),
             traffic: vec![],
+            events: None,
         };
         vec![a, c]
     }
@@ -1078,7 +1076,8 @@ pub(crate) mod tests {
         let tmp = std::env::temp_dir().join(format!("vrouter-status-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).unwrap();
-        let dir = vrouter_state::StateDir::open(&tmp).unwrap();
+        let private = tmp.with_extension("private");
+        let dir = vrouter_state::StateDir::open_discovery(&tmp, &private).unwrap();
         let e = from_dir(&dir, None).unwrap_err();
         assert!(e.contains("discovery.json does not exist"), "{e}");
         dir.write_discovery(&discovery()).unwrap();
@@ -1109,5 +1108,6 @@ pub(crate) mod tests {
         assert_eq!(s.routes_generation, Some(17));
         assert_eq!(s.traffic.len(), 3);
         std::fs::remove_dir_all(&tmp).unwrap();
+        std::fs::remove_dir_all(&private).unwrap();
     }
 }

@@ -68,6 +68,7 @@ mod tests {
             up: true,
             parent: None,
             vxlan: None,
+            alias: None,
         }
     }
 

@@ -71,6 +71,9 @@ pub struct Link {
     /// namespace the link came from.
     pub parent: Option<u32>,
     pub vxlan: Option<VxlanInfo>,
+    /// IFLA_IFALIAS (`ip link set ... alias`): discovery marks the devices it makes
+    /// with it, so it never deletes or changes a device it did not make.
+    pub alias: Option<String>,
 }
 
 /// The attributes of a VXLAN device that matter for reuse-or-replace.

@@ -123,6 +123,17 @@ impl Kernel {
         ))
     }
 
+    /// Sets a link's alias (IFLA_IFALIAS, at most 255 bytes).
+    pub async fn set_alias(&self, index: u32, alias: &str) -> Result<()> {
+        let message = LinkUnspec::new_with_index(index)
+            .append_extra_attribute(LinkAttribute::IfAlias(alias.to_string()))
+            .build();
+        match self.set_link(message).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.link_failure("set link alias", index, e).await),
+        }
+    }
+
     pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<()> {
         let message = LinkUnspec::new_with_index(index).mtu(mtu).build();
         match self.set_link(message).await {
@@ -345,10 +356,12 @@ fn link_of(answer: RouteNetlinkMessage) -> Option<Link> {
         up: message.header.flags.contains(LinkFlags::Up),
         parent: None,
         vxlan: None,
+        alias: None,
     };
     for attribute in message.attributes {
         match attribute {
             LinkAttribute::IfName(name) => link.name = name,
+            LinkAttribute::IfAlias(alias) if !alias.is_empty() => link.alias = Some(alias),
             LinkAttribute::Mtu(mtu) => link.mtu = mtu,
             LinkAttribute::Link(parent) => link.parent = Some(parent),
             LinkAttribute::Address(bytes) => link.mac = <[u8; 6]>::try_from(bytes).ok().map(Mac),

@@ -181,8 +181,12 @@ fn vxlan_create_dump_and_link_changes() {
         k.set_mtu(index, 1400).await.unwrap();
         let mac = Mac([0x02, 0xe8, 0, 0, 0, 1]);
         k.set_mac(index, mac).await.unwrap();
+        // The alias marks discovery's own devices; none until set.
+        assert_eq!(link.alias, None);
+        k.set_alias(index, "docker-vrouter vni=1000").await.unwrap();
         k.rename(index, "vx-renamed").await.unwrap();
         let link = k.link_by_index(index).await.unwrap().unwrap();
+        assert_eq!(link.alias.as_deref(), Some("docker-vrouter vni=1000"));
         assert!(link.up);
         assert_eq!(
             (link.mtu, link.mac, link.name.as_str()),

@@ -470,6 +470,7 @@ mod tests {
                 reconciled_ms,
             }),
             traffic: Vec::new(),
+            events: None,
         };
         assert_eq!(loop_verdict(None, now, interval), Ok(()));
         assert_eq!(

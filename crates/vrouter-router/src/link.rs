@@ -256,6 +256,7 @@ mod tests {
             up,
             parent: None,
             vxlan: None,
+            alias: None,
         }
     }
 

@@ -1057,6 +1057,8 @@ impl ProbeTask {
                 health
             }),
             traffic: traffic.map(|t| t.stacks).unwrap_or_default(),
+            // Filled in by StateDir::write_probes from the router's events.
+            events: None,
         };
         self.policy.written(now_us);
         let state = Arc::clone(&self.state);

@@ -443,6 +443,7 @@ mod tests {
             up: true,
             parent: None,
             vxlan: None,
+            alias: None,
         }
     }
 

@@ -364,6 +364,7 @@ mod tests {
                     rx_packets: 0,
                 },
             ],
+            events: None,
         }
     }
 

@@ -66,7 +66,25 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_dir_all(self.0.with_extension("private"));
     }
+}
+
+/// The routers' events, as they travel in their probes files (the only file a router
+/// writes; discovery copies them into events.log).
+fn router_events(state: &StateDir) -> Vec<vrouter_state::Event> {
+    state
+        .read_all_probes()
+        .into_iter()
+        .filter_map(|f| f.events)
+        .flat_map(|e| e.recent)
+        .collect()
+}
+
+/// The state directory as discovery opens it (its lock in a private directory beside),
+/// for tests that stand in for discovery.
+fn discovery_state(path: &std::path::Path) -> StateDir {
+    StateDir::open_discovery(path, &path.with_extension("private")).unwrap()
 }
 
 struct Router(Child);
@@ -334,7 +352,7 @@ fn router_attaches_reconciles_and_survives_discovery() {
 
     let dir = TempDir::new("vrr-state");
     let state_path = dir.0.clone();
-    let state = StateDir::open(&state_path).unwrap();
+    let state = discovery_state(&state_path);
     state.write_routes(&routes_file(1, "10.2.0.254")).unwrap();
 
     let log = Arc::new(Mutex::new(Vec::new()));
@@ -412,11 +430,10 @@ fn router_attaches_reconciles_and_survives_discovery() {
 
     // A corrupt file keeps the routes and is reported once.
     std::fs::write(state_path.join("routes.json"), b"{\"schema\": 1, \"gener").unwrap();
-    std::thread::sleep(Duration::from_millis(1000));
+    // The event reaches the probes file with its next write (once a second).
+    std::thread::sleep(Duration::from_millis(2500));
     assert!(our_routes(&r).contains("10.2.0.0/24 via 10.2.0.253"));
-    let unreadable = state
-        .read_events()
-        .unwrap()
+    let unreadable = router_events(&state)
         .iter()
         .filter(|e| e.kind == "state_unreadable")
         .count();
@@ -588,7 +605,7 @@ fn same_host_probe_reports_block_and_recovery() {
 
     let dir = TempDir::new("vrp-state");
     let state_path = dir.0.clone();
-    let state = StateDir::open(&state_path).unwrap();
+    let state = discovery_state(&state_path);
     let mut stacks = BTreeMap::new();
     let vni = Some(Vni::new(1000).unwrap());
     stacks.insert(
@@ -630,9 +647,7 @@ fn same_host_probe_reports_block_and_recovery() {
     );
 
     let events = |kind: &str, stack: &str| {
-        state
-            .read_events()
-            .unwrap()
+        router_events(&state)
             .into_iter()
             .filter(|e| e.kind == kind && e.stack.as_ref().map(|s| s.as_str()) == Some(stack))
             .collect::<Vec<_>>()
@@ -712,7 +727,7 @@ fn stack_interface_gets_stable_mac_and_host_learns_it() {
     ]);
 
     let dir = TempDir::new("vrm-state");
-    let state = StateDir::open(&dir.0).unwrap();
+    let state = discovery_state(&dir.0);
     let started = Instant::now();
     let _router = Router(
         router_cmd(&r, &dir.0, None)
@@ -737,9 +752,7 @@ fn stack_interface_gets_stable_mac_and_host_learns_it() {
     let routes = in_ns(&r, &["route", "show", "default"]);
     assert!(routes.contains("default via 10.1.0.1 dev eth0"), "{routes}");
     assert!(
-        !state
-            .read_events()
-            .unwrap()
+        !router_events(&state)
             .iter()
             .any(|e| e.kind == "stack_mac_unchanged"),
         "no event when the MAC was set"

@@ -105,6 +105,7 @@ wire_enum! {
         DeviceCreated = "device_created",
         DeviceReplaced = "device_replaced",
         DeviceDeleted = "device_deleted",
+        DeviceAdopted = "device_adopted",
         ConflictRefused = "conflict_refused",
         RouteAdded = "route_added",
         RouteWithdrawn = "route_withdrawn",

@@ -2,6 +2,7 @@
 //! domain types, the files' schema, their atomic locked I/O, and the attach protocol.
 
 pub mod attach;
+pub mod fsio;
 pub mod kinds;
 pub mod logging;
 pub mod probes;
@@ -11,8 +12,9 @@ pub mod types;
 
 pub use kinds::{EventKind, MemberState, PeerOrigin};
 pub use probes::{
-    MtuCheck, PeerProbe, ProbesFile, RouterHealth, StackTraffic, OVERLAY_PROBE_PORT, PROBES_DIR,
+    MtuCheck, PeerProbe, ProbesFile, RouterEvents, RouterHealth, StackTraffic, OVERLAY_PROBE_PORT,
+    PROBES_DIR,
 };
 pub use schema::*;
-pub use store::{write_json_atomic, LeaderLock, ReadError, StateDir, StateError};
+pub use store::{LeaderLock, PrivateDir, ReadError, StateDir, StateError};
 pub use types::*;

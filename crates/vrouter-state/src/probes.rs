@@ -3,7 +3,7 @@
 //! but whose datapath still works from a host that is really gone.
 //!
 //! One file per local stack, `probes/<stack>.json` in the state directory, written
-//! atomically under the state lock by that stack's router ([`crate::StateDir::write_probes`])
+//! atomically (no lock) by that stack's router ([`crate::StateDir::write_probes`])
 //! and read without a lock ([`crate::StateDir::read_all_probes`]).
 
 use crate::schema::Versioned;
@@ -16,6 +16,13 @@ pub const OVERLAY_PROBE_PORT: u16 = 7471;
 
 /// Subdirectory of the state directory holding the routers' probe files.
 pub const PROBES_DIR: &str = "probes";
+
+/// A probes file older than this is stale: its router is stuck or gone.
+pub const PROBE_FRESH_MS: u64 = 5_000;
+
+/// How far ahead of the reader's clock a probes file may be dated and still count
+/// (the writer runs on the same host and clock; this only absorbs rounding).
+pub const PROBE_FUTURE_SLACK_MS: u64 = 1_000;
 
 /// `probes/<stack>.json`: one router's view of the remote routers it probes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +46,53 @@ pub struct ProbesFile {
     /// Empty when the router cannot count (see `RouterHealth::traffic_error`).
     #[serde(default)]
     pub traffic: Vec<StackTraffic>,
+    /// The router's recent events. Routers write nothing in the shared directory but
+    /// this file; discovery copies new events from here into events.log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<RouterEvents>,
+}
+
+/// Most events a router keeps for discovery to copy.
+pub const ROUTER_EVENTS_KEPT: usize = 32;
+
+/// A router's last [`ROUTER_EVENTS_KEPT`] events, numbered: `recent[i]` has sequence
+/// number `next_seq - recent.len() + i`. `boot` is random per router process, so a
+/// restarted router (numbering from 0 again) is told apart.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouterEvents {
+    pub boot: u64,
+    pub next_seq: u64,
+    pub recent: Vec<crate::schema::Event>,
+}
+
+impl RouterEvents {
+    /// Keeps `event`, dropping the oldest past the cap.
+    pub fn push(&mut self, event: crate::schema::Event) {
+        if self.recent.len() >= ROUTER_EVENTS_KEPT {
+            self.recent.remove(0);
+        }
+        self.recent.push(event);
+        self.next_seq += 1;
+    }
+
+    /// The events after `cursor` (`(boot, next_seq)` of what was copied before), and the
+    /// cursor after them. Another boot than the cursor's means a new router process:
+    /// all its events are new.
+    pub fn after(&self, cursor: Option<(u64, u64)>) -> (Vec<crate::schema::Event>, (u64, u64)) {
+        let first = self.next_seq.saturating_sub(self.recent.len() as u64);
+        let from = match cursor {
+            Some((boot, seq)) if boot == self.boot => seq,
+            _ => 0,
+        };
+        let new = self
+            .recent
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| first.saturating_add(*i as u64) >= from)
+            .map(|(_, e)| e.clone())
+            .collect();
+        (new, (self.boot, self.next_seq.max(from)))
+    }
 }
 
 /// What the router knows about its own datapath (written with the probes).
@@ -124,6 +178,16 @@ pub struct PeerProbe {
 }
 
 impl ProbesFile {
+    /// Written within [`PROBE_FRESH_MS`] before `now_ms`. A file dated in the future
+    /// (beyond [`PROBE_FUTURE_SLACK_MS`]) is not fresh: otherwise a router, or anyone
+    /// who can write the shared directory, could make its claims count forever.
+    pub fn is_fresh(&self, now_ms: u64) -> bool {
+        if self.updated_ms > now_ms.saturating_add(PROBE_FUTURE_SLACK_MS) {
+            return false;
+        }
+        now_ms.saturating_sub(self.updated_ms) <= PROBE_FRESH_MS
+    }
+
     /// The file's name inside [`PROBES_DIR`].
     pub fn file_name(stack: &StackName) -> String {
         format!("{stack}.json")
@@ -229,6 +293,7 @@ mod tests {
                 rx_bytes: 2000,
                 rx_packets: 20,
             }],
+            events: None,
         }
     }
 
@@ -282,6 +347,117 @@ mod tests {
         std::fs::write(probes.join(".a.json.tmp.1.0"), full.as_bytes()).unwrap();
         std::fs::create_dir(probes.join("d.json")).unwrap();
         assert_eq!(dir.read_all_probes(), vec![a]);
+    }
+
+    #[test]
+    fn router_events_after_a_cursor() {
+        let ev = |i: u64| crate::Event::new("router/a", crate::EventKind::Started, format!("{i}"));
+        let mut r = RouterEvents {
+            boot: 7,
+            ..Default::default()
+        };
+        for i in 0..40 {
+            r.push(ev(i));
+        }
+        assert_eq!(r.recent.len(), ROUTER_EVENTS_KEPT);
+        assert_eq!(r.next_seq, 40);
+        let (all, cur) = r.after(None);
+        assert_eq!(all.len(), ROUTER_EVENTS_KEPT);
+        assert_eq!(all[0].message, "8");
+        assert_eq!(cur, (7, 40));
+        assert!(r.after(Some(cur)).0.is_empty());
+        r.push(ev(40));
+        let (new, cur) = r.after(Some(cur));
+        assert_eq!(new.len(), 1);
+        assert_eq!(new[0].message, "40");
+        assert_eq!(cur, (7, 41));
+        // A new router process: everything it kept is new.
+        let fresh = RouterEvents {
+            boot: 8,
+            next_seq: 1,
+            recent: vec![ev(0)],
+        };
+        assert_eq!(fresh.after(Some(cur)).0.len(), 1);
+        // A file that goes backwards (forged) never repeats what was copied.
+        let back = RouterEvents {
+            boot: 7,
+            next_seq: 20,
+            recent: vec![ev(19)],
+        };
+        let (none, cur2) = back.after(Some(cur));
+        assert!(none.is_empty());
+        assert_eq!(cur2, (7, 41));
+    }
+
+    #[test]
+    fn a_file_dated_in_the_future_is_not_fresh() {
+        let now = 1_700_000_000_000;
+        let mut f = file("a", 1);
+        f.updated_ms = now - 300;
+        assert!(f.is_fresh(now));
+        f.updated_ms = now - PROBE_FRESH_MS - 1;
+        assert!(!f.is_fresh(now), "stale");
+        f.updated_ms = now + 500;
+        assert!(f.is_fresh(now), "within the slack");
+        f.updated_ms = now + 3_600_000;
+        assert!(!f.is_fresh(now), "an hour ahead");
+        f.updated_ms = u64::MAX;
+        assert!(!f.is_fresh(now), "the end of time");
+    }
+
+    #[test]
+    fn links_fifos_and_huge_files_in_probes_do_not_stall_or_bloat_the_reader() {
+        use std::os::unix::fs::symlink;
+        use std::time::{Duration, Instant};
+        let tmp = TempDir::new();
+        let dir = StateDir::open(tmp.path()).unwrap();
+        let a = file("a", 1);
+        dir.write_probes(&a).unwrap();
+        let probes = tmp.path().join(PROBES_DIR);
+        let secret = tmp.path().join("secret.json");
+        std::fs::write(&secret, serde_json::to_vec(&file("s", 1)).unwrap()).unwrap();
+        symlink(&secret, probes.join("s.json")).unwrap();
+        symlink("/dev/zero", probes.join("zero.json")).unwrap();
+        nix::unistd::mkfifo(
+            &probes.join("fifo.json"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        // Valid JSON, padded past the cap.
+        let mut big = serde_json::to_vec(&file("big", 1)).unwrap();
+        big.pop();
+        big.extend(std::iter::repeat_n(
+            b' ',
+            crate::store::MAX_PROBES_FILE_BYTES as usize,
+        ));
+        big.push(b'}');
+        std::fs::write(probes.join("big.json"), big).unwrap();
+
+        let start = Instant::now();
+        assert_eq!(dir.read_all_probes(), vec![a.clone()]);
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+
+        // probes/ itself a link: not followed, for reading or writing.
+        let elsewhere = tmp.path().join("elsewhere");
+        std::fs::rename(&probes, &elsewhere).unwrap();
+        symlink(&elsewhere, &probes).unwrap();
+        assert!(dir.read_all_probes().is_empty());
+        assert!(dir.write_probes(&a).is_err());
+    }
+
+    #[test]
+    fn writing_probes_takes_no_lock() {
+        let tmp = TempDir::new();
+        let dir = StateDir::open(tmp.path()).unwrap();
+        dir.write_probes(&file("a", 1)).unwrap();
+        assert!(
+            !tmp.path().join(crate::STATE_LOCK_FILE).exists(),
+            "a router made or took the old shared state.lock"
+        );
     }
 
     #[test]

@@ -158,7 +158,7 @@ pub struct RemoteRoute {
 }
 
 /// One line of events.log.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
     /// Milliseconds since the Unix epoch.
     pub ts_ms: u64,

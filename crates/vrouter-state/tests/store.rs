@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{assert_whole, role, routes, Rng, RoleChild, TempDir};
+use common::{assert_whole, discovery, private_path, role, routes, Rng, RoleChild, TempDir};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -11,7 +11,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 use vrouter_state::{
     DiscoveryFile, Event, EventKind, ReadError, RoutesFile, StateDir, StateError, EVENTS_FILE,
-    LEADER_LOCK_FILE, ROUTES_FILE, SCHEMA_VERSION,
+    LEADER_LOCK_FILE, ROUTES_FILE, SCHEMA_VERSION, STATE_LOCK_FILE,
 };
 
 /// Routes per file in the contention test (~60 KB of pretty JSON).
@@ -29,11 +29,11 @@ fn child_process_entry() {
     };
     match role.as_str() {
         "writer" => {
-            let state = StateDir::open(&dir).unwrap();
+            let state = discovery(&dir);
             write_generations(&state, &format!("process-{arg}"));
         }
         "big_writer" => {
-            let state = StateDir::open(&dir).unwrap();
+            let state = discovery(&dir);
             // Bounded: the parent kills it long before this ends.
             for _ in 0..2000 {
                 state
@@ -42,10 +42,23 @@ fn child_process_entry() {
             }
         }
         "leader" => {
-            let state = StateDir::open(&dir).unwrap();
+            let state = discovery(&dir);
             let _lock = state.try_lead().unwrap().expect("leader lock is free");
             println!("LEADING");
             std::thread::sleep(Duration::from_secs(30));
+        }
+        "shared_lock_holder" => {
+            // A router of an older version, or a hostile one, holding the shared
+            // state.lock (or frozen by `docker pause` while holding it).
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(dir.join(STATE_LOCK_FILE))
+                .unwrap();
+            f.lock().unwrap();
+            println!("HOLDING");
+            std::thread::sleep(Duration::from_secs(60));
         }
         "open" => match StateDir::open(&dir) {
             Ok(_) => println!("OPEN ok"),
@@ -83,7 +96,7 @@ fn temp_files(dir: &Path) -> Vec<String> {
 #[test]
 fn concurrent_writers_and_readers_never_see_a_torn_file() {
     let tmp = TempDir::new("contention");
-    let state = Arc::new(StateDir::open(tmp.path()).unwrap());
+    let state = Arc::new(discovery(tmp.path()));
     state.write_routes(&routes(0, ROUTES_SMALL)).unwrap();
 
     let done = Arc::new(AtomicBool::new(false));
@@ -186,7 +199,7 @@ fn concurrent_writers_and_readers_never_see_a_torn_file() {
 #[test]
 fn writer_killed_mid_write_never_leaves_a_torn_file() {
     let tmp = TempDir::new("killed");
-    let state = StateDir::open(tmp.path()).unwrap();
+    let state = discovery(tmp.path());
     state.write_routes(&routes(0, ROUTES_BIG)).unwrap();
     // A temp file from some earlier crash, with garbage in it.
     let stale = tmp.path().join(format!(".{ROUTES_FILE}.tmp.999999.0"));
@@ -237,7 +250,7 @@ fn writer_killed_mid_write_never_leaves_a_torn_file() {
 #[test]
 fn read_errors_say_what_is_wrong() {
     let tmp = TempDir::new("read-errors");
-    let state = StateDir::open(tmp.path()).unwrap();
+    let state = discovery(tmp.path());
     let path = state.routes_path();
 
     let e = state.read_routes().unwrap_err();
@@ -293,7 +306,7 @@ fn read_errors_say_what_is_wrong() {
 #[test]
 fn update_sees_the_current_file_or_why_not() {
     let tmp = TempDir::new("update");
-    let state = StateDir::open(tmp.path()).unwrap();
+    let state = discovery(tmp.path());
     let mut seen = None;
     state
         .update_routes(|prev| {
@@ -357,7 +370,7 @@ fn open_names_the_setting_and_the_fix() {
     );
 
     // Read-only handles read but refuse every write.
-    let state = StateDir::open(tmp.path()).unwrap();
+    let state = discovery(tmp.path());
     state.write_routes(&routes(1, 1)).unwrap();
     let reader = StateDir::open_readonly(tmp.path()).unwrap();
     assert_eq!(reader.read_routes().unwrap().generation, 1);
@@ -379,7 +392,7 @@ fn open_names_the_setting_and_the_fix() {
 #[test]
 fn events_skip_a_torn_line_and_the_next_append_is_whole() {
     let tmp = TempDir::new("events-torn");
-    let state = StateDir::open(tmp.path()).unwrap();
+    let state = discovery(tmp.path());
     assert!(state.read_events().unwrap().is_empty());
     for i in 0..3 {
         state
@@ -428,7 +441,7 @@ fn events_skip_a_torn_line_and_the_next_append_is_whole() {
 fn events_rotate_at_the_cap_keeping_one_old_file() {
     let tmp = TempDir::new("events-rotate");
     let cap = 1000;
-    let state = StateDir::open(tmp.path()).unwrap().with_events_cap(cap);
+    let state = discovery(tmp.path()).with_events_cap(cap);
     for i in 0..60 {
         state
             .append_event(&Event::new(
@@ -465,13 +478,13 @@ fn events_rotate_at_the_cap_keeping_one_old_file() {
 #[test]
 fn leader_lock_is_exclusive_and_released_on_drop() {
     let tmp = TempDir::new("leader");
-    let state = Arc::new(StateDir::open(tmp.path()).unwrap());
+    let state = Arc::new(discovery(tmp.path()));
     let first = state.try_lead().unwrap().expect("free at first");
     assert!(
         state.try_lead().unwrap().is_none(),
         "second leader while the first holds"
     );
-    let pid = fs::read_to_string(tmp.path().join(LEADER_LOCK_FILE)).unwrap();
+    let pid = fs::read_to_string(private_path(tmp.path()).join(LEADER_LOCK_FILE)).unwrap();
     assert_eq!(pid.trim(), std::process::id().to_string());
     // The leader lock is not the state lock: writes go on while it is held.
     state.write_routes(&routes(1, 1)).unwrap();
@@ -504,11 +517,11 @@ fn leader_lock_is_exclusive_and_released_on_drop() {
 #[test]
 fn leader_lock_passes_when_the_holder_process_is_killed() {
     let tmp = TempDir::new("leader-kill");
-    let state = Arc::new(StateDir::open(tmp.path()).unwrap());
+    let state = Arc::new(discovery(tmp.path()));
     let mut holder = RoleChild::spawn("leader", tmp.path(), "");
     holder.wait_line("LEADING", Duration::from_secs(30));
     assert!(state.try_lead().unwrap().is_none());
-    let pid = fs::read_to_string(tmp.path().join(LEADER_LOCK_FILE)).unwrap();
+    let pid = fs::read_to_string(private_path(tmp.path()).join(LEADER_LOCK_FILE)).unwrap();
     assert_eq!(pid.trim(), holder.pid().to_string());
 
     let (tx, rx) = mpsc::channel();
@@ -534,14 +547,14 @@ fn leader_lock_passes_when_the_holder_process_is_killed() {
         acquired - killed
     );
     let _lock = standby.join().unwrap();
-    let pid = fs::read_to_string(tmp.path().join(LEADER_LOCK_FILE)).unwrap();
+    let pid = fs::read_to_string(private_path(tmp.path()).join(LEADER_LOCK_FILE)).unwrap();
     assert_eq!(pid.trim(), std::process::id().to_string());
 }
 
 #[test]
 fn routes_file_round_trips() {
     let tmp = TempDir::new("roundtrip");
-    let state = StateDir::open(tmp.path()).unwrap();
+    let state = discovery(tmp.path());
     let file: RoutesFile = routes(7, 5);
     state.write_routes(&file).unwrap();
     assert_eq!(state.read_routes().unwrap(), file);
@@ -574,4 +587,189 @@ fn routes_file_round_trips() {
         .unwrap();
     assert_eq!(state.read_discovery().unwrap().generation, 4);
     assert_eq!(bumped.generation, 4);
+}
+
+/// Runs `f` on a thread and fails the test if it takes longer than `limit` (instead of
+/// hanging it).
+fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("did not finish within {limit:?}: stalled on a lock?"))
+}
+
+#[test]
+fn a_held_shared_state_lock_does_not_stall_discovery_writes() {
+    let tmp = TempDir::new("shared-lock");
+    let mut holder = RoleChild::spawn("shared_lock_holder", tmp.path(), "");
+    holder.wait_line("HOLDING", Duration::from_secs(30));
+    let path = tmp.path().to_path_buf();
+    let elapsed = within(Duration::from_secs(5), move || {
+        let start = Instant::now();
+        let state = discovery(&path);
+        state.write_routes(&routes(1, 3)).unwrap();
+        state
+            .update_routes(|prev| routes(prev.unwrap().generation + 1, 3))
+            .unwrap();
+        state
+            .update_routes(|prev| routes(prev.unwrap().generation + 1, 3))
+            .unwrap();
+        state.append_event(&Event::new("t", EventKind::Started, "m")).unwrap();
+        let lead = state.try_lead().unwrap();
+        assert!(lead.is_some(), "leader lock free");
+        start.elapsed()
+    });
+    eprintln!("discovery writes while a router holds the shared state.lock: {elapsed:?}");
+    assert_eq!(discovery(tmp.path()).read_routes().unwrap().generation, 3);
+}
+
+#[test]
+fn discovery_keeps_its_locks_in_its_private_dir() {
+    let tmp = TempDir::new("private");
+    let state = discovery(tmp.path());
+    state.write_routes(&routes(1, 1)).unwrap();
+    state.append_event(&Event::new("t", EventKind::Started, "m")).unwrap();
+    let _lead = state.try_lead().unwrap().unwrap();
+    let private = private_path(tmp.path());
+    for name in [STATE_LOCK_FILE, LEADER_LOCK_FILE] {
+        assert!(!tmp.path().join(name).exists(), "{name} in the shared dir");
+        assert!(
+            private.join(name).is_file(),
+            "{name} not in the private dir"
+        );
+    }
+    let mode = fs::metadata(&private).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+
+    // A loose private dir is tightened.
+    drop(_lead);
+    fs::set_permissions(&private, fs::Permissions::from_mode(0o755)).unwrap();
+    let _ = discovery(tmp.path());
+    let mode = fs::metadata(&private).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+
+    // A router's handle writes no discovery file and takes no discovery lock.
+    let router = StateDir::open(tmp.path()).unwrap();
+    assert!(matches!(
+        router.write_routes(&routes(2, 1)),
+        Err(StateError::NoPrivateDir { .. })
+    ));
+    assert!(matches!(
+        router.try_lead(),
+        Err(StateError::NoPrivateDir { .. })
+    ));
+}
+
+#[test]
+fn planted_links_in_the_shared_dir_are_never_written_through() {
+    let tmp = TempDir::new("planted");
+    let victim = tmp.path().join("victim");
+    fs::write(&victim, b"keep").unwrap();
+    for name in [EVENTS_FILE, ROUTES_FILE] {
+        std::os::unix::fs::symlink(&victim, tmp.path().join(name)).unwrap();
+    }
+    // A router never writes events.log (its events go into its probes file).
+    let router = StateDir::open(tmp.path()).unwrap();
+    router.append_event(&Event::new("r", EventKind::Started, "m")).unwrap();
+    assert_eq!(fs::read(&victim).unwrap(), b"keep");
+    // Reads refuse the links.
+    let state = discovery(tmp.path());
+    assert!(matches!(
+        state.read_routes(),
+        Err(ReadError::Unreadable { .. })
+    ));
+    // Discovery replaces them.
+    state.write_routes(&routes(1, 1)).unwrap();
+    state.append_event(&Event::new("t", EventKind::Started, "m")).unwrap();
+    assert_eq!(fs::read(&victim).unwrap(), b"keep");
+    for name in [EVENTS_FILE, ROUTES_FILE] {
+        assert!(!tmp.path().join(name).is_symlink(), "{name}");
+    }
+    assert_eq!(state.read_events().unwrap().len(), 1);
+
+    // A FIFO planted at events.log neither blocks discovery nor the reader.
+    fs::remove_file(tmp.path().join(EVENTS_FILE)).unwrap();
+    nix_mkfifo(&tmp.path().join(EVENTS_FILE));
+    let path = tmp.path().to_path_buf();
+    within(Duration::from_secs(5), move || {
+        let state = discovery(&path);
+        let _ = state.read_events();
+        state.append_event(&Event::new("t", EventKind::Started, "after")).unwrap();
+    });
+    assert_eq!(state.read_events().unwrap().len(), 1);
+}
+
+fn nix_mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: c is a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+}
+
+#[test]
+fn router_events_travel_in_its_probes_file_not_events_log() {
+    let tmp = TempDir::new("router-events");
+    let router = StateDir::open(tmp.path()).unwrap();
+    for i in 0..3 {
+        router
+            .append_event(&Event::new("router/a", EventKind::Started, format!("{i}")))
+            .unwrap();
+    }
+    assert!(
+        !tmp.path().join(EVENTS_FILE).exists(),
+        "a router wrote events.log"
+    );
+    router.write_probes(&common::probes_file("a")).unwrap();
+    let files = discovery(tmp.path()).read_all_probes();
+    let events = files[0].events.as_ref().expect("events in the probes file");
+    let messages: Vec<&str> = events.recent.iter().map(|e| e.message.as_str()).collect();
+    // Other tests in this process may have added theirs: ours are the last three.
+    assert!(messages.ends_with(&["0", "1", "2"]), "{messages:?}");
+    let names: Vec<String> = fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["probes".to_string()],
+        "a router wrote {names:?}"
+    );
+}
+
+#[test]
+fn a_planted_rotation_target_keeps_the_cap_and_the_log_going() {
+    let tmp = TempDir::new("rotation-blocked");
+    fs::create_dir(tmp.path().join(vrouter_state::store::EVENTS_ROTATED_FILE)).unwrap();
+    fs::write(
+        tmp.path()
+            .join(vrouter_state::store::EVENTS_ROTATED_FILE)
+            .join("x"),
+        b"",
+    )
+    .unwrap();
+    let state = discovery(tmp.path()).with_events_cap(300);
+    for i in 0..20 {
+        state
+            .append_event(&Event::new("t", EventKind::Started, format!("event {i}")))
+            .unwrap();
+    }
+    let len = fs::metadata(tmp.path().join(EVENTS_FILE)).unwrap().len();
+    assert!(len <= 300, "{len}");
+    let events = state.read_events().unwrap();
+    assert_eq!(events.last().unwrap().message, "event 19");
+}
+
+#[test]
+fn a_private_dir_inside_the_shared_one_is_refused() {
+    let tmp = TempDir::new("private-inside");
+    let e = StateDir::open_discovery(tmp.path(), &tmp.path().join("private")).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("VROUTER_PRIVATE_DIR"), "{msg}");
+    assert!(msg.contains("inside the shared state directory"), "{msg}");
+    assert!(StateDir::open_discovery(tmp.path(), tmp.path()).is_err());
+    assert!(
+        !tmp.path().join("private").exists(),
+        "created before the check"
+    );
 }

@@ -48,7 +48,7 @@
 //!   Setup: discovery attaches the router's overlay link on host 1 and is then stopped
 //!   (SIGTERM; kernel state stays, as in any control-plane outage), so the bench alone
 //!   writes routes.json — as discovery does (vrouter-state's store: complete fsynced
-//!   temp file, rename under `state.lock`, directory fsync); the timer starts just
+//!   temp file, rename, directory fsync); the timer starts just
 //!   before the rename. Discovery's own time to compute routes is not in these figures.
 //!   The bench also gives `vxlan1000` on host 1 the forwarding rows discovery keeps for
 //!   these remote stacks (a flood row per remote host, a row per remote router MAC;

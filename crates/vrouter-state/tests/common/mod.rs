@@ -43,7 +43,20 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_dir_all(private_path(&self.0));
     }
+}
+
+/// Discovery's private directory for a shared directory in these tests.
+pub fn private_path(shared: &Path) -> PathBuf {
+    let mut s = shared.as_os_str().to_owned();
+    s.push("-private");
+    PathBuf::from(s)
+}
+
+/// `shared` opened as discovery opens it, with its private directory beside it.
+pub fn discovery(shared: &Path) -> vrouter_state::StateDir {
+    vrouter_state::StateDir::open_discovery(shared, &private_path(shared)).unwrap()
 }
 
 /// A child process running this test binary in `role`; SIGKILLed and reaped on drop
@@ -216,5 +229,20 @@ impl Rng {
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0 % n
+    }
+}
+
+/// A minimal probes file of `stack`.
+pub fn probes_file(stack: &str) -> vrouter_state::ProbesFile {
+    vrouter_state::ProbesFile {
+        schema: vrouter_state::SCHEMA_VERSION,
+        generation: 1,
+        stack: vrouter_state::StackName::new(stack).unwrap(),
+        updated_ms: vrouter_state::now_ms(),
+        interval_ms: 250,
+        peers: Vec::new(),
+        health: None,
+        traffic: Vec::new(),
+        events: None,
     }
 }
