@@ -51,18 +51,31 @@ fn refused_link(e: Errno, path: &Path) -> io::Error {
     }
 }
 
-/// A random number from the kernel's CSPRNG (getrandom), for names and ids no one
-/// else can predict.
+/// A random number from the kernel's CSPRNG (the getrandom system call), for names and
+/// ids no one else can predict. The call is made by number: the static musl builds
+/// resolve libc's `getrandom` wrapper to a null weak symbol (a jump to address 0).
+/// Should the call fail (a seccomp profile refusing it), std's per-process random
+/// hash keys stand in, which are still unpredictable to another process.
 pub fn random_u64() -> u64 {
     let mut b = [0u8; 8];
     let mut filled = 0;
     while filled < b.len() {
         // SAFETY: the pointer and length describe the unfilled tail of `b`.
-        let n = unsafe { libc::getrandom(b[filled..].as_mut_ptr().cast(), b.len() - filled, 0) };
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_getrandom,
+                b[filled..].as_mut_ptr(),
+                b.len() - filled,
+                0,
+            )
+        };
         if n > 0 {
             filled += n as usize;
         } else if io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            panic!("getrandom failed: {}", io::Error::last_os_error());
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(u64::from_ne_bytes(b));
+            return h.finish();
         }
     }
     u64::from_ne_bytes(b)
