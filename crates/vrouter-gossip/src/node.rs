@@ -225,13 +225,17 @@ struct Store {
     refused_full: u64,
     /// Record versions completed (for `records_pulled`).
     completed: u64,
+    /// Records completed from broadcasts or pushes since the last drain: this node
+    /// pushes each to a few members in turn.
+    forward: Vec<NodeId>,
     /// (id, old underlay, new underlay) seen since the last drain.
     migrations: Vec<(NodeId, Ipv4Addr, Ipv4Addr)>,
 }
 
 impl Store {
     /// Takes an encoded record part; a version is swapped in once all its parts are.
-    fn offer_part(&mut self, raw: &[u8]) -> Offer {
+    /// `spread`: it came by broadcast or push, so a completed version is passed on.
+    fn offer_part(&mut self, raw: &[u8], spread: bool) -> Offer {
         let Ok(p) = record::decode_part(raw) else {
             self.bad_parts += 1;
             return Offer::Bad;
@@ -289,6 +293,9 @@ impl Store {
                 self.pending.remove(&id);
                 match done {
                     Ok((r, parts)) => {
+                        if spread {
+                            self.forward.push(r.id);
+                        }
                         self.insert(r, parts);
                         Offer::New
                     }
@@ -412,7 +419,7 @@ impl BroadcastHandler<Member> for Handler {
         if store.drop_broadcasts {
             return Ok(None);
         }
-        Ok((store.offer_part(data) == Offer::New).then_some(key))
+        Ok((store.offer_part(data, true) == Offer::New).then_some(key))
     }
 }
 
@@ -660,12 +667,20 @@ impl Node {
         for p in self.own_parts.clone() {
             let _ = self.swim.add_broadcast(&p);
         }
+        self.push_to_some(self.own_parts.clone());
+    }
+
+    /// Every part of one version to `gossip_fanout` random live members. Each node
+    /// that completes a version from a broadcast or push does it once, so a change
+    /// reaches the mesh in a few round trips whatever the record's size, while SWIM's
+    /// piggybacking and anti-entropy catch what a lost datagram missed.
+    fn push_to_some(&mut self, parts: Vec<Vec<u8>>) {
         let mut members: Vec<SocketAddrV4> =
             self.swim.iter_members().map(|m| m.id().addr).collect();
         for k in 0..members.len().min(self.params.gossip_fanout) {
             let j = self.rng.random_range(k..members.len());
             members.swap(k, j);
-            self.send_parts(members[k], self.own_parts.clone(), true);
+            self.send_parts(members[k], parts.clone(), true);
         }
     }
 
@@ -817,7 +832,7 @@ impl Node {
                 let mut store = self.store.lock().expect("store lock");
                 let before = store.completed;
                 for raw in parts {
-                    store.offer_part(&raw);
+                    store.offer_part(&raw, false);
                 }
                 self.counters.records_pulled += store.completed - before;
             }
@@ -825,7 +840,7 @@ impl Node {
                 let drop_broadcasts = self.store.lock().expect("store lock").drop_broadcasts;
                 if !drop_broadcasts {
                     for raw in parts {
-                        let new = self.store.lock().expect("store lock").offer_part(&raw);
+                        let new = self.store.lock().expect("store lock").offer_part(&raw, true);
                         if new == Offer::New {
                             // On to others, as if it had come through SWIM.
                             let _ = self.swim.add_broadcast(&raw);
@@ -1083,6 +1098,17 @@ impl Node {
     /// Bookkeeping after any input: raise our version above a previous life's, note
     /// state changes and migrations.
     fn after_input(&mut self) {
+        let forward: Vec<Vec<u8>> = {
+            let mut s = self.store.lock().expect("store lock");
+            let ids = std::mem::take(&mut s.forward);
+            ids.iter()
+                .filter_map(|id| s.records.get(id))
+                .flat_map(|h| h.parts.iter().cloned())
+                .collect()
+        };
+        if !forward.is_empty() {
+            self.push_to_some(forward);
+        }
         let own_seen = {
             let mut s = self.store.lock().expect("store lock");
             self.counters.rejected_malformed += std::mem::take(&mut s.bad_parts);
@@ -1196,6 +1222,20 @@ impl Node {
                 }
             })
             .collect()
+    }
+
+    /// The encoded parts held for `id`'s record, as they will be relayed.
+    pub(crate) fn held_parts(&self, id: NodeId) -> Option<Vec<Vec<u8>>> {
+        if id == self.me.id {
+            return Some(self.own_parts.clone());
+        }
+        let store = self.store.lock().expect("store lock");
+        store.records.get(&id).map(|h| h.parts.clone())
+    }
+
+    /// Tombstones held (records pruned, kept out).
+    pub fn pruned_count(&self) -> usize {
+        self.store.lock().expect("store lock").pruned.len()
     }
 
     /// Number of members SWIM considers active.

@@ -350,40 +350,15 @@ impl Assembly {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vrouter_state::{StackName, StackSpec, Vni};
-
-    /// A random, incompressible 64-character name.
-    pub(crate) fn random_name(rng: &mut impl rand::Rng) -> String {
-        const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-        let mut s: String = (0..64)
-            .map(|_| ALPHABET[rand::RngExt::random_range(rng, 0..ALPHABET.len())] as char)
-            .collect();
-        s.replace_range(0..1, "s");
-        s
-    }
 
     pub(crate) fn big_record(seed: u64) -> NodeRecord {
-        use rand::SeedableRng;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         NodeRecord {
             id: NodeId(7),
             version: 1_800_000_000_000,
             gossip_addr: "198.18.0.1:7950".parse().unwrap(),
             underlay: "198.18.0.1".parse().unwrap(),
             vxlan_port: 4789,
-            stacks: (0..100u32)
-                .map(|k| ClaimedStack {
-                    spec: StackSpec {
-                        name: StackName::new(&random_name(&mut rng)).unwrap(),
-                        vni: Vni::new(1000 + k).unwrap(),
-                        prefixes: (0..4u32)
-                            .map(|j| format!("10.{}.{}.0/24", k, j).parse().unwrap())
-                            .collect(),
-                        router_ip: format!("10.{k}.0.254").parse().unwrap(),
-                    },
-                    claimed_ms: 1_800_000_000_000 + k as u64,
-                })
-                .collect(),
+            stacks: crate::sim::long_stacks(seed, 100, 4),
             left: false,
             bump: 9,
         }
