@@ -228,6 +228,11 @@ struct Store {
     /// Records completed from broadcasts or pushes since the last drain: this node
     /// pushes each to a few members in turn.
     forward: Vec<NodeId>,
+    /// A new multi-part version was started by the last offer.
+    started: bool,
+    /// (record, member) to ask for a whole version whose first part came by broadcast:
+    /// one round trip instead of waiting for every part to come round by piggyback.
+    pulls: Vec<(NodeId, SocketAddrV4)>,
     /// (id, old underlay, new underlay) seen since the last drain.
     migrations: Vec<(NodeId, Ipv4Addr, Ipv4Addr)>,
 }
@@ -283,6 +288,7 @@ impl Store {
                     }
                 }
                 self.pending.insert(id, Assembly::new(version, count, self.clock));
+                self.started = true;
                 self.pending.get_mut(&id).expect("just inserted")
             }
         };
@@ -419,7 +425,14 @@ impl BroadcastHandler<Member> for Handler {
         if store.drop_broadcasts {
             return Ok(None);
         }
-        Ok((store.offer_part(data, true) == Offer::New).then_some(key))
+        store.started = false;
+        let offer = store.offer_part(data, true);
+        if std::mem::take(&mut store.started) {
+            if let Some(from) = sender {
+                store.pulls.push((p.id, from.addr));
+            }
+        }
+        Ok((offer == Offer::New).then_some(key))
     }
 }
 
@@ -817,11 +830,18 @@ impl Node {
             }
             Wire::Want(ids) => {
                 let store = self.store.lock().expect("store lock");
+                // The complete version held, and the parts of a newer one being
+                // assembled (the asker may lack exactly those).
                 let mut parts: Vec<Vec<u8>> = ids
                     .iter()
                     .filter_map(|id| store.records.get(id))
                     .flat_map(|h| h.parts.iter().cloned())
                     .collect();
+                parts.extend(
+                    ids.iter()
+                        .filter_map(|id| store.pending.get(id))
+                        .flat_map(|a| a.raw_parts()),
+                );
                 drop(store);
                 if ids.contains(&self.me.id) {
                     parts.extend(self.own_parts.iter().cloned());
@@ -1109,6 +1129,10 @@ impl Node {
         if !forward.is_empty() {
             self.push_to_some(forward);
         }
+        let pulls = std::mem::take(&mut self.store.lock().expect("store lock").pulls);
+        for (id, from) in pulls {
+            self.send_wire(from, &Wire::Want(vec![id]));
+        }
         let own_seen = {
             let mut s = self.store.lock().expect("store lock");
             self.counters.rejected_malformed += std::mem::take(&mut s.bad_parts);
@@ -1225,6 +1249,7 @@ impl Node {
     }
 
     /// The encoded parts held for `id`'s record, as they will be relayed.
+    #[cfg(test)]
     pub(crate) fn held_parts(&self, id: NodeId) -> Option<Vec<Vec<u8>>> {
         if id == self.me.id {
             return Some(self.own_parts.clone());

@@ -314,6 +314,11 @@ impl Assembly {
         self.parts.len()
     }
 
+    /// The encoded parts in so far.
+    pub fn raw_parts(&self) -> impl Iterator<Item = Vec<u8>> + '_ {
+        self.parts.iter().flatten().cloned()
+    }
+
     pub fn has(&self, index: u16) -> bool {
         self.parts.get(index as usize).is_some_and(|p| p.is_some())
     }
