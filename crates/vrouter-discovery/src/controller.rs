@@ -48,6 +48,8 @@ pub struct Controller {
     advertise: Ipv4Addr,
     reported: BTreeSet<String>,
     refusals: Vec<vrouter_state::Refusal>,
+    /// Local stacks refused by a limit, with the reason (for /readyz).
+    refused_local: Vec<String>,
     drift_repairs: u64,
     /// The gossip mesh, when configured; static peers still apply beside it.
     gossip: Option<GossipHandle>,
@@ -136,6 +138,7 @@ impl Controller {
             advertise,
             reported: BTreeSet::new(),
             refusals: Vec::new(),
+            refused_local: Vec::new(),
             drift_repairs: 0,
             gossip: None,
             claims: BTreeMap::new(),
@@ -244,7 +247,7 @@ impl Controller {
         for n in &names {
             self.claims.entry(n.clone()).or_insert(now);
         }
-        if self.claims != before {
+        if self.claims != before && self.gossip.is_some() {
             if let Err(e) = crate::gossip::store_claims(self.dir.path(), &self.claims) {
                 warn!("cannot store claims.json: {e}");
             }
@@ -446,6 +449,9 @@ impl Controller {
             ("rejected_replayed", c.rejected_replayed),
             ("anti_entropy_rounds", c.anti_entropy_rounds),
             ("records_pulled", c.records_pulled),
+            ("skipped_unknown", c.skipped_unknown),
+            ("records_pruned", c.records_pruned),
+            ("refused_full", c.refused_full),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -784,14 +790,28 @@ impl Controller {
             .iter()
             .filter_map(|l| l.bridge.as_ref().map(|b| b.1))
             .collect();
+        // Claim times first: the newest stacks are the ones a limit refuses.
+        let stacks = self.claimed_stacks();
+        let admission = HostView {
+            local_claims: self.claims.clone(),
+            max_prefixes_per_host: self.settings.max_prefixes_per_host,
+            ..HostView::default()
+        };
+        let gossip_on = self.gossip.is_some();
+        let (refused_local, local_refusals) = desired::admit_local(&admission, &local, |specs| {
+            !gossip_on || vrouter_gossip::record::stacks_fit(specs.iter().copied())
+        });
+        let local: Vec<LocalRouter> = local
+            .into_iter()
+            .filter(|l| !refused_local.contains(&l.spec.name))
+            .collect();
+        self.refused_local = local_refusals.iter().map(|r| r.reason.clone()).collect();
         if let Some(g) = &self.gossip {
-            let stacks = {
-                let _ = g;
-                self.claimed_stacks()
-            };
-            if let Some(g) = &self.gossip {
-                g.set_local(self.advertise, self.settings.vxlan_port, stacks);
-            }
+            let stacks = stacks
+                .into_iter()
+                .filter(|c| !refused_local.contains(&c.spec.name))
+                .collect();
+            g.set_local(self.advertise, self.settings.vxlan_port, stacks);
         }
         let mut all_peers = self.peers.clone();
         all_peers.extend(self.gossip_peers());
@@ -806,7 +826,8 @@ impl Controller {
             local_claims: self.claims.clone(),
             max_prefixes_per_host: self.settings.max_prefixes_per_host,
         };
-        let want = desired::compute(&host, &local, &all_peers);
+        let mut want = desired::compute(&host, &local, &all_peers);
+        want.refusals.extend(local_refusals);
         self.all_peers = all_peers;
         for r in &want.refusals {
             let key = format!("{}|{:?}|{}", r.stack, r.prefix, r.reason);
@@ -952,6 +973,7 @@ impl Controller {
             state_error: self.state_error.clone(),
             devices: self.devices_up.clone(),
             device_errors: self.failed_vnis.values().cloned().collect(),
+            refused_local: self.refused_local.clone(),
         }
     }
 

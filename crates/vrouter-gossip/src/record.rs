@@ -270,6 +270,27 @@ pub fn decode_part(bytes: &[u8]) -> Result<RecordPart, FormatError> {
     Ok(p)
 }
 
+/// Whether a record announcing `stacks` fits [`MAX_RECORD_BYTES`], whatever its other
+/// fields hold (they are sized at their largest).
+pub fn stacks_fit<'a>(stacks: impl Iterator<Item = &'a StackSpec>) -> bool {
+    let r = NodeRecord {
+        id: NodeId(u64::MAX),
+        version: u64::MAX,
+        gossip_addr: SocketAddrV4::new(Ipv4Addr::BROADCAST, u16::MAX),
+        underlay: Ipv4Addr::BROADCAST,
+        vxlan_port: u16::MAX,
+        stacks: stacks
+            .map(|s| ClaimedStack {
+                spec: s.clone(),
+                claimed_ms: u64::MAX,
+            })
+            .collect(),
+        left: false,
+        bump: u64::MAX,
+    };
+    encoded_len(&r) <= MAX_RECORD_BYTES
+}
+
 /// Drops the newest stacks (latest claim, then name) until the record fits; returns
 /// the dropped ones, newest first. The oldest stacks are never the ones refused.
 pub fn fit(r: &mut NodeRecord) -> Vec<ClaimedStack> {
