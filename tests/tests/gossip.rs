@@ -782,19 +782,32 @@ fn a_hundred_long_named_stacks_reach_the_other_host() {
         names.intersection(&g.routed_stacks(2)).count(),
         g.summary()
     );
-    eprintln!("host 2 routes all 100 stacks {:?} after the last registration", t0.elapsed());
+    eprintln!(
+        "host 2 routes all 100 stacks {:?} after the last registration",
+        t0.elapsed()
+    );
     let ok = wait_until(Duration::from_secs(5), POLL, || {
-        g.members(2).iter().map(|m| m.stacks.len()).collect::<Vec<_>>() == vec![101]
+        g.members(2)
+            .iter()
+            .map(|m| m.stacks.len())
+            .collect::<Vec<_>>()
+            == vec![101]
     });
     let held: Vec<Vec<String>> = g.members(2).into_iter().map(|m| m.stacks).collect();
     assert!(
         ok,
         "host 1 as host 2 holds it: {:?} stacks, s1 in: {:?}, refused on 1: {:?}",
         held.iter().map(|s| s.len()).collect::<Vec<_>>(),
-        held.iter().map(|s| s.contains(&"s1".to_string())).collect::<Vec<_>>(),
+        held.iter()
+            .map(|s| s.contains(&"s1".to_string()))
+            .collect::<Vec<_>>(),
         g.refused(1)
     );
-    assert!(g.refused(1).is_empty(), "host 1 refused: {:?}", g.refused(1));
+    assert!(
+        g.refused(1).is_empty(),
+        "host 1 refused: {:?}",
+        g.refused(1)
+    );
 
     // Host 1's own stacks share VNI 1000, so each one added or removed changes about
     // 400 routes of the others there, one event each: let that settle first, so the
@@ -813,11 +826,20 @@ fn a_hundred_long_named_stacks_reach_the_other_host() {
     let t1 = Instant::now();
     rt.block_on(async {
         conns[42]
-            .send(&RouterMessage::Leave { stack: gone.clone() }, None)
+            .send(
+                &RouterMessage::Leave {
+                    stack: gone.clone(),
+                },
+                None,
+            )
             .await
             .expect("leave")
     });
-    let rest: BTreeSet<String> = names.iter().filter(|n| **n != gone.as_str()).cloned().collect();
+    let rest: BTreeSet<String> = names
+        .iter()
+        .filter(|n| **n != gone.as_str())
+        .cloned()
+        .collect();
     let ok = wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
         !g.routed_stacks(2).contains(gone.as_str())
     });

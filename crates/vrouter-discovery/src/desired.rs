@@ -498,7 +498,8 @@ mod tests {
             .find(|r| r.stack.as_str() == "two")
             .unwrap();
         assert!(
-            r.reason.contains("announces 3 prefixes, more than this host's cap of 2"),
+            r.reason
+                .contains("announces 3 prefixes, more than this host's cap of 2"),
             "{}",
             r.reason
         );
@@ -516,9 +517,18 @@ mod tests {
         h.local_claims.insert(b.spec.name.clone(), 2);
         h.local_claims.insert(c.spec.name.clone(), 3);
         let (refused, why) = admit_local(&h, &[c.clone(), a.clone(), b.clone()], |_| true);
-        assert_eq!(refused.into_iter().collect::<Vec<_>>(), vec![c.spec.name.clone()]);
+        assert_eq!(
+            refused.into_iter().collect::<Vec<_>>(),
+            vec![c.spec.name.clone()]
+        );
         assert_eq!(why[0].code, "prefix_cap");
-        assert!(why[0].reason.contains("to 4, over VROUTER_MAX_PREFIXES_PER_HOST=3"), "{}", why[0].reason);
+        assert!(
+            why[0]
+                .reason
+                .contains("to 4, over VROUTER_MAX_PREFIXES_PER_HOST=3"),
+            "{}",
+            why[0].reason
+        );
         // The record limit refuses the newest too, and the ones after it still get in
         // if they fit.
         h.max_prefixes_per_host = 0;
@@ -534,7 +544,11 @@ mod tests {
         let s = crate::settings::Cli::try_parse_from(["vrouter-discovery"])
             .unwrap()
             .settings;
-        assert!(s.max_prefixes_per_host >= 400, "{}", s.max_prefixes_per_host);
+        assert!(
+            s.max_prefixes_per_host >= 400,
+            "{}",
+            s.max_prefixes_per_host
+        );
     }
 
     fn ip(s: &str) -> Ipv4Addr {

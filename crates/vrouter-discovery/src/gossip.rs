@@ -264,7 +264,11 @@ pub async fn start(
     );
     socket.set_nonblocking(true)?;
     let (task_shared, task_events) = (shared.clone(), events.clone());
-    let (task_settings, specs, stamp) = (settings.clone(), join_specs(settings), secret_stamp(settings));
+    let (task_settings, specs, stamp) = (
+        settings.clone(),
+        join_specs(settings),
+        secret_stamp(settings),
+    );
     // A thread and runtime of its own: SWIM must answer probes within 200 ms whatever
     // the control loop is doing (a reconcile that writes thousands of events, a slow
     // state directory), or a busy host is declared down and its stacks flap.

@@ -287,7 +287,8 @@ impl Store {
                         self.pending.remove(&k);
                     }
                 }
-                self.pending.insert(id, Assembly::new(version, count, self.clock));
+                self.pending
+                    .insert(id, Assembly::new(version, count, self.clock));
                 self.started = true;
                 self.pending.get_mut(&id).expect("just inserted")
             }
@@ -335,7 +336,11 @@ impl Store {
             self.own_seen = self.own_seen.max(version);
             return false;
         }
-        if self.records.get(&id).is_some_and(|h| h.record.version > version) {
+        if self
+            .records
+            .get(&id)
+            .is_some_and(|h| h.record.version > version)
+        {
             return false;
         }
         if self.pending.get(&id).is_some_and(|a| a.version <= version) {
@@ -749,8 +754,7 @@ impl Node {
                     return;
                 }
                 let known = self.swim.iter_membership_state().any(|x| x.id().id == m.id);
-                if !known && self.swim.iter_membership_state().count() >= self.params.max_members
-                {
+                if !known && self.swim.iter_membership_state().count() >= self.params.max_members {
                     self.counters.refused_full += 1;
                     return;
                 }
@@ -796,11 +800,7 @@ impl Node {
                         pruned.push((*id, *tomb));
                         continue;
                     }
-                    if store
-                        .records
-                        .get(id)
-                        .is_none_or(|h| h.record.version < *v)
-                    {
+                    if store.records.get(id).is_none_or(|h| h.record.version < *v) {
                         want.push(*id);
                     }
                 }
@@ -860,7 +860,11 @@ impl Node {
                 let drop_broadcasts = self.store.lock().expect("store lock").drop_broadcasts;
                 if !drop_broadcasts {
                     for raw in parts {
-                        let new = self.store.lock().expect("store lock").offer_part(&raw, true);
+                        let new = self
+                            .store
+                            .lock()
+                            .expect("store lock")
+                            .offer_part(&raw, true);
                         if new == Offer::New {
                             // On to others, as if it had come through SWIM.
                             let _ = self.swim.add_broadcast(&raw);
@@ -1047,7 +1051,9 @@ impl Node {
         self.outbox.push((to, sealed));
         if self.format.version > record::FORMAT && matches!(w, Wire::Sync { .. }) {
             // A newer build's new kind of message, beside a known one.
-            let sealed = self.sealer.seal(&wire::encode_unknown_for_tests(&self.format));
+            let sealed = self
+                .sealer
+                .seal(&wire::encode_unknown_for_tests(&self.format));
             self.outbox.push((to, sealed));
         }
     }

@@ -249,7 +249,10 @@ pub fn split(r: &NodeRecord, f: &Format) -> Result<Vec<Vec<u8>>, FormatError> {
                 version: r.version,
                 index: i,
                 count,
-                bytes: chunks.get(i as usize).map(|c| c.to_vec()).unwrap_or_default(),
+                bytes: chunks
+                    .get(i as usize)
+                    .map(|c| c.to_vec())
+                    .unwrap_or_default(),
             };
             with_appended(&part, f)
         })
@@ -306,6 +309,9 @@ pub fn fit(r: &mut NodeRecord) -> Vec<ClaimedStack> {
     dropped
 }
 
+/// A record assembled from its parts, with the parts as received.
+pub type Assembled = (NodeRecord, Vec<Vec<u8>>);
+
 /// The parts of one record version received so far. The receiver keeps serving the
 /// previous complete version until every part of this one is in.
 #[derive(Debug, Clone)]
@@ -346,11 +352,7 @@ impl Assembly {
 
     /// Adds a part (checked by [`decode_part`] to belong here). Once every part is in,
     /// returns the record and its encoded parts.
-    pub fn add(
-        &mut self,
-        p: RecordPart,
-        raw: &[u8],
-    ) -> Option<Result<(NodeRecord, Vec<Vec<u8>>), FormatError>> {
+    pub fn add(&mut self, p: RecordPart, raw: &[u8]) -> Option<Result<Assembled, FormatError>> {
         let i = p.index as usize;
         if i >= self.parts.len() || self.parts[i].is_some() {
             return None;

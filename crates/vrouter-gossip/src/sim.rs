@@ -59,7 +59,7 @@ pub fn long_stacks(seed: u64, n: usize, prefixes: usize) -> Vec<ClaimedStack> {
             let base = ((seed as usize % 64) << 10) | (k * prefixes.max(1));
             let net = |j: usize| {
                 let x = base + j;
-                Ipv4Addr::new(10, (x >> 8) as u8 & 0xff, x as u8, 0)
+                Ipv4Addr::new(10, (x >> 8) as u8, x as u8, 0)
             };
             ClaimedStack {
                 spec: StackSpec {
@@ -540,7 +540,11 @@ mod tests {
         let mut s = Sim::new(n, params, seed);
         s.start(0, stack(0), &[]);
         for i in 1..n {
-            let st = if i == 1 { long_stacks(seed, 100, 4) } else { stack(i) };
+            let st = if i == 1 {
+                long_stacks(seed, 100, 4)
+            } else {
+                stack(i)
+            };
             s.start(i, st, &[0]);
         }
         s
@@ -571,7 +575,11 @@ mod tests {
             .run_until_true(t0 + 10_000, 1, |s| holds(s, 1, &names))
             .expect("the removal reaches everyone");
         assert!(t - t0 < 1_000, "took {} ms", t - t0);
-        assert!(s.max_datagram <= crate::node::MAX_DATAGRAM, "{}", s.max_datagram);
+        assert!(
+            s.max_datagram <= crate::node::MAX_DATAGRAM,
+            "{}",
+            s.max_datagram
+        );
         for i in 0..6 {
             assert_eq!(s.node(i).unwrap().counters().rejected_malformed, 0);
         }
@@ -592,17 +600,27 @@ mod tests {
         let t0 = s.now();
         s.run_until_true(t0 + 20_000, 10, |s| holds(s, 2, &names))
             .expect("anti-entropy delivers every part");
-        assert!(s.max_datagram <= crate::node::MAX_DATAGRAM, "{}", s.max_datagram);
+        assert!(
+            s.max_datagram <= crate::node::MAX_DATAGRAM,
+            "{}",
+            s.max_datagram
+        );
     }
 
     #[test]
     fn two_formats_side_by_side_converge() {
         let mut s = Sim::new(6, Params::default(), 23);
         for i in 0..6 {
-            let st = if i == 1 || i == 2 { long_stacks(23 + i as u64, 30, 4) } else { stack(i) };
+            let st = if i == 1 || i == 2 {
+                long_stacks(23 + i as u64, 30, 4)
+            } else {
+                stack(i)
+            };
             s.start(i, st, if i == 0 { &[] } else { &[0] });
             if i % 2 == 0 {
-                s.node_mut(i).unwrap().set_format(crate::record::Format::newer_for_tests());
+                s.node_mut(i)
+                    .unwrap()
+                    .set_format(crate::record::Format::newer_for_tests());
             }
         }
         s.run_until_true(10_000, 10, |s| {
@@ -622,12 +640,18 @@ mod tests {
         .expect("changes cross formats");
         for i in 0..6 {
             let c = s.node(i).unwrap().counters();
-            assert_eq!(c.rejected_malformed, 0, "node {i} dropped packets as malformed");
+            assert_eq!(
+                c.rejected_malformed, 0,
+                "node {i} dropped packets as malformed"
+            );
             assert!(c.skipped_unknown > 0, "node {i} saw no newer message kind");
         }
         // An older node relays a newer node's record byte for byte: its new field lives.
         let newer = s.node(2).unwrap().held_parts(Sim::node_id(2)).unwrap();
-        assert_eq!(s.node(1).unwrap().held_parts(Sim::node_id(2)).unwrap(), newer);
+        assert_eq!(
+            s.node(1).unwrap().held_parts(Sim::node_id(2)).unwrap(),
+            newer
+        );
         assert!(newer[0].ends_with(&crate::record::Format::newer_for_tests().appended));
     }
 
@@ -679,7 +703,9 @@ mod tests {
         s.start(3, stack(3), &[0]);
         let t0 = s.now();
         s.run_until_true(t0 + 10_000, 10, |s| {
-            s.all_see(3, |m| m.state == MemberState::Alive && m.record.stacks == stack(3))
+            s.all_see(3, |m| {
+                m.state == MemberState::Alive && m.record.stacks == stack(3)
+            })
         })
         .expect("the node itself rejoins");
     }

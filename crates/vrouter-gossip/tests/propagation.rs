@@ -66,7 +66,14 @@ fn change_times(n: usize, stacks: usize, runs: u64) -> Vec<u64> {
         assert!(s.set_stacks(1, next).unwrap());
         let t = s
             .run_until_true(t0 + 30_000, 1, |s| {
-                s.all_see(1, |m| m.record.stacks.iter().any(|c| c.spec.name.as_str().starts_with(stack(1, 999, 4).spec.name.as_str())))
+                s.all_see(1, |m| {
+                    m.record.stacks.iter().any(|c| {
+                        c.spec
+                            .name
+                            .as_str()
+                            .starts_with(stack(1, 999, 4).spec.name.as_str())
+                    })
+                })
             })
             .expect("change propagates");
         out.push(t - t0);
