@@ -823,7 +823,13 @@ impl Controller {
                 .map(|a| Prefix::containing(a.addr, a.prefix_len))
                 .collect(),
             node_id: self.gossip.as_ref().map(|g| g.node_id.to_string()),
-            local_claims: self.claims.clone(),
+            // Static mode ranks every stack as claim 0 (ties by name); the claim times
+            // kept in memory there only order local stacks for the prefix cap.
+            local_claims: if gossip_on {
+                self.claims.clone()
+            } else {
+                BTreeMap::new()
+            },
             max_prefixes_per_host: self.settings.max_prefixes_per_host,
         };
         let mut want = desired::compute(&host, &local, &all_peers);
