@@ -718,7 +718,7 @@ fn random_stack_name() -> String {
 #[test]
 fn a_hundred_long_named_stacks_reach_the_other_host() {
     require_root!();
-    use vrouter_state::attach::{AttachSocket, DiscoveryMessage, Registration, RouterMessage};
+    use vrouter_state::attach::{AttachSocket, Registration, RouterMessage};
     use vrouter_state::{StackName, StackSpec, Vni, ATTACH_SOCKET};
     let g = GossipMesh::start_one_stack_per_host("gossip_hundred", 2).expect("mesh starts");
     if let Err(e) = g.wait_full_mesh(CONVERGE) {
@@ -745,30 +745,7 @@ fn a_hundred_long_named_stacks_reach_the_other_host() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let socket_path = g.state_dir(1).join(ATTACH_SOCKET);
     // One connection per stack, as routers hold them; closing one starts its grace.
-    let conns: Vec<AttachSocket> = rt.block_on(async {
-        let mut conns = Vec::new();
-        for spec in &specs {
-            let c = AttachSocket::connect(&socket_path).await.expect("connect");
-            let reg = RouterMessage::Register(Registration {
-                spec: spec.clone(),
-                needs_link: false,
-            });
-            c.send(&reg, None).await.expect("register");
-            let reply = tokio::time::timeout(Duration::from_secs(10), c.recv::<DiscoveryMessage>())
-                .await
-                .expect("an answer")
-                .expect("recv")
-                .map(|(m, _)| m);
-            assert_eq!(
-                reply,
-                Some(DiscoveryMessage::Registered),
-                "stack {}",
-                spec.name
-            );
-            conns.push(c);
-        }
-        conns
-    });
+    let conns: Vec<AttachSocket> = specs.iter().map(|s| register_bare(&rt, &g, 1, s)).collect();
     let t0 = Instant::now();
     let names: BTreeSet<String> = specs.iter().map(|s| s.name.to_string()).collect();
     let sees_all = |want: &BTreeSet<String>| {
@@ -883,4 +860,147 @@ fn a_hundred_long_named_stacks_reach_the_other_host() {
     for c in counters {
         assert_eq!(g.counter(2, c), 0, "host 2 {c}");
     }
+}
+
+/// Registers `spec` on `host`'s discovery as a router would (without an overlay link)
+/// and returns the open connection: closing it starts the stack's grace period.
+fn register_bare(
+    rt: &tokio::runtime::Runtime,
+    g: &GossipMesh,
+    host: usize,
+    spec: &vrouter_state::StackSpec,
+) -> vrouter_state::attach::AttachSocket {
+    use vrouter_state::attach::{AttachSocket, DiscoveryMessage, Registration, RouterMessage};
+    let path = g.state_dir(host).join(vrouter_state::ATTACH_SOCKET);
+    rt.block_on(async {
+        let c = AttachSocket::connect(&path).await.expect("connect");
+        let reg = RouterMessage::Register(Registration {
+            spec: spec.clone(),
+            needs_link: false,
+        });
+        c.send(&reg, None).await.expect("register");
+        let reply = tokio::time::timeout(Duration::from_secs(10), c.recv::<DiscoveryMessage>())
+            .await
+            .expect("an answer")
+            .expect("recv")
+            .map(|(m, _)| m);
+        assert_eq!(reply, Some(DiscoveryMessage::Registered), "{}", spec.name);
+        c
+    })
+}
+
+/// (l) A limit refuses the newest stack and freezes nothing: host 1 (cap 9 prefixes)
+/// holds s1 (1 prefix) and registers stacks a, b, c of 4 prefixes each, in that order.
+/// c is refused (event, status, /readyz 503 naming it) while a and b reach host 2; host
+/// 2, whose cap (5) is below the 9 host 1 announces, refuses b and says so in its
+/// status and an event. Once a leaves, c fits and is announced.
+#[test]
+fn a_prefix_cap_refuses_the_newest_stack_only() {
+    require_root!();
+    use vrouter_state::attach::RouterMessage;
+    use vrouter_state::{StackName, StackSpec, Vni};
+    let mut g = GossipMesh::start_one_stack_per_host("gossip_cap", 2).expect("mesh starts");
+    for (h, cap) in [(1, "9"), (2, "5")] {
+        g.stop_discovery(h, libc::SIGTERM).unwrap();
+        g.set_discovery_env(h, "VROUTER_MAX_PREFIXES_PER_HOST", cap);
+        g.start_discovery(h).unwrap();
+    }
+    if let Err(e) = g.wait_full_mesh(CONVERGE) {
+        panic!("{e:#}\n{}", g.summary());
+    }
+    let spec = |name: &str, k: u32| StackSpec {
+        name: StackName::new(name).unwrap(),
+        vni: Vni::new(1000).unwrap(),
+        prefixes: (0..4)
+            .map(|j| format!("10.{}.{}.0/24", 100 + k, j).parse().unwrap())
+            .collect(),
+        router_ip: Ipv4Addr::new(10, 100 + k as u8, 0, 254),
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let since = now_ms();
+    let a = register_bare(&rt, &g, 1, &spec("a", 1));
+    std::thread::sleep(Duration::from_millis(20));
+    let _b = register_bare(&rt, &g, 1, &spec("b", 2));
+    std::thread::sleep(Duration::from_millis(20));
+    let _c = register_bare(&rt, &g, 1, &spec("c", 3));
+
+    let http = "127.0.0.1:9474";
+    let mut last = String::new();
+    let ok = wait_until(Duration::from_secs(10), POLL, || {
+        let r = http_get(&g.topo.host(1).ns, http, "/readyz").unwrap();
+        last = format!("{} {}", r.status, r.body);
+        r.status == 503 && r.body.contains("stack c would bring")
+    });
+    assert!(ok, "host 1 /readyz: {last}");
+    eprintln!("host 1 /readyz: {last}");
+    let announced = |g: &GossipMesh| -> Vec<Vec<String>> {
+        g.members(2)
+            .into_iter()
+            .map(|m| {
+                let mut s = m.stacks;
+                s.sort();
+                s
+            })
+            .collect()
+    };
+    let ok = wait_until(Duration::from_secs(10), POLL, || {
+        announced(&g) == vec![vec!["a".to_string(), "b".into(), "s1".into()]]
+    });
+    assert!(ok, "host 2 holds {:?} for host 1", announced(&g));
+    let refused_here = |h: usize, stack: &str| {
+        g.events_since(h, since).into_iter().find(|e| {
+            e.kind == "conflict_refused"
+                && e.reason == "prefix_cap"
+                && e.stack.as_ref().is_some_and(|s| s.as_str() == stack)
+        })
+    };
+    assert!(refused_here(1, "c").is_some(), "no event on host 1 for c");
+    assert!(
+        g.refused(1).iter().any(|r| r.starts_with("c ")),
+        "{:?}",
+        g.refused(1)
+    );
+    // Host 2's cap is below what host 1 announces: it says so.
+    let ok = wait_until(Duration::from_secs(10), POLL, || {
+        refused_here(2, "b").is_some()
+    });
+    assert!(ok, "no event on host 2 for b");
+    let e = refused_here(2, "b").unwrap();
+    assert!(
+        e.message
+            .contains("announces 9 prefixes, more than this host's cap of 5"),
+        "{}",
+        e.message
+    );
+    let status = http_get(&g.topo.host(2).ns, http, "/v1/status").unwrap();
+    assert!(
+        status.body.contains("announces 9 prefixes"),
+        "{}",
+        status.body
+    );
+    let routed = g.routed_stacks(2);
+    assert!(
+        routed.contains("a") && routed.contains("s1") && !routed.contains("b"),
+        "{routed:?}"
+    );
+
+    // a leaves: c fits now, is announced, and host 1 is ready again.
+    rt.block_on(async {
+        a.send(
+            &RouterMessage::Leave {
+                stack: StackName::new("a").unwrap(),
+            },
+            None,
+        )
+        .await
+        .unwrap()
+    });
+    let ok = wait_until(Duration::from_secs(10), POLL, || {
+        announced(&g) == vec![vec!["b".to_string(), "c".into(), "s1".into()]]
+    });
+    assert!(ok, "host 2 holds {:?} for host 1", announced(&g));
+    let ok = wait_until(Duration::from_secs(10), POLL, || {
+        http_get(&g.topo.host(1).ns, http, "/readyz").is_ok_and(|r| r.status == 200)
+    });
+    assert!(ok, "host 1 not ready again");
 }
