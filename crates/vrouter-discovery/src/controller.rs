@@ -798,9 +798,14 @@ impl Controller {
             ..HostView::default()
         };
         let gossip_on = self.gossip.is_some();
-        let (refused_local, local_refusals) = desired::admit_local(&admission, &local, |specs| {
-            !gossip_on || vrouter_gossip::record::stacks_fit(specs.iter().copied())
-        });
+        use vrouter_gossip::record::{stack_cost, MAX_RECORD_BYTES, RECORD_OVERHEAD};
+        let budget = if gossip_on {
+            MAX_RECORD_BYTES - RECORD_OVERHEAD
+        } else {
+            usize::MAX
+        };
+        let (refused_local, local_refusals) =
+            desired::admit_local(&admission, &local, stack_cost, budget);
         let local: Vec<LocalRouter> = local
             .into_iter()
             .filter(|l| !refused_local.contains(&l.spec.name))

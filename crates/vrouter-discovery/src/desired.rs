@@ -67,14 +67,15 @@ struct Placed<'a> {
 }
 
 /// Which local stacks this host announces and routes: oldest claim first (then name),
-/// while the host's prefixes stay within `max_prefixes_per_host` and `fits` accepts
-/// the announced set (the gossip record's limit). The rest are refused, so reaching a
-/// limit refuses the newest stacks and never freezes the others. Returns the refused
-/// names and why.
+/// while the host's prefixes stay within `max_prefixes_per_host` and the stacks' bytes
+/// (`cost` of each) within `budget` (the gossip record's limit). The rest are refused,
+/// so reaching a limit refuses the newest stacks and never freezes the others. Returns
+/// the refused names and why.
 pub fn admit_local(
     host: &HostView,
     local: &[LocalRouter],
-    fits: impl Fn(&[&StackSpec]) -> bool,
+    cost: impl Fn(&StackSpec) -> usize,
+    budget: usize,
 ) -> (BTreeSet<StackName>, Vec<Refusal>) {
     let mut order: Vec<&LocalRouter> = local.iter().collect();
     let claim = |l: &LocalRouter| host.local_claims.get(&l.spec.name).copied().unwrap_or(0);
@@ -85,7 +86,7 @@ pub fn admit_local(
         host.max_prefixes_per_host
     };
     let mut used = 0usize;
-    let mut admitted: Vec<&StackSpec> = Vec::new();
+    let mut bytes = 0usize;
     let mut refused = BTreeSet::new();
     let mut refusals = Vec::new();
     for l in order {
@@ -101,12 +102,12 @@ pub fn admit_local(
                 ),
             )
         } else {
-            admitted.push(&l.spec);
-            if fits(&admitted) {
+            let b = cost(&l.spec);
+            if bytes.saturating_add(b) <= budget {
                 used += n;
+                bytes += b;
                 continue;
             }
-            admitted.pop();
             (
                 "record_limit",
                 format!(
@@ -516,7 +517,7 @@ mod tests {
         h.local_claims.insert(a.spec.name.clone(), 1);
         h.local_claims.insert(b.spec.name.clone(), 2);
         h.local_claims.insert(c.spec.name.clone(), 3);
-        let (refused, why) = admit_local(&h, &[c.clone(), a.clone(), b.clone()], |_| true);
+        let (refused, why) = admit_local(&h, &[c.clone(), a.clone(), b.clone()], |_| 1, usize::MAX);
         assert_eq!(
             refused.into_iter().collect::<Vec<_>>(),
             vec![c.spec.name.clone()]
@@ -532,7 +533,7 @@ mod tests {
         // The record limit refuses the newest too, and the ones after it still get in
         // if they fit.
         h.max_prefixes_per_host = 0;
-        let (refused, why) = admit_local(&h, &[a, b.clone(), c], |s| s.len() < 2);
+        let (refused, why) = admit_local(&h, &[a, b.clone(), c], |_| 10, 10);
         assert_eq!(refused.len(), 2);
         assert!(refused.contains(&b.spec.name));
         assert_eq!(why[0].code, "record_limit");

@@ -273,25 +273,27 @@ pub fn decode_part(bytes: &[u8]) -> Result<RecordPart, FormatError> {
     Ok(p)
 }
 
-/// Whether a record announcing `stacks` fits [`MAX_RECORD_BYTES`], whatever its other
-/// fields hold (they are sized at their largest).
-pub fn stacks_fit<'a>(stacks: impl Iterator<Item = &'a StackSpec>) -> bool {
-    let r = NodeRecord {
-        id: NodeId(u64::MAX),
-        version: u64::MAX,
-        gossip_addr: SocketAddrV4::new(Ipv4Addr::BROADCAST, u16::MAX),
-        underlay: Ipv4Addr::BROADCAST,
-        vxlan_port: u16::MAX,
-        stacks: stacks
-            .map(|s| ClaimedStack {
-                spec: s.clone(),
-                claimed_ms: u64::MAX,
-            })
-            .collect(),
-        left: false,
-        bump: u64::MAX,
+/// Encoded bytes of a record besides its stacks, at most (head fields at their
+/// largest, the units' length prefixes).
+pub const RECORD_OVERHEAD: usize = 64;
+
+/// Bytes one stack adds to the encoded record, at most: its unit and length prefix.
+/// Summed over the stacks, with [`RECORD_OVERHEAD`], it bounds the record's size, so
+/// the caller can decide what fits in one pass.
+pub fn stack_cost(spec: &StackSpec) -> usize {
+    let s = ClaimedStack {
+        spec: spec.clone(),
+        claimed_ms: u64::MAX,
     };
-    encoded_len(&r) <= MAX_RECORD_BYTES
+    postcard::to_allocvec(&s)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX / 2)
+        + 3
+}
+
+/// Whether a record announcing `stacks` fits [`MAX_RECORD_BYTES`].
+pub fn stacks_fit<'a>(stacks: impl Iterator<Item = &'a StackSpec>) -> bool {
+    stacks.map(stack_cost).sum::<usize>() + RECORD_OVERHEAD <= MAX_RECORD_BYTES
 }
 
 /// Drops the newest stacks (latest claim, then name) until the record fits; returns
@@ -431,6 +433,22 @@ mod tests {
         assert_eq!(back, r);
         // Relayed verbatim: the newer fields reach newer readers through older relays.
         assert_eq!(relayed, parts);
+    }
+
+    #[test]
+    fn stack_costs_bound_the_record_size() {
+        let mut r = big_record(4);
+        r.id = NodeId(u64::MAX);
+        r.version = u64::MAX;
+        r.bump = u64::MAX;
+        let bound: usize =
+            r.stacks.iter().map(|s| stack_cost(&s.spec)).sum::<usize>() + RECORD_OVERHEAD;
+        let len = encode(&r, &Format::default()).len();
+        assert!(
+            len <= bound && bound - len < 8 * r.stacks.len(),
+            "{len} vs {bound}"
+        );
+        assert!(stacks_fit(r.stacks.iter().map(|s| &s.spec)));
     }
 
     #[test]
