@@ -827,7 +827,7 @@ fn a_hundred_long_named_stacks_reach_the_other_host() {
     let recent: Vec<String> = g
         .events_since(2, now_ms() - 10_000)
         .into_iter()
-        .filter(|e| !e.kind.starts_with("route_"))
+        .filter(|e| !e.kind.as_str().starts_with("route_"))
         .map(|e| format!("{} {}", e.kind, e.message))
         .collect();
     assert!(
