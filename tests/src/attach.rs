@@ -86,3 +86,18 @@ pub fn flood(ns: &str, socket: &Path, n: usize, patience: Duration) -> Result<Ve
         Ok(open)
     })
 }
+
+/// A connection to `socket` made from namespace `ns` and driven by `rt`, as a router in
+/// that namespace holds it: the socket is created while this thread is in `ns` (a
+/// socket keeps the namespace it was made in, which is what discovery checks), then
+/// the thread goes back to its own namespace.
+pub fn connect_from(ns: &str, rt: &tokio::runtime::Runtime, socket: &Path) -> Result<AttachSocket> {
+    let own = std::fs::File::open("/proc/thread-self/ns/net").context("own namespace")?;
+    let path = format!("/run/netns/{ns}");
+    let target = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
+    setns(target.as_fd(), CloneFlags::CLONE_NEWNET).context("setns")?;
+    // `block_on` polls on this thread, so the socket is made here, in `ns`.
+    let conn = rt.block_on(AttachSocket::connect(socket));
+    setns(own.as_fd(), CloneFlags::CLONE_NEWNET).context("setns back")?;
+    Ok(conn?)
+}

@@ -4,10 +4,11 @@
 //! from the harness (link down, new address, partition, loss; tests/src/underlay.rs).
 //! Every wait is bounded; measured times are printed (`--nocapture`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
+use vrouter_tests::attach::connect_from;
 use vrouter_tests::gossip::{
     now_ms, GossipMesh, GOSSIP_PORT, NEW_SECRET, OLD_SECRET, WITHDRAWAL_KINDS, WRONG_SECRET,
 };
@@ -693,4 +694,370 @@ fn explicit_leave_withdraws_at_once_and_a_restart_does_not() {
     g.excluded_stacks.push("s2".into());
     g.wait_full_mesh(Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("the rest after the leave: {e:#}\n{}", g.summary()));
+}
+
+/// A random, incompressible 64-character stack name (letters and digits from the
+/// kernel's random source).
+fn random_stack_name() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_-";
+    let mut bytes = [0u8; 64];
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .expect("random bytes");
+    let mut name: String = bytes
+        .iter()
+        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+        .collect();
+    name.replace_range(0..1, "r");
+    name
+}
+
+/// (k) One host announces 100 stacks with random 64-character names and 4 prefixes
+/// each (beyond one datagram many times over): the other host routes every one of
+/// them, and a stack that leaves is withdrawn there. Prints how long each took.
+#[test]
+fn a_hundred_long_named_stacks_reach_the_other_host() {
+    require_root!();
+    use vrouter_state::attach::{AttachSocket, RouterMessage};
+    use vrouter_state::{StackName, StackSpec, Vni};
+    let mut g = GossipMesh::start_one_stack_per_host("gossip_hundred", 2).expect("mesh starts");
+    if let Err(e) = g.wait_full_mesh(CONVERGE) {
+        panic!("{e:#}\n{}", g.summary());
+    }
+    let specs: Vec<StackSpec> = (0..100u32)
+        .map(|k| {
+            let net = |j: u32| {
+                let n = k * 4 + j;
+                format!("10.{}.{}.0/24", 100 + n / 256, n % 256)
+            };
+            let first: vrouter_state::Prefix = net(0).parse().unwrap();
+            StackSpec {
+                name: StackName::new(&random_stack_name()).unwrap(),
+                vni: Vni::new(1000).unwrap(),
+                prefixes: (0..4).map(|j| net(j).parse().unwrap()).collect(),
+                router_ip: {
+                    let o = first.addr().octets();
+                    Ipv4Addr::new(o[0], o[1], o[2], 254)
+                },
+            }
+        })
+        .collect();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // One connection per stack, as routers hold them; closing one starts its grace.
+    let nets: Vec<String> = (0..specs.len()).map(|k| format!("k{k}")).collect();
+    let t_ns = Instant::now();
+    let namespaces: Vec<String> = specs
+        .iter()
+        .zip(&nets)
+        .map(|(s, net)| router_ns(&mut g, 1, net, s))
+        .collect();
+    eprintln!("100 router namespaces made in {:?}", t_ns.elapsed());
+    let conns: Vec<AttachSocket> = specs
+        .iter()
+        .zip(&namespaces)
+        .map(|(s, ns)| register_from(&rt, &g, 1, ns, s))
+        .collect();
+    let t0 = Instant::now();
+    let names: BTreeSet<String> = specs.iter().map(|s| s.name.to_string()).collect();
+    let sees_all = |want: &BTreeSet<String>| {
+        let routed = g.routed_stacks(2);
+        want.iter().all(|n| routed.contains(n))
+    };
+    let ok = wait_until(Duration::from_secs(30), POLL, || sees_all(&names));
+    assert!(
+        ok,
+        "host 2 routes {} of 100 stacks\n{}",
+        names.intersection(&g.routed_stacks(2)).count(),
+        g.summary()
+    );
+    eprintln!(
+        "host 2 routes all 100 stacks {:?} after the last registration",
+        t0.elapsed()
+    );
+    let ok = wait_until(Duration::from_secs(5), POLL, || {
+        g.members(2)
+            .iter()
+            .map(|m| m.stacks.len())
+            .collect::<Vec<_>>()
+            == vec![101]
+    });
+    let held: Vec<Vec<String>> = g.members(2).into_iter().map(|m| m.stacks).collect();
+    assert!(
+        ok,
+        "host 1 as host 2 holds it: {:?} stacks, s1 in: {:?}, refused on 1: {:?}",
+        held.iter().map(|s| s.len()).collect::<Vec<_>>(),
+        held.iter()
+            .map(|s| s.contains(&"s1".to_string()))
+            .collect::<Vec<_>>(),
+        g.refused(1)
+    );
+    assert!(
+        g.refused(1).is_empty(),
+        "host 1 refused: {:?}",
+        g.refused(1)
+    );
+
+    // Host 1's own stacks share VNI 1000, so each one added or removed changes about
+    // 400 routes of the others there, one event each: let that settle first, so the
+    // times below measure the change's way to host 2, not host 1's backlog.
+    let settled = |g: &GossipMesh| {
+        let mut last = usize::MAX;
+        wait_until(Duration::from_secs(60), Duration::from_millis(1000), || {
+            let n = g.events_since(1, 0).len();
+            std::mem::replace(&mut last, n) == n
+        })
+    };
+    assert!(settled(&g), "host 1 keeps writing events");
+
+    // One stack leaves: withdrawn on host 2, the other 99 stay.
+    let gone = specs[42].name.clone();
+    let t1 = Instant::now();
+    let reply = rt.block_on(async {
+        use vrouter_state::attach::DiscoveryMessage;
+        conns[42]
+            .send(
+                &RouterMessage::Leave {
+                    stack: gone.clone(),
+                },
+                None,
+            )
+            .await
+            .expect("leave");
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            conns[42].recv::<DiscoveryMessage>(),
+        )
+        .await
+        .map(|r| r.ok().flatten().map(|(m, _)| m))
+    });
+    assert_eq!(
+        reply,
+        Ok(Some(vrouter_state::attach::DiscoveryMessage::Left)),
+        "the leave of {gone}"
+    );
+    // Host 1's control loop (100 bridges to observe here) answers in its own time;
+    // what is measured is the way to host 2 from then on.
+    eprintln!("host 1 answered the leave in {:?}", t1.elapsed());
+    let t1 = Instant::now();
+    let rest: BTreeSet<String> = names
+        .iter()
+        .filter(|n| **n != gone.as_str())
+        .cloned()
+        .collect();
+    let ok = wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+        !g.routed_stacks(2).contains(gone.as_str())
+    });
+    assert!(ok, "host 2 still routes {gone}\n{}", g.summary());
+    eprintln!("one stack's removal reached host 2 in {:?}", t1.elapsed());
+    let routed = g.routed_stacks(2);
+    let missing: Vec<&String> = rest.iter().filter(|n| !routed.contains(*n)).collect();
+    let recent: Vec<String> = g
+        .events_since(2, now_ms() - 10_000)
+        .into_iter()
+        .filter(|e| !e.kind.as_str().starts_with("route_"))
+        .map(|e| format!("{} {}", e.kind, e.message))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "the other 99 stacks stay routed on host 2; missing {} (routed {}): {recent:?}",
+        missing.len(),
+        routed.len()
+    );
+    assert!(settled(&g), "host 1 keeps writing events");
+    // One more comes (the 100th again, under a new name): routed as fast.
+    let mut extra = specs[42].clone();
+    extra.name = StackName::new(&random_stack_name()).unwrap();
+    // From the namespace stack 42 left (it holds the same router address).
+    let ns42 = g.topo.host(1).container(&nets[42], "r").unwrap().ns.clone();
+    let t2 = Instant::now();
+    let _extra_conn = register_from(&rt, &g, 1, &ns42, &extra);
+    eprintln!("host 1 answered the registration in {:?}", t2.elapsed());
+    let t2 = Instant::now();
+    let ok = wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+        g.routed_stacks(2).contains(extra.name.as_str())
+    });
+    assert!(ok, "host 2 does not route {}\n{}", extra.name, g.summary());
+    eprintln!("one new stack reached host 2 in {:?}", t2.elapsed());
+    drop(conns);
+    let counters = ["rejected_malformed", "refused_full"];
+    for c in counters {
+        assert_eq!(g.counter(2, c), 0, "host 2 {c}");
+    }
+}
+
+/// Registers `spec` on `host`'s discovery as a router would (without an overlay link),
+/// from a router namespace of its own on a new network `net` (the first prefix, with the
+/// router at `router_ip`, since discovery accepts a registration only from the namespace
+/// holding that address on the stack's bridge), and returns the open connection:
+/// closing it starts the stack's grace period.
+fn register_bare(
+    rt: &tokio::runtime::Runtime,
+    g: &mut GossipMesh,
+    host: usize,
+    net: &str,
+    spec: &vrouter_state::StackSpec,
+) -> vrouter_state::attach::AttachSocket {
+    let ns = router_ns(g, host, net, spec);
+    register_from(rt, g, host, &ns, spec)
+}
+
+/// A router namespace for `spec` on `host`: network `net` on its first prefix, with the
+/// router at its `router_ip`. Returns the namespace's name.
+fn router_ns(
+    g: &mut GossipMesh,
+    host: usize,
+    net: &str,
+    spec: &vrouter_state::StackSpec,
+) -> String {
+    let h = g.topo.host_mut(host);
+    h.add_network(net, &spec.prefixes[0].to_string(), Protection::Protected)
+        .expect("network");
+    h.add_container(net, "r", &spec.router_ip.to_string(), Role::Router)
+        .expect("router namespace")
+        .ns
+}
+
+/// Registers `spec` from namespace `ns` on `host` and returns the open connection.
+fn register_from(
+    rt: &tokio::runtime::Runtime,
+    g: &GossipMesh,
+    host: usize,
+    ns: &str,
+    spec: &vrouter_state::StackSpec,
+) -> vrouter_state::attach::AttachSocket {
+    use vrouter_state::attach::{DiscoveryMessage, Registration, RouterMessage};
+    let path = g.state_dir(host).join(vrouter_state::ATTACH_SOCKET);
+    let c = connect_from(ns, rt, &path).expect("connect");
+    rt.block_on(async {
+        let reg = RouterMessage::Register(Registration {
+            spec: spec.clone(),
+            needs_link: false,
+        });
+        c.send(&reg, None).await.expect("register");
+        // Host 1's control loop answers in its own time with 100 bridges to observe.
+        let reply = tokio::time::timeout(Duration::from_secs(60), c.recv::<DiscoveryMessage>())
+            .await
+            .unwrap_or_else(|_| panic!("no answer to the registration of {}", spec.name))
+            .expect("recv")
+            .map(|(m, _)| m);
+        assert_eq!(reply, Some(DiscoveryMessage::Registered), "{}", spec.name);
+        c
+    })
+}
+
+/// (l) A limit refuses the newest stack and freezes nothing: host 1 (cap 9 prefixes)
+/// holds s1 (1 prefix) and registers stacks a, b, c of 4 prefixes each, in that order.
+/// c is refused (event, status, /readyz 503 naming it) while a and b reach host 2; host
+/// 2, whose cap (5) is below the 9 host 1 announces, refuses b and says so in its
+/// status and an event. Once a leaves, c fits and is announced.
+#[test]
+fn a_prefix_cap_refuses_the_newest_stack_only() {
+    require_root!();
+    use vrouter_state::attach::RouterMessage;
+    use vrouter_state::{StackName, StackSpec, Vni};
+    let mut g = GossipMesh::start_one_stack_per_host("gossip_cap", 2).expect("mesh starts");
+    for (h, cap) in [(1, "9"), (2, "5")] {
+        g.stop_discovery(h, libc::SIGTERM).unwrap();
+        g.set_discovery_env(h, "VROUTER_MAX_PREFIXES_PER_HOST", cap);
+        g.start_discovery(h).unwrap();
+    }
+    if let Err(e) = g.wait_full_mesh(CONVERGE) {
+        panic!("{e:#}\n{}", g.summary());
+    }
+    let spec = |name: &str, k: u32| StackSpec {
+        name: StackName::new(name).unwrap(),
+        vni: Vni::new(1000).unwrap(),
+        prefixes: (0..4)
+            .map(|j| format!("10.{}.{}.0/24", 100 + k, j).parse().unwrap())
+            .collect(),
+        router_ip: Ipv4Addr::new(10, 100 + k as u8, 0, 254),
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let since = now_ms();
+    let a = register_bare(&rt, &mut g, 1, "a", &spec("a", 1));
+    std::thread::sleep(Duration::from_millis(20));
+    let _b = register_bare(&rt, &mut g, 1, "b", &spec("b", 2));
+    std::thread::sleep(Duration::from_millis(20));
+    let _c = register_bare(&rt, &mut g, 1, "c", &spec("c", 3));
+
+    let http = "127.0.0.1:9474";
+    let mut last = String::new();
+    let ok = wait_until(Duration::from_secs(10), POLL, || {
+        let r = http_get(&g.topo.host(1).ns, http, "/readyz").unwrap();
+        last = format!("{} {}", r.status, r.body);
+        r.status == 503 && r.body.contains("stack c would bring")
+    });
+    assert!(ok, "host 1 /readyz: {last}");
+    eprintln!("host 1 /readyz: {last}");
+    let announced = |g: &GossipMesh| -> Vec<Vec<String>> {
+        g.members(2)
+            .into_iter()
+            .map(|m| {
+                let mut s = m.stacks;
+                s.sort();
+                s
+            })
+            .collect()
+    };
+    let ok = wait_until(Duration::from_secs(10), POLL, || {
+        announced(&g) == vec![vec!["a".to_string(), "b".into(), "s1".into()]]
+    });
+    assert!(ok, "host 2 holds {:?} for host 1", announced(&g));
+    let refused_here = |h: usize, stack: &str| {
+        g.events_since(h, since).into_iter().find(|e| {
+            e.kind == "conflict_refused"
+                && e.reason == "prefix_cap"
+                && e.stack.as_ref().is_some_and(|s| s.as_str() == stack)
+        })
+    };
+    assert!(refused_here(1, "c").is_some(), "no event on host 1 for c");
+    assert!(
+        g.refused(1).iter().any(|r| r.starts_with("c ")),
+        "{:?}",
+        g.refused(1)
+    );
+    // Host 2's cap is below what host 1 announces: it says so.
+    let ok = wait_until(Duration::from_secs(10), POLL, || {
+        refused_here(2, "b").is_some()
+    });
+    assert!(ok, "no event on host 2 for b");
+    let e = refused_here(2, "b").unwrap();
+    assert!(
+        e.message
+            .contains("announces 9 prefixes, more than this host's cap of 5"),
+        "{}",
+        e.message
+    );
+    let status = http_get(&g.topo.host(2).ns, http, "/v1/status").unwrap();
+    assert!(
+        status.body.contains("announces 9 prefixes"),
+        "{}",
+        status.body
+    );
+    let routed = g.routed_stacks(2);
+    assert!(
+        routed.contains("a") && routed.contains("s1") && !routed.contains("b"),
+        "{routed:?}"
+    );
+
+    // a leaves: c fits now, is announced, and host 1 is ready again.
+    rt.block_on(async {
+        a.send(
+            &RouterMessage::Leave {
+                stack: StackName::new("a").unwrap(),
+            },
+            None,
+        )
+        .await
+        .unwrap()
+    });
+    let ok = wait_until(Duration::from_secs(10), POLL, || {
+        announced(&g) == vec![vec!["b".to_string(), "c".into(), "s1".into()]]
+    });
+    assert!(ok, "host 2 holds {:?} for host 1", announced(&g));
+    let ok = wait_until(Duration::from_secs(10), POLL, || {
+        http_get(&g.topo.host(1).ns, http, "/readyz").is_ok_and(|r| r.status == 200)
+    });
+    assert!(ok, "host 1 not ready again");
 }

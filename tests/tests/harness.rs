@@ -419,7 +419,10 @@ fn privileged_spawn_holds_no_namespace_mounts() {
             mp.starts_with("/run/netns/") || mp.starts_with("/run/docker/netns/")
         })
         .collect();
-    assert!(copies.is_empty(), "the daemon holds namespace mounts: {copies:#?}");
+    assert!(
+        copies.is_empty(),
+        "the daemon holds namespace mounts: {copies:#?}"
+    );
     d.kill(libc::SIGKILL).unwrap();
 }
 

@@ -48,6 +48,8 @@ pub struct Controller {
     advertise: Ipv4Addr,
     reported: BTreeSet<String>,
     refusals: Vec<vrouter_state::Refusal>,
+    /// Local stacks refused by a limit, with the reason (for /readyz).
+    refused_local: Vec<String>,
     drift_repairs: u64,
     /// The gossip mesh, when configured; static peers still apply beside it.
     gossip: Option<GossipHandle>,
@@ -139,6 +141,7 @@ impl Controller {
             advertise,
             reported: BTreeSet::new(),
             refusals: Vec::new(),
+            refused_local: Vec::new(),
             drift_repairs: 0,
             gossip: None,
             claims: BTreeMap::new(),
@@ -248,7 +251,7 @@ impl Controller {
         for n in &names {
             self.claims.entry(n.clone()).or_insert(now);
         }
-        if self.claims != before {
+        if self.claims != before && self.gossip.is_some() {
             if let Err(e) = crate::gossip::store_claims(&self.dir, &self.claims) {
                 warn!("cannot store claims.json: {e}");
             }
@@ -388,6 +391,9 @@ impl Controller {
             ("rejected_replayed", c.rejected_replayed),
             ("anti_entropy_rounds", c.anti_entropy_rounds),
             ("records_pulled", c.records_pulled),
+            ("skipped_unknown", c.skipped_unknown),
+            ("records_pruned", c.records_pruned),
+            ("refused_full", c.refused_full),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -661,7 +667,12 @@ impl Controller {
         if let crate::ownership::Owner::Foreign(why) = &owner {
             let msg = crate::ownership::refusal(vni, why);
             if self.failed_vnis.insert(vni, msg.clone()).as_ref() != Some(&msg) {
-                self.event_because(EventKind::ConflictRefused, "foreign_device", msg.clone(), None);
+                self.event_because(
+                    EventKind::ConflictRefused,
+                    "foreign_device",
+                    msg.clone(),
+                    None,
+                );
             }
             return Err(msg);
         }
@@ -822,14 +833,33 @@ impl Controller {
             .iter()
             .filter_map(|l| l.bridge.as_ref().map(|b| b.1))
             .collect();
+        // Claim times first: the newest stacks are the ones a limit refuses.
+        let stacks = self.claimed_stacks();
+        let admission = HostView {
+            local_claims: self.claims.clone(),
+            max_prefixes_per_host: self.settings.max_prefixes_per_host,
+            ..HostView::default()
+        };
+        let gossip_on = self.gossip.is_some();
+        use vrouter_gossip::record::{stack_cost, MAX_RECORD_BYTES, RECORD_OVERHEAD};
+        let budget = if gossip_on {
+            MAX_RECORD_BYTES - RECORD_OVERHEAD
+        } else {
+            usize::MAX
+        };
+        let (refused_local, local_refusals) =
+            desired::admit_local(&admission, &local, stack_cost, budget);
+        let local: Vec<LocalRouter> = local
+            .into_iter()
+            .filter(|l| !refused_local.contains(&l.spec.name))
+            .collect();
+        self.refused_local = local_refusals.iter().map(|r| r.reason.clone()).collect();
         if let Some(g) = &self.gossip {
-            let stacks = {
-                let _ = g;
-                self.claimed_stacks()
-            };
-            if let Some(g) = &self.gossip {
-                g.set_local(self.advertise, self.settings.vxlan_port, stacks);
-            }
+            let stacks = stacks
+                .into_iter()
+                .filter(|c| !refused_local.contains(&c.spec.name))
+                .collect();
+            g.set_local(self.advertise, self.settings.vxlan_port, stacks);
         }
         let mut all_peers = self.peers.clone();
         all_peers.extend(self.gossip_peers());
@@ -841,7 +871,13 @@ impl Controller {
                 .map(|a| Prefix::containing(a.addr, a.prefix_len))
                 .collect(),
             node_id: self.gossip.as_ref().map(|g| g.node_id.to_string()),
-            local_claims: self.claims.clone(),
+            // Static mode ranks every stack as claim 0 (ties by name); the claim times
+            // kept in memory there only order local stacks for the prefix cap.
+            local_claims: if gossip_on {
+                self.claims.clone()
+            } else {
+                BTreeMap::new()
+            },
             max_prefixes_per_host: self.settings.max_prefixes_per_host,
             underlay_network: Some(Prefix::containing(
                 self.underlay.addr,
@@ -853,7 +889,8 @@ impl Controller {
                 .map(|a| (a.index, Prefix::containing(a.addr, a.prefix_len)))
                 .collect(),
         };
-        let want = desired::compute(&host, &local, &all_peers);
+        let mut want = desired::compute(&host, &local, &all_peers);
+        want.refusals.extend(local_refusals);
         self.all_peers = all_peers;
         for r in &want.refusals {
             let key = format!("{}|{:?}|{}", r.stack, r.prefix, r.reason);
@@ -1003,6 +1040,7 @@ impl Controller {
             state_error: self.state_error.clone(),
             devices: self.devices_up.clone(),
             device_errors: self.failed_vnis.values().cloned().collect(),
+            refused_local: self.refused_local.clone(),
         }
     }
 

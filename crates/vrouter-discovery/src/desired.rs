@@ -22,7 +22,8 @@ pub struct HostView {
     /// Unset (static mode), every claim ranks as 0 and ties go by stack name.
     pub node_id: Option<String>,
     pub local_claims: BTreeMap<StackName, u64>,
-    /// Most prefixes one remote host may announce; the rest are refused (0: no cap).
+    /// Most prefixes one host may announce, this one included; the rest are refused
+    /// (0: no cap).
     pub max_prefixes_per_host: usize,
     /// The underlay's network: no stack's prefix may cover it.
     pub underlay_network: Option<Prefix>,
@@ -71,6 +72,68 @@ struct Placed<'a> {
     prefixes: Vec<Prefix>,
 }
 
+/// Which local stacks this host announces and routes: oldest claim first (then name),
+/// while the host's prefixes stay within `max_prefixes_per_host` and the stacks' bytes
+/// (`cost` of each) within `budget` (the gossip record's limit). The rest are refused,
+/// so reaching a limit refuses the newest stacks and never freezes the others. Returns
+/// the refused names and why.
+pub fn admit_local(
+    host: &HostView,
+    local: &[LocalRouter],
+    cost: impl Fn(&StackSpec) -> usize,
+    budget: usize,
+) -> (BTreeSet<StackName>, Vec<Refusal>) {
+    let mut order: Vec<&LocalRouter> = local.iter().collect();
+    let claim = |l: &LocalRouter| host.local_claims.get(&l.spec.name).copied().unwrap_or(0);
+    order.sort_by(|a, b| (claim(a), &a.spec.name).cmp(&(claim(b), &b.spec.name)));
+    let cap = if host.max_prefixes_per_host == 0 {
+        usize::MAX
+    } else {
+        host.max_prefixes_per_host
+    };
+    let mut used = 0usize;
+    let mut bytes = 0usize;
+    let mut refused = BTreeSet::new();
+    let mut refusals = Vec::new();
+    for l in order {
+        let n = l.spec.prefixes.len();
+        let (code, reason) = if used + n > cap {
+            (
+                "prefix_cap",
+                format!(
+                    "stack {} would bring this host's prefixes to {}, over VROUTER_MAX_PREFIXES_PER_HOST={}; it is refused, the older stacks stay (raise the cap on every host, or remove a stack)",
+                    l.spec.name,
+                    used + n,
+                    host.max_prefixes_per_host
+                ),
+            )
+        } else {
+            let b = cost(&l.spec);
+            if bytes.saturating_add(b) <= budget {
+                used += n;
+                bytes += b;
+                continue;
+            }
+            (
+                "record_limit",
+                format!(
+                    "stack {} does not fit this host's gossip record (limit {} bytes); it is refused, the older stacks stay announced (shorter names, fewer prefixes or fewer stacks)",
+                    l.spec.name,
+                    vrouter_gossip::MAX_RECORD_BYTES
+                ),
+            )
+        };
+        refused.insert(l.spec.name.clone());
+        refusals.push(Refusal {
+            stack: l.spec.name.clone(),
+            prefix: None,
+            reason,
+            code: code.into(),
+        });
+    }
+    (refused, refusals)
+}
+
 /// Computes the desired state. Conflicts are settled deterministically: for two stacks
 /// with overlapping prefixes, the earlier claim keeps the prefix (gossip stamps each
 /// stack with the time its host first announced it), then the lower node id, then the
@@ -97,13 +160,14 @@ pub fn compute(host: &HostView, local: &[LocalRouter], peers: &[PeerHost]) -> De
         } else {
             host.max_prefixes_per_host
         };
+        let announced: usize = p.stacks.iter().map(|s| s.prefixes.len()).sum();
         for s in &p.stacks {
             if s.prefixes.len() > budget {
                 refusals.push(Refusal {
                     stack: s.name.clone(),
                     prefix: None,
                     reason: format!(
-                        "host {} announces more than {} prefixes; stack {} is refused (raise VROUTER_MAX_PREFIXES_PER_HOST on every host, or announce fewer)",
+                        "host {} announces {announced} prefixes, more than this host's cap of {} (VROUTER_MAX_PREFIXES_PER_HOST); stack {} is refused (raise the cap on this host to at least {announced}, or announce fewer)",
                         p.addr, host.max_prefixes_per_host, s.name
                     ),
                     code: "prefix_cap".into(),
@@ -465,7 +529,58 @@ mod tests {
             .iter()
             .find(|r| r.stack.as_str() == "two")
             .unwrap();
-        assert!(r.reason.contains("more than 2 prefixes"), "{}", r.reason);
+        assert!(
+            r.reason
+                .contains("announces 3 prefixes, more than this host's cap of 2"),
+            "{}",
+            r.reason
+        );
+    }
+
+    #[test]
+    fn local_stacks_count_against_the_cap_and_the_newest_is_refused() {
+        let mut h = host();
+        h.max_prefixes_per_host = 3;
+        let mut a = local("old", 100, "10.1.0.0/24", "10.1.0.254", "br1", 7);
+        a.spec.prefixes.push("10.2.0.0/24".parse().unwrap());
+        let b = local("newer", 100, "10.3.0.0/24", "10.3.0.254", "br2", 8);
+        let c = local("newest", 100, "10.4.0.0/24", "10.4.0.254", "br3", 9);
+        h.local_claims.insert(a.spec.name.clone(), 1);
+        h.local_claims.insert(b.spec.name.clone(), 2);
+        h.local_claims.insert(c.spec.name.clone(), 3);
+        let (refused, why) = admit_local(&h, &[c.clone(), a.clone(), b.clone()], |_| 1, usize::MAX);
+        assert_eq!(
+            refused.into_iter().collect::<Vec<_>>(),
+            vec![c.spec.name.clone()]
+        );
+        assert_eq!(why[0].code, "prefix_cap");
+        assert!(
+            why[0]
+                .reason
+                .contains("to 4, over VROUTER_MAX_PREFIXES_PER_HOST=3"),
+            "{}",
+            why[0].reason
+        );
+        // The record limit refuses the newest too, and the ones after it still get in
+        // if they fit.
+        h.max_prefixes_per_host = 0;
+        let (refused, why) = admit_local(&h, &[a, b.clone(), c], |_| 10, 10);
+        assert_eq!(refused.len(), 2);
+        assert!(refused.contains(&b.spec.name));
+        assert_eq!(why[0].code, "record_limit");
+    }
+
+    #[test]
+    fn the_default_cap_admits_a_hundred_stacks_of_four_prefixes() {
+        use clap::Parser;
+        let s = crate::settings::Cli::try_parse_from(["vrouter-discovery"])
+            .unwrap()
+            .settings;
+        assert!(
+            s.max_prefixes_per_host >= 400,
+            "{}",
+            s.max_prefixes_per_host
+        );
     }
 
     fn ip(s: &str) -> Ipv4Addr {

@@ -56,7 +56,8 @@ impl ReplayFile {
     /// like every private file: no links, regular files only, a size cap.
     pub fn load(&self) -> Result<Option<ReplayState>, String> {
         let path = self.path();
-        let bytes = match PrivateDir::open(&self.dir).and_then(|d| d.read(REPLAY_FILE, REPLAY_CAP)) {
+        let bytes = match PrivateDir::open(&self.dir).and_then(|d| d.read(REPLAY_FILE, REPLAY_CAP))
+        {
             Ok(Some(b)) => b,
             Ok(None) => return Ok(None),
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
@@ -334,7 +335,7 @@ pub async fn start(
         warn!("gossip runs WITHOUT a secret (--insecure): anyone who reaches UDP port {} can join and announce routes", settings.gossip_port);
     }
     let bind = SocketAddrV4::new(settings.gossip_bind, settings.gossip_port);
-    let socket = UdpSocket::bind(bind).await.map_err(|e| {
+    let socket = std::net::UdpSocket::bind(bind).map_err(|e| {
         anyhow::anyhow!(
             "cannot bind the gossip socket {bind}: {e}; another process holds UDP port {} (Docker Swarm uses 7946), choose another with VROUTER_GOSSIP_PORT on every host",
             settings.gossip_port
@@ -387,22 +388,48 @@ pub async fn start(
         "gossip node {node_id} on {bind}, advertised as {addr}, keys {:?}",
         keyring.fingerprints()
     );
-    let task = Task {
-        node,
-        socket,
-        epoch,
-        shared: shared.clone(),
-        events: events.clone(),
-        changed,
-        settings: settings.clone(),
-        join_specs: join_specs(settings),
-        secret_stamp: secret_stamp(settings),
-        last_view: Vec::new(),
-        replay,
-        replay_saved: Instant::now(),
-        replay_failing,
-    };
-    tokio::spawn(task.run(cmd_rx));
+    socket.set_nonblocking(true)?;
+    let (task_shared, task_events) = (shared.clone(), events.clone());
+    let (task_settings, specs, stamp) = (
+        settings.clone(),
+        join_specs(settings),
+        secret_stamp(settings),
+    );
+    // A thread and runtime of its own: SWIM must answer probes within 200 ms whatever
+    // the control loop is doing (a reconcile that writes thousands of events, a slow
+    // state directory), or a busy host is declared down and its stacks flap.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("gossip".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let socket = match UdpSocket::from_std(socket) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!("gossip socket: {e}; gossip stops");
+                        return;
+                    }
+                };
+                let task = Task {
+                    node,
+                    socket,
+                    epoch,
+                    shared: task_shared,
+                    events: task_events,
+                    changed,
+                    settings: task_settings,
+                    join_specs: specs,
+                    secret_stamp: stamp,
+                    last_view: Vec::new(),
+                    replay,
+                    replay_saved: Instant::now(),
+                    replay_failing,
+                };
+                task.run(cmd_rx).await
+            })
+        })?;
     Ok(GossipHandle {
         node_id,
         shared,
@@ -451,7 +478,8 @@ fn save_replay(node: &mut Node, file: &ReplayFile, quiet: bool) -> anyhow::Resul
     }
 }
 
-/// The runtime drops the task on shutdown: store the state one last time.
+/// The task ends when the handle's command channel closes (discovery shutting down):
+/// store the state one last time.
 impl Drop for Task {
     fn drop(&mut self) {
         let _ = save_replay(&mut self.node, &self.replay, self.replay_failing);

@@ -23,6 +23,8 @@ pub struct Readiness {
     pub devices: Vec<Vni>,
     /// Devices that could not be made, with the operator's message.
     pub device_errors: Vec<String>,
+    /// Local stacks refused by a limit (prefix cap, gossip record), with the reason.
+    pub refused_local: Vec<String>,
 }
 
 impl Readiness {
@@ -50,6 +52,7 @@ impl Readiness {
             }
         }
         why.extend(self.device_errors.iter().cloned());
+        why.extend(self.refused_local.iter().cloned());
         why
     }
 }
@@ -180,6 +183,11 @@ mod tests {
         let why = start.not_ready(|_| true);
         assert_eq!(why.len(), 1);
         assert!(why[0].contains("routes.json"), "{why:?}");
+
+        // A local stack refused by a limit: named, and not ready.
+        let mut capped = fine.clone();
+        capped.refused_local = vec!["stack s101 would bring this host's prefixes to 516".into()];
+        assert_eq!(capped.not_ready(|_| true), capped.refused_local);
 
         // A device deleted under us.
         let why = fine.not_ready(|n| n != "vxlan1000");

@@ -127,8 +127,9 @@ pub struct Settings {
     #[arg(long, env = "VROUTER_INSECURE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub insecure: bool,
 
-    /// Most prefixes one remote host may announce; the rest are refused.
-    #[arg(long, env = "VROUTER_MAX_PREFIXES_PER_HOST", default_value_t = 64)]
+    /// Most prefixes one host may announce, this one included; the rest are refused
+    /// (newest stacks first). The default admits 100 stacks of 4 prefixes with room.
+    #[arg(long, env = "VROUTER_MAX_PREFIXES_PER_HOST", default_value_t = 512)]
     pub max_prefixes_per_host: usize,
 
     /// Address of the HTTP endpoint (/healthz, /readyz, /metrics, /v1/status), or `off`.

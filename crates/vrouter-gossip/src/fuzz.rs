@@ -5,9 +5,12 @@
 //!
 //! Inputs come from three sources, mixed: messages generated field by field with
 //! edge values (0, `u64::MAX`, the version bound, ranges either way round, counts
-//! past the caps), so invalid combinations of valid fields are common; real packets
-//! captured from two nodes gossiping (SWIM, joins, anti-entropy, records), mutated as
-//! bytes (bit flips, boundary bytes, long varints, cuts, splices); and random bytes.
+//! past the caps, part indices past their count, parts of one version with different
+//! counts), so invalid combinations of valid fields are common, framed in this
+//! build's format, the next one's (an appended field) or a random one, plus message
+//! tags no build knows; real packets captured from two nodes gossiping (SWIM, joins,
+//! anti-entropy, record parts), mutated as bytes (bit flips, boundary bytes, long
+//! varints, cuts, splices); and random bytes.
 //! Generation goes through the serde types and mutation is generic over bytes, so a
 //! change of the wire format needs only [`kind`] and [`generate`] updated (the
 //! compiler points at `kind`).
@@ -16,11 +19,12 @@
 //! build with `panic = "unwind"` (the `fuzz` profile) and overflow checks on, so an
 //! overflow on a received value is a crash too.
 
-use crate::node::{Node, Params, Wire};
-use crate::record::{ClaimedStack, Member, NodeId, NodeRecord};
+use crate::node::{Node, Params};
+use crate::record::{self as rec, ClaimedStack, Format, Member, NodeId, NodeRecord, RecordPart};
 use crate::seal::{Keyring, Reject, Sealer};
 use crate::sim::sim_addr;
 use crate::validate;
+use crate::wire::{self, Decoded, Wire};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::Serialize;
@@ -33,8 +37,9 @@ use vrouter_state::{Prefix, StackName, StackSpec, Vni};
 
 /// Every message type, in the order reports list them. [`kind`] maps a message to its
 /// name and [`generate`] makes one of each: the only places that know the variants.
+/// Messages of a tag this build does not know are counted as `node.unknown`.
 pub const KINDS: &[&str] = &[
-    "swim", "join", "join_ack", "sync", "digest", "want", "records",
+    "swim", "join", "join_ack", "sync", "digest", "want", "parts", "push", "pruned",
 ];
 
 fn kind(w: &Wire) -> &'static str {
@@ -45,7 +50,9 @@ fn kind(w: &Wire) -> &'static str {
         Wire::Sync { .. } => "sync",
         Wire::Digest { .. } => "digest",
         Wire::Want(_) => "want",
-        Wire::Records(_) => "records",
+        Wire::Parts(_) => "parts",
+        Wire::Push(_) => "push",
+        Wire::Pruned(_) => "pruned",
     }
 }
 
@@ -71,9 +78,11 @@ fn generate(g: &mut Gen, k: usize) -> Wire {
             let n = g.count(validate::MAX_WANT);
             Wire::Want((0..n).map(|_| g.id()).collect())
         }
-        "records" => {
-            let n = g.count(validate::MAX_RECORDS).min(8);
-            Wire::Records((0..n).map(|_| g.record()).collect())
+        "parts" => Wire::Parts(g.parts()),
+        "push" => Wire::Push(g.parts()),
+        "pruned" => {
+            let n = g.count(validate::MAX_PRUNED);
+            Wire::Pruned((0..n).map(|_| (g.id(), g.num())).collect())
         }
         other => unreachable!("KINDS lists {other} but generate does not make it"),
     }
@@ -178,8 +187,12 @@ impl Fuzzer {
         };
         // The captured nodes' ids, so records and digests collide with real ones.
         for p in &g.corpus {
-            if let Ok(Wire::Records(rs)) = postcard::from_bytes::<Wire>(p) {
-                g.ids.extend(rs.iter().map(|r| r.id));
+            if let Ok(Wire::Parts(ps) | Wire::Push(ps)) = wire::decode(p) {
+                g.ids.extend(
+                    ps.iter()
+                        .filter_map(|b| rec::decode_part(b).ok())
+                        .map(|p| p.id),
+                );
             }
         }
         g.ids.sort();
@@ -211,13 +224,9 @@ impl Fuzzer {
     fn plaintext(&mut self) -> Vec<u8> {
         let g = &mut self.g;
         match g.rng.random_range(0..10) {
-            0..=3 => {
-                let k = g.rng.random_range(0..KINDS.len());
-                postcard::to_allocvec(&generate(g, k)).unwrap_or_default()
-            }
+            0..=3 => g.framed(),
             4 | 5 => {
-                let k = g.rng.random_range(0..KINDS.len());
-                let mut b = postcard::to_allocvec(&generate(g, k)).unwrap_or_default();
+                let mut b = g.framed();
                 g.mutate(&mut b);
                 b
             }
@@ -238,12 +247,13 @@ impl Fuzzer {
         }
         self.node_execs += 1;
         let plain = self.plaintext();
-        let stage = match postcard::from_bytes::<Wire>(&plain) {
+        let stage = match wire::decode(&plain) {
             Ok(w) if validate::wire(&w, validate::horizon(WALL0 + self.g.now)).is_ok() => {
                 format!("node.{}", kind(&w))
             }
             Ok(w) => format!("node.{}.refused", kind(&w)),
-            Err(_) => "node.undecodable".to_string(),
+            Err(Decoded::Unknown) => "node.unknown".to_string(),
+            Err(Decoded::Malformed) => "node.undecodable".to_string(),
         };
         *report.reached.entry(stage).or_default() += 1;
         let g = &mut self.g;
@@ -309,9 +319,16 @@ impl Fuzzer {
         let bytes = self.plaintext();
         let horizon = validate::horizon(WALL0 + self.g.now);
         let r = guarded(|| {
-            postcard::from_bytes::<Wire>(&bytes)
-                .ok()
-                .map(|w| validate::wire(&w, horizon).is_ok())
+            wire::decode(&bytes).ok().map(|w| {
+                let parts = match &w {
+                    Wire::Parts(p) | Wire::Push(p) => p.as_slice(),
+                    _ => &[],
+                };
+                for p in parts {
+                    let _ = rec::decode_part(p);
+                }
+                validate::wire(&w, horizon).is_ok()
+            })
         });
         match r {
             Ok(Some(_)) => *report.reached.entry("wire.decoded".into()).or_default() += 1,
@@ -320,17 +337,51 @@ impl Fuzzer {
         }
     }
 
+    /// The record decoder, and a part's decoder and assembly: a record's parts, one
+    /// of them mutated, assembled in a random order.
     fn record_target(&mut self, report: &mut Report) {
         let g = &mut self.g;
-        let mut bytes = postcard::to_allocvec(&g.record()).unwrap_or_default();
-        if g.rng.random_range(0..4) != 0 {
-            g.mutate(&mut bytes);
+        let f = g.format();
+        let r = g.record();
+        let whole = g.rng.random_bool(0.5);
+        let mut parts = if whole {
+            vec![rec::encode(&r, &f)]
+        } else {
+            rec::split(&r, &f).unwrap_or_default()
+        };
+        if !parts.is_empty() && g.rng.random_range(0..4) != 0 {
+            let i = g.rng.random_range(0..parts.len());
+            g.mutate(&mut parts[i]);
         }
+        let order: Vec<usize> = {
+            let mut o: Vec<usize> = (0..parts.len()).collect();
+            for i in (1..o.len()).rev() {
+                o.swap(i, g.rng.random_range(0..=i));
+            }
+            o
+        };
         let horizon = validate::horizon(WALL0 + g.now);
+        let bytes = parts.concat();
         let r = guarded(|| {
-            postcard::from_bytes::<NodeRecord>(&bytes)
-                .ok()
-                .map(|r| (validate::record(&r, horizon).is_ok(), r.prefix_count()))
+            if whole {
+                return rec::decode(&parts[0])
+                    .ok()
+                    .map(|r| (validate::record(&r, horizon).is_ok(), r.prefix_count()));
+            }
+            let mut asm: Option<rec::Assembly> = None;
+            for i in order {
+                let Ok(p) = rec::decode_part(&parts[i]) else {
+                    continue;
+                };
+                let a = asm.get_or_insert_with(|| rec::Assembly::new(p.version, p.count, 0));
+                if a.version != p.version || a.count() != p.count as usize {
+                    continue;
+                }
+                if let Some(Ok((r, _))) = a.add(p, &parts[i]) {
+                    return Some((validate::record(&r, horizon).is_ok(), r.prefix_count()));
+                }
+            }
+            None
         });
         match r {
             Ok(Some(_)) => *report.reached.entry("record.decoded".into()).or_default() += 1,
@@ -512,7 +563,13 @@ impl Gen {
         // A valid name: no leading '.' (a hidden probes file); invalid names are made
         // by the byte-level mutations.
         let name: String = (0..len)
-            .map(|i| *self.pick(if i == 0 { &CHARS[..CHARS.len() - 1] } else { CHARS }) as char)
+            .map(|i| {
+                *self.pick(if i == 0 {
+                    &CHARS[..CHARS.len() - 1]
+                } else {
+                    CHARS
+                }) as char
+            })
             .collect();
         let prefixes = (0..self.count(4))
             .map(|_| {
@@ -609,11 +666,95 @@ impl Gen {
         }
         for _ in 0..self.rng.random_range(0..3) {
             let r = self.record();
-            if let Ok(b) = postcard::to_allocvec(&r) {
+            let f = self.format();
+            if let Some(b) = rec::split(&r, &f).ok().and_then(|p| p.into_iter().next()) {
                 out.extend_from_slice(&b);
             }
         }
         out
+    }
+
+    /// The format a message or record is written in: this build's, the next one's (an
+    /// appended field), or any number with random appended bytes.
+    fn format(&mut self) -> Format {
+        match self.rng.random_range(0..4) {
+            0 | 1 => Format::default(),
+            2 => Format::newer_for_tests(),
+            _ => Format {
+                version: self.rng.random(),
+                appended: self.random_bytes(8),
+            },
+        }
+    }
+
+    /// A framed message: mostly a generated one of each kind, sometimes a tag no
+    /// build knows (which the node must skip, not refuse).
+    fn framed(&mut self) -> Vec<u8> {
+        let f = self.format();
+        if self.rng.random_range(0..12) == 0 {
+            return wire::encode_unknown_for_tests(&f);
+        }
+        let k = self.rng.random_range(0..KINDS.len());
+        let w = generate(self, k);
+        wire::encode(&w, &f)
+    }
+
+    /// Encoded record parts: every part of a generated record (small or past one
+    /// part; in order or not, some dropped), or parts built field by field with edge
+    /// values (index past count, count 0 or past the cap, a version at the bound,
+    /// counts that disagree within one version).
+    fn parts(&mut self) -> Vec<Vec<u8>> {
+        let f = self.format();
+        if self.rng.random_bool(0.5) {
+            let mut r = self.record();
+            if self.rng.random_range(0..4) == 0 {
+                // Past one part: a few long-named stacks.
+                for _ in 0..self.rng.random_range(5..20) {
+                    let mut s = self.stack();
+                    s.spec.name = StackName::new(&format!("{:064}", self.rng.random::<u64>()))
+                        .expect("64 digits");
+                    r.stacks.push(s);
+                }
+            }
+            let mut parts = rec::split(&r, &f).unwrap_or_default();
+            if self.rng.random_range(0..4) == 0 {
+                parts.reverse();
+            }
+            if parts.len() > 1 && self.rng.random_range(0..4) == 0 {
+                let i = self.rng.random_range(0..parts.len());
+                parts.remove(i);
+            }
+            return parts;
+        }
+        let n = self.count(validate::MAX_PARTS_PER_MESSAGE).min(8);
+        let (id, version) = (self.id(), self.num());
+        (0..n)
+            .map(|_| {
+                let count = match self.rng.random_range(0..6) {
+                    0 => 0,
+                    1 => rec::MAX_PARTS as u16,
+                    2 => rec::MAX_PARTS as u16 + 1,
+                    3 => u16::MAX,
+                    _ => self.rng.random_range(1..4),
+                };
+                let index = match self.rng.random_range(0..4) {
+                    0 => count,
+                    1 => u16::MAX,
+                    _ => self.rng.random_range(0..count.max(1)),
+                };
+                let max = if self.rng.random_bool(0.1) { 1500 } else { 64 };
+                let p = RecordPart {
+                    id,
+                    version,
+                    index,
+                    count,
+                    bytes: self.random_bytes(max),
+                };
+                let mut b = postcard::to_allocvec(&p).unwrap_or_default();
+                b.extend_from_slice(&f.appended);
+                b
+            })
+            .collect()
     }
 
     fn pick_corpus(&mut self) -> Vec<u8> {
@@ -627,7 +768,7 @@ impl Gen {
     /// A SWIM payload: a captured one's, or random bytes.
     fn corpus_swim(&mut self) -> Vec<u8> {
         for _ in 0..4 {
-            if let Ok(Wire::Swim(b)) = postcard::from_bytes::<Wire>(&self.pick_corpus()) {
+            if let Ok(Wire::Swim(b)) = wire::decode(&self.pick_corpus()) {
                 let mut b = b;
                 if self.rng.random_bool(0.5) {
                     self.mutate(&mut b);
@@ -774,7 +915,7 @@ mod tests {
             r.executions, r.seconds, r.crashes
         );
         assert!(r.crashes == 0, "crashes: {:#?}", r.crash_inputs);
-        for k in KINDS {
+        for k in KINDS.iter().chain(&["unknown"]) {
             assert!(
                 r.reached.get(&format!("node.{k}")).copied().unwrap_or(0) > 0,
                 "no valid {k} reached the node: {:?}",
@@ -790,8 +931,9 @@ mod tests {
             hi: NodeId(1),
             entries: vec![],
         };
-        let h = hex(&postcard::to_allocvec(&w).unwrap());
-        assert_eq!(unhex(&h).unwrap(), postcard::to_allocvec(&w).unwrap());
+        let plain = wire::encode(&w, &Format::default());
+        let h = hex(&plain);
+        assert_eq!(unhex(&h).unwrap(), plain);
         // Refused by validation, so no panic (the code before validate.rs panicked).
         assert_eq!(replay_node_input(&h), Ok(()));
         assert!(replay_node_input("0g").is_err());

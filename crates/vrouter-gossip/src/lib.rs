@@ -16,7 +16,8 @@ pub mod record;
 pub mod seal;
 pub mod sim;
 pub mod validate;
+pub mod wire;
 
 pub use node::{Counters, Faults, GossipEvent, MemberState, MemberView, Node, Params};
-pub use record::{ClaimedStack, Member, NodeId, NodeRecord};
+pub use record::{ClaimedStack, Format, Member, NodeId, NodeRecord, MAX_RECORD_BYTES};
 pub use seal::{Keyring, Reject, ReplayState};

@@ -8,9 +8,10 @@
 //! process's); the wall clock is only used to version records and stamp claims, as
 //! `wall_base_ms + now`.
 
-use crate::record::{ClaimedStack, Member, NodeId, NodeRecord};
+use crate::record::{self, Assembly, ClaimedStack, Format, Member, NodeId, NodeRecord};
 use crate::seal::{Keyring, Reject, ReplayState, Sealer, OVERHEAD};
 use crate::validate;
+use crate::wire::{self, Decoded, Wire};
 use foca::{BroadcastHandler, Foca, Invalidates, Notification, Runtime, Timer};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -30,10 +31,11 @@ pub const MAX_DATAGRAM: usize = 1400;
 const MAX_PLAIN: usize = MAX_DATAGRAM - OVERHEAD;
 /// Room left for the envelope around a foca packet.
 const ENVELOPE: usize = 8;
-/// Largest encoded record: it must fit one datagram as a broadcast and in `Records`.
-pub const MAX_RECORD: usize = 1100;
 /// Digest entries per packet.
 const DIGEST_PAGE: usize = 60;
+/// Record versions being assembled from parts at once; the least recently fed is
+/// dropped beyond this (anti-entropy brings it again).
+const MAX_PENDING: usize = 256;
 
 /// The one parameter set used everywhere: in the daemon, the tests and the simulations.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -48,6 +50,12 @@ pub struct Params {
     pub announce_to_down_every_ms: u64,
     pub anti_entropy_ms: u64,
     pub join_retry_ms: u64,
+    /// A record whose node has been down (or left, or never seen alive) this long is
+    /// pruned, and stale copies of it are not taken back.
+    pub retention_ms: u64,
+    /// Most other nodes whose records (and memberships) are kept: memory stays bounded
+    /// whatever members send. Above the 10,000-node simulation.
+    pub max_members: usize,
 }
 
 impl Default for Params {
@@ -66,6 +74,8 @@ impl Default for Params {
             announce_to_down_every_ms: 3000,
             anti_entropy_ms: 1000,
             join_retry_ms: 1000,
+            retention_ms: 24 * 3600 * 1000,
+            max_members: 16_384,
         }
     }
 }
@@ -80,7 +90,9 @@ impl Params {
         c.max_transmissions = NonZeroU8::new(self.max_transmissions.max(1)).expect("max(1)");
         c.max_packet_size = NonZeroUsize::new(MAX_PLAIN - ENVELOPE).expect("positive");
         c.notify_down_members = true;
-        c.remove_down_after = Some(Duration::from_secs(24 * 3600));
+        // After the record is pruned: a member foca forgets while its record is still
+        // held would be taken for a new one and come back alive.
+        c.remove_down_after = Some(Duration::from_millis(self.retention_ms + 60_000));
         c.periodic_announce = Some(foca::PeriodicParams {
             frequency: Duration::from_secs(30),
             num_members: NonZeroUsize::new(1).expect("1"),
@@ -95,31 +107,6 @@ impl Params {
         });
         c
     }
-}
-
-/// What travels inside a sealed datagram (checked by [`validate::wire`]).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) enum Wire {
-    /// A foca packet.
-    Swim(Vec<u8>),
-    /// "Let me in": sent to a bootstrap address, whose node id we do not know yet.
-    Join(Member),
-    /// The bootstrap node's identity, so the joiner can announce itself to it.
-    JoinAck(Member),
-    /// Anti-entropy opener: a hash over every (id, version) the sender holds.
-    Sync {
-        hash: u64,
-        count: u32,
-    },
-    /// The (id, version) pairs the sender holds for ids in `lo..=hi`.
-    Digest {
-        lo: NodeId,
-        hi: NodeId,
-        entries: Vec<(NodeId, u64)>,
-    },
-    /// Records the sender asks for.
-    Want(Vec<NodeId>),
-    Records(Vec<NodeRecord>),
 }
 
 /// A member's standing, as the routing decision needs it.
@@ -185,6 +172,12 @@ pub struct Counters {
     pub rejected_replayed: u64,
     pub anti_entropy_rounds: u64,
     pub records_pulled: u64,
+    /// Messages of a newer format's kind, skipped.
+    pub skipped_unknown: u64,
+    /// Records dropped after their node was down past the retention time.
+    pub records_pruned: u64,
+    /// Records of new nodes not taken because `max_members` are held.
+    pub refused_full: u64,
 }
 
 /// Test-only faults (the daemon sets them from a file named by an environment variable).
@@ -194,11 +187,38 @@ pub struct Faults {
     pub drop_broadcasts: bool,
 }
 
+/// A complete record version, with its parts as received: they are what this node
+/// relays, byte for byte, so fields of a newer format survive an older relay.
+struct Held {
+    record: NodeRecord,
+    parts: Vec<Vec<u8>>,
+}
+
+/// What became of an offered part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Offer {
+    /// Not seen before: pass it on.
+    New,
+    /// Known, older than what is held, or our own.
+    Old,
+    /// Undecodable or out of range.
+    Bad,
+    /// A new node while `max_members` are held.
+    Full,
+}
+
 /// Records every node knows, shared with foca's broadcast handler.
 #[derive(Default)]
 struct Store {
     own: Option<NodeId>,
-    records: BTreeMap<NodeId, NodeRecord>,
+    records: BTreeMap<NodeId, Held>,
+    /// Newer versions being assembled; the held version stays in use meanwhile.
+    pending: BTreeMap<NodeId, Assembly>,
+    /// Pruned records: (id, version pruned). Copies at or below it are not taken back.
+    pruned: BTreeMap<NodeId, u64>,
+    max_members: usize,
+    /// Orders assemblies by last use.
+    clock: u64,
     /// A record about ourselves newer than ours (a previous life's): raise above it.
     own_seen: u64,
     /// The newest version or bump accepted ([`validate::horizon`] of the wall clock),
@@ -208,40 +228,162 @@ struct Store {
     invalid: u64,
     drop_broadcasts: bool,
     changed: bool,
+    bad_parts: u64,
+    refused_full: u64,
+    /// Record versions completed (for `records_pulled`).
+    completed: u64,
+    /// Records completed from broadcasts or pushes since the last drain: this node
+    /// pushes each to a few members in turn.
+    forward: Vec<NodeId>,
+    /// A new multi-part version was started by the last offer.
+    started: bool,
+    /// (record, member) to ask for a whole version whose first part came by broadcast:
+    /// one round trip instead of waiting for every part to come round by piggyback.
+    pulls: Vec<(NodeId, SocketAddrV4)>,
     /// (id, old underlay, new underlay) seen since the last drain.
     migrations: Vec<(NodeId, Ipv4Addr, Ipv4Addr)>,
 }
 
 impl Store {
-    /// Keeps `r` if it is newer than what is known. Returns whether it was.
-    fn offer(&mut self, r: NodeRecord) -> bool {
-        if validate::record(&r, self.horizon.load(Ordering::Relaxed)).is_err() {
+    /// Takes an encoded record part; a version is swapped in once all its parts are.
+    /// `spread`: it came by broadcast or push, so a completed version is passed on.
+    fn offer_part(&mut self, raw: &[u8], spread: bool) -> Offer {
+        let Ok(p) = record::decode_part(raw) else {
+            self.bad_parts += 1;
+            return Offer::Bad;
+        };
+        // The header's version is bounded before anything keeps it (own_seen, a new
+        // assembly): a forged far-future version must not pin a record.
+        if validate::part_version(p.version, self.horizon.load(Ordering::Relaxed)).is_err() {
             self.invalid += 1;
-            return false;
+            return Offer::Bad;
         }
-        if Some(r.id) == self.own {
-            self.own_seen = self.own_seen.max(r.version);
-            return false;
+        if Some(p.id) == self.own {
+            self.own_seen = self.own_seen.max(p.version);
+            return Offer::Old;
         }
-        match self.records.get(&r.id) {
-            Some(old) if old.version >= r.version => false,
-            old => {
-                if let Some(old) = old {
-                    if old.underlay != r.underlay {
-                        self.migrations.push((r.id, old.underlay, r.underlay));
+        if self.pruned.get(&p.id).is_some_and(|v| *v >= p.version)
+            || self
+                .records
+                .get(&p.id)
+                .is_some_and(|h| h.record.version >= p.version)
+        {
+            return Offer::Old;
+        }
+        let known = self.records.contains_key(&p.id) || self.pending.contains_key(&p.id);
+        if !known && self.records.len() >= self.max_members {
+            self.refused_full += 1;
+            return Offer::Full;
+        }
+        self.clock += 1;
+        let (id, version, count, index) = (p.id, p.version, p.count, p.index);
+        let asm = match self.pending.get_mut(&id) {
+            Some(a) if a.version > version => return Offer::Old,
+            Some(a) if a.version == version => {
+                if a.count() != count as usize {
+                    self.bad_parts += 1;
+                    return Offer::Bad;
+                }
+                if a.has(index) {
+                    return Offer::Old;
+                }
+                a
+            }
+            _ => {
+                if !self.pending.contains_key(&id) && self.pending.len() >= MAX_PENDING {
+                    let oldest = self
+                        .pending
+                        .iter()
+                        .min_by_key(|(_, a)| a.touched)
+                        .map(|(k, _)| *k);
+                    if let Some(k) = oldest {
+                        self.pending.remove(&k);
                     }
                 }
-                self.records.insert(r.id, r);
-                self.changed = true;
-                true
+                self.pending
+                    .insert(id, Assembly::new(version, count, self.clock));
+                self.started = true;
+                self.pending.get_mut(&id).expect("just inserted")
+            }
+        };
+        asm.touched = self.clock;
+        match asm.add(p, raw) {
+            None => Offer::New,
+            Some(done) => {
+                self.pending.remove(&id);
+                match done {
+                    Ok((r, _))
+                        if validate::record(&r, self.horizon.load(Ordering::Relaxed)).is_err() =>
+                    {
+                        self.invalid += 1;
+                        Offer::Bad
+                    }
+                    Ok((r, parts)) => {
+                        if spread {
+                            self.forward.push(r.id);
+                        }
+                        self.insert(r, parts);
+                        Offer::New
+                    }
+                    Err(_) => {
+                        self.bad_parts += 1;
+                        Offer::Bad
+                    }
+                }
             }
         }
     }
 
+    fn insert(&mut self, r: NodeRecord, parts: Vec<Vec<u8>>) {
+        if let Some(old) = self.records.get(&r.id) {
+            if old.record.underlay != r.underlay {
+                self.migrations
+                    .push((r.id, old.record.underlay, r.underlay));
+            }
+        }
+        self.pruned.remove(&r.id);
+        self.records.insert(r.id, Held { record: r, parts });
+        self.changed = true;
+        self.completed += 1;
+    }
+
+    /// Drops the record of `id` at or below `version` and keeps a tombstone. Returns
+    /// whether a record was dropped.
+    fn prune(&mut self, id: NodeId, version: u64) -> bool {
+        if Some(id) == self.own {
+            // A peer pruned us: come back above it.
+            self.own_seen = self.own_seen.max(version);
+            return false;
+        }
+        if self
+            .records
+            .get(&id)
+            .is_some_and(|h| h.record.version > version)
+        {
+            return false;
+        }
+        if self.pending.get(&id).is_some_and(|a| a.version <= version) {
+            self.pending.remove(&id);
+        }
+        let tomb = self.pruned.entry(id).or_insert(version);
+        *tomb = (*tomb).max(version);
+        if self.pruned.len() > self.max_members {
+            // Bounded: the oldest tombstone goes first.
+            if let Some(k) = self.pruned.iter().min_by_key(|(_, v)| **v).map(|(k, _)| *k) {
+                self.pruned.remove(&k);
+            }
+        }
+        let dropped = self.records.remove(&id).is_some();
+        self.changed |= dropped;
+        dropped
+    }
+
     /// A hash over every (id, version) held, `own` included: two converged nodes agree.
+    /// Tombstones are left out, so a node still holding a record another pruned differs.
     fn hash(&self, own: &NodeRecord) -> u64 {
         self.records
             .values()
+            .map(|h| &h.record)
             .chain(std::iter::once(own))
             .fold(0u64, |acc, r| {
                 acc.wrapping_add(mix(r.id.0 ^ mix(r.version)))
@@ -257,15 +399,19 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// A broadcast item is one part of one record version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct RecordKey {
     id: NodeId,
     version: u64,
+    index: u16,
 }
 
 impl Invalidates for RecordKey {
     fn invalidates(&self, other: &Self) -> bool {
-        self.id == other.id && self.version >= other.version
+        self.id == other.id
+            && (self.version > other.version
+                || (self.version == other.version && self.index == other.index))
     }
 }
 
@@ -279,25 +425,38 @@ impl BroadcastHandler<Member> for Handler {
     type Key = RecordKey;
     type Error = BadBroadcast;
 
+    /// Never an error for an item it cannot read: foca would drop the rest of the
+    /// packet, and an item of a newer format must not cost the ones beside it.
     fn receive_item(
         &mut self,
         data: &[u8],
         sender: Option<&Member>,
     ) -> Result<Option<RecordKey>, BadBroadcast> {
-        let r: NodeRecord = postcard::from_bytes(data).map_err(|_| BadBroadcast)?;
-        let key = RecordKey {
-            id: r.id,
-            version: r.version,
-        };
         let mut store = self.0.lock().expect("store lock");
+        let Ok(p) = record::decode_part(data) else {
+            store.bad_parts += 1;
+            return Ok(None);
+        };
+        let key = RecordKey {
+            id: p.id,
+            version: p.version,
+            index: p.index,
+        };
         if sender.is_none() {
-            // Our own record, added by us.
+            // Added by this node: its own parts, or parts pushed to it.
             return Ok(Some(key));
         }
         if store.drop_broadcasts {
             return Ok(None);
         }
-        Ok(store.offer(r).then_some(key))
+        store.started = false;
+        let offer = store.offer_part(data, true);
+        if std::mem::take(&mut store.started) {
+            if let Some(from) = sender {
+                store.pulls.push((p.id, from.addr));
+            }
+        }
+        Ok((offer == Offer::New).then_some(key))
     }
 }
 
@@ -331,6 +490,10 @@ pub struct Node {
     rng: StdRng,
     me: Member,
     record: NodeRecord,
+    /// `record` split into encoded parts, as broadcast and served.
+    own_parts: Vec<Vec<u8>>,
+    /// What this node writes (a newer format only in tests).
+    format: Format,
     wall_base_ms: u64,
     now: u64,
     timers: BinaryHeap<Reverse<(u64, u64, TimerBox)>>,
@@ -385,9 +548,13 @@ impl Node {
         };
         record.version = wall_ms.max(1);
         record.bump = me.bump;
+        // The caller fits the record (discovery refuses the newest stacks with an
+        // event); this only keeps an unfitted one from going out at all.
+        record::fit(&mut record);
         let horizon = Arc::new(AtomicU64::new(validate::horizon(wall_ms)));
         let store = Arc::new(Mutex::new(Store {
             own: Some(record.id),
+            max_members: params.max_members,
             horizon: horizon.clone(),
             ..Store::default()
         }));
@@ -407,7 +574,9 @@ impl Node {
             sealer,
             rng: StdRng::seed_from_u64(seed ^ 0x5EED),
             me,
+            own_parts: Vec::new(),
             record,
+            format: Format::default(),
             wall_base_ms: wall_ms.saturating_sub(now),
             now,
             timers: BinaryHeap::new(),
@@ -473,6 +642,13 @@ impl Node {
         self.sealer.import_replay(state);
     }
 
+    /// Writes records and messages in format `f` from now on (tests emulate a newer
+    /// build with it).
+    pub fn set_format(&mut self, f: Format) {
+        self.format = f;
+        self.queue_own_broadcast();
+    }
+
     pub fn set_faults(&mut self, f: Faults) {
         self.store.lock().expect("store lock").drop_broadcasts = f.drop_broadcasts;
     }
@@ -522,13 +698,9 @@ impl Node {
         if next == self.record {
             return Ok(false);
         }
-        let size = postcard::to_allocvec(&next)
-            .map(|v| v.len())
-            .unwrap_or(usize::MAX);
-        if size > MAX_RECORD {
-            return Err(format!(
-                "this host's record would be {size} bytes, over the {MAX_RECORD}-byte limit of one gossip datagram; announce fewer stacks or prefixes"
-            ));
+        let size = record::encoded_len(&next);
+        if size > record::MAX_RECORD_BYTES {
+            return Err(record::FormatError::TooBig(size).to_string());
         }
         next.version = self.next_version();
         let moved = gossip_addr != self.me.addr;
@@ -555,15 +727,37 @@ impl Node {
         self.wall().max(self.record.version.saturating_add(1))
     }
 
+    /// Splits the record into parts (they replace the previous version's).
+    fn split_own(&mut self) {
+        // `update` and `new` keep the record within the limit.
+        self.own_parts = record::split(&self.record, &self.format).unwrap_or_default();
+    }
+
+    /// A new own version: its parts become broadcasts (piggybacked on SWIM, re-gossiped
+    /// by every node that learns them) and go at once, every part, to `gossip_fanout`
+    /// random members, so a change moves as fast whatever the record's size.
     fn queue_own_broadcast(&mut self) {
+        self.split_own();
         if self.store.lock().expect("store lock").drop_broadcasts {
             return;
         }
-        if let Ok(bytes) = postcard::to_allocvec(&self.record) {
-            let _ = self.swim.add_broadcast(&bytes);
-            let mut rt = Collect::default();
-            let _ = self.swim.broadcast(&mut rt);
-            self.drain(rt);
+        for p in self.own_parts.clone() {
+            let _ = self.swim.add_broadcast(&p);
+        }
+        self.push_to_some(self.own_parts.clone());
+    }
+
+    /// Every part of one version to `gossip_fanout` random live members. Each node
+    /// that completes a version from a broadcast or push does it once, so a change
+    /// reaches the mesh in a few round trips whatever the record's size, while SWIM's
+    /// piggybacking and anti-entropy catch what a lost datagram missed.
+    fn push_to_some(&mut self, parts: Vec<Vec<u8>>) {
+        let mut members: Vec<SocketAddrV4> =
+            self.swim.iter_members().map(|m| m.id().addr).collect();
+        for k in 0..members.len().min(self.params.gossip_fanout) {
+            let j = self.rng.random_range(k..members.len());
+            members.swap(k, j);
+            self.send_parts(members[k], parts.clone(), true);
         }
     }
 
@@ -578,7 +772,7 @@ impl Node {
         self.queue_own_broadcast();
         let members: Vec<Member> = self.swim.iter_members().map(|m| m.id().clone()).collect();
         for m in members.iter().take(5) {
-            self.send_wire(m.addr, &Wire::Records(vec![self.record.clone()]));
+            self.send_parts(m.addr, self.own_parts.clone(), true);
         }
         let mut rt = Collect::default();
         let _ = self.swim.leave_cluster(&mut rt);
@@ -600,9 +794,13 @@ impl Node {
         if sender == self.me.id.0 {
             return;
         }
-        let wire: Wire = match postcard::from_bytes(&plain) {
+        let wire = match wire::decode(&plain) {
             Ok(w) => w,
-            Err(_) => return self.reject(Reject::Malformed),
+            Err(Decoded::Unknown) => {
+                self.counters.skipped_unknown += 1;
+                return;
+            }
+            Err(Decoded::Malformed) => return self.reject(Reject::Malformed),
         };
         let horizon = validate::horizon(self.wall());
         if validate::wire(&wire, horizon).is_err() {
@@ -619,6 +817,11 @@ impl Node {
             }
             Wire::Join(m) => {
                 if m.id == self.me.id {
+                    return;
+                }
+                let known = self.swim.iter_membership_state().any(|x| x.id().id == m.id);
+                if !known && self.swim.iter_membership_state().count() >= self.params.max_members {
+                    self.counters.refused_full += 1;
                     return;
                 }
                 let mut rt = Collect::default();
@@ -654,19 +857,25 @@ impl Node {
                 let theirs: HashMap<NodeId, u64> = entries.into_iter().collect();
                 let store = self.store.lock().expect("store lock");
                 let mut want = Vec::new();
+                let mut pruned = Vec::new();
                 for (id, v) in &theirs {
                     if Some(*id) == store.own {
                         continue;
                     }
-                    if *v <= horizon && store.records.get(id).is_none_or(|r| r.version < *v) {
+                    if let Some(tomb) = store.pruned.get(id).filter(|t| **t >= *v) {
+                        pruned.push((*id, *tomb));
+                        continue;
+                    }
+                    if *v <= horizon && store.records.get(id).is_none_or(|h| h.record.version < *v)
+                    {
                         want.push(*id);
                     }
                 }
-                let mut push: Vec<NodeRecord> = store
+                let mut push: Vec<Vec<u8>> = store
                     .records
                     .range(lo..=hi)
-                    .filter(|(id, r)| theirs.get(id).is_none_or(|v| *v < r.version))
-                    .map(|(_, r)| r.clone())
+                    .filter(|(id, h)| theirs.get(id).is_none_or(|v| *v < h.record.version))
+                    .flat_map(|(_, h)| h.parts.iter().cloned())
                     .collect();
                 drop(store);
                 // Our own record: the digest may miss it (or hold an older version).
@@ -676,34 +885,68 @@ impl Node {
                         .get(&self.me.id)
                         .is_none_or(|v| *v < self.record.version)
                 {
-                    push.push(self.record.clone());
+                    push.extend(self.own_parts.iter().cloned());
                 }
-                if !want.is_empty() {
-                    for chunk in want.chunks(DIGEST_PAGE) {
-                        self.send_wire(from, &Wire::Want(chunk.to_vec()));
-                    }
+                for chunk in want.chunks(DIGEST_PAGE) {
+                    self.send_wire(from, &Wire::Want(chunk.to_vec()));
                 }
-                self.send_records(from, push);
+                for chunk in pruned.chunks(DIGEST_PAGE) {
+                    self.send_wire(from, &Wire::Pruned(chunk.to_vec()));
+                }
+                self.send_parts(from, push, false);
             }
             Wire::Want(mut ids) => {
                 ids.sort_unstable();
                 ids.dedup();
                 let store = self.store.lock().expect("store lock");
-                let mut recs: Vec<NodeRecord> = ids
+                // The complete version held, and the parts of a newer one being
+                // assembled (the asker may lack exactly those).
+                let mut parts: Vec<Vec<u8>> = ids
                     .iter()
-                    .filter_map(|id| store.records.get(id).cloned())
+                    .filter_map(|id| store.records.get(id))
+                    .flat_map(|h| h.parts.iter().cloned())
                     .collect();
+                parts.extend(
+                    ids.iter()
+                        .filter_map(|id| store.pending.get(id))
+                        .flat_map(|a| a.raw_parts()),
+                );
                 drop(store);
                 if ids.contains(&self.me.id) {
-                    recs.push(self.record.clone());
+                    parts.extend(self.own_parts.iter().cloned());
                 }
-                self.send_records(from, recs);
+                self.send_parts(from, parts, false);
             }
-            Wire::Records(recs) => {
+            Wire::Parts(parts) => {
                 let mut store = self.store.lock().expect("store lock");
-                for r in recs {
-                    if store.offer(r) {
-                        self.counters.records_pulled += 1;
+                let before = store.completed;
+                for raw in parts {
+                    store.offer_part(&raw, false);
+                }
+                self.counters.records_pulled += store.completed - before;
+            }
+            Wire::Push(parts) => {
+                let drop_broadcasts = self.store.lock().expect("store lock").drop_broadcasts;
+                if !drop_broadcasts {
+                    for raw in parts {
+                        let new = self
+                            .store
+                            .lock()
+                            .expect("store lock")
+                            .offer_part(&raw, true);
+                        if new == Offer::New {
+                            // On to others, as if it had come through SWIM.
+                            let _ = self.swim.add_broadcast(&raw);
+                        }
+                    }
+                }
+            }
+            Wire::Pruned(list) => {
+                let mut store = self.store.lock().expect("store lock");
+                for (id, v) in list {
+                    if store.prune(id, v) {
+                        self.counters.records_pruned += 1;
+                        self.states.remove(&id);
                     }
                 }
             }
@@ -745,6 +988,7 @@ impl Node {
             return;
         }
         self.clear_stale_suspicions();
+        self.prune_expired();
         if self.now >= self.next_join {
             self.next_join = self.now + self.params.join_retry_ms;
             if self.swim.num_members() == 0 {
@@ -804,6 +1048,36 @@ impl Node {
         self.drain(rt);
     }
 
+    /// Drops the records of nodes down, left or never seen alive for longer than the
+    /// retention time; a tombstone keeps stale copies out, and tells peers that still
+    /// hold one (anti-entropy). The node itself comes back with a newer version.
+    fn prune_expired(&mut self) {
+        let retention = self.params.retention_ms;
+        let expired: Vec<NodeId> = self
+            .states
+            .iter()
+            .filter(|(_, (st, since))| {
+                matches!(
+                    st,
+                    MemberState::Down | MemberState::Left | MemberState::Unknown
+                ) && self.now.saturating_sub(*since) >= retention
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        if expired.is_empty() {
+            return;
+        }
+        let mut store = self.store.lock().expect("store lock");
+        for id in expired {
+            self.states.remove(&id);
+            if let Some(v) = store.records.get(&id).map(|h| h.record.version) {
+                if store.prune(id, v) {
+                    self.counters.records_pruned += 1;
+                }
+            }
+        }
+    }
+
     /// When `tick` should next run.
     pub fn next_deadline(&self) -> u64 {
         let t = self
@@ -822,34 +1096,39 @@ impl Node {
         self.send_wire(to, &Wire::Sync { hash, count });
     }
 
-    fn send_records(&mut self, to: SocketAddrV4, recs: Vec<NodeRecord>) {
-        let mut batch: Vec<NodeRecord> = Vec::new();
-        let mut size = 16;
-        for r in recs {
-            let len = postcard::to_allocvec(&r)
-                .map(|v| v.len())
-                .unwrap_or(MAX_RECORD);
-            if !batch.is_empty() && size + len > MAX_PLAIN - 32 {
-                self.send_wire(to, &Wire::Records(std::mem::take(&mut batch)));
-                size = 16;
+    /// Sends encoded parts, as many to a datagram as fit. `push`: the origin's own
+    /// change (the receiver passes it on), else an anti-entropy answer.
+    fn send_parts(&mut self, to: SocketAddrV4, parts: Vec<Vec<u8>>, push: bool) {
+        let wrap = |b: Vec<Vec<u8>>| if push { Wire::Push(b) } else { Wire::Parts(b) };
+        let mut batch: Vec<Vec<u8>> = Vec::new();
+        let mut size = 16 + self.format.appended.len();
+        for p in parts {
+            let len = p.len() + 3;
+            if !batch.is_empty() && size + len > MAX_PLAIN {
+                self.send_wire(to, &wrap(std::mem::take(&mut batch)));
+                size = 16 + self.format.appended.len();
             }
             size += len;
-            batch.push(r);
+            batch.push(p);
         }
         if !batch.is_empty() {
-            self.send_wire(to, &Wire::Records(batch));
+            self.send_wire(to, &wrap(batch));
         }
     }
 
     fn send_wire(&mut self, to: SocketAddrV4, w: &Wire) {
-        let plain = match postcard::to_allocvec(w) {
-            Ok(p) => p,
-            Err(_) => return,
-        };
+        let plain = wire::encode(w, &self.format);
         let sealed = self.sealer.seal(&plain);
         self.counters.packets_out += 1;
         self.counters.bytes_out += sealed.len() as u64;
         self.outbox.push((to, sealed));
+        if self.format.version > record::FORMAT && matches!(w, Wire::Sync { .. }) {
+            // A newer build's new kind of message, beside a known one.
+            let sealed = self
+                .sealer
+                .seal(&wire::encode_unknown_for_tests(&self.format));
+            self.outbox.push((to, sealed));
+        }
     }
 
     fn drain(&mut self, rt: Collect) {
@@ -879,7 +1158,7 @@ impl Node {
                         .expect("store lock")
                         .records
                         .get(&m.id)
-                        .is_some_and(|r| r.left);
+                        .is_some_and(|h| h.record.left);
                     self.events.push(if left {
                         GossipEvent::MemberLeft(m.id)
                     } else {
@@ -909,16 +1188,34 @@ impl Node {
     }
 
     fn queue_own_broadcast_later(&mut self) {
-        if let Ok(bytes) = postcard::to_allocvec(&self.record) {
-            let _ = self.swim.add_broadcast(&bytes);
+        self.split_own();
+        for p in self.own_parts.clone() {
+            let _ = self.swim.add_broadcast(&p);
         }
     }
 
     /// Bookkeeping after any input: raise our version above a previous life's, note
     /// state changes and migrations.
     fn after_input(&mut self) {
+        let forward: Vec<Vec<u8>> = {
+            let mut s = self.store.lock().expect("store lock");
+            let ids = std::mem::take(&mut s.forward);
+            ids.iter()
+                .filter_map(|id| s.records.get(id))
+                .flat_map(|h| h.parts.iter().cloned())
+                .collect()
+        };
+        if !forward.is_empty() {
+            self.push_to_some(forward);
+        }
+        let pulls = std::mem::take(&mut self.store.lock().expect("store lock").pulls);
+        for (id, from) in pulls {
+            self.send_wire(from, &Wire::Want(vec![id]));
+        }
         let (own_seen, invalid) = {
             let mut s = self.store.lock().expect("store lock");
+            self.counters.rejected_malformed += std::mem::take(&mut s.bad_parts);
+            self.counters.refused_full += std::mem::take(&mut s.refused_full);
             (
                 std::mem::take(&mut s.own_seen),
                 std::mem::take(&mut s.invalid),
@@ -958,6 +1255,7 @@ impl Node {
             store
                 .records
                 .values()
+                .map(|h| &h.record)
                 .filter(|r| !r.left && r.bump != 0 && !now_states.contains_key(&r.id))
                 .map(|r| {
                     foca::Member::alive(Member {
@@ -986,8 +1284,8 @@ impl Node {
             self.events
                 .push(GossipEvent::MemberMigrated { id, from, to });
         }
-        for (id, r) in &store.records {
-            let st = if r.left {
+        for (id, h) in &store.records {
+            let st = if h.record.left {
                 MemberState::Left
             } else {
                 now_states.get(id).copied().unwrap_or(MemberState::Unknown)
@@ -1021,6 +1319,7 @@ impl Node {
         store
             .records
             .values()
+            .map(|h| &h.record)
             .map(|r| {
                 let (state, since) = self
                     .states
@@ -1036,14 +1335,32 @@ impl Node {
             .collect()
     }
 
+    /// The encoded parts held for `id`'s record, as they will be relayed.
+    #[cfg(test)]
+    pub(crate) fn held_parts(&self, id: NodeId) -> Option<Vec<Vec<u8>>> {
+        if id == self.me.id {
+            return Some(self.own_parts.clone());
+        }
+        let store = self.store.lock().expect("store lock");
+        store.records.get(&id).map(|h| h.parts.clone())
+    }
+
+    /// Tombstones held (records pruned, kept out).
+    pub fn pruned_count(&self) -> usize {
+        self.store.lock().expect("store lock").pruned.len()
+    }
+
     /// Number of members SWIM considers active.
     pub fn active_members(&self) -> usize {
         self.swim.num_members()
     }
 }
 
-fn digest_pages(records: &BTreeMap<NodeId, NodeRecord>, own: &NodeRecord) -> Vec<Wire> {
-    let mut all: Vec<(NodeId, u64)> = records.values().map(|r| (r.id, r.version)).collect();
+fn digest_pages(records: &BTreeMap<NodeId, Held>, own: &NodeRecord) -> Vec<Wire> {
+    let mut all: Vec<(NodeId, u64)> = records
+        .values()
+        .map(|h| (h.record.id, h.record.version))
+        .collect();
     all.push((own.id, own.version));
     all.sort();
     if all.is_empty() {

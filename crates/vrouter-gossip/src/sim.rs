@@ -10,6 +10,7 @@ use rand::{RngExt, SeedableRng};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
+use vrouter_state::{StackName, StackSpec, Vni};
 
 pub const SIM_PORT: u16 = 7950;
 
@@ -36,11 +37,46 @@ pub struct Sim {
     /// Bytes sent per node, with IP and UDP headers.
     pub wire_bytes: Vec<u64>,
     pub wire_packets: Vec<u64>,
+    /// Largest datagram sent (sealed, without IP and UDP headers).
+    pub max_datagram: usize,
     secret: String,
     params: Params,
     seed: u64,
     /// Wall clock at simulated time zero.
     wall0: u64,
+}
+
+/// `n` stacks with random, incompressible 64-character names, `prefixes` prefixes each
+/// (distinct for distinct seeds below 64), claimed in order.
+pub fn long_stacks(seed: u64, n: usize, prefixes: usize) -> Vec<ClaimedStack> {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789-";
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|k| {
+            let name: String = std::iter::once('s')
+                .chain((1..64).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len() - 1)] as char))
+                .collect();
+            let base = ((seed as usize % 64) << 10) | (k * prefixes.max(1));
+            let net = |j: usize| {
+                let x = base + j;
+                Ipv4Addr::new(10, (x >> 8) as u8, x as u8, 0)
+            };
+            ClaimedStack {
+                spec: StackSpec {
+                    name: StackName::new(&name).expect("valid name"),
+                    vni: Vni::new(100).expect("valid vni"),
+                    prefixes: (0..prefixes)
+                        .map(|j| format!("{}/24", net(j)).parse().expect("valid prefix"))
+                        .collect(),
+                    router_ip: {
+                        let o = net(0).octets();
+                        Ipv4Addr::new(o[0], o[1], o[2], 254)
+                    },
+                },
+                claimed_ms: 1_800_000_000_000 + k as u64,
+            }
+        })
+        .collect()
 }
 
 pub fn sim_addr(i: usize) -> SocketAddrV4 {
@@ -66,6 +102,7 @@ impl Sim {
             blocked: HashSet::new(),
             wire_bytes: vec![0; n],
             wire_packets: vec![0; n],
+            max_datagram: 0,
             secret: "simulated-cluster-secret-0001".into(),
             params,
             seed,
@@ -163,6 +200,7 @@ impl Sim {
         for (to, data) in out {
             self.wire_bytes[i] += data.len() as u64 + IP_UDP_HEADERS;
             self.wire_packets[i] += 1;
+            self.max_datagram = self.max_datagram.max(data.len());
             let Some(&dst) = self.by_addr.get(&to) else {
                 continue;
             };
@@ -268,7 +306,6 @@ impl Sim {
 mod tests {
     use super::*;
     use crate::node::MemberState;
-    use vrouter_state::{StackName, StackSpec, Vni};
 
     fn stack(i: usize) -> Vec<ClaimedStack> {
         vec![ClaimedStack {
@@ -496,5 +533,245 @@ mod tests {
             }
         }
         assert_eq!(downs, 0);
+    }
+
+    /// Node 1 holds 100 stacks with random 64-character names and 4 prefixes each.
+    fn big_mesh(n: usize, seed: u64, params: Params) -> Sim {
+        let mut s = Sim::new(n, params, seed);
+        s.start(0, stack(0), &[]);
+        for i in 1..n {
+            let st = if i == 1 {
+                long_stacks(seed, 100, 4)
+            } else {
+                stack(i)
+            };
+            s.start(i, st, &[0]);
+        }
+        s
+    }
+
+    fn holds(s: &Sim, i: usize, names: &[StackName]) -> bool {
+        s.all_see(i, |m| {
+            m.record.stacks.len() == names.len()
+                && m.record.stacks.iter().all(|c| names.contains(&c.spec.name))
+        })
+    }
+
+    #[test]
+    fn a_hundred_long_named_stacks_reach_everyone_and_a_removal_is_withdrawn() {
+        let mut s = big_mesh(6, 21, Params::default());
+        let all: Vec<StackName> = long_stacks(21, 100, 4)
+            .into_iter()
+            .map(|c| c.spec.name)
+            .collect();
+        s.run_until_true(10_000, 10, |s| converged(s) && holds(s, 1, &all))
+            .expect("every node holds all 100 stacks");
+        let mut fewer = long_stacks(21, 100, 4);
+        fewer.remove(37);
+        let names: Vec<StackName> = fewer.iter().map(|c| c.spec.name.clone()).collect();
+        s.set_stacks(1, fewer).unwrap();
+        let t0 = s.now();
+        let t = s
+            .run_until_true(t0 + 10_000, 1, |s| holds(s, 1, &names))
+            .expect("the removal reaches everyone");
+        assert!(t - t0 < 1_000, "took {} ms", t - t0);
+        assert!(
+            s.max_datagram <= crate::node::MAX_DATAGRAM,
+            "{}",
+            s.max_datagram
+        );
+        for i in 0..6 {
+            assert_eq!(s.node(i).unwrap().counters().rejected_malformed, 0);
+        }
+    }
+
+    #[test]
+    fn anti_entropy_alone_carries_a_hundred_stacks() {
+        let mut s = mesh(4, 22);
+        s.run_until_true(5_000, 10, converged).expect("converges");
+        for i in 0..4 {
+            s.node_mut(i).unwrap().set_faults(crate::node::Faults {
+                drop_broadcasts: true,
+            });
+        }
+        let big = long_stacks(22, 100, 4);
+        let names: Vec<StackName> = big.iter().map(|c| c.spec.name.clone()).collect();
+        s.set_stacks(2, big).unwrap();
+        let t0 = s.now();
+        s.run_until_true(t0 + 20_000, 10, |s| holds(s, 2, &names))
+            .expect("anti-entropy delivers every part");
+        assert!(
+            s.max_datagram <= crate::node::MAX_DATAGRAM,
+            "{}",
+            s.max_datagram
+        );
+    }
+
+    #[test]
+    fn two_formats_side_by_side_converge() {
+        let mut s = Sim::new(6, Params::default(), 23);
+        for i in 0..6 {
+            let st = if i == 1 || i == 2 {
+                long_stacks(23 + i as u64, 30, 4)
+            } else {
+                stack(i)
+            };
+            s.start(i, st, if i == 0 { &[] } else { &[0] });
+            if i % 2 == 0 {
+                s.node_mut(i)
+                    .unwrap()
+                    .set_format(crate::record::Format::newer_for_tests());
+            }
+        }
+        s.run_until_true(10_000, 10, |s| {
+            converged(s)
+                && s.all_see(1, |m| m.record.stacks.len() == 30)
+                && s.all_see(2, |m| m.record.stacks.len() == 30)
+        })
+        .expect("a mesh of two formats converges");
+        // A change on a newer node reaches the older ones, and the other way round.
+        s.set_stacks(2, stack(12)).unwrap();
+        s.set_stacks(3, stack(13)).unwrap();
+        let t0 = s.now();
+        s.run_until_true(t0 + 5_000, 10, |s| {
+            s.all_see(2, |m| m.record.stacks == stack(12))
+                && s.all_see(3, |m| m.record.stacks == stack(13))
+        })
+        .expect("changes cross formats");
+        for i in 0..6 {
+            let c = s.node(i).unwrap().counters();
+            assert_eq!(
+                c.rejected_malformed, 0,
+                "node {i} dropped packets as malformed"
+            );
+            assert!(c.skipped_unknown > 0, "node {i} saw no newer message kind");
+        }
+        // An older node relays a newer node's record byte for byte: its new field lives.
+        let newer = s.node(2).unwrap().held_parts(Sim::node_id(2)).unwrap();
+        assert_eq!(
+            s.node(1).unwrap().held_parts(Sim::node_id(2)).unwrap(),
+            newer
+        );
+        assert!(newer[0].ends_with(&crate::record::Format::newer_for_tests().appended));
+    }
+
+    #[test]
+    fn a_record_down_past_retention_is_pruned_and_not_brought_back() {
+        let params = Params {
+            retention_ms: 20_000,
+            ..Params::default()
+        };
+        let mut s = Sim::new(5, params, 24);
+        s.start(0, stack(0), &[]);
+        for i in 1..5 {
+            s.start(i, stack(i), &[0]);
+        }
+        s.run_until_true(5_000, 10, converged).expect("converges");
+        s.crash(3);
+        let id = Sim::node_id(3);
+        let gone = |s: &Sim| {
+            (0..5).filter(|i| *i != 3).all(|i| {
+                s.node(i)
+                    .is_none_or(|n| n.members().iter().all(|m| m.record.id != id))
+            })
+        };
+        let t0 = s.now();
+        let t = s
+            .run_until_true(t0 + 40_000, 100, gone)
+            .expect("pruned everywhere");
+        assert!(t - t0 >= 20_000, "pruned before the retention time");
+        // An observer restarts: the record must not come back from anyone, and no node
+        // may see node 3 alive again, also past foca's own removal of down members.
+        s.crash(0);
+        s.run_until(s.now() + 1_000);
+        s.start(0, stack(0), &[1]);
+        let end = s.now() + 90_000;
+        while s.now() < end {
+            let t = s.now() + 500;
+            s.run_until(t);
+            assert!(
+                !(0..5).any(|i| i != 3
+                    && s.node(i).is_some_and(|n| n
+                        .members()
+                        .iter()
+                        .any(|m| m.record.id == id && m.state == MemberState::Alive))),
+                "node 3 came back as alive at {t}"
+            );
+        }
+        assert!(gone(&s), "a stale copy brought the record back");
+        // The node itself rejoins with a newer version.
+        s.start(3, stack(3), &[0]);
+        let t0 = s.now();
+        s.run_until_true(t0 + 10_000, 10, |s| {
+            s.all_see(3, |m| {
+                m.state == MemberState::Alive && m.record.stacks == stack(3)
+            })
+        })
+        .expect("the node itself rejoins");
+    }
+
+    #[test]
+    fn a_prune_reaches_a_node_that_learned_the_record_late() {
+        let params = Params {
+            retention_ms: 20_000,
+            ..Params::default()
+        };
+        let mut s = Sim::new(5, params, 26);
+        s.start(0, stack(0), &[]);
+        for i in 1..5 {
+            s.start(i, stack(i), &[0]);
+        }
+        s.run_until_true(5_000, 10, converged).expect("converges");
+        s.crash(3);
+        let t0 = s.now();
+        // Node 0 restarts 15 s later and learns node 3's record again from the others;
+        // its own retention clock for it starts only then.
+        s.run_until(t0 + 15_000);
+        s.crash(0);
+        s.start(0, stack(0), &[1]);
+        let id = Sim::node_id(3);
+        let t = s
+            .run_until_true(t0 + 60_000, 100, |s| {
+                (0..5).filter(|i| *i != 3).all(|i| {
+                    s.node(i)
+                        .unwrap()
+                        .members()
+                        .iter()
+                        .all(|m| m.record.id != id)
+                })
+            })
+            .expect("pruned everywhere");
+        // The others' tombstones reach node 0 within a few anti-entropy rounds, well
+        // before its own retention time for the record (15 + 20 s) runs out.
+        assert!(t - t0 < 28_000, "took {} ms", t - t0);
+        assert!(s.node(0).unwrap().pruned_count() >= 1);
+    }
+
+    #[test]
+    fn records_and_members_are_capped() {
+        let params = Params {
+            max_members: 3,
+            ..Params::default()
+        };
+        let mut s = Sim::new(8, Params::default(), 25);
+        s.start(0, stack(0), &[]);
+        for i in 1..8 {
+            s.start(i, stack(i), &[0]);
+        }
+        s.params = params;
+        s.crash(7);
+        s.start(7, stack(7), &[0]);
+        s.params = Params::default();
+        s.run_until(s.now() + 10_000);
+        let capped = s.node(7).unwrap();
+        assert!(capped.members().len() <= 3, "{}", capped.members().len());
+        assert!(capped.counters().refused_full > 0);
+        // The others are not held back by it.
+        s.run_until_true(s.now() + 5_000, 10, |s| {
+            (0..7).all(|i| s.all_see(i, |m| m.state == MemberState::Alive) || i == 7)
+        });
+        for i in 0..7 {
+            assert_eq!(s.node(i).unwrap().members().len(), 7);
+        }
     }
 }

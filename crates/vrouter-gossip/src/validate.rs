@@ -8,9 +8,10 @@
 //! owner, which raises its version above any copy of its own record it is shown, then
 //! only ever raises within that bound, and no forged `u64::MAX` spreads.
 
-use crate::node::{Wire, MAX_DATAGRAM};
+use crate::node::MAX_DATAGRAM;
 use crate::record::{Member, NodeRecord};
 use crate::seal::OVERHEAD;
+use crate::wire::Wire;
 use bytes::{Buf, BufMut};
 use foca::{Codec, Header, PostcardCodec};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,11 +23,13 @@ pub const MAX_FUTURE_MS: u64 = 24 * 3600 * 1000;
 
 /// Largest plaintext of one datagram.
 const PLAIN: usize = MAX_DATAGRAM - OVERHEAD;
-/// Entries a datagram can hold: a digest entry takes at least 2 bytes (two varints), a
-/// wanted id at least 1, a record at least 15.
+/// Entries a datagram can hold: a digest or pruned entry takes at least 2 bytes (two
+/// varints), a wanted id at least 1, an encoded record part at least 6 (its length
+/// and five fields).
 pub const MAX_DIGEST_ENTRIES: usize = PLAIN / 2;
 pub const MAX_WANT: usize = PLAIN;
-pub const MAX_RECORDS: usize = PLAIN / 15;
+pub const MAX_PARTS_PER_MESSAGE: usize = PLAIN / 6;
+pub const MAX_PRUNED: usize = PLAIN / 2;
 /// What one host may announce in one record (the record's size limit binds first today).
 pub const MAX_STACKS_PER_RECORD: usize = 256;
 pub const MAX_PREFIXES_PER_RECORD: usize = 4096;
@@ -55,11 +58,18 @@ pub fn member(m: &Member, horizon: u64) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// A record from the wire (broadcast or anti-entropy).
-pub fn record(r: &NodeRecord, horizon: u64) -> Result<(), &'static str> {
-    if r.version == 0 || r.version > horizon {
+/// A record version from the wire (a part's header, a pruned entry): never 0, never
+/// past the horizon.
+pub fn part_version(version: u64, horizon: u64) -> Result<(), &'static str> {
+    if version == 0 || version > horizon {
         return Err("record version 0 or too far in the future");
     }
+    Ok(())
+}
+
+/// A record from the wire, once all its parts are in (broadcast or anti-entropy).
+pub fn record(r: &NodeRecord, horizon: u64) -> Result<(), &'static str> {
+    part_version(r.version, horizon)?;
     if r.bump > horizon {
         return Err("record bump too far in the future");
     }
@@ -136,8 +146,10 @@ impl Codec<Member> for BoundedCodec {
     }
 }
 
-/// A decoded message's shape. Records inside `Records` are checked one by one when
-/// offered (an invalid one is skipped, the others kept), so only their count is here.
+/// A decoded message's shape. Record parts inside `Parts` and `Push` are checked one by
+/// one when offered (an invalid one is skipped, the others kept: header fields by
+/// [`crate::record::decode_part`] and [`part_version`], the assembled record by
+/// [`record`]), so only their count is here.
 pub(crate) fn wire(w: &Wire, horizon: u64) -> Result<(), &'static str> {
     match w {
         Wire::Swim(_) | Wire::Sync { .. } => Ok(()),
@@ -160,11 +172,18 @@ pub(crate) fn wire(w: &Wire, horizon: u64) -> Result<(), &'static str> {
             }
             Ok(())
         }
-        Wire::Records(recs) => {
-            if recs.len() > MAX_RECORDS {
-                return Err("records message with too many records");
+        Wire::Parts(parts) | Wire::Push(parts) => {
+            if parts.len() > MAX_PARTS_PER_MESSAGE {
+                return Err("parts message with too many parts");
             }
             Ok(())
+        }
+        Wire::Pruned(list) => {
+            if list.len() > MAX_PRUNED {
+                return Err("pruned message with too many entries");
+            }
+            // A tombstone far ahead would keep the record out for good.
+            list.iter().try_for_each(|(_, v)| part_version(*v, horizon))
         }
     }
 }
@@ -173,7 +192,7 @@ pub(crate) fn wire(w: &Wire, horizon: u64) -> Result<(), &'static str> {
 mod tests {
     use super::*;
     use crate::node::Params;
-    use crate::record::{ClaimedStack, NodeId};
+    use crate::record::{self as rec, ClaimedStack, Format, NodeId};
     use crate::seal::Sealer;
     use crate::sim::{sim_addr, Sim};
     use vrouter_state::{StackName, StackSpec, Vni};
@@ -212,7 +231,7 @@ mod tests {
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut sealer = Sealer::new(keys, 0xBAD0_0000 + from as u64, seq);
-        let packet = sealer.seal(&postcard::to_allocvec(w).unwrap());
+        let packet = sealer.seal(&crate::wire::encode(w, &Format::default()));
         let now = s.now();
         s.node_mut(to)
             .unwrap()
@@ -249,7 +268,8 @@ mod tests {
         r.stacks.clear();
         for to in 0..s.len() {
             let from = (to + 1) % s.len();
-            forge(s, to, from, &Wire::Records(vec![r.clone()]));
+            let parts = rec::split(&r, &Format::default()).unwrap();
+            forge(s, to, from, &Wire::Parts(parts));
         }
     }
 
@@ -273,6 +293,40 @@ mod tests {
         s.run_until(s.now() + 2_000);
         assert!(s.node(0).unwrap().record().version < u64::MAX);
         change_reaches_everyone(&mut s, 0, "after-max");
+    }
+
+    #[test]
+    fn far_future_parts_tombstones_and_bad_records_are_refused() {
+        let mut s = mesh(3);
+        let malformed = |s: &Sim| s.node(1).unwrap().counters().rejected_malformed;
+        let before = malformed(&s);
+        let good = s.node(0).unwrap().record().clone();
+        // A part header past the bound: refused before it starts an assembly.
+        let mut r = good.clone();
+        r.version = u64::MAX;
+        forge(
+            &mut s,
+            1,
+            2,
+            &Wire::Parts(rec::split(&r, &Format::default()).unwrap()),
+        );
+        assert_eq!(malformed(&s), before + 1);
+        // A tombstone past the bound would keep the record out for good.
+        forge(&mut s, 1, 2, &Wire::Pruned(vec![(good.id, u64::MAX)]));
+        assert_eq!(malformed(&s), before + 2);
+        // A complete, newer version whose contents are impossible (a stack twice).
+        let mut r = good.clone();
+        r.version += 1;
+        r.stacks.push(r.stacks[0].clone());
+        forge(
+            &mut s,
+            1,
+            2,
+            &Wire::Push(rec::split(&r, &Format::default()).unwrap()),
+        );
+        assert_eq!(malformed(&s), before + 3);
+        assert!(s.all_see(0, |m| m.record.version == good.version));
+        change_reaches_everyone(&mut s, 0, "after-forgeries");
     }
 
     #[test]
