@@ -103,7 +103,11 @@ mod tests {
     #[test]
     fn a_forged_event_is_attributed_to_its_file_and_capped() {
         let a = StackName::new("a").unwrap();
-        let mut e = Event::new("discovery", EventKind::Other("x".repeat(100)), "é".repeat(3000));
+        let mut e = Event::new(
+            "discovery",
+            EventKind::Other("x".repeat(100)),
+            "é".repeat(3000),
+        );
         e.stack = Some(StackName::new("b").unwrap());
         e.ts_ms = u64::MAX;
         let s = sanitize(e, &a, 1_000);

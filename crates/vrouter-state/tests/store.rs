@@ -616,7 +616,9 @@ fn a_held_shared_state_lock_does_not_stall_discovery_writes() {
         state
             .update_routes(|prev| routes(prev.unwrap().generation + 1, 3))
             .unwrap();
-        state.append_event(&Event::new("t", EventKind::Started, "m")).unwrap();
+        state
+            .append_event(&Event::new("t", EventKind::Started, "m"))
+            .unwrap();
         let lead = state.try_lead().unwrap();
         assert!(lead.is_some(), "leader lock free");
         start.elapsed()
@@ -630,7 +632,9 @@ fn discovery_keeps_its_locks_in_its_private_dir() {
     let tmp = TempDir::new("private");
     let state = discovery(tmp.path());
     state.write_routes(&routes(1, 1)).unwrap();
-    state.append_event(&Event::new("t", EventKind::Started, "m")).unwrap();
+    state
+        .append_event(&Event::new("t", EventKind::Started, "m"))
+        .unwrap();
     let _lead = state.try_lead().unwrap().unwrap();
     let private = private_path(tmp.path());
     for name in [STATE_LOCK_FILE, LEADER_LOCK_FILE] {
@@ -672,7 +676,9 @@ fn planted_links_in_the_shared_dir_are_never_written_through() {
     }
     // A router never writes events.log (its events go into its probes file).
     let router = StateDir::open(tmp.path()).unwrap();
-    router.append_event(&Event::new("r", EventKind::Started, "m")).unwrap();
+    router
+        .append_event(&Event::new("r", EventKind::Started, "m"))
+        .unwrap();
     assert_eq!(fs::read(&victim).unwrap(), b"keep");
     // Reads refuse the links.
     let state = discovery(tmp.path());
@@ -682,7 +688,9 @@ fn planted_links_in_the_shared_dir_are_never_written_through() {
     ));
     // Discovery replaces them.
     state.write_routes(&routes(1, 1)).unwrap();
-    state.append_event(&Event::new("t", EventKind::Started, "m")).unwrap();
+    state
+        .append_event(&Event::new("t", EventKind::Started, "m"))
+        .unwrap();
     assert_eq!(fs::read(&victim).unwrap(), b"keep");
     for name in [EVENTS_FILE, ROUTES_FILE] {
         assert!(!tmp.path().join(name).is_symlink(), "{name}");
@@ -696,7 +704,9 @@ fn planted_links_in_the_shared_dir_are_never_written_through() {
     within(Duration::from_secs(5), move || {
         let state = discovery(&path);
         let _ = state.read_events();
-        state.append_event(&Event::new("t", EventKind::Started, "after")).unwrap();
+        state
+            .append_event(&Event::new("t", EventKind::Started, "after"))
+            .unwrap();
     });
     assert_eq!(state.read_events().unwrap().len(), 1);
 }

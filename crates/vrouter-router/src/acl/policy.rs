@@ -470,9 +470,11 @@ fn parse_file(text: &str) -> Result<(Option<Verdict>, Vec<Rule>), String> {
         let (verdict, text) = match (&r.allow, &r.deny) {
             (Some(t), None) => (Verdict::Allow, t),
             (None, Some(t)) => (Verdict::Deny, t),
-            _ => return Err(format!(
+            _ => {
+                return Err(format!(
                 "{at}: give exactly one of allow = \"SOURCE[:PROTOCOL[/PORTS]]\" or deny = \"...\""
-            )),
+            ))
+            }
         };
         let rule = parse_rule(text, verdict, r.name.as_deref())
             .map_err(|e| format!("{at} {verdict} = {text:?}: {e}"))?;
