@@ -14,7 +14,7 @@ use crate::registry::ConnId;
 use crate::run::Input;
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -176,6 +176,26 @@ fn malformed_reply(e: &std::io::Error) -> DiscoveryMessage {
     DiscoveryMessage::Refused { reason }
 }
 
+/// Hands a request that needs the connecting namespace to the event loop and waits for
+/// its answer. `None` when the loop is gone; `Some(None)` when it dropped the reply.
+async fn ask(
+    sock: &AttachSocket,
+    tx: &mpsc::Sender<Input>,
+    input: impl FnOnce(Peer, oneshot::Sender<DiscoveryMessage>) -> Input,
+) -> Option<Option<DiscoveryMessage>> {
+    let peer = match Peer::of(sock) {
+        Ok(peer) => peer,
+        Err(e) => {
+            return Some(Some(DiscoveryMessage::Refused {
+                reason: format!("cannot tell the connection's network namespace: {e}"),
+            }))
+        }
+    };
+    let (rtx, rrx) = oneshot::channel();
+    tx.send(input(peer, rtx)).await.ok()?;
+    Some(rrx.await.ok())
+}
+
 async fn serve(conn: ConnId, sock: Arc<AttachSocket>, tx: mpsc::Sender<Input>) {
     loop {
         let msg = match sock.recv::<RouterMessage>().await {
@@ -200,44 +220,30 @@ async fn serve(conn: ConnId, sock: Arc<AttachSocket>, tx: mpsc::Sender<Input>) {
                 None
             }
             RouterMessage::Register(reg) => {
-                let (rtx, rrx) = oneshot::channel();
-                match Peer::of(&sock) {
-                    Ok(peer) => {
-                        let input = Input::Register {
-                            conn,
-                            reg,
-                            fd,
-                            peer,
-                            reply: rtx,
-                        };
-                        if tx.send(input).await.is_err() {
-                            break;
-                        }
-                        rrx.await.ok()
-                    }
-                    Err(e) => Some(DiscoveryMessage::Refused {
-                        reason: format!("cannot tell the connection's network namespace: {e}"),
-                    }),
+                match ask(&sock, &tx, |peer, reply| Input::Register {
+                    conn,
+                    reg,
+                    fd,
+                    peer,
+                    reply,
+                })
+                .await
+                {
+                    Some(reply) => reply,
+                    None => break,
                 }
             }
             RouterMessage::Leave { stack } => {
-                let (rtx, rrx) = oneshot::channel();
-                match Peer::of(&sock) {
-                    Ok(peer) => {
-                        let input = Input::Leave {
-                            conn,
-                            stack,
-                            peer,
-                            reply: rtx,
-                        };
-                        if tx.send(input).await.is_err() {
-                            break;
-                        }
-                        rrx.await.ok()
-                    }
-                    Err(e) => Some(DiscoveryMessage::Refused {
-                        reason: format!("cannot tell the connection's network namespace: {e}"),
-                    }),
+                match ask(&sock, &tx, |peer, reply| Input::Leave {
+                    conn,
+                    stack,
+                    peer,
+                    reply,
+                })
+                .await
+                {
+                    Some(reply) => reply,
+                    None => break,
                 }
             }
         };
@@ -255,15 +261,11 @@ async fn serve(conn: ConnId, sock: Arc<AttachSocket>, tx: mpsc::Sender<Input>) {
     let _ = tx.send(Input::Closed { conn }).await;
 }
 
-/// Binds `admin.sock` in the private directory, creating the directory (0700) when
-/// it is missing. The socket is 0600: only discovery's own user reaches it.
+/// Binds `admin.sock` in the private directory, opened like every private file's
+/// directory (created or tightened to 0700). The socket is 0600: only discovery's own
+/// user reaches it.
 pub fn bind_admin(private_dir: &Path) -> std::io::Result<AttachListener> {
-    if !private_dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(private_dir)?;
-    }
+    vrouter_state::PrivateDir::open(private_dir).map_err(std::io::Error::other)?;
     let path = private_dir.join(ADMIN_SOCKET);
     let listener = AttachListener::bind(&path)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;

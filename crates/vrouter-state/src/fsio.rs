@@ -248,31 +248,9 @@ impl Dir {
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
-    use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::{Duration, Instant};
 
-    static UNIQUE: AtomicU64 = AtomicU64::new(0);
-
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new() -> TempDir {
-            let path = std::env::temp_dir().join(format!(
-                "vrouter-fsio-{}-{}",
-                std::process::id(),
-                UNIQUE.fetch_add(1, Ordering::Relaxed)
-            ));
-            let _ = std::fs::remove_dir_all(&path);
-            std::fs::create_dir_all(&path).unwrap();
-            TempDir(path)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::test_dir::TempDir;
 
     fn mkfifo(path: &Path) {
         nix::unistd::mkfifo(path, Mode::from_bits_truncate(0o644)).unwrap();
@@ -280,7 +258,7 @@ mod tests {
 
     #[test]
     fn reads_refuse_links_fifos_devices_and_oversize_files() {
-        let tmp = TempDir::new();
+        let tmp = TempDir::new("fsio");
         let dir = Dir::open(&tmp.0).unwrap();
         std::fs::write(tmp.0.join("ok"), b"fine").unwrap();
         assert_eq!(dir.read("ok", 16).unwrap(), b"fine");
@@ -316,8 +294,8 @@ mod tests {
 
     #[test]
     fn subdirectories_are_not_followed() {
-        let tmp = TempDir::new();
-        let elsewhere = TempDir::new();
+        let tmp = TempDir::new("fsio");
+        let elsewhere = TempDir::new("fsio");
         std::fs::write(elsewhere.0.join("f"), b"outside").unwrap();
         symlink(&elsewhere.0, tmp.0.join("sub")).unwrap();
         let dir = Dir::open(&tmp.0).unwrap();
@@ -333,7 +311,7 @@ mod tests {
 
     #[test]
     fn writes_and_appends_never_go_through_a_planted_link() {
-        let tmp = TempDir::new();
+        let tmp = TempDir::new("fsio");
         let victim = tmp.0.join("victim");
         std::fs::write(&victim, b"keep").unwrap();
         symlink(&victim, tmp.0.join("target")).unwrap();
@@ -360,7 +338,7 @@ mod tests {
         let b = random_suffix();
         assert_eq!(a.len(), 16);
         assert_ne!(a, b);
-        let tmp = TempDir::new();
+        let tmp = TempDir::new("fsio");
         let dir = Dir::open(&tmp.0).unwrap();
         std::fs::write(tmp.0.join(".f.tmp.dead"), b"").unwrap();
         dir.write_atomic("f", b"x", 0o600).unwrap();

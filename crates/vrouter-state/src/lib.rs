@@ -8,6 +8,8 @@ pub mod logging;
 pub mod probes;
 pub mod schema;
 pub mod store;
+#[cfg(test)]
+mod test_dir;
 pub mod types;
 
 pub use kinds::{EventKind, MemberState, PeerOrigin};

@@ -207,34 +207,8 @@ impl Versioned for ProbesFile {
 mod tests {
     use super::*;
     use crate::{StateDir, SCHEMA_VERSION};
-    use std::path::{Path, PathBuf};
-    use std::sync::atomic::{AtomicU64, Ordering};
 
-    static UNIQUE: AtomicU64 = AtomicU64::new(0);
-
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new() -> TempDir {
-            let path = std::env::temp_dir().join(format!(
-                "vrouter-state-probes-{}-{}",
-                std::process::id(),
-                UNIQUE.fetch_add(1, Ordering::Relaxed)
-            ));
-            let _ = std::fs::remove_dir_all(&path);
-            std::fs::create_dir_all(&path).unwrap();
-            TempDir(path)
-        }
-        fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::test_dir::TempDir;
 
     fn file(stack: &str, generation: u64) -> ProbesFile {
         ProbesFile {
@@ -304,7 +278,7 @@ mod tests {
 
     #[test]
     fn round_trip_creates_the_directory() {
-        let tmp = TempDir::new();
+        let tmp = TempDir::new("state-probes");
         let dir = StateDir::open(tmp.path()).unwrap();
         assert!(dir.read_all_probes().is_empty(), "no probes directory yet");
         let a = file("a", 1);
@@ -330,7 +304,7 @@ mod tests {
 
     #[test]
     fn unusable_files_are_skipped() {
-        let tmp = TempDir::new();
+        let tmp = TempDir::new("state-probes");
         let dir = StateDir::open(tmp.path()).unwrap();
         let a = file("a", 1);
         dir.write_probes(&a).unwrap();
@@ -409,7 +383,7 @@ mod tests {
     fn links_fifos_and_huge_files_in_probes_do_not_stall_or_bloat_the_reader() {
         use std::os::unix::fs::symlink;
         use std::time::{Duration, Instant};
-        let tmp = TempDir::new();
+        let tmp = TempDir::new("state-probes");
         let dir = StateDir::open(tmp.path()).unwrap();
         let a = file("a", 1);
         dir.write_probes(&a).unwrap();
@@ -451,7 +425,7 @@ mod tests {
 
     #[test]
     fn writing_probes_takes_no_lock() {
-        let tmp = TempDir::new();
+        let tmp = TempDir::new("state-probes");
         let dir = StateDir::open(tmp.path()).unwrap();
         dir.write_probes(&file("a", 1)).unwrap();
         assert!(
@@ -462,7 +436,7 @@ mod tests {
 
     #[test]
     fn read_only_dir_cannot_write_probes() {
-        let tmp = TempDir::new();
+        let tmp = TempDir::new("state-probes");
         let dir = StateDir::open_readonly(tmp.path()).unwrap();
         assert!(dir.write_probes(&file("a", 1)).is_err());
         assert!(dir.read_all_probes().is_empty());
