@@ -857,6 +857,7 @@ pub(crate) mod tests {
                 last_error: Some("route 10.4.0.0/24: network unreachable".into()),
                 traffic_error: None,
                 reconciled_ms: None,
+                acl: None,
             }),
             traffic: vec![StackTraffic {
                 stack: name("b"),
@@ -866,6 +867,7 @@ pub(crate) mod tests {
                 rx_packets: 20,
             }],
             events: None,
+            acl: Vec::new(),
         };
         let mut c_peer = peer("b", 2, H2);
         c_peer.srtt_us = Some(100);
@@ -884,9 +886,11 @@ pub(crate) mod tests {
                 last_error: None,
                 traffic_error: None,
                 reconciled_ms: None,
+                acl: None,
             }),
             traffic: vec![],
             events: None,
+            acl: Vec::new(),
         };
         vec![a, c]
     }

@@ -468,9 +468,11 @@ mod tests {
                 last_error: None,
                 traffic_error: None,
                 reconciled_ms,
+                acl: None,
             }),
             traffic: Vec::new(),
             events: None,
+            acl: Vec::new(),
         };
         assert_eq!(loop_verdict(None, now, interval), Ok(()));
         assert_eq!(

@@ -1059,6 +1059,7 @@ impl ProbeTask {
             traffic: traffic.map(|t| t.stacks).unwrap_or_default(),
             // Filled in by StateDir::write_probes from the router's events.
             events: None,
+            acl: Vec::new(),
         };
         self.policy.written(now_us);
         let state = Arc::clone(&self.state);
@@ -1641,6 +1642,7 @@ mod tests {
                     last_error: None,
                     traffic_error: None,
                     reconciled_ms: None,
+                    acl: None,
                 },
                 overlay_mtu: Some(1400),
             })
@@ -1768,6 +1770,7 @@ mod tests {
                 last_error: None,
                 traffic_error: None,
                 reconciled_ms: None,
+                acl: None,
             },
             overlay_mtu: Some(1400),
         }));

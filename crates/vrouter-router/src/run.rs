@@ -601,6 +601,7 @@ impl Router {
                 last_error: error.or_else(|| self.routes_error.clone()),
                 traffic_error: None,
                 reconciled_ms: None,
+                acl: None,
             },
             overlay_mtu: link.mtu(),
         };

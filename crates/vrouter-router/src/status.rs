@@ -347,6 +347,7 @@ mod tests {
                 last_error: Some("apply failed".into()),
                 traffic_error: None,
                 reconciled_ms: None,
+                acl: None,
             }),
             traffic: vec![
                 StackTraffic {
@@ -365,6 +366,7 @@ mod tests {
                 },
             ],
             events: None,
+            acl: Vec::new(),
         }
     }
 
