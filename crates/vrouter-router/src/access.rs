@@ -126,12 +126,19 @@ impl<E: Enforcer> Access<E> {
         (access, events)
     }
 
-    /// Without an enforcer, tries to start one again (the caller's timer).
+    /// The caller's timer: without an enforcer, tries to start one again; with the
+    /// closed table in force, tries to install the policy again.
     pub fn retry(&mut self, start: impl FnOnce(&Policy, &Surround) -> Result<E, String>) -> Events {
-        if self.enforcer.is_some() {
-            return Vec::new();
+        let Some(enforcer) = self.enforcer.as_mut() else {
+            return self.try_start(start);
+        };
+        if matches!(enforcer.enforced(), Enforced::Closed { .. }) {
+            if let Err(e) = enforcer.set_context(&self.surround) {
+                tracing::debug!(error = %e, "the access policy is still refused");
+            }
+            return self.report();
         }
-        self.try_start(start)
+        Vec::new()
     }
 
     fn try_start(&mut self, start: impl FnOnce(&Policy, &Surround) -> Result<E, String>) -> Events {
@@ -188,7 +195,11 @@ impl<E: Enforcer> Access<E> {
             Ok(p) => p,
             Err(e) => return self.refuse(e.0),
         };
-        if policy == self.policy && self.refused.is_none() {
+        let closed = self
+            .enforcer
+            .as_ref()
+            .is_some_and(|e| matches!(e.enforced(), Enforced::Closed { .. }));
+        if policy == self.policy && self.refused.is_none() && !closed {
             tracing::info!("access policy unchanged");
             return Vec::new();
         }
@@ -198,7 +209,7 @@ impl<E: Enforcer> Access<E> {
             self.refused = None;
             return Vec::new();
         };
-        if policy == self.policy {
+        if policy == self.policy && !closed {
             // The file is good again, and the policy in force is that one.
             self.refused = None;
             return vec![(
@@ -590,9 +601,18 @@ mod tests {
                 .to_string(),
             "10.2.0.0/23"
         );
+        // Closed again; the timer's retry installs it when the kernel takes it.
+        k.borrow_mut().refuse_context = Some("ENOMEM".into());
+        let events = a.set_remote(vec![route("10.2.0.0/22", "web")]);
+        assert_eq!(kinds(&events), [EventKind::AclClosed]);
+        let fails = |_: &Policy, _: &Surround| -> Result<Fake, String> { unreachable!("has one") };
+        assert!(a.retry(fails).is_empty(), "still refused: no second event");
+        k.borrow_mut().refuse_context = None;
+        assert_eq!(kinds(&a.retry(fails)), [EventKind::AclInstalled]);
+        assert!(a.retry(fails).is_empty(), "installed: nothing to retry");
         // Unchanged routes: the kernel is not asked.
         let n = k.borrow().contexts.len();
-        assert!(a.set_remote(vec![route("10.2.0.0/23", "web")]).is_empty());
+        assert!(a.set_remote(vec![route("10.2.0.0/22", "web")]).is_empty());
         assert_eq!(k.borrow().contexts.len(), n);
     }
 
