@@ -421,4 +421,4 @@ fn base_chain(ovl: &str, closed: bool) -> ChainSpec {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

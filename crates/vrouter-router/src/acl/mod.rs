@@ -58,6 +58,7 @@
 //! `ResolvedPolicy::unresolved`.
 
 pub mod compile;
+pub mod enforce;
 mod nft_contract;
 pub mod policy;
 pub mod ranges;

@@ -90,3 +90,18 @@ pub struct Ipv4Range {
     pub first: Ipv4Addr,
     pub last: Ipv4Addr,
 }
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleCounterReading {
+    pub chain: String,
+    pub handle: u64,
+    pub comment: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MarkCounterReading {
+    pub key: u32,
+    pub comment: Option<String>,
+    pub packets: u64,
+    pub bytes: u64,
+}

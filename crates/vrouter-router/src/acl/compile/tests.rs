@@ -6,15 +6,15 @@ use crate::acl::policy::{PortRange, Protocol, Rule, Source};
 use crate::acl::{from_settings, resolve, Policy};
 use vrouter_state::StackName;
 
-const TCP: u8 = 6;
-const UDP: u8 = 17;
+pub(crate) const TCP: u8 = 6;
+pub(crate) const UDP: u8 = 17;
 const ICMP: u8 = 1;
 const GRE: u8 = 47;
 const OVL: &str = "ovl0";
 /// The stack's bridge side.
 const LAN: &str = "eth0";
 
-fn ip(s: &str) -> Ipv4Addr {
+pub(crate) fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
 }
 
@@ -26,11 +26,11 @@ fn stack(s: &str) -> StackName {
     StackName::new(s).unwrap()
 }
 
-fn mac_of(n: u8) -> Mac {
+pub(crate) fn mac_of(n: u8) -> Mac {
     Mac([2, 0, 0, 0, 0, n])
 }
 
-fn route(s: &str, p: &str, mac: u8) -> RemoteRoute {
+pub(crate) fn route(s: &str, p: &str, mac: u8) -> RemoteRoute {
     RemoteRoute {
         prefix: prefix(p),
         stack: stack(s),
@@ -41,7 +41,7 @@ fn route(s: &str, p: &str, mac: u8) -> RemoteRoute {
     }
 }
 
-fn ctx(remote: Vec<RemoteRoute>) -> AclContext {
+pub(crate) fn ctx(remote: Vec<RemoteRoute>) -> AclContext {
     AclContext {
         local: vec![prefix("172.16.0.0/24"), prefix("172.16.1.0/24")],
         overlay_ifname: OVL.to_string(),
@@ -49,7 +49,7 @@ fn ctx(remote: Vec<RemoteRoute>) -> AclContext {
     }
 }
 
-fn policy(default: &str, allow: &str, file: Option<&str>) -> Policy {
+pub(crate) fn policy(default: &str, allow: &str, file: Option<&str>) -> Policy {
     let file = file.map(|t| (std::path::Path::new("/acl.toml"), t));
     from_settings(Some(default), Some(allow).filter(|s| !s.is_empty()), file).unwrap()
 }
@@ -58,27 +58,32 @@ fn policy(default: &str, allow: &str, file: Option<&str>) -> Policy {
 
 /// One packet as the forward hook sees it, with its conntrack entry.
 #[derive(Debug, Clone)]
-struct Packet {
-    iif: String,
-    oif: String,
-    saddr: Ipv4Addr,
-    daddr: Ipv4Addr,
-    src_mac: Mac,
+pub(crate) struct Packet {
+    pub(crate) iif: String,
+    pub(crate) oif: String,
+    pub(crate) saddr: Ipv4Addr,
+    pub(crate) daddr: Ipv4Addr,
+    pub(crate) src_mac: Mac,
     /// ct state new.
-    new: bool,
+    pub(crate) new: bool,
     /// TCP with flags other than a bare SYN.
-    tcp_not_syn: bool,
-    ct_mark: u32,
+    pub(crate) tcp_not_syn: bool,
+    pub(crate) ct_mark: u32,
     /// The conntrack entry's original tuple.
-    orig_saddr: Ipv4Addr,
-    orig_daddr: Ipv4Addr,
-    orig_protocol: u8,
-    orig_dport: Option<u16>,
+    pub(crate) orig_saddr: Ipv4Addr,
+    pub(crate) orig_daddr: Ipv4Addr,
+    pub(crate) orig_protocol: u8,
+    pub(crate) orig_dport: Option<u16>,
 }
 
 impl Packet {
     /// The first packet (a bare SYN for TCP) of a new connection from the overlay.
-    fn new_from_overlay(src: Ipv4Addr, mac: Mac, protocol: u8, port: Option<u16>) -> Packet {
+    pub(crate) fn new_from_overlay(
+        src: Ipv4Addr,
+        mac: Mac,
+        protocol: u8,
+        port: Option<u16>,
+    ) -> Packet {
         let dst = ip("172.16.0.10");
         Packet {
             iif: OVL.into(),
@@ -97,7 +102,7 @@ impl Packet {
     }
 
     /// A later packet of the same connection, from the stack back to the source.
-    fn reply(&self, ct_mark: u32) -> Packet {
+    pub(crate) fn reply(&self, ct_mark: u32) -> Packet {
         Packet {
             iif: self.oif.clone(),
             oif: self.iif.clone(),
@@ -112,7 +117,7 @@ impl Packet {
     }
 
     /// A later packet in the original direction.
-    fn again(&self, ct_mark: u32) -> Packet {
+    pub(crate) fn again(&self, ct_mark: u32) -> Packet {
         Packet {
             new: false,
             tcp_not_syn: self.orig_protocol == TCP,
@@ -125,10 +130,12 @@ impl Packet {
 /// What the table does with a packet: the verdict, the ct mark it ends with, and the
 /// comment of the rule that gave the verdict (None: the base chain's policy).
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Outcome {
-    accept: bool,
-    ct_mark: u32,
-    by: Option<String>,
+pub(crate) struct Outcome {
+    pub(crate) accept: bool,
+    pub(crate) ct_mark: u32,
+    /// The deciding rule's chain and comment.
+    pub(crate) chain: Option<String>,
+    pub(crate) by: Option<String>,
 }
 
 fn set<'a>(t: &'a TableSpec, name: &str) -> &'a SetElements {
@@ -183,7 +190,7 @@ fn matches(t: &TableSpec, m: &Match, p: &Packet) -> bool {
 }
 
 enum Flow {
-    Verdict(bool, Option<String>),
+    Verdict(bool, String, String),
     Return,
 }
 
@@ -197,8 +204,12 @@ fn run_chain(t: &TableSpec, chain: &ChainSpec, p: &Packet, mark: &mut u32, depth
             *mark = m;
         }
         match &rule.verdict {
-            RuleVerdict::Accept => return Flow::Verdict(true, Some(rule.comment.clone())),
-            RuleVerdict::Drop => return Flow::Verdict(false, Some(rule.comment.clone())),
+            RuleVerdict::Accept => {
+                return Flow::Verdict(true, chain.name.clone(), rule.comment.clone())
+            }
+            RuleVerdict::Drop => {
+                return Flow::Verdict(false, chain.name.clone(), rule.comment.clone())
+            }
             RuleVerdict::Continue => {}
             RuleVerdict::VmapCtOriginalSaddr(map) => {
                 let SetElements::JumpMap(v) = set(t, map) else {
@@ -217,8 +228,8 @@ fn run_chain(t: &TableSpec, chain: &ChainSpec, p: &Packet, mark: &mut u32, depth
                         .find(|c| &c.name == *name)
                         .unwrap_or_else(|| panic!("jump to missing chain {name}"));
                     assert!(target.hook.is_none(), "jump to a base chain");
-                    if let Flow::Verdict(a, by) = run_chain(t, target, p, mark, depth + 1) {
-                        return Flow::Verdict(a, by);
+                    if let v @ Flow::Verdict(..) = run_chain(t, target, p, mark, depth + 1) {
+                        return v;
                     }
                 }
             }
@@ -228,19 +239,21 @@ fn run_chain(t: &TableSpec, chain: &ChainSpec, p: &Packet, mark: &mut u32, depth
 }
 
 /// The packet through the base chain, as the kernel would take it.
-fn walk(t: &TableSpec, p: &Packet) -> Outcome {
+pub(crate) fn walk(t: &TableSpec, p: &Packet) -> Outcome {
     let base: Vec<&ChainSpec> = t.chains.iter().filter(|c| c.hook.is_some()).collect();
     assert_eq!(base.len(), 1, "one base chain");
     let mut mark = p.ct_mark;
     match run_chain(t, base[0], p, &mut mark, 0) {
-        Flow::Verdict(accept, by) => Outcome {
+        Flow::Verdict(accept, chain, by) => Outcome {
             accept,
             ct_mark: mark,
-            by,
+            chain: Some(chain),
+            by: Some(by),
         },
         Flow::Return => Outcome {
             accept: base[0].hook.as_ref().unwrap().policy_accept,
             ct_mark: mark,
+            chain: None,
             by: None,
         },
     }
