@@ -31,15 +31,15 @@
 //! generation in force are in `admitted`, so after a generation change every open
 //! connection goes through the class chains again on its next packet.
 
-use super::nft_contract::{
-    AddrField, BaseHook, ChainSpec, Ipv4Range, Match, RuleSpec, RuleVerdict, SetElements, SetSpec,
-    TableSpec,
-};
 use super::policy::{Service, Verdict};
 use super::ranges::{bounds, classes};
 use super::resolve::ResolvedPolicy;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use vrouter_kernel::{
+    AddrField, BaseHook, ChainSpec, Ipv4Range, Match, RuleSpec, RuleVerdict, SetElements, SetSpec,
+    TableSpec,
+};
 use vrouter_state::{Mac, Prefix, RemoteRoute};
 
 /// The table's name (family ip).

@@ -52,12 +52,12 @@ use super::compile::{
     COMMENT_SPOOF_FROM_OVERLAY, COMMENT_SPOOF_FROM_STACK, COMMENT_TCP_NOT_SYN, DEFAULT_ID,
     SET_ADMITTED, TABLE,
 };
-use super::nft_contract::{MarkCounterReading, RuleCounterReading, TableSpec};
 use super::policy::{Policy, Verdict};
 use super::resolve::{resolve, ResolvedPolicy};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
+use vrouter_kernel::{MarkCounterReading, RuleCounterReading, TableSpec};
 use vrouter_state::StackName;
 
 /// What [`Acl`] needs of nftables: `vrouter_kernel::Nft` in the router, a recording
@@ -387,7 +387,7 @@ impl<K: AclKernel> Acl<K> {
 
     #[cfg(debug_assertions)]
     fn with_test_hook(&self, mut compiled: Compiled) -> Compiled {
-        use super::nft_contract::{Ipv4Range, SetElements, SetSpec};
+        use vrouter_kernel::{Ipv4Range, SetElements, SetSpec};
         if self.refuse_file.as_ref().is_some_and(|f| f.exists()) {
             compiled.table.sets.push(SetSpec {
                 name: "test_refuse".into(),

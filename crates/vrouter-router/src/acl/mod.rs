@@ -59,7 +59,6 @@
 
 pub mod compile;
 pub mod enforce;
-mod nft_contract;
 pub mod policy;
 pub mod ranges;
 pub mod resolve;
