@@ -13,6 +13,8 @@
 //! even that is impossible there is no enforcer, [`Access::link_blocked`] says why,
 //! and the caller holds the overlay link down until an enforcer starts.
 
+use crate::acl::compile::AclContext;
+use crate::acl::enforce::{Acl, AclCounters, AclKernel, AclState, Counted, RuleCount};
 use crate::acl::{Policy, PolicyError};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -77,11 +79,92 @@ impl<E: Enforcer + ?Sized> Enforcer for Box<E> {
     }
 }
 
-/// Starts the kernel's enforcer: the policy's table in the router's namespace, or
-/// the closed table if the policy's is refused. Err when not even that is in place.
-pub fn start_enforcer(_policy: &Policy, _surround: &Surround) -> Result<Box<dyn Enforcer>, String> {
-    // INTERIM until acl::enforce lands (branch acl-compile): replaced by Acl::start.
-    Err("access enforcement is not in this build".to_string())
+/// Starts the kernel's enforcer ([`Acl`]): the policy's table in the router's
+/// namespace, or the closed table if the policy's is refused. Err when not even that
+/// is in place.
+pub fn start_enforcer(policy: &Policy, surround: &Surround) -> Result<Box<dyn Enforcer>, String> {
+    let acl = Acl::start(policy.clone(), context(surround))?;
+    Ok(Box::new(acl))
+}
+
+fn context(s: &Surround) -> AclContext {
+    AclContext {
+        local: s.local.clone(),
+        overlay_ifname: s.overlay_ifname.clone(),
+        remote: s.remote.clone(),
+    }
+}
+
+impl<K: AclKernel> Enforcer for Acl<K> {
+    fn enforced(&self) -> Enforced {
+        match self.state() {
+            AclState::Installed => Enforced::Installed {
+                generation: u32::from(self.generation()),
+            },
+            AclState::Closed { reason } => Enforced::Closed {
+                reason: reason.clone(),
+            },
+        }
+    }
+
+    fn set_context(&mut self, surround: &Surround) -> Result<(), String> {
+        Acl::set_context(self, context(surround))?;
+        match self.state() {
+            AclState::Installed => Ok(()),
+            AclState::Closed { reason } => Err(reason.clone()),
+        }
+    }
+
+    fn reload(&mut self, policy: &Policy) -> Result<(), String> {
+        Acl::reload(self, policy.clone())
+    }
+
+    fn read(&mut self) -> Result<AclReading, String> {
+        let counters = Acl::read(self)?;
+        Ok(reading(self.policy(), &counters))
+    }
+}
+
+/// The kernel's totals as the probes file lists them: the policy's rules in its
+/// order, the default, then what else counted (pseudo rules, in parentheses, and
+/// rules of earlier policies, verdict `-`). Pure.
+pub fn reading(policy: &Policy, counters: &AclCounters) -> AclReading {
+    let row = |counted: &Counted, verdict: &str, c: &RuleCount| AclRuleCounters {
+        rule: counted.label(),
+        verdict: verdict.to_string(),
+        accepted_packets: c.accepted.packets,
+        accepted_bytes: c.accepted.bytes,
+        dropped_packets: c.dropped.packets,
+        dropped_bytes: c.dropped.bytes,
+    };
+    let zero = RuleCount::default();
+    let mut rules: Vec<AclRuleCounters> = Vec::new();
+    let mut listed: Vec<Counted> = Vec::new();
+    for r in &policy.rules {
+        let counted = Counted::Rule(r.name.clone());
+        let c = counters.rules.get(&counted).unwrap_or(&zero);
+        rules.push(row(&counted, r.verdict.as_str(), c));
+        listed.push(counted);
+    }
+    let c = counters.rules.get(&Counted::Default).unwrap_or(&zero);
+    rules.push(row(&Counted::Default, policy.default.as_str(), c));
+    listed.push(Counted::Default);
+    for (counted, c) in &counters.rules {
+        if listed.contains(counted) {
+            continue;
+        }
+        let verdict = match counted {
+            Counted::Rule(_) => "-",
+            _ => "deny",
+        };
+        rules.push(row(counted, verdict, c));
+    }
+    let drops = counters
+        .dropped_from
+        .iter()
+        .map(|((counted, stack), c)| (counted.label(), stack.clone(), c.packets))
+        .collect();
+    AclReading { rules, drops }
 }
 
 /// The policy, its enforcement and what has been reported about them.
@@ -409,12 +492,76 @@ impl DropSummaries {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::acl::enforce::Count;
     use crate::acl::from_settings;
     use std::cell::RefCell;
     use std::rc::Rc;
 
     fn stack(s: &str) -> Option<StackName> {
         Some(StackName::new(s).unwrap())
+    }
+
+    #[test]
+    fn readings_list_the_policy_in_order_then_the_default_then_the_rest() {
+        let p = from_settings(
+            Some("deny"),
+            Some("web:tcp/443"),
+            Some((
+                std::path::Path::new("/acl.toml"),
+                "[[rule]]\nname = \"a lab\"\ndeny = \"10.9.0.0/16\"\n",
+            )),
+        )
+        .unwrap();
+        let count = |packets, bytes| Count { packets, bytes };
+        let mut c = AclCounters::default();
+        c.rules.insert(
+            Counted::Rule("allow web:tcp/443".into()),
+            RuleCount {
+                accepted: count(10, 1000),
+                dropped: count(0, 0),
+            },
+        );
+        c.rules.insert(
+            Counted::Rule("gone".into()),
+            RuleCount {
+                accepted: count(1, 60),
+                dropped: count(0, 0),
+            },
+        );
+        c.rules.insert(
+            Counted::SpoofFromOverlay,
+            RuleCount {
+                accepted: count(0, 0),
+                dropped: count(3, 180),
+            },
+        );
+        c.dropped_from
+            .insert((Counted::Default, stack("ops")), count(4, 240));
+        let r = reading(&p, &c);
+        let rows: Vec<(&str, &str, u64, u64)> = r
+            .rules
+            .iter()
+            .map(|r| {
+                (
+                    r.rule.as_str(),
+                    r.verdict.as_str(),
+                    r.accepted_packets,
+                    r.dropped_packets,
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("allow web:tcp/443", "allow", 10, 0),
+                ("a lab", "deny", 0, 0),
+                ("(default)", "deny", 0, 0),
+                ("gone", "-", 1, 0),
+                ("(spoof from overlay)", "deny", 0, 3),
+            ]
+        );
+        assert_eq!(r.rules[0].accepted_bytes, 1000);
+        assert_eq!(r.drops, [("(default)".to_string(), stack("ops"), 4)]);
     }
 
     #[test]

@@ -62,9 +62,12 @@ pub struct ProbesFile {
 /// packet the rule dropped.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AclRuleCounters {
-    /// The rule's name (unique in the policy), or `default` for the default verdict.
+    /// The rule's name (unique in the policy), `(default)` for the default verdict,
+    /// or a check before the rules: `(spoof from stack)`, `(spoof from overlay)`,
+    /// `(tcp not syn)`, `(closed)`, `(fallback)` (rule names hold no parentheses).
     pub rule: String,
-    /// The rule's verdict: `allow` or `deny`.
+    /// The rule's verdict: `allow` or `deny`; `-` for a rule no longer in the policy
+    /// (its totals stay).
     pub verdict: String,
     pub accepted_packets: u64,
     pub accepted_bytes: u64,
