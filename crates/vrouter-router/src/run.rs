@@ -143,7 +143,11 @@ pub async fn run(settings: Settings, policy: Policy) -> anyhow::Result<()> {
     };
     let (access, acl_events) = Access::start(policy, surround, access::start_enforcer);
     for (kind, message) in acl_events {
-        tracing::warn!("{message}");
+        if kind == EventKind::AclInstalled {
+            tracing::info!("{message}");
+        } else {
+            tracing::error!("{message}");
+        }
         events.emit(kind, message);
     }
 
@@ -399,10 +403,9 @@ impl Router {
     }
 
     async fn tick(&mut self) {
-        if self.access.link_blocked().is_some() {
-            let events = self.access.retry(access::start_enforcer);
-            self.emit_all(events);
-        }
+        // Closed, or no table at all: try the policy again.
+        let events = self.access.retry(access::start_enforcer);
+        self.emit_all(events);
         self.hold_link().await;
         let overlay = self.overlay().await;
         match self.discovery.phase {
@@ -538,7 +541,7 @@ impl Router {
 
     fn emit_all(&self, events: access::Events) {
         for (kind, message) in events {
-            if kind == vrouter_state::EventKind::AclInstalled {
+            if kind == EventKind::AclInstalled {
                 tracing::info!("{message}");
             } else {
                 tracing::warn!("{message}");
