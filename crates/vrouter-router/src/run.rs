@@ -155,7 +155,10 @@ pub async fn run(settings: Settings, policy: Policy) -> anyhow::Result<()> {
     let _watcher = watch_files(&settings.state_dir, ROUTES_FILE.as_ref(), file_tx);
     let (acl_file_tx, mut acl_file_rx) = mpsc::unbounded_channel::<()>();
     let _acl_watcher = settings.acl.file.as_deref().and_then(|path| {
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty())?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => std::path::Path::new("."),
+        };
         watch_files(dir, path.file_name()?, acl_file_tx)
     });
     let (acl_counters, acl_counters_rx) = watch::channel(Vec::new());
@@ -471,7 +474,11 @@ impl Router {
                     tracing::warn!(%mac, expected = %self.mac, "discovery sent another MAC; using the derived one");
                 }
                 self.discovery.phase = Phase::Registered;
-                match link::adopt(&self.kernel, &ifname, &self.overlay_name, self.mac, mtu).await {
+                // Without an access table the link is adopted but not brought up.
+                let up = self.access.link_blocked().is_none();
+                match link::adopt(&self.kernel, &ifname, &self.overlay_name, self.mac, mtu, up)
+                    .await
+                {
                     Ok(index) => {
                         tracing::info!(%ifname, link = %self.overlay_name, index, mtu, "overlay link attached");
                         self.hold_link().await;
