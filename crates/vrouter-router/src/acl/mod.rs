@@ -1,9 +1,18 @@
 //! Access control: who may open connections into this stack from the overlay (issue
 //! 14). The destination stack's owner writes the policy; its own router enforces it.
-//! This module is the pure part: the policy model and its parsing ([`policy`]) and
-//! the resolution of stack names to prefixes and the decision for one connection
-//! ([`resolve`]). It is not wired to the daemon yet: the router reads none of these
-//! settings until enforcement (nftables in the router's namespace) exists, because a
+//!
+//! - [`policy`]: the policy model and its parsing (pure);
+//! - [`resolve`]: stack names to prefixes, and the decision for one connection (pure);
+//! - [`ranges`]: the policy's sources as disjoint address ranges, each with its
+//!   covering rules in precedence order and its remote stack (pure);
+//! - [`compile`]: the nftables table `ip vrouter_acl` that enforces a resolved policy,
+//!   and the closed table for when none can be installed (pure; a test walks the
+//!   table as the kernel would and checks it decides as [`ResolvedPolicy::decide`]);
+//! - [`enforce`]: [`Acl`], the table in the router's namespace: start (fail closed),
+//!   reload (the old policy stays on error), routes changes, counters.
+//!
+//! The daemon's settings, run loop, health and status use [`Acl`] (run.rs and
+//! friends); until they do, the router reads none of these settings, because a
 //! setting that parses but is not enforced would be an open door that looks shut.
 //!
 //! # Writing a policy
@@ -65,6 +74,8 @@ pub mod resolve;
 #[cfg(test)]
 mod tests;
 
+pub use compile::{closed, compile, AclContext, Compiled};
+pub use enforce::{Acl, AclCounters, AclKernel, AclState, Count, Counted, RuleCount};
 pub use policy::{
     from_settings, parse_rule, Policy, PolicyError, PortRange, Protocol, Rule, Service, Source,
     Verdict,

@@ -448,3 +448,361 @@ fn labels_never_meet_rule_names() {
     }
     assert_eq!(Counted::Rule("https".into()).label(), "https");
 }
+
+/// Against the kernel, in throwaway network namespaces (anonymous: nothing named is
+/// left behind, even on failure). Without root they print a skip line, except under
+/// CI=true, where they fail.
+mod root {
+    use super::*;
+    use nix::sched::{setns, unshare, CloneFlags};
+    use std::future::Future;
+    use std::io::{Read, Write};
+    use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+    use std::os::fd::{AsFd, OwnedFd};
+    use std::time::Duration;
+    use vrouter_kernel::{Kernel, Nft, Route};
+    use vrouter_state::{Mac, Prefix, RemoteRoute};
+
+    fn root_or_skip(test: &str) -> bool {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            return true;
+        }
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "root test skipped under CI: {test} needs root for network namespaces"
+        );
+        eprintln!("skipping {test}: needs root for network namespaces");
+        false
+    }
+
+    /// `body` on a new thread, after `enter` put it in its namespace; a current-thread
+    /// runtime for the async kernel calls, bounded by 60 s.
+    fn on_thread<F, Fut, T>(enter: impl FnOnce() + Send, body: F) -> T
+    where
+        F: FnOnce() -> Fut + Send,
+        Fut: Future<Output = T>,
+        T: Send,
+    {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    enter();
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("tokio runtime")
+                        .block_on(async {
+                            tokio::time::timeout(Duration::from_secs(60), body())
+                                .await
+                                .expect("test timed out")
+                        })
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    fn in_new_netns<F, Fut>(test: &str, body: F)
+    where
+        F: FnOnce() -> Fut + Send,
+        Fut: Future<Output = ()>,
+    {
+        if root_or_skip(test) {
+            on_thread(
+                || unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)"),
+                body,
+            );
+        }
+    }
+
+    fn in_netns<F, Fut, T>(netns: &OwnedFd, body: F) -> T
+    where
+        F: FnOnce() -> Fut + Send,
+        Fut: Future<Output = T>,
+        T: Send,
+    {
+        on_thread(
+            || setns(netns.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns"),
+            body,
+        )
+    }
+
+    /// A namespace of its own, held by its fd (gone with the last reference).
+    fn spare_netns() -> OwnedFd {
+        std::thread::spawn(|| {
+            unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+            OwnedFd::from(std::fs::File::open("/proc/thread-self/ns/net").expect("ns/net"))
+        })
+        .join()
+        .expect("namespace thread")
+    }
+
+    /// (chain, comment) of every rule, sorted.
+    fn listed(nft: &Nft) -> Vec<(String, String)> {
+        let mut v: Vec<_> = nft
+            .rule_counters()
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.chain, r.comment))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn specified(t: &TableSpec) -> Vec<(String, String)> {
+        let mut v: Vec<_> = t
+            .chains
+            .iter()
+            .flat_map(|c| c.rules.iter().map(|r| (c.name.clone(), r.comment.clone())))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn admitted(t: &TableSpec) -> Vec<u32> {
+        t.sets
+            .iter()
+            .find_map(|s| match &s.elements {
+                SetElements::CountedMarks(m) if s.name == SET_ADMITTED => {
+                    Some(m.iter().map(|(k, _)| *k).collect())
+                }
+                _ => None,
+            })
+            .unwrap()
+    }
+
+    fn marks_in_kernel(nft: &Nft) -> Vec<u32> {
+        let mut v: Vec<u32> = nft
+            .mark_counters(SET_ADMITTED)
+            .unwrap()
+            .into_iter()
+            .map(|m| m.key)
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Start, read back, reload, refuse (the test hook), reopen, and fail when even
+    /// the closed table cannot go in (no CAP_NET_ADMIN).
+    #[test]
+    fn root_the_policy_goes_in_reloads_and_closes() {
+        in_new_netns("root_the_policy_goes_in_reloads_and_closes", || async {
+            let c = ctx(routes());
+            let nft = Nft::connect(TABLE, CHAIN).unwrap();
+            let mut acl =
+                Acl::start(policy("deny", "web:tcp/443, ops:udp/53", None), c.clone()).unwrap();
+            assert_eq!(acl.state(), &AclState::Installed);
+            let table = acl.table().unwrap().clone();
+            assert_eq!(listed(&nft), specified(&table));
+            assert_eq!(marks_in_kernel(&nft), admitted(&table));
+            let counters = acl.read().unwrap();
+            // Both rules, the default and the base chain's counted rules, at zero.
+            let keys: Vec<Counted> = counters.rules.keys().cloned().collect();
+            assert_eq!(
+                keys,
+                vec![
+                    Counted::Rule("allow ops:udp/53".into()),
+                    Counted::Rule("allow web:tcp/443".into()),
+                    Counted::Default,
+                    Counted::SpoofFromStack,
+                    Counted::SpoofFromOverlay,
+                    Counted::TcpNotSyn,
+                    Counted::Fallback,
+                ]
+            );
+            assert!(counters.rules.values().all(|c| *c == RuleCount::default()));
+
+            let g = acl.generation();
+            acl.reload(policy("allow", "web:tcp/443", None)).unwrap();
+            assert_eq!(acl.generation(), g.wrapping_add(1));
+            let table = acl.table().unwrap().clone();
+            assert_eq!(listed(&nft), specified(&table));
+            assert_eq!(
+                marks_in_kernel(&nft),
+                vec![
+                    crate::acl::compile::mark(g.wrapping_add(1), 1),
+                    crate::acl::compile::mark(g.wrapping_add(1), DEFAULT_ID)
+                ]
+            );
+
+            // A second router start in the same namespace follows the generation.
+            drop(acl);
+            let refuse = std::env::temp_dir().join(format!("vc-acl-root-{}", std::process::id()));
+            std::fs::write(&refuse, "").unwrap();
+            let mut acl = Acl::with_kernel(
+                Nft::connect(TABLE, CHAIN).unwrap(),
+                policy("deny", "web", None),
+                c.clone(),
+                Some(refuse.clone()),
+            )
+            .unwrap();
+            std::fs::remove_file(&refuse).unwrap();
+            let AclState::Closed { reason } = acl.state().clone() else {
+                panic!("{:?}", acl.state())
+            };
+            assert!(reason.contains("refused"), "{reason}");
+            assert_eq!(listed(&nft), specified(&closed(&c)));
+            assert!(listed(&nft).iter().any(|(_, c)| c == COMMENT_CLOSED));
+            // The kernel takes it again.
+            acl.reload(policy("deny", "web", None)).unwrap();
+            assert_eq!(acl.state(), &AclState::Installed);
+            // The restart took g+2 (after g+1 in the namespace's table) for the refused
+            // table; the reload takes the next.
+            assert_eq!(acl.generation(), g.wrapping_add(3));
+            assert_eq!(listed(&nft), specified(acl.table().unwrap()));
+
+            // Without CAP_NET_ADMIN not even the closed table goes in.
+            use caps::{CapSet, Capability};
+            caps::drop(None, CapSet::Effective, Capability::CAP_NET_ADMIN).unwrap();
+            let err = Acl::start(policy("deny", "web", None), c.clone()).unwrap_err();
+            caps::raise(None, CapSet::Effective, Capability::CAP_NET_ADMIN).unwrap();
+            assert!(err.contains("closed table was refused too"), "{err}");
+            nft.delete_table().unwrap();
+        });
+    }
+
+    /// The router's namespace (this thread's) between a stack (S, 172.16.0.10 behind
+    /// eth0-like `stk0`) and the overlay (O, web's 10.1.0.5 behind `ovl0`). Default
+    /// deny, web allowed on tcp/8080: a connection to 8080 opens, one to 8081 does
+    /// not; a reload that denies web cuts the open one both ways; counters count.
+    #[test]
+    fn root_denied_tcp_fails_and_allowed_tcp_passes() {
+        in_new_netns("root_denied_tcp_fails_and_allowed_tcp_passes", || async {
+            let k = Kernel::connect().await.unwrap();
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("forwarding");
+            let stack_ns = spare_netns();
+            let overlay_ns = spare_netns();
+            let stk = k
+                .create_veth_into("stk0", 1500, stack_ns.as_fd(), "eth0")
+                .await
+                .unwrap();
+            let ovl = k
+                .create_veth_into("ovl0", 1500, overlay_ns.as_fd(), "eth0")
+                .await
+                .unwrap();
+            k.replace_address(stk, Ipv4Addr::new(172, 16, 0, 1), 24)
+                .await
+                .unwrap();
+            k.replace_address(ovl, Ipv4Addr::new(10, 1, 0, 1), 24)
+                .await
+                .unwrap();
+            k.set_up(stk).await.unwrap();
+            k.set_up(ovl).await.unwrap();
+            let server = Ipv4Addr::new(172, 16, 0, 10);
+            let client = Ipv4Addr::new(10, 1, 0, 5);
+            in_netns(&stack_ns, || side(server, Ipv4Addr::new(172, 16, 0, 1)));
+            let web_mac = in_netns(&overlay_ns, || side(client, Ipv4Addr::new(10, 1, 0, 1)));
+            let c = AclContext {
+                local: vec!["172.16.0.0/24".parse().unwrap()],
+                overlay_ifname: "ovl0".into(),
+                remote: vec![RemoteRoute {
+                    prefix: Prefix::containing(client, 24),
+                    stack: StackName::new("web").unwrap(),
+                    via: client,
+                    mac: web_mac,
+                    host: Ipv4Addr::new(192, 168, 0, 2),
+                    same_host: false,
+                }],
+            };
+            let listen = |port| {
+                in_netns(&stack_ns, || async move {
+                    TcpListener::bind(SocketAddr::from((server, port))).unwrap()
+                })
+            };
+            let (open, shut) = (listen(8080), listen(8081));
+            let connect = |port| {
+                in_netns(&overlay_ns, || async move {
+                    TcpStream::connect_timeout(
+                        &SocketAddr::from((server, port)),
+                        Duration::from_millis(1500),
+                    )
+                })
+            };
+
+            let mut acl = Acl::start(policy("deny", "web:tcp/8080", None), c).unwrap();
+            assert_eq!(acl.state(), &AclState::Installed);
+            let mut to_server = connect(8080).expect("allowed");
+            let err = connect(8081).expect_err("denied");
+            assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+            drop(shut);
+
+            let (mut at_server, from) = open.accept().unwrap();
+            assert_eq!(from.ip(), client);
+            let wait = Some(Duration::from_millis(700));
+            at_server.set_read_timeout(wait).unwrap();
+            to_server.set_read_timeout(wait).unwrap();
+            let mut buf = [0u8; 16];
+            to_server.write_all(b"ping").unwrap();
+            assert_eq!(at_server.read(&mut buf).unwrap(), 4);
+            at_server.write_all(b"pong").unwrap();
+            assert_eq!(to_server.read(&mut buf).unwrap(), 4);
+
+            let before = acl.read().unwrap();
+            let rule = Counted::Rule("allow web:tcp/8080".into());
+            // The SYN in the class chain, the rest of the handshake and the data on
+            // the admitted mark.
+            assert!(before.rules[&rule].accepted.packets >= 5, "{before:?}");
+            assert!(
+                before.rules[&Counted::Default].dropped.packets >= 1,
+                "{before:?}"
+            );
+            let web = Some(StackName::new("web").unwrap());
+            assert!(before.dropped_from[&(Counted::Default, web.clone())].packets >= 1);
+
+            // Denied now: the open connection stops both ways (the server speaking
+            // first included).
+            acl.reload(policy("deny", "web:tcp/9999", None)).unwrap();
+            at_server.write_all(b"late").unwrap();
+            let err = to_server.read(&mut buf).expect_err("cut");
+            assert!(
+                matches!(
+                    err.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "{err}"
+            );
+            to_server.write_all(b"late").unwrap();
+            let err = at_server.read(&mut buf).expect_err("cut");
+            assert!(
+                matches!(
+                    err.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "{err}"
+            );
+            let after = acl.read().unwrap();
+            assert!(
+                after.rules[&Counted::Default].dropped.packets
+                    >= before.rules[&Counted::Default].dropped.packets + 2,
+                "{after:?}"
+            );
+            assert_eq!(
+                after.rules[&rule].accepted, before.rules[&rule].accepted,
+                "totals kept"
+            );
+            Nft::connect(TABLE, CHAIN).unwrap().delete_table().unwrap();
+        });
+    }
+
+    /// One side's namespace: `addr`/24 on eth0, default route via `via`; its MAC.
+    async fn side(addr: Ipv4Addr, via: Ipv4Addr) -> Mac {
+        let k = Kernel::connect().await.unwrap();
+        let eth0 = k.link_by_name("eth0").await.unwrap().unwrap();
+        k.replace_address(eth0.index, addr, 24).await.unwrap();
+        k.set_up(eth0.index).await.unwrap();
+        k.replace_route(&Route {
+            table: 254,
+            dst: "0.0.0.0/0".parse().unwrap(),
+            gateway: Some(via),
+            oif: Some(eth0.index),
+            onlink: false,
+            protocol: 4,
+            nexthop: None,
+        })
+        .await
+        .unwrap();
+        eth0.mac.expect("eth0 has a MAC")
+    }
+}
