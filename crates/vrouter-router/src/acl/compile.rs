@@ -13,13 +13,12 @@
 //!  1 iifname != OVL oifname OVL ip saddr != @local counter drop       "acl spoof-from-stack"
 //!  2 iifname OVL ip daddr @local ip saddr . ether saddr != @origins
 //!                                                   counter drop      "acl spoof-from-overlay"
-//!  3 ct state new, tcp not a bare SYN, ip daddr @local counter drop   "acl tcp-not-syn"
-//!  4 ct state new, tcp not a bare SYN, ip saddr @local counter drop   "acl tcp-not-syn"
-//!  5 ct original ip daddr != @local accept          transit, and the stack's own connections
-//!  6 ct original ip saddr @local accept             inside the stack
-//!  7 ct mark @admitted accept                       admitted under the policy in force
-//!  8 ct original ip saddr vmap @classes
-//!  9 counter drop                                                     "acl fallback"
+//!  3 ct state new, tcp not a bare SYN, ip saddr @local counter drop   "acl tcp-not-syn"
+//!  4 ct original ip daddr != @local accept          transit, and the stack's own connections
+//!  5 ct original ip saddr @local accept             inside the stack
+//!  6 ct mark @admitted accept                       admitted under the policy in force
+//!  7 ct original ip saddr vmap @classes
+//!  8 counter drop                                                     "acl fallback"
 //! chain c<N>: per covering rule in precedence order, per port range:
 //!    ct original protocol P [ct original proto-dst A-B] counter (ct mark set M accept | drop)
 //!                                                                     "acl <id> <stack|->"
@@ -30,6 +29,16 @@
 //! admitted is `generation << 16 | id` (`0xffff`: the default). Only marks of the
 //! generation in force are in `admitted`, so after a generation change every open
 //! connection goes through the class chains again on its next packet.
+//!
+//! Rule 3 is what keeps conntrack's loose pickup honest. A TCP connection conntrack
+//! first sees mid-stream from the stack's side (its entry expired or was never made:
+//! a router restarted in a fresh namespace) would be taken for the stack's own
+//! outgoing connection, with its original direction the wrong way round, and rule 4
+//! would pass it: so such packets are dropped. Seen first from the overlay side, a
+//! mid-stream packet gets the right original direction and goes through the policy
+//! like a new connection, so an allowed connection survives a router restarted in a
+//! fresh namespace (its first packet from the client is checked and admitted), and a
+//! denied one stays denied.
 
 use super::policy::{Service, Verdict};
 use super::ranges::{bounds, classes};
@@ -357,16 +366,6 @@ fn base_chain(ovl: &str, closed: bool) -> ChainSpec {
             true,
             RuleVerdict::Drop,
             COMMENT_SPOOF_FROM_OVERLAY,
-        ),
-        rule(
-            vec![
-                Match::CtStateNew,
-                Match::TcpNotSyn,
-                local(AddrField::IpDaddr, true),
-            ],
-            true,
-            RuleVerdict::Drop,
-            COMMENT_TCP_NOT_SYN,
         ),
         rule(
             vec![
