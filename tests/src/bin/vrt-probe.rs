@@ -34,6 +34,17 @@
 //!   udp-send --to <ip:port> --count <N> --size <IP bytes> [--gap-us <G>=200]
 //!       Sends N datagrams of exactly <IP bytes> each (IPv4 + UDP header + payload),
 //!       G microseconds apart; prints `sent count=<n> ip_bytes=<b>`.
+//!   udp-send ... --from <ipv4>
+//!       Binds the sending socket to that local address (a forged source, if the test
+//!       added the address to the namespace).
+//!   udp-echo --port <P> --out <file> --count <N> --timeout-ms <T>
+//!       Binds 0.0.0.0:P, creates `<file>.ready`, sends every datagram back to its
+//!       sender until N were echoed or T ms passed; writes `echoed=<n> peer=<addr>` to
+//!       <file>; exit 0 only if N were echoed.
+//!   udp-rr --to <ip:port> --count <N> --timeout-ms <T>
+//!       N requests from one socket (one UDP flow), each resent up to 5 times 300 ms
+//!       apart until its echo comes back; prints `sent=<s> answered=<a>`; exit 0 only
+//!       if all N were answered within T ms.
 //!   udp-sink --port <P> --out <file> --count <N> --timeout-ms <T>
 //!       Binds 0.0.0.0:P, creates `<file>.ready`, counts datagrams until N arrived or T
 //!       ms passed, then writes `received=<n> ip_bytes=<b>` to <file> atomically; exit 0
@@ -46,7 +57,7 @@ use std::time::{Duration, Instant};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: vrt-probe tcp-serve <ip:port> <outfile> [idle_s] | tcp-send <ip:port> <bytes> [timeout_s] | tcp-hold <ip:port> <seconds> [max_stall_ms] | tcp-rr <ip:port> <iterations> [timeout_s] | ping <ip> <count> <timeout_ms> [interval_ms] | capture-udp --port P --out FILE --timeout-ms T [--src IP] | send-file --to IP:PORT --file FILE [--from-port P] | udp-send --to IP:PORT --count N --size B [--gap-us G] | udp-sink --port P --out FILE --count N --timeout-ms T"
+        "usage: vrt-probe tcp-serve <ip:port> <outfile> [idle_s] | tcp-send <ip:port> <bytes> [timeout_s] | tcp-hold <ip:port> <seconds> [max_stall_ms] | tcp-rr <ip:port> <iterations> [timeout_s] | ping <ip> <count> <timeout_ms> [interval_ms] | capture-udp --port P --out FILE --timeout-ms T [--src IP] | send-file --to IP:PORT --file FILE [--from-port P] | udp-send --to IP:PORT --count N --size B [--gap-us G] [--from IP] | udp-echo --port P --out FILE --count N --timeout-ms T | udp-rr --to IP:PORT --count N --timeout-ms T | udp-sink --port P --out FILE --count N --timeout-ms T"
     );
     exit(2)
 }
@@ -132,6 +143,18 @@ fn main() {
             flag(&args, "--count", None),
             flag(&args, "--size", None),
             flag(&args, "--gap-us", Some(200u64)),
+            flag_opt(&args, "--from"),
+        ),
+        Some("udp-echo") => udp_echo(
+            flag(&args, "--port", None),
+            flag::<String>(&args, "--out", None),
+            flag(&args, "--count", None),
+            flag(&args, "--timeout-ms", None),
+        ),
+        Some("udp-rr") => udp_rr(
+            flag(&args, "--to", None),
+            flag(&args, "--count", None),
+            flag(&args, "--timeout-ms", None),
         ),
         Some("udp-sink") => udp_sink(
             flag(&args, "--port", None),
@@ -146,12 +169,13 @@ fn main() {
 /// IPv4 header without options plus the UDP header.
 const UDP_IP_OVERHEAD: usize = 28;
 
-fn udp_send(to: SocketAddr, count: u64, size: usize, gap_us: u64) {
+fn udp_send(to: SocketAddr, count: u64, size: usize, gap_us: u64, from: Option<Ipv4Addr>) {
     if !(UDP_IP_OVERHEAD..=1500).contains(&size) {
         fail(format!("--size {size}: use 28..=1500 IP bytes"));
     }
+    let from = from.unwrap_or(Ipv4Addr::UNSPECIFIED);
     let sock =
-        std::net::UdpSocket::bind(("0.0.0.0", 0)).unwrap_or_else(|e| fail(format!("bind: {e}")));
+        std::net::UdpSocket::bind((from, 0)).unwrap_or_else(|e| fail(format!("bind {from}: {e}")));
     let payload = vec![0x5au8; size - UDP_IP_OVERHEAD];
     for i in 0..count {
         let n = sock
@@ -190,6 +214,87 @@ fn udp_sink(port: u16, out: String, count: u64, timeout_ms: u64) {
     if received < count {
         fail(format!(
             "{received} of {count} datagrams within {timeout_ms} ms"
+        ));
+    }
+}
+
+fn udp_echo(port: u16, out: String, count: u64, timeout_ms: u64) {
+    let deadline = Instant::now() + Duration::from_millis(timeout_ms.max(1));
+    let sock = std::net::UdpSocket::bind(("0.0.0.0", port))
+        .unwrap_or_else(|e| fail(format!("bind port {port}: {e}")));
+    write_atomic(&format!("{out}.ready"), "ready\n");
+    let mut buf = vec![0u8; 65536];
+    let mut echoed = 0u64;
+    let mut peer = None;
+    while echoed < count {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        sock.set_read_timeout(Some(left.min(Duration::from_millis(500))))
+            .unwrap_or_else(|e| fail(format!("timeout: {e}")));
+        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+            peer = Some(from);
+            if sock.send_to(&buf[..n], from).is_ok() {
+                echoed += 1;
+            }
+        }
+    }
+    let peer = peer.map(|p| p.to_string()).unwrap_or_default();
+    let line = format!("echoed={echoed} peer={peer}\n");
+    write_atomic(&out, &line);
+    print!("{line}");
+    if echoed < count {
+        fail(format!(
+            "echoed {echoed} of {count} datagrams within {timeout_ms} ms"
+        ));
+    }
+}
+
+fn udp_rr(to: SocketAddr, count: u64, timeout_ms: u64) {
+    let deadline = Instant::now() + Duration::from_millis(timeout_ms.max(1));
+    let sock =
+        std::net::UdpSocket::bind(("0.0.0.0", 0)).unwrap_or_else(|e| fail(format!("bind: {e}")));
+    sock.connect(to)
+        .unwrap_or_else(|e| fail(format!("connect {to}: {e}")));
+    let mut buf = vec![0u8; 2048];
+    let (mut sent, mut answered) = (0u64, 0u64);
+    'outer: for i in 0..count {
+        let msg = format!("vrt-probe udp-rr {i}");
+        // Each request is sent until answered (at most 5 times, 300 ms apart): the
+        // first one may wait for neighbour resolution on the way.
+        for _ in 0..5 {
+            if Instant::now() >= deadline {
+                break 'outer;
+            }
+            sent += 1;
+            let _ = sock.send(msg.as_bytes());
+            let wait_until = Instant::now() + Duration::from_millis(300);
+            loop {
+                let left = wait_until
+                    .min(deadline)
+                    .saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                sock.set_read_timeout(Some(left))
+                    .unwrap_or_else(|e| fail(format!("timeout: {e}")));
+                match sock.recv(&mut buf) {
+                    Ok(n) if &buf[..n] == msg.as_bytes() => {
+                        answered += 1;
+                        continue 'outer;
+                    }
+                    Ok(_) => continue,
+                    Err(_) => break,
+                }
+            }
+        }
+        break;
+    }
+    println!("sent={sent} answered={answered}");
+    if answered < count {
+        fail(format!(
+            "{answered} of {count} requests answered within {timeout_ms} ms"
         ));
     }
 }
