@@ -354,12 +354,6 @@ fn router_events(mesh: &Mesh, stack: &str, since_ms: u64) -> Vec<vrouter_state::
         .collect()
 }
 
-/// An event that is about the ACL policy (its kind, reason or message say so).
-fn about_acl(e: &vrouter_state::Event) -> bool {
-    let text = format!("{} {} {}", e.kind.as_str(), e.reason, e.message).to_lowercase();
-    text.contains("acl") || text.contains("polic")
-}
-
 fn policy_file(default: &str, rules: &[(&str, &str, &str)]) -> String {
     let mut s = format!("default = \"{default}\"\n");
     for (name, verdict, rule) in rules {
@@ -697,6 +691,7 @@ fn per_rule_counters_match_the_packets_sent() {
         )
     };
     let published_before = acl_published(&mesh);
+    let file_before = acl_in_probes_file(&mesh);
     let k0 = kernel(&mesh);
     // (from, port, datagrams, IP bytes each)
     let flows: [(&str, u16, u64, u64); 3] = [
@@ -736,26 +731,44 @@ fn per_rule_counters_match_the_packets_sent() {
     assert_eq!(k1.1 - k0.1, want(1), "kernel: dropped by no-c");
     assert_eq!(k1.2 - k0.2, want(2), "kernel: dropped by the default");
 
-    // What the router publishes (probes file; discovery's /v1/status and /metrics).
-    let deltas = |now: &BTreeMap<(String, String), Count>| {
-        let d = |rule: &str, verdict: &str| {
-            let key = (rule.to_string(), verdict.to_string());
-            let b = published_before.get(&key).copied().unwrap_or_default();
-            now.get(&key).copied().unwrap_or_default() - b
-        };
-        (d("from-b", "accepted"), d("no-c", "dropped"))
+    // What the router publishes: its probes file, discovery's /v1/status and /metrics.
+    let expect = [
+        ("from-b", "accepted", want(0)),
+        ("no-c", "dropped", want(1)),
+        ("default", "dropped", want(2)),
+        ("from-b", "dropped", Count::default()),
+        ("no-c", "accepted", Count::default()),
+    ];
+    let matches = |before: &BTreeMap<(String, String), Count>,
+                   now: &BTreeMap<(String, String), Count>| {
+        expect.iter().all(|(rule, what, w)| {
+            let key = (rule.to_string(), what.to_string());
+            let b = before.get(&key).copied().unwrap_or_default();
+            now.get(&key).is_some_and(|n| *n - b == *w)
+        })
     };
-    let mut last = BTreeMap::new();
-    let ok = wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
-        last = acl_published(&mesh);
-        deltas(&last) == (want(0), want(1))
-    });
-    assert!(
-        ok,
-        "published counters: {last:#?} (before {published_before:#?}); want from-b accepted {:?}, no-c dropped {:?}",
-        want(0),
-        want(1)
-    );
+    for (source, read) in [
+        (
+            "probes file",
+            acl_in_probes_file as fn(&Mesh) -> BTreeMap<(String, String), Count>,
+        ),
+        ("/v1/status", acl_published),
+    ] {
+        let before = if source == "probes file" {
+            &file_before
+        } else {
+            &published_before
+        };
+        let mut last = BTreeMap::new();
+        let ok = wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
+            last = read(&mesh);
+            matches(before, &last)
+        });
+        assert!(
+            ok,
+            "{source}: counters {last:#?} (before {before:#?}); want these deltas: {expect:?}"
+        );
+    }
     let metrics = http_get(&mesh.topo.host(1).ns, HTTP, "/metrics")
         .unwrap()
         .body;
@@ -793,85 +806,54 @@ fn per_rule_counters_match_the_packets_sent() {
     }
 }
 
-/// Per rule and verdict, the counters discovery's /v1/status shows for stack a:
-/// `acl` rows with `local_stack`, `rule`, `verdict`, `packets`, `bytes`, or a nested
-/// form of the same. Empty when there are none yet.
+/// Per (rule, accepted|dropped), stack a's counters as discovery's /v1/status shows
+/// them (`acl[local_stack = a].rules[]`). Empty when there are none yet.
 fn acl_published(mesh: &Mesh) -> BTreeMap<(String, String), Count> {
-    let mut out = BTreeMap::new();
     let Ok(reply) = http_get(&mesh.topo.host(1).ns, HTTP, "/v1/status") else {
-        return out;
+        return BTreeMap::new();
     };
     let Ok(v) = serde_json::from_str::<serde_json::Value>(&reply.body) else {
-        return out;
+        return BTreeMap::new();
     };
-    collect_acl_rows(&v["acl"], None, &mut out);
-    out
+    let rules = v["acl"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|a| a["local_stack"].as_str() == Some("a"))
+        .map(|a| a["rules"].clone())
+        .unwrap_or_default();
+    acl_rows(&rules)
 }
 
-fn collect_acl_rows(
-    v: &serde_json::Value,
-    stack: Option<&str>,
-    out: &mut BTreeMap<(String, String), Count>,
-) {
-    match v {
-        serde_json::Value::Array(rows) => {
-            for r in rows {
-                collect_acl_rows(r, stack, out);
-            }
+/// The same from stack a's probes file (`acl` rows), as the router wrote it.
+fn acl_in_probes_file(mesh: &Mesh) -> BTreeMap<(String, String), Count> {
+    let path = mesh.state_dir(1).join("probes").join("a.json");
+    let v: serde_json::Value = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    acl_rows(&v["acl"])
+}
+
+/// `[{rule, verdict, accepted_packets, accepted_bytes, dropped_packets, dropped_bytes}]`
+/// as (rule, "accepted"|"dropped") -> counters.
+fn acl_rows(rows: &serde_json::Value) -> BTreeMap<(String, String), Count> {
+    let mut out = BTreeMap::new();
+    for r in rows.as_array().into_iter().flatten() {
+        let Some(rule) = r["rule"].as_str() else {
+            continue;
+        };
+        for what in ["accepted", "dropped"] {
+            out.insert(
+                (rule.to_string(), what.to_string()),
+                Count {
+                    packets: r[format!("{what}_packets")].as_u64().unwrap_or(0),
+                    bytes: r[format!("{what}_bytes")].as_u64().unwrap_or(0),
+                },
+            );
         }
-        serde_json::Value::Object(m) => {
-            let stack = m
-                .get("local_stack")
-                .or_else(|| m.get("stack"))
-                .and_then(|s| s.as_str())
-                .or(stack);
-            if stack != Some("a") && stack.is_some() {
-                return;
-            }
-            if let (Some(rule), Some(verdict)) = (
-                m.get("rule").and_then(|r| r.as_str()),
-                m.get("verdict").and_then(|r| r.as_str()),
-            ) {
-                if let (Some(p), Some(b)) = (
-                    m.get("packets").and_then(|p| p.as_u64()),
-                    m.get("bytes").and_then(|p| p.as_u64()),
-                ) {
-                    out.insert(
-                        (rule.to_string(), verdict.to_string()),
-                        Count {
-                            packets: p,
-                            bytes: b,
-                        },
-                    );
-                    return;
-                }
-            }
-            if let Some(rule) = m.get("rule").and_then(|r| r.as_str()) {
-                for (verdict, pk, bk) in [
-                    ("accepted", "accepted_packets", "accepted_bytes"),
-                    ("dropped", "dropped_packets", "dropped_bytes"),
-                ] {
-                    if let (Some(p), Some(b)) = (
-                        m.get(pk).and_then(|p| p.as_u64()),
-                        m.get(bk).and_then(|p| p.as_u64()),
-                    ) {
-                        out.insert(
-                            (rule.to_string(), verdict.to_string()),
-                            Count {
-                                packets: p,
-                                bytes: b,
-                            },
-                        );
-                    }
-                }
-                return;
-            }
-            for (_, child) in m {
-                collect_acl_rows(child, stack, out);
-            }
-        }
-        _ => {}
     }
+    out
 }
 
 /// What `ip monitor link` in a namespace saw first of the overlay link coming up, and
@@ -998,19 +980,29 @@ fn restarted_router_admits_nothing_before_its_policy() {
     assert_udp(&mesh, "b", "a", 7501);
 }
 
-/// A policy the kernel refuses (the test hook VROUTER_TEST_NFT_REFUSE_FILE exists) leaves
-/// stack a closed: nothing it allows enters, the healthcheck fails, and an event says
-/// why. Once the kernel takes it again (the file removed, SIGHUP), the policy is in.
+/// A policy the kernel refuses (the debug builds' test hook: while the file
+/// VROUTER_TEST_NFT_REFUSE_FILE names exists, policy tables are refused) leaves stack
+/// a closed: nothing enters from the overlay, not even what the policy allows, the
+/// healthcheck fails, and an event says why. Once the kernel takes policies again, a
+/// new policy (the file replaced) goes in and the stack opens.
 #[test]
 fn refused_policy_leaves_the_stack_closed() {
     require_root!();
     let dir = TempDir::new("refuse");
     let refuse = dir.path("refuse");
     std::fs::write(&refuse, "refuse\n").unwrap();
-    let refuse_s = refuse.display().to_string();
+    let path = dir.path("policy.toml");
+    write_file_atomic(
+        &path,
+        policy_file(
+            "deny",
+            &[("udp", "allow", "b:udp/7601"), ("ping", "allow", "b:icmp")],
+        ),
+    )
+    .unwrap();
+    let (refuse_s, file) = (refuse.display().to_string(), path.display().to_string());
     let env = [
-        ("VROUTER_DEFAULT_POLICY", "deny"),
-        ("VROUTER_ALLOW", "b:udp/7601, b:icmp"),
+        ("VROUTER_ACL_FILE", file.as_str()),
         ("VROUTER_TEST_NFT_REFUSE_FILE", refuse_s.as_str()),
     ];
     let since = vrouter_state::now_ms();
@@ -1023,16 +1015,17 @@ fn refused_policy_leaves_the_stack_closed() {
         ],
         &env.map(|(k, v)| ("a", k, v)),
     );
-    // b's side of the path is ready (b routes to a); a may or may not route to b.
+    // b's side of the path is ready (b routes to a).
     assert!(
         mesh.wait_router_routes("b", &["a"], CONVERGE),
         "b never routed to a"
     );
+    let link_up = |mesh: &Mesh| {
+        exec(Some(&mesh.rtr("a").ns), &["ip", "link", "show", "ovl1000"])
+            .is_ok_and(|o| o.success() && o.stdout.contains(",UP"))
+    };
     let closed = wait_until(APPLY, Duration::from_millis(100), || {
-        let t = acl_table(&mesh, "a");
-        t.is_some_and(|t| t.contains("acl closed"))
-            || exec(Some(&mesh.rtr("a").ns), &["ip", "link", "show", "ovl1000"])
-                .is_ok_and(|o| !o.success() || !o.stdout.contains(",UP"))
+        acl_table(&mesh, "a").is_some_and(|t| t.contains("acl closed")) || !link_up(&mesh)
     });
     assert!(
         closed,
@@ -1041,12 +1034,14 @@ fn refused_policy_leaves_the_stack_closed() {
     );
     let mut event = None;
     let said = wait_until(APPLY, Duration::from_millis(200), || {
-        event = router_events(&mesh, "a", since).into_iter().find(about_acl);
+        event = router_events(&mesh, "a", since)
+            .into_iter()
+            .find(|e| e.kind.as_str() == "acl_closed");
         event.is_some()
     });
     assert!(
         said,
-        "no event about the refused policy: {:#?}",
+        "no acl_closed event: {:#?}",
         router_events(&mesh, "a", since)
     );
     println!("event: {:?}", event.unwrap());
@@ -1071,12 +1066,24 @@ fn refused_policy_leaves_the_stack_closed() {
     );
     assert_no_udp(&mesh, "b", "a", 7601);
 
-    // The kernel takes the policy again.
+    // The kernel takes policies again; a new one goes in.
     std::fs::remove_file(&refuse).unwrap();
-    mesh.router("a").kill(libc::SIGHUP).unwrap();
+    write_file_atomic(
+        &path,
+        policy_file(
+            "deny",
+            &[
+                ("udp", "allow", "b:udp/7601"),
+                ("ping", "allow", "b:icmp"),
+                ("tcp", "allow", "b:tcp/7602"),
+            ],
+        ),
+    )
+    .unwrap();
     wait_policy(&mesh, "a");
     mesh.wait_converged(CONVERGE).unwrap();
     assert_udp(&mesh, "b", "a", 7601);
+    assert_tcp(&mesh, "b", "a", 7602);
     assert!(
         pings(&mesh, "b", "a"),
         "ping b -> a after the policy went in"
@@ -1273,9 +1280,11 @@ fn bad_rules_are_refused_and_the_old_policy_stays() {
     .unwrap();
     let mut event = None;
     let said = wait_until(APPLY, Duration::from_millis(200), || {
-        event = router_events(&mesh, "a", since)
-            .into_iter()
-            .find(|e| e.message.contains("oops") || e.message.contains("tcpx"));
+        event = router_events(&mesh, "a", since).into_iter().find(|e| {
+            e.kind.as_str() == "acl_refused"
+                && e.message.contains("oops")
+                && e.message.contains("tcpx")
+        });
         event.is_some()
     });
     assert!(
