@@ -344,6 +344,7 @@ mod tests {
             health: None,
             traffic: Vec::new(),
             events: None,
+            acl: Vec::new(),
         };
         let now = 1_000_000;
         let r = reachability(

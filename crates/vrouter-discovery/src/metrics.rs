@@ -185,6 +185,46 @@ pub fn render(s: &Status, reconcile: Option<&Histogram>) -> String {
         mtu_ok,
     );
 
+    let acl_packets = Family::<Labels, Counter>::default();
+    let acl_bytes = Family::<Labels, Counter>::default();
+    let acl_closed = Family::<Labels, Gauge>::default();
+    for a in &s.acl {
+        for r in &a.rules {
+            for (verdict, packets, bytes) in [
+                ("accepted", r.accepted_packets, r.accepted_bytes),
+                ("dropped", r.dropped_packets, r.dropped_bytes),
+            ] {
+                let labels = l(&[
+                    ("local_stack", a.local_stack.as_str()),
+                    ("rule", &r.rule),
+                    ("verdict", verdict),
+                ]);
+                acl_packets.get_or_create(&labels).inc_by(packets);
+                acl_bytes.get_or_create(&labels).inc_by(bytes);
+            }
+        }
+        if let Some(state) = &a.state {
+            acl_closed
+                .get_or_create(&l(&[("local_stack", a.local_stack.as_str())]))
+                .set(i64::from(state.closed.is_some()));
+        }
+    }
+    reg.register(
+        "vrouter_acl_packets",
+        "Packets per access rule of a local stack: accepted (every packet of the connections the rule admitted) or dropped",
+        acl_packets,
+    );
+    reg.register(
+        "vrouter_acl_bytes",
+        "IP bytes per access rule of a local stack: accepted or dropped",
+        acl_bytes,
+    );
+    reg.register(
+        "vrouter_acl_closed",
+        "1 while a local stack's access policy is not installed and nothing enters it from the overlay",
+        acl_closed,
+    );
+
     if let Some(live) = &s.live {
         let ready = Gauge::<i64>::default();
         ready.set(i64::from(live.ready));
@@ -297,6 +337,27 @@ mod tests {
                 r#"vrouter_peer_mtu_ok{local_stack="a",remote_stack="d"}"#,
                 0.0,
             ),
+            (
+                r#"vrouter_acl_packets_total{local_stack="a",rule="https from b",verdict="accepted"}"#,
+                40.0,
+            ),
+            (
+                r#"vrouter_acl_bytes_total{local_stack="a",rule="https from b",verdict="accepted"}"#,
+                4_000.0,
+            ),
+            (
+                r#"vrouter_acl_packets_total{local_stack="a",rule="default",verdict="dropped"}"#,
+                7.0,
+            ),
+            (
+                r#"vrouter_acl_bytes_total{local_stack="a",rule="default",verdict="dropped"}"#,
+                420.0,
+            ),
+            (
+                r#"vrouter_acl_packets_total{local_stack="c",rule="default",verdict="accepted"}"#,
+                9.0,
+            ),
+            (r#"vrouter_acl_closed{local_stack="a"}"#, 0.0),
             ("vrouter_ready", 1.0),
             (r#"vrouter_reconciles_total{result="ok"}"#, 5.0),
             (r#"vrouter_reconciles_total{result="error"}"#, 2.0),
@@ -320,6 +381,8 @@ mod tests {
             assert_eq!(value(&text, &format!("{m}{stale}")), None, "{m}");
         }
         assert!(!text.contains(r#"remote_stack="d",direction"#), "{text}");
+        // c's policy state is stale: no closed gauge for it.
+        assert_eq!(value(&text, r#"vrouter_acl_closed{local_stack="c"}"#), None);
         assert!(text.contains("# TYPE vrouter_reconcile_duration_seconds histogram"));
         assert!(text.contains("# TYPE vrouter_stack_traffic_bytes counter"));
         assert!(text.ends_with("# EOF\n"));

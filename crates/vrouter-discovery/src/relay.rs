@@ -142,6 +142,7 @@ mod tests {
                 health: None,
                 traffic: vec![],
                 events: Some(events.clone()),
+                acl: vec![],
             };
             std::fs::write(base.join("probes/a.json"), serde_json::to_vec(&f).unwrap()).unwrap();
         };

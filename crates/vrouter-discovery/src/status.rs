@@ -8,7 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use vrouter_state::{
-    DiscoveryFile, HostInfo, PeerOrigin, Prefix, ProbesFile, Refusal, RoutesFile, StackName, Vni,
+    AclHealth, AclRuleCounters, DiscoveryFile, HostInfo, PeerOrigin, Prefix, ProbesFile, Refusal,
+    RoutesFile, StackName, Vni,
 };
 
 /// What the state files cannot tell: known only inside the running daemon.
@@ -52,6 +53,8 @@ pub struct Status {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gossip: Option<GossipCounters>,
     pub traffic: Vec<PeerTraffic>,
+    /// Per local stack, its access policy and the counters of its rules.
+    pub acl: Vec<StackAcl>,
     /// State files that could not be used (e.g. a corrupt routes.json), with the fix.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<String>,
@@ -142,6 +145,17 @@ pub struct PeerTraffic {
     pub tx_packets: Option<u64>,
     pub rx_bytes: Option<u64>,
     pub rx_packets: Option<u64>,
+}
+
+/// One local stack's access policy, from its router's probe file.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StackAcl {
+    pub local_stack: StackName,
+    /// The policy's state at the router's last report, if that report is fresh.
+    pub state: Option<AclHealth>,
+    /// Per rule, packets and bytes accepted and dropped (totals: a stale report's
+    /// still count).
+    pub rules: Vec<AclRuleCounters>,
 }
 
 /// Builds the status. `probes` are the routers' files as read (stale ones included:
@@ -321,6 +335,20 @@ pub fn build(
         }
     }
 
+    let acl = probes
+        .iter()
+        .filter(|f| !f.acl.is_empty() || f.health.as_ref().is_some_and(|h| h.acl.is_some()))
+        .map(|f| StackAcl {
+            local_stack: f.stack.clone(),
+            state: f
+                .health
+                .as_ref()
+                .filter(|_| fresh(f))
+                .and_then(|h| h.acl.clone()),
+            rules: f.acl.clone(),
+        })
+        .collect();
+
     let gossip = discovery.gossip.as_ref().map(|g| {
         let c = |k: &str| g.counters.get(k).copied().unwrap_or(0);
         GossipCounters {
@@ -353,6 +381,7 @@ pub fn build(
         refused: discovery.refused.clone(),
         gossip,
         traffic,
+        acl,
         problems: Vec::new(),
     }
 }
@@ -575,6 +604,55 @@ pub fn render_text(s: &Status) -> String {
         ],
         &rows,
     );
+
+    if !s.acl.is_empty() {
+        out.push_str("\nACCESS\n");
+        for a in &s.acl {
+            let state = match &a.state {
+                None => "no fresh report".to_string(),
+                Some(h) => match &h.closed {
+                    Some(reason) => format!("CLOSED: {reason}"),
+                    None => format!(
+                        "default {}, {} rule(s), generation {}{}",
+                        h.default,
+                        h.rules,
+                        h.generation,
+                        match &h.refused {
+                            Some(e) => format!("; last change refused: {e}"),
+                            None => String::new(),
+                        }
+                    ),
+                },
+            };
+            let _ = writeln!(out, "{}: {state}", a.local_stack);
+        }
+        let rows: Vec<Vec<String>> = s
+            .acl
+            .iter()
+            .flat_map(|a| {
+                a.rules.iter().map(|r| {
+                    vec![
+                        a.local_stack.to_string(),
+                        r.rule.clone(),
+                        r.verdict.clone(),
+                        format!("{}/{}", r.accepted_bytes, r.accepted_packets),
+                        format!("{}/{}", r.dropped_bytes, r.dropped_packets),
+                    ]
+                })
+            })
+            .collect();
+        table(
+            &mut out,
+            &[
+                "STACK",
+                "RULE",
+                "VERDICT",
+                "ACCEPTED BYTES/PKTS",
+                "DROPPED BYTES/PKTS",
+            ],
+            &rows,
+        );
+    }
 
     if let Some(g) = &s.gossip {
         let rejected: Vec<String> = g.rejected.iter().map(|(k, v)| format!("{k} {v}")).collect();
@@ -857,6 +935,12 @@ pub(crate) mod tests {
                 last_error: Some("route 10.4.0.0/24: network unreachable".into()),
                 traffic_error: None,
                 reconciled_ms: None,
+                acl: Some(AclHealth {
+                    default: "deny".into(),
+                    rules: 1,
+                    generation: 3,
+                    ..AclHealth::default()
+                }),
             }),
             traffic: vec![StackTraffic {
                 stack: name("b"),
@@ -866,6 +950,24 @@ pub(crate) mod tests {
                 rx_packets: 20,
             }],
             events: None,
+            acl: vec![
+                AclRuleCounters {
+                    rule: "https from b".into(),
+                    verdict: "allow".into(),
+                    accepted_packets: 40,
+                    accepted_bytes: 4_000,
+                    dropped_packets: 0,
+                    dropped_bytes: 0,
+                },
+                AclRuleCounters {
+                    rule: "default".into(),
+                    verdict: "deny".into(),
+                    accepted_packets: 0,
+                    accepted_bytes: 0,
+                    dropped_packets: 7,
+                    dropped_bytes: 420,
+                },
+            ],
         };
         let mut c_peer = peer("b", 2, H2);
         c_peer.srtt_us = Some(100);
@@ -884,9 +986,22 @@ pub(crate) mod tests {
                 last_error: None,
                 traffic_error: None,
                 reconciled_ms: None,
+                acl: Some(AclHealth {
+                    default: "allow".into(),
+                    closed: Some("old news".into()),
+                    ..AclHealth::default()
+                }),
             }),
             traffic: vec![],
             events: None,
+            acl: vec![AclRuleCounters {
+                rule: "default".into(),
+                verdict: "allow".into(),
+                accepted_packets: 9,
+                accepted_bytes: 900,
+                dropped_packets: 0,
+                dropped_bytes: 0,
+            }],
         };
         vec![a, c]
     }
@@ -993,6 +1108,55 @@ pub(crate) mod tests {
         assert!(!cb.reachable);
         assert_eq!(cb.remote_host, Some(H2));
         assert_eq!((cb.rtt_us, cb.loss, cb.mtu_ok), (None, None, None));
+    }
+
+    #[test]
+    fn access_policy_and_counters_per_local_stack() {
+        let s = build(&discovery(), Some(&routes()), &probes(), None, NOW);
+        assert_eq!(s.acl.len(), 2);
+        let a = &s.acl[0];
+        assert_eq!(a.local_stack, name("a"));
+        let state = a.state.as_ref().unwrap();
+        assert_eq!(
+            (state.default.as_str(), state.rules, state.generation),
+            ("deny", 1, 3)
+        );
+        assert_eq!(a.rules[1].dropped_packets, 7);
+        // c's report is stale: its state says nothing now, its counters still count.
+        let c = &s.acl[1];
+        assert_eq!(c.state, None);
+        assert_eq!(c.rules[0].accepted_packets, 9);
+        // A router without a policy report has no row.
+        let mut p = probes();
+        for f in &mut p {
+            f.acl.clear();
+            f.health.as_mut().unwrap().acl = None;
+        }
+        assert!(build(&discovery(), Some(&routes()), &p, None, NOW)
+            .acl
+            .is_empty());
+
+        let text = render_text(&s);
+        for needle in [
+            "ACCESS",
+            "a: default deny, 1 rule(s), generation 3",
+            "c: no fresh report",
+            "https from b",
+            "4000/40",
+            "420/7",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing in:\n{text}");
+        }
+        let json: serde_json::Value = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["acl"][0]["local_stack"], "a");
+        assert_eq!(json["acl"][0]["rules"][0]["rule"], "https from b");
+        assert_eq!(json["acl"][0]["state"]["default"], "deny");
+
+        // Closed, fresh: said so.
+        let mut p = probes();
+        p[0].health.as_mut().unwrap().acl.as_mut().unwrap().closed = Some("EPERM".into());
+        let text = render_text(&build(&discovery(), Some(&routes()), &p, None, NOW));
+        assert!(text.contains("a: CLOSED: EPERM"), "{text}");
     }
 
     #[test]

@@ -33,15 +33,16 @@ mod links;
 mod neigh;
 mod netns;
 mod nexthop;
-mod nft;
+pub mod nft;
 mod routes;
 mod rules;
 
 pub use error::KernelError;
 pub use netns::VethPort;
 pub use nft::{
-    CounterDump, CounterReading, Direction, Nft, PrefixCounter, RuleReading, SetReading, Slot,
-    MAX_OWNER_LEN,
+    AddrField, BaseHook, ChainSpec, CounterDump, CounterReading, Direction, Ipv4Range,
+    MarkCounterReading, Match, Nft, PrefixCounter, RuleCounterReading, RuleReading, RuleSpec,
+    RuleVerdict, SetElements, SetReading, SetSpec, Slot, TableSpec, MAX_COMMENT_LEN, MAX_OWNER_LEN,
 };
 
 use error::{classify, Context};

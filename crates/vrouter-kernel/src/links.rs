@@ -123,6 +123,16 @@ impl Kernel {
         ))
     }
 
+    /// Takes a link down (the router holds its overlay link down when it cannot
+    /// install even its closed access table).
+    pub async fn set_down(&self, index: u32) -> Result<()> {
+        let message = LinkUnspec::new_with_index(index).down().build();
+        match self.set_link(message).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.link_failure("set link down", index, e).await),
+        }
+    }
+
     /// Sets a link's alias (IFLA_IFALIAS, at most 255 bytes).
     pub async fn set_alias(&self, index: u32, alias: &str) -> Result<()> {
         let message = LinkUnspec::new_with_index(index)

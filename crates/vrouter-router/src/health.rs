@@ -204,6 +204,25 @@ pub fn loop_verdict(
     }
 }
 
+/// Whether the access policy is in force, from the router's probes file: while it
+/// is closed (the policy could not be installed, nothing enters from the overlay)
+/// the router is unhealthy. No file, or a router without a policy report, says
+/// nothing. Pure.
+pub fn acl_verdict(own: Option<&vrouter_state::ProbesFile>) -> Result<(), String> {
+    let Some(acl) = own
+        .and_then(|f| f.health.as_ref())
+        .and_then(|h| h.acl.as_ref())
+    else {
+        return Ok(());
+    };
+    match &acl.closed {
+        Some(reason) => Err(format!(
+            "access policy not in force, nothing enters the stack from the overlay: {reason}"
+        )),
+        None => Ok(()),
+    }
+}
+
 /// `vrouter-router healthcheck`, run in the router's namespace (the image's
 /// HEALTHCHECK): reads routes.json and the kernel itself, never the daemon's files.
 pub async fn healthcheck(settings: &Settings) -> Result<String, String> {
@@ -235,6 +254,7 @@ pub async fn healthcheck(settings: &Settings) -> Result<String, String> {
                 vrouter_state::now_ms(),
                 settings.reconcile_interval,
             )
+            .and_then(|()| acl_verdict(probes.as_ref()))
             .and_then(|()| verdict(&own, routes, &overlay, &ifname, &observed)),
         )
     };
@@ -450,6 +470,34 @@ mod tests {
     }
 
     #[test]
+    fn a_closed_access_policy_fails_the_healthcheck() {
+        let mut file: vrouter_state::ProbesFile = serde_json::from_str(
+            r#"{"schema":1,"generation":1,"stack":"a","updated_ms":1,"interval_ms":1000,"peers":[],
+                "health":{"routes_desired":0,"routes_installed":0,"drift_repaired":0,"overlay_link_up":true}}"#,
+        )
+        .unwrap();
+        assert_eq!(acl_verdict(None), Ok(()));
+        assert_eq!(acl_verdict(Some(&file)), Ok(()), "no policy report");
+        let acl = vrouter_state::AclHealth {
+            default: "deny".into(),
+            rules: 2,
+            generation: 4,
+            ..Default::default()
+        };
+        file.health.as_mut().unwrap().acl = Some(acl.clone());
+        assert_eq!(acl_verdict(Some(&file)), Ok(()));
+        file.health.as_mut().unwrap().acl = Some(vrouter_state::AclHealth {
+            closed: Some("the kernel refused the table (EINVAL)".into()),
+            ..acl
+        });
+        let e = acl_verdict(Some(&file)).unwrap_err();
+        assert_eq!(
+            e,
+            "access policy not in force, nothing enters the stack from the overlay: the kernel refused the table (EINVAL)"
+        );
+    }
+
+    #[test]
     fn a_stuck_loop_or_a_silent_daemon_fails_the_healthcheck() {
         let interval = std::time::Duration::from_secs(2);
         let now = 1_700_000_100_000u64;
@@ -468,9 +516,11 @@ mod tests {
                 last_error: None,
                 traffic_error: None,
                 reconciled_ms,
+                acl: None,
             }),
             traffic: Vec::new(),
             events: None,
+            acl: Vec::new(),
         };
         assert_eq!(loop_verdict(None, now, interval), Ok(()));
         assert_eq!(

@@ -36,6 +36,7 @@
 //! [`link`] and [`traffic`]'s `TrafficCounters` are the only code that touches the
 //! kernel.
 
+pub mod access;
 pub mod acl;
 pub mod apply;
 pub mod attach;
@@ -63,6 +64,8 @@ pub enum Command {
     Healthcheck,
     Status {
         json: bool,
+        /// `--explain SRC [PROTO[/PORT]]`: which access rule decides, and why.
+        explain: Option<status::ExplainQuery>,
     },
     Version,
     Help,
@@ -72,17 +75,34 @@ impl Command {
     /// Parses the arguments after the program name.
     pub fn parse(args: &[String]) -> Result<Command, String> {
         const USE: &str =
-            "use leave, healthcheck, status [--json], --version or --help (settings come from the environment)";
+            "use leave, healthcheck, status [--json] [--explain SRC [PROTO[/PORT]]], --version or --help (settings come from the environment)";
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         match args.as_slice() {
             [] | ["run"] => Ok(Command::Run),
             ["leave"] => Ok(Command::Leave),
             ["healthcheck"] | ["health"] => Ok(Command::Healthcheck),
-            ["status"] => Ok(Command::Status { json: false }),
-            ["status", "--json"] => Ok(Command::Status { json: true }),
+            ["status", rest @ ..] => {
+                let (json, rest) = match rest {
+                    ["--json", rest @ ..] => (true, rest),
+                    rest => (false, rest),
+                };
+                let explain = match rest {
+                    [] => None,
+                    ["--explain", source] => Some(status::ExplainQuery::parse(source, None)?),
+                    ["--explain", source, service] => {
+                        Some(status::ExplainQuery::parse(source, Some(service))?)
+                    }
+                    ["--explain", ..] => {
+                        return Err(format!(
+                            "--explain takes a source address and optionally PROTO[/PORT], e.g. --explain 10.2.0.5 tcp/443; {USE}"
+                        ))
+                    }
+                    [other, ..] => return Err(format!("unknown status option {other:?}; {USE}")),
+                };
+                Ok(Command::Status { json, explain })
+            }
             ["--version" | "-V" | "version"] => Ok(Command::Version),
             ["--help" | "-h" | "help"] => Ok(Command::Help),
-            ["status", other] => Err(format!("unknown status option {other:?}; {USE}")),
             [other] => Err(format!("unknown argument {other:?}; {USE}")),
             _ => Err(format!("unexpected arguments ({}); {USE}", args.join(" "))),
         }
@@ -97,11 +117,13 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// `vrouter-router`: lower privileges, then run until SIGTERM/SIGINT.
-pub fn main_run(settings: Settings) -> anyhow::Result<()> {
+/// `vrouter-router`: lower privileges, then run until SIGTERM/SIGINT. `policy` is
+/// the access policy the settings give, read by the caller (a bad one stops the
+/// router before it starts).
+pub fn main_run(settings: Settings, policy: acl::Policy) -> anyhow::Result<()> {
     // Before any other thread exists: capability sets are per thread.
     caps::restrict(settings.allow_extra_caps)?;
-    runtime()?.block_on(run::run(settings))
+    runtime()?.block_on(run::run(settings, policy))
 }
 
 /// `vrouter-router leave`.
@@ -127,8 +149,31 @@ pub fn main_healthcheck(settings: Settings) -> anyhow::Result<()> {
 }
 
 /// `vrouter-router status [--json]`: this stack's probes file as a table or JSON.
-pub fn main_status(settings: Settings, json: bool) -> anyhow::Result<()> {
+/// With `--explain`, the verdict of the policy the settings give (as the daemon
+/// reads them) on one new connection, with the stacks of routes.json.
+pub fn main_status(
+    settings: Settings,
+    json: bool,
+    explain: Option<status::ExplainQuery>,
+) -> anyhow::Result<()> {
     let state = StateDir::open_readonly(&settings.state_dir)?;
+    if let Some(query) = explain {
+        let policy = settings.acl.policy()?;
+        let routes = state.read_routes().ok();
+        let remote = routes
+            .as_ref()
+            .and_then(|r| r.stacks.get(&settings.stack))
+            .map(|s| s.routes.clone())
+            .unwrap_or_default();
+        let own = settings.prefixes.clone();
+        let e = status::explain(&policy, &remote, own.as_deref(), routes.is_some(), &query);
+        if json {
+            println!("{}", serde_json::to_string_pretty(&e)?);
+        } else {
+            print!("{}", status::render_explanation(&e));
+        }
+        return Ok(());
+    }
     let Some(file) = state
         .read_all_probes()
         .into_iter()
@@ -164,11 +209,41 @@ mod tests {
         assert_eq!(parse(&["leave"]), Ok(Command::Leave));
         assert_eq!(parse(&["healthcheck"]), Ok(Command::Healthcheck));
         assert_eq!(parse(&["health"]), Ok(Command::Healthcheck));
-        assert_eq!(parse(&["status"]), Ok(Command::Status { json: false }));
+        assert_eq!(
+            parse(&["status"]),
+            Ok(Command::Status {
+                json: false,
+                explain: None
+            })
+        );
         assert_eq!(
             parse(&["status", "--json"]),
-            Ok(Command::Status { json: true })
+            Ok(Command::Status {
+                json: true,
+                explain: None
+            })
         );
+        let q = |s: &str, svc: Option<&str>| Some(status::ExplainQuery::parse(s, svc).unwrap());
+        assert_eq!(
+            parse(&["status", "--explain", "10.2.0.5", "tcp/443"]),
+            Ok(Command::Status {
+                json: false,
+                explain: q("10.2.0.5", Some("tcp/443"))
+            })
+        );
+        assert_eq!(
+            parse(&["status", "--json", "--explain", "10.2.0.5"]),
+            Ok(Command::Status {
+                json: true,
+                explain: q("10.2.0.5", None)
+            })
+        );
+        assert!(parse(&["status", "--explain"])
+            .unwrap_err()
+            .contains("--explain 10.2.0.5 tcp/443"));
+        assert!(parse(&["status", "--explain", "web"])
+            .unwrap_err()
+            .contains("IPv4 address"));
         assert_eq!(parse(&["--version"]), Ok(Command::Version));
         assert_eq!(parse(&["-h"]), Ok(Command::Help));
         assert!(parse(&["--stack=a"]).unwrap_err().contains("environment"));

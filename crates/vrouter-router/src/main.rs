@@ -31,10 +31,20 @@ fn main() -> ExitCode {
         }
     };
     let result = match command {
-        Command::Run => vrouter_router::main_run(settings),
+        Command::Run => {
+            // A bad policy at start is an error, not an open door.
+            let policy = match settings.acl.policy() {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("vrouter-router: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            vrouter_router::main_run(settings, policy)
+        }
         Command::Leave => vrouter_router::main_leave(settings),
         Command::Healthcheck => vrouter_router::main_healthcheck(settings),
-        Command::Status { json } => vrouter_router::main_status(settings, json),
+        Command::Status { json, explain } => vrouter_router::main_status(settings, json, explain),
         Command::Version | Command::Help => unreachable!("handled above"),
     };
     match result {

@@ -704,6 +704,8 @@ pub struct ProbeConfig {
     /// When the router's loop last completed a reconcile (ms since the epoch, 0 before
     /// the first), written as `RouterHealth::reconciled_ms`.
     pub loop_heartbeat: Option<Arc<AtomicU64>>,
+    /// The access rules' counters to put in the file (`ProbesFile::acl`).
+    pub acl: Option<watch::Receiver<Vec<vrouter_state::AclRuleCounters>>>,
 }
 
 /// The probe task: answers probes, probes the remote routers in `peers`, checks their
@@ -1059,6 +1061,12 @@ impl ProbeTask {
             traffic: traffic.map(|t| t.stacks).unwrap_or_default(),
             // Filled in by StateDir::write_probes from the router's events.
             events: None,
+            acl: self
+                .config
+                .acl
+                .as_ref()
+                .map(|a| a.borrow().clone())
+                .unwrap_or_default(),
         };
         self.policy.written(now_us);
         let state = Arc::clone(&self.state);
@@ -1624,6 +1632,7 @@ mod tests {
             interval: Duration::from_millis(50),
             traffic: None,
             loop_heartbeat: None,
+            acl: None,
         };
         let (a_tx, a_rx) = watch::channel(BTreeSet::from([
             router("127.77.0.2", "b", "192.168.0.2"),
@@ -1641,6 +1650,7 @@ mod tests {
                     last_error: None,
                     traffic_error: None,
                     reconciled_ms: None,
+                    acl: None,
                 },
                 overlay_mtu: Some(1400),
             })
@@ -1768,6 +1778,7 @@ mod tests {
                 last_error: None,
                 traffic_error: None,
                 reconciled_ms: None,
+                acl: None,
             },
             overlay_mtu: Some(1400),
         }));
@@ -1778,6 +1789,7 @@ mod tests {
             interval: Duration::from_millis(50),
             traffic: Some(traffic_rx),
             loop_heartbeat: None,
+            acl: None,
         };
         let task = tokio::spawn(run(config, peers_rx, health_rx));
         let state = StateDir::open_readonly(&dir).unwrap();

@@ -1,6 +1,8 @@
 //! The router's event loop: routes.json changes, the reconcile timer, messages from
 //! discovery, probe results and signals, one at a time on one task.
 
+use crate::access::{self, Access, Enforcer, Surround};
+use crate::acl::Policy;
 use crate::apply;
 use crate::attach::{self, DiscoveryConn, Phase, RECONNECT_MIN, REFUSED_RETRY, REPLY_TIMEOUT};
 use crate::desired::{
@@ -11,7 +13,7 @@ use crate::health::{check_routes, RouteCheck};
 use crate::link::{self, OverlayLink, Surroundings};
 use crate::overlay_probe::{self, HealthReport, ProbeConfig};
 use crate::probe::{self, ProbeResult, ProbeTracker, PROBE_INTERVAL};
-use crate::settings::Settings;
+use crate::settings::{AclSettings, Settings};
 use crate::traffic::{self, TrafficCounters};
 use anyhow::Context;
 use std::collections::BTreeSet;
@@ -24,7 +26,10 @@ use tokio::sync::{mpsc, watch};
 use vrouter_kernel::Kernel;
 use vrouter_state::attach::DiscoveryMessage;
 use vrouter_state::EventKind;
-use vrouter_state::{now_ms, Event, Mac, RouterHealth, StackSpec, StateDir, ROUTES_FILE};
+use vrouter_state::{
+    now_ms, AclRuleCounters, Event, Mac, RemoteRoute, RouterHealth, StackSpec, StateDir,
+    ROUTES_FILE,
+};
 
 /// Why a reconcile runs; only the timer finds drift (the others bring new intent).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,11 +71,16 @@ pub struct Router {
     traffic: TrafficCounters,
     /// When the last reconcile completed (ms since the epoch), for the healthcheck.
     heartbeat: Arc<AtomicU64>,
+    /// Access control: the policy in the kernel (issue 14).
+    access: Access<Box<dyn Enforcer>>,
+    acl_settings: AclSettings,
+    /// The rules' counters, published to the probe task.
+    acl_counters: watch::Sender<Vec<AclRuleCounters>>,
 }
 
 /// Runs the router until SIGTERM or SIGINT. Neither sends Leave: Docker sends SIGTERM
 /// on every restart, and the kernel state should outlive this process.
-pub async fn run(settings: Settings) -> anyhow::Result<()> {
+pub async fn run(settings: Settings, policy: Policy) -> anyhow::Result<()> {
     let kernel = Kernel::connect()
         .await
         .context("opening the routing netlink socket")?;
@@ -118,8 +128,33 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         events.emit(EventKind::StackMacUnchanged, message);
     }
 
+    // The access policy goes into the kernel before the router registers: the
+    // overlay link comes up (link::adopt) only once it is there.
+    let overlay_name = settings.overlay_ifname();
+    let remote = state
+        .read_routes()
+        .ok()
+        .and_then(|f| accepted_remote(&spec, &f))
+        .unwrap_or_default();
+    let surround = Surround {
+        local: spec.prefixes.clone(),
+        overlay_ifname: overlay_name.clone(),
+        remote,
+    };
+    let (access, acl_events) = Access::start(policy, surround, access::start_enforcer);
+    for (kind, message) in acl_events {
+        tracing::warn!("{message}");
+        events.emit(kind, message);
+    }
+
     let (file_tx, mut file_rx) = mpsc::unbounded_channel::<()>();
-    let _watcher = watch_routes(&settings.state_dir, file_tx);
+    let _watcher = watch_files(&settings.state_dir, ROUTES_FILE.as_ref(), file_tx);
+    let (acl_file_tx, mut acl_file_rx) = mpsc::unbounded_channel::<()>();
+    let _acl_watcher = settings.acl.file.as_deref().and_then(|path| {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty())?;
+        watch_files(dir, path.file_name()?, acl_file_tx)
+    });
+    let (acl_counters, acl_counters_rx) = watch::channel(Vec::new());
 
     let (peers_tx, peers_rx) = watch::channel(BTreeSet::new());
     let (probe_tx, mut probe_rx) = mpsc::channel::<ProbeResult>(64);
@@ -137,11 +172,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         interval: overlay_probe::PROBE_INTERVAL,
         traffic: Some(traffic_rx),
         loop_heartbeat: Some(heartbeat.clone()),
+        acl: Some(acl_counters_rx),
     };
 
     let mut router = Router {
         source: format!("router/{}", spec.name),
-        overlay_name: settings.overlay_ifname(),
+        overlay_name,
         mac: spec.router_mac(),
         probe_path,
         socket_path: state.socket_path(),
@@ -162,9 +198,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         remote_routers: remote_tx,
         traffic,
         heartbeat,
+        access,
+        acl_settings: settings.acl.clone(),
+        acl_counters,
     };
+    router.hold_link().await;
 
     let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut timer = tokio::time::interval(settings.reconcile_interval);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -193,8 +234,18 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 while file_rx.try_recv().is_ok() {}
                 router.reconcile(Trigger::RoutesChanged).await;
             }
+            Some(()) = acl_file_rx.recv() => {
+                // An editor's or a deploy tool's burst (write, rename) is one change.
+                tokio::time::sleep(ACL_FILE_SETTLE).await;
+                while acl_file_rx.try_recv().is_ok() {}
+                router.reload_acl("the policy file changed");
+            }
+            _ = sighup.recv() => router.reload_acl("SIGHUP"),
             _ = timer.tick() => router.tick().await,
-            _ = traffic_timer.tick() => router.traffic.read(),
+            _ = traffic_timer.tick() => {
+                router.traffic.read();
+                router.read_acl();
+            }
             msg = attach::recv(socket), if connected => router.on_message(msg).await,
             _ = tokio::time::sleep_until(retry_at), if !connected => router.connect().await,
             Some(result) = probe_rx.recv() => router.on_probe(result),
@@ -215,12 +266,18 @@ async fn test_stall() {
     }
 }
 
-/// Watches the state directory (a rename replaces routes.json's inode, so watching
-/// the file would go deaf after the first write) and signals changes to routes.json.
-fn watch_routes(
+/// How long a change to the policy file settles before it is read: an editor's or a
+/// deploy tool's writes and rename arrive as one burst.
+const ACL_FILE_SETTLE: Duration = Duration::from_millis(20);
+
+/// Watches a directory (a rename replaces a file's inode, so watching the file would
+/// go deaf after the first write) and signals changes to the file `name` in it.
+fn watch_files(
     dir: &std::path::Path,
+    name: &std::ffi::OsStr,
     tx: mpsc::UnboundedSender<()>,
 ) -> Option<notify::RecommendedWatcher> {
+    let name = name.to_owned();
     use notify::{RecursiveMode, Watcher};
     let handler = move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res {
@@ -237,7 +294,7 @@ fn watch_routes(
                 && ev
                     .paths
                     .iter()
-                    .any(|p| p.file_name().is_some_and(|n| n == ROUTES_FILE))
+                    .any(|p| p.file_name().is_some_and(|n| n == name))
             {
                 let _ = tx.send(());
             }
@@ -250,7 +307,7 @@ fn watch_routes(
     match watcher {
         Ok(w) => Some(w),
         Err(e) => {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the state directory; relying on the reconcile timer (raise fs.inotify.max_user_instances?)");
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the directory; relying on the reconcile timer for routes.json and on SIGHUP for the policy file (raise fs.inotify.max_user_instances?)");
             None
         }
     }
@@ -342,9 +399,17 @@ impl Router {
     }
 
     async fn tick(&mut self) {
+        if self.access.link_blocked().is_some() {
+            let events = self.access.retry(access::start_enforcer);
+            self.emit_all(events);
+        }
+        self.hold_link().await;
         let overlay = self.overlay().await;
         match self.discovery.phase {
-            Phase::Registered if overlay.index().is_none() => {
+            // A link held down for the access policy is not one to replace.
+            Phase::Registered
+                if overlay.index().is_none() && self.access.link_blocked().is_none() =>
+            {
                 tracing::info!("asking discovery for a new overlay link");
                 self.register(true).await;
             }
@@ -406,6 +471,7 @@ impl Router {
                 match link::adopt(&self.kernel, &ifname, &self.overlay_name, self.mac, mtu).await {
                     Ok(index) => {
                         tracing::info!(%ifname, link = %self.overlay_name, index, mtu, "overlay link attached");
+                        self.hold_link().await;
                         self.reconcile(Trigger::Attached).await;
                     }
                     Err(e) => {
@@ -455,9 +521,76 @@ impl Router {
             .as_ref()
             .err()
             .map(|e| format!("{e}; the last good routes stay in force"));
+        // The access rules follow the stacks' prefixes (those the router accepts).
+        let remote = read
+            .as_ref()
+            .ok()
+            .and_then(|f| accepted_remote(&self.spec, f));
         for (kind, message) in self.intent.absorb(&self.spec, read) {
             tracing::warn!("{message}");
             self.event(kind, message);
+        }
+        if let Some(remote) = remote {
+            let events = self.access.set_remote(remote);
+            self.emit_all(events);
+        }
+    }
+
+    fn emit_all(&self, events: access::Events) {
+        for (kind, message) in events {
+            if kind == vrouter_state::EventKind::AclInstalled {
+                tracing::info!("{message}");
+            } else {
+                tracing::warn!("{message}");
+            }
+            self.event(kind, message);
+        }
+    }
+
+    /// Reads the policy from the settings again and installs it; a bad one is
+    /// reported and the old one stays.
+    fn reload_acl(&mut self, why: &str) {
+        tracing::info!("{why}: reading the access policy again");
+        let events = self.access.reload(self.acl_settings.policy());
+        self.emit_all(events);
+    }
+
+    /// The access counters (the traffic timer): published for the probes file, drop
+    /// summaries written as events.
+    fn read_acl(&mut self) {
+        let events = self.access.read(now_ms());
+        self.emit_all(events);
+        let counters = self.access.counters();
+        self.acl_counters.send_if_modified(|current| {
+            if current.as_slice() != counters {
+                *current = counters.to_vec();
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Keeps the overlay link down while no access table can be installed, and
+    /// brings it back up once one is.
+    async fn hold_link(&mut self) {
+        let Ok(Some(link)) = self.kernel.link_by_name(&self.overlay_name).await else {
+            return;
+        };
+        let blocked = self.access.link_blocked().is_some();
+        let result = match (blocked, link.up) {
+            (true, true) => {
+                tracing::error!(link = %self.overlay_name, "holding the overlay link down: no access table is in force");
+                self.kernel.set_down(link.index).await
+            }
+            (false, false) if link.mac == Some(self.mac) => {
+                tracing::info!(link = %self.overlay_name, "access table in force: bringing the overlay link up");
+                self.kernel.set_up(link.index).await
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = result {
+            tracing::warn!(link = %self.overlay_name, error = %e, "cannot set the overlay link's state");
         }
     }
 
@@ -601,6 +734,7 @@ impl Router {
                 last_error: error.or_else(|| self.routes_error.clone()),
                 traffic_error: None,
                 reconciled_ms: None,
+                acl: Some(self.access.health()),
             },
             overlay_mtu: link.mtu(),
         };
@@ -646,6 +780,25 @@ impl Router {
             }
         });
     }
+}
+
+/// The remote routes of `own`'s entry in `file` that the router accepts (see
+/// [`crate::desired::compute`]); None when the file does not list the stack.
+fn accepted_remote(own: &StackSpec, file: &vrouter_state::RoutesFile) -> Option<Vec<RemoteRoute>> {
+    let crate::desired::Computed::Listed { desired, .. } = crate::desired::compute(own, file)
+    else {
+        return None;
+    };
+    let entry = file.stacks.get(&own.name)?;
+    let mut remote: Vec<RemoteRoute> = entry
+        .routes
+        .iter()
+        .filter(|r| desired.routes.get(&r.prefix) == Some(&r.via))
+        .cloned()
+        .collect();
+    remote.sort();
+    remote.dedup();
+    Some(remote)
 }
 
 /// Logs a plan: each change when there are few, else a count per kind (each change

@@ -3,8 +3,9 @@
 //! root; the defaults that depend on the namespace's interfaces are resolved by
 //! [`resolve_router_ip`] and [`connected_prefixes`] from plain kernel dumps.
 
+use crate::acl::{self, Policy, PolicyError};
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use vrouter_kernel::{Address, Link};
 use vrouter_state::{Prefix, StackName, Vni};
@@ -31,7 +32,11 @@ USAGE:
     vrouter-router status [--json]
                               this stack's overlay link, routes, and each remote
                               router's reachability, RTT, loss, MTU check and
-                              traffic (from probes/<stack>.json)
+                              traffic, and the access rules' counters (from
+                              probes/<stack>.json)
+    vrouter-router status --explain SRC [PROTO[/PORT]]
+                              which access rule decides a new connection from
+                              SRC (e.g. 10.2.0.5 tcp/443), and why
     vrouter-router --version  print the version
     vrouter-router --help     print this text
 
@@ -50,6 +55,12 @@ SETTINGS (environment):
                                    (default 2000)
     VROUTER_ALLOW_EXTRA_CAPS       1/true to run with a bounding set wider than
                                    CAP_NET_ADMIN (the all-in-one image sets it)
+    VROUTER_DEFAULT_POLICY         allow (default) or deny: new connections from
+                                   the overlay that no rule covers
+    VROUTER_ALLOW                  who may enter, e.g. web:tcp/443, ops,
+                                   10.9.0.0/16:udp/53, any:icmp
+    VROUTER_ACL_FILE               the same rules in TOML, with names and deny
+                                   rules; reloaded on change and SIGHUP
     RUST_LOG                       log filter (default info)
 
 The container needs cap_drop: [ALL], cap_add: [NET_ADMIN], and the sysctls
@@ -76,6 +87,65 @@ pub struct Settings {
     pub router_ip: Option<Ipv4Addr>,
     pub reconcile_interval: Duration,
     pub allow_extra_caps: bool,
+    /// Who may enter the stack from the overlay (issue 14).
+    pub acl: AclSettings,
+}
+
+/// The access-control settings as given; [`AclSettings::policy`] reads the file and
+/// makes the policy. The list and the default are checked when the settings are
+/// parsed, so a bad one stops the router at start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AclSettings {
+    /// `VROUTER_DEFAULT_POLICY`.
+    pub default: Option<String>,
+    /// `VROUTER_ALLOW`.
+    pub allow: Option<String>,
+    /// `VROUTER_ACL_FILE`.
+    pub file: Option<PathBuf>,
+}
+
+/// Largest policy file read (a 1,000-rule file is about 50 KiB).
+pub const MAX_ACL_FILE_BYTES: u64 = 4 << 20;
+
+impl AclSettings {
+    /// The policy: the settings with the file's contents as they are now. Err is one
+    /// line naming the setting, the rule and the fix.
+    pub fn policy(&self) -> Result<Policy, PolicyError> {
+        let text = self.file.as_deref().map(read_acl_file).transpose()?;
+        self.policy_with(text.as_deref())
+    }
+
+    /// The policy with `text` as the file's contents (pure).
+    pub fn policy_with(&self, text: Option<&str>) -> Result<Policy, PolicyError> {
+        acl::from_settings(
+            self.default.as_deref(),
+            self.allow.as_deref(),
+            self.file.as_deref().zip(text),
+        )
+    }
+}
+
+fn read_acl_file(path: &Path) -> Result<String, PolicyError> {
+    use std::io::Read;
+    let fail = |e: &dyn std::fmt::Display| {
+        PolicyError(format!(
+            "VROUTER_ACL_FILE {}: cannot read it ({e}); mount the file into the router container, or unset VROUTER_ACL_FILE",
+            path.display()
+        ))
+    };
+    let file = std::fs::File::open(path).map_err(|e| fail(&e))?;
+    let mut text = String::new();
+    file.take(MAX_ACL_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| fail(&e))?;
+    if text.len() as u64 > MAX_ACL_FILE_BYTES {
+        return Err(PolicyError(format!(
+            "VROUTER_ACL_FILE {}: larger than {} MiB; a policy of thousands of rules is far smaller, so check that this is the policy file",
+            path.display(),
+            MAX_ACL_FILE_BYTES >> 20
+        )));
+    }
+    Ok(text)
 }
 
 impl Settings {
@@ -163,6 +233,14 @@ impl Settings {
                 }
             },
         };
+        let acl = AclSettings {
+            default: get("VROUTER_DEFAULT_POLICY"),
+            allow: get("VROUTER_ALLOW"),
+            file: get("VROUTER_ACL_FILE").map(|v| PathBuf::from(v.trim())),
+        };
+        // The list and the default now; the file when the router starts (and on
+        // every reload), since it may change.
+        acl.policy_with(None).map_err(|e| SettingsError(e.0))?;
         Ok(Settings {
             stack,
             vni,
@@ -171,6 +249,7 @@ impl Settings {
             router_ip,
             reconcile_interval,
             allow_extra_caps,
+            acl,
         })
     }
 
@@ -425,6 +504,62 @@ mod tests {
             assert!(e.starts_with(&format!("{name}={value:?}")), "{e}");
             assert!(e.contains(fix), "{name}: {e}");
         }
+    }
+
+    #[test]
+    fn acl_settings_are_checked_at_parse_and_the_file_at_load() {
+        let s = parse(&[("VROUTER_STACK", "a")]).unwrap();
+        assert_eq!(s.acl, AclSettings::default());
+        assert_eq!(s.acl.policy().unwrap(), Policy::default());
+
+        let s = parse(&[
+            ("VROUTER_STACK", "a"),
+            ("VROUTER_DEFAULT_POLICY", "deny"),
+            ("VROUTER_ALLOW", "web:tcp/443, any:icmp"),
+        ])
+        .unwrap();
+        let p = s.acl.policy().unwrap();
+        assert_eq!(p.default, acl::Verdict::Deny);
+        assert_eq!(p.rules.len(), 2);
+
+        // A bad list or default is a settings error: one line, names the setting.
+        let e = err(&[("VROUTER_STACK", "a"), ("VROUTER_ALLOW", "web:tcp/0")]);
+        assert!(e.starts_with("VROUTER_ALLOW: rule \"web:tcp/0\""), "{e}");
+        let e = err(&[("VROUTER_STACK", "a"), ("VROUTER_DEFAULT_POLICY", "open")]);
+        assert!(e.starts_with("VROUTER_DEFAULT_POLICY=\"open\""), "{e}");
+
+        // The file: read when the policy is made; missing or bad, one line.
+        let dir = std::env::temp_dir().join(format!("vrouter-acl-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("acl.toml");
+        let path_s = path.to_str().unwrap().to_string();
+        let s = parse(&[
+            ("VROUTER_STACK", "a"),
+            ("VROUTER_DEFAULT_POLICY", "deny"),
+            ("VROUTER_ALLOW", "any:icmp"),
+            ("VROUTER_ACL_FILE", &path_s),
+        ])
+        .unwrap();
+        assert_eq!(s.acl.file.as_deref(), Some(path.as_path()));
+        let e = s.acl.policy().unwrap_err().0;
+        assert!(
+            e.starts_with(&format!("VROUTER_ACL_FILE {path_s}: cannot read it"))
+                && e.contains("mount the file")
+                && !e.contains('\n'),
+            "{e}"
+        );
+        std::fs::write(
+            &path,
+            "[[rule]]\nname = \"db\"\ndeny = \"10.9.0.0/16:tcp/5432\"\n",
+        )
+        .unwrap();
+        let p = s.acl.policy().unwrap();
+        let names: Vec<&str> = p.rules.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["allow any:icmp", "db"]);
+        std::fs::write(&path, "[[rule]]\nallow = \"web:tcp/99999\"\n").unwrap();
+        let e = s.acl.policy().unwrap_err().0;
+        assert!(e.contains("VROUTER_ACL_FILE") && e.contains("99999"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

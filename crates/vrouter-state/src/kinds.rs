@@ -120,6 +120,18 @@ wire_enum! {
         SameHostBlocked = "same_host_blocked",
         RouteSkipped = "route_skipped",
         StateUnreadable = "state_unreadable",
+        // Routers: access control (issue 14).
+        /// A policy went into the kernel (at start, on reload, or a retry that
+        /// succeeded after the stack was closed).
+        AclInstalled = "acl_installed",
+        /// A new policy was refused (a bad rule or file, or the kernel refused it):
+        /// the previous policy stays in force.
+        AclRefused = "acl_refused",
+        /// No policy could be installed: nothing enters the stack from the overlay.
+        AclClosed = "acl_closed",
+        /// A summary, at most one per rule per 10 s, of the packets a rule dropped and
+        /// the source stacks they came from.
+        AclDrops = "acl_drops",
     }
 }
 

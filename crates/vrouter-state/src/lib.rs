@@ -14,8 +14,8 @@ pub mod types;
 
 pub use kinds::{EventKind, MemberState, PeerOrigin};
 pub use probes::{
-    MtuCheck, PeerProbe, ProbesFile, RouterEvents, RouterHealth, StackTraffic, OVERLAY_PROBE_PORT,
-    PROBES_DIR,
+    AclHealth, AclRuleCounters, MtuCheck, PeerProbe, ProbesFile, RouterEvents, RouterHealth,
+    StackTraffic, OVERLAY_PROBE_PORT, PROBES_DIR,
 };
 pub use schema::*;
 pub use store::{LeaderLock, PrivateDir, ReadError, StateDir, StateError};

@@ -50,6 +50,51 @@ pub struct ProbesFile {
     /// this file; discovery copies new events from here into events.log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events: Option<RouterEvents>,
+    /// Per access-control rule, what it admitted and dropped (issue 14), in policy
+    /// order, the default last. Empty from a router that does not enforce a policy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub acl: Vec<AclRuleCounters>,
+}
+
+/// Packets and bytes of one access-control rule of a router's policy, counted in the
+/// kernel since the router started (kept across policy reloads). "Accepted" counts
+/// every packet of the connections the rule admitted, both ways; "dropped" every
+/// packet the rule dropped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AclRuleCounters {
+    /// The rule's name (unique in the policy), `(default)` for the default verdict,
+    /// or a check before the rules: `(spoof from stack)`, `(spoof from overlay)`,
+    /// `(tcp not syn)`, `(closed)`, `(fallback)` (rule names hold no parentheses).
+    pub rule: String,
+    /// The rule's verdict: `allow` or `deny`; `-` for a rule no longer in the policy
+    /// (its totals stay).
+    pub verdict: String,
+    pub accepted_packets: u64,
+    pub accepted_bytes: u64,
+    pub dropped_packets: u64,
+    pub dropped_bytes: u64,
+}
+
+/// The router's access-control policy as it stands in the kernel.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AclHealth {
+    /// The default verdict in force: `allow` or `deny`.
+    pub default: String,
+    /// Rules of the policy in force.
+    pub rules: u32,
+    /// Counts up with every table the router installs (the ct mark's upper half).
+    pub generation: u32,
+    /// Why nothing enters the stack from the overlay: the policy could not be
+    /// installed (the closed table is in force, or the overlay link is held down).
+    /// The router's health fails while this is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed: Option<String>,
+    /// The last policy refused (a bad file on reload); the previous policy stays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+    /// Stacks rules name that routes.json does not list: their rules cover nothing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unresolved: Vec<StackName>,
 }
 
 /// Most events a router keeps for discovery to copy.
@@ -116,6 +161,9 @@ pub struct RouterHealth {
     /// epoch); its healthcheck fails when that is more than three intervals ago.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reconciled_ms: Option<u64>,
+    /// The access-control policy (issue 14); None from a router without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acl: Option<AclHealth>,
 }
 
 /// Bytes and packets between this stack and one remote stack, in IP bytes (the IP
@@ -259,6 +307,14 @@ mod tests {
                 last_error: None,
                 traffic_error: None,
                 reconciled_ms: None,
+                acl: Some(AclHealth {
+                    default: "deny".into(),
+                    rules: 1,
+                    generation: 3,
+                    closed: None,
+                    refused: None,
+                    unresolved: vec![StackName::new("z").unwrap()],
+                }),
             }),
             traffic: vec![StackTraffic {
                 stack: StackName::new("b").unwrap(),
@@ -268,6 +324,14 @@ mod tests {
                 rx_packets: 20,
             }],
             events: None,
+            acl: vec![AclRuleCounters {
+                rule: "web https".into(),
+                verdict: "allow".into(),
+                accepted_packets: 12,
+                accepted_bytes: 3400,
+                dropped_packets: 0,
+                dropped_bytes: 0,
+            }],
         }
     }
 
@@ -300,6 +364,26 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn a_file_without_acl_fields_reads_and_writes_as_before() {
+        let mut f = file("a", 1);
+        f.acl.clear();
+        f.health.as_mut().unwrap().acl = None;
+        let json = serde_json::to_string(&f).unwrap();
+        assert!(!json.contains("acl"), "{json}");
+        let back: ProbesFile = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, f);
+        // And with them, they round-trip.
+        let full = file("a", 1);
+        let json = serde_json::to_string(&full).unwrap();
+        assert!(
+            json.contains(r#""acl":[{"rule":"web https","verdict":"allow","accepted_packets":12"#),
+            "{json}"
+        );
+        assert!(json.contains(r#""unresolved":["z"]"#), "{json}");
+        assert_eq!(serde_json::from_str::<ProbesFile>(&json).unwrap(), full);
     }
 
     #[test]

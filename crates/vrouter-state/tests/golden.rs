@@ -272,6 +272,10 @@ const EVENTS: &[(&str, EventKind, &str)] = &[
     // Added after the golden file was first written: appended, so earlier lines keep
     // their numbers.
     ("discovery", EventKind::DeviceAdopted, "device_adopted"),
+    ("router/a", EventKind::AclInstalled, "acl_installed"),
+    ("router/a", EventKind::AclRefused, "acl_refused"),
+    ("router/a", EventKind::AclClosed, "acl_closed"),
+    ("router/a", EventKind::AclDrops, "acl_drops"),
 ];
 
 fn event(source: &str, kind: &EventKind, reason: &str, i: usize) -> Event {

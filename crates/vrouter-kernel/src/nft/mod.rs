@@ -49,6 +49,7 @@ mod decode;
 mod encode;
 mod message;
 mod model;
+mod ruleset;
 mod socket;
 #[cfg(test)]
 mod tests;
@@ -57,6 +58,10 @@ mod uapi;
 pub use model::{
     CounterDump, CounterReading, Direction, PrefixCounter, RuleReading, SetReading, Slot,
     MAX_OWNER_LEN,
+};
+pub use ruleset::{
+    AddrField, BaseHook, ChainSpec, Ipv4Range, MarkCounterReading, Match, RuleCounterReading,
+    RuleSpec, RuleVerdict, SetElements, SetSpec, TableSpec, MAX_COMMENT_LEN,
 };
 
 use crate::{KernelError, Result};
@@ -338,5 +343,84 @@ impl Nft {
             }) => Ok(()),
             other => other,
         }
+    }
+
+    /// Deletes the table `self.table()` if present and creates `table` in ONE
+    /// nftables batch (atomic: packets see the old or the new, never neither, and a
+    /// table the kernel refuses leaves the old one as it was). Large batches raise the
+    /// socket's send buffer (SO_SNDBUFFORCE, CAP_NET_ADMIN) rather than split.
+    /// `table.name` must be `self.table()`.
+    pub fn replace_table(&self, table: &TableSpec) -> Result<()> {
+        let invalid = |why: String| KernelError::Errno {
+            op: format!("replace nftables table {}: {why}", table.name),
+            errno: Errno::EINVAL,
+        };
+        if table.name != self.table {
+            return Err(invalid(format!("this socket is for table {}", self.table)));
+        }
+        ruleset::check(table).map_err(invalid)?;
+        let mut messages = ruleset::replace_requests(table);
+        // One acknowledgement, for the last message: it comes after the commit,
+        // errors come for any message.
+        if let Some(last) = messages.pop() {
+            messages.push(ruleset::acked(last));
+        }
+        self.socket.transact("replace nftables table", messages)
+    }
+
+    /// Every rule of every chain of the table, in chain and rule order as the kernel
+    /// dumps them, with its comment and counter. A missing table has none.
+    pub fn rule_counters(&self) -> Result<Vec<RuleCounterReading>> {
+        let mut out = Vec::new();
+        for _ in 0..DUMP_TRIES {
+            let m = Request::new(
+                NFT_MSG_GETRULE,
+                NLM_F_DUMP,
+                NFPROTO_IPV4,
+                vec![Attr::str(NFTA_RULE_TABLE, &self.table)],
+            );
+            let (rules, interrupted) =
+                self.socket
+                    .dump("dump nftables rules", m, NFT_MSG_NEWRULE)?;
+            out = rules
+                .iter()
+                .filter_map(|payload| ruleset::parse_rule_counter(payload))
+                .filter(|(table, _)| *table == self.table)
+                .map(|(_, reading)| reading)
+                .collect();
+            if !interrupted {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The elements of set `set` (a counted-marks set) with their counters, by key. A
+    /// missing table or set has none.
+    pub fn mark_counters(&self, set: &str) -> Result<Vec<MarkCounterReading>> {
+        let mut out = Vec::new();
+        for _ in 0..DUMP_TRIES {
+            let m = Request::new(
+                NFT_MSG_GETSETELEM,
+                NLM_F_DUMP,
+                NFPROTO_IPV4,
+                vec![
+                    Attr::str(NFTA_SET_ELEM_LIST_TABLE, &self.table),
+                    Attr::str(NFTA_SET_ELEM_LIST_SET, set),
+                ],
+            );
+            let (payloads, interrupted) =
+                self.socket
+                    .dump("dump nftables set elements", m, NFT_MSG_NEWSETELEM)?;
+            out = payloads
+                .iter()
+                .flat_map(|p| ruleset::parse_mark_counters(p, &self.table, set))
+                .collect();
+            if !interrupted {
+                break;
+            }
+        }
+        out.sort_by_key(|r| r.key);
+        Ok(out)
     }
 }

@@ -10,9 +10,9 @@ use super::message::{replies, Reply, Request};
 use super::uapi::*;
 use crate::KernelError;
 use nix::errno::Errno;
-use nix::sys::socket::{setsockopt, sockopt};
+use nix::sys::socket::{getsockopt, setsockopt, sockopt};
 use nix::sys::time::TimeVal;
-use rtnetlink::packet_core::{NetlinkPayload, NLM_F_DUMP_INTR};
+use rtnetlink::packet_core::{NetlinkPayload, NLM_F_ACK, NLM_F_DUMP_INTR};
 use rtnetlink::sys::{protocols::NETLINK_NETFILTER, Socket};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -77,6 +77,30 @@ impl NfSocket {
             .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))
     }
 
+    /// Raises the send buffer so that a datagram of `len` bytes goes in one piece
+    /// (netlink refuses one above the buffer less 32 bytes): SO_SNDBUFFORCE, which
+    /// CAP_NET_ADMIN allows past net.core.wmem_max, else SO_SNDBUF up to that limit.
+    fn make_room(&self, op: &str, len: usize) -> crate::Result<()> {
+        let have = getsockopt(&self.socket, sockopt::SndBuf)
+            .map_err(|errno| classify_errno("read the send buffer size", errno))?;
+        let want = len + 4096;
+        if have >= want {
+            return Ok(());
+        }
+        // The kernel doubles what it is given (for its bookkeeping) and caps it at
+        // INT_MAX.
+        let ask = (want / 2 + 1).min(i32::MAX as usize / 2);
+        if setsockopt(&self.socket, sockopt::SndBufForce, &ask).is_ok() {
+            return Ok(());
+        }
+        setsockopt(&self.socket, sockopt::SndBuf, &ask).map_err(|errno| {
+            classify_errno(
+                &format!("{op}: raise the send buffer to {want} bytes"),
+                errno,
+            )
+        })
+    }
+
     /// Sends `requests` in as few batches as fit in [`BATCH_BYTES`], in order.
     pub(super) fn transact_split(
         &self,
@@ -129,12 +153,16 @@ impl NfSocket {
         let mut kinds: Vec<(u32, u16)> = Vec::new();
         for m in &requests {
             let seq = self.next_seq();
-            pending.push(seq);
+            // Only acknowledged messages are waited for (errors come for any).
+            if m.flags & NLM_F_ACK != 0 {
+                pending.push(seq);
+            }
             kinds.push((seq, m.kind()));
             buf.extend_from_slice(&m.encode(seq));
         }
         let end = self.next_seq();
         buf.extend_from_slice(&Request::batch(NFNL_MSG_BATCH_END).encode(end));
+        self.make_room(op, buf.len())?;
         self.send(op, &buf)?;
 
         // Successes are acknowledged one by one after the commit; a failure aborts
@@ -157,6 +185,8 @@ impl NfSocket {
                     })
                 }
                 Err(Errno::EINTR) => continue,
+                // More errors than the receive buffer holds: the first is in.
+                Err(Errno::ENOBUFS) if failure.is_some() => break,
                 Err(errno) => return Err(classify_errno(op, errno)),
             }
             for msg in replies(&rx) {

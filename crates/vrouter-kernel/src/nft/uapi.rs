@@ -95,3 +95,107 @@ pub(super) const UDATA_COMMENT: u8 = 0;
 // Offsets of the addresses in the IPv4 header.
 pub(super) const IPV4_SADDR: u32 = 12;
 pub(super) const IPV4_DADDR: u32 = 16;
+
+// For whole rulesets (`ruleset.rs`).
+pub(super) const NF_DROP: u32 = 0;
+/// NFT_JUMP (-3) as the kernel reads it from a big-endian u32.
+pub(super) const NFT_JUMP: u32 = (-3i32) as u32;
+// enum nft_table_attributes
+pub(super) const NFTA_TABLE_FLAGS: u16 = 2;
+// enum nft_set_flags
+pub(super) const NFT_SET_INTERVAL: u32 = 0x4;
+pub(super) const NFT_SET_MAP: u32 = 0x8;
+pub(super) const NFT_SET_CONCAT: u32 = 0x80;
+// enum nft_set_attributes (more)
+pub(super) const NFTA_SET_DATA_TYPE: u16 = 6;
+pub(super) const NFTA_SET_DATA_LEN: u16 = 7;
+pub(super) const NFTA_SET_DESC: u16 = 9;
+pub(super) const NFTA_SET_USERDATA: u16 = 13;
+// enum nft_set_desc_attributes, nft_set_field_attributes
+pub(super) const NFTA_SET_DESC_CONCAT: u16 = 2;
+pub(super) const NFTA_SET_FIELD_LEN: u16 = 1;
+// NFT_DATA_VERDICT: a map's data type for verdicts
+pub(super) const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
+// nftables' datatype numbers: mark, ether_addr, and how a concatenation combines them
+pub(super) const TYPE_MARK: u32 = 19;
+pub(super) const TYPE_ETHERADDR: u32 = 9;
+pub(super) const TYPE_BITS: u32 = 6;
+// enum nft_set_elem_list_attributes (more)
+pub(super) const NFTA_SET_ELEM_LIST_SET_ID: u16 = 4;
+// enum nft_set_elem_attributes (more), nft_set_elem_flags
+pub(super) const NFTA_SET_ELEM_DATA: u16 = 2;
+pub(super) const NFTA_SET_ELEM_FLAGS: u16 = 3;
+pub(super) const NFTA_SET_ELEM_KEY_END: u16 = 10;
+pub(super) const NFT_SET_ELEM_INTERVAL_END: u32 = 0x1;
+// enum nft_data_attributes (more), nft_verdict_attributes
+pub(super) const NFTA_DATA_VERDICT: u16 = 2;
+pub(super) const NFTA_VERDICT_CODE: u16 = 1;
+pub(super) const NFTA_VERDICT_CHAIN: u16 = 2;
+// enum nft_registers: the verdict register and the second 32-bit register of NFT_REG_1
+pub(super) const NFT_REG_VERDICT: u32 = 0;
+pub(super) const NFT_REG32_01: u32 = 9;
+// enum nft_payload_bases (more)
+pub(super) const NFT_PAYLOAD_LL_HEADER: u32 = 0;
+pub(super) const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
+// enum nft_meta_attributes, nft_meta_keys
+pub(super) const NFTA_META_DREG: u16 = 1;
+pub(super) const NFTA_META_KEY: u16 = 2;
+pub(super) const NFT_META_IIFNAME: u32 = 6;
+pub(super) const NFT_META_OIFNAME: u32 = 7;
+pub(super) const NFT_META_IIFTYPE: u32 = 8;
+pub(super) const NFT_META_L4PROTO: u32 = 16;
+// enum nft_ct_attributes, nft_ct_keys
+pub(super) const NFTA_CT_DREG: u16 = 1;
+pub(super) const NFTA_CT_KEY: u16 = 2;
+pub(super) const NFTA_CT_DIRECTION: u16 = 3;
+pub(super) const NFTA_CT_SREG: u16 = 4;
+pub(super) const NFT_CT_STATE: u32 = 0;
+pub(super) const NFT_CT_MARK: u32 = 3;
+pub(super) const NFT_CT_PROTOCOL: u32 = 10;
+pub(super) const NFT_CT_PROTO_DST: u32 = 12;
+pub(super) const NFT_CT_SRC_IP: u32 = 19;
+pub(super) const NFT_CT_DST_IP: u32 = 20;
+// enum ip_conntrack_dir
+pub(super) const IP_CT_DIR_ORIGINAL: u8 = 0;
+// enum ip_conntrack_status bit of `ct state new`
+pub(super) const NF_CT_STATE_NEW_BIT: u32 = 8;
+// enum nft_cmp_attributes, nft_cmp_ops
+pub(super) const NFTA_CMP_SREG: u16 = 1;
+pub(super) const NFTA_CMP_OP: u16 = 2;
+pub(super) const NFTA_CMP_DATA: u16 = 3;
+pub(super) const NFT_CMP_EQ: u32 = 0;
+pub(super) const NFT_CMP_NEQ: u32 = 1;
+pub(super) const NFT_CMP_LTE: u32 = 3;
+pub(super) const NFT_CMP_GTE: u32 = 5;
+// enum nft_bitwise_attributes (more), nft_bitwise_ops
+pub(super) const NFTA_BITWISE_OP: u16 = 6;
+pub(super) const NFT_BITWISE_BOOL: u32 = 0;
+// enum nft_lookup_attributes (more), nft_lookup_flags
+pub(super) const NFTA_LOOKUP_SET_ID: u16 = 4;
+pub(super) const NFT_LOOKUP_F_INV: u32 = 1;
+// enum nft_immediate_attributes
+pub(super) const NFTA_IMMEDIATE_DREG: u16 = 1;
+pub(super) const NFTA_IMMEDIATE_DATA: u16 = 2;
+// IFNAMSIZ: interface names are compared as 16 bytes, NUL-padded
+pub(super) const IFNAMSIZ: usize = 16;
+// ARPHRD_ETHER, what `ether saddr` checks `meta iiftype` against
+pub(super) const ARPHRD_ETHER: u16 = 1;
+pub(super) const IPPROTO_TCP: u8 = 6;
+// TCP flags byte (offset 13 of the TCP header)
+pub(super) const TCP_FLAGS_OFFSET: u32 = 13;
+pub(super) const TCP_FIN: u8 = 0x01;
+pub(super) const TCP_SYN: u8 = 0x02;
+pub(super) const TCP_RST: u8 = 0x04;
+pub(super) const TCP_ACK: u8 = 0x10;
+// libnftnl's udata.h: set userdata (what `nft list` needs to print keys and data)
+pub(super) const UDATA_SET_KEYBYTEORDER: u8 = 0;
+pub(super) const UDATA_SET_DATABYTEORDER: u8 = 1;
+pub(super) const UDATA_SET_KEY_TYPEOF: u8 = 3;
+pub(super) const UDATA_SET_DATA_INTERVAL: u8 = 6;
+pub(super) const UDATA_SET_ELEM_FLAGS: u8 = 1;
+pub(super) const UDATA_SET_ELEM_F_INTERVAL_OPEN: u32 = 1;
+// nftables' enum byteorder and enum expr_types (for the set userdata above)
+pub(super) const BYTEORDER_INVALID: u32 = 0;
+pub(super) const BYTEORDER_HOST_ENDIAN: u32 = 1;
+pub(super) const BYTEORDER_BIG_ENDIAN: u32 = 2;
+pub(super) const EXPR_CONCAT: u32 = 13;

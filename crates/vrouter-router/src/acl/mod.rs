@@ -57,7 +57,10 @@
 //! follow, when it leaves they go, and a stack not yet there is listed in
 //! `ResolvedPolicy::unresolved`.
 
+pub mod compile;
+pub mod enforce;
 pub mod policy;
+pub mod ranges;
 pub mod resolve;
 #[cfg(test)]
 mod tests;

@@ -244,5 +244,6 @@ pub fn probes_file(stack: &str) -> vrouter_state::ProbesFile {
         health: None,
         traffic: Vec::new(),
         events: None,
+        acl: Vec::new(),
     }
 }

@@ -1,0 +1,913 @@
+//! Whole rulesets: a table of family ip described as plain values ([`TableSpec`]:
+//! sets, chains, rules) and its encoding into one nf_tables transaction that replaces
+//! the table whole (see [`super::Nft::replace_table`]); and what a dump of its rule
+//! and set-element counters reads back.
+//!
+//! The encoding is what `nft -f` sends for the same ruleset (checked against
+//! `nft --debug=netlink,mnl` of nftables 1.0.6), expression by expression, so
+//! `nft list table` prints it back as written:
+//!
+//! - interfaces: `meta load iifname` and a 16-byte NUL-padded `cmp`;
+//! - addresses: `payload load 4b @ network header + 12/16` or `ct load src_ip/dst_ip,
+//!   dir original`, then `lookup` (flag NFT_LOOKUP_F_INV for `!=`);
+//! - `ct state new`: `ct load state`, `bitwise & 8`, `cmp neq 0`;
+//! - `tcp flags & (fin|syn|rst|ack) != syn`: `meta l4proto tcp`, `payload load 1b @
+//!   transport header + 13`, `bitwise & 0x17`, `cmp neq 0x02`;
+//! - `ct original protocol P` / `proto-dst A[-B]`: `ct load protocol/proto_dst, dir
+//!   original`, `cmp eq` (1 byte, 2 bytes big-endian), a range as `cmp gte` and `cmp
+//!   lte`;
+//! - `ip saddr . ether saddr`: `meta iiftype == ether` (nft's dependency for the link
+//!   header), the address into register 1, the MAC into register 9 (32-bit register 1
+//!   of the 16-byte register 1), one lookup of the 12-byte key (4 + 6, padded to 8);
+//! - `ct mark set M`: `immediate` into register 1 and `ct set mark`; marks and their
+//!   keys are host byte order (the kernel's u32 ct mark), everything else network order;
+//! - comments: userdata TLV 0 (libnftnl's NFTNL_UDATA_RULE_COMMENT).
+//!
+//! Interval sets and maps (rbtree) get one element per range start and an
+//! INTERVAL_END element one past its end, preceded by an end element at 0.0.0.0 when
+//! the first range does not start there (as nft sends it); a range that ends at
+//! 255.255.255.255 has no end element (its start carries libnftnl's "open interval"
+//! userdata flag, for `nft list`). The concatenated `ipv4_addr . ether_addr` set is a
+//! pipapo set: NFTA_SET_DESC_CONCAT gives the field lengths and each element has a
+//! KEY and a KEY_END. Sets carry the userdata nft writes (key byte order and so on)
+//! so that `nft list` prints keys as addresses and marks rather than raw bytes.
+
+use super::decode::{be64, c_string, comment_of, list_exprs, parse_expr, Expr};
+use super::encode::comment_udata;
+use super::message::attrs;
+use super::message::{Attr, Request};
+use super::uapi::*;
+use rtnetlink::packet_core::{NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE};
+use std::net::Ipv4Addr;
+use vrouter_state::Mac;
+
+/// The longest rule or element comment.
+pub const MAX_COMMENT_LEN: usize = 128;
+/// Elements per NEWSETELEM message: a nested attribute is at most 64 KiB and an
+/// element here at most about 200 bytes.
+const ELEMENTS_PER_MESSAGE: usize = 256;
+
+/// A table of family ip: sets and chains, created whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSpec {
+    pub name: String,
+    pub sets: Vec<SetSpec>,
+    pub chains: Vec<ChainSpec>,
+}
+
+/// A chain: a base chain when it has a hook, else a regular chain (jumped to).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainSpec {
+    pub name: String,
+    pub hook: Option<BaseHook>,
+    pub rules: Vec<RuleSpec>,
+}
+
+/// A base chain's hook: always `type filter hook forward`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseHook {
+    pub priority: i32,
+    /// `policy accept`, else `policy drop`.
+    pub policy_accept: bool,
+}
+
+/// One rule: matches (all must hold), an optional counter, an optional `ct mark
+/// set`, a verdict, a comment. Expressions go in that order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleSpec {
+    pub matches: Vec<Match>,
+    pub counter: bool,
+    pub set_ct_mark: Option<u32>,
+    pub verdict: RuleVerdict,
+    /// The rule's comment (userdata, libnftnl's comment TLV): at most
+    /// [`MAX_COMMENT_LEN`] bytes, no NUL; empty for none.
+    pub comment: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleVerdict {
+    Accept,
+    Drop,
+    /// No verdict: the next rule decides.
+    Continue,
+    /// `ct original ip saddr vmap @<map>`: the verdict of the map's element holding
+    /// the connection's original source address (a [`SetElements::JumpMap`]).
+    VmapCtOriginalSaddr(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Match {
+    /// `iifname "<name>"` (or `!=` when not `equal`).
+    IifName { name: String, equal: bool },
+    /// `oifname "<name>"` (or `!=`).
+    OifName { name: String, equal: bool },
+    /// `<field> @<set>` (or `!= @<set>`) for a [`SetElements::Ipv4Ranges`] set.
+    AddrInSet {
+        field: AddrField,
+        set: String,
+        equal: bool,
+    },
+    /// `ct state new`.
+    CtStateNew,
+    /// `meta l4proto tcp tcp flags & (fin|syn|rst|ack) != syn`.
+    TcpNotSyn,
+    /// `ct original protocol <P>`.
+    CtOriginalProtocol(u8),
+    /// `ct original proto-dst <first>` when first == last, `<first>-<last>` otherwise.
+    CtOriginalDport { first: u16, last: u16 },
+    /// `ct mark @<set>` for a [`SetElements::CountedMarks`] set.
+    CtMarkInSet { set: String },
+    /// `ip saddr . ether saddr != @<set>` for a [`SetElements::SourceMacs`] set.
+    SourceMacNotInSet { set: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddrField {
+    /// `ip saddr`.
+    IpSaddr,
+    /// `ip daddr`.
+    IpDaddr,
+    /// `ct original ip saddr`.
+    CtOriginalSaddr,
+    /// `ct original ip daddr`.
+    CtOriginalDaddr,
+}
+
+/// A named set (or map) of the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetSpec {
+    pub name: String,
+    pub elements: SetElements,
+}
+
+/// A set's kind and its elements. Ranges of one set must not overlap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetElements {
+    /// `type ipv4_addr; flags interval`.
+    Ipv4Ranges(Vec<Ipv4Range>),
+    /// `type mark; counter`: each element (a ct mark) has a counter of its own, and a
+    /// comment.
+    CountedMarks(Vec<(u32, String)>),
+    /// `type ipv4_addr . ether_addr; flags interval`: source ranges with the MAC
+    /// their packets may come from.
+    SourceMacs(Vec<(Ipv4Range, Mac)>),
+    /// `type ipv4_addr : verdict; flags interval`: `<range> : jump <chain>`.
+    JumpMap(Vec<(Ipv4Range, String)>),
+}
+
+/// An inclusive range of IPv4 addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ipv4Range {
+    pub first: Ipv4Addr,
+    pub last: Ipv4Addr,
+}
+
+impl Ipv4Range {
+    /// Every address.
+    pub const ALL: Ipv4Range = Ipv4Range {
+        first: Ipv4Addr::UNSPECIFIED,
+        last: Ipv4Addr::BROADCAST,
+    };
+}
+
+impl From<vrouter_state::Prefix> for Ipv4Range {
+    fn from(p: vrouter_state::Prefix) -> Ipv4Range {
+        let first = u32::from(p.addr());
+        let host_bits = 32 - u32::from(p.prefix_len());
+        let last = first | u32::MAX.checked_shr(32 - host_bits).unwrap_or(0);
+        Ipv4Range {
+            first: Ipv4Addr::from(first),
+            last: Ipv4Addr::from(last),
+        }
+    }
+}
+
+/// A rule of the table as a dump shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleCounterReading {
+    pub chain: String,
+    /// The kernel's handle of the rule.
+    pub handle: u64,
+    /// Its comment; empty when it has none.
+    pub comment: String,
+    /// What its counter counted since the rule was created; 0 without a counter.
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// An element of a counted-marks set as a dump shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MarkCounterReading {
+    pub key: u32,
+    pub comment: Option<String>,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Why a table cannot be encoded (before the kernel sees it).
+pub(super) fn check(table: &TableSpec) -> Result<(), String> {
+    let name_ok = |what: &str, name: &str| {
+        if name.is_empty() || name.len() > 255 || name.contains('\0') {
+            Err(format!(
+                "{what} name {name:?} must be 1 to 255 bytes without NUL"
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    name_ok("table", &table.name)?;
+    for set in &table.sets {
+        name_ok("set", &set.name)?;
+        let ranges: Vec<Ipv4Range> = match &set.elements {
+            SetElements::Ipv4Ranges(r) => r.clone(),
+            SetElements::SourceMacs(r) => r.iter().map(|(r, _)| *r).collect(),
+            SetElements::JumpMap(r) => {
+                for (_, chain) in r {
+                    name_ok("chain", chain)?;
+                }
+                r.iter().map(|(r, _)| *r).collect()
+            }
+            SetElements::CountedMarks(marks) => {
+                for (_, comment) in marks {
+                    comment_ok(comment)?;
+                }
+                Vec::new()
+            }
+        };
+        if let Some(r) = ranges.iter().find(|r| r.first > r.last) {
+            return Err(format!(
+                "set {}: range {}-{} ends before it starts",
+                set.name, r.first, r.last
+            ));
+        }
+        // Concatenated ranges may overlap in the address when the MACs differ; the
+        // kernel judges those.
+        if !matches!(set.elements, SetElements::SourceMacs(_)) {
+            let mut sorted = ranges;
+            sorted.sort();
+            if let Some(w) = sorted.windows(2).find(|w| w[1].first <= w[0].last) {
+                return Err(format!(
+                    "set {}: ranges {}-{} and {}-{} overlap",
+                    set.name, w[0].first, w[0].last, w[1].first, w[1].last
+                ));
+            }
+        }
+    }
+    for chain in &table.chains {
+        name_ok("chain", &chain.name)?;
+        for rule in &chain.rules {
+            comment_ok(&rule.comment)?;
+            for m in &rule.matches {
+                match m {
+                    Match::IifName { name, .. } | Match::OifName { name, .. }
+                        if name.is_empty() || name.len() >= IFNAMSIZ || name.contains('\0') =>
+                    {
+                        return Err(format!(
+                            "interface name {name:?} must be 1 to {} bytes without NUL",
+                            IFNAMSIZ - 1
+                        ));
+                    }
+                    Match::CtOriginalDport { first, last } if first > last => {
+                        return Err(format!("port range {first}-{last} ends before it starts"));
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn comment_ok(comment: &str) -> Result<(), String> {
+    if comment.len() > MAX_COMMENT_LEN || comment.contains('\0') {
+        Err(format!(
+            "comment {comment:?} must be at most {MAX_COMMENT_LEN} bytes without NUL"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// The requests of one transaction that replaces table `ip <table.name>` with
+/// `table`: NEWTABLE, DELTABLE, NEWTABLE (so a missing table is no error), every
+/// chain (empty, so that map elements can jump to them), every set with its elements,
+/// every rule. None carries NLM_F_ACK: the caller asks for the one it waits for.
+pub(super) fn replace_requests(table: &TableSpec) -> Vec<Request> {
+    let t = table.name.as_str();
+    let mut out = vec![
+        new_table(t),
+        Request::new(
+            NFT_MSG_DELTABLE,
+            0,
+            NFPROTO_IPV4,
+            vec![Attr::str(NFTA_TABLE_NAME, t)],
+        ),
+        new_table(t),
+    ];
+    for chain in &table.chains {
+        out.push(new_chain(t, chain));
+    }
+    for (i, set) in table.sets.iter().enumerate() {
+        let id = set_id(i);
+        out.push(new_set(t, set, id));
+        let elements = set_elements(&set.elements);
+        for chunk in elements.chunks(ELEMENTS_PER_MESSAGE) {
+            out.push(Request::new(
+                NFT_MSG_NEWSETELEM,
+                NLM_F_CREATE,
+                NFPROTO_IPV4,
+                vec![
+                    Attr::str(NFTA_SET_ELEM_LIST_TABLE, t),
+                    Attr::str(NFTA_SET_ELEM_LIST_SET, &set.name),
+                    Attr::be32(NFTA_SET_ELEM_LIST_SET_ID, id),
+                    Attr::Nest(NFTA_SET_ELEM_LIST_ELEMENTS, chunk.to_vec()),
+                ],
+            ));
+        }
+    }
+    let ids = |name: &str| table.sets.iter().position(|s| s.name == name).map(set_id);
+    for chain in &table.chains {
+        for rule in &chain.rules {
+            out.push(new_rule(t, &chain.name, rule, &ids));
+        }
+    }
+    out
+}
+
+/// Adds NLM_F_ACK to a request.
+pub(super) fn acked(mut r: Request) -> Request {
+    r.flags |= NLM_F_ACK;
+    r
+}
+
+/// A set's id within its transaction (the kernel wants one; nft numbers from 1).
+fn set_id(index: usize) -> u32 {
+    u32::try_from(index + 1).unwrap_or(u32::MAX)
+}
+
+fn new_table(table: &str) -> Request {
+    Request::new(
+        NFT_MSG_NEWTABLE,
+        NLM_F_CREATE,
+        NFPROTO_IPV4,
+        vec![
+            Attr::str(NFTA_TABLE_NAME, table),
+            Attr::be32(NFTA_TABLE_FLAGS, 0),
+        ],
+    )
+}
+
+pub(super) fn new_chain(table: &str, chain: &ChainSpec) -> Request {
+    let mut attrs = vec![
+        Attr::str(NFTA_CHAIN_TABLE, table),
+        Attr::str(NFTA_CHAIN_NAME, &chain.name),
+    ];
+    if let Some(hook) = &chain.hook {
+        attrs.extend([
+            Attr::str(NFTA_CHAIN_TYPE, "filter"),
+            Attr::be32(
+                NFTA_CHAIN_POLICY,
+                if hook.policy_accept {
+                    NF_ACCEPT
+                } else {
+                    NF_DROP
+                },
+            ),
+            Attr::Nest(
+                NFTA_CHAIN_HOOK,
+                vec![
+                    Attr::be32(NFTA_HOOK_HOOKNUM, NF_INET_FORWARD),
+                    Attr::be32(NFTA_HOOK_PRIORITY, hook.priority as u32),
+                ],
+            ),
+        ]);
+    }
+    Request::new(NFT_MSG_NEWCHAIN, NLM_F_CREATE, NFPROTO_IPV4, attrs)
+}
+
+/// One TLV of libnftnl's userdata with a host-order u32.
+fn udata_u32(kind: u8, value: u32) -> Vec<u8> {
+    let mut out = vec![kind, 4];
+    out.extend_from_slice(&value.to_ne_bytes());
+    out
+}
+
+pub(super) fn new_set(table: &str, set: &SetSpec, id: u32) -> Request {
+    let mut attrs = vec![
+        Attr::str(NFTA_SET_TABLE, table),
+        Attr::str(NFTA_SET_NAME, &set.name),
+    ];
+    match &set.elements {
+        SetElements::Ipv4Ranges(_) => attrs.extend([
+            Attr::be32(NFTA_SET_FLAGS, NFT_SET_INTERVAL),
+            Attr::be32(NFTA_SET_KEY_TYPE, TYPE_IPADDR),
+            Attr::be32(NFTA_SET_KEY_LEN, 4),
+            Attr::be32(NFTA_SET_ID, id),
+            Attr::bytes(
+                NFTA_SET_USERDATA,
+                &udata_u32(UDATA_SET_KEYBYTEORDER, BYTEORDER_BIG_ENDIAN),
+            ),
+        ]),
+        SetElements::CountedMarks(_) => attrs.extend([
+            Attr::be32(NFTA_SET_FLAGS, 0),
+            Attr::be32(NFTA_SET_KEY_TYPE, TYPE_MARK),
+            Attr::be32(NFTA_SET_KEY_LEN, 4),
+            Attr::be32(NFTA_SET_ID, id),
+            Attr::bytes(
+                NFTA_SET_USERDATA,
+                &udata_u32(UDATA_SET_KEYBYTEORDER, BYTEORDER_HOST_ENDIAN),
+            ),
+            // The template the kernel clones into every element: a counter from 0.
+            Attr::Nest(
+                NFTA_SET_EXPR,
+                vec![
+                    Attr::str(NFTA_EXPR_NAME, "counter"),
+                    Attr::Nest(NFTA_EXPR_DATA, Vec::new()),
+                ],
+            ),
+        ]),
+        SetElements::SourceMacs(_) => {
+            let field =
+                |len: u32| Attr::Nest(NFTA_LIST_ELEM, vec![Attr::be32(NFTA_SET_FIELD_LEN, len)]);
+            // KEY_TYPEOF: a concatenation (expression type 13) with no sub-expressions
+            // named, as nft 1.0.6 writes it for `type ipv4_addr . ether_addr`.
+            let mut udata = udata_u32(UDATA_SET_KEYBYTEORDER, BYTEORDER_INVALID);
+            udata.extend([UDATA_SET_KEY_TYPEOF, 8]);
+            udata.extend([0, 4]);
+            udata.extend(EXPR_CONCAT.to_ne_bytes());
+            udata.extend([1, 0]);
+            attrs.extend([
+                Attr::be32(NFTA_SET_FLAGS, NFT_SET_INTERVAL | NFT_SET_CONCAT),
+                Attr::be32(
+                    NFTA_SET_KEY_TYPE,
+                    (TYPE_IPADDR << TYPE_BITS) | TYPE_ETHERADDR,
+                ),
+                Attr::be32(NFTA_SET_KEY_LEN, CONCAT_KEY_LEN as u32),
+                Attr::be32(NFTA_SET_ID, id),
+                Attr::Nest(
+                    NFTA_SET_DESC,
+                    vec![Attr::Nest(NFTA_SET_DESC_CONCAT, vec![field(4), field(6)])],
+                ),
+                Attr::bytes(NFTA_SET_USERDATA, &udata),
+            ]);
+        }
+        SetElements::JumpMap(_) => {
+            let mut udata = udata_u32(UDATA_SET_KEYBYTEORDER, BYTEORDER_BIG_ENDIAN);
+            udata.extend(udata_u32(UDATA_SET_DATABYTEORDER, BYTEORDER_INVALID));
+            udata.extend(udata_u32(UDATA_SET_DATA_INTERVAL, 0));
+            attrs.extend([
+                Attr::be32(NFTA_SET_FLAGS, NFT_SET_MAP | NFT_SET_INTERVAL),
+                Attr::be32(NFTA_SET_KEY_TYPE, TYPE_IPADDR),
+                Attr::be32(NFTA_SET_KEY_LEN, 4),
+                Attr::be32(NFTA_SET_DATA_TYPE, NFT_DATA_VERDICT),
+                Attr::be32(NFTA_SET_DATA_LEN, 0),
+                Attr::be32(NFTA_SET_ID, id),
+                Attr::bytes(NFTA_SET_USERDATA, &udata),
+            ]);
+        }
+    }
+    Request::new(NFT_MSG_NEWSET, NLM_F_CREATE, NFPROTO_IPV4, attrs)
+}
+
+/// `ipv4_addr . ether_addr`: 4 bytes, then 6 padded to the next 32-bit register.
+const CONCAT_KEY_LEN: usize = 12;
+
+fn concat_key(addr: Ipv4Addr, mac: Mac) -> Vec<u8> {
+    let mut key = addr.octets().to_vec();
+    key.extend_from_slice(&mac.0);
+    key.resize(CONCAT_KEY_LEN, 0);
+    key
+}
+
+fn jump(chain: &str) -> Attr {
+    Attr::Nest(
+        NFTA_DATA_VERDICT,
+        vec![
+            Attr::be32(NFTA_VERDICT_CODE, NFT_JUMP),
+            Attr::str(NFTA_VERDICT_CHAIN, chain),
+        ],
+    )
+}
+
+/// The NFTA_LIST_ELEM attributes of a set's elements, in the order nft sends them.
+pub(super) fn set_elements(elements: &SetElements) -> Vec<Attr> {
+    let elem = |attrs: Vec<Attr>| Attr::Nest(NFTA_LIST_ELEM, attrs);
+    match elements {
+        SetElements::CountedMarks(marks) => marks
+            .iter()
+            .map(|(mark, comment)| {
+                let mut attrs = vec![Attr::data(NFTA_SET_ELEM_KEY, &mark.to_ne_bytes())];
+                if !comment.is_empty() {
+                    attrs.push(Attr::bytes(NFTA_SET_ELEM_USERDATA, &comment_udata(comment)));
+                }
+                elem(attrs)
+            })
+            .collect(),
+        SetElements::SourceMacs(list) => list
+            .iter()
+            .map(|(range, mac)| {
+                elem(vec![
+                    Attr::data(NFTA_SET_ELEM_KEY, &concat_key(range.first, *mac)),
+                    Attr::data(NFTA_SET_ELEM_KEY_END, &concat_key(range.last, *mac)),
+                ])
+            })
+            .collect(),
+        SetElements::Ipv4Ranges(ranges) => intervals(ranges.iter().map(|r| (*r, None)).collect()),
+        SetElements::JumpMap(list) => intervals(
+            list.iter()
+                .map(|(r, chain)| (*r, Some(chain.as_str())))
+                .collect(),
+        ),
+    }
+}
+
+/// rbtree intervals: sorted starts (with their data), each followed by an end
+/// element one past its last address unless it ends at 255.255.255.255; an end at
+/// 0.0.0.0 first when the first range starts later.
+fn intervals(mut ranges: Vec<(Ipv4Range, Option<&str>)>) -> Vec<Attr> {
+    ranges.sort_by_key(|(r, _)| *r);
+    let end = |at: u32| {
+        Attr::Nest(
+            NFTA_LIST_ELEM,
+            vec![
+                Attr::be32(NFTA_SET_ELEM_FLAGS, NFT_SET_ELEM_INTERVAL_END),
+                Attr::data(NFTA_SET_ELEM_KEY, &at.to_be_bytes()),
+            ],
+        )
+    };
+    let mut out = Vec::new();
+    if ranges
+        .first()
+        .is_some_and(|(r, _)| r.first != Ipv4Addr::UNSPECIFIED)
+    {
+        out.push(end(0));
+    }
+    for (range, chain) in ranges {
+        let mut attrs = vec![Attr::data(NFTA_SET_ELEM_KEY, &range.first.octets())];
+        if let Some(chain) = chain {
+            attrs.push(Attr::Nest(NFTA_SET_ELEM_DATA, vec![jump(chain)]));
+        }
+        let last = u32::from(range.last);
+        if last == u32::MAX {
+            attrs.push(Attr::bytes(
+                NFTA_SET_ELEM_USERDATA,
+                &udata_u32(UDATA_SET_ELEM_FLAGS, UDATA_SET_ELEM_F_INTERVAL_OPEN),
+            ));
+            out.push(Attr::Nest(NFTA_LIST_ELEM, attrs));
+        } else {
+            out.push(Attr::Nest(NFTA_LIST_ELEM, attrs));
+            out.push(end(last + 1));
+        }
+    }
+    out
+}
+
+pub(super) fn new_rule(
+    table: &str,
+    chain: &str,
+    rule: &RuleSpec,
+    set_id: &dyn Fn(&str) -> Option<u32>,
+) -> Request {
+    let mut attrs = vec![
+        Attr::str(NFTA_RULE_TABLE, table),
+        Attr::str(NFTA_RULE_CHAIN, chain),
+        Attr::Nest(NFTA_RULE_EXPRESSIONS, rule_exprs(rule, set_id)),
+    ];
+    if !rule.comment.is_empty() {
+        attrs.push(Attr::bytes(
+            NFTA_RULE_USERDATA,
+            &comment_udata(&rule.comment),
+        ));
+    }
+    Request::new(
+        NFT_MSG_NEWRULE,
+        NLM_F_CREATE | NLM_F_APPEND,
+        NFPROTO_IPV4,
+        attrs,
+    )
+}
+
+/// A rule's expressions: its matches, counter, mark, verdict.
+pub(super) fn rule_exprs(rule: &RuleSpec, set_id: &dyn Fn(&str) -> Option<u32>) -> Vec<Attr> {
+    let mut out = Vec::new();
+    for m in &rule.matches {
+        match_exprs(m, set_id, &mut out);
+    }
+    if rule.counter {
+        out.push(Attr::expr("counter", Vec::new()));
+    }
+    if let Some(mark) = rule.set_ct_mark {
+        out.push(Attr::expr(
+            "immediate",
+            vec![
+                Attr::be32(NFTA_IMMEDIATE_DREG, NFT_REG_1),
+                Attr::data(NFTA_IMMEDIATE_DATA, &mark.to_ne_bytes()),
+            ],
+        ));
+        out.push(Attr::expr(
+            "ct",
+            vec![
+                Attr::be32(NFTA_CT_KEY, NFT_CT_MARK),
+                Attr::be32(NFTA_CT_SREG, NFT_REG_1),
+            ],
+        ));
+    }
+    match &rule.verdict {
+        RuleVerdict::Accept => out.push(verdict(NF_ACCEPT)),
+        RuleVerdict::Drop => out.push(verdict(NF_DROP)),
+        RuleVerdict::Continue => {}
+        RuleVerdict::VmapCtOriginalSaddr(map) => {
+            out.push(ct_load(NFT_CT_SRC_IP, true));
+            let mut attrs = vec![
+                Attr::be32(NFTA_LOOKUP_SREG, NFT_REG_1),
+                Attr::be32(NFTA_LOOKUP_DREG, NFT_REG_VERDICT),
+                Attr::str(NFTA_LOOKUP_SET, map),
+            ];
+            if let Some(id) = set_id(map) {
+                attrs.push(Attr::be32(NFTA_LOOKUP_SET_ID, id));
+            }
+            out.push(Attr::expr("lookup", attrs));
+        }
+    }
+    out
+}
+
+fn verdict(code: u32) -> Attr {
+    Attr::expr(
+        "immediate",
+        vec![
+            Attr::be32(NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT),
+            Attr::Nest(
+                NFTA_IMMEDIATE_DATA,
+                vec![Attr::Nest(
+                    NFTA_DATA_VERDICT,
+                    vec![Attr::be32(NFTA_VERDICT_CODE, code)],
+                )],
+            ),
+        ],
+    )
+}
+
+/// `ct load <key> => reg 1`, of the original direction when `original`.
+fn ct_load(key: u32, original: bool) -> Attr {
+    let mut attrs = vec![
+        Attr::be32(NFTA_CT_KEY, key),
+        Attr::be32(NFTA_CT_DREG, NFT_REG_1),
+    ];
+    if original {
+        attrs.push(Attr::bytes(NFTA_CT_DIRECTION, &[IP_CT_DIR_ORIGINAL]));
+    }
+    Attr::expr("ct", attrs)
+}
+
+fn meta_load(key: u32) -> Attr {
+    Attr::expr(
+        "meta",
+        vec![
+            Attr::be32(NFTA_META_KEY, key),
+            Attr::be32(NFTA_META_DREG, NFT_REG_1),
+        ],
+    )
+}
+
+fn payload_load(base: u32, offset: u32, len: u32, dreg: u32) -> Attr {
+    Attr::expr(
+        "payload",
+        vec![
+            Attr::be32(NFTA_PAYLOAD_DREG, dreg),
+            Attr::be32(NFTA_PAYLOAD_BASE, base),
+            Attr::be32(NFTA_PAYLOAD_OFFSET, offset),
+            Attr::be32(NFTA_PAYLOAD_LEN, len),
+        ],
+    )
+}
+
+fn cmp(op: u32, data: &[u8]) -> Attr {
+    Attr::expr(
+        "cmp",
+        vec![
+            Attr::be32(NFTA_CMP_SREG, NFT_REG_1),
+            Attr::be32(NFTA_CMP_OP, op),
+            Attr::data(NFTA_CMP_DATA, data),
+        ],
+    )
+}
+
+fn lookup(set: &str, set_id: &dyn Fn(&str) -> Option<u32>, equal: bool) -> Attr {
+    let mut attrs = vec![
+        Attr::be32(NFTA_LOOKUP_SREG, NFT_REG_1),
+        Attr::str(NFTA_LOOKUP_SET, set),
+    ];
+    if let Some(id) = set_id(set) {
+        attrs.push(Attr::be32(NFTA_LOOKUP_SET_ID, id));
+    }
+    if !equal {
+        attrs.push(Attr::be32(NFTA_LOOKUP_FLAGS, NFT_LOOKUP_F_INV));
+    }
+    Attr::expr("lookup", attrs)
+}
+
+fn ifname(name: &str) -> Vec<u8> {
+    let mut v = name.as_bytes().to_vec();
+    v.resize(IFNAMSIZ, 0);
+    v
+}
+
+fn eq_op(equal: bool) -> u32 {
+    if equal {
+        NFT_CMP_EQ
+    } else {
+        NFT_CMP_NEQ
+    }
+}
+
+fn match_exprs(m: &Match, set_id: &dyn Fn(&str) -> Option<u32>, out: &mut Vec<Attr>) {
+    match m {
+        Match::IifName { name, equal } => {
+            out.push(meta_load(NFT_META_IIFNAME));
+            out.push(cmp(eq_op(*equal), &ifname(name)));
+        }
+        Match::OifName { name, equal } => {
+            out.push(meta_load(NFT_META_OIFNAME));
+            out.push(cmp(eq_op(*equal), &ifname(name)));
+        }
+        Match::AddrInSet { field, set, equal } => {
+            out.push(match field {
+                AddrField::IpSaddr => {
+                    payload_load(NFT_PAYLOAD_NETWORK_HEADER, IPV4_SADDR, 4, NFT_REG_1)
+                }
+                AddrField::IpDaddr => {
+                    payload_load(NFT_PAYLOAD_NETWORK_HEADER, IPV4_DADDR, 4, NFT_REG_1)
+                }
+                AddrField::CtOriginalSaddr => ct_load(NFT_CT_SRC_IP, true),
+                AddrField::CtOriginalDaddr => ct_load(NFT_CT_DST_IP, true),
+            });
+            out.push(lookup(set, set_id, *equal));
+        }
+        Match::CtStateNew => {
+            out.push(ct_load(NFT_CT_STATE, false));
+            out.push(Attr::expr(
+                "bitwise",
+                vec![
+                    Attr::be32(NFTA_BITWISE_SREG, NFT_REG_1),
+                    Attr::be32(NFTA_BITWISE_DREG, NFT_REG_1),
+                    Attr::be32(NFTA_BITWISE_LEN, 4),
+                    Attr::data(NFTA_BITWISE_MASK, &NF_CT_STATE_NEW_BIT.to_ne_bytes()),
+                    Attr::data(NFTA_BITWISE_XOR, &[0; 4]),
+                ],
+            ));
+            out.push(cmp(NFT_CMP_NEQ, &[0; 4]));
+        }
+        Match::TcpNotSyn => {
+            out.push(meta_load(NFT_META_L4PROTO));
+            out.push(cmp(NFT_CMP_EQ, &[IPPROTO_TCP]));
+            out.push(payload_load(
+                NFT_PAYLOAD_TRANSPORT_HEADER,
+                TCP_FLAGS_OFFSET,
+                1,
+                NFT_REG_1,
+            ));
+            out.push(Attr::expr(
+                "bitwise",
+                vec![
+                    Attr::be32(NFTA_BITWISE_SREG, NFT_REG_1),
+                    Attr::be32(NFTA_BITWISE_DREG, NFT_REG_1),
+                    Attr::be32(NFTA_BITWISE_OP, NFT_BITWISE_BOOL),
+                    Attr::be32(NFTA_BITWISE_LEN, 1),
+                    Attr::data(NFTA_BITWISE_MASK, &[TCP_FIN | TCP_SYN | TCP_RST | TCP_ACK]),
+                    Attr::data(NFTA_BITWISE_XOR, &[0]),
+                ],
+            ));
+            out.push(cmp(NFT_CMP_NEQ, &[TCP_SYN]));
+        }
+        Match::CtOriginalProtocol(p) => {
+            out.push(ct_load(NFT_CT_PROTOCOL, true));
+            out.push(cmp(NFT_CMP_EQ, &[*p]));
+        }
+        Match::CtOriginalDport { first, last } => {
+            out.push(ct_load(NFT_CT_PROTO_DST, true));
+            if first == last {
+                out.push(cmp(NFT_CMP_EQ, &first.to_be_bytes()));
+            } else {
+                out.push(cmp(NFT_CMP_GTE, &first.to_be_bytes()));
+                out.push(cmp(NFT_CMP_LTE, &last.to_be_bytes()));
+            }
+        }
+        Match::CtMarkInSet { set } => {
+            out.push(ct_load(NFT_CT_MARK, false));
+            out.push(lookup(set, set_id, true));
+        }
+        Match::SourceMacNotInSet { set } => {
+            out.push(meta_load(NFT_META_IIFTYPE));
+            out.push(cmp(NFT_CMP_EQ, &ARPHRD_ETHER.to_ne_bytes()));
+            out.push(payload_load(
+                NFT_PAYLOAD_NETWORK_HEADER,
+                IPV4_SADDR,
+                4,
+                NFT_REG_1,
+            ));
+            out.push(payload_load(NFT_PAYLOAD_LL_HEADER, 6, 6, NFT_REG32_01));
+            out.push(lookup(set, set_id, false));
+        }
+    }
+}
+
+/// A NEWRULE payload of a dump as (table, reading): its chain, handle, comment and
+/// the first counter among its expressions.
+pub(super) fn parse_rule_counter(payload: &[u8]) -> Option<(String, RuleCounterReading)> {
+    let mut table = None;
+    let mut chain = None;
+    let mut handle = None;
+    let mut comment = String::new();
+    let mut counter = None;
+    for (kind, value) in attrs(payload.get(NFGENMSG_LEN..)?) {
+        match kind {
+            NFTA_RULE_TABLE => table = Some(c_string(value)),
+            NFTA_RULE_CHAIN => chain = Some(c_string(value)),
+            NFTA_RULE_HANDLE => handle = be64(value),
+            NFTA_RULE_EXPRESSIONS => {
+                counter = counter.or_else(|| list_exprs(value).find_map(counter_of))
+            }
+            NFTA_RULE_USERDATA => comment = comment_of(value).unwrap_or_default(),
+            _ => {}
+        }
+    }
+    let (packets, bytes) = counter.unwrap_or((0, 0));
+    Some((
+        table?,
+        RuleCounterReading {
+            chain: chain?,
+            handle: handle?,
+            comment,
+            packets,
+            bytes,
+        },
+    ))
+}
+
+fn counter_of(e: Expr) -> Option<(u64, u64)> {
+    match e {
+        Expr::Counter { bytes, packets } => Some((packets, bytes)),
+        _ => None,
+    }
+}
+
+/// The elements of a NEWSETELEM payload of a dump of set `set` in `table` (none if it
+/// is of another one): host-order u32 keys, comments, counters.
+pub(super) fn parse_mark_counters(
+    payload: &[u8],
+    table: &str,
+    set: &str,
+) -> Vec<MarkCounterReading> {
+    let Some(body) = payload.get(NFGENMSG_LEN..) else {
+        return Vec::new();
+    };
+    let mut of_table = None;
+    let mut of_set = None;
+    let mut out = Vec::new();
+    for (kind, value) in attrs(body) {
+        match kind {
+            NFTA_SET_ELEM_LIST_TABLE => of_table = Some(c_string(value)),
+            NFTA_SET_ELEM_LIST_SET => of_set = Some(c_string(value)),
+            NFTA_SET_ELEM_LIST_ELEMENTS => out.extend(
+                attrs(value)
+                    .filter(|(k, _)| *k == NFTA_LIST_ELEM)
+                    .filter_map(|(_, elem)| parse_mark_element(elem)),
+            ),
+            _ => {}
+        }
+    }
+    if of_table.as_deref() != Some(table) || of_set.as_deref() != Some(set) {
+        return Vec::new();
+    }
+    out
+}
+
+fn parse_mark_element(elem: &[u8]) -> Option<MarkCounterReading> {
+    let mut key = None;
+    let mut comment = None;
+    let mut counter = None;
+    for (kind, value) in attrs(elem) {
+        match kind {
+            NFTA_SET_ELEM_KEY => {
+                key = attrs(value)
+                    .find(|(k, _)| *k == NFTA_DATA_VALUE)
+                    .and_then(|(_, v)| <[u8; 4]>::try_from(v).ok())
+                    .map(u32::from_ne_bytes);
+            }
+            NFTA_SET_ELEM_USERDATA => comment = comment_of(value),
+            NFTA_SET_ELEM_EXPR => counter = counter.or_else(|| counter_of(parse_expr(value))),
+            NFTA_SET_ELEM_EXPRESSIONS => {
+                counter = counter.or_else(|| list_exprs(value).find_map(counter_of))
+            }
+            _ => {}
+        }
+    }
+    let (packets, bytes) = counter.unwrap_or((0, 0));
+    Some(MarkCounterReading {
+        key: key?,
+        comment,
+        packets,
+        bytes,
+    })
+}
