@@ -46,7 +46,7 @@ pub enum Enforced {
 pub struct AclReading {
     /// Per rule, in policy order, the default last; totals since start.
     pub rules: Vec<AclRuleCounters>,
-    /// Packets dropped per (rule, source stack; None: a source no stack announces),
+    /// Packets dropped per (rule, source stack; None: no stack, such as forged sources),
     /// totals since start.
     pub drops: Vec<(String, Option<StackName>, u64)>,
 }
@@ -159,11 +159,18 @@ pub fn reading(policy: &Policy, counters: &AclCounters) -> AclReading {
         };
         rules.push(row(counted, verdict, c));
     }
-    let drops = counters
+    // Drops by source stack come from the class chains; the checks before them
+    // (forged sources, TCP without SYN, closed) have no stack to name.
+    let mut drops: Vec<(String, Option<StackName>, u64)> = counters
         .dropped_from
         .iter()
         .map(|((counted, stack), c)| (counted.label(), stack.clone(), c.packets))
         .collect();
+    for (counted, c) in &counters.rules {
+        if !matches!(counted, Counted::Rule(_) | Counted::Default) {
+            drops.push((counted.label(), None, c.dropped.packets));
+        }
+    }
     AclReading { rules, drops }
 }
 
@@ -425,16 +432,21 @@ pub struct DropSummaries {
     pending: BTreeMap<String, (u64, BTreeMap<Option<StackName>, u64>)>,
     /// Per rule: when its last summary went out.
     last: BTreeMap<String, u64>,
+    /// The first reading was taken: it is the baseline (totals carried from before
+    /// this process, such as a previous router's table, are not news).
+    primed: bool,
 }
 
 impl DropSummaries {
-    /// Takes in one reading of totals at `now_ms`; returns the summaries due. A total
-    /// that went down (the counters started over) counts from zero.
+    /// Takes in one reading of totals at `now_ms`; returns the summaries due. The
+    /// first reading is the baseline; a total that went down (the counters started
+    /// over) counts from zero.
     pub fn observe(
         &mut self,
         drops: &[(String, Option<StackName>, u64)],
         now_ms: u64,
     ) -> Vec<String> {
+        let baseline = !std::mem::replace(&mut self.primed, true);
         for (rule, stack, total) in drops {
             let key = (rule.clone(), stack.clone());
             let before = self.seen.insert(key, *total).unwrap_or(0);
@@ -443,7 +455,7 @@ impl DropSummaries {
             } else {
                 *total
             };
-            if delta == 0 {
+            if delta == 0 || baseline {
                 continue;
             }
             let (_, per) = self
@@ -476,7 +488,7 @@ impl DropSummaries {
                 .iter()
                 .map(|(s, n)| match s {
                     Some(s) => format!("stack {s} {n}"),
-                    None => format!("sources no stack announces {n}"),
+                    None => format!("sources of no stack {n}"),
                 })
                 .collect();
             let secs = now_ms.saturating_sub(from) as f64 / 1000.0;
@@ -561,7 +573,13 @@ mod tests {
             ]
         );
         assert_eq!(r.rules[0].accepted_bytes, 1000);
-        assert_eq!(r.drops, [("(default)".to_string(), stack("ops"), 4)]);
+        assert_eq!(
+            r.drops,
+            [
+                ("(default)".to_string(), stack("ops"), 4),
+                ("(spoof from overlay)".to_string(), None, 3)
+            ]
+        );
     }
 
     #[test]
@@ -569,7 +587,11 @@ mod tests {
         let mut d = DropSummaries::default();
         let t0 = 1_000_000;
         let r = |rule: &str, s: Option<StackName>, n: u64| (rule.to_string(), s, n);
-        // Nothing dropped: nothing to say.
+        // The first reading is the baseline (a previous router's totals); then
+        // nothing dropped: nothing to say.
+        assert!(d
+            .observe(&[r("default", stack("web"), 40)], t0 - 1)
+            .is_empty());
         assert!(d.observe(&[r("default", stack("web"), 0)], t0).is_empty());
         // The first drops are reported at once, largest source first.
         let out = d.observe(
@@ -583,7 +605,7 @@ mod tests {
         );
         assert_eq!(
             out,
-            ["rule \"default\" dropped 9 packet(s) in the last 0 s, from: stack ops 5, stack web 3, sources no stack announces 1"]
+            ["rule \"default\" dropped 9 packet(s) in the last 0 s, from: stack ops 5, stack web 3, sources of no stack 1"]
         );
         // More drops within 10 s wait; another rule has its own clock.
         assert!(d
@@ -834,6 +856,7 @@ mod tests {
             dropped_packets: dropped,
             dropped_bytes: dropped * 100,
         };
+        assert!(a.read(4_000).is_empty(), "the baseline");
         k.borrow_mut().reading = AclReading {
             rules: vec![rule("default", 7)],
             drops: vec![("default".into(), stack("web"), 7)],

@@ -223,6 +223,24 @@ pub fn acl_verdict(own: Option<&vrouter_state::ProbesFile>) -> Result<(), String
     }
 }
 
+/// Whether the kernel holds the access policy: the rules of table `ip vrouter_acl`
+/// as dumped (`vrouter_kernel::Nft::rule_counters`; none when the table is missing).
+/// Pure.
+pub fn acl_table_verdict(rules: &[vrouter_kernel::RuleCounterReading]) -> Result<(), String> {
+    use crate::acl::compile::{COMMENT_CLOSED, TABLE};
+    if rules.is_empty() {
+        return Err(format!(
+            "no access table (ip {TABLE}) in the router's namespace: the access policy is not enforced (the router is not running, or cannot install it; see its log)"
+        ));
+    }
+    if rules.iter().any(|r| r.comment == COMMENT_CLOSED) {
+        return Err(format!(
+            "the closed access table is in force (ip {TABLE}): the policy could not be installed, nothing enters the stack from the overlay; see the acl_closed event"
+        ));
+    }
+    Ok(())
+}
+
 /// `vrouter-router healthcheck`, run in the router's namespace (the image's
 /// HEALTHCHECK): reads routes.json and the kernel itself, never the daemon's files.
 pub async fn healthcheck(settings: &Settings) -> Result<String, String> {
@@ -242,6 +260,10 @@ pub async fn healthcheck(settings: &Settings) -> Result<String, String> {
         let observed = apply::observe(&kernel, overlay.index())
             .await
             .context("dumping routes and neighbours")?;
+        let acl_rules =
+            vrouter_kernel::Nft::connect(crate::acl::compile::TABLE, crate::acl::compile::CHAIN)
+                .and_then(|nft| nft.rule_counters())
+                .map_err(|e| format!("cannot read the access table: {e}"));
         let dir = StateDir::open_readonly(&settings.state_dir)?;
         let routes = dir.read_routes();
         let probes = dir
@@ -255,6 +277,7 @@ pub async fn healthcheck(settings: &Settings) -> Result<String, String> {
                 settings.reconcile_interval,
             )
             .and_then(|()| acl_verdict(probes.as_ref()))
+            .and_then(|()| acl_rules.and_then(|rules| acl_table_verdict(&rules)))
             .and_then(|()| verdict(&own, routes, &overlay, &ifname, &observed)),
         )
     };
@@ -495,6 +518,28 @@ mod tests {
             e,
             "access policy not in force, nothing enters the stack from the overlay: the kernel refused the table (EINVAL)"
         );
+    }
+
+    #[test]
+    fn the_kernel_must_hold_the_policy_table_not_the_closed_one() {
+        let rule = |comment: &str| vrouter_kernel::RuleCounterReading {
+            chain: "forward".into(),
+            handle: 4,
+            comment: comment.into(),
+            packets: 0,
+            bytes: 0,
+        };
+        let e = acl_table_verdict(&[]).unwrap_err();
+        assert!(e.starts_with("no access table (ip vrouter_acl)"), "{e}");
+        let policy = [
+            rule("acl spoof-from-stack"),
+            rule("acl admitted"),
+            rule("acl fallback"),
+        ];
+        assert_eq!(acl_table_verdict(&policy), Ok(()));
+        let closed = [rule("acl spoof-from-stack"), rule("acl closed")];
+        let e = acl_table_verdict(&closed).unwrap_err();
+        assert!(e.contains("closed access table is in force"), "{e}");
     }
 
     #[test]

@@ -193,14 +193,16 @@ pub async fn overlay_link(
 }
 
 /// Takes over the link discovery just moved into this namespace under `ifname`:
-/// removes a stale overlay link, renames the new one, sets its MAC and MTU, brings
-/// it up. Returns its index.
+/// removes a stale overlay link, renames the new one, sets its MAC and MTU, and
+/// brings it up unless `up` is false (no access table could be installed: the link
+/// stays down until one is). Returns its index.
 pub async fn adopt(
     kernel: &Kernel,
     ifname: &str,
     name: &str,
     mac: Mac,
     mtu: u32,
+    up: bool,
 ) -> anyhow::Result<u32> {
     let link = kernel
         .link_by_name(ifname)
@@ -235,10 +237,12 @@ pub async fn adopt(
             .await
             .with_context(|| format!("setting {name}'s MTU to {mtu}"))?;
     }
-    kernel
-        .set_up(link.index)
-        .await
-        .with_context(|| format!("bringing {name} up"))?;
+    if up {
+        kernel
+            .set_up(link.index)
+            .await
+            .with_context(|| format!("bringing {name} up"))?;
+    }
     Ok(link.index)
 }
 

@@ -76,6 +76,9 @@ pub struct Router {
     acl_settings: AclSettings,
     /// The rules' counters, published to the probe task.
     acl_counters: watch::Sender<Vec<AclRuleCounters>>,
+    /// The overlay link is down because no access table could be installed (the
+    /// router took it down, or adopted it without bringing it up).
+    link_held: bool,
 }
 
 /// Runs the router until SIGTERM or SIGINT. Neither sends Leave: Docker sends SIGTERM
@@ -143,7 +146,11 @@ pub async fn run(settings: Settings, policy: Policy) -> anyhow::Result<()> {
     };
     let (access, acl_events) = Access::start(policy, surround, access::start_enforcer);
     for (kind, message) in acl_events {
-        tracing::warn!("{message}");
+        if kind == EventKind::AclInstalled {
+            tracing::info!("{message}");
+        } else {
+            tracing::error!("{message}");
+        }
         events.emit(kind, message);
     }
 
@@ -151,7 +158,10 @@ pub async fn run(settings: Settings, policy: Policy) -> anyhow::Result<()> {
     let _watcher = watch_files(&settings.state_dir, ROUTES_FILE.as_ref(), file_tx);
     let (acl_file_tx, mut acl_file_rx) = mpsc::unbounded_channel::<()>();
     let _acl_watcher = settings.acl.file.as_deref().and_then(|path| {
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty())?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => std::path::Path::new("."),
+        };
         watch_files(dir, path.file_name()?, acl_file_tx)
     });
     let (acl_counters, acl_counters_rx) = watch::channel(Vec::new());
@@ -201,6 +211,7 @@ pub async fn run(settings: Settings, policy: Policy) -> anyhow::Result<()> {
         access,
         acl_settings: settings.acl.clone(),
         acl_counters,
+        link_held: false,
     };
     router.hold_link().await;
 
@@ -399,10 +410,9 @@ impl Router {
     }
 
     async fn tick(&mut self) {
-        if self.access.link_blocked().is_some() {
-            let events = self.access.retry(access::start_enforcer);
-            self.emit_all(events);
-        }
+        // Closed, or no table at all: try the policy again.
+        let events = self.access.retry(access::start_enforcer);
+        self.emit_all(events);
         self.hold_link().await;
         let overlay = self.overlay().await;
         match self.discovery.phase {
@@ -468,8 +478,13 @@ impl Router {
                     tracing::warn!(%mac, expected = %self.mac, "discovery sent another MAC; using the derived one");
                 }
                 self.discovery.phase = Phase::Registered;
-                match link::adopt(&self.kernel, &ifname, &self.overlay_name, self.mac, mtu).await {
+                // Without an access table the link is adopted but not brought up.
+                let up = self.access.link_blocked().is_none();
+                match link::adopt(&self.kernel, &ifname, &self.overlay_name, self.mac, mtu, up)
+                    .await
+                {
                     Ok(index) => {
+                        self.link_held |= !up;
                         tracing::info!(%ifname, link = %self.overlay_name, index, mtu, "overlay link attached");
                         self.hold_link().await;
                         self.reconcile(Trigger::Attached).await;
@@ -538,7 +553,7 @@ impl Router {
 
     fn emit_all(&self, events: access::Events) {
         for (kind, message) in events {
-            if kind == vrouter_state::EventKind::AclInstalled {
+            if kind == EventKind::AclInstalled {
                 tracing::info!("{message}");
             } else {
                 tracing::warn!("{message}");
@@ -572,22 +587,36 @@ impl Router {
     }
 
     /// Keeps the overlay link down while no access table can be installed, and
-    /// brings it back up once one is.
+    /// brings it back up once one is (only a link held down here: a link down for
+    /// another reason is discovery's to replace).
     async fn hold_link(&mut self) {
+        let blocked = self.access.link_blocked().is_some();
+        if !blocked && !self.link_held {
+            return;
+        }
         let Ok(Some(link)) = self.kernel.link_by_name(&self.overlay_name).await else {
             return;
         };
-        let blocked = self.access.link_blocked().is_some();
         let result = match (blocked, link.up) {
             (true, true) => {
                 tracing::error!(link = %self.overlay_name, "holding the overlay link down: no access table is in force");
-                self.kernel.set_down(link.index).await
+                self.kernel
+                    .set_down(link.index)
+                    .await
+                    .map(|()| self.link_held = true)
             }
-            (false, false) if link.mac == Some(self.mac) => {
+            (false, false) => {
                 tracing::info!(link = %self.overlay_name, "access table in force: bringing the overlay link up");
-                self.kernel.set_up(link.index).await
+                self.kernel
+                    .set_up(link.index)
+                    .await
+                    .map(|()| self.link_held = false)
             }
-            _ => Ok(()),
+            (false, true) => {
+                self.link_held = false;
+                Ok(())
+            }
+            (true, false) => Ok(()),
         };
         if let Err(e) = result {
             tracing::warn!(link = %self.overlay_name, error = %e, "cannot set the overlay link's state");
@@ -827,4 +856,48 @@ fn log_plan(trigger: Trigger, plan: &[Change]) {
     }
     let summary: Vec<String> = kinds.iter().map(|(k, n)| format!("{k}: {n}")).collect();
     tracing::info!(?trigger, changes = plan.len(), "{}", summary.join(", "));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vrouter_state::{RoutesFile, StackName, StackRoutes, Vni};
+
+    #[test]
+    fn access_follows_the_routes_the_router_accepts() {
+        let own = StackSpec {
+            name: StackName::new("a").unwrap(),
+            vni: Vni::new(1000).unwrap(),
+            prefixes: vec!["10.1.0.0/24".parse().unwrap()],
+            router_ip: "10.1.0.254".parse().unwrap(),
+        };
+        let route = |prefix: &str, stack: &str, via: &str| {
+            let via: std::net::Ipv4Addr = via.parse().unwrap();
+            RemoteRoute {
+                prefix: prefix.parse().unwrap(),
+                stack: StackName::new(stack).unwrap(),
+                via,
+                mac: Mac::for_router(Vni::new(1000).unwrap(), via),
+                host: "198.18.0.2".parse().unwrap(),
+                same_host: false,
+            }
+        };
+        let mut file = RoutesFile::default();
+        assert_eq!(accepted_remote(&own, &file), None, "not listed");
+        file.stacks.insert(
+            own.name.clone(),
+            StackRoutes {
+                vni: None,
+                routes: vec![
+                    route("10.2.0.0/24", "b", "10.2.0.254"),
+                    // Overlaps this stack's prefix: skipped by the router, so no rights.
+                    route("10.1.0.0/25", "x", "10.9.0.254"),
+                    // A second route for b's prefix via another router: skipped.
+                    route("10.2.0.0/24", "y", "10.8.0.254"),
+                ],
+            },
+        );
+        let got = accepted_remote(&own, &file).unwrap();
+        assert_eq!(got, vec![route("10.2.0.0/24", "b", "10.2.0.254")]);
+    }
 }
