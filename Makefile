@@ -55,6 +55,7 @@ bench: setup build images
 	bash .ci/cleanup
 	target/release/vrt-bench --out target/bench/datapath.json
 	target/release/vrt-ctl-bench --out target/bench/control.json
+	target/release/vrt-acl-bench --out target/bench/acl.json
 	target/release/vrt-gossip-bench --out target/bench/gossip-real.json
 	target/release/gossip-sim --n1000 --out target/bench/gossip-sim.json
 	target/release/vrt-image-sizes --tag $(IMAGE_TAG) --out target/bench/images.json

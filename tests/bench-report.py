@@ -100,6 +100,29 @@ DESIGN.md").""",
 - **ready**: time from a daemon's start until it is ready.""",
     ),
     (
+        "acl",
+        "Access control between stacks (`vrt-acl-bench`)",
+        """\
+What a stack's access policy (issue 14) costs, with the real daemons on two simulated
+hosts: stack a on host 1, stack b on host 2, traffic b -> a, a's router enforcing a's
+policy from its policy file.
+
+- **tcp1**: single-stream TCP (iperf3) with a's router holding no access table at all
+  (`none`: deleted by hand, as before access control existed), the default policy
+  (`allow`: default allow, no rules, what every router runs) and default deny with 100
+  rules (`deny100`), interleaved, the order rotated per round. Established flows are
+  accepted by their connection mark and never reach the rules.
+- **connrate**: new TCP connections per second b -> a (connect, then reset; two client
+  threads) with default deny and 1 rule, and with 1,000 rules (999 of them about other
+  sources, as a policy naming many stacks has). A new connection is classified once:
+  an interval map from source ranges to a small chain per range, so its cost follows
+  the rules covering its source, not the number of rules.
+- **apply**: a change to a 1,000-rule policy (one rule's port), from the rename of the
+  policy file until the end of the router's nftables transaction (the kernel's NEWGEN
+  notification, read in the router's namespace); it includes the router's 20 ms wait
+  for the file to settle and the compilation of the whole table.""",
+    ),
+    (
         "images",
         "Image sizes (`vrt-image-sizes`)",
         """\

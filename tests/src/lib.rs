@@ -42,7 +42,7 @@ pub use firewall::{render_ruleset, FwNetwork};
 pub use http::{http_get, http_request, metric, HttpReply};
 pub use probe::{
     ping, ping_burst, ping_count, probe_bin, send_udp_file, tcp_hold, tcp_send, udp_burst,
-    TcpServer, UdpCapture, UdpSink,
+    udp_burst_opts, udp_rr, TcpServer, UdpCapture, UdpEcho, UdpSink,
 };
 pub use topology::{Container, Host, Network, Protection, Role, Topology, TopologyBuilder};
 

@@ -356,6 +356,23 @@ impl UdpSink {
         })
     }
 
+    /// Waits for the sink to finish (all its datagrams, or its timeout) and returns what
+    /// it got, complete or not: `(datagrams, IP bytes)`.
+    pub fn received(&mut self, timeout: Duration) -> Result<(u64, u64)> {
+        self.daemon.wait_exit(timeout)?;
+        let text = std::fs::read_to_string(&self.out)
+            .with_context(|| format!("reading {}", self.out.display()))?;
+        let value = |key: &str| {
+            text.split_whitespace()
+                .find_map(|t| t.strip_prefix(key))
+                .and_then(|v| v.parse().ok())
+        };
+        match (value("received="), value("ip_bytes=")) {
+            (Some(n), Some(b)) => Ok((n, b)),
+            _ => bail!("udp-sink wrote {text:?}"),
+        }
+    }
+
     /// Waits for the sink to get all its datagrams: `(datagrams, IP bytes)`.
     pub fn wait(&mut self, timeout: Duration) -> Result<(u64, u64)> {
         self.daemon.wait_success(timeout)?;
@@ -376,19 +393,104 @@ impl UdpSink {
 /// Starts sending `count` UDP datagrams of exactly `ip_size` IP bytes from `ns` to `to`
 /// (`ip:port`); wait for the returned process with `wait_success`.
 pub fn udp_burst(ns: &str, to: &str, count: u64, ip_size: u64, log_dir: &Path) -> Result<Daemon> {
-    spawn_in(
-        ns,
-        log_dir,
-        &probe(),
+    udp_burst_opts(ns, to, count, ip_size, None, None, log_dir)
+}
+
+/// [`udp_burst`] with the source address bound to `from` (which must be an address of
+/// the namespace: add it to forge a source) and `gap_us` between datagrams.
+pub fn udp_burst_opts(
+    ns: &str,
+    to: &str,
+    count: u64,
+    ip_size: u64,
+    from: Option<std::net::Ipv4Addr>,
+    gap_us: Option<u64>,
+    log_dir: &Path,
+) -> Result<Daemon> {
+    let (count, size) = (count.to_string(), ip_size.to_string());
+    let from = from.map(|f| f.to_string());
+    let gap = gap_us.map(|g| g.to_string());
+    let mut args = vec!["udp-send", "--to", to, "--count", &count, "--size", &size];
+    if let Some(f) = &from {
+        args.extend(["--from", f.as_str()]);
+    }
+    if let Some(g) = &gap {
+        args.extend(["--gap-us", g.as_str()]);
+    }
+    spawn_in(ns, log_dir, &probe(), &args, &[])
+}
+
+/// A running `vrt-probe udp-echo`: answers every datagram on a port with itself.
+pub struct UdpEcho {
+    pub daemon: Daemon,
+    pub out: PathBuf,
+}
+
+impl UdpEcho {
+    /// Starts an echo server in `ns` on `port` for `count` datagrams (returns once
+    /// bound); it gives up after `timeout`.
+    pub fn start(
+        ns: &str,
+        port: u16,
+        count: u64,
+        timeout: Duration,
+        log_dir: &Path,
+    ) -> Result<UdpEcho> {
+        std::fs::create_dir_all(log_dir)?;
+        let out = log_dir.join(format!("udp-echo-{ns}-{port}.out"));
+        let ready = PathBuf::from(format!("{}.ready", out.display()));
+        let _ = std::fs::remove_file(&out);
+        let _ = std::fs::remove_file(&ready);
+        let (port_s, count_s) = (port.to_string(), count.to_string());
+        let out_s = out.to_string_lossy().into_owned();
+        let ms = timeout.as_millis().max(1).to_string();
+        let args = [
+            "udp-echo",
+            "--port",
+            &port_s,
+            "--out",
+            &out_s,
+            "--count",
+            &count_s,
+            "--timeout-ms",
+            &ms,
+        ];
+        let mut daemon = spawn_in(ns, log_dir, &probe(), &args, &[])?;
+        let ok = crate::wait_until(Duration::from_secs(5), Duration::from_millis(10), || {
+            ready.exists() || !daemon.is_running()
+        });
+        if !ok || !ready.exists() {
+            bail!("udp-echo did not start\n{}", daemon.logs());
+        }
+        Ok(UdpEcho { daemon, out })
+    }
+}
+
+/// `count` UDP requests from `ns` to `to` (`ip:port`, an [`UdpEcho`]) over one flow,
+/// within `timeout`: `(requests sent incl. resends, answered)`.
+pub fn udp_rr(ns: &str, to: &str, count: u64, timeout: Duration) -> Result<(u64, u64)> {
+    let out = exec_timeout(
+        Some(ns),
         &[
-            "udp-send",
+            &probe(),
+            "udp-rr",
             "--to",
             to,
             "--count",
             &count.to_string(),
-            "--size",
-            &ip_size.to_string(),
+            "--timeout-ms",
+            &timeout.as_millis().max(1).to_string(),
         ],
-        &[],
-    )
+        timeout + Duration::from_secs(5),
+    )?;
+    let value = |key: &str| {
+        out.stdout
+            .split_whitespace()
+            .find_map(|t| t.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+    };
+    match (value("sent="), value("answered=")) {
+        (Some(s), Some(a)) => Ok((s, a)),
+        _ => bail!("udp-rr failed: {} {}", out.stdout.trim(), out.stderr.trim()),
+    }
 }

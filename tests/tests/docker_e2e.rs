@@ -112,6 +112,63 @@ fn tcp_check(from: &Stack, to: &Stack, port: u16) {
     );
 }
 
+/// `to`'s access policy keeps `from` out on `port`: a server listens there, and a TCP
+/// connection from `from`'s service neither completes nor reaches it.
+fn tcp_refused_by_policy(from: &Stack, to: &Stack, port: u16) {
+    let to_ip = web_ip(to);
+    let out = format!("/tmp/srv-{port}");
+    to.exec_detached(
+        "web",
+        &[
+            "vrt-probe",
+            "tcp-serve",
+            &format!("0.0.0.0:{port}"),
+            &out,
+            "10",
+        ],
+    )
+    .unwrap();
+    let ready = within(FIVE_S, || {
+        to.exec("web", &["cat", &format!("{out}.ready")])
+            .map(|o| o.success())
+            .unwrap_or(false)
+    });
+    assert!(
+        ready.is_some(),
+        "tcp-serve did not start in {}",
+        to.spec.project()
+    );
+    let sent = from
+        .exec(
+            "web",
+            &[
+                "vrt-probe",
+                "tcp-send",
+                &format!("{to_ip}:{port}"),
+                "1000",
+                "3",
+            ],
+        )
+        .unwrap();
+    assert!(
+        !sent.success(),
+        "TCP {} -> {}:{port} passed; {}'s policy denies it: {}",
+        from.spec.project(),
+        to.spec.project(),
+        to.spec.project(),
+        sent.stdout
+    );
+    let seen = to
+        .exec("web", &["cat", &out])
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    assert!(
+        !seen.contains("peer="),
+        "{}'s server saw a connection on {port}: {seen:?}",
+        to.spec.project()
+    );
+}
+
 /// Nothing passes from `from`'s service to `to`'s: neither ping nor TCP.
 fn assert_unreachable(from: &Stack, to_ip: &str) {
     assert!(
@@ -325,7 +382,15 @@ fn docker_stacks_on_one_host() {
         s
     };
     let mut a = Stack::new(spec("a", Pattern::MultiStackA, 1000, "10.201.0"), &images).unwrap();
-    let mut b = Stack::new(spec("b", Pattern::MultiStackB, 1000, "10.202.0"), &images).unwrap();
+    // Stack b's file carries an access policy (default deny; stack a on TCP 5000-5099
+    // and ping); its rule names stack "a", which is this test's project name for a.
+    let mut b_spec = spec("b", Pattern::MultiStackB, 1000, "10.202.0");
+    let a_name = a.spec.project();
+    b_spec.compose_env.push((
+        "VROUTER_ALLOW_B".into(),
+        format!("{a_name}:tcp/5000-5099, {a_name}:icmp"),
+    ));
+    let mut b = Stack::new(b_spec, &images).unwrap();
     let mut c = Stack::new(spec("c", Pattern::PrivSep, 2000, "10.203.0"), &images).unwrap();
     for s in [&a, &b, &c] {
         assert_router_only(s);
@@ -363,6 +428,26 @@ fn docker_stacks_on_one_host() {
     assert_unreachable(&c, &a_ip);
     assert_unreachable(&c, &b_ip);
 
+    // b's access policy, from its compose file, is in b's router and enforced: a
+    // reached b on TCP 5001 and by ping above, and b's own connection to a (5002) got
+    // its replies; a port outside the rule is closed to a.
+    let b_config = b.deploy_config().unwrap();
+    assert!(
+        b_config.contains("VROUTER_DEFAULT_POLICY: deny")
+            && b_config.contains(&format!("{a_name}:tcp/5000-5099")),
+        "stack b's file carries no policy:\n{b_config}"
+    );
+    let b_router = container_facts(&b.container("router").unwrap()).unwrap();
+    let table = in_container_netns(b_router.pid, &["nft", "list", "table", "ip", "vrouter_acl"])
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    assert!(
+        table.contains("chain forward"),
+        "no access table in b's router:\n{table}\n{}",
+        b.logs()
+    );
+    tcp_refused_by_policy(&a, &b, 6001);
+
     // Privileges, as docker inspect and the kernel see them; stacks hold no discovery.
     for s in [&a, &b, &c] {
         let r = container_facts(&s.container("router").unwrap()).unwrap();
@@ -381,7 +466,7 @@ fn docker_stacks_on_one_host() {
     let id = disc.container("discovery").unwrap();
     let st = wait_healthy(&id, Duration::from_secs(40));
     assert_eq!(st, "healthy", "discovery of the host");
-    for s in [&a, &c] {
+    for s in [&a, &b, &c] {
         let id = s.container("router").unwrap();
         let st = wait_healthy(&id, Duration::from_secs(40));
         assert_eq!(st, "healthy", "router of {}", s.spec.project());

@@ -34,6 +34,30 @@
 //!   udp-send --to <ip:port> --count <N> --size <IP bytes> [--gap-us <G>=200]
 //!       Sends N datagrams of exactly <IP bytes> each (IPv4 + UDP header + payload),
 //!       G microseconds apart; prints `sent count=<n> ip_bytes=<b>`.
+//!   udp-send ... --from <ipv4>
+//!       Binds the sending socket to that local address (a forged source, if the test
+//!       added the address to the namespace).
+//!   udp-echo --port <P> --out <file> --count <N> --timeout-ms <T>
+//!       Binds 0.0.0.0:P, creates `<file>.ready`, sends every datagram back to its
+//!       sender until N were echoed or T ms passed; writes `echoed=<n> peer=<addr>` to
+//!       <file>; exit 0 only if N were echoed.
+//!   udp-rr --to <ip:port> --count <N> --timeout-ms <T>
+//!       N requests from one socket (one UDP flow), each resent up to 5 times 300 ms
+//!       apart until its echo comes back; prints `sent=<s> answered=<a>`; exit 0 only
+//!       if all N were answered within T ms.
+//!   tcp-accept --addr <ip:port> --ready <file> --secs <S>
+//!       Listens (backlog 4096), creates <file>, accepts and closes connections at once
+//!       for S seconds; prints `accepted=<n>`.
+//!   tcp-connect-rate --to <ip:port> --secs <S> [--threads <T>=2]
+//!       T threads open connections to a tcp-accept server and reset them (SO_LINGER 0,
+//!       so no TIME_WAIT holds the ports), as fast as they can for S seconds; prints
+//!       `connections=<n> failed=<f> secs=<s> rate=<per second>`.
+//!   nft-newgen --table <name> --ready <file> --secs <S>
+//!       Listens to nf_tables notifications (NFNLGRP_NFTABLES) in the namespace; for
+//!       every transaction that creates table <name>, prints one line when its
+//!       NEWGEN message arrives: `newgen realtime_ns=<ns> rules=<n> elements=<n>`
+//!       (CLOCK_REALTIME when read; rules and set-element messages of the transaction).
+//!       Runs S seconds; fails if notifications were lost (ENOBUFS).
 //!   udp-sink --port <P> --out <file> --count <N> --timeout-ms <T>
 //!       Binds 0.0.0.0:P, creates `<file>.ready`, counts datagrams until N arrived or T
 //!       ms passed, then writes `received=<n> ip_bytes=<b>` to <file> atomically; exit 0
@@ -46,7 +70,7 @@ use std::time::{Duration, Instant};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: vrt-probe tcp-serve <ip:port> <outfile> [idle_s] | tcp-send <ip:port> <bytes> [timeout_s] | tcp-hold <ip:port> <seconds> [max_stall_ms] | tcp-rr <ip:port> <iterations> [timeout_s] | ping <ip> <count> <timeout_ms> [interval_ms] | capture-udp --port P --out FILE --timeout-ms T [--src IP] | send-file --to IP:PORT --file FILE [--from-port P] | udp-send --to IP:PORT --count N --size B [--gap-us G] | udp-sink --port P --out FILE --count N --timeout-ms T"
+        "usage: vrt-probe tcp-serve <ip:port> <outfile> [idle_s] | tcp-send <ip:port> <bytes> [timeout_s] | tcp-hold <ip:port> <seconds> [max_stall_ms] | tcp-rr <ip:port> <iterations> [timeout_s] | ping <ip> <count> <timeout_ms> [interval_ms] | capture-udp --port P --out FILE --timeout-ms T [--src IP] | send-file --to IP:PORT --file FILE [--from-port P] | udp-send --to IP:PORT --count N --size B [--gap-us G] [--from IP] | udp-echo --port P --out FILE --count N --timeout-ms T | udp-rr --to IP:PORT --count N --timeout-ms T | tcp-accept --addr IP:PORT --ready FILE --secs S | tcp-connect-rate --to IP:PORT --secs S [--threads T] | nft-newgen --table NAME --ready FILE --secs S | udp-sink --port P --out FILE --count N --timeout-ms T"
     );
     exit(2)
 }
@@ -132,6 +156,33 @@ fn main() {
             flag(&args, "--count", None),
             flag(&args, "--size", None),
             flag(&args, "--gap-us", Some(200u64)),
+            flag_opt(&args, "--from"),
+        ),
+        Some("udp-echo") => udp_echo(
+            flag(&args, "--port", None),
+            flag::<String>(&args, "--out", None),
+            flag(&args, "--count", None),
+            flag(&args, "--timeout-ms", None),
+        ),
+        Some("tcp-accept") => tcp_accept(
+            flag(&args, "--addr", None),
+            flag::<String>(&args, "--ready", None),
+            flag(&args, "--secs", None),
+        ),
+        Some("tcp-connect-rate") => tcp_connect_rate(
+            flag(&args, "--to", None),
+            flag(&args, "--secs", None),
+            flag(&args, "--threads", Some(2usize)),
+        ),
+        Some("nft-newgen") => nft_newgen(
+            flag::<String>(&args, "--table", None),
+            flag::<String>(&args, "--ready", None),
+            flag(&args, "--secs", None),
+        ),
+        Some("udp-rr") => udp_rr(
+            flag(&args, "--to", None),
+            flag(&args, "--count", None),
+            flag(&args, "--timeout-ms", None),
         ),
         Some("udp-sink") => udp_sink(
             flag(&args, "--port", None),
@@ -146,12 +197,13 @@ fn main() {
 /// IPv4 header without options plus the UDP header.
 const UDP_IP_OVERHEAD: usize = 28;
 
-fn udp_send(to: SocketAddr, count: u64, size: usize, gap_us: u64) {
+fn udp_send(to: SocketAddr, count: u64, size: usize, gap_us: u64, from: Option<Ipv4Addr>) {
     if !(UDP_IP_OVERHEAD..=1500).contains(&size) {
         fail(format!("--size {size}: use 28..=1500 IP bytes"));
     }
+    let from = from.unwrap_or(Ipv4Addr::UNSPECIFIED);
     let sock =
-        std::net::UdpSocket::bind(("0.0.0.0", 0)).unwrap_or_else(|e| fail(format!("bind: {e}")));
+        std::net::UdpSocket::bind((from, 0)).unwrap_or_else(|e| fail(format!("bind {from}: {e}")));
     let payload = vec![0x5au8; size - UDP_IP_OVERHEAD];
     for i in 0..count {
         let n = sock
@@ -191,6 +243,280 @@ fn udp_sink(port: u16, out: String, count: u64, timeout_ms: u64) {
         fail(format!(
             "{received} of {count} datagrams within {timeout_ms} ms"
         ));
+    }
+}
+
+fn udp_echo(port: u16, out: String, count: u64, timeout_ms: u64) {
+    let deadline = Instant::now() + Duration::from_millis(timeout_ms.max(1));
+    let sock = std::net::UdpSocket::bind(("0.0.0.0", port))
+        .unwrap_or_else(|e| fail(format!("bind port {port}: {e}")));
+    write_atomic(&format!("{out}.ready"), "ready\n");
+    let mut buf = vec![0u8; 65536];
+    let mut echoed = 0u64;
+    let mut peer = None;
+    while echoed < count {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        sock.set_read_timeout(Some(left.min(Duration::from_millis(500))))
+            .unwrap_or_else(|e| fail(format!("timeout: {e}")));
+        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+            peer = Some(from);
+            if sock.send_to(&buf[..n], from).is_ok() {
+                echoed += 1;
+            }
+        }
+    }
+    let peer = peer.map(|p| p.to_string()).unwrap_or_default();
+    let line = format!("echoed={echoed} peer={peer}\n");
+    write_atomic(&out, &line);
+    print!("{line}");
+    if echoed < count {
+        fail(format!(
+            "echoed {echoed} of {count} datagrams within {timeout_ms} ms"
+        ));
+    }
+}
+
+fn udp_rr(to: SocketAddr, count: u64, timeout_ms: u64) {
+    let deadline = Instant::now() + Duration::from_millis(timeout_ms.max(1));
+    let sock =
+        std::net::UdpSocket::bind(("0.0.0.0", 0)).unwrap_or_else(|e| fail(format!("bind: {e}")));
+    sock.connect(to)
+        .unwrap_or_else(|e| fail(format!("connect {to}: {e}")));
+    let mut buf = vec![0u8; 2048];
+    let (mut sent, mut answered) = (0u64, 0u64);
+    'outer: for i in 0..count {
+        let msg = format!("vrt-probe udp-rr {i}");
+        // Each request is sent until answered (at most 5 times, 300 ms apart): the
+        // first one may wait for neighbour resolution on the way.
+        for _ in 0..5 {
+            if Instant::now() >= deadline {
+                break 'outer;
+            }
+            sent += 1;
+            let _ = sock.send(msg.as_bytes());
+            let wait_until = Instant::now() + Duration::from_millis(300);
+            loop {
+                let left = wait_until
+                    .min(deadline)
+                    .saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                sock.set_read_timeout(Some(left))
+                    .unwrap_or_else(|e| fail(format!("timeout: {e}")));
+                match sock.recv(&mut buf) {
+                    Ok(n) if &buf[..n] == msg.as_bytes() => {
+                        answered += 1;
+                        continue 'outer;
+                    }
+                    Ok(_) => continue,
+                    Err(_) => break,
+                }
+            }
+        }
+        break;
+    }
+    println!("sent={sent} answered={answered}");
+    if answered < count {
+        fail(format!(
+            "{answered} of {count} requests answered within {timeout_ms} ms"
+        ));
+    }
+}
+
+fn tcp_accept(addr: SocketAddr, ready: String, secs: u64) {
+    use std::os::fd::AsRawFd;
+    let deadline = Instant::now() + Duration::from_secs(secs.clamp(1, 600));
+    let l = TcpListener::bind(addr).unwrap_or_else(|e| fail(format!("bind {addr}: {e}")));
+    // std's backlog is 128; a connection-rate test needs more.
+    unsafe {
+        libc::listen(l.as_raw_fd(), 4096);
+    }
+    write_atomic(&ready, "ready\n");
+    let mut accepted = 0u64;
+    while Instant::now() < deadline {
+        let mut pfd = libc::pollfd {
+            fd: l.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        if unsafe { libc::poll(&mut pfd, 1, 200) } <= 0 {
+            continue;
+        }
+        if let Ok((s, _)) = l.accept() {
+            accepted += 1;
+            drop(s);
+        }
+    }
+    println!("accepted={accepted}");
+}
+
+fn tcp_connect_rate(to: SocketAddr, secs: u64, threads: usize) {
+    let secs = secs.clamp(1, 600);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(secs);
+    let workers: Vec<_> = (0..threads.clamp(1, 64))
+        .map(|_| {
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0u64, 0u64);
+                while Instant::now() < deadline {
+                    match TcpStream::connect_timeout(&to, Duration::from_secs(1)) {
+                        Ok(s) => {
+                            // Reset instead of FIN: no TIME_WAIT, so ports are not used up.
+                            let lg = libc::linger {
+                                l_onoff: 1,
+                                l_linger: 0,
+                            };
+                            unsafe {
+                                libc::setsockopt(
+                                    std::os::fd::AsRawFd::as_raw_fd(&s),
+                                    libc::SOL_SOCKET,
+                                    libc::SO_LINGER,
+                                    &lg as *const libc::linger as *const libc::c_void,
+                                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                                );
+                            }
+                            ok += 1;
+                        }
+                        Err(_) => failed += 1,
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let (mut ok, mut failed) = (0u64, 0u64);
+    for w in workers {
+        let (o, f) = w.join().unwrap_or((0, 0));
+        ok += o;
+        failed += f;
+    }
+    let took = start.elapsed().as_secs_f64();
+    println!(
+        "connections={ok} failed={failed} secs={took:.3} rate={:.1}",
+        ok as f64 / took
+    );
+    if ok == 0 {
+        exit(1);
+    }
+}
+
+fn nft_newgen(table: String, ready: String, secs: u64) {
+    const NETLINK_NETFILTER: libc::c_int = 12;
+    const NFNLGRP_NFTABLES: u32 = 7;
+    const NFNL_SUBSYS_NFTABLES: u16 = 10;
+    const NFT_MSG_NEWTABLE: u16 = 0;
+    const NFT_MSG_NEWRULE: u16 = 6;
+    const NFT_MSG_NEWSETELEM: u16 = 12;
+    const NFT_MSG_NEWGEN: u16 = 15;
+    const NFTA_TABLE_NAME: u16 = 1;
+    let deadline = Instant::now() + Duration::from_secs(secs.clamp(1, 3600));
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, NETLINK_NETFILTER) };
+    if fd < 0 {
+        fail(format!(
+            "netlink socket: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let size: libc::c_int = 64 << 20;
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            &size as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    sa.nl_groups = 1 << (NFNLGRP_NFTABLES - 1);
+    let r = unsafe {
+        libc::bind(
+            fd,
+            &sa as *const libc::sockaddr_nl as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        fail(format!("netlink bind: {}", std::io::Error::last_os_error()));
+    }
+    write_atomic(&ready, "ready\n");
+    let mut buf = vec![0u8; 1 << 20];
+    let (mut in_table, mut rules, mut elements) = (false, 0u64, 0u64);
+    let out = std::io::stdout();
+    while Instant::now() < deadline {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        if unsafe { libc::poll(&mut pfd, 1, 200) } <= 0 {
+            continue;
+        }
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOBUFS) {
+                fail("notifications lost (ENOBUFS)".into());
+            }
+            continue;
+        }
+        let mut off = 0usize;
+        let n = n as usize;
+        while off + 16 <= n {
+            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
+            let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap());
+            if len < 16 || off + len > n {
+                break;
+            }
+            let msg = &buf[off..off + len];
+            if ty >> 8 == NFNL_SUBSYS_NFTABLES {
+                match ty & 0xff {
+                    NFT_MSG_NEWTABLE => {
+                        // nlmsghdr (16) + nfgenmsg (4), then attributes.
+                        let mut a = 20usize;
+                        while a + 4 <= msg.len() {
+                            let alen = u16::from_ne_bytes([msg[a], msg[a + 1]]) as usize;
+                            let aty = u16::from_ne_bytes([msg[a + 2], msg[a + 3]]) & 0x3fff;
+                            if alen < 4 || a + alen > msg.len() {
+                                break;
+                            }
+                            if aty == NFTA_TABLE_NAME {
+                                let v = &msg[a + 4..a + alen];
+                                let v = v.split(|b| *b == 0).next().unwrap_or(v);
+                                if v == table.as_bytes() {
+                                    in_table = true;
+                                }
+                            }
+                            a += (alen + 3) & !3;
+                        }
+                    }
+                    NFT_MSG_NEWRULE => rules += 1,
+                    NFT_MSG_NEWSETELEM => elements += 1,
+                    NFT_MSG_NEWGEN => {
+                        if in_table {
+                            let now = std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map(|d| d.as_nanos())
+                                .unwrap_or(0);
+                            let mut o = out.lock();
+                            let _ = writeln!(
+                                o,
+                                "newgen realtime_ns={now} rules={rules} elements={elements}"
+                            );
+                            let _ = o.flush();
+                        }
+                        (in_table, rules, elements) = (false, 0, 0);
+                    }
+                    _ => {}
+                }
+            }
+            off += (len + 3) & !3;
+        }
     }
 }
 
