@@ -279,7 +279,7 @@ async fn test_stall() {
 
 /// How long a change to the policy file settles before it is read: an editor's or a
 /// deploy tool's writes and rename arrive as one burst.
-const ACL_FILE_SETTLE: Duration = Duration::from_millis(20);
+const ACL_FILE_SETTLE: Duration = Duration::from_millis(5);
 
 /// Watches a directory (a rename replaces a file's inode, so watching the file would
 /// go deaf after the first write) and signals changes to the file `name` in it.
