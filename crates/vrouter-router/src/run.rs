@@ -2,7 +2,7 @@
 //! discovery, probe results and signals, one at a time on one task.
 
 use crate::access::{self, Access, Enforcer, Surround};
-use crate::acl::Policy;
+use crate::acl::{Policy, Verdict};
 use crate::apply;
 use crate::attach::{self, DiscoveryConn, Phase, RECONNECT_MIN, REFUSED_RETRY, REPLY_TIMEOUT};
 use crate::desired::{
@@ -233,10 +233,12 @@ pub async fn run(settings: Settings, policy: Policy) -> anyhow::Result<()> {
         let retry_at = router.discovery.retry_at;
         tokio::select! {
             _ = sigterm.recv() => {
+                router.going_away().await;
                 tracing::info!("SIGTERM: exiting, routes stay in place");
                 return Ok(());
             }
             _ = sigint.recv() => {
+                router.going_away().await;
                 tracing::info!("SIGINT: exiting, routes stay in place");
                 return Ok(());
             }
@@ -589,6 +591,35 @@ impl Router {
     /// Keeps the overlay link down while no access table can be installed, and
     /// brings it back up once one is (only a link held down here: a link down for
     /// another reason is discovery's to replace).
+    /// Before exiting on SIGTERM or SIGINT, under a policy that restricts anything:
+    /// takes the overlay link down. Docker stops a container (SIGTERM) and then tears
+    /// its namespace down, and the kernel unregisters the namespace's nftables hooks
+    /// before it removes the namespace's links: for that moment, packets arriving on
+    /// the overlay link would be forwarded into the stack with no access table in the
+    /// way (seen here: one datagram of a denied flood). A router started again in the
+    /// same namespace finds the link down and asks discovery for a new one, as for a
+    /// lost link. Under the default policy (allow, no rules) the link stays up, so such
+    /// a restart keeps forwarding. A SIGKILL skips this (docs/operations.md says so).
+    async fn going_away(&mut self) {
+        let policy = self.access.policy();
+        if policy.default == Verdict::Allow && policy.rules.is_empty() {
+            return;
+        }
+        match self.kernel.link_by_name(&self.overlay_name).await {
+            Ok(Some(link)) if link.up => {
+                if let Err(e) = self.kernel.set_down(link.index).await {
+                    tracing::warn!(link = %self.overlay_name, error = %e, "cannot take the overlay link down before exiting");
+                } else {
+                    tracing::info!(link = %self.overlay_name, "overlay link down: the access policy cannot hold while the namespace is torn down");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(link = %self.overlay_name, error = %e, "cannot read the overlay link before exiting")
+            }
+        }
+    }
+
     async fn hold_link(&mut self) {
         let blocked = self.access.link_blocked().is_some();
         if !blocked && !self.link_held {
