@@ -8,7 +8,7 @@ IMAGE_TAG ?= local
 PREFIX ?= vrt
 export VROUTER_TEST_PREFIX ?= $(PREFIX)
 
-.PHONY: all setup build musl images demo test unit-test root-test docker-test bench bench-report fuzz clean-leftovers fmt lint
+.PHONY: all setup build musl images demo test unit-test root-test docker-test bench bench-acl bench-report fuzz clean-leftovers fmt lint
 
 all: build
 
@@ -69,6 +69,15 @@ fuzz:
 	$(CARGO) build --profile fuzz -p vrouter-gossip --bin gossip-fuzz
 	mkdir -p target/bench
 	target/fuzz/gossip-fuzz --seconds $(FUZZ_SECONDS) --out target/bench/fuzz.json > /dev/null
+
+# The access-control figures alone (a few minutes), into the same JSON and report; the
+# page keeps the other benches' figures of the last full run (docs/bench/*.json).
+bench-acl: setup build
+	mkdir -p target/bench
+	bash .ci/cleanup
+	target/release/vrt-acl-bench --out target/bench/acl.json
+	for f in docs/bench/*.json; do [ -e target/bench/$$(basename $$f) ] || cp $$f target/bench/; done
+	$(MAKE) bench-report
 
 # Regenerates docs/benchmarks.md and docs/benchmarks.png from target/bench/*.json
 # (needs python3-matplotlib, which .ci/setup installs).

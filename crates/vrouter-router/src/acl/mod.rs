@@ -11,9 +11,9 @@
 //! - [`enforce`]: [`Acl`], the table in the router's namespace: start (fail closed),
 //!   reload (the old policy stays on error), routes changes, counters.
 //!
-//! The daemon's settings, run loop, health and status use [`Acl`] (run.rs and
-//! friends); until they do, the router reads none of these settings, because a
-//! setting that parses but is not enforced would be an open door that looks shut.
+//! The daemon uses [`Acl`] through `access.rs` (events, health, counters) and
+//! `run.rs` (installed before the overlay link comes up, reloaded on file change and
+//! SIGHUP, kept in step with routes.json).
 //!
 //! # Writing a policy
 //!
