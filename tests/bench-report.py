@@ -119,7 +119,7 @@ policy from its policy file.
   the rules covering its source, not the number of rules.
 - **apply**: a change to a 1,000-rule policy (one rule's port), from the rename of the
   policy file until the end of the router's nftables transaction (the kernel's NEWGEN
-  notification, read in the router's namespace); it includes the router's 20 ms wait
+  notification, read in the router's namespace); it includes the router's 5 ms wait
   for the file to settle and the compilation of the whole table.""",
     ),
     (
