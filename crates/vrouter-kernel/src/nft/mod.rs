@@ -204,25 +204,20 @@ impl Nft {
         })
     }
 
-    /// Every rule of the counting chain. A missing table or chain is an empty chain.
-    pub fn rules(&self) -> Result<Vec<RuleReading>> {
+    /// A dump of `get` objects matching `attrs`, retried while a concurrent change
+    /// interrupts it ([`DUMP_TRIES`] times; the last try stands). The reply payloads.
+    fn dump_objects(
+        &self,
+        op: &'static str,
+        get: u16,
+        attrs: Vec<Attr>,
+        reply: u16,
+    ) -> Result<Vec<Vec<u8>>> {
         let mut out = Vec::new();
         for _ in 0..DUMP_TRIES {
-            let m = Request::new(
-                NFT_MSG_GETRULE,
-                NLM_F_DUMP,
-                NFPROTO_IPV4,
-                vec![Attr::str(NFTA_RULE_TABLE, &self.table)],
-            );
-            let (rules, interrupted) =
-                self.socket
-                    .dump("dump nftables rules", m, NFT_MSG_NEWRULE)?;
-            out = rules
-                .iter()
-                .filter_map(|payload| parse_rule(payload))
-                .filter(|(table, chain, _)| *table == self.table && *chain == self.chain)
-                .map(|(_, _, reading)| reading)
-                .collect();
+            let m = Request::new(get, NLM_F_DUMP, NFPROTO_IPV4, attrs.clone());
+            let (payloads, interrupted) = self.socket.dump(op, m, reply)?;
+            out = payloads;
             if !interrupted {
                 break;
             }
@@ -230,28 +225,54 @@ impl Nft {
         Ok(out)
     }
 
+    /// The payloads of every rule of the table.
+    fn dump_rules(&self) -> Result<Vec<Vec<u8>>> {
+        self.dump_objects(
+            "dump nftables rules",
+            NFT_MSG_GETRULE,
+            vec![Attr::str(NFTA_RULE_TABLE, &self.table)],
+            NFT_MSG_NEWRULE,
+        )
+    }
+
+    /// The payloads of the elements of set `set` of the table.
+    fn dump_elements(&self, set: &str) -> Result<Vec<Vec<u8>>> {
+        self.dump_objects(
+            "dump nftables set elements",
+            NFT_MSG_GETSETELEM,
+            vec![
+                Attr::str(NFTA_SET_ELEM_LIST_TABLE, &self.table),
+                Attr::str(NFTA_SET_ELEM_LIST_SET, set),
+            ],
+            NFT_MSG_NEWSETELEM,
+        )
+    }
+
+    /// Every rule of the counting chain. A missing table or chain is an empty chain.
+    pub fn rules(&self) -> Result<Vec<RuleReading>> {
+        Ok(self
+            .dump_rules()?
+            .iter()
+            .filter_map(|payload| parse_rule(payload))
+            .filter(|(table, chain, _)| *table == self.table && *chain == self.chain)
+            .map(|(_, _, reading)| reading)
+            .collect())
+    }
+
     /// Every set of the table. A missing table has none.
     pub fn sets(&self) -> Result<Vec<SetReading>> {
-        let mut out = Vec::new();
-        for _ in 0..DUMP_TRIES {
-            let m = Request::new(
-                NFT_MSG_GETSET,
-                NLM_F_DUMP,
-                NFPROTO_IPV4,
-                vec![Attr::str(NFTA_SET_TABLE, &self.table)],
-            );
-            let (sets, interrupted) = self.socket.dump("dump nftables sets", m, NFT_MSG_NEWSET)?;
-            out = sets
-                .iter()
-                .filter_map(|payload| parse_set(payload))
-                .filter(|(table, _)| *table == self.table)
-                .map(|(_, set)| set)
-                .collect();
-            if !interrupted {
-                break;
-            }
-        }
-        Ok(out)
+        let sets = self.dump_objects(
+            "dump nftables sets",
+            NFT_MSG_GETSET,
+            vec![Attr::str(NFTA_SET_TABLE, &self.table)],
+            NFT_MSG_NEWSET,
+        )?;
+        Ok(sets
+            .iter()
+            .filter_map(|payload| parse_set(payload))
+            .filter(|(table, _)| *table == self.table)
+            .map(|(_, set)| set)
+            .collect())
     }
 
     /// The elements of those of `sets` that are ours.
@@ -259,29 +280,11 @@ impl Nft {
         let mut out = Vec::new();
         for set in sets {
             let Some(slot) = set.slot else { continue };
-            let mut found = Vec::new();
-            for _ in 0..DUMP_TRIES {
-                let m = Request::new(
-                    NFT_MSG_GETSETELEM,
-                    NLM_F_DUMP,
-                    NFPROTO_IPV4,
-                    vec![
-                        Attr::str(NFTA_SET_ELEM_LIST_TABLE, &self.table),
-                        Attr::str(NFTA_SET_ELEM_LIST_SET, &set.name),
-                    ],
-                );
-                let (payloads, interrupted) =
-                    self.socket
-                        .dump("dump nftables set elements", m, NFT_MSG_NEWSETELEM)?;
-                found = payloads
+            out.extend(
+                self.dump_elements(&set.name)?
                     .iter()
-                    .flat_map(|p| parse_elements(p, &self.table, slot))
-                    .collect();
-                if !interrupted {
-                    break;
-                }
-            }
-            out.extend(found);
+                    .flat_map(|p| parse_elements(p, &self.table, slot)),
+            );
         }
         Ok(out)
     }
@@ -371,55 +374,23 @@ impl Nft {
     /// Every rule of every chain of the table, in chain and rule order as the kernel
     /// dumps them, with its comment and counter. A missing table has none.
     pub fn rule_counters(&self) -> Result<Vec<RuleCounterReading>> {
-        let mut out = Vec::new();
-        for _ in 0..DUMP_TRIES {
-            let m = Request::new(
-                NFT_MSG_GETRULE,
-                NLM_F_DUMP,
-                NFPROTO_IPV4,
-                vec![Attr::str(NFTA_RULE_TABLE, &self.table)],
-            );
-            let (rules, interrupted) =
-                self.socket
-                    .dump("dump nftables rules", m, NFT_MSG_NEWRULE)?;
-            out = rules
-                .iter()
-                .filter_map(|payload| ruleset::parse_rule_counter(payload))
-                .filter(|(table, _)| *table == self.table)
-                .map(|(_, reading)| reading)
-                .collect();
-            if !interrupted {
-                break;
-            }
-        }
-        Ok(out)
+        Ok(self
+            .dump_rules()?
+            .iter()
+            .filter_map(|payload| ruleset::parse_rule_counter(payload))
+            .filter(|(table, _)| *table == self.table)
+            .map(|(_, reading)| reading)
+            .collect())
     }
 
     /// The elements of set `set` (a counted-marks set) with their counters, by key. A
     /// missing table or set has none.
     pub fn mark_counters(&self, set: &str) -> Result<Vec<MarkCounterReading>> {
-        let mut out = Vec::new();
-        for _ in 0..DUMP_TRIES {
-            let m = Request::new(
-                NFT_MSG_GETSETELEM,
-                NLM_F_DUMP,
-                NFPROTO_IPV4,
-                vec![
-                    Attr::str(NFTA_SET_ELEM_LIST_TABLE, &self.table),
-                    Attr::str(NFTA_SET_ELEM_LIST_SET, set),
-                ],
-            );
-            let (payloads, interrupted) =
-                self.socket
-                    .dump("dump nftables set elements", m, NFT_MSG_NEWSETELEM)?;
-            out = payloads
-                .iter()
-                .flat_map(|p| ruleset::parse_mark_counters(p, &self.table, set))
-                .collect();
-            if !interrupted {
-                break;
-            }
-        }
+        let mut out: Vec<MarkCounterReading> = self
+            .dump_elements(set)?
+            .iter()
+            .flat_map(|p| ruleset::parse_mark_counters(p, &self.table, set))
+            .collect();
         out.sort_by_key(|r| r.key);
         Ok(out)
     }
