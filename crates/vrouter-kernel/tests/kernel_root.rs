@@ -3,94 +3,16 @@
 //! the host and tests run in parallel. Without root they print a skip line, except
 //! under CI=true where a skip would hide a regression, so they fail.
 
-use nix::sched::{setns, unshare, CloneFlags};
-use std::future::Future;
+mod common;
+use common::*;
 use std::net::{Ipv4Addr, UdpSocket};
-use std::os::fd::{AsFd, OwnedFd};
-use std::time::Duration;
+use std::os::fd::AsFd;
 use vrouter_kernel::{
     FdbEntry, Kernel, KernelError, Neighbour, Nexthop, Route, Rule, VxlanInfo, VxlanSpec,
 };
 use vrouter_state::{Mac, Vni, RTPROT_VROUTER};
 
-const TIMEOUT: Duration = Duration::from_secs(30);
 const LOCAL: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
-
-fn root_or_skip(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("root test skipped under CI: {test} needs root for network namespaces");
-    }
-    eprintln!("skipping {test}: needs root for network namespaces");
-    false
-}
-
-/// Runs `body` on a new thread with a current-thread runtime, after `enter` has put
-/// that thread in the namespace to use.
-fn on_thread<F, Fut, T>(enter: impl FnOnce() + Send, body: F) -> T
-where
-    F: FnOnce() -> Fut + Send,
-    Fut: Future<Output = T>,
-    T: Send,
-{
-    std::thread::scope(|scope| {
-        let thread = scope.spawn(move || {
-            enter();
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
-            runtime.block_on(async {
-                tokio::time::timeout(TIMEOUT, body())
-                    .await
-                    .expect("test timed out")
-            })
-        });
-        thread
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
-}
-
-/// Runs a test in a fresh network namespace.
-fn in_new_netns<F, Fut>(test: &str, body: F)
-where
-    F: FnOnce() -> Fut + Send,
-    Fut: Future<Output = ()>,
-{
-    if root_or_skip(test) {
-        on_thread(
-            || unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)"),
-            body,
-        );
-    }
-}
-
-/// Runs `body` in the namespace behind `netns`.
-fn in_netns<F, Fut, T>(netns: &OwnedFd, body: F) -> T
-where
-    F: FnOnce() -> Fut + Send,
-    Fut: Future<Output = T>,
-    T: Send,
-{
-    on_thread(
-        || setns(netns.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns"),
-        body,
-    )
-}
-
-/// A second namespace, kept alive by the descriptor (as a router hands it over).
-fn spare_netns() -> OwnedFd {
-    std::thread::spawn(|| {
-        unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
-        OwnedFd::from(std::fs::File::open("/proc/thread-self/ns/net").expect("open ns/net"))
-    })
-    .join()
-    .expect("namespace thread")
-}
 
 /// A veth pair `name`/`name`p, up, with `addr/len` on `name` (this kernel has no dummy
 /// driver). Returns the index of `name`.

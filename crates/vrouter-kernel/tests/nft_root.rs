@@ -2,90 +2,15 @@
 //! throwaway network namespaces (as in kernel_root.rs). Without root they print a skip
 //! line, except under CI=true, where they fail.
 
-use nix::sched::{setns, unshare, CloneFlags};
-use std::future::Future;
+mod common;
+use common::*;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use vrouter_kernel::{
     CounterReading, Direction, Kernel, KernelError, Nft, PrefixCounter, Route, Slot,
 };
-
-const TIMEOUT: Duration = Duration::from_secs(30);
-
-fn root_or_skip(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("root test skipped under CI: {test} needs root for network namespaces");
-    }
-    eprintln!("skipping {test}: needs root for network namespaces");
-    false
-}
-
-/// Runs `body` on a new thread with a current-thread runtime, after `enter` has put
-/// that thread in the namespace to use.
-fn on_thread<F, Fut, T>(enter: impl FnOnce() + Send, body: F) -> T
-where
-    F: FnOnce() -> Fut + Send,
-    Fut: Future<Output = T>,
-    T: Send,
-{
-    std::thread::scope(|scope| {
-        let thread = scope.spawn(move || {
-            enter();
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
-            runtime.block_on(async {
-                tokio::time::timeout(TIMEOUT, body())
-                    .await
-                    .expect("test timed out")
-            })
-        });
-        thread
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
-}
-
-fn in_new_netns<F, Fut>(test: &str, body: F)
-where
-    F: FnOnce() -> Fut + Send,
-    Fut: Future<Output = ()>,
-{
-    if root_or_skip(test) {
-        on_thread(
-            || unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)"),
-            body,
-        );
-    }
-}
-
-fn in_netns<F, Fut, T>(netns: &OwnedFd, body: F) -> T
-where
-    F: FnOnce() -> Fut + Send,
-    Fut: Future<Output = T>,
-    T: Send,
-{
-    on_thread(
-        || setns(netns.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns"),
-        body,
-    )
-}
-
-fn spare_netns() -> OwnedFd {
-    std::thread::spawn(|| {
-        unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
-        OwnedFd::from(std::fs::File::open("/proc/thread-self/ns/net").expect("open ns/net"))
-    })
-    .join()
-    .expect("namespace thread")
-}
 
 fn counter(direction: Direction, prefix: &str, stack: &str) -> PrefixCounter {
     PrefixCounter {
