@@ -326,30 +326,7 @@ impl UdpSink {
         timeout: Duration,
         log_dir: &Path,
     ) -> Result<UdpSink> {
-        let ready = PathBuf::from(format!("{}.ready", out.display()));
-        let _ = std::fs::remove_file(out);
-        let _ = std::fs::remove_file(&ready);
-        let (port_s, count_s) = (port.to_string(), count.to_string());
-        let out_s = out.to_string_lossy().into_owned();
-        let ms = timeout.as_millis().max(1).to_string();
-        let args = [
-            "udp-sink",
-            "--port",
-            &port_s,
-            "--out",
-            &out_s,
-            "--count",
-            &count_s,
-            "--timeout-ms",
-            &ms,
-        ];
-        let mut daemon = spawn_in(ns, log_dir, &probe(), &args, &[])?;
-        let ok = crate::wait_until(Duration::from_secs(5), Duration::from_millis(10), || {
-            ready.exists() || !daemon.is_running()
-        });
-        if !ok || !ready.exists() {
-            bail!("udp-sink did not start\n{}", daemon.logs());
-        }
+        let daemon = spawn_udp_server(ns, "udp-sink", port, count, out, timeout, log_dir)?;
         Ok(UdpSink {
             daemon,
             out: out.to_path_buf(),
@@ -438,30 +415,7 @@ impl UdpEcho {
     ) -> Result<UdpEcho> {
         std::fs::create_dir_all(log_dir)?;
         let out = log_dir.join(format!("udp-echo-{ns}-{port}.out"));
-        let ready = PathBuf::from(format!("{}.ready", out.display()));
-        let _ = std::fs::remove_file(&out);
-        let _ = std::fs::remove_file(&ready);
-        let (port_s, count_s) = (port.to_string(), count.to_string());
-        let out_s = out.to_string_lossy().into_owned();
-        let ms = timeout.as_millis().max(1).to_string();
-        let args = [
-            "udp-echo",
-            "--port",
-            &port_s,
-            "--out",
-            &out_s,
-            "--count",
-            &count_s,
-            "--timeout-ms",
-            &ms,
-        ];
-        let mut daemon = spawn_in(ns, log_dir, &probe(), &args, &[])?;
-        let ok = crate::wait_until(Duration::from_secs(5), Duration::from_millis(10), || {
-            ready.exists() || !daemon.is_running()
-        });
-        if !ok || !ready.exists() {
-            bail!("udp-echo did not start\n{}", daemon.logs());
-        }
+        let daemon = spawn_udp_server(ns, "udp-echo", port, count, &out, timeout, log_dir)?;
         Ok(UdpEcho { daemon, out })
     }
 }
@@ -493,4 +447,42 @@ pub fn udp_rr(ns: &str, to: &str, count: u64, timeout: Duration) -> Result<(u64,
         (Some(s), Some(a)) => Ok((s, a)),
         _ => bail!("udp-rr failed: {} {}", out.stdout.trim(), out.stderr.trim()),
     }
+}
+
+/// Starts `vrt-probe <kind> --port .. --out .. --count .. --timeout-ms ..` (`udp-sink`
+/// or `udp-echo`) in `ns` and returns once it is bound (its `<out>.ready` exists).
+fn spawn_udp_server(
+    ns: &str,
+    kind: &str,
+    port: u16,
+    count: u64,
+    out: &Path,
+    timeout: Duration,
+    log_dir: &Path,
+) -> Result<Daemon> {
+    let ready = PathBuf::from(format!("{}.ready", out.display()));
+    let _ = std::fs::remove_file(out);
+    let _ = std::fs::remove_file(&ready);
+    let (port_s, count_s) = (port.to_string(), count.to_string());
+    let out_s = out.to_string_lossy().into_owned();
+    let ms = timeout.as_millis().max(1).to_string();
+    let args = [
+        kind,
+        "--port",
+        &port_s,
+        "--out",
+        &out_s,
+        "--count",
+        &count_s,
+        "--timeout-ms",
+        &ms,
+    ];
+    let mut daemon = spawn_in(ns, log_dir, &probe(), &args, &[])?;
+    let ok = crate::wait_until(Duration::from_secs(5), Duration::from_millis(10), || {
+        ready.exists() || !daemon.is_running()
+    });
+    if !ok || !ready.exists() {
+        bail!("{kind} did not start\n{}", daemon.logs());
+    }
+    Ok(daemon)
 }
