@@ -23,6 +23,7 @@ fn register(mesh: &Mesh, stack: &str, needs_link: bool) -> Value {
             router_ip: s.router_ip().parse().unwrap(),
         },
         needs_link,
+        conntrack: true,
     }))
     .unwrap()
 }

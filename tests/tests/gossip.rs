@@ -933,6 +933,7 @@ fn register_from(
         let reg = RouterMessage::Register(Registration {
             spec: spec.clone(),
             needs_link: false,
+            conntrack: true,
         });
         c.send(&reg, None).await.expect("register");
         // Host 1's control loop answers in its own time with 100 bridges to observe.

@@ -1195,6 +1195,7 @@ impl Controller {
             devices: self.owned_vnis.iter().copied().collect(),
             drift_repairs: self.drift_repairs,
             gossip: self.gossip_status.clone(),
+            steering: None,
         };
         let unchanged = self.last_discovery.as_ref().is_some_and(|prev| {
             let mut p = prev.clone();

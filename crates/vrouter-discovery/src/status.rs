@@ -819,6 +819,7 @@ pub(crate) mod tests {
             }],
             devices: vec![Vni::new(1000).unwrap()],
             drift_repairs: 3,
+            steering: None,
             gossip: Some(GossipStatus {
                 node_id: "00000000000000d1".into(),
                 addr: "198.18.0.1:7950".into(),

@@ -119,6 +119,8 @@ impl DiscoveryConn {
         let msg = RouterMessage::Register(Registration {
             spec: spec.clone(),
             needs_link,
+            // Until the router reports its policy (issue 15), the safe answer.
+            conntrack: true,
         });
         if needs_link {
             // The descriptor travels as SCM_RIGHTS; discovery moves the new link
@@ -266,7 +268,8 @@ mod tests {
                 msg,
                 RouterMessage::Register(Registration {
                     spec: spec.clone(),
-                    needs_link: true
+                    needs_link: true,
+                    conntrack: true,
                 })
             );
             assert!(fd.is_some(), "namespace descriptor attached");

@@ -56,6 +56,16 @@ pub struct Registration {
     /// True when a descriptor rides along and discovery must (re)create the overlay
     /// link; false when the router already has a working one (discovery restarted).
     pub needs_link: bool,
+    /// True when the router's access policy tracks connections (anything but the
+    /// default "allow, no rules"): then it must forward both directions of its stack's
+    /// traffic, and discovery's port steering sends the stack's outgoing frames to the
+    /// router rather than straight into the tunnel. Absent (an older router): true.
+    #[serde(default = "conntrack_default")]
+    pub conntrack: bool,
+}
+
+fn conntrack_default() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

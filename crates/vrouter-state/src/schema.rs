@@ -39,6 +39,44 @@ pub struct DiscoveryFile {
     /// The gossip mesh as this host sees it (absent in static-only mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gossip: Option<GossipStatus>,
+    /// How this host's local stacks reach the overlay (absent: written by a version
+    /// without port steering, which is the `rule` path for every stack).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steering: Option<SteeringStatus>,
+}
+
+/// Port steering as discovery last applied it (`VROUTER_STEERING`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SteeringStatus {
+    /// The configured mode: `ports` (the default) or `rule`.
+    pub mode: SteeringMode,
+    /// The netdev table discovery programs (`nft list table netdev <table>`).
+    pub table: String,
+    /// Per local stack, the mode it runs in now and why when that is not the
+    /// configured one.
+    pub stacks: BTreeMap<StackName, StackSteering>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StackSteering {
+    pub mode: SteeringMode,
+    /// Why the stack is not steered at its ports (router port not found yet, the
+    /// kernel refused the table, ...); absent when it runs in the configured mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The host-side ports steered for this stack (service ports and the router's).
+    #[serde(default)]
+    pub ports: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SteeringMode {
+    /// netdev chains at the ports (the default).
+    Ports,
+    /// The host's policy rule per stack bridge (the fallback, and every stack of an
+    /// older version).
+    Rule,
 }
 
 /// This host's view of the gossip mesh.

@@ -54,6 +54,7 @@ fn registration() -> RouterMessage {
             router_ip: "10.1.0.254".parse().unwrap(),
         },
         needs_link: true,
+        conntrack: true,
     })
 }
 

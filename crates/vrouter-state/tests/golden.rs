@@ -125,6 +125,7 @@ fn discovery_json_is_unchanged() {
         ],
         devices: vec![Vni::new(1000).unwrap()],
         drift_repairs: 3,
+        steering: None,
         gossip: Some(GossipStatus {
             node_id: "00000000000000a1".into(),
             addr: "198.18.0.1:7946".into(),
