@@ -915,7 +915,10 @@ pub fn firewall_snapshot(exclude: &[String]) -> Result<String> {
     if let Ok(o) = run(&["nft", "-s", "list", "ruleset"], &[]) {
         if o.success() {
             out.push_str("## nft -s list ruleset\n");
-            for l in o.stdout.lines() {
+            // Discovery's steering table follows the containers' ports.
+            let rs =
+                crate::steering::without_table(&o.stdout, "netdev", &crate::steering::table_name());
+            for l in rs.lines() {
                 let t = l.trim_start();
                 if t.starts_with('#') || exclude.iter().any(|x| l.contains(x.as_str())) {
                     continue;

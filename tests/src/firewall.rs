@@ -8,7 +8,13 @@
 //!   (`! -i br -o br DROP` for protected/"nat" mode, `ACCEPT` for nat-unprotected),
 //!   then `-i br ACCEPT` (ICC and outbound);
 //! - nat POSTROUTING `-s subnet ! -o br MASQUERADE`, the DOCKER chain hooks;
-//! - raw PREROUTING, protected networks only, per container `-d ip ! -i br DROP`.
+//! - raw PREROUTING, protected networks only, per container `-d ip ! -i br DROP` (with a
+//!   counter here, so tests can prove that nothing hit it).
+//!
+//! Optionally ([`FwOptions::ct_invalid_drop`]) firewalld's forward chain beside it, as
+//! firewalld installs it in its own table: established and related accepted, then
+//! `ct state invalid drop` (counted). A host that sees only one direction of a TCP
+//! connection drops the other one there.
 
 use std::fmt::Write;
 use std::net::Ipv4Addr;
@@ -19,6 +25,15 @@ use crate::topology::Protection;
 pub const FILTER_TABLE: &str = "vrt_filter";
 pub const NAT_TABLE: &str = "vrt_nat";
 pub const RAW_TABLE: &str = "vrt_raw";
+/// Family `inet`: firewalld's table, present only with [`FwOptions::ct_invalid_drop`].
+pub const FIREWALLD_TABLE: &str = "vrt_firewalld";
+
+/// What a host's firewall carries beyond Docker's rules.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FwOptions {
+    /// firewalld's `filter_FORWARD` chain with `ct state invalid drop`.
+    pub ct_invalid_drop: bool,
+}
 
 /// What the firewall needs to know about one Docker network.
 #[derive(Debug, Clone)]
@@ -38,9 +53,26 @@ fn q(s: &str) -> String {
 /// Render the complete ruleset as an `nft -f` script that atomically replaces the three
 /// tables (add + delete + define in one transaction).
 pub fn render_ruleset(nets: &[FwNetwork]) -> String {
+    render_ruleset_with(nets, FwOptions::default())
+}
+
+/// [`render_ruleset`] with options; firewalld's table is removed when not wanted.
+pub fn render_ruleset_with(nets: &[FwNetwork], opts: FwOptions) -> String {
     let mut s = String::new();
     for t in [RAW_TABLE, FILTER_TABLE, NAT_TABLE] {
         let _ = writeln!(s, "add table ip {t}\ndelete table ip {t}");
+    }
+    let _ = writeln!(
+        s,
+        "add table inet {FIREWALLD_TABLE}\ndelete table inet {FIREWALLD_TABLE}"
+    );
+    if opts.ct_invalid_drop {
+        // firewalld 1.x (nftables backend), its forward chain up to the invalid drop;
+        // the zone dispatch after it accepts what reaches it in this model.
+        let _ = writeln!(
+            s,
+            "table inet {FIREWALLD_TABLE} {{\n  chain filter_FORWARD {{\n    type filter hook forward priority filter + 10; policy accept;\n    ct state established,related accept\n    ct status dnat accept\n    iifname \"lo\" accept\n    ct state invalid counter drop\n  }}\n}}"
+        );
     }
     let bridges: Vec<String> = nets.iter().map(|n| q(&n.bridge)).collect();
     let bridge_set = format!("{{ {} }}", bridges.join(", "));
@@ -54,7 +86,11 @@ pub fn render_ruleset(nets: &[FwNetwork]) -> String {
     for n in nets {
         if n.protection == Protection::Protected {
             for c in &n.containers {
-                let _ = writeln!(s, "    iifname != {} ip daddr {c} drop", q(&n.bridge));
+                let _ = writeln!(
+                    s,
+                    "    iifname != {} ip daddr {c} counter drop",
+                    q(&n.bridge)
+                );
             }
         }
     }

@@ -32,13 +32,14 @@ pub mod gossip;
 pub mod http;
 pub mod mesh;
 pub mod probe;
+pub mod steering;
 pub mod topology;
 pub mod underlay;
 
 pub use cleanup::cleanup_leftovers;
 pub use cmd::{exec, exec_input, exec_ok, exec_timeout, ns_run, sh, CmdOutput, CMD_TIMEOUT};
 pub use daemon::{spawn_in, spawn_privileged_in, Daemon, PRIVILEGED_WRAPPER};
-pub use firewall::{render_ruleset, FwNetwork};
+pub use firewall::{render_ruleset, render_ruleset_with, FwNetwork, FwOptions};
 pub use http::{http_get, http_request, metric, HttpReply};
 pub use probe::{
     ping, ping_burst, ping_count, probe_bin, send_udp_file, tcp_hold, tcp_send, udp_burst,

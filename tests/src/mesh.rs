@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use vrouter_state::{Event, RoutesFile, StateDir};
+use vrouter_state::{DiscoveryFile, Event, RoutesFile, StateDir};
 
 use crate::daemon::Daemon;
+use crate::steering::{NetdevTable, Steering};
 use crate::topology::{Container, Protection, Role, Topology};
 use crate::{exec_ok, wait_until};
 
@@ -113,6 +114,9 @@ pub struct Mesh {
     router_env: BTreeMap<String, Vec<(String, String)>>,
     /// Whether discovery gets the static peer file (`--config`); off for gossip meshes.
     static_peers: bool,
+    /// Discovery's `VROUTER_STEERING` on every host (`None`: its default, or
+    /// `VROUTER_TEST_STEERING`).
+    steering: Option<Steering>,
     pub topo: Topology,
     bins: PathBuf,
 }
@@ -122,12 +126,31 @@ impl Mesh {
     /// discovery on every host and a router in every stack.
     pub fn start(test: &str, hosts: usize, stacks: Vec<StackDef>) -> Result<Mesh> {
         let mut mesh = Mesh::build(test, hosts, stacks)?;
-        for h in 1..=hosts {
-            mesh.write_config(h)?;
-            mesh.start_discovery(h)?;
-        }
-        mesh.start_routers()?;
+        mesh.start_all()?;
         Ok(mesh)
+    }
+
+    /// [`Mesh::start`] with discovery's steering set to `mode` on every host.
+    pub fn start_with_steering(
+        test: &str,
+        hosts: usize,
+        stacks: Vec<StackDef>,
+        mode: Steering,
+    ) -> Result<Mesh> {
+        let mut mesh = Mesh::build(test, hosts, stacks)?;
+        mesh.set_steering(mode);
+        mesh.start_all()?;
+        Ok(mesh)
+    }
+
+    /// On a built mesh: writes every host's static peer file, starts discovery on every
+    /// host and a router in every stack.
+    pub fn start_all(&mut self) -> Result<()> {
+        for h in 1..=self.topo.hosts().len() {
+            self.write_config(h)?;
+            self.start_discovery(h)?;
+        }
+        self.start_routers()
     }
 
     /// Builds the hosts, the stacks' networks and containers, and empty state
@@ -144,6 +167,7 @@ impl Mesh {
             discovery_env: BTreeMap::new(),
             router_env: BTreeMap::new(),
             static_peers: true,
+            steering: Steering::from_env(),
             topo,
             bins,
         };
@@ -204,6 +228,18 @@ impl Mesh {
         let h = self.topo.add_next_host()?;
         self.reset_state_dir(h)?;
         Ok(h)
+    }
+
+    /// Discovery's steering mode on every host, from its next start on (a host's own
+    /// `VROUTER_STEERING` from [`Mesh::set_discovery_env`] wins).
+    pub fn set_steering(&mut self, mode: Steering) {
+        self.steering = Some(mode);
+    }
+
+    /// The steering mode the mesh asked discovery for (`None`: discovery's default,
+    /// which is `ports`).
+    pub fn steering(&self) -> Steering {
+        self.steering.unwrap_or(Steering::Ports)
     }
 
     /// Give discovery the static peer file (`--config`, the default) or not.
@@ -327,7 +363,13 @@ impl Mesh {
         let bin = self.bins.join("vrouter-discovery");
         let args = self.discovery_args(host);
         let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-        let mut env: Vec<(&str, &str)> = vec![("RUST_LOG", "info")];
+        // The test's own steering table, never a production one.
+        let table = crate::steering::table_name();
+        let mut env: Vec<(&str, &str)> =
+            vec![("RUST_LOG", "info"), ("VROUTER_STEERING_TABLE", &table)];
+        if let Some(mode) = self.steering {
+            env.push(("VROUTER_STEERING", mode.as_str()));
+        }
         if let Some(extra) = self.discovery_env.get(&host) {
             env.extend(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         }
@@ -415,6 +457,55 @@ impl Mesh {
         h.remove_container(s.name, "rtr")?;
         h.add_container(s.name, "rtr", &s.router_ip(), Role::Router)?;
         self.start_router(stack)
+    }
+
+    /// Another service container `name` at `ip` on `stack`'s network (a new veth on the
+    /// stack's bridge), as `docker compose up --scale` or a new service would add one.
+    pub fn add_service(&mut self, stack: &str, name: &str, ip: &str) -> Result<Container> {
+        let s = self.stack(stack).clone();
+        self.topo
+            .host_mut(s.host)
+            .add_container(s.name, name, ip, Role::Service)
+    }
+
+    /// Removes service container `name` of `stack` (its namespace and veth go).
+    pub fn remove_service(&mut self, stack: &str, name: &str) -> Result<()> {
+        let s = self.stack(stack).clone();
+        self.topo.host_mut(s.host).remove_container(s.name, name)
+    }
+
+    /// Recreates `stack`'s service `svc` the way `docker compose up --force-recreate`
+    /// does: a new namespace and veth (new ifindex, new MAC), the same address.
+    pub fn recreate_service(&mut self, stack: &str) -> Result<Container> {
+        let ip = self.svc(stack).ip.to_string();
+        self.remove_service(stack, "svc")?;
+        self.add_service(stack, "svc", &ip)
+    }
+
+    /// Container `name` of `stack`.
+    pub fn container(&self, stack: &str, name: &str) -> Container {
+        let s = self.stack(stack);
+        self.topo
+            .host(s.host)
+            .container(s.name, name)
+            .unwrap_or_else(|| panic!("no container {name} in stack {stack}"))
+            .clone()
+    }
+
+    /// Discovery's steering table on `host` (`None`: no table).
+    pub fn steering_table(&self, host: usize) -> Result<Option<NetdevTable>> {
+        crate::steering::read_table(
+            Some(&self.topo.host(host).ns),
+            &crate::steering::table_name(),
+        )
+    }
+
+    /// discovery.json of `host`, if readable.
+    pub fn discovery_file(&self, host: usize) -> Option<DiscoveryFile> {
+        StateDir::open_readonly(&self.state_dir(host))
+            .ok()?
+            .read_discovery()
+            .ok()
     }
 
     pub fn routes(&self, host: usize) -> Result<RoutesFile> {

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use crate::cleanup::{cleanup_leftovers, delete_namespace, list_namespaces};
 use crate::cmd::{exec, exec_input, exec_ok, CmdOutput};
 use crate::daemon::{spawn_in, spawn_privileged_in, Daemon};
-use crate::firewall::{render_ruleset, FwNetwork};
+use crate::firewall::{render_ruleset_with, FwNetwork, FwOptions};
 use crate::TestLock;
 
 /// Docker's `com.docker.network.bridge.gateway_mode_ipv4` for a network.
@@ -113,6 +113,8 @@ pub struct Host {
     log_dir: PathBuf,
     /// Whether the Docker-like ruleset is loaded (on by default; see [`Host::set_firewall`]).
     firewall: bool,
+    /// What the firewall carries beyond Docker's rules (see [`Host::set_ct_invalid_drop`]).
+    fw_options: FwOptions,
 }
 
 fn parse_cidr(cidr: &str) -> Result<(Ipv4Addr, u8)> {
@@ -369,7 +371,46 @@ impl Host {
 
     /// The nft script the host's firewall is rendered from.
     pub fn firewall_script(&self) -> String {
-        render_ruleset(&self.fw_networks())
+        render_ruleset_with(&self.fw_networks(), self.fw_options)
+    }
+
+    /// Adds (or removes) firewalld's forward chain with `ct state invalid drop` beside
+    /// Docker's rules, as on a host that runs firewalld; reloads the firewall.
+    pub fn set_ct_invalid_drop(&mut self, on: bool) -> Result<()> {
+        self.fw_options.ct_invalid_drop = on;
+        self.apply_firewall()
+    }
+
+    /// Packets Docker's raw-table rules dropped (the sum of their counters), and those
+    /// firewalld's `ct state invalid drop` dropped (0 without it).
+    pub fn firewall_drops(&self) -> Result<(u64, u64)> {
+        let count = |family: &str, table: &str, chain: &str| -> Result<u64> {
+            let out = exec(
+                Some(&self.ns),
+                &["nft", "-j", "list", "chain", family, table, chain],
+            )?;
+            if !out.success() {
+                return Ok(0);
+            }
+            let v: serde_json::Value = serde_json::from_str(&out.stdout)
+                .with_context(|| format!("nft -j list chain {family} {table} {chain}"))?;
+            let mut n = 0;
+            for item in v["nftables"].as_array().into_iter().flatten() {
+                for e in item["rule"]["expr"].as_array().into_iter().flatten() {
+                    n += e["counter"]["packets"].as_u64().unwrap_or(0);
+                }
+            }
+            Ok(n)
+        };
+        Ok((
+            count("ip", crate::firewall::RAW_TABLE, "PREROUTING")?,
+            count("inet", crate::firewall::FIREWALLD_TABLE, "filter_FORWARD")?,
+        ))
+    }
+
+    /// `Ip: ForwDatagrams` of the host namespace: packets its IP stack forwarded.
+    pub fn forw_datagrams(&self) -> Result<u64> {
+        crate::steering::forw_datagrams(Some(&self.ns))
     }
 
     /// Loads the Docker-like ruleset (`on`, the default) or removes its tables (`off`,
@@ -388,7 +429,7 @@ impl Host {
     /// its tables instead.
     pub fn apply_firewall(&self) -> Result<()> {
         if !self.firewall {
-            let script: String = [
+            let mut script: String = [
                 crate::firewall::RAW_TABLE,
                 crate::firewall::FILTER_TABLE,
                 crate::firewall::NAT_TABLE,
@@ -396,6 +437,8 @@ impl Host {
             .iter()
             .map(|t| format!("add table ip {t}\ndelete table ip {t}\n"))
             .collect();
+            let fwd = crate::firewall::FIREWALLD_TABLE;
+            script.push_str(&format!("add table inet {fwd}\ndelete table inet {fwd}\n"));
             return exec_input(Some(&self.ns), &["nft", "-f", "-"], script.as_bytes())
                 .context("removing the firewall")
                 .map(|_| ());
@@ -410,9 +453,15 @@ impl Host {
     }
 
     /// `nft -s list ruleset` in the host namespace (no counters), for "never changed"
-    /// assertions.
+    /// assertions; without discovery's own steering table (`netdev <prefix>vrouter`),
+    /// which follows the ports.
     pub fn firewall_snapshot(&self) -> Result<String> {
-        Ok(exec_ok(Some(&self.ns), &["nft", "-s", "list", "ruleset"])?.stdout)
+        let rs = exec_ok(Some(&self.ns), &["nft", "-s", "list", "ruleset"])?.stdout;
+        Ok(crate::steering::without_table(
+            &rs,
+            "netdev",
+            &crate::steering::table_name(),
+        ))
     }
 
     pub fn exec(&self, argv: &[&str]) -> Result<CmdOutput> {
@@ -647,6 +696,7 @@ impl Topology {
             prefix: self.prefix.clone(),
             log_dir: self.log_dir.clone(),
             firewall: true,
+            fw_options: FwOptions::default(),
         };
         host.apply_firewall()?;
         self.hosts.push(host);

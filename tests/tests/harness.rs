@@ -213,9 +213,9 @@ fn hand_recipe_under_docker_28_2_firewall() {
         );
     }
     // Raw drops for every container of the protected networks.
-    assert!(before[0].contains("iifname != \"br-a\" ip daddr 10.1.0.5 drop"));
-    assert!(before[0].contains("iifname != \"br-c\" ip daddr 10.3.0.254 drop"));
-    assert!(before[1].contains("iifname != \"br-b\" ip daddr 10.2.0.7 drop"));
+    assert!(before[0].contains("iifname != \"br-a\" ip daddr 10.1.0.5 counter drop"));
+    assert!(before[0].contains("iifname != \"br-c\" ip daddr 10.3.0.254 counter drop"));
+    assert!(before[1].contains("iifname != \"br-b\" ip daddr 10.2.0.7 counter drop"));
 
     let (a, b, c) = (svc(&topo, 1, "a"), svc(&topo, 2, "b"), svc(&topo, 1, "c"));
     // Sanity: gateway and own router reachable, underlay up, remote not yet.
@@ -273,7 +273,7 @@ fn hand_recipe_under_docker_28_2_firewall() {
         .set_protection("a", Protection::NatUnprotected)
         .unwrap();
     let unprot = topo.host(1).firewall_snapshot().unwrap();
-    assert!(!unprot.contains("ip daddr 10.1.0.5 drop"), "{unprot}");
+    assert!(!unprot.contains("ip daddr 10.1.0.5 counter drop"), "{unprot}");
     assert!(ping(&a.ns, "10.3.0.5", 3, T), "A -> C, nat-unprotected");
     assert!(ping(&c.ns, "10.1.0.5", 3, T), "C -> A, nat-unprotected");
     assert_eq!(tcp_peer(&topo, &a, &c, 5004), IpAddr::V4(a.ip));
@@ -470,7 +470,7 @@ fn firewall_render_shape() {
         },
     ];
     let s = render_ruleset(&nets);
-    assert!(s.contains("iifname != \"br-a\" ip daddr 10.1.0.5 drop"));
+    assert!(s.contains("iifname != \"br-a\" ip daddr 10.1.0.5 counter drop"));
     assert!(!s.contains("ip daddr 10.3.0.5 drop"));
     assert!(s.contains("iifname != \"br-a\" oifname \"br-a\" drop"));
     assert!(s.contains("iifname != \"br-c\" oifname \"br-c\" accept"));
