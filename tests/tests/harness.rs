@@ -273,7 +273,10 @@ fn hand_recipe_under_docker_28_2_firewall() {
         .set_protection("a", Protection::NatUnprotected)
         .unwrap();
     let unprot = topo.host(1).firewall_snapshot().unwrap();
-    assert!(!unprot.contains("ip daddr 10.1.0.5 counter drop"), "{unprot}");
+    assert!(
+        !unprot.contains("ip daddr 10.1.0.5 counter drop"),
+        "{unprot}"
+    );
     assert!(ping(&a.ns, "10.3.0.5", 3, T), "A -> C, nat-unprotected");
     assert!(ping(&c.ns, "10.1.0.5", 3, T), "C -> A, nat-unprotected");
     assert_eq!(tcp_peer(&topo, &a, &c, 5004), IpAddr::V4(a.ip));
