@@ -57,6 +57,16 @@ impl StackDef {
         self
     }
 
+    /// A stack that same-host stacks must reach: a protected network under port
+    /// steering, a nat-unprotected one on the policy-rule path (which needs it on
+    /// Docker 28.2+).
+    pub fn same_host_peer(self, mode: Steering) -> StackDef {
+        match mode {
+            Steering::Ports => self,
+            Steering::Rule => self.unprotected(),
+        }
+    }
+
     fn base(&self) -> [u8; 4] {
         let a: std::net::Ipv4Addr = self.cidr.split('/').next().unwrap().parse().unwrap();
         a.octets()
@@ -498,6 +508,59 @@ impl Mesh {
             Some(&self.topo.host(host).ns),
             &crate::steering::table_name(),
         )
+    }
+
+    /// Waits until every stack of the mesh runs in `ports` mode (its discovery.json
+    /// `steering` section) with an ingress chain bound to its service's and its router's
+    /// current port (chains are named after the port's ifindex, CONTRACT.md).
+    pub fn wait_ports_steered(&self, timeout: Duration) -> Result<()> {
+        for s in &self.stacks {
+            if self.removed.iter().any(|r| r == s.name) {
+                continue;
+            }
+            let ports = [self.svc(s.name).host_veth, self.rtr(s.name).host_veth];
+            let name = vrouter_state::StackName::new(s.name)?;
+            let steered = || -> bool {
+                let mode = self
+                    .discovery_file(s.host)
+                    .and_then(|d| d.steering)
+                    .and_then(|st| st.stacks.get(&name).map(|x| x.mode));
+                if mode != Some(vrouter_state::SteeringMode::Ports) {
+                    return false;
+                }
+                let Ok(Some(t)) = self.steering_table(s.host) else {
+                    return false;
+                };
+                ports.iter().all(|p| {
+                    let Ok(idx) = self.ifindex(s.host, p) else {
+                        return false;
+                    };
+                    t.chain_on(p)
+                        .is_some_and(|c| c.name.ends_with(&format!("_{idx}")))
+                })
+            };
+            if !wait_until(timeout, Duration::from_millis(100), steered) {
+                self.dump_logs();
+                let table = exec_ok(
+                    Some(&self.topo.host(s.host).ns),
+                    &[
+                        "nft",
+                        "list",
+                        "table",
+                        "netdev",
+                        &crate::steering::table_name(),
+                    ],
+                )
+                .map(|o| o.stdout)
+                .unwrap_or_else(|e| format!("{e:#}"));
+                bail!(
+                    "stack {} not steered at its ports {ports:?}: discovery.json says {:?}\n{table}",
+                    s.name,
+                    self.discovery_file(s.host).and_then(|d| d.steering)
+                );
+            }
+        }
+        Ok(())
     }
 
     /// discovery.json of `host`, if readable.

@@ -14,6 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vrouter_tests::mesh::{Mesh, StackDef};
+use vrouter_tests::steering::Steering;
 use vrouter_tests::*;
 
 const CONVERGE: Duration = Duration::from_secs(20);
@@ -375,14 +376,16 @@ fn policy_file(default: &str, rules: &[(&str, &str, &str)]) -> String {
 fn default_deny_admits_only_the_allowed_services() {
     require_root!();
     let rules = "b:tcp/7001, b:udp/7002, b:icmp, c:tcp/7001, c:udp/7002, c:icmp";
+    // Protected networks under port steering (the default).
+    let mode = Steering::from_env().unwrap_or(Steering::Ports);
     let mesh = start_mesh(
         "acl_deny",
         2,
         vec![
-            StackDef::new("a", 1, 1000, "10.1.0.0/24").unprotected(),
+            StackDef::new("a", 1, 1000, "10.1.0.0/24").same_host_peer(mode),
             StackDef::new("b", 2, 1000, "10.2.0.0/24"),
-            StackDef::new("c", 1, 1000, "10.3.0.0/24").unprotected(),
-            StackDef::new("d", 1, 1000, "10.4.0.0/24").unprotected(),
+            StackDef::new("c", 1, 1000, "10.3.0.0/24").same_host_peer(mode),
+            StackDef::new("d", 1, 1000, "10.4.0.0/24").same_host_peer(mode),
         ],
         &[
             ("a", "VROUTER_DEFAULT_POLICY", "deny"),

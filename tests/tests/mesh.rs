@@ -4,24 +4,28 @@
 
 use std::time::{Duration, Instant};
 use vrouter_tests::mesh::{Mesh, StackDef};
+use vrouter_tests::steering::Steering;
 use vrouter_tests::*;
 
 const CONVERGE: Duration = Duration::from_secs(20);
 
-/// Three hosts: A, C, F on host 1; B on host 2; D, G on host 3. A and C (same host and
-/// VNI) use the nat-unprotected networks; F, D and G keep Docker's default protection.
-fn full_mesh(test: &str) -> Mesh {
-    Mesh::start(
+/// Three hosts: A, C, F on host 1; B on host 2; D, G on host 3. Every network keeps
+/// Docker's default protection under port steering (the default); with
+/// `VROUTER_STEERING=rule` A and C (same host and VNI) use nat-unprotected networks,
+/// which that mode needs for same-host traffic.
+fn full_mesh(test: &str, mode: Steering) -> Mesh {
+    Mesh::start_with_steering(
         test,
         3,
         vec![
-            StackDef::new("a", 1, 1000, "10.1.0.0/24").unprotected(),
+            StackDef::new("a", 1, 1000, "10.1.0.0/24").same_host_peer(mode),
             StackDef::new("b", 2, 1000, "10.2.0.0/24"),
-            StackDef::new("c", 1, 1000, "10.3.0.0/24").unprotected(),
+            StackDef::new("c", 1, 1000, "10.3.0.0/24").same_host_peer(mode),
             StackDef::new("d", 3, 2000, "10.4.0.0/24"),
             StackDef::new("f", 1, 2000, "10.6.0.0/24"),
             StackDef::new("g", 3, 2000, "10.7.0.0/24"),
         ],
+        mode,
     )
     .expect("mesh starts")
 }
@@ -96,15 +100,33 @@ fn reachable(mesh: &Mesh, from: &str, to: &str) -> bool {
     )
 }
 
+/// Under port steering (the default) every pair on a VNI passes, the protected
+/// same-host pair D/G included, and no router reports a same-host block.
 #[test]
-fn connectivity_isolation_and_same_host_block() {
+fn connectivity_isolation_and_protected_same_host() {
     require_root!();
-    let mesh = full_mesh("connectivity");
+    connectivity_and_isolation("connectivity", Steering::Ports);
+}
+
+/// With `VROUTER_STEERING=rule` (the policy-rule path), the protected same-host pair
+/// D/G is blocked by Docker's raw drop and reported, the nat-unprotected pair A/C passes.
+#[test]
+fn connectivity_isolation_and_same_host_block_in_rule_mode() {
+    require_root!();
+    connectivity_and_isolation("connectivity_rule", Steering::Rule);
+}
+
+fn connectivity_and_isolation(test: &str, mode: Steering) {
+    let mesh = full_mesh(test, mode);
     let fw_before = mesh.topo.firewall_snapshots().unwrap();
     mesh.wait_converged(CONVERGE).unwrap();
 
-    // Every pair on a VNI, across hosts and on the same host (except the protected pair).
-    let pairs = [("a", "b"), ("a", "c"), ("b", "c"), ("d", "f"), ("f", "g")];
+    // Every pair on a VNI, across hosts and on the same host (in rule mode, except the
+    // protected pair).
+    let mut pairs = vec![("a", "b"), ("a", "c"), ("b", "c"), ("d", "f"), ("f", "g")];
+    if mode == Steering::Ports {
+        pairs.push(("d", "g"));
+    }
     let mut port = 5100;
     for (x, y) in pairs {
         for (from, to) in [(x, y), (y, x)] {
@@ -188,27 +210,40 @@ fn connectivity_isolation_and_same_host_block() {
         "router A reached F over VNI 1000 with a forced route"
     );
 
-    // The protected same-host pair D/G is blocked by Docker's raw rule, as documented,
-    // while the unprotected pair A/C passes (checked above).
-    assert!(
-        !reachable(&mesh, "d", "g"),
-        "protected same-host pair passed"
-    );
-    assert!(
-        !reachable(&mesh, "g", "d"),
-        "protected same-host pair passed"
-    );
-    // ... and the routers report it, naming the network and the fix.
-    let ok = wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
-        mesh.events(3).iter().any(|e| {
-            e.kind == "same_host_blocked"
-                && e.message.contains("nat-unprotected")
-                && (e.message.contains("stack d") || e.message.contains("stack g"))
-        })
-    });
-    assert!(ok, "no same_host_blocked event on host 3");
-    // The unprotected pair is not reported.
-    assert!(!mesh.events(1).iter().any(|e| e.kind == "same_host_blocked"));
+    match mode {
+        Steering::Ports => {
+            // Same-host traffic does not cross the host: nothing to block or report.
+            for h in [1, 3] {
+                assert!(
+                    !mesh.events(h).iter().any(|e| e.kind == "same_host_blocked"),
+                    "same_host_blocked on host {h} under port steering"
+                );
+            }
+        }
+        Steering::Rule => {
+            // The protected same-host pair D/G is blocked by Docker's raw rule, as
+            // documented, while the unprotected pair A/C passes (checked above).
+            assert!(
+                !reachable(&mesh, "d", "g"),
+                "protected same-host pair passed"
+            );
+            assert!(
+                !reachable(&mesh, "g", "d"),
+                "protected same-host pair passed"
+            );
+            // ... and the routers report it, naming the network and the fix.
+            let ok = wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+                mesh.events(3).iter().any(|e| {
+                    e.kind == "same_host_blocked"
+                        && e.message.contains("nat-unprotected")
+                        && (e.message.contains("stack d") || e.message.contains("stack g"))
+                })
+            });
+            assert!(ok, "no same_host_blocked event on host 3");
+            // The unprotected pair is not reported.
+            assert!(!mesh.events(1).iter().any(|e| e.kind == "same_host_blocked"));
+        }
+    }
 
     assert_eq!(
         fw_before,
@@ -574,6 +609,7 @@ fn cleanup_removes_what_discovery_made_once_the_stacks_are_gone() {
         .unwrap()
         .join("vrouter-discovery");
     let dir = mesh.state_dir(1).display().to_string();
+    let table = vrouter_tests::steering::table_name();
     let cleanup = |mesh: &Mesh| {
         let mut d = mesh
             .topo
@@ -581,7 +617,7 @@ fn cleanup_removes_what_discovery_made_once_the_stacks_are_gone() {
             .spawn_privileged(
                 bin.to_str().unwrap(),
                 &["--state-dir", &dir, "cleanup"],
-                &[],
+                &[("VROUTER_STEERING_TABLE", &table)],
             )
             .unwrap();
         let status = d
@@ -613,6 +649,11 @@ fn cleanup_removes_what_discovery_made_once_the_stacks_are_gone() {
     .unwrap()
     .stdout;
     assert!(routes.trim().is_empty(), "{routes}");
+    // No steering table (its chains and elements went with it).
+    assert!(
+        mesh.steering_table(1).unwrap().is_none(),
+        "cleanup left table netdev {table}"
+    );
     // The other host is untouched.
     assert!(exec_ok(
         Some(&mesh.topo.host(2).ns),

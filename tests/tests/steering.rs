@@ -88,39 +88,9 @@ fn hooked(t: &NetdevTable, dev: &str, ifindex: u32) -> bool {
         .is_some_and(|c| c.name.ends_with(&format!("_{ifindex}")))
 }
 
-/// Whether discovery.json says `stack` runs in `mode`.
-fn stack_mode(mesh: &Mesh, host: usize, stack: &str) -> Option<SteeringMode> {
-    mesh.discovery_file(host)?
-        .steering?
-        .stacks
-        .get(&stack_name(stack))
-        .map(|s| s.mode)
-}
-
-/// Waits until every stack of the mesh runs in `ports` mode (discovery.json) with an
-/// ingress chain on its service's and its router's port.
 fn wait_steered(mesh: &Mesh) {
-    for s in &mesh.stacks {
-        let (svc, rtr) = (port(mesh, s.name, "svc"), port(mesh, s.name, "rtr"));
-        let (si, ri) = (
-            mesh.ifindex(s.host, &svc).unwrap(),
-            mesh.ifindex(s.host, &rtr).unwrap(),
-        );
-        let ok = wait_until(STEER, Duration::from_millis(100), || {
-            let t = table(mesh, s.host);
-            stack_mode(mesh, s.host, s.name) == Some(SteeringMode::Ports)
-                && hooked(&t, &svc, si)
-                && hooked(&t, &rtr, ri)
-        });
-        if !ok {
-            mesh.dump_logs();
-            panic!(
-                "stack {} not steered at its ports {svc}, {rtr}: discovery.json says {:?}\n{}",
-                s.name,
-                mesh.discovery_file(s.host).and_then(|d| d.steering),
-                table_text(mesh, s.host)
-            );
-        }
+    if let Err(e) = mesh.wait_ports_steered(STEER) {
+        panic!("{e:#}");
     }
 }
 

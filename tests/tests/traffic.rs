@@ -1,12 +1,18 @@
 //! End to end: the real daemons count the traffic a router forwards to and from each
 //! remote stack (nftables counters in the router's namespace) and publish it in
-//! `probes/<stack>.json`; discovery serves the same counters in `/metrics` and
+//! `probes/<stack>.json`; discovery serves the stack's traffic in `/metrics` and
 //! `/v1/status`.
+//!
+//! With port steering (the default) a stack with the default policy sends past its
+//! router, straight into the tunnel: its router counts only what enters the stack (rx),
+//! and discovery adds its steering counters to the router's tx. With
+//! `VROUTER_STEERING=rule` the router forwards both directions and counts both.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use vrouter_state::{StackTraffic, StateDir};
 use vrouter_tests::mesh::{Mesh, StackDef};
+use vrouter_tests::steering::Steering;
 use vrouter_tests::*;
 
 const CONVERGE: Duration = Duration::from_secs(20);
@@ -76,22 +82,40 @@ fn traffic_of_a(mesh: &Mesh) -> BTreeMap<String, StackTraffic> {
 }
 
 /// Stack a (host 1) exchanges fixed-size UDP datagrams with b (host 2) and c (host 3),
-/// in different counts, all four flows at once. Router a's counters for each remote
-/// stack and direction grow by N to N + overhead, where N is counted in IP bytes.
+/// in different counts, all four flows at once, under port steering. Discovery's
+/// counters for each remote stack and direction grow by N to N + overhead, where N is
+/// counted in IP bytes; router a's own (probes file) count rx so, and no tx: a's
+/// frames went past it.
 #[test]
 fn traffic_per_remote_stack_is_counted() {
     require_root!();
-    let mesh = Mesh::start(
-        "traffic",
+    traffic_counted("traffic", Steering::Ports);
+}
+
+/// The same on the policy-rule path (`VROUTER_STEERING=rule`): router a forwards both
+/// directions, and its own counters grow by N to N + overhead both ways.
+#[test]
+fn traffic_per_remote_stack_is_counted_in_rule_mode() {
+    require_root!();
+    traffic_counted("traffic_rule", Steering::Rule);
+}
+
+fn traffic_counted(test: &str, mode: Steering) {
+    let mesh = Mesh::start_with_steering(
+        test,
         3,
         vec![
             StackDef::new("a", 1, 1000, "10.1.0.0/24"),
             StackDef::new("b", 2, 1000, "10.2.0.0/24"),
             StackDef::new("c", 3, 1000, "10.3.0.0/24"),
         ],
+        mode,
     )
     .expect("mesh starts");
     mesh.wait_converged(CONVERGE).unwrap();
+    if mode == Steering::Ports {
+        mesh.wait_ports_steered(Duration::from_secs(10)).unwrap();
+    }
     // Warm the paths (neighbours, the hosts' redirects) before the baseline.
     for to in ["b", "c"] {
         assert!(
@@ -124,6 +148,27 @@ fn traffic_per_remote_stack_is_counted() {
         updated >= settled
     });
     assert!(ok, "probes/a.json is not rewritten");
+
+    // Discovery's own baselines (its tx adds the steering counters to the router's):
+    // taken once it serves the settled probes file (the same rx).
+    type Reader = fn(&Mesh, &str) -> Option<(u64, u64, u64, u64)>;
+    let readers: [(&str, Reader); 2] = [("/metrics", metrics_of_a), ("/v1/status", status_of_a)];
+    let mut served_before = BTreeMap::new();
+    for (what, read) in readers {
+        for stack in ["b", "c"] {
+            let b = &before[stack];
+            let mut last = None;
+            let ok = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+                last = read(&mesh, stack);
+                last.is_some_and(|c| c.2 == b.rx_packets && c.3 == b.rx_bytes)
+            });
+            assert!(
+                ok,
+                "{what}: a <-> {stack} shows {last:?}, not the probes file's rx {b:?}"
+            );
+            served_before.insert((what, stack), last.unwrap());
+        }
+    }
 
     // (from, to, port, datagrams, IP bytes each)
     let flows: [(&str, &str, u16, u64, u64); 4] = [
@@ -184,13 +229,22 @@ fn traffic_per_remote_stack_is_counted() {
     let at_least = |d: (u64, u64, u64, u64), w: (u64, u64, u64, u64)| {
         d.0 >= w.0 && d.1 >= w.1 && d.2 >= w.2 && d.3 >= w.3
     };
+    // What router a itself forwards: both directions on the policy-rule path, only
+    // what enters its stack (rx) under port steering.
+    let router_sees = |stack: &str| {
+        let w = want(stack);
+        match mode {
+            Steering::Rule => w,
+            Steering::Ports => (0, 0, w.2, w.3),
+        }
+    };
     // The file is rewritten about once a second.
     let deadline = Instant::now() + Duration::from_secs(10);
     let now = loop {
         let now = traffic_of_a(&mesh);
         if ["b", "c"]
             .iter()
-            .all(|s| now.contains_key(*s) && at_least(delta(&now, s), want(s)))
+            .all(|s| now.contains_key(*s) && at_least(delta(&now, s), router_sees(s)))
         {
             break now;
         }
@@ -201,38 +255,34 @@ fn traffic_per_remote_stack_is_counted() {
         std::thread::sleep(Duration::from_millis(200));
     };
     for stack in ["b", "c"] {
-        let (d, w) = (delta(&now, stack), want(stack));
-        println!("a <-> {stack}: counted (tx pkts, tx bytes, rx pkts, rx bytes) {d:?}, sent {w:?}");
+        let (d, w) = (delta(&now, stack), router_sees(stack));
+        println!("probes file a <-> {stack}: counted (tx pkts, tx bytes, rx pkts, rx bytes) {d:?}, router forwarded {w:?}");
         assert!(
             d.0 <= w.0 + OVERHEAD_PACKETS
                 && d.1 <= w.1 + OVERHEAD_BYTES
                 && d.2 <= w.2 + OVERHEAD_PACKETS
                 && d.3 <= w.3 + OVERHEAD_BYTES,
-            "a <-> {stack}: counted {d:?}, sent {w:?}, more than the overhead allows"
+            "probes file a <-> {stack}: counted {d:?}, router forwarded {w:?}, more than the overhead allows"
         );
     }
 
-    // Discovery's /metrics and /v1/status carry the same counters: each lands between
-    // the sent traffic and the sent traffic plus the overhead, over the baseline.
-    for (what, read) in [
-        (
-            "/metrics",
-            metrics_of_a as fn(&Mesh, &str) -> Option<(u64, u64, u64, u64)>,
-        ),
-        ("/v1/status", status_of_a),
-    ] {
+    // Discovery's /metrics and /v1/status carry the stack's traffic (the router's
+    // counters, plus the steering counters for tx under port steering): each lands
+    // between the sent traffic and the sent traffic plus the overhead, over the
+    // baseline.
+    for (what, read) in readers {
         for stack in ["b", "c"] {
-            let b = &before[stack];
+            let b = served_before[&(what, stack)];
             let w = want(stack);
             let mut last = None;
             let ok = wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
                 last = read(&mesh, stack);
                 last.is_some_and(|c| {
                     let d = (
-                        c.0 - b.tx_packets,
-                        c.1 - b.tx_bytes,
-                        c.2 - b.rx_packets,
-                        c.3 - b.rx_bytes,
+                        c.0.saturating_sub(b.0),
+                        c.1.saturating_sub(b.1),
+                        c.2.saturating_sub(b.2),
+                        c.3.saturating_sub(b.3),
                     );
                     at_least(d, w)
                         && d.0 <= w.0 + OVERHEAD_PACKETS
