@@ -414,6 +414,11 @@ impl Stack {
                 spec.private_dir.display().to_string(),
             ),
             ("RUST_LOG".into(), "info".into()),
+            // Discovery's steering table: the test's own, never the host's `vrouter`.
+            (
+                "VROUTER_STEERING_TABLE".into(),
+                crate::steering::table_name(),
+            ),
         ];
         if !spec.pattern.is_discovery() {
             env.extend([
@@ -1009,6 +1014,8 @@ impl HostGuard {
             let _ = std::fs::remove_dir_all(d);
             std::fs::create_dir_all(d)?;
         }
+        // A steering table of this prefix is a leftover of an earlier run.
+        delete_steering_table();
         Ok(HostGuard {
             vnis: vnis.to_vec(),
             bridges: Vec::new(),
@@ -1057,12 +1064,26 @@ impl HostGuard {
                 let _ = run(&["ip", "link", "del", &name], &[]);
             }
         }
+        delete_steering_table();
         for d in &self.state_dirs {
             let _ = std::fs::remove_dir_all(d);
             let mut private = d.clone().into_os_string();
             private.push("-private");
             let _ = std::fs::remove_dir_all(private);
         }
+    }
+}
+
+/// Deletes the tests' steering table (`netdev <prefix>vrouter`) from the host namespace,
+/// if there.
+pub fn delete_steering_table() {
+    let table = crate::steering::table_name();
+    if crate::steering::read_table(None, &table)
+        .ok()
+        .flatten()
+        .is_some()
+    {
+        let _ = run(&["nft", "delete", "table", "netdev", &table], &[]);
     }
 }
 

@@ -182,3 +182,30 @@ fn the_parsers_see_what_compose_sees() {
     );
     assert_eq!(service_block(&t, "b"), "    image: y");
 }
+
+/// Port steering (the default) carries same-host traffic between protected networks, so
+/// no file downgrades Docker's protection (`gateway_mode_ipv4: nat-unprotected`), and
+/// every file that runs discovery passes the steering settings through.
+#[test]
+fn no_file_unprotects_its_network_and_discovery_files_carry_the_steering_setting() {
+    for p in Pattern::ALL {
+        let text = uncommented(&std::fs::read_to_string(p.file()).unwrap());
+        assert!(
+            !text.contains("gateway_mode_ipv4"),
+            "{}: sets gateway_mode_ipv4",
+            p.file().display()
+        );
+        if p.is_discovery() || p == Pattern::AllInOne {
+            for key in [
+                "VROUTER_STEERING: ${VROUTER_STEERING:-ports}",
+                "VROUTER_STEERING_TABLE: ${VROUTER_STEERING_TABLE:-vrouter}",
+            ] {
+                assert!(
+                    text.contains(key),
+                    "{}: no `{key}`",
+                    p.file().display()
+                );
+            }
+        }
+    }
+}
