@@ -1,5 +1,6 @@
-# docker-vrouter. `make demo` and `make test` need nothing else on a fresh machine of
-# this project's kind (they install what they need through .ci/setup).
+# docker-vrouter. `make demo`, `make test` and `make images` need nothing else on a fresh
+# machine of this project's kind (they install what they need: .ci/setup, or the musl
+# target and busybox-static for the images).
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -18,12 +19,17 @@ setup:
 build:
 	$(CARGO) build --release --workspace --bins
 
-# Static binaries for the FROM-scratch images.
+# Static binaries for the FROM-scratch images (adds the musl target on first use, as
+# .ci/setup does).
 musl:
+	@rustup target list --installed 2>/dev/null | grep -qx $(MUSL_TARGET) || { echo "adding the $(MUSL_TARGET) target"; rustup target add $(MUSL_TARGET); }
 	$(CARGO) build --release --target $(MUSL_TARGET) -p vrouter-discovery -p vrouter-router -p vrouter-tests --bins
 
-# The test-service image also carries Debian's busybox-static (apt-get install busybox-static).
+# The test-service image also carries Debian's busybox-static (installed here when
+# missing, as .ci/setup does). Works on a fresh Docker host with rustup: the first step
+# deploy/README.md gives.
 images: musl
+	@[ -x /bin/busybox ] || { echo "installing busybox-static"; DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static >/dev/null; }
 	install -D -m 0755 /bin/busybox target/docker-stage/busybox
 	DOCKER_BUILDKIT=0 docker build -q -f Dockerfile.discovery -t docker-vrouter/discovery:$(IMAGE_TAG) .
 	DOCKER_BUILDKIT=0 docker build -q -f Dockerfile.router -t docker-vrouter/router:$(IMAGE_TAG) .
