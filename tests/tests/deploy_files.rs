@@ -200,11 +200,7 @@ fn no_file_unprotects_its_network_and_discovery_files_carry_the_steering_setting
                 "VROUTER_STEERING: ${VROUTER_STEERING:-ports}",
                 "VROUTER_STEERING_TABLE: ${VROUTER_STEERING_TABLE:-vrouter}",
             ] {
-                assert!(
-                    text.contains(key),
-                    "{}: no `{key}`",
-                    p.file().display()
-                );
+                assert!(text.contains(key), "{}: no `{key}`", p.file().display());
             }
         }
     }

@@ -7,8 +7,11 @@
 //! Knobs: VROUTER_DOCKER_IMAGES_FRESH=1 reuses the `<prefix>-test` images if they exist;
 //! VROUTER_DOCKER_KEEP_IMAGES=1 keeps them afterwards.
 
-use std::path::PathBuf;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use vrouter_state::{StackName, StateDir, SteeringMode};
 
 use vrouter_tests::docker::*;
 use vrouter_tests::mesh::{Mesh, StackDef};
@@ -195,6 +198,61 @@ fn assert_unreachable(from: &Stack, to_ip: &str) {
     );
 }
 
+/// `GET /metrics` of the host's discovery (host network, 127.0.0.1:9474 by default).
+fn discovery_metrics() -> String {
+    let get = || -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect_timeout(
+            &"127.0.0.1:9474".parse().unwrap(),
+            Duration::from_secs(3),
+        )?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    };
+    get().unwrap_or_default()
+}
+
+/// Sum of the series `name{local_stack="<stack>",...}` in a metrics text.
+fn metric_sum(text: &str, name: &str, stack: &str) -> u64 {
+    let head = format!("{name}{{local_stack=\"{stack}\"");
+    text.lines()
+        .filter(|l| l.starts_with(&head))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// How discovery steers `stack` now: its mode in discovery.json's `steering` section
+/// and the ports it lists.
+fn steering_of(state: &Path, stack: &str) -> Option<(SteeringMode, Vec<String>)> {
+    let d = StateDir::open_readonly(state).ok()?.read_discovery().ok()?;
+    let st = d.steering?;
+    let s = st.stacks.get(&StackName::new(stack).ok()?)?;
+    Some((s.mode, s.ports.clone()))
+}
+
+/// Packets the host's steering table counted at `stack`'s service ports ("port <ifname>
+/// <stack>" rules of `netdev <prefix>vrouter`).
+fn port_packets(stack: &str) -> u64 {
+    let suffix = format!(" {stack}");
+    vrouter_tests::steering::read_table(None, &vrouter_tests::steering::table_name())
+        .ok()
+        .flatten()
+        .map(|t| {
+            t.rules
+                .iter()
+                .filter(|r| {
+                    r.comment
+                        .as_deref()
+                        .is_some_and(|c| c.starts_with("port ") && c.ends_with(&suffix))
+                })
+                .map(|r| r.packets)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 fn router_has_route(router_pid: u32, prefix: &str) -> bool {
     in_container_netns(router_pid, &["ip", "-4", "route", "show", prefix])
         .map(|o| !o.stdout.trim().is_empty())
@@ -358,8 +416,8 @@ fn discovery_up(name: &str, pattern: Pattern, state: &std::path::Path, images: &
 }
 
 /// The host's discovery runs as its own project (deploy/discovery); stacks A and B (VNI
-/// 1000, nat-unprotected networks, deploy/multi-stack) and C (VNI 2000, deploy/privsep)
-/// carry only their routers.
+/// 1000, deploy/multi-stack: networks with Docker's default protection, reached through
+/// port steering) and C (VNI 2000, deploy/privsep) carry only their routers.
 #[test]
 fn docker_stacks_on_one_host() {
     require_docker!();
@@ -447,6 +505,68 @@ fn docker_stacks_on_one_host() {
         b.logs()
     );
     tcp_refused_by_policy(&a, &b, 6001);
+
+    // Port steering, the default, on networks that keep Docker's protection: this
+    // engine (20.10) has no raw drop, so reachability alone proves nothing; discovery
+    // reports the stacks in `ports` mode and the counters at their ports rise with the
+    // traffic, in the host's table and in /metrics.
+    for s in [&a, &b] {
+        let name = s.spec.project();
+        let mut last = None;
+        let ok = within(Duration::from_secs(10), || {
+            last = steering_of(&state, &name);
+            last.as_ref()
+                .is_some_and(|(m, ports)| *m == SteeringMode::Ports && !ports.is_empty())
+        });
+        assert!(
+            ok.is_some(),
+            "stack {name} not in port steering: {last:?}\n{}",
+            disc.logs()
+        );
+        let mode = format!("vrouter_steering_mode{{local_stack=\"{name}\",mode=\"ports\"}}");
+        let metrics = discovery_metrics();
+        assert_eq!(
+            vrouter_tests::metric(&metrics, &mode),
+            Some(1.0),
+            "/metrics has no `{mode} 1`"
+        );
+    }
+    let (a_name, b_name) = (a.spec.project(), b.spec.project());
+    let counted = (
+        port_packets(&a_name),
+        port_packets(&b_name),
+        metric_sum(
+            &discovery_metrics(),
+            "vrouter_steering_port_packets_total",
+            &a_name,
+        ),
+    );
+    assert!(ping(&a, &b_ip, 5, 2000), "A -> B ping failed");
+    tcp_check(&a, &b, 5004);
+    tcp_check(&b, &a, 5005);
+    let ok = within(Duration::from_secs(5), || {
+        port_packets(&a_name) >= counted.0 + 5
+            && port_packets(&b_name) > counted.1
+            && metric_sum(
+                &discovery_metrics(),
+                "vrouter_steering_port_packets_total",
+                &a_name,
+            ) >= counted.2 + 5
+    });
+    assert!(
+        ok.is_some(),
+        "steering counters did not rise: table a {} -> {}, b {} -> {}, /metrics a {} -> {}",
+        counted.0,
+        port_packets(&a_name),
+        counted.1,
+        port_packets(&b_name),
+        counted.2,
+        metric_sum(
+            &discovery_metrics(),
+            "vrouter_steering_port_packets_total",
+            &a_name
+        )
+    );
 
     // Privileges, as docker inspect and the kernel see them; stacks hold no discovery.
     for s in [&a, &b, &c] {
