@@ -453,7 +453,7 @@ pub(super) fn replace_requests(table: &TableSpec) -> Vec<Request> {
                     Attr::str(NFTA_SET_ELEM_LIST_TABLE, t),
                     Attr::str(NFTA_SET_ELEM_LIST_SET, &set.name),
                     Attr::be32(NFTA_SET_ELEM_LIST_SET_ID, id),
-                    Attr::Nest(NFTA_SET_ELEM_LIST_ELEMENTS, chunk.to_vec()),
+                    Attr::Nest(NFTA_SET_ELEM_LIST_ELEMENTS, numbered(chunk)),
                 ],
             ));
         }
@@ -465,6 +465,19 @@ pub(super) fn replace_requests(table: &TableSpec) -> Vec<Request> {
         }
     }
     out
+}
+
+/// A message's elements with the attribute types libnftnl gives them: 1, 2, 3, ...
+/// (the kernel reads any type; NFTA_LIST_ELEM is 1).
+fn numbered(elements: &[Attr]) -> Vec<Attr> {
+    elements
+        .iter()
+        .zip(1u16..)
+        .map(|(e, i)| match e {
+            Attr::Nest(_, attrs) => Attr::Nest(i, attrs.clone()),
+            other => other.clone(),
+        })
+        .collect()
 }
 
 /// Adds NLM_F_ACK to a request.
@@ -754,8 +767,9 @@ pub(super) fn new_rule(
 /// What a rule's earlier expressions established, so that nft's implicit
 /// dependencies go in once, where nft puts them: `meta protocol ip` before the first
 /// IPv4 header field (family netdev only: in family ip every packet is IPv4), `meta
-/// iiftype ether` before the first Ethernet header field, `meta l4proto tcp` before
-/// the first TCP header field or option.
+/// iiftype ether` before the first Ethernet header field (load or write), `meta
+/// l4proto tcp` before the first TCP flags or option match (not before `tcp option
+/// maxseg size set`: nft adds none there, and the kernel edits TCP segments only).
 struct Deps {
     netdev: bool,
     ipv4: bool,
@@ -912,8 +926,8 @@ fn statement_exprs(statement: &Statement, deps: &mut Deps, out: &mut Vec<Attr>) 
                 ],
             ));
         }
+        // nft adds no dependency: the kernel only touches TCP segments' options.
         Statement::SetTcpMss(mss) => {
-            deps.tcp(out);
             out.push(immediate(&mss.to_be_bytes()));
             out.push(Attr::expr(
                 "exthdr",
