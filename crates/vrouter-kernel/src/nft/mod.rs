@@ -376,7 +376,8 @@ impl Nft {
     /// socket's send buffer (SO_SNDBUFFORCE, CAP_NET_ADMIN) rather than split.
     /// `table.name` and `table.family` must be this socket's. A table whose ingress
     /// hook names a device missing in this namespace fails with
-    /// [`KernelError::NoSuchLink`] (the old table stays).
+    /// [`KernelError::NoSuchLink`] and changes nothing, whatever the kernel (6.18
+    /// would take it and hook the device once it appears).
     pub fn replace_table(&self, table: &TableSpec) -> Result<()> {
         let invalid = |why: String| KernelError::Errno {
             op: format!(
@@ -394,6 +395,11 @@ impl Nft {
             )));
         }
         ruleset::check(table).map_err(invalid)?;
+        // Older kernels refuse a hook on a missing device (ENOENT); 6.18 takes it and
+        // hooks the device once it appears. Refuse it here on every kernel.
+        if let Some(device) = missing_device(table) {
+            return Err(KernelError::NoSuchLink(device));
+        }
         let mut messages = ruleset::replace_requests(table);
         // One acknowledgement, for the last message: it comes after the commit,
         // errors come for any message.
@@ -401,7 +407,7 @@ impl Nft {
             messages.push(ruleset::acked(last));
         }
         let result = self.socket.transact("replace nftables table", messages);
-        // nf_tables answers ENOENT for a hook device it cannot find.
+        // A device that went away meanwhile: ENOENT from older kernels.
         if let Err(KernelError::Errno {
             errno: Errno::ENOENT | Errno::ENODEV,
             ..
@@ -442,10 +448,15 @@ impl Nft {
 /// The first ingress device of `table` that does not exist in the calling thread's
 /// namespace.
 fn missing_device(table: &TableSpec) -> Option<String> {
-    table.chains.iter().find_map(|c| match c.hook.as_ref().map(|h| &h.hook) {
-        Some(Hook::Ingress { device }) if nix::net::if_::if_nametoindex(device.as_str()).is_err() => {
-            Some(device.clone())
-        }
-        _ => None,
-    })
+    table
+        .chains
+        .iter()
+        .find_map(|c| match c.hook.as_ref().map(|h| &h.hook) {
+            Some(Hook::Ingress { device })
+                if nix::net::if_::if_nametoindex(device.as_str()).is_err() =>
+            {
+                Some(device.clone())
+            }
+            _ => None,
+        })
 }

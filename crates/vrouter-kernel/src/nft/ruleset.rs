@@ -142,7 +142,10 @@ pub enum RuleVerdict {
     Goto(String),
     /// `<field> vmap @<map>`: the verdict of the map's element holding the address
     /// (a [`SetElements::JumpMap`]); no element, no verdict.
-    Vmap { field: AddrField, map: String },
+    Vmap {
+        field: AddrField,
+        map: String,
+    },
     /// `fwd to <ifindex>` (family netdev): the frame leaves by that device.
     FwdToIndex(u32),
     /// `fwd to ether daddr map @<map>` (family netdev; a [`SetElements::MacToIndex`]
@@ -371,10 +374,7 @@ pub(super) fn check(table: &TableSpec) -> Result<(), String> {
             match &rule.verdict {
                 RuleVerdict::Jump(to) | RuleVerdict::Goto(to) => name_ok("chain", to)?,
                 RuleVerdict::FwdToIndex(_) | RuleVerdict::FwdByEtherDaddrMap(_) if !netdev => {
-                    return Err(format!(
-                        "chain {}: fwd needs a netdev table",
-                        chain.name
-                    ))
+                    return Err(format!("chain {}: fwd needs a netdev table", chain.name))
                 }
                 _ => {}
             }
@@ -984,11 +984,21 @@ fn addr_load_with(field: AddrField, deps: &mut Deps, out: &mut Vec<Attr>) {
     match field {
         AddrField::IpSaddr => {
             deps.ipv4(out);
-            out.push(payload_load(NFT_PAYLOAD_NETWORK_HEADER, IPV4_SADDR, 4, NFT_REG_1));
+            out.push(payload_load(
+                NFT_PAYLOAD_NETWORK_HEADER,
+                IPV4_SADDR,
+                4,
+                NFT_REG_1,
+            ));
         }
         AddrField::IpDaddr => {
             deps.ipv4(out);
-            out.push(payload_load(NFT_PAYLOAD_NETWORK_HEADER, IPV4_DADDR, 4, NFT_REG_1));
+            out.push(payload_load(
+                NFT_PAYLOAD_NETWORK_HEADER,
+                IPV4_DADDR,
+                4,
+                NFT_REG_1,
+            ));
         }
         AddrField::CtOriginalSaddr => out.push(ct_load(NFT_CT_SRC_IP, true)),
         AddrField::CtOriginalDaddr => out.push(ct_load(NFT_CT_DST_IP, true)),
@@ -1142,7 +1152,12 @@ fn match_exprs(
         Match::SourceMacNotInSet { set } => {
             deps.ether(out);
             addr_load_with(AddrField::IpSaddr, deps, out);
-            out.push(payload_load(NFT_PAYLOAD_LL_HEADER, ETHER_SADDR, 6, NFT_REG32_01));
+            out.push(payload_load(
+                NFT_PAYLOAD_LL_HEADER,
+                ETHER_SADDR,
+                6,
+                NFT_REG32_01,
+            ));
             out.push(lookup(set, set_id, false));
         }
         Match::MetaProtocolIpv4 => {

@@ -628,7 +628,11 @@ mod netdev {
                             vec![Statement::SetTcpMss(1410)],
                             RuleVerdict::Continue,
                         ),
-                        rule(vec![in_set(AddrField::IpSaddr, "src_a", false)], vec![], own()),
+                        rule(
+                            vec![in_set(AddrField::IpSaddr, "src_a", false)],
+                            vec![],
+                            own(),
+                        ),
                         rule(
                             vec![Match::MetaL4ProtoNot(6), Match::MetaLengthGt(1450)],
                             vec![],
@@ -644,7 +648,11 @@ mod netdev {
                             vec![Statement::SetTcpMss(1000)],
                             RuleVerdict::Continue,
                         ),
-                        rule(vec![], vec![Statement::SetTcpMss(1300)], RuleVerdict::Continue),
+                        rule(
+                            vec![],
+                            vec![Statement::SetTcpMss(1300)],
+                            RuleVerdict::Continue,
+                        ),
                         rule(
                             vec![],
                             vec![],

@@ -1,3 +1,13 @@
+"""Turns the output of `nft --debug=mnl -f FILE` into the messages of its batch, one
+a line: the netlink message type (decimal) and the bytes after struct nlmsghdr (hex).
+netdev.mnl was made as root with nftables 1.0.6:
+
+    unshare -n sh -c 'ip link add d1 type veth peer name d2 &&
+        nft --debug=mnl -f netdev.nft' > out.txt 2>&1
+    python3 capture.py out.txt > netdev.mnl
+
+(in the fresh namespace d2 is device 2 and d1 device 3, as the test expects).
+"""
 import re,sys
 # Parse `nft --debug=mnl` output into messages: (type, bytes after nlmsghdr).
 def parse(text):
