@@ -1,10 +1,11 @@
-//! Whole rulesets: a table of family ip described as plain values ([`TableSpec`]:
-//! sets, chains, rules) and its encoding into one nf_tables transaction that replaces
-//! the table whole (see [`super::Nft::replace_table`]); and what a dump of its rule
-//! and set-element counters reads back.
+//! Whole rulesets: a table of family ip or netdev described as plain values
+//! ([`TableSpec`]: sets, chains, rules) and its encoding into one nf_tables
+//! transaction that replaces the table whole (see [`super::Nft::replace_table`]); and
+//! what a dump of its rule and set-element counters reads back.
 //!
 //! The encoding is what `nft -f` sends for the same ruleset (checked against
-//! `nft --debug=netlink,mnl` of nftables 1.0.6), expression by expression, so
+//! `nft --debug=netlink,mnl` of nftables 1.0.6; for a netdev table byte for byte, see
+//! `testdata/netdev.nft` and the test beside it), expression by expression, so
 //! `nft list table` prints it back as written:
 //!
 //! - interfaces: `meta load iifname` and a 16-byte NUL-padded `cmp`;
@@ -22,6 +23,30 @@
 //! - `ct mark set M`: `immediate` into register 1 and `ct set mark`; marks and their
 //!   keys are host byte order (the kernel's u32 ct mark), everything else network order;
 //! - comments: userdata TLV 0 (libnftnl's NFTNL_UDATA_RULE_COMMENT).
+//!
+//! In family netdev (frames at a device's ingress hook, before any IP processing):
+//!
+//! - nft's implicit dependencies go in once per rule where nft puts them: `meta
+//!   protocol ip` before the first `ip saddr/daddr` (so an explicit
+//!   [`Match::MetaProtocolIpv4`] first encodes exactly as without it), `meta iiftype
+//!   ether` before the first Ethernet field read or written, `meta l4proto tcp` before
+//!   `tcp flags` (none before `tcp option maxseg size set`, as nft);
+//! - `meta length > N`: `meta load len`, `byteorder hton` (4 bytes), `cmp gt` with N
+//!   big-endian; skb->len at netdev ingress is the L3 length (the Ethernet header is
+//!   pulled), and so is what counters count;
+//! - `tcp flags syn tcp option maxseg size > N`: `payload load 1b @ transport header +
+//!   13`, `bitwise & 0x02` (no NFTA_BITWISE_OP, as nft for a flag match), `cmp neq 0`,
+//!   `exthdr load tcpopt 2b @ 2 + 2`, `cmp gt`; `... size set N`: `immediate`, `exthdr
+//!   write`. The kernel's write leaves an MSS at or below N alone (it never raises one)
+//!   and fixes the checksum; the SYN match keeps other segments out of the option walk;
+//! - `ether saddr/daddr set M`: `immediate` of 6 bytes, `payload write` at offset 6/0
+//!   of the link header (no checksum); `fwd to I`: `immediate` of the host-order index, `fwd`;
+//!   `fwd to ether daddr map @m`: `payload load` of the MAC, `lookup` into register 1,
+//!   `fwd` (with a counter the rule is `ether daddr @m counter fwd to ...`, so the
+//!   counter counts only hits);
+//! - a `type ether_addr : iface_index` map: key 6 bytes, data a host-order u32;
+//! - set elements carry attribute types 1, 2, 3, ... in each message, as libnftnl
+//!   numbers them (the kernel reads any type).
 //!
 //! Interval sets and maps (rbtree) get one element per range start and an
 //! INTERVAL_END element one past its end, preceded by an end element at 0.0.0.0 when

@@ -496,7 +496,7 @@ mod netdev {
     //! netdev.nft` in a namespace where d2 is device 2 and d1 device 3 (see
     //! `testdata/capture.py`), and are compared byte for byte.
 
-    use super::super::message::NLMSG_HDRLEN;
+    use super::super::message::{Attr, NLMSG_HDRLEN};
     use super::super::ruleset::*;
     use vrouter_state::Mac;
 
@@ -714,6 +714,85 @@ mod netdev {
                 ),
             ],
         }
+    }
+
+    #[test]
+    fn what_a_family_cannot_hold_is_refused() {
+        let refused = |t: &TableSpec, why: &str| {
+            let err = check(t).unwrap_err();
+            assert!(err.contains(why), "{err:?} does not say {why:?}");
+        };
+        let mut t = netdev_table();
+        t.chains[4].hook.as_mut().unwrap().hook = Hook::Forward;
+        refused(&t, "a netdev table has no forward hook");
+        let mut t = netdev_table();
+        t.chains[4].hook.as_mut().unwrap().hook = Hook::Ingress {
+            device: "a-name-too-long-for-linux".into(),
+        };
+        refused(&t, "interface name");
+        let mut t = netdev_table();
+        t.family = Family::Ip;
+        refused(&t, "needs a netdev table");
+        t.chains.retain(|c| c.hook.is_none());
+        refused(&t, "needs a netdev table");
+        let mut t = netdev_table();
+        t.sets[3].elements = SetElements::MacToIndex(vec![
+            (mac("02:00:00:00:00:01"), 1),
+            (mac("02:00:00:00:00:01"), 2),
+        ]);
+        refused(&t, "MAC 02:00:00:00:00:01 twice");
+        let mut t = netdev_table();
+        t.chains[2].rules[0].verdict = RuleVerdict::Goto(String::new());
+        refused(&t, "chain name");
+    }
+
+    #[test]
+    fn dependencies_go_in_once_and_only_in_netdev() {
+        let no_sets = |_: &str| None;
+        let names = |exprs: &[Attr]| -> Vec<String> {
+            exprs
+                .iter()
+                .map(|e| match e {
+                    Attr::Nest(_, attrs) => match &attrs[0] {
+                        Attr::Value(_, v) => String::from_utf8_lossy(&v[..v.len() - 1]).into(),
+                        _ => String::new(),
+                    },
+                    _ => String::new(),
+                })
+                .collect()
+        };
+        let r = rule(
+            vec![
+                Match::AddrInSet {
+                    field: AddrField::IpSaddr,
+                    set: "s".into(),
+                    equal: true,
+                },
+                Match::AddrInSet {
+                    field: AddrField::IpDaddr,
+                    set: "s".into(),
+                    equal: true,
+                },
+            ],
+            vec![],
+            RuleVerdict::Accept,
+        );
+        assert_eq!(
+            names(&rule_exprs(Family::Netdev, &r, &no_sets)),
+            [
+                "meta",
+                "cmp",
+                "payload",
+                "lookup",
+                "payload",
+                "lookup",
+                "immediate"
+            ]
+        );
+        assert_eq!(
+            names(&rule_exprs(Family::Ip, &r, &no_sets)),
+            ["payload", "lookup", "payload", "lookup", "immediate"]
+        );
     }
 
     fn hex(b: &[u8]) -> String {
