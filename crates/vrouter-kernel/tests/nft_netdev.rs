@@ -477,20 +477,7 @@ fn mss_clamp_rewrites_syn_mss() {
         );
 
         // A SYN that advertises less keeps it.
-        let small = in_netns(&n.a_ns, || async move {
-            let s = nix::sys::socket::socket(
-                nix::sys::socket::AddressFamily::Inet,
-                nix::sys::socket::SockType::Stream,
-                nix::sys::socket::SockFlag::empty(),
-                None,
-            )
-            .unwrap();
-            nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::TcpMaxSeg, &600u32)
-                .unwrap();
-            nix::sys::socket::connect(s.as_raw_fd(), &nix::sys::socket::SockaddrIn::from(at_b))
-                .unwrap();
-            s
-        });
+        let small = connect_with_mss(&n.a_ns, at_b, 600);
         let _second = listener.accept().unwrap();
         assert_eq!(
             syns(&sniff_b, n.b_mac),
@@ -498,8 +485,39 @@ fn mss_clamp_rewrites_syn_mss() {
             "not raised to the clamp"
         );
         drop(small);
+
+        // The kernel's write alone (no size match) never raises an MSS either.
+        let mut bare = t.clone();
+        bare.chains[0].rules[0].matches.clear();
+        nft.replace_table(&bare).unwrap();
+        let small = connect_with_mss(&n.a_ns, at_b, 600);
+        let _third = listener.accept().unwrap();
+        assert_eq!(
+            syns(&sniff_b, n.b_mac),
+            vec![600],
+            "nft_exthdr does not raise"
+        );
+        drop(small);
         nft.delete_table().unwrap();
     });
+}
+
+/// A TCP connection from namespace `ns` to `to` whose SYN advertises `mss`
+/// (TCP_MAXSEG before connect).
+fn connect_with_mss(ns: &OwnedFd, to: SocketAddrV4, mss: u32) -> OwnedFd {
+    use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
+    in_netns(ns, || async move {
+        let s = socket::socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )
+        .unwrap();
+        socket::setsockopt(&s, sockopt::TcpMaxSeg, &mss).unwrap();
+        socket::connect(s.as_raw_fd(), &SockaddrIn::from(to)).unwrap();
+        s
+    })
 }
 
 fn comments(nft: &Nft) -> Vec<(String, String)> {
