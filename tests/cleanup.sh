@@ -49,6 +49,11 @@ ip -4 rule show 2>/dev/null | grep 'proto 118' | grep '\[detached\]' | while rea
   pref=${pref%:}
   ip -4 rule del pref "$pref" iif "$iif" table "$table" && echo "removed detached rule $pref iif $iif"
 done
+# The Docker tests' discovery steers in the host namespace's table netdev <prefix>vrouter
+# (simulated hosts' tables go with their namespaces).
+if command -v nft >/dev/null 2>&1 && nft list table netdev "${p}vrouter" >/dev/null 2>&1; then
+  if nft delete table netdev "${p}vrouter"; then echo "removed table netdev ${p}vrouter"; else rc=1; fi
+fi
 rm -rf /run/"$p"-docker-conf* 2>/dev/null
 # --------------------------------------------------------------------------------------
 left=$(ip netns list 2>/dev/null | awk '{print $1}' | grep "^$p-")
