@@ -93,10 +93,13 @@ impl AclKernel for FakeKernel {
     fn mark_counters(&self, set: &str) -> Result<Vec<MarkCounterReading>, String> {
         let f = self.0.borrow();
         if let Some(t) = &f.table {
+            // As the kernel: no such set, no dump.
             let Some(SetElements::CountedMarks(v)) =
                 t.sets.iter().find(|s| s.name == set).map(|s| &s.elements)
             else {
-                return Ok(Vec::new());
+                return Err(format!(
+                    "no set {set}: No such file or directory (os error 2)"
+                ));
             };
             return Ok(v
                 .iter()
@@ -396,6 +399,60 @@ fn counters_add_up_across_replacements() {
     assert_eq!(third.rules[&no_ops].dropped, count(2, 120));
 }
 
+/// The default policy's table has no conntrack and no marks: the router says so
+/// (for its registration), counts what enters the stack as the default's, and a
+/// reload to another policy and back flips both.
+#[test]
+fn the_default_policy_installs_the_stateless_table_and_counts_what_enters() {
+    let k = FakeKernel::default();
+    let mut acl = start(&k, Policy::default());
+    assert_eq!(acl.state(), &AclState::Installed);
+    assert_eq!(k.table(), crate::acl::compile::stateless(&ctx(routes())));
+    assert!(!acl.tracks_connections());
+    // The second half of a connection (no conntrack entry) and a new one: in.
+    let web = Packet::new_from_overlay(ip("10.1.0.5"), mac_of(1), TCP, Some(443));
+    assert!(k.send(&web.again(0).untracked(), 100).0);
+    assert!(k.send(&web.untracked(), 60).0);
+    let forged = Packet::new_from_overlay(ip("10.1.0.5"), mac_of(2), TCP, Some(443));
+    assert!(!k.send(&forged.untracked(), 40).0);
+    let first = acl.read().unwrap();
+    assert_eq!(first.rules[&Counted::Default].accepted, count(2, 160));
+    assert_eq!(
+        first.rules[&Counted::SpoofFromOverlay].dropped,
+        count(1, 40)
+    );
+    // A context change keeps it stateless.
+    let mut more = routes();
+    more.push(route("db", "10.3.0.0/24", 3));
+    acl.set_context(AclContext {
+        remote: more.clone(),
+        ..ctx(routes())
+    })
+    .unwrap();
+    assert!(!acl.tracks_connections());
+    // Restricting: stateful; its counts go on from the stateless table's.
+    acl.reload(policy("deny", "web", None)).unwrap();
+    assert!(acl.tracks_connections());
+    let (ok, m) = k.send(&web, 60);
+    assert!(ok);
+    assert!(k.send(&web.reply(m), 100).0);
+    let second = acl.read().unwrap();
+    assert_eq!(second.rules[&Counted::Default].accepted, count(2, 160));
+    assert_eq!(
+        second.rules[&Counted::Rule("allow web".into())].accepted,
+        count(2, 160)
+    );
+    // And back.
+    acl.reload(Policy::default()).unwrap();
+    assert!(!acl.tracks_connections());
+    assert!(acl.read().is_ok());
+    // Closed is stateful, whatever the policy.
+    k.refuse(|t| !crate::acl::compile::tracks_connections(t));
+    acl.set_context(ctx(routes())).unwrap();
+    assert!(matches!(acl.state(), AclState::Closed { .. }));
+    assert!(acl.tracks_connections());
+}
+
 #[test]
 fn the_test_hook_makes_the_kernel_refuse_the_policy() {
     let dir = std::env::temp_dir().join(format!("vc-acl-refuse-{}", std::process::id()));
@@ -424,12 +481,18 @@ fn the_test_hook_makes_the_kernel_refuse_the_policy() {
 fn the_first_generation_follows_the_table_already_there() {
     let k = FakeKernel::default();
     k.0.borrow_mut().marks_before = vec![7 << 16 | 1, 7 << 16 | 0xffff];
-    let acl = start(&k, policy("allow", "", None));
+    let acl = start(&k, policy("allow", "gone", None));
     assert_eq!(acl.generation(), 8);
     let SetElements::CountedMarks(marks) = &k.table().sets[2].elements else {
         panic!()
     };
-    assert_eq!(marks, &vec![(8 << 16 | 0xffff, "acl default".to_string())]);
+    assert_eq!(
+        marks,
+        &vec![
+            (8 << 16 | 1, "acl 1".to_string()),
+            (8 << 16 | 0xffff, "acl default".to_string())
+        ]
+    );
 }
 
 #[test]
