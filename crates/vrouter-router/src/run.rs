@@ -2,7 +2,7 @@
 //! discovery, probe results and signals, one at a time on one task.
 
 use crate::access::{self, Access, Enforcer, Surround};
-use crate::acl::{Policy, Verdict};
+use crate::acl::Policy;
 use crate::apply;
 use crate::attach::{self, DiscoveryConn, Phase, RECONNECT_MIN, REFUSED_RETRY, REPLY_TIMEOUT};
 use crate::desired::{
@@ -251,9 +251,9 @@ pub async fn run(settings: Settings, policy: Policy) -> anyhow::Result<()> {
                 // An editor's or a deploy tool's burst (write, rename) is one change.
                 tokio::time::sleep(ACL_FILE_SETTLE).await;
                 while acl_file_rx.try_recv().is_ok() {}
-                router.reload_acl("the policy file changed");
+                router.reload_acl("the policy file changed").await;
             }
-            _ = sighup.recv() => router.reload_acl("SIGHUP"),
+            _ = sighup.recv() => router.reload_acl("SIGHUP").await,
             _ = timer.tick() => router.tick().await,
             _ = traffic_timer.tick() => {
                 router.traffic.read();
@@ -445,7 +445,12 @@ impl Router {
     }
 
     async fn register(&mut self, needs_link: bool) {
-        if let Err(e) = self.discovery.register(&self.spec, needs_link).await {
+        let conntrack = self.access.tracks_connections();
+        if let Err(e) = self
+            .discovery
+            .register(&self.spec, needs_link, conntrack)
+            .await
+        {
             tracing::warn!(error = %e, "cannot register with discovery; reconnecting");
             self.discovery.disconnect_for(RECONNECT_MIN);
         }
@@ -566,10 +571,26 @@ impl Router {
 
     /// Reads the policy from the settings again and installs it; a bad one is
     /// reported and the old one stays.
-    fn reload_acl(&mut self, why: &str) {
+    async fn reload_acl(&mut self, why: &str) {
         tracing::info!("{why}: reading the access policy again");
         let events = self.access.reload(self.acl_settings.policy());
         self.emit_all(events);
+        self.sync_conntrack().await;
+    }
+
+    /// Registers again when the access table's use of conntrack changed since the
+    /// registration discovery accepted (a reload to or from the default policy, a
+    /// table closed or opened again): discovery then steers the stack's traffic
+    /// through the router, or straight on.
+    async fn sync_conntrack(&mut self) {
+        let now = self.access.tracks_connections();
+        if self.discovery.conntrack_changed(now) {
+            tracing::info!(
+                conntrack = now,
+                "the access table's connection tracking changed; registering again"
+            );
+            self.register(false).await;
+        }
     }
 
     /// The access counters (the traffic timer): published for the probes file, drop
@@ -601,8 +622,7 @@ impl Router {
     /// lost link. Under the default policy (allow, no rules) the link stays up, so such
     /// a restart keeps forwarding. A SIGKILL skips this (docs/operations.md says so).
     async fn going_away(&mut self) {
-        let policy = self.access.policy();
-        if policy.default == Verdict::Allow && policy.rules.is_empty() {
+        if self.access.policy().is_default() {
             return;
         }
         match self.kernel.link_by_name(&self.overlay_name).await {
@@ -663,6 +683,9 @@ impl Router {
         self.read_intent();
         self.reconcile_routes(trigger).await;
         self.traffic.reconcile(self.intent.last_good.as_ref());
+        // After a routes change or a retry that closed or opened the table, and once
+        // discovery answered a registration.
+        self.sync_conntrack().await;
         self.heartbeat.store(now_ms(), Ordering::Relaxed);
     }
 
