@@ -273,7 +273,7 @@ impl<E: Enforcer> Access<E> {
     /// registers with it (`Registration.conntrack`), so discovery's port steering
     /// sends the stack's outgoing frames through the router or straight on.
     pub fn tracks_connections(&self) -> bool {
-        self.enforcer.as_ref().map_or(true, E::tracks_connections)
+        self.enforcer.as_ref().is_none_or(E::tracks_connections)
     }
 
     /// The policy in force (or wanted, while closed).

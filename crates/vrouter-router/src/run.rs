@@ -79,6 +79,9 @@ pub struct Router {
     /// The overlay link is down because no access table could be installed (the
     /// router took it down, or adopted it without bringing it up).
     link_held: bool,
+    /// Whether the stack's same-host traffic crossed the host at the last look
+    /// (discovery.json's steering mode), to log when that changes.
+    crosses_the_host: Option<bool>,
 }
 
 /// Runs the router until SIGTERM or SIGINT. Neither sends Leave: Docker sends SIGTERM
@@ -212,6 +215,7 @@ pub async fn run(settings: Settings, policy: Policy) -> anyhow::Result<()> {
         acl_settings: settings.acl.clone(),
         acl_counters,
         link_held: false,
+        crosses_the_host: None,
     };
     router.hold_link().await;
 
@@ -849,9 +853,15 @@ impl Router {
                 false
             }
         });
-        let peers = match (&self.intent.last_good, self.probe_path) {
+        let candidates = match (&self.intent.last_good, self.probe_path) {
             (Some(d), Some(_)) => d.same_host.clone(),
             _ => BTreeSet::new(),
+        };
+        // Only on the host's path (discovery.json read only when there is a peer).
+        let peers = if !candidates.is_empty() && self.same_host_crosses_the_host() {
+            candidates
+        } else {
+            BTreeSet::new()
         };
         self.probes.retain(&peers);
         self.peers.send_if_modified(|current| {
@@ -862,6 +872,33 @@ impl Router {
                 false
             }
         });
+    }
+}
+
+impl Router {
+    /// Whether this stack's same-host traffic takes the host's path, from
+    /// discovery.json's steering mode ([`probe::crosses_the_host`]); an unreadable or
+    /// absent file counts as the host's path (as before port steering).
+    fn same_host_crosses_the_host(&mut self) -> bool {
+        let steering = match self.state.read_discovery() {
+            Ok(f) => f.steering,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read discovery.json; same-host probes as on the policy-rule path");
+                None
+            }
+        };
+        let now = probe::crosses_the_host(steering.as_ref(), &self.spec.name);
+        if self.crosses_the_host != Some(now) {
+            if now {
+                tracing::info!(
+                    "same-host traffic takes the host's path (policy-rule steering): probing it"
+                );
+            } else {
+                tracing::info!("same-host traffic is steered at the ports and never crosses the host: no same-host probes");
+            }
+            self.crosses_the_host = Some(now);
+        }
+        now
     }
 }
 

@@ -335,7 +335,7 @@ impl<K: AclKernel> Acl<K> {
     /// directions of the stack's traffic: every table but the default policy's (the
     /// closed one does too). True before anything is installed (the safe answer).
     pub fn tracks_connections(&self) -> bool {
-        self.installed.table().map_or(true, tracks_connections)
+        self.installed.table().is_none_or(tracks_connections)
     }
 
     /// The table in the kernel, as installed (None only before `start` returns).
