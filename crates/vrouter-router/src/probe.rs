@@ -228,7 +228,7 @@ impl ProbeTracker {
             (None | Some(false), false) => Some((
                 EventKind::SameHostBlocked,
                 format!(
-                    "traffic from stack {own} to same-host stack {} ({}) is dropped by Docker's firewall (Docker 28.2+ isolates bridges); set driver option com.docker.network.bridge.gateway_mode_ipv4=nat-unprotected on both stacks' networks, or daemon option allow-direct-routing",
+                    "traffic from stack {own} to same-host stack {} ({}) is dropped by Docker's firewall (Docker 28.2+ isolates bridges) on the policy-rule path; steer at the ports (VROUTER_STEERING=ports on discovery, the default; `vrouter-discovery status` says why a stack is not), or set driver option com.docker.network.bridge.gateway_mode_ipv4=nat-unprotected on both stacks' networks, or daemon option allow-direct-routing",
                     result.peer.stack, result.peer.via
                 ),
             )),
@@ -278,7 +278,10 @@ mod tests {
         let (kind, msg) = t.record(&own, &bad).unwrap();
         assert_eq!(kind, "same_host_blocked");
         assert!(
-            msg.contains("stack a") && msg.contains("stack c") && msg.contains("nat-unprotected"),
+            msg.contains("stack a")
+                && msg.contains("stack c")
+                && msg.contains("VROUTER_STEERING=ports")
+                && msg.contains("nat-unprotected"),
             "{msg}"
         );
         assert_eq!(t.record(&own, &bad), None);
