@@ -61,8 +61,8 @@ use super::resolve::ResolvedPolicy;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use vrouter_kernel::{
-    AddrField, BaseHook, ChainSpec, Ipv4Range, Match, RuleSpec, RuleVerdict, SetElements, SetSpec,
-    TableSpec,
+    AddrField, BaseHook, ChainSpec, Family, Hook, Ipv4Range, Match, RuleSpec, RuleVerdict,
+    SetElements, SetSpec, TableSpec,
 };
 use vrouter_state::{Mac, Prefix, RemoteRoute};
 
@@ -115,22 +115,19 @@ pub struct Compiled {
 /// set of ct marks): then the router must see both directions of every connection
 /// it forwards, else it takes the half it sees for invalid and drops it.
 pub fn tracks_connections(table: &TableSpec) -> bool {
+    let ct_field =
+        |f: &AddrField| matches!(f, AddrField::CtOriginalSaddr | AddrField::CtOriginalDaddr);
     let ct_match = |m: &Match| match m {
         Match::CtStateNew
         | Match::CtOriginalProtocol(_)
         | Match::CtOriginalDport { .. }
         | Match::CtMarkInSet { .. } => true,
-        Match::AddrInSet { field, .. } => {
-            matches!(
-                field,
-                AddrField::CtOriginalSaddr | AddrField::CtOriginalDaddr
-            )
-        }
+        Match::AddrInSet { field, .. } => ct_field(field),
         _ => false,
     };
     let ct_rule = |r: &RuleSpec| {
         r.set_ct_mark.is_some()
-            || matches!(r.verdict, RuleVerdict::VmapCtOriginalSaddr(_))
+            || matches!(&r.verdict, RuleVerdict::Vmap { field, .. } if ct_field(field))
             || r.matches.iter().any(ct_match)
     };
     table
@@ -278,6 +275,7 @@ pub fn compile(
     });
     Ok(Compiled {
         table: TableSpec {
+            family: Family::Ip,
             name: TABLE.to_string(),
             sets,
             chains,
@@ -296,6 +294,7 @@ pub fn compile(
 /// own connections as usual, then `counter drop` ("acl closed").
 pub fn closed(ctx: &AclContext) -> TableSpec {
     TableSpec {
+        family: Family::Ip,
         name: TABLE.to_string(),
         sets: context_sets(ctx),
         chains: vec![base_chain(&ctx.overlay_ifname, true)],
@@ -316,6 +315,7 @@ pub fn stateless(ctx: &AclContext) -> TableSpec {
         COMMENT_ENTERING,
     ));
     TableSpec {
+        family: Family::Ip,
         name: TABLE.to_string(),
         sets: context_sets(ctx),
         chains: vec![forward_chain(rules)],
@@ -341,7 +341,9 @@ fn verdict_rule(
     RuleSpec {
         matches,
         counter: true,
+        counter_start: (0, 0),
         set_ct_mark,
+        statements: Vec::new(),
         verdict,
         comment,
     }
@@ -400,7 +402,9 @@ fn rule(matches: Vec<Match>, counter: bool, verdict: RuleVerdict, comment: &str)
     RuleSpec {
         matches,
         counter,
+        counter_start: (0, 0),
         set_ct_mark: None,
+        statements: Vec::new(),
         verdict,
         comment: comment.to_string(),
     }
@@ -455,6 +459,7 @@ fn forward_chain(rules: Vec<RuleSpec>) -> ChainSpec {
     ChainSpec {
         name: CHAIN.to_string(),
         hook: Some(BaseHook {
+            hook: Hook::Forward,
             priority: PRIORITY,
             policy_accept: true,
         }),
@@ -503,7 +508,10 @@ fn base_chain(ovl: &str, closed: bool) -> ChainSpec {
         rules.push(rule(
             vec![],
             false,
-            RuleVerdict::VmapCtOriginalSaddr(MAP_CLASSES.to_string()),
+            RuleVerdict::Vmap {
+                field: AddrField::CtOriginalSaddr,
+                map: MAP_CLASSES.to_string(),
+            },
             "acl classes",
         ));
         rules.push(rule(vec![], true, RuleVerdict::Drop, COMMENT_FALLBACK));
