@@ -484,6 +484,7 @@ impl Controller {
             if let Err(e) = self.registry.register(spec.clone(), conn, peer.key) {
                 return self.refuse(&spec.name, e);
             }
+            self.registry.set_conntrack(&spec.name, reg.conntrack);
             self.event(
                 EventKind::RouterRegistered,
                 format!(
@@ -512,6 +513,7 @@ impl Controller {
         if let Err(e) = self.registry.register(spec.clone(), conn, peer.key) {
             return self.refuse(&spec.name, e);
         }
+        self.registry.set_conntrack(&spec.name, reg.conntrack);
         self.event(
             EventKind::RouterAttached,
             format!(
