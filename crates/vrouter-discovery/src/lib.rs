@@ -27,4 +27,5 @@ pub mod safety;
 pub mod settings;
 pub mod status;
 pub mod steer;
+pub mod steering;
 pub mod underlay;

@@ -95,3 +95,33 @@ pub enum SetElements {
     JumpMap(Vec<(Ipv4Range, String)>),
     MacToIndex(Vec<(Mac, u32)>),
 }
+
+pub use vrouter_kernel::nft::RuleCounterReading;
+use vrouter_kernel::KernelError;
+
+/// Stand-in for `vrouter_kernel::Nft` with the contract's signatures: every call
+/// fails until the kernel branch lands.
+#[derive(Debug)]
+pub struct Nft;
+
+fn unavailable(op: &str) -> KernelError {
+    KernelError::Errno {
+        op: format!("{op} (netdev tables: kernel API not merged yet)"),
+        errno: nix::errno::Errno::ENOSYS,
+    }
+}
+
+impl Nft {
+    pub fn connect_table(_family: Family, _table: &str) -> Result<Nft, KernelError> {
+        Err(unavailable("connect nftables table"))
+    }
+    pub fn replace_table(&self, _t: &TableSpec) -> Result<(), KernelError> {
+        Err(unavailable("replace nftables table"))
+    }
+    pub fn rule_counters(&self) -> Result<Vec<RuleCounterReading>, KernelError> {
+        Err(unavailable("dump nftables rules"))
+    }
+    pub fn delete_table(&self) -> Result<(), KernelError> {
+        Err(unavailable("delete nftables table"))
+    }
+}

@@ -168,11 +168,11 @@ pub fn port_comment(port: &str, stack: &StackName) -> String {
     format!("port {port} {stack}")
 }
 
-fn own_comment(stack: &StackName) -> String {
+pub fn own_comment(stack: &StackName) -> String {
     format!("own {stack}")
 }
 
-fn deliver_comment(stack: &StackName) -> String {
+pub fn deliver_comment(stack: &StackName) -> String {
     format!("deliver {stack}")
 }
 
@@ -562,6 +562,35 @@ pub fn steered(
     via: Ipv4Addr,
 ) -> Option<(u64, u64)> {
     counters.get(&steer_comment(local, remote, via)).copied()
+}
+
+/// The FDB rows to steer by: the bridge's learned rows, plus rows learned before
+/// that aged out while their port is still on the bridge. Steered frames bypass the
+/// bridge, so it stops seeing the router's and the services' frames and forgets their
+/// MACs after its ageing time; without this memory a quiet stack would fall back to
+/// the rule path every few minutes and return at its next broadcast. A MAC the
+/// bridge now learns elsewhere moves; a port that left the bridge takes its rows.
+pub fn remember(
+    memory: &BTreeMap<Mac, u32>,
+    fdb: &[BridgeFdbEntry],
+    ports: &[Port],
+) -> (Vec<BridgeFdbEntry>, BTreeMap<Mac, u32>) {
+    let on_bridge = |port: u32| ports.iter().any(|p| p.index == port);
+    let mut learned: BTreeMap<Mac, u32> = memory
+        .iter()
+        .filter(|(_, port)| on_bridge(**port))
+        .map(|(m, p)| (*m, *p))
+        .collect();
+    for r in fdb.iter().filter(|r| r.learned && on_bridge(r.port)) {
+        learned.insert(r.mac, r.port);
+    }
+    let mut rows: Vec<BridgeFdbEntry> = fdb.iter().filter(|r| !r.learned).cloned().collect();
+    rows.extend(learned.iter().map(|(mac, port)| BridgeFdbEntry {
+        mac: *mac,
+        port: *port,
+        learned: true,
+    }));
+    (rows, learned)
 }
 
 #[cfg(test)]
@@ -1051,6 +1080,70 @@ mod tests {
                 .into_iter()
                 .map(String::from)
                 .collect()
+        );
+    }
+
+    #[test]
+    fn aged_out_macs_are_remembered_while_their_port_stays() {
+        let ports = vec![
+            Port {
+                index: 11,
+                name: "r".into(),
+            },
+            Port {
+                index: 12,
+                name: "s".into(),
+            },
+        ];
+        let router = stack_mac(Ipv4Addr::new(10, 1, 0, 254));
+        let own = BridgeFdbEntry {
+            mac: Mac([0xaa, 0, 0, 0, 0, 1]),
+            port: 12,
+            learned: false,
+        };
+        let fdb = vec![
+            BridgeFdbEntry {
+                mac: router,
+                port: 11,
+                learned: true,
+            },
+            BridgeFdbEntry {
+                mac: service_mac(1, 1),
+                port: 12,
+                learned: true,
+            },
+            own.clone(),
+        ];
+        let (rows, memory) = remember(&BTreeMap::new(), &fdb, &ports);
+        assert_eq!(memory.len(), 2);
+        assert_eq!(rows.len(), 3);
+        // Both learned rows aged out: still there.
+        let (rows, memory) = remember(&memory, std::slice::from_ref(&own), &ports);
+        assert!(rows
+            .iter()
+            .any(|r| r.mac == router && r.port == 11 && r.learned));
+        assert!(rows.contains(&own), "permanent rows pass through");
+        // The service MAC moves to a new port; the router's port leaves the bridge.
+        let ports = vec![
+            Port {
+                index: 12,
+                name: "s".into(),
+            },
+            Port {
+                index: 13,
+                name: "s2".into(),
+            },
+        ];
+        let moved = BridgeFdbEntry {
+            mac: service_mac(1, 1),
+            port: 13,
+            learned: true,
+        };
+        let (rows, memory) = remember(&memory, std::slice::from_ref(&moved), &ports);
+        assert_eq!(rows, vec![moved]);
+        assert_eq!(
+            memory.into_iter().collect::<Vec<_>>(),
+            vec![(service_mac(1, 1), 13)]
         );
     }
 
