@@ -43,9 +43,10 @@ pub use bridge::{is_bridge_change, BridgeFdbEntry, BridgeWatcher};
 pub use error::KernelError;
 pub use netns::VethPort;
 pub use nft::{
-    AddrField, BaseHook, ChainSpec, CounterDump, CounterReading, Direction, Ipv4Range,
-    MarkCounterReading, Match, Nft, PrefixCounter, RuleCounterReading, RuleReading, RuleSpec,
-    RuleVerdict, SetElements, SetReading, SetSpec, Slot, TableSpec, MAX_COMMENT_LEN, MAX_OWNER_LEN,
+    AddrField, BaseHook, ChainSpec, CounterDump, CounterReading, Direction, Family, Hook,
+    Ipv4Range, MarkCounterReading, Match, Nft, PrefixCounter, RuleCounterReading, RuleReading,
+    RuleSpec, RuleVerdict, SetElements, SetReading, SetSpec, Slot, Statement, TableSpec,
+    MAX_COMMENT_LEN, MAX_OWNER_LEN,
 };
 
 use error::{classify, Context};

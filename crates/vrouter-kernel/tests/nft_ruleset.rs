@@ -10,8 +10,8 @@ use std::os::fd::AsFd;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use vrouter_kernel::nft::{
-    AddrField, BaseHook, ChainSpec, Ipv4Range, MarkCounterReading, Match, RuleSpec, RuleVerdict,
-    SetElements, SetSpec, TableSpec,
+    AddrField, BaseHook, ChainSpec, Family, Hook, Ipv4Range, MarkCounterReading, Match, RuleSpec,
+    RuleVerdict, SetElements, SetSpec, TableSpec,
 };
 use vrouter_kernel::{Kernel, KernelError, Nft, Route};
 use vrouter_state::Mac;
@@ -69,7 +69,9 @@ fn rule(matches: Vec<Match>, verdict: RuleVerdict, comment: &str) -> RuleSpec {
     RuleSpec {
         matches,
         counter: !comment.is_empty(),
+        counter_start: (0, 0),
         set_ct_mark: None,
+        statements: Vec::new(),
         verdict,
         comment: comment.into(),
     }
@@ -152,7 +154,10 @@ fn forward(closed: bool) -> ChainSpec {
             ),
             rule(
                 vec![],
-                RuleVerdict::VmapCtOriginalSaddr("classes".into()),
+                RuleVerdict::Vmap {
+                    field: AddrField::CtOriginalSaddr,
+                    map: "classes".into(),
+                },
                 "",
             ),
             rule(vec![], RuleVerdict::Drop, "acl fallback"),
@@ -161,6 +166,7 @@ fn forward(closed: bool) -> ChainSpec {
     ChainSpec {
         name: "forward".into(),
         hook: Some(BaseHook {
+            hook: Hook::Forward,
             priority: -10,
             policy_accept: true,
         }),
@@ -186,7 +192,9 @@ fn class_rule(
     RuleSpec {
         matches,
         counter: true,
+        counter_start: (0, 0),
         set_ct_mark: mark,
+        statements: Vec::new(),
         verdict: if mark.is_some() {
             RuleVerdict::Accept
         } else {
@@ -217,6 +225,7 @@ const REMOTE_MAC: Mac = Mac([2, 0, 0, 0, 0, 2]);
 /// udp/5001, default deny), and the marks of the allow rules admitted.
 fn acl_table(generation: u16, b_mac: Mac) -> TableSpec {
     TableSpec {
+        family: Family::Ip,
         name: TABLE.into(),
         sets: vec![
             SetSpec {

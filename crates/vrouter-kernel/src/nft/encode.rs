@@ -17,11 +17,12 @@ pub(super) fn new_table(table: &str) -> Request {
     )
 }
 
-pub(super) fn del_table(table: &str) -> Request {
+/// Deletes table `table` of family `family` (an NFPROTO_*).
+pub(super) fn del_table(family: u8, table: &str) -> Request {
     Request::new(
         NFT_MSG_DELTABLE,
         NLM_F_ACK,
-        NFPROTO_IPV4,
+        family,
         vec![Attr::str(NFTA_TABLE_NAME, table)],
     )
 }

@@ -60,8 +60,9 @@ pub use model::{
     MAX_OWNER_LEN,
 };
 pub use ruleset::{
-    AddrField, BaseHook, ChainSpec, Ipv4Range, MarkCounterReading, Match, RuleCounterReading,
-    RuleSpec, RuleVerdict, SetElements, SetSpec, TableSpec, MAX_COMMENT_LEN,
+    AddrField, BaseHook, ChainSpec, Family, Hook, Ipv4Range, MarkCounterReading, Match,
+    RuleCounterReading, RuleSpec, RuleVerdict, SetElements, SetSpec, Statement, TableSpec,
+    MAX_COMMENT_LEN,
 };
 
 use crate::{KernelError, Result};
@@ -81,9 +82,10 @@ const DUMP_TRIES: usize = 3;
 const ELEMENTS_PER_MESSAGE: usize = 256;
 
 /// A socket on the nf_tables netlink subsystem of one network namespace, scoped to
-/// one table (family ip) and its counting chain.
+/// one table (family ip, or netdev for [`Nft::connect_table`]) and its counting chain.
 pub struct Nft {
     socket: NfSocket,
+    family: Family,
     table: String,
     chain: String,
 }
@@ -91,6 +93,7 @@ pub struct Nft {
 impl std::fmt::Debug for Nft {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Nft")
+            .field("family", &self.family)
             .field("table", &self.table)
             .field("chain", &self.chain)
             .finish()
@@ -104,9 +107,27 @@ impl Nft {
     pub fn connect(table: &str, chain: &str) -> Result<Nft> {
         Ok(Nft {
             socket: NfSocket::connect()?,
+            family: Family::Ip,
             table: table.to_string(),
             chain: chain.to_string(),
         })
+    }
+
+    /// Opens a NETLINK_NETFILTER socket in the calling thread's network namespace for
+    /// whole-table work on table `<family> <table>`: [`Nft::replace_table`],
+    /// [`Nft::rule_counters`], [`Nft::mark_counters`], [`Nft::delete_table`]. (The
+    /// counting-chain operations are for [`Nft::connect`]'s family ip table.)
+    pub fn connect_table(family: Family, table: &str) -> Result<Nft> {
+        Ok(Nft {
+            socket: NfSocket::connect()?,
+            family,
+            table: table.to_string(),
+            chain: String::new(),
+        })
+    }
+
+    pub fn family(&self) -> Family {
+        self.family
     }
 
     /// `ip <table>` and its chain: type filter, hook forward, priority 0, policy accept.
@@ -215,7 +236,7 @@ impl Nft {
     ) -> Result<Vec<Vec<u8>>> {
         let mut out = Vec::new();
         for _ in 0..DUMP_TRIES {
-            let m = Request::new(get, NLM_F_DUMP, NFPROTO_IPV4, attrs.clone());
+            let m = Request::new(get, NLM_F_DUMP, self.family.nfproto(), attrs.clone());
             let (payloads, interrupted) = self.socket.dump(op, m, reply)?;
             out = payloads;
             if !interrupted {
@@ -334,11 +355,12 @@ impl Nft {
     }
 
     /// Deletes the table with its chain, rules, sets and counters. A table that is
-    /// already gone is not an error.
+    /// already gone is not an error, nor is a netdev table whose devices are gone
+    /// (the kernel drops a base chain with its device, or keeps it unhooked).
     pub fn delete_table(&self) -> Result<()> {
         match self.socket.transact(
             "delete nftables table",
-            vec![encode::del_table(&self.table)],
+            vec![encode::del_table(self.family.nfproto(), &self.table)],
         ) {
             Err(KernelError::Errno {
                 errno: Errno::ENOENT,
@@ -352,23 +374,50 @@ impl Nft {
     /// nftables batch (atomic: packets see the old or the new, never neither, and a
     /// table the kernel refuses leaves the old one as it was). Large batches raise the
     /// socket's send buffer (SO_SNDBUFFORCE, CAP_NET_ADMIN) rather than split.
-    /// `table.name` must be `self.table()`.
+    /// `table.name` and `table.family` must be this socket's. A table whose ingress
+    /// hook names a device missing in this namespace fails with
+    /// [`KernelError::NoSuchLink`] and changes nothing, whatever the kernel (6.18
+    /// would take it and hook the device once it appears).
     pub fn replace_table(&self, table: &TableSpec) -> Result<()> {
         let invalid = |why: String| KernelError::Errno {
-            op: format!("replace nftables table {}: {why}", table.name),
+            op: format!(
+                "replace nftables table {} {}: {why}",
+                table.family.name(),
+                table.name
+            ),
             errno: Errno::EINVAL,
         };
-        if table.name != self.table {
-            return Err(invalid(format!("this socket is for table {}", self.table)));
+        if table.name != self.table || table.family != self.family {
+            return Err(invalid(format!(
+                "this socket is for table {} {}",
+                self.family.name(),
+                self.table
+            )));
         }
         ruleset::check(table).map_err(invalid)?;
+        // Older kernels refuse a hook on a missing device (ENOENT); 6.18 takes it and
+        // hooks the device once it appears. Refuse it here on every kernel.
+        if let Some(device) = missing_device(table) {
+            return Err(KernelError::NoSuchLink(device));
+        }
         let mut messages = ruleset::replace_requests(table);
         // One acknowledgement, for the last message: it comes after the commit,
         // errors come for any message.
         if let Some(last) = messages.pop() {
             messages.push(ruleset::acked(last));
         }
-        self.socket.transact("replace nftables table", messages)
+        let result = self.socket.transact("replace nftables table", messages);
+        // A device that went away meanwhile: ENOENT from older kernels.
+        if let Err(KernelError::Errno {
+            errno: Errno::ENOENT | Errno::ENODEV,
+            ..
+        }) = &result
+        {
+            if let Some(device) = missing_device(table) {
+                return Err(KernelError::NoSuchLink(device));
+            }
+        }
+        result
     }
 
     /// Every rule of every chain of the table, in chain and rule order as the kernel
@@ -394,4 +443,20 @@ impl Nft {
         out.sort_by_key(|r| r.key);
         Ok(out)
     }
+}
+
+/// The first ingress device of `table` that does not exist in the calling thread's
+/// namespace.
+fn missing_device(table: &TableSpec) -> Option<String> {
+    table
+        .chains
+        .iter()
+        .find_map(|c| match c.hook.as_ref().map(|h| &h.hook) {
+            Some(Hook::Ingress { device })
+                if nix::net::if_::if_nametoindex(device.as_str()).is_err() =>
+            {
+                Some(device.clone())
+            }
+            _ => None,
+        })
 }

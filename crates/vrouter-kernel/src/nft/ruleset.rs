@@ -1,10 +1,11 @@
-//! Whole rulesets: a table of family ip described as plain values ([`TableSpec`]:
-//! sets, chains, rules) and its encoding into one nf_tables transaction that replaces
-//! the table whole (see [`super::Nft::replace_table`]); and what a dump of its rule
-//! and set-element counters reads back.
+//! Whole rulesets: a table of family ip or netdev described as plain values
+//! ([`TableSpec`]: sets, chains, rules) and its encoding into one nf_tables
+//! transaction that replaces the table whole (see [`super::Nft::replace_table`]); and
+//! what a dump of its rule and set-element counters reads back.
 //!
 //! The encoding is what `nft -f` sends for the same ruleset (checked against
-//! `nft --debug=netlink,mnl` of nftables 1.0.6), expression by expression, so
+//! `nft --debug=netlink,mnl` of nftables 1.0.6; for a netdev table byte for byte, see
+//! `testdata/netdev.nft` and the test beside it), expression by expression, so
 //! `nft list table` prints it back as written:
 //!
 //! - interfaces: `meta load iifname` and a 16-byte NUL-padded `cmp`;
@@ -22,6 +23,30 @@
 //! - `ct mark set M`: `immediate` into register 1 and `ct set mark`; marks and their
 //!   keys are host byte order (the kernel's u32 ct mark), everything else network order;
 //! - comments: userdata TLV 0 (libnftnl's NFTNL_UDATA_RULE_COMMENT).
+//!
+//! In family netdev (frames at a device's ingress hook, before any IP processing):
+//!
+//! - nft's implicit dependencies go in once per rule where nft puts them: `meta
+//!   protocol ip` before the first `ip saddr/daddr` (so an explicit
+//!   [`Match::MetaProtocolIpv4`] first encodes exactly as without it), `meta iiftype
+//!   ether` before the first Ethernet field read or written, `meta l4proto tcp` before
+//!   `tcp flags` (none before `tcp option maxseg size set`, as nft);
+//! - `meta length > N`: `meta load len`, `byteorder hton` (4 bytes), `cmp gt` with N
+//!   big-endian; skb->len at netdev ingress is the L3 length (the Ethernet header is
+//!   pulled), and so is what counters count;
+//! - `tcp flags syn tcp option maxseg size > N`: `payload load 1b @ transport header +
+//!   13`, `bitwise & 0x02` (no NFTA_BITWISE_OP, as nft for a flag match), `cmp neq 0`,
+//!   `exthdr load tcpopt 2b @ 2 + 2`, `cmp gt`; `... size set N`: `immediate`, `exthdr
+//!   write`. The kernel's write leaves an MSS at or below N alone (it never raises one)
+//!   and fixes the checksum; the SYN match keeps other segments out of the option walk;
+//! - `ether saddr/daddr set M`: `immediate` of 6 bytes, `payload write` at offset 6/0
+//!   of the link header (no checksum); `fwd to I`: `immediate` of the host-order index, `fwd`;
+//!   `fwd to ether daddr map @m`: `payload load` of the MAC, `lookup` into register 1,
+//!   `fwd` (with a counter the rule is `ether daddr @m counter fwd to ...`, so the
+//!   counter counts only hits);
+//! - a `type ether_addr : iface_index` map: key 6 bytes, data a host-order u32;
+//! - set elements carry attribute types 1, 2, 3, ... in each message, as libnftnl
+//!   numbers them (the kernel reads any type).
 //!
 //! Interval sets and maps (rbtree) get one element per range start and an
 //! INTERVAL_END element one past its end, preceded by an end element at 0.0.0.0 when
@@ -47,9 +72,37 @@ pub const MAX_COMMENT_LEN: usize = 128;
 /// element here at most about 200 bytes.
 const ELEMENTS_PER_MESSAGE: usize = 256;
 
-/// A table of family ip: sets and chains, created whole.
+/// A table's address family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// `ip` (NFPROTO_IPV4).
+    Ip,
+    /// `netdev` (NFPROTO_NETDEV): ingress hooks of devices, frames with their
+    /// Ethernet header.
+    Netdev,
+}
+
+impl Family {
+    pub(super) fn nfproto(self) -> u8 {
+        match self {
+            Family::Ip => NFPROTO_IPV4,
+            Family::Netdev => NFPROTO_NETDEV,
+        }
+    }
+
+    /// Its name in nft's syntax.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Ip => "ip",
+            Family::Netdev => "netdev",
+        }
+    }
+}
+
+/// A table (family ip or netdev): sets and chains, created whole.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableSpec {
+    pub family: Family,
     pub name: String,
     pub sets: Vec<SetSpec>,
     pub chains: Vec<ChainSpec>,
@@ -63,21 +116,37 @@ pub struct ChainSpec {
     pub rules: Vec<RuleSpec>,
 }
 
-/// A base chain's hook: always `type filter hook forward`.
+/// A base chain's hook: `type filter hook forward` (family ip) or `type filter hook
+/// ingress device <name>` (family netdev).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BaseHook {
+    pub hook: Hook,
     pub priority: i32,
     /// `policy accept`, else `policy drop`.
     pub policy_accept: bool,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hook {
+    /// `hook forward` (family ip).
+    Forward,
+    /// `hook ingress device "<device>"` (family netdev; NFTA_HOOK_DEV). The device
+    /// must exist when the table goes in.
+    Ingress { device: String },
+}
+
 /// One rule: matches (all must hold), an optional counter, an optional `ct mark
-/// set`, a verdict, a comment. Expressions go in that order.
+/// set`, statements, a verdict, a comment. Expressions go in that order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleSpec {
     pub matches: Vec<Match>,
     pub counter: bool,
+    /// The counter's initial (packets, bytes) (`counter packets P bytes B`), so that
+    /// counts survive a table replacement; ignored without `counter`.
+    pub counter_start: (u64, u64),
     pub set_ct_mark: Option<u32>,
+    /// Statements after the counter and `ct mark set`, before the verdict.
+    pub statements: Vec<Statement>,
     pub verdict: RuleVerdict,
     /// The rule's comment (userdata, libnftnl's comment TLV): at most
     /// [`MAX_COMMENT_LEN`] bytes, no NUL; empty for none.
@@ -90,9 +159,39 @@ pub enum RuleVerdict {
     Drop,
     /// No verdict: the next rule decides.
     Continue,
-    /// `ct original ip saddr vmap @<map>`: the verdict of the map's element holding
-    /// the connection's original source address (a [`SetElements::JumpMap`]).
-    VmapCtOriginalSaddr(String),
+    /// `return`.
+    Return,
+    /// `jump <chain>`.
+    Jump(String),
+    /// `goto <chain>`.
+    Goto(String),
+    /// `<field> vmap @<map>`: the verdict of the map's element holding the address
+    /// (a [`SetElements::JumpMap`]); no element, no verdict.
+    Vmap {
+        field: AddrField,
+        map: String,
+    },
+    /// `fwd to <ifindex>` (family netdev): the frame leaves by that device.
+    FwdToIndex(u32),
+    /// `fwd to ether daddr map @<map>` (family netdev; a [`SetElements::MacToIndex`]
+    /// map): the frame leaves by the device its destination MAC maps to; a MAC not in
+    /// the map, no verdict. With the rule's `counter`, the rule is `ether daddr @<map>
+    /// counter fwd to ether daddr map @<map>` (what nft accepts: no statement may
+    /// follow `fwd`), so the counter counts only frames the map forwards.
+    FwdByEtherDaddrMap(String),
+}
+
+/// What a rule does to a frame before its verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Statement {
+    /// `ether saddr set <mac>`.
+    SetEtherSaddr(Mac),
+    /// `ether daddr set <mac>`.
+    SetEtherDaddr(Mac),
+    /// `tcp option maxseg size set <mss>`: the kernel (nft_exthdr) rewrites an MSS
+    /// option that is there (it never adds one) and never raises it: an MSS at or
+    /// below `<mss>` stays. The checksum is updated.
+    SetTcpMss(u16),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,6 +218,19 @@ pub enum Match {
     CtMarkInSet { set: String },
     /// `ip saddr . ether saddr != @<set>` for a [`SetElements::SourceMacs`] set.
     SourceMacNotInSet { set: String },
+    /// `meta protocol ip`: the frame carries IPv4 (family netdev; nft's dependency of
+    /// `ip` matches, which the encoding adds itself when missing).
+    MetaProtocolIpv4,
+    /// `meta l4proto <proto>`.
+    MetaL4Proto(u8),
+    /// `meta l4proto != <proto>`.
+    MetaL4ProtoNot(u8),
+    /// `meta length > <len>`: the packet's length (skb->len: at netdev ingress the
+    /// L3 length, the Ethernet header already pulled).
+    MetaLengthGt(u32),
+    /// `tcp flags syn tcp option maxseg size > <mss>`: a TCP segment with SYN set
+    /// (SYN or SYN-ACK) whose MSS option is above `<mss>`.
+    TcpSynMssAbove(u16),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +265,8 @@ pub enum SetElements {
     SourceMacs(Vec<(Ipv4Range, Mac)>),
     /// `type ipv4_addr : verdict; flags interval`: `<range> : jump <chain>`.
     JumpMap(Vec<(Ipv4Range, String)>),
+    /// `type ether_addr : iface_index`: a MAC and the device index to forward to.
+    MacToIndex(Vec<(Mac, u32)>),
 }
 
 /// An inclusive range of IPv4 addresses.
@@ -233,6 +347,14 @@ pub(super) fn check(table: &TableSpec) -> Result<(), String> {
                 }
                 Vec::new()
             }
+            SetElements::MacToIndex(list) => {
+                let mut macs: Vec<Mac> = list.iter().map(|(m, _)| *m).collect();
+                macs.sort_by_key(|m| m.0);
+                if let Some(w) = macs.windows(2).find(|w| w[0] == w[1]) {
+                    return Err(format!("map {}: MAC {} twice", set.name, w[0]));
+                }
+                Vec::new()
+            }
         };
         if let Some(r) = ranges.iter().find(|r| r.first > r.last) {
             return Err(format!(
@@ -253,20 +375,43 @@ pub(super) fn check(table: &TableSpec) -> Result<(), String> {
             }
         }
     }
+    let netdev = table.family == Family::Netdev;
     for chain in &table.chains {
         name_ok("chain", &chain.name)?;
+        match chain.hook.as_ref().map(|h| &h.hook) {
+            Some(Hook::Forward) if netdev => {
+                return Err(format!(
+                    "chain {}: a netdev table has no forward hook",
+                    chain.name
+                ))
+            }
+            Some(Hook::Ingress { device }) if !netdev => {
+                return Err(format!(
+                    "chain {}: ingress device {device:?} needs a netdev table",
+                    chain.name
+                ))
+            }
+            Some(Hook::Ingress { device }) => ifname_ok(device)?,
+            _ => {}
+        }
         for rule in &chain.rules {
             comment_ok(&rule.comment)?;
+            match &rule.verdict {
+                RuleVerdict::Jump(to) | RuleVerdict::Goto(to) => name_ok("chain", to)?,
+                RuleVerdict::FwdToIndex(_) | RuleVerdict::FwdByEtherDaddrMap(_) if !netdev => {
+                    return Err(format!("chain {}: fwd needs a netdev table", chain.name))
+                }
+                _ => {}
+            }
+            if !netdev && !rule.statements.is_empty() {
+                return Err(format!(
+                    "chain {}: ether and tcp option statements need a netdev table",
+                    chain.name
+                ));
+            }
             for m in &rule.matches {
                 match m {
-                    Match::IifName { name, .. } | Match::OifName { name, .. }
-                        if name.is_empty() || name.len() >= IFNAMSIZ || name.contains('\0') =>
-                    {
-                        return Err(format!(
-                            "interface name {name:?} must be 1 to {} bytes without NUL",
-                            IFNAMSIZ - 1
-                        ));
-                    }
+                    Match::IifName { name, .. } | Match::OifName { name, .. } => ifname_ok(name)?,
                     Match::CtOriginalDport { first, last } if first > last => {
                         return Err(format!("port range {first}-{last} ends before it starts"));
                     }
@@ -276,6 +421,17 @@ pub(super) fn check(table: &TableSpec) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+fn ifname_ok(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() >= IFNAMSIZ || name.contains('\0') {
+        Err(format!(
+            "interface name {name:?} must be 1 to {} bytes without NUL",
+            IFNAMSIZ - 1
+        ))
+    } else {
+        Ok(())
+    }
 }
 
 fn comment_ok(comment: &str) -> Result<(), String> {
@@ -288,39 +444,41 @@ fn comment_ok(comment: &str) -> Result<(), String> {
     }
 }
 
-/// The requests of one transaction that replaces table `ip <table.name>` with
+/// The requests of one transaction that replaces table `<family> <table.name>` with
 /// `table`: NEWTABLE, DELTABLE, NEWTABLE (so a missing table is no error), every
 /// chain (empty, so that map elements can jump to them), every set with its elements,
 /// every rule. None carries NLM_F_ACK: the caller asks for the one it waits for.
+/// After the first two, the requests are what `nft -f` sends for the same table.
 pub(super) fn replace_requests(table: &TableSpec) -> Vec<Request> {
     let t = table.name.as_str();
+    let family = table.family;
     let mut out = vec![
-        new_table(t),
+        new_table(family, t),
         Request::new(
             NFT_MSG_DELTABLE,
             0,
-            NFPROTO_IPV4,
+            family.nfproto(),
             vec![Attr::str(NFTA_TABLE_NAME, t)],
         ),
-        new_table(t),
+        new_table(family, t),
     ];
     for chain in &table.chains {
-        out.push(new_chain(t, chain));
+        out.push(new_chain(family, t, chain));
     }
     for (i, set) in table.sets.iter().enumerate() {
         let id = set_id(i);
-        out.push(new_set(t, set, id));
+        out.push(new_set(family, t, set, id));
         let elements = set_elements(&set.elements);
         for chunk in elements.chunks(ELEMENTS_PER_MESSAGE) {
             out.push(Request::new(
                 NFT_MSG_NEWSETELEM,
                 NLM_F_CREATE,
-                NFPROTO_IPV4,
+                family.nfproto(),
                 vec![
                     Attr::str(NFTA_SET_ELEM_LIST_TABLE, t),
                     Attr::str(NFTA_SET_ELEM_LIST_SET, &set.name),
                     Attr::be32(NFTA_SET_ELEM_LIST_SET_ID, id),
-                    Attr::Nest(NFTA_SET_ELEM_LIST_ELEMENTS, chunk.to_vec()),
+                    Attr::Nest(NFTA_SET_ELEM_LIST_ELEMENTS, numbered(chunk)),
                 ],
             ));
         }
@@ -328,10 +486,23 @@ pub(super) fn replace_requests(table: &TableSpec) -> Vec<Request> {
     let ids = |name: &str| table.sets.iter().position(|s| s.name == name).map(set_id);
     for chain in &table.chains {
         for rule in &chain.rules {
-            out.push(new_rule(t, &chain.name, rule, &ids));
+            out.push(new_rule(family, t, &chain.name, rule, &ids));
         }
     }
     out
+}
+
+/// A message's elements with the attribute types libnftnl gives them: 1, 2, 3, ...
+/// (the kernel reads any type; NFTA_LIST_ELEM is 1).
+fn numbered(elements: &[Attr]) -> Vec<Attr> {
+    elements
+        .iter()
+        .zip(1u16..)
+        .map(|(e, i)| match e {
+            Attr::Nest(_, attrs) => Attr::Nest(i, attrs.clone()),
+            other => other.clone(),
+        })
+        .collect()
 }
 
 /// Adds NLM_F_ACK to a request.
@@ -345,11 +516,11 @@ fn set_id(index: usize) -> u32 {
     u32::try_from(index + 1).unwrap_or(u32::MAX)
 }
 
-fn new_table(table: &str) -> Request {
+fn new_table(family: Family, table: &str) -> Request {
     Request::new(
         NFT_MSG_NEWTABLE,
         NLM_F_CREATE,
-        NFPROTO_IPV4,
+        family.nfproto(),
         vec![
             Attr::str(NFTA_TABLE_NAME, table),
             Attr::be32(NFTA_TABLE_FLAGS, 0),
@@ -357,12 +528,25 @@ fn new_table(table: &str) -> Request {
     )
 }
 
-pub(super) fn new_chain(table: &str, chain: &ChainSpec) -> Request {
+pub(super) fn new_chain(family: Family, table: &str, chain: &ChainSpec) -> Request {
     let mut attrs = vec![
         Attr::str(NFTA_CHAIN_TABLE, table),
         Attr::str(NFTA_CHAIN_NAME, &chain.name),
     ];
     if let Some(hook) = &chain.hook {
+        let mut hook_attrs = vec![
+            Attr::be32(
+                NFTA_HOOK_HOOKNUM,
+                match hook.hook {
+                    Hook::Forward => NF_INET_FORWARD,
+                    Hook::Ingress { .. } => NF_NETDEV_INGRESS,
+                },
+            ),
+            Attr::be32(NFTA_HOOK_PRIORITY, hook.priority as u32),
+        ];
+        if let Hook::Ingress { device } = &hook.hook {
+            hook_attrs.push(Attr::str(NFTA_HOOK_DEV, device));
+        }
         attrs.extend([
             Attr::str(NFTA_CHAIN_TYPE, "filter"),
             Attr::be32(
@@ -373,16 +557,10 @@ pub(super) fn new_chain(table: &str, chain: &ChainSpec) -> Request {
                     NF_DROP
                 },
             ),
-            Attr::Nest(
-                NFTA_CHAIN_HOOK,
-                vec![
-                    Attr::be32(NFTA_HOOK_HOOKNUM, NF_INET_FORWARD),
-                    Attr::be32(NFTA_HOOK_PRIORITY, hook.priority as u32),
-                ],
-            ),
+            Attr::Nest(NFTA_CHAIN_HOOK, hook_attrs),
         ]);
     }
-    Request::new(NFT_MSG_NEWCHAIN, NLM_F_CREATE, NFPROTO_IPV4, attrs)
+    Request::new(NFT_MSG_NEWCHAIN, NLM_F_CREATE, family.nfproto(), attrs)
 }
 
 /// One TLV of libnftnl's userdata with a host-order u32.
@@ -392,7 +570,7 @@ fn udata_u32(kind: u8, value: u32) -> Vec<u8> {
     out
 }
 
-pub(super) fn new_set(table: &str, set: &SetSpec, id: u32) -> Request {
+pub(super) fn new_set(family: Family, table: &str, set: &SetSpec, id: u32) -> Request {
     let mut attrs = vec![
         Attr::str(NFTA_SET_TABLE, table),
         Attr::str(NFTA_SET_NAME, &set.name),
@@ -465,8 +643,22 @@ pub(super) fn new_set(table: &str, set: &SetSpec, id: u32) -> Request {
                 Attr::bytes(NFTA_SET_USERDATA, &udata),
             ]);
         }
+        SetElements::MacToIndex(_) => {
+            let mut udata = udata_u32(UDATA_SET_KEYBYTEORDER, BYTEORDER_BIG_ENDIAN);
+            udata.extend(udata_u32(UDATA_SET_DATABYTEORDER, BYTEORDER_HOST_ENDIAN));
+            udata.extend(udata_u32(UDATA_SET_DATA_INTERVAL, 0));
+            attrs.extend([
+                Attr::be32(NFTA_SET_FLAGS, NFT_SET_MAP),
+                Attr::be32(NFTA_SET_KEY_TYPE, TYPE_ETHERADDR),
+                Attr::be32(NFTA_SET_KEY_LEN, 6),
+                Attr::be32(NFTA_SET_DATA_TYPE, TYPE_IFINDEX),
+                Attr::be32(NFTA_SET_DATA_LEN, 4),
+                Attr::be32(NFTA_SET_ID, id),
+                Attr::bytes(NFTA_SET_USERDATA, &udata),
+            ]);
+        }
     }
-    Request::new(NFT_MSG_NEWSET, NLM_F_CREATE, NFPROTO_IPV4, attrs)
+    Request::new(NFT_MSG_NEWSET, NLM_F_CREATE, family.nfproto(), attrs)
 }
 
 /// `ipv4_addr . ether_addr`: 4 bytes, then 6 padded to the next 32-bit register.
@@ -509,6 +701,15 @@ pub(super) fn set_elements(elements: &SetElements) -> Vec<Attr> {
                 elem(vec![
                     Attr::data(NFTA_SET_ELEM_KEY, &concat_key(range.first, *mac)),
                     Attr::data(NFTA_SET_ELEM_KEY_END, &concat_key(range.last, *mac)),
+                ])
+            })
+            .collect(),
+        SetElements::MacToIndex(list) => list
+            .iter()
+            .map(|(mac, index)| {
+                elem(vec![
+                    Attr::data(NFTA_SET_ELEM_KEY, &mac.0),
+                    Attr::data(NFTA_SET_ELEM_DATA, &index.to_ne_bytes()),
                 ])
             })
             .collect(),
@@ -563,6 +764,7 @@ fn intervals(mut ranges: Vec<(Ipv4Range, Option<&str>)>) -> Vec<Attr> {
 }
 
 pub(super) fn new_rule(
+    family: Family,
     table: &str,
     chain: &str,
     rule: &RuleSpec,
@@ -571,7 +773,7 @@ pub(super) fn new_rule(
     let mut attrs = vec![
         Attr::str(NFTA_RULE_TABLE, table),
         Attr::str(NFTA_RULE_CHAIN, chain),
-        Attr::Nest(NFTA_RULE_EXPRESSIONS, rule_exprs(rule, set_id)),
+        Attr::Nest(NFTA_RULE_EXPRESSIONS, rule_exprs(family, rule, set_id)),
     ];
     if !rule.comment.is_empty() {
         attrs.push(Attr::bytes(
@@ -582,28 +784,96 @@ pub(super) fn new_rule(
     Request::new(
         NFT_MSG_NEWRULE,
         NLM_F_CREATE | NLM_F_APPEND,
-        NFPROTO_IPV4,
+        family.nfproto(),
         attrs,
     )
 }
 
-/// A rule's expressions: its matches, counter, mark, verdict.
-pub(super) fn rule_exprs(rule: &RuleSpec, set_id: &dyn Fn(&str) -> Option<u32>) -> Vec<Attr> {
+/// What a rule's earlier expressions established, so that nft's implicit
+/// dependencies go in once, where nft puts them: `meta protocol ip` before the first
+/// IPv4 header field (family netdev only: in family ip every packet is IPv4), `meta
+/// iiftype ether` before the first Ethernet header field (load or write), `meta
+/// l4proto tcp` before the first TCP flags or option match (not before `tcp option
+/// maxseg size set`: nft adds none there, and the kernel edits TCP segments only).
+struct Deps {
+    netdev: bool,
+    ipv4: bool,
+    ether: bool,
+    tcp: bool,
+}
+
+impl Deps {
+    fn new(family: Family) -> Deps {
+        Deps {
+            netdev: family == Family::Netdev,
+            ipv4: false,
+            ether: false,
+            tcp: false,
+        }
+    }
+
+    fn ipv4(&mut self, out: &mut Vec<Attr>) {
+        if self.netdev && !self.ipv4 {
+            out.push(meta_load(NFT_META_PROTOCOL));
+            out.push(cmp(NFT_CMP_EQ, &ETH_P_IP.to_be_bytes()));
+        }
+        self.ipv4 = true;
+    }
+
+    fn ether(&mut self, out: &mut Vec<Attr>) {
+        if !self.ether {
+            out.push(meta_load(NFT_META_IIFTYPE));
+            out.push(cmp(NFT_CMP_EQ, &ARPHRD_ETHER.to_ne_bytes()));
+        }
+        self.ether = true;
+    }
+
+    fn tcp(&mut self, out: &mut Vec<Attr>) {
+        if !self.tcp {
+            out.push(meta_load(NFT_META_L4PROTO));
+            out.push(cmp(NFT_CMP_EQ, &[IPPROTO_TCP]));
+        }
+        self.tcp = true;
+    }
+}
+
+/// A rule's expressions: its matches, counter, mark, statements, verdict (with the
+/// dependencies nft adds for them).
+pub(super) fn rule_exprs(
+    family: Family,
+    rule: &RuleSpec,
+    set_id: &dyn Fn(&str) -> Option<u32>,
+) -> Vec<Attr> {
     let mut out = Vec::new();
+    let mut deps = Deps::new(family);
     for m in &rule.matches {
-        match_exprs(m, set_id, &mut out);
+        match_exprs(m, set_id, &mut deps, &mut out);
     }
     if rule.counter {
-        out.push(Attr::expr("counter", Vec::new()));
+        if let RuleVerdict::FwdByEtherDaddrMap(map) = &rule.verdict {
+            // `ether daddr @<map>`: the counter counts only what the map forwards.
+            deps.ether(&mut out);
+            out.push(payload_load(
+                NFT_PAYLOAD_LL_HEADER,
+                ETHER_DADDR,
+                6,
+                NFT_REG_1,
+            ));
+            out.push(lookup(map, set_id, true));
+        }
+        let (packets, bytes) = rule.counter_start;
+        let attrs = if (packets, bytes) == (0, 0) {
+            Vec::new()
+        } else {
+            vec![
+                Attr::be64(NFTA_COUNTER_BYTES, bytes),
+                Attr::be64(NFTA_COUNTER_PACKETS, packets),
+            ]
+        };
+        out.push(Attr::expr("counter", attrs));
     }
     if let Some(mark) = rule.set_ct_mark {
-        out.push(Attr::expr(
-            "immediate",
-            vec![
-                Attr::be32(NFTA_IMMEDIATE_DREG, NFT_REG_1),
-                Attr::data(NFTA_IMMEDIATE_DATA, &mark.to_ne_bytes()),
-            ],
-        ));
+        out.push(immediate(&mark.to_ne_bytes()));
         out.push(Attr::expr(
             "ct",
             vec![
@@ -612,12 +882,18 @@ pub(super) fn rule_exprs(rule: &RuleSpec, set_id: &dyn Fn(&str) -> Option<u32>) 
             ],
         ));
     }
+    for statement in &rule.statements {
+        statement_exprs(statement, &mut deps, &mut out);
+    }
     match &rule.verdict {
         RuleVerdict::Accept => out.push(verdict(NF_ACCEPT)),
         RuleVerdict::Drop => out.push(verdict(NF_DROP)),
         RuleVerdict::Continue => {}
-        RuleVerdict::VmapCtOriginalSaddr(map) => {
-            out.push(ct_load(NFT_CT_SRC_IP, true));
+        RuleVerdict::Return => out.push(verdict(NFT_RETURN)),
+        RuleVerdict::Jump(chain) => out.push(verdict_to(NFT_JUMP, chain)),
+        RuleVerdict::Goto(chain) => out.push(verdict_to(NFT_GOTO, chain)),
+        RuleVerdict::Vmap { field, map } => {
+            addr_load_with(*field, &mut deps, &mut out);
             let mut attrs = vec![
                 Attr::be32(NFTA_LOOKUP_SREG, NFT_REG_1),
                 Attr::be32(NFTA_LOOKUP_DREG, NFT_REG_VERDICT),
@@ -628,8 +904,130 @@ pub(super) fn rule_exprs(rule: &RuleSpec, set_id: &dyn Fn(&str) -> Option<u32>) 
             }
             out.push(Attr::expr("lookup", attrs));
         }
+        RuleVerdict::FwdToIndex(index) => {
+            out.push(immediate(&index.to_ne_bytes()));
+            out.push(fwd());
+        }
+        RuleVerdict::FwdByEtherDaddrMap(map) => {
+            deps.ether(&mut out);
+            out.push(payload_load(
+                NFT_PAYLOAD_LL_HEADER,
+                ETHER_DADDR,
+                6,
+                NFT_REG_1,
+            ));
+            let mut attrs = vec![
+                Attr::be32(NFTA_LOOKUP_SREG, NFT_REG_1),
+                Attr::be32(NFTA_LOOKUP_DREG, NFT_REG_1),
+                Attr::str(NFTA_LOOKUP_SET, map),
+            ];
+            if let Some(id) = set_id(map) {
+                attrs.push(Attr::be32(NFTA_LOOKUP_SET_ID, id));
+            }
+            out.push(Attr::expr("lookup", attrs));
+            out.push(fwd());
+        }
     }
     out
+}
+
+fn statement_exprs(statement: &Statement, deps: &mut Deps, out: &mut Vec<Attr>) {
+    match statement {
+        Statement::SetEtherSaddr(mac) | Statement::SetEtherDaddr(mac) => {
+            let offset = if matches!(statement, Statement::SetEtherSaddr(_)) {
+                ETHER_SADDR
+            } else {
+                ETHER_DADDR
+            };
+            deps.ether(out);
+            out.push(immediate(&mac.0));
+            out.push(Attr::expr(
+                "payload",
+                vec![
+                    Attr::be32(NFTA_PAYLOAD_SREG, NFT_REG_1),
+                    Attr::be32(NFTA_PAYLOAD_BASE, NFT_PAYLOAD_LL_HEADER),
+                    Attr::be32(NFTA_PAYLOAD_OFFSET, offset),
+                    Attr::be32(NFTA_PAYLOAD_LEN, 6),
+                ],
+            ));
+        }
+        // nft adds no dependency: the kernel only touches TCP segments' options.
+        Statement::SetTcpMss(mss) => {
+            out.push(immediate(&mss.to_be_bytes()));
+            out.push(Attr::expr(
+                "exthdr",
+                vec![
+                    Attr::be32(NFTA_EXTHDR_SREG, NFT_REG_1),
+                    Attr::bytes(NFTA_EXTHDR_TYPE, &[TCPOPT_MAXSEG]),
+                    Attr::be32(NFTA_EXTHDR_OFFSET, 2),
+                    Attr::be32(NFTA_EXTHDR_LEN, 2),
+                    Attr::be32(NFTA_EXTHDR_OP, NFT_EXTHDR_OP_TCPOPT),
+                ],
+            ));
+        }
+    }
+}
+
+/// `immediate` of `data` into register 1.
+fn immediate(data: &[u8]) -> Attr {
+    Attr::expr(
+        "immediate",
+        vec![
+            Attr::be32(NFTA_IMMEDIATE_DREG, NFT_REG_1),
+            Attr::data(NFTA_IMMEDIATE_DATA, data),
+        ],
+    )
+}
+
+/// `fwd` to the device index in register 1.
+fn fwd() -> Attr {
+    Attr::expr("fwd", vec![Attr::be32(NFTA_FWD_SREG_DEV, NFT_REG_1)])
+}
+
+/// A jump or goto to `chain`.
+fn verdict_to(code: u32, chain: &str) -> Attr {
+    Attr::expr(
+        "immediate",
+        vec![
+            Attr::be32(NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT),
+            Attr::Nest(
+                NFTA_IMMEDIATE_DATA,
+                vec![Attr::Nest(
+                    NFTA_DATA_VERDICT,
+                    vec![
+                        Attr::be32(NFTA_VERDICT_CODE, code),
+                        Attr::str(NFTA_VERDICT_CHAIN, chain),
+                    ],
+                )],
+            ),
+        ],
+    )
+}
+
+/// The load of an address into register 1; `meta protocol ip` first where needed.
+fn addr_load_with(field: AddrField, deps: &mut Deps, out: &mut Vec<Attr>) {
+    match field {
+        AddrField::IpSaddr => {
+            deps.ipv4(out);
+            out.push(payload_load(
+                NFT_PAYLOAD_NETWORK_HEADER,
+                IPV4_SADDR,
+                4,
+                NFT_REG_1,
+            ));
+        }
+        AddrField::IpDaddr => {
+            deps.ipv4(out);
+            out.push(payload_load(
+                NFT_PAYLOAD_NETWORK_HEADER,
+                IPV4_DADDR,
+                4,
+                NFT_REG_1,
+            ));
+        }
+        AddrField::CtOriginalSaddr => out.push(ct_load(NFT_CT_SRC_IP, true)),
+        AddrField::CtOriginalDaddr => out.push(ct_load(NFT_CT_DST_IP, true)),
+    }
 }
 
 fn verdict(code: u32) -> Attr {
@@ -721,7 +1119,12 @@ fn eq_op(equal: bool) -> u32 {
     }
 }
 
-fn match_exprs(m: &Match, set_id: &dyn Fn(&str) -> Option<u32>, out: &mut Vec<Attr>) {
+fn match_exprs(
+    m: &Match,
+    set_id: &dyn Fn(&str) -> Option<u32>,
+    deps: &mut Deps,
+    out: &mut Vec<Attr>,
+) {
     match m {
         Match::IifName { name, equal } => {
             out.push(meta_load(NFT_META_IIFNAME));
@@ -732,16 +1135,7 @@ fn match_exprs(m: &Match, set_id: &dyn Fn(&str) -> Option<u32>, out: &mut Vec<At
             out.push(cmp(eq_op(*equal), &ifname(name)));
         }
         Match::AddrInSet { field, set, equal } => {
-            out.push(match field {
-                AddrField::IpSaddr => {
-                    payload_load(NFT_PAYLOAD_NETWORK_HEADER, IPV4_SADDR, 4, NFT_REG_1)
-                }
-                AddrField::IpDaddr => {
-                    payload_load(NFT_PAYLOAD_NETWORK_HEADER, IPV4_DADDR, 4, NFT_REG_1)
-                }
-                AddrField::CtOriginalSaddr => ct_load(NFT_CT_SRC_IP, true),
-                AddrField::CtOriginalDaddr => ct_load(NFT_CT_DST_IP, true),
-            });
+            addr_load_with(*field, deps, out);
             out.push(lookup(set, set_id, *equal));
         }
         Match::CtStateNew => {
@@ -759,25 +1153,8 @@ fn match_exprs(m: &Match, set_id: &dyn Fn(&str) -> Option<u32>, out: &mut Vec<At
             out.push(cmp(NFT_CMP_NEQ, &[0; 4]));
         }
         Match::TcpNotSyn => {
-            out.push(meta_load(NFT_META_L4PROTO));
-            out.push(cmp(NFT_CMP_EQ, &[IPPROTO_TCP]));
-            out.push(payload_load(
-                NFT_PAYLOAD_TRANSPORT_HEADER,
-                TCP_FLAGS_OFFSET,
-                1,
-                NFT_REG_1,
-            ));
-            out.push(Attr::expr(
-                "bitwise",
-                vec![
-                    Attr::be32(NFTA_BITWISE_SREG, NFT_REG_1),
-                    Attr::be32(NFTA_BITWISE_DREG, NFT_REG_1),
-                    Attr::be32(NFTA_BITWISE_OP, NFT_BITWISE_BOOL),
-                    Attr::be32(NFTA_BITWISE_LEN, 1),
-                    Attr::data(NFTA_BITWISE_MASK, &[TCP_FIN | TCP_SYN | TCP_RST | TCP_ACK]),
-                    Attr::data(NFTA_BITWISE_XOR, &[0]),
-                ],
-            ));
+            deps.tcp(out);
+            out.extend(tcp_flags(TCP_FIN | TCP_SYN | TCP_RST | TCP_ACK, true));
             out.push(cmp(NFT_CMP_NEQ, &[TCP_SYN]));
         }
         Match::CtOriginalProtocol(p) => {
@@ -798,18 +1175,85 @@ fn match_exprs(m: &Match, set_id: &dyn Fn(&str) -> Option<u32>, out: &mut Vec<At
             out.push(lookup(set, set_id, true));
         }
         Match::SourceMacNotInSet { set } => {
-            out.push(meta_load(NFT_META_IIFTYPE));
-            out.push(cmp(NFT_CMP_EQ, &ARPHRD_ETHER.to_ne_bytes()));
+            deps.ether(out);
+            addr_load_with(AddrField::IpSaddr, deps, out);
             out.push(payload_load(
-                NFT_PAYLOAD_NETWORK_HEADER,
-                IPV4_SADDR,
-                4,
-                NFT_REG_1,
+                NFT_PAYLOAD_LL_HEADER,
+                ETHER_SADDR,
+                6,
+                NFT_REG32_01,
             ));
-            out.push(payload_load(NFT_PAYLOAD_LL_HEADER, 6, 6, NFT_REG32_01));
             out.push(lookup(set, set_id, false));
         }
+        Match::MetaProtocolIpv4 => {
+            out.push(meta_load(NFT_META_PROTOCOL));
+            out.push(cmp(NFT_CMP_EQ, &ETH_P_IP.to_be_bytes()));
+            deps.ipv4 = true;
+        }
+        Match::MetaL4Proto(p) => {
+            out.push(meta_load(NFT_META_L4PROTO));
+            out.push(cmp(NFT_CMP_EQ, &[*p]));
+            deps.tcp |= *p == IPPROTO_TCP;
+        }
+        Match::MetaL4ProtoNot(p) => {
+            out.push(meta_load(NFT_META_L4PROTO));
+            out.push(cmp(NFT_CMP_NEQ, &[*p]));
+        }
+        Match::MetaLengthGt(len) => {
+            // skb->len is a host-order u32: nft turns it to network order to compare.
+            out.push(meta_load(NFT_META_LEN));
+            out.push(Attr::expr(
+                "byteorder",
+                vec![
+                    Attr::be32(NFTA_BYTEORDER_SREG, NFT_REG_1),
+                    Attr::be32(NFTA_BYTEORDER_DREG, NFT_REG_1),
+                    Attr::be32(NFTA_BYTEORDER_OP, NFT_BYTEORDER_HTON),
+                    Attr::be32(NFTA_BYTEORDER_LEN, 4),
+                    Attr::be32(NFTA_BYTEORDER_SIZE, 4),
+                ],
+            ));
+            out.push(cmp(NFT_CMP_GT, &len.to_be_bytes()));
+        }
+        Match::TcpSynMssAbove(mss) => {
+            deps.tcp(out);
+            out.extend(tcp_flags(TCP_SYN, false));
+            out.push(cmp(NFT_CMP_NEQ, &[0]));
+            out.push(Attr::expr(
+                "exthdr",
+                vec![
+                    Attr::be32(NFTA_EXTHDR_DREG, NFT_REG_1),
+                    Attr::bytes(NFTA_EXTHDR_TYPE, &[TCPOPT_MAXSEG]),
+                    Attr::be32(NFTA_EXTHDR_OFFSET, 2),
+                    Attr::be32(NFTA_EXTHDR_LEN, 2),
+                    Attr::be32(NFTA_EXTHDR_OP, NFT_EXTHDR_OP_TCPOPT),
+                    Attr::be32(NFTA_EXTHDR_FLAGS, 0),
+                ],
+            ));
+            out.push(cmp(NFT_CMP_GT, &mss.to_be_bytes()));
+        }
     }
+}
+
+/// `tcp flags & <mask>`: the flags byte into register 1, masked. nft names the
+/// bitwise operation for an explicit `&` (`tcp flags & (...) != syn`), not for the
+/// implicit one of a flag match (`tcp flags syn`).
+fn tcp_flags(mask: u8, explicit_and: bool) -> Vec<Attr> {
+    let mut bitwise = vec![
+        Attr::be32(NFTA_BITWISE_SREG, NFT_REG_1),
+        Attr::be32(NFTA_BITWISE_DREG, NFT_REG_1),
+    ];
+    if explicit_and {
+        bitwise.push(Attr::be32(NFTA_BITWISE_OP, NFT_BITWISE_BOOL));
+    }
+    bitwise.extend([
+        Attr::be32(NFTA_BITWISE_LEN, 1),
+        Attr::data(NFTA_BITWISE_MASK, &[mask]),
+        Attr::data(NFTA_BITWISE_XOR, &[0]),
+    ]);
+    vec![
+        payload_load(NFT_PAYLOAD_TRANSPORT_HEADER, TCP_FLAGS_OFFSET, 1, NFT_REG_1),
+        Attr::expr("bitwise", bitwise),
+    ]
 }
 
 /// A NEWRULE payload of a dump as (table, reading): its chain, handle, comment and

@@ -199,3 +199,43 @@ pub(super) const BYTEORDER_INVALID: u32 = 0;
 pub(super) const BYTEORDER_HOST_ENDIAN: u32 = 1;
 pub(super) const BYTEORDER_BIG_ENDIAN: u32 = 2;
 pub(super) const EXPR_CONCAT: u32 = 13;
+
+// For netdev tables (`ruleset.rs`): family, hook, verdicts, expressions.
+pub(super) const NFPROTO_NETDEV: u8 = 5;
+pub(super) const NF_NETDEV_INGRESS: u32 = 0;
+pub(super) const NFTA_HOOK_DEV: u16 = 3;
+/// NFT_GOTO (-4) and NFT_RETURN (-5) as the kernel reads them from a big-endian u32.
+pub(super) const NFT_GOTO: u32 = (-4i32) as u32;
+pub(super) const NFT_RETURN: u32 = (-5i32) as u32;
+// enum nft_meta_keys (more), the EtherType of `meta protocol ip`
+pub(super) const NFT_META_LEN: u32 = 0;
+pub(super) const NFT_META_PROTOCOL: u32 = 1;
+pub(super) const ETH_P_IP: u16 = 0x0800;
+// enum nft_cmp_ops (more)
+pub(super) const NFT_CMP_GT: u32 = 4;
+// enum nft_byteorder_attributes, nft_byteorder_ops
+pub(super) const NFTA_BYTEORDER_SREG: u16 = 1;
+pub(super) const NFTA_BYTEORDER_DREG: u16 = 2;
+pub(super) const NFTA_BYTEORDER_OP: u16 = 3;
+pub(super) const NFTA_BYTEORDER_LEN: u16 = 4;
+pub(super) const NFTA_BYTEORDER_SIZE: u16 = 5;
+pub(super) const NFT_BYTEORDER_HTON: u32 = 1;
+// enum nft_exthdr_attributes, nft_exthdr_op; TCPOPT_MAXSEG (kind 2, value at + 2)
+pub(super) const NFTA_EXTHDR_DREG: u16 = 1;
+pub(super) const NFTA_EXTHDR_TYPE: u16 = 2;
+pub(super) const NFTA_EXTHDR_OFFSET: u16 = 3;
+pub(super) const NFTA_EXTHDR_LEN: u16 = 4;
+pub(super) const NFTA_EXTHDR_FLAGS: u16 = 5;
+pub(super) const NFTA_EXTHDR_OP: u16 = 6;
+pub(super) const NFTA_EXTHDR_SREG: u16 = 7;
+pub(super) const NFT_EXTHDR_OP_TCPOPT: u32 = 1;
+pub(super) const TCPOPT_MAXSEG: u8 = 2;
+// enum nft_payload_attributes (more)
+pub(super) const NFTA_PAYLOAD_SREG: u16 = 5;
+// enum nft_fwd_attributes
+pub(super) const NFTA_FWD_SREG_DEV: u16 = 1;
+// nftables' datatype number of iface_index (a map's data type)
+pub(super) const TYPE_IFINDEX: u32 = 20;
+// Offsets of the MACs in the Ethernet header.
+pub(super) const ETHER_DADDR: u32 = 0;
+pub(super) const ETHER_SADDR: u32 = 6;

@@ -46,8 +46,8 @@ use super::resolve::ResolvedPolicy;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use vrouter_kernel::{
-    AddrField, BaseHook, ChainSpec, Ipv4Range, Match, RuleSpec, RuleVerdict, SetElements, SetSpec,
-    TableSpec,
+    AddrField, BaseHook, ChainSpec, Family, Hook, Ipv4Range, Match, RuleSpec, RuleVerdict,
+    SetElements, SetSpec, TableSpec,
 };
 use vrouter_state::{Mac, Prefix, RemoteRoute};
 
@@ -226,6 +226,7 @@ pub fn compile(
     });
     Ok(Compiled {
         table: TableSpec {
+            family: Family::Ip,
             name: TABLE.to_string(),
             sets,
             chains,
@@ -244,6 +245,7 @@ pub fn compile(
 /// own connections as usual, then `counter drop` ("acl closed").
 pub fn closed(ctx: &AclContext) -> TableSpec {
     TableSpec {
+        family: Family::Ip,
         name: TABLE.to_string(),
         sets: context_sets(ctx),
         chains: vec![base_chain(&ctx.overlay_ifname, true)],
@@ -269,7 +271,9 @@ fn verdict_rule(
     RuleSpec {
         matches,
         counter: true,
+        counter_start: (0, 0),
         set_ct_mark,
+        statements: Vec::new(),
         verdict,
         comment,
     }
@@ -337,7 +341,9 @@ fn base_chain(ovl: &str, closed: bool) -> ChainSpec {
     let rule = |matches: Vec<Match>, counter, verdict, comment: &str| RuleSpec {
         matches,
         counter,
+        counter_start: (0, 0),
         set_ct_mark: None,
+        statements: Vec::new(),
         verdict,
         comment: comment.to_string(),
     };
@@ -404,7 +410,10 @@ fn base_chain(ovl: &str, closed: bool) -> ChainSpec {
         rules.push(rule(
             vec![],
             false,
-            RuleVerdict::VmapCtOriginalSaddr(MAP_CLASSES.to_string()),
+            RuleVerdict::Vmap {
+                field: AddrField::CtOriginalSaddr,
+                map: MAP_CLASSES.to_string(),
+            },
             "acl classes",
         ));
         rules.push(rule(vec![], true, RuleVerdict::Drop, COMMENT_FALLBACK));
@@ -412,6 +421,7 @@ fn base_chain(ovl: &str, closed: bool) -> ChainSpec {
     ChainSpec {
         name: CHAIN.to_string(),
         hook: Some(BaseHook {
+            hook: Hook::Forward,
             priority: PRIORITY,
             policy_accept: true,
         }),

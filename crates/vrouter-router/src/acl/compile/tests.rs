@@ -186,6 +186,7 @@ fn matches(t: &TableSpec, m: &Match, p: &Packet) -> bool {
                 .any(|(r, mac)| in_range(r, p.saddr) && *mac == p.src_mac),
             other => panic!("set {name} is not an origins set: {other:?}"),
         },
+        other => panic!("match {other:?} is not one the ACL table uses"),
     }
 }
 
@@ -211,7 +212,10 @@ fn run_chain(t: &TableSpec, chain: &ChainSpec, p: &Packet, mark: &mut u32, depth
                 return Flow::Verdict(false, chain.name.clone(), rule.comment.clone())
             }
             RuleVerdict::Continue => {}
-            RuleVerdict::VmapCtOriginalSaddr(map) => {
+            RuleVerdict::Vmap {
+                field: AddrField::CtOriginalSaddr,
+                map,
+            } => {
                 let SetElements::JumpMap(v) = set(t, map) else {
                     panic!("{map} is not a jump map")
                 };
@@ -233,6 +237,7 @@ fn run_chain(t: &TableSpec, chain: &ChainSpec, p: &Packet, mark: &mut u32, depth
                     }
                 }
             }
+            other => panic!("verdict {other:?} is not one the ACL table uses"),
         }
     }
     Flow::Return
@@ -913,6 +918,7 @@ fn the_base_chain_is_as_the_contract_orders_it() {
     assert_eq!(
         base.hook,
         Some(BaseHook {
+            hook: Hook::Forward,
             priority: -10,
             policy_accept: true
         })

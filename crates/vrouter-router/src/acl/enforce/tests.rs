@@ -43,7 +43,7 @@ impl AclKernel for FakeKernel {
         }
         for c in &table.chains {
             for r in &c.rules {
-                if let RuleVerdict::VmapCtOriginalSaddr(m) = &r.verdict {
+                if let RuleVerdict::Vmap { map: m, .. } = &r.verdict {
                     if !sets.contains(m.as_str()) {
                         return Err(format!("missing map {m}: ENOENT"));
                     }
