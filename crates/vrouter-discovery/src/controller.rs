@@ -6,7 +6,6 @@ use crate::desired::{self, FdbRow, HostView, LocalRouter};
 use crate::diff::{self, Change, DeviceAction, DeviceSpec};
 use crate::gossip::GossipHandle;
 use crate::membership;
-use crate::nft_shim as vrouter_kernel_nft;
 use crate::peers::PeerSource;
 use crate::registry::{ConnId, Registry};
 use crate::retention::Retention;
@@ -81,7 +80,7 @@ pub struct Controller {
     /// between reconciles works from them).
     last_local: Vec<LocalRouter>,
     /// The steering table last put in the kernel (None: none, or deleted).
-    steer_applied: Option<vrouter_kernel_nft::TableSpec>,
+    steer_applied: Option<vrouter_kernel::TableSpec>,
     /// Learned MACs per bridge that aged out while steered (see `steer::remember`).
     steer_memory: BTreeMap<u32, BTreeMap<Mac, u32>>,
     /// The steering status discovery.json shows.

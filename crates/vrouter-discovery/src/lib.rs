@@ -15,7 +15,6 @@ pub mod holder;
 pub mod http;
 pub mod membership;
 pub mod metrics;
-mod nft_shim;
 pub mod ownership;
 pub mod peers;
 pub mod readiness;

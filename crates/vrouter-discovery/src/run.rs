@@ -565,11 +565,17 @@ pub async fn cleanup(settings: &Settings) -> anyhow::Result<()> {
         ));
     }
     // The port-steering table (in either mode: a ports-mode run may have left it).
+    // A kernel without nftables has none to remove.
     let table = &settings.steering_table;
-    let had_rules = !crate::steering::read_counters(table)?.is_empty();
-    crate::steering::delete(table)?;
-    if had_rules {
-        removed.push(format!("nftables table netdev {table}"));
+    match crate::steering::read_counters(table) {
+        Err(vrouter_kernel::KernelError::NoNfTables) => {}
+        counters => {
+            let had_rules = !counters?.is_empty();
+            crate::steering::delete(table)?;
+            if had_rules {
+                removed.push(format!("nftables table netdev {table}"));
+            }
+        }
     }
     for name in [vrouter_state::DISCOVERY_FILE, vrouter_state::ROUTES_FILE] {
         let path = settings.state_dir.join(name);

@@ -37,12 +37,12 @@
 //! shared by several stacks) is left out with a reason and keeps the policy-rule path,
 //! which stays installed as the fallback.
 
-use crate::nft_shim::{
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use vrouter_kernel::nft::{
     AddrField, BaseHook, ChainSpec, Family, Hook, Ipv4Range, Match, RuleSpec, RuleVerdict,
     SetElements, SetSpec, Statement, TableSpec,
 };
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
 use vrouter_kernel::BridgeFdbEntry;
 use vrouter_state::{
     Mac, RemoteRoute, StackName, StackSpec, StackSteering, SteeringMode, SteeringStatus,

@@ -5,8 +5,8 @@
 //! Every call opens its own NETLINK_NETFILTER socket in the calling thread's network
 //! namespace (the host's, for discovery and its HTTP task).
 
-use crate::nft_shim::{Family, Nft, RuleCounterReading, TableSpec};
 use crate::status::SteeringCounters;
+use vrouter_kernel::nft::{Family, Nft, RuleCounterReading, TableSpec};
 use vrouter_kernel::KernelError;
 
 /// The counters of the table's counted rules by comment (rules without a comment
