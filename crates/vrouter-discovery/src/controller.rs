@@ -1101,7 +1101,9 @@ impl Controller {
             table,
             stacks: stacks_status,
         };
-        if self.steer_status.as_ref().map(|s| &s.stacks) != Some(&status.stacks) {
+        let first_and_empty = self.steer_status.is_none() && status.stacks.is_empty();
+        if !first_and_empty && self.steer_status.as_ref().map(|s| &s.stacks) != Some(&status.stacks)
+        {
             self.event(
                 EventKind::SteeringApplied,
                 format!(
