@@ -1212,21 +1212,28 @@ impl Controller {
         local: &[LocalRouter],
     ) -> Result<Vec<StackFacts>, KernelError> {
         let k = self.kernel.clone();
+        let bridges: Vec<u32> = local
+            .iter()
+            .filter_map(|l| l.bridge.as_ref().map(|b| b.1))
+            .collect();
+        // One dump each for every bridge: a pass costs the same for 1 stack or 100.
+        let ports_of = k.ports_of_bridges(&bridges).await?;
+        let fdb_of = k.fdb_of_bridges(&bridges).await?;
         let mut memory = BTreeMap::new();
         let mut out = Vec::new();
         for l in local {
             let bridge = match &l.bridge {
                 Some((name, index)) => {
-                    let ports: Vec<steer::Port> = k
-                        .bridge_ports(*index)
-                        .await?
+                    let ports: Vec<steer::Port> = ports_of
+                        .get(index)
                         .into_iter()
+                        .flatten()
                         .map(|p| steer::Port {
                             index: p.index,
-                            name: p.name,
+                            name: p.name.clone(),
                         })
                         .collect();
-                    let fdb = k.bridge_fdb(*index).await?;
+                    let fdb = fdb_of.get(index).cloned().unwrap_or_default();
                     let known = self.steer_memory.get(index).cloned().unwrap_or_default();
                     let (rows, kept) = steer::remember(&known, &fdb, &ports);
                     memory.insert(*index, kept);

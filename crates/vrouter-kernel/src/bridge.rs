@@ -17,6 +17,7 @@ use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::neighbour::{NeighbourAttribute, NeighbourMessage, NeighbourState};
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::MulticastGroup;
+use std::collections::BTreeMap;
 use vrouter_state::Mac;
 
 /// A row of a bridge's forwarding database (`bridge fdb show br BR`).
@@ -33,38 +34,68 @@ pub struct BridgeFdbEntry {
 impl Kernel {
     /// The links whose master is the bridge `bridge` (its ports), in index order.
     pub async fn bridge_ports(&self, bridge: u32) -> Result<Vec<Link>> {
+        let mut all = self.ports_of_bridges(&[bridge]).await?;
+        Ok(all.remove(&bridge).unwrap_or_default())
+    }
+
+    /// The ports of each of `bridges`, from one link dump (a bridge without ports
+    /// has an empty list).
+    pub async fn ports_of_bridges(&self, bridges: &[u32]) -> Result<BTreeMap<u32, Vec<Link>>> {
         let answers = self
             .get(RouteNetlinkMessage::GetLink(LinkMessage::default()), true)
             .await
             .map_err(|e| {
                 classify(
                     "dump links",
-                    format!("ports of bridge index {bridge}"),
+                    "for the ports of bridges".into(),
                     Context::Plain,
                     e,
                 )
             })?;
-        let mut ports: Vec<Link> = answers
-            .into_iter()
-            .filter(|a| master_of(a) == Some(bridge))
-            .filter_map(link_of)
-            .collect();
-        ports.sort_by_key(|l| l.index);
-        Ok(ports)
+        let mut out: BTreeMap<u32, Vec<Link>> = bridges.iter().map(|b| (*b, Vec::new())).collect();
+        for answer in answers {
+            let Some(ports) = master_of(&answer).and_then(|m| out.get_mut(&m)) else {
+                continue;
+            };
+            ports.extend(link_of(answer));
+        }
+        for ports in out.values_mut() {
+            ports.sort_by_key(|l| l.index);
+        }
+        Ok(out)
     }
 
     /// The forwarding database of the bridge `bridge`: one row per (MAC, port), the
     /// bridge's own rows included (their `port` is the bridge). VLAN-tagged copies of
     /// a row show once.
     pub async fn bridge_fdb(&self, bridge: u32) -> Result<Vec<BridgeFdbEntry>> {
-        let mut rows = self
-            .dump_neighbours(AddressFamily::Bridge, "dump bridge fdb", bridge, |m| {
-                bridge_row_of(m, bridge)
-            })
+        let mut all = self.fdb_of_bridges(&[bridge]).await?;
+        Ok(all.remove(&bridge).unwrap_or_default())
+    }
+
+    /// The forwarding databases of `bridges`, from one AF_BRIDGE neighbour dump.
+    pub async fn fdb_of_bridges(
+        &self,
+        bridges: &[u32],
+    ) -> Result<BTreeMap<u32, Vec<BridgeFdbEntry>>> {
+        let rows = self
+            .dump_neighbours(
+                AddressFamily::Bridge,
+                "dump bridge fdb",
+                bridges.first().copied().unwrap_or(0),
+                |m| bridge_row_of(m, bridges),
+            )
             .await?;
-        rows.sort();
-        rows.dedup();
-        Ok(rows)
+        let mut out: BTreeMap<u32, Vec<BridgeFdbEntry>> =
+            bridges.iter().map(|b| (*b, Vec::new())).collect();
+        for (bridge, row) in rows {
+            out.entry(bridge).or_default().push(row);
+        }
+        for rows in out.values_mut() {
+            rows.sort();
+            rows.dedup();
+        }
+        Ok(out)
     }
 
     /// Subscribes to link events (RTNLGRP_LINK) and neighbour events (RTNLGRP_NEIGH)
@@ -130,9 +161,18 @@ fn master_of(answer: &RouteNetlinkMessage) -> Option<u32> {
     })
 }
 
-/// A row of `bridge`'s FDB: the kernel marks the rows of a port with NDA_MASTER (the
-/// bridge); the bridge's own rows are on the bridge itself.
-fn bridge_row_of(message: NeighbourMessage, bridge: u32) -> Option<BridgeFdbEntry> {
+/// A row of one of `bridges`' FDBs, with that bridge: the kernel marks the rows of a
+/// port with NDA_MASTER (the bridge); the bridge's own rows are on the bridge itself.
+fn bridge_row_of(message: NeighbourMessage, bridges: &[u32]) -> Option<(u32, BridgeFdbEntry)> {
+    let (master, row) = fdb_row_of(message)?;
+    let bridge = master
+        .filter(|b| bridges.contains(b))
+        .or_else(|| bridges.contains(&row.port).then_some(row.port))?;
+    Some((bridge, row))
+}
+
+/// An AF_BRIDGE neighbour as a bridge FDB row, with its NDA_MASTER.
+fn fdb_row_of(message: NeighbourMessage) -> Option<(Option<u32>, BridgeFdbEntry)> {
     if message.header.family != AddressFamily::Bridge {
         return None;
     }
@@ -147,25 +187,49 @@ fn bridge_row_of(message: NeighbourMessage, bridge: u32) -> Option<BridgeFdbEntr
             _ => {}
         }
     }
-    let port = message.header.ifindex;
-    if master != Some(bridge) && port != bridge {
-        return None;
-    }
     let learned = !matches!(
         message.header.state,
         NeighbourState::Permanent | NeighbourState::Noarp
     );
-    Some(BridgeFdbEntry {
-        mac: mac?,
-        port,
-        learned,
-    })
+    Some((
+        master,
+        BridgeFdbEntry {
+            mac: mac?,
+            port: message.header.ifindex,
+            learned,
+        },
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use rtnetlink::packet_route::neighbour::NeighbourFlags;
+
+    /// The row as bridge 3's FDB sees it.
+    fn row_of(m: NeighbourMessage) -> Option<BridgeFdbEntry> {
+        bridge_row_of(m, &[3]).map(|(bridge, r)| {
+            assert_eq!(bridge, 3);
+            r
+        })
+    }
+
+    #[test]
+    fn rows_are_grouped_by_bridge() {
+        let bridges = [3, 4];
+        assert_eq!(
+            bridge_row_of(row(7, Some(4), NeighbourState::Reachable), &bridges).map(|r| r.0),
+            Some(4)
+        );
+        assert_eq!(
+            bridge_row_of(row(4, None, NeighbourState::Permanent), &bridges).map(|r| r.0),
+            Some(4)
+        );
+        assert_eq!(
+            bridge_row_of(row(7, Some(5), NeighbourState::Reachable), &bridges),
+            None
+        );
+    }
 
     fn row(port: u32, master: Option<u32>, state: NeighbourState) -> NeighbourMessage {
         let mut m = NeighbourMessage::default();
@@ -186,7 +250,7 @@ mod tests {
     fn learned_and_permanent_rows_of_this_bridge() {
         let mac = Mac([2, 0x42, 10, 1, 0, 0xfe]);
         assert_eq!(
-            bridge_row_of(row(7, Some(3), NeighbourState::Reachable), 3),
+            row_of(row(7, Some(3), NeighbourState::Reachable)),
             Some(BridgeFdbEntry {
                 mac,
                 port: 7,
@@ -194,32 +258,32 @@ mod tests {
             })
         );
         assert_eq!(
-            bridge_row_of(row(7, Some(3), NeighbourState::Stale), 3).map(|r| r.learned),
+            row_of(row(7, Some(3), NeighbourState::Stale)).map(|r| r.learned),
             Some(true)
         );
         assert_eq!(
-            bridge_row_of(row(7, Some(3), NeighbourState::Permanent), 3).map(|r| r.learned),
+            row_of(row(7, Some(3), NeighbourState::Permanent)).map(|r| r.learned),
             Some(false)
         );
         assert_eq!(
-            bridge_row_of(row(7, Some(3), NeighbourState::Noarp), 3).map(|r| r.learned),
+            row_of(row(7, Some(3), NeighbourState::Noarp)).map(|r| r.learned),
             Some(false)
         );
         // The bridge's own row carries no master.
         assert_eq!(
-            bridge_row_of(row(3, None, NeighbourState::Permanent), 3).map(|r| r.port),
+            row_of(row(3, None, NeighbourState::Permanent)).map(|r| r.port),
             Some(3)
         );
     }
 
     #[test]
     fn rows_of_other_bridges_and_devices_are_skipped() {
-        assert!(bridge_row_of(row(7, Some(4), NeighbourState::Reachable), 3).is_none());
+        assert!(row_of(row(7, Some(4), NeighbourState::Reachable)).is_none());
         // A VXLAN device's own rows (NTF_SELF, no master).
-        assert!(bridge_row_of(row(9, None, NeighbourState::Permanent), 3).is_none());
+        assert!(row_of(row(9, None, NeighbourState::Permanent)).is_none());
         let mut arp = row(7, Some(3), NeighbourState::Reachable);
         arp.header.family = AddressFamily::Inet;
-        assert!(bridge_row_of(arp, 3).is_none());
+        assert!(row_of(arp).is_none());
     }
 
     #[test]
