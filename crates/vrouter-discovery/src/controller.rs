@@ -1141,27 +1141,15 @@ impl Controller {
             let plan = steer::plan(&facts);
             let in_kernel: Option<std::collections::BTreeSet<String>> =
                 counters.ok().map(|c| c.into_keys().collect());
-            let applied = match &plan.table {
-                Some(t) => {
-                    let current = self
-                        .steer_applied
-                        .as_ref()
-                        .is_some_and(|a| steer::same_layout(a, t))
-                        && in_kernel.as_ref() == Some(&steer::comments(t));
-                    if current {
-                        Ok(())
-                    } else {
-                        crate::steering::replace(t)
-                    }
-                }
-                None => {
-                    let present = in_kernel.as_ref().is_none_or(|c| !c.is_empty());
-                    if self.steer_applied.is_some() || present {
-                        crate::steering::delete(table)
-                    } else {
-                        Ok(())
-                    }
-                }
+            let action = steer::apply_action(
+                plan.table.as_ref(),
+                self.steer_applied.as_ref(),
+                in_kernel.as_ref(),
+            );
+            let applied = match (action, &plan.table) {
+                (steer::Apply::Replace, Some(t)) => crate::steering::replace(t),
+                (steer::Apply::Delete, _) => crate::steering::delete(table),
+                _ => Ok(()),
             };
             match applied {
                 Ok(()) => {

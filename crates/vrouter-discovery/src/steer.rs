@@ -564,6 +564,41 @@ pub fn steered(
     counters.get(&steer_comment(local, remote, via)).copied()
 }
 
+/// What to do with the kernel's table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Apply {
+    /// The kernel has it already.
+    Keep,
+    /// Put the planned table in (replacing the kernel's).
+    Replace,
+    /// No stack to steer: the table goes.
+    Delete,
+}
+
+/// Whether the planned table must go in: when it differs from the one last applied
+/// (counters aside), or the kernel's copy is missing or lacks a counted rule (a kernel
+/// that dropped a chain with its device), or the kernel's copy could not be read
+/// (`in_kernel` None). No planned table: delete what is there or was applied.
+pub fn apply_action(
+    planned: Option<&TableSpec>,
+    applied: Option<&TableSpec>,
+    in_kernel: Option<&BTreeSet<String>>,
+) -> Apply {
+    match planned {
+        Some(t) => {
+            let current =
+                applied.is_some_and(|a| same_layout(a, t)) && in_kernel == Some(&comments(t));
+            if current {
+                Apply::Keep
+            } else {
+                Apply::Replace
+            }
+        }
+        None if applied.is_some() || in_kernel.is_none_or(|c| !c.is_empty()) => Apply::Delete,
+        None => Apply::Keep,
+    }
+}
+
 /// The FDB rows to steer by: the bridge's learned rows, plus rows learned before
 /// that aged out while their port is still on the bridge. Steered frames bypass the
 /// bridge, so it stops seeing the router's and the services' frames and forgets their
@@ -1144,6 +1179,49 @@ mod tests {
         assert_eq!(
             memory.into_iter().collect::<Vec<_>>(),
             vec![(service_mac(1, 1), 13)]
+        );
+    }
+
+    #[test]
+    fn the_table_goes_in_only_when_something_differs() {
+        let mut f = facts(vec![stack("a", 1, 1, vec![route("b", 2, false)])]);
+        let t = plan(&f).table.unwrap();
+        let all = comments(&t);
+        assert_eq!(
+            apply_action(Some(&t), None, Some(&BTreeSet::new())),
+            Apply::Replace
+        );
+        assert_eq!(apply_action(Some(&t), Some(&t), Some(&all)), Apply::Keep);
+        // Counters read since: still the same table.
+        f.counters.insert("steer a b".into(), (1, 1));
+        let again = plan(&f).table.unwrap();
+        assert_eq!(
+            apply_action(Some(&again), Some(&t), Some(&all)),
+            Apply::Keep
+        );
+        // The kernel lost a chain (its device went), or cannot be read.
+        let mut partial = all.clone();
+        partial.remove("port veth1s1 a");
+        assert_eq!(
+            apply_action(Some(&t), Some(&t), Some(&partial)),
+            Apply::Replace
+        );
+        assert_eq!(apply_action(Some(&t), Some(&t), None), Apply::Replace);
+        // A new service port.
+        let more = plan(&facts(vec![stack("a", 1, 2, vec![route("b", 2, false)])]))
+            .table
+            .unwrap();
+        assert_eq!(
+            apply_action(Some(&more), Some(&t), Some(&all)),
+            Apply::Replace
+        );
+        // Nothing to steer: delete what is there, keep quiet when nothing is.
+        assert_eq!(apply_action(None, Some(&t), Some(&all)), Apply::Delete);
+        assert_eq!(apply_action(None, None, Some(&all)), Apply::Delete);
+        assert_eq!(apply_action(None, None, None), Apply::Delete);
+        assert_eq!(
+            apply_action(None, None, Some(&BTreeSet::new())),
+            Apply::Keep
         );
     }
 
