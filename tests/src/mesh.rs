@@ -327,7 +327,12 @@ impl Mesh {
         let bin = self.bins.join("vrouter-discovery");
         let args = self.discovery_args(host);
         let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-        let mut env: Vec<(&str, &str)> = vec![("RUST_LOG", "info")];
+        // The steering table carries the test prefix (set_discovery_env may override).
+        let table = format!("{}vrouter", crate::prefix());
+        let mut env: Vec<(&str, &str)> = vec![
+            ("RUST_LOG", "info"),
+            ("VROUTER_STEERING_TABLE", table.as_str()),
+        ];
         if let Some(extra) = self.discovery_env.get(&host) {
             env.extend(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         }
