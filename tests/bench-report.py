@@ -48,46 +48,42 @@ SECTIONS = [
 Simulated hosts (network namespaces on a veth underlay), all paths built in the same run
 and measured interleaved, so that the noise of a shared machine hits them alike. The
 baselines get the same offloads, MTU and sysctls as the overlay, from the same code.
+Hosts 1 and 2 run discovery with port steering (the default), hosts 3 and 4 with
+`VROUTER_STEERING=rule`; every stack runs the default access policy.
 
-- **overlay**: service to service across hosts through docker-vrouter (stack, router,
-  VXLAN, router, stack);
+- **overlay**: service to service across hosts through docker-vrouter with port
+  steering: the service's frame goes from its host-side port straight into the VXLAN
+  device, to the remote router, which hands it to the service's port; neither host
+  forwards it;
+- **overlay_rule**: the same over the policy-rule path (service, host, router, VXLAN,
+  router, bridge, service), what every stack ran before port steering;
 - **flannel**: Flannel-style, the same services over a VXLAN device in the host
   namespaces (a /32 on the device, an onlink route, a permanent neighbour and an FDB
   entry per remote host), no router;
 - **routed**: host to host, routed, without VXLAN;
 - **underlay**: host to host directly over the underlay;
+- **same_host**: two stacks on one host, port steering (the sender's port hands the
+  frame to the other stack's router, which delivers it);
+- **bridged**: two networks on one host, routed by the host from bridge to bridge
+  without a firewall (what two Docker networks would do where direct routing is
+  allowed);
 - **overlay_fw**: the overlay once more with the Docker-like firewall loaded (the other
-  paths run without it);
-- **overlay_redirect**: the overlay between two more services of the same stacks that
-  accept the host's ICMP redirect (`net.ipv4.conf.all.accept_redirects=1`), so they
-  send straight to their router instead of through the host;
-- **overlay_nobnf**, **flannel_nobnf**: the overlay and the Flannel-style path once more
-  with `net.bridge.bridge-nf-call-iptables=0` on both hosts (Docker sets 1).
+  paths run without it).
 
 Throughput is iperf3 TCP with 1 stream (`tcp1`) and 4 streams (`tcp4`); latency is the
 ping RTT (`ping`) and a small TCP request/response RTT (`tcp_rr`). `ratio` figures divide
-one path's throughput by another's within each round.
+one path by another within each round.
 
-Why the overlay costs more than the Flannel-style path. Per direction the Flannel-style
-path forwards once in each host. The overlay forwards in the sending host (the service's
-gateway is the host's bridge), in router A and in router B, crosses two more veth pairs
-(host to router A, router B to its bridge) and sends router B's packets into the
-service's bridge as bridged frames, which bridge netfilter hands to the IPv4 hooks
-again. With 4 streams both CPUs are saturated, so the ratio follows the CPU cost per
-byte. Two of these costs are measured on their own above: the sending host's detour
-(`overlay_redirect` / `flannel`: services that take the redirect skip it) and bridge
-netfilter (`overlay_nobnf` / `flannel_nobnf`). Neither can be removed without changing
-something that is not ours: a service namespace inherits `forwarding=1` and
-`conf.all.accept_redirects=0` from a Docker host, so it ignores the redirect (a service
-may opt in with a compose sysctl, docs/operations.md), and Docker turns bridge netfilter
-on. The router hops are the design itself: Docker's firewall drops what a host forwards
-into a protected bridge from outside and masquerades what leaves a bridge through
-another interface, so only a container on the bridge can deliver remote traffic
-unchanged. The Flannel-style path is exactly such a host forward: under the Docker-like
-firewall it answers no ping at all (`flannel_under_firewall_answers_ping` in the JSON).
-An nftables bridge rule that hands frames straight to the router's port was built and
-measured and gave no consistent gain (docs/ARCHITECTURE.md, "Where the code differs from
-DESIGN.md").""",
+Why port steering gains. Per direction the Flannel-style path forwards once in each
+host. The policy-rule path forwards in the sending host (the service's gateway is the
+host's bridge), in router A and in router B, and hands router B's packets to the
+service's bridge as bridged frames, which bridge netfilter passes to the IPv4 hooks once
+more. Port steering takes the frame at the service's host-side port (an nftables
+`netdev` ingress chain) and sends it into the VXLAN device addressed to router B, which
+forwards it once and whose port chain sends it straight to the service's port: one IP
+forward per direction, as on the Flannel-style path, and no host firewall on the way,
+which is why `overlay_fw` matches `overlay` while the Flannel-style path under the same
+firewall carries nothing (`flannel_under_firewall_answers_ping` in the JSON).""",
     ),
     (
         "control",
@@ -109,9 +105,10 @@ policy from its policy file.
 
 - **tcp1**: single-stream TCP (iperf3) with a's router holding no access table at all
   (`none`: deleted by hand, as before access control existed), the default policy
-  (`allow`: default allow, no rules, what every router runs) and default deny with 100
-  rules (`deny100`), interleaved, the order rotated per round. Established flows are
-  accepted by their connection mark and never reach the rules.
+  (`allow`: default allow, no rules, what every router runs: a stateless table,
+  anti-spoofing only, no connection tracking) and default deny with 100 rules
+  (`deny100`), interleaved, the order rotated per round. Under `deny100` established
+  flows are accepted by their connection mark and never reach the rules.
 - **connrate**: new TCP connections per second b -> a (connect, then reset; two client
   threads) with default deny and 1 rule, and with 1,000 rules (999 of them about other
   sources, as a policy naming many stacks has). A new connection is classified once:
@@ -500,18 +497,23 @@ def by_prefix(docs, prefix):
     return [f for d in docs.values() for f in d["figures"] if f["key"].startswith(prefix)]
 
 
-def ratio_figures(docs):
-    """datapath.ratio.<name>.<tcp1|tcp4>: throughput ratios."""
+THROUGHPUT = ("tcp1", "tcp4")
+RTT = ("ping", "tcp_rr")
+
+
+def ratio_figures(docs, metrics=THROUGHPUT):
+    """datapath.ratio.<name>.<metric>: throughput ratios (tcp1, tcp4), or RTT ratios
+    with metrics=RTT (ping, tcp_rr)."""
     return [
         f
         for f in by_prefix(docs, "datapath.ratio.")
-        if f["key"].rsplit(".", 1)[-1] in ("tcp1", "tcp4")
+        if f["key"].rsplit(".", 1)[-1] in metrics
     ]
 
 
 def ratio_name(f):
     """The chart's name of a ratio figure, "a/b": from its label ("..., a / b (per
-    round)") since path names hold underscores themselves (overlay_nobnf_flannel_nobnf);
+    round)") since path names hold underscores themselves (overlay_rule_flannel);
     else from the key."""
     m = re.search(r", (\S+) / (\S+) \(", f.get("label", ""))
     if m:
@@ -528,6 +530,8 @@ def chart_panels(docs):
     p = []
     if ratio_figures(docs):
         p.append("throughput ratios")
+    if ratio_figures(docs, RTT):
+        p.append("RTT ratios")
     if reconcile_figures(docs):
         p.append("reconcile times")
     return p
@@ -568,13 +572,20 @@ def draw_chart(docs, png_path):
     ratios = ratio_figures(docs)
     if ratios:
         panels.append("ratios")
+    rtt = ratio_figures(docs, RTT)
+    if rtt:
+        panels.append("rtt")
     recon = reconcile_figures(docs)
     if recon:
         panels.append("reconcile")
     if not panels:
         return False
     # The ratio panel widens with the number of ratios.
-    widths = [max(6.5, 0.9 * len({ratio_name(f) for f in ratios})) if p == "ratios" else 6.5 for p in panels]
+    def width(p):
+        figs = {"ratios": ratios, "rtt": rtt}.get(p)
+        return max(6.5, 0.9 * len({ratio_name(f) for f in figs})) if figs else 6.5
+
+    widths = [width(p) for p in panels]
     fig, axes = plt.subplots(
         1, len(panels), figsize=(sum(widths), 4.5), squeeze=False, gridspec_kw={"width_ratios": widths}
     )
@@ -595,6 +606,22 @@ def draw_chart(docs, png_path):
             ax.axhline(1.0, color="grey", linewidth=0.5)
             ax.set_ylabel("throughput ratio (median of rounds)")
             ax.set_title("Datapath: TCP throughput ratios")
+        elif p == "rtt":
+            figs = {}
+            names = []
+            for f in rtt:
+                metric = f["key"].rsplit(".", 1)[1]
+                name = ratio_name(f)
+                figs[(name, metric)] = f
+                if name not in names:
+                    names.append(name)
+            series = [s for s in RTT if any(k[1] == s for k in figs)]
+            bars(ax, figs, names, series, lambda s: {"ping": "ping", "tcp_rr": "TCP request/response"}[s])
+            for t in targets_of(rtt, "at_most"):
+                ax.axhline(t, color="red", linestyle="--", linewidth=1, label=f"target ≤ {fmt(t)}")
+            ax.axhline(1.0, color="grey", linewidth=0.5)
+            ax.set_ylabel("RTT ratio (median of rounds)")
+            ax.set_title("Datapath: round-trip time ratios")
         else:
             units = sorted({f["unit"] for f in recon})
             figs = {}

@@ -234,6 +234,42 @@ class Report(unittest.TestCase):
         self.assertIn("![throughput ratios and reconcile times](benchmarks.png)", md)
         self.assertEqual(sorted(os.listdir(self.raw)), ["control.json", "datapath.json"])
 
+    def test_rtt_ratios_get_a_panel_and_their_target(self):
+        doc = json.loads(json.dumps(DATAPATH))
+        doc["figures"] += [
+            figure(
+                "datapath.ratio.overlay_flannel.ping",
+                "ping RTT, overlay / flannel (per round)",
+                "ratio",
+                [1.02, 1.05, 0.98],
+                ("at_most", 1.1),
+            ),
+            figure(
+                "datapath.ratio.overlay_flannel.tcp_rr",
+                "TCP request/response RTT, overlay / flannel (per round)",
+                "ratio",
+                [1.2, 1.15, 1.3],
+                ("at_most", 1.1),
+            ),
+        ]
+        self.put("datapath", doc)
+        md = self.run_report()
+        self.assertTrue(png_ok(self.png))
+        self.assertIn("![throughput ratios and RTT ratios](benchmarks.png)", md)
+        self.assertEqual([f["key"] for f in report.ratio_figures({"d": doc}, report.RTT)], [
+            "datapath.ratio.overlay_flannel.ping",
+            "datapath.ratio.overlay_flannel.tcp_rr",
+        ])
+        row = self.row(md, "datapath.ratio.overlay_flannel.ping")
+        self.assertIn("≤ 1.10 ratio", row)
+        self.assertIn("✅ met", row)
+        self.assertIn("❌ MISSED", self.row(md, "datapath.ratio.overlay_flannel.tcp_rr"))
+        # Throughput ratios stay apart from them.
+        self.assertNotIn(
+            "datapath.ratio.overlay_flannel.ping",
+            [f["key"] for f in report.ratio_figures({"d": doc})],
+        )
+
     def test_unknown_bench_gets_a_section(self):
         self.put("extra-bench", results("vrt-extra", [figure("extra.x", "something", "ms", [3.0])]))
         md = self.run_report()
@@ -306,10 +342,15 @@ class Report(unittest.TestCase):
 
     def test_ratio_names_with_underscores(self):
         f = {
-            "key": "datapath.ratio.overlay_nobnf_flannel_nobnf.tcp4",
-            "label": "4-stream TCP, overlay_nobnf / flannel_nobnf (per round)",
+            "key": "datapath.ratio.overlay_rule_flannel.tcp4",
+            "label": "4-stream TCP, overlay_rule / flannel (per round)",
         }
-        self.assertEqual(report.ratio_name(f), "overlay_nobnf/flannel_nobnf")
+        self.assertEqual(report.ratio_name(f), "overlay_rule/flannel")
+        f = {
+            "key": "datapath.ratio.same_host_bridged.tcp_rr",
+            "label": "TCP request/response RTT, same_host / bridged (per round)",
+        }
+        self.assertEqual(report.ratio_name(f), "same_host/bridged")
         # Without a label of that shape: the key's last underscore splits it.
         self.assertEqual(report.ratio_name({"key": "datapath.ratio.overlay_flannel.tcp1"}), "overlay/flannel")
 

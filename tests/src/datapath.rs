@@ -1,41 +1,49 @@
-//! The world `vrt-bench` measures the datapath in: two simulated hosts carrying, side by
+//! The world `vrt-bench` measures the datapath in: simulated hosts carrying, side by
 //! side, the paths the issue compares, and the probes that measure them.
 //!
-//! Paths (sender on host 1, receiver on host 2):
-//! - `overlay`: the real mesh. Stacks `a` (10.1.0.0/24) and `b` (10.2.0.0/24) on VNI
-//!   1000, discovery on both hosts, a router in each stack: service a -> br-a -> router a
-//!   -> ovl1000 (macvlan on vxlan1000) -> underlay -> vxlan1000 -> router b -> br-b ->
-//!   service b.
-//! - `flannel`: Flannel's VXLAN backend, built by hand in the host namespaces: networks
-//!   `fa` (10.11.0.0/24, host 1) and `fb` (10.12.0.0/24, host 2) with a service each;
-//!   `flannel.1` (VNI 1) per host with 10.250.0.<host>/32, a route to the remote
-//!   network `via 10.250.0.<remote> dev flannel.1 onlink`, a permanent neighbour
-//!   10.250.0.<remote> -> the remote device's MAC, and an FDB row remote MAC -> remote
-//!   underlay address. The service's gateway is its host bridge; the host forwards into
-//!   the device. No router.
+//! Paths (sender first):
+//! - `overlay`: the real mesh with port steering (discovery's default,
+//!   `VROUTER_STEERING=ports`). Stacks `a` (10.1.0.0/24, host 1) and `b` (10.2.0.0/24,
+//!   host 2) on VNI 1000, discovery on every host, a router in each stack, the default
+//!   access policy: service a -> its host-side port, where discovery's netdev chain
+//!   sends the frame straight into vxlan1000 -> underlay -> vxlan1000 -> router b's
+//!   ovl1000 -> router b -> its host-side port, where the delivery chain sends it to
+//!   service b's port. Neither host forwards it.
+//! - `overlay_rule`: the same over the policy-rule path (issue 15's "today"), on two
+//!   more hosts whose discovery runs `VROUTER_STEERING=rule`: stacks `d` (10.4.0.0/24,
+//!   host 3) and `e` (10.5.0.0/24, host 4): service d -> br-d -> host 3 (policy rule)
+//!   -> br-d -> router d -> ovl1000 -> vxlan1000 -> underlay -> vxlan1000 -> router e
+//!   -> br-e -> service e. So the gain of port steering is measured, not assumed.
+//! - `flannel`: Flannel's VXLAN backend, built by hand in the host namespaces of hosts
+//!   1 and 2: networks `fa` (10.11.0.0/24, host 1) and `fb` (10.12.0.0/24, host 2) with
+//!   a service each; `flannel.1` (VNI 1) per host with 10.250.0.<host>/32, a route to
+//!   the remote network `via 10.250.0.<remote> dev flannel.1 onlink`, a permanent
+//!   neighbour 10.250.0.<remote> -> the remote device's MAC, and an FDB row remote MAC
+//!   -> remote underlay address. The service's gateway is its host bridge; the host
+//!   forwards into the device. No router.
 //! - `routed`: networks `ra` (10.21.0.0/24) and `rb` (10.22.0.0/24) with a service
 //!   each; each host routes the remote network via the remote host's underlay address.
 //! - `underlay`: host namespace 1 to host namespace 2 over the underlay (198.18.0.x).
-//! - `overlay_fw`: the overlay path with the Docker-28.2-like firewall loaded on both
-//!   hosts (it is loaded only while this path is measured and removed again, so the
-//!   other paths never run under it).
-//!
-//! Paths that take the overlay's cost apart (same run, same rounds):
-//! - `overlay_redirect`: a second service in each of stacks `a` and `b` (10.1.0.6,
-//!   10.2.0.6) with `net.ipv4.conf.all.accept_redirects=1`, so that after the first
-//!   packet it takes the host's ICMP redirect and sends straight to its router: the
-//!   overlay without the sending host's detour.
-//! - `overlay_nobnf`, `flannel_nobnf`: the overlay and the Flannel-style path measured
-//!   while `net.bridge.bridge-nf-call-iptables=0` on both hosts (set only for them and
-//!   put back): what Docker's bridge netfilter costs each path. The overlay's routers
-//!   deliver into the stack bridge as bridged frames, which bridge netfilter hands to
-//!   the IPv4 hooks once more; the Flannel-style host sends into its bridge from the
-//!   host itself, which it does not.
+//! - `same_host`: stack `a` to stack `c` (10.3.0.0/24), both on host 1 and VNI 1000,
+//!   with port steering: service a's port sends the frame to router c's port, router c
+//!   forwards it back out of its stack side, the delivery chain hands it to service
+//!   c's port.
+//! - `bridged`: its baseline, two networks on host 1 (`sa` 10.31.0.0/24, `sb`
+//!   10.32.0.0/24) with a service each, routed by the host from bridge to bridge, no
+//!   firewall (what two Docker networks with direct routing allowed would do).
+//! - `overlay_fw`: the `overlay` path with the Docker-28.2-like firewall loaded on
+//!   hosts 1 and 2 (it is loaded only while this path is measured and removed again, so
+//!   the other paths never run under it).
 //!
 //! Under the Docker-like firewall the Flannel-style path carries nothing: the receiving
 //! host forwards from `flannel.1` into a protected bridge, which Docker's raw-table
 //! rule and FORWARD chain drop (and the sending host would masquerade the source).
 //! [`Datapath::flannel_under_firewall`] checks that and the JSON records it.
+//!
+//! [`Datapath::build`] checks that the hosts run the steering the paths are named
+//! after (discovery.json's `steering`: stacks `a` and `c` in `ports` mode, `d` in
+//! `rule` mode), so a fallback cannot pass for port steering, and the description
+//! records the netdev tables with their counters after the run.
 //!
 //! What the baselines share with the overlay, from the same code:
 //! - `flannel.1` is created by `vrouter_kernel::Kernel::create_vxlan`, the call
@@ -49,21 +57,20 @@
 //!   service links), offloads and sysctls (`ip_forward=1` and `bridge-nf-call-iptables=1`
 //!   on the hosts) are the same on every path.
 //! - MTU and segment size: both VXLAN paths carry at most the VXLAN device MTU (1450)
-//!   per packet, the routed and underlay paths could carry 1500. So that every path sends
-//!   segments of the same size, the TCP clients set their MSS to the VXLAN MTU - 40
-//!   (`iperf3 -M 1410`); nothing else on the routed and underlay paths is changed.
+//!   per packet, the routed, bridged and underlay paths could carry 1500. So that every
+//!   path sends segments of the same size, the TCP clients set their MSS to the VXLAN
+//!   MTU - 40 (`iperf3 -M 1410`); nothing else on those paths is changed.
 //!
-//! ICMP redirects: the overlay's sender reaches its router through the host (policy
-//! rule, br-a back to br-a) until it takes the host's redirect. A namespace inherits
-//! the init namespace's IPv4 `conf/all` settings, so on a host with `ip_forward=1` and
-//! `conf.all.accept_redirects=0` (as here) the service ignores the redirect and every
-//! packet takes the detour: one more IP forward and bridge pass than Flannel's path.
-//! The bench leaves this as the host has it and records the sender's route, the redirect
-//! counters and the sysctls in `extra`.
+//! ICMP redirects (the `overlay_rule` path only): the sender reaches its router through
+//! the host (policy rule, br-d back to br-d). A namespace inherits the init namespace's
+//! IPv4 `conf/all` settings, so on a host with `ip_forward=1` and
+//! `conf.all.accept_redirects=0` (as here) the service ignores the host's redirect and
+//! every packet takes the detour, as on a Docker host. The description records the
+//! sender's route and the redirect counters.
 //!
 //! The exact topology (addresses, devices, MTUs, `ethtool -k` offloads, the VXLAN
-//! devices' `ip -d link` details, sysctls) goes into the JSON's `extra` through
-//! [`Datapath::describe`].
+//! devices' `ip -d link` details, sysctls, steering) goes into the JSON's `extra`
+//! through [`Datapath::describe`].
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -104,27 +111,43 @@ pub struct PathDef {
     pub condition: Condition,
 }
 
-/// How the two hosts are set while a path is measured.
+/// How the hosts are set while a path is measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Condition {
     /// No firewall, bridge netfilter on (`bridge-nf-call-iptables=1`, as Docker sets).
     Plain,
-    /// The Docker-like firewall loaded on both hosts.
+    /// The Docker-like firewall loaded on hosts 1 and 2.
     Firewall,
-    /// No firewall, and `bridge-nf-call-iptables=0` on both hosts.
-    NoBridgeNf,
 }
 
 impl Condition {
-    pub const ALL: [Condition; 3] = [Condition::Plain, Condition::NoBridgeNf, Condition::Firewall];
+    pub const ALL: [Condition; 2] = [Condition::Plain, Condition::Firewall];
 
     pub fn name(self) -> &'static str {
         match self {
             Condition::Plain => "plain",
             Condition::Firewall => "firewall",
-            Condition::NoBridgeNf => "no_bridge_nf",
         }
     }
+}
+
+/// Discovery's steering modes on the bench's hosts: 1 and 2 the default (`ports`), 3
+/// and 4 `rule` (the `overlay_rule` path).
+pub const RULE_HOSTS: [usize; 2] = [3, 4];
+/// Hosts of the mesh.
+pub const HOSTS: usize = 4;
+
+/// The steering mode discovery.json gives `stack`: its own mode when listed, else the
+/// configured one; None without a `steering` section (a discovery without port
+/// steering). Pure.
+pub fn steering_mode(discovery: &Value, stack: &str) -> Option<String> {
+    let st = discovery.get("steering")?;
+    st.get("stacks")
+        .and_then(|m| m.get(stack))
+        .and_then(|s| s.get("mode"))
+        .or_else(|| st.get("mode"))
+        .and_then(Value::as_str)
+        .map(str::to_string)
 }
 
 /// The two hosts, the mesh and the baselines, built and checked.
@@ -240,16 +263,28 @@ impl Datapath {
     /// Builds the mesh and the baselines, checks every path answers a ping, and leaves
     /// the firewall off on both hosts.
     pub fn build(test: &str) -> Result<Datapath> {
-        let mut mesh = Mesh::start(
+        let mut mesh = Mesh::build(
             test,
-            2,
+            HOSTS,
             vec![
                 StackDef::new("a", 1, OVERLAY_VNI, "10.1.0.0/24"),
                 StackDef::new("b", 2, OVERLAY_VNI, "10.2.0.0/24"),
+                StackDef::new("c", 1, OVERLAY_VNI, "10.3.0.0/24"),
+                StackDef::new("d", 3, OVERLAY_VNI, "10.4.0.0/24"),
+                StackDef::new("e", 4, OVERLAY_VNI, "10.5.0.0/24"),
             ],
         )?;
+        for h in RULE_HOSTS {
+            mesh.set_discovery_env(h, "VROUTER_STEERING", "rule");
+        }
+        for h in 1..=HOSTS {
+            mesh.write_config(h)?;
+            mesh.start_discovery(h)?;
+        }
+        mesh.start_routers()?;
         mesh.wait_converged(Duration::from_secs(30))?;
-        let (a, b) = (mesh.svc("a"), mesh.svc("b"));
+        let (a, b, c) = (mesh.svc("a"), mesh.svc("b"), mesh.svc("c"));
+        let (d, e) = (mesh.svc("d"), mesh.svc("e"));
 
         // The baselines' networks and services (no routers).
         let mut svcs = Vec::new();
@@ -258,26 +293,14 @@ impl Datapath {
             ("fb", 2, "10.12.0.0/24", "10.12.0.5"),
             ("ra", 1, "10.21.0.0/24", "10.21.0.5"),
             ("rb", 2, "10.22.0.0/24", "10.22.0.5"),
+            ("sa", 1, "10.31.0.0/24", "10.31.0.5"),
+            ("sb", 1, "10.32.0.0/24", "10.32.0.5"),
         ] {
             let h = mesh.topo.host_mut(host);
             h.add_network(net, cidr, Protection::Protected)?;
             svcs.push(h.add_container(net, "svc", ip, Role::Service)?);
         }
-        let (fa, fb, ra, rb) = (&svcs[0], &svcs[1], &svcs[2], &svcs[3]);
-        // Services that take the host's redirect (see the module doc).
-        let mut redirected = Vec::new();
-        for (stack, host, ip) in [("a", 1, "10.1.0.6"), ("b", 2, "10.2.0.6")] {
-            let c = mesh
-                .topo
-                .host_mut(host)
-                .add_container(stack, "svc2", ip, Role::Service)?;
-            exec_ok(
-                Some(&c.ns),
-                &["sysctl", "-q", "-w", "net.ipv4.conf.all.accept_redirects=1"],
-            )?;
-            redirected.push(c);
-        }
-        let (a2, b2) = (&redirected[0], &redirected[1]);
+        let (fa, fb, ra, rb, sa, sb) = (&svcs[0], &svcs[1], &svcs[2], &svcs[3], &svcs[4], &svcs[5]);
 
         let h1 = mesh.topo.host(1).ns.clone();
         let h2 = mesh.topo.host(2).ns.clone();
@@ -347,7 +370,7 @@ impl Datapath {
             ],
         )?;
 
-        use Condition::{Firewall, NoBridgeNf, Plain};
+        use Condition::{Firewall, Plain};
         let path =
             |name, label, from: &crate::Container, to: &crate::Container, condition| PathDef {
                 name,
@@ -361,9 +384,16 @@ impl Datapath {
         let paths = vec![
             path(
                 "overlay",
-                "service to service over docker-vrouter",
+                "service to service over docker-vrouter, port steering",
                 &a,
                 &b,
+                Plain,
+            ),
+            path(
+                "overlay_rule",
+                "service to service over docker-vrouter, policy-rule steering",
+                &d,
+                &e,
                 Plain,
             ),
             path(
@@ -390,29 +420,22 @@ impl Datapath {
                 condition: Plain,
             },
             path(
-                "overlay_redirect",
-                "service to service over docker-vrouter, services taking the host's redirect",
-                a2,
-                b2,
+                "same_host",
+                "same-host stack to stack over docker-vrouter, port steering",
+                &a,
+                &c,
                 Plain,
             ),
             path(
-                "overlay_nobnf",
-                "service to service over docker-vrouter, bridge netfilter off",
-                &a,
-                &b,
-                NoBridgeNf,
-            ),
-            path(
-                "flannel_nobnf",
-                "service to service over Flannel-style VXLAN, bridge netfilter off",
-                fa,
-                fb,
-                NoBridgeNf,
+                "bridged",
+                "same-host bridge to bridge routed by the host, no firewall",
+                sa,
+                sb,
+                Plain,
             ),
             path(
                 "overlay_fw",
-                "service to service over docker-vrouter, Docker-like firewall loaded",
+                "service to service over docker-vrouter, port steering, Docker-like firewall loaded",
                 &a,
                 &b,
                 Firewall,
@@ -446,39 +469,42 @@ impl Datapath {
             }
         }
         dp.set_condition(Plain)?;
-        // The redirected services must have taken the redirect (the ping above was the
-        // first packet; the host sends it with the answer).
-        for (from, to) in [(a2, b2), (b2, a2)] {
-            let ok = wait_until(Duration::from_secs(5), Duration::from_millis(200), || {
-                let _ = crate::ping(&from.ns, &to.ip.to_string(), 1, Duration::from_secs(1));
-                redirected_to(&from.ns, to.ip).is_some()
-            });
-            if !ok {
-                bail!(
-                    "{} did not take the host's redirect towards {}",
-                    from.ns,
-                    to.ip
-                );
-            }
-        }
+        dp.check_steering()?;
         Ok(dp)
     }
 
-    /// Sets the hosts for a path's [`Condition`]: the firewall, and bridge netfilter.
+    /// Sets the hosts for a path's [`Condition`]: the firewall.
     pub fn set_condition(&mut self, c: Condition) -> Result<()> {
-        self.set_firewall(c == Condition::Firewall)?;
-        let bnf = if c == Condition::NoBridgeNf { "0" } else { "1" };
-        for h in 1..=2 {
-            let ns = self.mesh.topo.host(h).ns.clone();
-            exec_ok(
-                Some(&ns),
-                &[
-                    "sysctl",
-                    "-q",
-                    "-w",
-                    &format!("net.bridge.bridge-nf-call-iptables={bnf}"),
-                ],
-            )?;
+        self.set_firewall(c == Condition::Firewall)
+    }
+
+    /// discovery.json of `host`, as JSON (Null when unreadable).
+    fn discovery_json(&self, host: usize) -> Value {
+        std::fs::read(self.mesh.state_dir(host).join("discovery.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(Value::Null)
+    }
+
+    /// Fails unless discovery steers stacks `a` and `c` at their ports and stack `d`
+    /// by the policy rule (waiting up to 10 s for the first steering pass): the paths'
+    /// names must say what was measured.
+    pub fn check_steering(&self) -> Result<()> {
+        for (stack, host, want) in [("a", 1, "ports"), ("c", 1, "ports"), ("d", 3, "rule")] {
+            let mut seen = None;
+            let ok = wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
+                seen = steering_mode(&self.discovery_json(host), stack);
+                // No steering section is the policy-rule path (schema.rs).
+                seen.as_deref().unwrap_or("rule") == want
+            });
+            if !ok {
+                let doc = self.discovery_json(host);
+                bail!(
+                    "stack {stack} on host {host} is not steered in mode {want}: discovery.json says {} (steering: {}); a discovery without port steering, or a fallback (see its log)",
+                    seen.as_deref().unwrap_or("nothing"),
+                    doc.get("steering").cloned().unwrap_or(Value::Null)
+                );
+            }
         }
         Ok(())
     }
@@ -515,6 +541,8 @@ impl Datapath {
         let h1 = self.mesh.topo.host(1).ns.clone();
         let h2 = self.mesh.topo.host(2).ns.clone();
         let (ra, rb) = (self.mesh.rtr("a"), self.mesh.rtr("b"));
+        let (rd, re) = (self.mesh.rtr("d"), self.mesh.rtr("e"));
+        let h3 = self.mesh.topo.host(3).ns.clone();
         let vx = Vni::new(OVERLAY_VNI)
             .map(|v| v.vxlan_ifname())
             .unwrap_or_default();
@@ -584,6 +612,29 @@ impl Datapath {
                 ovl.clone(),
                 "router b overlay link (macvlan on vxlan1000)",
             ),
+            (
+                h3.clone(),
+                vx.clone(),
+                "host 3 overlay VXLAN device (discovery, rule steering)",
+            ),
+            (h3.clone(), "br-d".into(), "host 3 bridge of stack d"),
+            (rd.ns.clone(), "eth0".into(), "router d, on br-d (veth)"),
+            (
+                re.ns.clone(),
+                ovl.clone(),
+                "router e overlay link (macvlan on vxlan1000)",
+            ),
+            (svc_ns("overlay_rule"), "eth0".into(), "service d (veth)"),
+            (
+                svc_ns("same_host"),
+                "eth0".into(),
+                "service a, same-host sender (veth)",
+            ),
+            (
+                svc_ns("bridged"),
+                "eth0".into(),
+                "bridged service on host 1 (veth)",
+            ),
         ];
         let links: Vec<Value> = links
             .iter()
@@ -609,11 +660,15 @@ impl Datapath {
                 .unwrap_or_else(|_| "?".into())
         };
         let svc_a = svc_ns("overlay");
+        let svc_d = svc_ns("overlay_rule");
         let sysctls: Vec<Value> = [
             (h1.as_str(), "host 1"),
             (h2.as_str(), "host 2"),
+            (h3.as_str(), "host 3"),
             (ra.ns.as_str(), "router a"),
+            (rd.ns.as_str(), "router d"),
             (svc_a.as_str(), "service a (overlay sender)"),
+            (svc_d.as_str(), "service d (overlay_rule sender)"),
         ]
         .iter()
         .map(|(ns, who)| {
@@ -644,22 +699,36 @@ impl Datapath {
                 .map(|o| o.stdout.lines().map(str::to_string).collect::<Vec<_>>())
                 .unwrap_or_default()
         };
-        let overlay_to = self
-            .paths
-            .iter()
-            .find(|p| p.name == "overlay")
-            .map(|p| p.to_ip.to_string())
-            .unwrap_or_default();
+        let route_get = |path: &str| {
+            self.paths.iter().find(|p| p.name == path).map(|p| {
+                lines(
+                    &p.from_ns,
+                    &["ip", "-4", "route", "get", &p.to_ip.to_string()],
+                )
+            })
+        };
+        let steering = |h: usize| self.discovery_json(h).get("steering").cloned();
         json!({
-            "host_rules": {"host1": lines(&h1, &["ip", "-4", "rule", "show"]), "host2": lines(&h2, &["ip", "-4", "rule", "show"])},
-            // Whether the overlay's sender took the host's ICMP redirect to its router (a
+            "host_rules": {"host1": lines(&h1, &["ip", "-4", "rule", "show"]), "host3": lines(&h3, &["ip", "-4", "rule", "show"])},
+            // Port steering: discovery's view and the netdev tables with their counters
+            // (after the runs: the per-port counters show the traffic took the chains).
+            "steering": {
+                "discovery_host1": steering(1),
+                "discovery_host2": steering(2),
+                "discovery_host3": steering(3),
+                "netdev_host1": lines(&h1, &["nft", "list", "ruleset", "netdev"]),
+                "netdev_host2": lines(&h2, &["nft", "list", "ruleset", "netdev"]),
+                "netdev_host3": lines(&h3, &["nft", "list", "ruleset", "netdev"]),
+            },
+            // Whether overlay_rule's sender took the host's ICMP redirect to its router (a
             // service namespace that inherited forwarding=1 and all.accept_redirects=0
             // ignores it and keeps sending through the host).
-            "overlay_sender_icmp_redirects": lines(&svc_a, &["nstat", "-az", "IcmpInRedirects"]),
-            "overlay_host_icmp_redirects": lines(&h1, &["nstat", "-az", "IcmpOutRedirects"]),
-            "overlay_sender_route": lines(&svc_ns("overlay"), &["ip", "-4", "route", "get", &overlay_to]),
-            "overlay_redirect_sender_route": self.paths.iter().find(|p| p.name == "overlay_redirect").map(|p| lines(&p.from_ns, &["ip", "-4", "route", "get", &p.to_ip.to_string()])),
-            "router_nft": {"router_a": lines(&ra.ns, &["nft", "list", "ruleset"])},
+            "overlay_rule_sender_icmp_redirects": lines(&svc_d, &["nstat", "-az", "IcmpInRedirects"]),
+            "overlay_rule_host_icmp_redirects": lines(&h3, &["nstat", "-az", "IcmpOutRedirects"]),
+            "overlay_sender_route": route_get("overlay"),
+            "overlay_rule_sender_route": route_get("overlay_rule"),
+            "router_nft": {"router_a": lines(&ra.ns, &["nft", "list", "ruleset"]), "router_d": lines(&rd.ns, &["nft", "list", "ruleset"])},
+            "host_forwarded": {"host1": lines(&h1, &["nstat", "-az", "IpForwDatagrams"]), "host3": lines(&h3, &["nstat", "-az", "IpForwDatagrams"])},
             "underlay": {"subnet": "198.18.0.0/24", "host1": self.mesh.topo.host(1).underlay_ip.to_string(), "host2": self.mesh.topo.host(2).underlay_ip.to_string(), "mtu": link_mtu(&h1, "eth0")},
             "vxlan_mtu": self.vxlan_mtu,
             "tcp_mss": self.mss,
@@ -687,8 +756,9 @@ impl Datapath {
                 "recipe": "route <remote subnet> via 10.250.0.<remote> dev flannel.1 onlink; permanent neighbour 10.250.0.<remote> -> remote flannel.1 MAC; FDB remote MAC -> remote underlay IP",
             },
             "routed": "each host: ip route <remote subnet> via <remote underlay IP> dev eth0",
-            "firewall": "Docker-28.2-like nftables ruleset (tests/src/firewall.rs) loaded on both hosts only while overlay_fw is measured, removed for the other paths",
-            "no_bridge_nf": "net.bridge.bridge-nf-call-iptables=0 on both hosts only while overlay_nobnf and flannel_nobnf are measured, 1 otherwise (Docker's setting)",
+            "bridged": "host 1 routes between its bridges br-sa and br-sb (connected routes), no firewall",
+            "steering_modes": "hosts 1 and 2: VROUTER_STEERING=ports (the default); hosts 3 and 4: VROUTER_STEERING=rule",
+            "firewall": "Docker-28.2-like nftables ruleset (tests/src/firewall.rs) loaded on hosts 1 and 2 only while overlay_fw is measured, removed for the other paths",
         })
     }
 }
@@ -890,6 +960,21 @@ pub fn tcp_rr(log_dir: &Path, p: &PathDef, port: u16, iterations: u32) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn steering_mode_from_discovery_json() {
+        let doc = |v: &str| -> Value { serde_json::from_str(v).unwrap() };
+        let d = doc(
+            r#"{"schema":1,"steering":{"mode":"ports","table":"vrouter","stacks":{"a":{"mode":"ports","ports":["veth1"]},"x":{"mode":"rule","reason":"router port not found yet"}}}}"#,
+        );
+        assert_eq!(steering_mode(&d, "a").as_deref(), Some("ports"));
+        assert_eq!(steering_mode(&d, "x").as_deref(), Some("rule"));
+        // Not listed: the configured mode.
+        assert_eq!(steering_mode(&d, "c").as_deref(), Some("ports"));
+        // A discovery without port steering, or no file.
+        assert_eq!(steering_mode(&doc(r#"{"schema":1}"#), "a"), None);
+        assert_eq!(steering_mode(&Value::Null, "a"), None);
+    }
 
     #[test]
     fn ping_average() {

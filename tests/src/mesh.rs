@@ -373,7 +373,8 @@ impl Mesh {
         let bin = self.bins.join("vrouter-discovery");
         let args = self.discovery_args(host);
         let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-        // The test's own steering table, never a production one.
+        // The test's own steering table, never a production one (set_discovery_env may
+        // override it).
         let table = crate::steering::table_name();
         let mut env: Vec<(&str, &str)> =
             vec![("RUST_LOG", "info"), ("VROUTER_STEERING_TABLE", &table)];

@@ -1,7 +1,9 @@
 //! The world `vrt-bench` measures in (root): every path answers under its condition,
-//! the conditions are set and put back, the redirected services take the host's
-//! redirect, the ordinary ones do not, and the Flannel-style path carries nothing under
-//! the Docker-like firewall. One short iperf3 run per VXLAN path shows the probes work.
+//! the firewall is loaded only under its condition, the hosts run the steering the
+//! paths are named after (port steering for `overlay` and `same_host`, the policy rule
+//! for `overlay_rule`, whose sender ignores the host's redirect as on a Docker host),
+//! and the Flannel-style path carries nothing under the Docker-like firewall. One short
+//! iperf3 run per VXLAN path shows the probes work.
 
 use std::time::Duration;
 use vrouter_tests::datapath::{iperf, redirected_to, Condition, Datapath, PathDef};
@@ -23,7 +25,7 @@ fn path<'a>(dp: &'a Datapath, name: &str) -> &'a PathDef {
 }
 
 #[test]
-fn datapath_paths_conditions_and_redirects() {
+fn datapath_paths_conditions_and_steering() {
     require_root!();
     let mut dp = Datapath::build("dpbench").expect("the bench topology builds");
     let names: Vec<&str> = dp.paths.iter().map(|p| p.name).collect();
@@ -31,45 +33,38 @@ fn datapath_paths_conditions_and_redirects() {
         names,
         [
             "overlay",
+            "overlay_rule",
             "flannel",
             "routed",
             "underlay",
-            "overlay_redirect",
-            "overlay_nobnf",
-            "flannel_nobnf",
+            "same_host",
+            "bridged",
             "overlay_fw"
         ]
     );
     let h1 = dp.mesh.topo.host(1).ns.clone();
+    dp.check_steering()
+        .expect("ports on hosts 1 and 2, rule on 3");
 
-    // The redirected service sends straight to its router; the ordinary one through the
-    // host (it ignores the redirect, as a service on a Docker host does).
-    let r = path(&dp, "overlay_redirect").clone();
-    assert_eq!(
-        redirected_to(&r.from_ns, r.to_ip),
-        Some("10.1.0.254".parse().unwrap())
-    );
-    let o = path(&dp, "overlay").clone();
+    // The policy-rule sender goes through the host (it ignores the redirect, as a
+    // service on a Docker host does).
+    let r = path(&dp, "overlay_rule").clone();
     assert!(ping(
-        &o.from_ns,
-        &o.to_ip.to_string(),
+        &r.from_ns,
+        &r.to_ip.to_string(),
         3,
         Duration::from_secs(3)
     ));
-    assert_eq!(redirected_to(&o.from_ns, o.to_ip), None);
+    assert_eq!(redirected_to(&r.from_ns, r.to_ip), None);
     assert_eq!(
-        sysctl(&o.from_ns, "net.ipv4.conf.all.accept_redirects"),
+        sysctl(&r.from_ns, "net.ipv4.conf.all.accept_redirects"),
         "0"
     );
 
-    // Conditions: bridge netfilter off only under NoBridgeNf, firewall only under
-    // Firewall; Plain puts both back.
-    dp.set_condition(Condition::NoBridgeNf).unwrap();
-    assert_eq!(sysctl(&h1, "net.bridge.bridge-nf-call-iptables"), "0");
-    assert!(!dp.mesh.topo.host(1).firewall_enabled());
+    // Conditions: the firewall only under Firewall; Plain takes it off.
     dp.set_condition(Condition::Firewall).unwrap();
-    assert_eq!(sysctl(&h1, "net.bridge.bridge-nf-call-iptables"), "1");
     assert!(dp.mesh.topo.host(1).firewall_enabled());
+    assert_eq!(sysctl(&h1, "net.bridge.bridge-nf-call-iptables"), "1");
     dp.set_condition(Condition::Plain).unwrap();
     assert!(!dp.mesh.topo.host(1).firewall_enabled());
     assert_eq!(sysctl(&h1, "net.bridge.bridge-nf-call-iptables"), "1");
@@ -86,9 +81,9 @@ fn datapath_paths_conditions_and_redirects() {
         Duration::from_secs(3)
     ));
 
-    // A short run on each VXLAN path carries data.
+    // A short run on each VXLAN path and the same-host one carries data.
     let dir = dp.log_dir().to_path_buf();
-    for (i, name) in ["overlay", "flannel", "overlay_redirect"]
+    for (i, name) in ["overlay", "overlay_rule", "flannel", "same_host"]
         .iter()
         .enumerate()
     {

@@ -10,6 +10,7 @@ use crate::peers::PeerSource;
 use crate::registry::{ConnId, Registry};
 use crate::retention::Retention;
 use crate::settings::Settings;
+use crate::steer::{self, StackFacts};
 use crate::underlay::{self, Underlay};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -20,7 +21,8 @@ use vrouter_kernel::{FdbEntry, Kernel, KernelError, Link, Route, Rule, VxlanSpec
 use vrouter_state::attach::{DiscoveryMessage, NetnsKey, Registration};
 use vrouter_state::{
     now_ms, DiscoveryFile, Event, EventKind, GossipStatus, HostInfo, LocalStack, Mac, PeerHost,
-    Prefix, RoutesFile, StackName, StackRoutes, StateDir, Vni, RTPROT_VROUTER, SCHEMA_VERSION,
+    Prefix, RoutesFile, StackName, StackRoutes, StackSteering, StateDir, SteeringMode,
+    SteeringStatus, Vni, RTPROT_VROUTER, SCHEMA_VERSION,
 };
 
 /// VXLAN header overhead on IPv4.
@@ -74,6 +76,19 @@ pub struct Controller {
     state_failure: Option<String>,
     /// Devices the last reconcile made or found, which must stay.
     devices_up: Vec<Vni>,
+    /// Port steering: the local stacks of the last reconcile (the fast steering pass
+    /// between reconciles works from them).
+    last_local: Vec<LocalRouter>,
+    /// The steering table last put in the kernel (None: none, or deleted).
+    steer_applied: Option<vrouter_kernel::TableSpec>,
+    /// Learned MACs per bridge that aged out while steered (see `steer::remember`).
+    steer_memory: BTreeMap<u32, BTreeMap<Mac, u32>>,
+    /// The steering status discovery.json shows.
+    steer_status: Option<SteeringStatus>,
+    /// The last steering failure reported (events are sent on change).
+    steer_error: Option<String>,
+    /// Rule mode: the table was deleted once (a ports-mode run may have left it).
+    steer_cleared: bool,
 }
 
 impl Controller {
@@ -155,6 +170,12 @@ impl Controller {
             state_error: None,
             state_failure: None,
             devices_up: Vec::new(),
+            last_local: Vec::new(),
+            steer_applied: None,
+            steer_memory: BTreeMap::new(),
+            steer_status: None,
+            steer_error: None,
+            steer_cleared: false,
         };
         c.event(
             EventKind::Started,
@@ -484,6 +505,7 @@ impl Controller {
             if let Err(e) = self.registry.register(spec.clone(), conn, peer.key) {
                 return self.refuse(&spec.name, e);
             }
+            self.registry.set_conntrack(&spec.name, reg.conntrack);
             self.event(
                 EventKind::RouterRegistered,
                 format!(
@@ -512,6 +534,7 @@ impl Controller {
         if let Err(e) = self.registry.register(spec.clone(), conn, peer.key) {
             return self.refuse(&spec.name, e);
         }
+        self.registry.set_conntrack(&spec.name, reg.conntrack);
         self.event(
             EventKind::RouterAttached,
             format!(
@@ -1023,8 +1046,219 @@ impl Controller {
 
         self.devices_up = devices.keys().copied().collect();
         self.refusals = want.refusals;
+        self.last_local = local.clone();
+        self.steer_pass(&local).await;
         self.write_discovery(&local)?;
         Ok(changes)
+    }
+
+    /// The fast steering pass, on a bridge change between reconciles: the local
+    /// stacks of the last reconcile, their bridges dumped again.
+    pub async fn steer_now(&mut self) {
+        let local = self.last_local.clone();
+        self.steer_pass(&local).await;
+        if let Err(e) = self.write_discovery(&local) {
+            warn!("cannot write discovery.json after a steering pass: {e:#}");
+        }
+        self.settle_state();
+    }
+
+    /// One steering pass: observe the stacks' bridges, decide (`steer::plan`), and
+    /// replace the netdev table when it differs from what was last applied or the
+    /// kernel's copy is missing or different; in `rule` mode delete it. The status
+    /// for discovery.json is recorded; events report status changes and failures.
+    async fn steer_pass(&mut self, local: &[LocalRouter]) {
+        let table = self.settings.steering_table.clone();
+        let stacks = match self.steering_facts(local).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.steer_failed(format!(
+                    "cannot observe the stacks' bridges for port steering: {e}"
+                ));
+                return;
+            }
+        };
+        let stacks_status = match self.settings.steering {
+            SteeringMode::Rule => {
+                if self.steer_applied.is_some() || !self.steer_cleared {
+                    match crate::steering::delete(&table) {
+                        Ok(()) => {
+                            self.steer_applied = None;
+                            self.steer_cleared = true;
+                            self.steer_error = None;
+                        }
+                        Err(e) => self.steer_failed(format!(
+                            "cannot delete the steering table netdev {table} (VROUTER_STEERING=rule): {e}"
+                        )),
+                    }
+                }
+                steer::rule_mode(&stacks)
+            }
+            SteeringMode::Ports => self.steer_ports(&table, stacks).await,
+        };
+        let status = SteeringStatus {
+            mode: self.settings.steering,
+            table,
+            stacks: stacks_status,
+        };
+        let first_and_empty = self.steer_status.is_none() && status.stacks.is_empty();
+        if !first_and_empty && self.steer_status.as_ref().map(|s| &s.stacks) != Some(&status.stacks)
+        {
+            self.event(
+                EventKind::SteeringApplied,
+                format!(
+                    "port steering ({}): {}",
+                    mode_name(status.mode),
+                    summary(&status.stacks)
+                ),
+                None,
+            );
+        }
+        self.steer_status = Some(status);
+    }
+
+    /// `ports` mode: plan and apply, once more with fresh facts if the kernel refuses
+    /// (a port may have gone between the dump and the replace).
+    async fn steer_ports(
+        &mut self,
+        table: &str,
+        mut stacks: Vec<StackFacts>,
+    ) -> BTreeMap<StackName, StackSteering> {
+        let mut failure = String::new();
+        for attempt in 0..2 {
+            if attempt > 0 {
+                match self.steering_facts(&self.last_local.clone()).await {
+                    Ok(s) => stacks = s,
+                    Err(_) => break,
+                }
+            }
+            let counters = crate::steering::read_counters(table);
+            let facts = steer::Facts {
+                table: table.to_string(),
+                stacks: stacks.clone(),
+                counters: counters.as_ref().cloned().unwrap_or_default(),
+            };
+            let plan = steer::plan(&facts);
+            let in_kernel: Option<std::collections::BTreeSet<String>> =
+                counters.ok().map(|c| c.into_keys().collect());
+            let action = steer::apply_action(
+                plan.table.as_ref(),
+                self.steer_applied.as_ref(),
+                in_kernel.as_ref(),
+            );
+            let applied = match (action, &plan.table) {
+                (steer::Apply::Replace, Some(t)) => crate::steering::replace(t),
+                (steer::Apply::Delete, _) => crate::steering::delete(table),
+                _ => Ok(()),
+            };
+            match applied {
+                Ok(()) => {
+                    self.steer_applied = plan.table;
+                    self.steer_error = None;
+                    return plan.stacks;
+                }
+                Err(e) => {
+                    failure = format!(
+                        "the kernel refused the steering table netdev {table}: {e}; the previous table stays, stacks it does not cover keep the policy-rule path"
+                    );
+                }
+            }
+        }
+        self.steer_failed(failure.clone());
+        // What the old table (if any) still steers keeps its status; the rest runs on
+        // the policy rule.
+        let previous = self.steer_status.as_ref().map(|s| s.stacks.clone());
+        stacks
+            .iter()
+            .map(|s| {
+                let kept = previous
+                    .as_ref()
+                    .and_then(|p| p.get(&s.spec.name))
+                    .filter(|p| p.mode == SteeringMode::Ports && self.steer_applied.is_some())
+                    .cloned();
+                let status = kept.unwrap_or_else(|| StackSteering {
+                    mode: SteeringMode::Rule,
+                    reason: Some(failure.clone()),
+                    ports: Vec::new(),
+                });
+                (s.spec.name.clone(), status)
+            })
+            .collect()
+    }
+
+    fn steer_failed(&mut self, message: String) {
+        if self.steer_error.as_ref() != Some(&message) {
+            self.event(EventKind::SteeringFailed, message.clone(), None);
+            self.steer_error = Some(message);
+        }
+    }
+
+    /// What the steering pass needs to know of each local stack, from fresh dumps of
+    /// its bridge (ports and FDB) and its VNI's device.
+    async fn steering_facts(
+        &mut self,
+        local: &[LocalRouter],
+    ) -> Result<Vec<StackFacts>, KernelError> {
+        let k = self.kernel.clone();
+        let bridges: Vec<u32> = local
+            .iter()
+            .filter_map(|l| l.bridge.as_ref().map(|b| b.1))
+            .collect();
+        // One dump each for every bridge: a pass costs the same for 1 stack or 100.
+        let ports_of = k.ports_of_bridges(&bridges).await?;
+        let fdb_of = k.fdb_of_bridges(&bridges).await?;
+        let mut memory = BTreeMap::new();
+        let mut out = Vec::new();
+        for l in local {
+            let bridge = match &l.bridge {
+                Some((name, index)) => {
+                    let ports: Vec<steer::Port> = ports_of
+                        .get(index)
+                        .into_iter()
+                        .flatten()
+                        .map(|p| steer::Port {
+                            index: p.index,
+                            name: p.name.clone(),
+                        })
+                        .collect();
+                    let fdb = fdb_of.get(index).cloned().unwrap_or_default();
+                    let known = self.steer_memory.get(index).cloned().unwrap_or_default();
+                    let (rows, kept) = steer::remember(&known, &fdb, &ports);
+                    memory.insert(*index, kept);
+                    Some(steer::Bridge {
+                        name: name.clone(),
+                        index: *index,
+                        ports,
+                        fdb: rows,
+                    })
+                }
+                None => None,
+            };
+            let overlay = if self.owned_vnis.contains(&l.spec.vni) {
+                k.link_by_name(&l.spec.vni.vxlan_ifname())
+                    .await?
+                    .filter(|d| d.up)
+                    .map(|d| steer::Overlay {
+                        index: d.index,
+                        mtu: d.mtu,
+                    })
+            } else {
+                None
+            };
+            out.push(StackFacts {
+                spec: l.spec.clone(),
+                conntrack: self.registry.get(&l.spec.name).is_none_or(|e| e.conntrack),
+                bridge,
+                overlay,
+                routes: self
+                    .published
+                    .get(&l.spec.name)
+                    .map(|r| r.routes.clone())
+                    .unwrap_or_default(),
+            });
+        }
+        self.steer_memory = memory;
+        Ok(out)
     }
 
     /// What the loop hands to `/readyz` after a reconcile.
@@ -1195,7 +1429,7 @@ impl Controller {
             devices: self.owned_vnis.iter().copied().collect(),
             drift_repairs: self.drift_repairs,
             gossip: self.gossip_status.clone(),
-            steering: None,
+            steering: self.steer_status.clone(),
         };
         let unchanged = self.last_discovery.as_ref().is_some_and(|prev| {
             let mut p = prev.clone();
@@ -1217,6 +1451,29 @@ impl Controller {
         self.last_discovery = Some(file);
         Ok(())
     }
+}
+
+fn mode_name(m: SteeringMode) -> &'static str {
+    match m {
+        SteeringMode::Ports => "ports",
+        SteeringMode::Rule => "rule",
+    }
+}
+
+/// "a ports (veth1, vethr1); c rule: <reason>" for the steering events.
+fn summary(stacks: &BTreeMap<StackName, StackSteering>) -> String {
+    if stacks.is_empty() {
+        return "no local stacks".into();
+    }
+    stacks
+        .iter()
+        .map(|(name, s)| match (&s.reason, s.ports.is_empty()) {
+            (Some(r), _) => format!("{name} {}: {r}", mode_name(s.mode)),
+            (None, false) => format!("{name} {} ({})", mode_name(s.mode), s.ports.join(", ")),
+            (None, true) => format!("{name} {}", mode_name(s.mode)),
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn join(prefixes: &[Prefix]) -> String {

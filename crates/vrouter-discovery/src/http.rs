@@ -25,7 +25,13 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-pub async fn serve(listener: TcpListener, state_dir: PathBuf, live: Arc<Live>) {
+/// `steering_table` is the netdev table whose rule counters the status shows.
+pub async fn serve(
+    listener: TcpListener,
+    state_dir: PathBuf,
+    steering_table: String,
+    live: Arc<Live>,
+) {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let permit = match limit.clone().acquire_owned().await {
@@ -41,12 +47,14 @@ pub async fn serve(listener: TcpListener, state_dir: PathBuf, live: Arc<Live>) {
             }
         };
         let state_dir = state_dir.clone();
+        let table = steering_table.clone();
         let live = live.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let state_dir = state_dir.clone();
+                let table = table.clone();
                 let live = live.clone();
-                async move { Ok::<_, Infallible>(answer(&req, state_dir, live).await) }
+                async move { Ok::<_, Infallible>(answer(&req, state_dir, table, live).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -75,7 +83,12 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
 const TEXT: &str = "text/plain; charset=utf-8";
 const JSON: &str = "application/json";
 
-async fn answer<B>(req: &Request<B>, state_dir: PathBuf, live: Arc<Live>) -> Response<Full<Bytes>> {
+async fn answer<B>(
+    req: &Request<B>,
+    state_dir: PathBuf,
+    steering_table: String,
+    live: Arc<Live>,
+) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = reply(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -113,7 +126,8 @@ async fn answer<B>(req: &Request<B>, state_dir: PathBuf, live: Arc<Live>) -> Res
             let built = tokio::task::spawn_blocking(move || {
                 let dir = vrouter_state::StateDir::open_readonly(&state_dir)
                     .map_err(|e| e.to_string())?;
-                let status = crate::status::from_dir(&dir, Some(facts))?;
+                let counters = crate::steering::counters_or_none(&steering_table);
+                let status = crate::status::from_dir(&dir, Some(facts), &counters)?;
                 Ok::<_, String>(if metrics {
                     crate::metrics::render(&status, Some(&hist))
                 } else {

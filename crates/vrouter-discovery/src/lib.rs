@@ -25,4 +25,6 @@ pub mod run;
 pub mod safety;
 pub mod settings;
 pub mod status;
+pub mod steer;
+pub mod steering;
 pub mod underlay;

@@ -225,6 +225,44 @@ pub fn render(s: &Status, reconcile: Option<&Histogram>) -> String {
         acl_closed,
     );
 
+    if let Some(st) = &s.steering {
+        let port_packets = Family::<Labels, Counter>::default();
+        let port_bytes = Family::<Labels, Counter>::default();
+        let mode = Family::<Labels, Gauge>::default();
+        for r in &st.stacks {
+            for p in &r.ports {
+                let labels = l(&[("local_stack", r.local_stack.as_str()), ("port", &p.port)]);
+                port_packets.get_or_create(&labels).inc_by(p.packets);
+                port_bytes.get_or_create(&labels).inc_by(p.bytes);
+            }
+            for (m, name) in [
+                (vrouter_state::SteeringMode::Ports, "ports"),
+                (vrouter_state::SteeringMode::Rule, "rule"),
+            ] {
+                mode.get_or_create(&l(&[
+                    ("local_stack", r.local_stack.as_str()),
+                    ("mode", name),
+                ]))
+                .set(i64::from(r.mode == m));
+            }
+        }
+        reg.register(
+            "vrouter_steering_port_packets",
+            "Frames a service port's steering chain sent toward remote stacks, per local stack and port",
+            port_packets,
+        );
+        reg.register(
+            "vrouter_steering_port_bytes",
+            "Bytes (L3) a service port's steering chain sent toward remote stacks, per local stack and port",
+            port_bytes,
+        );
+        reg.register(
+            "vrouter_steering_mode",
+            "1 for the steering mode a local stack runs in (ports or rule)",
+            mode,
+        );
+    }
+
     if let Some(live) = &s.live {
         let ready = Gauge::<i64>::default();
         ready.set(i64::from(live.ready));
@@ -268,6 +306,54 @@ mod tests {
     }
 
     #[test]
+    fn steering_metrics() {
+        let (d, counters) = crate::status::tests::steering();
+        let s = build(&d, Some(&routes()), &probes(), None, &counters, NOW);
+        let text = render(&s, None);
+        for (series, v) in [
+            (
+                r#"vrouter_steering_port_packets_total{local_stack="a",port="veth1"}"#,
+                3.0,
+            ),
+            (
+                r#"vrouter_steering_port_bytes_total{local_stack="a",port="veth1"}"#,
+                300.0,
+            ),
+            (
+                r#"vrouter_steering_mode{local_stack="a",mode="ports"}"#,
+                1.0,
+            ),
+            (r#"vrouter_steering_mode{local_stack="a",mode="rule"}"#, 0.0),
+            (r#"vrouter_steering_mode{local_stack="c",mode="rule"}"#, 1.0),
+            (
+                r#"vrouter_steering_mode{local_stack="c",mode="ports"}"#,
+                0.0,
+            ),
+            (
+                r#"vrouter_stack_traffic_bytes_total{local_stack="c",remote_stack="b",direction="tx"}"#,
+                600.0,
+            ),
+        ] {
+            assert_eq!(value(&text, series), Some(v), "{series} in\n{text}");
+        }
+        let plain = render(
+            &build(
+                &discovery(),
+                Some(&routes()),
+                &probes(),
+                None,
+                &counters,
+                NOW,
+            ),
+            None,
+        );
+        assert!(
+            !plain.contains("vrouter_steering"),
+            "no steering section, no series"
+        );
+    }
+
+    #[test]
     fn every_metric_from_hand_made_files() {
         let live = LiveFacts {
             ready: true,
@@ -276,7 +362,14 @@ mod tests {
             reconcile_errors: 2,
             last_reconcile_ms: Some(1.5),
         };
-        let s = build(&discovery(), Some(&routes()), &probes(), Some(live), NOW);
+        let s = build(
+            &discovery(),
+            Some(&routes()),
+            &probes(),
+            Some(live),
+            &crate::status::SteeringCounters::new(),
+            NOW,
+        );
         let h = reconcile_histogram();
         h.observe(0.004);
         h.observe(0.020);
@@ -392,7 +485,14 @@ mod tests {
     fn without_the_daemon_or_gossip() {
         let mut d = discovery();
         d.gossip = None;
-        let s = build(&d, Some(&routes()), &[], None, NOW);
+        let s = build(
+            &d,
+            Some(&routes()),
+            &[],
+            None,
+            &crate::status::SteeringCounters::new(),
+            NOW,
+        );
         let text = render(&s, None);
         assert!(!text.contains("vrouter_ready"), "{text}");
         assert!(!text.contains("vrouter_gossip"), "{text}");

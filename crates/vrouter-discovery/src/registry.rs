@@ -30,6 +30,9 @@ pub struct Entry {
     /// The namespace the router registered from (None for a stack restored from a
     /// previous run, until its router reconnects).
     pub netns: Option<NetnsKey>,
+    /// The router's policy tracks connections (its registration's `conntrack`; true
+    /// until a router says otherwise, the choice that is safe for either kind).
+    pub conntrack: bool,
 }
 
 #[derive(Debug, Default)]
@@ -49,6 +52,7 @@ impl Registry {
                 gone_since: Some(now),
                 acked,
                 netns: None,
+                conntrack: true,
             },
         );
     }
@@ -120,6 +124,7 @@ impl Registry {
             .filter(|e| e.spec == spec)
             .map(|e| e.acked)
             .unwrap_or(0);
+        let conntrack = self.entries.get(&spec.name).is_none_or(|e| e.conntrack);
         self.entries.insert(
             spec.name.clone(),
             Entry {
@@ -128,9 +133,18 @@ impl Registry {
                 gone_since: None,
                 acked,
                 netns: Some(netns),
+                conntrack,
             },
         );
         Ok(())
+    }
+
+    /// Records whether `stack`'s router tracks connections (each registration says
+    /// it; a router whose policy changed registers again on its connection).
+    pub fn set_conntrack(&mut self, stack: &StackName, conntrack: bool) {
+        if let Some(e) = self.entries.get_mut(stack) {
+            e.conntrack = conntrack;
+        }
     }
 
     /// The connection closed: every stack it held starts its grace period. Returns
@@ -222,6 +236,23 @@ mod tests {
 
     fn ns(ino: u64) -> NetnsKey {
         NetnsKey { dev: 4, ino }
+    }
+
+    #[test]
+    fn conntrack_flag_defaults_to_true_and_follows_registrations() {
+        let mut r = Registry::default();
+        let a = StackName::new("a").unwrap();
+        r.restore(spec("a", "10.1.0.254"), 0, Instant::now());
+        assert!(r.get(&a).unwrap().conntrack, "unknown: the safe choice");
+        r.register(spec("a", "10.1.0.254"), 1, ns(1)).unwrap();
+        r.set_conntrack(&a, false);
+        assert!(!r.get(&a).unwrap().conntrack);
+        // A second registration on the connection keeps it until the caller sets it.
+        r.register(spec("a", "10.1.0.254"), 1, ns(1)).unwrap();
+        assert!(!r.get(&a).unwrap().conntrack);
+        r.set_conntrack(&a, true);
+        assert!(r.get(&a).unwrap().conntrack);
+        r.set_conntrack(&StackName::new("nobody").unwrap(), false);
     }
 
     #[test]

@@ -104,6 +104,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     info!("leader lock acquired");
     let kernel = Kernel::connect().await?;
+    // Link and bridge-FDB events drive the port-steering pass between reconciles.
+    let mut bridges = watch_bridges(&settings);
     let source = crate::peers::from_settings(&settings).map_err(anyhow::Error::msg)?;
     let mut ctl = Controller::new(settings.clone(), dir, kernel, source).await?;
     // The HTTP endpoint belongs to the leader: standbys share the host's port.
@@ -115,6 +117,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 tokio::spawn(crate::http::serve(
                     listener,
                     settings.state_dir.clone(),
+                    settings.steering_table.clone(),
                     live.clone(),
                 ));
             }
@@ -182,8 +185,21 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // Router events travel in their probes files; copy them into events.log.
     let mut relay = crate::relay::Relay::new(open_state(&settings)?);
     reconcile(&mut ctl, &live, false).await;
+    let mut steer_due: Option<tokio::time::Instant> = None;
     loop {
         let expiry = ctl.next_expiry();
+        let steer_timer = async {
+            match steer_due {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        let bridge_change = async {
+            match bridges.as_mut() {
+                Some(w) => w.changed().await,
+                None => std::future::pending().await,
+            }
+        };
         let timer = async {
             match expiry {
                 Some(t) => tokio::time::sleep_until(t.into()).await,
@@ -201,6 +217,25 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             _ = tick.tick() => timer_reconcile = true,
             _ = timer => {},
             Some(()) = gossip_rx.recv() => {}
+            changed = bridge_change => {
+                match changed {
+                    // Debounced: one pass for a burst (a container start is several
+                    // link and FDB events).
+                    Some(()) => {
+                        steer_due.get_or_insert(tokio::time::Instant::now() + STEER_DEBOUNCE);
+                    }
+                    None => {
+                        warn!("the link event socket closed; watching again (the timer reconcile covers the gap)");
+                        bridges = watch_bridges(&settings);
+                    }
+                }
+                continue;
+            }
+            _ = steer_timer => {
+                steer_due = None;
+                ctl.steer_now().await;
+                continue;
+            }
             _ = hup.recv() => { info!("SIGHUP: reloading peer configuration"); ctl.reload_peers(); }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -221,6 +256,23 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     info!("stopping; kernel state is left in place");
     drop(lead);
     Ok(())
+}
+
+/// How long the steering pass waits after a bridge change for the rest of its burst.
+const STEER_DEBOUNCE: Duration = Duration::from_millis(20);
+
+/// The bridge watcher for port steering (none in `rule` mode: nothing to follow).
+fn watch_bridges(settings: &Settings) -> Option<vrouter_kernel::BridgeWatcher> {
+    if settings.steering != vrouter_state::SteeringMode::Ports {
+        return None;
+    }
+    match Kernel::watch_bridges() {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!("cannot watch link events ({e}); port steering follows the timer reconcile only");
+            None
+        }
+    }
 }
 
 /// One reconcile, timed, with its readiness handed to the HTTP task. A timer
@@ -436,7 +488,8 @@ pub fn health(settings: &Settings) -> anyhow::Result<()> {
 /// works while discovery is down.
 pub fn status(settings: &Settings, json: bool) -> anyhow::Result<()> {
     let dir = StateDir::open_readonly(&settings.state_dir).map_err(anyhow::Error::msg)?;
-    let status = crate::status::from_dir(&dir, None).map_err(anyhow::Error::msg)?;
+    let counters = crate::steering::counters_or_none(&settings.steering_table);
+    let status = crate::status::from_dir(&dir, None, &counters).map_err(anyhow::Error::msg)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
@@ -510,6 +563,19 @@ pub async fn cleanup(settings: &Settings) -> anyhow::Result<()> {
             rule.iif.as_deref().unwrap_or("?"),
             rule.table
         ));
+    }
+    // The port-steering table (in either mode: a ports-mode run may have left it).
+    // A kernel without nftables has none to remove.
+    let table = &settings.steering_table;
+    match crate::steering::read_counters(table) {
+        Err(vrouter_kernel::KernelError::NoNfTables) => {}
+        counters => {
+            let had_rules = !counters?.is_empty();
+            crate::steering::delete(table)?;
+            if had_rules {
+                removed.push(format!("nftables table netdev {table}"));
+            }
+        }
     }
     for name in [vrouter_state::DISCOVERY_FILE, vrouter_state::ROUTES_FILE] {
         let path = settings.state_dir.join(name);

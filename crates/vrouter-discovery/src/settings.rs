@@ -141,6 +141,19 @@ pub struct Settings {
     #[arg(long, env = "VROUTER_EVENTS_MAX_BYTES", default_value_t = vrouter_state::store::DEFAULT_EVENTS_CAP, value_parser = parse_events_cap)]
     pub events_max_bytes: u64,
 
+    /// How local stacks reach the overlay: `ports` (netdev chains at the bridge ports
+    /// steer the services' frames straight to the tunnel or the destination router;
+    /// stacks not steerable yet keep the policy rule) or `rule` (the host's policy rule
+    /// only, e.g. for DOCKER-USER rules that must see the traffic, or kernels without
+    /// netdev ingress hooks).
+    #[arg(long, env = "VROUTER_STEERING", default_value = "ports", value_parser = parse_steering)]
+    pub steering: vrouter_state::SteeringMode,
+
+    /// Name of the `netdev` nftables table port steering programs (tests give it
+    /// their prefix).
+    #[arg(long, env = "VROUTER_STEERING_TABLE", default_value = "vrouter", value_parser = parse_table_name)]
+    pub steering_table: String,
+
     /// Test-only fault switch: a file whose lines (e.g. `drop-broadcasts`) turn faults on.
     #[arg(long, env = "VROUTER_TEST_FAULTS", hide = true)]
     pub test_faults: Option<PathBuf>,
@@ -197,6 +210,32 @@ fn parse_events_cap(s: &str) -> Result<u64, String> {
     }
 }
 
+fn parse_steering(s: &str) -> Result<vrouter_state::SteeringMode, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "ports" => Ok(vrouter_state::SteeringMode::Ports),
+        "rule" => Ok(vrouter_state::SteeringMode::Rule),
+        _ => Err(format!(
+            "--steering / VROUTER_STEERING = {s:?} is not a steering mode; use ports (the default) or rule"
+        )),
+    }
+}
+
+fn parse_table_name(s: &str) -> Result<String, String> {
+    let t = s.trim();
+    let ok = !t.is_empty()
+        && t.len() <= 64
+        && t.starts_with(|c: char| c.is_ascii_alphabetic())
+        && t.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(t.to_string())
+    } else {
+        Err(format!(
+            "--steering-table / VROUTER_STEERING_TABLE = {s:?} is not a table name; use 1-64 letters, digits, '_' or '-', starting with a letter (default vrouter)"
+        ))
+    }
+}
+
 fn parse_ipv4(setting: &'static str) -> impl Fn(&str) -> Result<Ipv4Addr, String> + Clone {
     move |s: &str| {
         s.trim().parse::<Ipv4Addr>().map_err(|_| {
@@ -239,6 +278,25 @@ mod tests {
             HttpAddr(Some("127.0.0.1:9474".parse().unwrap()))
         );
         assert_eq!(c.settings.events_max_bytes, 1024 * 1024);
+        assert_eq!(c.settings.steering, vrouter_state::SteeringMode::Ports);
+        assert_eq!(c.settings.steering_table, "vrouter");
+    }
+
+    #[test]
+    fn steering_mode_and_table() {
+        let c = parse(&["--steering", "rule", "--steering-table", "vd2vrouter"]).unwrap();
+        assert_eq!(c.settings.steering, vrouter_state::SteeringMode::Rule);
+        assert_eq!(c.settings.steering_table, "vd2vrouter");
+        assert_eq!(
+            parse(&["--steering", "Ports"]).unwrap().settings.steering,
+            vrouter_state::SteeringMode::Ports
+        );
+        let e = parse(&["--steering", "tc"]).unwrap_err().to_string();
+        assert!(e.contains("VROUTER_STEERING") && e.contains("ports"), "{e}");
+        for bad in ["", "1abc", "a b", "a;b"] {
+            let e = parse(&["--steering-table", bad]).unwrap_err().to_string();
+            assert!(e.contains("VROUTER_STEERING_TABLE"), "{bad:?}: {e}");
+        }
     }
 
     #[test]

@@ -9,8 +9,13 @@ use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use vrouter_state::{
     AclHealth, AclRuleCounters, DiscoveryFile, HostInfo, PeerOrigin, Prefix, ProbesFile, Refusal,
-    RoutesFile, StackName, Vni,
+    RoutesFile, StackName, SteeringMode, Vni,
 };
+
+/// The steering table's rule counters by comment, (packets, bytes), as a dump of the
+/// kernel's copy reads them (empty when it cannot be read, e.g. without
+/// CAP_NET_ADMIN, or when there is no table).
+pub type SteeringCounters = BTreeMap<String, (u64, u64)>;
 
 /// What the state files cannot tell: known only inside the running daemon.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -55,6 +60,10 @@ pub struct Status {
     pub traffic: Vec<PeerTraffic>,
     /// Per local stack, its access policy and the counters of its rules.
     pub acl: Vec<StackAcl>,
+    /// Port steering, when discovery.json reports it (absent: an older discovery,
+    /// the policy-rule path for every stack).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steering: Option<SteeringView>,
     /// State files that could not be used (e.g. a corrupt routes.json), with the fix.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<String>,
@@ -147,6 +156,38 @@ pub struct PeerTraffic {
     pub rx_packets: Option<u64>,
 }
 
+/// Port steering on this host: the configured mode and each local stack's.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SteeringView {
+    pub mode: SteeringMode,
+    /// The netdev table (`nft list table netdev <table>`).
+    pub table: String,
+    pub stacks: Vec<StackSteeringRow>,
+}
+
+/// One local stack's steering, with the table's counters as evidence.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StackSteeringRow {
+    pub local_stack: StackName,
+    pub mode: SteeringMode,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Per service port, the frames its ingress chain steered.
+    pub ports: Vec<PortCounters>,
+    /// Frames sent to the stack's own router (conntrack stacks, forged sources,
+    /// oversized non-TCP frames).
+    pub to_router: Option<PortCounters>,
+    /// Frames from the router's port delivered straight to a service's port.
+    pub delivered: Option<PortCounters>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PortCounters {
+    pub port: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
 /// One local stack's access policy, from its router's probe file.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StackAcl {
@@ -165,6 +206,7 @@ pub fn build(
     routes: Option<&RoutesFile>,
     probes: &[ProbesFile],
     live: Option<LiveFacts>,
+    steer: &SteeringCounters,
     now_ms: u64,
 ) -> Status {
     let fresh = |f: &ProbesFile| f.is_fresh(now_ms);
@@ -316,6 +358,12 @@ pub fn build(
             // A stale report's measurements say nothing now; its counters still count.
             let probe = peer.filter(|_| fresh(f));
             let count = f.traffic.iter().find(|t| &t.stack == r);
+            // Frames steered at the ports bypass the local router: its tx misses them.
+            let steered = steered_toward(discovery, routes, &f.stack, r, steer);
+            let tx = |router: Option<u64>, steered: Option<u64>| match (router, steered) {
+                (None, None) => None,
+                (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+            };
             traffic.push(PeerTraffic {
                 local_stack: f.stack.clone(),
                 remote_stack: r.clone(),
@@ -327,8 +375,8 @@ pub fn build(
                 }),
                 mtu_ok: probe.and_then(|p| p.mtu.as_ref()).map(|m| m.ok),
                 mtu_size: probe.and_then(|p| p.mtu.as_ref()).map(|m| m.size),
-                tx_bytes: count.map(|c| c.tx_bytes),
-                tx_packets: count.map(|c| c.tx_packets),
+                tx_bytes: tx(count.map(|c| c.tx_bytes), steered.map(|s| s.1)),
+                tx_packets: tx(count.map(|c| c.tx_packets), steered.map(|s| s.0)),
                 rx_bytes: count.map(|c| c.rx_bytes),
                 rx_packets: count.map(|c| c.rx_packets),
             });
@@ -364,6 +412,36 @@ pub fn build(
         }
     });
 
+    let steering = discovery.steering.as_ref().map(|st| {
+        let get = |port: &str, comment: String| {
+            steer.get(&comment).map(|(packets, bytes)| PortCounters {
+                port: port.to_string(),
+                packets: *packets,
+                bytes: *bytes,
+            })
+        };
+        SteeringView {
+            mode: st.mode,
+            table: st.table.clone(),
+            stacks: st
+                .stacks
+                .iter()
+                .map(|(name, s)| StackSteeringRow {
+                    local_stack: name.clone(),
+                    mode: s.mode,
+                    reason: s.reason.clone(),
+                    ports: s
+                        .ports
+                        .iter()
+                        .filter_map(|p| get(p, crate::steer::port_comment(p, name)))
+                        .collect(),
+                    to_router: get("", crate::steer::own_comment(name)),
+                    delivered: get("", crate::steer::deliver_comment(name)),
+                })
+                .collect(),
+        }
+    });
+
     Status {
         generated_ms: now_ms,
         host: discovery.host.clone(),
@@ -382,15 +460,44 @@ pub fn build(
         gossip,
         traffic,
         acl,
+        steering,
         problems: Vec::new(),
     }
+}
+
+/// The "steer <local> <remote>" counters, (packets, bytes): what the ports sent from
+/// `local` toward `remote` without the local router.
+fn steered_toward(
+    discovery: &DiscoveryFile,
+    routes: Option<&RoutesFile>,
+    local: &StackName,
+    remote: &StackName,
+    steer: &SteeringCounters,
+) -> Option<(u64, u64)> {
+    let spec = &discovery
+        .local_stacks
+        .iter()
+        .find(|s| &s.spec.name == local)?
+        .spec;
+    let via = routes?
+        .stacks
+        .get(local)?
+        .routes
+        .iter()
+        .find(|r| &r.stack == remote)?
+        .via;
+    crate::steer::steered(steer, spec, remote, via)
 }
 
 /// Reads the state directory and builds the status (the CLI's path, and the daemon's
 /// with its live facts). A missing or unusable discovery.json is an error that says
 /// what to do; a missing routes.json is not (nothing published yet), and an unusable
 /// one is listed in `problems` (the rest is still worth showing).
-pub fn from_dir(dir: &vrouter_state::StateDir, live: Option<LiveFacts>) -> Result<Status, String> {
+pub fn from_dir(
+    dir: &vrouter_state::StateDir,
+    live: Option<LiveFacts>,
+    steer: &SteeringCounters,
+) -> Result<Status, String> {
     let discovery = dir.read_discovery().map_err(|e| e.to_string())?;
     let mut problems = Vec::new();
     let routes = match dir.read_routes() {
@@ -407,6 +514,7 @@ pub fn from_dir(dir: &vrouter_state::StateDir, live: Option<LiveFacts>) -> Resul
         routes.as_ref(),
         &probes,
         live,
+        steer,
         vrouter_state::now_ms(),
     );
     status.problems = problems;
@@ -604,6 +712,61 @@ pub fn render_text(s: &Status) -> String {
         ],
         &rows,
     );
+
+    if let Some(st) = &s.steering {
+        let mode = |m: SteeringMode| match m {
+            SteeringMode::Ports => "ports",
+            SteeringMode::Rule => "rule",
+        };
+        let _ = writeln!(
+            out,
+            "\nSTEERING\nmode {} (table netdev {})",
+            mode(st.mode),
+            st.table
+        );
+        let count = |c: &PortCounters| format!("{}/{}", c.bytes, c.packets);
+        let rows: Vec<Vec<String>> = st
+            .stacks
+            .iter()
+            .map(|r| {
+                let ports: Vec<String> = r
+                    .ports
+                    .iter()
+                    .map(|p| format!("{} {}", p.port, count(p)))
+                    .collect();
+                vec![
+                    r.local_stack.to_string(),
+                    mode(r.mode).into(),
+                    if ports.is_empty() {
+                        "-".into()
+                    } else {
+                        ports.join(", ")
+                    },
+                    r.to_router
+                        .as_ref()
+                        .map(count)
+                        .unwrap_or_else(|| "-".into()),
+                    r.delivered
+                        .as_ref()
+                        .map(count)
+                        .unwrap_or_else(|| "-".into()),
+                    r.reason.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        table(
+            &mut out,
+            &[
+                "STACK",
+                "MODE",
+                "PORTS BYTES/PKTS",
+                "TO ROUTER",
+                "DELIVERED",
+                "REASON",
+            ],
+            &rows,
+        );
+    }
 
     if !s.acl.is_empty() {
         out.push_str("\nACCESS\n");
@@ -1007,9 +1170,133 @@ pub(crate) mod tests {
         vec![a, c]
     }
 
+    /// a is steered at its ports (one service port), c is not (no router port yet).
+    pub(crate) fn steering() -> (DiscoveryFile, SteeringCounters) {
+        let mut d = discovery();
+        d.steering = Some(vrouter_state::SteeringStatus {
+            mode: SteeringMode::Ports,
+            table: "vrouter".into(),
+            stacks: [
+                (
+                    name("a"),
+                    vrouter_state::StackSteering {
+                        mode: SteeringMode::Ports,
+                        reason: None,
+                        ports: vec!["veth1".into(), "vethr1".into()],
+                    },
+                ),
+                (
+                    name("c"),
+                    vrouter_state::StackSteering {
+                        mode: SteeringMode::Rule,
+                        reason: Some("the router's port is not known yet".into()),
+                        ports: vec![],
+                    },
+                ),
+            ]
+            .into_iter()
+            .collect(),
+        });
+        let counters = [
+            ("port veth1 a", (3, 300)),
+            ("own a", (1, 100)),
+            ("deliver a", (2, 200)),
+            ("steer a b", (5, 500)),
+            ("steer c b", (6, 600)),
+            ("something else", (7, 700)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        (d, counters)
+    }
+
+    #[test]
+    fn steering_modes_port_counters_and_steered_tx() {
+        let (d, counters) = steering();
+        let plain = build(
+            &d,
+            Some(&routes()),
+            &probes(),
+            None,
+            &SteeringCounters::new(),
+            NOW,
+        );
+        let s = build(&d, Some(&routes()), &probes(), None, &counters, NOW);
+        let st = s.steering.as_ref().expect("steering view");
+        assert_eq!(
+            (st.mode, st.table.as_str()),
+            (SteeringMode::Ports, "vrouter")
+        );
+        let a = &st.stacks[0];
+        assert_eq!(a.local_stack, name("a"));
+        assert_eq!(
+            a.ports,
+            vec![PortCounters {
+                port: "veth1".into(),
+                packets: 3,
+                bytes: 300
+            }]
+        );
+        assert_eq!(a.to_router.as_ref().map(|c| c.packets), Some(1));
+        assert_eq!(a.delivered.as_ref().map(|c| c.bytes), Some(200));
+        let c = &st.stacks[1];
+        assert_eq!(c.mode, SteeringMode::Rule);
+        assert!(c.reason.is_some() && c.ports.is_empty());
+
+        // tx = the router's count + what the ports steered past it.
+        let row = |s: &Status, l: &str, r: &str| {
+            s.traffic
+                .iter()
+                .find(|t| t.local_stack == name(l) && t.remote_stack == name(r))
+                .cloned()
+                .unwrap()
+        };
+        let (before, after) = (row(&plain, "a", "b"), row(&s, "a", "b"));
+        assert_eq!(after.tx_bytes, before.tx_bytes.map(|b| b + 500));
+        assert_eq!(after.tx_packets, before.tx_packets.map(|p| p + 5));
+        assert_eq!(after.rx_bytes, before.rx_bytes, "rx is the router's alone");
+        let (before, after) = (row(&plain, "c", "b"), row(&s, "c", "b"));
+        assert_eq!(
+            after.tx_bytes,
+            Some(before.tx_bytes.unwrap_or(0) + 600),
+            "steered frames count even where the router counts none"
+        );
+
+        let text = render_text(&s);
+        assert!(
+            text.contains("STEERING\nmode ports (table netdev vrouter)"),
+            "{text}"
+        );
+        assert!(text.contains("veth1 300/3"), "{text}");
+        assert!(
+            text.contains("the router's port is not known yet"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["steering"]["stacks"][0]["ports"][0]["packets"], 3);
+        assert!(serde_json::to_value(&plain).unwrap()["steering"].is_object());
+        let old = build(
+            &discovery(),
+            Some(&routes()),
+            &probes(),
+            None,
+            &counters,
+            NOW,
+        );
+        assert!(old.steering.is_none(), "an older discovery.json has none");
+    }
+
     #[test]
     fn hosts_stacks_routes_and_tunnels() {
-        let s = build(&discovery(), Some(&routes()), &probes(), None, NOW);
+        let s = build(
+            &discovery(),
+            Some(&routes()),
+            &probes(),
+            None,
+            &SteeringCounters::new(),
+            NOW,
+        );
         assert_eq!(s.routes_generation, Some(17));
         assert_eq!(s.devices, vec!["vxlan1000"]);
         // Tunnels: (1000, H2) and (1000, H3); same-host routes need none.
@@ -1083,7 +1370,14 @@ pub(crate) mod tests {
 
     #[test]
     fn traffic_per_remote_stack_from_the_probe_files() {
-        let s = build(&discovery(), Some(&routes()), &probes(), None, NOW);
+        let s = build(
+            &discovery(),
+            Some(&routes()),
+            &probes(),
+            None,
+            &SteeringCounters::new(),
+            NOW,
+        );
         let rows: Vec<(&str, &str)> = s
             .traffic
             .iter()
@@ -1113,7 +1407,14 @@ pub(crate) mod tests {
 
     #[test]
     fn access_policy_and_counters_per_local_stack() {
-        let s = build(&discovery(), Some(&routes()), &probes(), None, NOW);
+        let s = build(
+            &discovery(),
+            Some(&routes()),
+            &probes(),
+            None,
+            &SteeringCounters::new(),
+            NOW,
+        );
         assert_eq!(s.acl.len(), 2);
         let a = &s.acl[0];
         assert_eq!(a.local_stack, name("a"));
@@ -1133,9 +1434,16 @@ pub(crate) mod tests {
             f.acl.clear();
             f.health.as_mut().unwrap().acl = None;
         }
-        assert!(build(&discovery(), Some(&routes()), &p, None, NOW)
-            .acl
-            .is_empty());
+        assert!(build(
+            &discovery(),
+            Some(&routes()),
+            &p,
+            None,
+            &SteeringCounters::new(),
+            NOW
+        )
+        .acl
+        .is_empty());
 
         let text = render_text(&s);
         for needle in [
@@ -1156,7 +1464,14 @@ pub(crate) mod tests {
         // Closed, fresh: said so.
         let mut p = probes();
         p[0].health.as_mut().unwrap().acl.as_mut().unwrap().closed = Some("EPERM".into());
-        let text = render_text(&build(&discovery(), Some(&routes()), &p, None, NOW));
+        let text = render_text(&build(
+            &discovery(),
+            Some(&routes()),
+            &p,
+            None,
+            &SteeringCounters::new(),
+            NOW,
+        ));
         assert!(text.contains("a: CLOSED: EPERM"), "{text}");
     }
 
@@ -1176,7 +1491,7 @@ pub(crate) mod tests {
                 peer.mtu = None;
             }
         }
-        let s = build(&d, None, &p, None, NOW);
+        let s = build(&d, None, &p, None, &SteeringCounters::new(), NOW);
         assert_eq!(s.routes_generation, None);
         assert_eq!(s.tunnels, 0);
         assert!(s.gossip.is_none());
@@ -1202,7 +1517,14 @@ pub(crate) mod tests {
             reconcile_errors: 1,
             last_reconcile_ms: Some(2.0),
         };
-        let s = build(&discovery(), Some(&routes()), &probes(), Some(live), NOW);
+        let s = build(
+            &discovery(),
+            Some(&routes()),
+            &probes(),
+            Some(live),
+            &SteeringCounters::new(),
+            NOW,
+        );
         let text = render_text(&s);
         for needle in [
             "NOT READY: vxlan1000 is missing",
@@ -1243,16 +1565,16 @@ pub(crate) mod tests {
         std::fs::create_dir_all(&tmp).unwrap();
         let private = tmp.with_extension("private");
         let dir = vrouter_state::StateDir::open_discovery(&tmp, &private).unwrap();
-        let e = from_dir(&dir, None).unwrap_err();
+        let e = from_dir(&dir, None, &SteeringCounters::new()).unwrap_err();
         assert!(e.contains("discovery.json does not exist"), "{e}");
         dir.write_discovery(&discovery()).unwrap();
-        let s = from_dir(&dir, None).unwrap();
+        let s = from_dir(&dir, None, &SteeringCounters::new()).unwrap();
         assert_eq!(
             s.routes_generation, None,
             "a missing routes.json is no error"
         );
         std::fs::write(tmp.join("routes.json"), b"{not json").unwrap();
-        let s = from_dir(&dir, None).unwrap();
+        let s = from_dir(&dir, None, &SteeringCounters::new()).unwrap();
         assert_eq!(s.routes_generation, None);
         assert_eq!(s.problems.len(), 1);
         assert!(
@@ -1262,14 +1584,14 @@ pub(crate) mod tests {
         );
         assert!(render_text(&s).contains("PROBLEM: "), "{}", render_text(&s));
         std::fs::write(tmp.join("discovery.json"), b"[]").unwrap();
-        let e = from_dir(&dir, None).unwrap_err();
+        let e = from_dir(&dir, None, &SteeringCounters::new()).unwrap_err();
         assert!(e.contains("discovery.json is not valid"), "{e}");
         dir.write_discovery(&discovery()).unwrap();
         dir.write_routes(&routes()).unwrap();
         for p in probes() {
             dir.write_probes(&p).unwrap();
         }
-        let s = from_dir(&dir, None).unwrap();
+        let s = from_dir(&dir, None, &SteeringCounters::new()).unwrap();
         assert_eq!(s.routes_generation, Some(17));
         assert_eq!(s.traffic.len(), 3);
         std::fs::remove_dir_all(&tmp).unwrap();

@@ -16,7 +16,8 @@
 //!   family and keep what was asked for.
 //!
 //! The methods live by object: `links.rs` (links, addresses), `routes.rs`, `neigh.rs`,
-//! `fdb.rs`, `rules.rs`, `nexthop.rs` (nexthop objects, which the rtnetlink crates do
+//! `fdb.rs`, `bridge.rs` (a bridge's ports and FDB, and a watcher of their changes,
+//! for port steering), `rules.rs`, `nexthop.rs` (nexthop objects, which the rtnetlink crates do
 //! not model: their messages go over a second NETLINK_ROUTE socket of their own),
 //! `netns.rs` (other namespaces seen from this one: netnsids, veth peers, and their
 //! addresses over a third socket with strict checking, which targeted dumps need).
@@ -27,6 +28,7 @@
 //! callers that poll many at once (`futures::StreamExt::buffered`) keep them in flight
 //! together. The kernel handles one socket's requests in the order they were sent.
 
+mod bridge;
 mod error;
 mod fdb;
 mod links;
@@ -37,6 +39,7 @@ pub mod nft;
 mod routes;
 mod rules;
 
+pub use bridge::{is_bridge_change, BridgeFdbEntry, BridgeWatcher};
 pub use error::KernelError;
 pub use netns::VethPort;
 pub use nft::{

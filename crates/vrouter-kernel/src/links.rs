@@ -353,7 +353,7 @@ impl Kernel {
     }
 }
 
-fn link_of(answer: RouteNetlinkMessage) -> Option<Link> {
+pub(crate) fn link_of(answer: RouteNetlinkMessage) -> Option<Link> {
     let RouteNetlinkMessage::NewLink(message) = answer else {
         return None;
     };

@@ -62,6 +62,8 @@ pub trait Enforcer {
     fn reload(&mut self, policy: &Policy) -> Result<(), String>;
     /// The counters.
     fn read(&mut self) -> Result<AclReading, String>;
+    /// Whether the table in force uses conntrack (see [`Acl::tracks_connections`]).
+    fn tracks_connections(&self) -> bool;
 }
 
 impl<E: Enforcer + ?Sized> Enforcer for Box<E> {
@@ -76,6 +78,9 @@ impl<E: Enforcer + ?Sized> Enforcer for Box<E> {
     }
     fn read(&mut self) -> Result<AclReading, String> {
         (**self).read()
+    }
+    fn tracks_connections(&self) -> bool {
+        (**self).tracks_connections()
     }
 }
 
@@ -122,6 +127,10 @@ impl<K: AclKernel> Enforcer for Acl<K> {
     fn read(&mut self) -> Result<AclReading, String> {
         let counters = Acl::read(self)?;
         Ok(reading(self.policy(), &counters))
+    }
+
+    fn tracks_connections(&self) -> bool {
+        Acl::tracks_connections(self)
     }
 }
 
@@ -256,6 +265,15 @@ impl<E: Enforcer> Access<E> {
     /// Why the overlay link must stay down, if it must.
     pub fn link_blocked(&self) -> Option<&str> {
         self.blocked.as_deref()
+    }
+
+    /// Whether the router must see both directions of its stack's traffic: the table
+    /// in force uses conntrack (every policy but the default "allow, no rules", and
+    /// the closed table), or there is no table at all (the safe answer). The router
+    /// registers with it (`Registration.conntrack`), so discovery's port steering
+    /// sends the stack's outgoing frames through the router or straight on.
+    pub fn tracks_connections(&self) -> bool {
+        self.enforcer.as_ref().is_none_or(E::tracks_connections)
     }
 
     /// The policy in force (or wanted, while closed).
@@ -650,6 +668,7 @@ mod tests {
         contexts: Vec<Surround>,
         policies: Vec<Policy>,
         reading: AclReading,
+        stateless: bool,
     }
 
     #[derive(Clone)]
@@ -689,6 +708,9 @@ mod tests {
         }
         fn read(&mut self) -> Result<AclReading, String> {
             Ok(self.0.borrow().reading.clone())
+        }
+        fn tracks_connections(&self) -> bool {
+            !self.0.borrow().stateless
         }
     }
 
@@ -801,11 +823,20 @@ mod tests {
         assert!(a
             .retry(|_, _| Err("nf_tables: Operation not supported".into()))
             .is_empty());
-        let k = Rc::new(RefCell::new(Kernel::default()));
+        // No table: the router says it tracks connections (the safe answer).
+        assert!(a.tracks_connections());
+        let k = Rc::new(RefCell::new(Kernel {
+            stateless: true,
+            ..Kernel::default()
+        }));
         let fake = Fake(k.clone());
         let events = a.retry(move |_, _| Ok(fake));
         assert_eq!(kinds(&events), [EventKind::AclInstalled]);
         assert_eq!(a.link_blocked(), None);
+        // Then what the table in force says.
+        assert!(!a.tracks_connections());
+        k.borrow_mut().stateless = false;
+        assert!(a.tracks_connections());
     }
 
     #[test]

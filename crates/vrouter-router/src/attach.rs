@@ -5,6 +5,12 @@
 //! kernel state (the datapath is headless) and reconnects with a short bounded
 //! backoff. The connection staying open is how discovery knows the router lives, so
 //! the router never closes it on purpose except to start over.
+//!
+//! A registration carries whether the router's access table tracks connections
+//! (`Registration.conntrack`, issue 15): discovery's port steering then sends the
+//! stack's outgoing frames through the router, else straight into the tunnel. When a
+//! policy reload (or a table closed or opened again) changes it, the router registers
+//! again on the open connection ([`conntrack_changed`]), without asking for a link.
 
 use std::fs::File;
 use std::io;
@@ -50,6 +56,8 @@ pub struct DiscoveryConn {
     backoff: Duration,
     /// Highest generation acknowledged on this connection.
     pub acked: Option<u64>,
+    /// The `conntrack` of the last registration sent on this connection.
+    pub conntrack: Option<bool>,
     /// Whether the last failure to connect was already logged (log once per outage).
     outage_logged: bool,
 }
@@ -62,6 +70,7 @@ impl Default for DiscoveryConn {
             retry_at: Instant::now(),
             backoff: RECONNECT_MIN,
             acked: None,
+            conntrack: None,
             outage_logged: false,
         }
     }
@@ -81,6 +90,7 @@ impl DiscoveryConn {
                 self.backoff = RECONNECT_MIN;
                 self.outage_logged = false;
                 self.acked = None;
+                self.conntrack = None;
                 true
             }
             Err(e) => {
@@ -108,19 +118,25 @@ impl DiscoveryConn {
         self.socket = None;
         self.phase = Phase::Disconnected;
         self.acked = None;
+        self.conntrack = None;
         self.retry_at = Instant::now() + delay;
     }
 
-    /// Sends Register, with this namespace's descriptor when a link is needed.
-    pub async fn register(&mut self, spec: &StackSpec, needs_link: bool) -> io::Result<()> {
+    /// Sends Register, with this namespace's descriptor when a link is needed;
+    /// `conntrack`: whether the access table in force tracks connections.
+    pub async fn register(
+        &mut self,
+        spec: &StackSpec,
+        needs_link: bool,
+        conntrack: bool,
+    ) -> io::Result<()> {
         let Some(socket) = self.socket.clone() else {
             return Err(io::Error::from(io::ErrorKind::NotConnected));
         };
         let msg = RouterMessage::Register(Registration {
             spec: spec.clone(),
             needs_link,
-            // Until the router reports its policy (issue 15), the safe answer.
-            conntrack: true,
+            conntrack,
         });
         if needs_link {
             // The descriptor travels as SCM_RIGHTS; discovery moves the new link
@@ -130,12 +146,22 @@ impl DiscoveryConn {
         } else {
             socket.send(&msg, None).await?;
         }
-        tracing::info!(needs_link, "registered with discovery, awaiting the answer");
+        tracing::info!(
+            needs_link,
+            conntrack,
+            "registered with discovery, awaiting the answer"
+        );
         self.phase = Phase::Awaiting {
             since: Instant::now(),
             needs_link,
         };
+        self.conntrack = Some(conntrack);
         Ok(())
+    }
+
+    /// Whether to register again because the access table's conntrack changed.
+    pub fn conntrack_changed(&self, now: bool) -> bool {
+        conntrack_changed(self.phase, self.conntrack, now)
     }
 
     /// Acknowledges `generation` unless it already was on this connection.
@@ -153,6 +179,14 @@ impl DiscoveryConn {
         self.acked = Some(generation);
         Ok(())
     }
+}
+
+/// Whether the router must register again on its connection: discovery accepted a
+/// registration whose `conntrack` (`sent`) is not the table's now. While an answer is
+/// awaited nothing is sent (it is checked again once the answer came); without a
+/// connection the next registration carries the new value anyway. Pure.
+pub fn conntrack_changed(phase: Phase, sent: Option<bool>, now: bool) -> bool {
+    phase == Phase::Registered && sent.is_some_and(|s| s != now)
 }
 
 /// Waits for the next message on `socket`, or forever without one.
@@ -227,6 +261,29 @@ mod tests {
         assert!(seen[3..].iter().all(|d| *d == RECONNECT_MAX));
     }
 
+    #[test]
+    fn a_changed_conntrack_registers_again_only_once_registered() {
+        let awaiting = Phase::Awaiting {
+            since: Instant::now(),
+            needs_link: false,
+        };
+        assert!(conntrack_changed(Phase::Registered, Some(true), false));
+        assert!(conntrack_changed(Phase::Registered, Some(false), true));
+        assert!(!conntrack_changed(Phase::Registered, Some(true), true));
+        // Awaiting an answer: after it. Disconnected: the next registration says it.
+        assert!(!conntrack_changed(awaiting, Some(true), false));
+        assert!(!conntrack_changed(Phase::Disconnected, None, false));
+        assert!(!conntrack_changed(Phase::Registered, None, false));
+        // A connection dropped forgets what was said on it.
+        let mut c = DiscoveryConn {
+            phase: Phase::Registered,
+            conntrack: Some(true),
+            ..DiscoveryConn::default()
+        };
+        c.disconnect_for(Duration::ZERO);
+        assert_eq!(c.conntrack, None);
+    }
+
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -262,7 +319,7 @@ mod tests {
                 prefixes: vec!["10.1.0.0/24".parse().unwrap()],
                 router_ip: "10.1.0.254".parse().unwrap(),
             };
-            c.register(&spec, true).await.unwrap();
+            c.register(&spec, true, true).await.unwrap();
             let (msg, fd) = discovery.recv::<RouterMessage>().await.unwrap().unwrap();
             assert_eq!(
                 msg,
@@ -272,6 +329,7 @@ mod tests {
                     conntrack: true,
                 })
             );
+            assert_eq!(c.conntrack, Some(true));
             assert!(fd.is_some(), "namespace descriptor attached");
             assert!(matches!(
                 c.phase,
@@ -290,6 +348,22 @@ mod tests {
             assert_eq!(m, RouterMessage::Ack { generation: 3 });
             let (m, _) = discovery.recv::<RouterMessage>().await.unwrap().unwrap();
             assert_eq!(m, RouterMessage::Ack { generation: 4 });
+            // The policy became the default: registered again, no link asked for.
+            assert!(c.conntrack_changed(false));
+            assert!(!c.conntrack_changed(true));
+            c.register(&spec, false, false).await.unwrap();
+            let (msg, fd) = discovery.recv::<RouterMessage>().await.unwrap().unwrap();
+            assert_eq!(
+                msg,
+                RouterMessage::Register(Registration {
+                    spec: spec.clone(),
+                    needs_link: false,
+                    conntrack: false,
+                })
+            );
+            assert!(fd.is_none());
+            c.phase = Phase::Registered;
+            assert!(!c.conntrack_changed(false));
             // Discovery going away is a None, not an error.
             discovery
                 .send(&DiscoveryMessage::Registered, None)

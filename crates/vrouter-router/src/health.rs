@@ -537,6 +537,14 @@ mod tests {
             rule("acl fallback"),
         ];
         assert_eq!(acl_table_verdict(&policy), Ok(()));
+        // The default policy's stateless table holds the policy too.
+        let stateless: Vec<_> = crate::acl::compile::stateless(&Default::default()).chains[0]
+            .rules
+            .iter()
+            .map(|r| rule(&r.comment))
+            .collect();
+        assert_eq!(stateless.len(), 3);
+        assert_eq!(acl_table_verdict(&stateless), Ok(()));
         let closed = [rule("acl spoof-from-stack"), rule("acl closed")];
         let e = acl_table_verdict(&closed).unwrap_err();
         assert!(e.contains("closed access table is in force"), "{e}");

@@ -23,6 +23,12 @@
 //! [`PROBE_SPACING`] apart because the host rate-limits ICMP errors per destination
 //! (`net.ipv4.icmp_ratelimit`: one per second after a burst of six), and one answer
 //! is enough.
+//!
+//! Only a stack whose traffic takes the policy-rule path needs this
+//! ([`crosses_the_host`]): with port steering (issue 15, discovery.json's `steering`)
+//! a service's frame for a same-host stack goes from its port straight to that
+//! stack's router port, and never enters the host's IP stack, so the raw drop cannot
+//! hit it and a probe through the host would report a path nobody uses.
 
 use crate::desired::SameHostPeer;
 use nix::sys::socket::{self, sockopt, ControlMessageOwned, MsgFlags, SockaddrIn};
@@ -34,7 +40,7 @@ use std::time::Duration;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use vrouter_state::EventKind;
-use vrouter_state::StackName;
+use vrouter_state::{StackName, SteeringMode, SteeringStatus};
 
 /// Destination port of probes. Nothing listens there: the datagram never gets past
 /// the host (traceroute's first port, for whoever reads a capture).
@@ -180,6 +186,17 @@ pub async fn probe(router_ip: Ipv4Addr, oif: u32, target: Ipv4Addr) -> std::io::
     Ok(false)
 }
 
+/// Whether stack `own`'s same-host traffic goes through the host (the policy-rule
+/// path), so the same-host probe applies: its steering mode in discovery.json is
+/// `rule`; a stack not listed there yet takes the configured mode; no `steering`
+/// section (a discovery without port steering, or no discovery.json) is `rule`. Pure.
+pub fn crosses_the_host(steering: Option<&SteeringStatus>, own: &StackName) -> bool {
+    let Some(s) = steering else {
+        return true;
+    };
+    s.stacks.get(own).map_or(s.mode, |stack| stack.mode) == SteeringMode::Rule
+}
+
 /// One probe round's result for one peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbeResult {
@@ -211,7 +228,7 @@ impl ProbeTracker {
             (None | Some(false), false) => Some((
                 EventKind::SameHostBlocked,
                 format!(
-                    "traffic from stack {own} to same-host stack {} ({}) is dropped by Docker's firewall (Docker 28.2+ isolates bridges); set driver option com.docker.network.bridge.gateway_mode_ipv4=nat-unprotected on both stacks' networks, or daemon option allow-direct-routing",
+                    "traffic from stack {own} to same-host stack {} ({}) is dropped by Docker's firewall (Docker 28.2+ isolates bridges) on the policy-rule path; steer at the ports (VROUTER_STEERING=ports on discovery, the default; `vrouter-discovery status` says why a stack is not), or set driver option com.docker.network.bridge.gateway_mode_ipv4=nat-unprotected on both stacks' networks, or daemon option allow-direct-routing",
                     result.peer.stack, result.peer.via
                 ),
             )),
@@ -261,7 +278,10 @@ mod tests {
         let (kind, msg) = t.record(&own, &bad).unwrap();
         assert_eq!(kind, "same_host_blocked");
         assert!(
-            msg.contains("stack a") && msg.contains("stack c") && msg.contains("nat-unprotected"),
+            msg.contains("stack a")
+                && msg.contains("stack c")
+                && msg.contains("VROUTER_STEERING=ports")
+                && msg.contains("nat-unprotected"),
             "{msg}"
         );
         assert_eq!(t.record(&own, &bad), None);
@@ -270,6 +290,53 @@ mod tests {
         // Forgotten peers start over.
         t.retain(&BTreeSet::new());
         assert_eq!(t.record(&own, &bad).unwrap().0, "same_host_blocked");
+    }
+
+    #[test]
+    fn only_stacks_on_the_policy_rule_path_are_probed() {
+        use vrouter_state::StackSteering;
+        let own = StackName::new("a").unwrap();
+        let stack = |mode| StackSteering {
+            mode,
+            reason: None,
+            ports: Vec::new(),
+        };
+        let status = |mode, stacks: Vec<(&str, SteeringMode)>| SteeringStatus {
+            mode,
+            table: "vrouter".into(),
+            stacks: stacks
+                .into_iter()
+                .map(|(n, m)| (StackName::new(n).unwrap(), stack(m)))
+                .collect(),
+        };
+        // An older discovery, or none: the host path.
+        assert!(crosses_the_host(None, &own));
+        // Steered at its ports: no probe; on the fallback or configured so: probe.
+        use SteeringMode::{Ports, Rule};
+        assert!(!crosses_the_host(
+            Some(&status(Ports, vec![("a", Ports), ("b", Rule)])),
+            &own
+        ));
+        assert!(crosses_the_host(
+            Some(&status(Ports, vec![("a", Rule), ("b", Ports)])),
+            &own
+        ));
+        assert!(crosses_the_host(
+            Some(&status(Rule, vec![("a", Rule)])),
+            &own
+        ));
+        // Not listed yet: the configured mode.
+        assert!(!crosses_the_host(
+            Some(&status(Ports, vec![("b", Rule)])),
+            &own
+        ));
+        assert!(crosses_the_host(Some(&status(Rule, vec![])), &own));
+        // The mode as discovery writes it.
+        let file: SteeringStatus = serde_json::from_str(
+            r#"{"mode":"ports","table":"vrouter","stacks":{"a":{"mode":"rule","reason":"router port not found yet"}}}"#,
+        )
+        .unwrap();
+        assert!(crosses_the_host(Some(&file), &own));
     }
 
     #[test]

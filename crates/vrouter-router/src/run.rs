@@ -2,7 +2,7 @@
 //! discovery, probe results and signals, one at a time on one task.
 
 use crate::access::{self, Access, Enforcer, Surround};
-use crate::acl::{Policy, Verdict};
+use crate::acl::Policy;
 use crate::apply;
 use crate::attach::{self, DiscoveryConn, Phase, RECONNECT_MIN, REFUSED_RETRY, REPLY_TIMEOUT};
 use crate::desired::{
@@ -79,6 +79,9 @@ pub struct Router {
     /// The overlay link is down because no access table could be installed (the
     /// router took it down, or adopted it without bringing it up).
     link_held: bool,
+    /// Whether the stack's same-host traffic crossed the host at the last look
+    /// (discovery.json's steering mode), to log when that changes.
+    crosses_the_host: Option<bool>,
 }
 
 /// Runs the router until SIGTERM or SIGINT. Neither sends Leave: Docker sends SIGTERM
@@ -212,6 +215,7 @@ pub async fn run(settings: Settings, policy: Policy) -> anyhow::Result<()> {
         acl_settings: settings.acl.clone(),
         acl_counters,
         link_held: false,
+        crosses_the_host: None,
     };
     router.hold_link().await;
 
@@ -251,9 +255,9 @@ pub async fn run(settings: Settings, policy: Policy) -> anyhow::Result<()> {
                 // An editor's or a deploy tool's burst (write, rename) is one change.
                 tokio::time::sleep(ACL_FILE_SETTLE).await;
                 while acl_file_rx.try_recv().is_ok() {}
-                router.reload_acl("the policy file changed");
+                router.reload_acl("the policy file changed").await;
             }
-            _ = sighup.recv() => router.reload_acl("SIGHUP"),
+            _ = sighup.recv() => router.reload_acl("SIGHUP").await,
             _ = timer.tick() => router.tick().await,
             _ = traffic_timer.tick() => {
                 router.traffic.read();
@@ -445,7 +449,12 @@ impl Router {
     }
 
     async fn register(&mut self, needs_link: bool) {
-        if let Err(e) = self.discovery.register(&self.spec, needs_link).await {
+        let conntrack = self.access.tracks_connections();
+        if let Err(e) = self
+            .discovery
+            .register(&self.spec, needs_link, conntrack)
+            .await
+        {
             tracing::warn!(error = %e, "cannot register with discovery; reconnecting");
             self.discovery.disconnect_for(RECONNECT_MIN);
         }
@@ -566,10 +575,26 @@ impl Router {
 
     /// Reads the policy from the settings again and installs it; a bad one is
     /// reported and the old one stays.
-    fn reload_acl(&mut self, why: &str) {
+    async fn reload_acl(&mut self, why: &str) {
         tracing::info!("{why}: reading the access policy again");
         let events = self.access.reload(self.acl_settings.policy());
         self.emit_all(events);
+        self.sync_conntrack().await;
+    }
+
+    /// Registers again when the access table's use of conntrack changed since the
+    /// registration discovery accepted (a reload to or from the default policy, a
+    /// table closed or opened again): discovery then steers the stack's traffic
+    /// through the router, or straight on.
+    async fn sync_conntrack(&mut self) {
+        let now = self.access.tracks_connections();
+        if self.discovery.conntrack_changed(now) {
+            tracing::info!(
+                conntrack = now,
+                "the access table's connection tracking changed; registering again"
+            );
+            self.register(false).await;
+        }
     }
 
     /// The access counters (the traffic timer): published for the probes file, drop
@@ -601,8 +626,7 @@ impl Router {
     /// lost link. Under the default policy (allow, no rules) the link stays up, so such
     /// a restart keeps forwarding. A SIGKILL skips this (docs/operations.md says so).
     async fn going_away(&mut self) {
-        let policy = self.access.policy();
-        if policy.default == Verdict::Allow && policy.rules.is_empty() {
+        if self.access.policy().is_default() {
             return;
         }
         match self.kernel.link_by_name(&self.overlay_name).await {
@@ -663,6 +687,9 @@ impl Router {
         self.read_intent();
         self.reconcile_routes(trigger).await;
         self.traffic.reconcile(self.intent.last_good.as_ref());
+        // After a routes change or a retry that closed or opened the table, and once
+        // discovery answered a registration.
+        self.sync_conntrack().await;
         self.heartbeat.store(now_ms(), Ordering::Relaxed);
     }
 
@@ -826,9 +853,15 @@ impl Router {
                 false
             }
         });
-        let peers = match (&self.intent.last_good, self.probe_path) {
+        let candidates = match (&self.intent.last_good, self.probe_path) {
             (Some(d), Some(_)) => d.same_host.clone(),
             _ => BTreeSet::new(),
+        };
+        // Only on the host's path (discovery.json read only when there is a peer).
+        let peers = if !candidates.is_empty() && self.same_host_crosses_the_host() {
+            candidates
+        } else {
+            BTreeSet::new()
         };
         self.probes.retain(&peers);
         self.peers.send_if_modified(|current| {
@@ -839,6 +872,33 @@ impl Router {
                 false
             }
         });
+    }
+}
+
+impl Router {
+    /// Whether this stack's same-host traffic takes the host's path, from
+    /// discovery.json's steering mode ([`probe::crosses_the_host`]); an unreadable or
+    /// absent file counts as the host's path (as before port steering).
+    fn same_host_crosses_the_host(&mut self) -> bool {
+        let steering = match self.state.read_discovery() {
+            Ok(f) => f.steering,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read discovery.json; same-host probes as on the policy-rule path");
+                None
+            }
+        };
+        let now = probe::crosses_the_host(steering.as_ref(), &self.spec.name);
+        if self.crosses_the_host != Some(now) {
+            if now {
+                tracing::info!(
+                    "same-host traffic takes the host's path (policy-rule steering): probing it"
+                );
+            } else {
+                tracing::info!("same-host traffic is steered at the ports and never crosses the host: no same-host probes");
+            }
+            self.crosses_the_host = Some(now);
+        }
+        now
     }
 }
 

@@ -132,6 +132,13 @@ wire_enum! {
         /// A summary, at most one per rule per 10 s, of the packets a rule dropped and
         /// the source stacks they came from.
         AclDrops = "acl_drops",
+        // Discovery: port steering (issue 15).
+        /// The steering table went in (or went away): which stacks are steered at
+        /// their ports now, and why the others are not.
+        SteeringApplied = "steering_applied",
+        /// The kernel refused the steering table: the previous one stays, and the
+        /// stacks it does not cover keep the policy-rule path.
+        SteeringFailed = "steering_failed",
     }
 }
 

@@ -277,6 +277,8 @@ const EVENTS: &[(&str, EventKind, &str)] = &[
     ("router/a", EventKind::AclRefused, "acl_refused"),
     ("router/a", EventKind::AclClosed, "acl_closed"),
     ("router/a", EventKind::AclDrops, "acl_drops"),
+    ("discovery", EventKind::SteeringApplied, "steering_applied"),
+    ("discovery", EventKind::SteeringFailed, "steering_failed"),
 ];
 
 fn event(source: &str, kind: &EventKind, reason: &str, i: usize) -> Event {

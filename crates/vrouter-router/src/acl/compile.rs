@@ -30,7 +30,22 @@
 //! generation in force are in `admitted`, so after a generation change every open
 //! connection goes through the class chains again on its next packet.
 //!
-//! Rule 3 is what keeps conntrack's loose pickup honest. A TCP connection conntrack
+//! The default policy ("allow, no rules") restricts nothing, and compiles to a
+//! **stateless** table instead ([`stateless`], issue 15): the same sets `local` and
+//! `origins`, and a base chain of rules 1 and 2 and
+//!
+//! ```text
+//!  3 ip saddr != @local ip daddr @local counter accept              "acl entering"
+//! ```
+//!
+//! (the policy accepts the rest). No expression touches conntrack, so the router's
+//! namespace does not load it (nftables registers conntrack in a namespace only for a
+//! table that uses it), and the router forwards a flow of which it sees one direction
+//! only: with port steering (discovery, `Registration.conntrack` false), a stack of the
+//! default policy sends its frames straight into the tunnel, and its router sees only
+//! what enters the stack. Rule 3 counts that traffic for the default verdict.
+//!
+//! Rule 3 of the stateful table is what keeps conntrack's loose pickup honest. A TCP connection conntrack
 //! first sees mid-stream from the stack's side (its entry expired or was never made:
 //! a router restarted in a fresh namespace) would be taken for the stack's own
 //! outgoing connection, with its original direction the wrong way round, and rule 4
@@ -74,6 +89,8 @@ pub const COMMENT_SPOOF_FROM_OVERLAY: &str = "acl spoof-from-overlay";
 pub const COMMENT_TCP_NOT_SYN: &str = "acl tcp-not-syn";
 pub const COMMENT_FALLBACK: &str = "acl fallback";
 pub const COMMENT_CLOSED: &str = "acl closed";
+/// The stateless table's rule that counts what enters the stack (for the default).
+pub const COMMENT_ENTERING: &str = "acl entering";
 
 /// What the router knows of its overlay when it compiles.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -92,6 +109,32 @@ pub struct Compiled {
     pub table: TableSpec,
     /// (id, rule name, verdict) for every rule of the policy, in policy order.
     pub rules: Vec<(u16, String, Verdict)>,
+}
+
+/// Whether `table` uses conntrack anywhere (a ct match, a ct mark set, a ct vmap, a
+/// set of ct marks): then the router must see both directions of every connection
+/// it forwards, else it takes the half it sees for invalid and drops it.
+pub fn tracks_connections(table: &TableSpec) -> bool {
+    let ct_field =
+        |f: &AddrField| matches!(f, AddrField::CtOriginalSaddr | AddrField::CtOriginalDaddr);
+    let ct_match = |m: &Match| match m {
+        Match::CtStateNew
+        | Match::CtOriginalProtocol(_)
+        | Match::CtOriginalDport { .. }
+        | Match::CtMarkInSet { .. } => true,
+        Match::AddrInSet { field, .. } => ct_field(field),
+        _ => false,
+    };
+    let ct_rule = |r: &RuleSpec| {
+        r.set_ct_mark.is_some()
+            || matches!(&r.verdict, RuleVerdict::Vmap { field, .. } if ct_field(field))
+            || r.matches.iter().any(ct_match)
+    };
+    table
+        .sets
+        .iter()
+        .any(|s| matches!(s.elements, SetElements::CountedMarks(_)))
+        || table.chains.iter().flat_map(|c| &c.rules).any(ct_rule)
 }
 
 /// The ct mark of a connection that rule `id` admitted under `generation`.
@@ -142,6 +185,12 @@ pub fn compile(
             "the policy has {} rules, more than the {MAX_RULES} one router can enforce; merge rules (one rule takes a list of ports) or use prefixes that cover several sources",
             policy.rules.len()
         ));
+    }
+    if policy.is_default() {
+        return Ok(Compiled {
+            table: stateless(ctx),
+            rules: Vec::new(),
+        });
     }
     let id = |i: usize| (i + 1) as u16;
     let flat = classes(policy, &ctx.remote);
@@ -252,6 +301,27 @@ pub fn closed(ctx: &AclContext) -> TableSpec {
     }
 }
 
+/// The table of the default policy, "allow, no rules": the anti-spoofing rules, and
+/// the count of what enters the stack; no conntrack (see the module's documentation).
+pub fn stateless(ctx: &AclContext) -> TableSpec {
+    let mut rules = anti_spoofing(&ctx.overlay_ifname);
+    rules.push(rule(
+        vec![
+            local(AddrField::IpSaddr, false),
+            local(AddrField::IpDaddr, true),
+        ],
+        true,
+        RuleVerdict::Accept,
+        COMMENT_ENTERING,
+    ));
+    TableSpec {
+        family: Family::Ip,
+        name: TABLE.to_string(),
+        sets: context_sets(ctx),
+        chains: vec![forward_chain(rules)],
+    }
+}
+
 /// The name of the chain of class `n`.
 pub fn class_chain(n: usize) -> String {
     format!("c{n}")
@@ -327,18 +397,9 @@ fn merge(mut spans: Vec<(u32, u32)>) -> Vec<(u32, u32)> {
     out
 }
 
-/// The base chain: rules 1-9, or 1-6 and "acl closed".
-fn base_chain(ovl: &str, closed: bool) -> ChainSpec {
-    let local = |field, equal| Match::AddrInSet {
-        field,
-        set: SET_LOCAL.to_string(),
-        equal,
-    };
-    let iif = |equal| Match::IifName {
-        name: ovl.to_string(),
-        equal,
-    };
-    let rule = |matches: Vec<Match>, counter, verdict, comment: &str| RuleSpec {
+/// `rule` with the given parts, no ct mark.
+fn rule(matches: Vec<Match>, counter: bool, verdict: RuleVerdict, comment: &str) -> RuleSpec {
+    RuleSpec {
         matches,
         counter,
         counter_start: (0, 0),
@@ -346,8 +407,25 @@ fn base_chain(ovl: &str, closed: bool) -> ChainSpec {
         statements: Vec::new(),
         verdict,
         comment: comment.to_string(),
+    }
+}
+
+fn local(field: AddrField, equal: bool) -> Match {
+    Match::AddrInSet {
+        field,
+        set: SET_LOCAL.to_string(),
+        equal,
+    }
+}
+
+/// Rules 1 and 2, shared by every table: forged sources from the stack and from the
+/// overlay.
+fn anti_spoofing(ovl: &str) -> Vec<RuleSpec> {
+    let iif = |equal| Match::IifName {
+        name: ovl.to_string(),
+        equal,
     };
-    let mut rules = vec![
+    vec![
         rule(
             vec![
                 iif(false),
@@ -373,6 +451,26 @@ fn base_chain(ovl: &str, closed: bool) -> ChainSpec {
             RuleVerdict::Drop,
             COMMENT_SPOOF_FROM_OVERLAY,
         ),
+    ]
+}
+
+/// The forward hook's chain with `rules`.
+fn forward_chain(rules: Vec<RuleSpec>) -> ChainSpec {
+    ChainSpec {
+        name: CHAIN.to_string(),
+        hook: Some(BaseHook {
+            hook: Hook::Forward,
+            priority: PRIORITY,
+            policy_accept: true,
+        }),
+        rules,
+    }
+}
+
+/// The stateful base chain: rules 1-8, or 1-5 and "acl closed".
+fn base_chain(ovl: &str, closed: bool) -> ChainSpec {
+    let mut rules = anti_spoofing(ovl);
+    rules.extend([
         rule(
             vec![
                 Match::CtStateNew,
@@ -395,7 +493,7 @@ fn base_chain(ovl: &str, closed: bool) -> ChainSpec {
             RuleVerdict::Accept,
             "acl inside",
         ),
-    ];
+    ]);
     if closed {
         rules.push(rule(vec![], true, RuleVerdict::Drop, COMMENT_CLOSED));
     } else {
@@ -418,15 +516,7 @@ fn base_chain(ovl: &str, closed: bool) -> ChainSpec {
         ));
         rules.push(rule(vec![], true, RuleVerdict::Drop, COMMENT_FALLBACK));
     }
-    ChainSpec {
-        name: CHAIN.to_string(),
-        hook: Some(BaseHook {
-            hook: Hook::Forward,
-            priority: PRIORITY,
-            policy_accept: true,
-        }),
-        rules,
-    }
+    forward_chain(rules)
 }
 
 #[cfg(test)]

@@ -46,11 +46,26 @@
 //! to; if that read fails, the last successful [`Acl::read`] is carried instead
 //! (packets between that read and the replacement go uncounted, as do packets in the
 //! instant between the read just before a replacement and the replacement).
+//!
+//! Under the default policy the table is stateless (see [`super::compile`]): the
+//! default's accepted count is then every packet that entered the stack (the
+//! "acl entering" rule), not the packets of connections it admitted both ways.
+//!
+//! # Conntrack
+//!
+//! [`Acl::tracks_connections`] says whether the table in force uses conntrack; the
+//! router reports it to discovery (`Registration.conntrack`), whose port steering
+//! then sends the stack's outgoing frames through the router (both directions seen)
+//! or straight into the tunnel. Going from the default policy to another one starts
+//! tracking with connections already open: those opened from the overlay are picked
+//! up and checked on their next packet from the overlay, as after a router restart in
+//! a fresh namespace; the stack's own connections opened before are dropped as
+//! mid-stream TCP from the stack (rule 3) and must reconnect.
 
 use super::compile::{
-    closed, compile, parse_comment, AclContext, Compiled, CHAIN, COMMENT_CLOSED, COMMENT_FALLBACK,
-    COMMENT_SPOOF_FROM_OVERLAY, COMMENT_SPOOF_FROM_STACK, COMMENT_TCP_NOT_SYN, DEFAULT_ID,
-    SET_ADMITTED, TABLE,
+    closed, compile, parse_comment, tracks_connections, AclContext, Compiled, CHAIN,
+    COMMENT_CLOSED, COMMENT_ENTERING, COMMENT_FALLBACK, COMMENT_SPOOF_FROM_OVERLAY,
+    COMMENT_SPOOF_FROM_STACK, COMMENT_TCP_NOT_SYN, DEFAULT_ID, SET_ADMITTED, TABLE,
 };
 use super::policy::{Policy, Verdict};
 use super::resolve::{resolve, ResolvedPolicy};
@@ -316,6 +331,13 @@ impl<K: AclKernel> Acl<K> {
         self.generation
     }
 
+    /// Whether the table in force uses conntrack, so the router must see both
+    /// directions of the stack's traffic: every table but the default policy's (the
+    /// closed one does too). True before anything is installed (the safe answer).
+    pub fn tracks_connections(&self) -> bool {
+        self.installed.table().is_none_or(tracks_connections)
+    }
+
     /// The table in the kernel, as installed (None only before `start` returns).
     pub fn table(&self) -> Option<&TableSpec> {
         self.installed.table()
@@ -463,6 +485,14 @@ impl<K: AclKernel> Acl<K> {
                 COMMENT_TCP_NOT_SYN => Some(Counted::TcpNotSyn),
                 COMMENT_CLOSED => Some(Counted::Closed),
                 COMMENT_FALLBACK => Some(Counted::Fallback),
+                COMMENT_ENTERING => {
+                    out.rules
+                        .entry(Counted::Default)
+                        .or_default()
+                        .accepted
+                        .add(r.packets, r.bytes);
+                    continue;
+                }
                 _ => None,
             };
             if let Some(key) = pseudo {
@@ -499,7 +529,16 @@ impl<K: AclKernel> Acl<K> {
                 Verdict::Deny => {}
             }
         }
-        if let Installed::Policy { ids, default, .. } = &self.installed {
+        // The stateless table has no marks.
+        if let Installed::Policy {
+            ids,
+            default,
+            table,
+        } = &self.installed
+        {
+            if !tracks_connections(table) {
+                return Ok(out);
+            }
             for m in self.kernel.mark_counters(SET_ADMITTED)? {
                 let id = (m.key & 0xffff) as u16;
                 let id = (id != DEFAULT_ID).then_some(id);

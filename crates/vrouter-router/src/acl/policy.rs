@@ -169,6 +169,15 @@ pub struct Policy {
     pub rules: Vec<Rule>,
 }
 
+impl Policy {
+    /// Whether this is the default policy, "allow, no rules": nothing is restricted,
+    /// so the router needs no connection tracking (a stateless table, see
+    /// [`super::compile`]) and need not see both directions of its stack's traffic.
+    pub fn is_default(&self) -> bool {
+        self.default == Verdict::Allow && self.rules.is_empty()
+    }
+}
+
 impl Default for Policy {
     /// Today's behaviour: everything enters.
     fn default() -> Policy {

@@ -25,6 +25,13 @@ pub struct ResolvedPolicy {
     pub unresolved: Vec<StackName>,
 }
 
+impl ResolvedPolicy {
+    /// "Allow, no rules" (see [`Policy::is_default`]).
+    pub fn is_default(&self) -> bool {
+        self.default == Verdict::Allow && self.rules.is_empty()
+    }
+}
+
 /// Resolves every rule's source against `remote`, this stack's remote routes from
 /// routes.json (same-host and other hosts alike). Called again on every routes.json
 /// change, so a rule naming a stack follows it when it moves or gains a prefix, and

@@ -74,6 +74,10 @@ pub(crate) struct Packet {
     pub(crate) orig_daddr: Ipv4Addr,
     pub(crate) orig_protocol: u8,
     pub(crate) orig_dport: Option<u16>,
+    /// Whether conntrack has an entry for it. Without one (conntrack took it for
+    /// invalid: it saw only the other half of the connection) every ct expression
+    /// breaks the rule, as in the kernel, and `ct mark set` does nothing.
+    pub(crate) tracked: bool,
 }
 
 impl Packet {
@@ -98,6 +102,15 @@ impl Packet {
             orig_daddr: dst,
             orig_protocol: protocol,
             orig_dport: port,
+            tracked: true,
+        }
+    }
+
+    /// The same packet, with no conntrack entry.
+    pub(crate) fn untracked(&self) -> Packet {
+        Packet {
+            tracked: false,
+            ..self.clone()
         }
     }
 
@@ -158,6 +171,22 @@ fn addr_in(t: &TableSpec, name: &str, a: Ipv4Addr) -> bool {
 }
 
 fn matches(t: &TableSpec, m: &Match, p: &Packet) -> bool {
+    let ct = match m {
+        Match::CtStateNew
+        | Match::CtOriginalProtocol(_)
+        | Match::CtOriginalDport { .. }
+        | Match::CtMarkInSet { .. } => true,
+        Match::AddrInSet { field, .. } => {
+            matches!(
+                field,
+                AddrField::CtOriginalSaddr | AddrField::CtOriginalDaddr
+            )
+        }
+        _ => false,
+    };
+    if ct && !p.tracked {
+        return false;
+    }
     match m {
         Match::IifName { name, equal } => (p.iif == *name) == *equal,
         Match::OifName { name, equal } => (p.oif == *name) == *equal,
@@ -201,7 +230,7 @@ fn run_chain(t: &TableSpec, chain: &ChainSpec, p: &Packet, mark: &mut u32, depth
         if !rule.matches.iter().all(|m| matches(t, m, p)) {
             continue;
         }
-        if let Some(m) = rule.set_ct_mark {
+        if let Some(m) = rule.set_ct_mark.filter(|_| p.tracked) {
             *mark = m;
         }
         match &rule.verdict {
@@ -212,6 +241,10 @@ fn run_chain(t: &TableSpec, chain: &ChainSpec, p: &Packet, mark: &mut u32, depth
                 return Flow::Verdict(false, chain.name.clone(), rule.comment.clone())
             }
             RuleVerdict::Continue => {}
+            RuleVerdict::Vmap {
+                field: AddrField::CtOriginalSaddr,
+                ..
+            } if !p.tracked => {}
             RuleVerdict::Vmap {
                 field: AddrField::CtOriginalSaddr,
                 map,
@@ -289,6 +322,11 @@ fn new_connection(c: &AclContext, src: Ipv4Addr, protocol: u8, port: Option<u16>
 /// What the table decided, as (allow, rule id or None for the default).
 fn table_decision(o: &Outcome, generation: u16) -> (bool, Option<u16>) {
     let comment = o.by.as_deref().expect("a rule decided");
+    if comment == COMMENT_ENTERING {
+        // The stateless table of the default policy: no marks.
+        assert_eq!(o.ct_mark, 0, "no ct mark set");
+        return (o.accept, None);
+    }
     let (id, _) = parse_comment(comment).unwrap_or_else(|| panic!("not a policy rule: {comment}"));
     if o.accept {
         assert_eq!(
@@ -475,6 +513,7 @@ fn the_table_decides_as_decide_does() {
     let mut cases = 0u64;
     let mut allowed = 0u64;
     let mut by_rule = 0u64;
+    let mut stateless = 0u64;
     for round in 0..250 {
         let pol = random_policy(&mut rng);
         let c = ctx(random_routes(&mut rng));
@@ -482,6 +521,9 @@ fn the_table_decides_as_decide_does() {
         let generation = (round * 257 % 65536) as u16;
         let compiled = compile(&resolved, &c, generation).unwrap();
         let t = &compiled.table;
+        // Only the default policy leaves conntrack out.
+        assert_eq!(tracks_connections(t), !pol.is_default(), "{pol:?}");
+        stateless += u64::from(pol.is_default());
         for src in probe_addresses(&mut rng) {
             for protocol in [TCP, UDP, ICMP, GRE] {
                 let ports: Vec<Option<u16>> = if protocol == TCP || protocol == UDP {
@@ -505,8 +547,10 @@ fn the_table_decides_as_decide_does() {
             }
         }
     }
-    // The generator reaches both verdicts, rules and the default, in quantity.
+    // The generator reaches both verdicts, rules and the default, in quantity, and
+    // the default policy's stateless table.
     assert!(cases > 100_000, "{cases} cases");
+    assert!(stateless >= 3, "{stateless} stateless tables");
     assert!(
         allowed > cases / 10 && allowed < cases * 9 / 10,
         "{allowed} of {cases} allowed"
@@ -588,7 +632,7 @@ fn two_stacks() -> Vec<RemoteRoute> {
 
 #[test]
 fn anti_spoofing_from_the_stack() {
-    let (_, _, c) = compile_str("allow", "", two_stacks(), 1);
+    let (_, _, c) = compile_str("allow", "10.9.0.0/16", two_stacks(), 1);
     // From the stack's bridge to the overlay with a source outside its prefixes.
     let forged = Packet {
         iif: LAN.into(),
@@ -706,7 +750,7 @@ fn tcp_picked_up_mid_stream_is_checked_from_the_overlay_and_dropped_from_the_sta
     let o = walk(&c.table, &denied);
     assert!(!o.accept, "{o:?}");
     assert_eq!(o.by.as_deref(), Some("acl default web"));
-    let (_, _, c) = compile_str("allow", "", two_stacks(), 1);
+    let (_, _, c) = compile_str("allow", "10.9.0.0/16", two_stacks(), 1);
     // Loose pickup the other way round: a mid-stream packet from the stack.
     let mut back = p.reply(0);
     back.new = true;
@@ -883,8 +927,10 @@ fn a_stack_that_moves_or_grows_takes_its_rights_along() {
 
 #[test]
 fn no_rules_one_chain_per_stack_with_the_default() {
-    for (default, accept) in [("allow", true), ("deny", false)] {
-        let (_, _, c) = compile_str(default, "", two_stacks(), 9);
+    // "allow" and no rules is the stateless table (below); a rule for a stack that is
+    // not there covers nothing and leaves the classes as they are.
+    for (default, allow, accept) in [("allow", "gone", true), ("deny", "", false)] {
+        let (_, _, c) = compile_str(default, allow, two_stacks(), 9);
         let SetElements::JumpMap(map) = set(&c.table, MAP_CLASSES) else {
             panic!()
         };
@@ -908,6 +954,102 @@ fn no_rules_one_chain_per_stack_with_the_default() {
             ["acl default -", "acl default web", "acl default ops"]
         );
     }
+}
+
+/// The default policy, "allow, no rules": anti-spoofing and a count of what enters
+/// the stack, no conntrack; so a flow of which the router sees one direction only (a
+/// SYN-ACK that conntrack would call invalid) passes, where a stateful table drops it.
+#[test]
+fn the_default_policy_is_stateless() {
+    let (_, _, c) = compile_str("allow", "", two_stacks(), 1);
+    let t = &c.table;
+    assert_eq!(*t, stateless(&ctx(two_stacks())));
+    assert!(c.rules.is_empty());
+    assert!(!tracks_connections(t));
+    assert_eq!(t.name, TABLE);
+    assert_eq!(t.chains.len(), 1);
+    assert_eq!(
+        t.chains[0].hook,
+        Some(BaseHook {
+            hook: Hook::Forward,
+            priority: -10,
+            policy_accept: true
+        })
+    );
+    let comments: Vec<&str> = t.chains[0]
+        .rules
+        .iter()
+        .map(|r| r.comment.as_str())
+        .collect();
+    assert_eq!(
+        comments,
+        [
+            COMMENT_SPOOF_FROM_STACK,
+            COMMENT_SPOOF_FROM_OVERLAY,
+            COMMENT_ENTERING
+        ]
+    );
+    let names: Vec<&str> = t.sets.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, [SET_LOCAL, SET_ORIGINS]);
+    // Every other table tracks connections, the closed one included.
+    for (default, allow) in [("deny", ""), ("allow", "gone"), ("allow", "web:tcp/80")] {
+        let (_, _, c) = compile_str(default, allow, two_stacks(), 1);
+        assert!(tracks_connections(&c.table), "{default} {allow}");
+    }
+    assert!(tracks_connections(&closed(&ctx(two_stacks()))));
+
+    // The remote server's SYN-ACK to the stack's client, whose SYN went straight into
+    // the tunnel: the first packet of the connection the router sees.
+    let out = Packet {
+        iif: LAN.into(),
+        oif: OVL.into(),
+        saddr: ip("172.16.0.4"),
+        daddr: ip("10.1.0.7"),
+        orig_saddr: ip("172.16.0.4"),
+        orig_daddr: ip("10.1.0.7"),
+        ..Packet::new_from_overlay(ip("10.1.0.7"), mac_of(1), TCP, Some(443))
+    };
+    let mut syn_ack = out.reply(0).untracked();
+    syn_ack.src_mac = mac_of(1);
+    let o = walk(t, &syn_ack);
+    assert_eq!(
+        (o.accept, o.by.as_deref(), o.ct_mark),
+        (true, Some(COMMENT_ENTERING), 0)
+    );
+    let (_, _, stateful) = compile_str("deny", "web", two_stacks(), 1);
+    let o = walk(&stateful.table, &syn_ack);
+    assert_eq!((o.accept, o.by.as_deref()), (false, Some(COMMENT_FALLBACK)));
+    // A new connection from the overlay, and one from a same-host stack whose frames
+    // come to the router's stack side: in, and counted.
+    let from_web = Packet::new_from_overlay(ip("10.1.0.7"), mac_of(1), UDP, Some(53));
+    let same_host = Packet {
+        iif: LAN.into(),
+        ..from_web.clone()
+    };
+    for p in [&from_web, &same_host] {
+        let o = walk(t, &p.untracked());
+        assert_eq!((o.accept, o.by.as_deref()), (true, Some(COMMENT_ENTERING)));
+    }
+    // The stack's own traffic out and transit: the policy, uncounted.
+    assert_eq!(walk(t, &out.untracked()), walk(t, &out));
+    let o = walk(t, &out.untracked());
+    assert_eq!((o.accept, o.by), (true, None));
+    // Forgeries are still dropped, both ways.
+    let forged = Packet {
+        saddr: ip("10.2.0.7"),
+        ..out.clone()
+    };
+    assert_eq!(
+        walk(t, &forged.untracked()).by.as_deref(),
+        Some(COMMENT_SPOOF_FROM_STACK)
+    );
+    let mut wrong_router = from_web.untracked();
+    wrong_router.src_mac = mac_of(2);
+    let o = walk(t, &wrong_router);
+    assert_eq!(
+        (o.accept, o.by.as_deref()),
+        (false, Some(COMMENT_SPOOF_FROM_OVERLAY))
+    );
 }
 
 #[test]

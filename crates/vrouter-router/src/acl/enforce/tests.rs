@@ -93,10 +93,13 @@ impl AclKernel for FakeKernel {
     fn mark_counters(&self, set: &str) -> Result<Vec<MarkCounterReading>, String> {
         let f = self.0.borrow();
         if let Some(t) = &f.table {
+            // As the kernel: no such set, no dump.
             let Some(SetElements::CountedMarks(v)) =
                 t.sets.iter().find(|s| s.name == set).map(|s| &s.elements)
             else {
-                return Ok(Vec::new());
+                return Err(format!(
+                    "no set {set}: No such file or directory (os error 2)"
+                ));
             };
             return Ok(v
                 .iter()
@@ -396,6 +399,60 @@ fn counters_add_up_across_replacements() {
     assert_eq!(third.rules[&no_ops].dropped, count(2, 120));
 }
 
+/// The default policy's table has no conntrack and no marks: the router says so
+/// (for its registration), counts what enters the stack as the default's, and a
+/// reload to another policy and back flips both.
+#[test]
+fn the_default_policy_installs_the_stateless_table_and_counts_what_enters() {
+    let k = FakeKernel::default();
+    let mut acl = start(&k, Policy::default());
+    assert_eq!(acl.state(), &AclState::Installed);
+    assert_eq!(k.table(), crate::acl::compile::stateless(&ctx(routes())));
+    assert!(!acl.tracks_connections());
+    // The second half of a connection (no conntrack entry) and a new one: in.
+    let web = Packet::new_from_overlay(ip("10.1.0.5"), mac_of(1), TCP, Some(443));
+    assert!(k.send(&web.again(0).untracked(), 100).0);
+    assert!(k.send(&web.untracked(), 60).0);
+    let forged = Packet::new_from_overlay(ip("10.1.0.5"), mac_of(2), TCP, Some(443));
+    assert!(!k.send(&forged.untracked(), 40).0);
+    let first = acl.read().unwrap();
+    assert_eq!(first.rules[&Counted::Default].accepted, count(2, 160));
+    assert_eq!(
+        first.rules[&Counted::SpoofFromOverlay].dropped,
+        count(1, 40)
+    );
+    // A context change keeps it stateless.
+    let mut more = routes();
+    more.push(route("db", "10.3.0.0/24", 3));
+    acl.set_context(AclContext {
+        remote: more.clone(),
+        ..ctx(routes())
+    })
+    .unwrap();
+    assert!(!acl.tracks_connections());
+    // Restricting: stateful; its counts go on from the stateless table's.
+    acl.reload(policy("deny", "web", None)).unwrap();
+    assert!(acl.tracks_connections());
+    let (ok, m) = k.send(&web, 60);
+    assert!(ok);
+    assert!(k.send(&web.reply(m), 100).0);
+    let second = acl.read().unwrap();
+    assert_eq!(second.rules[&Counted::Default].accepted, count(2, 160));
+    assert_eq!(
+        second.rules[&Counted::Rule("allow web".into())].accepted,
+        count(2, 160)
+    );
+    // And back.
+    acl.reload(Policy::default()).unwrap();
+    assert!(!acl.tracks_connections());
+    assert!(acl.read().is_ok());
+    // Closed is stateful, whatever the policy.
+    k.refuse(|t| !crate::acl::compile::tracks_connections(t));
+    acl.set_context(ctx(routes())).unwrap();
+    assert!(matches!(acl.state(), AclState::Closed { .. }));
+    assert!(acl.tracks_connections());
+}
+
 #[test]
 fn the_test_hook_makes_the_kernel_refuse_the_policy() {
     let dir = std::env::temp_dir().join(format!("vc-acl-refuse-{}", std::process::id()));
@@ -424,12 +481,18 @@ fn the_test_hook_makes_the_kernel_refuse_the_policy() {
 fn the_first_generation_follows_the_table_already_there() {
     let k = FakeKernel::default();
     k.0.borrow_mut().marks_before = vec![7 << 16 | 1, 7 << 16 | 0xffff];
-    let acl = start(&k, policy("allow", "", None));
+    let acl = start(&k, policy("allow", "gone", None));
     assert_eq!(acl.generation(), 8);
     let SetElements::CountedMarks(marks) = &k.table().sets[2].elements else {
         panic!()
     };
-    assert_eq!(marks, &vec![(8 << 16 | 0xffff, "acl default".to_string())]);
+    assert_eq!(
+        marks,
+        &vec![
+            (8 << 16 | 1, "acl 1".to_string()),
+            (8 << 16 | 0xffff, "acl default".to_string())
+        ]
+    );
 }
 
 #[test]
@@ -784,6 +847,170 @@ mod root {
             );
             Nft::connect(TABLE, CHAIN).unwrap().delete_table().unwrap();
         });
+    }
+
+    /// The default policy in the kernel: a TCP connection whose server answers by
+    /// another way, so the router sees the client's half only (what port steering
+    /// does to a stack of the default policy: its own frames go straight into the
+    /// tunnel), opens and carries data, and conntrack holds nothing in the router's
+    /// namespace. Under a restricting policy that allows the client, the router takes
+    /// the same half connection for invalid and drops it.
+    #[test]
+    fn root_the_default_policy_forwards_a_connection_it_sees_one_way() {
+        in_new_netns(
+            "root_the_default_policy_forwards_a_connection_it_sees_one_way",
+            || async {
+                let k = Kernel::connect().await.unwrap();
+                std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("forwarding");
+                let stack_ns = spare_netns();
+                let overlay_ns = spare_netns();
+                let stk = k
+                    .create_veth_into("stk0", 1500, stack_ns.as_fd(), "eth0")
+                    .await
+                    .unwrap();
+                let ovl = k
+                    .create_veth_into("ovl0", 1500, overlay_ns.as_fd(), "eth0")
+                    .await
+                    .unwrap();
+                k.replace_address(stk, Ipv4Addr::new(172, 16, 0, 1), 24)
+                    .await
+                    .unwrap();
+                k.replace_address(ovl, Ipv4Addr::new(10, 1, 0, 1), 24)
+                    .await
+                    .unwrap();
+                k.set_up(stk).await.unwrap();
+                k.set_up(ovl).await.unwrap();
+                let server = Ipv4Addr::new(172, 16, 0, 10);
+                let client = Ipv4Addr::new(10, 1, 0, 5);
+                in_netns(&stack_ns, || side(server, Ipv4Addr::new(172, 16, 0, 1)));
+                let web_mac = in_netns(&overlay_ns, || side(client, Ipv4Addr::new(10, 1, 0, 1)));
+                // The server's way back: a link of its own to the client, around the router.
+                in_netns(&stack_ns, || async {
+                    let k = Kernel::connect().await.unwrap();
+                    let direct = k
+                        .create_veth_into("direct", 1500, overlay_ns.as_fd(), "direct")
+                        .await
+                        .unwrap();
+                    k.set_up(direct).await.unwrap();
+                    k.replace_route(&Route {
+                        table: 254,
+                        dst: Prefix::containing(client, 32),
+                        gateway: None,
+                        oif: Some(direct),
+                        onlink: false,
+                        protocol: 4,
+                        nexthop: None,
+                    })
+                    .await
+                    .unwrap();
+                    loose_rp_filter(&["eth0", "direct"]);
+                });
+                in_netns(&overlay_ns, || async {
+                    let k = Kernel::connect().await.unwrap();
+                    let direct = k.link_by_name("direct").await.unwrap().unwrap();
+                    k.set_up(direct.index).await.unwrap();
+                    loose_rp_filter(&["eth0", "direct"]);
+                });
+                let c = AclContext {
+                    local: vec!["172.16.0.0/24".parse().unwrap()],
+                    overlay_ifname: "ovl0".into(),
+                    remote: vec![RemoteRoute {
+                        prefix: Prefix::containing(client, 24),
+                        stack: StackName::new("web").unwrap(),
+                        via: client,
+                        mac: web_mac,
+                        host: Ipv4Addr::new(192, 168, 0, 2),
+                        same_host: false,
+                    }],
+                };
+                let listener = in_netns(&stack_ns, || async move {
+                    let l = TcpListener::bind(SocketAddr::from((server, 8080))).unwrap();
+                    l.set_nonblocking(true).unwrap();
+                    l
+                });
+                let connect = || {
+                    in_netns(&overlay_ns, || async move {
+                        TcpStream::connect_timeout(
+                            &SocketAddr::from((server, 8080)),
+                            Duration::from_millis(1500),
+                        )
+                    })
+                };
+                // The server's side of the next connection, if it opens within 1.5 s.
+                let accept = || {
+                    let until = std::time::Instant::now() + Duration::from_millis(1500);
+                    loop {
+                        match listener.accept() {
+                            Ok((s, from)) => break Some((s, from)),
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                if std::time::Instant::now() > until {
+                                    break None;
+                                }
+                                std::thread::sleep(Duration::from_millis(20));
+                            }
+                            Err(e) => panic!("accept: {e}"),
+                        }
+                    }
+                };
+
+                let mut acl = Acl::start(Policy::default(), c).unwrap();
+                assert_eq!(acl.state(), &AclState::Installed);
+                assert!(!acl.tracks_connections());
+                let mut to_server = connect().expect("the client's half passes the router");
+                let (mut at_server, from) = accept().expect("the server accepts");
+                assert_eq!(from.ip(), client, "source kept");
+                at_server.set_nonblocking(false).unwrap();
+                let wait = Some(Duration::from_millis(1500));
+                at_server.set_read_timeout(wait).unwrap();
+                to_server.set_read_timeout(wait).unwrap();
+                let mut buf = [0u8; 16];
+                to_server.write_all(b"ping").unwrap();
+                assert_eq!(at_server.read(&mut buf).unwrap(), 4);
+                at_server.write_all(b"pong").unwrap();
+                assert_eq!(to_server.read(&mut buf).unwrap(), 4);
+                // SYN, ACK, data: the default's, counted where they enter the stack.
+                let counters = acl.read().unwrap();
+                assert!(
+                    counters.rules[&Counted::Default].accepted.packets >= 3,
+                    "{counters:?}"
+                );
+                // Nothing tracked in this namespace (the file exists only while the
+                // module is loaded, by whatever namespace).
+                match std::fs::read_to_string("/proc/thread-self/net/nf_conntrack") {
+                    Ok(table) => assert!(
+                        !table.contains(&format!("src={client}")),
+                        "conntrack entries in the router's namespace:\n{table}"
+                    ),
+                    Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}"),
+                }
+                drop((to_server, at_server));
+
+                // A policy that allows web, but tracks connections: the SYN passes, the
+                // client's ACK after the SYN-ACK it never saw is invalid, and dropped.
+                acl.reload(policy("deny", "web", None)).unwrap();
+                assert!(acl.tracks_connections());
+                let _half_open = connect();
+                assert!(
+                    accept().is_none(),
+                    "the server got a connection the router saw half of"
+                );
+                let counters = acl.read().unwrap();
+                assert!(
+                    counters.rules[&Counted::Fallback].dropped.packets >= 1,
+                    "{counters:?}"
+                );
+                Nft::connect(TABLE, CHAIN).unwrap().delete_table().unwrap();
+            },
+        );
+    }
+
+    /// Reverse-path filtering off in this thread's namespace for `links` (the
+    /// effective value is the larger of `all` and the link's).
+    fn loose_rp_filter(links: &[&str]) {
+        for l in ["all", "default"].iter().chain(links) {
+            std::fs::write(format!("/proc/sys/net/ipv4/conf/{l}/rp_filter"), "0")
+                .expect("rp_filter");
+        }
     }
 
     /// One side's namespace: `addr`/24 on eth0, default route via `via`; its MAC.
