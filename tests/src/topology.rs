@@ -135,6 +135,49 @@ fn in_subnet(ip: Ipv4Addr, net: Ipv4Addr, len: u8) -> bool {
     u32::from(ip) & mask == u32::from(net)
 }
 
+/// Docker 28+ gives a container a random MAC and announces its address with gratuitous
+/// ARP once the interface is up (older engines derived the MAC from the address), so
+/// neighbours that cached a previous container's MAC for the same address (a router, after
+/// `docker compose up --force-recreate` of a service) learn the new one at once. Here:
+/// once the bridge port forwards (a gratuitous ARP sent before that is lost), eth0 gets
+/// a fresh random MAC, and `arp_notify` announces it.
+fn announce(host_ns: &str, port: &str, ns: &str) -> Result<()> {
+    let forwarding = crate::wait_until(Duration::from_secs(3), Duration::from_millis(10), || {
+        exec(Some(host_ns), &["bridge", "link", "show", "dev", port])
+            .map(|o| o.stdout.contains("state forwarding"))
+            .unwrap_or(false)
+    });
+    if !forwarding {
+        bail!("bridge port {port} in {host_ns} did not start forwarding within 3 s");
+    }
+    exec_ok(
+        Some(ns),
+        &["ip", "link", "set", "eth0", "address", &random_mac()],
+    )?;
+    Ok(())
+}
+
+/// A random locally administered unicast MAC.
+fn random_mac() -> String {
+    let mut b = [0u8; 6];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_err()
+    {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+            ^ ((std::process::id() as u128) << 64);
+        b.copy_from_slice(&t.to_le_bytes()[..6]);
+    }
+    b[0] = (b[0] & 0xfc) | 0x02;
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 fn sysctl(ns: &str, kv: &str) -> Result<()> {
     exec_ok(Some(ns), &["sysctl", "-q", "-w", kv]).map(|_| ())
 }
@@ -303,6 +346,8 @@ impl Host {
                 sysctl(&ns, "net.ipv4.ping_group_range=0 2147483647")?;
             }
         }
+        // Gratuitous ARP on a MAC change (see `announce` below).
+        sysctl(&ns, "net.ipv4.conf.default.arp_notify=1")?;
         exec_ok(cns, &["ip", "link", "set", "lo", "up"])?;
         exec_ok(
             Some(&host_ns),
@@ -320,6 +365,7 @@ impl Host {
             &["ip", "addr", "add", &format!("{ip}/{plen}"), "dev", "eth0"],
         )?;
         exec_ok(cns, &["ip", "link", "set", "eth0", "up"])?;
+        announce(&host_ns, &host_veth, &ns)?;
         exec_ok(
             cns,
             &[

@@ -502,6 +502,13 @@ fn chains_follow_services_and_routers_within_a_second() {
     assert_ne!(old_mac, new_mac);
     let took = wait_follow(&mesh, 1, &svc_port, Some(&new_mac), t0);
     let first = first.join().unwrap();
+    if !first {
+        // What the new service's neighbours hold for it (a stale MAC?).
+        for c in [mesh.rtr("a"), svc.clone()] {
+            eprintln!("{}: {:?}", c.ns, c.exec(&["ip", "neigh"]).map(|o| o.stdout));
+        }
+        eprintln!("new MAC {new_mac}, old {old_mac}\n{}", table_text(&mesh, 1));
+    }
     eprintln!("recreated service steered after {took:?} (its first pings answered: {first})");
     assert!(
         first,
