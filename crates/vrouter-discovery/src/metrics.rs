@@ -211,7 +211,7 @@ pub fn render(s: &Status, reconcile: Option<&Histogram>) -> String {
     }
     reg.register(
         "vrouter_acl_packets",
-        "Packets per access rule of a local stack: accepted (every packet of the connections the rule admitted) or dropped",
+        "Packets per access rule of a local stack: accepted (every packet of the connections the rule admitted; under the default policy's stateless table, every packet entering the stack) or dropped",
         acl_packets,
     );
     reg.register(
