@@ -599,12 +599,17 @@ pub fn apply_action(
     }
 }
 
+/// The most learned MACs a port may have and still be delivered to by MAC (see
+/// [`remember`]): a container has one, a few with macvlan or bridges of its own.
+pub const MAX_MACS_PER_PORT: usize = 16;
+
 /// The FDB rows to steer by: the bridge's learned rows, plus rows learned before
 /// that aged out while their port is still on the bridge. Steered frames bypass the
 /// bridge, so it stops seeing the router's and the services' frames and forgets their
 /// MACs after its ageing time; without this memory a quiet stack would fall back to
 /// the rule path every few minutes and return at its next broadcast. A MAC the
-/// bridge now learns elsewhere moves; a port that left the bridge takes its rows.
+/// bridge now learns elsewhere moves; a port that left the bridge takes its rows. A
+/// port with more than [`MAX_MACS_PER_PORT`] learned MACs keeps none.
 pub fn remember(
     memory: &BTreeMap<Mac, u32>,
     fdb: &[BridgeFdbEntry],
@@ -619,6 +624,15 @@ pub fn remember(
     for r in fdb.iter().filter(|r| r.learned && on_bridge(r.port)) {
         learned.insert(r.mac, r.port);
     }
+    // A container that sends from made-up source MACs fills the bridge's FDB (no
+    // limit by default): its port loses every learned row, so its frames take the
+    // bridge like any unsteered frame, and it can neither grow the table and this
+    // memory nor make every FDB change a table replacement.
+    let mut per_port: BTreeMap<u32, usize> = BTreeMap::new();
+    for port in learned.values() {
+        *per_port.entry(*port).or_default() += 1;
+    }
+    learned.retain(|_, port| per_port[port] <= MAX_MACS_PER_PORT);
     let mut rows: Vec<BridgeFdbEntry> = fdb.iter().filter(|r| !r.learned).cloned().collect();
     rows.extend(learned.iter().map(|(mac, port)| BridgeFdbEntry {
         mac: *mac,
@@ -1115,6 +1129,52 @@ mod tests {
                 .into_iter()
                 .map(String::from)
                 .collect()
+        );
+    }
+
+    #[test]
+    fn a_port_with_made_up_macs_keeps_none() {
+        let ports = vec![
+            Port {
+                index: 11,
+                name: "r".into(),
+            },
+            Port {
+                index: 12,
+                name: "s".into(),
+            },
+        ];
+        let router = stack_mac(Ipv4Addr::new(10, 1, 0, 254));
+        let mut fdb = vec![BridgeFdbEntry {
+            mac: router,
+            port: 11,
+            learned: true,
+        }];
+        let flood = |n: usize| -> Vec<BridgeFdbEntry> {
+            (0..n)
+                .map(|i| BridgeFdbEntry {
+                    mac: Mac([0x02, 0xee, 0, 0, (i >> 8) as u8, i as u8]),
+                    port: 12,
+                    learned: true,
+                })
+                .collect()
+        };
+        fdb.extend(flood(MAX_MACS_PER_PORT));
+        let (rows, memory) = remember(&BTreeMap::new(), &fdb, &ports);
+        assert_eq!(memory.len(), MAX_MACS_PER_PORT + 1, "at the cap: all kept");
+        assert_eq!(rows.len(), MAX_MACS_PER_PORT + 1);
+        // One more (now or remembered from before): port 12 keeps none, the router's
+        // port is untouched, and the memory does not grow with the flood.
+        fdb.extend(flood(1000).into_iter().skip(MAX_MACS_PER_PORT));
+        let (rows, memory) = remember(&memory, &fdb, &ports);
+        assert_eq!(memory.len(), 1);
+        assert_eq!(
+            rows,
+            vec![BridgeFdbEntry {
+                mac: router,
+                port: 11,
+                learned: true,
+            }]
         );
     }
 
