@@ -503,6 +503,28 @@ impl Mesh {
             .clone()
     }
 
+    /// Runs `vrouter-discovery cleanup` on `host` (its state directory, the test's
+    /// steering table) to its end: whether it succeeded, and its stdout and stderr.
+    pub fn run_cleanup(&self, host: usize) -> (bool, String) {
+        let bin = self.bin("vrouter-discovery");
+        let dir = self.state_dir(host).display().to_string();
+        let table = crate::steering::table_name();
+        let mut d = self
+            .topo
+            .host(host)
+            .spawn_privileged(
+                bin.to_str().unwrap(),
+                &["--state-dir", &dir, "cleanup"],
+                &[("VROUTER_STEERING_TABLE", &table)],
+            )
+            .unwrap();
+        let status = d
+            .wait_exit(Duration::from_secs(10))
+            .unwrap()
+            .expect("cleanup finished");
+        (status.success(), d.stdout() + &d.stderr())
+    }
+
     /// Discovery's steering table on `host` (`None`: no table).
     pub fn steering_table(&self, host: usize) -> Result<Option<NetdevTable>> {
         crate::steering::read_table(

@@ -605,27 +605,8 @@ fn cleanup_removes_what_discovery_made_once_the_stacks_are_gone() {
     let mut mesh = two_hosts("cleanup");
     mesh.wait_converged(CONVERGE).unwrap();
     let h1 = mesh.topo.host(1).ns.clone();
-    let bin = vrouter_tests::mesh::bin_dir()
-        .unwrap()
-        .join("vrouter-discovery");
-    let dir = mesh.state_dir(1).display().to_string();
     let table = vrouter_tests::steering::table_name();
-    let cleanup = |mesh: &Mesh| {
-        let mut d = mesh
-            .topo
-            .host(1)
-            .spawn_privileged(
-                bin.to_str().unwrap(),
-                &["--state-dir", &dir, "cleanup"],
-                &[("VROUTER_STEERING_TABLE", &table)],
-            )
-            .unwrap();
-        let status = d
-            .wait_exit(Duration::from_secs(10))
-            .unwrap()
-            .expect("cleanup finished");
-        (status.success(), d.stdout() + &d.stderr())
-    };
+    let cleanup = |mesh: &Mesh| mesh.run_cleanup(1);
     // Refused while a discovery is active.
     let (ok, out) = cleanup(&mesh);
     assert!(!ok && out.contains("stop it"), "{out}");

@@ -906,24 +906,8 @@ fn cleanup_leaves_no_steering_table() {
             mesh.topo.host_mut(1).remove_container(s, c).unwrap();
         }
     }
-    let bin = mesh.bin("vrouter-discovery");
-    let dir = mesh.state_dir(1).display().to_string();
-    let table_env = steering::table_name();
-    let mut d = mesh
-        .topo
-        .host(1)
-        .spawn_privileged(
-            bin.to_str().unwrap(),
-            &["--state-dir", &dir, "cleanup"],
-            &[("VROUTER_STEERING_TABLE", &table_env)],
-        )
-        .unwrap();
-    let status = d
-        .wait_exit(Duration::from_secs(10))
-        .unwrap()
-        .expect("cleanup finished");
-    let out = d.stdout() + &d.stderr();
-    assert!(status.success(), "{out}");
+    let (ok, out) = mesh.run_cleanup(1);
+    assert!(ok, "{out}");
     assert!(
         mesh.steering_table(1).unwrap().is_none(),
         "cleanup left the steering table:\n{}\n{out}",

@@ -1208,6 +1208,7 @@ impl Controller {
         let ports_of = k.ports_of_bridges(&bridges).await?;
         let fdb_of = k.fdb_of_bridges(&bridges).await?;
         let mut memory = BTreeMap::new();
+        let mut overlays: BTreeMap<Vni, Option<steer::Overlay>> = BTreeMap::new();
         let mut out = Vec::new();
         for l in local {
             let bridge = match &l.bridge {
@@ -1234,16 +1235,24 @@ impl Controller {
                 }
                 None => None,
             };
-            let overlay = if self.owned_vnis.contains(&l.spec.vni) {
-                k.link_by_name(&l.spec.vni.vxlan_ifname())
-                    .await?
-                    .filter(|d| d.up)
-                    .map(|d| steer::Overlay {
-                        index: d.index,
-                        mtu: d.mtu,
-                    })
-            } else {
-                None
+            // One lookup per VNI, however many stacks share it.
+            let overlay = match overlays.get(&l.spec.vni) {
+                Some(o) => *o,
+                None => {
+                    let o = if self.owned_vnis.contains(&l.spec.vni) {
+                        k.link_by_name(&l.spec.vni.vxlan_ifname())
+                            .await?
+                            .filter(|d| d.up)
+                            .map(|d| steer::Overlay {
+                                index: d.index,
+                                mtu: d.mtu,
+                            })
+                    } else {
+                        None
+                    };
+                    overlays.insert(l.spec.vni, o);
+                    o
+                }
             };
             out.push(StackFacts {
                 spec: l.spec.clone(),
