@@ -81,6 +81,18 @@ pub struct PeerView {
     pub stacks: Vec<String>,
 }
 
+/// One stack per host: stack `sN` on host N, VNI 1000, 10.N.0.0/24 (router .254,
+/// service .5).
+pub fn one_stack_per_host(hosts: usize) -> Vec<StackDef> {
+    (1..=hosts)
+        .map(|h| {
+            let name: &'static str = Box::leak(format!("s{h}").into_boxed_str());
+            let cidr: &'static str = Box::leak(format!("10.{h}.0.0/24").into_boxed_str());
+            StackDef::new(name, h, 1000, cidr)
+        })
+        .collect()
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -114,6 +126,15 @@ impl GossipMesh {
     /// `hosts` hosts, each discovery in gossip mode with [`OLD_SECRET`]; hosts 2..N join
     /// host 1. Starts every discovery, then every router.
     pub fn start(test: &str, hosts: usize, stacks: Vec<StackDef>) -> Result<GossipMesh> {
+        let mut g = GossipMesh::build(test, hosts, stacks)?;
+        g.start_all()?;
+        Ok(g)
+    }
+
+    /// [`GossipMesh::start`] without starting anything: the hosts, stacks, secrets and
+    /// gossip settings, so a test can add discovery settings
+    /// ([`Mesh::set_discovery_env`]) before [`GossipMesh::start_all`].
+    pub fn build(test: &str, hosts: usize, stacks: Vec<StackDef>) -> Result<GossipMesh> {
         let mesh = Mesh::build(test, hosts, stacks)?;
         let mut g = GossipMesh {
             mesh,
@@ -124,24 +145,21 @@ impl GossipMesh {
         for h in 1..=hosts {
             g.prepare_host(h, &[OLD_SECRET])?;
         }
-        for h in 1..=hosts {
-            g.mesh.start_discovery(h)?;
-        }
-        g.mesh.start_routers()?;
         Ok(g)
+    }
+
+    /// Starts every host's discovery, then every router.
+    pub fn start_all(&mut self) -> Result<()> {
+        for h in 1..=self.mesh.topo.hosts().len() {
+            self.mesh.start_discovery(h)?;
+        }
+        self.mesh.start_routers()
     }
 
     /// `hosts` hosts and one stack per host: stack `sN` on host N, VNI 1000,
     /// 10.N.0.0/24 (router .254, service .5).
     pub fn start_one_stack_per_host(test: &str, hosts: usize) -> Result<GossipMesh> {
-        let stacks = (1..=hosts)
-            .map(|h| {
-                let name: &'static str = Box::leak(format!("s{h}").into_boxed_str());
-                let cidr: &'static str = Box::leak(format!("10.{h}.0.0/24").into_boxed_str());
-                StackDef::new(name, h, 1000, cidr)
-            })
-            .collect();
-        GossipMesh::start(test, hosts, stacks)
+        GossipMesh::start(test, hosts, one_stack_per_host(hosts))
     }
 
     /// Writes the host's secret and (empty) fault file and sets its gossip environment.

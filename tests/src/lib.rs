@@ -27,6 +27,7 @@ pub mod ctlbench;
 pub mod daemon;
 pub mod datapath;
 pub mod docker;
+pub mod encryption;
 pub mod firewall;
 pub mod gossip;
 pub mod http;

@@ -23,7 +23,8 @@
 //!       `ok n=<n> mean_us=<m> p50_us=<p> p90_us=<q> min_us=<a> max_us=<b>`.
 //!   ping <ipv4> <count> <timeout_ms> [interval_ms=200]
 //!       ICMP echo (ping socket if ping_group_range allows, raw socket otherwise); prints
-//!       `sent=<n> received=<m>`, exit 0 if at least one reply arrived.
+//!       `sent=<n> received=<m> longest_loss_run=<k>` (k: the most consecutive requests
+//!       left unanswered), exit 0 if at least one reply arrived. At most 60000 requests.
 //!   capture-udp --port <P> --out <file> --timeout-ms <T> [--src <ipv4>]
 //!       AF_PACKET socket on every interface of the namespace: saves the UDP payload of
 //!       the first IPv4 datagram received (not sent) to port P (from --src only, if
@@ -58,6 +59,21 @@
 //!       NEWGEN message arrives: `newgen realtime_ns=<ns> rules=<n> elements=<n>`
 //!       (CLOCK_REALTIME when read; rules and set-element messages of the transaction).
 //!       Runs S seconds; fails if notifications were lost (ENOBUFS).
+//!   underlay-capture --dev <if> --out <file> --ms <T> [--max-bytes <B>=64000000]
+//!       [--marker <text>] [--vxlan-port <P>=4789] [--wg-port <P>=51820]
+//!       [--gossip-port <P>=7950]
+//!       AF_PACKET (SOCK_RAW, ETH_P_ALL) bound to <if>: every frame in and out, until T
+//!       ms passed, B bytes were seen, or `<file>.stop` exists. Creates `<file>.ready`
+//!       once bound; writes one line to <file> (and stdout): `frames= bytes= marker=
+//!       ipv4= frags= vxlan= wg= gossip= other_udp= other_ip= vxlan_flows=<s>><d>,...`
+//!       (marker: frames holding the text; frags: IPv4 with MF set or an offset;
+//!       vxlan: UDP to the VXLAN port; wg/gossip: UDP from or to that port).
+//!   vxlan-inject --to <ipv4> --src <ipv4> --vni <N> --dst-mac <mac> --src-mac <mac>
+//!       --inner-src <ipv4> --inner-dst <ipv4> --inner-port <P> --payload <text>
+//!       [--port <P>=4789] [--count <N>=5]
+//!       Sends N plain VXLAN frames (50 ms apart) through a raw socket with a forged
+//!       outer source address: inside, an Ethernet frame carrying one UDP datagram.
+//!       Prints `injected count=<n> bytes=<outer IP bytes>`.
 //!   udp-sink --port <P> --out <file> --count <N> --timeout-ms <T>
 //!       Binds 0.0.0.0:P, creates `<file>.ready`, counts datagrams until N arrived or T
 //!       ms passed, then writes `received=<n> ip_bytes=<b>` to <file> atomically; exit 0
@@ -70,7 +86,7 @@ use std::time::{Duration, Instant};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: vrt-probe tcp-serve <ip:port> <outfile> [idle_s] | tcp-send <ip:port> <bytes> [timeout_s] | tcp-hold <ip:port> <seconds> [max_stall_ms] | tcp-rr <ip:port> <iterations> [timeout_s] | ping <ip> <count> <timeout_ms> [interval_ms] | capture-udp --port P --out FILE --timeout-ms T [--src IP] | send-file --to IP:PORT --file FILE [--from-port P] | udp-send --to IP:PORT --count N --size B [--gap-us G] [--from IP] | udp-echo --port P --out FILE --count N --timeout-ms T | udp-rr --to IP:PORT --count N --timeout-ms T | tcp-accept --addr IP:PORT --ready FILE --secs S | tcp-connect-rate --to IP:PORT --secs S [--threads T] | nft-newgen --table NAME --ready FILE --secs S | udp-sink --port P --out FILE --count N --timeout-ms T"
+        "usage: vrt-probe tcp-serve <ip:port> <outfile> [idle_s] | tcp-send <ip:port> <bytes> [timeout_s] | tcp-hold <ip:port> <seconds> [max_stall_ms] | tcp-rr <ip:port> <iterations> [timeout_s] | ping <ip> <count> <timeout_ms> [interval_ms] | capture-udp --port P --out FILE --timeout-ms T [--src IP] | send-file --to IP:PORT --file FILE [--from-port P] | udp-send --to IP:PORT --count N --size B [--gap-us G] [--from IP] | udp-echo --port P --out FILE --count N --timeout-ms T | udp-rr --to IP:PORT --count N --timeout-ms T | tcp-accept --addr IP:PORT --ready FILE --secs S | tcp-connect-rate --to IP:PORT --secs S [--threads T] | nft-newgen --table NAME --ready FILE --secs S | udp-sink --port P --out FILE --count N --timeout-ms T | underlay-capture --dev IF --out FILE --ms T [--max-bytes B] [--marker TEXT] [--vxlan-port P] [--wg-port P] [--gossip-port P] | vxlan-inject --to IP --src IP --vni N --dst-mac MAC --src-mac MAC --inner-src IP --inner-dst IP --inner-port P --payload TEXT [--port P] [--count N]"
     );
     exit(2)
 }
@@ -184,6 +200,29 @@ fn main() {
             flag(&args, "--count", None),
             flag(&args, "--timeout-ms", None),
         ),
+        Some("underlay-capture") => underlay_capture(UnderlayCapture {
+            dev: flag(&args, "--dev", None),
+            out: flag(&args, "--out", None),
+            ms: flag(&args, "--ms", None),
+            max_bytes: flag(&args, "--max-bytes", Some(64_000_000u64)),
+            marker: flag_opt(&args, "--marker"),
+            vxlan_port: flag(&args, "--vxlan-port", Some(4789u16)),
+            wg_port: flag(&args, "--wg-port", Some(51820u16)),
+            gossip_port: flag(&args, "--gossip-port", Some(7950u16)),
+        }),
+        Some("vxlan-inject") => vxlan_inject(VxlanInject {
+            to: flag(&args, "--to", None),
+            src: flag(&args, "--src", None),
+            port: flag(&args, "--port", Some(4789u16)),
+            vni: flag(&args, "--vni", None),
+            dst_mac: flag::<String>(&args, "--dst-mac", None),
+            src_mac: flag::<String>(&args, "--src-mac", None),
+            inner_src: flag(&args, "--inner-src", None),
+            inner_dst: flag(&args, "--inner-dst", None),
+            inner_port: flag(&args, "--inner-port", None),
+            payload: flag(&args, "--payload", None),
+            count: flag(&args, "--count", Some(5u32)),
+        }),
         Some("udp-sink") => udp_sink(
             flag(&args, "--port", None),
             flag::<String>(&args, "--out", None),
@@ -759,7 +798,7 @@ fn csum(data: &[u8]) -> u16 {
 }
 
 fn ping(ip: Ipv4Addr, count: u32, timeout_ms: u64, interval_ms: u64) {
-    let count = count.clamp(1, 1000);
+    let count = count.clamp(1, 60_000);
     // Prefer an unprivileged ping socket; fall back to a raw socket (needs CAP_NET_RAW).
     let (fd, raw) = unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_ICMP);
@@ -880,7 +919,13 @@ fn ping(ip: Ipv4Addr, count: u32, timeout_ms: u64, interval_ms: u64) {
         libc::close(fd);
     }
     let received = replies.iter().filter(|r| **r).count();
-    println!("sent={sent} received={received}");
+    let mut longest = 0usize;
+    let mut run = 0usize;
+    for r in &replies[..sent as usize] {
+        run = if *r { 0 } else { run + 1 };
+        longest = longest.max(run);
+    }
+    println!("sent={sent} received={received} longest_loss_run={longest}");
     exit(if received > 0 { 0 } else { 1 })
 }
 
@@ -980,4 +1025,240 @@ fn send_file(to: SocketAddr, file: String, from_port: u16) {
         fail(format!("sent {n} of {} bytes", data.len()));
     }
     println!("sent bytes={n}");
+}
+
+struct UnderlayCapture {
+    dev: String,
+    out: String,
+    ms: u64,
+    max_bytes: u64,
+    marker: Option<String>,
+    vxlan_port: u16,
+    wg_port: u16,
+    gossip_port: u16,
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn underlay_capture(c: UnderlayCapture) {
+    let deadline = Instant::now() + Duration::from_millis(c.ms.max(1));
+    let name = std::ffi::CString::new(c.dev.clone()).unwrap_or_else(|_| usage());
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if ifindex == 0 {
+        fail(format!("no interface {}", c.dev));
+    }
+    let proto = (libc::ETH_P_ALL as u16).to_be();
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto as libc::c_int) };
+    if fd < 0 {
+        fail(format!(
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto;
+    sll.sll_ifindex = ifindex as i32;
+    let r = unsafe {
+        libc::bind(
+            fd,
+            &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        fail(format!(
+            "bind to {}: {}",
+            c.dev,
+            std::io::Error::last_os_error()
+        ));
+    }
+    write_atomic(&format!("{}.ready", c.out), "ready\n");
+    let stop = std::path::PathBuf::from(format!("{}.stop", c.out));
+    let marker = c.marker.clone().unwrap_or_default().into_bytes();
+    let (mut frames, mut bytes, mut marked, mut ipv4, mut frags) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut vxlan, mut wg, mut gossip, mut other_udp, mut other_ip) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut flows: std::collections::BTreeSet<String> = Default::default();
+    let mut buf = vec![0u8; 262_144];
+    while Instant::now() < deadline && bytes < c.max_bytes && !stop.exists() {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        if unsafe { libc::poll(&mut pfd, 1, 20) } <= 0 {
+            continue;
+        }
+        let n = unsafe {
+            libc::recv(
+                fd,
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n <= 0 {
+            continue;
+        }
+        let f = &buf[..n as usize];
+        frames += 1;
+        bytes += f.len() as u64;
+        if contains(f, &marker) {
+            marked += 1;
+        }
+        if f.len() < 14 + 20 || u16::from_be_bytes([f[12], f[13]]) != libc::ETH_P_IP as u16 {
+            continue;
+        }
+        let ip = &f[14..];
+        if ip[0] >> 4 != 4 {
+            continue;
+        }
+        ipv4 += 1;
+        let frag = u16::from_be_bytes([ip[6], ip[7]]);
+        let (more, offset) = (frag & 0x2000 != 0, frag & 0x1fff);
+        if more || offset != 0 {
+            frags += 1;
+        }
+        let ihl = ((ip[0] & 0x0f) as usize) * 4;
+        if ip[9] != libc::IPPROTO_UDP as u8 || offset != 0 || ip.len() < ihl + 8 {
+            other_ip += (ip[9] != libc::IPPROTO_UDP as u8) as u64;
+            continue;
+        }
+        let udp = &ip[ihl..];
+        let sport = u16::from_be_bytes([udp[0], udp[1]]);
+        let dport = u16::from_be_bytes([udp[2], udp[3]]);
+        if dport == c.vxlan_port {
+            vxlan += 1;
+            if flows.len() < 32 {
+                flows.insert(format!(
+                    "{}>{}",
+                    Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+                    Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19])
+                ));
+            }
+        } else if sport == c.wg_port || dport == c.wg_port {
+            wg += 1;
+        } else if sport == c.gossip_port || dport == c.gossip_port {
+            gossip += 1;
+        } else {
+            other_udp += 1;
+        }
+    }
+    unsafe {
+        libc::close(fd);
+    }
+    let flows: Vec<String> = flows.into_iter().collect();
+    let line = format!(
+        "frames={frames} bytes={bytes} marker={marked} ipv4={ipv4} frags={frags} vxlan={vxlan} wg={wg} gossip={gossip} other_udp={other_udp} other_ip={other_ip} vxlan_flows={}\n",
+        flows.join(",")
+    );
+    write_atomic(&c.out, &line);
+    print!("{line}");
+}
+
+struct VxlanInject {
+    to: Ipv4Addr,
+    src: Ipv4Addr,
+    port: u16,
+    vni: u32,
+    dst_mac: String,
+    src_mac: String,
+    inner_src: Ipv4Addr,
+    inner_dst: Ipv4Addr,
+    inner_port: u16,
+    payload: String,
+    count: u32,
+}
+
+fn parse_mac(s: &str) -> [u8; 6] {
+    let v: Vec<u8> = s
+        .split(':')
+        .map(|x| u8::from_str_radix(x, 16).unwrap_or_else(|_| fail(format!("bad MAC {s}"))))
+        .collect();
+    v.try_into()
+        .unwrap_or_else(|_| fail(format!("bad MAC {s}")))
+}
+
+/// An IPv4 header (no options) + UDP header (checksum 0: allowed over IPv4) + payload.
+fn ipv4_udp(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+    df: bool,
+) -> Vec<u8> {
+    let total = 20 + 8 + payload.len();
+    let mut p = Vec::with_capacity(total);
+    p.extend_from_slice(&[0x45, 0]);
+    p.extend_from_slice(&(total as u16).to_be_bytes());
+    p.extend_from_slice(&(std::process::id() as u16).to_be_bytes());
+    p.extend_from_slice(&(if df { 0x4000u16 } else { 0 }).to_be_bytes());
+    p.extend_from_slice(&[64, libc::IPPROTO_UDP as u8, 0, 0]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    let c = csum(&p[..20]);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(payload);
+    p
+}
+
+fn vxlan_inject(v: VxlanInject) {
+    if v.vni >= 1 << 24 {
+        fail(format!("--vni {}: VNIs are 24 bits", v.vni));
+    }
+    let inner_ip = ipv4_udp(
+        v.inner_src,
+        v.inner_dst,
+        40001,
+        v.inner_port,
+        v.payload.as_bytes(),
+        false,
+    );
+    let mut vx = vec![0x08, 0, 0, 0];
+    vx.extend_from_slice(&(v.vni << 8).to_be_bytes());
+    vx.extend_from_slice(&parse_mac(&v.dst_mac));
+    vx.extend_from_slice(&parse_mac(&v.src_mac));
+    vx.extend_from_slice(&(libc::ETH_P_IP as u16).to_be_bytes());
+    vx.extend_from_slice(&inner_ip);
+    let outer = ipv4_udp(v.src, v.to, 40000, v.port, &vx, true);
+    // IPPROTO_RAW implies IP_HDRINCL: the outer header goes out as built, forged source
+    // included (needs CAP_NET_RAW: the harness runs this as root).
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    if fd < 0 {
+        fail(format!("raw socket: {}", std::io::Error::last_os_error()));
+    }
+    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    sa.sin_family = libc::AF_INET as libc::sa_family_t;
+    sa.sin_addr.s_addr = u32::from(v.to).to_be();
+    for i in 0..v.count {
+        let r = unsafe {
+            libc::sendto(
+                fd,
+                outer.as_ptr() as *const libc::c_void,
+                outer.len(),
+                0,
+                &sa as *const libc::sockaddr_in as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            fail(format!(
+                "frame {i}: sendto: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    unsafe {
+        libc::close(fd);
+    }
+    println!("injected count={} bytes={}", v.count, outer.len());
 }
