@@ -50,10 +50,14 @@ ip -4 rule show 2>/dev/null | grep 'proto 118' | grep '\[detached\]' | while rea
   ip -4 rule del pref "$pref" iif "$iif" table "$table" && echo "removed detached rule $pref iif $iif"
 done
 # The Docker tests' discovery steers in the host namespace's table netdev <prefix>vrouter
-# (simulated hosts' tables go with their namespaces).
-if command -v nft >/dev/null 2>&1 && nft list table netdev "${p}vrouter" >/dev/null 2>&1; then
-  if nft delete table netdev "${p}vrouter"; then echo "removed table netdev ${p}vrouter"; else rc=1; fi
-fi
+# and, with encryption `require`, drops stray VXLAN in table ip <prefix>vrouter
+# (simulated hosts' tables go with their namespaces). Its WireGuard device is
+# <prefix>-wg, removed with the other <prefix>-* links above.
+for fam in netdev ip; do
+  if command -v nft >/dev/null 2>&1 && nft list table "$fam" "${p}vrouter" >/dev/null 2>&1; then
+    if nft delete table "$fam" "${p}vrouter"; then echo "removed table $fam ${p}vrouter"; else rc=1; fi
+  fi
+done
 rm -rf /run/"$p"-docker-conf* 2>/dev/null
 # --------------------------------------------------------------------------------------
 left=$(ip netns list 2>/dev/null | awk '{print $1}' | grep "^$p-")

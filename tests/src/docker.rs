@@ -920,9 +920,11 @@ pub fn firewall_snapshot(exclude: &[String]) -> Result<String> {
     if let Ok(o) = run(&["nft", "-s", "list", "ruleset"], &[]) {
         if o.success() {
             out.push_str("## nft -s list ruleset\n");
-            // Discovery's steering table follows the containers' ports.
-            let rs =
-                crate::steering::without_table(&o.stdout, "netdev", &crate::steering::table_name());
+            // Discovery's steering table follows the containers' ports; its input table
+            // (encryption `require`: VXLAN only through WireGuard) is discovery's too.
+            let table = crate::steering::table_name();
+            let rs = crate::steering::without_table(&o.stdout, "netdev", &table);
+            let rs = crate::steering::without_table(&rs, "ip", &table);
             for l in rs.lines() {
                 let t = l.trim_start();
                 if t.starts_with('#') || exclude.iter().any(|x| l.contains(x.as_str())) {
@@ -999,6 +1001,9 @@ pub struct HostGuard {
     vnis: Vec<u32>,
     pub bridges: Vec<String>,
     pub state_dirs: Vec<PathBuf>,
+    /// Further host links the test's discovery makes (its WireGuard device), deleted
+    /// on cleanup; push only names that carry the test prefix.
+    pub links: Vec<String>,
 }
 
 impl HostGuard {
@@ -1020,6 +1025,7 @@ impl HostGuard {
             vnis: vnis.to_vec(),
             bridges: Vec::new(),
             state_dirs: state_dirs.to_vec(),
+            links: Vec::new(),
         })
     }
 
@@ -1064,6 +1070,11 @@ impl HostGuard {
                 let _ = run(&["ip", "link", "del", &name], &[]);
             }
         }
+        for l in &self.links {
+            if link_line(l).is_some() {
+                let _ = run(&["ip", "link", "del", l], &[]);
+            }
+        }
         delete_steering_table();
         for d in &self.state_dirs {
             let _ = std::fs::remove_dir_all(d);
@@ -1074,8 +1085,8 @@ impl HostGuard {
     }
 }
 
-/// Deletes the tests' steering table (`netdev <prefix>vrouter`) from the host namespace,
-/// if there.
+/// Deletes the tests' steering table (`netdev <prefix>vrouter`) and input table (`ip
+/// <prefix>vrouter`, encryption `require`) from the host namespace, if there.
 pub fn delete_steering_table() {
     let table = crate::steering::table_name();
     if crate::steering::read_table(None, &table)
@@ -1084,6 +1095,9 @@ pub fn delete_steering_table() {
         .is_some()
     {
         let _ = run(&["nft", "delete", "table", "netdev", &table], &[]);
+    }
+    if run(&["nft", "list", "table", "ip", &table], &[]).is_ok_and(|o| o.success()) {
+        let _ = run(&["nft", "delete", "table", "ip", &table], &[]);
     }
 }
 

@@ -205,3 +205,31 @@ fn no_file_unprotects_its_network_and_discovery_files_carry_the_steering_setting
         }
     }
 }
+
+/// The several-hosts discovery carries the encryption setting (off unless set) and the
+/// TUN device the userspace WireGuard engine needs, and nothing more than CAP_NET_ADMIN
+/// for it (checked above: not privileged, only NET_ADMIN).
+#[test]
+fn multi_host_discovery_can_encrypt_with_only_the_tun_device() {
+    let text = read(Pattern::MultiHostDiscovery);
+    let d = service_block(&text, "discovery");
+    for want in [
+        "VROUTER_ENCRYPTION: ${VROUTER_ENCRYPTION:-off}",
+        "devices:",
+        "- /dev/net/tun:/dev/net/tun",
+        "cap_add: [NET_ADMIN]",
+    ] {
+        assert!(
+            d.contains(want),
+            "multi-host discovery lacks {want:?}:\n{d}"
+        );
+    }
+    // The TUN device is the only one.
+    let devices: Vec<&str> = d
+        .lines()
+        .skip_while(|l| l.trim() != "devices:")
+        .skip(1)
+        .take_while(|l| l.trim_start().starts_with("- "))
+        .collect();
+    assert_eq!(devices, ["      - /dev/net/tun:/dev/net/tun"], "{d}");
+}

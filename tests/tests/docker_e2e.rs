@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use vrouter_state::{StackName, StateDir, SteeringMode};
 
 use vrouter_tests::docker::*;
+use vrouter_tests::encryption::UnderlayCapture;
 use vrouter_tests::mesh::{Mesh, StackDef};
 use vrouter_tests::{prefix, require_docker, tcp_send, TcpServer, TestLock};
 
@@ -882,9 +883,52 @@ fn vrouter_discovery_veth(s: &Stack) -> String {
 #[test]
 fn docker_cross_host() {
     require_docker!();
+    cross_host("docker_cross_host", false);
+}
+
+/// The same with encryption `require` on both hosts (VXLAN over WireGuard, the
+/// userspace backend: the discovery container gets /dev/net/tun from the deploy file and
+/// still only CAP_NET_ADMIN): the public keys travel in the peer files, the overlay MTU
+/// is 1370, and the underlay between the hosts carries WireGuard and no VXLAN.
+#[test]
+fn docker_cross_host_encrypted() {
+    require_docker!();
+    cross_host("docker_cross_host_enc", true);
+}
+
+/// The peer file of a host with one remote host `addr` running `stack` (`key`: that
+/// host's WireGuard public key).
+fn peer_file(addr: &str, stack: &str, prefix: &str, router_ip: &str, key: Option<&str>) -> String {
+    let key = key
+        .map(|k| format!("public_key = \"{k}\"\n"))
+        .unwrap_or_default();
+    format!(
+        "[[host]]\naddress = \"{addr}\"\n{key}\n[[host.stack]]\nname = \"{stack}\"\nvni = 1000\nprefixes = [\"{prefix}\"]\nrouter_ip = \"{router_ip}\"\n"
+    )
+}
+
+/// `encryption.public_key` of the discovery.json in `state`, once there.
+fn wait_public_key(state: &Path, timeout: Duration) -> Option<String> {
+    let mut key = None;
+    within(timeout, || {
+        key = std::fs::read_to_string(state.join("discovery.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["encryption"]["public_key"].as_str().map(str::to_string));
+        key.is_some()
+    });
+    key
+}
+
+fn cross_host(test: &str, encrypted: bool) {
     // The mesh takes the global test lock itself.
     let y = StackDef::new("y", 1, 1000, "10.20.0.0/24");
-    let mesh = Mesh::start("docker_cross_host", 1, vec![y.clone()]).unwrap();
+    let mut mesh = Mesh::build(test, 1, vec![y.clone()]).unwrap();
+    if encrypted {
+        mesh.set_discovery_env(1, "VROUTER_ENCRYPTION", "require");
+        mesh.set_discovery_env(1, "VROUTER_WG_BACKEND", "userspace");
+    }
+    mesh.start_all().unwrap();
     remove_labelled(None);
     let images = Images::build().unwrap();
     let p = prefix();
@@ -895,6 +939,16 @@ fn docker_cross_host() {
         &[state.clone(), private_dir_of(&state), conf_dir.clone()],
     )
     .unwrap();
+    // This host's WireGuard device: the test's own name (tests/cleanup.sh removes
+    // <prefix>-* links), never the host's `vrouter-wg`.
+    let wg_dev = format!("{p}-wg");
+    if encrypted {
+        assert!(
+            link_line(&wg_dev).is_none(),
+            "{wg_dev} exists before the test (a leftover: tests/cleanup.sh {p})"
+        );
+        host.links.push(wg_dev.clone());
+    }
     let before = snapshot();
 
     // This host's underlay link to the simulated hosts' underlay bridge.
@@ -911,16 +965,18 @@ fn docker_cross_host() {
     run_ok(&["ip", "addr", "add", "198.18.0.100/24", "dev", &link]).unwrap();
     run_ok(&["ip", "link", "set", &link, "up"]).unwrap();
     let sim = mesh.topo.host(1).underlay_ip.to_string();
+    let sim_key = if encrypted {
+        let k = wait_public_key(&mesh.state_dir(1), Duration::from_secs(15));
+        assert!(k.is_some(), "the simulated host reports no public key");
+        k
+    } else {
+        None
+    };
 
     let x_net = "10.207.0";
     std::fs::write(
         conf_dir.join("peers.toml"),
-        format!(
-            "[[host]]\naddress = \"{sim}\"\n\n[[host.stack]]\nname = \"{}\"\nvni = 1000\nprefixes = [\"{}\"]\nrouter_ip = \"{}\"\n",
-            y.name,
-            y.cidr,
-            y.router_ip()
-        ),
+        peer_file(&sim, y.name, y.cidr, &y.router_ip(), sim_key.as_deref()),
     )
     .unwrap();
     // This host's discovery (deploy/multi-host/discovery, its own project) and stack X
@@ -929,31 +985,50 @@ fn docker_cross_host() {
     dspec
         .discovery_env
         .push(("VROUTER_UNDERLAY_INTERFACE".into(), link.clone()));
+    if encrypted {
+        for (k, v) in [
+            ("VROUTER_ENCRYPTION", "require"),
+            ("VROUTER_WG_BACKEND", "userspace"),
+            ("VROUTER_WG_DEVICE", wg_dev.as_str()),
+        ] {
+            dspec.discovery_env.push((k.into(), v.into()));
+        }
+    }
     dspec
         .compose_env
         .push(("VROUTER_CONFIG_DIR".into(), conf_dir.display().to_string()));
     let mut disc = Stack::new(dspec, &images).unwrap();
     assert_eq!(disc.deploy_services().unwrap(), ["discovery"]);
     let mut spec = StackSpec::new("x", Pattern::MultiHost, 1000, x_net, &state);
-    spec.mtu = 1450;
+    spec.mtu = if encrypted { 1370 } else { 1450 };
     let mut x = Stack::new(spec, &images).unwrap();
     assert_router_only(&x);
-    // The simulated host learns of X from its own peer file.
-    let sim_conf = mesh.config_path(1);
-    let tmp = sim_conf.with_extension("tmp");
-    std::fs::write(
-        &tmp,
-        format!(
-            "[[host]]\naddress = \"198.18.0.100\"\n\n[[host.stack]]\nname = \"{}\"\nvni = 1000\nprefixes = [\"{}\"]\nrouter_ip = \"{}\"\n",
-            x.spec.project(),
-            x.spec.subnet(),
-            x.spec.router_ip()
+
+    disc.up().unwrap();
+    // The simulated host learns of X (and, encrypted, of this host's key) from its own
+    // peer file.
+    let x_key = if encrypted {
+        let k = wait_public_key(&state, Duration::from_secs(30));
+        assert!(
+            k.is_some(),
+            "the Docker discovery reports no public key\n{}",
+            disc.logs()
+        );
+        k
+    } else {
+        None
+    };
+    vrouter_tests::write_file_atomic(
+        &mesh.config_path(1),
+        peer_file(
+            "198.18.0.100",
+            &x.spec.project(),
+            &x.spec.subnet(),
+            &x.spec.router_ip(),
+            x_key.as_deref(),
         ),
     )
     .unwrap();
-    std::fs::rename(&tmp, &sim_conf).unwrap();
-
-    disc.up().unwrap();
     x.up().unwrap();
     host.bridges.push(x.bridge().unwrap());
     assert_router_only_running(&x);
@@ -970,6 +1045,18 @@ fn docker_cross_host() {
         disc.logs()
     );
     eprintln!("cross-host X -> Y converged after {:?}", t.unwrap());
+    // On the underlay (this host's end of the link, seen from the bridge port): with
+    // encryption, WireGuard and no VXLAN while the stacks talk.
+    let capture = encrypted.then(|| {
+        UnderlayCapture::start(
+            &ul,
+            "dkr",
+            None,
+            Duration::from_secs(60),
+            mesh.topo.log_dir(),
+        )
+        .unwrap()
+    });
     let local = x
         .exec("web", &["vrt-probe", "ping", &y_ip, "1", "1000"])
         .unwrap();
@@ -1025,14 +1112,52 @@ fn docker_cross_host() {
     tcp_send(&y_svc.ns, &format!("{x_ip}:5202"), 200000, FIVE_S).unwrap();
     let seen = x.exec("web", &["cat", "/tmp/srv-5202"]).unwrap().stdout;
     assert!(seen.contains(&format!("peer={y_ip}:")), "X saw {seen:?}");
-    // The VXLAN device is bound to the configured underlay link.
     let vx = run_ok(&["ip", "-d", "link", "show", "vxlan1000"])
         .unwrap()
         .stdout;
-    assert!(
-        vx.contains("local 198.18.0.100") && vx.contains(&format!("dev {link}")),
-        "vxlan1000 is not on {link}: {vx}"
-    );
+    if let Some(cap) = capture {
+        let r = cap.finish().unwrap();
+        eprintln!("MEASURED: docker cross-host underlay under require: {r:?}");
+        assert_eq!(r.vxlan, 0, "plain VXLAN between the hosts: {r:?}");
+        assert!(r.wg > 0, "no WireGuard between the hosts: {r:?}");
+        // The VXLAN device leaves the source address to the route (the tunnel
+        // address through WireGuard) and carries the encrypted overlay MTU.
+        assert!(
+            !vx.contains(" local ") && vx.contains("mtu 1370 "),
+            "vxlan1000 under encryption: {vx}"
+        );
+        let wg = link_line(&wg_dev).unwrap_or_default();
+        assert!(wg.contains("mtu 1420 "), "{wg_dev}: {wg}");
+        let d: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(state.join("discovery.json")).unwrap())
+                .unwrap();
+        let e = &d["encryption"];
+        assert_eq!(e["mode"], "require", "{e}");
+        assert_eq!(e["backend"], "userspace", "{e}");
+        assert_eq!(e["overlay_mtu"], 1370, "{e}");
+        assert!(
+            e["peers"].as_array().is_some_and(|p| p
+                .iter()
+                .any(|p| p["host"] == sim.as_str() && p["state"] == "encrypted")),
+            "the simulated host is not an encrypted peer: {e}"
+        );
+        // Only CAP_NET_ADMIN, and the TUN device from the deploy file.
+        let id = disc.container("discovery").unwrap();
+        let devices = docker(&[
+            "inspect",
+            "-f",
+            "{{range .HostConfig.Devices}}{{.PathOnHost}} {{end}}",
+            &id,
+        ])
+        .unwrap();
+        assert!(devices.contains("/dev/net/tun"), "devices: {devices}");
+    } else {
+        // The VXLAN device is bound to the configured underlay link.
+        assert!(
+            vx.contains("local 198.18.0.100") && vx.contains(&format!("dev {link}")),
+            "vxlan1000 is not on {link}: {vx}"
+        );
+    }
     let middle = snapshot();
 
     let exclude = vec![host.bridges[0].clone(), x.spec.subnet()];
