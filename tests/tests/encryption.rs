@@ -500,12 +500,12 @@ fn off_host_is_refused_by_require_and_plain_under_prefer() {
     assert!(reachable(&g, "s1", "s2"), "s1 -> s2 (both require)");
 
     // Hosts 1 and 2 switch to prefer (same keys: the key file stays).
+    let since = now_ms();
     for h in [1, 2] {
         g.mesh.stop_discovery(h, libc::SIGTERM).unwrap();
         set_encryption(&mut g.mesh, h, "prefer");
         g.mesh.start_discovery(h).unwrap();
     }
-    let since = now_ms();
     g.excluded_stacks.clear();
     g.mesh_hosts = vec![1, 2, 3];
     match g.wait_all_routes(CONVERGE) {
