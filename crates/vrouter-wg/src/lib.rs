@@ -9,15 +9,9 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
-/// A Curve25519 public key (32 bytes). Text form: standard base64 (44 characters), as
-/// `wg` prints it. Serde uses the text form.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct PublicKey(pub [u8; 32]);
+mod key;
 
-/// A Curve25519 private key. Never printed (Debug shows only the public key); zeroed
-/// on drop. Text form (files): base64, as `wg genkey` writes it.
-#[derive(Clone)]
-pub struct PrivateKey(pub(crate) [u8; 32]);
+pub use key::{load_or_create_key, write_key_file, PrivateKey, PublicKey};
 
 /// Which implementation carries the tunnel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -135,26 +129,4 @@ impl Wg {
 /// Deletes the interface (cleanup, leave-mesh, encryption turned off).
 pub async fn destroy(_name: &str) -> Result<(), WgError> {
     Ok(())
-}
-
-impl PrivateKey {
-    pub fn generate() -> PrivateKey {
-        unimplemented!("vrouter-wg: not built yet")
-    }
-    pub fn public_key(&self) -> PublicKey {
-        unimplemented!("vrouter-wg: not built yet")
-    }
-}
-
-/// Reads a private key file (base64, one line), refusing links, non-regular files,
-/// files over 1 KiB and files readable by group or others; creates it (mode 0600,
-/// atomically) with a fresh key when `create` and it does not exist.
-pub fn load_or_create_key(_path: &std::path::Path, _create: bool) -> Result<PrivateKey, WgError> {
-    Err(WgError::Kernel("vrouter-wg: not built yet".into()))
-}
-
-impl std::fmt::Debug for PublicKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PublicKey({:02x?})", &self.0[..4])
-    }
 }
