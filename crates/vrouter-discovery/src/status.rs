@@ -955,6 +955,7 @@ pub(crate) mod tests {
                 advertise_addr: H1,
                 vxlan_port: 4789,
                 underlay_mtu: 1500,
+                overlay_mtu: None,
                 pid: 42,
             },
             peers: vec![
@@ -964,6 +965,7 @@ pub(crate) mod tests {
                     source: PeerOrigin::Static,
                     node: None,
                     claims: BTreeMap::new(),
+                    encryption: None,
                 },
                 PeerHost {
                     addr: H3,
@@ -971,6 +973,7 @@ pub(crate) mod tests {
                     source: PeerOrigin::Gossip,
                     node: Some("00000000000000d3".into()),
                     claims: BTreeMap::new(),
+                    encryption: None,
                 },
             ],
             local_stacks: vec![local("a", 1, true), local("c", 3, false)],
@@ -983,6 +986,7 @@ pub(crate) mod tests {
             devices: vec![Vni::new(1000).unwrap()],
             drift_repairs: 3,
             steering: None,
+            encryption: None,
             gossip: Some(GossipStatus {
                 node_id: "00000000000000d1".into(),
                 addr: "198.18.0.1:7950".into(),

@@ -52,8 +52,11 @@ impl Kernel {
     /// `KernelError::VniInUse`; a kernel without vxlan with `KernelError::NoVxlan`.
     /// Returns the new device's index.
     pub async fn create_vxlan(&self, spec: &VxlanSpec) -> Result<u32> {
-        let message = LinkVxlan::new(&spec.name, spec.vni.get())
-            .local(spec.local)
+        let mut builder = LinkVxlan::new(&spec.name, spec.vni.get());
+        if let Some(local) = spec.local {
+            builder = builder.local(local);
+        }
+        let message = builder
             .dev(spec.underlay)
             .port(spec.port)
             .learning(spec.learning)
@@ -86,7 +89,8 @@ impl Kernel {
 
     /// Changes a VXLAN device's local address in place (the port cannot change): a
     /// changelink, RTM_NEWLINK on the existing index with kind vxlan and only
-    /// IFLA_VXLAN_LOCAL, so the device keeps its index, FDB and macvlans.
+    /// IFLA_VXLAN_LOCAL, so the device keeps its index, FDB and macvlans. 0.0.0.0
+    /// removes it (the kernel then picks the source address by route).
     pub async fn set_vxlan_local(&self, index: u32, local: Ipv4Addr) -> Result<()> {
         let message = LinkMessageBuilder::<LinkVxlan>::new_with_info_kind(InfoKind::Vxlan)
             .index(index)
