@@ -135,7 +135,7 @@ fn decode32(text: &str) -> Result<[u8; 32], WgError> {
     Ok(key)
 }
 
-fn fill_random(buf: &mut [u8]) {
+pub(crate) fn fill_random(buf: &mut [u8]) {
     let mut filled = 0;
     while filled < buf.len() {
         // SAFETY: the pointer and length describe the unfilled tail of `buf`.
