@@ -31,8 +31,8 @@ const MAX_PACKET: usize = 65_535;
 /// Room for WireGuard's framing around a packet (header 16, tag 16, padding 15), and
 /// never less than a handshake initiation.
 const MAX_DATAGRAM: usize = MAX_PACKET + 64;
-/// How long a data thread sleeps in poll(2) before it looks at the stop flag.
-const POLL_MS: i32 = 200;
+/// How long a data thread sleeps in poll(2) at most (stop wakes it at once).
+const POLL_MS: i32 = 1000;
 /// The protocol timer period (retransmits, rekeys, keepalives).
 const TICK: Duration = Duration::from_millis(100);
 /// Handshake initiations per second, per local key, before cookies are demanded.
@@ -112,6 +112,8 @@ struct Shared {
     table: RwLock<Arc<Table>>,
     udp: UdpSocket,
     tun: Tun,
+    /// Readable once `stop` is set: wakes the data threads out of poll(2).
+    wake: tun::Wake,
     drops: DropCounters,
 }
 
@@ -133,6 +135,7 @@ impl Engine {
             table: RwLock::new(Arc::new(Table::default())),
             udp,
             tun,
+            wake: tun::Wake::new()?,
             drops: DropCounters::default(),
         });
         let mut engine = Engine {
@@ -316,6 +319,7 @@ impl Engine {
     /// Stops the threads and waits for them (at most one poll period).
     pub(crate) fn stop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
+        self.shared.wake.wake();
         for handle in self.threads.drain(..) {
             let _ = handle.join();
         }
@@ -324,8 +328,9 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        // Threads not joined by `close` see the flag within a poll period and exit.
+        // Threads not joined by `close` see the flag and exit on their own.
         self.shared.stop.store(true, Ordering::Relaxed);
+        self.shared.wake.wake();
     }
 }
 
@@ -406,7 +411,7 @@ fn tun_to_udp(shared: Arc<Shared>) {
         let n = match shared.tun.recv(&mut packet) {
             Ok(Some(n)) => n,
             Ok(None) => {
-                tun::wait_readable(shared.tun.raw_fd(), POLL_MS);
+                tun::wait_readable(shared.tun.raw_fd(), &shared.wake, POLL_MS);
                 table = shared.table.read().clone();
                 continue;
             }
@@ -458,7 +463,7 @@ fn udp_to_tun(shared: Arc<Shared>) {
                 if e.kind() == io::ErrorKind::WouldBlock
                     || e.kind() == io::ErrorKind::Interrupted =>
             {
-                tun::wait_readable(shared.udp.as_raw_fd(), POLL_MS);
+                tun::wait_readable(shared.udp.as_raw_fd(), &shared.wake, POLL_MS);
                 table = shared.table.read().clone();
                 continue;
             }
@@ -561,7 +566,9 @@ fn timers(shared: Arc<Shared>) {
         next += TICK;
         let now = Instant::now();
         if next > now {
-            std::thread::sleep(next - now);
+            // A negative descriptor is ignored by poll(2): this waits for stop only.
+            let ms = (next - now).as_millis().min(1000) as i32;
+            tun::wait_readable(-1, &shared.wake, ms);
         } else {
             next = now;
         }

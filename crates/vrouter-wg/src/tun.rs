@@ -144,15 +144,48 @@ impl Tun {
     }
 }
 
-/// Waits until `fd` is readable or `timeout_ms` passes.
-pub(crate) fn wait_readable(fd: i32, timeout_ms: i32) {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+/// Waits until `fd` or `wake` is readable, or `timeout_ms` passes.
+pub(crate) fn wait_readable(fd: i32, wake: &Wake, timeout_ms: i32) {
+    let mut pfds = [
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: wake.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: two valid pollfds.
+    unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout_ms) };
+}
+
+/// An eventfd that wakes every thread waiting in [`wait_readable`] at once (stop).
+pub(crate) struct Wake {
+    fd: OwnedFd,
+}
+
+impl Wake {
+    pub(crate) fn new() -> io::Result<Wake> {
+        // SAFETY: plain syscall; the result is checked.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        Ok(Wake {
+            fd: unsafe { OwnedFd::from_raw_fd(raw) },
+        })
+    }
+
+    /// Makes the eventfd readable for good (it is never read).
+    pub(crate) fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64.
+        unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
 }
 
 #[cfg(test)]
