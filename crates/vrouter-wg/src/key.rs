@@ -54,7 +54,6 @@ impl PrivateKey {
     }
 
     /// The raw bytes (for the kernel backend's netlink message).
-    #[allow(dead_code)] // used by the kernel backend (next commit)
     pub(crate) fn bytes(&self) -> &[u8; 32] {
         &self.0
     }
