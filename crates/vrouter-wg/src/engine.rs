@@ -24,6 +24,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::config::{plan, TunnelKey, TunnelParams};
 use crate::tun::{self, Tun};
+use crate::udp::{Udp, MAX_GSO_BYTES, MAX_SEGMENTS};
 use crate::{DeviceConfig, PeerConfig, PeerStats, PrivateKey, PublicKey, WgError};
 
 /// Largest IP packet the TUN device can hand over (IPv4 total length is 16 bits).
@@ -110,7 +111,7 @@ struct Table {
 struct Shared {
     stop: AtomicBool,
     table: RwLock<Arc<Table>>,
-    udp: UdpSocket,
+    udp: Udp,
     tun: Tun,
     /// Readable once `stop` is set: wakes the data threads out of poll(2).
     wake: tun::Wake,
@@ -133,7 +134,7 @@ impl Engine {
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             table: RwLock::new(Arc::new(Table::default())),
-            udp,
+            udp: Udp::new(udp),
             tun,
             wake: tun::Wake::new()?,
             drops: DropCounters::default(),
@@ -268,7 +269,7 @@ impl Engine {
                     if let TunnResult::WriteToNetwork(p) =
                         tunn.format_handshake_initiation(&mut buf, false)
                     {
-                        let _ = self.shared.udp.send_to(p, peer.endpoint);
+                        self.shared.udp.send(p, peer.endpoint);
                     }
                 }
             }
@@ -402,20 +403,87 @@ impl Table {
     }
 }
 
-/// TUN -> encrypt -> UDP.
+/// Encrypted datagrams waiting to leave in one send: all to one peer, all of one
+/// size but the last (the shape UDP segmentation offload takes).
+struct Batch {
+    buf: Vec<u8>,
+    len: usize,
+    segment: usize,
+    count: usize,
+    to: SocketAddr,
+    /// A shorter datagram ended the run.
+    closed: bool,
+}
+
+impl Batch {
+    fn new() -> Batch {
+        Batch {
+            buf: vec![0u8; MAX_GSO_BYTES + MAX_DATAGRAM],
+            len: 0,
+            segment: 0,
+            count: 0,
+            to: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
+            closed: false,
+        }
+    }
+
+    fn flush(&mut self, udp: &Udp) {
+        if self.count > 0 {
+            udp.send_segments(&self.buf[..self.len], self.segment, self.to);
+        }
+        self.len = 0;
+        self.count = 0;
+        self.closed = false;
+    }
+
+    /// Takes the datagram just written at `buf[len..len + n]` into the run, sending
+    /// the run first if it does not fit.
+    fn commit(&mut self, udp: &Udp, n: usize, to: SocketAddr) {
+        let fits = self.count == 0
+            || (self.to == to
+                && !self.closed
+                && n <= self.segment
+                && self.count < MAX_SEGMENTS
+                && self.len + n <= MAX_GSO_BYTES);
+        if !fits {
+            udp.send_segments(&self.buf[..self.len], self.segment, self.to);
+            self.buf.copy_within(self.len..self.len + n, 0);
+            self.len = 0;
+            self.count = 0;
+            self.closed = false;
+        }
+        if self.count == 0 {
+            self.segment = n;
+            self.to = to;
+        }
+        self.len += n;
+        self.count += 1;
+        if n < self.segment {
+            self.closed = true;
+        }
+        if self.len >= MAX_GSO_BYTES || self.count >= MAX_SEGMENTS {
+            self.flush(udp);
+        }
+    }
+}
+
+/// TUN -> encrypt -> UDP. Packets read back to back leave as one batch when the TUN
+/// queue runs dry (or the batch is full), so a busy tunnel pays one send per batch.
 fn tun_to_udp(shared: Arc<Shared>) {
     let mut packet = vec![0u8; MAX_PACKET];
-    let mut out = vec![0u8; MAX_DATAGRAM];
+    let mut batch = Batch::new();
     let mut table = shared.table.read().clone();
     while !shared.stop.load(Ordering::Relaxed) {
         let n = match shared.tun.recv(&mut packet) {
             Ok(Some(n)) => n,
             Ok(None) => {
+                batch.flush(&shared.udp);
                 tun::wait_readable(shared.tun.raw_fd(), &shared.wake, POLL_MS);
                 table = shared.table.read().clone();
                 continue;
             }
             Err(e) => {
+                batch.flush(&shared.udp);
                 tracing::warn!(error = %e, "wireguard: reading the TUN device failed");
                 std::thread::sleep(Duration::from_millis(POLL_MS as u64));
                 continue;
@@ -439,31 +507,39 @@ fn tun_to_udp(shared: Arc<Shared>) {
         let peer = &table.peers[peer_index];
         let tunnel = table.sending_tunnel(peer);
         let mut tunn = tunnel.tunn.lock();
-        match tunn.encapsulate(packet, &mut out) {
-            TunnResult::WriteToNetwork(datagram) => {
-                send(&shared.udp, datagram, peer.endpoint);
-            }
+        let start = batch.len;
+        let written = match tunn.encapsulate(packet, &mut batch.buf[start..]) {
+            TunnResult::WriteToNetwork(datagram) => Some((datagram.len(), datagram[0] == 4)),
             TunnResult::Err(e) => {
                 tracing::debug!(error = ?e, "wireguard: encapsulate failed");
+                None
             }
-            _ => {}
+            _ => None,
+        };
+        drop(tunn);
+        match written {
+            Some((len, true)) => batch.commit(&shared.udp, len, peer.endpoint),
+            // A handshake initiation (no session yet): at once, outside the run.
+            Some((len, false)) => shared.udp.send(&batch.buf[start..start + len], peer.endpoint),
+            None => {}
         }
     }
+    batch.flush(&shared.udp);
 }
 
-/// UDP -> decrypt -> TUN.
+/// UDP -> decrypt -> TUN. With UDP GRO one receive may carry a run of datagrams.
 fn udp_to_tun(shared: Arc<Shared>) {
     let mut datagram = vec![0u8; MAX_DATAGRAM];
     let mut out = vec![0u8; MAX_DATAGRAM];
     let mut table = shared.table.read().clone();
     while !shared.stop.load(Ordering::Relaxed) {
-        let (n, from) = match shared.udp.recv_from(&mut datagram) {
+        let got = match shared.udp.recv(&mut datagram) {
             Ok(got) => got,
             Err(e)
                 if e.kind() == io::ErrorKind::WouldBlock
                     || e.kind() == io::ErrorKind::Interrupted =>
             {
-                tun::wait_readable(shared.udp.as_raw_fd(), &shared.wake, POLL_MS);
+                tun::wait_readable(shared.udp.sock.as_raw_fd(), &shared.wake, POLL_MS);
                 table = shared.table.read().clone();
                 continue;
             }
@@ -478,7 +554,14 @@ fn udp_to_tun(shared: Arc<Shared>) {
                 table = current.clone();
             }
         }
-        receive(&shared, &table, &datagram[..n], from, &mut out);
+        if got.len == 0 {
+            shared.drops.invalid.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let segment = got.segment.max(1);
+        for one in datagram[..got.len].chunks(segment) {
+            receive(&shared, &table, one, got.from, &mut out);
+        }
     }
 }
 
@@ -498,7 +581,7 @@ fn receive(shared: &Shared, table: &Table, datagram: &[u8], from: SocketAddr, ou
                 match local.limiter.verify_packet(Some(from.ip()), datagram, out) {
                     Ok(_) => {}
                     Err(TunnResult::WriteToNetwork(cookie)) => {
-                        send(&shared.udp, cookie, from);
+                        shared.udp.send(cookie, from);
                         return;
                     }
                     // mac1 is for another of our keys (or for none).
@@ -532,7 +615,7 @@ fn receive(shared: &Shared, table: &Table, datagram: &[u8], from: SocketAddr, ou
     loop {
         match result {
             TunnResult::WriteToNetwork(reply) => {
-                send(&shared.udp, reply, peer.endpoint);
+                shared.udp.send(reply, peer.endpoint);
                 result = tunn.decapsulate(None, &[], out);
             }
             TunnResult::WriteToTunnelV4(inner, source) => {
@@ -580,17 +663,10 @@ fn timers(shared: Arc<Shared>) {
             for t in &peer.tunnels {
                 let mut tunn = t.tunn.lock();
                 if let TunnResult::WriteToNetwork(p) = tunn.update_timers(&mut out) {
-                    send(&shared.udp, p, peer.endpoint);
+                    shared.udp.send(p, peer.endpoint);
                 }
             }
         }
-    }
-}
-
-fn send(udp: &UdpSocket, datagram: &[u8], to: SocketAddr) {
-    if let Err(e) = udp.send_to(datagram, to) {
-        // A full send buffer drops the packet (as a NIC would); TCP recovers.
-        tracing::trace!(error = %e, %to, "wireguard: udp send");
     }
 }
 

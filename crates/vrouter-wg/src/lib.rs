@@ -19,6 +19,7 @@ mod engine;
 mod kernel;
 mod key;
 mod tun;
+mod udp;
 
 pub use engine::Drops;
 pub use key::{load_or_create_key, write_key_file, PrivateKey, PublicKey};

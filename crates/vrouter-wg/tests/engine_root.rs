@@ -533,3 +533,69 @@ fn auto_falls_back_to_userspace_and_destroy_removes_the_device() {
     rt.run(async { vrouter_wg::destroy(DEVICE).await })
         .expect("destroy is idempotent");
 }
+
+/// Sends as fast as it can for `duration` over TCP from `from_rt` to `to:port`;
+/// returns Mbit/s as the receiver counted it.
+fn tcp_blast(
+    from_rt: &NsRuntime,
+    to_rt: &NsRuntime,
+    to: Ipv4Addr,
+    port: u16,
+    duration: Duration,
+) -> f64 {
+    let listener = to_rt
+        .rt
+        .block_on(to_rt.blocking(move || TcpListener::bind((to, port)).expect("bind")))
+        .unwrap();
+    let server = to_rt.blocking(move || {
+        let (mut conn, _) = listener.accept().expect("accept");
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut buf = vec![0u8; 1 << 18];
+        let mut total = 0u64;
+        let start = Instant::now();
+        while let Ok(n) = conn.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+        total as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e6
+    });
+    let client = from_rt.blocking(move || {
+        let mut s =
+            TcpStream::connect_timeout(&SocketAddr::from((to, port)), Duration::from_secs(5))
+                .expect("connect");
+        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        let chunk = vec![0x5au8; 1 << 18];
+        let start = Instant::now();
+        while start.elapsed() < duration {
+            s.write_all(&chunk).expect("write");
+        }
+    });
+    from_rt.rt.block_on(client).unwrap();
+    to_rt.rt.block_on(server).unwrap()
+}
+
+/// Single-stream TCP throughput, plain underlay and through the engine, same run.
+/// `cargo test --release -p vrouter-wg --test engine_root throughput -- --ignored --nocapture`
+#[test]
+#[ignore = "benchmark: run on an idle machine, in release"]
+fn throughput() {
+    if !require_root() {
+        return;
+    }
+    let p = Pair::new("wg_throughput");
+    let secs = std::env::var("WG_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5u64);
+    let d = Duration::from_secs(secs);
+    let plain = tcp_blast(&p.rt_a, &p.rt_b, p.b.host, 5101, d);
+    let tunnel = tcp_blast(&p.rt_a, &p.rt_b, p.b.tunnel, 5102, d);
+    eprintln!(
+        "tcp single stream, {secs} s: underlay {plain:.0} Mbit/s, wireguard engine {tunnel:.0} Mbit/s ({:.2} of underlay)",
+        tunnel / plain
+    );
+    assert!(tunnel > 0.0);
+}
