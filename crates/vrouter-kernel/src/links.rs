@@ -11,6 +11,7 @@ use rtnetlink::packet_route::link::{
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{
     AddressMessageBuilder, LinkMacVlan, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan,
+    LinkWireguard,
 };
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -85,6 +86,24 @@ impl Kernel {
             return Err(classify("create vxlan device", what, context, source));
         }
         self.created_index(&spec.name).await
+    }
+
+    /// Creates a kernel WireGuard device (down, unconfigured). A kernel without the
+    /// wireguard module fails here with `KernelError::NoWireGuard`. Returns its index.
+    pub async fn create_wireguard(&self, name: &str) -> Result<u32> {
+        let message = LinkWireguard::new(name).build();
+        if let Err(source) = self.create_link(message).await {
+            let context = Context::CreateWireguard {
+                names: format!("{name} in this namespace"),
+            };
+            return Err(classify(
+                "create wireguard device",
+                name.into(),
+                context,
+                source,
+            ));
+        }
+        self.created_index(name).await
     }
 
     /// Changes a VXLAN device's local address in place (the port cannot change): a
@@ -315,6 +334,23 @@ impl Kernel {
                 let label = self.link_label(index).await;
                 let what = format!("{addr}/{prefix_len} on link {label}");
                 Err(classify("replace address", what, Context::Link(label), e))
+            }
+        }
+    }
+
+    /// `ip address del ADDR/LEN dev LINK`; an address already gone is not an error.
+    pub async fn delete_address(&self, index: u32, addr: Ipv4Addr, prefix_len: u8) -> Result<()> {
+        let message = AddressMessageBuilder::<Ipv4Addr>::new()
+            .index(index)
+            .address(addr, prefix_len)
+            .build();
+        match self.ack(RouteNetlinkMessage::DelAddress(message), 0).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_gone(&e) || errno_of(&e) == Some(libc::EADDRNOTAVAIL) => Ok(()),
+            Err(e) => {
+                let label = self.link_label(index).await;
+                let what = format!("{addr}/{prefix_len} on link {label}");
+                Err(classify("delete address", what, Context::Link(label), e))
             }
         }
     }

@@ -54,7 +54,6 @@ impl PrivateKey {
     }
 
     /// The raw bytes (for the kernel backend's netlink message).
-    #[allow(dead_code)] // used by the kernel backend (next commit)
     pub(crate) fn bytes(&self) -> &[u8; 32] {
         &self.0
     }
@@ -135,7 +134,7 @@ fn decode32(text: &str) -> Result<[u8; 32], WgError> {
     Ok(key)
 }
 
-fn fill_random(buf: &mut [u8]) {
+pub(crate) fn fill_random(buf: &mut [u8]) {
     let mut filled = 0;
     while filled < buf.len() {
         // SAFETY: the pointer and length describe the unfilled tail of `buf`.
