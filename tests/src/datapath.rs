@@ -319,7 +319,7 @@ impl Datapath {
             let spec = VxlanSpec {
                 name: FLANNEL_DEV.into(),
                 vni: Vni::new(FLANNEL_VNI)?,
-                local,
+                local: Some(local),
                 underlay,
                 port,
                 mtu,

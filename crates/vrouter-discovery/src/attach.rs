@@ -168,9 +168,9 @@ pub(crate) async fn accept_loop(listener: AttachListener, tx: mpsc::Sender<Input
 /// The reply to a message that is not one of the attach protocol's.
 fn malformed_reply(e: &std::io::Error) -> DiscoveryMessage {
     let mut reason = e.to_string();
-    if reason.contains("leave_mesh") {
+    if reason.contains("leave_mesh") || reason.contains("rotate_key") {
         reason.push_str(
-            "; admin commands are not accepted on the shared socket: run `vrouter-discovery leave-mesh` in the discovery container (it uses admin.sock in discovery's private directory)",
+            "; admin commands are not accepted on the shared socket: run `vrouter-discovery leave-mesh` (or rotate-key) in the discovery container (it uses admin.sock in discovery's private directory)",
         );
     }
     DiscoveryMessage::Refused { reason }
@@ -289,9 +289,13 @@ pub(crate) async fn admin_loop(listener: AttachListener, tx: mpsc::Sender<Input>
 async fn serve_admin(sock: AttachSocket, tx: mpsc::Sender<Input>) {
     loop {
         let reply = match sock.recv::<AdminMessage>().await {
-            Ok(Some((AdminMessage::LeaveMesh, _))) => {
+            Ok(Some((command, _))) => {
                 let (rtx, rrx) = oneshot::channel();
-                if tx.send(Input::LeaveMesh { reply: rtx }).await.is_err() {
+                let input = match command {
+                    AdminMessage::LeaveMesh => Input::LeaveMesh { reply: rtx },
+                    AdminMessage::RotateKey => Input::RotateKey { reply: rtx },
+                };
+                if tx.send(input).await.is_err() {
                     return;
                 }
                 match rrx.await {
@@ -314,20 +318,45 @@ async fn serve_admin(sock: AttachSocket, tx: mpsc::Sender<Input>) {
     }
 }
 
-/// `vrouter-discovery leave-mesh`: asks the running discovery, through its admin
-/// socket, to leave the mesh.
-pub async fn leave_mesh(private_dir: &Path) -> anyhow::Result<()> {
+/// Sends one admin command to the running discovery and returns its answer.
+async fn admin(
+    private_dir: &Path,
+    command: AdminMessage,
+    name: &str,
+) -> anyhow::Result<Option<DiscoveryMessage>> {
     let path = private_dir.join(ADMIN_SOCKET);
     let socket = AttachSocket::connect(&path).await.map_err(|e| {
         anyhow::anyhow!(
-            "cannot reach discovery's admin socket at {} ({e}); run this inside the discovery container (docker exec <discovery> vrouter-discovery leave-mesh), with the same VROUTER_STATE_DIR / VROUTER_PRIVATE_DIR",
+            "cannot reach discovery's admin socket at {} ({e}); run this inside the discovery container (docker exec <discovery> vrouter-discovery {name}), with the same VROUTER_STATE_DIR / VROUTER_PRIVATE_DIR",
             path.display()
         )
     })?;
-    socket.send(&AdminMessage::LeaveMesh, None).await?;
+    socket.send(&command, None).await?;
     let answer = tokio::time::timeout(Duration::from_secs(5), socket.recv::<DiscoveryMessage>())
         .await
-        .map_err(|_| anyhow::anyhow!("discovery did not confirm the leave within 5 s"))??;
+        .map_err(|_| anyhow::anyhow!("discovery did not answer {name} within 5 s"))??;
+    Ok(answer.map(|(m, _)| m))
+}
+
+/// `vrouter-discovery rotate-key`: asks the running discovery, through its admin
+/// socket, to start a WireGuard key rotation.
+pub async fn rotate_key(private_dir: &Path) -> anyhow::Result<()> {
+    match admin(private_dir, AdminMessage::RotateKey, "rotate-key").await? {
+        Some(DiscoveryMessage::Rotating { old, new }) => {
+            println!("key rotation started: {old} -> {new}; it completes once every routed peer uses the new key (events: key_rotation_completed)");
+            Ok(())
+        }
+        Some(DiscoveryMessage::Refused { reason }) => anyhow::bail!("{reason}"),
+        other => anyhow::bail!("unexpected answer from discovery: {other:?}"),
+    }
+}
+
+/// `vrouter-discovery leave-mesh`: asks the running discovery, through its admin
+/// socket, to leave the mesh.
+pub async fn leave_mesh(private_dir: &Path) -> anyhow::Result<()> {
+    let answer = admin(private_dir, AdminMessage::LeaveMesh, "leave-mesh")
+        .await?
+        .map(|m| (m, ()));
     match answer {
         Some((DiscoveryMessage::Left, _)) => {
             println!("left the mesh: every other host withdraws this host's stacks");

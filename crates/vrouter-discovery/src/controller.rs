@@ -25,8 +25,6 @@ use vrouter_state::{
     SteeringStatus, Vni, RTPROT_VROUTER, SCHEMA_VERSION,
 };
 
-/// VXLAN header overhead on IPv4.
-const VXLAN_OVERHEAD: u32 = 50;
 /// How long a restarted discovery keeps routing the previous run's gossip peers that
 /// gossip has not reported yet.
 const REMEMBER_FOR: std::time::Duration = std::time::Duration::from_secs(10);
@@ -89,6 +87,15 @@ pub struct Controller {
     steer_error: Option<String>,
     /// Rule mode: the table was deleted once (a ports-mode run may have left it).
     steer_cleared: bool,
+    /// Encryption's runtime (None when VROUTER_ENCRYPTION=off).
+    tunnel: Option<crate::wireguard::Tunnel>,
+    /// The last reconcile's per-peer encryption decisions.
+    enc_plan: crate::encryption::Plan,
+    /// discovery.json's `encryption`.
+    enc_status: Option<vrouter_state::EncryptionStatus>,
+    /// Encryption events already written (refusals, plain peers, collisions), so each
+    /// is written once per episode.
+    enc_reported: BTreeSet<String>,
 }
 
 impl Controller {
@@ -138,6 +145,21 @@ impl Controller {
                 anyhow::bail!(e)
             }
         };
+        let tunnel = if settings.encryption_on() {
+            let stacks: Vec<(String, Prefix)> = registry
+                .entries()
+                .map(|e| &e.spec)
+                .chain(peers.iter().flat_map(|p| p.stacks.iter()))
+                .flat_map(|s| s.prefixes.iter().map(|p| (s.name.to_string(), *p)))
+                .collect();
+            check_tunnel_range(&settings, &kernel, &underlay, &stacks).await?;
+            let keys =
+                crate::wireguard::load_keys(&settings.wg_key_file()).map_err(anyhow::Error::msg)?;
+            Some(crate::wireguard::Tunnel::new(&settings, keys))
+        } else {
+            remove_encryption_leftovers(&settings, &kernel).await;
+            None
+        };
         let c = Controller {
             settings,
             dir,
@@ -176,6 +198,10 @@ impl Controller {
             steer_status: None,
             steer_error: None,
             steer_cleared: false,
+            tunnel,
+            enc_plan: Default::default(),
+            enc_status: None,
+            enc_reported: BTreeSet::new(),
         };
         c.event(
             EventKind::Started,
@@ -317,6 +343,11 @@ impl Controller {
         if let Some(g) = &self.gossip {
             g.leave().await;
             self.left_mesh = true;
+            if let Some(t) = self.tunnel.as_mut() {
+                for e in t.remove().await {
+                    self.event_because(EventKind::Error, "encryption_cleanup_failed", e, None);
+                }
+            }
             self.event(
                 EventKind::LeftMesh,
                 "this host left the gossip mesh on purpose; every other host withdraws its stacks now, and this host stops routing to theirs".into(),
@@ -668,15 +699,22 @@ impl Controller {
         self.registry.next_expiry(self.settings.grace())
     }
 
+    /// With encryption on, no local address: the kernel picks the tunnel address for
+    /// packets that go through WireGuard and the underlay address for plain peers.
     fn device_spec(&self, vni: Vni) -> DeviceSpec {
         DeviceSpec {
             vni,
-            local: self.underlay.addr,
+            local: (!self.settings.encryption_on()).then_some(self.underlay.addr),
             underlay: self.underlay.index,
             port: self.settings.vxlan_port,
-            mtu: self.underlay.mtu.saturating_sub(VXLAN_OVERHEAD),
+            mtu: self.overlay_mtu(),
             learning: self.settings.vxlan_learning,
         }
+    }
+
+    /// MTU of the VXLAN devices: underlay - 50, and - 80 more with encryption.
+    pub fn overlay_mtu(&self) -> u32 {
+        crate::encryption::overlay_mtu(self.underlay.mtu, &self.settings.encryption)
     }
 
     /// Makes `vxlan<VNI>` match its spec: reuse, adjust in place, or (only when it must)
@@ -776,7 +814,12 @@ impl Controller {
                         EventKind::DeviceCreated,
                         format!(
                             "created {name} (VNI {vni}, local {}, dev {}, UDP port {}, MTU {})",
-                            want.local, self.underlay.ifname, want.port, want.mtu
+                            want.local
+                                .map(|a| a.to_string())
+                                .unwrap_or_else(|| "by route (encryption)".into()),
+                            self.underlay.ifname,
+                            want.port,
+                            want.mtu
                         ),
                         None,
                     );
@@ -877,15 +920,28 @@ impl Controller {
             .filter(|l| !refused_local.contains(&l.spec.name))
             .collect();
         self.refused_local = local_refusals.iter().map(|r| r.reason.clone()).collect();
+        let mut all_peers = self.peers.clone();
+        all_peers.extend(self.gossip_peers());
+        let own_tunnel = self.encryption_pass(&mut all_peers).await;
         if let Some(g) = &self.gossip {
             let stacks = stacks
                 .into_iter()
                 .filter(|c| !refused_local.contains(&c.spec.name))
                 .collect();
-            g.set_local(self.advertise, self.settings.vxlan_port, stacks);
+            let encryption = match &self.tunnel {
+                Some(t) => t.announcement(own_tunnel),
+                None => Some(vrouter_gossip::record::Encryption {
+                    mode: vrouter_state::EncryptionMode::Off,
+                    public_key: None,
+                    next_public_key: None,
+                    tunnel: None,
+                    wg_port: self.settings.wg_port,
+                }),
+            };
+            g.set_local(self.advertise, self.settings.vxlan_port, stacks, encryption);
         }
-        let mut all_peers = self.peers.clone();
-        all_peers.extend(self.gossip_peers());
+        // Refused peers are not routed at all, as if absent.
+        let routed_peers = self.enc_plan.routed(&all_peers);
         let host = HostView {
             advertise_addr: Some(self.advertise),
             host_networks: addrs
@@ -911,8 +967,9 @@ impl Controller {
                 .filter(|a| bridges.contains(&a.index) && !a.addr.is_loopback())
                 .map(|a| (a.index, Prefix::containing(a.addr, a.prefix_len)))
                 .collect(),
+            tunnel_dst: self.enc_plan.tunnel_dst.clone(),
         };
-        let mut want = desired::compute(&host, &local, &all_peers);
+        let mut want = desired::compute(&host, &local, &routed_peers);
         want.refusals.extend(local_refusals);
         self.all_peers = all_peers;
         for r in &want.refusals {
@@ -963,7 +1020,16 @@ impl Controller {
         // FDB: desired rows plus rows routers may still use, on the devices we have.
         let registry = &self.registry;
         let mut target: BTreeSet<FdbRow> = want.fdb.clone();
-        target.extend(self.retention.retained(|v| registry.acks(v)));
+        // Retained rows follow their host's current destination (tunnel or underlay).
+        target.extend(
+            self.retention
+                .retained(|v| registry.acks(v))
+                .into_iter()
+                .map(|r| FdbRow {
+                    dst: want.fdb_dst(r.dst),
+                    ..r
+                }),
+        );
         target.retain(|r| devices.contains_key(&r.vni));
         let observed = self.dump_fdb(&devices).await?;
         for change in diff::diff_fdb(&target, &observed) {
@@ -980,7 +1046,7 @@ impl Controller {
 
         // Publish what the FDB now carries.
         let present = self.dump_fdb(&devices).await?;
-        let published = desired::publish(&local, &want.candidates, &present);
+        let published = desired::publish(&local, &want.candidates, &present, &want.tunnel_dst);
         if !self.routes_current && published == self.published {
             // After a restart: routes.json is current if it already says the same.
             self.routes_current = self.dir.read_routes().is_ok_and(|r| r.stacks == published);
@@ -1050,6 +1116,246 @@ impl Controller {
         self.steer_pass(&local).await;
         self.write_discovery(&local)?;
         Ok(changes)
+    }
+
+    /// Encryption decided and applied: static peers' tunnel addresses, this host's
+    /// own (reported collisions), each peer encrypted, plain or refused (events once
+    /// per episode), then the WireGuard device and the `require` filter brought to
+    /// match. Runs before the FDB is reconciled, so a tunnel address is routed into
+    /// the device before any FDB row points at it. Returns this host's tunnel address.
+    async fn encryption_pass(&mut self, peers: &mut [PeerHost]) -> Option<Ipv4Addr> {
+        let mode = self.settings.encryption.clone();
+        let mut own = None;
+        let mut reported: BTreeSet<String> = BTreeSet::new();
+        if self.tunnel.is_some() {
+            let range = self.settings.tunnel_range;
+            crate::encryption::fill_static_tunnels(range, self.advertise, peers);
+            let mut hosts: BTreeSet<Ipv4Addr> = peers.iter().map(|p| p.addr).collect();
+            if let Some(g) = &self.gossip_status {
+                hosts.extend(g.members.iter().map(|m| m.underlay));
+            }
+            hosts.insert(self.advertise);
+            let a = crate::tunnel::assign(range, &hosts);
+            for c in &a.collisions {
+                let list: Vec<String> = c.hosts.iter().map(|h| h.to_string()).collect();
+                let key = format!("collision|{}|{}", c.address, list.join(","));
+                if !self.enc_reported.contains(&key) {
+                    self.event(
+                        EventKind::TunnelAddressCollision,
+                        format!(
+                            "hosts {} all derive tunnel address {} from their underlay addresses; {} keeps it (the lowest underlay address) and the others take the next free address in {range}",
+                            list.join(", "),
+                            c.address,
+                            list[0]
+                        ),
+                        None,
+                    );
+                }
+                reported.insert(key);
+            }
+            own = a.addresses.get(&self.advertise).copied();
+            if own.is_none() {
+                let key = "range_full".to_string();
+                if !self.enc_reported.contains(&key) {
+                    self.event_because(
+                        EventKind::Error,
+                        "tunnel_range_full",
+                        format!("the tunnel range {range} (VROUTER_TUNNEL_RANGE) has no address left for this host among {} hosts; use a larger range on every host", hosts.len()),
+                        None,
+                    );
+                }
+                reported.insert(key);
+            }
+        }
+        let plan = crate::encryption::plan(&mode, peers);
+        for d in plan.peers.values() {
+            use crate::encryption::PeerState;
+            let (Some(code), Some(reason)) = (d.code, &d.reason) else {
+                continue;
+            };
+            let host = d.host;
+            match d.state {
+                PeerState::Refused => {
+                    let key = format!("refused|{host}|{code}");
+                    if !self.enc_reported.contains(&key) {
+                        self.event_because(
+                            EventKind::EncryptionPeerRefused,
+                            code,
+                            format!(
+                                "host {host} is not routed (local mode {mode}, its mode {}): {reason}",
+                                d.peer_mode
+                            ),
+                            None,
+                        );
+                    }
+                    reported.insert(key);
+                }
+                PeerState::Plain => {
+                    let key = format!("plain|{host}");
+                    if !self.enc_reported.contains(&key) {
+                        self.event_because(
+                            EventKind::EncryptionPeerPlain,
+                            code,
+                            format!("host {host} is routed in the clear: {reason}"),
+                            None,
+                        );
+                    }
+                    reported.insert(key);
+                }
+                PeerState::Encrypted => {}
+            }
+        }
+        self.enc_reported = reported;
+        let overlay_mtu = self.overlay_mtu();
+        let mut notes = Vec::new();
+        if let (Some(t), Some(addr), false) = (self.tunnel.as_mut(), own, self.left_mesh) {
+            notes = t.apply(addr, self.underlay.mtu, &plan).await;
+        }
+        for n in notes {
+            self.encryption_note(n);
+        }
+        self.enc_status = Some(match &self.tunnel {
+            Some(t) => t.status(&plan, overlay_mtu),
+            None => crate::wireguard::status(
+                &mode,
+                None,
+                &self.settings.wg_device,
+                None,
+                None,
+                None,
+                None,
+                overlay_mtu,
+                &plan,
+                &[],
+            ),
+        });
+        self.enc_plan = plan;
+        own
+    }
+
+    fn encryption_note(&self, n: crate::wireguard::Note) {
+        use crate::wireguard::Note;
+        match n {
+            Note::Started {
+                backend,
+                public_key,
+                tunnel,
+            } => self.event(
+                EventKind::EncryptionStarted,
+                format!(
+                    "encryption {}: WireGuard device {} up ({} backend), public key {public_key}, tunnel address {tunnel}, port {}, overlay MTU {}",
+                    self.settings.encryption,
+                    self.settings.wg_device,
+                    match backend {
+                        vrouter_wg::BackendKind::Kernel => "kernel",
+                        vrouter_wg::BackendKind::Userspace => "userspace",
+                    },
+                    self.settings.wg_port,
+                    self.overlay_mtu()
+                ),
+                None,
+            ),
+            Note::Stale { host, age } => self.event(
+                EventKind::WgHandshakeStale,
+                format!(
+                    "host {host}: no WireGuard handshake for {} s (over VROUTER_WG_STALE_SECS={}) while it is routed; check that UDP port {} is open between the hosts and that its discovery runs",
+                    age.as_secs(),
+                    self.settings.wg_stale_secs,
+                    self.settings.wg_port
+                ),
+                None,
+            ),
+            Note::RotationCompleted {
+                new,
+                waited,
+                laggards,
+            } => self.event(
+                EventKind::KeyRotationCompleted,
+                format!(
+                    "key rotation completed: {new} is now this host's key (waited {} ms; laggards: {})",
+                    waited.as_millis(),
+                    if laggards.is_empty() {
+                        "none".to_string()
+                    } else {
+                        laggards
+                            .iter()
+                            .map(|h| h.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    }
+                ),
+                None,
+            ),
+            Note::Failed(msg) => {
+                self.event_because(EventKind::Error, "encryption_failed", msg, None)
+            }
+        }
+    }
+
+    /// What this host announces about its encryption before its first reconcile: the
+    /// tunnel address computed over the hosts the previous run knew (discovery.json),
+    /// so a restart announces what it announced before and no peer that requires
+    /// encryption refuses it meanwhile.
+    pub fn encryption_at_start(&self) -> Option<vrouter_gossip::record::Encryption> {
+        let Some(t) = &self.tunnel else {
+            return Some(vrouter_gossip::record::Encryption {
+                mode: vrouter_state::EncryptionMode::Off,
+                public_key: None,
+                next_public_key: None,
+                tunnel: None,
+                wg_port: self.settings.wg_port,
+            });
+        };
+        let mut hosts: BTreeSet<Ipv4Addr> = self.peers.iter().map(|p| p.addr).collect();
+        hosts.extend(self.remembered.iter().map(|p| p.addr));
+        if let Some(g) = self.last_discovery.as_ref().and_then(|d| d.gossip.as_ref()) {
+            hosts.extend(g.members.iter().map(|m| m.underlay));
+        }
+        hosts.insert(self.advertise);
+        let a = crate::tunnel::assign(self.settings.tunnel_range, &hosts);
+        t.announcement(a.addresses.get(&self.advertise).copied())
+    }
+
+    /// `vrouter-discovery rotate-key`: the next key is written, then announced by the
+    /// reconcile that follows this input.
+    pub fn rotate_key(&mut self) -> DiscoveryMessage {
+        let Some(t) = self.tunnel.as_mut() else {
+            return DiscoveryMessage::Refused {
+                reason: "this discovery runs with VROUTER_ENCRYPTION=off; there is no WireGuard key to rotate".into(),
+            };
+        };
+        match t.start_rotation() {
+            Ok((old, new)) => {
+                self.event(
+                    EventKind::KeyRotationStarted,
+                    format!(
+                        "key rotation started: old {old}, new {new}; peers switch to the new key as they see it, and it becomes the key once every routed peer uses it (at most {} s)",
+                        self.settings.wg_rotation_secs
+                    ),
+                    None,
+                );
+                DiscoveryMessage::Rotating {
+                    old: old.to_string(),
+                    new: new.to_string(),
+                }
+            }
+            Err(reason) => {
+                self.event_because(
+                    EventKind::Error,
+                    "key_rotation_refused",
+                    reason.clone(),
+                    None,
+                );
+                DiscoveryMessage::Refused { reason }
+            }
+        }
+    }
+
+    /// On shutdown: the WireGuard engine stops; its device stays (a restart adopts it).
+    pub async fn shutdown(&mut self) {
+        if let Some(t) = self.tunnel.as_mut() {
+            t.close().await;
+        }
     }
 
     /// The fast steering pass, on a bridge change between reconciles: the local
@@ -1418,6 +1724,7 @@ impl Controller {
                 advertise_addr: self.advertise,
                 vxlan_port: self.settings.vxlan_port,
                 underlay_mtu: self.underlay.mtu,
+                overlay_mtu: Some(self.overlay_mtu()),
                 pid: std::process::id(),
             },
             peers: self.all_peers.clone(),
@@ -1439,6 +1746,7 @@ impl Controller {
             drift_repairs: self.drift_repairs,
             gossip: self.gossip_status.clone(),
             steering: self.steer_status.clone(),
+            encryption: self.enc_status.clone(),
         };
         let unchanged = self.last_discovery.as_ref().is_some_and(|prev| {
             let mut p = prev.clone();
@@ -1459,6 +1767,53 @@ impl Controller {
         self.discovery_generation += 1;
         self.last_discovery = Some(file);
         Ok(())
+    }
+}
+
+/// Refuses a tunnel range that overlaps the underlay network, a host network (other
+/// than the WireGuard device's own address in it) or a stack prefix known at start.
+async fn check_tunnel_range(
+    settings: &Settings,
+    kernel: &Kernel,
+    underlay: &Underlay,
+    stacks: &[(String, Prefix)],
+) -> anyhow::Result<()> {
+    let links = kernel.links().await?;
+    let wg_index = links
+        .iter()
+        .find(|l| l.name == settings.wg_device)
+        .map(|l| l.index);
+    let nets: Vec<Prefix> = kernel
+        .addresses()
+        .await?
+        .iter()
+        .filter(|a| Some(a.index) != wg_index && !a.addr.is_loopback())
+        .map(|a| Prefix::containing(a.addr, a.prefix_len))
+        .collect();
+    let n = crate::tunnel::Neighbourhood {
+        underlay: Some(Prefix::containing(underlay.addr, underlay.prefix_len)),
+        host_networks: &nets,
+        stacks,
+    };
+    crate::tunnel::check_range(settings.tunnel_range, &n).map_err(anyhow::Error::msg)
+}
+
+/// With encryption off: a WireGuard device (wireguard or tun link of the configured
+/// name) and the `require` filter a previous run left are removed.
+async fn remove_encryption_leftovers(settings: &Settings, kernel: &Kernel) {
+    if let Ok(Some(l)) = kernel.link_by_name(&settings.wg_device).await {
+        if matches!(l.kind.as_deref(), Some("wireguard") | Some("tun")) {
+            match vrouter_wg::destroy(&settings.wg_device).await {
+                Ok(()) => info!("encryption is off: removed the WireGuard device {}", l.name),
+                Err(e) => warn!("cannot remove the WireGuard device {}: {e}", l.name),
+            }
+        }
+    }
+    if let Err(e) = crate::wireguard::delete_filter(&settings.steering_table) {
+        warn!(
+            "cannot remove nftables table ip {}: {e}",
+            settings.steering_table
+        );
     }
 }
 

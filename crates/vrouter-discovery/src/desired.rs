@@ -30,6 +30,10 @@ pub struct HostView {
     /// Subnets on local stacks' bridges, by bridge ifindex: a local stack's prefixes
     /// must not cover another stack's bridge (see [`crate::safety`]).
     pub bridge_networks: Vec<(u32, Prefix)>,
+    /// Encrypted peers: underlay address -> tunnel address, the FDB destination of
+    /// their stacks (VXLAN then travels through WireGuard). Other peers' rows point at
+    /// their underlay address.
+    pub tunnel_dst: BTreeMap<Ipv4Addr, Ipv4Addr>,
 }
 
 /// A router attached on this host, with the bridge its stack's containers use.
@@ -62,6 +66,20 @@ pub struct Desired {
     /// For each local stack, every route it should get once its FDB row exists.
     pub candidates: BTreeMap<StackName, Vec<RemoteRoute>>,
     pub refusals: Vec<Refusal>,
+    /// The FDB destination of each encrypted peer host (see [`HostView::tunnel_dst`]).
+    pub tunnel_dst: BTreeMap<Ipv4Addr, Ipv4Addr>,
+}
+
+impl Desired {
+    /// Where VXLAN packets for a stack on `host` (underlay address) go.
+    pub fn fdb_dst(&self, host: Ipv4Addr) -> Ipv4Addr {
+        fdb_dst(&self.tunnel_dst, host)
+    }
+}
+
+/// Where VXLAN packets for a stack on `host` go: its tunnel address when encrypted.
+pub fn fdb_dst(tunnel_dst: &BTreeMap<Ipv4Addr, Ipv4Addr>, host: Ipv4Addr) -> Ipv4Addr {
+    tunnel_dst.get(&host).copied().unwrap_or(host)
 }
 
 /// An accepted stack, wherever it lives.
@@ -297,6 +315,7 @@ pub fn compute(host: &HostView, local: &[LocalRouter], peers: &[PeerHost]) -> De
 
     let mut d = Desired {
         refusals,
+        tunnel_dst: host.tunnel_dst.clone(),
         ..Desired::default()
     };
     for l in local {
@@ -306,7 +325,7 @@ pub fn compute(host: &HostView, local: &[LocalRouter], peers: &[PeerHost]) -> De
         .iter()
         .filter(|p| p.host.is_some() && !p.prefixes.is_empty())
     {
-        let dst = p.host.expect("remote");
+        let dst = d.fdb_dst(p.host.expect("remote"));
         if d.vnis.contains(&p.spec.vni) {
             d.fdb.insert(FdbRow {
                 vni: p.spec.vni,
@@ -351,11 +370,13 @@ pub fn compute(host: &HostView, local: &[LocalRouter], peers: &[PeerHost]) -> De
 }
 
 /// The routes to publish: a remote route only once its router's FDB row is present
-/// in the kernel, so a router never gets a route the host cannot yet carry.
+/// in the kernel (pointing at `tunnel_dst`'s address for an encrypted host), so a
+/// router never gets a route the host cannot yet carry.
 pub fn publish(
     local: &[LocalRouter],
     candidates: &BTreeMap<StackName, Vec<RemoteRoute>>,
     present: &BTreeSet<FdbRow>,
+    tunnel_dst: &BTreeMap<Ipv4Addr, Ipv4Addr>,
 ) -> BTreeMap<StackName, StackRoutes> {
     let mut out = BTreeMap::new();
     for l in local {
@@ -368,7 +389,7 @@ pub fn publish(
                             || present.contains(&FdbRow {
                                 vni: l.spec.vni,
                                 mac: r.mac,
-                                dst: r.host,
+                                dst: fdb_dst(tunnel_dst, r.host),
                             })
                     })
                     .cloned()
@@ -459,6 +480,7 @@ mod tests {
             source: vrouter_state::PeerOrigin::Static,
             node: None,
             claims: Default::default(),
+            encryption: None,
         }
     }
 
@@ -475,6 +497,7 @@ mod tests {
             addr: addr.parse().unwrap(),
             claims: stacks.iter().map(|(s, c)| (s.name.clone(), *c)).collect(),
             stacks: stacks.into_iter().map(|(s, _)| s).collect(),
+            encryption: None,
             source: vrouter_state::PeerOrigin::Gossip,
             node: Some(node.into()),
         }
@@ -666,6 +689,48 @@ mod tests {
     }
 
     #[test]
+    fn an_encrypted_peer_s_rows_point_at_its_tunnel_address_and_publish_follows() {
+        let (local, peers) = topology();
+        let mut h = host();
+        h.tunnel_dst.insert(ip("198.18.0.2"), ip("10.255.0.2"));
+        let d = compute(&h, &local, &peers);
+        let v1000 = Vni::new(1000).unwrap();
+        let b = Mac::for_router(v1000, ip("10.2.0.254"));
+        assert!(d.fdb.contains(&FdbRow {
+            vni: v1000,
+            mac: b,
+            dst: ip("10.255.0.2")
+        }));
+        assert!(d.fdb.iter().all(|r| r.dst != ip("198.18.0.2")));
+        // The plain peer keeps its underlay address.
+        assert!(d.fdb.iter().any(|r| r.dst == ip("198.18.0.3")));
+        // The route keeps the underlay host (probes and membership go by it) and is
+        // published once the tunnel row is in.
+        let a = StackName::new("a").unwrap();
+        let published = publish(&local, &d.candidates, &d.fdb, &d.tunnel_dst);
+        let to_b = published[&a]
+            .routes
+            .iter()
+            .find(|r| r.stack.as_str() == "b")
+            .unwrap();
+        assert_eq!(to_b.host, ip("198.18.0.2"));
+        let underlay_rows: BTreeSet<FdbRow> = d
+            .fdb
+            .iter()
+            .map(|r| FdbRow {
+                dst: if r.dst == ip("10.255.0.2") {
+                    ip("198.18.0.2")
+                } else {
+                    r.dst
+                },
+                ..*r
+            })
+            .collect();
+        let stale = publish(&local, &d.candidates, &underlay_rows, &d.tunnel_dst);
+        assert!(stale[&a].routes.iter().all(|r| r.stack.as_str() != "b"));
+    }
+
+    #[test]
     fn no_device_or_fdb_for_a_vni_without_local_stacks() {
         let (mut local, peers) = topology();
         local.retain(|l| l.spec.vni.get() == 1000);
@@ -678,11 +743,11 @@ mod tests {
     fn publish_waits_for_fdb_rows() {
         let (local, peers) = topology();
         let d = compute(&host(), &local, &peers);
-        let none = publish(&local, &d.candidates, &BTreeSet::new());
+        let none = publish(&local, &d.candidates, &BTreeSet::new(), &d.tunnel_dst);
         let a = &none[&StackName::new("a").unwrap()];
         assert_eq!(a.routes.len(), 1, "only the same-host route: {a:?}");
         assert!(a.routes[0].same_host);
-        let all = publish(&local, &d.candidates, &d.fdb);
+        let all = publish(&local, &d.candidates, &d.fdb, &d.tunnel_dst);
         assert_eq!(all[&StackName::new("a").unwrap()].routes.len(), 2);
         assert_eq!(all[&StackName::new("f").unwrap()].routes.len(), 2);
     }
@@ -934,7 +999,7 @@ mod tests {
         let (mut local, peers) = topology();
         local[1].bridge = None; // c's bridge not found yet
         let d = compute(&host(), &local, &peers);
-        let published = publish(&local, &d.candidates, &d.fdb);
+        let published = publish(&local, &d.candidates, &d.fdb, &d.tunnel_dst);
         let (rules, routes) = steering(&local, &published, 1000);
         let iifs: Vec<_> = rules.iter().map(|r| r.iif.clone().unwrap()).collect();
         assert_eq!(iifs, vec!["br-a", "br-f"]);

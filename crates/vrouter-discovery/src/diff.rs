@@ -11,7 +11,10 @@ use vrouter_state::{Prefix, StackName, StackRoutes, Vni};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceSpec {
     pub vni: Vni,
-    pub local: Ipv4Addr,
+    /// The source address of its packets: the underlay address, or None with
+    /// encryption on (the kernel picks the tunnel address for packets that go through
+    /// WireGuard and the underlay address for the others, by route).
+    pub local: Option<Ipv4Addr>,
     pub underlay: u32,
     pub port: u16,
     pub mtu: u32,
@@ -23,6 +26,7 @@ pub enum DeviceAction {
     Create,
     Keep,
     /// Fix in place: these keep the device (and every router's macvlan on it).
+    /// `local`: the new local address, 0.0.0.0 to remove it.
     Adjust {
         local: Option<Ipv4Addr>,
         mtu: Option<u32>,
@@ -74,7 +78,7 @@ pub fn device_action(want: &DeviceSpec, have: Option<&Link>) -> DeviceAction {
             why: format!("{} has {}", link.name, why.join(", ")),
         };
     }
-    let local = (vx.local != Some(want.local)).then_some(want.local);
+    let local = (vx.local != want.local).then_some(want.local.unwrap_or(Ipv4Addr::UNSPECIFIED));
     let mtu = (link.mtu != want.mtu).then_some(want.mtu);
     if local.is_none() && mtu.is_none() && link.up {
         DeviceAction::Keep
@@ -247,7 +251,7 @@ mod tests {
     fn want() -> DeviceSpec {
         DeviceSpec {
             vni: vni(1000),
-            local: ip("198.18.0.1"),
+            local: Some(ip("198.18.0.1")),
             underlay: 2,
             port: 4789,
             mtu: 1450,
@@ -306,6 +310,37 @@ mod tests {
             DeviceAction::Replace { why } => assert!(why.contains("UDP port 8472"), "{why}"),
             other => panic!("{other:?}"),
         }
+        // Encryption turned on: the local address is removed in place and the MTU
+        // lowered; turned off again, both come back. The device and its FDB stay.
+        let unbound = DeviceSpec {
+            local: None,
+            mtu: 1370,
+            ..want()
+        };
+        assert_eq!(
+            device_action(&unbound, Some(&link(info(), 1450, true))),
+            DeviceAction::Adjust {
+                local: Some(Ipv4Addr::UNSPECIFIED),
+                mtu: Some(1370),
+                up: false
+            }
+        );
+        let none = VxlanInfo {
+            local: None,
+            ..info()
+        };
+        assert_eq!(
+            device_action(&unbound, Some(&link(none.clone(), 1370, true))),
+            DeviceAction::Keep
+        );
+        assert_eq!(
+            device_action(&want(), Some(&link(none, 1370, true))),
+            DeviceAction::Adjust {
+                local: Some(ip("198.18.0.1")),
+                mtu: Some(1450),
+                up: false
+            }
+        );
         let mut dummy = link(info(), 1450, true);
         dummy.kind = Some("dummy".into());
         dummy.vxlan = None;

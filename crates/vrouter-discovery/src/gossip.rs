@@ -13,8 +13,8 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 use vrouter_gossip::{
-    ClaimedStack, Counters, Faults, GossipEvent, Keyring, MemberView, Node, NodeId, NodeRecord,
-    Params, ReplayState,
+    record::Encryption, ClaimedStack, Counters, Faults, GossipEvent, Keyring, MemberView, Node,
+    NodeId, NodeRecord, Params, ReplayState,
 };
 use vrouter_state::{PrivateDir, StackName, StateDir};
 
@@ -106,6 +106,7 @@ pub enum Cmd {
         advertise: Ipv4Addr,
         vxlan_port: u16,
         stacks: Vec<ClaimedStack>,
+        encryption: Option<Encryption>,
     },
     Leave(oneshot::Sender<()>),
     Reload,
@@ -127,11 +128,18 @@ impl GossipHandle {
         std::mem::take(&mut *self.events.lock().expect("events lock"))
     }
 
-    pub fn set_local(&self, advertise: Ipv4Addr, vxlan_port: u16, stacks: Vec<ClaimedStack>) {
+    pub fn set_local(
+        &self,
+        advertise: Ipv4Addr,
+        vxlan_port: u16,
+        stacks: Vec<ClaimedStack>,
+        encryption: Option<Encryption>,
+    ) {
         let _ = self.cmd.send(Cmd::Local {
             advertise,
             vxlan_port,
             stacks,
+            encryption,
         });
     }
 
@@ -328,6 +336,7 @@ pub async fn start(
     node_id: NodeId,
     advertise: Ipv4Addr,
     stacks: Vec<ClaimedStack>,
+    encryption: Option<Encryption>,
     changed: mpsc::Sender<()>,
 ) -> anyhow::Result<GossipHandle> {
     let keyring = load_keyring(settings).map_err(anyhow::Error::msg)?;
@@ -351,6 +360,7 @@ pub async fn start(
         stacks,
         left: false,
         bump: 0,
+        encryption,
     };
     let epoch = Instant::now();
     let mut seed = [0u8; 8];
@@ -512,10 +522,10 @@ impl Task {
                 }
                 cmd = cmds.recv() => match cmd {
                     None => return,
-                    Some(Cmd::Local { advertise, vxlan_port, stacks }) => {
+                    Some(Cmd::Local { advertise, vxlan_port, stacks, encryption }) => {
                         let now = self.now();
                         let addr = SocketAddrV4::new(advertise, self.settings.gossip_port);
-                        if let Err(e) = self.node.update(now, addr, advertise, vxlan_port, stacks) {
+                        if let Err(e) = self.node.update(now, addr, advertise, vxlan_port, stacks, encryption) {
                             warn!("{e}");
                         }
                         self.shared.lock().expect("snapshot lock").addr = addr;
@@ -833,6 +843,7 @@ mod tests {
             stacks: Vec::new(),
             left: false,
             bump: 0,
+            encryption: None,
         };
         let keys = Keyring::from_secrets(&["replay-test-secret-0123456789"]).unwrap();
         Node::new(Params::default(), record, keys, 0, wall, id)

@@ -22,6 +22,9 @@ fn main() -> std::process::ExitCode {
         Command::LeaveMesh => rt.block_on(vrouter_discovery::attach::leave_mesh(
             &cli.settings.private_dir(),
         )),
+        Command::RotateKey => rt.block_on(vrouter_discovery::attach::rotate_key(
+            &cli.settings.private_dir(),
+        )),
         Command::Cleanup => rt.block_on(vrouter_discovery::run::cleanup(&cli.settings)),
         Command::AllInOne(a) => rt.block_on(vrouter_discovery::allinone::run(cli.settings, a)),
     };

@@ -84,6 +84,18 @@ pub fn member_state(s: vrouter_gossip::MemberState) -> MemberState {
     }
 }
 
+/// What a record announces about its encryption, as discovery.json holds it.
+pub fn peer_encryption(e: &vrouter_gossip::record::Encryption) -> vrouter_state::PeerEncryption {
+    let text = |k: [u8; 32]| vrouter_wg::PublicKey(k).to_string();
+    vrouter_state::PeerEncryption {
+        mode: e.mode.clone(),
+        public_key: e.public_key.map(text),
+        next_public_key: e.next_public_key.map(text),
+        tunnel: e.tunnel,
+        wg_port: e.wg_port,
+    }
+}
+
 /// Decides which members are routed. Pure.
 pub fn decide(f: Facts) -> Membership {
     let mut out = Membership::default();
@@ -113,6 +125,7 @@ pub fn decide(f: Facts) -> Membership {
                     .iter()
                     .map(|s| (s.spec.name.clone(), s.claimed_ms))
                     .collect::<BTreeMap<_, _>>(),
+                encryption: r.encryption.as_ref().map(peer_encryption),
             });
         }
         out.members.push(GossipMember {
@@ -189,6 +202,7 @@ mod tests {
                 }],
                 left: state == G::Left,
                 bump: 1,
+                encryption: None,
             },
             state,
             since: 0,
@@ -308,6 +322,7 @@ mod tests {
             source: PeerOrigin::Gossip,
             node: Some(node(id)),
             claims: BTreeMap::new(),
+            encryption: None,
         };
         let remembered = [old(1), old(7)];
         let none = Reachability::default();

@@ -263,6 +263,64 @@ pub fn render(s: &Status, reconcile: Option<&Histogram>) -> String {
         );
     }
 
+    if let Some(e) = &s.encryption {
+        let mode = Family::<Labels, Gauge>::default();
+        mode.get_or_create(&l(&[("mode", e.mode.as_str())])).set(1);
+        reg.register(
+            "vrouter_encryption_mode",
+            "1 for this host's VROUTER_ENCRYPTION (off, require or prefer)",
+            mode,
+        );
+        let backend = Family::<Labels, Gauge>::default();
+        if let Some(b) = &e.backend {
+            backend.get_or_create(&l(&[("backend", b)])).set(1);
+        }
+        reg.register(
+            "vrouter_wg_backend",
+            "1 for the WireGuard implementation in use (kernel or userspace)",
+            backend,
+        );
+        let rx = Family::<Labels, Counter>::default();
+        let tx = Family::<Labels, Counter>::default();
+        let age = Family::<Labels, GaugeF>::default();
+        let encrypted = Family::<Labels, Gauge>::default();
+        for p in &e.peers {
+            let host = l(&[("host", &p.host.to_string())]);
+            encrypted
+                .get_or_create(&host)
+                .set(i64::from(p.state == "encrypted"));
+            if p.state != "encrypted" {
+                continue;
+            }
+            rx.get_or_create(&host).inc_by(p.rx_bytes);
+            tx.get_or_create(&host).inc_by(p.tx_bytes);
+            if let Some(a) = p.last_handshake_age_s {
+                age.get_or_create(&host).set(a);
+            }
+        }
+        reg.register(
+            "vrouter_wg_peer_rx_bytes",
+            "Bytes received from a peer host through WireGuard",
+            rx,
+        );
+        reg.register(
+            "vrouter_wg_peer_tx_bytes",
+            "Bytes sent to a peer host through WireGuard",
+            tx,
+        );
+        reg.register_with_unit(
+            "vrouter_wg_peer_handshake_age",
+            "Age of the latest WireGuard handshake with a peer host",
+            Unit::Seconds,
+            age,
+        );
+        reg.register(
+            "vrouter_wg_peer_encrypted",
+            "1 when traffic to a peer host goes through WireGuard, 0 when plain or refused",
+            encrypted,
+        );
+    }
+
     if let Some(live) = &s.live {
         let ready = Gauge::<i64>::default();
         ready.set(i64::from(live.ready));
@@ -303,6 +361,91 @@ mod tests {
         text.lines()
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
             .map(|v| v.parse().unwrap())
+    }
+
+    #[test]
+    fn encryption_metrics_and_status_text() {
+        let mut d = discovery();
+        d.encryption = Some(vrouter_state::EncryptionStatus {
+            mode: vrouter_state::EncryptionMode::Prefer,
+            backend: Some("userspace".into()),
+            device: "vrouter-wg".into(),
+            public_key: Some("HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=".into()),
+            next_public_key: None,
+            tunnel_address: Some("10.255.0.1".parse().unwrap()),
+            listen_port: Some(51820),
+            overlay_mtu: 1370,
+            peers: vec![
+                vrouter_state::EncryptionPeer {
+                    host: "198.18.0.2".parse().unwrap(),
+                    state: "encrypted".into(),
+                    reason: None,
+                    public_key: Some("xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=".into()),
+                    tunnel_address: Some("10.255.0.2".parse().unwrap()),
+                    last_handshake_age_s: Some(12.5),
+                    rx_bytes: 1000,
+                    tx_bytes: 2000,
+                },
+                vrouter_state::EncryptionPeer {
+                    host: "198.18.0.3".parse().unwrap(),
+                    state: "plain".into(),
+                    reason: Some("host 198.18.0.3 has no key".into()),
+                    public_key: None,
+                    tunnel_address: None,
+                    last_handshake_age_s: None,
+                    rx_bytes: 0,
+                    tx_bytes: 0,
+                },
+            ],
+        });
+        let s = build(
+            &d,
+            Some(&routes()),
+            &probes(),
+            None,
+            &Default::default(),
+            NOW,
+        );
+        let text = render(&s, None);
+        for (series, want) in [
+            (r#"vrouter_encryption_mode{mode="prefer"}"#, 1.0),
+            (r#"vrouter_wg_backend{backend="userspace"}"#, 1.0),
+            (
+                r#"vrouter_wg_peer_rx_bytes_total{host="198.18.0.2"}"#,
+                1000.0,
+            ),
+            (
+                r#"vrouter_wg_peer_tx_bytes_total{host="198.18.0.2"}"#,
+                2000.0,
+            ),
+            (
+                r#"vrouter_wg_peer_handshake_age_seconds{host="198.18.0.2"}"#,
+                12.5,
+            ),
+            (r#"vrouter_wg_peer_encrypted{host="198.18.0.2"}"#, 1.0),
+            (r#"vrouter_wg_peer_encrypted{host="198.18.0.3"}"#, 0.0),
+        ] {
+            assert_eq!(value(&text, series), Some(want), "{series}\n{text}");
+        }
+        let human = crate::status::render_text(&s);
+        assert!(human.contains("ENCRYPTION"), "{human}");
+        assert!(
+            human.contains("plain (unencrypted) peers: 198.18.0.3"),
+            "{human}"
+        );
+        // Without the section (an older discovery, or tests above): no series.
+        let plain = render(
+            &build(
+                &discovery(),
+                Some(&routes()),
+                &probes(),
+                None,
+                &Default::default(),
+                NOW,
+            ),
+            None,
+        );
+        assert!(!plain.contains("vrouter_wg_"), "{plain}");
     }
 
     #[test]

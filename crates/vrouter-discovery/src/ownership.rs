@@ -143,7 +143,7 @@ mod tests {
     fn want() -> DeviceSpec {
         DeviceSpec {
             vni: Vni::new(1000).unwrap(),
-            local: "198.18.0.1".parse().unwrap(),
+            local: Some("198.18.0.1".parse().unwrap()),
             underlay: 2,
             port: 4789,
             mtu: 1450,

@@ -49,6 +49,10 @@ pub(crate) enum Input {
     LeaveMesh {
         reply: oneshot::Sender<DiscoveryMessage>,
     },
+    /// From the admin socket only.
+    RotateKey {
+        reply: oneshot::Sender<DiscoveryMessage>,
+    },
     /// A router's overlay probe results changed.
     ProbesChanged,
 }
@@ -63,6 +67,7 @@ impl Input {
             Input::AttachRefused { .. } => "attach_refused",
             Input::ConfigChanged => "config_changed",
             Input::LeaveMesh { .. } => "leave_mesh",
+            Input::RotateKey { .. } => "rotate_key",
             Input::ProbesChanged => "probes_changed",
         }
     }
@@ -139,8 +144,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         // nothing elsewhere.
         ctl.set_gossip_claims(claims);
         let stacks = ctl.claimed_stacks();
-        let handle =
-            crate::gossip::start(&settings, node_id, ctl.advertise(), stacks, gossip_tx).await?;
+        let encryption = ctl.encryption_at_start();
+        let handle = crate::gossip::start(
+            &settings,
+            node_id,
+            ctl.advertise(),
+            stacks,
+            encryption,
+            gossip_tx,
+        )
+        .await?;
         let claims = ctl.claims().clone();
         ctl.set_gossip(handle, claims);
     }
@@ -164,7 +177,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             EventKind::Error,
             "admin_socket_failed",
             format!(
-                "cannot listen on {} ({e}); admin commands (leave-mesh) are unavailable. Make --private-dir / VROUTER_PRIVATE_DIR a writable directory of discovery's own",
+                "cannot listen on {} ({e}); admin commands (leave-mesh, rotate-key) are unavailable. Make --private-dir / VROUTER_PRIVATE_DIR a writable directory of discovery's own",
                 private_dir.join(vrouter_state::attach::ADMIN_SOCKET).display()
             ),
             None,
@@ -252,7 +265,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         }
         reconcile(&mut ctl, &live, timer_reconcile).await;
     }
-    // Kernel state stays: the datapath keeps running while the control plane is away.
+    // Kernel state stays: the datapath keeps running while the control plane is away
+    // (the WireGuard device too; a userspace engine pauses until the next start).
+    ctl.shutdown().await;
     info!("stopping; kernel state is left in place");
     drop(lead);
     Ok(())
@@ -349,6 +364,9 @@ async fn handle(ctl: &mut Controller, input: Input) {
                     reason: "this discovery runs without gossip (no secret or join configured); there is no mesh to leave".into(),
                 });
             }
+        }
+        Input::RotateKey { reply } => {
+            let _ = reply.send(ctl.rotate_key());
         }
         Input::ProbesChanged => {}
     }
@@ -500,6 +518,8 @@ pub fn status(settings: &Settings, json: bool) -> anyhow::Result<()> {
 
 /// Checks the peer configuration and prints what it declares.
 pub fn check_config(settings: &Settings) -> anyhow::Result<()> {
+    // To stderr: stdout stays the peers as JSON.
+    eprint!("{}", settings.encryption_summary());
     if settings.config.is_none() && settings.peers.is_none() {
         anyhow::bail!(
             "no peer configuration given; set --config / VROUTER_CONFIG or --peers / VROUTER_PEERS"
@@ -514,8 +534,9 @@ pub fn check_config(settings: &Settings) -> anyhow::Result<()> {
 
 /// Removes what discovery made on this host: the VXLAN devices that carry its marker
 /// (or, made by an older version, are in its private record),
-/// every steering rule and steering-table route stamped with its protocol, and the
-/// state files. Holds the leader lock meanwhile, so it never races an active discovery.
+/// every steering rule and steering-table route stamped with its protocol, the port
+/// steering table, the WireGuard device and the encryption filter, and the state
+/// files. The WireGuard key files stay (they are the host's identity). Holds the leader lock meanwhile, so it never races an active discovery.
 pub async fn cleanup(settings: &Settings) -> anyhow::Result<()> {
     use vrouter_state::RTPROT_VROUTER;
     let dir = open_state(settings)?;
@@ -576,6 +597,29 @@ pub async fn cleanup(settings: &Settings) -> anyhow::Result<()> {
                 removed.push(format!("nftables table netdev {table}"));
             }
         }
+    }
+    // Encryption: the WireGuard device (a wireguard or tun link of the configured
+    // name: never another kind) and the `require` input filter.
+    if let Some(l) = kernel.link_by_name(&settings.wg_device).await? {
+        if matches!(l.kind.as_deref(), Some("wireguard") | Some("tun")) {
+            vrouter_wg::destroy(&settings.wg_device)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot delete the WireGuard device {}: {e}", l.name)
+                })?;
+            removed.push(format!("WireGuard device {}", l.name));
+        }
+    }
+    let had_filter =
+        vrouter_kernel::nft::Nft::connect_table(vrouter_kernel::nft::Family::Ip, table)
+            .and_then(|n| n.rule_counters())
+            .is_ok_and(|r| {
+                r.iter()
+                    .any(|r| r.comment == crate::wireguard::FILTER_COMMENT)
+            });
+    crate::wireguard::delete_filter(table)?;
+    if had_filter {
+        removed.push(format!("nftables table ip {table}"));
     }
     for name in [vrouter_state::DISCOVERY_FILE, vrouter_state::ROUTES_FILE] {
         let path = settings.state_dir.join(name);

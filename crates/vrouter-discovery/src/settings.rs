@@ -4,6 +4,8 @@ use clap::Parser;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
+use vrouter_state::Prefix;
+use vrouter_wg::BackendChoice;
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -30,6 +32,9 @@ pub enum Command {
     /// Leave the gossip mesh on purpose: every other host withdraws this host's stacks
     /// at once (a plain stop or restart does not). The running discovery then idles.
     LeaveMesh,
+    /// Start a WireGuard key rotation: a new key pair is announced beside the current
+    /// one, and becomes the key once every routed peer uses it (make before break).
+    RotateKey,
     /// Remove everything discovery made on this host (its VXLAN devices, steering rules
     /// and routes, and the state files), after the last stack is down. Refuses while a
     /// discovery is active on the state directory.
@@ -154,6 +159,56 @@ pub struct Settings {
     #[arg(long, env = "VROUTER_STEERING_TABLE", default_value = "vrouter", value_parser = parse_table_name)]
     pub steering_table: String,
 
+    /// Encryption of the overlay between hosts (VXLAN over WireGuard): `off`,
+    /// `require` (only through WireGuard: a host without a key is not routed) or
+    /// `prefer` (encrypted with hosts that have a key, in the clear with the others:
+    /// for a rolling enablement).
+    #[arg(long, env = "VROUTER_ENCRYPTION", default_value = "off", value_parser = parse_encryption)]
+    pub encryption: vrouter_state::EncryptionMode,
+
+    /// This host's WireGuard private key (base64, as `wg genkey` writes it). Created
+    /// with mode 0600 on first start when absent. Defaults to `<private-dir>/wg.key`.
+    #[arg(long, env = "VROUTER_WG_PRIVATE_KEY_FILE")]
+    pub wg_private_key_file: Option<PathBuf>,
+
+    /// UDP port WireGuard listens on (every host announces its own).
+    #[arg(long, env = "VROUTER_WG_PORT", default_value_t = 51820, value_parser = parse_wg_port)]
+    pub wg_port: u16,
+
+    /// Range of the hosts' tunnel addresses (derived from each host's underlay
+    /// address); it must not overlap a stack's prefix, the underlay or a host network.
+    #[arg(long, env = "VROUTER_TUNNEL_RANGE", default_value = "10.255.0.0/16", value_parser = parse_tunnel_range)]
+    pub tunnel_range: Prefix,
+
+    /// Name of the WireGuard interface discovery owns.
+    #[arg(long, env = "VROUTER_WG_DEVICE", default_value = "vrouter-wg", value_parser = parse_wg_device)]
+    pub wg_device: String,
+
+    /// WireGuard implementation: `auto` (kernel WireGuard when the module is there,
+    /// else the userspace engine), `kernel` or `userspace`.
+    #[arg(long, env = "VROUTER_WG_BACKEND", default_value = "auto", value_parser = parse_wg_backend)]
+    pub wg_backend: BackendChoice,
+
+    /// Seconds without a WireGuard handshake after which a routed encrypted peer is
+    /// reported stale (tests shorten it).
+    #[arg(
+        long,
+        env = "VROUTER_WG_STALE_SECS",
+        default_value_t = 180,
+        hide = true
+    )]
+    pub wg_stale_secs: u64,
+
+    /// Longest wait of a key rotation for every peer to use the next key, in seconds
+    /// (tests shorten it).
+    #[arg(
+        long,
+        env = "VROUTER_WG_ROTATION_SECS",
+        default_value_t = 120,
+        hide = true
+    )]
+    pub wg_rotation_secs: u64,
+
     /// Test-only fault switch: a file whose lines (e.g. `drop-broadcasts`) turn faults on.
     #[arg(long, env = "VROUTER_TEST_FAULTS", hide = true)]
     pub test_faults: Option<PathBuf>,
@@ -184,6 +239,115 @@ impl Settings {
 
     pub fn reconcile_interval(&self) -> Duration {
         Duration::from_millis(self.reconcile_ms.max(100))
+    }
+
+    /// Whether the overlay runs over WireGuard (`require` or `prefer`).
+    pub fn encryption_on(&self) -> bool {
+        self.encryption != vrouter_state::EncryptionMode::Off
+    }
+
+    /// The WireGuard private key file: `--wg-private-key-file`, or `wg.key` in the
+    /// private directory.
+    pub fn wg_key_file(&self) -> PathBuf {
+        self.wg_private_key_file
+            .clone()
+            .unwrap_or_else(|| self.private_dir().join("wg.key"))
+    }
+
+    /// The encryption settings, one per line, for `check-config`.
+    pub fn encryption_summary(&self) -> String {
+        let mut out = format!("encryption: {} (VROUTER_ENCRYPTION)\n", self.encryption);
+        if self.encryption_on() {
+            out.push_str(&format!(
+                "  key file: {} (VROUTER_WG_PRIVATE_KEY_FILE)\n  WireGuard port: {} (VROUTER_WG_PORT)\n  tunnel range: {} (VROUTER_TUNNEL_RANGE)\n  device: {} (VROUTER_WG_DEVICE)\n  backend: {} (VROUTER_WG_BACKEND)\n",
+                self.wg_key_file().display(),
+                self.wg_port,
+                self.tunnel_range,
+                self.wg_device,
+                backend_name(self.wg_backend),
+            ));
+        }
+        out
+    }
+}
+
+pub fn backend_name(b: BackendChoice) -> &'static str {
+    match b {
+        BackendChoice::Auto => "auto",
+        BackendChoice::Kernel => "kernel",
+        BackendChoice::Userspace => "userspace",
+    }
+}
+
+fn parse_encryption(s: &str) -> Result<vrouter_state::EncryptionMode, String> {
+    use vrouter_state::EncryptionMode as M;
+    match s.trim().to_ascii_lowercase().as_str() {
+        "off" => Ok(M::Off),
+        "require" => Ok(M::Require),
+        "prefer" => Ok(M::Prefer),
+        _ => Err(format!(
+            "--encryption / VROUTER_ENCRYPTION = {s:?} is not an encryption mode; use off (the default), require or prefer"
+        )),
+    }
+}
+
+fn parse_wg_backend(s: &str) -> Result<BackendChoice, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "auto" => Ok(BackendChoice::Auto),
+        "kernel" => Ok(BackendChoice::Kernel),
+        "userspace" => Ok(BackendChoice::Userspace),
+        _ => Err(format!(
+            "--wg-backend / VROUTER_WG_BACKEND = {s:?} is not a WireGuard backend; use auto (the default), kernel or userspace"
+        )),
+    }
+}
+
+fn parse_wg_port(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(format!(
+            "--wg-port / VROUTER_WG_PORT = {s:?} is not a UDP port; use 1..65535 (default 51820)"
+        )),
+    }
+}
+
+/// A range of at least 4 addresses (/30): one for the network, one for broadcast,
+/// two hosts.
+fn parse_tunnel_range(s: &str) -> Result<Prefix, String> {
+    let p: Prefix = s
+        .parse()
+        .map_err(|e| format!("--tunnel-range / VROUTER_TUNNEL_RANGE = {s:?}: {e}"))?;
+    if p.prefix_len() > 30 {
+        return Err(format!(
+            "--tunnel-range / VROUTER_TUNNEL_RANGE = {s:?} is too small; use a /30 or larger range for the hosts' tunnel addresses (default 10.255.0.0/16)"
+        ));
+    }
+    let reserved = crate::safety::RESERVED
+        .iter()
+        .any(|(a, l, _)| Prefix::containing(*a, *l).overlaps(&p));
+    if p.is_default() || reserved {
+        return Err(format!(
+            "--tunnel-range / VROUTER_TUNNEL_RANGE = {s:?} is not usable for tunnel addresses; use a private range such as 10.255.0.0/16 (the default)"
+        ));
+    }
+    Ok(p)
+}
+
+/// An interface name: 1-15 bytes, no '/', ':', whitespace (the kernel's rules).
+fn parse_wg_device(s: &str) -> Result<String, String> {
+    let t = s.trim();
+    let ok = !t.is_empty()
+        && t.len() <= 15
+        && t != "."
+        && t != ".."
+        && t.chars()
+            .all(|c| c.is_ascii_graphic() && c != '/' && c != ':');
+    if ok {
+        Ok(t.to_string())
+    } else {
+        Err(format!(
+            "--wg-device / VROUTER_WG_DEVICE = {s:?} is not an interface name; use 1-15 letters, digits, '-' or '_' (default vrouter-wg)"
+        ))
     }
 }
 
@@ -330,6 +494,72 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("VROUTER_ADVERTISE_ADDR"), "{e}");
+    }
+
+    #[test]
+    fn encryption_settings() {
+        let c = parse(&[]).unwrap().settings;
+        assert_eq!(c.encryption, vrouter_state::EncryptionMode::Off);
+        assert!(!c.encryption_on());
+        assert_eq!(c.wg_port, 51820);
+        assert_eq!(c.tunnel_range.to_string(), "10.255.0.0/16");
+        assert_eq!(c.wg_device, "vrouter-wg");
+        assert_eq!(c.wg_backend, BackendChoice::Auto);
+        assert_eq!(c.wg_stale_secs, 180);
+        assert_eq!(
+            c.wg_key_file(),
+            PathBuf::from("/var/lib/docker-router-private/wg.key")
+        );
+        let c = parse(&[
+            "--encryption",
+            "Require",
+            "--wg-port",
+            "51999",
+            "--tunnel-range",
+            "10.99.0.0/24",
+            "--wg-device",
+            "wgb-wg",
+            "--wg-backend",
+            "userspace",
+            "--wg-private-key-file",
+            "/k",
+        ])
+        .unwrap()
+        .settings;
+        assert_eq!(c.encryption, vrouter_state::EncryptionMode::Require);
+        assert!(c.encryption_on());
+        assert_eq!(c.wg_port, 51999);
+        assert_eq!(c.tunnel_range.to_string(), "10.99.0.0/24");
+        assert_eq!(c.wg_device, "wgb-wg");
+        assert_eq!(c.wg_backend, BackendChoice::Userspace);
+        assert_eq!(c.wg_key_file(), PathBuf::from("/k"));
+        let summary = c.encryption_summary();
+        assert!(
+            summary.contains("require") && summary.contains("10.99.0.0/24"),
+            "{summary}"
+        );
+        assert_eq!(
+            parse(&["--encryption", "prefer"])
+                .unwrap()
+                .settings
+                .encryption,
+            vrouter_state::EncryptionMode::Prefer
+        );
+        for (flag, bad, setting) in [
+            ("--encryption", "on", "VROUTER_ENCRYPTION"),
+            ("--wg-port", "0", "VROUTER_WG_PORT"),
+            ("--wg-port", "70000", "VROUTER_WG_PORT"),
+            ("--tunnel-range", "10.255.0.0", "VROUTER_TUNNEL_RANGE"),
+            ("--tunnel-range", "10.255.0.0/31", "VROUTER_TUNNEL_RANGE"),
+            ("--tunnel-range", "0.0.0.0/0", "VROUTER_TUNNEL_RANGE"),
+            ("--tunnel-range", "127.0.0.0/16", "VROUTER_TUNNEL_RANGE"),
+            ("--wg-device", "a-name-longer-than-15", "VROUTER_WG_DEVICE"),
+            ("--wg-device", "wg/0", "VROUTER_WG_DEVICE"),
+            ("--wg-backend", "boringtun", "VROUTER_WG_BACKEND"),
+        ] {
+            let e = parse(&[flag, bad]).unwrap_err().to_string();
+            assert!(e.contains(setting), "{flag} {bad}: {e}");
+        }
     }
 
     #[test]

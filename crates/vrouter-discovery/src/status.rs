@@ -64,6 +64,9 @@ pub struct Status {
     /// the policy-rule path for every stack).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub steering: Option<SteeringView>,
+    /// Encryption as discovery.json reports it (absent: an older discovery, `off`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<vrouter_state::EncryptionStatus>,
     /// State files that could not be used (e.g. a corrupt routes.json), with the fix.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<String>,
@@ -461,6 +464,7 @@ pub fn build(
         traffic,
         acl,
         steering,
+        encryption: discovery.encryption.clone(),
         problems: Vec::new(),
     }
 }
@@ -768,6 +772,10 @@ pub fn render_text(s: &Status) -> String {
         );
     }
 
+    if let Some(e) = &s.encryption {
+        render_encryption(&mut out, e);
+    }
+
     if !s.acl.is_empty() {
         out.push_str("\nACCESS\n");
         for a in &s.acl {
@@ -834,6 +842,68 @@ pub fn render_text(s: &Status) -> String {
         );
     }
     out
+}
+
+/// The Encryption section: the mode, this host's key and tunnel address, every peer's
+/// state, and the plain peers named on a line of their own.
+fn render_encryption(out: &mut String, e: &vrouter_state::EncryptionStatus) {
+    let _ = writeln!(
+        out,
+        "\nENCRYPTION\nmode {}, backend {}, device {}, overlay MTU {}",
+        e.mode,
+        e.backend.as_deref().unwrap_or("none"),
+        e.device,
+        e.overlay_mtu
+    );
+    if let (Some(k), Some(t)) = (&e.public_key, e.tunnel_address) {
+        let _ = writeln!(
+            out,
+            "public key {k}, tunnel address {t}, port {}",
+            e.listen_port.unwrap_or(0)
+        );
+    }
+    if let Some(n) = &e.next_public_key {
+        let _ = writeln!(out, "key rotation in progress: next key {n}");
+    }
+    let plain: Vec<String> = e
+        .peers
+        .iter()
+        .filter(|p| p.state == "plain")
+        .map(|p| p.host.to_string())
+        .collect();
+    if !plain.is_empty() {
+        let _ = writeln!(out, "plain (unencrypted) peers: {}", plain.join(", "));
+    }
+    let rows: Vec<Vec<String>> = e
+        .peers
+        .iter()
+        .map(|p| {
+            vec![
+                p.host.to_string(),
+                p.state.clone(),
+                p.tunnel_address
+                    .map(|t| t.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                p.last_handshake_age_s
+                    .map(|a| format!("{a:.0}s"))
+                    .unwrap_or_else(|| "-".into()),
+                format!("{}/{}", p.tx_bytes, p.rx_bytes),
+                p.reason.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    table(
+        out,
+        &[
+            "HOST",
+            "STATE",
+            "TUNNEL",
+            "HANDSHAKE",
+            "TX/RX BYTES",
+            "REASON",
+        ],
+        &rows,
+    );
 }
 
 fn table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
@@ -955,6 +1025,7 @@ pub(crate) mod tests {
                 advertise_addr: H1,
                 vxlan_port: 4789,
                 underlay_mtu: 1500,
+                overlay_mtu: None,
                 pid: 42,
             },
             peers: vec![
@@ -964,6 +1035,7 @@ pub(crate) mod tests {
                     source: PeerOrigin::Static,
                     node: None,
                     claims: BTreeMap::new(),
+                    encryption: None,
                 },
                 PeerHost {
                     addr: H3,
@@ -971,6 +1043,7 @@ pub(crate) mod tests {
                     source: PeerOrigin::Gossip,
                     node: Some("00000000000000d3".into()),
                     claims: BTreeMap::new(),
+                    encryption: None,
                 },
             ],
             local_stacks: vec![local("a", 1, true), local("c", 3, false)],
@@ -983,6 +1056,7 @@ pub(crate) mod tests {
             devices: vec![Vni::new(1000).unwrap()],
             drift_repairs: 3,
             steering: None,
+            encryption: None,
             gossip: Some(GossipStatus {
                 node_id: "00000000000000d1".into(),
                 addr: "198.18.0.1:7950".into(),

@@ -427,6 +427,7 @@ fn target_node(keys: &Keyring, now: u64, seed: u64) -> Node {
         stacks: Vec::new(),
         left: false,
         bump: 0,
+        encryption: None,
     };
     Node::new(Params::default(), r, keys.clone(), now, WALL0 + now, seed)
 }
@@ -444,6 +445,13 @@ fn capture(keys: &Keyring) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
             stacks: vec![sample_stack(i)],
             left: false,
             bump: 0,
+            encryption: Some(crate::record::Encryption {
+                mode: vrouter_state::EncryptionMode::Require,
+                public_key: Some([i as u8; 32]),
+                next_public_key: None,
+                tunnel: Some(Ipv4Addr::new(10, 255, 0, i as u8 + 1)),
+                wg_port: 51820,
+            }),
         };
         Node::new(Params::default(), r, keys.clone(), 0, WALL0, id)
     };
@@ -456,7 +464,14 @@ fn capture(keys: &Keyring) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
         if step == 100 {
             let r = nodes[0].record().clone();
             let stacks = vec![sample_stack(0), sample_stack(5)];
-            let _ = nodes[0].update(now, r.gossip_addr, r.underlay, r.vxlan_port, stacks);
+            let _ = nodes[0].update(
+                now,
+                r.gossip_addr,
+                r.underlay,
+                r.vxlan_port,
+                stacks,
+                r.encryption.clone(),
+            );
         }
         if step == 190 {
             nodes[1].leave(now);
@@ -603,7 +618,36 @@ impl Gen {
             stacks,
             left: self.rng.random_bool(0.2),
             bump: self.num(),
+            encryption: self.encryption(),
         }
+    }
+
+    /// Absent, or with edge values: unknown modes, a key with no mode, port 0, a
+    /// tunnel address anywhere.
+    fn encryption(&mut self) -> Option<crate::record::Encryption> {
+        if self.rng.random_bool(0.3) {
+            return None;
+        }
+        let key = |g: &mut Gen| g.rng.random_bool(0.7).then(|| g.rng.random::<[u8; 32]>());
+        let mode = match self.rng.random_range(0..5) {
+            0 => vrouter_state::EncryptionMode::Off,
+            1 => vrouter_state::EncryptionMode::Require,
+            2 => vrouter_state::EncryptionMode::Prefer,
+            _ => vrouter_state::EncryptionMode::Other(format!(
+                "mode {}",
+                self.rng.random::<u8>() | 3
+            )),
+        };
+        Some(crate::record::Encryption {
+            mode,
+            public_key: key(self),
+            next_public_key: key(self),
+            tunnel: self
+                .rng
+                .random_bool(0.8)
+                .then(|| Ipv4Addr::from(self.rng.random::<u32>())),
+            wg_port: self.num() as u16,
+        })
     }
 
     /// A SWIM packet built field by field: a header (from anyone, to the target or

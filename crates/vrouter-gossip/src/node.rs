@@ -685,6 +685,7 @@ impl Node {
         underlay: Ipv4Addr,
         vxlan_port: u16,
         stacks: Vec<ClaimedStack>,
+        encryption: Option<record::Encryption>,
     ) -> Result<bool, String> {
         self.advance(now);
         if self.left {
@@ -695,6 +696,7 @@ impl Node {
         next.underlay = underlay;
         next.vxlan_port = vxlan_port;
         next.stacks = stacks;
+        next.encryption = encryption;
         if next == self.record {
             return Ok(false);
         }

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use vrouter_state::StackSpec;
+use vrouter_state::{EncryptionMode, StackSpec};
 
 /// A node's stable id, kept in the state directory across restarts.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -63,6 +63,55 @@ pub struct NodeRecord {
     /// a node that learns a record before it learns the member can add the member to
     /// its membership directly.
     pub bump: u64,
+    /// The node's overlay encryption (format 2; None from a format-1 node, which has
+    /// none).
+    pub encryption: Option<Encryption>,
+}
+
+/// What a node announces about its WireGuard: the gossip secret authenticates it, so
+/// any holder of the secret could announce another key for a host (encryption
+/// protects against observers of the underlay, not against members).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Encryption {
+    /// Its `VROUTER_ENCRYPTION`.
+    pub mode: EncryptionMode,
+    /// Its WireGuard public key; None when the mode is off.
+    pub public_key: Option<[u8; 32]>,
+    /// During a key rotation, the key it moves to: peers switch to it at once.
+    pub next_public_key: Option<[u8; 32]>,
+    /// Its tunnel address (in the tunnel range; None when off).
+    pub tunnel: Option<Ipv4Addr>,
+    pub wg_port: u16,
+}
+
+/// [`Encryption`] on the wire: the mode as a number (0 off, 1 require, 2 prefer), so
+/// an unknown mode of a newer build decodes (and is refused by validation) instead
+/// of failing the decoder.
+#[derive(Serialize, Deserialize)]
+struct EncryptionWire {
+    mode: u8,
+    public_key: Option<[u8; 32]>,
+    next_public_key: Option<[u8; 32]>,
+    tunnel: Option<Ipv4Addr>,
+    wg_port: u16,
+}
+
+fn mode_number(m: &EncryptionMode) -> u8 {
+    match m {
+        EncryptionMode::Off => 0,
+        EncryptionMode::Require => 1,
+        EncryptionMode::Prefer => 2,
+        EncryptionMode::Other(_) => u8::MAX,
+    }
+}
+
+fn mode_of(n: u8) -> EncryptionMode {
+    match n {
+        0 => EncryptionMode::Off,
+        1 => EncryptionMode::Require,
+        2 => EncryptionMode::Prefer,
+        n => EncryptionMode::Other(format!("mode {n}")),
+    }
 }
 
 impl NodeRecord {
@@ -109,7 +158,8 @@ impl foca::Identity for Member {
 /// at the end of a length-delimited unit (a message body, the record head, a stack, a
 /// part): an older reader decodes the fields it knows and skips the rest, so nodes of
 /// two formats live side by side in one mesh during a rolling upgrade.
-pub const FORMAT: u16 = 1;
+/// Format 2 appends the encryption unit to the head (`Option<bytes>`).
+pub const FORMAT: u16 = 2;
 /// Record bytes carried by one part: a part and its framing stay well inside one
 /// datagram, even piggybacked on a SWIM packet with membership updates.
 pub const PART_BYTES: usize = 900;
@@ -184,6 +234,8 @@ pub(crate) fn decode_front<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Opti
 }
 
 /// The whole record: (head, stacks), each a length-delimited unit, then room for more.
+/// The head is the format-1 fields, then (format 2) the encryption as an optional
+/// length-delimited unit of its own, then room for more.
 pub fn encode(r: &NodeRecord, f: &Format) -> Vec<u8> {
     let head = Head {
         format: f.version,
@@ -195,14 +247,44 @@ pub fn encode(r: &NodeRecord, f: &Format) -> Vec<u8> {
         left: r.left,
         bump: r.bump,
     };
+    let encryption: Option<Vec<u8>> = r.encryption.as_ref().map(|e| {
+        let wire = EncryptionWire {
+            mode: mode_number(&e.mode),
+            public_key: e.public_key,
+            next_public_key: e.next_public_key,
+            tunnel: e.tunnel,
+            wg_port: e.wg_port,
+        };
+        with_appended(&wire, f)
+    });
+    let head = with_appended(&(head, encryption), f);
     let stacks: Vec<Vec<u8>> = r.stacks.iter().map(|s| with_appended(s, f)).collect();
-    with_appended(&(with_appended(&head, f), stacks), f)
+    with_appended(&(head, stacks), f)
+}
+
+/// The head's encryption unit, after the format-1 fields: absent in a format-1 head.
+fn decode_encryption(rest: &[u8]) -> Result<Option<Encryption>, FormatError> {
+    if rest.is_empty() {
+        return Ok(None);
+    }
+    let unit: Option<Vec<u8>> = decode_front(rest).ok_or(FormatError::Undecodable)?;
+    let Some(unit) = unit else { return Ok(None) };
+    let w: EncryptionWire = decode_front(&unit).ok_or(FormatError::Undecodable)?;
+    Ok(Some(Encryption {
+        mode: mode_of(w.mode),
+        public_key: w.public_key,
+        next_public_key: w.next_public_key,
+        tunnel: w.tunnel,
+        wg_port: w.wg_port,
+    }))
 }
 
 pub fn decode(bytes: &[u8]) -> Result<NodeRecord, FormatError> {
     let (head, stacks): (Vec<u8>, Vec<Vec<u8>>) =
         decode_front(bytes).ok_or(FormatError::Undecodable)?;
-    let head: Head = decode_front(&head).ok_or(FormatError::Undecodable)?;
+    let (head, rest) =
+        postcard::take_from_bytes::<Head>(&head).map_err(|_| FormatError::Undecodable)?;
+    let encryption = decode_encryption(rest)?;
     let stacks = stacks
         .iter()
         .map(|s| decode_front::<ClaimedStack>(s).ok_or(FormatError::Undecodable))
@@ -216,6 +298,7 @@ pub fn decode(bytes: &[u8]) -> Result<NodeRecord, FormatError> {
         stacks,
         left: head.left,
         bump: head.bump,
+        encryption,
     })
 }
 
@@ -274,8 +357,8 @@ pub fn decode_part(bytes: &[u8]) -> Result<RecordPart, FormatError> {
 }
 
 /// Encoded bytes of a record besides its stacks, at most (head fields at their
-/// largest, the units' length prefixes).
-pub const RECORD_OVERHEAD: usize = 64;
+/// largest, the encryption unit with both keys, the units' length prefixes).
+pub const RECORD_OVERHEAD: usize = 64 + 80;
 
 /// Bytes one stack adds to the encoded record, at most: its unit and length prefix.
 /// Summed over the stacks, with [`RECORD_OVERHEAD`], it bounds the record's size, so
@@ -391,7 +474,102 @@ mod tests {
             stacks: crate::sim::long_stacks(seed, 100, 4),
             left: false,
             bump: 9,
+            encryption: Some(Encryption {
+                mode: EncryptionMode::Require,
+                public_key: Some([7; 32]),
+                next_public_key: None,
+                tunnel: Some("10.255.0.1".parse().unwrap()),
+                wg_port: 51820,
+            }),
         }
+    }
+
+    /// The head of a format-1 build, as it wrote it and as it reads a newer one.
+    #[derive(Serialize, Deserialize)]
+    struct HeadV1 {
+        format: u16,
+        id: NodeId,
+        version: u64,
+        gossip_addr: SocketAddrV4,
+        underlay: Ipv4Addr,
+        vxlan_port: u16,
+        left: bool,
+        bump: u64,
+    }
+
+    fn v1_head(r: &NodeRecord) -> HeadV1 {
+        HeadV1 {
+            format: 1,
+            id: r.id,
+            version: r.version,
+            gossip_addr: r.gossip_addr,
+            underlay: r.underlay,
+            vxlan_port: r.vxlan_port,
+            left: r.left,
+            bump: r.bump,
+        }
+    }
+
+    #[test]
+    fn a_format_1_record_decodes_without_encryption() {
+        let mut r = big_record(5);
+        let head = postcard::to_allocvec(&v1_head(&r)).unwrap();
+        let stacks: Vec<Vec<u8>> = r
+            .stacks
+            .iter()
+            .map(|s| postcard::to_allocvec(s).unwrap())
+            .collect();
+        let v1 = postcard::to_allocvec(&(head, stacks)).unwrap();
+        r.encryption = None;
+        assert_eq!(decode(&v1).unwrap(), r);
+    }
+
+    #[test]
+    fn a_format_1_reader_decodes_a_record_with_encryption() {
+        let r = big_record(6);
+        assert!(r.encryption.is_some());
+        let blob = encode(&r, &Format::default());
+        // What a format-1 build does: the head's known fields from the front of the
+        // head unit, the stacks; the encryption unit is skipped.
+        let (head, stacks): (Vec<u8>, Vec<Vec<u8>>) = decode_front(&blob).unwrap();
+        let old: HeadV1 = decode_front(&head).unwrap();
+        assert_eq!(
+            (old.id, old.version, old.underlay),
+            (r.id, r.version, r.underlay)
+        );
+        assert_eq!(
+            (old.vxlan_port, old.bump, old.left),
+            (r.vxlan_port, r.bump, r.left)
+        );
+        let back: Vec<ClaimedStack> = stacks.iter().map(|s| decode_front(s).unwrap()).collect();
+        assert_eq!(back, r.stacks);
+        // And this build reads it whole, off and unknown modes included.
+        assert_eq!(decode(&blob).unwrap(), r);
+        let mut off = r.clone();
+        off.encryption = Some(Encryption {
+            mode: EncryptionMode::Off,
+            public_key: None,
+            next_public_key: None,
+            tunnel: None,
+            wg_port: 51820,
+        });
+        assert_eq!(decode(&encode(&off, &Format::default())).unwrap(), off);
+        let mut unknown = r.clone();
+        unknown.encryption.as_mut().unwrap().mode = EncryptionMode::Other("mode 255".into());
+        assert_eq!(
+            decode(&encode(&unknown, &Format::default())).unwrap(),
+            unknown
+        );
+    }
+
+    #[test]
+    fn a_garbled_encryption_unit_is_undecodable() {
+        let r = big_record(7);
+        let head = postcard::to_allocvec(&v1_head(&r)).unwrap();
+        let mut head = head;
+        head.extend_from_slice(&[1, 3, 9]); // Some, 3 bytes, but only one there
+        let v = postcard::to_allocvec(&(head, Vec::<Vec<u8>>::new())).unwrap();
+        assert_eq!(decode(&v), Err(FormatError::Undecodable));
     }
 
     #[test]

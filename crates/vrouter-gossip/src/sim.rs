@@ -138,6 +138,7 @@ impl Sim {
             stacks,
             left: false,
             bump: 0,
+            encryption: None,
         };
         let keys = Keyring::from_secrets(&[self.secret.as_str()]).expect("valid secret");
         let mut node = Node::new(
@@ -171,7 +172,14 @@ impl Sim {
         let now = self.now;
         let n = self.nodes[i].as_mut().ok_or("node is not running")?;
         let r = n.record().clone();
-        let changed = n.update(now, r.gossip_addr, r.underlay, r.vxlan_port, stacks)?;
+        let changed = n.update(
+            now,
+            r.gossip_addr,
+            r.underlay,
+            r.vxlan_port,
+            stacks,
+            r.encryption.clone(),
+        )?;
         self.service(i);
         Ok(changed)
     }

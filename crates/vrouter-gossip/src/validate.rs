@@ -9,13 +9,14 @@
 //! only ever raises within that bound, and no forged `u64::MAX` spreads.
 
 use crate::node::MAX_DATAGRAM;
-use crate::record::{Member, NodeRecord};
+use crate::record::{Encryption, Member, NodeRecord};
 use crate::seal::OVERHEAD;
 use crate::wire::Wire;
 use bytes::{Buf, BufMut};
 use foca::{Codec, Header, PostcardCodec};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use vrouter_state::EncryptionMode;
 
 /// How far ahead of the receiver's wall clock a record version or a SWIM bump may be
 /// (clock skew between hosts must stay below this).
@@ -85,10 +86,47 @@ pub fn record(r: &NodeRecord, horizon: u64) -> Result<(), &'static str> {
     if r.left && !r.stacks.is_empty() {
         return Err("left record with stacks");
     }
+    if let Some(e) = &r.encryption {
+        encryption(e)?;
+    }
     let mut names: Vec<&str> = r.stacks.iter().map(|s| s.spec.name.as_str()).collect();
     names.sort_unstable();
     if names.windows(2).any(|w| w[0] == w[1]) {
         return Err("record names a stack twice");
+    }
+    Ok(())
+}
+
+/// A record's encryption: a known mode; off announces no key, no tunnel address;
+/// require and prefer announce a key, a tunnel address that is a usable unicast
+/// address, and a port; a next key differs from the key.
+pub fn encryption(e: &Encryption) -> Result<(), &'static str> {
+    match e.mode {
+        EncryptionMode::Off => {
+            if e.public_key.is_some() || e.next_public_key.is_some() || e.tunnel.is_some() {
+                return Err("encryption off with a key or tunnel address");
+            }
+            return Ok(());
+        }
+        EncryptionMode::Require | EncryptionMode::Prefer => {}
+        EncryptionMode::Other(_) => return Err("unknown encryption mode"),
+    }
+    let (Some(key), Some(tunnel)) = (e.public_key, e.tunnel) else {
+        return Err("encryption on without a key or tunnel address");
+    };
+    if e.wg_port == 0 {
+        return Err("encryption with WireGuard port 0");
+    }
+    if key == [0; 32] || e.next_public_key == Some([0; 32]) || e.next_public_key == Some(key) {
+        return Err("encryption with an all-zero or repeated key");
+    }
+    if tunnel.is_unspecified()
+        || tunnel.is_loopback()
+        || tunnel.is_multicast()
+        || tunnel.is_broadcast()
+        || tunnel.octets()[0] == 0
+    {
+        return Err("encryption with an unusable tunnel address");
     }
     Ok(())
 }
@@ -403,6 +441,41 @@ mod tests {
         let mut r = good.clone();
         r.left = true;
         assert!(record(&r, h).is_err());
+        let on = Encryption {
+            mode: EncryptionMode::Require,
+            public_key: Some([1; 32]),
+            next_public_key: Some([2; 32]),
+            tunnel: Some("10.255.0.2".parse().unwrap()),
+            wg_port: 51820,
+        };
+        let mut r = good.clone();
+        r.encryption = Some(on.clone());
+        assert!(record(&r, h).is_ok());
+        let off = Encryption {
+            mode: EncryptionMode::Off,
+            public_key: None,
+            next_public_key: None,
+            tunnel: None,
+            wg_port: 51820,
+        };
+        assert!(encryption(&off).is_ok());
+        let bad: [fn(&mut Encryption); 8] = [
+            |e| e.mode = EncryptionMode::Other("mode 9".into()),
+            |e| e.public_key = None,
+            |e| e.tunnel = None,
+            |e| e.wg_port = 0,
+            |e| e.public_key = Some([0; 32]),
+            |e| e.next_public_key = e.public_key,
+            |e| e.tunnel = Some("224.0.0.1".parse().unwrap()),
+            |e| e.mode = EncryptionMode::Off,
+        ];
+        for (i, f) in bad.iter().enumerate() {
+            let mut e = on.clone();
+            f(&mut e);
+            let mut r = good.clone();
+            r.encryption = Some(e);
+            assert!(record(&r, h).is_err(), "case {i}");
+        }
         let m = Member {
             id: good.id,
             addr: good.gossip_addr,

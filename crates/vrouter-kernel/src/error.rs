@@ -16,6 +16,8 @@ pub enum KernelError {
     PortInUse { port: u16 },
     #[error("the kernel has no nf_tables support, so traffic is not counted; load it on the host (modprobe nf_tables)")]
     NoNfTables,
+    #[error("the kernel has no WireGuard support (no wireguard module)")]
+    NoWireGuard,
     #[error("operation not permitted: {op}; the process needs CAP_NET_ADMIN")]
     NotPermitted { op: String },
     #[error("link {0} not found")]
@@ -85,6 +87,8 @@ pub(crate) enum Context {
     CreateMacvlan { parent: String },
     /// RTM_NEWLINK with NLM_F_EXCL; `names` says which names may be taken where.
     Create { names: String },
+    /// RTM_NEWLINK of kind wireguard (EOPNOTSUPP: no module).
+    CreateWireguard { names: String },
     /// Making `link` a port of `master`; `master_exists` says whether a dump still
     /// finds the master (the kernel answers EINVAL for a missing one).
     SetMaster {
@@ -137,7 +141,13 @@ pub(crate) fn classify(
                 ..
             },
         ) => KernelError::PortInUse { port },
-        (Some(libc::EEXIST), Context::Create { names }) => KernelError::LinkExists { what, names },
+        (Some(libc::EEXIST), Context::Create { names })
+        | (Some(libc::EEXIST), Context::CreateWireguard { names }) => {
+            KernelError::LinkExists { what, names }
+        }
+        (Some(libc::EOPNOTSUPP) | Some(ENOTSUPP), Context::CreateWireguard { .. }) => {
+            KernelError::NoWireGuard
+        }
         (Some(libc::EOPNOTSUPP) | Some(ENOTSUPP), Context::Nexthop { .. })
         | (Some(libc::EINVAL), Context::Nexthop { dump: true }) => KernelError::NoNexthops {
             op: format!("{op} {what}"),

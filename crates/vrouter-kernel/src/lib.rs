@@ -97,7 +97,10 @@ pub struct VxlanInfo {
 pub struct VxlanSpec {
     pub name: String,
     pub vni: Vni,
-    pub local: Ipv4Addr,
+    /// Source address of the encapsulated packets; None: none set, the kernel picks
+    /// it by route for each destination (needed when some go through a tunnel
+    /// interface with an address of its own).
+    pub local: Option<Ipv4Addr>,
     pub underlay: u32,
     pub port: u16,
     pub mtu: u32,

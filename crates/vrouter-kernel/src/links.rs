@@ -11,6 +11,7 @@ use rtnetlink::packet_route::link::{
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{
     AddressMessageBuilder, LinkMacVlan, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan,
+    LinkWireguard,
 };
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -52,8 +53,11 @@ impl Kernel {
     /// `KernelError::VniInUse`; a kernel without vxlan with `KernelError::NoVxlan`.
     /// Returns the new device's index.
     pub async fn create_vxlan(&self, spec: &VxlanSpec) -> Result<u32> {
-        let message = LinkVxlan::new(&spec.name, spec.vni.get())
-            .local(spec.local)
+        let mut builder = LinkVxlan::new(&spec.name, spec.vni.get());
+        if let Some(local) = spec.local {
+            builder = builder.local(local);
+        }
+        let message = builder
             .dev(spec.underlay)
             .port(spec.port)
             .learning(spec.learning)
@@ -84,9 +88,28 @@ impl Kernel {
         self.created_index(&spec.name).await
     }
 
+    /// Creates a kernel WireGuard device (down, unconfigured). A kernel without the
+    /// wireguard module fails here with `KernelError::NoWireGuard`. Returns its index.
+    pub async fn create_wireguard(&self, name: &str) -> Result<u32> {
+        let message = LinkWireguard::new(name).build();
+        if let Err(source) = self.create_link(message).await {
+            let context = Context::CreateWireguard {
+                names: format!("{name} in this namespace"),
+            };
+            return Err(classify(
+                "create wireguard device",
+                name.into(),
+                context,
+                source,
+            ));
+        }
+        self.created_index(name).await
+    }
+
     /// Changes a VXLAN device's local address in place (the port cannot change): a
     /// changelink, RTM_NEWLINK on the existing index with kind vxlan and only
-    /// IFLA_VXLAN_LOCAL, so the device keeps its index, FDB and macvlans.
+    /// IFLA_VXLAN_LOCAL, so the device keeps its index, FDB and macvlans. 0.0.0.0
+    /// removes it (the kernel then picks the source address by route).
     pub async fn set_vxlan_local(&self, index: u32, local: Ipv4Addr) -> Result<()> {
         let message = LinkMessageBuilder::<LinkVxlan>::new_with_info_kind(InfoKind::Vxlan)
             .index(index)
@@ -311,6 +334,23 @@ impl Kernel {
                 let label = self.link_label(index).await;
                 let what = format!("{addr}/{prefix_len} on link {label}");
                 Err(classify("replace address", what, Context::Link(label), e))
+            }
+        }
+    }
+
+    /// `ip address del ADDR/LEN dev LINK`; an address already gone is not an error.
+    pub async fn delete_address(&self, index: u32, addr: Ipv4Addr, prefix_len: u8) -> Result<()> {
+        let message = AddressMessageBuilder::<Ipv4Addr>::new()
+            .index(index)
+            .address(addr, prefix_len)
+            .build();
+        match self.ack(RouteNetlinkMessage::DelAddress(message), 0).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_gone(&e) || errno_of(&e) == Some(libc::EADDRNOTAVAIL) => Ok(()),
+            Err(e) => {
+                let label = self.link_label(index).await;
+                let what = format!("{addr}/{prefix_len} on link {label}");
+                Err(classify("delete address", what, Context::Link(label), e))
             }
         }
     }

@@ -46,7 +46,7 @@ fn spec(name: &str, vni: u32, underlay: u32, port: u16) -> VxlanSpec {
     VxlanSpec {
         name: name.into(),
         vni: Vni::new(vni).unwrap(),
-        local: LOCAL,
+        local: Some(LOCAL),
         underlay,
         port,
         mtu: 1450,
@@ -91,6 +91,15 @@ fn vxlan_create_dump_and_link_changes() {
         let i2 = k.create_vxlan(&learning).await.unwrap();
         let info = k.link_by_index(i2).await.unwrap().unwrap().vxlan.unwrap();
         assert!(info.learning);
+
+        // No local address (encryption on): none reads back.
+        let unbound = VxlanSpec {
+            local: None,
+            ..spec("vxlan3000", 3000, under, 4789)
+        };
+        let i3 = k.create_vxlan(&unbound).await.unwrap();
+        let info = k.link_by_index(i3).await.unwrap().unwrap().vxlan.unwrap();
+        assert_eq!((info.local, info.underlay), (None, Some(under)));
 
         // A veth's IFLA_LINK is its peer.
         let peer = k.link_by_name("under0p").await.unwrap().unwrap();
@@ -231,6 +240,25 @@ fn vxlan_local_changes_in_place() {
         );
         assert_eq!(k.fdb(index).await.unwrap().len(), 1, "FDB kept");
         assert!(k.link_by_index(mv).await.unwrap().is_some(), "macvlan kept");
+
+        // 0.0.0.0 removes the local address in place (encryption on: the kernel picks
+        // the source by route), and it can be set again.
+        k.set_vxlan_local(index, Ipv4Addr::UNSPECIFIED)
+            .await
+            .unwrap();
+        let link = k.link_by_name("vxlan1000").await.unwrap().unwrap();
+        assert_eq!(link.index, index, "same device");
+        assert_eq!(link.vxlan.unwrap().local, None);
+        assert_eq!(k.fdb(index).await.unwrap().len(), 1, "FDB kept");
+        k.set_vxlan_local(index, moved).await.unwrap();
+        let info = k
+            .link_by_name("vxlan1000")
+            .await
+            .unwrap()
+            .unwrap()
+            .vxlan
+            .unwrap();
+        assert_eq!(info.local, Some(moved));
 
         let err = k.set_vxlan_local(9999, moved).await.unwrap_err();
         assert!(matches!(err, KernelError::NoSuchLink(_)), "{err}");

@@ -521,7 +521,10 @@ impl Router {
                 self.event(EventKind::RegistrationRefused, reason);
                 self.discovery.disconnect_for(REFUSED_RETRY);
             }
-            DiscoveryMessage::Left => tracing::debug!("unexpected Left from discovery; ignored"),
+            // Answers to a leave and to an admin command: not for a registered router.
+            DiscoveryMessage::Left | DiscoveryMessage::Rotating { .. } => {
+                tracing::debug!("unexpected answer from discovery; ignored")
+            }
         }
     }
 

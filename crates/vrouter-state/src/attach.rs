@@ -44,6 +44,8 @@ pub enum AdminMessage {
     /// This host leaves the gossip mesh on purpose (`vrouter-discovery leave-mesh`):
     /// every other host withdraws its stacks at once.
     LeaveMesh,
+    /// Start a WireGuard key rotation (`vrouter-discovery rotate-key`).
+    RotateKey,
 }
 
 /// Name of the admin socket in discovery's private directory.
@@ -79,6 +81,8 @@ pub enum DiscoveryMessage {
     Refused { reason: String },
     /// Reply to `Leave` (and to the admin command `LeaveMesh`).
     Left,
+    /// Reply to the admin command `RotateKey`: the rotation started (public keys).
+    Rotating { old: String, new: String },
 }
 
 /// A network namespace's identity: the device and inode of its nsfs file, unique

@@ -139,6 +139,23 @@ wire_enum! {
         /// The kernel refused the steering table: the previous one stays, and the
         /// stacks it does not cover keep the policy-rule path.
         SteeringFailed = "steering_failed",
+        // Discovery: encryption (issue 16).
+        /// The WireGuard device is up: mode, backend, public key, tunnel address.
+        EncryptionStarted = "encryption_started",
+        /// A peer is not routed because of the encryption settings (this host's or
+        /// its): host, both modes and why.
+        EncryptionPeerRefused = "encryption_peer_refused",
+        /// `prefer`: a peer without a key is routed in the clear (once per peer).
+        EncryptionPeerPlain = "encryption_peer_plain",
+        /// A routed encrypted peer had no WireGuard handshake for longer than
+        /// VROUTER_WG_STALE_SECS (once per episode).
+        WgHandshakeStale = "wg_handshake_stale",
+        /// `rotate-key`: the next key is announced beside the current one.
+        KeyRotationStarted = "key_rotation_started",
+        /// The next key became the key (every routed peer uses it, or the wait ran out).
+        KeyRotationCompleted = "key_rotation_completed",
+        /// Two hosts derive the same tunnel address: the lower underlay address keeps it.
+        TunnelAddressCollision = "tunnel_address_collision",
     }
 }
 
@@ -149,6 +166,20 @@ wire_enum! {
         Static = "static",
         /// The gossip mesh.
         Gossip = "gossip",
+    }
+}
+
+wire_enum! {
+    /// `VROUTER_ENCRYPTION`: whether this host's overlay traffic goes through WireGuard.
+    #[derive(Default)]
+    pub enum EncryptionMode {
+        /// No WireGuard; a peer that requires encryption is not routed.
+        #[default]
+        Off = "off",
+        /// Only through WireGuard: a peer without a key is not routed.
+        Require = "require",
+        /// Through WireGuard with peers that have a key, in the clear with the others.
+        Prefer = "prefer",
     }
 }
 

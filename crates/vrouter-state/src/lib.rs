@@ -12,7 +12,7 @@ pub mod store;
 mod test_dir;
 pub mod types;
 
-pub use kinds::{EventKind, MemberState, PeerOrigin};
+pub use kinds::{EncryptionMode, EventKind, MemberState, PeerOrigin};
 pub use probes::{
     AclHealth, AclRuleCounters, MtuCheck, PeerProbe, ProbesFile, RouterEvents, RouterHealth,
     StackTraffic, OVERLAY_PROBE_PORT, PROBES_DIR,

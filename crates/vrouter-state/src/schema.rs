@@ -1,7 +1,7 @@
 //! The contents of the state directory's files. Both binaries read and write these;
 //! every file carries a schema version and a generation counter.
 
-use crate::kinds::{EventKind, MemberState, PeerOrigin};
+use crate::kinds::{EncryptionMode, EventKind, MemberState, PeerOrigin};
 use crate::types::{Mac, Prefix, StackName, StackSpec, Vni};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -43,6 +43,65 @@ pub struct DiscoveryFile {
     /// without port steering, which is the `rule` path for every stack).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steering: Option<SteeringStatus>,
+    /// The overlay's encryption (`VROUTER_ENCRYPTION`) and each peer's state (absent:
+    /// written by a version without encryption, which is `off`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionStatus>,
+}
+
+/// Encryption as discovery last applied it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EncryptionStatus {
+    pub mode: EncryptionMode,
+    /// `kernel` or `userspace` while the WireGuard device runs; null when off (or it
+    /// could not be opened).
+    pub backend: Option<String>,
+    /// The WireGuard interface (`VROUTER_WG_DEVICE`).
+    pub device: String,
+    /// This host's public key (base64), and the next one during a key rotation.
+    pub public_key: Option<String>,
+    pub next_public_key: Option<String>,
+    pub tunnel_address: Option<Ipv4Addr>,
+    pub listen_port: Option<u16>,
+    /// MTU of the VXLAN devices (and so of the routers' overlay links).
+    pub overlay_mtu: u32,
+    pub peers: Vec<EncryptionPeer>,
+}
+
+/// One peer host's encryption state as this host sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EncryptionPeer {
+    /// Its underlay address.
+    pub host: Ipv4Addr,
+    /// `encrypted`, `plain` or `refused`.
+    pub state: String,
+    /// Why it is plain or refused.
+    pub reason: Option<String>,
+    pub public_key: Option<String>,
+    pub tunnel_address: Option<Ipv4Addr>,
+    /// Seconds since the latest WireGuard handshake (null: none yet, or not encrypted).
+    pub last_handshake_age_s: Option<f64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// What a peer host announces about its encryption (its gossip record, or the static
+/// file's `public_key` / `wg_port`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PeerEncryption {
+    /// Its `VROUTER_ENCRYPTION` (a static peer with a key counts as `prefer`).
+    pub mode: EncryptionMode,
+    /// Its WireGuard public key (base64); none when its mode is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
+    /// During its key rotation: the key it moves to (peers switch to it at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_public_key: Option<String>,
+    /// Its tunnel address (announced by the host, or computed for a static peer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<Ipv4Addr>,
+    /// UDP port its WireGuard listens on.
+    pub wg_port: u16,
 }
 
 /// Port steering as discovery last applied it (`VROUTER_STEERING`).
@@ -118,6 +177,10 @@ pub struct HostInfo {
     pub advertise_addr: Ipv4Addr,
     pub vxlan_port: u16,
     pub underlay_mtu: u32,
+    /// MTU of the VXLAN devices: underlay MTU - 50, or - 130 with encryption (absent:
+    /// written by an older version, underlay MTU - 50).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay_mtu: Option<u32>,
     /// Process id of the active discovery (for operators; not used for locking).
     pub pid: u32,
 }
@@ -137,6 +200,10 @@ pub struct PeerHost {
     /// overlapping prefixes the earlier claim wins. Static peers have none and rank as 0.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub claims: BTreeMap<StackName, u64>,
+    /// Its encryption (absent: an older version, or a static peer without a key; both
+    /// count as `off`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<PeerEncryption>,
 }
 
 /// A stack whose router runs on this host.

@@ -52,6 +52,7 @@ fn peer_static() -> PeerHost {
         source: PeerOrigin::Static,
         node: None,
         claims: BTreeMap::new(),
+        encryption: None,
     }
 }
 
@@ -67,6 +68,7 @@ fn peer_gossip() -> PeerHost {
         source: PeerOrigin::Gossip,
         node: Some("00000000000000c3".into()),
         claims: [(stack("c"), TS - 5_000)].into_iter().collect(),
+        encryption: None,
     }
 }
 
@@ -99,6 +101,7 @@ fn discovery_json_is_unchanged() {
             advertise_addr: "203.0.113.1".parse().unwrap(),
             vxlan_port: 4789,
             underlay_mtu: 1500,
+            overlay_mtu: None,
             pid: 4242,
         },
         peers: vec![peer_static(), peer_gossip()],
@@ -126,6 +129,7 @@ fn discovery_json_is_unchanged() {
         devices: vec![Vni::new(1000).unwrap()],
         drift_repairs: 3,
         steering: None,
+        encryption: None,
         gossip: Some(GossipStatus {
             node_id: "00000000000000a1".into(),
             addr: "198.18.0.1:7946".into(),
@@ -279,6 +283,41 @@ const EVENTS: &[(&str, EventKind, &str)] = &[
     ("router/a", EventKind::AclDrops, "acl_drops"),
     ("discovery", EventKind::SteeringApplied, "steering_applied"),
     ("discovery", EventKind::SteeringFailed, "steering_failed"),
+    (
+        "discovery",
+        EventKind::EncryptionStarted,
+        "encryption_started",
+    ),
+    (
+        "discovery",
+        EventKind::EncryptionPeerRefused,
+        "peer_requires_encryption",
+    ),
+    (
+        "discovery",
+        EventKind::EncryptionPeerPlain,
+        "encryption_peer_plain",
+    ),
+    (
+        "discovery",
+        EventKind::WgHandshakeStale,
+        "wg_handshake_stale",
+    ),
+    (
+        "discovery",
+        EventKind::KeyRotationStarted,
+        "key_rotation_started",
+    ),
+    (
+        "discovery",
+        EventKind::KeyRotationCompleted,
+        "key_rotation_completed",
+    ),
+    (
+        "discovery",
+        EventKind::TunnelAddressCollision,
+        "tunnel_address_collision",
+    ),
 ];
 
 fn event(source: &str, kind: &EventKind, reason: &str, i: usize) -> Event {

@@ -3,21 +3,27 @@
 //! whichever backend this host has: kernel WireGuard (generic netlink) when the module
 //! answers, else the userspace engine (boringtun on a persistent TUN device).
 //!
-//! CONTRACT STUB (issue 16): the types and signatures below are fixed; the bodies are
-//! filled in on the engine branch.
+//! Modules: `key` (keys and the key file), `config` (checks and the pure apply plan),
+//! `engine` (the userspace data path), `tun` (the TUN device), `kernel` (kernel
+//! WireGuard over generic netlink).
+//!
+//! Namespaces: `open` creates its sockets, the TUN device and the netlink handle in the
+//! network namespace of the thread that polls it; run it on a runtime whose threads
+//! are all in the namespace meant (discovery: the host's).
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
-/// A Curve25519 public key (32 bytes). Text form: standard base64 (44 characters), as
-/// `wg` prints it. Serde uses the text form.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct PublicKey(pub [u8; 32]);
+mod config;
+mod engine;
+mod kernel;
+mod key;
+mod tun;
+mod udp;
 
-/// A Curve25519 private key. Never printed (Debug shows only the public key); zeroed
-/// on drop. Text form (files): base64, as `wg genkey` writes it.
-#[derive(Clone)]
-pub struct PrivateKey(pub(crate) [u8; 32]);
+pub use engine::Drops;
+pub use key::{load_or_create_key, write_key_file, PrivateKey, PublicKey};
+use vrouter_kernel::{Kernel, KernelError};
 
 /// Which implementation carries the tunnel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -103,7 +109,15 @@ pub enum WgError {
 
 /// A running tunnel: the interface plus (userspace) the engine's threads.
 pub struct Wg {
-    _private: (),
+    name: String,
+    listen_port: u16,
+    kernel: Kernel,
+    backend: Backend,
+}
+
+enum Backend {
+    Kernel(kernel::Device),
+    Userspace(engine::Engine),
 }
 
 impl Wg {
@@ -111,50 +125,154 @@ impl Wg {
     /// [`BackendChoice::Auto`]: kernel WireGuard when the module answers, else the
     /// userspace engine on a persistent TUN device (adopted if a previous discovery
     /// left it, so routes and addresses survive a restart).
-    pub async fn open(_cfg: &DeviceConfig, _choice: BackendChoice) -> Result<Wg, WgError> {
-        Err(WgError::Kernel("vrouter-wg: not built yet".into()))
+    pub async fn open(cfg: &DeviceConfig, choice: BackendChoice) -> Result<Wg, WgError> {
+        config::validate(cfg)?;
+        let kernel = Kernel::connect().await.map_err(kernel_error)?;
+        let backend = match choice {
+            BackendChoice::Kernel => Backend::Kernel(kernel::Device::open(&kernel, cfg).await?),
+            BackendChoice::Userspace => Backend::Userspace(open_userspace(&kernel, cfg).await?),
+            BackendChoice::Auto => match kernel::Device::open(&kernel, cfg).await {
+                Ok(device) => Backend::Kernel(device),
+                Err(WgError::NoKernelWireGuard(why)) => {
+                    tracing::info!(%why, "kernel WireGuard unavailable; using the userspace engine");
+                    Backend::Userspace(open_userspace(&kernel, cfg).await?)
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        Ok(Wg {
+            name: cfg.name.clone(),
+            listen_port: cfg.listen_port,
+            kernel,
+            backend,
+        })
     }
 
     pub fn kind(&self) -> BackendKind {
-        BackendKind::Userspace
+        match self.backend {
+            Backend::Kernel(_) => BackendKind::Kernel,
+            Backend::Userspace(_) => BackendKind::Userspace,
+        }
     }
 
     /// Applies a new desired configuration (peers, keys, address, MTU) in place.
-    pub async fn apply(&self, _cfg: &DeviceConfig) -> Result<(), WgError> {
-        Ok(())
+    /// The interface name and the listen port are fixed for the life of a `Wg`.
+    pub async fn apply(&self, cfg: &DeviceConfig) -> Result<(), WgError> {
+        config::validate(cfg)?;
+        if cfg.name != self.name || cfg.listen_port != self.listen_port {
+            return Err(WgError::Kernel(format!(
+                "the WireGuard device name and port cannot change in place ({} port {} -> {} port {}); \
+                 close and open again",
+                self.name, self.listen_port, cfg.name, cfg.listen_port
+            )));
+        }
+        match &self.backend {
+            Backend::Kernel(device) => device.apply(&self.kernel, cfg).await,
+            Backend::Userspace(engine) => {
+                engine.apply(cfg);
+                configure_link(&self.kernel, cfg).await.map(|_| ())
+            }
+        }
     }
 
     pub fn stats(&self) -> Vec<PeerStats> {
-        Vec::new()
+        match &self.backend {
+            Backend::Kernel(device) => device.stats(),
+            Backend::Userspace(engine) => engine.stats(),
+        }
+    }
+
+    /// Packets the userspace engine dropped, by reason (zero for the kernel backend).
+    pub fn drops(&self) -> Drops {
+        match &self.backend {
+            Backend::Kernel(_) => Drops::default(),
+            Backend::Userspace(engine) => engine.drops(),
+        }
     }
 
     /// Stops the engine and leaves the interface in place (a restart adopts it).
-    pub async fn close(self) {}
-}
-
-/// Deletes the interface (cleanup, leave-mesh, encryption turned off).
-pub async fn destroy(_name: &str) -> Result<(), WgError> {
-    Ok(())
-}
-
-impl PrivateKey {
-    pub fn generate() -> PrivateKey {
-        unimplemented!("vrouter-wg: not built yet")
-    }
-    pub fn public_key(&self) -> PublicKey {
-        unimplemented!("vrouter-wg: not built yet")
+    pub async fn close(self) {
+        match self.backend {
+            Backend::Kernel(_) => {}
+            Backend::Userspace(mut engine) => {
+                // Joining waits up to one poll period: off the async threads.
+                let joined = tokio::task::spawn_blocking(move || engine.stop()).await;
+                if let Err(e) = joined {
+                    tracing::warn!(error = %e, "wireguard engine threads did not stop cleanly");
+                }
+            }
+        }
     }
 }
 
-/// Reads a private key file (base64, one line), refusing links, non-regular files,
-/// files over 1 KiB and files readable by group or others; creates it (mode 0600,
-/// atomically) with a fresh key when `create` and it does not exist.
-pub fn load_or_create_key(_path: &std::path::Path, _create: bool) -> Result<PrivateKey, WgError> {
-    Err(WgError::Kernel("vrouter-wg: not built yet".into()))
+async fn open_userspace(kernel: &Kernel, cfg: &DeviceConfig) -> Result<engine::Engine, WgError> {
+    // A kernel WireGuard link of the same name (backend switched) cannot become a TUN.
+    if let Some(link) = kernel.link_by_name(&cfg.name).await.map_err(kernel_error)? {
+        if link.kind.as_deref() == Some("wireguard") {
+            kernel.delete_link(link.index).await.map_err(kernel_error)?;
+        }
+    }
+    let engine = engine::Engine::start(cfg)?;
+    configure_link(kernel, cfg).await?;
+    Ok(engine)
 }
 
-impl std::fmt::Debug for PublicKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PublicKey({:02x?})", &self.0[..4])
+/// Gives the link `cfg.name` exactly the address `address/prefix_len`, the MTU, and
+/// brings it up. Returns its index.
+pub(crate) async fn configure_link(kernel: &Kernel, cfg: &DeviceConfig) -> Result<u32, WgError> {
+    let link = kernel
+        .link_by_name(&cfg.name)
+        .await
+        .map_err(kernel_error)?
+        .ok_or_else(|| WgError::Kernel(format!("link {} vanished", cfg.name)))?;
+    for stale in kernel.addresses().await.map_err(kernel_error)? {
+        if stale.index == link.index
+            && (stale.addr != cfg.address || stale.prefix_len != cfg.prefix_len)
+        {
+            kernel
+                .delete_address(link.index, stale.addr, stale.prefix_len)
+                .await
+                .map_err(kernel_error)?;
+        }
+    }
+    kernel
+        .replace_address(link.index, cfg.address, cfg.prefix_len)
+        .await
+        .map_err(kernel_error)?;
+    if link.mtu != cfg.mtu {
+        kernel
+            .set_mtu(link.index, cfg.mtu)
+            .await
+            .map_err(kernel_error)?;
+    }
+    if !link.up {
+        kernel.set_up(link.index).await.map_err(kernel_error)?;
+    }
+    Ok(link.index)
+}
+
+pub(crate) fn kernel_error(e: KernelError) -> WgError {
+    match e {
+        KernelError::NoWireGuard => WgError::NoKernelWireGuard(e.to_string()),
+        e => WgError::Kernel(e.to_string()),
+    }
+}
+
+/// Deletes the interface (cleanup, leave-mesh, encryption turned off). A missing
+/// interface is not an error.
+pub async fn destroy(name: &str) -> Result<(), WgError> {
+    tun::check_name(name)?;
+    let kernel = Kernel::connect().await.map_err(kernel_error)?;
+    let Some(link) = kernel.link_by_name(name).await.map_err(kernel_error)? else {
+        return Ok(());
+    };
+    match kernel.delete_link(link.index).await {
+        Ok(()) => Ok(()),
+        // Kernels whose tun driver has no netlink delete: drop the persistent flag.
+        Err(e) if link.kind.as_deref() == Some("tun") || link.kind.is_none() => {
+            tracing::debug!(error = %e, "deleting the TUN link over netlink failed; unpersisting it");
+            tun::unpersist(name)
+        }
+        Err(e) => Err(kernel_error(e)),
     }
 }

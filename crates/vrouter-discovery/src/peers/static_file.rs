@@ -3,6 +3,8 @@
 //! ```toml
 //! [[host]]
 //! address = "198.18.0.2"        # the remote host's underlay (advertised) address
+//! public_key = "<base64>"       # optional: its WireGuard public key (`wg pubkey`)
+//! wg_port = 51820               # optional: its WireGuard port (default 51820)
 //!
 //! [[host.stack]]
 //! name = "b"
@@ -36,8 +38,49 @@ struct FileDoc {
 #[serde(deny_unknown_fields)]
 struct HostDoc {
     address: String,
+    /// Its WireGuard public key: with one, the host counts as `prefer` (it can
+    /// encrypt); without, as `off`.
+    #[serde(default)]
+    public_key: Option<String>,
+    #[serde(default)]
+    wg_port: Option<i64>,
     #[serde(default)]
     stack: Vec<StackDoc>,
+}
+
+/// WireGuard's usual port, a static peer's default.
+const DEFAULT_WG_PORT: u16 = 51820;
+
+/// A static peer's encryption: a key makes it `prefer` (its tunnel address is filled
+/// in by [`crate::encryption::fill_static_tunnels`]).
+fn static_encryption(
+    h: &HostDoc,
+    at: &str,
+) -> Result<Option<vrouter_state::PeerEncryption>, String> {
+    let wg_port = match h.wg_port {
+        None => DEFAULT_WG_PORT,
+        Some(p) => u16::try_from(p).ok().filter(|p| *p > 0).ok_or_else(|| {
+            format!("{at}: wg_port = {p} is not a UDP port; use 1..65535 (default 51820)")
+        })?,
+    };
+    let Some(text) = &h.public_key else {
+        if h.wg_port.is_some() {
+            return Err(format!(
+                "{at}: wg_port is set without public_key; add the host's WireGuard public key (`wg pubkey < wg.key` on it, or `vrouter-discovery status` there)"
+            ));
+        }
+        return Ok(None);
+    };
+    let key: vrouter_wg::PublicKey = text.parse().map_err(|e| {
+        format!("{at}: public_key = {text:?} is not a WireGuard public key ({e}); copy it from `vrouter-discovery status` on that host (44 base64 characters)")
+    })?;
+    Ok(Some(vrouter_state::PeerEncryption {
+        mode: vrouter_state::EncryptionMode::Prefer,
+        public_key: Some(key.to_string()),
+        next_public_key: None,
+        tunnel: None,
+        wg_port,
+    }))
 }
 
 #[derive(Debug, Deserialize)]
@@ -74,6 +117,7 @@ pub fn parse_static_config(text: &str, origin: &str) -> Result<Vec<PeerHost>, St
                 "{at}: address {addr} is listed twice; merge its stacks into one [[host]] entry"
             ));
         }
+        let encryption = static_encryption(h, &format!("{at} ({addr})"))?;
         let mut stacks = Vec::new();
         for s in &h.stack {
             let at = format!("{at} ({addr}), stack {:?}", s.name);
@@ -131,6 +175,7 @@ pub fn parse_static_config(text: &str, origin: &str) -> Result<Vec<PeerHost>, St
             source: vrouter_state::PeerOrigin::Static,
             node: None,
             claims: Default::default(),
+            encryption,
         });
     }
     hosts.sort();
@@ -203,6 +248,50 @@ router_ip = "10.7.0.254"
         assert_eq!(hosts[1].stacks[0].prefixes.len(), 2);
         assert_eq!(hosts[1].stacks[1].vni.get(), 1000, "default VNI");
         assert!(parse_static_config("", "x").unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_host_may_carry_a_wireguard_key_and_port() {
+        let key = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
+        let text = GOOD.replace(
+            "address = \"198.18.0.2\"",
+            &format!("address = \"198.18.0.2\"\npublic_key = \"{key}\"\nwg_port = 51999"),
+        );
+        let hosts = parse_static_config(&text, "peers.toml").unwrap();
+        let e = hosts[0].encryption.as_ref().unwrap();
+        assert_eq!(e.public_key.as_deref(), Some(key));
+        assert_eq!(e.wg_port, 51999);
+        assert_eq!(e.mode, vrouter_state::EncryptionMode::Prefer);
+        assert!(hosts[1].encryption.is_none());
+        let only_key = GOOD.replace(
+            "address = \"198.18.0.2\"",
+            &format!("address = \"198.18.0.2\"\npublic_key = \"{key}\""),
+        );
+        let hosts = parse_static_config(&only_key, "peers.toml").unwrap();
+        assert_eq!(hosts[0].encryption.as_ref().unwrap().wg_port, 51820);
+        for (bad, want) in [
+            ("public_key = \"abc\"", "public_key = \"abc\""),
+            (
+                "public_key = \"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8yk!=\"",
+                "not a WireGuard public key",
+            ),
+            ("wg_port = 51820", "without public_key"),
+            (
+                &format!("public_key = \"{key}\"\nwg_port = 0"),
+                "wg_port = 0",
+            ),
+            (
+                &format!("public_key = \"{key}\"\nwg_port = 65536"),
+                "wg_port = 65536",
+            ),
+        ] {
+            let text = GOOD.replace(
+                "address = \"198.18.0.2\"",
+                &format!("address = \"198.18.0.2\"\n{bad}"),
+            );
+            let e = err(&text);
+            assert!(e.contains(want) && e.contains("198.18.0.2"), "{bad}: {e}");
+        }
     }
 
     fn err(text: &str) -> String {

@@ -130,6 +130,8 @@ pub struct BaseHook {
 pub enum Hook {
     /// `hook forward` (family ip).
     Forward,
+    /// `hook input` (family ip): packets for this host, before their socket.
+    Input,
     /// `hook ingress device "<device>"` (family netdev; NFTA_HOOK_DEV). The device
     /// must exist when the table goes in.
     Ingress { device: String },
@@ -231,6 +233,8 @@ pub enum Match {
     /// `tcp flags syn tcp option maxseg size > <mss>`: a TCP segment with SYN set
     /// (SYN or SYN-ACK) whose MSS option is above `<mss>`.
     TcpSynMssAbove(u16),
+    /// `udp dport <port>` (with nft's dependency `meta l4proto udp` before it).
+    UdpDport(u16),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -379,9 +383,9 @@ pub(super) fn check(table: &TableSpec) -> Result<(), String> {
     for chain in &table.chains {
         name_ok("chain", &chain.name)?;
         match chain.hook.as_ref().map(|h| &h.hook) {
-            Some(Hook::Forward) if netdev => {
+            Some(Hook::Forward | Hook::Input) if netdev => {
                 return Err(format!(
-                    "chain {}: a netdev table has no forward hook",
+                    "chain {}: a netdev table has no forward or input hook",
                     chain.name
                 ))
             }
@@ -539,6 +543,7 @@ pub(super) fn new_chain(family: Family, table: &str, chain: &ChainSpec) -> Reque
                 NFTA_HOOK_HOOKNUM,
                 match hook.hook {
                     Hook::Forward => NF_INET_FORWARD,
+                    Hook::Input => NF_INET_LOCAL_IN,
                     Hook::Ingress { .. } => NF_NETDEV_INGRESS,
                 },
             ),
@@ -800,6 +805,7 @@ struct Deps {
     ipv4: bool,
     ether: bool,
     tcp: bool,
+    udp: bool,
 }
 
 impl Deps {
@@ -809,6 +815,7 @@ impl Deps {
             ipv4: false,
             ether: false,
             tcp: false,
+            udp: false,
         }
     }
 
@@ -826,6 +833,14 @@ impl Deps {
             out.push(cmp(NFT_CMP_EQ, &ARPHRD_ETHER.to_ne_bytes()));
         }
         self.ether = true;
+    }
+
+    fn udp(&mut self, out: &mut Vec<Attr>) {
+        if !self.udp {
+            out.push(meta_load(NFT_META_L4PROTO));
+            out.push(cmp(NFT_CMP_EQ, &[IPPROTO_UDP]));
+        }
+        self.udp = true;
     }
 
     fn tcp(&mut self, out: &mut Vec<Attr>) {
@@ -1194,6 +1209,7 @@ fn match_exprs(
             out.push(meta_load(NFT_META_L4PROTO));
             out.push(cmp(NFT_CMP_EQ, &[*p]));
             deps.tcp |= *p == IPPROTO_TCP;
+            deps.udp |= *p == IPPROTO_UDP;
         }
         Match::MetaL4ProtoNot(p) => {
             out.push(meta_load(NFT_META_L4PROTO));
@@ -1213,6 +1229,11 @@ fn match_exprs(
                 ],
             ));
             out.push(cmp(NFT_CMP_GT, &len.to_be_bytes()));
+        }
+        Match::UdpDport(port) => {
+            deps.udp(out);
+            out.push(payload_load(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, NFT_REG_1));
+            out.push(cmp(NFT_CMP_EQ, &port.to_be_bytes()));
         }
         Match::TcpSynMssAbove(mss) => {
             deps.tcp(out);

@@ -819,3 +819,63 @@ mod netdev {
         }
     }
 }
+
+mod input {
+    //! An ip table with an input hook encoded as nft 1.0.6 encodes
+    //! `testdata/input.nft` (captured as `testdata/netdev.mnl` was, into
+    //! `testdata/input.mnl`): the `require` encryption filter.
+
+    use super::super::message::NLMSG_HDRLEN;
+    use super::super::ruleset::*;
+
+    #[test]
+    fn the_vxlan_input_filter_is_what_nft_sends() {
+        let table = TableSpec {
+            family: Family::Ip,
+            name: "wgbvrouter".into(),
+            sets: Vec::new(),
+            chains: vec![ChainSpec {
+                name: "vxlan_in".into(),
+                hook: Some(BaseHook {
+                    hook: Hook::Input,
+                    priority: -200,
+                    policy_accept: true,
+                }),
+                rules: vec![RuleSpec {
+                    matches: vec![
+                        Match::UdpDport(4789),
+                        Match::IifName {
+                            name: "vrouter-wg".into(),
+                            equal: false,
+                        },
+                    ],
+                    counter: true,
+                    counter_start: (0, 0),
+                    set_ct_mark: None,
+                    statements: Vec::new(),
+                    verdict: RuleVerdict::Drop,
+                    comment: "vrouter: VXLAN only through WireGuard".into(),
+                }],
+            }],
+        };
+        check(&table).unwrap();
+        let theirs: Vec<(u16, String)> = include_str!("testdata/input.mnl")
+            .lines()
+            .map(|l| {
+                let (kind, body) = l.split_once(' ').unwrap();
+                (kind.parse().unwrap(), body.to_string())
+            })
+            .collect();
+        let ours = replace_requests(&table);
+        assert_eq!(ours.len(), theirs.len() + 2);
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        for (i, (r, (kind, body))) in ours[2..].iter().zip(&theirs).enumerate() {
+            assert_eq!(r.kind(), *kind, "message {i}");
+            assert_eq!(&hex(&r.encode(0)[NLMSG_HDRLEN..]), body, "message {i}");
+        }
+        // A netdev table has no input hook.
+        let mut netdev = table.clone();
+        netdev.family = Family::Netdev;
+        assert!(check(&netdev).is_err());
+    }
+}

@@ -23,6 +23,7 @@ pub(super) const NFGENMSG_LEN: usize = 4;
 // netfilter.h
 pub(super) const NFPROTO_UNSPEC: u8 = 0;
 pub(super) const NFPROTO_IPV4: u8 = 2;
+pub(super) const NF_INET_LOCAL_IN: u32 = 1;
 pub(super) const NF_INET_FORWARD: u32 = 2;
 pub(super) const NF_ACCEPT: u32 = 1;
 // enum nft_table_attributes
@@ -181,6 +182,7 @@ pub(super) const IFNAMSIZ: usize = 16;
 // ARPHRD_ETHER, what `ether saddr` checks `meta iiftype` against
 pub(super) const ARPHRD_ETHER: u16 = 1;
 pub(super) const IPPROTO_TCP: u8 = 6;
+pub(super) const IPPROTO_UDP: u8 = 17;
 // TCP flags byte (offset 13 of the TCP header)
 pub(super) const TCP_FLAGS_OFFSET: u32 = 13;
 pub(super) const TCP_FIN: u8 = 0x01;
