@@ -455,6 +455,14 @@ pub fn input_table(mesh: &Mesh, host: usize) -> Option<String> {
     .map(|o| o.stdout)
 }
 
+/// The packets the input table's drop rule counted on `host` (`None`: no table or no
+/// counter).
+pub fn input_drops(mesh: &Mesh, host: usize) -> Option<u64> {
+    let t = input_table(mesh, host)?;
+    let at = t.find("counter packets ")? + "counter packets ".len();
+    t[at..].split_whitespace().next()?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
