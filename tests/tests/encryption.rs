@@ -388,7 +388,10 @@ fn require_underlay_shows_only_wireguard_and_drops_injected_vxlan() {
     );
     let dropped = input_drops(&g, 1).unwrap_or(0) - drops_before;
     eprintln!("MEASURED: the input table dropped {dropped} of 10 injected frames");
-    assert!(dropped >= 10, "the input table counted {dropped} drops, not the 10 injected frames");
+    assert!(
+        dropped >= 10,
+        "the input table counted {dropped} drops, not the 10 injected frames"
+    );
     // The tunnel still carries real traffic.
     assert!(reachable(&g, "s2", "s1"), "s2 -> s1 after the injection");
 }
