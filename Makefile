@@ -20,9 +20,11 @@ build:
 	$(CARGO) build --release --workspace --bins
 
 # Static binaries for the FROM-scratch images (adds the musl target on first use, as
-# .ci/setup does).
+# .ci/setup does, and musl-tools: boringtun's `ring` compiles C and assembly with
+# x86_64-linux-musl-gcc).
 musl:
 	@rustup target list --installed 2>/dev/null | grep -qx $(MUSL_TARGET) || { echo "adding the $(MUSL_TARGET) target"; rustup target add $(MUSL_TARGET); }
+	@command -v x86_64-linux-musl-gcc >/dev/null || { echo "installing musl-tools"; DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq musl-tools >/dev/null; }
 	$(CARGO) build --release --target $(MUSL_TARGET) -p vrouter-discovery -p vrouter-router -p vrouter-tests --bins
 
 # The test-service image also carries Debian's busybox-static (installed here when
