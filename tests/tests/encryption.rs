@@ -236,8 +236,9 @@ fn require_full_matrix_isolation_and_overlay_mtu() {
         }
     }
 
-    // Per peer, after that traffic: encrypted, a recent handshake, bytes both ways; the
-    // same in the metrics.
+    // Per peer, after that traffic: encrypted, a recent handshake, bytes both ways
+    // between hosts that share a VNI (host 1 shares one with each; 2 and 3 share none,
+    // so their tunnel carries only the handshake); the same in the metrics.
     for h in 1..=3usize {
         for o in (1..=3usize).filter(|o| *o != h) {
             let p = peer_entry(&g, h, g.topo.host(o).underlay_ip).unwrap();
@@ -247,10 +248,13 @@ fn require_full_matrix_isolation_and_overlay_mtu() {
                 p["last_handshake_age_s"].as_f64().is_some_and(|a| a < 60.0),
                 "host {h} on host {o}: {p}"
             );
-            assert!(
-                p["rx_bytes"].as_u64().unwrap_or(0) > 0 && p["tx_bytes"].as_u64().unwrap_or(0) > 0,
-                "host {h} on host {o}: {p}"
-            );
+            if h == 1 || o == 1 {
+                assert!(
+                    p["rx_bytes"].as_u64().unwrap_or(0) > 0
+                        && p["tx_bytes"].as_u64().unwrap_or(0) > 0,
+                    "host {h} on host {o}: {p}"
+                );
+            }
         }
     }
     let m = http_get(&g.topo.host(1).ns, "127.0.0.1:9474", "/metrics")
@@ -261,10 +265,22 @@ fn require_full_matrix_isolation_and_overlay_mtu() {
         .unwrap()
         .to_string();
     for (series, want) in [
-        (r#"vrouter_encryption_mode{mode="require"}"#.to_string(), Some(1.0)),
-        (format!(r#"vrouter_wg_backend{{backend="{backend}"}}"#), Some(1.0)),
-        (r#"vrouter_wg_peer_encrypted{host="198.18.0.2"}"#.to_string(), Some(1.0)),
-        (r#"vrouter_wg_peer_encrypted{host="198.18.0.3"}"#.to_string(), Some(1.0)),
+        (
+            r#"vrouter_encryption_mode{mode="require"}"#.to_string(),
+            Some(1.0),
+        ),
+        (
+            format!(r#"vrouter_wg_backend{{backend="{backend}"}}"#),
+            Some(1.0),
+        ),
+        (
+            r#"vrouter_wg_peer_encrypted{host="198.18.0.2"}"#.to_string(),
+            Some(1.0),
+        ),
+        (
+            r#"vrouter_wg_peer_encrypted{host="198.18.0.3"}"#.to_string(),
+            Some(1.0),
+        ),
     ] {
         assert_eq!(metric(&m, &series), want, "{series} in:\n{m}");
     }
@@ -272,11 +288,17 @@ fn require_full_matrix_isolation_and_overlay_mtu() {
         r#"vrouter_wg_peer_rx_bytes_total{host="198.18.0.2"}"#,
         r#"vrouter_wg_peer_tx_bytes_total{host="198.18.0.2"}"#,
     ] {
-        assert!(metric(&m, series).is_some_and(|v| v > 0.0), "{series} in:\n{m}");
+        assert!(
+            metric(&m, series).is_some_and(|v| v > 0.0),
+            "{series} in:\n{m}"
+        );
     }
     assert!(
-        metric(&m, r#"vrouter_wg_peer_handshake_age_seconds{host="198.18.0.2"}"#)
-            .is_some_and(|v| v < 60.0),
+        metric(
+            &m,
+            r#"vrouter_wg_peer_handshake_age_seconds{host="198.18.0.2"}"#
+        )
+        .is_some_and(|v| v < 60.0),
         "handshake age in:\n{m}"
     );
 
