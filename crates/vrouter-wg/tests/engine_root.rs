@@ -592,10 +592,37 @@ fn throughput() {
         .unwrap_or(5u64);
     let d = Duration::from_secs(secs);
     let plain = tcp_blast(&p.rt_a, &p.rt_b, p.b.host, 5101, d);
+    let cpu_before = engine_cpu();
+    let tx_before = p.wg_a().stats()[0].tx_bytes;
     let tunnel = tcp_blast(&p.rt_a, &p.rt_b, p.b.tunnel, 5102, d);
+    let cpu = engine_cpu() - cpu_before;
+    let gb = (p.wg_a().stats()[0].tx_bytes - tx_before) as f64 / 1e9;
     eprintln!(
-        "tcp single stream, {secs} s: underlay {plain:.0} Mbit/s, wireguard engine {tunnel:.0} Mbit/s ({:.2} of underlay)",
-        tunnel / plain
+        "tcp single stream, {secs} s: underlay {plain:.0} Mbit/s, wireguard engine {tunnel:.0} Mbit/s ({:.2} of underlay); \
+         engine threads (both ends, kernel time included) {:.2} CPU s per GB",
+        tunnel / plain,
+        cpu / gb
     );
     assert!(tunnel > 0.0);
+}
+
+/// CPU seconds (user + system) of this process's engine threads (`wg-*`) so far.
+fn engine_cpu() -> f64 {
+    let ticks = 100.0; // USER_HZ
+    let mut total = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        let Some((head, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        if !head.contains("(wg-") {
+            continue;
+        }
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // After "pid (comm) ": state is field 0, utime 11, stime 12.
+        let utime: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let stime: u64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+        total += utime + stime;
+    }
+    total as f64 / ticks
 }
