@@ -526,6 +526,25 @@ fn auto_falls_back_to_userspace_and_destroy_removes_the_device() {
         .1
         .iter()
         .any(|a| a.index == link.0.index && a.addr == me.tunnel && a.prefix_len == 16));
+    // A new address and MTU replace the old ones in place.
+    let mut moved = cfg.clone();
+    moved.address = Ipv4Addr::new(10, 254, 0, 50);
+    moved.prefix_len = 24;
+    moved.mtu = 1400;
+    let wg = rt.apply(wg, &moved);
+    let (l, addrs) = rt.run(async {
+        let k = vrouter_kernel::Kernel::connect().await.unwrap();
+        let l = k.link_by_name(DEVICE).await.unwrap().expect("device");
+        let addrs = k.addresses().await.unwrap();
+        (l, addrs)
+    });
+    assert_eq!(l.mtu, 1400);
+    let on_link: Vec<_> = addrs
+        .iter()
+        .filter(|a| a.index == l.index)
+        .map(|a| (a.addr, a.prefix_len))
+        .collect();
+    assert_eq!(on_link, vec![(Ipv4Addr::new(10, 254, 0, 50), 24)]);
     rt.close(wg);
     rt.run(async { vrouter_wg::destroy(DEVICE).await })
         .expect("destroy");
