@@ -621,6 +621,9 @@ fn receive(shared: &Shared, table: &Table, datagram: &[u8], from: SocketAddr, ou
                 result = tunn.decapsulate(None, &[], out);
             }
             TunnResult::WriteToTunnelV4(inner, source) => {
+                // The TUN write runs the receiving stack inline: not under the lock
+                // the sending thread needs for this peer.
+                drop(tunn);
                 if source == peer.cfg.tunnel {
                     if let Err(e) = shared.tun.send(inner) {
                         tracing::debug!(error = %e, "wireguard: writing the TUN device failed");
