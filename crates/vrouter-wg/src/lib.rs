@@ -43,7 +43,7 @@ pub enum BackendChoice {
 }
 
 /// The whole interface, as desired. Applying the same value twice changes nothing.
-#[derive(Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceConfig {
     /// Interface name (at most 15 bytes).
     pub name: String,
