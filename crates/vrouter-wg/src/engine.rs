@@ -202,6 +202,7 @@ impl Engine {
             .iter()
             .filter_map(|k| old_tunnels.get(k).map(|(t, _)| t.index))
             .collect();
+        let keep: std::collections::HashSet<TunnelKey> = plan.keep.iter().copied().collect();
         let locals: Vec<Local> = cfg.keys.iter().map(local_of).collect();
         let mut table = Table {
             locals,
@@ -221,7 +222,7 @@ impl Engine {
                     local: local.public,
                 };
                 let tunnel = match old_tunnels.get(&tkey) {
-                    Some((t, _)) if plan.keep.contains(&tkey) => t.clone(),
+                    Some((t, _)) if keep.contains(&tkey) => t.clone(),
                     _ => {
                         let index = fresh_index(&mut used_indices);
                         let params = TunnelParams {
