@@ -526,6 +526,19 @@ fn auto_falls_back_to_userspace_and_destroy_removes_the_device() {
         .1
         .iter()
         .any(|a| a.index == link.0.index && a.addr == me.tunnel && a.prefix_len == 16));
+    // A second engine on the same device (another discovery still running) is refused.
+    let second = {
+        let cfg = cfg.clone();
+        rt.run(async move {
+            Wg::open(&cfg, BackendChoice::Userspace)
+                .await
+                .map(|w| w.kind())
+        })
+    };
+    let err = second
+        .expect_err("a second engine on a busy TUN")
+        .to_string();
+    assert!(err.contains("in use by another process"), "{err}");
     // A new address and MTU replace the old ones in place.
     let mut moved = cfg.clone();
     moved.address = Ipv4Addr::new(10, 254, 0, 50);
