@@ -520,7 +520,9 @@ fn tun_to_udp(shared: Arc<Shared>) {
         match written {
             Some((len, true)) => batch.commit(&shared.udp, len, peer.endpoint),
             // A handshake initiation (no session yet): at once, outside the run.
-            Some((len, false)) => shared.udp.send(&batch.buf[start..start + len], peer.endpoint),
+            Some((len, false)) => shared
+                .udp
+                .send(&batch.buf[start..start + len], peer.endpoint),
             None => {}
         }
     }

@@ -1,0 +1,137 @@
+//! Smoke tests of the discovery side of encryption (issue 16) on two simulated hosts
+//! with gossip (the full matrix is tests/tests/encryption.rs): with
+//! `VROUTER_ENCRYPTION=require` the stacks reach each other through the WireGuard
+//! device, the VXLAN rows point at tunnel addresses, and discovery.json reports it;
+//! a plain VXLAN frame from the underlay is dropped by the input filter. Every wait is
+//! bounded.
+
+use std::time::Duration;
+use vrouter_tests::gossip::OLD_SECRET;
+use vrouter_tests::mesh::{Mesh, StackDef};
+use vrouter_tests::*;
+
+const CONVERGE: Duration = Duration::from_secs(30);
+
+fn two_encrypted(test: &str, mode: [&str; 2]) -> Mesh {
+    let mut mesh = Mesh::build(
+        test,
+        2,
+        vec![
+            StackDef::new("a", 1, 1000, "10.1.0.0/24"),
+            StackDef::new("b", 2, 1000, "10.2.0.0/24"),
+        ],
+    )
+    .expect("mesh builds");
+    mesh.set_static_peers(false);
+    let join = mesh.topo.host(1).underlay_ip.to_string();
+    for h in 1..=2 {
+        mesh.set_discovery_env(h, "VROUTER_SECRET", OLD_SECRET);
+        mesh.set_discovery_env(h, "VROUTER_ENCRYPTION", mode[h - 1]);
+        mesh.set_discovery_env(h, "VROUTER_WG_BACKEND", "userspace");
+        if h != 1 {
+            mesh.set_discovery_env(h, "VROUTER_JOIN", &join);
+        }
+    }
+    mesh.start_all().expect("mesh starts");
+    mesh
+}
+
+/// discovery.json of `host`; null until discovery wrote it.
+fn discovery_json(mesh: &Mesh, host: usize) -> serde_json::Value {
+    std::fs::read_to_string(mesh.state_dir(host).join("discovery.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default()
+}
+
+#[test]
+fn two_hosts_with_require_ping_through_wireguard() {
+    if !require_root() {
+        return;
+    }
+    let mesh = two_encrypted("enc_smoke_require", ["require", "require"]);
+    if let Err(e) = mesh.wait_converged(CONVERGE) {
+        mesh.dump_logs();
+        panic!("{e:#}");
+    }
+    let b = mesh.svc("b").ip.to_string();
+    let ok = wait_until(CONVERGE, Duration::from_millis(200), || {
+        ping(&mesh.svc("a").ns, &b, 1, Duration::from_secs(1))
+    });
+    if !ok {
+        mesh.dump_logs();
+    }
+    assert!(ok, "a cannot ping b through the encrypted overlay");
+    let d = discovery_json(&mesh, 1);
+    let e = &d["encryption"];
+    assert_eq!(e["mode"], "require", "{e}");
+    assert_eq!(e["backend"], "userspace", "{e}");
+    let mtu = e["overlay_mtu"].as_u64().unwrap();
+    assert_eq!(
+        mtu,
+        d["host"]["underlay_mtu"].as_u64().unwrap() - 130,
+        "{e}"
+    );
+    assert_eq!(d["host"]["overlay_mtu"].as_u64(), Some(mtu));
+    let peer = &e["peers"][0];
+    assert_eq!(peer["state"], "encrypted", "{e}");
+    let tunnel = peer["tunnel_address"].as_str().unwrap().to_string();
+    assert!(tunnel.starts_with("10.255."), "{e}");
+    // The FDB points at the peer's tunnel address, and the VXLAN device has no local.
+    let h1 = mesh.topo.host(1).ns.clone();
+    let fdb = exec_ok(Some(&h1), &["bridge", "fdb", "show", "dev", "vxlan1000"])
+        .unwrap()
+        .stdout;
+    assert!(fdb.contains(&format!("dst {tunnel}")), "{fdb}");
+    let link = exec_ok(Some(&h1), &["ip", "-d", "link", "show", "vxlan1000"])
+        .unwrap()
+        .stdout;
+    assert!(!link.contains(" local "), "{link}");
+    assert!(link.contains(&format!("mtu {mtu}")), "{link}");
+    // The input filter is in place and counts what it drops.
+    let table = exec_ok(Some(&h1), &["nft", "list", "ruleset"])
+        .unwrap()
+        .stdout;
+    assert!(
+        table.contains("vxlan_in") && table.contains("udp dport 4789"),
+        "{table}"
+    );
+    // Status text lists the section.
+    let status = exec_ok(
+        Some(&h1),
+        &[
+            mesh.bin("vrouter-discovery").to_str().unwrap(),
+            "--state-dir",
+            mesh.state_dir(1).to_str().unwrap(),
+            "status",
+        ],
+    )
+    .unwrap()
+    .stdout;
+    assert!(status.contains("ENCRYPTION"), "{status}");
+}
+
+#[test]
+fn an_off_host_next_to_a_require_host_is_refused_and_not_routed() {
+    if !require_root() {
+        return;
+    }
+    let mesh = two_encrypted("enc_smoke_off", ["require", "off"]);
+    let mut last = serde_json::Value::Null;
+    let refused = wait_until(CONVERGE, Duration::from_millis(200), || {
+        last = discovery_json(&mesh, 1);
+        last["encryption"]["peers"][0]["state"] == "refused"
+            && discovery_json(&mesh, 2)["encryption"]["peers"][0]["state"] == "refused"
+    });
+    if !refused {
+        mesh.dump_logs();
+    }
+    assert!(refused, "{last}");
+    let events = std::fs::read_to_string(mesh.state_dir(1).join("events.log")).unwrap();
+    assert!(
+        events.contains("encryption_peer_refused") && events.contains("VROUTER_ENCRYPTION"),
+        "{events}"
+    );
+    let routes = std::fs::read_to_string(mesh.state_dir(1).join("routes.json")).unwrap();
+    assert!(!routes.contains("10.2.0.0/24"), "{routes}");
+}
