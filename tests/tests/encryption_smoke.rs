@@ -28,6 +28,7 @@ fn two_encrypted(test: &str, mode: [&str; 2]) -> Mesh {
         mesh.set_discovery_env(h, "VROUTER_SECRET", OLD_SECRET);
         mesh.set_discovery_env(h, "VROUTER_ENCRYPTION", mode[h - 1]);
         mesh.set_discovery_env(h, "VROUTER_WG_BACKEND", "userspace");
+        mesh.set_discovery_env(h, "VROUTER_WG_ROTATION_SECS", "20");
         if h != 1 {
             mesh.set_discovery_env(h, "VROUTER_JOIN", &join);
         }
@@ -134,4 +135,94 @@ fn an_off_host_next_to_a_require_host_is_refused_and_not_routed() {
     );
     let routes = std::fs::read_to_string(mesh.state_dir(1).join("routes.json")).unwrap();
     assert!(!routes.contains("10.2.0.0/24"), "{routes}");
+}
+
+#[test]
+fn rotate_key_switches_both_hosts_to_the_new_key_make_before_break() {
+    if !require_root() {
+        return;
+    }
+    let mesh = two_encrypted("enc_smoke_rotate", ["require", "require"]);
+    if let Err(e) = mesh.wait_converged(CONVERGE) {
+        mesh.dump_logs();
+        panic!("{e:#}");
+    }
+    let b = mesh.svc("b").ip.to_string();
+    let a_ns = mesh.svc("a").ns.clone();
+    assert!(wait_until(CONVERGE, Duration::from_millis(200), || ping(
+        &a_ns,
+        &b,
+        1,
+        Duration::from_secs(1)
+    )));
+    let old = discovery_json(&mesh, 1)["encryption"]["public_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let key_file = mesh.private_dir(1).join("wg.key");
+    let old_file = std::fs::read_to_string(&key_file).unwrap();
+    // Pings every 10 ms across the rotation: at most 1 s (100) lost.
+    let probe = vrouter_tests::probe::probe_bin()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let pinger = {
+        let (ns, b, probe) = (a_ns.clone(), b.clone(), probe.clone());
+        std::thread::spawn(move || {
+            exec_timeout(
+                Some(&ns),
+                &[&probe, "ping", &b, "600", "8000", "10"],
+                Duration::from_secs(20),
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let h1 = mesh.topo.host(1).ns.clone();
+    let out = exec_ok(
+        Some(&h1),
+        &[
+            mesh.bin("vrouter-discovery").to_str().unwrap(),
+            "--state-dir",
+            mesh.state_dir(1).to_str().unwrap(),
+            "--private-dir",
+            mesh.private_dir(1).to_str().unwrap(),
+            "rotate-key",
+        ],
+    )
+    .unwrap()
+    .stdout;
+    assert!(out.contains("key rotation started"), "{out}");
+    let pings = pinger.join().unwrap().unwrap().stdout;
+    let field = |k: &str| -> u32 {
+        pings
+            .split_whitespace()
+            .find_map(|t| t.strip_prefix(k).and_then(|v| v.parse().ok()))
+            .unwrap_or(0)
+    };
+    let (sent, received) = (field("sent="), field("received="));
+    let mut last = serde_json::Value::Null;
+    let done = wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+        last = discovery_json(&mesh, 1);
+        let e = &last["encryption"];
+        e["next_public_key"].is_null() && e["public_key"].as_str() != Some(old.as_str())
+    });
+    if !done {
+        mesh.dump_logs();
+    }
+    assert!(done, "{last}");
+    let new = last["encryption"]["public_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Host 2 expects the new key, the key file holds it, the .next file is gone.
+    let peer_view = discovery_json(&mesh, 2)["encryption"]["peers"][0]["public_key"].clone();
+    assert_eq!(peer_view.as_str(), Some(new.as_str()));
+    assert_ne!(std::fs::read_to_string(&key_file).unwrap(), old_file);
+    assert!(!mesh.private_dir(1).join("wg.key.next").exists());
+    let events = std::fs::read_to_string(mesh.state_dir(1).join("events.log")).unwrap();
+    assert!(events.contains("key_rotation_started"), "{events}");
+    assert!(events.contains("key_rotation_completed"), "{events}");
+    eprintln!("rotation: {received}/{sent} pings answered (10 ms apart)");
+    assert!(sent > 0 && sent - received <= 100, "{received}/{sent}");
+    assert!(ping(&a_ns, &b, 1, Duration::from_secs(2)));
 }
