@@ -1167,7 +1167,7 @@ impl Controller {
                 reported.insert(key);
             }
         }
-        let plan = crate::encryption::plan(&mode, peers);
+        let plan = crate::encryption::plan(&mode, peers, self.settings.tunnel_range, own);
         for d in plan.peers.values() {
             use crate::encryption::PeerState;
             let (Some(code), Some(reason)) = (d.code, &d.reason) else {

@@ -719,7 +719,12 @@ mod tests {
                 encryption: None,
             },
         ];
-        let p = plan(&EncryptionMode::Prefer, &peers);
+        let p = plan(
+            &EncryptionMode::Prefer,
+            &peers,
+            "10.255.0.0/16".parse().unwrap(),
+            None,
+        );
         let stats = vec![stat(&p.wg_peers[0], Some(3), Some(key(1)))];
         let s = status(
             &EncryptionMode::Prefer,
