@@ -754,6 +754,65 @@ mod tests {
     }
 
     #[test]
+    fn a_rotation_survives_a_restart_and_completes_by_rename() {
+        use clap::Parser;
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("vrt-wgkeys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let key_file = dir.join("wg.key");
+        let settings = crate::settings::Cli::try_parse_from([
+            "vrouter-discovery",
+            "--encryption",
+            "require",
+            "--wg-private-key-file",
+            key_file.to_str().unwrap(),
+        ])
+        .unwrap()
+        .settings;
+        let first = load_keys(&key_file).unwrap();
+        assert!(first.next.is_none() && first.rotating_since.is_none());
+        let old = first.current.public_key();
+        let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        let mut t = Tunnel::new(&settings, first);
+        let (was, new) = t.start_rotation().unwrap();
+        assert_eq!(was, old);
+        assert_ne!(new, old);
+        let next_file = next_key_path(&key_file);
+        let mode = std::fs::metadata(&next_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the next key is written 0600 first");
+        assert!(t.start_rotation().unwrap_err().contains("already in progress"));
+        let announced = t.announcement(Some("10.255.0.1".parse().unwrap())).unwrap();
+        assert_eq!(announced.public_key, Some(old.0));
+        assert_eq!(announced.next_public_key, Some(new.0));
+        // The device makes new handshakes with the next key and still answers the old.
+        let keys: Vec<PublicKey> = t.key_list().iter().map(|k| k.public_key()).collect();
+        assert_eq!(keys, vec![new, old]);
+
+        // A crash here: the next start resumes the rotation.
+        drop(t);
+        let resumed = load_keys(&key_file).unwrap();
+        assert_eq!(resumed.current.public_key(), old);
+        assert_eq!(resumed.next.as_ref().map(|k| k.public_key()), Some(new));
+        assert!(resumed.rotating_since.is_some());
+
+        // No routed encrypted peer to wait for: it completes at the next pass.
+        let mut t = Tunnel::new(&settings, resumed);
+        let notes = t.watch(Instant::now());
+        assert!(
+            matches!(&notes[..], [Note::RotationCompleted { new: n, laggards, .. }] if *n == new && laggards.is_empty()),
+            "{notes:?}"
+        );
+        assert!(!next_file.exists());
+        assert_eq!(load_keys(&key_file).unwrap().current.public_key(), new);
+        assert_eq!(t.public_key(), new);
+        assert!(t.next_public_key().is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn the_next_key_sits_beside_the_key_file() {
         assert_eq!(
             next_key_path(Path::new("/p/wg.key")),
