@@ -63,7 +63,12 @@ fn two_hosts_with_require_ping_through_wireguard() {
         mesh.dump_logs();
     }
     assert!(ok, "a cannot ping b through the encrypted overlay");
-    let d = discovery_json(&mesh, 1);
+    let mut d = serde_json::Value::Null;
+    let reported = wait_until(CONVERGE, Duration::from_millis(100), || {
+        d = discovery_json(&mesh, 1);
+        d["encryption"]["peers"][0]["state"] == "encrypted"
+    });
+    assert!(reported, "{d}");
     let e = &d["encryption"];
     assert_eq!(e["mode"], "require", "{e}");
     assert_eq!(e["backend"], "userspace", "{e}");
@@ -225,4 +230,89 @@ fn rotate_key_switches_both_hosts_to_the_new_key_make_before_break() {
     eprintln!("rotation: {received}/{sent} pings answered (10 ms apart)");
     assert!(sent > 0 && sent - received <= 100, "{received}/{sent}");
     assert!(ping(&a_ns, &b, 1, Duration::from_secs(2)));
+}
+
+/// The `packets N` of the require filter's rule in `host`'s ruleset.
+fn filter_drops(mesh: &Mesh, host: usize) -> Option<u64> {
+    let ns = mesh.topo.host(host).ns.clone();
+    let out = exec_ok(Some(&ns), &["nft", "list", "ruleset"]).ok()?.stdout;
+    let line = out
+        .lines()
+        .find(|l| l.contains("udp dport 4789") && l.contains("drop"))?;
+    let mut words = line.split_whitespace();
+    words.find(|w| *w == "packets")?;
+    words.next()?.parse().ok()
+}
+
+#[test]
+fn require_drops_plain_vxlan_from_the_underlay_prefer_routes_a_keyless_host_in_the_clear() {
+    if !require_root() {
+        return;
+    }
+    let mesh = two_encrypted("enc_smoke_prefer", ["prefer", "off"]);
+    if let Err(e) = mesh.wait_converged(CONVERGE) {
+        mesh.dump_logs();
+        panic!("{e:#}");
+    }
+    let b = mesh.svc("b").ip.to_string();
+    assert!(wait_until(CONVERGE, Duration::from_millis(200), || ping(
+        &mesh.svc("a").ns,
+        &b,
+        1,
+        Duration::from_secs(1)
+    )));
+    // discovery.json is written at the end of the reconcile that published the route.
+    let mut d = serde_json::Value::Null;
+    let plain = wait_until(CONVERGE, Duration::from_millis(100), || {
+        d = discovery_json(&mesh, 1);
+        d["encryption"]["peers"][0]["state"] == "plain"
+    });
+    assert!(plain, "{d}");
+    let peer = &d["encryption"]["peers"][0];
+    assert!(
+        peer["reason"]
+            .as_str()
+            .unwrap()
+            .contains("VROUTER_ENCRYPTION"),
+        "{peer}"
+    );
+    let events = std::fs::read_to_string(mesh.state_dir(1).join("events.log")).unwrap();
+    assert_eq!(
+        events.matches("encryption_peer_plain").count(),
+        1,
+        "{events}"
+    );
+    // prefer has no filter (plain peers must get in).
+    assert_eq!(filter_drops(&mesh, 1), None);
+    drop(mesh);
+
+    let mesh = two_encrypted("enc_smoke_inject", ["require", "prefer"]);
+    if let Err(e) = mesh.wait_converged(CONVERGE) {
+        mesh.dump_logs();
+        panic!("{e:#}");
+    }
+    let mut d = serde_json::Value::Null;
+    let encrypted = wait_until(CONVERGE, Duration::from_millis(100), || {
+        d = discovery_json(&mesh, 2);
+        d["encryption"]["peers"][0]["state"] == "encrypted"
+    });
+    assert!(encrypted, "{d}");
+    // Plain VXLAN from host 2's underlay address to host 1's VXLAN port: dropped at
+    // host 1's input hook, counted.
+    let before = filter_drops(&mesh, 1).expect("the require filter is in place");
+    let to = format!("{}:4789", mesh.topo.host(1).underlay_ip);
+    let probe = vrouter_tests::probe::probe_bin()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let h2 = mesh.topo.host(2).ns.clone();
+    exec_ok(
+        Some(&h2),
+        &[
+            &probe, "udp-send", "--to", &to, "--count", "5", "--size", "100",
+        ],
+    )
+    .unwrap();
+    let after = filter_drops(&mesh, 1).unwrap();
+    assert!(after >= before + 5, "dropped {before} -> {after}");
 }

@@ -783,7 +783,10 @@ mod tests {
         let next_file = next_key_path(&key_file);
         let mode = std::fs::metadata(&next_file).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "the next key is written 0600 first");
-        assert!(t.start_rotation().unwrap_err().contains("already in progress"));
+        assert!(t
+            .start_rotation()
+            .unwrap_err()
+            .contains("already in progress"));
         let announced = t.announcement(Some("10.255.0.1".parse().unwrap())).unwrap();
         assert_eq!(announced.public_key, Some(old.0));
         assert_eq!(announced.next_public_key, Some(new.0));
