@@ -316,3 +316,113 @@ fn require_drops_plain_vxlan_from_the_underlay_prefer_routes_a_keyless_host_in_t
     let after = filter_drops(&mesh, 1).unwrap();
     assert!(after >= before + 5, "dropped {before} -> {after}");
 }
+
+/// Pings every 10 ms from `stack_from`'s service to `stack_to`'s for `count` pings, in a
+/// thread; returns (sent, received) when joined.
+fn ping_run(mesh: &Mesh, from: &str, to: &str, count: u32) -> std::thread::JoinHandle<(u32, u32)> {
+    let probe = vrouter_tests::probe::probe_bin()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let (ns, dst) = (mesh.svc(from).ns.clone(), mesh.svc(to).ip.to_string());
+    std::thread::spawn(move || {
+        let out = exec_timeout(
+            Some(&ns),
+            &[&probe, "ping", &dst, &count.to_string(), "5000", "10"],
+            Duration::from_secs(u64::from(count) / 50 + 20),
+        )
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+        let field = |k: &str| -> u32 {
+            out.split_whitespace()
+                .find_map(|t| t.strip_prefix(k).and_then(|v| v.parse().ok()))
+                .unwrap_or(0)
+        };
+        (field("sent="), field("received="))
+    })
+}
+
+fn vxlan_device(mesh: &Mesh, host: usize) -> (u32, String) {
+    let ns = mesh.topo.host(host).ns.clone();
+    let link = exec_ok(Some(&ns), &["ip", "-d", "link", "show", "vxlan1000"])
+        .unwrap()
+        .stdout;
+    (mesh.ifindex(host, "vxlan1000").unwrap(), link)
+}
+
+#[test]
+fn modes_switch_in_place_and_a_userspace_restart_pauses_briefly() {
+    if !require_root() {
+        return;
+    }
+    let mut mesh = two_encrypted("enc_smoke_switch", ["off", "off"]);
+    if let Err(e) = mesh.wait_converged(CONVERGE) {
+        mesh.dump_logs();
+        panic!("{e:#}");
+    }
+    let b = mesh.svc("b").ip.to_string();
+    let reach = |mesh: &Mesh| {
+        wait_until(CONVERGE, Duration::from_millis(200), || {
+            ping(&mesh.svc("a").ns, &b, 1, Duration::from_secs(1))
+        })
+    };
+    assert!(reach(&mesh));
+    let (index, link) = vxlan_device(&mesh, 1);
+    assert!(
+        link.contains(" local 198.18.0.1") && link.contains("mtu 1450"),
+        "{link}"
+    );
+
+    // off -> require on both hosts: the device keeps its index (routers keep their
+    // links), loses its local address, and its MTU drops to 1370.
+    for h in 1..=2 {
+        mesh.stop_discovery(h, libc::SIGTERM).unwrap();
+        mesh.set_discovery_env(h, "VROUTER_ENCRYPTION", "require");
+        mesh.start_discovery(h).unwrap();
+    }
+    let mut d = serde_json::Value::Null;
+    let encrypted = wait_until(CONVERGE, Duration::from_millis(100), || {
+        d = discovery_json(&mesh, 1);
+        d["encryption"]["peers"][0]["state"] == "encrypted"
+    });
+    assert!(encrypted, "{d}");
+    assert!(reach(&mesh), "no traffic after switching to require");
+    let (after, link) = vxlan_device(&mesh, 1);
+    assert_eq!(after, index, "the VXLAN device was adjusted in place");
+    assert!(
+        !link.contains(" local ") && link.contains("mtu 1370"),
+        "{link}"
+    );
+
+    // A userspace restart under 10 ms pings: the persistent TUN keeps address and
+    // routes; the pause lasts until the new discovery's first reconcile.
+    let pings = ping_run(&mesh, "a", "b", 300);
+    std::thread::sleep(Duration::from_millis(500));
+    mesh.stop_discovery(1, libc::SIGTERM).unwrap();
+    mesh.start_discovery(1).unwrap();
+    let (sent, received) = pings.join().unwrap();
+    eprintln!(
+        "userspace discovery restart: {received}/{sent} pings answered 10 ms apart ({} ms lost)",
+        (sent - received) * 10
+    );
+    assert!(sent > 0 && sent - received <= 100, "{received}/{sent}");
+
+    // require -> off: local address and MTU back in place, the WireGuard device and the
+    // filter gone.
+    for h in 1..=2 {
+        mesh.stop_discovery(h, libc::SIGTERM).unwrap();
+        mesh.set_discovery_env(h, "VROUTER_ENCRYPTION", "off");
+        mesh.start_discovery(h).unwrap();
+    }
+    let h1 = mesh.topo.host(1).ns.clone();
+    let back = wait_until(CONVERGE, Duration::from_millis(200), || {
+        let (_, link) = vxlan_device(&mesh, 1);
+        link.contains(" local 198.18.0.1") && link.contains("mtu 1450")
+    });
+    assert!(back, "{}", vxlan_device(&mesh, 1).1);
+    assert_eq!(vxlan_device(&mesh, 1).0, index);
+    assert!(reach(&mesh), "no traffic after switching back to off");
+    let links = exec_ok(Some(&h1), &["ip", "-o", "link"]).unwrap().stdout;
+    assert!(!links.contains("vrouter-wg"), "{links}");
+    assert_eq!(filter_drops(&mesh, 1), None);
+}
