@@ -342,6 +342,15 @@ fn ping_run(mesh: &Mesh, from: &str, to: &str, count: u32) -> std::thread::JoinH
     })
 }
 
+/// Whether `stack`'s router link `ovl1000` reaches `mtu` within 10 s.
+fn router_mtu(mesh: &Mesh, stack: &str, mtu: u32) -> bool {
+    let ns = mesh.rtr(stack).ns.clone();
+    wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
+        exec_ok(Some(&ns), &["ip", "-o", "link", "show", "ovl1000"])
+            .is_ok_and(|o| o.stdout.contains(&format!("mtu {mtu} ")))
+    })
+}
+
 fn vxlan_device(mesh: &Mesh, host: usize) -> (u32, String) {
     let ns = mesh.topo.host(host).ns.clone();
     let link = exec_ok(Some(&ns), &["ip", "-d", "link", "show", "vxlan1000"])
@@ -422,6 +431,10 @@ fn modes_switch_in_place_and_a_userspace_restart_pauses_briefly() {
     assert!(back, "{}", vxlan_device(&mesh, 1).1);
     assert_eq!(vxlan_device(&mesh, 1).0, index);
     assert!(reach(&mesh), "no traffic after switching back to off");
+    assert!(
+        router_mtu(&mesh, "a", 1450),
+        "the router raises its link to discovery's overlay MTU"
+    );
     let links = exec_ok(Some(&h1), &["ip", "-o", "link"]).unwrap().stdout;
     assert!(!links.contains("vrouter-wg"), "{links}");
     assert_eq!(filter_drops(&mesh, 1), None);
