@@ -222,6 +222,9 @@ pub struct Tunnel {
     peer_since: BTreeMap<Ipv4Addr, Instant>,
     stale: BTreeSet<Ipv4Addr>,
     filter_applied: Option<TableSpec>,
+    /// Whether a filter a previous run left (in `require`) was looked for: a host
+    /// restarted from `require` into `prefer` must not keep dropping plain VXLAN.
+    filter_leftover_cleared: bool,
     last_error: Option<String>,
     stopped: bool,
 }
@@ -246,6 +249,7 @@ impl Tunnel {
             peer_since: BTreeMap::new(),
             stale: BTreeSet::new(),
             filter_applied: None,
+            filter_leftover_cleared: false,
             last_error: None,
             stopped: false,
         }
@@ -361,9 +365,10 @@ impl Tunnel {
     fn apply_filter(&mut self) -> Result<(), KernelError> {
         let nft = Nft::connect_table(Family::Ip, &self.filter_table)?;
         if self.mode != EncryptionMode::Require {
-            if self.filter_applied.is_some() {
+            if self.filter_applied.is_some() || !self.filter_leftover_cleared {
                 nft.delete_table()?;
                 self.filter_applied = None;
+                self.filter_leftover_cleared = true;
             }
             return Ok(());
         }
