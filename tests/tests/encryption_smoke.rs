@@ -439,3 +439,63 @@ fn modes_switch_in_place_and_a_userspace_restart_pauses_briefly() {
     assert!(!links.contains("vrouter-wg"), "{links}");
     assert_eq!(filter_drops(&mesh, 1), None);
 }
+
+#[test]
+fn leave_mesh_and_cleanup_remove_the_wireguard_device_and_the_filter() {
+    if !require_root() {
+        return;
+    }
+    let mut mesh = two_encrypted("enc_smoke_cleanup", ["require", "require"]);
+    if let Err(e) = mesh.wait_converged(CONVERGE) {
+        mesh.dump_logs();
+        panic!("{e:#}");
+    }
+    let has_device = |mesh: &Mesh, h: usize| {
+        let ns = mesh.topo.host(h).ns.clone();
+        exec_ok(Some(&ns), &["ip", "-o", "link"])
+            .unwrap()
+            .stdout
+            .contains("vrouter-wg")
+    };
+    assert!(has_device(&mesh, 1) && has_device(&mesh, 2));
+    assert!(filter_drops(&mesh, 1).is_some() && filter_drops(&mesh, 2).is_some());
+
+    // leave-mesh on host 1: its device and filter go at once.
+    let h1 = mesh.topo.host(1).ns.clone();
+    let out = exec_ok(
+        Some(&h1),
+        &[
+            mesh.bin("vrouter-discovery").to_str().unwrap(),
+            "--state-dir",
+            mesh.state_dir(1).to_str().unwrap(),
+            "leave-mesh",
+        ],
+    )
+    .unwrap()
+    .stdout;
+    assert!(out.contains("left the mesh"), "{out}");
+    assert!(!has_device(&mesh, 1));
+    assert_eq!(filter_drops(&mesh, 1), None);
+
+    // A plain stop leaves host 2's device in place; cleanup removes it and the filter.
+    mesh.stop_discovery(2, libc::SIGTERM).unwrap();
+    assert!(
+        has_device(&mesh, 2),
+        "a stop keeps the device (headless datapath)"
+    );
+    for r in ["a", "b"] {
+        mesh.stop_router(r, libc::SIGTERM).unwrap();
+    }
+    let (ok, out) = mesh.run_cleanup(2);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("removed WireGuard device vrouter-wg") && out.contains("nftables table ip"),
+        "{out}"
+    );
+    assert!(!has_device(&mesh, 2));
+    assert_eq!(filter_drops(&mesh, 2), None);
+    assert!(
+        mesh.private_dir(2).join("wg.key").exists(),
+        "the key is the host's identity: cleanup keeps it"
+    );
+}
