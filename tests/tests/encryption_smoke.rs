@@ -499,3 +499,65 @@ fn leave_mesh_and_cleanup_remove_the_wireguard_device_and_the_filter() {
         "the key is the host's identity: cleanup keeps it"
     );
 }
+
+#[test]
+fn static_peers_with_public_keys_are_encrypted() {
+    if !require_root() {
+        return;
+    }
+    let mut mesh = Mesh::build(
+        "enc_smoke_static",
+        2,
+        vec![
+            StackDef::new("a", 1, 1000, "10.1.0.0/24"),
+            StackDef::new("b", 2, 1000, "10.2.0.0/24"),
+        ],
+    )
+    .expect("mesh builds");
+    for h in 1..=2 {
+        mesh.set_discovery_env(h, "VROUTER_ENCRYPTION", "require");
+        mesh.set_discovery_env(h, "VROUTER_WG_BACKEND", "userspace");
+    }
+    mesh.start_all().expect("mesh starts");
+    // Without keys in the peer files each host refuses the other.
+    let mut keys = Vec::new();
+    for h in 1..=2 {
+        let mut d = serde_json::Value::Null;
+        let refused = wait_until(CONVERGE, Duration::from_millis(100), || {
+            d = discovery_json(&mesh, h);
+            d["encryption"]["peers"][0]["state"] == "refused"
+        });
+        assert!(refused, "{d}");
+        keys.push(d["encryption"]["public_key"].as_str().unwrap().to_string());
+    }
+    // The operator adds each host's key to the others' peer files (reloaded on change).
+    for (h, other) in [(1usize, 2usize), (2, 1)] {
+        let path = mesh.config_path(h);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let address = format!("address = \"{}\"", mesh.topo.host(other).underlay_ip);
+        let with_key = text.replace(
+            &address,
+            &format!("{address}\npublic_key = \"{}\"", keys[other - 1]),
+        );
+        assert_ne!(with_key, text);
+        write_file_atomic(&path, with_key).unwrap();
+    }
+    if let Err(e) = mesh.wait_converged(CONVERGE) {
+        mesh.dump_logs();
+        panic!("{e:#}");
+    }
+    let b = mesh.svc("b").ip.to_string();
+    let ok = wait_until(CONVERGE, Duration::from_millis(200), || {
+        ping(&mesh.svc("a").ns, &b, 1, Duration::from_secs(1))
+    });
+    if !ok {
+        mesh.dump_logs();
+    }
+    assert!(ok, "no traffic between static peers with keys");
+    let d = discovery_json(&mesh, 1);
+    let peer = &d["encryption"]["peers"][0];
+    assert_eq!(peer["state"], "encrypted", "{d}");
+    // Static tunnel addresses follow the same rule: 198.18.0.2 -> 10.255.0.2.
+    assert_eq!(peer["tunnel_address"], "10.255.0.2", "{d}");
+    assert_eq!(d["encryption"]["tunnel_address"], "10.255.0.1", "{d}");
+}
