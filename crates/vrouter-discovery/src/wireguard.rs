@@ -225,7 +225,9 @@ pub struct Tunnel {
     /// Whether a filter a previous run left (in `require`) was looked for: a host
     /// restarted from `require` into `prefer` must not keep dropping plain VXLAN.
     filter_leftover_cleared: bool,
-    last_error: Option<String>,
+    /// The last failure of the device and of the filter (events on change).
+    device_error: Option<String>,
+    filter_error: Option<String>,
     stopped: bool,
 }
 
@@ -250,7 +252,8 @@ impl Tunnel {
             stale: BTreeSet::new(),
             filter_applied: None,
             filter_leftover_cleared: false,
-            last_error: None,
+            device_error: None,
+            filter_error: None,
             stopped: false,
         }
     }
@@ -326,7 +329,7 @@ impl Tunnel {
                 }
                 self.address = Some(address);
                 self.peers = plan.wg_peers.clone();
-                self.last_error = None;
+                self.device_error = None;
             }
             Err(e) => {
                 let msg = format!(
@@ -334,10 +337,10 @@ impl Tunnel {
                     self.device,
                     crate::settings::backend_name(self.backend_choice)
                 );
-                if self.last_error.as_ref() != Some(&msg) {
+                if self.device_error.as_ref() != Some(&msg) {
                     notes.push(Note::Failed(msg.clone()));
                 }
-                self.last_error = Some(msg);
+                self.device_error = Some(msg);
             }
         }
         let now = Instant::now();
@@ -346,15 +349,18 @@ impl Tunnel {
         for h in hosts {
             self.peer_since.entry(h).or_insert(now);
         }
-        if let Err(e) = self.apply_filter() {
-            let msg = format!(
-                "cannot install the VXLAN input filter (nftables table ip {}): {e}; VXLAN from the underlay is not dropped",
-                self.filter_table
-            );
-            if self.last_error.as_ref() != Some(&msg) {
-                notes.push(Note::Failed(msg.clone()));
+        match self.apply_filter() {
+            Ok(()) => self.filter_error = None,
+            Err(e) => {
+                let msg = format!(
+                    "cannot bring the VXLAN input filter (nftables table ip {}) to match VROUTER_ENCRYPTION: {e}",
+                    self.filter_table
+                );
+                if self.filter_error.as_ref() != Some(&msg) {
+                    notes.push(Note::Failed(msg.clone()));
+                }
+                self.filter_error = Some(msg);
             }
-            self.last_error = Some(msg);
         }
         notes.extend(self.watch(now));
         notes
