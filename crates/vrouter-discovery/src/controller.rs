@@ -1588,7 +1588,12 @@ impl Controller {
                 .collect(),
             state_error: self.state_error.clone(),
             devices: self.devices_up.clone(),
-            device_errors: self.failed_vnis.values().cloned().collect(),
+            device_errors: self
+                .failed_vnis
+                .values()
+                .cloned()
+                .chain(self.tunnel.as_ref().and_then(|t| t.error()))
+                .collect(),
             refused_local: self.refused_local.clone(),
         }
     }

@@ -274,6 +274,11 @@ impl Tunnel {
         self.wg.is_some()
     }
 
+    /// Why the device or the filter is not as desired, if so (for /readyz).
+    pub fn error(&self) -> Option<String> {
+        self.device_error.clone().or_else(|| self.filter_error.clone())
+    }
+
     /// What this host announces in its gossip record, with its tunnel address (None
     /// when the range has no address left for it: then nothing, as a host without
     /// encryption, since a key without an address is of no use to peers).
