@@ -928,16 +928,7 @@ impl Controller {
                 .into_iter()
                 .filter(|c| !refused_local.contains(&c.spec.name))
                 .collect();
-            let encryption = match &self.tunnel {
-                Some(t) => t.announcement(own_tunnel),
-                None => Some(vrouter_gossip::record::Encryption {
-                    mode: vrouter_state::EncryptionMode::Off,
-                    public_key: None,
-                    next_public_key: None,
-                    tunnel: None,
-                    wg_port: self.settings.wg_port,
-                }),
-            };
+            let encryption = self.announcement(own_tunnel);
             g.set_local(self.advertise, self.settings.vxlan_port, stacks, encryption);
         }
         // Refused peers are not routed at all, as if absent.
@@ -1297,15 +1288,9 @@ impl Controller {
     /// so a restart announces what it announced before and no peer that requires
     /// encryption refuses it meanwhile.
     pub fn encryption_at_start(&self) -> Option<vrouter_gossip::record::Encryption> {
-        let Some(t) = &self.tunnel else {
-            return Some(vrouter_gossip::record::Encryption {
-                mode: vrouter_state::EncryptionMode::Off,
-                public_key: None,
-                next_public_key: None,
-                tunnel: None,
-                wg_port: self.settings.wg_port,
-            });
-        };
+        if self.tunnel.is_none() {
+            return self.announcement(None);
+        }
         let mut hosts: BTreeSet<Ipv4Addr> = self.peers.iter().map(|p| p.addr).collect();
         hosts.extend(self.remembered.iter().map(|p| p.addr));
         if let Some(g) = self.last_discovery.as_ref().and_then(|d| d.gossip.as_ref()) {
@@ -1313,7 +1298,22 @@ impl Controller {
         }
         hosts.insert(self.advertise);
         let a = crate::tunnel::assign(self.settings.tunnel_range, &hosts);
-        t.announcement(a.addresses.get(&self.advertise).copied())
+        self.announcement(a.addresses.get(&self.advertise).copied())
+    }
+
+    /// This host's encryption in its gossip record: mode off and no key, or the
+    /// tunnel's keys and `tunnel` address.
+    fn announcement(&self, tunnel: Option<Ipv4Addr>) -> Option<vrouter_gossip::record::Encryption> {
+        match &self.tunnel {
+            Some(t) => t.announcement(tunnel),
+            None => Some(vrouter_gossip::record::Encryption {
+                mode: vrouter_state::EncryptionMode::Off,
+                public_key: None,
+                next_public_key: None,
+                tunnel: None,
+                wg_port: self.settings.wg_port,
+            }),
+        }
     }
 
     /// `vrouter-discovery rotate-key`: the next key is written, then announced by the

@@ -276,7 +276,9 @@ impl Tunnel {
 
     /// Why the device or the filter is not as desired, if so (for /readyz).
     pub fn error(&self) -> Option<String> {
-        self.device_error.clone().or_else(|| self.filter_error.clone())
+        self.device_error
+            .clone()
+            .or_else(|| self.filter_error.clone())
     }
 
     /// What this host announces in its gossip record, with its tunnel address (None
