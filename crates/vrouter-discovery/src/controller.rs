@@ -1011,11 +1011,15 @@ impl Controller {
         // FDB: desired rows plus rows routers may still use, on the devices we have.
         let registry = &self.registry;
         let mut target: BTreeSet<FdbRow> = want.fdb.clone();
-        // Retained rows follow their host's current destination (tunnel or underlay).
+        // Retained rows follow their host's current destination (tunnel or underlay);
+        // under `require` a host without a tunnel (refused now) keeps none: nothing
+        // may leave in the clear, not even for routers that have not caught up.
+        let require = self.settings.encryption == vrouter_state::EncryptionMode::Require;
         target.extend(
             self.retention
                 .retained(|v| registry.acks(v))
                 .into_iter()
+                .filter(|r| !require || want.tunnel_dst.contains_key(&r.dst))
                 .map(|r| FdbRow {
                     dst: want.fdb_dst(r.dst),
                     ..r
@@ -1158,7 +1162,26 @@ impl Controller {
                 reported.insert(key);
             }
         }
-        let plan = crate::encryption::plan(&mode, peers, self.settings.tunnel_range, own);
+        let mut plan = crate::encryption::plan(&mode, peers, self.settings.tunnel_range, own);
+        // The device comes first: without it, nothing is sent towards a tunnel address.
+        let overlay_mtu = self.overlay_mtu();
+        let mut notes = Vec::new();
+        if let (Some(t), Some(addr), false) = (self.tunnel.as_mut(), own, self.left_mesh) {
+            notes = t.apply(addr, self.underlay.mtu, &plan).await;
+        }
+        for n in notes {
+            self.encryption_note(n);
+        }
+        if let Some(t) = self.tunnel.as_ref().filter(|t| !t.is_open()) {
+            let why = if t.is_stopped() {
+                "this host left the mesh (leave-mesh)".to_string()
+            } else {
+                t.error().unwrap_or_else(|| {
+                    "it has not been opened (no tunnel address for this host)".to_string()
+                })
+            };
+            plan = plan.without_tunnel(&why);
+        }
         for d in plan.peers.values() {
             use crate::encryption::PeerState;
             let (Some(code), Some(reason)) = (d.code, &d.reason) else {
@@ -1197,14 +1220,6 @@ impl Controller {
             }
         }
         self.enc_reported = reported;
-        let overlay_mtu = self.overlay_mtu();
-        let mut notes = Vec::new();
-        if let (Some(t), Some(addr), false) = (self.tunnel.as_mut(), own, self.left_mesh) {
-            notes = t.apply(addr, self.underlay.mtu, &plan).await;
-        }
-        for n in notes {
-            self.encryption_note(n);
-        }
         self.enc_status = Some(match &self.tunnel {
             Some(t) => t.status(&plan, overlay_mtu),
             None => crate::wireguard::status(

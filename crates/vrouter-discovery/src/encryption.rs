@@ -161,6 +161,25 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The plan when this host's WireGuard device is not up: the peers that would be
+    /// encrypted are refused instead (their VXLAN would otherwise follow the default
+    /// route to the tunnel addresses, in the clear), with `why` in the reason.
+    pub fn without_tunnel(mut self, why: &str) -> Plan {
+        for d in self.peers.values_mut() {
+            if d.state == PeerState::Encrypted {
+                d.state = PeerState::Refused;
+                d.code = Some("local_wireguard_down");
+                d.reason = Some(format!(
+                    "host {} is reached only through WireGuard, and this host's WireGuard device is not up: {why}",
+                    d.host
+                ));
+            }
+        }
+        self.tunnel_dst.clear();
+        self.wg_peers.clear();
+        self
+    }
+
     /// The peers to route: the refused ones are left out, as if absent.
     pub fn routed(&self, peers: &[PeerHost]) -> Vec<PeerHost> {
         peers
@@ -431,6 +450,24 @@ mod tests {
         // This host's own address is never a peer's.
         let p = plan(&Prefer, &peers[..1], r, Some(ip("10.255.0.2")));
         assert_eq!(p.peers[&ip("198.18.0.2")].state, PeerState::Plain);
+    }
+
+    #[test]
+    fn without_the_local_device_encrypted_peers_are_refused_not_sent_in_the_clear() {
+        let peers = vec![
+            host("198.18.0.2", Some(enc(Require, true))),
+            host("198.18.0.3", None),
+        ];
+        let p = plan(&Prefer, &peers, RANGE.parse().unwrap(), None).without_tunnel("no TUN");
+        assert!(p.tunnel_dst.is_empty() && p.wg_peers.is_empty());
+        let d = &p.peers[&ip("198.18.0.2")];
+        assert_eq!(
+            (d.state, d.code),
+            (PeerState::Refused, Some("local_wireguard_down"))
+        );
+        assert!(d.reason.as_ref().unwrap().contains("no TUN"));
+        assert_eq!(p.peers[&ip("198.18.0.3")].state, PeerState::Plain);
+        assert_eq!(p.routed(&peers).len(), 1);
     }
 
     #[test]

@@ -274,6 +274,11 @@ impl Tunnel {
         self.wg.is_some()
     }
 
+    /// After leave-mesh: the device is gone for good.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped
+    }
+
     /// Why the device or the filter is not as desired, if so (for /readyz).
     pub fn error(&self) -> Option<String> {
         self.device_error
