@@ -62,7 +62,15 @@ impl Udp {
             match self.send_gso(data, segment, to) {
                 Ok(()) => return,
                 // No UDP GSO on this kernel or route: one datagram at a time from now.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::EIO) | Some(libc::ENOPROTOOPT) | Some(libc::EOPNOTSUPP)) => {
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINVAL)
+                            | Some(libc::EIO)
+                            | Some(libc::ENOPROTOOPT)
+                            | Some(libc::EOPNOTSUPP)
+                    ) =>
+                {
                     tracing::info!(error = %e, "UDP segmentation offload unavailable; sending datagrams one by one");
                     self.gso.store(false, Ordering::Relaxed);
                 }
@@ -146,7 +154,8 @@ impl Udp {
             let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
             while !cmsg.is_null() {
                 if (*cmsg).cmsg_level == SOL_UDP && (*cmsg).cmsg_type == UDP_GRO {
-                    let size = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
+                    let size =
+                        std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
                     if size > 0 {
                         segment = size as usize;
                     }
