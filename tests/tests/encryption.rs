@@ -584,18 +584,19 @@ fn off_host_is_refused_by_require_and_plain_under_prefer() {
         Err(e) => panic!("prefer: {e:#}\n{}", g.summary()),
     }
     wait_pairwise_state(&g, &[1, 2], "encrypted", CONVERGE).unwrap();
-    for h in [1, 2] {
-        assert_eq!(
-            peer_state(&g, h, 3).as_deref(),
-            Some("plain"),
-            "host {h} on host 3"
-        );
-        assert_eq!(
-            peer_state(&g, 3, h).as_deref(),
-            Some("plain"),
-            "host 3 on host {h}"
-        );
-    }
+    // discovery.json follows routes.json within a reconcile.
+    let plain = wait_until(Duration::from_secs(10), POLL, || {
+        [1, 2].iter().all(|&h| {
+            peer_state(&g, h, 3).as_deref() == Some("plain")
+                && peer_state(&g, 3, h).as_deref() == Some("plain")
+        })
+    });
+    assert!(
+        plain,
+        "host 3 not plain both ways under prefer: {:?} / {:?}",
+        encryption_json(&g, 1),
+        encryption_json(&g, 3)
+    );
     for (from, to) in [("s1", "s3"), ("s3", "s1"), ("s2", "s3"), ("s1", "s2")] {
         assert!(
             g.wait_reachable(from, to, Duration::from_secs(10))
@@ -696,9 +697,16 @@ fn key_rotation_on_a_live_mesh_loses_under_a_second() {
             encryption_json(&g, h)
         );
         eprintln!("MEASURED: host {h}'s key rotation completed after {took:?}");
+        // discovery.json follows the event within a reconcile.
+        let switched = wait_until(Duration::from_secs(5), POLL, || {
+            encryption_json(&g, h)
+                .is_some_and(|e| e["public_key"] != old && e["next_public_key"].is_null())
+        });
         let e = encryption_json(&g, h).unwrap();
-        assert_ne!(e["public_key"], old, "host {h}: the key did not change");
-        assert!(e["next_public_key"].is_null(), "host {h}: {e}");
+        assert!(
+            switched,
+            "host {h}: the key did not change, or a next key is left: {e}"
+        );
         let new = e["public_key"].as_str().unwrap().to_string();
         for o in [1, 2, 3].into_iter().filter(|o| *o != h) {
             let ok = wait_until(Duration::from_secs(5), POLL, || {
@@ -737,7 +745,11 @@ fn key_rotation_on_a_live_mesh_loses_under_a_second() {
             r.longest_loss_run,
             r.longest_loss_run * 10
         );
-        assert!(r.sent >= COUNT - 10, "{pair}: only {} pings sent", r.sent);
+        assert!(
+            r.sent >= COUNT * 95 / 100,
+            "{pair}: only {} pings sent",
+            r.sent
+        );
     }
     eprintln!(
         "MEASURED: worst pair lost {} ms during two key rotations",

@@ -849,7 +849,13 @@ fn ping(ip: Ipv4Addr, count: u32, timeout_ms: u64, interval_ms: u64) {
                 eprintln!("sendto: {}", std::io::Error::last_os_error());
             }
             sent += 1;
-            next_send = now + interval;
+            // On a fixed schedule (a late send does not shift the later ones), so that
+            // lost requests times the interval is the time without answers, also on a
+            // busy machine; after a stall of over a second, start afresh.
+            next_send += interval;
+            if next_send + Duration::from_secs(1) < now {
+                next_send = now + interval;
+            }
         }
         let wait_until = if sent < count {
             next_send.min(deadline)
