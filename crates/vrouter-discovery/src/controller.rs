@@ -928,16 +928,7 @@ impl Controller {
                 .into_iter()
                 .filter(|c| !refused_local.contains(&c.spec.name))
                 .collect();
-            let encryption = match &self.tunnel {
-                Some(t) => t.announcement(own_tunnel),
-                None => Some(vrouter_gossip::record::Encryption {
-                    mode: vrouter_state::EncryptionMode::Off,
-                    public_key: None,
-                    next_public_key: None,
-                    tunnel: None,
-                    wg_port: self.settings.wg_port,
-                }),
-            };
+            let encryption = self.announcement(own_tunnel);
             g.set_local(self.advertise, self.settings.vxlan_port, stacks, encryption);
         }
         // Refused peers are not routed at all, as if absent.
@@ -1020,11 +1011,15 @@ impl Controller {
         // FDB: desired rows plus rows routers may still use, on the devices we have.
         let registry = &self.registry;
         let mut target: BTreeSet<FdbRow> = want.fdb.clone();
-        // Retained rows follow their host's current destination (tunnel or underlay).
+        // Retained rows follow their host's current destination (tunnel or underlay);
+        // under `require` a host without a tunnel (refused now) keeps none: nothing
+        // may leave in the clear, not even for routers that have not caught up.
+        let require = self.settings.encryption == vrouter_state::EncryptionMode::Require;
         target.extend(
             self.retention
                 .retained(|v| registry.acks(v))
                 .into_iter()
+                .filter(|r| !require || want.tunnel_dst.contains_key(&r.dst))
                 .map(|r| FdbRow {
                     dst: want.fdb_dst(r.dst),
                     ..r
@@ -1167,7 +1162,26 @@ impl Controller {
                 reported.insert(key);
             }
         }
-        let plan = crate::encryption::plan(&mode, peers);
+        let mut plan = crate::encryption::plan(&mode, peers, self.settings.tunnel_range, own);
+        // The device comes first: without it, nothing is sent towards a tunnel address.
+        let overlay_mtu = self.overlay_mtu();
+        let mut notes = Vec::new();
+        if let (Some(t), Some(addr), false) = (self.tunnel.as_mut(), own, self.left_mesh) {
+            notes = t.apply(addr, self.underlay.mtu, &plan).await;
+        }
+        for n in notes {
+            self.encryption_note(n);
+        }
+        if let Some(t) = self.tunnel.as_ref().filter(|t| !t.is_open()) {
+            let why = if t.is_stopped() {
+                "this host left the mesh (leave-mesh)".to_string()
+            } else {
+                t.error().unwrap_or_else(|| {
+                    "it has not been opened (no tunnel address for this host)".to_string()
+                })
+            };
+            plan = plan.without_tunnel(&why);
+        }
         for d in plan.peers.values() {
             use crate::encryption::PeerState;
             let (Some(code), Some(reason)) = (d.code, &d.reason) else {
@@ -1206,14 +1220,6 @@ impl Controller {
             }
         }
         self.enc_reported = reported;
-        let overlay_mtu = self.overlay_mtu();
-        let mut notes = Vec::new();
-        if let (Some(t), Some(addr), false) = (self.tunnel.as_mut(), own, self.left_mesh) {
-            notes = t.apply(addr, self.underlay.mtu, &plan).await;
-        }
-        for n in notes {
-            self.encryption_note(n);
-        }
         self.enc_status = Some(match &self.tunnel {
             Some(t) => t.status(&plan, overlay_mtu),
             None => crate::wireguard::status(
@@ -1297,15 +1303,9 @@ impl Controller {
     /// so a restart announces what it announced before and no peer that requires
     /// encryption refuses it meanwhile.
     pub fn encryption_at_start(&self) -> Option<vrouter_gossip::record::Encryption> {
-        let Some(t) = &self.tunnel else {
-            return Some(vrouter_gossip::record::Encryption {
-                mode: vrouter_state::EncryptionMode::Off,
-                public_key: None,
-                next_public_key: None,
-                tunnel: None,
-                wg_port: self.settings.wg_port,
-            });
-        };
+        if self.tunnel.is_none() {
+            return self.announcement(None);
+        }
         let mut hosts: BTreeSet<Ipv4Addr> = self.peers.iter().map(|p| p.addr).collect();
         hosts.extend(self.remembered.iter().map(|p| p.addr));
         if let Some(g) = self.last_discovery.as_ref().and_then(|d| d.gossip.as_ref()) {
@@ -1313,7 +1313,22 @@ impl Controller {
         }
         hosts.insert(self.advertise);
         let a = crate::tunnel::assign(self.settings.tunnel_range, &hosts);
-        t.announcement(a.addresses.get(&self.advertise).copied())
+        self.announcement(a.addresses.get(&self.advertise).copied())
+    }
+
+    /// This host's encryption in its gossip record: mode off and no key, or the
+    /// tunnel's keys and `tunnel` address.
+    fn announcement(&self, tunnel: Option<Ipv4Addr>) -> Option<vrouter_gossip::record::Encryption> {
+        match &self.tunnel {
+            Some(t) => t.announcement(tunnel),
+            None => Some(vrouter_gossip::record::Encryption {
+                mode: vrouter_state::EncryptionMode::Off,
+                public_key: None,
+                next_public_key: None,
+                tunnel: None,
+                wg_port: self.settings.wg_port,
+            }),
+        }
     }
 
     /// `vrouter-discovery rotate-key`: the next key is written, then announced by the
@@ -1588,7 +1603,12 @@ impl Controller {
                 .collect(),
             state_error: self.state_error.clone(),
             devices: self.devices_up.clone(),
-            device_errors: self.failed_vnis.values().cloned().collect(),
+            device_errors: self
+                .failed_vnis
+                .values()
+                .cloned()
+                .chain(self.tunnel.as_ref().and_then(|t| t.error()))
+                .collect(),
             refused_local: self.refused_local.clone(),
         }
     }

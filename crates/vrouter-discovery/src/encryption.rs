@@ -161,6 +161,25 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The plan when this host's WireGuard device is not up: the peers that would be
+    /// encrypted are refused instead (their VXLAN would otherwise follow the default
+    /// route to the tunnel addresses, in the clear), with `why` in the reason.
+    pub fn without_tunnel(mut self, why: &str) -> Plan {
+        for d in self.peers.values_mut() {
+            if d.state == PeerState::Encrypted {
+                d.state = PeerState::Refused;
+                d.code = Some("local_wireguard_down");
+                d.reason = Some(format!(
+                    "host {} is reached only through WireGuard, and this host's WireGuard device is not up: {why}",
+                    d.host
+                ));
+            }
+        }
+        self.tunnel_dst.clear();
+        self.wg_peers.clear();
+        self
+    }
+
     /// The peers to route: the refused ones are left out, as if absent.
     pub fn routed(&self, peers: &[PeerHost]) -> Vec<PeerHost> {
         peers
@@ -175,11 +194,27 @@ impl Plan {
     }
 }
 
+/// Whether `tunnel` is a host address of `range`.
+fn in_range(range: Prefix, tunnel: Ipv4Addr) -> bool {
+    let size = 1u64 << (32 - u32::from(range.prefix_len()));
+    let offset = u64::from(u32::from(tunnel).wrapping_sub(u32::from(range.addr())));
+    range.contains(tunnel) && offset != 0 && offset != size - 1
+}
+
 /// Decides every peer. A host listed twice (static and gossip) is decided once, from
-/// the first entry that carries encryption.
-pub fn plan(local: &EncryptionMode, peers: &[PeerHost]) -> Plan {
+/// the first entry that carries encryption. A peer whose tunnel address is outside
+/// `range`, or is this host's (`own`) or an earlier peer's, is not encrypted (its
+/// WireGuard peer would claim another's address): plain in `prefer`, refused in
+/// `require`.
+pub fn plan(
+    local: &EncryptionMode,
+    peers: &[PeerHost],
+    range: Prefix,
+    own: Option<Ipv4Addr>,
+) -> Plan {
     let mut out = Plan::default();
     let mut seen: BTreeSet<Ipv4Addr> = BTreeSet::new();
+    let mut taken: BTreeSet<Ipv4Addr> = own.into_iter().collect();
     let mut order: Vec<&PeerHost> = peers.iter().collect();
     // Entries with encryption first, so a host known both ways uses what it announced.
     order.sort_by_key(|p| {
@@ -193,7 +228,21 @@ pub fn plan(local: &EncryptionMode, peers: &[PeerHost]) -> Plan {
         if !seen.insert(p.addr) {
             continue;
         }
-        let d = decide(local, p.addr, p.encryption.as_ref());
+        let mut d = decide(local, p.addr, p.encryption.as_ref());
+        if let (PeerState::Encrypted, Some(t)) = (d.state, d.tunnel) {
+            if !in_range(range, t) || !taken.insert(t) {
+                d.state = if *local == EncryptionMode::Require {
+                    PeerState::Refused
+                } else {
+                    PeerState::Plain
+                };
+                d.code = Some("tunnel_address_unusable");
+                d.reason = Some(format!(
+                    "host {} announces tunnel address {t}, outside this host's VROUTER_TUNNEL_RANGE {range} or already another host's; give every host the same VROUTER_TUNNEL_RANGE",
+                    p.addr
+                ));
+            }
+        }
         if d.state == PeerState::Encrypted {
             if let (Some(key), Some(tunnel)) = (d.key, d.tunnel) {
                 out.tunnel_dst.insert(p.addr, tunnel);
@@ -234,6 +283,7 @@ mod tests {
 
     const KEY: &str = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
     const NEXT: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+    const RANGE: &str = "10.255.0.0/16";
 
     fn ip(s: &str) -> Ipv4Addr {
         s.parse().unwrap()
@@ -344,7 +394,7 @@ mod tests {
             host("198.18.0.3", None),
             host("198.18.0.4", Some(enc(Off, false))),
         ];
-        let p = plan(&Require, &peers);
+        let p = plan(&Require, &peers, RANGE.parse().unwrap(), None);
         assert_eq!(
             p.tunnel_dst,
             BTreeMap::from([(ip("198.18.0.2"), ip("10.255.0.2"))])
@@ -361,14 +411,63 @@ mod tests {
         let routed: Vec<Ipv4Addr> = p.routed(&peers).iter().map(|h| h.addr).collect();
         assert_eq!(routed, vec![ip("198.18.0.2")]);
         // prefer: everyone routed, only the keyed one through the tunnel.
-        let p = plan(&Prefer, &peers);
+        let p = plan(&Prefer, &peers, RANGE.parse().unwrap(), None);
         assert_eq!(p.routed(&peers).len(), 3);
         assert_eq!(p.tunnel_dst.len(), 1);
         assert_eq!(p.peers[&ip("198.18.0.3")].state, PeerState::Plain);
         // off: nothing through the tunnel, the host that requires it is refused.
-        let p = plan(&Off, &peers);
+        let p = plan(&Off, &peers, RANGE.parse().unwrap(), None);
         assert!(p.tunnel_dst.is_empty() && p.wg_peers.is_empty());
         assert_eq!(p.routed(&peers).len(), 2);
+    }
+
+    #[test]
+    fn a_tunnel_address_outside_the_range_or_taken_is_not_encrypted() {
+        let r: Prefix = "10.255.0.0/16".parse().unwrap();
+        let mut outside = enc(Require, true);
+        outside.tunnel = Some(ip("198.18.0.9"));
+        let mut broadcast = enc(Require, true);
+        broadcast.tunnel = Some(ip("10.255.255.255"));
+        let peers = vec![
+            host("198.18.0.2", Some(enc(Require, true))),
+            host("198.18.0.3", Some(enc(Require, true))),
+            host("198.18.0.4", Some(outside)),
+            host("198.18.0.5", Some(broadcast)),
+        ];
+        let p = plan(&Require, &peers, r, Some(ip("10.255.0.1")));
+        let states: Vec<(PeerState, Option<&str>)> =
+            p.peers.values().map(|d| (d.state, d.code)).collect();
+        assert_eq!(
+            states,
+            vec![
+                (PeerState::Encrypted, None),
+                (PeerState::Refused, Some("tunnel_address_unusable")),
+                (PeerState::Refused, Some("tunnel_address_unusable")),
+                (PeerState::Refused, Some("tunnel_address_unusable")),
+            ]
+        );
+        assert_eq!(p.wg_peers.len(), 1);
+        // This host's own address is never a peer's.
+        let p = plan(&Prefer, &peers[..1], r, Some(ip("10.255.0.2")));
+        assert_eq!(p.peers[&ip("198.18.0.2")].state, PeerState::Plain);
+    }
+
+    #[test]
+    fn without_the_local_device_encrypted_peers_are_refused_not_sent_in_the_clear() {
+        let peers = vec![
+            host("198.18.0.2", Some(enc(Require, true))),
+            host("198.18.0.3", None),
+        ];
+        let p = plan(&Prefer, &peers, RANGE.parse().unwrap(), None).without_tunnel("no TUN");
+        assert!(p.tunnel_dst.is_empty() && p.wg_peers.is_empty());
+        let d = &p.peers[&ip("198.18.0.2")];
+        assert_eq!(
+            (d.state, d.code),
+            (PeerState::Refused, Some("local_wireguard_down"))
+        );
+        assert!(d.reason.as_ref().unwrap().contains("no TUN"));
+        assert_eq!(p.peers[&ip("198.18.0.3")].state, PeerState::Plain);
+        assert_eq!(p.routed(&peers).len(), 1);
     }
 
     #[test]

@@ -21,7 +21,8 @@ pub struct Readiness {
     pub state_error: Option<String>,
     /// `vxlan<VNI>` devices that should exist (up and in use).
     pub devices: Vec<Vni>,
-    /// Devices that could not be made, with the operator's message.
+    /// Devices that could not be made (VXLAN, and the WireGuard device or the encryption
+    /// filter), with the operator's message.
     pub device_errors: Vec<String>,
     /// Local stacks refused by a limit (prefix cap, gossip record), with the reason.
     pub refused_local: Vec<String>,

@@ -222,7 +222,12 @@ pub struct Tunnel {
     peer_since: BTreeMap<Ipv4Addr, Instant>,
     stale: BTreeSet<Ipv4Addr>,
     filter_applied: Option<TableSpec>,
-    last_error: Option<String>,
+    /// Whether a filter a previous run left (in `require`) was looked for: a host
+    /// restarted from `require` into `prefer` must not keep dropping plain VXLAN.
+    filter_leftover_cleared: bool,
+    /// The last failure of the device and of the filter (events on change).
+    device_error: Option<String>,
+    filter_error: Option<String>,
     stopped: bool,
 }
 
@@ -246,7 +251,9 @@ impl Tunnel {
             peer_since: BTreeMap::new(),
             stale: BTreeSet::new(),
             filter_applied: None,
-            last_error: None,
+            filter_leftover_cleared: false,
+            device_error: None,
+            filter_error: None,
             stopped: false,
         }
     }
@@ -265,6 +272,18 @@ impl Tunnel {
 
     pub fn is_open(&self) -> bool {
         self.wg.is_some()
+    }
+
+    /// After leave-mesh: the device is gone for good.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// Why the device or the filter is not as desired, if so (for /readyz).
+    pub fn error(&self) -> Option<String> {
+        self.device_error
+            .clone()
+            .or_else(|| self.filter_error.clone())
     }
 
     /// What this host announces in its gossip record, with its tunnel address (None
@@ -322,7 +341,7 @@ impl Tunnel {
                 }
                 self.address = Some(address);
                 self.peers = plan.wg_peers.clone();
-                self.last_error = None;
+                self.device_error = None;
             }
             Err(e) => {
                 let msg = format!(
@@ -330,10 +349,10 @@ impl Tunnel {
                     self.device,
                     crate::settings::backend_name(self.backend_choice)
                 );
-                if self.last_error.as_ref() != Some(&msg) {
+                if self.device_error.as_ref() != Some(&msg) {
                     notes.push(Note::Failed(msg.clone()));
                 }
-                self.last_error = Some(msg);
+                self.device_error = Some(msg);
             }
         }
         let now = Instant::now();
@@ -342,15 +361,18 @@ impl Tunnel {
         for h in hosts {
             self.peer_since.entry(h).or_insert(now);
         }
-        if let Err(e) = self.apply_filter() {
-            let msg = format!(
-                "cannot install the VXLAN input filter (nftables table ip {}): {e}; VXLAN from the underlay is not dropped",
-                self.filter_table
-            );
-            if self.last_error.as_ref() != Some(&msg) {
-                notes.push(Note::Failed(msg.clone()));
+        match self.apply_filter() {
+            Ok(()) => self.filter_error = None,
+            Err(e) => {
+                let msg = format!(
+                    "cannot bring the VXLAN input filter (nftables table ip {}) to match VROUTER_ENCRYPTION: {e}",
+                    self.filter_table
+                );
+                if self.filter_error.as_ref() != Some(&msg) {
+                    notes.push(Note::Failed(msg.clone()));
+                }
+                self.filter_error = Some(msg);
             }
-            self.last_error = Some(msg);
         }
         notes.extend(self.watch(now));
         notes
@@ -361,9 +383,10 @@ impl Tunnel {
     fn apply_filter(&mut self) -> Result<(), KernelError> {
         let nft = Nft::connect_table(Family::Ip, &self.filter_table)?;
         if self.mode != EncryptionMode::Require {
-            if self.filter_applied.is_some() {
+            if self.filter_applied.is_some() || !self.filter_leftover_cleared {
                 nft.delete_table()?;
                 self.filter_applied = None;
+                self.filter_leftover_cleared = true;
             }
             return Ok(());
         }
@@ -719,7 +742,12 @@ mod tests {
                 encryption: None,
             },
         ];
-        let p = plan(&EncryptionMode::Prefer, &peers);
+        let p = plan(
+            &EncryptionMode::Prefer,
+            &peers,
+            "10.255.0.0/16".parse().unwrap(),
+            None,
+        );
         let stats = vec![stat(&p.wg_peers[0], Some(3), Some(key(1)))];
         let s = status(
             &EncryptionMode::Prefer,
@@ -746,6 +774,68 @@ mod tests {
             .contains("198.18.0.3"));
         assert!(json["peers"][1]["last_handshake_age_s"].is_null());
         assert!(json["next_public_key"].is_null());
+    }
+
+    #[test]
+    fn a_rotation_survives_a_restart_and_completes_by_rename() {
+        use clap::Parser;
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("vrt-wgkeys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let key_file = dir.join("wg.key");
+        let settings = crate::settings::Cli::try_parse_from([
+            "vrouter-discovery",
+            "--encryption",
+            "require",
+            "--wg-private-key-file",
+            key_file.to_str().unwrap(),
+        ])
+        .unwrap()
+        .settings;
+        let first = load_keys(&key_file).unwrap();
+        assert!(first.next.is_none() && first.rotating_since.is_none());
+        let old = first.current.public_key();
+        let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        let mut t = Tunnel::new(&settings, first);
+        let (was, new) = t.start_rotation().unwrap();
+        assert_eq!(was, old);
+        assert_ne!(new, old);
+        let next_file = next_key_path(&key_file);
+        let mode = std::fs::metadata(&next_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the next key is written 0600 first");
+        assert!(t
+            .start_rotation()
+            .unwrap_err()
+            .contains("already in progress"));
+        let announced = t.announcement(Some("10.255.0.1".parse().unwrap())).unwrap();
+        assert_eq!(announced.public_key, Some(old.0));
+        assert_eq!(announced.next_public_key, Some(new.0));
+        // The device makes new handshakes with the next key and still answers the old.
+        let keys: Vec<PublicKey> = t.key_list().iter().map(|k| k.public_key()).collect();
+        assert_eq!(keys, vec![new, old]);
+
+        // A crash here: the next start resumes the rotation.
+        drop(t);
+        let resumed = load_keys(&key_file).unwrap();
+        assert_eq!(resumed.current.public_key(), old);
+        assert_eq!(resumed.next.as_ref().map(|k| k.public_key()), Some(new));
+        assert!(resumed.rotating_since.is_some());
+
+        // No routed encrypted peer to wait for: it completes at the next pass.
+        let mut t = Tunnel::new(&settings, resumed);
+        let notes = t.watch(Instant::now());
+        assert!(
+            matches!(&notes[..], [Note::RotationCompleted { new: n, laggards, .. }] if *n == new && laggards.is_empty()),
+            "{notes:?}"
+        );
+        assert!(!next_file.exists());
+        assert_eq!(load_keys(&key_file).unwrap().current.public_key(), new);
+        assert_eq!(t.public_key(), new);
+        assert!(t.next_public_key().is_none());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -184,6 +184,17 @@ pub fn judge(link: Option<&Link>, mac: Mac) -> OverlayLink {
     }
 }
 
+/// The MTU the overlay link should take when it differs from discovery's overlay MTU
+/// (discovery.json `host.overlay_mtu`: underlay - 50, or - 130 with encryption). A
+/// macvlan follows its VXLAN device's MTU down by itself but never up, so after
+/// encryption is turned off (or the underlay MTU raised) the router raises it. Pure.
+pub fn mtu_to_follow(link: &OverlayLink, overlay_mtu: Option<u32>) -> Option<u32> {
+    match (link, overlay_mtu) {
+        (OverlayLink::Working { mtu, .. }, Some(want)) if want >= 576 && *mtu != want => Some(want),
+        _ => None,
+    }
+}
+
 pub async fn overlay_link(
     kernel: &Kernel,
     name: &str,
@@ -249,6 +260,21 @@ pub async fn adopt(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_link_follows_discovery_s_overlay_mtu() {
+        let working = |mtu| OverlayLink::Working { index: 3, mtu };
+        assert_eq!(mtu_to_follow(&working(1370), Some(1450)), Some(1450));
+        assert_eq!(mtu_to_follow(&working(1450), Some(1370)), Some(1370));
+        assert_eq!(mtu_to_follow(&working(1450), Some(1450)), None);
+        assert_eq!(
+            mtu_to_follow(&working(1450), None),
+            None,
+            "an older discovery"
+        );
+        assert_eq!(mtu_to_follow(&working(1450), Some(100)), None, "nonsense");
+        assert_eq!(mtu_to_follow(&OverlayLink::Absent, Some(1370)), None);
+    }
 
     fn link(kind: Option<&str>, mac: Mac, up: bool) -> Link {
         Link {

@@ -420,6 +420,7 @@ impl Router {
         let events = self.access.retry(access::start_enforcer);
         self.emit_all(events);
         self.hold_link().await;
+        self.follow_overlay_mtu().await;
         let overlay = self.overlay().await;
         match self.discovery.phase {
             // A link held down for the access policy is not one to replace.
@@ -439,6 +440,29 @@ impl Router {
             _ => {}
         }
         self.reconcile(Trigger::Timer).await;
+    }
+
+    /// Sets the overlay link's MTU to discovery's overlay MTU when they differ (see
+    /// [`link::mtu_to_follow`]); the MTU probes use the link's MTU.
+    async fn follow_overlay_mtu(&mut self) {
+        let link = self.overlay().await;
+        let want = self
+            .state
+            .read_discovery()
+            .ok()
+            .and_then(|d| d.host.overlay_mtu);
+        let (Some(mtu), Some(index)) = (link::mtu_to_follow(&link, want), link.index()) else {
+            return;
+        };
+        match self.kernel.set_mtu(index, mtu).await {
+            Ok(()) => tracing::info!(
+                link = %self.overlay_name,
+                from = link.mtu(),
+                to = mtu,
+                "overlay link MTU follows discovery's overlay MTU"
+            ),
+            Err(e) => tracing::warn!(error = %e, to = mtu, "cannot set the overlay link's MTU"),
+        }
     }
 
     async fn connect(&mut self) {

@@ -385,7 +385,7 @@ pub(super) fn check(table: &TableSpec) -> Result<(), String> {
         match chain.hook.as_ref().map(|h| &h.hook) {
             Some(Hook::Forward | Hook::Input) if netdev => {
                 return Err(format!(
-                    "chain {}: a netdev table has no forward or input hook",
+                    "chain {}: a netdev table has no forward hook (nor input)",
                     chain.name
                 ))
             }

@@ -725,6 +725,8 @@ mod netdev {
         let mut t = netdev_table();
         t.chains[4].hook.as_mut().unwrap().hook = Hook::Forward;
         refused(&t, "a netdev table has no forward hook");
+        t.chains[4].hook.as_mut().unwrap().hook = Hook::Input;
+        refused(&t, "a netdev table has no forward hook (nor input)");
         let mut t = netdev_table();
         t.chains[4].hook.as_mut().unwrap().hook = Hook::Ingress {
             device: "a-name-too-long-for-linux".into(),
