@@ -203,6 +203,31 @@ mod tests {
     }
 
     #[test]
+    fn wireguard_link_without_module() {
+        let ctx = || Context::CreateWireguard {
+            names: "wg0 in this namespace".into(),
+        };
+        for errno in [libc::EOPNOTSUPP, ENOTSUPP] {
+            let e = classify("create wireguard device", "wg0".into(), ctx(), nack(errno));
+            assert!(matches!(e, KernelError::NoWireGuard), "{errno}: {e:?}");
+        }
+        let e = classify(
+            "create wireguard device",
+            "wg0".into(),
+            ctx(),
+            nack(libc::EEXIST),
+        );
+        assert!(matches!(e, KernelError::LinkExists { .. }), "{e:?}");
+        let e = classify(
+            "create wireguard device",
+            "wg0".into(),
+            ctx(),
+            nack(libc::EPERM),
+        );
+        assert!(matches!(e, KernelError::NotPermitted { .. }), "{e:?}");
+    }
+
+    #[test]
     fn gone_on_delete() {
         assert!(is_gone(&nack(libc::ENOENT)));
         assert!(is_gone(&nack(libc::ESRCH)));

@@ -11,6 +11,12 @@ pub(crate) fn validate(cfg: &DeviceConfig) -> Result<(), WgError> {
     if cfg.keys.is_empty() {
         return Err(WgError::BadKey("no private key configured".into()));
     }
+    let locals: BTreeSet<PublicKey> = cfg.keys.iter().map(|k| k.public_key()).collect();
+    if locals.len() != cfg.keys.len() {
+        return Err(WgError::BadKey(
+            "the same private key is listed twice (current and next key must differ)".into(),
+        ));
+    }
     if cfg.prefix_len == 0 || cfg.prefix_len > 32 {
         return Err(WgError::Kernel(format!(
             "bad tunnel prefix length /{} (VROUTER_TUNNEL_RANGE): 1 to 32",
@@ -264,6 +270,9 @@ mod tests {
         let mut c = good.clone();
         c.keys.clear();
         assert!(validate(&c).is_err());
+        let mut c = good.clone();
+        c.keys.push(k.clone());
+        assert!(validate(&c).unwrap_err().to_string().contains("twice"));
         let mut c = good.clone();
         c.peers.push(peer(&a, 3));
         assert!(validate(&c)

@@ -202,6 +202,7 @@ impl Engine {
             .iter()
             .filter_map(|k| old_tunnels.get(k).map(|(t, _)| t.index))
             .collect();
+        let keep: std::collections::HashSet<TunnelKey> = plan.keep.iter().copied().collect();
         let locals: Vec<Local> = cfg.keys.iter().map(local_of).collect();
         let mut table = Table {
             locals,
@@ -221,7 +222,7 @@ impl Engine {
                     local: local.public,
                 };
                 let tunnel = match old_tunnels.get(&tkey) {
-                    Some((t, _)) if plan.keep.contains(&tkey) => t.clone(),
+                    Some((t, _)) if keep.contains(&tkey) => t.clone(),
                     _ => {
                         let index = fresh_index(&mut used_indices);
                         let params = TunnelParams {
@@ -621,6 +622,9 @@ fn receive(shared: &Shared, table: &Table, datagram: &[u8], from: SocketAddr, ou
                 result = tunn.decapsulate(None, &[], out);
             }
             TunnResult::WriteToTunnelV4(inner, source) => {
+                // The TUN write runs the receiving stack inline: not under the lock
+                // the sending thread needs for this peer.
+                drop(tunn);
                 if source == peer.cfg.tunnel {
                     if let Err(e) = shared.tun.send(inner) {
                         tracing::debug!(error = %e, "wireguard: writing the TUN device failed");
@@ -679,4 +683,123 @@ fn ipv4_destination(packet: &[u8]) -> Option<Ipv4Addr> {
     Some(Ipv4Addr::new(
         packet[16], packet[17], packet[18], packet[19],
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn receiver() -> (UdpSocket, SocketAddr) {
+        let r = UdpSocket::bind("127.0.0.1:0").unwrap();
+        r.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let addr = r.local_addr().unwrap();
+        (r, addr)
+    }
+
+    fn datagrams(r: &UdpSocket) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 65_536];
+        r.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        while let Ok(n) = r.recv(&mut buf) {
+            out.push(buf[..n].to_vec());
+        }
+        out
+    }
+
+    /// Writes a datagram of `len` bytes of `fill` where `encapsulate` would, and commits it.
+    fn push(batch: &mut Batch, udp: &Udp, len: usize, fill: u8, to: SocketAddr) {
+        let start = batch.len;
+        batch.buf[start..start + len].fill(fill);
+        batch.commit(udp, len, to);
+    }
+
+    #[test]
+    fn batches_leave_as_the_same_datagrams_in_order() {
+        let udp = Udp::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+        let (r1, a1) = receiver();
+        let (r2, a2) = receiver();
+        let mut batch = Batch::new();
+        // A run of equal sizes, a shorter one that ends it, then a new run.
+        for i in 0..5 {
+            push(&mut batch, &udp, 1000, i, a1);
+        }
+        push(&mut batch, &udp, 300, 5, a1);
+        push(&mut batch, &udp, 1000, 6, a1);
+        // Another peer: the run to the first is sent first.
+        push(&mut batch, &udp, 800, 7, a2);
+        // A larger datagram than the run's size starts a new run.
+        push(&mut batch, &udp, 900, 8, a2);
+        batch.flush(&udp);
+        let got1 = datagrams(&r1);
+        let want1: Vec<Vec<u8>> = (0..5)
+            .map(|i| vec![i; 1000])
+            .chain([vec![5; 300], vec![6; 1000]])
+            .collect();
+        assert_eq!(got1, want1);
+        assert_eq!(datagrams(&r2), vec![vec![7; 800], vec![8; 900]]);
+    }
+
+    #[test]
+    fn a_full_batch_is_sent_without_waiting() {
+        let udp = Udp::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+        let (r, a) = receiver();
+        let mut batch = Batch::new();
+        for i in 0..MAX_SEGMENTS {
+            push(&mut batch, &udp, 100, i as u8, a);
+        }
+        // Sent on the 64th datagram, before any flush.
+        assert_eq!(batch.count, 0);
+        let got = datagrams(&r);
+        assert_eq!(got.len(), MAX_SEGMENTS);
+        assert!(got
+            .iter()
+            .enumerate()
+            .all(|(i, d)| d == &vec![i as u8; 100]));
+    }
+
+    #[test]
+    fn gro_runs_are_split_back_into_datagrams() {
+        // A GSO send to a GRO socket on loopback arrives as one run.
+        let tx = Udp::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+        let rx = Udp::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+        rx.sock
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let to = rx.sock.local_addr().unwrap();
+        let mut run: Vec<u8> = (0..10u8).flat_map(|i| [i; 1200]).collect();
+        run.extend_from_slice(&[99; 10]);
+        tx.send_segments(&run, 1200, to);
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut seen = Vec::new();
+        let mut runs = 0;
+        while seen.len() < 11 {
+            let got = rx.recv(&mut buf).expect("receive");
+            if got.segment < got.len {
+                runs += 1;
+            }
+            for one in buf[..got.len].chunks(got.segment.max(1)) {
+                seen.push(one.to_vec());
+            }
+        }
+        let want: Vec<Vec<u8>> = (0..10u8)
+            .map(|i| vec![i; 1200])
+            .chain([vec![99; 10]])
+            .collect();
+        assert_eq!(seen, want);
+        assert!(runs > 0, "no run of datagrams arrived in one receive");
+    }
+
+    #[test]
+    fn ipv4_destination_needs_a_whole_header() {
+        let mut p = [0u8; 20];
+        p[0] = 0x45;
+        p[16..20].copy_from_slice(&[10, 255, 0, 2]);
+        assert_eq!(ipv4_destination(&p), Some(Ipv4Addr::new(10, 255, 0, 2)));
+        assert_eq!(ipv4_destination(&p[..19]), None);
+        p[0] = 0x60;
+        assert_eq!(ipv4_destination(&p), None);
+        assert_eq!(ipv4_destination(&[]), None);
+    }
 }

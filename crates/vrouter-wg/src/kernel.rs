@@ -271,7 +271,7 @@ impl Genl {
         // SAFETY: a fresh descriptor nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let tv = libc::timeval {
-            tv_sec: REPLY_TIMEOUT.as_secs() as libc::time_t,
+            tv_sec: REPLY_TIMEOUT.as_secs() as _,
             tv_usec: 0,
         };
         // SAFETY: a timeval option on a valid socket.

@@ -69,6 +69,19 @@ impl PrivateKey {
     }
 }
 
+/// Compares in constant time (no early exit on the first differing byte).
+impl PartialEq for PrivateKey {
+    fn eq(&self, other: &PrivateKey) -> bool {
+        self.0
+            .iter()
+            .zip(other.0.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    }
+}
+
+impl Eq for PrivateKey {}
+
 impl std::fmt::Debug for PrivateKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "PrivateKey(public {})", self.public_key())
@@ -389,6 +402,16 @@ mod tests {
         assert!(!shown.contains("77076d0a"), "{shown}");
         assert!(!shown.contains("[119"), "{shown}");
         assert!(shown.contains("hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo="));
+    }
+
+    #[test]
+    fn private_keys_compare_by_value() {
+        let a = PrivateKey(hex32(ALICE_PRIV));
+        assert_eq!(a, a.clone());
+        assert_ne!(a, PrivateKey::generate());
+        let mut b = a.clone();
+        b.0[31] ^= 1;
+        assert_ne!(a, b);
     }
 
     #[test]

@@ -43,7 +43,7 @@ pub enum BackendChoice {
 }
 
 /// The whole interface, as desired. Applying the same value twice changes nothing.
-#[derive(Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceConfig {
     /// Interface name (at most 15 bytes).
     pub name: String,
@@ -274,5 +274,30 @@ pub async fn destroy(name: &str) -> Result<(), WgError> {
             tun::unpersist(name)
         }
         Err(e) => Err(kernel_error(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wg_can_be_shared_across_tasks() {
+        fn shareable<T: Send + Sync + 'static>() {}
+        shareable::<Wg>();
+        shareable::<PrivateKey>();
+        shareable::<DeviceConfig>();
+    }
+
+    #[test]
+    fn only_the_module_missing_means_no_kernel_wireguard() {
+        assert!(matches!(
+            kernel_error(KernelError::NoWireGuard),
+            WgError::NoKernelWireGuard(_)
+        ));
+        assert!(matches!(
+            kernel_error(KernelError::NotPermitted { op: "x".into() }),
+            WgError::Kernel(_)
+        ));
     }
 }

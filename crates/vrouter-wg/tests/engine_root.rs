@@ -526,6 +526,38 @@ fn auto_falls_back_to_userspace_and_destroy_removes_the_device() {
         .1
         .iter()
         .any(|a| a.index == link.0.index && a.addr == me.tunnel && a.prefix_len == 16));
+    // A second engine on the same device (another discovery still running) is refused.
+    let second = {
+        let cfg = cfg.clone();
+        rt.run(async move {
+            Wg::open(&cfg, BackendChoice::Userspace)
+                .await
+                .map(|w| w.kind())
+        })
+    };
+    let err = second
+        .expect_err("a second engine on a busy TUN")
+        .to_string();
+    assert!(err.contains("in use by another process"), "{err}");
+    // A new address and MTU replace the old ones in place.
+    let mut moved = cfg.clone();
+    moved.address = Ipv4Addr::new(10, 254, 0, 50);
+    moved.prefix_len = 24;
+    moved.mtu = 1400;
+    let wg = rt.apply(wg, &moved);
+    let (l, addrs) = rt.run(async {
+        let k = vrouter_kernel::Kernel::connect().await.unwrap();
+        let l = k.link_by_name(DEVICE).await.unwrap().expect("device");
+        let addrs = k.addresses().await.unwrap();
+        (l, addrs)
+    });
+    assert_eq!(l.mtu, 1400);
+    let on_link: Vec<_> = addrs
+        .iter()
+        .filter(|a| a.index == l.index)
+        .map(|a| (a.addr, a.prefix_len))
+        .collect();
+    assert_eq!(on_link, vec![(Ipv4Addr::new(10, 254, 0, 50), 24)]);
     rt.close(wg);
     rt.run(async { vrouter_wg::destroy(DEVICE).await })
         .expect("destroy");
@@ -592,10 +624,37 @@ fn throughput() {
         .unwrap_or(5u64);
     let d = Duration::from_secs(secs);
     let plain = tcp_blast(&p.rt_a, &p.rt_b, p.b.host, 5101, d);
+    let cpu_before = engine_cpu();
+    let tx_before = p.wg_a().stats()[0].tx_bytes;
     let tunnel = tcp_blast(&p.rt_a, &p.rt_b, p.b.tunnel, 5102, d);
+    let cpu = engine_cpu() - cpu_before;
+    let gb = (p.wg_a().stats()[0].tx_bytes - tx_before) as f64 / 1e9;
     eprintln!(
-        "tcp single stream, {secs} s: underlay {plain:.0} Mbit/s, wireguard engine {tunnel:.0} Mbit/s ({:.2} of underlay)",
-        tunnel / plain
+        "tcp single stream, {secs} s: underlay {plain:.0} Mbit/s, wireguard engine {tunnel:.0} Mbit/s ({:.2} of underlay); \
+         engine threads (both ends, kernel time included) {:.2} CPU s per GB",
+        tunnel / plain,
+        cpu / gb
     );
     assert!(tunnel > 0.0);
+}
+
+/// CPU seconds (user + system) of this process's engine threads (`wg-*`) so far.
+fn engine_cpu() -> f64 {
+    let ticks = 100.0; // USER_HZ
+    let mut total = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        let Some((head, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        if !head.contains("(wg-") {
+            continue;
+        }
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // After "pid (comm) ": state is field 0, utime 11, stime 12.
+        let utime: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let stime: u64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+        total += utime + stime;
+    }
+    total as f64 / ticks
 }
