@@ -44,7 +44,7 @@ pub fn parse_task_stat(line: &str) -> Option<(String, u64)> {
 
 /// CPU ticks of every thread of `pid`: tid -> (name, ticks). Threads that end while
 /// being read are skipped.
-pub fn thread_ticks(pid: u32) -> BTreeMap<u32, (String, u64)> {
+pub fn thread_ticks(pid: u32) -> Threads {
     let mut out = BTreeMap::new();
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return out;
@@ -95,9 +95,12 @@ pub struct CpuWindow {
     pub secs: f64,
 }
 
+/// tid -> (thread name, CPU ticks).
+type Threads = BTreeMap<u32, (String, u64)>;
+
 /// A snapshot to diff: per process, its threads' ticks; the machine's ticks.
 pub struct CpuSnapshot {
-    procs: Vec<(String, BTreeMap<u32, (String, u64)>)>,
+    procs: Vec<(String, Threads)>,
     machine: Option<(u64, u64)>,
     at: std::time::Instant,
 }
@@ -392,7 +395,7 @@ pub fn breakdown(samples: &[PerfSample], top: usize) -> Value {
         .into_iter()
         .map(|(t, m)| (t, m.values().sum(), m))
         .collect();
-    by_thread.sort_by(|a, b| b.1.cmp(&a.1));
+    by_thread.sort_by_key(|t| std::cmp::Reverse(t.1));
     let by_thread: Vec<Value> = by_thread
         .into_iter()
         .map(|(t, k, m)| {

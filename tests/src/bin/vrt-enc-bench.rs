@@ -221,9 +221,8 @@ fn bin_dir_with_discovery(bin: &std::path::Path) -> Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     std::os::unix::fs::symlink(&bin, dir.join("vrouter-discovery"))?;
-    for name in ["vrouter-router"] {
-        std::os::unix::fs::symlink(std::fs::canonicalize(usual.join(name))?, dir.join(name))?;
-    }
+    let router = std::fs::canonicalize(usual.join("vrouter-router"))?;
+    std::os::unix::fs::symlink(router, dir.join("vrouter-router"))?;
     Ok(dir)
 }
 
@@ -543,7 +542,7 @@ fn perf_profile(w: &mut World, secs: u32, port: &mut u16) -> Result<Value> {
     Ok(json!({
         "path": g.name,
         "tcp1_mbit_during_perf": (mbit * 10.0).round() / 10.0,
-        "method": format!("perf record -e cpu-clock -F {PERF_HZ} -g -p <discovery pid> for {record_secs} s on each of the two discoveries (sender host, receiver host) during a {secs} s single-stream iperf3 on the wg path; perf script -F comm,tid,ip,sym,dso; a sample's category: a userspace leaf by its symbol and object, a kernel leaf by the first frame from the leaf up that names one (tests/src/cpuprof.rs)"),
+        "method": format!("perf record -e cpu-clock -F {PERF_HZ} -g -p <discovery pid> for {record_secs} s on each of the two discoveries (sender host, receiver host) during a {secs} s single-stream iperf3 on the wg path; perf script -F comm,tid,ip,sym,dso; a sample's category: a userspace leaf by its symbol and object, a kernel leaf by the first frame from the leaf up that names one (tests/src/cpuprof.rs). This VM has no hardware counters, so perf samples on the cpu-clock timer: time spent with interrupts off is charged where they are turned back on (finish_task_switch, _raw_spin_unlock_irqrestore), which inflates the poll/scheduling and kernel-other shares"),
         "both": both,
         "per_process": per_process,
     }))
@@ -688,8 +687,8 @@ fn run(args: &Args) -> Result<()> {
         },
         "knobs": {
             "VROUTER_WG_UDP_OFFLOAD": "hidden engine setting for this bench: off = one sendmsg/recvmsg per datagram (no UDP_SEGMENT, no UDP_GRO); measured as the wg_nooffload path",
-            "threads": "not a setting: the engine runs one thread per direction (wg-tun-rx: TUN read, encrypt, UDP send; wg-udp-rx: UDP receive, decrypt, TUN write) and a timer thread; the per-thread CPU below shows how close one thread is to a full CPU",
-            "tun_offload": "not implemented: the TUN device is opened without IFF_VNET_HDR, so the kernel hands the engine one MTU-sized packet per read (no TSO/GRO super-packets through the TUN device)",
+            "threads": "not a setting: the engine runs one thread per direction (wg-tun-rx: TUN read, encrypt, UDP send; wg-udp-rx: UDP receive, decrypt, TUN write) and a timer thread; docs/ARCHITECTURE.md (vrouter-wg) records that two threads per direction changed nothing measurable (one Tunn per peer serialises a peer's packets); the per-thread CPU below shows how close each thread is to a full CPU",
+            "tun_offload": "not implemented, so not measured: what crosses the TUN device is VXLAN-in-UDP, whose GSO type a TUN accepts only with the virtio UDP-tunnel offload (Linux 6.17+), see docs/ARCHITECTURE.md (vrouter-wg). So every packet crosses the TUN device at the overlay MTU, one read or write each, and the receiving kernel runs VXLAN, bridge and TCP once per 1370-byte packet, where the plain overlay on this veth underlay carries GSO super-packets end to end",
         },
         "cpu": cpu,
         "breakdown": perf,
