@@ -226,6 +226,15 @@ fn bin_dir_with_discovery(bin: &std::path::Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// Removes its directory when dropped (the symlinks of `--discovery-bin`).
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn build() -> Result<World> {
     let mut stacks = Vec::new();
     for g in &GROUPS {
@@ -585,10 +594,12 @@ fn run(args: &Args) -> Result<()> {
         .collect::<Vec<_>>()
         .join(" ");
     let load_before = loadavg();
+    let mut _bin_dir_guard = None;
     let discovery_bin = match &args.discovery_bin {
         Some(b) => {
             let dir = bin_dir_with_discovery(b)?;
             std::env::set_var("VROUTER_BIN_DIR", &dir);
+            _bin_dir_guard = Some(RemoveDir(dir));
             b.display().to_string()
         }
         None => vrouter_tests::mesh::bin_dir()?
