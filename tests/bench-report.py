@@ -86,6 +86,28 @@ which is why `overlay_fw` matches `overlay` while the Flannel-style path under t
 firewall carries nothing (`flannel_under_firewall_answers_ping` in the JSON).""",
     ),
     (
+        "encryption",
+        "Encrypted overlay (`vrt-enc-bench`)",
+        """\
+The plain overlay and the encrypted overlay (issue 16: `VROUTER_ENCRYPTION=require`,
+VXLAN over WireGuard) side by side in one run, real daemons on simulated hosts: three
+gossip meshes of two hosts each, one stack per host, port steering, measured interleaved
+as the datapath bench is. This kernel has no WireGuard module, so the encrypted paths
+run discovery's userspace engine (boringtun on a persistent TUN device).
+
+- **plain**: service to service over the overlay without encryption (overlay MTU 1450);
+- **wg**: the same over the encrypted overlay (overlay MTU 1370), UDP GSO/GRO on the
+  engine's socket (the default);
+- **wg_nooffload**: the encrypted overlay with the engine's benchmark knob
+  `VROUTER_WG_UDP_OFFLOAD=off` (one system call per datagram each way).
+
+Each path's TCP uses the MSS its overlay gives (overlay MTU - 40: 1410 plain, 1330
+encrypted), so the encrypted figures include the smaller segments. After the rounds, one
+single-stream transfer per path with the CPU time of every discovery thread read from
+/proc, and one on `wg` under `perf record -g` on both discoveries: where the userspace
+path spends its CPU.""",
+    ),
+    (
         "control",
         "Control plane (`vrt-ctl-bench`)",
         """\
@@ -178,7 +200,7 @@ part of `make bench`.""",
 ]
 
 # How to produce a results file, where it is not `make bench`.
-MAKE_TARGET = {"fuzz": "make fuzz"}
+MAKE_TARGET = {"fuzz": "make fuzz", "encryption": "make bench-encryption"}
 
 GOSSIP_INTRO = """\
 Routers probe each other over the overlay every 250 ms (with more than 250 remote
@@ -419,6 +441,108 @@ def fuzz_text(extra):
     return out
 
 
+def pct(v):
+    return f"{v * 100:.1f} %" if isinstance(v, (int, float)) and math.isfinite(v) else "n/a"
+
+
+def encryption_text(extra):
+    """The encryption bench's notes: kernel WireGuard, the goal, knobs, the CPU per
+    path and the perf breakdown, all from the JSON's extra."""
+    out = []
+    notes = extra.get("machine_notes") if isinstance(extra.get("machine_notes"), dict) else {}
+    if notes.get("load_before") or notes.get("load_after"):
+        out += [
+            f"Machine load (1, 5, 15 min) at the start: {notes.get('load_before', '?')}, "
+            f"at the end: {notes.get('load_after', '?')}.",
+            "",
+        ]
+    k = extra.get("kernel_wireguard") if isinstance(extra.get("kernel_wireguard"), dict) else {}
+    if k:
+        this = k.get("this_kernel") if isinstance(k.get("this_kernel"), dict) else {}
+        out.append(
+            "**Kernel WireGuard: not measured.** "
+            + (f"This kernel: {str(this.get('detail')).rstrip('.')}. " if this.get("detail") else "")
+            + str(k.get("expected", ""))
+        )
+        out.append("")
+        for src in k.get("sources") or []:
+            if isinstance(src, dict):
+                out.append(f"- <{src.get('url')}>: {src.get('says')}.")
+        out.append("")
+    knobs = extra.get("knobs") if isinstance(extra.get("knobs"), dict) else {}
+    if knobs:
+        out += ["Knobs of the userspace engine:", ""]
+        out += [f"- `{name}`: {text}." for name, text in knobs.items()]
+        out.append("")
+    cpu = extra.get("cpu") if isinstance(extra.get("cpu"), list) else []
+    if cpu:
+        out += [
+            "CPU over the middle of one single-stream transfer per path (1.0 = one CPU; the "
+            "machine's busy share counts all CPUs):",
+            "",
+            "| Path | Single stream | Discovery threads, CPUs | CPU s per Gbit | Machine busy | Busiest threads |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in cpu:
+            threads = [
+                f"{t.get('process')} {t.get('thread')} {fmt(t.get('of_one_cpu'))}"
+                for t in (c.get("threads") or [])[:4]
+                if isinstance(t, dict)
+            ]
+            out.append(
+                f"| {c.get('path')} | {fmt(c.get('tcp1_mbit'))} Mbit/s | "
+                f"{fmt(c.get('discovery_cpu_of_one_cpu'))} | {fmt(c.get('discovery_cpu_s_per_gbit'))} | "
+                f"{pct(c.get('machine_busy'))} | {', '.join(threads) or '—'} |"
+            )
+        out.append("")
+    b = extra.get("breakdown") if isinstance(extra.get("breakdown"), dict) else {}
+    if b.get("error"):
+        out += [f"*No perf profile in this run: {b['error']}*", ""]
+    elif b:
+        both = b.get("both") if isinstance(b.get("both"), dict) else {}
+        out += [
+            f"Where the userspace path spends its CPU (`breakdown`): {fmt(both.get('samples'))} "
+            f"perf samples on both discoveries during a single-stream transfer on "
+            f"`{b.get('path')}` ({fmt(b.get('tcp1_mbit_during_perf'))} Mbit/s under perf). "
+            f"Method: {b.get('method', '?')}.",
+            "",
+            "| Category | Share | Sender | Receiver |",
+            "|---|---|---|---|",
+        ]
+        per = b.get("per_process") if isinstance(b.get("per_process"), dict) else {}
+
+        def share_in(doc, cat):
+            for c in (doc or {}).get("by_category") or []:
+                if c.get("category") == cat:
+                    return c.get("share")
+            return 0.0
+
+        for c in both.get("by_category") or []:
+            cat = c.get("category")
+            out.append(
+                f"| {cat} | {pct(c.get('share'))} | {pct(share_in(per.get('sender'), cat))} "
+                f"| {pct(share_in(per.get('receiver'), cat))} |"
+            )
+        out += ["", "| Thread | Share of samples |", "|---|---|"]
+        for t in (both.get("by_thread") or [])[:6]:
+            out.append(f"| {t.get('thread')} | {pct(t.get('share'))} |")
+        out += ["", "| Leaf symbol | Object | Share |", "|---|---|---|"]
+        for t in (both.get("top_symbols") or [])[:15]:
+            sym = str(t.get("symbol", "")).replace("|", "\\|")
+            if len(sym) > 90:
+                sym = sym[:87] + "..."
+            out.append(f"| `{sym}` | {t.get('object')} | {pct(t.get('share'))} |")
+        if extra.get("discovery_binary_has_symbols") is False:
+            out += [
+                "",
+                "*The profiled discovery had no symbol table (a stripped release build): its "
+                "userspace samples are unresolved. `make bench-encryption` profiles the "
+                "release-sym build.*",
+            ]
+        out.append("")
+    return out
+
+
 def render(docs, in_dir, md_path, png_path, raw_links, chart_panels):
     """The markdown page. raw_links: {stem: path relative to the page} or {}."""
     md_dir = os.path.dirname(os.path.abspath(md_path))
@@ -481,6 +605,8 @@ def render(docs, in_dir, md_path, png_path, raw_links, chart_panels):
             ]
         if stem == "fuzz":
             out += fuzz_text(extra)
+        if stem == "encryption":
+            out += encryption_text(extra)
         if doc["figures"]:
             out += figures_table(doc)
         else:
@@ -526,12 +652,23 @@ def reconcile_figures(docs):
     return by_prefix(docs, "control.reconcile.")
 
 
+def encryption_ratio_figures(docs):
+    """encryption.ratio.<of>_<to>.<tcp1|tcp4>: the encrypted paths' throughput ratios."""
+    return [
+        f
+        for f in by_prefix(docs, "encryption.ratio.")
+        if f["key"].rsplit(".", 1)[-1] in THROUGHPUT
+    ]
+
+
 def chart_panels(docs):
     p = []
     if ratio_figures(docs):
         p.append("throughput ratios")
     if ratio_figures(docs, RTT):
         p.append("RTT ratios")
+    if encryption_ratio_figures(docs):
+        p.append("encryption ratios")
     if reconcile_figures(docs):
         p.append("reconcile times")
     return p
@@ -575,6 +712,9 @@ def draw_chart(docs, png_path):
     rtt = ratio_figures(docs, RTT)
     if rtt:
         panels.append("rtt")
+    enc = encryption_ratio_figures(docs)
+    if enc:
+        panels.append("encryption")
     recon = reconcile_figures(docs)
     if recon:
         panels.append("reconcile")
@@ -582,7 +722,7 @@ def draw_chart(docs, png_path):
         return False
     # The ratio panel widens with the number of ratios.
     def width(p):
-        figs = {"ratios": ratios, "rtt": rtt}.get(p)
+        figs = {"ratios": ratios, "rtt": rtt, "encryption": enc}.get(p)
         return max(6.5, 0.9 * len({ratio_name(f) for f in figs})) if figs else 6.5
 
     widths = [width(p) for p in panels]
@@ -606,6 +746,22 @@ def draw_chart(docs, png_path):
             ax.axhline(1.0, color="grey", linewidth=0.5)
             ax.set_ylabel("throughput ratio (median of rounds)")
             ax.set_title("Datapath: TCP throughput ratios")
+        elif p == "encryption":
+            figs = {}
+            names = []
+            for f in enc:
+                streams = f["key"].rsplit(".", 1)[1]
+                name = ratio_name(f)
+                figs[(name, streams)] = f
+                if name not in names:
+                    names.append(name)
+            series = [s for s in THROUGHPUT if any(k[1] == s for k in figs)]
+            bars(ax, figs, names, series, lambda s: {"tcp1": "1 stream", "tcp4": "4 streams"}[s])
+            for t in targets_of(enc, "at_least"):
+                ax.axhline(t, color="red", linestyle="--", linewidth=1, label=f"target ≥ {fmt(t)}")
+            ax.axhline(1.0, color="grey", linewidth=0.5)
+            ax.set_ylabel("throughput ratio (median of rounds)")
+            ax.set_title("Encrypted overlay: TCP throughput ratios")
         elif p == "rtt":
             figs = {}
             names = []

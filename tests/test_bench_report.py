@@ -270,6 +270,80 @@ class Report(unittest.TestCase):
             [f["key"] for f in report.ratio_figures({"d": doc})],
         )
 
+    def test_encryption_section_target_kernel_note_and_breakdown(self):
+        cat = "crypto: ChaCha20-Poly1305 and the Noise hashes (ring, boringtun)"
+        extra = {
+            "machine_notes": {"load_before": "0.42 0.80 1.10", "load_after": "1.93 1.20 1.15"},
+            "kernel_wireguard": {
+                "measured": False,
+                "this_kernel": {"available": False, "detail": "Error: Unknown device type."},
+                "expected": "Not measured: no module here.",
+                "sources": [{"url": "https://www.wireguard.com/performance/", "says": "old figures"}],
+            },
+            "knobs": {"VROUTER_WG_UDP_OFFLOAD": "off = one datagram per call"},
+            "cpu": [
+                {"path": "wg", "tcp1_mbit": 812.5, "discovery_cpu_of_one_cpu": 1.234,
+                 "discovery_cpu_s_per_gbit": 1.52, "machine_busy": 0.987,
+                 "threads": [{"process": "sender", "thread": "wg-tun-rx", "of_one_cpu": 0.91}]},
+            ],
+            "breakdown": {
+                "path": "wg",
+                "tcp1_mbit_during_perf": 777.0,
+                "method": "perf record",
+                "both": {
+                    "samples": 4321,
+                    "by_category": [{"category": cat, "samples": 1000, "share": 0.2314}],
+                    "by_thread": [{"thread": "wg-tun-rx", "share": 0.55}],
+                    "top_symbols": [{"symbol": "chacha20_poly1305_seal|avx2", "object": "vrouter-discovery", "share": 0.123}],
+                },
+                "per_process": {
+                    "sender": {"by_category": [{"category": cat, "share": 0.3}]},
+                    "receiver": {"by_category": [{"category": cat, "share": 0.1}]},
+                },
+            },
+            "discovery_binary_has_symbols": True,
+        }
+        self.put("encryption", results("vrt-enc-bench", [
+            figure("encryption.wg.tcp1", "single-stream TCP, wg", "Mbit/s", [801.0, 799.5, 812.25]),
+            figure("encryption.ratio.wg_plain.tcp1", "single-stream TCP, wg / plain (per round)",
+                   "ratio", [0.21, 0.25, 0.23], ("at_least", 0.3)),
+            figure("encryption.ratio.wg_plain.tcp4", "4-stream TCP, wg / plain (per round)",
+                   "ratio", [0.31, 0.35, 0.33]),
+            figure("encryption.ratio.wg_plain.ping", "ping RTT, wg / plain (per round)",
+                   "ratio", [1.5, 1.6, 1.7]),
+        ], extra))
+        md = self.run_report()
+        self.assertIn("## Encrypted overlay (`vrt-enc-bench`)", md)
+        self.assertIn("❌ MISSED", self.row(md, "encryption.ratio.wg_plain.tcp1"))
+        self.assertIn("≥ 0.3 ratio", self.row(md, "encryption.ratio.wg_plain.tcp1"))
+        self.assertIn("**Kernel WireGuard: not measured.** This kernel: Error: Unknown device type.", md)
+        self.assertIn("- <https://www.wireguard.com/performance/>: old figures.", md)
+        self.assertIn("at the start: 0.42 0.80 1.10, at the end: 1.93 1.20 1.15", md)
+        self.assertIn("| wg | 812 Mbit/s | 1.23 | 1.52 | 98.7 % | sender wg-tun-rx 0.91 |", md)
+        self.assertIn(f"| {cat} | 23.1 % | 30.0 % | 10.0 % |", md)
+        self.assertIn("| `chacha20_poly1305_seal\\|avx2` | vrouter-discovery | 12.3 % |", md)
+        self.assertIn("4,321 perf samples", md)
+        # The chart gets the encryption panel (throughput ratios only) with its target.
+        self.assertTrue(png_ok(self.png))
+        self.assertIn("![encryption ratios](benchmarks.png)", md)
+        self.assertEqual(
+            [f["key"] for f in report.encryption_ratio_figures({"e": self.load("encryption")})],
+            ["encryption.ratio.wg_plain.tcp1", "encryption.ratio.wg_plain.tcp4"],
+        )
+        # Without its file the section says how to get it; a failed profile is said.
+        extra["breakdown"] = {"error": "perf: not found"}
+        self.put("encryption", results("vrt-enc-bench", [], extra))
+        md = self.run_report()
+        self.assertIn("*No perf profile in this run: perf: not found*", md)
+        os.remove(os.path.join(self.inp, "encryption.json"))
+        self.put("datapath", DATAPATH)
+        md = self.run_report()
+        self.assertIn("/encryption.json` is missing (run `make bench-encryption`)", md)
+
+    def load(self, stem):
+        with open(os.path.join(self.inp, stem + ".json")) as fh:
+            return json.load(fh)
+
     def test_unknown_bench_gets_a_section(self):
         self.put("extra-bench", results("vrt-extra", [figure("extra.x", "something", "ms", [3.0])]))
         md = self.run_report()

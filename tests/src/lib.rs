@@ -23,6 +23,7 @@ pub mod attach;
 pub mod bench;
 pub mod cleanup;
 pub mod cmd;
+pub mod cpuprof;
 pub mod ctlbench;
 pub mod daemon;
 pub mod datapath;
