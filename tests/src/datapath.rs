@@ -72,6 +72,7 @@
 //! devices' `ip -d link` details, sysctls, steering) goes into the JSON's `extra`
 //! through [`Datapath::describe`].
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::Duration;
@@ -81,6 +82,7 @@ use serde_json::{json, Value};
 use vrouter_kernel::{Kernel, Route, VxlanSpec};
 use vrouter_state::{Mac, Prefix, Vni};
 
+use crate::bench::{Figure, Samples};
 use crate::cmd::{exec_ok, exec_timeout};
 use crate::daemon::spawn_in;
 use crate::mesh::{Mesh, StackDef};
@@ -981,5 +983,83 @@ mod tests {
         let out = "--- 10.2.0.5 ping statistics ---\n20 packets transmitted, 20 received, 0% packet loss, time 969ms\nrtt min/avg/max/mdev = 0.061/0.118/0.341/0.061 ms\n";
         assert_eq!(parse_ping_avg(out), Some(0.118));
         assert_eq!(parse_ping_avg("100% packet loss"), None);
+    }
+}
+
+/// Samples of one path, by metric (`tcp1`, `tcp4`, `ping`, `tcp_rr`, `tcp_rr_mean`).
+pub type PathSamples = BTreeMap<&'static str, Samples>;
+
+/// The newest sample of `k` (NaN when there is none).
+pub fn last(s: &PathSamples, k: &str) -> f64 {
+    s.get(k)
+        .and_then(|v| v.0.last().copied())
+        .unwrap_or(f64::NAN)
+}
+
+/// How long and how much one round measures on a path.
+#[derive(Debug, Clone, Copy)]
+pub struct RoundSpec {
+    pub secs: u32,
+    pub mss: u32,
+    pub pings: u32,
+    pub rr_iterations: u32,
+}
+
+/// One round on one path, as vrt-bench and vrt-enc-bench take it: iperf with 1 and 4
+/// streams, ping RTT and TCP request/response, appended to `s`. `stop` runs between
+/// measurements (an interrupted bench stops at the next one); `port` moves on for
+/// every iperf and tcp_rr server.
+pub fn measure_round(
+    log_dir: &Path,
+    p: &PathDef,
+    spec: RoundSpec,
+    port: &mut u16,
+    s: &mut PathSamples,
+    stop: &dyn Fn() -> Result<()>,
+) -> Result<()> {
+    for (key, streams) in [("tcp1", 1), ("tcp4", 4)] {
+        stop()?;
+        *port += 1;
+        let v = iperf(log_dir, p, *port, spec.secs, streams, spec.mss)
+            .with_context(|| format!("{key} on {}", p.name))?;
+        s.entry(key).or_default().push(v);
+    }
+    stop()?;
+    s.entry("ping").or_default().push(ping_rtt(p, spec.pings)?);
+    stop()?;
+    *port += 1;
+    let (p50, mean) = tcp_rr(log_dir, p, *port, spec.rr_iterations)
+        .with_context(|| format!("tcp_rr on {}", p.name))?;
+    s.entry("tcp_rr").or_default().push(p50);
+    s.entry("tcp_rr_mean").or_default().push(mean);
+    eprintln!(
+        "  {:<16} tcp1 {:>7.0} Mbit/s  tcp4 {:>7.0} Mbit/s  ping {:.3} ms  tcp_rr {:.1} us",
+        p.name,
+        last(s, "tcp1"),
+        last(s, "tcp4"),
+        last(s, "ping"),
+        last(s, "tcp_rr")
+    );
+    Ok(())
+}
+
+/// Prints the ratio figures (unit `ratio`) with median, spread and target verdict; keys
+/// lose `strip` (e.g. `datapath.ratio.`), the name column is `width` wide.
+pub fn print_ratios(figs: &[Figure], strip: &str, width: usize) {
+    println!(
+        "\n{:<width$} {:>7} {:>7}  target",
+        "ratio", "median", "spread"
+    );
+    for f in figs.iter().filter(|f| f.unit == "ratio") {
+        let target = f
+            .target
+            .map(|t| t.verdict(f.samples.median(), &f.unit))
+            .unwrap_or_default();
+        println!(
+            "{:<width$} {:>7.3} {:>7.2}  {target}",
+            f.key.trim_start_matches(strip),
+            f.samples.median(),
+            f.samples.spread()
+        );
     }
 }

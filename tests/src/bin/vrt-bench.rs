@@ -33,10 +33,12 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde_json::json;
 use vrouter_tests::bench::{write_results, Figure, Samples, Target};
-use vrouter_tests::datapath::{iperf, ping_rtt, tcp_rr, Condition, Datapath, PathDef};
+use vrouter_tests::datapath::{
+    measure_round, print_ratios, Condition, Datapath, PathDef, PathSamples, RoundSpec,
+};
 
 /// Pings per RTT sample, 50 ms apart.
 const PINGS: u32 = 20;
@@ -122,54 +124,11 @@ fn main() {
     }
 }
 
-/// Samples of one path, by metric (`tcp1`, `tcp4`, `ping`, `tcp_rr`, `tcp_rr_mean`).
-type PathSamples = BTreeMap<&'static str, Samples>;
-
 fn check_stop() -> Result<()> {
     if STOP.load(Ordering::SeqCst) {
         bail!("interrupted; cleaning up");
     }
     Ok(())
-}
-
-fn measure(
-    dp: &Datapath,
-    p: &PathDef,
-    secs: u32,
-    port: &mut u16,
-    s: &mut PathSamples,
-) -> Result<()> {
-    let dir = dp.log_dir().to_path_buf();
-    for (key, streams) in [("tcp1", 1), ("tcp4", 4)] {
-        check_stop()?;
-        *port += 1;
-        let v = iperf(&dir, p, *port, secs, streams, dp.mss)
-            .with_context(|| format!("{key} on {}", p.name))?;
-        s.entry(key).or_default().push(v);
-    }
-    check_stop()?;
-    s.entry("ping").or_default().push(ping_rtt(p, PINGS)?);
-    check_stop()?;
-    *port += 1;
-    let (p50, mean) =
-        tcp_rr(&dir, p, *port, RR_ITERATIONS).with_context(|| format!("tcp_rr on {}", p.name))?;
-    s.entry("tcp_rr").or_default().push(p50);
-    s.entry("tcp_rr_mean").or_default().push(mean);
-    eprintln!(
-        "  {:<16} tcp1 {:>7.0} Mbit/s  tcp4 {:>7.0} Mbit/s  ping {:.3} ms  tcp_rr {:.1} us",
-        p.name,
-        last(s, "tcp1"),
-        last(s, "tcp4"),
-        last(s, "ping"),
-        last(s, "tcp_rr")
-    );
-    Ok(())
-}
-
-fn last(s: &PathSamples, k: &str) -> f64 {
-    s.get(k)
-        .and_then(|v| v.0.last().copied())
-        .unwrap_or(f64::NAN)
 }
 
 fn run(args: &Args) -> Result<()> {
@@ -227,12 +186,18 @@ fn run(args: &Args) -> Result<()> {
             order.rotate_left(round % n);
             dp.set_condition(c)?;
             for p in &order {
-                let r = measure(
-                    &dp,
+                let r = measure_round(
+                    dp.log_dir(),
                     p,
-                    args.secs,
+                    RoundSpec {
+                        secs: args.secs,
+                        mss: dp.mss,
+                        pings: PINGS,
+                        rr_iterations: RR_ITERATIONS,
+                    },
                     &mut port,
                     samples.entry(p.name).or_default(),
+                    &check_stop,
                 );
                 if r.is_err() {
                     let _ = dp.set_condition(Condition::Plain);
@@ -396,19 +361,7 @@ fn print_table(args: &Args, dp: &Datapath, figs: &[Figure]) {
             med(&k("tcp_rr"))
         );
     }
-    println!("\n{:<44} {:>7} {:>7}  target", "ratio", "median", "spread");
-    for f in figs.iter().filter(|f| f.unit == "ratio") {
-        let target = f
-            .target
-            .map(|t| t.verdict(f.samples.median(), &f.unit))
-            .unwrap_or_default();
-        println!(
-            "{:<44} {:>7.3} {:>7.2}  {target}",
-            f.key.trim_start_matches("datapath.ratio."),
-            f.samples.median(),
-            f.samples.spread()
-        );
-    }
+    print_ratios(figs, "datapath.ratio.", 44);
 }
 
 #[cfg(test)]

@@ -45,7 +45,9 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use vrouter_tests::bench::{write_results, Figure, Samples, Target};
 use vrouter_tests::cpuprof;
-use vrouter_tests::datapath::{iperf, ping_rtt, tcp_rr, Condition, PathDef};
+use vrouter_tests::datapath::{
+    iperf, measure_round, print_ratios, Condition, PathDef, PathSamples, RoundSpec,
+};
 use vrouter_tests::gossip::OLD_SECRET;
 use vrouter_tests::mesh::{Mesh, StackDef};
 use vrouter_tests::{exec_timeout, wait_until};
@@ -332,48 +334,6 @@ fn build() -> Result<World> {
     })
 }
 
-type PathSamples = BTreeMap<&'static str, Samples>;
-
-fn last(s: &PathSamples, k: &str) -> f64 {
-    s.get(k)
-        .and_then(|v| v.0.last().copied())
-        .unwrap_or(f64::NAN)
-}
-
-fn measure(
-    w: &World,
-    p: &PathDef,
-    mss: u32,
-    secs: u32,
-    port: &mut u16,
-    s: &mut PathSamples,
-) -> Result<()> {
-    let dir = w.mesh.topo.log_dir().to_path_buf();
-    for (key, streams) in [("tcp1", 1), ("tcp4", 4)] {
-        check_stop()?;
-        *port += 1;
-        let v = iperf(&dir, p, *port, secs, streams, mss)
-            .with_context(|| format!("{key} on {}", p.name))?;
-        s.entry(key).or_default().push(v);
-    }
-    check_stop()?;
-    s.entry("ping").or_default().push(ping_rtt(p, PINGS)?);
-    check_stop()?;
-    *port += 1;
-    let (p50, _) =
-        tcp_rr(&dir, p, *port, RR_ITERATIONS).with_context(|| format!("tcp_rr on {}", p.name))?;
-    s.entry("tcp_rr").or_default().push(p50);
-    eprintln!(
-        "  {:<13} tcp1 {:>7.0} Mbit/s  tcp4 {:>7.0} Mbit/s  ping {:.3} ms  tcp_rr {:.1} us",
-        p.name,
-        last(s, "tcp1"),
-        last(s, "tcp4"),
-        last(s, "ping"),
-        last(s, "tcp_rr")
-    );
-    Ok(())
-}
-
 /// The two discoveries under a group: (label, pid).
 fn discoveries(w: &mut World, g: &Group) -> Vec<(String, u32)> {
     vec![
@@ -627,13 +587,18 @@ fn run(args: &Args) -> Result<()> {
         order.rotate_left(round % n);
         let mut measured = Vec::new();
         for (p, mss) in &order {
-            measure(
-                &w,
+            measure_round(
+                w.mesh.topo.log_dir(),
                 p,
-                *mss,
-                args.secs,
+                RoundSpec {
+                    secs: args.secs,
+                    mss: *mss,
+                    pings: PINGS,
+                    rr_iterations: RR_ITERATIONS,
+                },
                 &mut port,
                 samples.entry(p.name).or_default(),
+                &check_stop,
             )?;
             measured.push(p.name);
         }
@@ -813,19 +778,7 @@ fn print_table(args: &Args, w: &World, figs: &[Figure]) {
             med(&k("tcp_rr"))
         );
     }
-    println!("\n{:<40} {:>7} {:>7}  target", "ratio", "median", "spread");
-    for f in figs.iter().filter(|f| f.unit == "ratio") {
-        let target = f
-            .target
-            .map(|t| t.verdict(f.samples.median(), &f.unit))
-            .unwrap_or_default();
-        println!(
-            "{:<40} {:>7.3} {:>7.2}  {target}",
-            f.key.trim_start_matches("encryption.ratio."),
-            f.samples.median(),
-            f.samples.spread()
-        );
-    }
+    print_ratios(figs, "encryption.ratio.", 40);
 }
 
 #[cfg(test)]
