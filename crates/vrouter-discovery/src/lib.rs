@@ -17,6 +17,7 @@ pub mod http;
 pub mod membership;
 pub mod metrics;
 pub mod ownership;
+pub mod paths;
 pub mod peers;
 pub mod readiness;
 pub mod registry;
