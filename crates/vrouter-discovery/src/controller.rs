@@ -1767,6 +1767,9 @@ impl Controller {
             gossip: self.gossip_status.clone(),
             steering: self.steer_status.clone(),
             encryption: self.enc_status.clone(),
+            addresses: self.addresses.clone(),
+            paths: self.path_status.clone(),
+            relay: self.relay_status.clone(),
         };
         let unchanged = self.last_discovery.as_ref().is_some_and(|prev| {
             let mut p = prev.clone();

@@ -1057,6 +1057,9 @@ pub(crate) mod tests {
             drift_repairs: 3,
             steering: None,
             encryption: None,
+            addresses: None,
+            paths: None,
+            relay: None,
             gossip: Some(GossipStatus {
                 node_id: "00000000000000d1".into(),
                 addr: "198.18.0.1:7950".into(),
