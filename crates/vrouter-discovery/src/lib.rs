@@ -29,6 +29,7 @@ pub mod settings;
 pub mod status;
 pub mod steer;
 pub mod steering;
+pub mod transit;
 pub mod tunnel;
 pub mod underlay;
 pub mod wireguard;
