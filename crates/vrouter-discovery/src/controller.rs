@@ -96,6 +96,25 @@ pub struct Controller {
     /// Encryption events already written (refusals, plain peers, collisions), so each
     /// is written once per episode.
     enc_reported: BTreeSet<String>,
+    /// Issue 17: the last path decision per probed gossip peer.
+    paths: BTreeMap<vrouter_gossip::NodeId, crate::paths::PeerPath>,
+    /// The gossip members as the path decision reads them, and this host's probe
+    /// views (from the last gossip snapshot).
+    path_members: Vec<crate::paths::Member>,
+    path_views: BTreeMap<vrouter_gossip::NodeId, crate::paths::View>,
+    /// The probe targets last handed to gossip.
+    path_targets: BTreeSet<vrouter_gossip::NodeId>,
+    /// When the path decision may change without new input (see `paths::next_due`).
+    path_due: Option<Instant>,
+    /// This host's observed address and whether its NAT rewrites ports (reflection).
+    observed: Option<Ipv4Addr>,
+    port_translated: bool,
+    /// discovery.json's `addresses`, `paths` and `relay`.
+    addresses: Option<vrouter_state::AddressesStatus>,
+    path_status: Option<Vec<vrouter_state::PathStatus>>,
+    relay_status: Option<vrouter_state::RelayStatus>,
+    /// The relay (transit) table is in the kernel.
+    transit_applied: bool,
 }
 
 impl Controller {
@@ -202,6 +221,17 @@ impl Controller {
             enc_plan: Default::default(),
             enc_status: None,
             enc_reported: BTreeSet::new(),
+            paths: BTreeMap::new(),
+            path_members: Vec::new(),
+            path_views: BTreeMap::new(),
+            path_targets: BTreeSet::new(),
+            path_due: None,
+            observed: None,
+            port_translated: false,
+            addresses: None,
+            path_status: None,
+            relay_status: None,
+            transit_applied: false,
         };
         c.event(
             EventKind::Started,

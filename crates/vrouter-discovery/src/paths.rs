@@ -211,6 +211,26 @@ pub fn decide(i: &Inputs) -> BTreeMap<NodeId, PeerPath> {
     out
 }
 
+/// When the decision may change with no new input (monotonic ms): an undecided view
+/// reaching `dead_after_ms`, or a relayed peer's return hold running out.
+pub fn next_due(i: &Inputs, decided: &BTreeMap<NodeId, PeerPath>) -> Option<u64> {
+    let mut due: Option<u64> = None;
+    for (id, p) in decided {
+        let Some(v) = i.views.get(id) else { continue };
+        let at = if p.via == Via::Direct && !v.reachable && !v.acked_ever {
+            v.since_ms + i.dead_after_ms
+        } else if matches!(p.via, Via::Relay { .. }) && v.reachable {
+            v.since_ms + RETURN_HOLD_MS
+        } else {
+            continue;
+        };
+        if at > i.now_ms {
+            due = Some(due.map_or(at, |d| d.min(at)));
+        }
+    }
+    due
+}
+
 /// Same kind and, for a relay, the same relay (its address may move).
 fn same_way(a: &Via, b: &Via) -> bool {
     match (a, b) {
@@ -593,6 +613,37 @@ mod tests {
         assert_eq!(w.via(5000, A), Via::Unreachable { code: "no_relay" });
         w.views.insert(A, up(2, 1, 6000));
         assert_eq!(w.via(6000, A), Via::Direct);
+    }
+
+    #[test]
+    fn next_due_is_the_dead_time_or_the_hold() {
+        let mut w = World::new(vec![member(A, 2), relay(R1, 4, &[(A, 1)])]);
+        w.views.insert(R1, up(4, 1, 0));
+        let mut v = down(1000);
+        v.acked_ever = false;
+        w.views.insert(A, v);
+        let local: BTreeSet<Vni> = [Vni::new(1000).unwrap()].into();
+        let t = targets(ME, false, &local, &w.members);
+        let due = |w: &World, now| {
+            let i = Inputs {
+                me: ME,
+                now_ms: now,
+                dead_after_ms: DEAD,
+                members: &w.members,
+                views: &w.views,
+                previous: &w.prev,
+                own_port_translated: false,
+                targets: &t,
+            };
+            next_due(&i, &w.prev)
+        };
+        w.decide(1500);
+        assert_eq!(due(&w, 1500), Some(1000 + DEAD));
+        w.decide(1000 + DEAD);
+        assert_eq!(due(&w, 1000 + DEAD), None);
+        w.views.insert(A, up(2, 1, 9000));
+        w.decide(9500);
+        assert_eq!(due(&w, 9500), Some(9000 + RETURN_HOLD_MS));
     }
 
     #[test]
