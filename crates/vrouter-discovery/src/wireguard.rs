@@ -633,6 +633,7 @@ mod tests {
             rx_bytes: 10,
             tx_bytes: 20,
             session_key: session,
+            roams: 0,
         }
     }
 
