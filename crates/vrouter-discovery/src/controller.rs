@@ -425,6 +425,8 @@ impl Controller {
                 "the mesh had declared this host down; it rejoined with a new incarnation".into(),
                 None,
             ),
+            // Reported by the address and path logic (issue 17).
+            G::Reflected { .. } => {}
             G::Rejected(list) => {
                 let parts: Vec<String> = list.iter().map(|(r, n)| format!("{n} {}", r.as_str())).collect();
                 self.event(

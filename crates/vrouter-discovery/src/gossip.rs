@@ -374,6 +374,8 @@ pub async fn start(
         left: false,
         bump: 0,
         encryption,
+        nat: None,
+        relay: None,
     };
     let epoch = Instant::now();
     let mut seed = [0u8; 8];
@@ -859,6 +861,8 @@ mod tests {
             left: false,
             bump: 0,
             encryption: None,
+            nat: None,
+            relay: None,
         };
         let keys = Keyring::from_secrets(&["replay-test-secret-0123456789"]).unwrap();
         Node::new(Params::default(), record, keys, 0, wall, id)
