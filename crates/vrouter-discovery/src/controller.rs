@@ -475,6 +475,44 @@ impl Controller {
         }
         self.remembered = decided.remembered;
         self.routed_nodes = decided.routed;
+        // Issue 17: what the path decision reads (see `path_pass`).
+        self.path_members = snap
+            .members
+            .iter()
+            .map(|m| crate::paths::Member {
+                node: m.record.id,
+                underlay: m.record.underlay,
+                alive: matches!(
+                    m.state,
+                    vrouter_gossip::MemberState::Alive | vrouter_gossip::MemberState::Suspect
+                ) && !m.record.left,
+                vnis: m.record.stacks.iter().map(|s| s.spec.vni).collect(),
+                relay: m
+                    .record
+                    .relay
+                    .as_ref()
+                    .map(|r| r.reach.iter().map(|x| (x.id, x.rtt_ms)).collect()),
+                port_translated: m.record.nat.as_ref().is_some_and(|n| n.port_translated),
+                encrypted: false,
+            })
+            .collect();
+        self.path_views = snap
+            .paths
+            .iter()
+            .map(|v| {
+                (
+                    v.id,
+                    crate::paths::View {
+                        reachable: v.reachable,
+                        addr: v.addr,
+                        rtt_us: v.rtt_us,
+                        since_ms: v.since_ms,
+                        acked_ever: v.acked_ever,
+                    },
+                )
+            })
+            .collect();
+        self.note_reflection(snap.reflection.observed, snap.reflection.port_translated);
         let members = decided.members;
         let peers = decided.peers;
         let c = &snap.counters;
