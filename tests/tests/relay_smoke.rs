@@ -40,9 +40,12 @@ fn wait_path(g: &GossipMesh, host: usize, peer: usize, ok: impl Fn(&Value) -> bo
 #[test]
 fn relay_failover_and_return() {
     require_root!();
-    let mut g =
-        GossipMesh::build("relay-smoke", 4, vrouter_tests::gossip::one_stack_per_host(4))
-            .expect("mesh");
+    let mut g = GossipMesh::build(
+        "relay-smoke",
+        4,
+        vrouter_tests::gossip::one_stack_per_host(4),
+    )
+    .expect("mesh");
     for h in 1..=4 {
         g.set_discovery_env(h, "VROUTER_PATH_PROBE_MS", "200");
         g.set_discovery_env(h, "VROUTER_PATH_DEAD_MS", "700");
@@ -67,40 +70,80 @@ fn relay_failover_and_return() {
     let p = wait_path(&g, 1, 2, |p| p["via"] == "relay");
     let relay = p["relay_addr"].as_str().unwrap().to_string();
     let took = g.wait_reachable("s1", "s2", Duration::from_secs(20));
-    eprintln!("relayed via {relay} after {:?}, traffic after {took:?}", t.elapsed());
+    eprintln!(
+        "relayed via {relay} after {:?}, traffic after {took:?}",
+        t.elapsed()
+    );
     assert!(took.is_some(), "s1 -> s2 through {relay}\n{}", g.summary());
-    assert!(g.wait_reachable("s2", "s1", Duration::from_secs(5)).is_some());
+    assert!(g
+        .wait_reachable("s2", "s1", Duration::from_secs(5))
+        .is_some());
     let r = if relay == ip(3) { 3 } else { 4 };
     let other = 7 - r;
     let d = g.discovery_json(r).unwrap();
     assert!(
-        d["relay"]["vnis"].as_array().unwrap().contains(&1000.into()),
+        d["relay"]["vnis"]
+            .as_array()
+            .unwrap()
+            .contains(&1000.into()),
         "{}",
         d["relay"]
     );
-    let forwarded = d["relay"]["forwarded_packets"].as_u64().unwrap_or(0);
-    eprintln!("relay host {r} forwarded {forwarded} packets so far");
+    // The relay counts what it forwards (read at its reconciles).
+    let mut forwarded = 0;
+    let counted = wait_until(Duration::from_secs(20), Duration::from_millis(200), || {
+        let _ = g.reachable("s1", "s2", Duration::from_secs(1));
+        forwarded = g.discovery_json(r).unwrap()["relay"]["forwarded_packets"]
+            .as_u64()
+            .unwrap_or(0);
+        forwarded > 0
+    });
+    assert!(counted, "relay host {r} counted nothing\n{}", g.summary());
+    eprintln!("relay host {r} forwarded {forwarded} packets");
 
     // Block the relay in use from both: fail over to the other.
     let t = Instant::now();
     g.partition(&[1, 2], &[r]).unwrap();
     let p = wait_path(&g, 1, 2, |p| p["relay_addr"] == ip(other).as_str());
     let took = g.wait_reachable("s1", "s2", Duration::from_secs(20));
-    eprintln!("failed over to host {other} after {:?}, traffic after {took:?}: {p}", t.elapsed());
-    assert!(took.is_some(), "s1 -> s2 through host {other}\n{}", g.summary());
+    eprintln!(
+        "failed over to host {other} after {:?}, traffic after {took:?}: {p}",
+        t.elapsed()
+    );
+    assert!(
+        took.is_some(),
+        "s1 -> s2 through host {other}\n{}",
+        g.summary()
+    );
 
     // Unblock everything: direct again.
     let t = Instant::now();
     g.heal().unwrap();
     wait_path(&g, 1, 2, |p| p["via"] == "direct");
     eprintln!("direct again after {:?}", t.elapsed());
-    assert!(g.wait_reachable("s1", "s2", Duration::from_secs(10)).is_some());
-    let kinds: Vec<String> = g
-        .events(1)
-        .iter()
-        .map(|e| e.kind.to_string())
-        .collect();
+    assert!(g
+        .wait_reachable("s1", "s2", Duration::from_secs(10))
+        .is_some());
+    let kinds: Vec<String> = g.events(1).iter().map(|e| e.kind.to_string()).collect();
     for k in ["path_relayed", "path_direct"] {
         assert!(kinds.iter().any(|x| x == k), "{k} missing: {kinds:?}");
     }
+
+    // No relay reaches both: unreachable, named, and the direct row stays.
+    g.partition(&[1], &[2]).unwrap();
+    g.partition(&[1, 2], &[3, 4]).unwrap();
+    let p = wait_path(&g, 1, 2, |p| p["via"] == "unreachable");
+    assert_eq!(p["code"], "no_relay", "{p}");
+    let unreachable = g
+        .events(1)
+        .into_iter()
+        .find(|e| e.kind.to_string() == "path_unreachable")
+        .expect("path_unreachable event");
+    assert!(
+        unreachable.message.contains("VROUTER_RELAY=true"),
+        "{}",
+        unreachable.message
+    );
+    g.heal().unwrap();
+    wait_path(&g, 1, 2, |p| p["via"] == "direct");
 }
