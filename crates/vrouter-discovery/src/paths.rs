@@ -231,6 +231,40 @@ pub fn next_due(i: &Inputs, decided: &BTreeMap<NodeId, PeerPath>) -> Option<u64>
     due
 }
 
+/// What changed for one peer between two decisions (events are written for these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// The address this host sends to for it moved.
+    AddressInUse { old: Ipv4Addr },
+    /// It goes another way (a peer seen for the first time counts as direct before).
+    Way { before: Via },
+}
+
+/// The changes from `previous` to `decided`, per peer, in node order (an address
+/// change first).
+pub fn changes(
+    previous: &BTreeMap<NodeId, PeerPath>,
+    decided: &BTreeMap<NodeId, PeerPath>,
+) -> Vec<(NodeId, Change)> {
+    let mut out = Vec::new();
+    for (id, p) in decided {
+        let prev = previous.get(id);
+        if let Some(old) = prev.filter(|o| o.addr_in_use != p.addr_in_use) {
+            out.push((
+                *id,
+                Change::AddressInUse {
+                    old: old.addr_in_use,
+                },
+            ));
+        }
+        let before = prev.map(|o| o.via).unwrap_or(Via::Direct);
+        if !same_way(&before, &p.via) {
+            out.push((*id, Change::Way { before }));
+        }
+    }
+    out
+}
+
 /// Same kind and, for a relay, the same relay (its address may move).
 fn same_way(a: &Via, b: &Via) -> bool {
     match (a, b) {
@@ -644,6 +678,69 @@ mod tests {
         w.views.insert(A, up(2, 1, 9000));
         w.decide(9500);
         assert_eq!(due(&w, 9500), Some(9000 + RETURN_HOLD_MS));
+    }
+
+    #[test]
+    fn changes_are_reported_once() {
+        let mut w = World::new(vec![member(A, 2), relay(R1, 4, &[(A, 1)])]);
+        w.views.insert(R1, up(4, 1, 0));
+        w.views.insert(A, up(2, 1, 0));
+        let first = w.decide(100);
+        // A first decision that is direct is no change.
+        assert!(changes(&BTreeMap::new(), &first).is_empty());
+        // The peer behind a NAT answers at another address.
+        let mut v = up(2, 1, 0);
+        v.addr = Some(SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 5), 7946));
+        w.views.insert(A, v);
+        let moved = w.decide(200);
+        assert_eq!(
+            changes(&first, &moved),
+            vec![(A, Change::AddressInUse { old: ip(2) })]
+        );
+        assert!(changes(&moved, &moved).is_empty());
+        // Relayed: the way changes (and the address in use falls back to the
+        // announced one).
+        w.views.insert(A, down(300));
+        let relayed = w.decide(5000);
+        assert_eq!(
+            changes(&moved, &relayed),
+            vec![
+                (
+                    A,
+                    Change::AddressInUse {
+                        old: Ipv4Addr::new(203, 0, 113, 5)
+                    }
+                ),
+                (
+                    A,
+                    Change::Way {
+                        before: Via::Direct
+                    }
+                )
+            ]
+        );
+        // The relay's address moving is no new way.
+        let mut moved_relay = relayed.clone();
+        if let Some(p) = moved_relay.get_mut(&A) {
+            p.via = Via::Relay {
+                node: R1,
+                addr: ip(9),
+            };
+        }
+        assert!(changes(&relayed, &moved_relay).is_empty());
+        // A peer seen first as unreachable is a change from direct.
+        let mut fresh = World::new(vec![member(A, 2)]);
+        fresh.views.insert(A, down(0));
+        let d = fresh.decide(5000);
+        assert_eq!(
+            changes(&BTreeMap::new(), &d),
+            vec![(
+                A,
+                Change::Way {
+                    before: Via::Direct
+                }
+            )]
+        );
     }
 
     #[test]
