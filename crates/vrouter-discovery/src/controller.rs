@@ -253,6 +253,10 @@ impl Controller {
         c.check_sysctls();
         let mut c = c;
         c.remembered = remembered;
+        // A restart keeps relayed paths while the probes start (see paths::decide).
+        if let Some(p) = c.last_discovery.as_ref().and_then(|d| d.paths.as_ref()) {
+            c.paths = crate::paths::from_status(p);
+        }
         Ok(c)
     }
 
@@ -1053,7 +1057,12 @@ impl Controller {
         // A relay forwards between the peers it reaches directly (transit.rs): their
         // VNIs need devices here and their routers' rows point at them directly.
         let relay_on = self.settings.relay && self.gossip.is_some() && !self.left_mesh;
-        let direct = crate::paths::direct_hosts(&self.path_members, &self.path_views);
+        let direct = crate::paths::direct_hosts(
+            &self.path_members,
+            &self.path_views,
+            self.gossip.as_ref().map_or(0, |g| g.now_ms()),
+            self.settings.path_dead_ms,
+        );
         let transit = crate::transit::plan(relay_on, &routed_peers, &direct, &want.destinations);
         want.vnis.extend(transit.vnis.iter().copied());
         want.fdb
