@@ -257,6 +257,7 @@ impl Controller {
         if let Some(p) = c.last_discovery.as_ref().and_then(|d| d.paths.as_ref()) {
             c.paths = crate::paths::from_status(p);
         }
+        c.relay_status = c.last_discovery.as_ref().and_then(|d| d.relay.clone());
         Ok(c)
     }
 
@@ -1057,14 +1058,32 @@ impl Controller {
         // A relay forwards between the peers it reaches directly (transit.rs): their
         // VNIs need devices here and their routers' rows point at them directly.
         let relay_on = self.settings.relay && self.gossip.is_some() && !self.left_mesh;
-        let direct = crate::paths::direct_hosts(
+        let direct_known = crate::paths::direct_hosts(
             &self.path_members,
             &self.path_views,
             self.gossip.as_ref().map_or(0, |g| g.now_ms()),
             self.settings.path_dead_ms,
         );
+        // Routed gossip peers gossip does not know yet (right after a restart: the
+        // previous run's, see `remembered`) are not decided either: forwarded to.
+        let known: BTreeSet<Ipv4Addr> = self.path_members.iter().map(|m| m.underlay).collect();
+        let direct: BTreeSet<Ipv4Addr> = routed_peers
+            .iter()
+            .filter(|p| p.node.is_some())
+            .map(|p| p.addr)
+            .filter(|a| direct_known.contains(a) || !known.contains(a))
+            .collect();
         let transit = crate::transit::plan(relay_on, &routed_peers, &direct, &want.destinations);
         want.vnis.extend(transit.vnis.iter().copied());
+        // Right after a restart, before gossip knows the members, the relay keeps what
+        // the previous run relayed (its devices, and its table: see `transit_pass`).
+        let transit_settling =
+            relay_on && self.path_members.is_empty() && self.started.elapsed() < REMEMBER_FOR;
+        if transit_settling {
+            if let Some(r) = self.last_discovery.as_ref().and_then(|d| d.relay.as_ref()) {
+                want.vnis.extend(r.vnis.iter().copied());
+            }
+        }
         want.fdb
             .retain(|r| !transit.fdb.iter().any(|t| t.vni == r.vni && t.mac == r.mac));
         want.fdb.extend(transit.fdb.iter().copied());
@@ -1114,7 +1133,9 @@ impl Controller {
         }
         crate::ownership::record(&self.dir, &self.owned_vnis);
         // The relay table changes before FDB rows move away from direct.
-        self.transit_pass(transit, &devices);
+        if !transit_settling {
+            self.transit_pass(transit, &devices);
+        }
 
         // FDB: desired rows plus rows routers may still use, on the devices we have.
         let registry = &self.registry;
@@ -1435,9 +1456,18 @@ impl Controller {
             own_port_translated: self.port_translated,
             targets: &targets,
         };
-        let decided = paths::decide(&inputs);
+        let mut decided = paths::decide(&inputs);
         self.path_due = paths::next_due(&inputs, &decided)
             .map(|at| Instant::now() + std::time::Duration::from_millis(at.saturating_sub(now)));
+        // Right after a restart gossip does not know the members yet: the previous
+        // run's decisions stand for the peers it still routes (see `remembered`).
+        if self.started.elapsed() < REMEMBER_FOR {
+            for (id, p) in &self.paths {
+                if !targets.contains(id) {
+                    decided.entry(*id).or_insert_with(|| p.clone());
+                }
+            }
+        }
         let mut dests = paths::fdb_destinations(routed, &decided, &self.path_members, &tunnel);
         if relay_on {
             for m in &self.path_members {
