@@ -109,6 +109,8 @@ pub struct Controller {
     /// This host's observed address and whether its NAT rewrites ports (reflection).
     observed: Option<Ipv4Addr>,
     port_translated: bool,
+    /// Peers that see this host at its local address (inside its NAT).
+    inside: BTreeSet<vrouter_gossip::NodeId>,
     /// discovery.json's `addresses`, `paths` and `relay`.
     addresses: Option<vrouter_state::AddressesStatus>,
     path_status: Option<Vec<vrouter_state::PathStatus>>,
@@ -230,6 +232,7 @@ impl Controller {
             path_due: None,
             observed: None,
             port_translated: false,
+            inside: BTreeSet::new(),
             addresses: None,
             path_status: None,
             relay_status: None,
@@ -487,6 +490,7 @@ impl Controller {
             .map(|m| crate::paths::Member {
                 node: m.record.id,
                 underlay: m.record.underlay,
+                gossip_addr: Some(m.record.gossip_addr),
                 alive: matches!(
                     m.state,
                     vrouter_gossip::MemberState::Alive | vrouter_gossip::MemberState::Suspect
@@ -518,6 +522,15 @@ impl Controller {
             })
             .collect();
         self.note_reflection(snap.reflection.observed, snap.reflection.port_translated);
+        // Peers that see this host at its own address are inside its NAT.
+        let own_ip = *snap.addr.ip();
+        self.inside = snap
+            .reflection
+            .reports
+            .iter()
+            .filter(|(_, seen)| *seen.ip() == own_ip)
+            .map(|(id, _)| *id)
+            .collect();
         let members = decided.members;
         let peers = decided.peers;
         let c = &snap.counters;
@@ -1454,6 +1467,7 @@ impl Controller {
             views: &self.path_views,
             previous: &self.paths,
             own_port_translated: self.port_translated,
+            inside: &self.inside,
             targets: &targets,
         };
         let mut decided = paths::decide(&inputs);
