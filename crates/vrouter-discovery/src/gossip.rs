@@ -4,7 +4,7 @@
 //! (membership is not the datapath's liveness).
 
 use crate::settings::Settings;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -110,10 +110,14 @@ pub enum Cmd {
     },
     Leave(oneshot::Sender<()>),
     Reload,
+    /// The nodes to probe paths to (issue 17).
+    PathTargets(BTreeSet<NodeId>),
 }
 
 pub struct GossipHandle {
     pub node_id: NodeId,
+    /// The gossip node's clock starts here (its monotonic ms, as in `PathView`).
+    epoch: Instant,
     shared: Arc<Mutex<Snapshot>>,
     events: Arc<Mutex<Vec<GossipEvent>>>,
     cmd: mpsc::UnboundedSender<Cmd>,
@@ -145,6 +149,15 @@ impl GossipHandle {
 
     pub fn reload(&self) {
         let _ = self.cmd.send(Cmd::Reload);
+    }
+
+    /// The gossip node's monotonic clock, in ms (the time base of its path views).
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    pub fn set_path_targets(&self, ids: BTreeSet<NodeId>) {
+        let _ = self.cmd.send(Cmd::PathTargets(ids));
     }
 
     /// Leaves the mesh on purpose; returns once the tombstone went out.
@@ -361,6 +374,8 @@ pub async fn start(
         left: false,
         bump: 0,
         encryption,
+        nat: None,
+        relay: None,
     };
     let epoch = Instant::now();
     let mut seed = [0u8; 8];
@@ -442,6 +457,7 @@ pub async fn start(
         })?;
     Ok(GossipHandle {
         node_id,
+        epoch,
         shared,
         events,
         cmd: cmd_tx,
@@ -536,6 +552,7 @@ impl Task {
                         left = Some(reply);
                     }
                     Some(Cmd::Reload) => self.reload_keys(true),
+                    Some(Cmd::PathTargets(_ids)) => {}
                 },
                 _ = housekeeping.tick() => {
                     self.faults();
@@ -844,6 +861,8 @@ mod tests {
             left: false,
             bump: 0,
             encryption: None,
+            nat: None,
+            relay: None,
         };
         let keys = Keyring::from_secrets(&["replay-test-secret-0123456789"]).unwrap();
         Node::new(Params::default(), record, keys, 0, wall, id)

@@ -8,7 +8,11 @@
 //! process's); the wall clock is only used to version records and stamp claims, as
 //! `wall_base_ms + now`.
 
-use crate::record::{self, Assembly, ClaimedStack, Format, Member, NodeId, NodeRecord};
+use crate::path::{self, PathParams, PathTable, PathView, Reflection};
+use crate::record::{
+    self, Assembly, ClaimedStack, Format, Member, NatInfo, NodeId, NodeRecord, RelayOffer,
+    RelayReach,
+};
 use crate::seal::{Keyring, Reject, ReplayState, Sealer, OVERHEAD};
 use crate::validate;
 use crate::wire::{self, Decoded, Wire};
@@ -17,7 +21,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::num::{NonZeroU8, NonZeroUsize};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -159,7 +163,17 @@ pub enum GossipEvent {
     Rejoined,
     /// Packets dropped since the last report, by reason (reported at most every 10 s).
     Rejected(Vec<(Reject, u64)>),
+    /// The address this host's peers see it at changed ([`Node::reflection`]).
+    Reflected {
+        observed: Option<Ipv4Addr>,
+        port_translated: bool,
+    },
 }
+
+/// A relay offer's rtt moves only by more than this fraction and this many ms...
+const RELAY_RTT_MOVE: (f64, u16) = (0.5, 2);
+/// ...and is republished for that at most this often.
+const RELAY_RTT_EVERY_MS: u64 = 5_000;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
@@ -178,6 +192,14 @@ pub struct Counters {
     pub records_pruned: u64,
     /// Records of new nodes not taken because `max_members` are held.
     pub refused_full: u64,
+    /// Path probes sent and answered ([`crate::path`]).
+    #[serde(default)]
+    pub probes_sent: u64,
+    #[serde(default)]
+    pub probe_acks_sent: u64,
+    /// Acks that counted (sender and token matched).
+    #[serde(default)]
+    pub probe_acks_accepted: u64,
 }
 
 /// Test-only faults (the daemon sets them from a file named by an environment variable).
@@ -239,7 +261,7 @@ struct Store {
     started: bool,
     /// (record, member) to ask for a whole version whose first part came by broadcast:
     /// one round trip instead of waiting for every part to come round by piggyback.
-    pulls: Vec<(NodeId, SocketAddrV4)>,
+    pulls: Vec<(NodeId, NodeId, SocketAddrV4)>,
     /// (id, old underlay, new underlay) seen since the last drain.
     migrations: Vec<(NodeId, Ipv4Addr, Ipv4Addr)>,
 }
@@ -453,7 +475,7 @@ impl BroadcastHandler<Member> for Handler {
         let offer = store.offer_part(data, true);
         if std::mem::take(&mut store.started) {
             if let Some(from) = sender {
-                store.pulls.push((p.id, from.addr));
+                store.pulls.push((p.id, from.id, from.addr));
             }
         }
         Ok((offer == Offer::New).then_some(key))
@@ -511,6 +533,15 @@ pub struct Node {
     left: bool,
     /// Our SWIM identity changed (rejoin): the record must carry the new bump.
     identity_changed: bool,
+    /// Path probes, learned sources and reports of our address.
+    paths: PathTable,
+    /// Publish `record.nat` from the reflection (off when the address is pinned).
+    reflect_on: bool,
+    /// Publish `record.relay` from the paths.
+    relay_on: bool,
+    reflection: Reflection,
+    /// When `record.relay` was last published.
+    relay_published_ms: u64,
 }
 
 /// Timers in a heap need an order; foca's Timer has one, but the tuple needs it boxed
@@ -566,6 +597,7 @@ impl Node {
             Handler(store.clone()),
         );
         let sealer = Sealer::new(keyring, record.id.0, wall_ms.saturating_mul(1000));
+        let params_max_learned = params.max_members.saturating_add(64);
         let mut n = Node {
             next_ae: now + params.anti_entropy_ms,
             params,
@@ -591,6 +623,11 @@ impl Node {
             states: HashMap::new(),
             left: false,
             identity_changed: false,
+            paths: PathTable::new(PathParams::default(), params_max_learned),
+            reflect_on: true,
+            relay_on: false,
+            reflection: Reflection::default(),
+            relay_published_ms: 0,
         };
         n.advance(now);
         n.queue_own_broadcast();
@@ -660,6 +697,192 @@ impl Node {
             .into_iter()
             .filter(|a| *a != self.record.gossip_addr)
             .collect();
+    }
+
+    /// The members to probe ([`crate::path`]): at most [`path::MAX_PATH_TARGETS`]
+    /// (lowest ids), this node never. No target, no probe traffic at all.
+    pub fn set_path_targets(&mut self, mut ids: BTreeSet<NodeId>) {
+        ids.remove(&self.me.id);
+        self.paths.set_targets(ids, self.now);
+        self.path_housekeeping();
+    }
+
+    pub fn set_path_params(&mut self, p: PathParams) {
+        self.paths.set_params(p);
+    }
+
+    /// One view per target, at the node's current time.
+    pub fn paths(&self) -> Vec<PathView> {
+        self.paths.views(self.now)
+    }
+
+    /// The address this host's peers see it at, by majority of their fresh reports.
+    pub fn reflection(&self) -> Reflection {
+        self.reflection.clone()
+    }
+
+    /// Whether `record.nat` is published from the reflection (false when
+    /// `VROUTER_ADVERTISE_ADDR` pins the address: then `record.nat` is None).
+    pub fn set_reflect(&mut self, on: bool) {
+        self.reflect_on = on;
+        self.publish_paths();
+    }
+
+    /// Whether this node offers to relay: `record.relay` lists the targets it reaches,
+    /// with round-trip times.
+    pub fn set_relay(&mut self, on: bool) {
+        self.relay_on = on;
+        self.publish_paths();
+    }
+
+    /// Where a datagram to member `id` (announced at `addr`) goes: its path address if
+    /// probes reach it, else where its last authenticated packet came from (fresh),
+    /// else its observed address with its gossip port, else `addr`.
+    fn addr_of(&self, id: NodeId, addr: SocketAddrV4) -> SocketAddrV4 {
+        if let Some(a) = self.paths.path_addr(id, self.now) {
+            return a;
+        }
+        if let Some(a) = self.paths.learned(id, self.now) {
+            return a;
+        }
+        let store = self.store.lock().expect("store lock");
+        match store.records.get(&id).map(|h| &h.record) {
+            Some(NodeRecord {
+                nat: Some(n),
+                gossip_addr,
+                ..
+            }) => SocketAddrV4::new(n.observed, gossip_addr.port()),
+            _ => addr,
+        }
+    }
+
+    /// Probes every due target at each of its candidates.
+    fn probe_round(&mut self) {
+        if !self.paths.has_targets() {
+            return;
+        }
+        let due = self.paths.due(self.now);
+        for id in due {
+            let (local, observed) = {
+                let store = self.store.lock().expect("store lock");
+                match store.records.get(&id).map(|h| &h.record) {
+                    Some(r) => (
+                        Some(r.gossip_addr),
+                        r.nat
+                            .as_ref()
+                            .map(|n| SocketAddrV4::new(n.observed, r.gossip_addr.port())),
+                    ),
+                    None => (None, None),
+                }
+            };
+            let local = local.or_else(|| {
+                self.swim
+                    .iter_membership_state()
+                    .find(|m| m.id().id == id)
+                    .map(|m| m.id().addr)
+            });
+            for a in self.paths.candidates(id, local, observed, self.now) {
+                let token: u64 = self.rng.random();
+                self.paths.sent(token, id, a, self.now, self.now * 1000);
+                self.counters.probes_sent += 1;
+                self.send_wire(a, &Wire::Probe { token });
+            }
+        }
+        self.path_housekeeping();
+    }
+
+    /// After anything that moves paths or reports: reachability, the reflection (an
+    /// event on change), and what the record publishes.
+    fn path_housekeeping(&mut self) {
+        self.paths.refresh(self.now);
+        self.paths.expire_reports(self.now);
+        let r = path::reflect(self.record.gossip_addr, &self.paths.reports(self.now));
+        if (r.observed, r.port_translated)
+            != (self.reflection.observed, self.reflection.port_translated)
+        {
+            self.events.push(GossipEvent::Reflected {
+                observed: r.observed,
+                port_translated: r.port_translated,
+            });
+        }
+        self.reflection = r;
+        self.publish_paths();
+    }
+
+    /// The relay offer the paths make: reachable targets with their rtt.
+    fn relay_offer(&self) -> RelayOffer {
+        let mut reach: Vec<RelayReach> = self
+            .paths
+            .views(self.now)
+            .into_iter()
+            .filter(|v| v.reachable && v.id != self.me.id)
+            .map(|v| RelayReach {
+                id: v.id,
+                rtt_ms: v
+                    .rtt_us
+                    .map(|us| us.div_ceil(1000).clamp(1, u16::MAX as u32) as u16)
+                    .unwrap_or(1),
+            })
+            .collect();
+        reach.truncate(record::MAX_RELAY_REACH);
+        RelayOffer { reach }
+    }
+
+    /// Publishes `record.nat` (at once on a change) and `record.relay` (at once when
+    /// the reachable set changes; an rtt moved by more than half and 2 ms at most
+    /// every 5 s).
+    fn publish_paths(&mut self) {
+        if self.left {
+            return;
+        }
+        let nat = if self.reflect_on {
+            self.reflection.observed.map(|observed| NatInfo {
+                observed,
+                port_translated: self.reflection.port_translated,
+            })
+        } else {
+            None
+        };
+        let relay = self.relay_on.then(|| self.relay_offer());
+        let relay_due = match (&self.record.relay, &relay) {
+            (None, None) => false,
+            (Some(old), Some(new)) => {
+                let ids = |o: &RelayOffer| o.reach.iter().map(|x| x.id).collect::<Vec<_>>();
+                if ids(old) != ids(new) {
+                    true
+                } else {
+                    let moved = old.reach.iter().zip(&new.reach).any(|(a, b)| {
+                        let d = a.rtt_ms.abs_diff(b.rtt_ms);
+                        d > RELAY_RTT_MOVE.1 && d as f64 > RELAY_RTT_MOVE.0 * a.rtt_ms as f64
+                    });
+                    moved && self.now >= self.relay_published_ms + RELAY_RTT_EVERY_MS
+                }
+            }
+            _ => true,
+        };
+        let nat_due = nat != self.record.nat;
+        if !nat_due && !relay_due {
+            return;
+        }
+        let mut next = self.record.clone();
+        next.nat = nat;
+        if relay_due {
+            next.relay = relay;
+            self.relay_published_ms = self.now;
+        }
+        // Stacks were fitted leaving room for a full offer; never go over the limit.
+        while record::encoded_len(&next) > record::MAX_RECORD_BYTES {
+            match next.relay.as_mut().and_then(|o| {
+                o.reach.sort_by_key(|x| x.rtt_ms);
+                o.reach.pop()
+            }) {
+                Some(_) => {}
+                None => break,
+            }
+        }
+        next.version = self.next_version();
+        self.record = next;
+        self.queue_own_broadcast();
     }
 
     fn wall(&self) -> u64 {
@@ -754,12 +977,16 @@ impl Node {
     /// reaches the mesh in a few round trips whatever the record's size, while SWIM's
     /// piggybacking and anti-entropy catch what a lost datagram missed.
     fn push_to_some(&mut self, parts: Vec<Vec<u8>>) {
-        let mut members: Vec<SocketAddrV4> =
-            self.swim.iter_members().map(|m| m.id().addr).collect();
+        let mut members: Vec<(NodeId, SocketAddrV4)> = self
+            .swim
+            .iter_members()
+            .map(|m| (m.id().id, m.id().addr))
+            .collect();
         for k in 0..members.len().min(self.params.gossip_fanout) {
             let j = self.rng.random_range(k..members.len());
             members.swap(k, j);
-            self.send_parts(members[k], parts.clone(), true);
+            let to = self.addr_of(members[k].0, members[k].1);
+            self.send_parts(to, parts.clone(), true);
         }
     }
 
@@ -774,7 +1001,8 @@ impl Node {
         self.queue_own_broadcast();
         let members: Vec<Member> = self.swim.iter_members().map(|m| m.id().clone()).collect();
         for m in members.iter().take(5) {
-            self.send_parts(m.addr, self.own_parts.clone(), true);
+            let to = self.addr_of(m.id, m.addr);
+            self.send_parts(to, self.own_parts.clone(), true);
         }
         let mut rt = Collect::default();
         let _ = self.swim.leave_cluster(&mut rt);
@@ -796,6 +1024,10 @@ impl Node {
         if sender == self.me.id.0 {
             return;
         }
+        // Authenticated: where this sender's packets come from now.
+        let src = from;
+        self.paths.heard(NodeId(sender), src, self.now);
+        let from = self.addr_of(NodeId(sender), src);
         let wire = match wire::decode(&plain) {
             Ok(w) => w,
             Err(Decoded::Unknown) => {
@@ -952,6 +1184,21 @@ impl Node {
                     }
                 }
             }
+            Wire::Probe { token } => {
+                // Straight back where it came from: that is the path being tested.
+                self.counters.probe_acks_sent += 1;
+                self.send_wire(src, &Wire::ProbeAck { token, seen: src });
+            }
+            Wire::ProbeAck { token, seen } => {
+                let now_us = self.now * 1000;
+                if self
+                    .paths
+                    .ack(NodeId(sender), token, seen, self.now, now_us)
+                {
+                    self.counters.probe_acks_accepted += 1;
+                    self.path_housekeeping();
+                }
+            }
         }
         self.after_input();
     }
@@ -991,6 +1238,10 @@ impl Node {
         }
         self.clear_stale_suspicions();
         self.prune_expired();
+        if self.paths.has_targets() {
+            self.probe_round();
+            self.path_housekeeping();
+        }
         if self.now >= self.next_join {
             self.next_join = self.now + self.params.join_retry_ms;
             if self.swim.num_members() == 0 {
@@ -1001,12 +1252,15 @@ impl Node {
         }
         if self.now >= self.next_ae {
             self.next_ae = self.now + self.params.anti_entropy_ms;
-            let members: Vec<SocketAddrV4> =
-                self.swim.iter_members().map(|m| m.id().addr).collect();
+            let members: Vec<(NodeId, SocketAddrV4)> = self
+                .swim
+                .iter_members()
+                .map(|m| (m.id().id, m.id().addr))
+                .collect();
             if !members.is_empty() {
-                let pick = members[self.rng.random_range(0..members.len())];
+                let (id, addr) = members[self.rng.random_range(0..members.len())];
                 self.counters.anti_entropy_rounds += 1;
-                self.start_sync(pick);
+                self.start_sync(self.addr_of(id, addr));
             }
         }
         if !self.unreported.is_empty() && self.now >= self.next_reject_report {
@@ -1087,7 +1341,10 @@ impl Node {
             .peek()
             .map(|Reverse((at, _, _))| *at)
             .unwrap_or(u64::MAX);
-        t.min(self.next_ae).min(self.next_join)
+        t.min(self.next_ae)
+            .min(self.next_join)
+            .min(self.paths.next_due())
+            .min(self.paths.next_change(self.now))
     }
 
     fn start_sync(&mut self, to: SocketAddrV4) {
@@ -1135,7 +1392,8 @@ impl Node {
 
     fn drain(&mut self, rt: Collect) {
         for (to, data) in rt.sends {
-            self.send_wire(to.addr, &Wire::Swim(data));
+            let addr = self.addr_of(to.id, to.addr);
+            self.send_wire(addr, &Wire::Swim(data));
         }
         for (after, t) in rt.timers {
             self.timer_seq += 1;
@@ -1150,7 +1408,7 @@ impl Node {
                     // members do it (about 3 expected), or a join wave costs N².
                     let active = self.swim.num_members();
                     if active <= 8 || self.rng.random_range(0..active) < 3 {
-                        self.start_sync(m.addr);
+                        self.start_sync(self.addr_of(m.id, m.addr));
                     }
                 }
                 foca::OwnedNotification::MemberDown(m) => {
@@ -1211,8 +1469,9 @@ impl Node {
             self.push_to_some(forward);
         }
         let pulls = std::mem::take(&mut self.store.lock().expect("store lock").pulls);
-        for (id, from) in pulls {
-            self.send_wire(from, &Wire::Want(vec![id]));
+        for (id, member, addr) in pulls {
+            let to = self.addr_of(member, addr);
+            self.send_wire(to, &Wire::Want(vec![id]));
         }
         let (own_seen, invalid) = {
             let mut s = self.store.lock().expect("store lock");

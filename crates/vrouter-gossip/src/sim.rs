@@ -139,6 +139,8 @@ impl Sim {
             left: false,
             bump: 0,
             encryption: None,
+            nat: None,
+            relay: None,
         };
         let keys = Keyring::from_secrets(&[self.secret.as_str()]).expect("valid secret");
         let mut node = Node::new(
