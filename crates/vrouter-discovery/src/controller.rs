@@ -475,6 +475,44 @@ impl Controller {
         }
         self.remembered = decided.remembered;
         self.routed_nodes = decided.routed;
+        // Issue 17: what the path decision reads (see `path_pass`).
+        self.path_members = snap
+            .members
+            .iter()
+            .map(|m| crate::paths::Member {
+                node: m.record.id,
+                underlay: m.record.underlay,
+                alive: matches!(
+                    m.state,
+                    vrouter_gossip::MemberState::Alive | vrouter_gossip::MemberState::Suspect
+                ) && !m.record.left,
+                vnis: m.record.stacks.iter().map(|s| s.spec.vni).collect(),
+                relay: m
+                    .record
+                    .relay
+                    .as_ref()
+                    .map(|r| r.reach.iter().map(|x| (x.id, x.rtt_ms)).collect()),
+                port_translated: m.record.nat.as_ref().is_some_and(|n| n.port_translated),
+                encrypted: false,
+            })
+            .collect();
+        self.path_views = snap
+            .paths
+            .iter()
+            .map(|v| {
+                (
+                    v.id,
+                    crate::paths::View {
+                        reachable: v.reachable,
+                        addr: v.addr,
+                        rtt_us: v.rtt_us,
+                        since_ms: v.since_ms,
+                        acked_ever: v.acked_ever,
+                    },
+                )
+            })
+            .collect();
+        self.note_reflection(snap.reflection.observed, snap.reflection.port_translated);
         let members = decided.members;
         let peers = decided.peers;
         let c = &snap.counters;
@@ -1227,7 +1265,9 @@ impl Controller {
         // The device comes first: without it, nothing is sent towards a tunnel address.
         let overlay_mtu = self.overlay_mtu();
         let mut notes = Vec::new();
+        let endpoints = self.wg_endpoints(&plan);
         if let (Some(t), Some(addr), false) = (self.tunnel.as_mut(), own, self.left_mesh) {
+            t.set_endpoints(endpoints);
             notes = t.apply(addr, self.underlay.mtu, &plan).await;
         }
         for n in notes {
@@ -1298,6 +1338,43 @@ impl Controller {
         });
         self.enc_plan = plan;
         own
+    }
+
+    /// WireGuard endpoints (issue 17): each gossip peer at its address in use (the
+    /// probed candidate that answers, else its announced address), with a 15 s
+    /// keepalive toward every peer while this host is behind a NAT (its reflection
+    /// has an observed address), so its tunnels stay open from the inside.
+    fn wg_endpoints(
+        &self,
+        plan: &crate::encryption::Plan,
+    ) -> BTreeMap<Ipv4Addr, crate::wireguard::PeerEndpoint> {
+        let keepalive = Some(if self.observed.is_some() {
+            crate::wireguard::NAT_KEEPALIVE_SECS
+        } else {
+            crate::encryption::KEEPALIVE_SECS
+        });
+        let in_use: BTreeMap<Ipv4Addr, Ipv4Addr> = self
+            .path_members
+            .iter()
+            .filter_map(|m| {
+                let v = self.path_views.get(&m.node).filter(|v| v.reachable)?;
+                Some((m.underlay, *v.addr?.ip()))
+            })
+            .collect();
+        plan.wg_peers
+            .iter()
+            .map(|p| {
+                // The plan's endpoint is the peer's announced (underlay) address.
+                let host = *p.endpoint.ip();
+                (
+                    host,
+                    crate::wireguard::PeerEndpoint {
+                        addr: in_use.get(&host).copied().unwrap_or(host),
+                        keepalive_secs: keepalive,
+                    },
+                )
+            })
+            .collect()
     }
 
     /// The relay's netdev table: `<steering_table>_relay`.

@@ -505,6 +505,13 @@ mod tests {
         let json = serde_json::to_value(&s).unwrap();
         assert_eq!(json["paths"][0]["via"], "relay");
         assert_eq!(json["stacks"][3]["path"], "relayed via 198.18.0.9");
+        let h3_row = json["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["addr"] == "198.18.0.3")
+            .unwrap();
+        assert_eq!(h3_row["path"], "relayed via 198.18.0.9");
         // Without gossip nothing of it shows.
         let plain = render(
             &build(

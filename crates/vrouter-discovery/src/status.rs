@@ -101,6 +101,9 @@ pub struct HostRow {
     /// Smoothed round-trip time to its routers (the best local router's view).
     pub rtt_us: Option<u64>,
     pub stacks: Vec<StackName>,
+    /// A probed gossip peer: `direct`, `relayed via <host>` or `unreachable (<code>)`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
 
 /// A stack this host knows, local or remote.
@@ -263,6 +266,7 @@ pub fn build(
             last_seen_ms: None,
             rtt_us: None,
             stacks: Vec::new(),
+            path: None,
         });
         row.stacks.extend(p.stacks.iter().map(|s| s.name.clone()));
     }
@@ -278,10 +282,16 @@ pub fn build(
                 last_seen_ms: None,
                 rtt_us: None,
                 stacks: m.stacks.clone(),
+                path: None,
             });
             row.state = m.state.to_string();
             row.routed = m.routed;
             row.node_id = Some(m.node_id.clone());
+        }
+    }
+    for p in discovery.paths.iter().flatten() {
+        if let Some(row) = hosts.get_mut(&p.peer_addr) {
+            row.path = Some(path_text(p));
         }
     }
     for f in probes {
@@ -623,6 +633,7 @@ pub fn render_text(s: &Status) -> String {
                 age(s.generated_ms, r.last_seen_ms),
                 r.rtt_us.map(fmt_us).unwrap_or_else(|| "-".into()),
                 join(&r.stacks),
+                r.path.clone().unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
@@ -636,6 +647,7 @@ pub fn render_text(s: &Status) -> String {
             "LAST SEEN",
             "RTT",
             "STACKS",
+            "PATH",
         ],
         &rows,
     );

@@ -1648,3 +1648,352 @@ fn digest_pages(records: &BTreeMap<NodeId, Held>, own: &NodeRecord) -> Vec<Wire>
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::{sim_addr, Sim};
+    use vrouter_state::{StackName, StackSpec, Vni};
+
+    fn stack(i: usize) -> Vec<ClaimedStack> {
+        vec![ClaimedStack {
+            spec: StackSpec {
+                name: StackName::new(&format!("s{i}")).unwrap(),
+                vni: Vni::new(100).unwrap(),
+                prefixes: vec![format!("10.{}.0.0/24", i + 1).parse().unwrap()],
+                router_ip: format!("10.{}.0.254", i + 1).parse().unwrap(),
+            },
+            claimed_ms: 1,
+        }]
+    }
+
+    /// `n` nodes joining through node 0; `before` runs before any starts (a NAT).
+    fn mesh(n: usize, seed: u64, before: impl FnOnce(&mut Sim)) -> Sim {
+        let mut s = Sim::new(n, Params::default(), seed);
+        before(&mut s);
+        s.start(0, stack(0), &[]);
+        for i in 1..n {
+            s.start(i, stack(i), &[0]);
+        }
+        s.run_until_true(10_000, 10, all_alive)
+            .expect("the mesh converges");
+        s
+    }
+
+    fn all_alive(s: &Sim) -> bool {
+        (0..s.len()).all(|i| s.node(i).is_none() || s.all_see(i, |m| m.state == MemberState::Alive))
+    }
+
+    fn id(i: usize) -> NodeId {
+        Sim::node_id(i)
+    }
+
+    fn targets(s: &mut Sim, i: usize, of: &[usize]) {
+        s.with_node(i, |n| {
+            n.set_path_targets(of.iter().map(|j| id(*j)).collect())
+        });
+    }
+
+    fn view(s: &Sim, i: usize, of: usize) -> PathView {
+        s.node(i)
+            .unwrap()
+            .paths()
+            .into_iter()
+            .find(|v| v.id == id(of))
+            .expect("a target's view")
+    }
+
+    fn reflected(s: &mut Sim, i: usize) -> Vec<(Option<Ipv4Addr>, bool)> {
+        s.node_mut(i)
+            .unwrap()
+            .take_events()
+            .into_iter()
+            .filter_map(|e| match e {
+                GossipEvent::Reflected {
+                    observed,
+                    port_translated,
+                } => Some((observed, port_translated)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Node 3 behind a NAT (outside address `outside`), node 2 inside the same NAT;
+    /// node 3 probes 0, 1 and 2.
+    fn reflection_through(outside: &str) -> (Sim, NatInfo) {
+        let outside: SocketAddrV4 = outside.parse().unwrap();
+        let mut s = mesh(4, 11, |s| {
+            s.set_nat(3, outside, &[2]);
+            s.set_nat(2, "198.51.100.99:7950".parse().unwrap(), &[3]);
+        });
+        s.node_mut(3).unwrap().take_events();
+        targets(&mut s, 3, &[0, 1, 2]);
+        let want = NatInfo {
+            observed: *outside.ip(),
+            port_translated: outside.port() != sim_addr(3).port(),
+        };
+        let t0 = s.now();
+        let w = want.clone();
+        let t = s
+            .run_until_true(t0 + 5_000, 10, |s| {
+                s.all_see(3, |m| m.record.nat.as_ref() == Some(&w))
+            })
+            .expect("the observed address reaches every peer");
+        assert!(t - t0 < 2_000, "took {} ms", t - t0);
+        (s, want)
+    }
+
+    #[test]
+    fn reflection_through_a_port_translating_nat() {
+        let (mut s, want) = reflection_through("198.51.100.7:40001");
+        let r = s.node(3).unwrap().reflection();
+        assert_eq!(r.observed, Some(want.observed));
+        assert!(r.port_translated);
+        // The inside peer reports the local address: it neither adds nor contradicts.
+        assert!(r.reports.contains(&(id(2), sim_addr(3))));
+        assert_eq!(r.reports.len(), 3);
+        assert_eq!(s.node(3).unwrap().record().nat, Some(want.clone()));
+        // One event, for the one change.
+        assert_eq!(reflected(&mut s, 3), vec![(Some(want.observed), true)]);
+        // Nodes not behind NAT observe nothing and publish nothing.
+        targets(&mut s, 0, &[1, 3]);
+        s.run_until(s.now() + 3_000);
+        assert_eq!(s.node(0).unwrap().reflection().observed, None);
+        assert_eq!(s.node(0).unwrap().record().nat, None);
+        assert!(reflected(&mut s, 0).is_empty());
+    }
+
+    #[test]
+    fn reflection_through_a_one_to_one_nat_and_pinned() {
+        let (mut s, want) = reflection_through("198.51.100.7:7950");
+        assert!(!want.port_translated);
+        assert!(!s.node(3).unwrap().reflection().port_translated);
+        // Pinned (VROUTER_ADVERTISE_ADDR): the record carries no observed address.
+        s.with_node(3, |n| n.set_reflect(false));
+        let t0 = s.now();
+        s.run_until_true(t0 + 5_000, 10, |s| s.all_see(3, |m| m.record.nat.is_none()))
+            .expect("the unpinned address is withdrawn");
+        assert_eq!(
+            s.node(3).unwrap().reflection().observed,
+            Some(want.observed)
+        );
+        // No targets: the reports go, and the observed address with them.
+        s.with_node(3, |n| n.set_reflect(true));
+        s.with_node(3, |n| n.set_path_targets(BTreeSet::new()));
+        s.run_until(s.now() + 100);
+        assert_eq!(s.node(3).unwrap().reflection(), Reflection::default());
+        assert_eq!(s.node(3).unwrap().record().nat, None);
+    }
+
+    #[test]
+    fn a_blocked_pair_becomes_unreachable_within_dead_after_and_comes_back() {
+        let mut s = mesh(3, 12, |_| {});
+        targets(&mut s, 0, &[1, 2]);
+        let t0 = s.now();
+        s.run_until_true(t0 + 3_000, 10, |s| {
+            view(s, 0, 1).reachable && view(s, 0, 2).reachable
+        })
+        .expect("both reachable");
+        let v = view(&s, 0, 1);
+        assert_eq!(v.addr, Some(sim_addr(1)));
+        assert!(v.acked_ever);
+        // Two 1 ms hops.
+        assert_eq!(v.rtt_us, Some(2_000));
+        s.run_until(s.now() + 500);
+        let blocked_at = s.now();
+        s.partition(&[0], &[1]);
+        let dead = PathParams::default().dead_after_ms;
+        let t = s
+            .run_until_true(blocked_at + 10_000, 1, |s| !view(s, 0, 1).reachable)
+            .expect("declared unreachable");
+        assert!(t - blocked_at <= dead + 1, "took {} ms", t - blocked_at);
+        let v = view(&s, 0, 1);
+        assert_eq!((v.addr, v.rtt_us, v.since_ms), (None, None, t));
+        assert!(view(&s, 0, 2).reachable, "the other path is untouched");
+        // SWIM keeps both in the mesh through the third node meanwhile.
+        s.run_until(s.now() + 5_000);
+        assert!(all_alive(&s));
+        s.heal();
+        let healed = s.now();
+        let t = s
+            .run_until_true(healed + 5_000, 1, |s| view(s, 0, 1).reachable)
+            .expect("reachable again");
+        assert!(
+            t - healed <= PathParams::default().probe_every_ms + 10,
+            "took {} ms",
+            t - healed
+        );
+        assert_eq!(view(&s, 0, 1).since_ms, t);
+    }
+
+    fn offer(s: &Sim, i: usize) -> Option<Vec<NodeId>> {
+        s.node(i)
+            .unwrap()
+            .record()
+            .relay
+            .as_ref()
+            .map(|o| o.reach.iter().map(|r| r.id).collect())
+    }
+
+    #[test]
+    fn a_relay_offer_is_published_and_follows_the_paths() {
+        let mut s = mesh(3, 13, |_| {});
+        targets(&mut s, 0, &[1, 2]);
+        assert_eq!(offer(&s, 0), None, "not a relay yet");
+        s.with_node(0, |n| n.set_relay(true));
+        let full = vec![id(1), id(2)].into_iter().collect::<BTreeSet<_>>();
+        let t0 = s.now();
+        s.run_until_true(t0 + 5_000, 10, |s| {
+            s.all_see(0, |m| {
+                m.record.relay.as_ref().is_some_and(|o| {
+                    o.reach.iter().map(|r| r.id).collect::<BTreeSet<_>>() == full
+                        && o.reach.iter().all(|r| r.rtt_ms == 2)
+                })
+            })
+        })
+        .expect("the offer reaches every peer");
+        // A dead path leaves the offer at once (well, within dead_after).
+        s.partition(&[0], &[2]);
+        let t1 = s.now();
+        let t = s
+            .run_until_true(t1 + 10_000, 10, |s| {
+                s.all_see(0, |m| {
+                    m.record.relay.as_ref().is_some_and(|o| {
+                        o.reach.iter().map(|r| r.id).collect::<Vec<_>>() == [id(1)]
+                    })
+                })
+            })
+            .expect("the offer loses the blocked host");
+        assert!(t - t1 < 4_000, "took {} ms", t - t1);
+        s.heal();
+        s.run_until_true(s.now() + 5_000, 10, |s| {
+            offer(s, 0).is_some_and(|o| o.len() == 2)
+        })
+        .expect("back in the offer");
+        // An rtt change is published, but at most every 5 s.
+        let mut versions = vec![s.node(0).unwrap().record().version];
+        s.latency = (15, 15);
+        let t2 = s.now();
+        let mut moved_at = None;
+        while s.now() < t2 + 12_000 {
+            s.run_until(s.now() + 10);
+            let r = s.node(0).unwrap().record();
+            if versions.last() != Some(&r.version) {
+                versions.push(r.version);
+            }
+            let rtt = r
+                .relay
+                .as_ref()
+                .unwrap()
+                .reach
+                .iter()
+                .map(|x| x.rtt_ms)
+                .min();
+            if moved_at.is_none() && rtt.is_some_and(|r| r >= 20) {
+                moved_at = Some(s.now());
+            }
+        }
+        assert!(moved_at.is_some(), "the new rtt was never published");
+        // Each version after the first is at least 5 s after the one before.
+        assert!(versions.len() >= 2 && versions.len() <= 4, "{versions:?}");
+        for w in versions[1..].windows(2) {
+            assert!(w[1] - w[0] >= RELAY_RTT_EVERY_MS, "{versions:?}");
+        }
+        s.with_node(0, |n| n.set_relay(false));
+        s.run_until_true(s.now() + 5_000, 10, |s| {
+            s.all_see(0, |m| m.record.relay.is_none())
+        })
+        .expect("the offer is withdrawn");
+    }
+
+    #[test]
+    fn with_no_target_no_probe_is_ever_sent() {
+        let mut s = mesh(5, 14, |_| {});
+        s.with_node(1, |n| n.set_relay(false));
+        s.with_node(2, |n| n.set_reflect(true));
+        s.run_until(s.now() + 20_000);
+        for i in 0..5 {
+            let n = s.node(i).unwrap();
+            assert_eq!(n.counters().probes_sent, 0);
+            assert_eq!(n.counters().probe_acks_sent, 0);
+            assert!(n.paths().is_empty());
+            assert_eq!(
+                (n.record().nat.clone(), n.record().relay.clone()),
+                (None, None)
+            );
+        }
+        // The encoded record is a format-2 record's size (the simulator's figures do
+        // not move): no NAT or relay unit.
+        let r = s.node(0).unwrap().record().clone();
+        let mut with = r.clone();
+        with.relay = Some(RelayOffer::default());
+        assert!(record::encoded_len(&with) > record::encoded_len(&r));
+        // Targets set, then cleared: probes while set, none after.
+        targets(&mut s, 0, &[1]);
+        s.run_until(s.now() + 2_500);
+        let sent = s.node(0).unwrap().counters().probes_sent;
+        assert!(sent >= 2, "{sent}");
+        assert!(s.node(1).unwrap().counters().probe_acks_sent >= 2);
+        targets(&mut s, 0, &[]);
+        s.run_until(s.now() + 5_000);
+        assert_eq!(s.node(0).unwrap().counters().probes_sent, sent);
+    }
+
+    #[test]
+    fn a_member_behind_nat_is_gossiped_with_at_the_address_its_packets_come_from() {
+        // Node 3 announces 10.0.0.4, which nobody outside reaches; its packets come
+        // from 198.51.100.7:40001. No path targets anywhere: learned sources alone.
+        let mut s = mesh(4, 15, |s| {
+            s.set_nat(3, "198.51.100.7:40001".parse().unwrap(), &[])
+        });
+        let t0 = s.now();
+        for _ in 0..20 {
+            s.run_until(s.now() + 1_000);
+            assert!(all_alive(&s), "a flap at {} ms", s.now() - t0);
+        }
+        let mut st = stack(3);
+        st.extend(stack(9));
+        s.set_stacks(3, st).unwrap();
+        let mut st = stack(0);
+        st.extend(stack(8));
+        s.set_stacks(0, st).unwrap();
+        let t1 = s.now();
+        s.run_until_true(t1 + 5_000, 10, |s| {
+            s.all_see(3, |m| m.record.stacks.len() == 2)
+                && s.all_see(0, |m| m.record.stacks.len() == 2)
+        })
+        .expect("changes both ways");
+        // With paths on, the learned candidate is probed and used.
+        targets(&mut s, 0, &[3]);
+        s.run_until_true(s.now() + 3_000, 10, |s| view(s, 0, 3).reachable)
+            .expect("reachable at the learned address");
+        let v = view(&s, 0, 3);
+        assert_eq!(v.addr, Some("198.51.100.7:40001".parse().unwrap()));
+        assert_eq!(v.learned, v.addr);
+    }
+
+    #[test]
+    fn without_translation_a_member_behind_nat_is_lost() {
+        // The control for the test above: the same NAT, but node 3's packets arrive
+        // with nothing to learn from (learned addresses expire at once).
+        let mut s = Sim::new(4, Params::default(), 15);
+        s.set_nat(3, "198.51.100.7:40001".parse().unwrap(), &[]);
+        s.start(0, stack(0), &[]);
+        for i in 1..4 {
+            s.start(i, stack(i), &[0]);
+        }
+        for i in 0..4 {
+            s.with_node(i, |n| {
+                n.set_path_params(PathParams {
+                    learned_ttl_ms: 1,
+                    ..PathParams::default()
+                })
+            });
+        }
+        s.run_until(20_000);
+        assert!(
+            !all_alive(&s),
+            "node 3 should not stay alive without translation"
+        );
+    }
+}

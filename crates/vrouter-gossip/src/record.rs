@@ -675,6 +675,91 @@ mod tests {
         );
     }
 
+    /// What a format-2 build wrote: the format-1 head, then the encryption unit.
+    fn v2_blob(r: &NodeRecord) -> Vec<u8> {
+        let enc: Option<Vec<u8>> = r.encryption.as_ref().map(|e| {
+            postcard::to_allocvec(&EncryptionWire {
+                mode: mode_number(&e.mode),
+                public_key: e.public_key,
+                next_public_key: e.next_public_key,
+                tunnel: e.tunnel,
+                wg_port: e.wg_port,
+            })
+            .unwrap()
+        });
+        let mut h = v1_head(r);
+        h.format = 2;
+        let head = postcard::to_allocvec(&(h, enc)).unwrap();
+        let stacks: Vec<Vec<u8>> = r
+            .stacks
+            .iter()
+            .map(|s| postcard::to_allocvec(s).unwrap())
+            .collect();
+        postcard::to_allocvec(&(head, stacks)).unwrap()
+    }
+
+    #[test]
+    fn a_format_2_record_decodes_without_nat_or_relay() {
+        let mut r = big_record(8);
+        let v2 = v2_blob(&r);
+        r.nat = None;
+        r.relay = None;
+        assert_eq!(decode(&v2).unwrap(), r);
+        // Without NAT and relay this build writes a format-2 record's layout.
+        assert_eq!(encode(&r, &Format::default()).len(), v2.len());
+    }
+
+    #[test]
+    fn a_format_2_reader_decodes_a_record_with_nat_and_relay() {
+        let r = big_record(9);
+        assert!(r.nat.is_some() && r.relay.is_some());
+        for f in [Format::default(), Format::newer_for_tests()] {
+            let blob = encode(&r, &f);
+            // What a format-2 build does: the head, the encryption unit from the rest
+            // (what follows is skipped), the stacks.
+            let (head, stacks): (Vec<u8>, Vec<Vec<u8>>) = decode_front(&blob).unwrap();
+            let (old, rest) = postcard::take_from_bytes::<HeadV1>(&head).unwrap();
+            assert_eq!((old.id, old.version, old.bump), (r.id, r.version, r.bump));
+            let unit: Option<Vec<u8>> = decode_front(rest).unwrap();
+            assert_eq!(
+                decode_encryption(&unit.unwrap()).unwrap(),
+                r.encryption.clone().unwrap()
+            );
+            let back: Vec<ClaimedStack> = stacks.iter().map(|s| decode_front(s).unwrap()).collect();
+            assert_eq!(back, r.stacks);
+            // This build reads it whole.
+            assert_eq!(decode(&blob).unwrap(), r);
+        }
+        // Each unit alone, and an empty offer.
+        let mut only_relay = r.clone();
+        only_relay.nat = None;
+        only_relay.relay = Some(RelayOffer::default());
+        assert_eq!(
+            decode(&encode(&only_relay, &Format::default())).unwrap(),
+            only_relay
+        );
+        let mut only_nat = r.clone();
+        only_nat.relay = None;
+        only_nat.encryption = None;
+        assert_eq!(
+            decode(&encode(&only_nat, &Format::default())).unwrap(),
+            only_nat
+        );
+    }
+
+    #[test]
+    fn a_garbled_nat_or_relay_unit_is_undecodable() {
+        let r = big_record(10);
+        let mut h = v1_head(&r);
+        h.format = 3;
+        for tail in [&[0u8, 1, 3, 9][..], &[0, 0, 1, 4, 1, 2], &[0, 7]] {
+            let mut head = postcard::to_allocvec(&h).unwrap();
+            head.extend_from_slice(tail);
+            let v = postcard::to_allocvec(&(head, Vec::<Vec<u8>>::new())).unwrap();
+            assert_eq!(decode(&v), Err(FormatError::Undecodable), "{tail:?}");
+        }
+    }
+
     #[test]
     fn a_garbled_encryption_unit_is_undecodable() {
         let r = big_record(7);

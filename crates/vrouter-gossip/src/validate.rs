@@ -523,5 +523,59 @@ mod tests {
             bump: u64::MAX,
         };
         assert!(member(&m, h).is_err());
+        // NAT and relay.
+        use crate::record::{NatInfo, RelayReach};
+        let reach = |id: u64, rtt_ms: u16| RelayReach {
+            id: NodeId(id),
+            rtt_ms,
+        };
+        let mut r = good.clone();
+        r.nat = Some(NatInfo {
+            observed: "203.0.113.5".parse().unwrap(),
+            port_translated: true,
+        });
+        r.relay = Some(RelayOffer {
+            reach: vec![reach(1, 1), reach(2, u16::MAX)],
+        });
+        assert!(record(&r, h).is_ok());
+        for bad in ["0.0.0.0", "127.0.0.1", "224.0.0.5", "255.255.255.255"] {
+            let mut x = r.clone();
+            x.nat.as_mut().unwrap().observed = bad.parse().unwrap();
+            assert!(record(&x, h).is_err(), "{bad}");
+        }
+        let offers = [
+            vec![reach(1, 0)],
+            vec![reach(1, 3), reach(1, 4)],
+            vec![reach(good.id.0, 3)],
+            (0..=MAX_RELAY_REACH as u64)
+                .map(|i| reach(i + 1, 1))
+                .collect(),
+        ];
+        for (i, o) in offers.into_iter().enumerate() {
+            let mut x = r.clone();
+            x.relay = Some(RelayOffer { reach: o });
+            assert!(record(&x, h).is_err(), "offer {i}");
+        }
+        let mut x = r.clone();
+        x.relay = Some(RelayOffer {
+            reach: (0..MAX_RELAY_REACH as u64)
+                .map(|i| reach(i + 1, 1))
+                .collect(),
+        });
+        assert!(record(&x, h).is_ok());
+        // A probe ack naming an address nobody could reach is malformed.
+        let ack = |seen: &str| Wire::ProbeAck {
+            token: 1,
+            seen: seen.parse().unwrap(),
+        };
+        assert!(wire(&ack("203.0.113.5:40000"), h).is_ok());
+        for bad in [
+            "203.0.113.5:0",
+            "0.0.0.0:1",
+            "127.0.0.1:7950",
+            "239.1.1.1:1",
+        ] {
+            assert!(wire(&ack(bad), h).is_err(), "{bad}");
+        }
     }
 }

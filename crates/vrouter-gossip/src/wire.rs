@@ -168,6 +168,25 @@ mod tests {
     }
 
     #[test]
+    fn probe_tags_are_10_and_11() {
+        for (w, tag) in [
+            (Wire::Probe { token: 1 }, PROBE),
+            (
+                Wire::ProbeAck {
+                    token: 1,
+                    seen: "1.2.3.4:5".parse().unwrap(),
+                },
+                PROBE_ACK,
+            ),
+        ] {
+            let b = encode(&w, &Format::default());
+            let ((_, t), _): ((u16, u16), &[u8]) = postcard::take_from_bytes(&b).unwrap();
+            assert_eq!(t, tag);
+        }
+        assert_eq!((PROBE, PROBE_ACK), (10, 11));
+    }
+
+    #[test]
     fn an_unknown_message_is_skipped_not_malformed() {
         let f = Format::newer_for_tests();
         assert_eq!(decode(&encode_unknown_for_tests(&f)), Err(Decoded::Unknown));
