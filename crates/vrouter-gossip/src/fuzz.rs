@@ -306,7 +306,8 @@ impl Fuzzer {
         });
         if let Ok(out) = &r {
             // The probes it sent: their tokens make acks that count.
-            for (_, data) in out {
+            // (Probes are small and only sent by a tick: the rest is not opened.)
+            for (_, data) in out.iter().filter(|(_, d)| tick && d.len() < 96) {
                 if let Ok((_, p)) = self.opener.open(data) {
                     if let Ok(Wire::Probe { token }) = wire::decode(&p) {
                         self.g.tokens.push(token);
