@@ -81,6 +81,8 @@ impl Site {
 
 /// Name of the NAT table in a site.
 const NAT_TABLE: &str = "sitenat";
+/// Name of a site's table counting what it forwards (diagnostics only).
+const FWD_TABLE: &str = "sitefwd";
 
 /// The sites, public addresses and UDP blocks of one topology.
 pub struct NatNet {
@@ -283,6 +285,28 @@ impl NatNet {
             SiteKind::OneToOne => Some("masquerade"),
             SiteKind::MasqueradeRandom => Some("masquerade random"),
         };
+        // Counters of what the site forwards, per direction and port (printed on
+        // failure).
+        let mut fwd = format!(
+            "table ip {FWD_TABLE} {{\n\tchain fwd {{ type filter hook forward priority 0; policy accept;\n"
+        );
+        for dir in ["iifname", "oifname"] {
+            for (what, m) in [
+                ("gossip", "udp dport 7950"),
+                ("gossip-reply", "udp sport 7950"),
+                ("vxlan", "udp dport 4789"),
+                ("wg", "udp dport 51820"),
+                ("wg-reply", "udp sport 51820"),
+                ("icmp", "ip protocol icmp"),
+            ] {
+                fwd.push_str(&format!(
+                    "\t\t{dir} \"up0\" {m} counter comment \"{dir}-up0-{what}\"\n"
+                ));
+            }
+        }
+        fwd.push_str("\t}\n}\n");
+        exec_input(n, &["nft", "-f", "-"], fwd.as_bytes())
+            .with_context(|| format!("site {idx} counters:\n{fwd}"))?;
         if let Some(masq) = nat {
             let script = format!(
                 "table ip {NAT_TABLE} {{\n\
@@ -537,11 +561,20 @@ impl NatNet {
                     .map(|o| o.stdout)
                     .unwrap_or_default(),
             );
+            out.push_str(&format!("----- {} forward counters\n", s.ns));
             out.push_str(
-                &exec(Some(&s.ns), &["conntrack", "-L", "-p", "udp"])
+                &exec(Some(&s.ns), &["nft", "list", "table", "ip", FWD_TABLE])
                     .map(|o| o.stdout)
                     .unwrap_or_default(),
             );
+            out.push_str(&format!("----- {} conntrack (udp)\n", s.ns));
+            let ct = exec(Some(&s.ns), &["cat", "/proc/net/nf_conntrack"])
+                .map(|o| o.stdout)
+                .unwrap_or_default();
+            for line in ct.lines().filter(|l| l.contains(" udp ")).take(60) {
+                out.push_str(line);
+                out.push('\n');
+            }
         }
         out
     }

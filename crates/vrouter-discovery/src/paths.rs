@@ -171,7 +171,23 @@ pub fn decide(i: &Inputs) -> BTreeMap<NodeId, PeerPath> {
         let candidates = relay_candidates(i, &by_id, *id);
         let holding =
             reachable && view.is_some_and(|v| i.now_ms.saturating_sub(v.since_ms) < RETURN_HOLD_MS);
-        let (via, rtt_us) = if (reachable || undecided)
+        // Without encryption a port-translating NAT between the two stops VXLAN (it
+        // goes to the fixed port, which the NAT maps to nothing) even while the gossip
+        // probes get through the mapping the gossip traffic keeps open: only a peer
+        // reached at its own address from the same side of such NATs gets traffic.
+        // A relay does not help either (it sends VXLAN to the same NAT).
+        let same_side =
+            reachable && addr_in_use == m.underlay && i.own_port_translated == m.port_translated;
+        let nat_blocked =
+            !m.encrypted && (i.own_port_translated || m.port_translated) && !same_side;
+        let (via, rtt_us) = if nat_blocked && !undecided {
+            (
+                Via::Unreachable {
+                    code: "nat_port_translated",
+                },
+                None,
+            )
+        } else if (reachable || undecided)
             && !(holding && prev_relay.is_some_and(|r| candidates.contains_key(&r)))
         {
             (Via::Direct, view.and_then(|v| v.rtt_us))
@@ -679,6 +695,47 @@ mod tests {
                 code: "nat_port_translated"
             }
         );
+    }
+
+    #[test]
+    fn port_translating_nat_without_encryption_is_unreachable_although_probes_answer() {
+        // The probes answer at the NAT's address (a translated port, kept open by the
+        // peer's own gossip): VXLAN to the fixed port would not get through.
+        let nat_view = |since| View {
+            addr: Some(SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 1), 40123)),
+            ..up(2, 1, since)
+        };
+        let mut a = member(A, 2);
+        a.port_translated = true;
+        let mut w = World::new(vec![a.clone(), relay(R1, 4, &[(A, 1)])]);
+        w.views.insert(R1, up(4, 1, 0));
+        w.views.insert(A, nat_view(0));
+        assert_eq!(
+            w.via(5000, A),
+            Via::Unreachable {
+                code: "nat_port_translated"
+            }
+        );
+        // This host behind it, the peer public and answering at its own address.
+        let mut w = World::new(vec![member(A, 2)]);
+        w.nat = true;
+        w.views.insert(A, up(2, 1, 0));
+        assert_eq!(
+            w.via(5000, A),
+            Via::Unreachable {
+                code: "nat_port_translated"
+            }
+        );
+        // Both behind the same NAT, reached at its own (private) address: direct.
+        let mut w = World::new(vec![a.clone()]);
+        w.nat = true;
+        w.views.insert(A, up(2, 1, 0));
+        assert_eq!(w.via(5000, A), Via::Direct);
+        // With encryption the tunnel carries it: direct.
+        a.encrypted = true;
+        let mut w = World::new(vec![a]);
+        w.views.insert(A, nat_view(0));
+        assert_eq!(w.via(5000, A), Via::Direct);
     }
 
     #[test]
