@@ -170,12 +170,16 @@ pub fn decide(i: &Inputs) -> BTreeMap<NodeId, PeerPath> {
         let holding =
             reachable && view.is_some_and(|v| i.now_ms.saturating_sub(v.since_ms) < RETURN_HOLD_MS);
         // Plain VXLAN cannot cross a port-translating NAT: packets go to the announced
-        // port, not the mapped one. Probes may still answer (through the learned
-        // address), so such a pair is unreachable unless it is encrypted (WireGuard
-        // keeps its mapping open from inside) or the peers are inside the same NAT.
-        let peer_nat = m.port_translated
-            && view.is_some_and(|v| v.reachable && v.addr.is_some() && v.addr != m.gossip_addr);
-        let own_nat = i.own_port_translated && !i.inside.contains(id);
+        // port, not the mapped one. Probes may still answer (through the mapping the
+        // gossip traffic keeps open), so such a pair is unreachable unless it is
+        // encrypted (WireGuard keeps its mapping open from inside) or the two are on
+        // the same side: the peer reached at its own address, and this host seen at
+        // its own address by the peer (its reflection reports) or both behind such a
+        // NAT. A relay does not help either (it sends VXLAN to the same NAT).
+        let at_own_addr = reachable && addr_in_use == m.underlay;
+        let peer_nat = m.port_translated && !at_own_addr;
+        let own_nat =
+            i.own_port_translated && !i.inside.contains(id) && !(at_own_addr && m.port_translated);
         let nat_blocked = !m.encrypted && (peer_nat || own_nat) && !undecided;
         let (via, rtt_us) = if let (true, Some(p)) = (undecided, prev) {
             // Not decided yet: a restart (the previous run's decision seeds `previous`)
@@ -900,6 +904,47 @@ mod tests {
             }
         );
         assert_eq!(d[&B].via, Via::Direct);
+    }
+
+    #[test]
+    fn port_translating_nat_without_encryption_is_unreachable_although_probes_answer() {
+        // The probes answer at the NAT's address (a translated port, kept open by the
+        // peer's own gossip): VXLAN to the fixed port would not get through.
+        let nat_view = |since| View {
+            addr: Some(SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 1), 40123)),
+            ..up(2, 1, since)
+        };
+        let mut a = member(A, 2);
+        a.port_translated = true;
+        let mut w = World::new(vec![a.clone(), relay(R1, 4, &[(A, 1)])]);
+        w.views.insert(R1, up(4, 1, 0));
+        w.views.insert(A, nat_view(0));
+        assert_eq!(
+            w.via(5000, A),
+            Via::Unreachable {
+                code: "nat_port_translated"
+            }
+        );
+        // This host behind it, the peer public and answering at its own address.
+        let mut w = World::new(vec![member(A, 2)]);
+        w.nat = true;
+        w.views.insert(A, up(2, 1, 0));
+        assert_eq!(
+            w.via(5000, A),
+            Via::Unreachable {
+                code: "nat_port_translated"
+            }
+        );
+        // Both behind the same NAT, reached at its own (private) address: direct.
+        let mut w = World::new(vec![a.clone()]);
+        w.nat = true;
+        w.views.insert(A, up(2, 1, 0));
+        assert_eq!(w.via(5000, A), Via::Direct);
+        // With encryption the tunnel carries it: direct.
+        a.encrypted = true;
+        let mut w = World::new(vec![a]);
+        w.views.insert(A, nat_view(0));
+        assert_eq!(w.via(5000, A), Via::Direct);
     }
 
     #[test]
