@@ -536,6 +536,14 @@ impl Task {
         self.epoch.elapsed().as_millis() as u64
     }
 
+    /// The node's clock in ms, with the same instant in µs handed to it first (path
+    /// RTTs in microseconds).
+    fn clock(&mut self) -> u64 {
+        let us = self.epoch.elapsed().as_micros() as u64;
+        self.node.set_clock_us(us);
+        us / 1000
+    }
+
     async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
         let mut buf = vec![0u8; 2048];
         let mut housekeeping = tokio::time::interval(Duration::from_millis(500));
@@ -547,12 +555,12 @@ impl Task {
             tokio::select! {
                 r = self.socket.recv_from(&mut buf) => {
                     if let Ok((n, std::net::SocketAddr::V4(from))) = r {
-                        let now = self.now();
+                        let now = self.clock();
                         self.node.handle_packet(now, from, &buf[..n]);
                     }
                 }
                 _ = tokio::time::sleep(wait) => {
-                    let now = self.now();
+                    let now = self.clock();
                     self.node.tick(now);
                 }
                 cmd = cmds.recv() => match cmd {
