@@ -181,7 +181,7 @@ fn relay_failover_and_return() {
     let unreachable = g
         .events(1)
         .into_iter()
-        .find(|e| e.kind.to_string() == "path_unreachable")
+        .find(|e| e.kind == *"path_unreachable")
         .expect("path_unreachable event");
     assert!(
         unreachable.message.contains("VROUTER_RELAY=true"),
