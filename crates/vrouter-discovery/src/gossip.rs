@@ -991,6 +991,29 @@ mod tests {
         std::fs::remove_dir_all(&top).unwrap();
     }
 
+    #[test]
+    fn path_changes_poke_but_rtt_moves_do_not() {
+        let view = |reachable: bool, rtt: u32| PathView {
+            id: NodeId(7),
+            reachable,
+            addr: reachable.then(|| SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 7950)),
+            rtt_us: Some(rtt),
+            since_ms: 10,
+            acked_ever: true,
+            learned: None,
+        };
+        let none = Reflection::default();
+        let base = path_key(&[view(true, 500)], &none);
+        assert_eq!(base, path_key(&[view(true, 900)], &none));
+        assert_ne!(base, path_key(&[view(false, 500)], &none));
+        let observed = Reflection {
+            observed: Some(Ipv4Addr::new(203, 0, 113, 5)),
+            ..Reflection::default()
+        };
+        assert_ne!(base, path_key(&[view(true, 500)], &observed));
+        assert_ne!(path_key(&[], &none), path_key(&[], &observed));
+    }
+
     #[tokio::test]
     async fn names_resolve_with_the_default_port() {
         let a = resolve(&["localhost".into(), "127.0.0.2:9000".into()], 7950).await;
