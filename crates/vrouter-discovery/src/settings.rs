@@ -211,7 +211,8 @@ pub struct Settings {
 
     /// Offer to relay overlay traffic between hosts that cannot reach each other
     /// directly but both reach this one (forwarding in this host's own namespace; this
-    /// host's root sees the relayed frames in the clear unless encryption is on).
+    /// host's root can read the relayed frames: with encryption on they are decrypted
+    /// and re-encrypted here).
     #[arg(long, env = "VROUTER_RELAY", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub relay: bool,
 
@@ -295,7 +296,7 @@ impl Settings {
             None => "address: the underlay address, plus the one peers see it at behind a NAT (reflected; pin one with VROUTER_ADVERTISE_ADDR)".into(),
         };
         let relay = if self.relay {
-            "relay: offered (VROUTER_RELAY=true): this host forwards between peers that cannot reach each other; its root namespace sees their frames (in the clear unless encryption is on)"
+            "relay: offered (VROUTER_RELAY=true): this host forwards between peers that cannot reach each other; its root namespace can read their frames (with encryption on they are decrypted and re-encrypted here)"
         } else {
             "relay: not offered (VROUTER_RELAY)"
         };
