@@ -34,6 +34,7 @@ pub mod gossip;
 pub mod http;
 pub mod mesh;
 pub mod probe;
+pub mod relaybench;
 pub mod steering;
 pub mod topology;
 pub mod underlay;
