@@ -96,6 +96,27 @@ pub struct Controller {
     /// Encryption events already written (refusals, plain peers, collisions), so each
     /// is written once per episode.
     enc_reported: BTreeSet<String>,
+    /// Issue 17: the last path decision per probed gossip peer.
+    paths: BTreeMap<vrouter_gossip::NodeId, crate::paths::PeerPath>,
+    /// The gossip members as the path decision reads them, and this host's probe
+    /// views (from the last gossip snapshot).
+    path_members: Vec<crate::paths::Member>,
+    path_views: BTreeMap<vrouter_gossip::NodeId, crate::paths::View>,
+    /// The probe targets last handed to gossip.
+    path_targets: BTreeSet<vrouter_gossip::NodeId>,
+    /// When the path decision may change without new input (see `paths::next_due`).
+    path_due: Option<Instant>,
+    /// This host's observed address and whether its NAT rewrites ports (reflection).
+    observed: Option<Ipv4Addr>,
+    port_translated: bool,
+    /// discovery.json's `addresses`, `paths` and `relay`.
+    addresses: Option<vrouter_state::AddressesStatus>,
+    path_status: Option<Vec<vrouter_state::PathStatus>>,
+    relay_status: Option<vrouter_state::RelayStatus>,
+    /// The relay (transit) table is in the kernel.
+    transit_applied: bool,
+    /// The last relay table failure reported (events on change).
+    relay_error: Option<String>,
 }
 
 impl Controller {
@@ -202,6 +223,19 @@ impl Controller {
             enc_plan: Default::default(),
             enc_status: None,
             enc_reported: BTreeSet::new(),
+            paths: BTreeMap::new(),
+            path_members: Vec::new(),
+            path_views: BTreeMap::new(),
+            path_targets: BTreeSet::new(),
+            path_due: None,
+            observed: None,
+            port_translated: false,
+            addresses: None,
+            path_status: None,
+            relay_status: None,
+            // A previous run's relay table goes at the first reconcile if not wanted.
+            transit_applied: true,
+            relay_error: None,
         };
         c.event(
             EventKind::Started,
@@ -343,6 +377,15 @@ impl Controller {
         if let Some(g) = &self.gossip {
             g.leave().await;
             self.left_mesh = true;
+            if let Err(e) = crate::transit::remove(&self.relay_table()) {
+                self.event_because(
+                    EventKind::Error,
+                    "relay_cleanup_failed",
+                    format!("{e:#}"),
+                    None,
+                );
+            }
+            self.transit_applied = false;
             if let Some(t) = self.tunnel.as_mut() {
                 for e in t.remove().await {
                     self.event_because(EventKind::Error, "encryption_cleanup_failed", e, None);
@@ -382,6 +425,8 @@ impl Controller {
                 "the mesh had declared this host down; it rejoined with a new incarnation".into(),
                 None,
             ),
+            // Reported by the address and path logic (issue 17).
+            G::Reflected { .. } => {}
             G::Rejected(list) => {
                 let parts: Vec<String> = list.iter().map(|(r, n)| format!("{n} {}", r.as_str())).collect();
                 self.event(
@@ -430,6 +475,44 @@ impl Controller {
         }
         self.remembered = decided.remembered;
         self.routed_nodes = decided.routed;
+        // Issue 17: what the path decision reads (see `path_pass`).
+        self.path_members = snap
+            .members
+            .iter()
+            .map(|m| crate::paths::Member {
+                node: m.record.id,
+                underlay: m.record.underlay,
+                alive: matches!(
+                    m.state,
+                    vrouter_gossip::MemberState::Alive | vrouter_gossip::MemberState::Suspect
+                ) && !m.record.left,
+                vnis: m.record.stacks.iter().map(|s| s.spec.vni).collect(),
+                relay: m
+                    .record
+                    .relay
+                    .as_ref()
+                    .map(|r| r.reach.iter().map(|x| (x.id, x.rtt_ms)).collect()),
+                port_translated: m.record.nat.as_ref().is_some_and(|n| n.port_translated),
+                encrypted: false,
+            })
+            .collect();
+        self.path_views = snap
+            .paths
+            .iter()
+            .map(|v| {
+                (
+                    v.id,
+                    crate::paths::View {
+                        reachable: v.reachable,
+                        addr: v.addr,
+                        rtt_us: v.rtt_us,
+                        since_ms: v.since_ms,
+                        acked_ever: v.acked_ever,
+                    },
+                )
+            })
+            .collect();
+        self.note_reflection(snap.reflection.observed, snap.reflection.port_translated);
         let members = decided.members;
         let peers = decided.peers;
         let c = &snap.counters;
@@ -696,7 +779,11 @@ impl Controller {
     }
 
     pub fn next_expiry(&self) -> Option<Instant> {
-        self.registry.next_expiry(self.settings.grace())
+        let grace = self.registry.next_expiry(self.settings.grace());
+        match (grace, self.path_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// With encryption on, no local address: the kernel picks the tunnel address for
@@ -933,6 +1020,7 @@ impl Controller {
         }
         // Refused peers are not routed at all, as if absent.
         let routed_peers = self.enc_plan.routed(&all_peers);
+        let destinations = self.path_pass(&local, &routed_peers);
         let host = HostView {
             advertise_addr: Some(self.advertise),
             host_networks: addrs
@@ -958,10 +1046,19 @@ impl Controller {
                 .filter(|a| bridges.contains(&a.index) && !a.addr.is_loopback())
                 .map(|a| (a.index, Prefix::containing(a.addr, a.prefix_len)))
                 .collect(),
-            tunnel_dst: self.enc_plan.tunnel_dst.clone(),
+            destinations,
         };
         let mut want = desired::compute(&host, &local, &routed_peers);
         want.refusals.extend(local_refusals);
+        // A relay forwards between the peers it reaches directly (transit.rs): their
+        // VNIs need devices here and their routers' rows point at them directly.
+        let relay_on = self.settings.relay && self.gossip.is_some() && !self.left_mesh;
+        let direct = crate::paths::direct_hosts(&self.path_members, &self.path_views);
+        let transit = crate::transit::plan(relay_on, &routed_peers, &direct, &want.destinations);
+        want.vnis.extend(transit.vnis.iter().copied());
+        want.fdb
+            .retain(|r| !transit.fdb.iter().any(|t| t.vni == r.vni && t.mac == r.mac));
+        want.fdb.extend(transit.fdb.iter().copied());
         self.all_peers = all_peers;
         for r in &want.refusals {
             let key = format!("{}|{:?}|{}", r.stack, r.prefix, r.reason);
@@ -1007,6 +1104,8 @@ impl Controller {
             self.owned_vnis.remove(&vni);
         }
         crate::ownership::record(&self.dir, &self.owned_vnis);
+        // The relay table changes before FDB rows move away from direct.
+        self.transit_pass(transit, &devices);
 
         // FDB: desired rows plus rows routers may still use, on the devices we have.
         let registry = &self.registry;
@@ -1019,7 +1118,7 @@ impl Controller {
             self.retention
                 .retained(|v| registry.acks(v))
                 .into_iter()
-                .filter(|r| !require || want.tunnel_dst.contains_key(&r.dst))
+                .filter(|r| !require || self.enc_plan.tunnel_dst.contains_key(&r.dst))
                 .map(|r| FdbRow {
                     dst: want.fdb_dst(r.dst),
                     ..r
@@ -1041,7 +1140,7 @@ impl Controller {
 
         // Publish what the FDB now carries.
         let present = self.dump_fdb(&devices).await?;
-        let published = desired::publish(&local, &want.candidates, &present, &want.tunnel_dst);
+        let published = desired::publish(&local, &want.candidates, &present, &want.destinations);
         if !self.routes_current && published == self.published {
             // After a restart: routes.json is current if it already says the same.
             self.routes_current = self.dir.read_routes().is_ok_and(|r| r.stacks == published);
@@ -1166,7 +1265,9 @@ impl Controller {
         // The device comes first: without it, nothing is sent towards a tunnel address.
         let overlay_mtu = self.overlay_mtu();
         let mut notes = Vec::new();
+        let endpoints = self.wg_endpoints(&plan);
         if let (Some(t), Some(addr), false) = (self.tunnel.as_mut(), own, self.left_mesh) {
+            t.set_endpoints(endpoints);
             notes = t.apply(addr, self.underlay.mtu, &plan).await;
         }
         for n in notes {
@@ -1237,6 +1338,336 @@ impl Controller {
         });
         self.enc_plan = plan;
         own
+    }
+
+    /// WireGuard endpoints (issue 17): each gossip peer at its address in use (the
+    /// probed candidate that answers, else its announced address), with a 15 s
+    /// keepalive toward every peer while this host is behind a NAT (its reflection
+    /// has an observed address), so its tunnels stay open from the inside.
+    fn wg_endpoints(
+        &self,
+        plan: &crate::encryption::Plan,
+    ) -> BTreeMap<Ipv4Addr, crate::wireguard::PeerEndpoint> {
+        let keepalive = Some(if self.observed.is_some() {
+            crate::wireguard::NAT_KEEPALIVE_SECS
+        } else {
+            crate::encryption::KEEPALIVE_SECS
+        });
+        let in_use: BTreeMap<Ipv4Addr, Ipv4Addr> = self
+            .path_members
+            .iter()
+            .filter_map(|m| {
+                let v = self.path_views.get(&m.node).filter(|v| v.reachable)?;
+                Some((m.underlay, *v.addr?.ip()))
+            })
+            .collect();
+        plan.wg_peers
+            .iter()
+            .map(|p| {
+                // The plan's endpoint is the peer's announced (underlay) address.
+                let host = *p.endpoint.ip();
+                (
+                    host,
+                    crate::wireguard::PeerEndpoint {
+                        addr: in_use.get(&host).copied().unwrap_or(host),
+                        keepalive_secs: keepalive,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// The relay's netdev table: `<steering_table>_relay`.
+    fn relay_table(&self) -> String {
+        format!("{}_relay", self.settings.steering_table)
+    }
+
+    /// Issue 17: decides each probed gossip peer's path (`paths::decide`), reports
+    /// the transitions, hands gossip its probe targets, fills discovery.json's
+    /// `addresses` and `paths`, and returns the FDB destination of every routed peer
+    /// host. A relay sends to the peers it reaches directly at their own address.
+    fn path_pass(
+        &mut self,
+        local: &[LocalRouter],
+        routed: &[PeerHost],
+    ) -> BTreeMap<Ipv4Addr, Ipv4Addr> {
+        use crate::paths;
+        let tunnel = self.enc_plan.tunnel_dst.clone();
+        let Some(g) = &self.gossip else {
+            self.paths.clear();
+            self.path_due = None;
+            self.addresses = None;
+            self.path_status = None;
+            return paths::fdb_destinations(routed, &BTreeMap::new(), &[], &tunnel);
+        };
+        let me = g.node_id;
+        let now = g.now_ms();
+        for m in &mut self.path_members {
+            m.encrypted = tunnel.contains_key(&m.underlay);
+        }
+        let local_vnis: BTreeSet<Vni> = local.iter().map(|l| l.spec.vni).collect();
+        let relay_on = self.settings.relay && !self.left_mesh;
+        let targets = if self.left_mesh {
+            BTreeSet::new()
+        } else {
+            paths::targets(me, relay_on, &local_vnis, &self.path_members)
+        };
+        if targets != self.path_targets {
+            g.set_path_targets(targets.clone());
+            self.path_targets = targets.clone();
+        }
+        let inputs = paths::Inputs {
+            me,
+            now_ms: now,
+            dead_after_ms: self.settings.path_dead_ms,
+            members: &self.path_members,
+            views: &self.path_views,
+            previous: &self.paths,
+            own_port_translated: self.port_translated,
+            targets: &targets,
+        };
+        let decided = paths::decide(&inputs);
+        self.path_due = paths::next_due(&inputs, &decided)
+            .map(|at| Instant::now() + std::time::Duration::from_millis(at.saturating_sub(now)));
+        let mut dests = paths::fdb_destinations(routed, &decided, &self.path_members, &tunnel);
+        if relay_on {
+            for m in &self.path_members {
+                let Some(addr) = self
+                    .path_views
+                    .get(&m.node)
+                    .filter(|v| v.reachable)
+                    .and_then(|v| v.addr)
+                else {
+                    continue;
+                };
+                if let Some(d) = dests.get_mut(&m.underlay) {
+                    *d = tunnel.get(&m.underlay).copied().unwrap_or(*addr.ip());
+                }
+            }
+        }
+        self.report_paths(&decided);
+        self.path_status = Some(
+            decided
+                .values()
+                .map(|p| {
+                    let (relay_node, relay_addr) = match p.via {
+                        paths::Via::Relay { node, addr } => (Some(node.to_string()), Some(addr)),
+                        _ => (None, None),
+                    };
+                    vrouter_state::PathStatus {
+                        node: p.node.to_string(),
+                        peer_addr: p.peer_addr,
+                        addr_in_use: p.addr_in_use,
+                        via: p.via.name().to_string(),
+                        relay_node,
+                        relay_addr,
+                        // 0.1 ms steps: discovery.json is rewritten on change only.
+                        rtt_ms: p.rtt_us.map(|us| (f64::from(us) / 100.0).round() / 10.0),
+                        since_ms: p.since_ms,
+                        code: match p.via {
+                            paths::Via::Unreachable { code } => Some(code.to_string()),
+                            _ => None,
+                        },
+                    }
+                })
+                .collect(),
+        );
+        self.addresses = Some(vrouter_state::AddressesStatus {
+            local: self.underlay.addr,
+            observed: self.observed,
+            advertised: self.advertise,
+            pinned: self.settings.advertise_addr.is_some(),
+            port_translated: self.port_translated,
+        });
+        self.paths = decided;
+        dests
+    }
+
+    /// Events for the path changes between the last decision and `decided`.
+    fn report_paths(&self, decided: &BTreeMap<vrouter_gossip::NodeId, crate::paths::PeerPath>) {
+        use crate::paths::Via;
+        for (id, p) in decided {
+            let prev = self.paths.get(id);
+            let host = p.peer_addr;
+            if let Some(old) = prev.filter(|o| o.addr_in_use != p.addr_in_use) {
+                self.event(
+                    EventKind::PeerAddressChanged,
+                    format!(
+                        "host {host} (node {id}) is now reached at {} (was {}): {}",
+                        p.addr_in_use,
+                        old.addr_in_use,
+                        if p.addr_in_use == host {
+                            "its announced address"
+                        } else {
+                            "the address its path probes answer at (it is behind a NAT)"
+                        }
+                    ),
+                    None,
+                );
+            }
+            let before = prev.map(|o| o.via).unwrap_or(Via::Direct);
+            let same = match (before, p.via) {
+                (Via::Relay { node: a, .. }, Via::Relay { node: b, .. }) => a == b,
+                (a, b) => a == b,
+            };
+            if same {
+                continue;
+            }
+            match p.via {
+                Via::Direct => self.event(
+                    EventKind::PathDirect,
+                    format!(
+                        "traffic to host {host} (node {id}) goes directly again, to {}: its path probes have been answered for {} ms",
+                        p.addr_in_use,
+                        crate::paths::RETURN_HOLD_MS
+                    ),
+                    None,
+                ),
+                Via::Relay { node, addr } => self.event(
+                    EventKind::PathRelayed,
+                    format!(
+                        "traffic to host {host} (node {id}) now goes through relay host {addr} (node {node}){}: {}",
+                        p.rtt_us
+                            .map(|us| format!(", RTT {:.1} ms", f64::from(us) / 1000.0))
+                            .unwrap_or_default(),
+                        match before {
+                            Via::Relay { node: old, .. } => {
+                                format!("relay {old} is gone or much slower")
+                            }
+                            _ => "the direct path answers no probe".to_string(),
+                        }
+                    ),
+                    None,
+                ),
+                Via::Unreachable { code } => {
+                    let fix = if code == "nat_port_translated" {
+                        self.nat_fix()
+                    } else {
+                        format!(
+                            "set VROUTER_RELAY=true on a host both reach (UDP ports {} and {} open to both), or open UDP between the two hosts",
+                            self.settings.gossip_port, self.settings.vxlan_port
+                        )
+                    };
+                    self.event_because(
+                        EventKind::PathUnreachable,
+                        code,
+                        format!(
+                            "host {host} (node {id}) answers no path probe and no relay reaches it; its direct FDB row stays. Fix: {fix}"
+                        ),
+                        None,
+                    );
+                    if code == "nat_port_translated" {
+                        self.event(
+                            EventKind::NatPortTranslated,
+                            format!(
+                                "host {host} (node {id}) cannot be reached: {} behind a NAT that rewrites ports, and traffic between the two is not encrypted. Fix: {}",
+                                if self.port_translated { "this host is" } else { "it is" },
+                                self.nat_fix()
+                            ),
+                            None,
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The fix for a port-translating NAT without encryption.
+    fn nat_fix(&self) -> String {
+        format!(
+            "set VROUTER_ENCRYPTION=prefer or require on both hosts (WireGuard keeps the NAT open from inside), or forward UDP ports {},{} to the host behind the NAT and set VROUTER_ADVERTISE_ADDR there",
+            self.settings.gossip_port, self.settings.vxlan_port
+        )
+    }
+
+    /// This host's reflection from gossip: events on change.
+    fn note_reflection(&mut self, observed: Option<Ipv4Addr>, port_translated: bool) {
+        if observed != self.observed {
+            self.event(
+                EventKind::AddressObserved,
+                match observed {
+                    Some(o) => format!(
+                        "peers see this host at {o} (local address {}): it is behind a NAT; peers outside it use {o}, peers inside use {}",
+                        self.underlay.addr, self.advertise
+                    ),
+                    None => format!(
+                        "peers see this host at its local address {} again (no NAT between them)",
+                        self.underlay.addr
+                    ),
+                },
+                None,
+            );
+        }
+        if port_translated && !self.port_translated && !self.settings.encryption_on() {
+            self.event(
+                EventKind::NatPortTranslated,
+                format!(
+                    "this host is behind a NAT that rewrites ports (peers see it at {}, from other ports than its own): peers outside cannot reach its gossip and VXLAN ports. Fix: {}",
+                    observed.map(|o| o.to_string()).unwrap_or_else(|| "?".into()),
+                    self.nat_fix()
+                ),
+                None,
+            );
+        }
+        self.observed = observed;
+        self.port_translated = port_translated;
+    }
+
+    /// The relay's transit table brought to `plan` (only VNIs whose device exists),
+    /// and its counters read into discovery.json's `relay`.
+    fn transit_pass(
+        &mut self,
+        mut plan: crate::transit::TransitPlan,
+        devices: &BTreeMap<Vni, Link>,
+    ) {
+        plan.vnis.retain(|v| devices.contains_key(v));
+        plan.macs.retain(|v, _| devices.contains_key(v));
+        let table = self.relay_table();
+        if !plan.is_empty() || self.transit_applied {
+            match crate::transit::apply(&table, &plan) {
+                Ok(()) => self.transit_applied = !plan.is_empty(),
+                // Nothing wanted and nothing to remove (no nftables): fine.
+                Err(_) if plan.is_empty() && !self.settings.relay => self.transit_applied = false,
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    if self.relay_error.as_ref() != Some(&msg) {
+                        self.event_because(
+                            EventKind::Error,
+                            "relay_failed",
+                            format!("cannot program the relay table netdev {table}: {msg}; this host does not forward between other hosts meanwhile"),
+                            None,
+                        );
+                    }
+                    self.relay_error = Some(msg);
+                }
+            }
+            if self.transit_applied || plan.is_empty() {
+                self.relay_error = None;
+            }
+        }
+        if self.gossip.is_none() {
+            self.relay_status = None;
+            return;
+        }
+        let counters = if self.transit_applied {
+            crate::transit::counters(&table).unwrap_or_default()
+        } else {
+            BTreeMap::new()
+        };
+        self.relay_status = Some(vrouter_state::RelayStatus {
+            offered: self.settings.relay,
+            vnis: plan.vnis.iter().copied().collect(),
+            forwarded_packets: counters.values().map(|c| c.0).sum(),
+            forwarded_bytes: counters.values().map(|c| c.1).sum(),
+            per_vni: counters
+                .iter()
+                .map(|(vni, (packets, bytes))| vrouter_state::RelayVni {
+                    vni: *vni,
+                    packets: *packets,
+                    bytes: *bytes,
+                })
+                .collect(),
+        });
     }
 
     fn encryption_note(&self, n: crate::wireguard::Note) {
@@ -1767,6 +2198,9 @@ impl Controller {
             gossip: self.gossip_status.clone(),
             steering: self.steer_status.clone(),
             encryption: self.enc_status.clone(),
+            addresses: self.addresses.clone(),
+            paths: self.path_status.clone(),
+            relay: self.relay_status.clone(),
         };
         let unchanged = self.last_discovery.as_ref().is_some_and(|prev| {
             let mut p = prev.clone();

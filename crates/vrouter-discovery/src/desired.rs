@@ -30,10 +30,11 @@ pub struct HostView {
     /// Subnets on local stacks' bridges, by bridge ifindex: a local stack's prefixes
     /// must not cover another stack's bridge (see [`crate::safety`]).
     pub bridge_networks: Vec<(u32, Prefix)>,
-    /// Encrypted peers: underlay address -> tunnel address, the FDB destination of
-    /// their stacks (VXLAN then travels through WireGuard). Other peers' rows point at
-    /// their underlay address.
-    pub tunnel_dst: BTreeMap<Ipv4Addr, Ipv4Addr>,
+    /// The FDB destination of each peer host's stacks, by the host's announced
+    /// address (see `paths::fdb_destinations`): its tunnel address when encrypted
+    /// (VXLAN then travels through WireGuard), else the address in use, or a relay's.
+    /// A host missing here gets its announced address.
+    pub destinations: BTreeMap<Ipv4Addr, Ipv4Addr>,
 }
 
 /// A router attached on this host, with the bridge its stack's containers use.
@@ -66,20 +67,21 @@ pub struct Desired {
     /// For each local stack, every route it should get once its FDB row exists.
     pub candidates: BTreeMap<StackName, Vec<RemoteRoute>>,
     pub refusals: Vec<Refusal>,
-    /// The FDB destination of each encrypted peer host (see [`HostView::tunnel_dst`]).
-    pub tunnel_dst: BTreeMap<Ipv4Addr, Ipv4Addr>,
+    /// The FDB destination of each peer host (see [`HostView::destinations`]).
+    pub destinations: BTreeMap<Ipv4Addr, Ipv4Addr>,
 }
 
 impl Desired {
     /// Where VXLAN packets for a stack on `host` (underlay address) go.
     pub fn fdb_dst(&self, host: Ipv4Addr) -> Ipv4Addr {
-        fdb_dst(&self.tunnel_dst, host)
+        fdb_dst(&self.destinations, host)
     }
 }
 
-/// Where VXLAN packets for a stack on `host` go: its tunnel address when encrypted.
-pub fn fdb_dst(tunnel_dst: &BTreeMap<Ipv4Addr, Ipv4Addr>, host: Ipv4Addr) -> Ipv4Addr {
-    tunnel_dst.get(&host).copied().unwrap_or(host)
+/// Where VXLAN packets for a stack on `host` go: its entry in `destinations`, else
+/// the host's address.
+pub fn fdb_dst(destinations: &BTreeMap<Ipv4Addr, Ipv4Addr>, host: Ipv4Addr) -> Ipv4Addr {
+    destinations.get(&host).copied().unwrap_or(host)
 }
 
 /// An accepted stack, wherever it lives.
@@ -315,7 +317,7 @@ pub fn compute(host: &HostView, local: &[LocalRouter], peers: &[PeerHost]) -> De
 
     let mut d = Desired {
         refusals,
-        tunnel_dst: host.tunnel_dst.clone(),
+        destinations: host.destinations.clone(),
         ..Desired::default()
     };
     for l in local {
@@ -370,13 +372,13 @@ pub fn compute(host: &HostView, local: &[LocalRouter], peers: &[PeerHost]) -> De
 }
 
 /// The routes to publish: a remote route only once its router's FDB row is present
-/// in the kernel (pointing at `tunnel_dst`'s address for an encrypted host), so a
+/// in the kernel (pointing at the host's entry in `destinations`), so a
 /// router never gets a route the host cannot yet carry.
 pub fn publish(
     local: &[LocalRouter],
     candidates: &BTreeMap<StackName, Vec<RemoteRoute>>,
     present: &BTreeSet<FdbRow>,
-    tunnel_dst: &BTreeMap<Ipv4Addr, Ipv4Addr>,
+    destinations: &BTreeMap<Ipv4Addr, Ipv4Addr>,
 ) -> BTreeMap<StackName, StackRoutes> {
     let mut out = BTreeMap::new();
     for l in local {
@@ -389,7 +391,7 @@ pub fn publish(
                             || present.contains(&FdbRow {
                                 vni: l.spec.vni,
                                 mac: r.mac,
-                                dst: fdb_dst(tunnel_dst, r.host),
+                                dst: fdb_dst(destinations, r.host),
                             })
                     })
                     .cloned()
@@ -692,7 +694,7 @@ mod tests {
     fn an_encrypted_peer_s_rows_point_at_its_tunnel_address_and_publish_follows() {
         let (local, peers) = topology();
         let mut h = host();
-        h.tunnel_dst.insert(ip("198.18.0.2"), ip("10.255.0.2"));
+        h.destinations.insert(ip("198.18.0.2"), ip("10.255.0.2"));
         let d = compute(&h, &local, &peers);
         let v1000 = Vni::new(1000).unwrap();
         let b = Mac::for_router(v1000, ip("10.2.0.254"));
@@ -707,7 +709,7 @@ mod tests {
         // The route keeps the underlay host (probes and membership go by it) and is
         // published once the tunnel row is in.
         let a = StackName::new("a").unwrap();
-        let published = publish(&local, &d.candidates, &d.fdb, &d.tunnel_dst);
+        let published = publish(&local, &d.candidates, &d.fdb, &d.destinations);
         let to_b = published[&a]
             .routes
             .iter()
@@ -726,7 +728,7 @@ mod tests {
                 ..*r
             })
             .collect();
-        let stale = publish(&local, &d.candidates, &underlay_rows, &d.tunnel_dst);
+        let stale = publish(&local, &d.candidates, &underlay_rows, &d.destinations);
         assert!(stale[&a].routes.iter().all(|r| r.stack.as_str() != "b"));
     }
 
@@ -743,11 +745,11 @@ mod tests {
     fn publish_waits_for_fdb_rows() {
         let (local, peers) = topology();
         let d = compute(&host(), &local, &peers);
-        let none = publish(&local, &d.candidates, &BTreeSet::new(), &d.tunnel_dst);
+        let none = publish(&local, &d.candidates, &BTreeSet::new(), &d.destinations);
         let a = &none[&StackName::new("a").unwrap()];
         assert_eq!(a.routes.len(), 1, "only the same-host route: {a:?}");
         assert!(a.routes[0].same_host);
-        let all = publish(&local, &d.candidates, &d.fdb, &d.tunnel_dst);
+        let all = publish(&local, &d.candidates, &d.fdb, &d.destinations);
         assert_eq!(all[&StackName::new("a").unwrap()].routes.len(), 2);
         assert_eq!(all[&StackName::new("f").unwrap()].routes.len(), 2);
     }
@@ -999,7 +1001,7 @@ mod tests {
         let (mut local, peers) = topology();
         local[1].bridge = None; // c's bridge not found yet
         let d = compute(&host(), &local, &peers);
-        let published = publish(&local, &d.candidates, &d.fdb, &d.tunnel_dst);
+        let published = publish(&local, &d.candidates, &d.fdb, &d.destinations);
         let (rules, routes) = steering(&local, &published, 1000);
         let iifs: Vec<_> = rules.iter().map(|r| r.iif.clone().unwrap()).collect();
         assert_eq!(iifs, vec!["br-a", "br-f"]);

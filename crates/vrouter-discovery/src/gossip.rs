@@ -4,7 +4,7 @@
 //! (membership is not the datapath's liveness).
 
 use crate::settings::Settings;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 use vrouter_gossip::{
     record::Encryption, ClaimedStack, Counters, Faults, GossipEvent, Keyring, MemberView, Node,
-    NodeId, NodeRecord, Params, ReplayState,
+    NodeId, NodeRecord, Params, PathParams, PathView, Reflection, ReplayState,
 };
 use vrouter_state::{PrivateDir, StackName, StateDir};
 
@@ -99,6 +99,10 @@ pub struct Snapshot {
     pub insecure: bool,
     pub members: Vec<MemberView>,
     pub counters: Counters,
+    /// This node's path probes, one view per target (issue 17).
+    pub paths: Vec<PathView>,
+    /// The address peers see this node at.
+    pub reflection: Reflection,
 }
 
 pub enum Cmd {
@@ -110,10 +114,14 @@ pub enum Cmd {
     },
     Leave(oneshot::Sender<()>),
     Reload,
+    /// The nodes to probe paths to (issue 17).
+    PathTargets(BTreeSet<NodeId>),
 }
 
 pub struct GossipHandle {
     pub node_id: NodeId,
+    /// The gossip node's clock starts here (its monotonic ms, as in `PathView`).
+    epoch: Instant,
     shared: Arc<Mutex<Snapshot>>,
     events: Arc<Mutex<Vec<GossipEvent>>>,
     cmd: mpsc::UnboundedSender<Cmd>,
@@ -145,6 +153,15 @@ impl GossipHandle {
 
     pub fn reload(&self) {
         let _ = self.cmd.send(Cmd::Reload);
+    }
+
+    /// The gossip node's monotonic clock, in ms (the time base of its path views).
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    pub fn set_path_targets(&self, ids: BTreeSet<NodeId>) {
+        let _ = self.cmd.send(Cmd::PathTargets(ids));
     }
 
     /// Leaves the mesh on purpose; returns once the tombstone went out.
@@ -361,6 +378,8 @@ pub async fn start(
         left: false,
         bump: 0,
         encryption,
+        nat: None,
+        relay: None,
     };
     let epoch = Instant::now();
     let mut seed = [0u8; 8];
@@ -376,6 +395,15 @@ pub async fn start(
         wall_ms(),
         u64::from_be_bytes(seed),
     );
+    // Issue 17: path probes (targets come from the controller), the reflected address
+    // unless VROUTER_ADVERTISE_ADDR pins one, and the relay offer.
+    node.set_path_params(PathParams {
+        probe_every_ms: settings.path_probe_ms,
+        dead_after_ms: settings.path_dead_ms,
+        ..PathParams::default()
+    });
+    node.set_reflect(settings.advertise_addr.is_none());
+    node.set_relay(settings.relay);
     let replay = ReplayFile::new(&settings.private_dir());
     match replay.load() {
         Ok(Some(state)) => node.import_replay(&state),
@@ -391,6 +419,8 @@ pub async fn start(
         insecure: keyring.is_insecure(),
         members: Vec::new(),
         counters: Counters::default(),
+        paths: Vec::new(),
+        reflection: Reflection::default(),
     }));
     let events = Arc::new(Mutex::new(Vec::new()));
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
@@ -433,6 +463,7 @@ pub async fn start(
                     join_specs: specs,
                     secret_stamp: stamp,
                     last_view: Vec::new(),
+                    last_paths: Vec::new(),
                     replay,
                     replay_saved: Instant::now(),
                     replay_failing,
@@ -442,6 +473,7 @@ pub async fn start(
         })?;
     Ok(GossipHandle {
         node_id,
+        epoch,
         shared,
         events,
         cmd: cmd_tx,
@@ -464,6 +496,9 @@ struct Task {
     join_specs: Vec<String>,
     secret_stamp: Option<(SystemTime, u64)>,
     last_view: Vec<(NodeId, vrouter_gossip::MemberState, u64)>,
+    /// What of the paths and reflection the controller decides on, as last handed
+    /// over: a change pokes a reconcile.
+    last_paths: PathKey,
     replay: ReplayFile,
     replay_saved: Instant,
     /// The last store failed: retried every REPLAY_SAVE_EVERY, logged once.
@@ -536,6 +571,7 @@ impl Task {
                         left = Some(reply);
                     }
                     Some(Cmd::Reload) => self.reload_keys(true),
+                    Some(Cmd::PathTargets(ids)) => self.node.set_path_targets(ids),
                 },
                 _ = housekeeping.tick() => {
                     self.faults();
@@ -591,15 +627,25 @@ impl Task {
             .map(|m| (m.record.id, m.state, m.record.version))
             .collect();
         let membership_changed = view != self.last_view;
+        let paths = self.node.paths();
+        let reflection = self.node.reflection();
+        let key = path_key(&paths, &reflection);
+        let paths_changed = key != self.last_paths;
         {
             let mut s = self.shared.lock().expect("snapshot lock");
             s.counters = self.node.counters().clone();
             if membership_changed || records_changed {
                 s.members = self.node.members();
             }
+            s.paths = paths;
+            s.reflection = reflection;
         }
         if !ev.is_empty() {
             self.events.lock().expect("events lock").extend(ev);
+        }
+        if paths_changed {
+            self.last_paths = key;
+            let _ = self.changed.try_send(());
         }
         if membership_changed || records_changed {
             self.last_view = view;
@@ -641,6 +687,44 @@ impl Task {
             Err(e) => warn!("{e} (keeping the previous keys)"),
         }
     }
+}
+
+/// The parts of the path views and reflection a path decision depends on (RTT moves
+/// alone do not poke a reconcile; the timer one picks them up).
+type PathKey = Vec<(
+    NodeId,
+    bool,
+    Option<SocketAddrV4>,
+    bool,
+    u64,
+    Option<Ipv4Addr>,
+    bool,
+)>;
+
+fn path_key(paths: &[PathView], r: &Reflection) -> PathKey {
+    paths
+        .iter()
+        .map(|p| {
+            (
+                p.id,
+                p.reachable,
+                p.addr,
+                p.acked_ever,
+                p.since_ms,
+                r.observed,
+                r.port_translated,
+            )
+        })
+        .chain(std::iter::once((
+            NodeId(0),
+            false,
+            None,
+            false,
+            0,
+            r.observed,
+            r.port_translated,
+        )))
+        .collect()
 }
 
 /// The path of the secret file, for the config watcher.
@@ -844,6 +928,8 @@ mod tests {
             left: false,
             bump: 0,
             encryption: None,
+            nat: None,
+            relay: None,
         };
         let keys = Keyring::from_secrets(&["replay-test-secret-0123456789"]).unwrap();
         Node::new(Params::default(), record, keys, 0, wall, id)

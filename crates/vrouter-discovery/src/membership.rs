@@ -203,6 +203,8 @@ mod tests {
                 left: state == G::Left,
                 bump: 1,
                 encryption: None,
+                nat: None,
+                relay: None,
             },
             state,
             since: 0,

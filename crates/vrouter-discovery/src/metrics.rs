@@ -164,9 +164,16 @@ pub fn render(s: &Status, reconcile: Option<&Histogram>) -> String {
         "Packets forwarded between a local and a remote stack (tx: toward the remote stack)",
         packets,
     );
+    // The same family holds each gossip peer's path probe RTT, by node (through its
+    // relay when relayed).
+    for p in s.paths.iter().flatten() {
+        if let Some(ms) = p.rtt_ms {
+            rtt.get_or_create(&l(&[("node", &p.node)])).set(ms / 1000.0);
+        }
+    }
     reg.register(
         "vrouter_peer_rtt_seconds",
-        "Smoothed overlay probe round-trip time to a remote stack's router",
+        "Smoothed overlay probe round-trip time to a remote stack's router (local_stack, remote_stack), or path probe round-trip time to a gossip peer host (node)",
         rtt,
     );
     reg.register(
@@ -321,6 +328,57 @@ pub fn render(s: &Status, reconcile: Option<&Histogram>) -> String {
         );
     }
 
+    if let Some(r) = &s.relay {
+        let offered = Gauge::<i64>::default();
+        offered.set(i64::from(r.offered));
+        reg.register(
+            "vrouter_relay_offered",
+            "1 when this host offers to relay (VROUTER_RELAY=true)",
+            offered,
+        );
+        let bytes = Family::<Labels, Counter>::default();
+        let packets = Family::<Labels, Counter>::default();
+        for v in &r.per_vni {
+            let vni = l(&[("vni", &v.vni.to_string())]);
+            bytes.get_or_create(&vni).inc_by(v.bytes);
+            packets.get_or_create(&vni).inc_by(v.packets);
+        }
+        reg.register(
+            "vrouter_relay_forwarded_bytes",
+            "Bytes (inner frames) this relay forwarded between two other hosts, per VNI",
+            bytes,
+        );
+        reg.register(
+            "vrouter_relay_forwarded_packets",
+            "Frames this relay forwarded between two other hosts, per VNI",
+            packets,
+        );
+    }
+    if let Some(paths) = &s.paths {
+        let via = Family::<Labels, Gauge>::default();
+        for p in paths {
+            via.get_or_create(&l(&[("node", &p.node), ("via", &p.via)]))
+                .set(1);
+        }
+        reg.register(
+            "vrouter_peer_path",
+            "1 for the way traffic to a gossip peer takes: direct, relay or unreachable",
+            via,
+        );
+    }
+    if let Some(a) = &s.addresses {
+        let info = Family::<Labels, Gauge>::default();
+        if let Some(o) = a.observed {
+            info.get_or_create(&l(&[("address", &o.to_string())]))
+                .set(1);
+        }
+        reg.register(
+            "vrouter_observed_address_info",
+            "1 for the address peers see this host at, when it differs from the local one (NAT)",
+            info,
+        );
+    }
+
     if let Some(live) = &s.live {
         let ready = Gauge::<i64>::default();
         ready.set(i64::from(live.ready));
@@ -361,6 +419,112 @@ mod tests {
         text.lines()
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
             .map(|v| v.parse().unwrap())
+    }
+
+    #[test]
+    fn paths_relay_and_addresses_metrics_and_status_text() {
+        let mut d = discovery();
+        let h3: std::net::Ipv4Addr = "198.18.0.3".parse().unwrap();
+        let relay: std::net::Ipv4Addr = "198.18.0.9".parse().unwrap();
+        d.addresses = Some(vrouter_state::AddressesStatus {
+            local: "198.18.0.1".parse().unwrap(),
+            observed: Some("203.0.113.5".parse().unwrap()),
+            advertised: "198.18.0.1".parse().unwrap(),
+            pinned: false,
+            port_translated: false,
+        });
+        d.paths = Some(vec![vrouter_state::PathStatus {
+            node: "00000000000000d3".into(),
+            peer_addr: h3,
+            addr_in_use: h3,
+            via: "relay".into(),
+            relay_node: Some("00000000000000d9".into()),
+            relay_addr: Some(relay),
+            rtt_ms: Some(4.0),
+            since_ms: 10,
+            code: None,
+        }]);
+        let vni = vrouter_state::Vni::new(1000).unwrap();
+        d.relay = Some(vrouter_state::RelayStatus {
+            offered: true,
+            vnis: vec![vni],
+            forwarded_packets: 7,
+            forwarded_bytes: 700,
+            per_vni: vec![vrouter_state::RelayVni {
+                vni,
+                packets: 7,
+                bytes: 700,
+            }],
+        });
+        let s = build(
+            &d,
+            Some(&routes()),
+            &probes(),
+            None,
+            &Default::default(),
+            NOW,
+        );
+        let text = render(&s, None);
+        for (series, want) in [
+            ("vrouter_relay_offered", 1.0),
+            (r#"vrouter_relay_forwarded_bytes_total{vni="1000"}"#, 700.0),
+            (r#"vrouter_relay_forwarded_packets_total{vni="1000"}"#, 7.0),
+            (
+                r#"vrouter_peer_path{node="00000000000000d3",via="relay"}"#,
+                1.0,
+            ),
+            (
+                r#"vrouter_peer_rtt_seconds{node="00000000000000d3"}"#,
+                0.004,
+            ),
+            (
+                r#"vrouter_observed_address_info{address="203.0.113.5"}"#,
+                1.0,
+            ),
+        ] {
+            assert_eq!(value(&text, series), Some(want), "{series} in\n{text}");
+        }
+        let status = crate::status::render_text(&s);
+        for needle in [
+            "ADDRESSES",
+            "observed: 203.0.113.5",
+            "advertised: 198.18.0.1",
+            "PATHS",
+            "relayed via 198.18.0.9",
+            "relay: offered, VNIs 1000, forwarded 7 packets / 700 bytes",
+        ] {
+            assert!(status.contains(needle), "{needle:?} in\n{status}");
+        }
+        // The remote stack d on host 3 shows its path in STACKS.
+        assert!(
+            status
+                .lines()
+                .any(|l| l.starts_with("d ") && l.contains("relayed via 198.18.0.9")),
+            "{status}"
+        );
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["paths"][0]["via"], "relay");
+        assert_eq!(json["stacks"][3]["path"], "relayed via 198.18.0.9");
+        let h3_row = json["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["addr"] == "198.18.0.3")
+            .unwrap();
+        assert_eq!(h3_row["path"], "relayed via 198.18.0.9");
+        // Without gossip nothing of it shows.
+        let plain = render(
+            &build(
+                &discovery(),
+                Some(&routes()),
+                &probes(),
+                None,
+                &Default::default(),
+                NOW,
+            ),
+            None,
+        );
+        assert!(!plain.contains("vrouter_relay_") && !plain.contains("vrouter_peer_path"));
     }
 
     #[test]

@@ -621,6 +621,14 @@ pub async fn cleanup(settings: &Settings) -> anyhow::Result<()> {
     if had_filter {
         removed.push(format!("nftables table ip {table}"));
     }
+    // The relay's transit table (VROUTER_RELAY), if a relay run left it.
+    let relay = format!("{table}_relay");
+    if let Ok(c) = crate::transit::counters(&relay) {
+        crate::transit::remove(&relay)?;
+        if !c.is_empty() {
+            removed.push(format!("nftables table netdev {relay}"));
+        }
+    }
     for name in [vrouter_state::DISCOVERY_FILE, vrouter_state::ROUTES_FILE] {
         let path = settings.state_dir.join(name);
         if path.exists() {

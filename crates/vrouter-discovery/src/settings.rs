@@ -209,6 +209,20 @@ pub struct Settings {
     )]
     pub wg_rotation_secs: u64,
 
+    /// Offer to relay overlay traffic between hosts that cannot reach each other
+    /// directly but both reach this one (forwarding in this host's own namespace; this
+    /// host's root sees the relayed frames in the clear unless encryption is on).
+    #[arg(long, env = "VROUTER_RELAY", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub relay: bool,
+
+    /// How often each path target is probed, in ms (tests shorten it).
+    #[arg(long, env = "VROUTER_PATH_PROBE_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=60_000), hide = true)]
+    pub path_probe_ms: u64,
+
+    /// A path with no probe answer for this long is dead, in ms (tests shorten it).
+    #[arg(long, env = "VROUTER_PATH_DEAD_MS", default_value_t = 2500, value_parser = clap::value_parser!(u64).range(100..=600_000), hide = true)]
+    pub path_dead_ms: u64,
+
     /// Test-only fault switch: a file whose lines (e.g. `drop-broadcasts`) turn faults on.
     #[arg(long, env = "VROUTER_TEST_FAULTS", hide = true)]
     pub test_faults: Option<PathBuf>,
@@ -560,6 +574,36 @@ mod tests {
             let e = parse(&[flag, bad]).unwrap_err().to_string();
             assert!(e.contains(setting), "{flag} {bad}: {e}");
         }
+    }
+
+    #[test]
+    fn relay_and_path_settings() {
+        let c = parse(&[]).unwrap().settings;
+        assert!(!c.relay);
+        assert_eq!((c.path_probe_ms, c.path_dead_ms), (1000, 2500));
+        let c = parse(&["--relay", "--path-probe-ms", "200", "--path-dead-ms", "700"])
+            .unwrap()
+            .settings;
+        assert!(c.relay);
+        assert_eq!((c.path_probe_ms, c.path_dead_ms), (200, 700));
+        assert!(!parse(&["--relay", "false"]).unwrap().settings.relay);
+        for (flag, bad) in [
+            ("--relay", "maybe"),
+            ("--path-probe-ms", "0"),
+            ("--path-dead-ms", "x"),
+        ] {
+            let e = parse(&[flag, bad]).unwrap_err().to_string();
+            assert!(
+                e.contains(&flag[2..]) || e.contains("VROUTER_"),
+                "{flag} {bad}: {e}"
+            );
+        }
+        // The probe settings are hidden from --help; the relay is not.
+        let help = parse(&["--help"]).unwrap_err().to_string();
+        assert!(
+            help.contains("VROUTER_RELAY") && !help.contains("VROUTER_PATH_PROBE_MS"),
+            "{help}"
+        );
     }
 
     #[test]

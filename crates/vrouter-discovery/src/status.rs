@@ -67,6 +67,16 @@ pub struct Status {
     /// Encryption as discovery.json reports it (absent: an older discovery, `off`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encryption: Option<vrouter_state::EncryptionStatus>,
+    /// This host's local, observed and advertised addresses (absent: no gossip, or an
+    /// older discovery).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub addresses: Option<vrouter_state::AddressesStatus>,
+    /// The path to each probed gossip peer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub paths: Option<Vec<vrouter_state::PathStatus>>,
+    /// This host as a relay.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay: Option<vrouter_state::RelayStatus>,
     /// State files that could not be used (e.g. a corrupt routes.json), with the fix.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<String>,
@@ -91,6 +101,9 @@ pub struct HostRow {
     /// Smoothed round-trip time to its routers (the best local router's view).
     pub rtt_us: Option<u64>,
     pub stacks: Vec<StackName>,
+    /// A probed gossip peer: `direct`, `relayed via <host>` or `unreachable (<code>)`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
 
 /// A stack this host knows, local or remote.
@@ -108,6 +121,28 @@ pub struct StackRow {
     /// Local stacks: the host bridge of the stack network.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bridge: Option<String>,
+    /// Remote stacks of a probed gossip peer: `direct`, `relayed via <host>` or
+    /// `unreachable (<code>)`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// How a path reads in the status: `direct`, `relayed via <host>`, `unreachable (<code>)`.
+pub fn path_text(p: &vrouter_state::PathStatus) -> String {
+    match p.via.as_str() {
+        "relay" => format!(
+            "relayed via {}",
+            p.relay_addr
+                .map(|a| a.to_string())
+                .or_else(|| p.relay_node.clone())
+                .unwrap_or_else(|| "?".into())
+        ),
+        "unreachable" => format!(
+            "unreachable ({})",
+            p.code.clone().unwrap_or_else(|| "?".into())
+        ),
+        other => other.to_string(),
+    }
 }
 
 /// Routes of one local stack: published by discovery and as its router reports them.
@@ -231,6 +266,7 @@ pub fn build(
             last_seen_ms: None,
             rtt_us: None,
             stacks: Vec::new(),
+            path: None,
         });
         row.stacks.extend(p.stacks.iter().map(|s| s.name.clone()));
     }
@@ -246,10 +282,16 @@ pub fn build(
                 last_seen_ms: None,
                 rtt_us: None,
                 stacks: m.stacks.clone(),
+                path: None,
             });
             row.state = m.state.to_string();
             row.routed = m.routed;
             row.node_id = Some(m.node_id.clone());
+        }
+    }
+    for p in discovery.paths.iter().flatten() {
+        if let Some(row) = hosts.get_mut(&p.peer_addr) {
+            row.path = Some(path_text(p));
         }
     }
     for f in probes {
@@ -298,8 +340,17 @@ pub fn build(
             host: None,
             connected: Some(l.connected),
             bridge: l.bridge.clone(),
+            path: None,
         })
         .collect();
+    let path_of = |addr: Ipv4Addr| {
+        discovery
+            .paths
+            .iter()
+            .flatten()
+            .find(|p| p.peer_addr == addr)
+            .map(path_text)
+    };
     for p in &discovery.peers {
         for s in &p.stacks {
             stacks.push(StackRow {
@@ -310,6 +361,7 @@ pub fn build(
                 host: Some(p.addr),
                 connected: None,
                 bridge: None,
+                path: path_of(p.addr),
             });
         }
     }
@@ -465,6 +517,9 @@ pub fn build(
         acl,
         steering,
         encryption: discovery.encryption.clone(),
+        addresses: discovery.addresses.clone(),
+        paths: discovery.paths.clone(),
+        relay: discovery.relay.clone(),
         problems: Vec::new(),
     }
 }
@@ -578,6 +633,7 @@ pub fn render_text(s: &Status) -> String {
                 age(s.generated_ms, r.last_seen_ms),
                 r.rtt_us.map(fmt_us).unwrap_or_else(|| "-".into()),
                 join(&r.stacks),
+                r.path.clone().unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
@@ -591,6 +647,7 @@ pub fn render_text(s: &Status) -> String {
             "LAST SEEN",
             "RTT",
             "STACKS",
+            "PATH",
         ],
         &rows,
     );
@@ -610,12 +667,13 @@ pub fn render_text(s: &Status) -> String {
                     (None, Some(true)) => "local".into(),
                     (None, _) => "local (disconnected)".into(),
                 },
+                r.path.clone().unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
     table(
         &mut out,
-        &["STACK", "VNI", "PREFIXES", "ROUTER", "HOST"],
+        &["STACK", "VNI", "PREFIXES", "ROUTER", "HOST", "PATH"],
         &rows,
     );
 
@@ -776,6 +834,8 @@ pub fn render_text(s: &Status) -> String {
         render_encryption(&mut out, e);
     }
 
+    render_paths(&mut out, s);
+
     if !s.acl.is_empty() {
         out.push_str("\nACCESS\n");
         for a in &s.acl {
@@ -842,6 +902,81 @@ pub fn render_text(s: &Status) -> String {
         );
     }
     out
+}
+
+/// The Addresses and Paths sections (issue 17), and the relay line: this host's
+/// local, observed and advertised addresses; per probed peer the address in use and
+/// whether traffic goes direct or through which relay.
+fn render_paths(out: &mut String, s: &Status) {
+    if let Some(a) = &s.addresses {
+        out.push_str("\nADDRESSES\n");
+        let _ = writeln!(out, "local: {}", a.local);
+        let _ = writeln!(
+            out,
+            "observed: {}{}",
+            a.observed
+                .map(|o| o.to_string())
+                .unwrap_or_else(|| "none (peers see the local address)".into()),
+            if a.port_translated {
+                " (the NAT rewrites ports)"
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(
+            out,
+            "advertised: {}{}",
+            a.advertised,
+            if a.pinned {
+                " (pinned by VROUTER_ADVERTISE_ADDR)"
+            } else {
+                ""
+            }
+        );
+    }
+    if let Some(paths) = &s.paths {
+        out.push_str("\nPATHS\n");
+        let rows: Vec<Vec<String>> = paths
+            .iter()
+            .map(|p| {
+                vec![
+                    p.peer_addr.to_string(),
+                    p.node.clone(),
+                    p.addr_in_use.to_string(),
+                    path_text(p),
+                    p.rtt_ms
+                        .map(|r| format!("{r:.2} ms"))
+                        .unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect();
+        table(
+            out,
+            &["PEER", "NODE", "ADDRESS IN USE", "PATH", "RTT"],
+            &rows,
+        );
+    }
+    if let Some(r) = &s.relay {
+        let _ = writeln!(
+            out,
+            "relay: {}{}",
+            if r.offered { "offered" } else { "not offered" },
+            if r.offered {
+                format!(
+                    ", VNIs {}, forwarded {} packets / {} bytes",
+                    if r.vnis.is_empty() {
+                        "none".to_string()
+                    } else {
+                        join(&r.vnis)
+                    },
+                    r.forwarded_packets,
+                    r.forwarded_bytes
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
 }
 
 /// The Encryption section: the mode, this host's key and tunnel address, every peer's
@@ -1057,6 +1192,9 @@ pub(crate) mod tests {
             drift_repairs: 3,
             steering: None,
             encryption: None,
+            addresses: None,
+            paths: None,
+            relay: None,
             gossip: Some(GossipStatus {
                 node_id: "00000000000000d1".into(),
                 addr: "198.18.0.1:7950".into(),

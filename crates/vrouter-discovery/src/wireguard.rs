@@ -89,12 +89,56 @@ pub fn device_config(
     }
 }
 
+/// Persistent keepalive toward every peer while this host is behind a NAT (its
+/// reflection has an observed address): shorter than common UDP NAT timeouts (30 s),
+/// so the mappings of its tunnels stay open from the inside.
+pub const NAT_KEEPALIVE_SECS: u16 = 15;
+
+/// Where this host's WireGuard reaches one peer host, as the caller decided it (the
+/// peer's address in use and this host's NAT state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerEndpoint {
+    /// The address to send to; the port is the peer's announced WireGuard port.
+    pub addr: Ipv4Addr,
+    /// Persistent keepalive, seconds (None: off).
+    pub keepalive_secs: Option<u16>,
+}
+
+/// One WireGuard peer of the device with the peer host (underlay address) it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPeer {
+    pub host: Ipv4Addr,
+    pub config: PeerConfig,
+}
+
+/// The device's peers: `plan`'s, each with the endpoint address and keepalive the
+/// caller gives for its host (`endpoints`, by underlay address); a host without an
+/// entry keeps the plan's (its underlay address, [`crate::encryption::KEEPALIVE_SECS`]).
+/// The port is always the peer's announced WireGuard port. A peer that roams (its
+/// packets authenticate from another source) is answered there by the backend until
+/// the address given here changes.
+pub fn wg_peers(plan: &Plan, endpoints: &BTreeMap<Ipv4Addr, PeerEndpoint>) -> Vec<HostPeer> {
+    plan.wg_peers
+        .iter()
+        .map(|p| {
+            // The plan's endpoint is the peer's underlay address.
+            let host = *p.endpoint.ip();
+            let mut config = p.clone();
+            if let Some(e) = endpoints.get(&host) {
+                config.endpoint.set_ip(e.addr);
+                config.keepalive = e.keepalive_secs;
+            }
+            HostPeer { host, config }
+        })
+        .collect()
+}
+
 /// Whether a rotation to `next` may complete: every routed encrypted peer's newest
 /// session was made with `next` (the laggards list is then empty), or `wait` has passed
 /// (the laggards are named). None: keep waiting.
 pub fn rotation_done(
     next: &PublicKey,
-    peers: &[PeerConfig],
+    peers: &[HostPeer],
     stats: &[PeerStats],
     elapsed: Duration,
     wait: Duration,
@@ -104,9 +148,9 @@ pub fn rotation_done(
         .filter(|p| {
             !stats
                 .iter()
-                .any(|s| s.tunnel == p.tunnel && s.session_key.as_ref() == Some(next))
+                .any(|s| s.tunnel == p.config.tunnel && s.session_key.as_ref() == Some(next))
         })
-        .map(|p| *p.endpoint.ip())
+        .map(|p| p.host)
         .collect();
     (laggards.is_empty() || elapsed >= wait).then_some(laggards)
 }
@@ -114,7 +158,7 @@ pub fn rotation_done(
 /// Encrypted peers whose latest handshake is older than `stale` (or who never had one
 /// `stale` after they became peers), with the age: `since` is when each became a peer.
 pub fn stale_peers(
-    peers: &[PeerConfig],
+    peers: &[HostPeer],
     stats: &[PeerStats],
     since: &BTreeMap<Ipv4Addr, Instant>,
     now: Instant,
@@ -122,10 +166,10 @@ pub fn stale_peers(
 ) -> BTreeMap<Ipv4Addr, Duration> {
     let mut out = BTreeMap::new();
     for p in peers {
-        let host = *p.endpoint.ip();
+        let host = p.host;
         let age = match stats
             .iter()
-            .find(|s| s.tunnel == p.tunnel)
+            .find(|s| s.tunnel == p.config.tunnel)
             .and_then(|s| s.last_handshake)
         {
             Some(age) => age,
@@ -216,7 +260,10 @@ pub struct Tunnel {
     /// This host's tunnel address as last applied.
     pub address: Option<Ipv4Addr>,
     /// The device's peers as last applied.
-    peers: Vec<PeerConfig>,
+    peers: Vec<HostPeer>,
+    /// Endpoint address and keepalive per peer host, from the caller (see
+    /// [`Tunnel::set_endpoints`]).
+    endpoints: BTreeMap<Ipv4Addr, PeerEndpoint>,
     /// When each encrypted peer became one (for the stale watch of peers that never
     /// completed a handshake).
     peer_since: BTreeMap<Ipv4Addr, Instant>,
@@ -248,6 +295,7 @@ impl Tunnel {
             wg: None,
             address: None,
             peers: Vec::new(),
+            endpoints: BTreeMap::new(),
             peer_since: BTreeMap::new(),
             stale: BTreeSet::new(),
             filter_applied: None,
@@ -302,6 +350,18 @@ impl Tunnel {
         })
     }
 
+    /// The endpoint address and keepalive of each peer host (by underlay address) for
+    /// the next [`Tunnel::apply`]; hosts left out get their underlay address and
+    /// [`crate::encryption::KEEPALIVE_SECS`].
+    pub fn set_endpoints(&mut self, endpoints: BTreeMap<Ipv4Addr, PeerEndpoint>) {
+        self.endpoints = endpoints;
+    }
+
+    /// The device's peers as last applied, with their hosts.
+    pub fn peers(&self) -> &[HostPeer] {
+        &self.peers
+    }
+
     fn key_list(&self) -> Vec<PrivateKey> {
         match &self.keys.next {
             Some(n) => vec![n.clone(), self.keys.current.clone()],
@@ -316,6 +376,7 @@ impl Tunnel {
             return Vec::new();
         }
         let mut notes = Vec::new();
+        let peers = wg_peers(plan, &self.endpoints);
         let cfg = device_config(
             &self.device,
             self.key_list(),
@@ -323,7 +384,7 @@ impl Tunnel {
             address,
             self.range,
             underlay_mtu,
-            plan.wg_peers.clone(),
+            peers.iter().map(|p| p.config.clone()).collect(),
         );
         let result = match &self.wg {
             Some(wg) => wg.apply(&cfg).await.map(|_| None),
@@ -340,7 +401,7 @@ impl Tunnel {
                     self.wg = Some(wg);
                 }
                 self.address = Some(address);
-                self.peers = plan.wg_peers.clone();
+                self.peers = peers;
                 self.device_error = None;
             }
             Err(e) => {
@@ -356,7 +417,7 @@ impl Tunnel {
             }
         }
         let now = Instant::now();
-        let hosts: BTreeSet<Ipv4Addr> = self.peers.iter().map(|p| *p.endpoint.ip()).collect();
+        let hosts: BTreeSet<Ipv4Addr> = self.peers.iter().map(|p| p.host).collect();
         self.peer_since.retain(|h, _| hosts.contains(h));
         for h in hosts {
             self.peer_since.entry(h).or_insert(now);
@@ -624,6 +685,13 @@ mod tests {
         }
     }
 
+    fn hp(p: &PeerConfig) -> HostPeer {
+        HostPeer {
+            host: *p.endpoint.ip(),
+            config: p.clone(),
+        }
+    }
+
     fn stat(p: &PeerConfig, handshake: Option<u64>, session: Option<PublicKey>) -> PeerStats {
         PeerStats {
             public_key: p.public_key,
@@ -633,6 +701,7 @@ mod tests {
             rx_bytes: 10,
             tx_bytes: 20,
             session_key: session,
+            roams: 0,
         }
     }
 
@@ -665,7 +734,7 @@ mod tests {
         let (old, next) = (key(1), key(2));
         let a = peer("198.18.0.2", "10.255.0.2", key(3));
         let b = peer("198.18.0.3", "10.255.0.3", key(4));
-        let peers = vec![a.clone(), b.clone()];
+        let peers = vec![hp(&a), hp(&b)];
         let wait = Duration::from_secs(120);
         let half = vec![stat(&a, Some(1), Some(next)), stat(&b, Some(1), Some(old))];
         assert_eq!(
@@ -701,7 +770,13 @@ mod tests {
         ]
         .into();
         let stats = vec![stat(&a, Some(200), None), stat(&b, Some(30), None)];
-        let stale = stale_peers(&[a, b, c], &stats, &since, now, Duration::from_secs(180));
+        let stale = stale_peers(
+            &[hp(&a), hp(&b), hp(&c)],
+            &stats,
+            &since,
+            now,
+            Duration::from_secs(180),
+        );
         assert_eq!(
             stale.keys().copied().collect::<Vec<_>>(),
             vec![ip("198.18.0.2")]
@@ -710,9 +785,110 @@ mod tests {
         let never = peer("198.18.0.5", "10.255.0.5", key(6));
         let since = [(ip("198.18.0.5"), now - Duration::from_secs(181))].into();
         assert!(
-            stale_peers(&[never], &[], &since, now, Duration::from_secs(180))
+            stale_peers(&[hp(&never)], &[], &since, now, Duration::from_secs(180))
                 .contains_key(&ip("198.18.0.5"))
         );
+        // A peer reached at another address (its observed one) is still named by its
+        // host address.
+        let mut far = hp(&peer("198.18.0.6", "10.255.0.6", key(7)));
+        far.config.endpoint = SocketAddrV4::new(ip("203.0.113.5"), 51820);
+        let since = [(ip("198.18.0.6"), now - Duration::from_secs(181))].into();
+        let stale = stale_peers(&[far.clone()], &[], &since, now, Duration::from_secs(180));
+        assert_eq!(
+            stale.keys().copied().collect::<Vec<_>>(),
+            [ip("198.18.0.6")]
+        );
+        assert_eq!(
+            rotation_done(
+                &key(2),
+                &[far],
+                &[],
+                Duration::from_secs(200),
+                Duration::ZERO
+            ),
+            Some(vec![ip("198.18.0.6")])
+        );
+    }
+
+    fn encrypted(addr: &str, tunnel: &str, k: PublicKey, wg_port: u16) -> PeerHost {
+        PeerHost {
+            addr: ip(addr),
+            stacks: Vec::new(),
+            source: PeerOrigin::Gossip,
+            node: None,
+            claims: BTreeMap::new(),
+            encryption: Some(PeerEncryption {
+                mode: EncryptionMode::Prefer,
+                public_key: Some(k.to_string()),
+                next_public_key: None,
+                tunnel: Some(ip(tunnel)),
+                wg_port,
+            }),
+        }
+    }
+
+    #[test]
+    fn the_caller_sets_each_peers_endpoint_address_and_keepalive() {
+        let hosts = vec![
+            encrypted("198.18.0.2", "10.255.0.2", key(3), 51820),
+            encrypted("198.18.0.3", "10.255.0.3", key(4), 51999),
+            encrypted("198.18.0.4", "10.255.0.4", key(5), 51820),
+        ];
+        let p = plan(
+            &EncryptionMode::Prefer,
+            &hosts,
+            "10.255.0.0/16".parse().unwrap(),
+            Some(ip("10.255.0.1")),
+        );
+        // Nothing given: the underlay address and the default keepalive.
+        let plain = wg_peers(&p, &BTreeMap::new());
+        assert_eq!(plain.len(), 3);
+        for (hp, host) in plain.iter().zip(&hosts) {
+            assert_eq!(hp.host, host.addr);
+            assert_eq!(*hp.config.endpoint.ip(), host.addr);
+            assert_eq!(hp.config.keepalive, Some(KEEPALIVE_SECS));
+        }
+        let endpoints: BTreeMap<Ipv4Addr, PeerEndpoint> = [
+            // Reached at its observed address, keepalive for this host's NAT.
+            (
+                ip("198.18.0.3"),
+                PeerEndpoint {
+                    addr: ip("203.0.113.5"),
+                    keepalive_secs: Some(NAT_KEEPALIVE_SECS),
+                },
+            ),
+            // Keepalive off.
+            (
+                ip("198.18.0.4"),
+                PeerEndpoint {
+                    addr: ip("198.18.0.4"),
+                    keepalive_secs: None,
+                },
+            ),
+            // Not a WireGuard peer: ignored.
+            (
+                ip("198.18.0.9"),
+                PeerEndpoint {
+                    addr: ip("198.18.0.9"),
+                    keepalive_secs: None,
+                },
+            ),
+        ]
+        .into();
+        let set = wg_peers(&p, &endpoints);
+        assert_eq!(set.len(), 3);
+        assert_eq!(set[0], plain[0]);
+        assert_eq!(set[1].host, ip("198.18.0.3"));
+        assert_eq!(
+            set[1].config.endpoint,
+            SocketAddrV4::new(ip("203.0.113.5"), 51999),
+            "the peer's own WireGuard port"
+        );
+        assert_eq!(set[1].config.keepalive, Some(15));
+        assert_eq!(set[1].config.tunnel, ip("10.255.0.3"));
+        assert_eq!(set[1].config.public_key, plain[1].config.public_key);
+        assert_eq!(set[2].config.endpoint, plain[2].config.endpoint);
+        assert_eq!(set[2].config.keepalive, None);
     }
 
     #[test]

@@ -39,7 +39,17 @@ use vrouter_state::{Prefix, StackName, StackSpec, Vni};
 /// name and [`generate`] makes one of each: the only places that know the variants.
 /// Messages of a tag this build does not know are counted as `node.unknown`.
 pub const KINDS: &[&str] = &[
-    "swim", "join", "join_ack", "sync", "digest", "want", "parts", "push", "pruned",
+    "swim",
+    "join",
+    "join_ack",
+    "sync",
+    "digest",
+    "want",
+    "parts",
+    "push",
+    "pruned",
+    "probe",
+    "probe_ack",
 ];
 
 fn kind(w: &Wire) -> &'static str {
@@ -53,6 +63,8 @@ fn kind(w: &Wire) -> &'static str {
         Wire::Parts(_) => "parts",
         Wire::Push(_) => "push",
         Wire::Pruned(_) => "pruned",
+        Wire::Probe { .. } => "probe",
+        Wire::ProbeAck { .. } => "probe_ack",
     }
 }
 
@@ -84,6 +96,18 @@ fn generate(g: &mut Gen, k: usize) -> Wire {
             let n = g.count(validate::MAX_PRUNED);
             Wire::Pruned((0..n).map(|_| (g.id(), g.num())).collect())
         }
+        "probe" => Wire::Probe { token: g.num() },
+        // Tokens of probes the target really sent now and then (outstanding ones),
+        // so acks reach the path table, the reflection and the record.
+        "probe_ack" => Wire::ProbeAck {
+            token: if !g.tokens.is_empty() && g.rng.random_bool(0.7) {
+                let t = g.tokens.clone();
+                *g.pick(&t)
+            } else {
+                g.num()
+            },
+            seen: g.addr(),
+        },
         other => unreachable!("KINDS lists {other} but generate does not make it"),
     }
 }
@@ -184,6 +208,7 @@ impl Fuzzer {
                 bump: 0,
             },
             corpus: plains,
+            tokens: Vec::new(),
         };
         // The captured nodes' ids, so records and digests collide with real ones.
         for p in &g.corpus {
@@ -273,10 +298,26 @@ impl Fuzzer {
             if tick {
                 node.tick(now);
             }
-            let _ = node.take_outbox();
+            let out = node.take_outbox();
             let _ = node.take_events();
             let _ = node.members();
+            let _ = node.paths();
+            out
         });
+        if let Ok(out) = &r {
+            // The probes it sent: their tokens make acks that count.
+            for (_, data) in out {
+                if let Ok((_, p)) = self.opener.open(data) {
+                    if let Ok(Wire::Probe { token }) = wire::decode(&p) {
+                        self.g.tokens.push(token);
+                    }
+                }
+            }
+            let n = self.g.tokens.len();
+            if n > 64 {
+                self.g.tokens.drain(..n - 64);
+            }
+        }
         if let Err(message) = r {
             self.crash(report, "node", &plain, message);
             // Its locks may be poisoned: start again.
@@ -428,8 +469,15 @@ fn target_node(keys: &Keyring, now: u64, seed: u64) -> Node {
         left: false,
         bump: 0,
         encryption: None,
+        nat: None,
+        relay: None,
     };
-    Node::new(Params::default(), r, keys.clone(), now, WALL0 + now, seed)
+    let mut n = Node::new(Params::default(), r, keys.clone(), now, WALL0 + now, seed);
+    // Probes to the captured nodes' ids (and edge ids), relaying: path acks and
+    // reports reach the path table and the published record.
+    n.set_path_targets([NodeId(0x1111), NodeId(0x2222), NodeId(0), NodeId(u64::MAX)].into());
+    n.set_relay(seed % 2 == 0);
+    n
 }
 
 /// Real traffic: two nodes join, exchange records and anti-entropy, change stacks and
@@ -452,8 +500,17 @@ fn capture(keys: &Keyring) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
                 tunnel: Some(Ipv4Addr::new(10, 255, 0, i as u8 + 1)),
                 wg_port: 51820,
             }),
+            nat: (i == 1).then_some(crate::record::NatInfo {
+                observed: Ipv4Addr::new(203, 0, 113, 7),
+                port_translated: true,
+            }),
+            relay: None,
         };
-        Node::new(Params::default(), r, keys.clone(), 0, WALL0, id)
+        let mut n = Node::new(Params::default(), r, keys.clone(), 0, WALL0, id);
+        // Probes between the two, one relaying: probes and acks in the corpus.
+        n.set_path_targets([NodeId(0x1111), NodeId(0x2222)].into());
+        n.set_relay(i == 0);
+        n
     };
     let mut nodes = [mk(0, 0x1111), mk(1, 0x2222)];
     nodes[1].set_join(vec![sim_addr(0)]);
@@ -512,6 +569,8 @@ struct Gen {
     target: Member,
     ids: Vec<NodeId>,
     corpus: Vec<Vec<u8>>,
+    /// Tokens of probes the target node sent (acks with them count).
+    tokens: Vec<u64>,
 }
 
 impl Gen {
@@ -619,7 +678,37 @@ impl Gen {
             left: self.rng.random_bool(0.2),
             bump: self.num(),
             encryption: self.encryption(),
+            nat: self.nat(),
+            relay: self.relay(),
         }
+    }
+
+    /// Absent, or any address (unusable ones included).
+    fn nat(&mut self) -> Option<crate::record::NatInfo> {
+        self.rng.random_bool(0.5).then(|| crate::record::NatInfo {
+            observed: *self.addr().ip(),
+            port_translated: self.rng.random(),
+        })
+    }
+
+    /// Absent, or an offer with edge values: empty, at or past the cap, repeated
+    /// ids, rtt 0 or u16::MAX.
+    fn relay(&mut self) -> Option<crate::record::RelayOffer> {
+        if self.rng.random_bool(0.5) {
+            return None;
+        }
+        let n = self.count(crate::record::MAX_RELAY_REACH);
+        let reach = (0..n)
+            .map(|_| crate::record::RelayReach {
+                id: self.id(),
+                rtt_ms: match self.rng.random_range(0..4) {
+                    0 => 0,
+                    1 => u16::MAX,
+                    _ => self.rng.random_range(1..200),
+                },
+            })
+            .collect();
+        Some(crate::record::RelayOffer { reach })
     }
 
     /// Absent, or with edge values: unknown modes, a key with no mode, port 0, a

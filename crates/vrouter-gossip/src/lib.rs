@@ -8,10 +8,12 @@
 //!   replay window);
 //! - [`record`]: a node's versioned record and its SWIM identity;
 //! - [`node`]: SWIM membership through foca, record broadcast and anti-entropy;
+//! - [`path`]: path probes to chosen members, the address peers see (reflection);
 //! - [`sim`]: a simulated network and clock for tests and benchmarks.
 
 pub mod fuzz;
 pub mod node;
+pub mod path;
 pub mod record;
 pub mod seal;
 pub mod sim;
@@ -19,5 +21,9 @@ pub mod validate;
 pub mod wire;
 
 pub use node::{Counters, Faults, GossipEvent, MemberState, MemberView, Node, Params};
-pub use record::{ClaimedStack, Format, Member, NodeId, NodeRecord, MAX_RECORD_BYTES};
+pub use path::{reflect, PathParams, PathView, Reflection, MAX_PATH_TARGETS};
+pub use record::{
+    ClaimedStack, Format, Member, NatInfo, NodeId, NodeRecord, RelayOffer, RelayReach,
+    MAX_RECORD_BYTES, MAX_RELAY_REACH,
+};
 pub use seal::{Keyring, Reject, ReplayState};

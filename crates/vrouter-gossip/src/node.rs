@@ -8,7 +8,11 @@
 //! process's); the wall clock is only used to version records and stamp claims, as
 //! `wall_base_ms + now`.
 
-use crate::record::{self, Assembly, ClaimedStack, Format, Member, NodeId, NodeRecord};
+use crate::path::{self, PathParams, PathTable, PathView, Reflection};
+use crate::record::{
+    self, Assembly, ClaimedStack, Format, Member, NatInfo, NodeId, NodeRecord, RelayOffer,
+    RelayReach,
+};
 use crate::seal::{Keyring, Reject, ReplayState, Sealer, OVERHEAD};
 use crate::validate;
 use crate::wire::{self, Decoded, Wire};
@@ -17,7 +21,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::num::{NonZeroU8, NonZeroUsize};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -159,7 +163,17 @@ pub enum GossipEvent {
     Rejoined,
     /// Packets dropped since the last report, by reason (reported at most every 10 s).
     Rejected(Vec<(Reject, u64)>),
+    /// The address this host's peers see it at changed ([`Node::reflection`]).
+    Reflected {
+        observed: Option<Ipv4Addr>,
+        port_translated: bool,
+    },
 }
+
+/// A relay offer's rtt moves only by more than this fraction and this many ms...
+const RELAY_RTT_MOVE: (f64, u16) = (0.5, 2);
+/// ...and is republished for that at most this often.
+const RELAY_RTT_EVERY_MS: u64 = 5_000;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
@@ -178,6 +192,14 @@ pub struct Counters {
     pub records_pruned: u64,
     /// Records of new nodes not taken because `max_members` are held.
     pub refused_full: u64,
+    /// Path probes sent and answered ([`crate::path`]).
+    #[serde(default)]
+    pub probes_sent: u64,
+    #[serde(default)]
+    pub probe_acks_sent: u64,
+    /// Acks that counted (sender and token matched).
+    #[serde(default)]
+    pub probe_acks_accepted: u64,
 }
 
 /// Test-only faults (the daemon sets them from a file named by an environment variable).
@@ -239,7 +261,7 @@ struct Store {
     started: bool,
     /// (record, member) to ask for a whole version whose first part came by broadcast:
     /// one round trip instead of waiting for every part to come round by piggyback.
-    pulls: Vec<(NodeId, SocketAddrV4)>,
+    pulls: Vec<(NodeId, NodeId, SocketAddrV4)>,
     /// (id, old underlay, new underlay) seen since the last drain.
     migrations: Vec<(NodeId, Ipv4Addr, Ipv4Addr)>,
 }
@@ -453,7 +475,7 @@ impl BroadcastHandler<Member> for Handler {
         let offer = store.offer_part(data, true);
         if std::mem::take(&mut store.started) {
             if let Some(from) = sender {
-                store.pulls.push((p.id, from.addr));
+                store.pulls.push((p.id, from.id, from.addr));
             }
         }
         Ok((offer == Offer::New).then_some(key))
@@ -511,6 +533,15 @@ pub struct Node {
     left: bool,
     /// Our SWIM identity changed (rejoin): the record must carry the new bump.
     identity_changed: bool,
+    /// Path probes, learned sources and reports of our address.
+    paths: PathTable,
+    /// Publish `record.nat` from the reflection (off when the address is pinned).
+    reflect_on: bool,
+    /// Publish `record.relay` from the paths.
+    relay_on: bool,
+    reflection: Reflection,
+    /// When `record.relay` was last published.
+    relay_published_ms: u64,
 }
 
 /// Timers in a heap need an order; foca's Timer has one, but the tuple needs it boxed
@@ -566,6 +597,7 @@ impl Node {
             Handler(store.clone()),
         );
         let sealer = Sealer::new(keyring, record.id.0, wall_ms.saturating_mul(1000));
+        let params_max_learned = params.max_members.saturating_add(64);
         let mut n = Node {
             next_ae: now + params.anti_entropy_ms,
             params,
@@ -591,6 +623,11 @@ impl Node {
             states: HashMap::new(),
             left: false,
             identity_changed: false,
+            paths: PathTable::new(PathParams::default(), params_max_learned),
+            reflect_on: true,
+            relay_on: false,
+            reflection: Reflection::default(),
+            relay_published_ms: 0,
         };
         n.advance(now);
         n.queue_own_broadcast();
@@ -660,6 +697,192 @@ impl Node {
             .into_iter()
             .filter(|a| *a != self.record.gossip_addr)
             .collect();
+    }
+
+    /// The members to probe ([`crate::path`]): at most [`path::MAX_PATH_TARGETS`]
+    /// (lowest ids), this node never. No target, no probe traffic at all.
+    pub fn set_path_targets(&mut self, mut ids: BTreeSet<NodeId>) {
+        ids.remove(&self.me.id);
+        self.paths.set_targets(ids, self.now);
+        self.path_housekeeping();
+    }
+
+    pub fn set_path_params(&mut self, p: PathParams) {
+        self.paths.set_params(p);
+    }
+
+    /// One view per target, at the node's current time.
+    pub fn paths(&self) -> Vec<PathView> {
+        self.paths.views(self.now)
+    }
+
+    /// The address this host's peers see it at, by majority of their fresh reports.
+    pub fn reflection(&self) -> Reflection {
+        self.reflection.clone()
+    }
+
+    /// Whether `record.nat` is published from the reflection (false when
+    /// `VROUTER_ADVERTISE_ADDR` pins the address: then `record.nat` is None).
+    pub fn set_reflect(&mut self, on: bool) {
+        self.reflect_on = on;
+        self.publish_paths();
+    }
+
+    /// Whether this node offers to relay: `record.relay` lists the targets it reaches,
+    /// with round-trip times.
+    pub fn set_relay(&mut self, on: bool) {
+        self.relay_on = on;
+        self.publish_paths();
+    }
+
+    /// Where a datagram to member `id` (announced at `addr`) goes: its path address if
+    /// probes reach it, else where its last authenticated packet came from (fresh),
+    /// else its observed address with its gossip port, else `addr`.
+    fn addr_of(&self, id: NodeId, addr: SocketAddrV4) -> SocketAddrV4 {
+        if let Some(a) = self.paths.path_addr(id, self.now) {
+            return a;
+        }
+        if let Some(a) = self.paths.learned(id, self.now) {
+            return a;
+        }
+        let store = self.store.lock().expect("store lock");
+        match store.records.get(&id).map(|h| &h.record) {
+            Some(NodeRecord {
+                nat: Some(n),
+                gossip_addr,
+                ..
+            }) => SocketAddrV4::new(n.observed, gossip_addr.port()),
+            _ => addr,
+        }
+    }
+
+    /// Probes every due target at each of its candidates.
+    fn probe_round(&mut self) {
+        if !self.paths.has_targets() {
+            return;
+        }
+        let due = self.paths.due(self.now);
+        for id in due {
+            let (local, observed) = {
+                let store = self.store.lock().expect("store lock");
+                match store.records.get(&id).map(|h| &h.record) {
+                    Some(r) => (
+                        Some(r.gossip_addr),
+                        r.nat
+                            .as_ref()
+                            .map(|n| SocketAddrV4::new(n.observed, r.gossip_addr.port())),
+                    ),
+                    None => (None, None),
+                }
+            };
+            let local = local.or_else(|| {
+                self.swim
+                    .iter_membership_state()
+                    .find(|m| m.id().id == id)
+                    .map(|m| m.id().addr)
+            });
+            for a in self.paths.candidates(id, local, observed, self.now) {
+                let token: u64 = self.rng.random();
+                self.paths.sent(token, id, a, self.now, self.now * 1000);
+                self.counters.probes_sent += 1;
+                self.send_wire(a, &Wire::Probe { token });
+            }
+        }
+        self.path_housekeeping();
+    }
+
+    /// After anything that moves paths or reports: reachability, the reflection (an
+    /// event on change), and what the record publishes.
+    fn path_housekeeping(&mut self) {
+        self.paths.refresh(self.now);
+        self.paths.expire_reports(self.now);
+        let r = path::reflect(self.record.gossip_addr, &self.paths.reports(self.now));
+        if (r.observed, r.port_translated)
+            != (self.reflection.observed, self.reflection.port_translated)
+        {
+            self.events.push(GossipEvent::Reflected {
+                observed: r.observed,
+                port_translated: r.port_translated,
+            });
+        }
+        self.reflection = r;
+        self.publish_paths();
+    }
+
+    /// The relay offer the paths make: reachable targets with their rtt.
+    fn relay_offer(&self) -> RelayOffer {
+        let mut reach: Vec<RelayReach> = self
+            .paths
+            .views(self.now)
+            .into_iter()
+            .filter(|v| v.reachable && v.id != self.me.id)
+            .map(|v| RelayReach {
+                id: v.id,
+                rtt_ms: v
+                    .rtt_us
+                    .map(|us| us.div_ceil(1000).clamp(1, u16::MAX as u32) as u16)
+                    .unwrap_or(1),
+            })
+            .collect();
+        reach.truncate(record::MAX_RELAY_REACH);
+        RelayOffer { reach }
+    }
+
+    /// Publishes `record.nat` (at once on a change) and `record.relay` (at once when
+    /// the reachable set changes; an rtt moved by more than half and 2 ms at most
+    /// every 5 s).
+    fn publish_paths(&mut self) {
+        if self.left {
+            return;
+        }
+        let nat = if self.reflect_on {
+            self.reflection.observed.map(|observed| NatInfo {
+                observed,
+                port_translated: self.reflection.port_translated,
+            })
+        } else {
+            None
+        };
+        let relay = self.relay_on.then(|| self.relay_offer());
+        let relay_due = match (&self.record.relay, &relay) {
+            (None, None) => false,
+            (Some(old), Some(new)) => {
+                let ids = |o: &RelayOffer| o.reach.iter().map(|x| x.id).collect::<Vec<_>>();
+                if ids(old) != ids(new) {
+                    true
+                } else {
+                    let moved = old.reach.iter().zip(&new.reach).any(|(a, b)| {
+                        let d = a.rtt_ms.abs_diff(b.rtt_ms);
+                        d > RELAY_RTT_MOVE.1 && d as f64 > RELAY_RTT_MOVE.0 * a.rtt_ms as f64
+                    });
+                    moved && self.now >= self.relay_published_ms + RELAY_RTT_EVERY_MS
+                }
+            }
+            _ => true,
+        };
+        let nat_due = nat != self.record.nat;
+        if !nat_due && !relay_due {
+            return;
+        }
+        let mut next = self.record.clone();
+        next.nat = nat;
+        if relay_due {
+            next.relay = relay;
+            self.relay_published_ms = self.now;
+        }
+        // Stacks were fitted leaving room for a full offer; never go over the limit.
+        while record::encoded_len(&next) > record::MAX_RECORD_BYTES {
+            match next.relay.as_mut().and_then(|o| {
+                o.reach.sort_by_key(|x| x.rtt_ms);
+                o.reach.pop()
+            }) {
+                Some(_) => {}
+                None => break,
+            }
+        }
+        next.version = self.next_version();
+        self.record = next;
+        self.queue_own_broadcast();
     }
 
     fn wall(&self) -> u64 {
@@ -754,12 +977,16 @@ impl Node {
     /// reaches the mesh in a few round trips whatever the record's size, while SWIM's
     /// piggybacking and anti-entropy catch what a lost datagram missed.
     fn push_to_some(&mut self, parts: Vec<Vec<u8>>) {
-        let mut members: Vec<SocketAddrV4> =
-            self.swim.iter_members().map(|m| m.id().addr).collect();
+        let mut members: Vec<(NodeId, SocketAddrV4)> = self
+            .swim
+            .iter_members()
+            .map(|m| (m.id().id, m.id().addr))
+            .collect();
         for k in 0..members.len().min(self.params.gossip_fanout) {
             let j = self.rng.random_range(k..members.len());
             members.swap(k, j);
-            self.send_parts(members[k], parts.clone(), true);
+            let to = self.addr_of(members[k].0, members[k].1);
+            self.send_parts(to, parts.clone(), true);
         }
     }
 
@@ -774,7 +1001,8 @@ impl Node {
         self.queue_own_broadcast();
         let members: Vec<Member> = self.swim.iter_members().map(|m| m.id().clone()).collect();
         for m in members.iter().take(5) {
-            self.send_parts(m.addr, self.own_parts.clone(), true);
+            let to = self.addr_of(m.id, m.addr);
+            self.send_parts(to, self.own_parts.clone(), true);
         }
         let mut rt = Collect::default();
         let _ = self.swim.leave_cluster(&mut rt);
@@ -796,6 +1024,10 @@ impl Node {
         if sender == self.me.id.0 {
             return;
         }
+        // Authenticated: where this sender's packets come from now.
+        let src = from;
+        self.paths.heard(NodeId(sender), src, self.now);
+        let from = self.addr_of(NodeId(sender), src);
         let wire = match wire::decode(&plain) {
             Ok(w) => w,
             Err(Decoded::Unknown) => {
@@ -952,6 +1184,21 @@ impl Node {
                     }
                 }
             }
+            Wire::Probe { token } => {
+                // Straight back where it came from: that is the path being tested.
+                self.counters.probe_acks_sent += 1;
+                self.send_wire(src, &Wire::ProbeAck { token, seen: src });
+            }
+            Wire::ProbeAck { token, seen } => {
+                let now_us = self.now * 1000;
+                if self
+                    .paths
+                    .ack(NodeId(sender), token, seen, self.now, now_us)
+                {
+                    self.counters.probe_acks_accepted += 1;
+                    self.path_housekeeping();
+                }
+            }
         }
         self.after_input();
     }
@@ -991,6 +1238,10 @@ impl Node {
         }
         self.clear_stale_suspicions();
         self.prune_expired();
+        if self.paths.has_targets() {
+            self.probe_round();
+            self.path_housekeeping();
+        }
         if self.now >= self.next_join {
             self.next_join = self.now + self.params.join_retry_ms;
             if self.swim.num_members() == 0 {
@@ -1001,12 +1252,15 @@ impl Node {
         }
         if self.now >= self.next_ae {
             self.next_ae = self.now + self.params.anti_entropy_ms;
-            let members: Vec<SocketAddrV4> =
-                self.swim.iter_members().map(|m| m.id().addr).collect();
+            let members: Vec<(NodeId, SocketAddrV4)> = self
+                .swim
+                .iter_members()
+                .map(|m| (m.id().id, m.id().addr))
+                .collect();
             if !members.is_empty() {
-                let pick = members[self.rng.random_range(0..members.len())];
+                let (id, addr) = members[self.rng.random_range(0..members.len())];
                 self.counters.anti_entropy_rounds += 1;
-                self.start_sync(pick);
+                self.start_sync(self.addr_of(id, addr));
             }
         }
         if !self.unreported.is_empty() && self.now >= self.next_reject_report {
@@ -1087,7 +1341,10 @@ impl Node {
             .peek()
             .map(|Reverse((at, _, _))| *at)
             .unwrap_or(u64::MAX);
-        t.min(self.next_ae).min(self.next_join)
+        t.min(self.next_ae)
+            .min(self.next_join)
+            .min(self.paths.next_due())
+            .min(self.paths.next_change(self.now))
     }
 
     fn start_sync(&mut self, to: SocketAddrV4) {
@@ -1135,7 +1392,8 @@ impl Node {
 
     fn drain(&mut self, rt: Collect) {
         for (to, data) in rt.sends {
-            self.send_wire(to.addr, &Wire::Swim(data));
+            let addr = self.addr_of(to.id, to.addr);
+            self.send_wire(addr, &Wire::Swim(data));
         }
         for (after, t) in rt.timers {
             self.timer_seq += 1;
@@ -1150,7 +1408,7 @@ impl Node {
                     // members do it (about 3 expected), or a join wave costs N².
                     let active = self.swim.num_members();
                     if active <= 8 || self.rng.random_range(0..active) < 3 {
-                        self.start_sync(m.addr);
+                        self.start_sync(self.addr_of(m.id, m.addr));
                     }
                 }
                 foca::OwnedNotification::MemberDown(m) => {
@@ -1211,8 +1469,9 @@ impl Node {
             self.push_to_some(forward);
         }
         let pulls = std::mem::take(&mut self.store.lock().expect("store lock").pulls);
-        for (id, from) in pulls {
-            self.send_wire(from, &Wire::Want(vec![id]));
+        for (id, member, addr) in pulls {
+            let to = self.addr_of(member, addr);
+            self.send_wire(to, &Wire::Want(vec![id]));
         }
         let (own_seen, invalid) = {
             let mut s = self.store.lock().expect("store lock");
@@ -1388,4 +1647,353 @@ fn digest_pages(records: &BTreeMap<NodeId, Held>, own: &NodeRecord) -> Vec<Wire>
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::{sim_addr, Sim};
+    use vrouter_state::{StackName, StackSpec, Vni};
+
+    fn stack(i: usize) -> Vec<ClaimedStack> {
+        vec![ClaimedStack {
+            spec: StackSpec {
+                name: StackName::new(&format!("s{i}")).unwrap(),
+                vni: Vni::new(100).unwrap(),
+                prefixes: vec![format!("10.{}.0.0/24", i + 1).parse().unwrap()],
+                router_ip: format!("10.{}.0.254", i + 1).parse().unwrap(),
+            },
+            claimed_ms: 1,
+        }]
+    }
+
+    /// `n` nodes joining through node 0; `before` runs before any starts (a NAT).
+    fn mesh(n: usize, seed: u64, before: impl FnOnce(&mut Sim)) -> Sim {
+        let mut s = Sim::new(n, Params::default(), seed);
+        before(&mut s);
+        s.start(0, stack(0), &[]);
+        for i in 1..n {
+            s.start(i, stack(i), &[0]);
+        }
+        s.run_until_true(10_000, 10, all_alive)
+            .expect("the mesh converges");
+        s
+    }
+
+    fn all_alive(s: &Sim) -> bool {
+        (0..s.len()).all(|i| s.node(i).is_none() || s.all_see(i, |m| m.state == MemberState::Alive))
+    }
+
+    fn id(i: usize) -> NodeId {
+        Sim::node_id(i)
+    }
+
+    fn targets(s: &mut Sim, i: usize, of: &[usize]) {
+        s.with_node(i, |n| {
+            n.set_path_targets(of.iter().map(|j| id(*j)).collect())
+        });
+    }
+
+    fn view(s: &Sim, i: usize, of: usize) -> PathView {
+        s.node(i)
+            .unwrap()
+            .paths()
+            .into_iter()
+            .find(|v| v.id == id(of))
+            .expect("a target's view")
+    }
+
+    fn reflected(s: &mut Sim, i: usize) -> Vec<(Option<Ipv4Addr>, bool)> {
+        s.node_mut(i)
+            .unwrap()
+            .take_events()
+            .into_iter()
+            .filter_map(|e| match e {
+                GossipEvent::Reflected {
+                    observed,
+                    port_translated,
+                } => Some((observed, port_translated)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Node 3 behind a NAT (outside address `outside`), node 2 inside the same NAT;
+    /// node 3 probes 0, 1 and 2.
+    fn reflection_through(outside: &str) -> (Sim, NatInfo) {
+        let outside: SocketAddrV4 = outside.parse().unwrap();
+        let mut s = mesh(4, 11, |s| {
+            s.set_nat(3, outside, &[2]);
+            s.set_nat(2, "198.51.100.99:7950".parse().unwrap(), &[3]);
+        });
+        s.node_mut(3).unwrap().take_events();
+        targets(&mut s, 3, &[0, 1, 2]);
+        let want = NatInfo {
+            observed: *outside.ip(),
+            port_translated: outside.port() != sim_addr(3).port(),
+        };
+        let t0 = s.now();
+        let w = want.clone();
+        let t = s
+            .run_until_true(t0 + 5_000, 10, |s| {
+                s.all_see(3, |m| m.record.nat.as_ref() == Some(&w))
+            })
+            .expect("the observed address reaches every peer");
+        assert!(t - t0 < 2_000, "took {} ms", t - t0);
+        (s, want)
+    }
+
+    #[test]
+    fn reflection_through_a_port_translating_nat() {
+        let (mut s, want) = reflection_through("198.51.100.7:40001");
+        let r = s.node(3).unwrap().reflection();
+        assert_eq!(r.observed, Some(want.observed));
+        assert!(r.port_translated);
+        // The inside peer reports the local address: it neither adds nor contradicts.
+        assert!(r.reports.contains(&(id(2), sim_addr(3))));
+        assert_eq!(r.reports.len(), 3);
+        assert_eq!(s.node(3).unwrap().record().nat, Some(want.clone()));
+        // One event, for the one change.
+        assert_eq!(reflected(&mut s, 3), vec![(Some(want.observed), true)]);
+        // Nodes not behind NAT observe nothing and publish nothing.
+        targets(&mut s, 0, &[1, 3]);
+        s.run_until(s.now() + 3_000);
+        assert_eq!(s.node(0).unwrap().reflection().observed, None);
+        assert_eq!(s.node(0).unwrap().record().nat, None);
+        assert!(reflected(&mut s, 0).is_empty());
+    }
+
+    #[test]
+    fn reflection_through_a_one_to_one_nat_and_pinned() {
+        let (mut s, want) = reflection_through("198.51.100.7:7950");
+        assert!(!want.port_translated);
+        assert!(!s.node(3).unwrap().reflection().port_translated);
+        // Pinned (VROUTER_ADVERTISE_ADDR): the record carries no observed address.
+        s.with_node(3, |n| n.set_reflect(false));
+        let t0 = s.now();
+        s.run_until_true(t0 + 5_000, 10, |s| s.all_see(3, |m| m.record.nat.is_none()))
+            .expect("the unpinned address is withdrawn");
+        assert_eq!(
+            s.node(3).unwrap().reflection().observed,
+            Some(want.observed)
+        );
+        // No targets: the reports go, and the observed address with them.
+        s.with_node(3, |n| n.set_reflect(true));
+        s.with_node(3, |n| n.set_path_targets(BTreeSet::new()));
+        s.run_until(s.now() + 100);
+        assert_eq!(s.node(3).unwrap().reflection(), Reflection::default());
+        assert_eq!(s.node(3).unwrap().record().nat, None);
+    }
+
+    #[test]
+    fn a_blocked_pair_becomes_unreachable_within_dead_after_and_comes_back() {
+        let mut s = mesh(3, 12, |_| {});
+        targets(&mut s, 0, &[1, 2]);
+        let t0 = s.now();
+        s.run_until_true(t0 + 3_000, 10, |s| {
+            view(s, 0, 1).reachable && view(s, 0, 2).reachable
+        })
+        .expect("both reachable");
+        let v = view(&s, 0, 1);
+        assert_eq!(v.addr, Some(sim_addr(1)));
+        assert!(v.acked_ever);
+        // Two 1 ms hops.
+        assert_eq!(v.rtt_us, Some(2_000));
+        s.run_until(s.now() + 500);
+        let blocked_at = s.now();
+        s.partition(&[0], &[1]);
+        let dead = PathParams::default().dead_after_ms;
+        let t = s
+            .run_until_true(blocked_at + 10_000, 1, |s| !view(s, 0, 1).reachable)
+            .expect("declared unreachable");
+        assert!(t - blocked_at <= dead + 1, "took {} ms", t - blocked_at);
+        let v = view(&s, 0, 1);
+        assert_eq!((v.addr, v.rtt_us, v.since_ms), (None, None, t));
+        assert!(view(&s, 0, 2).reachable, "the other path is untouched");
+        // SWIM keeps both in the mesh through the third node meanwhile.
+        s.run_until(s.now() + 5_000);
+        assert!(all_alive(&s));
+        s.heal();
+        let healed = s.now();
+        let t = s
+            .run_until_true(healed + 5_000, 1, |s| view(s, 0, 1).reachable)
+            .expect("reachable again");
+        assert!(
+            t - healed <= PathParams::default().probe_every_ms + 10,
+            "took {} ms",
+            t - healed
+        );
+        assert_eq!(view(&s, 0, 1).since_ms, t);
+    }
+
+    fn offer(s: &Sim, i: usize) -> Option<Vec<NodeId>> {
+        s.node(i)
+            .unwrap()
+            .record()
+            .relay
+            .as_ref()
+            .map(|o| o.reach.iter().map(|r| r.id).collect())
+    }
+
+    #[test]
+    fn a_relay_offer_is_published_and_follows_the_paths() {
+        let mut s = mesh(3, 13, |_| {});
+        targets(&mut s, 0, &[1, 2]);
+        assert_eq!(offer(&s, 0), None, "not a relay yet");
+        s.with_node(0, |n| n.set_relay(true));
+        let full = vec![id(1), id(2)].into_iter().collect::<BTreeSet<_>>();
+        let t0 = s.now();
+        s.run_until_true(t0 + 5_000, 10, |s| {
+            s.all_see(0, |m| {
+                m.record.relay.as_ref().is_some_and(|o| {
+                    o.reach.iter().map(|r| r.id).collect::<BTreeSet<_>>() == full
+                        && o.reach.iter().all(|r| r.rtt_ms == 2)
+                })
+            })
+        })
+        .expect("the offer reaches every peer");
+        // A dead path leaves the offer at once (well, within dead_after).
+        s.partition(&[0], &[2]);
+        let t1 = s.now();
+        let t = s
+            .run_until_true(t1 + 10_000, 10, |s| {
+                s.all_see(0, |m| {
+                    m.record.relay.as_ref().is_some_and(|o| {
+                        o.reach.iter().map(|r| r.id).collect::<Vec<_>>() == [id(1)]
+                    })
+                })
+            })
+            .expect("the offer loses the blocked host");
+        assert!(t - t1 < 4_000, "took {} ms", t - t1);
+        s.heal();
+        s.run_until_true(s.now() + 5_000, 10, |s| {
+            offer(s, 0).is_some_and(|o| o.len() == 2)
+        })
+        .expect("back in the offer");
+        // An rtt change is published, but at most every 5 s.
+        let mut versions = vec![s.node(0).unwrap().record().version];
+        s.latency = (15, 15);
+        let t2 = s.now();
+        let mut moved_at = None;
+        while s.now() < t2 + 12_000 {
+            s.run_until(s.now() + 10);
+            let r = s.node(0).unwrap().record();
+            if versions.last() != Some(&r.version) {
+                versions.push(r.version);
+            }
+            let rtt = r
+                .relay
+                .as_ref()
+                .unwrap()
+                .reach
+                .iter()
+                .map(|x| x.rtt_ms)
+                .min();
+            if moved_at.is_none() && rtt.is_some_and(|r| r >= 20) {
+                moved_at = Some(s.now());
+            }
+        }
+        assert!(moved_at.is_some(), "the new rtt was never published");
+        // Each version after the first is at least 5 s after the one before.
+        assert!(versions.len() >= 2 && versions.len() <= 4, "{versions:?}");
+        for w in versions[1..].windows(2) {
+            assert!(w[1] - w[0] >= RELAY_RTT_EVERY_MS, "{versions:?}");
+        }
+        s.with_node(0, |n| n.set_relay(false));
+        s.run_until_true(s.now() + 5_000, 10, |s| {
+            s.all_see(0, |m| m.record.relay.is_none())
+        })
+        .expect("the offer is withdrawn");
+    }
+
+    #[test]
+    fn with_no_target_no_probe_is_ever_sent() {
+        let mut s = mesh(5, 14, |_| {});
+        s.with_node(1, |n| n.set_relay(false));
+        s.with_node(2, |n| n.set_reflect(true));
+        s.run_until(s.now() + 20_000);
+        for i in 0..5 {
+            let n = s.node(i).unwrap();
+            assert_eq!(n.counters().probes_sent, 0);
+            assert_eq!(n.counters().probe_acks_sent, 0);
+            assert!(n.paths().is_empty());
+            assert_eq!(
+                (n.record().nat.clone(), n.record().relay.clone()),
+                (None, None)
+            );
+        }
+        // The encoded record is a format-2 record's size (the simulator's figures do
+        // not move): no NAT or relay unit.
+        let r = s.node(0).unwrap().record().clone();
+        let mut with = r.clone();
+        with.relay = Some(RelayOffer::default());
+        assert!(record::encoded_len(&with) > record::encoded_len(&r));
+        // Targets set, then cleared: probes while set, none after.
+        targets(&mut s, 0, &[1]);
+        s.run_until(s.now() + 2_500);
+        let sent = s.node(0).unwrap().counters().probes_sent;
+        assert!(sent >= 2, "{sent}");
+        assert!(s.node(1).unwrap().counters().probe_acks_sent >= 2);
+        targets(&mut s, 0, &[]);
+        s.run_until(s.now() + 5_000);
+        assert_eq!(s.node(0).unwrap().counters().probes_sent, sent);
+    }
+
+    #[test]
+    fn a_member_behind_nat_is_gossiped_with_at_the_address_its_packets_come_from() {
+        // Node 3 announces 10.0.0.4, which nobody outside reaches; its packets come
+        // from 198.51.100.7:40001. No path targets anywhere: learned sources alone.
+        let mut s = mesh(4, 15, |s| {
+            s.set_nat(3, "198.51.100.7:40001".parse().unwrap(), &[])
+        });
+        let t0 = s.now();
+        for _ in 0..20 {
+            s.run_until(s.now() + 1_000);
+            assert!(all_alive(&s), "a flap at {} ms", s.now() - t0);
+        }
+        let mut st = stack(3);
+        st.extend(stack(9));
+        s.set_stacks(3, st).unwrap();
+        let mut st = stack(0);
+        st.extend(stack(8));
+        s.set_stacks(0, st).unwrap();
+        let t1 = s.now();
+        s.run_until_true(t1 + 5_000, 10, |s| {
+            s.all_see(3, |m| m.record.stacks.len() == 2)
+                && s.all_see(0, |m| m.record.stacks.len() == 2)
+        })
+        .expect("changes both ways");
+        // With paths on, the learned candidate is probed and used.
+        targets(&mut s, 0, &[3]);
+        s.run_until_true(s.now() + 3_000, 10, |s| view(s, 0, 3).reachable)
+            .expect("reachable at the learned address");
+        let v = view(&s, 0, 3);
+        assert_eq!(v.addr, Some("198.51.100.7:40001".parse().unwrap()));
+        assert_eq!(v.learned, v.addr);
+    }
+
+    #[test]
+    fn without_translation_a_member_behind_nat_is_lost() {
+        // The control for the test above: the same NAT, but node 3's packets arrive
+        // with nothing to learn from (learned addresses expire at once).
+        let mut s = Sim::new(4, Params::default(), 15);
+        s.set_nat(3, "198.51.100.7:40001".parse().unwrap(), &[]);
+        s.start(0, stack(0), &[]);
+        for i in 1..4 {
+            s.start(i, stack(i), &[0]);
+        }
+        for i in 0..4 {
+            s.with_node(i, |n| {
+                n.set_path_params(PathParams {
+                    learned_ttl_ms: 1,
+                    ..PathParams::default()
+                })
+            });
+        }
+        s.run_until(20_000);
+        assert!(
+            !all_alive(&s),
+            "node 3 should not stay alive without translation"
+        );
+    }
 }

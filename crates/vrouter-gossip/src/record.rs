@@ -66,6 +66,40 @@ pub struct NodeRecord {
     /// The node's overlay encryption (format 2; None from a format-1 node, which has
     /// none).
     pub encryption: Option<Encryption>,
+    /// The address the node's peers see it at (format 3): None when not behind NAT,
+    /// with reflection off (`VROUTER_ADVERTISE_ADDR` pins the address), or from an
+    /// older build.
+    pub nat: Option<NatInfo>,
+    /// The node relays for others (format 3; `VROUTER_RELAY=true`): the hosts it
+    /// reaches directly, with round-trip times. None: not a relay.
+    pub relay: Option<RelayOffer>,
+}
+
+/// Most hosts one relay offer lists.
+pub const MAX_RELAY_REACH: usize = 256;
+
+/// The address a host's peers see its gossip come from, by majority
+/// ([`crate::path::reflect`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatInfo {
+    pub observed: Ipv4Addr,
+    /// Peers see another source port than the host's own: inbound packets to its
+    /// announced port do not reach it.
+    pub port_translated: bool,
+}
+
+/// What a relay offers: the hosts it reaches directly.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RelayOffer {
+    /// At most [`MAX_RELAY_REACH`], one per id, never the relay itself.
+    pub reach: Vec<RelayReach>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayReach {
+    pub id: NodeId,
+    /// The relay's round-trip time to `id`, rounded up, at least 1.
+    pub rtt_ms: u16,
 }
 
 /// What a node announces about its WireGuard: the gossip secret authenticates it, so
@@ -158,8 +192,11 @@ impl foca::Identity for Member {
 /// at the end of a length-delimited unit (a message body, the record head, a stack, a
 /// part): an older reader decodes the fields it knows and skips the rest, so nodes of
 /// two formats live side by side in one mesh during a rolling upgrade.
-/// Format 2 appends the encryption unit to the head (`Option<bytes>`).
-pub const FORMAT: u16 = 2;
+/// Format 2 appends the encryption unit to the head (`Option<bytes>`); format 3
+/// appends the NAT unit and the relay unit after it (each `Option<bytes>`), written
+/// only when one of them is set (or fields of a newer format follow), so a record
+/// without them has a format-2 record's size and layout.
+pub const FORMAT: u16 = 3;
 /// Record bytes carried by one part: a part and its framing stay well inside one
 /// datagram, even piggybacked on a SWIM packet with membership updates.
 pub const PART_BYTES: usize = 900;
@@ -257,26 +294,76 @@ pub fn encode(r: &NodeRecord, f: &Format) -> Vec<u8> {
         };
         with_appended(&wire, f)
     });
-    let head = with_appended(&(head, encryption), f);
+    let head = if r.nat.is_some() || r.relay.is_some() || !f.appended.is_empty() {
+        let nat: Option<Vec<u8>> = r
+            .nat
+            .as_ref()
+            .map(|n| with_appended(&(n.observed, n.port_translated), f));
+        let relay: Option<Vec<u8>> = r.relay.as_ref().map(|o| {
+            let reach: Vec<(NodeId, u16)> = o.reach.iter().map(|x| (x.id, x.rtt_ms)).collect();
+            with_appended(&reach, f)
+        });
+        with_appended(&(head, encryption, nat, relay), f)
+    } else {
+        with_appended(&(head, encryption), f)
+    };
     let stacks: Vec<Vec<u8>> = r.stacks.iter().map(|s| with_appended(s, f)).collect();
     with_appended(&(head, stacks), f)
 }
 
-/// The head's encryption unit, after the format-1 fields: absent in a format-1 head.
-fn decode_encryption(rest: &[u8]) -> Result<Option<Encryption>, FormatError> {
+/// The head's units after the format-1 fields: encryption (format 2), NAT and relay
+/// (format 3); each absent in an older head.
+type HeadUnits = (Option<Encryption>, Option<NatInfo>, Option<RelayOffer>);
+
+fn decode_units(rest: &[u8]) -> Result<HeadUnits, FormatError> {
+    let (encryption, rest) = take_unit(rest)?;
+    let encryption = encryption.map(|u| decode_encryption(&u)).transpose()?;
+    let (nat, rest) = take_unit(rest)?;
+    let nat = nat
+        .map(|u| {
+            decode_front::<(Ipv4Addr, bool)>(&u)
+                .map(|(observed, port_translated)| NatInfo {
+                    observed,
+                    port_translated,
+                })
+                .ok_or(FormatError::Undecodable)
+        })
+        .transpose()?;
+    let (relay, _rest) = take_unit(rest)?;
+    let relay = relay
+        .map(|u| {
+            decode_front::<Vec<(NodeId, u16)>>(&u)
+                .map(|reach| RelayOffer {
+                    reach: reach
+                        .into_iter()
+                        .map(|(id, rtt_ms)| RelayReach { id, rtt_ms })
+                        .collect(),
+                })
+                .ok_or(FormatError::Undecodable)
+        })
+        .transpose()?;
+    Ok((encryption, nat, relay))
+}
+
+/// An optional length-delimited unit from the front of `rest`: None (and nothing
+/// consumed) at the end of the head, as an older build wrote it.
+fn take_unit(rest: &[u8]) -> Result<(Option<Vec<u8>>, &[u8]), FormatError> {
     if rest.is_empty() {
-        return Ok(None);
+        return Ok((None, rest));
     }
-    let unit: Option<Vec<u8>> = decode_front(rest).ok_or(FormatError::Undecodable)?;
-    let Some(unit) = unit else { return Ok(None) };
-    let w: EncryptionWire = decode_front(&unit).ok_or(FormatError::Undecodable)?;
-    Ok(Some(Encryption {
+    postcard::take_from_bytes::<Option<Vec<u8>>>(rest).map_err(|_| FormatError::Undecodable)
+}
+
+/// The encryption unit's content.
+fn decode_encryption(unit: &[u8]) -> Result<Encryption, FormatError> {
+    let w: EncryptionWire = decode_front(unit).ok_or(FormatError::Undecodable)?;
+    Ok(Encryption {
         mode: mode_of(w.mode),
         public_key: w.public_key,
         next_public_key: w.next_public_key,
         tunnel: w.tunnel,
         wg_port: w.wg_port,
-    }))
+    })
 }
 
 pub fn decode(bytes: &[u8]) -> Result<NodeRecord, FormatError> {
@@ -284,7 +371,7 @@ pub fn decode(bytes: &[u8]) -> Result<NodeRecord, FormatError> {
         decode_front(bytes).ok_or(FormatError::Undecodable)?;
     let (head, rest) =
         postcard::take_from_bytes::<Head>(&head).map_err(|_| FormatError::Undecodable)?;
-    let encryption = decode_encryption(rest)?;
+    let (encryption, nat, relay) = decode_units(rest)?;
     let stacks = stacks
         .iter()
         .map(|s| decode_front::<ClaimedStack>(s).ok_or(FormatError::Undecodable))
@@ -299,6 +386,8 @@ pub fn decode(bytes: &[u8]) -> Result<NodeRecord, FormatError> {
         left: head.left,
         bump: head.bump,
         encryption,
+        nat,
+        relay,
     })
 }
 
@@ -356,9 +445,15 @@ pub fn decode_part(bytes: &[u8]) -> Result<RecordPart, FormatError> {
     Ok(p)
 }
 
+/// Encoded bytes of the NAT and relay units at most: the NAT unit (an address and a
+/// flag) and a full relay offer (an id of up to 10 bytes and an rtt of up to 3 per
+/// entry), with their length prefixes.
+pub const NAT_RELAY_BYTES: usize = 8 + 8 + MAX_RELAY_REACH * 13;
+
 /// Encoded bytes of a record besides its stacks, at most (head fields at their
-/// largest, the encryption unit with both keys, the units' length prefixes).
-pub const RECORD_OVERHEAD: usize = 64 + 80;
+/// largest, the encryption unit with both keys, the NAT unit, a full relay offer, the
+/// units' length prefixes).
+pub const RECORD_OVERHEAD: usize = 64 + 80 + NAT_RELAY_BYTES;
 
 /// Bytes one stack adds to the encoded record, at most: its unit and length prefix.
 /// Summed over the stacks, with [`RECORD_OVERHEAD`], it bounds the record's size, so
@@ -481,6 +576,22 @@ mod tests {
                 tunnel: Some("10.255.0.1".parse().unwrap()),
                 wg_port: 51820,
             }),
+            nat: Some(NatInfo {
+                observed: "203.0.113.5".parse().unwrap(),
+                port_translated: true,
+            }),
+            relay: Some(RelayOffer {
+                reach: vec![
+                    RelayReach {
+                        id: NodeId(8),
+                        rtt_ms: 3,
+                    },
+                    RelayReach {
+                        id: NodeId(u64::MAX),
+                        rtt_ms: u16::MAX,
+                    },
+                ],
+            }),
         }
     }
 
@@ -521,6 +632,8 @@ mod tests {
             .collect();
         let v1 = postcard::to_allocvec(&(head, stacks)).unwrap();
         r.encryption = None;
+        r.nat = None;
+        r.relay = None;
         assert_eq!(decode(&v1).unwrap(), r);
     }
 
@@ -560,6 +673,91 @@ mod tests {
             decode(&encode(&unknown, &Format::default())).unwrap(),
             unknown
         );
+    }
+
+    /// What a format-2 build wrote: the format-1 head, then the encryption unit.
+    fn v2_blob(r: &NodeRecord) -> Vec<u8> {
+        let enc: Option<Vec<u8>> = r.encryption.as_ref().map(|e| {
+            postcard::to_allocvec(&EncryptionWire {
+                mode: mode_number(&e.mode),
+                public_key: e.public_key,
+                next_public_key: e.next_public_key,
+                tunnel: e.tunnel,
+                wg_port: e.wg_port,
+            })
+            .unwrap()
+        });
+        let mut h = v1_head(r);
+        h.format = 2;
+        let head = postcard::to_allocvec(&(h, enc)).unwrap();
+        let stacks: Vec<Vec<u8>> = r
+            .stacks
+            .iter()
+            .map(|s| postcard::to_allocvec(s).unwrap())
+            .collect();
+        postcard::to_allocvec(&(head, stacks)).unwrap()
+    }
+
+    #[test]
+    fn a_format_2_record_decodes_without_nat_or_relay() {
+        let mut r = big_record(8);
+        let v2 = v2_blob(&r);
+        r.nat = None;
+        r.relay = None;
+        assert_eq!(decode(&v2).unwrap(), r);
+        // Without NAT and relay this build writes a format-2 record's layout.
+        assert_eq!(encode(&r, &Format::default()).len(), v2.len());
+    }
+
+    #[test]
+    fn a_format_2_reader_decodes_a_record_with_nat_and_relay() {
+        let r = big_record(9);
+        assert!(r.nat.is_some() && r.relay.is_some());
+        for f in [Format::default(), Format::newer_for_tests()] {
+            let blob = encode(&r, &f);
+            // What a format-2 build does: the head, the encryption unit from the rest
+            // (what follows is skipped), the stacks.
+            let (head, stacks): (Vec<u8>, Vec<Vec<u8>>) = decode_front(&blob).unwrap();
+            let (old, rest) = postcard::take_from_bytes::<HeadV1>(&head).unwrap();
+            assert_eq!((old.id, old.version, old.bump), (r.id, r.version, r.bump));
+            let unit: Option<Vec<u8>> = decode_front(rest).unwrap();
+            assert_eq!(
+                decode_encryption(&unit.unwrap()).unwrap(),
+                r.encryption.clone().unwrap()
+            );
+            let back: Vec<ClaimedStack> = stacks.iter().map(|s| decode_front(s).unwrap()).collect();
+            assert_eq!(back, r.stacks);
+            // This build reads it whole.
+            assert_eq!(decode(&blob).unwrap(), r);
+        }
+        // Each unit alone, and an empty offer.
+        let mut only_relay = r.clone();
+        only_relay.nat = None;
+        only_relay.relay = Some(RelayOffer::default());
+        assert_eq!(
+            decode(&encode(&only_relay, &Format::default())).unwrap(),
+            only_relay
+        );
+        let mut only_nat = r.clone();
+        only_nat.relay = None;
+        only_nat.encryption = None;
+        assert_eq!(
+            decode(&encode(&only_nat, &Format::default())).unwrap(),
+            only_nat
+        );
+    }
+
+    #[test]
+    fn a_garbled_nat_or_relay_unit_is_undecodable() {
+        let r = big_record(10);
+        let mut h = v1_head(&r);
+        h.format = 3;
+        for tail in [&[0u8, 1, 3, 9][..], &[0, 0, 1, 4, 1, 2], &[0, 7]] {
+            let mut head = postcard::to_allocvec(&h).unwrap();
+            head.extend_from_slice(tail);
+            let v = postcard::to_allocvec(&(head, Vec::<Vec<u8>>::new())).unwrap();
+            assert_eq!(decode(&v), Err(FormatError::Undecodable), "{tail:?}");
+        }
     }
 
     #[test]
@@ -619,6 +817,19 @@ mod tests {
         r.id = NodeId(u64::MAX);
         r.version = u64::MAX;
         r.bump = u64::MAX;
+        // The largest NAT and relay units.
+        r.nat = Some(NatInfo {
+            observed: Ipv4Addr::BROADCAST,
+            port_translated: true,
+        });
+        r.relay = Some(RelayOffer {
+            reach: (0..MAX_RELAY_REACH as u64)
+                .map(|i| RelayReach {
+                    id: NodeId(u64::MAX - i),
+                    rtt_ms: u16::MAX,
+                })
+                .collect(),
+        });
         let bound: usize =
             r.stacks.iter().map(|s| stack_cost(&s.spec)).sum::<usize>() + RECORD_OVERHEAD;
         let len = encode(&r, &Format::default()).len();

@@ -34,6 +34,8 @@ pub struct Sim {
     /// One-way delay, in ms, drawn from `latency.0..=latency.1`.
     pub latency: (u64, u64),
     blocked: HashSet<(usize, usize)>,
+    /// Nodes behind a NAT (see [`Sim::set_nat`]).
+    nat: HashMap<usize, Nat>,
     /// Bytes sent per node, with IP and UDP headers.
     pub wire_bytes: Vec<u64>,
     pub wire_packets: Vec<u64>,
@@ -44,6 +46,15 @@ pub struct Sim {
     seed: u64,
     /// Wall clock at simulated time zero.
     wall0: u64,
+}
+
+/// A node behind a NAT: its packets to nodes outside come from `outside`; packets to
+/// `outside` reach it; packets from outside to its own address are dropped (a private
+/// address is not routed from outside).
+#[derive(Debug, Clone)]
+struct Nat {
+    outside: SocketAddrV4,
+    inside: HashSet<usize>,
 }
 
 /// `n` stacks with random, incompressible 64-character names, `prefixes` prefixes each
@@ -100,6 +111,7 @@ impl Sim {
             loss: 0.0,
             latency: (1, 1),
             blocked: HashSet::new(),
+            nat: HashMap::new(),
             wire_bytes: vec![0; n],
             wire_packets: vec![0; n],
             max_datagram: 0,
@@ -139,6 +151,8 @@ impl Sim {
             left: false,
             bump: 0,
             encryption: None,
+            nat: None,
+            relay: None,
         };
         let keys = Keyring::from_secrets(&[self.secret.as_str()]).expect("valid secret");
         let mut node = Node::new(
@@ -194,6 +208,27 @@ impl Sim {
         }
     }
 
+    /// Puts node `i` behind a NAT whose outside address is `outside` (a port other
+    /// than its own: a port-translating NAT); `inside` are the nodes behind the same
+    /// NAT, which reach it at its own address and see its own address.
+    pub fn set_nat(&mut self, i: usize, outside: SocketAddrV4, inside: &[usize]) {
+        self.by_addr.insert(outside, i);
+        self.nat.insert(
+            i,
+            Nat {
+                outside,
+                inside: inside.iter().copied().collect(),
+            },
+        );
+    }
+
+    /// Runs `f` on node `i` (if running) and sends what it wants sent.
+    pub fn with_node<T>(&mut self, i: usize, f: impl FnOnce(&mut Node) -> T) -> Option<T> {
+        let r = self.nodes[i].as_mut().map(f);
+        self.service(i);
+        r
+    }
+
     pub fn heal(&mut self) {
         self.blocked.clear();
     }
@@ -215,6 +250,16 @@ impl Sim {
             if self.blocked.contains(&(i, dst)) {
                 continue;
             }
+            let inside = |a: usize, b: usize| {
+                a == b || self.nat.get(&a).is_none_or(|n| n.inside.contains(&b))
+            };
+            if to == self.addrs[dst] && !inside(dst, i) {
+                continue;
+            }
+            let from = match self.nat.get(&i) {
+                Some(n) if !inside(i, dst) => n.outside,
+                _ => self.addrs[i],
+            };
             if self.loss > 0.0 && self.rng.random::<f64>() < self.loss {
                 continue;
             }
@@ -224,13 +269,8 @@ impl Sim {
                 self.latency.0
             };
             self.seq += 1;
-            self.queue.push(Reverse((
-                self.now + delay,
-                self.seq,
-                dst,
-                self.addrs[i],
-                data,
-            )));
+            self.queue
+                .push(Reverse((self.now + delay, self.seq, dst, from, data)));
         }
         if deadline != u64::MAX {
             self.deadlines.push(Reverse((deadline.max(self.now), i)));

@@ -9,11 +9,12 @@
 //! only ever raises within that bound, and no forged `u64::MAX` spreads.
 
 use crate::node::MAX_DATAGRAM;
-use crate::record::{Encryption, Member, NodeRecord};
+use crate::record::{Encryption, Member, NodeId, NodeRecord, RelayOffer, MAX_RELAY_REACH};
 use crate::seal::OVERHEAD;
 use crate::wire::Wire;
 use bytes::{Buf, BufMut};
 use foca::{Codec, Header, PostcardCodec};
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use vrouter_state::EncryptionMode;
@@ -89,6 +90,14 @@ pub fn record(r: &NodeRecord, horizon: u64) -> Result<(), &'static str> {
     if let Some(e) = &r.encryption {
         encryption(e)?;
     }
+    if let Some(n) = &r.nat {
+        if !usable_unicast(n.observed) {
+            return Err("record with an unusable observed address");
+        }
+    }
+    if let Some(o) = &r.relay {
+        relay(o, r.id)?;
+    }
     let mut names: Vec<&str> = r.stacks.iter().map(|s| s.spec.name.as_str()).collect();
     names.sort_unstable();
     if names.windows(2).any(|w| w[0] == w[1]) {
@@ -120,13 +129,38 @@ pub fn encryption(e: &Encryption) -> Result<(), &'static str> {
     if key == [0; 32] || e.next_public_key == Some([0; 32]) || e.next_public_key == Some(key) {
         return Err("encryption with an all-zero or repeated key");
     }
-    if tunnel.is_unspecified()
-        || tunnel.is_loopback()
-        || tunnel.is_multicast()
-        || tunnel.is_broadcast()
-        || tunnel.octets()[0] == 0
-    {
+    if !usable_unicast(tunnel) {
         return Err("encryption with an unusable tunnel address");
+    }
+    Ok(())
+}
+
+/// An address a host can be reached at: not unspecified, loopback, multicast,
+/// broadcast or in 0.0.0.0/8.
+pub fn usable_unicast(ip: Ipv4Addr) -> bool {
+    !(ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_multicast()
+        || ip.is_broadcast()
+        || ip.octets()[0] == 0)
+}
+
+/// A relay offer: at most [`MAX_RELAY_REACH`] hosts, each once, never the relay
+/// itself, each with an rtt of at least 1 ms.
+pub fn relay(o: &RelayOffer, own: NodeId) -> Result<(), &'static str> {
+    if o.reach.len() > MAX_RELAY_REACH {
+        return Err("relay offer with too many hosts");
+    }
+    if o.reach.iter().any(|x| x.id == own) {
+        return Err("relay offer naming the relay itself");
+    }
+    if o.reach.iter().any(|x| x.rtt_ms == 0) {
+        return Err("relay offer with an rtt of 0");
+    }
+    let mut ids: Vec<NodeId> = o.reach.iter().map(|x| x.id).collect();
+    ids.sort_unstable();
+    if ids.windows(2).any(|w| w[0] == w[1]) {
+        return Err("relay offer naming a host twice");
     }
     Ok(())
 }
@@ -190,7 +224,14 @@ impl Codec<Member> for BoundedCodec {
 /// [`record`]), so only their count is here.
 pub(crate) fn wire(w: &Wire, horizon: u64) -> Result<(), &'static str> {
     match w {
-        Wire::Swim(_) | Wire::Sync { .. } => Ok(()),
+        Wire::Swim(_) | Wire::Sync { .. } | Wire::Probe { .. } => Ok(()),
+        Wire::ProbeAck { seen, .. } => {
+            // What reflection is made of: never an address no peer could reach.
+            if seen.port() == 0 || !usable_unicast(*seen.ip()) {
+                return Err("probe ack with an unusable seen address");
+            }
+            Ok(())
+        }
         Wire::Join(m) | Wire::JoinAck(m) => member(m, horizon),
         Wire::Digest { lo, hi, entries } => {
             if lo > hi {
@@ -482,5 +523,59 @@ mod tests {
             bump: u64::MAX,
         };
         assert!(member(&m, h).is_err());
+        // NAT and relay.
+        use crate::record::{NatInfo, RelayReach};
+        let reach = |id: u64, rtt_ms: u16| RelayReach {
+            id: NodeId(id),
+            rtt_ms,
+        };
+        let mut r = good.clone();
+        r.nat = Some(NatInfo {
+            observed: "203.0.113.5".parse().unwrap(),
+            port_translated: true,
+        });
+        r.relay = Some(RelayOffer {
+            reach: vec![reach(1, 1), reach(2, u16::MAX)],
+        });
+        assert!(record(&r, h).is_ok());
+        for bad in ["0.0.0.0", "127.0.0.1", "224.0.0.5", "255.255.255.255"] {
+            let mut x = r.clone();
+            x.nat.as_mut().unwrap().observed = bad.parse().unwrap();
+            assert!(record(&x, h).is_err(), "{bad}");
+        }
+        let offers = [
+            vec![reach(1, 0)],
+            vec![reach(1, 3), reach(1, 4)],
+            vec![reach(good.id.0, 3)],
+            (0..=MAX_RELAY_REACH as u64)
+                .map(|i| reach(i + 1, 1))
+                .collect(),
+        ];
+        for (i, o) in offers.into_iter().enumerate() {
+            let mut x = r.clone();
+            x.relay = Some(RelayOffer { reach: o });
+            assert!(record(&x, h).is_err(), "offer {i}");
+        }
+        let mut x = r.clone();
+        x.relay = Some(RelayOffer {
+            reach: (0..MAX_RELAY_REACH as u64)
+                .map(|i| reach(i + 1, 1))
+                .collect(),
+        });
+        assert!(record(&x, h).is_ok());
+        // A probe ack naming an address nobody could reach is malformed.
+        let ack = |seen: &str| Wire::ProbeAck {
+            token: 1,
+            seen: seen.parse().unwrap(),
+        };
+        assert!(wire(&ack("203.0.113.5:40000"), h).is_ok());
+        for bad in [
+            "203.0.113.5:0",
+            "0.0.0.0:1",
+            "127.0.0.1:7950",
+            "239.1.1.1:1",
+        ] {
+            assert!(wire(&ack(bad), h).is_err(), "{bad}");
+        }
     }
 }

@@ -8,6 +8,7 @@
 
 use crate::record::{decode_front, Format, Member, NodeId};
 use serde::Serialize;
+use std::net::SocketAddrV4;
 
 /// What travels inside a sealed datagram.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +37,12 @@ pub enum Wire {
     /// Records the sender pruned (down past the retention time) at these versions: the
     /// receiver drops its copies at or below them, and takes none back.
     Pruned(Vec<(NodeId, u64)>),
+    /// A path probe ([`crate::path`]): answered, once it authenticates, with a
+    /// [`Wire::ProbeAck`] to the address it came from.
+    Probe { token: u64 },
+    /// The answer to a probe: `seen` is the source address (ip and port) the probe
+    /// came from, as the responder saw it (what reflection is made of).
+    ProbeAck { token: u64, seen: SocketAddrV4 },
 }
 
 const SWIM: u16 = 1;
@@ -47,6 +54,8 @@ const WANT: u16 = 6;
 const PARTS: u16 = 7;
 const PUSH: u16 = 8;
 const PRUNED: u16 = 9;
+const PROBE: u16 = 10;
+const PROBE_ACK: u16 = 11;
 /// A tag no build knows: what a newer build's new message looks like to this one.
 const UNKNOWN_FOR_TESTS: u16 = 0x7fff;
 
@@ -68,6 +77,8 @@ pub fn encode(w: &Wire, f: &Format) -> Vec<u8> {
         Wire::Parts(p) => frame(f, PARTS, p),
         Wire::Push(p) => frame(f, PUSH, p),
         Wire::Pruned(p) => frame(f, PRUNED, p),
+        Wire::Probe { token } => frame(f, PROBE, token),
+        Wire::ProbeAck { token, seen } => frame(f, PROBE_ACK, &(token, seen)),
     }
 }
 
@@ -106,6 +117,11 @@ pub fn decode(bytes: &[u8]) -> Result<Wire, Decoded> {
         PARTS => Wire::Parts(b(body)?),
         PUSH => Wire::Push(b(body)?),
         PRUNED => Wire::Pruned(b(body)?),
+        PROBE => Wire::Probe { token: b(body)? },
+        PROBE_ACK => {
+            let (token, seen) = b(body)?;
+            Wire::ProbeAck { token, seen }
+        }
         _ => return Err(Decoded::Unknown),
     })
 }
@@ -134,6 +150,11 @@ mod tests {
             Wire::Parts(vec![vec![1; 30]]),
             Wire::Push(vec![vec![2; 30]]),
             Wire::Pruned(vec![(NodeId(6), 11)]),
+            Wire::Probe { token: u64::MAX },
+            Wire::ProbeAck {
+                token: 3,
+                seen: "203.0.113.5:40000".parse().unwrap(),
+            },
         ]
     }
 
@@ -144,6 +165,25 @@ mod tests {
             // An older reader of a newer writer: the appended field is skipped.
             assert_eq!(decode(&encode(&w, &Format::newer_for_tests())), Ok(w));
         }
+    }
+
+    #[test]
+    fn probe_tags_are_10_and_11() {
+        for (w, tag) in [
+            (Wire::Probe { token: 1 }, PROBE),
+            (
+                Wire::ProbeAck {
+                    token: 1,
+                    seen: "1.2.3.4:5".parse().unwrap(),
+                },
+                PROBE_ACK,
+            ),
+        ] {
+            let b = encode(&w, &Format::default());
+            let ((_, t), _): ((u16, u16), &[u8]) = postcard::take_from_bytes(&b).unwrap();
+            assert_eq!(t, tag);
+        }
+        assert_eq!((PROBE, PROBE_ACK), (10, 11));
     }
 
     #[test]

@@ -156,6 +156,19 @@ wire_enum! {
         KeyRotationCompleted = "key_rotation_completed",
         /// Two hosts derive the same tunnel address: the lower underlay address keeps it.
         TunnelAddressCollision = "tunnel_address_collision",
+        // Discovery: addresses, paths and relays (issue 17).
+        /// The address peers see this host at changed (observed, or none).
+        AddressObserved = "address_observed",
+        /// The address this host sends to for a peer changed.
+        PeerAddressChanged = "peer_address_changed",
+        /// Traffic to a peer host now goes through a relay.
+        PathRelayed = "path_relayed",
+        /// Traffic to a peer host goes directly again.
+        PathDirect = "path_direct",
+        /// A peer host is reachable neither directly nor through a relay.
+        PathUnreachable = "path_unreachable",
+        /// A peer (or this host) is behind a port-translating NAT without encryption.
+        NatPortTranslated = "nat_port_translated",
     }
 }
 

@@ -47,6 +47,73 @@ pub struct DiscoveryFile {
     /// written by a version without encryption, which is `off`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<EncryptionStatus>,
+    /// This host's addresses: local, observed by peers, advertised (absent: written by
+    /// a version without reflection, or static-only mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addresses: Option<AddressesStatus>,
+    /// The path to each probed gossip peer (absent: no gossip, or an older version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paths: Option<Vec<PathStatus>>,
+    /// This host as a relay (absent: no gossip, or an older version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RelayStatus>,
+}
+
+/// This host's addresses (issue 17).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddressesStatus {
+    /// The underlay interface's address.
+    pub local: Ipv4Addr,
+    /// The address peers see this host's packets come from, when a strict majority of
+    /// the peers outside its NAT agree on one that differs from `local`.
+    pub observed: Option<Ipv4Addr>,
+    /// The address this host announces (VROUTER_ADVERTISE_ADDR or `local`).
+    pub advertised: Ipv4Addr,
+    /// VROUTER_ADVERTISE_ADDR pins the address (no reflection).
+    pub pinned: bool,
+    /// The NAT in front of this host also rewrites ports.
+    pub port_translated: bool,
+}
+
+/// How this host's overlay traffic reaches one gossip peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PathStatus {
+    /// Its node id (16 hex digits).
+    pub node: String,
+    /// The address it announces.
+    pub peer_addr: Ipv4Addr,
+    /// The address this host sends to for it.
+    pub addr_in_use: Ipv4Addr,
+    /// `direct`, `relay` or `unreachable`.
+    pub via: String,
+    pub relay_node: Option<String>,
+    pub relay_addr: Option<Ipv4Addr>,
+    /// Probe RTT (through the relay: to the relay plus the relay's to the peer).
+    pub rtt_ms: Option<f64>,
+    /// Monotonic ms of discovery's process when `via` last changed.
+    pub since_ms: u64,
+    /// Why it is unreachable: `no_relay` or `nat_port_translated`.
+    pub code: Option<String>,
+}
+
+/// This host as a relay (`VROUTER_RELAY`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayStatus {
+    pub offered: bool,
+    /// VNIs this host forwards between peers.
+    pub vnis: Vec<Vni>,
+    pub forwarded_packets: u64,
+    pub forwarded_bytes: u64,
+    /// The counters per VNI.
+    #[serde(default)]
+    pub per_vni: Vec<RelayVni>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayVni {
+    pub vni: Vni,
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 /// Encryption as discovery last applied it.

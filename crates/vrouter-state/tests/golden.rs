@@ -130,6 +130,9 @@ fn discovery_json_is_unchanged() {
         drift_repairs: 3,
         steering: None,
         encryption: None,
+        addresses: None,
+        paths: None,
+        relay: None,
         gossip: Some(GossipStatus {
             node_id: "00000000000000a1".into(),
             addr: "198.18.0.1:7946".into(),
@@ -317,6 +320,20 @@ const EVENTS: &[(&str, EventKind, &str)] = &[
         "discovery",
         EventKind::TunnelAddressCollision,
         "tunnel_address_collision",
+    ),
+    ("discovery", EventKind::AddressObserved, "address_observed"),
+    (
+        "discovery",
+        EventKind::PeerAddressChanged,
+        "peer_address_changed",
+    ),
+    ("discovery", EventKind::PathRelayed, "path_relayed"),
+    ("discovery", EventKind::PathDirect, "path_direct"),
+    ("discovery", EventKind::PathUnreachable, "no_relay"),
+    (
+        "discovery",
+        EventKind::NatPortTranslated,
+        "nat_port_translated",
     ),
 ];
 

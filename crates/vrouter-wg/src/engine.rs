@@ -85,11 +85,55 @@ struct PeerCounters {
     /// Bytes of tunnels already dropped (a live tunnel's own counters come on top).
     rx_retired: AtomicU64,
     tx_retired: AtomicU64,
+    /// Times an authenticated packet from a new source address moved the endpoint.
+    roams: AtomicU64,
+}
+
+/// Where a peer's datagrams go: the configured endpoint, until an authenticated
+/// handshake or data packet of the peer arrives from another source address, which
+/// becomes the endpoint (roaming: a peer behind a NAT is answered at its mapped
+/// address). A roamed endpoint outlives `apply` calls that configure the same
+/// endpoint; only a change of the configured value itself overrides it.
+struct Endpoint {
+    /// The address in use, packed by [`pack`].
+    current: AtomicU64,
+    /// The configured endpoint it started from.
+    configured: SocketAddrV4,
+}
+
+fn pack(a: SocketAddrV4) -> u64 {
+    (u64::from(u32::from(*a.ip())) << 16) | u64::from(a.port())
+}
+
+fn unpack(v: u64) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from((v >> 16) as u32), v as u16)
+}
+
+impl Endpoint {
+    fn new(configured: SocketAddrV4) -> Endpoint {
+        Endpoint {
+            current: AtomicU64::new(pack(configured)),
+            configured,
+        }
+    }
+
+    fn get(&self) -> SocketAddrV4 {
+        unpack(self.current.load(Ordering::Relaxed))
+    }
+
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::V4(self.get())
+    }
+
+    /// Makes `from` the endpoint; true when it changed.
+    fn roam(&self, from: SocketAddrV4) -> bool {
+        self.current.swap(pack(from), Ordering::Relaxed) != pack(from)
+    }
 }
 
 struct Peer {
     cfg: PeerConfig,
-    endpoint: SocketAddr,
+    endpoint: Arc<Endpoint>,
     /// One per local key, in the order of `DeviceConfig::keys` (current first).
     tunnels: Vec<Arc<Tunnel>>,
     counters: Arc<PeerCounters>,
@@ -174,9 +218,13 @@ impl Engine {
         let mut old_tunnels = HashMap::new();
         let mut old_counters: HashMap<PublicKey, Arc<PeerCounters>> = HashMap::new();
         let mut counters_by_tunnel: HashMap<Ipv4Addr, Arc<PeerCounters>> = HashMap::new();
+        let mut old_endpoints: HashMap<PublicKey, Arc<Endpoint>> = HashMap::new();
+        let mut endpoints_by_tunnel: HashMap<Ipv4Addr, Arc<Endpoint>> = HashMap::new();
         for peer in &old.peers {
             old_counters.insert(peer.cfg.public_key, peer.counters.clone());
             counters_by_tunnel.insert(peer.cfg.tunnel, peer.counters.clone());
+            old_endpoints.insert(peer.cfg.public_key, peer.endpoint.clone());
+            endpoints_by_tunnel.insert(peer.cfg.tunnel, peer.endpoint.clone());
             for t in &peer.tunnels {
                 running.insert(t.key, t.params);
                 old_tunnels.insert(t.key, (t.clone(), peer.counters.clone()));
@@ -215,6 +263,13 @@ impl Engine {
                 .or_else(|| counters_by_tunnel.get(&peer_cfg.tunnel))
                 .cloned()
                 .unwrap_or_default();
+            // The same configured endpoint keeps what roaming learned.
+            let endpoint = old_endpoints
+                .get(&peer_cfg.public_key)
+                .or_else(|| endpoints_by_tunnel.get(&peer_cfg.tunnel))
+                .filter(|e| e.configured == peer_cfg.endpoint)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(Endpoint::new(peer_cfg.endpoint)));
             let mut tunnels = Vec::with_capacity(cfg.keys.len());
             for (local_index, (key, local)) in cfg.keys.iter().zip(&table.locals).enumerate() {
                 let tkey = TunnelKey {
@@ -255,7 +310,7 @@ impl Engine {
             table.by_tunnel.insert(peer_cfg.tunnel, peer_index);
             table.peers.push(Peer {
                 cfg: peer_cfg.clone(),
-                endpoint: SocketAddr::V4(peer_cfg.endpoint),
+                endpoint,
                 tunnels,
                 counters,
             });
@@ -270,7 +325,7 @@ impl Engine {
                     if let TunnResult::WriteToNetwork(p) =
                         tunn.format_handshake_initiation(&mut buf, false)
                     {
-                        self.shared.udp.send(p, peer.endpoint);
+                        self.shared.udp.send(p, peer.endpoint.addr());
                     }
                 }
             }
@@ -299,11 +354,12 @@ impl Engine {
                 PeerStats {
                     public_key: peer.cfg.public_key,
                     tunnel: peer.cfg.tunnel,
-                    endpoint: peer.cfg.endpoint,
+                    endpoint: peer.endpoint.get(),
                     last_handshake: newest.map(|(age, _)| age),
                     rx_bytes: rx,
                     tx_bytes: tx,
                     session_key: newest.map(|(_, key)| key),
+                    roams: peer.counters.roams.load(Ordering::Relaxed),
                 }
             })
             .collect()
@@ -519,11 +575,11 @@ fn tun_to_udp(shared: Arc<Shared>) {
         };
         drop(tunn);
         match written {
-            Some((len, true)) => batch.commit(&shared.udp, len, peer.endpoint),
+            Some((len, true)) => batch.commit(&shared.udp, len, peer.endpoint.addr()),
             // A handshake initiation (no session yet): at once, outside the run.
             Some((len, false)) => shared
                 .udp
-                .send(&batch.buf[start..start + len], peer.endpoint),
+                .send(&batch.buf[start..start + len], peer.endpoint.addr()),
             None => {}
         }
     }
@@ -609,16 +665,26 @@ fn receive(shared: &Shared, table: &Table, datagram: &[u8], from: SocketAddr, ou
     let Some((peer_index, tunnel_index)) = found else {
         return invalid();
     };
+    // Handshake messages and data roam; cookie replies do not (WireGuard's rule).
+    let may_roam = !matches!(packet, Packet::PacketCookieReply(_));
     let peer = &table.peers[peer_index];
     let tunnel = &peer.tunnels[tunnel_index];
     let mut tunn = tunnel.tunn.lock();
     let mut result = tunn.decapsulate(Some(from.ip()), datagram, out);
+    if may_roam && authenticated(&result) {
+        if let SocketAddr::V4(from) = from {
+            if peer.endpoint.roam(from) {
+                peer.counters.roams.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(peer = %peer.cfg.public_key, endpoint = %from, "wireguard: peer roamed to a new endpoint");
+            }
+        }
+    }
     // A handshake answer may be followed by queued packets: repeat with an empty
     // datagram until boringtun says Done (bounded by its 256-packet queue).
     loop {
         match result {
             TunnResult::WriteToNetwork(reply) => {
-                shared.udp.send(reply, peer.endpoint);
+                shared.udp.send(reply, peer.endpoint.addr());
                 result = tunn.decapsulate(None, &[], out);
             }
             TunnResult::WriteToTunnelV4(inner, source) => {
@@ -669,10 +735,24 @@ fn timers(shared: Arc<Shared>) {
             for t in &peer.tunnels {
                 let mut tunn = t.tunn.lock();
                 if let TunnResult::WriteToNetwork(p) = tunn.update_timers(&mut out) {
-                    shared.udp.send(p, peer.endpoint);
+                    shared.udp.send(p, peer.endpoint.addr());
                 }
             }
         }
+    }
+}
+
+/// Whether `decapsulate`'s first result shows the datagram authenticated as the
+/// peer's: decrypted data (a keepalive is `Done`), or a handshake answered with a
+/// response or a keepalive. A cookie reply (message type 3: boringtun's own rate
+/// limiter under load) and errors prove nothing.
+fn authenticated(result: &TunnResult<'_>) -> bool {
+    match result {
+        TunnResult::WriteToNetwork(p) => p.first().is_some_and(|t| *t != 3),
+        TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) | TunnResult::Done => {
+            true
+        }
+        TunnResult::Err(_) => false,
     }
 }
 
@@ -789,6 +869,38 @@ mod tests {
             .collect();
         assert_eq!(seen, want);
         assert!(runs > 0, "no run of datagrams arrived in one receive");
+    }
+
+    #[test]
+    fn endpoints_pack_and_roam() {
+        let a = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 51820);
+        let b = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 255), 65535);
+        assert_eq!(unpack(pack(a)), a);
+        assert_eq!(unpack(pack(b)), b);
+        let e = Endpoint::new(a);
+        assert_eq!(e.get(), a);
+        assert!(!e.roam(a), "the same source is no roam");
+        assert!(e.roam(b));
+        assert_eq!(e.get(), b);
+        assert_eq!(e.configured, a);
+    }
+
+    #[test]
+    fn only_answers_and_decrypted_data_authenticate() {
+        let mut response = [2u8, 0, 0, 0];
+        let mut cookie = [3u8, 0, 0, 0];
+        let mut inner = [0x45u8; 20];
+        assert!(authenticated(&TunnResult::WriteToNetwork(&mut response)));
+        assert!(!authenticated(&TunnResult::WriteToNetwork(&mut cookie)));
+        assert!(!authenticated(&TunnResult::WriteToNetwork(&mut [])));
+        assert!(authenticated(&TunnResult::Done));
+        assert!(authenticated(&TunnResult::WriteToTunnelV4(
+            &mut inner,
+            Ipv4Addr::new(10, 255, 0, 2)
+        )));
+        assert!(!authenticated(&TunnResult::Err(
+            boringtun::noise::errors::WireGuardError::InvalidMac
+        )));
     }
 
     #[test]

@@ -3,9 +3,12 @@
 //!
 //! The kernel holds one private key: `keys[0]`. Peers are changed in place (added,
 //! updated, removed one by one; never WGDEVICE_F_REPLACE_PEERS, which would drop
-//! every session on each apply).
+//! every session on each apply). The kernel roams (an authenticated packet from a new
+//! source moves a peer's endpoint), so a peer's endpoint is sent only when the
+//! configured one changed (or the peer is new to the kernel): re-applying the same
+//! configuration leaves a roamed endpoint alone.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -38,6 +41,8 @@ pub(crate) struct Device {
     genl: Mutex<Genl>,
     /// The public half of the key the kernel holds (stats' `session_key`).
     current: Mutex<PublicKey>,
+    /// The endpoint last configured for each peer (sent, or kept by the kernel).
+    configured: Mutex<BTreeMap<PublicKey, SocketAddrV4>>,
 }
 
 impl Device {
@@ -74,6 +79,7 @@ impl Device {
             ifindex,
             genl: Mutex::new(genl),
             current: Mutex::new(cfg.keys[0].public_key()),
+            configured: Mutex::new(BTreeMap::new()),
         };
         device.set(cfg)?;
         Ok(device)
@@ -91,8 +97,14 @@ impl Device {
             .into_iter()
             .map(|p| p.public_key)
             .collect();
-        let message = set_device(self.ifindex, cfg, &present);
+        let mut configured = self.configured.lock();
+        let message = set_device(self.ifindex, cfg, &present, &configured);
         genl.request(message, NLM_F_REQUEST | NLM_F_ACK)?;
+        *configured = cfg
+            .peers
+            .iter()
+            .map(|p| (p.public_key, p.endpoint))
+            .collect();
         *self.current.lock() = cfg.keys[0].public_key();
         Ok(())
     }
@@ -123,6 +135,7 @@ impl Device {
                     rx_bytes: p.rx_bytes,
                     tx_bytes: p.tx_bytes,
                     session_key: age.map(|_| current),
+                    roams: 0,
                 }
             })
             .collect()
@@ -141,28 +154,39 @@ pub(crate) struct KernelPeer {
 }
 
 /// WG_CMD_SET_DEVICE for `cfg`: the private key and port, every desired peer (added
-/// or updated, its allowed IPs replaced by its tunnel address), and a removal for
-/// each peer in `present` that `cfg` no longer has.
+/// or updated, its allowed IPs replaced by its tunnel address, its persistent
+/// keepalive, 0 for off), and a removal for each peer in `present` that `cfg` no
+/// longer has. A peer's endpoint goes in only when it is new to the kernel (not in
+/// `present`) or its configured endpoint differs from `configured` (the one last
+/// sent): otherwise the kernel keeps the endpoint it roamed to.
 pub(crate) fn set_device(
     ifindex: u32,
     cfg: &DeviceConfig,
     present: &BTreeSet<PublicKey>,
+    configured: &BTreeMap<PublicKey, SocketAddrV4>,
 ) -> WireguardMessage {
     let mut peers: Vec<WireguardPeer> = cfg
         .peers
         .iter()
         .map(|p| {
-            WireguardPeer(vec![
+            let mut attrs = vec![
                 WireguardPeerAttribute::PublicKey(p.public_key.0),
                 WireguardPeerAttribute::Flags(WireguardPeerFlags::ReplaceAllowedIps),
-                WireguardPeerAttribute::Endpoint(SocketAddr::V4(p.endpoint)),
+            ];
+            if !present.contains(&p.public_key)
+                || configured.get(&p.public_key) != Some(&p.endpoint)
+            {
+                attrs.push(WireguardPeerAttribute::Endpoint(SocketAddr::V4(p.endpoint)));
+            }
+            attrs.extend([
                 WireguardPeerAttribute::PersistentKeepalive(p.keepalive.unwrap_or(0)),
                 WireguardPeerAttribute::AllowedIps(vec![WireguardAllowedIp(vec![
                     WireguardAllowedIpAttr::Family(WireguardAddressFamily::Ipv4),
                     WireguardAllowedIpAttr::IpAddr(IpAddr::V4(p.tunnel)),
                     WireguardAllowedIpAttr::Cidr(32),
                 ])]),
-            ])
+            ]);
+            WireguardPeer(attrs)
         })
         .collect();
     let wanted: BTreeSet<PublicKey> = cfg.peers.iter().map(|p| p.public_key).collect();
@@ -565,7 +589,7 @@ mod tests {
             0x1d,
             7,
             NLM_F_REQUEST | NLM_F_ACK,
-            set_device(9, &cfg, &present),
+            set_device(9, &cfg, &present, &BTreeMap::new()),
         );
 
         let allowed = [
@@ -607,6 +631,93 @@ mod tests {
             &attrs,
         );
         assert_eq!(bytes, expected);
+    }
+
+    #[test]
+    fn endpoint_is_sent_only_when_the_configured_one_changes() {
+        let peer_key = PublicKey([0xbb; 32]);
+        let endpoint = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 51820);
+        let mut cfg = DeviceConfig {
+            name: "vrouter-wg".into(),
+            keys: vec![test_key(0xaa)],
+            listen_port: 51820,
+            address: Ipv4Addr::new(10, 255, 0, 1),
+            prefix_len: 16,
+            mtu: 1420,
+            peers: vec![PeerConfig {
+                public_key: peer_key,
+                endpoint,
+                tunnel: Ipv4Addr::new(10, 255, 0, 2),
+                keepalive: Some(15),
+            }],
+        };
+        let present: BTreeSet<PublicKey> = [peer_key].into_iter().collect();
+        let allowed = [
+            nla(WGALLOWEDIP_A_FAMILY, &(libc::AF_INET as u16).to_ne_bytes()),
+            nla(WGALLOWEDIP_A_IPADDR, &[10, 255, 0, 2]),
+            nla(WGALLOWEDIP_A_CIDR_MASK, &[32]),
+        ]
+        .concat();
+        let expected = |endpoint: Option<([u8; 4], u16)>, keepalive: u16| {
+            let mut peer = vec![
+                nla(WGPEER_A_PUBLIC_KEY, &[0xbb; 32]),
+                nla(WGPEER_A_FLAGS, &WGPEER_F_REPLACE_ALLOWEDIPS.to_ne_bytes()),
+            ];
+            if let Some((ip, port)) = endpoint {
+                peer.push(nla(WGPEER_A_ENDPOINT, &sockaddr_in(ip, port)));
+            }
+            peer.push(nla(
+                WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL,
+                &keepalive.to_ne_bytes(),
+            ));
+            peer.push(nla(WGPEER_A_ALLOWEDIPS | NESTED, &nla(NESTED, &allowed)));
+            let attrs = [
+                nla(WGDEVICE_A_IFINDEX, &9u32.to_ne_bytes()),
+                nla(WGDEVICE_A_PRIVATE_KEY, &[0xaa; 32]),
+                nla(WGDEVICE_A_LISTEN_PORT, &51820u16.to_ne_bytes()),
+                nla(WGDEVICE_A_PEERS | NESTED, &nla(NESTED, &peer.concat())),
+            ]
+            .concat();
+            message(
+                0x1d,
+                (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16,
+                7,
+                WG_CMD_SET_DEVICE,
+                WG_GENL_VERSION,
+                &attrs,
+            )
+        };
+        let bytes = |cfg: &DeviceConfig, present: &BTreeSet<PublicKey>, sent: &BTreeMap<_, _>| {
+            wireguard_request(
+                0x1d,
+                7,
+                NLM_F_REQUEST | NLM_F_ACK,
+                set_device(9, cfg, present, sent),
+            )
+        };
+        let same: BTreeMap<PublicKey, SocketAddrV4> = [(peer_key, endpoint)].into();
+        // Configured as last time, peer in the kernel: no endpoint (a roamed one stays),
+        // the keepalive still.
+        assert_eq!(bytes(&cfg, &present, &same), expected(None, 15));
+        // The peer is new to the kernel (it was removed, or the daemon restarted
+        // beside a fresh device): the endpoint goes in.
+        assert_eq!(
+            bytes(&cfg, &BTreeSet::new(), &same),
+            expected(Some(([198, 18, 0, 2], 51820)), 15)
+        );
+        // Nothing sent before (first apply after open): the endpoint goes in.
+        assert_eq!(
+            bytes(&cfg, &present, &BTreeMap::new()),
+            expected(Some(([198, 18, 0, 2], 51820)), 15)
+        );
+        // The configured endpoint changed: it goes in, overriding a roamed one;
+        // keepalive off is 0.
+        cfg.peers[0].endpoint = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 5), 40000);
+        cfg.peers[0].keepalive = None;
+        assert_eq!(
+            bytes(&cfg, &present, &same),
+            expected(Some(([203, 0, 113, 5], 40000)), 0)
+        );
     }
 
     #[test]

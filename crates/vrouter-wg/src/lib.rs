@@ -68,7 +68,10 @@ pub struct DeviceConfig {
 pub struct PeerConfig {
     /// The key the peer's handshakes must prove, and that ours are addressed to.
     pub public_key: PublicKey,
-    /// Where its WireGuard listens (its underlay address and WireGuard port).
+    /// Where its WireGuard listens (its underlay address and WireGuard port). Both
+    /// backends roam: an authenticated packet from another source address moves the
+    /// endpoint in use there; applying the same configured endpoint again keeps the
+    /// roamed one, a different configured value replaces it.
     pub endpoint: SocketAddrV4,
     /// Its tunnel address: the only inner source accepted from it (allowed IP /32),
     /// and the only destination sent to it.
@@ -91,6 +94,10 @@ pub struct PeerStats {
     /// (None: no session). Key rotation promotes the next key once every routed peer
     /// shows it here.
     pub session_key: Option<PublicKey>,
+    /// Times the userspace engine moved the peer's endpoint to the source of an
+    /// authenticated packet (roaming; `endpoint` is the address in use). The kernel
+    /// backend roams too but counts nothing: 0.
+    pub roams: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -235,6 +235,9 @@ pub enum Match {
     TcpSynMssAbove(u16),
     /// `udp dport <port>` (with nft's dependency `meta l4proto udp` before it).
     UdpDport(u16),
+    /// `ether daddr @<set>` for a [`SetElements::Macs`] set (family netdev; with
+    /// nft's dependency `meta iiftype ether` before it).
+    EtherDaddrInSet { set: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,6 +274,8 @@ pub enum SetElements {
     JumpMap(Vec<(Ipv4Range, String)>),
     /// `type ether_addr : iface_index`: a MAC and the device index to forward to.
     MacToIndex(Vec<(Mac, u32)>),
+    /// `type ether_addr`: a plain hash set of MACs.
+    Macs(Vec<Mac>),
 }
 
 /// An inclusive range of IPv4 addresses.
@@ -351,8 +356,12 @@ pub(super) fn check(table: &TableSpec) -> Result<(), String> {
                 }
                 Vec::new()
             }
-            SetElements::MacToIndex(list) => {
-                let mut macs: Vec<Mac> = list.iter().map(|(m, _)| *m).collect();
+            SetElements::MacToIndex(_) | SetElements::Macs(_) => {
+                let mut macs: Vec<Mac> = match &set.elements {
+                    SetElements::MacToIndex(list) => list.iter().map(|(m, _)| *m).collect(),
+                    SetElements::Macs(list) => list.clone(),
+                    _ => Vec::new(),
+                };
                 macs.sort_by_key(|m| m.0);
                 if let Some(w) = macs.windows(2).find(|w| w[0] == w[1]) {
                     return Err(format!("map {}: MAC {} twice", set.name, w[0]));
@@ -416,6 +425,12 @@ pub(super) fn check(table: &TableSpec) -> Result<(), String> {
             for m in &rule.matches {
                 match m {
                     Match::IifName { name, .. } | Match::OifName { name, .. } => ifname_ok(name)?,
+                    Match::EtherDaddrInSet { .. } if !netdev => {
+                        return Err(format!(
+                            "chain {}: ether daddr needs a netdev table",
+                            chain.name
+                        ))
+                    }
                     Match::CtOriginalDport { first, last } if first > last => {
                         return Err(format!("port range {first}-{last} ends before it starts"));
                     }
@@ -662,6 +677,16 @@ pub(super) fn new_set(family: Family, table: &str, set: &SetSpec, id: u32) -> Re
                 Attr::bytes(NFTA_SET_USERDATA, &udata),
             ]);
         }
+        SetElements::Macs(_) => attrs.extend([
+            Attr::be32(NFTA_SET_FLAGS, 0),
+            Attr::be32(NFTA_SET_KEY_TYPE, TYPE_ETHERADDR),
+            Attr::be32(NFTA_SET_KEY_LEN, 6),
+            Attr::be32(NFTA_SET_ID, id),
+            Attr::bytes(
+                NFTA_SET_USERDATA,
+                &udata_u32(UDATA_SET_KEYBYTEORDER, BYTEORDER_BIG_ENDIAN),
+            ),
+        ]),
     }
     Request::new(NFT_MSG_NEWSET, NLM_F_CREATE, family.nfproto(), attrs)
 }
@@ -717,6 +742,10 @@ pub(super) fn set_elements(elements: &SetElements) -> Vec<Attr> {
                     Attr::data(NFTA_SET_ELEM_DATA, &index.to_ne_bytes()),
                 ])
             })
+            .collect(),
+        SetElements::Macs(list) => list
+            .iter()
+            .map(|mac| elem(vec![Attr::data(NFTA_SET_ELEM_KEY, &mac.0)]))
             .collect(),
         SetElements::Ipv4Ranges(ranges) => intervals(ranges.iter().map(|r| (*r, None)).collect()),
         SetElements::JumpMap(list) => intervals(
@@ -1229,6 +1258,16 @@ fn match_exprs(
                 ],
             ));
             out.push(cmp(NFT_CMP_GT, &len.to_be_bytes()));
+        }
+        Match::EtherDaddrInSet { set } => {
+            deps.ether(out);
+            out.push(payload_load(
+                NFT_PAYLOAD_LL_HEADER,
+                ETHER_DADDR,
+                6,
+                NFT_REG_1,
+            ));
+            out.push(lookup(set, set_id, true));
         }
         Match::UdpDport(port) => {
             deps.udp(out);

@@ -881,3 +881,99 @@ mod input {
         assert!(check(&netdev).is_err());
     }
 }
+
+mod relay {
+    //! The relay table of a transit host encoded as nft 1.0.6 encodes
+    //! `testdata/relay.nft`: `testdata/relay.mnl` was captured from `nft --debug=mnl -f
+    //! relay.nft` with capture.py in a fresh namespace where vxlan1000 is device 2 and
+    //! vxlan2000 device 3 (`ip link add vxlan1000 type vxlan id 1000 dstport 4789`).
+
+    use super::super::message::NLMSG_HDRLEN;
+    use super::super::ruleset::*;
+    use vrouter_state::Mac;
+
+    fn mac(s: &str) -> Mac {
+        s.parse().unwrap()
+    }
+
+    fn relay_chain(vni: u32, index: u32, start: (u64, u64)) -> ChainSpec {
+        ChainSpec {
+            name: format!("relay_{vni}"),
+            hook: Some(BaseHook {
+                hook: Hook::Ingress {
+                    device: format!("vxlan{vni}"),
+                },
+                priority: 0,
+                policy_accept: true,
+            }),
+            rules: vec![RuleSpec {
+                matches: vec![Match::EtherDaddrInSet {
+                    set: format!("relay_{vni}"),
+                }],
+                counter: true,
+                counter_start: start,
+                set_ct_mark: None,
+                statements: Vec::new(),
+                verdict: RuleVerdict::FwdToIndex(index),
+                comment: format!("vrouter relay {vni}"),
+            }],
+        }
+    }
+
+    pub(super) fn relay_table() -> TableSpec {
+        TableSpec {
+            family: Family::Netdev,
+            name: "vk1t_relay".into(),
+            sets: vec![
+                SetSpec {
+                    name: "relay_1000".into(),
+                    elements: SetElements::Macs(vec![
+                        mac("02:e8:0a:02:00:fe"),
+                        mac("02:e8:0a:03:00:fe"),
+                    ]),
+                },
+                SetSpec {
+                    name: "relay_2000".into(),
+                    elements: SetElements::Macs(vec![mac("02:d0:0a:04:00:fe")]),
+                },
+            ],
+            chains: vec![relay_chain(1000, 2, (0, 0)), relay_chain(2000, 3, (5, 600))],
+        }
+    }
+
+    #[test]
+    fn the_relay_table_is_what_nft_sends() {
+        let table = relay_table();
+        check(&table).unwrap();
+        let theirs: Vec<(u16, String)> = include_str!("testdata/relay.mnl")
+            .lines()
+            .map(|l| {
+                let (kind, body) = l.split_once(' ').unwrap();
+                (kind.parse().unwrap(), body.to_string())
+            })
+            .collect();
+        let ours = replace_requests(&table);
+        assert_eq!(ours.len(), theirs.len() + 2);
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        for (i, (r, (kind, body))) in ours[2..].iter().zip(&theirs).enumerate() {
+            assert_eq!(r.kind(), *kind, "message {i}");
+            assert_eq!(&hex(&r.encode(0)[NLMSG_HDRLEN..]), body, "message {i}");
+        }
+    }
+
+    #[test]
+    fn a_mac_twice_or_an_ether_match_outside_netdev_is_refused() {
+        let mut t = relay_table();
+        t.sets[1].elements = SetElements::Macs(vec![mac("02:d0:0a:04:00:fe"); 2]);
+        assert!(check(&t).unwrap_err().contains("twice"));
+        let mut t = relay_table();
+        t.family = Family::Ip;
+        for c in &mut t.chains {
+            c.hook = None;
+            c.rules[0].verdict = RuleVerdict::Accept;
+        }
+        assert!(check(&t)
+            .unwrap_err()
+            .contains("ether daddr needs a netdev table"));
+    }
+}
