@@ -170,13 +170,13 @@ impl UdpBlocks {
     pub fn script(table: &str, pairs: &BTreeSet<(Ipv4Addr, Ipv4Addr)>) -> String {
         let mut s = format!(
             "add table bridge {table}\n\
-             add chain bridge {table} udp {{ type filter hook forward priority -210; policy accept; }}\n\
-             flush chain bridge {table} udp\n"
+             add chain bridge {table} blocks {{ type filter hook forward priority -210; policy accept; }}\n\
+             flush chain bridge {table} blocks\n"
         );
         for (x, y) in pairs {
             s.push_str(&format!(
-                "add rule bridge {table} udp ip saddr {x} ip daddr {y} meta l4proto udp counter drop\n\
-                 add rule bridge {table} udp ip saddr {y} ip daddr {x} meta l4proto udp counter drop\n"
+                "add rule bridge {table} blocks ip saddr {x} ip daddr {y} meta l4proto udp counter drop\n\
+                 add rule bridge {table} blocks ip saddr {y} ip daddr {x} meta l4proto udp counter drop\n"
             ));
         }
         s
@@ -286,7 +286,7 @@ mod tests {
     fn block_script_drops_udp_both_ways_and_only_the_listed_pairs() {
         let mut pairs = BTreeSet::new();
         let empty = UdpBlocks::script("t", &pairs);
-        assert!(empty.contains("flush chain bridge t udp"));
+        assert!(empty.contains("flush chain bridge t blocks"));
         assert!(!empty.contains("drop"));
         pairs.insert(("198.18.0.1".parse().unwrap(), "198.18.0.2".parse().unwrap()));
         let s = UdpBlocks::script("t", &pairs);
