@@ -253,6 +253,10 @@ impl Controller {
         c.check_sysctls();
         let mut c = c;
         c.remembered = remembered;
+        // A restart keeps relayed paths while the probes start (see paths::decide).
+        if let Some(p) = c.last_discovery.as_ref().and_then(|d| d.paths.as_ref()) {
+            c.paths = crate::paths::from_status(p);
+        }
         Ok(c)
     }
 
@@ -1053,7 +1057,12 @@ impl Controller {
         // A relay forwards between the peers it reaches directly (transit.rs): their
         // VNIs need devices here and their routers' rows point at them directly.
         let relay_on = self.settings.relay && self.gossip.is_some() && !self.left_mesh;
-        let direct = crate::paths::direct_hosts(&self.path_members, &self.path_views);
+        let direct = crate::paths::direct_hosts(
+            &self.path_members,
+            &self.path_views,
+            self.gossip.as_ref().map_or(0, |g| g.now_ms()),
+            self.settings.path_dead_ms,
+        );
         let transit = crate::transit::plan(relay_on, &routed_peers, &direct, &want.destinations);
         want.vnis.extend(transit.vnis.iter().copied());
         want.fdb
@@ -1485,41 +1494,42 @@ impl Controller {
 
     /// Events for the path changes between the last decision and `decided`.
     fn report_paths(&self, decided: &BTreeMap<vrouter_gossip::NodeId, crate::paths::PeerPath>) {
-        use crate::paths::Via;
-        for (id, p) in decided {
-            let prev = self.paths.get(id);
+        use crate::paths::{Change, Via};
+        for (id, change) in crate::paths::changes(&self.paths, decided) {
+            let p = &decided[&id];
             let host = p.peer_addr;
-            if let Some(old) = prev.filter(|o| o.addr_in_use != p.addr_in_use) {
-                self.event(
-                    EventKind::PeerAddressChanged,
-                    format!(
-                        "host {host} (node {id}) is now reached at {} (was {}): {}",
-                        p.addr_in_use,
-                        old.addr_in_use,
-                        if p.addr_in_use == host {
-                            "its announced address"
-                        } else {
-                            "the address its path probes answer at (it is behind a NAT)"
-                        }
-                    ),
-                    None,
-                );
-            }
-            let before = prev.map(|o| o.via).unwrap_or(Via::Direct);
-            let same = match (before, p.via) {
-                (Via::Relay { node: a, .. }, Via::Relay { node: b, .. }) => a == b,
-                (a, b) => a == b,
+            let before = match change {
+                Change::AddressInUse { old } => {
+                    self.event(
+                        EventKind::PeerAddressChanged,
+                        format!(
+                            "host {host} (node {id}) is now reached at {} (was {old}): {}",
+                            p.addr_in_use,
+                            if p.addr_in_use == host {
+                                "its announced address"
+                            } else {
+                                "the address its path probes answer at (it is behind a NAT)"
+                            }
+                        ),
+                        None,
+                    );
+                    continue;
+                }
+                Change::Way { before } => before,
             };
-            if same {
-                continue;
-            }
             match p.via {
                 Via::Direct => self.event(
                     EventKind::PathDirect,
                     format!(
-                        "traffic to host {host} (node {id}) goes directly again, to {}: its path probes have been answered for {} ms",
+                        "traffic to host {host} (node {id}) goes directly again, to {}: {}",
                         p.addr_in_use,
-                        crate::paths::RETURN_HOLD_MS
+                        match before {
+                            Via::Relay { node, .. } => format!(
+                                "its path probes have been answered for {} ms (it went through relay {node})",
+                                crate::paths::RETURN_HOLD_MS
+                            ),
+                            _ => "its path probes are answered again".to_string(),
+                        }
                     ),
                     None,
                 ),

@@ -151,14 +151,7 @@ pub fn decide(i: &Inputs) -> BTreeMap<NodeId, PeerPath> {
         let view = i.views.get(id);
         let prev = i.previous.get(id);
         let reachable = view.is_some_and(|v| v.reachable);
-        let undecided = match view {
-            None => true,
-            Some(v) => {
-                !v.reachable
-                    && !v.acked_ever
-                    && i.now_ms.saturating_sub(v.since_ms) < i.dead_after_ms
-            }
-        };
+        let undecided = undecided(view, i.now_ms, i.dead_after_ms);
         let addr_in_use = view
             .filter(|v| v.reachable)
             .and_then(|v| v.addr)
@@ -171,7 +164,11 @@ pub fn decide(i: &Inputs) -> BTreeMap<NodeId, PeerPath> {
         let candidates = relay_candidates(i, &by_id, *id);
         let holding =
             reachable && view.is_some_and(|v| i.now_ms.saturating_sub(v.since_ms) < RETURN_HOLD_MS);
-        let (via, rtt_us) = if (reachable || undecided)
+        let (via, rtt_us) = if let (true, Some(p)) = (undecided, prev) {
+            // Not decided yet: a restart (the previous run's decision seeds `previous`)
+            // keeps the way it had while the probes start.
+            (p.via, p.rtt_us)
+        } else if (reachable || undecided)
             && !(holding && prev_relay.is_some_and(|r| candidates.contains_key(&r)))
         {
             (Via::Direct, view.and_then(|v| v.rtt_us))
@@ -217,7 +214,7 @@ pub fn next_due(i: &Inputs, decided: &BTreeMap<NodeId, PeerPath>) -> Option<u64>
     let mut due: Option<u64> = None;
     for (id, p) in decided {
         let Some(v) = i.views.get(id) else { continue };
-        let at = if p.via == Via::Direct && !v.reachable && !v.acked_ever {
+        let at = if !v.reachable && !v.acked_ever {
             v.since_ms + i.dead_after_ms
         } else if matches!(p.via, Via::Relay { .. }) && v.reachable {
             v.since_ms + RETURN_HOLD_MS
@@ -229,6 +226,68 @@ pub fn next_due(i: &Inputs, decided: &BTreeMap<NodeId, PeerPath>) -> Option<u64>
         }
     }
     due
+}
+
+/// The previous run's decisions from discovery.json's `paths`, to seed the first
+/// decision after a restart (see [`decide`]: an undecided peer keeps its way). Only
+/// relayed paths matter (the rest start direct anyway); times restart at 0.
+pub fn from_status(paths: &[vrouter_state::PathStatus]) -> BTreeMap<NodeId, PeerPath> {
+    paths
+        .iter()
+        .filter(|p| p.via == "relay")
+        .filter_map(|p| {
+            let node: NodeId = p.node.parse().ok()?;
+            let relay: NodeId = p.relay_node.as_deref()?.parse().ok()?;
+            Some((
+                node,
+                PeerPath {
+                    node,
+                    peer_addr: p.peer_addr,
+                    addr_in_use: p.addr_in_use,
+                    via: Via::Relay {
+                        node: relay,
+                        addr: p.relay_addr?,
+                    },
+                    rtt_us: p.rtt_ms.map(|ms| (ms * 1000.0) as u32),
+                    since_ms: 0,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// What changed for one peer between two decisions (events are written for these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// The address this host sends to for it moved.
+    AddressInUse { old: Ipv4Addr },
+    /// It goes another way (a peer seen for the first time counts as direct before).
+    Way { before: Via },
+}
+
+/// The changes from `previous` to `decided`, per peer, in node order (an address
+/// change first).
+pub fn changes(
+    previous: &BTreeMap<NodeId, PeerPath>,
+    decided: &BTreeMap<NodeId, PeerPath>,
+) -> Vec<(NodeId, Change)> {
+    let mut out = Vec::new();
+    for (id, p) in decided {
+        let prev = previous.get(id);
+        if let Some(old) = prev.filter(|o| o.addr_in_use != p.addr_in_use) {
+            out.push((
+                *id,
+                Change::AddressInUse {
+                    old: old.addr_in_use,
+                },
+            ));
+        }
+        let before = prev.map(|o| o.via).unwrap_or(Via::Direct);
+        if !same_way(&before, &p.via) {
+            out.push((*id, Change::Way { before }));
+        }
+    }
+    out
 }
 
 /// Same kind and, for a relay, the same relay (its address may move).
@@ -328,12 +387,33 @@ pub fn fdb_destinations(
     out
 }
 
-/// The peer hosts (announced addresses) this host reaches directly right now: their
-/// probe view is reachable. A relay forwards only to these.
-pub fn direct_hosts(members: &[Member], views: &BTreeMap<NodeId, View>) -> BTreeSet<Ipv4Addr> {
+/// Whether `view` has not decided anything yet: none, or never acked and probing for
+/// less than `dead_after_ms`.
+fn undecided(view: Option<&View>, now_ms: u64, dead_after_ms: u64) -> bool {
+    match view {
+        None => true,
+        Some(v) => {
+            !v.reachable && !v.acked_ever && now_ms.saturating_sub(v.since_ms) < dead_after_ms
+        }
+    }
+}
+
+/// The peer hosts (announced addresses) a relay forwards to: alive members its probes
+/// reach, or not decided yet (as for the path decision: right after a restart the
+/// relay keeps forwarding). Its own FDB rows for them are direct, so a frame is never
+/// relayed twice.
+pub fn direct_hosts(
+    members: &[Member],
+    views: &BTreeMap<NodeId, View>,
+    now_ms: u64,
+    dead_after_ms: u64,
+) -> BTreeSet<Ipv4Addr> {
     members
         .iter()
-        .filter(|m| m.alive && views.get(&m.node).is_some_and(|v| v.reachable))
+        .filter(|m| {
+            let v = views.get(&m.node);
+            m.alive && (v.is_some_and(|v| v.reachable) || undecided(v, now_ms, dead_after_ms))
+        })
         .map(|m| m.underlay)
         .collect()
 }
@@ -647,6 +727,69 @@ mod tests {
     }
 
     #[test]
+    fn changes_are_reported_once() {
+        let mut w = World::new(vec![member(A, 2), relay(R1, 4, &[(A, 1)])]);
+        w.views.insert(R1, up(4, 1, 0));
+        w.views.insert(A, up(2, 1, 0));
+        let first = w.decide(100);
+        // A first decision that is direct is no change.
+        assert!(changes(&BTreeMap::new(), &first).is_empty());
+        // The peer behind a NAT answers at another address.
+        let mut v = up(2, 1, 0);
+        v.addr = Some(SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 5), 7946));
+        w.views.insert(A, v);
+        let moved = w.decide(200);
+        assert_eq!(
+            changes(&first, &moved),
+            vec![(A, Change::AddressInUse { old: ip(2) })]
+        );
+        assert!(changes(&moved, &moved).is_empty());
+        // Relayed: the way changes (and the address in use falls back to the
+        // announced one).
+        w.views.insert(A, down(300));
+        let relayed = w.decide(5000);
+        assert_eq!(
+            changes(&moved, &relayed),
+            vec![
+                (
+                    A,
+                    Change::AddressInUse {
+                        old: Ipv4Addr::new(203, 0, 113, 5)
+                    }
+                ),
+                (
+                    A,
+                    Change::Way {
+                        before: Via::Direct
+                    }
+                )
+            ]
+        );
+        // The relay's address moving is no new way.
+        let mut moved_relay = relayed.clone();
+        if let Some(p) = moved_relay.get_mut(&A) {
+            p.via = Via::Relay {
+                node: R1,
+                addr: ip(9),
+            };
+        }
+        assert!(changes(&relayed, &moved_relay).is_empty());
+        // A peer seen first as unreachable is a change from direct.
+        let mut fresh = World::new(vec![member(A, 2)]);
+        fresh.views.insert(A, down(0));
+        let d = fresh.decide(5000);
+        assert_eq!(
+            changes(&BTreeMap::new(), &d),
+            vec![(
+                A,
+                Change::Way {
+                    before: Via::Direct
+                }
+            )]
+        );
+    }
+
+    #[test]
     fn unreachable_without_relay_is_no_relay() {
         let mut w = World::new(vec![member(A, 2)]);
         w.views.insert(A, down(0));
@@ -771,9 +914,81 @@ mod tests {
     }
 
     #[test]
-    fn direct_hosts_are_the_reachable_views() {
-        let members = vec![member(A, 2), member(B, 3)];
-        let views: BTreeMap<NodeId, View> = [(A, up(2, 1, 0)), (B, down(0))].into();
-        assert_eq!(direct_hosts(&members, &views), [ip(2)].into());
+    fn direct_hosts_are_the_reachable_or_undecided_views() {
+        let members = vec![member(A, 2), member(B, 3), member(NodeId(0xc), 6)];
+        let mut starting = down(1000);
+        starting.acked_ever = false;
+        let views: BTreeMap<NodeId, View> =
+            [(A, up(2, 1, 0)), (B, down(0)), (NodeId(0xc), starting)].into();
+        assert_eq!(
+            direct_hosts(&members, &views, 2000, DEAD),
+            [ip(2), ip(6)].into()
+        );
+        assert_eq!(
+            direct_hosts(&members, &views, 1000 + DEAD, DEAD),
+            [ip(2)].into()
+        );
+    }
+
+    #[test]
+    fn the_previous_runs_relayed_paths_seed_a_restart() {
+        let status = |via: &str, relay: Option<(&str, Ipv4Addr)>| vrouter_state::PathStatus {
+            node: A.to_string(),
+            peer_addr: ip(2),
+            addr_in_use: ip(2),
+            via: via.into(),
+            relay_node: relay.map(|r| r.0.to_string()),
+            relay_addr: relay.map(|r| r.1),
+            rtt_ms: Some(2.5),
+            since_ms: 99,
+            code: None,
+        };
+        let seeded = from_status(&[
+            status("relay", Some((&R1.to_string(), ip(4)))),
+            status("direct", None),
+        ]);
+        assert_eq!(seeded.len(), 1);
+        let p = &seeded[&A];
+        assert_eq!(
+            p.via,
+            Via::Relay {
+                node: R1,
+                addr: ip(4)
+            }
+        );
+        assert_eq!((p.rtt_us, p.since_ms), (Some(2500), 0));
+        assert!(from_status(&[status("relay", Some(("garbage", ip(4))))]).is_empty());
+    }
+
+    #[test]
+    fn undecided_keeps_the_previous_way_after_a_restart() {
+        let mut w = World::new(vec![member(A, 2), relay(R1, 4, &[(A, 1)])]);
+        // The previous run relayed A through R1 (seeded from discovery.json).
+        w.prev.insert(
+            A,
+            PeerPath {
+                node: A,
+                peer_addr: ip(2),
+                addr_in_use: ip(2),
+                via: Via::Relay {
+                    node: R1,
+                    addr: ip(4),
+                },
+                rtt_us: Some(3000),
+                since_ms: 0,
+            },
+        );
+        // No views yet: the relay stays.
+        assert!(matches!(w.via(10, A), Via::Relay { node: R1, .. }));
+        // Probes to A go unanswered, R1 answers: relayed on.
+        let mut v = down(0);
+        v.acked_ever = false;
+        w.views.insert(A, v);
+        w.views.insert(R1, up(4, 1, 0));
+        assert!(matches!(w.via(DEAD, A), Via::Relay { node: R1, .. }));
+        // A answers directly: back to direct after the hold.
+        w.views.insert(A, up(2, 1, DEAD + 100));
+        assert!(matches!(w.via(DEAD + 200, A), Via::Relay { .. }));
+        assert_eq!(w.via(DEAD + 100 + RETURN_HOLD_MS, A), Via::Direct);
     }
 }
