@@ -33,6 +33,7 @@ pub mod firewall;
 pub mod gossip;
 pub mod http;
 pub mod mesh;
+pub mod nat;
 pub mod probe;
 pub mod relaybench;
 pub mod steering;

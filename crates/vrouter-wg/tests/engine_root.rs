@@ -658,3 +658,264 @@ fn engine_cpu() -> f64 {
     }
     total as f64 / ticks
 }
+
+/// A host behind a NAT router: namespaces `<prefix>-nat` (on the underlay bridge at
+/// `NAT_OUTSIDE`, `masquerade random` out of it) and `<prefix>-in` (10.77.0.2 behind
+/// it). The outside cannot reach the inside except through mappings the inside's
+/// packets open. Both namespaces go on drop.
+struct NatSite {
+    nat: String,
+    inside: String,
+}
+
+const NAT_OUTSIDE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+const INSIDE: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+
+impl NatSite {
+    fn new(topo: &Topology) -> NatSite {
+        let p = vrouter_tests::prefix();
+        let site = NatSite {
+            nat: format!("{p}-nat"),
+            inside: format!("{p}-in"),
+        };
+        let run = |ns: Option<&str>, args: &[&str]| {
+            vrouter_tests::exec_ok(ns, args).unwrap_or_else(|e| panic!("{args:?}: {e:#}"));
+        };
+        for ns in [&site.nat, &site.inside] {
+            run(None, &["ip", "netns", "add", ns]);
+            run(Some(ns), &["ip", "link", "set", "lo", "up"]);
+        }
+        let (nat, inside) = (Some(site.nat.as_str()), Some(site.inside.as_str()));
+        // The NAT's outside leg on the underlay bridge.
+        let ul_leg = format!("{p}nat");
+        run(
+            None,
+            &[
+                "ip",
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                &site.nat,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &ul_leg,
+                "netns",
+                &topo.underlay_ns,
+            ],
+        );
+        run(
+            Some(&topo.underlay_ns),
+            &["ip", "link", "set", &ul_leg, "master", "br0", "up"],
+        );
+        run(
+            nat,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{NAT_OUTSIDE}/24"),
+                "dev",
+                "eth0",
+            ],
+        );
+        run(nat, &["ip", "link", "set", "eth0", "up"]);
+        // The inside leg.
+        run(
+            None,
+            &[
+                "ip",
+                "link",
+                "add",
+                "in0",
+                "netns",
+                &site.nat,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &site.inside,
+            ],
+        );
+        run(nat, &["ip", "addr", "add", "10.77.0.1/24", "dev", "in0"]);
+        run(nat, &["ip", "link", "set", "in0", "up"]);
+        run(
+            inside,
+            &["ip", "addr", "add", &format!("{INSIDE}/24"), "dev", "eth0"],
+        );
+        run(inside, &["ip", "link", "set", "eth0", "up"]);
+        run(
+            inside,
+            &["ip", "route", "add", "default", "via", "10.77.0.1"],
+        );
+        run(nat, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+        // Short UDP mappings: only keepalives keep the inside reachable.
+        for key in [
+            "nf_conntrack_udp_timeout",
+            "nf_conntrack_udp_timeout_stream",
+        ] {
+            run(
+                nat,
+                &["sysctl", "-q", "-w", &format!("net.netfilter.{key}=3")],
+            );
+        }
+        let table = format!("{p}nat");
+        run(nat, &["nft", "add", "table", "ip", &table]);
+        run(
+            nat,
+            &[
+                "nft",
+                "add",
+                "chain",
+                "ip",
+                &table,
+                "post",
+                "{ type nat hook postrouting priority 100; }",
+            ],
+        );
+        run(
+            nat,
+            &[
+                "nft",
+                "add",
+                "rule",
+                "ip",
+                &table,
+                "post",
+                "oifname",
+                "eth0",
+                "masquerade",
+                "random",
+            ],
+        );
+        site
+    }
+}
+
+impl Drop for NatSite {
+    fn drop(&mut self) {
+        for ns in [&self.inside, &self.nat] {
+            let _ = vrouter_tests::exec(None, &["ip", "netns", "del", ns]);
+        }
+    }
+}
+
+#[test]
+fn a_peer_behind_a_port_randomising_nat_is_answered_where_its_packets_come_from() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::builder("wg_nat")
+        .hosts(1)
+        .build()
+        .expect("topology");
+    let site = NatSite::new(&topo);
+    let out = side(&topo, 1);
+    let inn = Side {
+        host: INSIDE,
+        tunnel: tunnel_of(2),
+        key: PrivateKey::generate(),
+    };
+    // The outside knows the inside only by the NAT's address and the WireGuard port
+    // (what discovery configures from the observed address): the real port is hidden.
+    let configured = SocketAddrV4::new(NAT_OUTSIDE, PORT);
+    let inside_peer = |endpoint: SocketAddrV4| PeerConfig {
+        public_key: inn.key.public_key(),
+        endpoint,
+        tunnel: inn.tunnel,
+        keepalive: None,
+    };
+    let outside_peer = PeerConfig {
+        public_key: out.key.public_key(),
+        endpoint: SocketAddrV4::new(out.host, PORT),
+        tunnel: out.tunnel,
+        // The inside keeps its mapping open.
+        keepalive: Some(1),
+    };
+    let rt_out = NsRuntime::new(&topo.host(1).ns);
+    let rt_in = NsRuntime::new(&site.inside);
+    let cfg_out = config(&out, vec![out.key.clone()], vec![inside_peer(configured)]);
+    let mut wg_out = Some(rt_out.open(&cfg_out).expect("open outside"));
+    let t0 = Instant::now();
+    let mut wg_in = Some(
+        rt_in
+            .open(&config(&inn, vec![inn.key.clone()], vec![outside_peer]))
+            .expect("open inside"),
+    );
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // The outside learns the mapped endpoint from the inside's handshake and
+        // answers there: its pings reach the inside.
+        let learned =
+            vrouter_tests::wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+                wg_out.as_ref().unwrap().stats()[0].roams > 0
+            });
+        assert!(
+            learned,
+            "the outside never roamed: {:?}",
+            wg_out.as_ref().unwrap().stats()
+        );
+        eprintln!(
+            "endpoint learned {:?} after the inside opened",
+            t0.elapsed()
+        );
+        let s = wg_out.as_ref().unwrap().stats()[0].clone();
+        assert_eq!(*s.endpoint.ip(), NAT_OUTSIDE, "{s:?}");
+        eprintln!("configured {configured}, learned {}", s.endpoint);
+        let (sent, got) = pings(&topo.host(1).ns, inn.tunnel, 20);
+        assert_eq!((sent, got), (20, 20), "outside -> inside over the tunnel");
+        let (sent, got) = pings(&site.inside, out.tunnel, 20);
+        assert_eq!((sent, got), (20, 20), "inside -> outside over the tunnel");
+
+        // Quiet for longer than the NAT's UDP timeout (3 s): the keepalives hold the
+        // mapping, so the outside still reaches the inside.
+        std::thread::sleep(Duration::from_secs(5));
+        let (sent, got) = pings(&topo.host(1).ns, inn.tunnel, 10);
+        assert_eq!(
+            (sent, got),
+            (10, 10),
+            "the keepalives kept the mapping open"
+        );
+
+        // Re-applying the same configured endpoint keeps the learned one.
+        let learned = wg_out.as_ref().unwrap().stats()[0].endpoint;
+        let wg = rt_out.apply(wg_out.take().unwrap(), &cfg_out);
+        wg_out = Some(wg);
+        let s = wg_out.as_ref().unwrap().stats()[0].clone();
+        assert_eq!(
+            s.endpoint, learned,
+            "same configuration, roamed endpoint kept"
+        );
+        let (sent, got) = pings(&topo.host(1).ns, inn.tunnel, 10);
+        assert_eq!((sent, got), (10, 10));
+
+        // A changed configured endpoint overrides the roamed one; the inside's next
+        // keepalive moves it back to the mapping.
+        let moved = SocketAddrV4::new(NAT_OUTSIDE, PORT + 1);
+        let roams = s.roams;
+        let cfg_moved = config(&out, vec![out.key.clone()], vec![inside_peer(moved)]);
+        let wg = rt_out.apply(wg_out.take().unwrap(), &cfg_moved);
+        wg_out = Some(wg);
+        let back =
+            vrouter_tests::wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+                let s = &wg_out.as_ref().unwrap().stats()[0];
+                s.roams > roams && s.endpoint == learned
+            });
+        assert!(back, "{:?}", wg_out.as_ref().unwrap().stats());
+        let (sent, got) = pings(&topo.host(1).ns, inn.tunnel, 10);
+        assert_eq!((sent, got), (10, 10));
+    }));
+    if let Some(wg) = wg_out.take() {
+        rt_out.close(wg);
+    }
+    if let Some(wg) = wg_in.take() {
+        rt_in.close(wg);
+    }
+    drop(site);
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
