@@ -479,6 +479,12 @@ def relay_text(extra):
     """The relay bench's rounds: which relay each host used, the failover's hosts and
     what the relays forwarded during the relayed measurement, from the JSON's extra."""
     out = []
+    if extra.get("build") == "debug":
+        out += [
+            f"*Debug build: the bench and the daemons ({extra.get('daemons', '?')}) were built "
+            "without optimisation; `make bench-relay` runs the release build.*",
+            "",
+        ]
     hosts = extra.get("hosts") if isinstance(extra.get("hosts"), dict) else {}
     underlay = hosts.get("underlay") if isinstance(hosts.get("underlay"), list) else []
     if underlay:

@@ -375,6 +375,12 @@ class Report(unittest.TestCase):
         self.assertIn("host 3 198.18.0.3", md)
         self.assertIn("a path dead after 2,500 ms", md)
         self.assertIn("Method: synthetic.", md)
+        self.assertNotIn("Debug build", md)
+        extra["build"] = "debug"
+        extra["daemons"] = "target/debug"
+        self.put("relay", results("vrt-relay-bench", [], extra))
+        md = self.run_report()
+        self.assertIn("*Debug build: the bench and the daemons (target/debug) were built", md)
         # Without its file the section says how to get it.
         os.remove(os.path.join(self.inp, "relay.json"))
         self.put("datapath", DATAPATH)

@@ -479,6 +479,8 @@ fn run(args: &Args) -> Result<()> {
         .collect();
     let extra = json!({
         "rounds": args.rounds,
+        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "daemons": vrouter_tests::mesh::bin_dir().map(|d| d.display().to_string()).unwrap_or_default(),
         "secs_per_iperf_run": args.secs,
         "pings_per_sample": PINGS,
         "outage_ping_interval_ms": OUTAGE_PING_MS,
