@@ -1,7 +1,7 @@
 //! Several underlay subnets, NAT and UDP blocks for a gossip mesh (issue 17).
 //!
 //! The topology's underlay namespace (`<p>-ul`, bridge `br0`, 198.18.0.0/24) is the
-//! "core": the public network. A [`Site`] is a namespace `<p>-sS` with an uplink `up0` on
+//! "core": the public network. A [`Site`] is a namespace `<p>-siteS` with an uplink `up0` on
 //! the core (198.18.0.(200+S)/24, default route via the core gateway 198.18.0.254) and a
 //! LAN bridge `lan` (192.168.S.254/24). A host attached to a site moves its underlay link
 //! from `br0` onto the site's `lan`, and its `eth0` becomes 192.168.S.<host index>/24 with
@@ -55,7 +55,7 @@ pub enum SiteKind {
 pub struct Site {
     /// 1-based.
     pub index: u8,
-    /// `<prefix>-s<index>`.
+    /// `<prefix>-site<index>`.
     pub ns: String,
     pub kind: SiteKind,
     /// The router's address on the core (198.18.0.(200+index)); the NAT address.
@@ -81,6 +81,8 @@ impl Site {
 
 /// Name of the NAT table in a site.
 const NAT_TABLE: &str = "sitenat";
+/// Name of a site's table counting what it forwards (diagnostics only).
+const FWD_TABLE: &str = "sitefwd";
 
 /// The sites, public addresses and UDP blocks of one topology.
 pub struct NatNet {
@@ -163,7 +165,7 @@ impl NatNet {
         if idx > 40 {
             bail!("at most 40 sites");
         }
-        let ns = format!("{}-s{idx}", self.prefix);
+        let ns = format!("{}-site{idx}", self.prefix);
         exec_ok(None, &["ip", "netns", "add", &ns])?;
         let uplink_ip = Ipv4Addr::new(198, 18, 0, 200 + idx);
         let lan_gw = Ipv4Addr::new(192, 168, idx, 254);
@@ -208,6 +210,8 @@ impl NatNet {
         )?;
         let c = Some(self.core_ns.as_str());
         exec_ok(c, &["ip", "link", "set", &core_port, "master", "br0", "up"])?;
+        // Packets reach a NAT with their checksums done, as from a wire (see attach).
+        exec_ok(c, &["ethtool", "-K", &core_port, "tx", "off"])?;
         exec_ok(
             n,
             &[
@@ -283,6 +287,28 @@ impl NatNet {
             SiteKind::OneToOne => Some("masquerade"),
             SiteKind::MasqueradeRandom => Some("masquerade random"),
         };
+        // Counters of what the site forwards, per direction and port (printed on
+        // failure).
+        let mut fwd = format!(
+            "table ip {FWD_TABLE} {{\n\tchain counts {{ type filter hook forward priority 0; policy accept;\n"
+        );
+        for dir in ["iifname", "oifname"] {
+            for (what, m) in [
+                ("gossip", "udp dport 7950"),
+                ("gossip-reply", "udp sport 7950"),
+                ("vxlan", "udp dport 4789"),
+                ("wg", "udp dport 51820"),
+                ("wg-reply", "udp sport 51820"),
+                ("icmp", "ip protocol icmp"),
+            ] {
+                fwd.push_str(&format!(
+                    "\t\t{dir} \"up0\" {m} counter comment \"{dir}-up0-{what}\"\n"
+                ));
+            }
+        }
+        fwd.push_str("\t}\n}\n");
+        exec_input(n, &["nft", "-f", "-"], fwd.as_bytes())
+            .with_context(|| format!("site {idx} counters:\n{fwd}"))?;
         if let Some(masq) = nat {
             let script = format!(
                 "table ip {NAT_TABLE} {{\n\
@@ -323,6 +349,12 @@ impl NatNet {
         let ip = Ipv4Addr::new(192, 168, s, host as u8);
         let h = topo.host(host).ns.clone();
         let hn = Some(h.as_str());
+        // A veth hands packets on with their checksums still to do (CHECKSUM_PARTIAL);
+        // for VXLAN (outer UDP checksum over an offloaded inner one) the NAT's checksum
+        // update then corrupts the outer checksum and the receiver drops the packet
+        // (UdpInCsumErrors): TCP through the overlay fails while pings pass. A packet
+        // from a real wire has its checksums done: the host's link computes them.
+        exec_ok(hn, &["ethtool", "-K", "eth0", "tx", "off"])?;
         exec_ok(hn, &["ip", "addr", "flush", "dev", "eth0"])?;
         exec_ok(
             hn,
@@ -537,11 +569,20 @@ impl NatNet {
                     .map(|o| o.stdout)
                     .unwrap_or_default(),
             );
+            out.push_str(&format!("----- {} forward counters\n", s.ns));
             out.push_str(
-                &exec(Some(&s.ns), &["conntrack", "-L", "-p", "udp"])
+                &exec(Some(&s.ns), &["nft", "list", "table", "ip", FWD_TABLE])
                     .map(|o| o.stdout)
                     .unwrap_or_default(),
             );
+            out.push_str(&format!("----- {} conntrack (udp)\n", s.ns));
+            let ct = exec(Some(&s.ns), &["cat", "/proc/net/nf_conntrack"])
+                .map(|o| o.stdout)
+                .unwrap_or_default();
+            for line in ct.lines().filter(|l| l.contains(" udp ")).take(60) {
+                out.push_str(line);
+                out.push('\n');
+            }
         }
         out
     }

@@ -54,7 +54,16 @@ fn relay_failover_and_return() {
     g.set_discovery_env(4, "VROUTER_RELAY", "true");
     g.start_all().expect("start");
     g.wait_full_mesh(CONVERGE).expect("full mesh");
-    let ip = |h: usize| g.topo.host(h).underlay_ip.to_string();
+    let ips: Vec<String> = (0..=4)
+        .map(|h| {
+            if h == 0 {
+                String::new()
+            } else {
+                g.topo.host(h).underlay_ip.to_string()
+            }
+        })
+        .collect();
+    let ip = |h: usize| ips[h].clone();
     let p = wait_path(&g, 1, 2, |p| p["via"] == "direct");
     eprintln!("direct: {p}");
     let d = g.discovery_json(1).unwrap();
@@ -101,6 +110,41 @@ fn relay_failover_and_return() {
     assert!(counted, "relay host {r} counted nothing\n{}", g.summary());
     eprintln!("relay host {r} forwarded {forwarded} packets");
 
+    // Restarting host 1's discovery and the relay's keeps the relayed path: the
+    // previous decision stands while the probes start.
+    for h in [1, r] {
+        g.stop_discovery(h, libc::SIGTERM).unwrap();
+        g.start_discovery(h).unwrap();
+        let mut lost = Vec::new();
+        for i in 0..15 {
+            if !ping(
+                &g.svc("s1").ns,
+                &g.svc("s2").ip.to_string(),
+                1,
+                Duration::from_millis(300),
+            ) {
+                lost.push(i);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("restart of host {h}: pings lost {lost:?} of 15");
+        for x in [1, h] {
+            for e in g
+                .events(x)
+                .iter()
+                .filter(|e| e.kind.to_string().starts_with("path_"))
+            {
+                eprintln!("  host {x} {} {}: {}", e.ts_ms, e.kind, e.message);
+            }
+        }
+        assert!(
+            lost.len() <= 1,
+            "{lost:?} lost over host {h}'s restart\n{}",
+            g.summary()
+        );
+    }
+    wait_path(&g, 1, 2, |p| p["via"] == "relay");
+
     // Block the relay in use from both: fail over to the other.
     let t = Instant::now();
     g.partition(&[1, 2], &[r]).unwrap();
@@ -137,7 +181,7 @@ fn relay_failover_and_return() {
     let unreachable = g
         .events(1)
         .into_iter()
-        .find(|e| e.kind.to_string() == "path_unreachable")
+        .find(|e| e.kind == *"path_unreachable")
         .expect("path_unreachable event");
     assert!(
         unreachable.message.contains("VROUTER_RELAY=true"),

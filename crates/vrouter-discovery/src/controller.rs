@@ -109,6 +109,8 @@ pub struct Controller {
     /// This host's observed address and whether its NAT rewrites ports (reflection).
     observed: Option<Ipv4Addr>,
     port_translated: bool,
+    /// Peers that see this host at its local address (inside its NAT).
+    inside: BTreeSet<vrouter_gossip::NodeId>,
     /// discovery.json's `addresses`, `paths` and `relay`.
     addresses: Option<vrouter_state::AddressesStatus>,
     path_status: Option<Vec<vrouter_state::PathStatus>>,
@@ -230,6 +232,7 @@ impl Controller {
             path_due: None,
             observed: None,
             port_translated: false,
+            inside: BTreeSet::new(),
             addresses: None,
             path_status: None,
             relay_status: None,
@@ -257,6 +260,7 @@ impl Controller {
         if let Some(p) = c.last_discovery.as_ref().and_then(|d| d.paths.as_ref()) {
             c.paths = crate::paths::from_status(p);
         }
+        c.relay_status = c.last_discovery.as_ref().and_then(|d| d.relay.clone());
         Ok(c)
     }
 
@@ -486,6 +490,7 @@ impl Controller {
             .map(|m| crate::paths::Member {
                 node: m.record.id,
                 underlay: m.record.underlay,
+                gossip_addr: Some(m.record.gossip_addr),
                 alive: matches!(
                     m.state,
                     vrouter_gossip::MemberState::Alive | vrouter_gossip::MemberState::Suspect
@@ -517,6 +522,15 @@ impl Controller {
             })
             .collect();
         self.note_reflection(snap.reflection.observed, snap.reflection.port_translated);
+        // Peers that see this host at its own address are inside its NAT.
+        let own_ip = *snap.addr.ip();
+        self.inside = snap
+            .reflection
+            .reports
+            .iter()
+            .filter(|(_, seen)| *seen.ip() == own_ip)
+            .map(|(id, _)| *id)
+            .collect();
         let members = decided.members;
         let peers = decided.peers;
         let c = &snap.counters;
@@ -1057,14 +1071,32 @@ impl Controller {
         // A relay forwards between the peers it reaches directly (transit.rs): their
         // VNIs need devices here and their routers' rows point at them directly.
         let relay_on = self.settings.relay && self.gossip.is_some() && !self.left_mesh;
-        let direct = crate::paths::direct_hosts(
+        let direct_known = crate::paths::direct_hosts(
             &self.path_members,
             &self.path_views,
             self.gossip.as_ref().map_or(0, |g| g.now_ms()),
             self.settings.path_dead_ms,
         );
+        // Routed gossip peers gossip does not know yet (right after a restart: the
+        // previous run's, see `remembered`) are not decided either: forwarded to.
+        let known: BTreeSet<Ipv4Addr> = self.path_members.iter().map(|m| m.underlay).collect();
+        let direct: BTreeSet<Ipv4Addr> = routed_peers
+            .iter()
+            .filter(|p| p.node.is_some())
+            .map(|p| p.addr)
+            .filter(|a| direct_known.contains(a) || !known.contains(a))
+            .collect();
         let transit = crate::transit::plan(relay_on, &routed_peers, &direct, &want.destinations);
         want.vnis.extend(transit.vnis.iter().copied());
+        // Right after a restart, before gossip knows the members, the relay keeps what
+        // the previous run relayed (its devices, and its table: see `transit_pass`).
+        let transit_settling =
+            relay_on && self.path_members.is_empty() && self.started.elapsed() < REMEMBER_FOR;
+        if transit_settling {
+            if let Some(r) = self.last_discovery.as_ref().and_then(|d| d.relay.as_ref()) {
+                want.vnis.extend(r.vnis.iter().copied());
+            }
+        }
         want.fdb
             .retain(|r| !transit.fdb.iter().any(|t| t.vni == r.vni && t.mac == r.mac));
         want.fdb.extend(transit.fdb.iter().copied());
@@ -1114,7 +1146,9 @@ impl Controller {
         }
         crate::ownership::record(&self.dir, &self.owned_vnis);
         // The relay table changes before FDB rows move away from direct.
-        self.transit_pass(transit, &devices);
+        if !transit_settling {
+            self.transit_pass(transit, &devices);
+        }
 
         // FDB: desired rows plus rows routers may still use, on the devices we have.
         let registry = &self.registry;
@@ -1433,11 +1467,21 @@ impl Controller {
             views: &self.path_views,
             previous: &self.paths,
             own_port_translated: self.port_translated,
+            inside: &self.inside,
             targets: &targets,
         };
-        let decided = paths::decide(&inputs);
+        let mut decided = paths::decide(&inputs);
         self.path_due = paths::next_due(&inputs, &decided)
             .map(|at| Instant::now() + std::time::Duration::from_millis(at.saturating_sub(now)));
+        // Right after a restart gossip does not know the members yet: the previous
+        // run's decisions stand for the peers it still routes (see `remembered`).
+        if self.started.elapsed() < REMEMBER_FOR {
+            for (id, p) in &self.paths {
+                if !targets.contains(id) {
+                    decided.entry(*id).or_insert_with(|| p.clone());
+                }
+            }
+        }
         let mut dests = paths::fdb_destinations(routed, &decided, &self.path_members, &tunnel);
         if relay_on {
             for m in &self.path_members {

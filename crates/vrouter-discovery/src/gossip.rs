@@ -536,6 +536,14 @@ impl Task {
         self.epoch.elapsed().as_millis() as u64
     }
 
+    /// The node's clock in ms, with the same instant in µs handed to it first (path
+    /// RTTs in microseconds).
+    fn clock(&mut self) -> u64 {
+        let us = self.epoch.elapsed().as_micros() as u64;
+        self.node.set_clock_us(us);
+        us / 1000
+    }
+
     async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
         let mut buf = vec![0u8; 2048];
         let mut housekeeping = tokio::time::interval(Duration::from_millis(500));
@@ -547,12 +555,12 @@ impl Task {
             tokio::select! {
                 r = self.socket.recv_from(&mut buf) => {
                     if let Ok((n, std::net::SocketAddr::V4(from))) = r {
-                        let now = self.now();
+                        let now = self.clock();
                         self.node.handle_packet(now, from, &buf[..n]);
                     }
                 }
                 _ = tokio::time::sleep(wait) => {
-                    let now = self.now();
+                    let now = self.clock();
                     self.node.tick(now);
                 }
                 cmd = cmds.recv() => match cmd {
@@ -981,6 +989,29 @@ mod tests {
         }
         assert_eq!(b.counters().rejected_replayed, captured.len() as u64);
         std::fs::remove_dir_all(&top).unwrap();
+    }
+
+    #[test]
+    fn path_changes_poke_but_rtt_moves_do_not() {
+        let view = |reachable: bool, rtt: u32| PathView {
+            id: NodeId(7),
+            reachable,
+            addr: reachable.then(|| SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 7950)),
+            rtt_us: Some(rtt),
+            since_ms: 10,
+            acked_ever: true,
+            learned: None,
+        };
+        let none = Reflection::default();
+        let base = path_key(&[view(true, 500)], &none);
+        assert_eq!(base, path_key(&[view(true, 900)], &none));
+        assert_ne!(base, path_key(&[view(false, 500)], &none));
+        let observed = Reflection {
+            observed: Some(Ipv4Addr::new(203, 0, 113, 5)),
+            ..Reflection::default()
+        };
+        assert_ne!(base, path_key(&[view(true, 500)], &observed));
+        assert_ne!(path_key(&[], &none), path_key(&[], &observed));
     }
 
     #[tokio::test]

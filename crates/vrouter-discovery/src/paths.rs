@@ -68,6 +68,8 @@ pub struct Member {
     pub node: NodeId,
     /// Its record's underlay address.
     pub underlay: Ipv4Addr,
+    /// Its record's gossip address (its local candidate).
+    pub gossip_addr: Option<SocketAddrV4>,
     /// Alive or suspect (down, left or unknown members are neither targets nor relays).
     pub alive: bool,
     /// VNIs of its stacks.
@@ -85,6 +87,7 @@ impl Default for Member {
         Member {
             node: NodeId(0),
             underlay: Ipv4Addr::UNSPECIFIED,
+            gossip_addr: None,
             alive: false,
             vnis: BTreeSet::new(),
             relay: None,
@@ -135,6 +138,8 @@ pub struct Inputs<'a> {
     pub previous: &'a BTreeMap<NodeId, PeerPath>,
     /// This host's own reflection says it is behind a port-translating NAT.
     pub own_port_translated: bool,
+    /// Peers that see this host at its local address (inside its NAT).
+    pub inside: &'a BTreeSet<NodeId>,
     /// The probe targets (from [`targets`]): one path each for those with stacks.
     pub targets: &'a BTreeSet<NodeId>,
 }
@@ -164,10 +169,29 @@ pub fn decide(i: &Inputs) -> BTreeMap<NodeId, PeerPath> {
         let candidates = relay_candidates(i, &by_id, *id);
         let holding =
             reachable && view.is_some_and(|v| i.now_ms.saturating_sub(v.since_ms) < RETURN_HOLD_MS);
+        // Plain VXLAN cannot cross a port-translating NAT: packets go to the announced
+        // port, not the mapped one. Probes may still answer (through the mapping the
+        // gossip traffic keeps open), so such a pair is unreachable unless it is
+        // encrypted (WireGuard keeps its mapping open from inside) or the two are on
+        // the same side: the peer reached at its own address, and this host seen at
+        // its own address by the peer (its reflection reports) or both behind such a
+        // NAT. A relay does not help either (it sends VXLAN to the same NAT).
+        let at_own_addr = reachable && addr_in_use == m.underlay;
+        let peer_nat = m.port_translated && !at_own_addr;
+        let own_nat =
+            i.own_port_translated && !i.inside.contains(id) && !(at_own_addr && m.port_translated);
+        let nat_blocked = !m.encrypted && (peer_nat || own_nat) && !undecided;
         let (via, rtt_us) = if let (true, Some(p)) = (undecided, prev) {
             // Not decided yet: a restart (the previous run's decision seeds `previous`)
             // keeps the way it had while the probes start.
             (p.via, p.rtt_us)
+        } else if nat_blocked {
+            (
+                Via::Unreachable {
+                    code: "nat_port_translated",
+                },
+                None,
+            )
         } else if (reachable || undecided)
             && !(holding && prev_relay.is_some_and(|r| candidates.contains_key(&r)))
         {
@@ -477,6 +501,7 @@ mod tests {
         views: BTreeMap<NodeId, View>,
         prev: BTreeMap<NodeId, PeerPath>,
         nat: bool,
+        inside: BTreeSet<NodeId>,
     }
 
     impl World {
@@ -486,6 +511,7 @@ mod tests {
                 views: BTreeMap::new(),
                 prev: BTreeMap::new(),
                 nat: false,
+                inside: BTreeSet::new(),
             }
         }
         fn decide(&mut self, now: u64) -> BTreeMap<NodeId, PeerPath> {
@@ -499,6 +525,7 @@ mod tests {
                 views: &self.views,
                 previous: &self.prev,
                 own_port_translated: self.nat,
+                inside: &self.inside,
                 targets: &t,
             });
             self.prev = out.clone();
@@ -713,6 +740,7 @@ mod tests {
                 views: &w.views,
                 previous: &w.prev,
                 own_port_translated: false,
+                inside: &BTreeSet::new(),
                 targets: &t,
             };
             next_due(&i, &w.prev)
@@ -822,6 +850,101 @@ mod tests {
                 code: "nat_port_translated"
             }
         );
+    }
+
+    #[test]
+    fn port_translating_nat_answering_probes_is_still_unreachable_in_the_clear() {
+        // The peer is behind it: its probes answer at the learned (mapped) address.
+        let mut a = member(A, 2);
+        a.port_translated = true;
+        a.gossip_addr = Some(SocketAddrV4::new(ip(2), 7946));
+        let mapped = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 5), 40001);
+        let mut w = World::new(vec![a.clone(), relay(R1, 4, &[(A, 1)])]);
+        w.views.insert(R1, up(4, 1, 0));
+        w.views.insert(
+            A,
+            View {
+                addr: Some(mapped),
+                ..up(2, 1, 0)
+            },
+        );
+        let p = &w.decide(5000)[&A];
+        assert_eq!(
+            p.via,
+            Via::Unreachable {
+                code: "nat_port_translated"
+            }
+        );
+        assert_eq!(p.addr_in_use, *mapped.ip());
+        // Inside the same NAT its local address answers: direct.
+        w.views.insert(A, up(2, 1, 0));
+        assert_eq!(w.via(6000, A), Via::Direct);
+        // Encrypted: direct through the mapping its tunnel keeps open.
+        w.members[0].encrypted = true;
+        w.views.insert(
+            A,
+            View {
+                addr: Some(mapped),
+                ..up(2, 1, 0)
+            },
+        );
+        assert_eq!(w.via(7000, A), Via::Direct);
+        // This host is behind it: peers outside are unreachable in the clear, peers
+        // inside (that see this host at its local address) are direct.
+        let mut w = World::new(vec![member(A, 2), member(B, 3)]);
+        w.nat = true;
+        w.inside.insert(B);
+        w.views.insert(A, up(2, 1, 0));
+        w.views.insert(B, up(3, 1, 0));
+        let d = w.decide(5000);
+        assert_eq!(
+            d[&A].via,
+            Via::Unreachable {
+                code: "nat_port_translated"
+            }
+        );
+        assert_eq!(d[&B].via, Via::Direct);
+    }
+
+    #[test]
+    fn port_translating_nat_without_encryption_is_unreachable_although_probes_answer() {
+        // The probes answer at the NAT's address (a translated port, kept open by the
+        // peer's own gossip): VXLAN to the fixed port would not get through.
+        let nat_view = |since| View {
+            addr: Some(SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 1), 40123)),
+            ..up(2, 1, since)
+        };
+        let mut a = member(A, 2);
+        a.port_translated = true;
+        let mut w = World::new(vec![a.clone(), relay(R1, 4, &[(A, 1)])]);
+        w.views.insert(R1, up(4, 1, 0));
+        w.views.insert(A, nat_view(0));
+        assert_eq!(
+            w.via(5000, A),
+            Via::Unreachable {
+                code: "nat_port_translated"
+            }
+        );
+        // This host behind it, the peer public and answering at its own address.
+        let mut w = World::new(vec![member(A, 2)]);
+        w.nat = true;
+        w.views.insert(A, up(2, 1, 0));
+        assert_eq!(
+            w.via(5000, A),
+            Via::Unreachable {
+                code: "nat_port_translated"
+            }
+        );
+        // Both behind the same NAT, reached at its own (private) address: direct.
+        let mut w = World::new(vec![a.clone()]);
+        w.nat = true;
+        w.views.insert(A, up(2, 1, 0));
+        assert_eq!(w.via(5000, A), Via::Direct);
+        // With encryption the tunnel carries it: direct.
+        a.encrypted = true;
+        let mut w = World::new(vec![a]);
+        w.views.insert(A, nat_view(0));
+        assert_eq!(w.via(5000, A), Via::Direct);
     }
 
     #[test]

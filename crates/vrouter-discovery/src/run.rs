@@ -520,6 +520,7 @@ pub fn status(settings: &Settings, json: bool) -> anyhow::Result<()> {
 pub fn check_config(settings: &Settings) -> anyhow::Result<()> {
     // To stderr: stdout stays the peers as JSON.
     eprint!("{}", settings.encryption_summary());
+    eprint!("{}", settings.paths_summary());
     if settings.config.is_none() && settings.peers.is_none() {
         anyhow::bail!(
             "no peer configuration given; set --config / VROUTER_CONFIG or --peers / VROUTER_PEERS"

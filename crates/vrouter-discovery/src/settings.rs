@@ -285,6 +285,24 @@ impl Settings {
     }
 }
 
+impl Settings {
+    /// Addresses and relaying (issue 17), one per line, for `check-config`.
+    pub fn paths_summary(&self) -> String {
+        let address = match self.advertise_addr {
+            Some(a) => format!(
+                "address: {a}, pinned by VROUTER_ADVERTISE_ADDR (peers are not asked where they see this host)"
+            ),
+            None => "address: the underlay address, plus the one peers see it at behind a NAT (reflected; pin one with VROUTER_ADVERTISE_ADDR)".into(),
+        };
+        let relay = if self.relay {
+            "relay: offered (VROUTER_RELAY=true): this host forwards between peers that cannot reach each other; its root namespace sees their frames (in the clear unless encryption is on)"
+        } else {
+            "relay: not offered (VROUTER_RELAY)"
+        };
+        format!("{address}\n{relay}\n")
+    }
+}
+
 pub fn backend_name(b: BackendChoice) -> &'static str {
     match b {
         BackendChoice::Auto => "auto",
@@ -587,6 +605,19 @@ mod tests {
         assert!(c.relay);
         assert_eq!((c.path_probe_ms, c.path_dead_ms), (200, 700));
         assert!(!parse(&["--relay", "false"]).unwrap().settings.relay);
+        assert!(
+            c.paths_summary().contains("relay: offered"),
+            "{}",
+            c.paths_summary()
+        );
+        let pinned = parse(&["--advertise-addr", "203.0.113.5"])
+            .unwrap()
+            .settings;
+        let text = pinned.paths_summary();
+        assert!(
+            text.contains("203.0.113.5, pinned") && text.contains("not offered"),
+            "{text}"
+        );
         for (flag, bad) in [
             ("--relay", "maybe"),
             ("--path-probe-ms", "0"),

@@ -542,6 +542,9 @@ pub struct Node {
     reflection: Reflection,
     /// When `record.relay` was last published.
     relay_published_ms: u64,
+    /// The caller's clock in microseconds ([`Node::set_clock_us`]), for round-trip
+    /// times finer than the millisecond clock.
+    clock_us: Option<u64>,
 }
 
 /// Timers in a heap need an order; foca's Timer has one, but the tuple needs it boxed
@@ -628,6 +631,7 @@ impl Node {
             relay_on: false,
             reflection: Reflection::default(),
             relay_published_ms: 0,
+            clock_us: None,
         };
         n.advance(now);
         n.queue_own_broadcast();
@@ -711,6 +715,22 @@ impl Node {
         self.paths.set_params(p);
     }
 
+    /// The same monotonic clock as `now`, in microseconds, given just before a call
+    /// (`handle_packet`, `tick`): path round-trip times are then measured in
+    /// microseconds instead of whole milliseconds. Optional; ignored when it does not
+    /// agree with `now` (within 1 ms).
+    pub fn set_clock_us(&mut self, now_us: u64) {
+        self.clock_us = Some(now_us);
+    }
+
+    /// The path clock in microseconds: the caller's, when it agrees with `now`.
+    fn now_us(&self) -> u64 {
+        match self.clock_us {
+            Some(us) if (us / 1000).abs_diff(self.now) <= 1 => us,
+            _ => self.now.saturating_mul(1000),
+        }
+    }
+
     /// One view per target, at the node's current time.
     pub fn paths(&self) -> Vec<PathView> {
         self.paths.views(self.now)
@@ -783,7 +803,7 @@ impl Node {
             });
             for a in self.paths.candidates(id, local, observed, self.now) {
                 let token: u64 = self.rng.random();
-                self.paths.sent(token, id, a, self.now, self.now * 1000);
+                self.paths.sent(token, id, a, self.now, self.now_us());
                 self.counters.probes_sent += 1;
                 self.send_wire(a, &Wire::Probe { token });
             }
@@ -1190,7 +1210,7 @@ impl Node {
                 self.send_wire(src, &Wire::ProbeAck { token, seen: src });
             }
             Wire::ProbeAck { token, seen } => {
-                let now_us = self.now * 1000;
+                let now_us = self.now_us();
                 if self
                     .paths
                     .ack(NodeId(sender), token, seen, self.now, now_us)
@@ -1970,6 +1990,40 @@ mod tests {
         let v = view(&s, 0, 3);
         assert_eq!(v.addr, Some("198.51.100.7:40001".parse().unwrap()));
         assert_eq!(v.learned, v.addr);
+    }
+
+    #[test]
+    fn rtt_in_microseconds_with_the_callers_clock() {
+        let mut s = mesh(2, 16, |_| {});
+        targets(&mut s, 0, &[1]);
+        s.run_until_true(s.now() + 3_000, 10, |s| view(s, 0, 1).reachable)
+            .expect("reachable");
+        // Driven by hand: a probe at 100.250 ms, its ack at 100.650 ms.
+        let t = s.now() + 2_000;
+        let n0 = s.node_mut(0).unwrap();
+        n0.set_clock_us(t * 1000 + 250);
+        n0.tick(t);
+        let probes = n0.take_outbox();
+        let n1 = s.node_mut(1).unwrap();
+        let mut acks = Vec::new();
+        for (_, data) in probes.iter().filter(|(to, _)| *to == sim_addr(1)) {
+            n1.handle_packet(t, sim_addr(0), data);
+            acks.extend(
+                n1.take_outbox()
+                    .into_iter()
+                    .filter(|(a, _)| a == &sim_addr(0)),
+            );
+        }
+        assert!(!acks.is_empty());
+        let before = view(&s, 0, 1).rtt_us.unwrap();
+        let n0 = s.node_mut(0).unwrap();
+        n0.set_clock_us(t * 1000 + 650);
+        for (_, data) in &acks {
+            n0.handle_packet(t, sim_addr(1), data);
+        }
+        let after = n0.paths()[0].rtt_us.unwrap();
+        // One more sample of 400 us in the 1/4 EWMA (other acks may not match).
+        assert_eq!(after, (3 * before + 400) / 4);
     }
 
     #[test]

@@ -304,7 +304,10 @@ impl PathTable {
             Some(old) => ((3 * old as u64 + rtt as u64) / 4) as u32,
         });
         t.acked_ever = true;
-        self.reports.insert(from, (seen, now));
+        // Reflection only ever names an address a record may carry.
+        if crate::validate::usable_unicast(*seen.ip()) {
+            self.reports.insert(from, (seen, now));
+        }
         self.refresh(now);
         true
     }
@@ -616,6 +619,16 @@ mod tests {
         let v = &t.views(5000)[1];
         assert!(!v.reachable && !v.acked_ever);
         assert_eq!(v.since_ms, 0);
+    }
+
+    #[test]
+    fn an_unusable_seen_address_counts_for_the_path_not_for_reflection() {
+        let mut t = table();
+        t.candidates(NodeId(1), Some(a("127.0.0.1:7950")), None, 0);
+        t.sent(1, NodeId(1), a("127.0.0.1:7950"), 0, 0);
+        assert!(t.ack(NodeId(1), 1, a("127.0.0.1:7951"), 1, 1000));
+        assert!(t.views(1)[0].reachable);
+        assert!(t.reports(1).is_empty());
     }
 
     #[test]

@@ -226,9 +226,11 @@ pub(crate) fn wire(w: &Wire, horizon: u64) -> Result<(), &'static str> {
     match w {
         Wire::Swim(_) | Wire::Sync { .. } | Wire::Probe { .. } => Ok(()),
         Wire::ProbeAck { seen, .. } => {
-            // What reflection is made of: never an address no peer could reach.
-            if seen.port() == 0 || !usable_unicast(*seen.ip()) {
-                return Err("probe ack with an unusable seen address");
+            // No packet comes from these. (A loopback source is real, in tests on one
+            // machine: the path counts, but reflection skips it.)
+            let ip = seen.ip();
+            if seen.port() == 0 || ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() {
+                return Err("probe ack with an impossible seen address");
             }
             Ok(())
         }
@@ -569,10 +571,11 @@ mod tests {
             seen: seen.parse().unwrap(),
         };
         assert!(wire(&ack("203.0.113.5:40000"), h).is_ok());
+        assert!(wire(&ack("127.0.0.1:7950"), h).is_ok());
         for bad in [
             "203.0.113.5:0",
             "0.0.0.0:1",
-            "127.0.0.1:7950",
+            "255.255.255.255:1",
             "239.1.1.1:1",
         ] {
             assert!(wire(&ack(bad), h).is_err(), "{bad}");
