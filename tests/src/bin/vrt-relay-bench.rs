@@ -378,9 +378,9 @@ fn run(args: &Args) -> Result<()> {
         let (pa, pb) = w.paths();
         let relay_ab = pa.and_then(|p| p.relay_addr).context("no relay address")?;
         let relay_ba = pb.and_then(|p| p.relay_addr).context("no relay address")?;
-        let first = w.host_of(relay_ab).context("relay address of no host")?;
         eprintln!(
-            "  switch to relay: {switch_ms:.0} ms (1->2 via host {first}, 2->1 via host {:?})",
+            "  switch to relay: {switch_ms:.0} ms (1->2 via host {:?}, 2->1 via host {:?})",
+            w.host_of(relay_ab),
             w.host_of(relay_ba)
         );
 
@@ -392,7 +392,14 @@ fn run(args: &Args) -> Result<()> {
             bail!("the relays' forwarded counters did not rise during the relayed measurement");
         }
 
-        // Failover: the relay host 1 uses is cut off from hosts 1 and 2.
+        // Failover: the relay host 1 uses now (hysteresis may have moved it during the
+        // measurement) is cut off from hosts 1 and 2.
+        let first = w
+            .path(A, B)
+            .filter(|p| p.is_relayed(None))
+            .and_then(|p| p.relay_addr)
+            .and_then(|a| w.host_of(a))
+            .context("host 1 no longer reports a relayed path before the failover")?;
         let other = *RELAYS.iter().find(|&&r| r != first).context("relay")?;
         let other_ip = w.ip(other);
         let (failover_ms, _, _) = {
