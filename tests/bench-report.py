@@ -485,6 +485,13 @@ def relay_text(extra):
             "without optimisation; `make bench-relay` runs the release build.*",
             "",
         ]
+    notes = extra.get("machine_notes") if isinstance(extra.get("machine_notes"), dict) else {}
+    if notes.get("load_before") or notes.get("load_after"):
+        out += [
+            f"Machine load (1, 5, 15 min) at the start: {notes.get('load_before', '?')}, "
+            f"at the end: {notes.get('load_after', '?')}.",
+            "",
+        ]
     hosts = extra.get("hosts") if isinstance(extra.get("hosts"), dict) else {}
     underlay = hosts.get("underlay") if isinstance(hosts.get("underlay"), list) else []
     if underlay:

@@ -355,6 +355,7 @@ class Report(unittest.TestCase):
                  "relayed_packets_during_measurement": 98765},
             ],
             "method": "synthetic",
+            "machine_notes": {"load_before": "0.50 0.60 0.70", "load_after": "4.10 3.00 2.00"},
         }
         self.put("relay", results("vrt-relay-bench", [
             figure("relay.direct.tcp1", "single-stream TCP, direct path", "Mbit/s", [9000.0, 9100.0]),
@@ -375,6 +376,7 @@ class Report(unittest.TestCase):
         self.assertIn("host 3 198.18.0.3", md)
         self.assertIn("a path dead after 2,500 ms", md)
         self.assertIn("Method: synthetic.", md)
+        self.assertIn("at the start: 0.50 0.60 0.70, at the end: 4.10 3.00 2.00", md)
         self.assertNotIn("Debug build", md)
         extra["build"] = "debug"
         extra["daemons"] = "target/debug"

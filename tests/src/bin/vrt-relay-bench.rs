@@ -338,6 +338,7 @@ fn run(args: &Args) -> Result<()> {
         .chain(std::env::args().skip(1))
         .collect::<Vec<_>>()
         .join(" ");
+    let load_before = loadavg();
     let t = Instant::now();
     let w = build()?;
     eprintln!(
@@ -500,12 +501,23 @@ fn run(args: &Args) -> Result<()> {
             "underlay": (1..=4).map(|h| w.ip(h).to_string()).collect::<Vec<_>>(),
         },
         "round_log": log,
+        "machine_notes": {
+            "load_before": load_before,
+            "load_after": loadavg(),
+            "note": "1, 5 and 15-minute load averages from /proc/loadavg when the run started and ended; the machine is shared, so a load above the CPU count means other work ran beside the bench",
+        },
         "relay_status_at_end": relay_status,
         "method": "iperf3 -c <b> -t <secs> -P 1 -M 1410 -J from service a against iperf3 -s -1 in service b, end.sum_received.bits_per_second; ping -c 20 -i 0.05 average; direct and relayed in alternating order per round; ratios per round, median reported. UDP between hosts blocked by nftables rules on the underlay bridge (ICMP and TCP pass). Outages: vrt-probe ping every 10 ms on a fixed schedule from service a to service b, the longest run of unanswered requests times 10 ms. Return: from the unblock until both hosts' discovery.json paths say via=direct and the relays' nftables forward counters (read every 50 ms) have not risen for 500 ms, the later of the two",
     });
     write_results(&args.out, "relay", &command, &figures, extra)?;
     println!("wrote {}", args.out.display());
     Ok(())
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 fn figures(s: &BTreeMap<&'static str, Samples>) -> Vec<Figure> {
