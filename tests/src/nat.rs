@@ -507,7 +507,8 @@ impl NatNet {
     }
 
     /// Drops every UDP packet between hosts `a` and `b` (both ways, at every address
-    /// either has), wherever it crosses the core or a site.
+    /// either has), wherever it crosses the core or a site. Applies to the sites that
+    /// exist now: add sites and attach hosts first.
     pub fn block(&self, a: usize, b: usize) -> Result<()> {
         if a == b {
             bail!("block: same host {a}");

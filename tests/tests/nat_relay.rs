@@ -13,7 +13,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use vrouter_tests::encryption::{ping_result, ping_run, set_encryption};
+use vrouter_tests::encryption::{ping_result, ping_run, set_encryption, status_text};
 use vrouter_tests::gossip::{now_ms, one_stack_per_host, GossipMesh};
 use vrouter_tests::nat::*;
 use vrouter_tests::*;
@@ -403,6 +403,20 @@ fn nat_one_to_one_inside_and_outside_peers() {
         path_to(&m, 3, 2).map(|p| p.addr_in_use),
         Some(private.clone())
     );
+    // The status shows H's addresses, and on O the public address in use for H.
+    let st = status_text(&m, 2).expect("status on H");
+    assert!(
+        st.contains("ADDRESSES")
+            && st.contains(&format!("observed: {public}"))
+            && st.contains(&format!("local: {private}")),
+        "H's status lacks its addresses:\n{st}"
+    );
+    let st = status_text(&m, 1).expect("status on O");
+    let row = st
+        .lines()
+        .find(|l| l.starts_with(&private) && l.contains(&public))
+        .unwrap_or_else(|| panic!("O's status has no path row for H at {public}:\n{st}"));
+    assert!(row.contains("direct"), "{row}");
     eprintln!("MEASURED: one_to_one total {:?}", t0.elapsed());
 }
 
@@ -510,6 +524,13 @@ fn nat_relay_failover_and_return() {
         relay_json(&m, 3)
     );
     assert!(m.net.block_drops(1, 2) > 0, "the block dropped nothing");
+    // The status on 1 shows the relay for 2's peer entry and its stack.
+    let st = status_text(&m, 1).expect("status on 1");
+    assert!(
+        st.lines()
+            .any(|l| l.starts_with("192.168.2.2") && l.contains("relayed via 198.18.0.3")),
+        "host 1's status does not show 2 relayed via 3:\n{st}"
+    );
     let r3 = relay_json(&m, 3);
     eprintln!("relay: host 3 relay section {r3}");
     assert_eq!(r3["offered"].as_bool(), Some(true), "{r3}");
