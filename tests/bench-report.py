@@ -481,8 +481,8 @@ def relay_text(extra):
     out = []
     if extra.get("build") == "debug":
         out += [
-            f"*Debug build: the bench and the daemons ({extra.get('daemons', '?')}) were built "
-            "without optimisation; `make bench-relay` runs the release build.*",
+            "*Debug build: the bench and the daemons were built without optimisation (the "
+            "forwarding itself is the kernel's); `make bench-relay` runs the release build.*",
             "",
         ]
     notes = extra.get("machine_notes") if isinstance(extra.get("machine_notes"), dict) else {}

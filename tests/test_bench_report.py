@@ -382,7 +382,7 @@ class Report(unittest.TestCase):
         extra["daemons"] = "target/debug"
         self.put("relay", results("vrt-relay-bench", [], extra))
         md = self.run_report()
-        self.assertIn("*Debug build: the bench and the daemons (target/debug) were built", md)
+        self.assertIn("*Debug build: the bench and the daemons were built without optimisation", md)
         # Without its file the section says how to get it.
         os.remove(os.path.join(self.inp, "relay.json"))
         self.put("datapath", DATAPATH)
