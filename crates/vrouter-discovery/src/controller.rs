@@ -1484,17 +1484,28 @@ impl Controller {
         }
         let mut dests = paths::fdb_destinations(routed, &decided, &self.path_members, &tunnel);
         if relay_on {
-            for m in &self.path_members {
-                let Some(addr) = self
+            // The peers this relay forwards to (see `transit`): its own rows to them
+            // are direct, as the transit rows, so no frame is relayed twice.
+            let direct = paths::direct_hosts(
+                &self.path_members,
+                &self.path_views,
+                now,
+                self.settings.path_dead_ms,
+            );
+            for m in self
+                .path_members
+                .iter()
+                .filter(|m| direct.contains(&m.underlay))
+            {
+                let addr = self
                     .path_views
                     .get(&m.node)
                     .filter(|v| v.reachable)
                     .and_then(|v| v.addr)
-                else {
-                    continue;
-                };
+                    .map(|a| *a.ip())
+                    .unwrap_or(m.underlay);
                 if let Some(d) = dests.get_mut(&m.underlay) {
-                    *d = tunnel.get(&m.underlay).copied().unwrap_or(*addr.ip());
+                    *d = tunnel.get(&m.underlay).copied().unwrap_or(addr);
                 }
             }
         }
