@@ -108,6 +108,32 @@ single-stream transfer per path with the CPU time of every discovery thread read
 path spends its CPU.""",
     ),
     (
+        "relay",
+        "Relays (`vrt-relay-bench`)",
+        """\
+Relaying (issue 17) with the real daemons on four simulated hosts in one gossip mesh,
+plain overlay: stack a on host 1, stack b on host 2 (VNI 1000, port steering), hosts 3
+and 4 with `VROUTER_RELAY=true` and no stack. UDP between two hosts is cut by nftables
+rules on the underlay bridge (gossip, path probes and VXLAN stop; ICMP and TCP pass).
+A relay forwards in its host namespace: an nftables `netdev` ingress chain on its
+`vxlan1000` sends frames for the routers of hosts it reaches directly back out of
+`vxlan1000`, so no router, access table or counter of a stack is on the way. Each round:
+
+- **direct** and **relayed**: single-stream TCP (iperf3, MSS 1410) and ping RTT from
+  service a to service b, with the direct path open, then with UDP between hosts 1 and
+  2 blocked (the two measured in alternating order per round; `ratio` figures divide
+  relayed by direct within each round);
+- **switch_to_relay**: the outage in 10 ms pings when UDP 1<->2 is blocked, until a
+  relay carries the traffic;
+- **failover**: the outage when the relay in use is cut off from hosts 1 and 2, until
+  the other relay carries the traffic; the issue's bound is failure detection (a path
+  is dead after 2.5 s without an answered probe) plus 2 s;
+- **return_direct**: from the moment UDP 1<->2 passes again until both hosts report the
+  direct path in discovery.json and the relays' forward counters stop rising (a relayed
+  peer goes back only after its direct path has answered probes for 2 s), and
+  **return_loss**, the longest gap in the pings meanwhile.""",
+    ),
+    (
         "control",
         "Control plane (`vrt-ctl-bench`)",
         """\
@@ -200,7 +226,11 @@ part of `make bench`.""",
 ]
 
 # How to produce a results file, where it is not `make bench`.
-MAKE_TARGET = {"fuzz": "make fuzz", "encryption": "make bench-encryption"}
+MAKE_TARGET = {
+    "fuzz": "make fuzz",
+    "encryption": "make bench-encryption",
+    "relay": "make bench-relay",
+}
 
 GOSSIP_INTRO = """\
 Routers probe each other over the overlay every 250 ms (with more than 250 remote
@@ -445,6 +475,55 @@ def pct(v):
     return f"{v * 100:.1f} %" if isinstance(v, (int, float)) and math.isfinite(v) else "n/a"
 
 
+def relay_text(extra):
+    """The relay bench's rounds: which relay each host used, the failover's hosts and
+    what the relays forwarded during the relayed measurement, from the JSON's extra."""
+    out = []
+    if extra.get("build") == "debug":
+        out += [
+            "*Debug build: the bench and the daemons were built without optimisation (the "
+            "forwarding itself is the kernel's); `make bench-relay` runs the release build.*",
+            "",
+        ]
+    notes = extra.get("machine_notes") if isinstance(extra.get("machine_notes"), dict) else {}
+    if notes.get("load_before") or notes.get("load_after"):
+        out += [
+            f"Machine load (1, 5, 15 min) at the start: {notes.get('load_before', '?')}, "
+            f"at the end: {notes.get('load_after', '?')}.",
+            "",
+        ]
+    hosts = extra.get("hosts") if isinstance(extra.get("hosts"), dict) else {}
+    underlay = hosts.get("underlay") if isinstance(hosts.get("underlay"), list) else []
+    if underlay:
+        out += [
+            "Underlay addresses: "
+            + ", ".join(f"host {i + 1} {a}" for i, a in enumerate(underlay))
+            + f"; path probes every {fmt(extra.get('path_probe_ms'))} ms, a path dead after "
+            f"{fmt(extra.get('path_dead_ms'))} ms.",
+            "",
+        ]
+    rounds = extra.get("round_log") if isinstance(extra.get("round_log"), list) else []
+    if rounds:
+        out += [
+            "| Round | Order | Relay 1→2 | Relay 2→1 | Failover | Relayed packets (relayed run) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in rounds:
+            if not isinstance(r, dict):
+                continue
+            order = r.get("order") if isinstance(r.get("order"), list) else []
+            out.append(
+                f"| {r.get('round')} | {', '.join(map(str, order)) or '—'} | "
+                f"{r.get('relay_1_to_2', '?')} | {r.get('relay_2_to_1', '?')} | "
+                f"host {r.get('failover_from_host', '?')} → host {r.get('failover_to_host', '?')} | "
+                f"{fmt(r.get('relayed_packets_during_measurement'))} |"
+            )
+        out.append("")
+    if extra.get("method"):
+        out += [f"Method: {extra['method']}.", ""]
+    return out
+
+
 def encryption_text(extra):
     """The encryption bench's notes: kernel WireGuard, the goal, knobs, the CPU per
     path and the perf breakdown, all from the JSON's extra."""
@@ -607,6 +686,8 @@ def render(docs, in_dir, md_path, png_path, raw_links, chart_panels):
             out += fuzz_text(extra)
         if stem == "encryption":
             out += encryption_text(extra)
+        if stem == "relay":
+            out += relay_text(extra)
         if doc["figures"]:
             out += figures_table(doc)
         else:

@@ -340,6 +340,55 @@ class Report(unittest.TestCase):
         md = self.run_report()
         self.assertIn("/encryption.json` is missing (run `make bench-encryption`)", md)
 
+    def test_relay_section_rounds_and_failover_target(self):
+        extra = {
+            "path_probe_ms": 1000,
+            "path_dead_ms": 2500,
+            "hosts": {"stacks": {"a": 1, "b": 2}, "relays": [3, 4],
+                      "underlay": ["198.18.0.1", "198.18.0.2", "198.18.0.3", "198.18.0.4"]},
+            "round_log": [
+                {"round": 1, "order": ["direct", "relayed"], "relay_1_to_2": "198.18.0.3",
+                 "relay_2_to_1": "198.18.0.3", "failover_from_host": 3, "failover_to_host": 4,
+                 "relayed_packets_during_measurement": 123456},
+                {"round": 2, "order": ["relayed", "direct"], "relay_1_to_2": "198.18.0.4",
+                 "relay_2_to_1": "198.18.0.3", "failover_from_host": 4, "failover_to_host": 3,
+                 "relayed_packets_during_measurement": 98765},
+            ],
+            "method": "synthetic",
+            "machine_notes": {"load_before": "0.50 0.60 0.70", "load_after": "4.10 3.00 2.00"},
+        }
+        self.put("relay", results("vrt-relay-bench", [
+            figure("relay.direct.tcp1", "single-stream TCP, direct path", "Mbit/s", [9000.0, 9100.0]),
+            figure("relay.relayed.tcp1", "single-stream TCP, relayed", "Mbit/s", [4500.0, 4600.0]),
+            figure("relay.ratio.relayed_direct.tcp1", "single-stream TCP, relayed / direct (per round)",
+                   "ratio", [0.5, 0.505]),
+            figure("relay.failover", "outage when the relay in use is cut off", "ms",
+                   [3900.0, 5100.0, 4800.0], ("at_most", 4500.0)),
+            figure("relay.return_direct", "back on the direct path", "ms", [2300.0, 2600.0]),
+        ], extra))
+        md = self.run_report()
+        self.assertIn("## Relays (`vrt-relay-bench`)", md)
+        self.assertIn("❌ MISSED", self.row(md, "relay.failover"))
+        self.assertIn("≤ 4,500 ms", self.row(md, "relay.failover"))
+        self.assertIn("| 9,050 |", self.row(md, "relay.direct.tcp1"))
+        self.assertIn("| 1 | direct, relayed | 198.18.0.3 | 198.18.0.3 | host 3 → host 4 | 123,456 |", md)
+        self.assertIn("| 2 | relayed, direct | 198.18.0.4 | 198.18.0.3 | host 4 → host 3 | 98,765 |", md)
+        self.assertIn("host 3 198.18.0.3", md)
+        self.assertIn("a path dead after 2,500 ms", md)
+        self.assertIn("Method: synthetic.", md)
+        self.assertIn("at the start: 0.50 0.60 0.70, at the end: 4.10 3.00 2.00", md)
+        self.assertNotIn("Debug build", md)
+        extra["build"] = "debug"
+        extra["daemons"] = "target/debug"
+        self.put("relay", results("vrt-relay-bench", [], extra))
+        md = self.run_report()
+        self.assertIn("*Debug build: the bench and the daemons were built without optimisation", md)
+        # Without its file the section says how to get it.
+        os.remove(os.path.join(self.inp, "relay.json"))
+        self.put("datapath", DATAPATH)
+        md = self.run_report()
+        self.assertIn("/relay.json` is missing (run `make bench-relay`)", md)
+
     def load(self, stem):
         with open(os.path.join(self.inp, stem + ".json")) as fh:
             return json.load(fh)

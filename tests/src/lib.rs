@@ -35,6 +35,7 @@ pub mod http;
 pub mod mesh;
 pub mod nat;
 pub mod probe;
+pub mod relaybench;
 pub mod steering;
 pub mod topology;
 pub mod underlay;
