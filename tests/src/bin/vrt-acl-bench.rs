@@ -20,11 +20,12 @@
 //! (root; set `VROUTER_TEST_PREFIX` when other tests run beside it).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
+use vrouter_tests::bench::interrupt::{self, check_stop};
 use vrouter_tests::bench::{write_results, Figure, Samples, Target};
 use vrouter_tests::datapath::{iperf, Condition, PathDef};
 use vrouter_tests::mesh::{Mesh, StackDef};
@@ -38,12 +39,7 @@ const TABLE: &str = "vrouter_acl";
 /// The ports the bench's allow rule opens to b (iperf3 and the connection test).
 const PORTS: (u16, u16) = (5200, 5399);
 
-static STOP: AtomicBool = AtomicBool::new(false);
 static SWITCH: AtomicU64 = AtomicU64::new(0);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
 
 struct Args {
     out: PathBuf,
@@ -102,25 +98,7 @@ fn parse_args() -> Args {
 
 fn main() {
     let args = parse_args();
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("vrt-acl-bench: needs root (network namespaces)");
-        std::process::exit(1);
-    }
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
-    if let Err(e) = run(&args) {
-        eprintln!("vrt-acl-bench: {e:#}");
-        std::process::exit(1);
-    }
-}
-
-fn check_stop() -> Result<()> {
-    if STOP.load(Ordering::SeqCst) {
-        bail!("interrupted; cleaning up");
-    }
-    Ok(())
+    interrupt::main_as_root("vrt-acl-bench", || run(&args));
 }
 
 /// The policy file's directory, removed on drop.

@@ -30,11 +30,11 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use serde_json::json;
+use vrouter_tests::bench::interrupt::{self, check_stop};
 use vrouter_tests::bench::{write_results, Figure, Samples, Target};
 use vrouter_tests::datapath::{
     measure_round, print_ratios, Condition, Datapath, PathDef, PathSamples, RoundSpec,
@@ -48,12 +48,6 @@ const RR_ITERATIONS: u32 = 2000;
 const FLANNEL_TARGET: f64 = 1.0;
 /// Target of overlay / Flannel-style RTT, ping and tcp_rr (issue 15).
 const RTT_TARGET: f64 = 1.1;
-
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
 
 struct Args {
     out: PathBuf,
@@ -108,27 +102,7 @@ fn parse_args() -> Args {
 
 fn main() {
     let args = parse_args();
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("vrt-bench: needs root (network namespaces)");
-        std::process::exit(1);
-    }
-    // SIGINT/SIGTERM end the run after the current measurement, so that the harness's
-    // Drop removes the namespaces and daemons.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
-    if let Err(e) = run(&args) {
-        eprintln!("vrt-bench: {e:#}");
-        std::process::exit(1);
-    }
-}
-
-fn check_stop() -> Result<()> {
-    if STOP.load(Ordering::SeqCst) {
-        bail!("interrupted; cleaning up");
-    }
-    Ok(())
+    interrupt::main_as_root("vrt-bench", || run(&args));
 }
 
 fn run(args: &Args) -> Result<()> {
@@ -164,7 +138,7 @@ fn run(args: &Args) -> Result<()> {
             );
         }
         eprintln!("vrt-bench: holding the topology; Ctrl-C or SIGTERM ends it");
-        while !STOP.load(Ordering::SeqCst) {
+        while !interrupt::stopped() {
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
         return Ok(());

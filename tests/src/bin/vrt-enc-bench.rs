@@ -38,11 +38,11 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
+use vrouter_tests::bench::interrupt::{self, check_stop};
 use vrouter_tests::bench::{write_results, Figure, Samples, Target};
 use vrouter_tests::cpuprof;
 use vrouter_tests::datapath::{
@@ -64,12 +64,6 @@ const TCP_IP_HEADERS: u32 = 40;
 const PERF_HZ: u32 = 999;
 /// Leaf symbols listed in the breakdown.
 const TOP_SYMBOLS: usize = 20;
-
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
 
 /// One measured path and the hosts under it.
 struct Group {
@@ -176,25 +170,7 @@ fn parse_args() -> Args {
 
 fn main() {
     let args = parse_args();
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("vrt-enc-bench: needs root (network namespaces)");
-        std::process::exit(1);
-    }
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
-    if let Err(e) = run(&args) {
-        eprintln!("vrt-enc-bench: {e:#}");
-        std::process::exit(1);
-    }
-}
-
-fn check_stop() -> Result<()> {
-    if STOP.load(Ordering::SeqCst) {
-        bail!("interrupted; cleaning up");
-    }
-    Ok(())
+    interrupt::main_as_root("vrt-enc-bench", || run(&args));
 }
 
 /// The bench's world: the mesh and, per group, its path and MSS.

@@ -36,11 +36,11 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
+use vrouter_tests::bench::interrupt::{self, check_stop};
 use vrouter_tests::bench::{write_results, Figure, Samples, Target};
 use vrouter_tests::datapath::{iperf, ping_rtt, print_ratios, Condition, PathDef};
 use vrouter_tests::encryption::{ping_result, ping_run};
@@ -71,12 +71,6 @@ const QUIET_MS: u64 = 500;
 const A: usize = 1;
 const B: usize = 2;
 const RELAYS: [usize; 2] = [3, 4];
-
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
 
 struct Args {
     out: PathBuf,
@@ -122,25 +116,7 @@ fn parse_args() -> Args {
 
 fn main() {
     let args = parse_args();
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("vrt-relay-bench: needs root (network namespaces)");
-        std::process::exit(1);
-    }
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
-    if let Err(e) = run(&args) {
-        eprintln!("vrt-relay-bench: {e:#}");
-        std::process::exit(1);
-    }
-}
-
-fn check_stop() -> Result<()> {
-    if STOP.load(Ordering::SeqCst) {
-        bail!("interrupted; cleaning up");
-    }
-    Ok(())
+    interrupt::main_as_root("vrt-relay-bench", || run(&args));
 }
 
 struct World {
@@ -197,8 +173,7 @@ impl World {
     ) -> Result<Duration> {
         let t = Instant::now();
         let ok = wait_until(timeout, Duration::from_millis(50), || {
-            STOP.load(Ordering::SeqCst)
-                || matches!(self.paths(), (Some(x), Some(y)) if cond(&x, &y))
+            interrupt::stopped() || matches!(self.paths(), (Some(x), Some(y)) if cond(&x, &y))
         });
         check_stop()?;
         let took = t.elapsed();
