@@ -45,28 +45,6 @@ fn assert_ring(g: &GossipMesh, within: Duration, ctx: &str) {
     assert!(ok, "{ctx}: no traffic between {last:?}\n{}", g.summary());
 }
 
-/// A TCP transfer from one stack's service to another's; the receiver must see the
-/// sender's own address (no NAT).
-fn transfer(g: &GossipMesh, from: &str, to: &str, port: u16) -> Result<(), String> {
-    let dst = g.svc(to);
-    let src = g.svc(from);
-    let addr = format!("{}:{port}", dst.ip);
-    let server = TcpServer::start(&dst.ns, &addr, g.topo.log_dir(), Duration::from_secs(5))
-        .map_err(|e| format!("{e:#}"))?;
-    tcp_send(&src.ns, &addr, 256 * 1024, Duration::from_secs(5))
-        .map_err(|e| format!("{from}->{to}: {e:#}"))?;
-    let peer = server
-        .peer(Duration::from_secs(2))
-        .map_err(|e| format!("{e:#}"))?;
-    if peer.ip() != std::net::IpAddr::V4(src.ip) {
-        return Err(format!(
-            "{from}->{to}: receiver saw {peer}, sender is {}",
-            src.ip
-        ));
-    }
-    Ok(())
-}
-
 fn reachable(g: &GossipMesh, from: &str, to: &str) -> bool {
     ping(&g.svc(from).ns, &g.svc(to).ip.to_string(), 3, PING)
 }
@@ -232,7 +210,7 @@ fn require_full_matrix_isolation_and_overlay_mtu() {
         for (from, to) in [(x, y), (y, x)] {
             assert!(reachable(&g, from, to), "ping {from} -> {to} failed");
             port += 1;
-            transfer(&g, from, to, port).unwrap();
+            g.transfer(from, to, port).unwrap();
         }
     }
 
@@ -428,7 +406,7 @@ fn require_underlay_shows_only_wireguard_and_drops_injected_vxlan() {
         "s2 received something else"
     );
     // And the other way, over TCP.
-    transfer(&g, "s2", "s1", 7601).unwrap();
+    g.transfer("s2", "s1", 7601).unwrap();
     // Full-size DF pings both ways between the routers.
     let (r1, r2) = (g.rtr("s1"), g.rtr("s2"));
     assert!(df_ping(&r1.ns, &g.stack("s2").router_ip(), OVERLAY_MTU));

@@ -69,28 +69,6 @@ fn wait_addresses(
     (t.elapsed(), last)
 }
 
-/// A TCP transfer (256 kB) from one stack's service to another's; the receiver must see
-/// the sender's own address (the overlay does no NAT, whatever the underlay does).
-fn transfer(g: &GossipMesh, from: &str, to: &str, port: u16) -> Result<(), String> {
-    let dst = g.svc(to);
-    let src = g.svc(from);
-    let addr = format!("{}:{port}", dst.ip);
-    let server = TcpServer::start(&dst.ns, &addr, g.topo.log_dir(), Duration::from_secs(5))
-        .map_err(|e| format!("{e:#}"))?;
-    tcp_send(&src.ns, &addr, 256 * 1024, Duration::from_secs(5))
-        .map_err(|e| format!("{from}->{to}: {e:#}"))?;
-    let peer = server
-        .peer(Duration::from_secs(2))
-        .map_err(|e| format!("{e:#}"))?;
-    if peer.ip() != std::net::IpAddr::V4(src.ip) {
-        return Err(format!(
-            "{from}->{to}: receiver saw {peer}, sender is {}",
-            src.ip
-        ));
-    }
-    Ok(())
-}
-
 /// Stacks `a` and `b` reach each other: pings both ways (waiting up to `within` for the
 /// first), then a TCP transfer each way. Returns the time until both pings answered.
 fn assert_talk(
@@ -115,7 +93,7 @@ fn assert_talk(
     for (i, (x, y)) in [(a, b), (b, a)].into_iter().enumerate() {
         let mut err = String::new();
         let ok = wait_until(Duration::from_secs(10), POLL, || {
-            match transfer(g, x, y, port + i as u16) {
+            match g.transfer(x, y, port + i as u16) {
                 Ok(()) => true,
                 Err(e) => {
                     err = e;
