@@ -32,6 +32,7 @@ pub mod encryption;
 pub mod firewall;
 pub mod gossip;
 pub mod http;
+pub mod interrupt;
 pub mod mesh;
 pub mod nat;
 pub mod probe;

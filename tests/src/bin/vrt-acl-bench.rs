@@ -25,9 +25,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
-use vrouter_tests::bench::interrupt::{self, check_stop};
 use vrouter_tests::bench::{write_results, Figure, Samples, Target};
 use vrouter_tests::datapath::{iperf, Condition, PathDef};
+use vrouter_tests::interrupt::{self, check_stop};
 use vrouter_tests::mesh::{Mesh, StackDef};
 use vrouter_tests::{exec, exec_timeout, prefix, probe_bin, spawn_in, wait_until};
 

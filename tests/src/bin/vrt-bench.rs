@@ -34,11 +34,11 @@ use std::time::Instant;
 
 use anyhow::Result;
 use serde_json::json;
-use vrouter_tests::bench::interrupt::{self, check_stop};
 use vrouter_tests::bench::{write_results, Figure, Samples, Target};
 use vrouter_tests::datapath::{
     measure_round, print_ratios, Condition, Datapath, PathDef, PathSamples, RoundSpec,
 };
+use vrouter_tests::interrupt::{self, check_stop};
 
 /// Pings per RTT sample, 50 ms apart.
 const PINGS: u32 = 20;

@@ -42,13 +42,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use vrouter_tests::bench::interrupt::{self, check_stop};
 use vrouter_tests::bench::{write_results, Figure, Samples, Target};
 use vrouter_tests::cpuprof;
 use vrouter_tests::datapath::{
     iperf, measure_round, print_ratios, Condition, PathDef, PathSamples, RoundSpec,
 };
 use vrouter_tests::gossip::OLD_SECRET;
+use vrouter_tests::interrupt::{self, check_stop};
 use vrouter_tests::mesh::{Mesh, StackDef};
 use vrouter_tests::{exec_timeout, wait_until};
 

@@ -40,11 +40,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use vrouter_tests::bench::interrupt::{self, check_stop};
 use vrouter_tests::bench::{write_results, Figure, Samples, Target};
 use vrouter_tests::datapath::{iperf, ping_rtt, print_ratios, Condition, PathDef};
 use vrouter_tests::encryption::{ping_result, ping_run};
 use vrouter_tests::gossip::GossipMesh;
+use vrouter_tests::interrupt::{self, check_stop};
 use vrouter_tests::mesh::StackDef;
 use vrouter_tests::relaybench::{path_to, relay_forwarded, PathState, ReturnWatch, UdpBlocks};
 use vrouter_tests::wait_until;
