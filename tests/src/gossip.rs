@@ -20,7 +20,7 @@ use serde_json::Value;
 use vrouter_state::Event;
 
 use crate::mesh::{Mesh, StackDef};
-use crate::probe::{ping, tcp_send, TcpServer};
+use crate::probe::ping;
 use crate::wait_until;
 
 /// Default UDP port of the gossip.
@@ -123,28 +123,6 @@ impl DerefMut for GossipMesh {
 }
 
 impl GossipMesh {
-    /// A TCP transfer (256 kB) from one stack's service to another's; the receiver must
-    /// see the sender's own address (the overlay does no NAT, whatever the underlay does).
-    pub fn transfer(&self, from: &str, to: &str, port: u16) -> Result<(), String> {
-        let dst = self.svc(to);
-        let src = self.svc(from);
-        let addr = format!("{}:{port}", dst.ip);
-        let server = TcpServer::start(&dst.ns, &addr, self.topo.log_dir(), Duration::from_secs(5))
-            .map_err(|e| format!("{e:#}"))?;
-        tcp_send(&src.ns, &addr, 256 * 1024, Duration::from_secs(5))
-            .map_err(|e| format!("{from}->{to}: {e:#}"))?;
-        let peer = server
-            .peer(Duration::from_secs(2))
-            .map_err(|e| format!("{e:#}"))?;
-        if peer.ip() != std::net::IpAddr::V4(src.ip) {
-            return Err(format!(
-                "{from}->{to}: receiver saw {peer}, sender is {}",
-                src.ip
-            ));
-        }
-        Ok(())
-    }
-
     /// `hosts` hosts, each discovery in gossip mode with [`OLD_SECRET`]; hosts 2..N join
     /// host 1. Starts every discovery, then every router.
     pub fn start(test: &str, hosts: usize, stacks: Vec<StackDef>) -> Result<GossipMesh> {

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use vrouter_state::{DiscoveryFile, Event, RoutesFile, StateDir};
 
 use crate::daemon::Daemon;
+use crate::probe::{tcp_send, TcpServer};
 use crate::steering::{NetdevTable, Steering};
 use crate::topology::{Container, Protection, Role, Topology};
 use crate::{exec_ok, wait_until};
@@ -132,6 +133,28 @@ pub struct Mesh {
 }
 
 impl Mesh {
+    /// A TCP transfer (256 kB) from one stack's service to another's; the receiver must
+    /// see the sender's own address (the overlay does no NAT, whatever the underlay does).
+    pub fn transfer(&self, from: &str, to: &str, port: u16) -> Result<(), String> {
+        let dst = self.svc(to);
+        let src = self.svc(from);
+        let addr = format!("{}:{port}", dst.ip);
+        let server = TcpServer::start(&dst.ns, &addr, self.topo.log_dir(), Duration::from_secs(5))
+            .map_err(|e| format!("{e:#}"))?;
+        tcp_send(&src.ns, &addr, 256 * 1024, Duration::from_secs(5))
+            .map_err(|e| format!("{from}->{to}: {e:#}"))?;
+        let peer = server
+            .peer(Duration::from_secs(2))
+            .map_err(|e| format!("{e:#}"))?;
+        if peer.ip() != std::net::IpAddr::V4(src.ip) {
+            return Err(format!(
+                "{from}->{to}: receiver saw {peer}, sender is {}",
+                src.ip
+            ));
+        }
+        Ok(())
+    }
+
     /// Builds the hosts and stacks, writes each host's static peer file, and starts
     /// discovery on every host and a router in every stack.
     pub fn start(test: &str, hosts: usize, stacks: Vec<StackDef>) -> Result<Mesh> {

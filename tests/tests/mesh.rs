@@ -42,28 +42,6 @@ fn two_hosts(test: &str) -> Mesh {
     .expect("mesh starts")
 }
 
-/// A TCP transfer from one stack's service to another's; the receiver must see the
-/// sender's own address (no NAT).
-fn transfer(mesh: &Mesh, from: &str, to: &str, port: u16) -> Result<(), String> {
-    let dst = mesh.svc(to);
-    let src = mesh.svc(from);
-    let addr = format!("{}:{port}", dst.ip);
-    let server = TcpServer::start(&dst.ns, &addr, mesh.topo.log_dir(), Duration::from_secs(5))
-        .map_err(|e| format!("{e:#}"))?;
-    tcp_send(&src.ns, &addr, 256 * 1024, Duration::from_secs(5))
-        .map_err(|e| format!("{from}->{to}: {e:#}"))?;
-    let peer = server
-        .peer(Duration::from_secs(2))
-        .map_err(|e| format!("{e:#}"))?;
-    if peer.ip().to_string() != src.ip.to_string() {
-        return Err(format!(
-            "{from}->{to}: receiver saw {peer}, sender is {} (NAT!)",
-            src.ip
-        ));
-    }
-    Ok(())
-}
-
 /// A TCP connection from one stack's service to another's that exchanges a message every
 /// 100 ms for `duration` and fails on any stall longer than `max_stall`; check it with
 /// `wait_success` on the returned probe. The server must outlive the probe.
@@ -132,7 +110,7 @@ fn connectivity_and_isolation(test: &str, mode: Steering) {
         for (from, to) in [(x, y), (y, x)] {
             assert!(reachable(&mesh, from, to), "ping {from} -> {to} failed");
             port += 1;
-            transfer(&mesh, from, to, port).unwrap();
+            mesh.transfer(from, to, port).unwrap();
         }
     }
 

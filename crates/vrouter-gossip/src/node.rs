@@ -1672,20 +1672,8 @@ fn digest_pages(records: &BTreeMap<NodeId, Held>, own: &NodeRecord) -> Vec<Wire>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sim::tests::stack;
     use crate::sim::{sim_addr, Sim};
-    use vrouter_state::{StackName, StackSpec, Vni};
-
-    fn stack(i: usize) -> Vec<ClaimedStack> {
-        vec![ClaimedStack {
-            spec: StackSpec {
-                name: StackName::new(&format!("s{i}")).unwrap(),
-                vni: Vni::new(100).unwrap(),
-                prefixes: vec![format!("10.{}.0.0/24", i + 1).parse().unwrap()],
-                router_ip: format!("10.{}.0.254", i + 1).parse().unwrap(),
-            },
-            claimed_ms: 1,
-        }]
-    }
 
     /// `n` nodes joining through node 0; `before` runs before any starts (a NAT).
     fn mesh(n: usize, seed: u64, before: impl FnOnce(&mut Sim)) -> Sim {

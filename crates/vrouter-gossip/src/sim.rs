@@ -351,11 +351,12 @@ impl Sim {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::node::MemberState;
 
-    fn stack(i: usize) -> Vec<ClaimedStack> {
+    /// One stack `s<i>` on 10.<i+1>.0.0/24 (also used by node.rs's tests).
+    pub(crate) fn stack(i: usize) -> Vec<ClaimedStack> {
         vec![ClaimedStack {
             spec: StackSpec {
                 name: StackName::new(&format!("s{i}")).unwrap(),
