@@ -2,6 +2,7 @@
 //! domain types, the files' schema, their atomic locked I/O, and the attach protocol.
 
 pub mod attach;
+pub mod crash;
 pub mod fsio;
 pub mod kinds;
 pub mod logging;
