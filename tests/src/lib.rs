@@ -37,6 +37,7 @@ pub mod mesh;
 pub mod nat;
 pub mod probe;
 pub mod relaybench;
+pub mod soak;
 pub mod steering;
 pub mod topology;
 pub mod underlay;
