@@ -9,7 +9,7 @@ IMAGE_TAG ?= local
 PREFIX ?= vrt
 export VROUTER_TEST_PREFIX ?= $(PREFIX)
 
-.PHONY: all setup build musl images demo test unit-test root-test docker-test bench bench-acl bench-datapath bench-encryption bench-relay bench-report fuzz clean-leftovers fmt lint
+.PHONY: all setup build musl images demo test unit-test root-test docker-test bench soak bench-acl bench-datapath bench-encryption bench-relay bench-report fuzz clean-leftovers fmt lint
 
 all: build
 
@@ -122,6 +122,21 @@ bench-relay: setup build
 	target/release/vrt-relay-bench --out target/bench/relay.json
 	for f in docs/bench/*.json; do [ -e target/bench/$$(basename $$f) ] || cp $$f target/bench/; done
 	$(MAKE) bench-report
+
+# An hour of churn (SOAK_SECONDS, default 3600; not in `make bench`, not in CI): five
+# simulated gossip hosts, stacks coming and going, hosts cut off and healed, discovery
+# and router restarts, every pair of live stacks pinged continuously, RSS, descriptors
+# and kernel objects sampled (tests/src/soak.rs). Writes target/bench/soak.json and
+# soak-series.json; bench-report then draws docs/soak.png and adds the soak section to
+# docs/benchmarks.md (run even when the verdict fails; the target fails after it).
+SOAK_SECONDS ?= 3600
+SOAK_SEED ?= 1
+soak: setup build
+	mkdir -p target/bench
+	bash .ci/cleanup
+	status=0; target/release/vrt-soak --seconds $(SOAK_SECONDS) --seed $(SOAK_SEED) --out target/bench/soak.json --series target/bench/soak-series.json || status=$$?; \
+	for f in docs/bench/*.json; do [ -e target/bench/$$(basename $$f) ] || cp $$f target/bench/; done; \
+	/usr/bin/python3 tests/bench-report.py --in target/bench --md docs/benchmarks.md --png docs/benchmarks.png --raw-dir docs/bench --soak-png docs/soak.png && exit $$status
 
 # Regenerates docs/benchmarks.md and docs/benchmarks.png from target/bench/*.json
 # (needs python3-matplotlib, which .ci/setup installs).

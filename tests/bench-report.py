@@ -360,7 +360,8 @@ def read_dir(d):
         raise BadInput(f"{d}: no such directory (run `make bench` first)")
     out = {}
     for name in sorted(os.listdir(d)):
-        if name.endswith(".json"):
+        # *-series.json are time series (vrt-soak --series), not results files.
+        if name.endswith(".json") and not name.endswith("-series.json"):
             out[name[: -len(".json")]] = load(os.path.join(d, name))
     return out
 
@@ -622,7 +623,7 @@ def encryption_text(extra):
     return out
 
 
-def render(docs, in_dir, md_path, png_path, raw_links, chart_panels):
+def render(docs, in_dir, md_path, png_path, raw_links, chart_panels, soak_png=None):
     """The markdown page. raw_links: {stem: path relative to the page} or {}."""
     md_dir = os.path.dirname(os.path.abspath(md_path))
     out = [
@@ -650,7 +651,7 @@ def render(docs, in_dir, md_path, png_path, raw_links, chart_panels):
     if chart_panels:
         rel = os.path.relpath(os.path.abspath(png_path), md_dir)
         out += ["", f"![{' and '.join(chart_panels)}]({rel})"]
-    known = {stem for stem, _, _ in SECTIONS}
+    known = {stem for stem, _, _ in SECTIONS} | {SOAK_STEM}
     sections = [(s, t, p) for s, t, p in SECTIONS]
     sections += [(s, f"`{s}`", None) for s in docs if s not in known]
     gossip_intro_done = False
@@ -694,7 +695,167 @@ def render(docs, in_dir, md_path, png_path, raw_links, chart_panels):
             out.append("*The file holds no figures.*")
         if stem in raw_links:
             out += ["", f"Raw: [{stem}.json]({raw_links[stem]})."]
+    out += soak_section(docs, md_dir, raw_links, soak_png)
     return "\n".join(out) + "\n"
+
+
+# ---- soak (`make soak`, vrt-soak) ----
+
+SOAK_STEM = "soak"
+
+SOAK_PROSE = """\
+`make soak` (not in `make bench`, not in CI; `SOAK_SECONDS`, default 3600) runs
+`vrt-soak` on five simulated hosts joined by gossip, every discovery with userspace
+WireGuard (`VROUTER_ENCRYPTION=require`) and port steering, stack `c1` under a
+deny-by-default ACL that lets pings in. Each host has a core stack `cN` (always up but
+for router restarts) and a churn stack `xN`. Seeded churn (the seed is in the command):
+a churn stack goes (`compose down`: its router stopped, 1 in 5 by kill -9) or comes back
+every 3-8 s; every few minutes a host is cut off for 15-30 s (underlay link down or a
+partition) and healed; every 40-90 s a discovery restarts (SIGTERM or kill -9, down for
+up to 3 s); every 20-45 s a router restarts (SIGTERM or kill -9). Meanwhile every pair of
+live stacks is pinged over and over (3 echo requests within 2 s; ok if one answers).
+
+A failed check is explained when it overlaps a churn window that touches one of its
+ends (a stack down or restarting, its host cut off or its discovery restarting), plus a
+settle time after the window closes (failure detection + 2 s after a restart or a
+stack's return, 15 s after a heal). The verdict wants no unexplained failure. Every 10 s
+the run samples each daemon's RSS and open descriptors (per host and role, across
+restarts), events per kind, drift repairs, and the counts of probes files, events.log
+size, FDB rows, neighbours, nexthops, routes, nftables elements, conntrack entries and
+gossip members, each beside what is live. Leak verdict: RSS growth over the second half
+of the longest-lived instance of each daemon (linear fit) under 1 MiB/h; descriptors:
+the last quarter's peak at most one above the second quarter's; kernel objects, probes
+files and gossip records per live thing: the second half's peak at most 1.25 times the
+first half's."""
+
+
+def soak_verdict_text(extra):
+    v = extra.get("verdict") if isinstance(extra.get("verdict"), dict) else {}
+    if not v:
+        return []
+    minutes = (v.get("seconds") or 0) / 60
+    churn = v.get("churn") if isinstance(v.get("churn"), dict) else {}
+    churn_text = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(churn.items()))
+    return [
+        f"Verdict: **{'met' if v.get('ok') else 'NOT met'}** over {fmt(minutes)} minutes "
+        f"(seed {extra.get('seed')}): {v.get('checks')} checks, {v.get('failed_checks')} failed, "
+        f"{v.get('failed_checks_unexplained')} unexplained; longest outage of a pair "
+        f"{fmt(v.get('longest_window_s'))} s. Churn: {churn_text or 'none'}.",
+        "",
+    ]
+
+
+def soak_section(docs, md_dir, raw_links, soak_png):
+    """The soak section, only when soak.json exists."""
+    doc = docs.get(SOAK_STEM)
+    if doc is None:
+        return []
+    out = ["", "## An hour of churn (`make soak`)", "", SOAK_PROSE, ""]
+    out += ["```sh", doc["command"], "```", ""]
+    extra = doc.get("extra") if isinstance(doc.get("extra"), dict) else {}
+    out += soak_verdict_text(extra)
+    if soak_png and os.path.exists(soak_png):
+        rel = os.path.relpath(os.path.abspath(soak_png), md_dir)
+        out += [f"![soak series: RSS, descriptors, events, failed checks, kernel objects]({rel})", ""]
+    if doc["figures"]:
+        out += figures_table(doc)
+    if SOAK_STEM in raw_links:
+        out += ["", f"Raw: [{SOAK_STEM}.json]({raw_links[SOAK_STEM]})."]
+    return out
+
+
+def draw_soak_chart(series_path, png_path):
+    """Draws the soak time series (vrt-soak --series) into png_path; False if absent."""
+    if not os.path.exists(series_path):
+        return False
+    with open(series_path, encoding="utf-8") as fh:
+        ser = json.load(fh)
+    samples = ser.get("samples") or []
+    if not samples:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mins = [s["t"] / 60 for s in samples]
+    fig, axes = plt.subplots(3, 2, figsize=(14, 12), squeeze=False)
+    (ax_rss, ax_fd), (ax_ev, ax_fail), (ax_k, ax_kr) = axes
+
+    def shade(ax):
+        for w in ser.get("windows", []):
+            if w.get("kind") in ("host_cut", "partition") and w.get("end") is not None:
+                ax.axvspan(w["start"] / 60, w["end"] / 60, color="orange", alpha=0.12, lw=0)
+
+    keys = sorted({k for s in samples for k in (s.get("daemons") or {})})
+    for k in keys:
+        xs = [m for m, s in zip(mins, samples) if k in (s.get("daemons") or {})]
+        rss = [s["daemons"][k]["rss_mib"] for s in samples if k in (s.get("daemons") or {})]
+        fds = [s["daemons"][k]["fds"] for s in samples if k in (s.get("daemons") or {})]
+        style = "-" if k.endswith("/discovery") else ":"
+        ax_rss.plot(xs, rss, style, lw=1, label=k)
+        ax_fd.plot(xs, fds, style, lw=1, label=k)
+    ax_rss.set_title("RSS per daemon (solid: discovery, dotted: routers)")
+    ax_rss.set_ylabel("MiB")
+    ax_fd.set_title("Open descriptors per daemon")
+    ax_fd.set_ylabel("fds")
+    ax_rss.legend(fontsize="x-small", ncol=3)
+
+    kinds = sorted({k for s in samples for k in (s.get("events") or {})})
+    for k in kinds:
+        ax_ev.plot(mins, [(s.get("events") or {}).get(k, 0) for s in samples], lw=1, label=k)
+    ax_ev.set_title("Events per kind (cumulative, all hosts)")
+    ax_ev.set_yscale("symlog")
+    ax_ev.set_ylim(bottom=0)
+    ax_ev.legend(fontsize="x-small", ncol=2)
+
+    failed = sorted(ser.get("failed_checks") or [], key=lambda f: f["t0"])
+    fx = [f["t0"] / 60 for f in failed]
+    ax_fail.step(fx, range(1, len(fx) + 1), where="post", label="failed checks (explained)")
+    un = [f["t0"] / 60 for f in failed if f.get("explained_by") == "unexplained"]
+    ax_fail.step(un, range(1, len(un) + 1), where="post", color="red", label="unexplained")
+    ax_fail.plot(mins, [s.get("drift_repairs", 0) for s in samples], "g--", lw=1, label="drift repairs")
+    shade(ax_fail)
+    ax_fail.set_title("Failed checks and drift repairs (cumulative; orange: host cut off)")
+    ax_fail.legend(fontsize="small")
+
+    ckeys = sorted({k for s in samples for k in (s.get("counts") or {}) if k != "events_log_bytes"})
+    for k in ckeys:
+        ax_k.plot(mins, [(s.get("counts") or {}).get(k, 0) for s in samples], lw=1, label=k)
+    ax_k2 = ax_k.twinx()
+    ax_k2.plot(mins, [s["live"]["stacks"] for s in samples], "k--", lw=1, label="live stacks")
+    ax_k2.set_ylabel("live stacks")
+    ax_k.set_title("Kernel objects, probes files, gossip members (all hosts)")
+    ax_k.set_yscale("symlog")
+    ax_k.set_ylim(bottom=0)
+    ax_k.legend(fontsize="x-small", ncol=2, loc="upper left")
+    ax_k2.legend(fontsize="x-small", loc="lower right")
+    shade(ax_k)
+
+    for k in ckeys:
+        ys = []
+        for s in samples:
+            live = s["live"]["stacks"] if k == "probes_files" else s["live"]["stacks_x_hosts"]
+            ys.append((s.get("counts") or {}).get(k, 0) / max(live, 1))
+        ax_kr.plot(mins, ys, lw=1, label=k)
+    ax_kr.plot(mins, [(s.get("counts") or {}).get("events_log_bytes", 0) / 1024 for s in samples],
+               "k:", lw=1, label="events.log KiB (all hosts)")
+    ax_kr.set_title("The same per live thing (stacks x live hosts); events.log size")
+    ax_kr.set_yscale("symlog")
+    ax_kr.set_ylim(bottom=0)
+    ax_kr.legend(fontsize="x-small", ncol=2)
+    shade(ax_kr)
+
+    for ax in (ax_rss, ax_fd, ax_ev, ax_fail, ax_k, ax_kr):
+        ax.set_xlabel("minutes")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
+    tmp = png_path + ".tmp.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return True
 
 
 # ---- chart ----
@@ -900,6 +1061,10 @@ def main(argv=None):
     ap.add_argument(
         "--raw-dir", help="copy the raw JSON here (linked from the page), e.g. docs/bench"
     )
+    ap.add_argument(
+        "--soak-png",
+        help="draw the soak series (<in>/soak-series.json, vrt-soak --series) here, e.g. docs/soak.png",
+    )
     a = ap.parse_args(argv)
     try:
         docs = read_dir(a.in_dir)
@@ -924,7 +1089,14 @@ def main(argv=None):
         )
         return 3
     panels = chart_panels(docs) if drawn else []
-    write_atomic(a.md, render(docs, a.in_dir, a.md, a.png, raw_links, panels))
+    soak_png = None
+    if a.soak_png and SOAK_STEM in docs:
+        if draw_soak_chart(os.path.join(a.in_dir, SOAK_STEM + "-series.json"), a.soak_png):
+            soak_png = a.soak_png
+    elif a.soak_png is None and SOAK_STEM in docs:
+        # Without --soak-png, keep linking the chart of the last soak if it is there.
+        soak_png = os.path.join(os.path.dirname(os.path.abspath(a.md)), "soak.png")
+    write_atomic(a.md, render(docs, a.in_dir, a.md, a.png, raw_links, panels, soak_png))
     print(
         f"bench-report: {len(docs)} results file(s) -> {a.md}"
         + (f", {a.png} ({', '.join(panels)})" if drawn else " (no chart: no ratio or reconcile figures)")

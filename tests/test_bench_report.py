@@ -488,6 +488,55 @@ class Report(unittest.TestCase):
         self.assertEqual(report.fmt(None), "n/a")
         self.assertEqual(report.fmt(math.inf), "n/a")
 
+    def test_soak_section_and_chart_only_with_soak_results(self):
+        self.put("datapath", DATAPATH)
+        md = self.run_report()
+        self.assertNotIn("An hour of churn", md)
+        soak = results(
+            "vrt-soak",
+            [
+                figure("soak.failed_checks_unexplained", "unexplained", "count", [0.0], ("at_most", 0.0)),
+                figure("soak.rss_growth_mib_per_h_max", "rss growth", "MiB/h", [0.4], ("at_most", 1.0)),
+            ],
+            {"seed": 7, "verdict": {"ok": True, "seconds": 3600.0, "checks": 90000, "failed_checks": 120,
+                                     "failed_checks_unexplained": 0, "longest_window_s": 21.5,
+                                     "churn": {"stack_down": 700, "host_cut": 9}}},
+        )
+        self.put("soak", soak)
+        sample = lambda t, live: {
+            "t": t,
+            "daemons": {"h1/discovery": {"pid": 5, "rss_mib": 20.0 + t / 1e4, "fds": 30},
+                        "c1/router": {"pid": 6, "rss_mib": 10.0, "fds": 20}},
+            "events": {"route_added": int(t), "stack_withdrawn": int(t / 10)},
+            "drift_repairs": 0,
+            "counts": {"fdb_rows": 4 * live, "neighbours": 8 * live, "probes_files": live,
+                       "events_log_bytes": 1000 + t},
+            "live": {"stacks": live, "hosts": 5, "stacks_x_hosts": 5 * live},
+            "checks": int(t * 10),
+            "failed_checks": 1,
+        }
+        # The time series sits beside the results but is not a results file.
+        self.put("soak-series", {
+            "samples": [sample(t, 8 + t % 3) for t in range(0, 600, 10)],
+            "windows": [{"kind": "host_cut", "scope": "host 3", "start": 100.0, "end": 125.0, "settle": 15.0}],
+            "failed_checks": [{"t0": 101.0, "t1": 103.0, "from": "c1", "to": "c3", "explained_by": "host_cut"}],
+        })
+        soak_png = os.path.join(self.d, "docs", "soak.png")
+        args = ["--in", self.inp, "--md", self.md, "--png", self.png, "--raw-dir", self.raw,
+                "--soak-png", soak_png]
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.assertEqual(report.main(args), 0)
+        with open(self.md, encoding="utf-8") as fh:
+            md = fh.read()
+        self.assertIn("## An hour of churn (`make soak`)", md)
+        self.assertIn("Verdict: **met** over 60 minutes (seed 7): 90000 checks, 120 failed, 0 unexplained", md)
+        self.assertIn("Churn: 9 host cut, 700 stack down.", md)
+        self.assertIn("](soak.png)", md)
+        self.assertIn("| `soak.rss_growth_mib_per_h_max` |", md)
+        self.assertTrue(png_ok(soak_png))
+        self.assertFalse(os.path.exists(os.path.join(self.raw, "soak-series.json")))
+        self.assertNotIn("soak-series", md)
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)

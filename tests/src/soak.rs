@@ -468,12 +468,16 @@ pub fn run(opt: &Options) -> Result<()> {
     }
     if opt.acl {
         // A deny-by-default policy that still lets the checks' pings in.
-        g.mesh.set_router_env("c1", "VROUTER_DEFAULT_POLICY", "deny");
+        g.mesh
+            .set_router_env("c1", "VROUTER_DEFAULT_POLICY", "deny");
         g.mesh.set_router_env("c1", "VROUTER_ALLOW", "any:icmp");
     }
     g.start_all()?;
     let took = g.wait_full_mesh(Duration::from_secs(120))?;
-    eprintln!("vrt-soak: full mesh after {took:?} (steering {:?})", g.steering().as_str());
+    eprintln!(
+        "vrt-soak: full mesh after {took:?} (steering {:?})",
+        g.steering().as_str()
+    );
 
     let targets: Vec<Target2> = g
         .stacks
@@ -627,13 +631,7 @@ pub fn run(opt: &Options) -> Result<()> {
                     libc::SIGTERM
                 };
                 let key = format!("discovery:{h}");
-                churn.open(
-                    &key,
-                    "discovery_restart",
-                    Scope::Host(h),
-                    now(),
-                    SETTLE_S,
-                );
+                churn.open(&key, "discovery_restart", Scope::Host(h), now(), SETTLE_S);
                 g.mesh.stop_discovery(h, sig)?;
                 std::thread::sleep(Duration::from_secs_f64(rng.range(0.2, 3.0)));
                 g.mesh.start_discovery(h)?;
@@ -680,17 +678,21 @@ pub fn run(opt: &Options) -> Result<()> {
     for k in open {
         churn.close(&k, end);
     }
+    // One example (the first) of every event kind per host, to read what happened.
+    let mut examples = serde_json::Map::new();
+    for h in 1..=hosts {
+        for e in g.events(h) {
+            let k = e.kind.as_str().to_string();
+            examples
+                .entry(k)
+                .or_insert_with(|| json!({"host": h, "source": e.source, "message": e.message}));
+        }
+    }
     let checks = std::mem::take(&mut shared.lock().unwrap().checks);
     let _ = host_of;
     let report = summarise(opt, end, &checks, &churn, &samples, &daemons, &kernel);
     if let Some(p) = &opt.out {
-        write_results(
-            p,
-            "vrt-soak",
-            &opt.command,
-            &report.0,
-            report.1.clone(),
-        )?;
+        write_results(p, "vrt-soak", &opt.command, &report.0, report.1.clone())?;
         eprintln!("vrt-soak: wrote {}", p.display());
     }
     if let Some(p) = &opt.series {
@@ -705,6 +707,7 @@ pub fn run(opt: &Options) -> Result<()> {
                 "start": w.start, "end": w.end, "settle": w.settle,
             })).collect::<Vec<_>>(),
             "failed_checks": report.2,
+            "event_examples": examples,
         });
         if let Some(d) = p.parent() {
             std::fs::create_dir_all(d)?;
@@ -815,7 +818,12 @@ fn sample(
     let live_hosts = hosts as f64 - cut_host.map_or(0.0, |_| 1.0);
     // Kernel objects: host namespaces and router namespaces.
     let mut k: BTreeMap<&'static str, f64> = BTreeMap::new();
-    let mut spaces: Vec<(String, bool)> = g.topo.hosts().iter().map(|h| (h.ns.clone(), true)).collect();
+    let mut spaces: Vec<(String, bool)> = g
+        .topo
+        .hosts()
+        .iter()
+        .map(|h| (h.ns.clone(), true))
+        .collect();
     for s in g.stacks.clone() {
         spaces.push((g.rtr(s.name).ns.clone(), false));
     }
@@ -1007,7 +1015,9 @@ fn summarise(
         && n(per_live_max) <= PER_LIVE_GROWTH_MAX;
     let failed_json: Vec<Value> = failed
         .iter()
-        .map(|(c, k)| json!({"t0": c.t0, "t1": c.t1, "from": c.from, "to": c.to, "explained_by": k}))
+        .map(
+            |(c, k)| json!({"t0": c.t0, "t1": c.t1, "from": c.from, "to": c.to, "explained_by": k}),
+        )
         .collect();
     let extra = json!({
         "seconds": end,
@@ -1072,7 +1082,13 @@ mod tests {
     #[test]
     fn windows_explain_only_their_scope_and_time() {
         let ws = vec![
-            window("stack_down", Scope::Stack("x2".into()), 10.0, Some(20.0), 7.0),
+            window(
+                "stack_down",
+                Scope::Stack("x2".into()),
+                10.0,
+                Some(20.0),
+                7.0,
+            ),
             window("host_cut", Scope::Host(3), 50.0, Some(60.0), 15.0),
             window("router_restart", Scope::Stack("c4".into()), 90.0, None, 7.0),
         ];
@@ -1161,7 +1177,9 @@ mod tests {
             .collect();
         assert_eq!(fd_growth(&flat), 0.0);
         // One descriptor more every 10 samples: grows.
-        let leak: Vec<(f64, f64)> = (0..100).map(|i| (i as f64, 10.0 + (i / 10) as f64)).collect();
+        let leak: Vec<(f64, f64)> = (0..100)
+            .map(|i| (i as f64, 10.0 + (i / 10) as f64))
+            .collect();
         assert!(fd_growth(&leak) > FD_GROWTH_MAX);
         // Counts proportional to live: bounded.
         let prop: Vec<(f64, f64, f64)> = (0..100)
@@ -1196,7 +1214,11 @@ mod tests {
     fn stacks_are_core_and_churn_per_host() {
         let s = stacks(5);
         assert_eq!(s.len(), 10);
-        assert!(s.iter().any(|d| d.name == "c3" && d.host == 3 && d.cidr == "10.3.0.0/24"));
-        assert!(s.iter().any(|d| d.name == "x5" && d.host == 5 && d.cidr == "10.105.0.0/24"));
+        assert!(s
+            .iter()
+            .any(|d| d.name == "c3" && d.host == 3 && d.cidr == "10.3.0.0/24"));
+        assert!(s
+            .iter()
+            .any(|d| d.name == "x5" && d.host == 5 && d.cidr == "10.105.0.0/24"));
     }
 }

@@ -23,12 +23,14 @@ fn main() {
             .and_then(|i| args.get(i + 1).cloned())
     };
     let flag = |name: &str| args.iter().any(|a| a == name);
-    let seed = value("--seed").and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(1)
-    });
+    let seed = value("--seed")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(1)
+        });
     let opt = Options {
         seconds: value("--seconds")
             .and_then(|s| s.parse().ok())
