@@ -726,10 +726,12 @@ size, FDB rows, neighbours, nexthops, routes, nftables elements, conntrack entri
 gossip members, each beside what is live. Leak verdict, on every daemon with one
 instance alive for at least 40 % of the run (always the discoveries of hosts 1 and 2 and
 the routers of `c1` and `c2`, never restarted): RSS growth over the second half of that
-instance (linear fit) under 1 MiB/h; descriptors: the last quarter's peak at most one
-above the second quarter's; kernel objects, probes
-files and gossip records per live thing: the second half's peak at most 1.25 times the
-first half's."""
+instance (linear fit) under 1 MiB/h; descriptors: the last quarter's median at most one
+above the second quarter's; kernel objects, probes files and gossip records: their peak
+may grow from the first half to the second at most 1.25 times as much as the peak of
+what is live (stacks, or stacks x live hosts). Recovery figures: per outage of a pair,
+from the end of the churn that explains it to the first passing check (an upper bound:
+checks of a pair come every few seconds)."""
 
 
 def soak_verdict_text(extra):
