@@ -760,7 +760,11 @@ fn check_loop(shared: &Mutex<Shared>, stop: &AtomicBool, targets: &[Target2], t0
         let mut pairs = Vec::new();
         for (i, a) in live.iter().enumerate() {
             for b in &live[i + 1..] {
-                pairs.push(if round % 2 == 0 { (*a, *b) } else { (*b, *a) });
+                pairs.push(if round.is_multiple_of(2) {
+                    (*a, *b)
+                } else {
+                    (*b, *a)
+                });
             }
         }
         for chunk in pairs.chunks(4) {
@@ -1069,6 +1073,7 @@ fn summarise(
         })).collect::<Vec<_>>(),
         "verdict": {
             "ok": ok,
+            "interrupted": interrupt::stopped(),
             "seconds": end,
             "checks": checks.len(),
             "failed_checks": failed.len(),
@@ -1175,7 +1180,7 @@ mod tests {
         // The gap ends the second outage of c1|c2 at its failure.
         assert_eq!(o[1].pair, "c1|c2");
         assert_eq!((o[1].start, o[1].end, o[1].unexplained), (30.0, 30.5, 1));
-        let o = vec![o[0].clone(), o[2].clone()];
+        let o = [o[0].clone(), o[2].clone()];
         assert_eq!(o[0].failed, 2);
         assert_eq!(o[0].unexplained, 0);
         assert!((o[0].duration() - 4.0).abs() < 1e-9);
