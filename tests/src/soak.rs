@@ -836,8 +836,13 @@ fn sample(
         }
         let dir = g.state_dir(h);
         log_bytes += std::fs::metadata(dir.join("events.log")).map_or(0, |m| m.len());
+        // Probe files proper (`<stack>.json`), not a write's temporary file.
         probe_files += std::fs::read_dir(dir.join("probes"))
-            .map(|d| d.filter_map(|e| e.ok()).count() as u64)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+                    .count() as u64
+            })
             .unwrap_or(0);
         let ms = g.members(h);
         members += ms.len() as u64;
