@@ -474,12 +474,91 @@ impl Mesh {
         Ok(())
     }
 
+    /// Starts the router of `stack`'s copy on `host` (see [`Mesh::move_stack`]): the
+    /// current copy's as [`Mesh::start_router`] does, another one under the name
+    /// `<stack>@h<host>`.
+    pub fn start_router_on(&mut self, stack: &str, host: usize) -> Result<()> {
+        let s = self.stack(stack).clone();
+        if s.host == host {
+            return self.start_router(stack);
+        }
+        let bin = self.bins.join("vrouter-router");
+        let dir = self.state_dir(host).display().to_string();
+        let vni = s.vni.to_string();
+        let mut env = vec![
+            ("VROUTER_STACK", s.name),
+            ("VROUTER_VNI", vni.as_str()),
+            ("VROUTER_STATE_DIR", dir.as_str()),
+            ("RUST_LOG", "info"),
+        ];
+        if let Some(p) = s.prefixes {
+            env.push(("VROUTER_PREFIXES", p));
+        }
+        if let Some(extra) = self.router_env.get(stack) {
+            env.extend(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        }
+        let d = self
+            .rtr_on(stack, host)
+            .spawn_privileged(bin.to_str().unwrap(), &[], &env)?;
+        self.routers.insert(copy_name(stack, host), d);
+        Ok(())
+    }
+
     pub fn stop_router(&mut self, stack: &str, signal: i32) -> Result<()> {
         if let Some(mut d) = self.routers.remove(stack) {
             d.kill(signal)?;
             d.wait_exit(Duration::from_secs(5))?;
         }
         Ok(())
+    }
+
+    /// Puts a copy of `stack` on `host` (its network, router and service containers,
+    /// the same name and addresses; made once) and makes it the stack's current copy,
+    /// as when the same compose file is brought up on another host: from then on
+    /// [`Mesh::svc`], [`Mesh::rtr`], [`Mesh::start_router`], [`Mesh::router`] and
+    /// [`Mesh::stop_router`] with the stack's name mean the copy on `host`. A router
+    /// still running in the previous copy stays, under the name `<stack>@h<old host>`
+    /// (stop it with `stop_router("<stack>@h<old>", ..)`); [`Mesh::svc_on`] and
+    /// [`Mesh::rtr_on`] reach either copy. Starts nothing.
+    pub fn move_stack(&mut self, stack: &str, host: usize) -> Result<()> {
+        let s = self.stack(stack).clone();
+        if s.host == host {
+            return Ok(());
+        }
+        if self.topo.host(host).container(s.name, "rtr").is_none() {
+            let h = self.topo.host_mut(host);
+            h.add_network(s.name, s.cidr, s.protection)?;
+            h.add_container(s.name, "rtr", &s.router_ip(), Role::Router)?;
+            h.add_container(s.name, "svc", &s.service_ip(), Role::Service)?;
+        }
+        if let Some(d) = self.routers.remove(stack) {
+            self.routers.insert(copy_name(stack, s.host), d);
+        }
+        if let Some(d) = self.routers.remove(&copy_name(stack, host)) {
+            self.routers.insert(stack.to_string(), d);
+        }
+        if let Some(x) = self.stacks.iter_mut().find(|x| x.name == stack) {
+            x.host = host;
+        }
+        Ok(())
+    }
+
+    /// The service container of `stack`'s copy on `host` (see [`Mesh::move_stack`]).
+    pub fn svc_on(&self, stack: &str, host: usize) -> Container {
+        self.topo
+            .host(host)
+            .container(stack, "svc")
+            .unwrap_or_else(|| panic!("no copy of stack {stack} on host {host}"))
+            .clone()
+    }
+
+    /// The router container of `stack`'s copy on `host`.
+    pub fn rtr_on(&self, stack: &str, host: usize) -> Container {
+        self.topo
+            .host(host)
+            .container(stack, "rtr")
+            .unwrap_or_else(|| panic!("no copy of stack {stack} on host {host}"))
+            .clone()
     }
 
     /// Restarts a router the way `docker restart` does: SIGTERM, a fresh network
@@ -721,6 +800,11 @@ impl Drop for Mesh {
             let _ = std::fs::remove_dir_all(self.config_path(h).parent().unwrap());
         }
     }
+}
+
+/// The name [`Mesh::move_stack`] keeps a previous copy's router under.
+pub fn copy_name(stack: &str, host: usize) -> String {
+    format!("{stack}@h{host}")
 }
 
 /// ifindex of a link in a namespace (from netlink: /sys in the caller's mount namespace
