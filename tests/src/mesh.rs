@@ -119,6 +119,10 @@ pub struct Mesh {
     pub stacks: Vec<StackDef>,
     /// Stacks left out of the other hosts' static configuration.
     removed: Vec<String>,
+    /// The network of each stack copy made by [`Mesh::move_stack`], by (stack, host):
+    /// container namespaces are named after their network, so a copy's network is
+    /// `<stack>-h<host>` (its router still announces the stack's name).
+    copy_nets: BTreeMap<(String, usize), String>,
     /// Extra environment of each host's discovery (e.g. the gossip settings).
     discovery_env: BTreeMap<usize, Vec<(String, String)>>,
     /// Extra environment of each stack's router.
@@ -197,6 +201,7 @@ impl Mesh {
             routers: BTreeMap::new(),
             stacks: Vec::new(),
             removed: Vec::new(),
+            copy_nets: BTreeMap::new(),
             discovery_env: BTreeMap::new(),
             router_env: BTreeMap::new(),
             static_peers: true,
@@ -321,21 +326,11 @@ impl Mesh {
     }
 
     pub fn svc(&self, stack: &str) -> Container {
-        let s = self.stack(stack);
-        self.topo
-            .host(s.host)
-            .container(s.name, "svc")
-            .unwrap()
-            .clone()
+        self.svc_on(stack, self.stack(stack).host)
     }
 
     pub fn rtr(&self, stack: &str) -> Container {
-        let s = self.stack(stack);
-        self.topo
-            .host(s.host)
-            .container(s.name, "rtr")
-            .unwrap()
-            .clone()
+        self.rtr_on(stack, self.stack(stack).host)
     }
 
     /// The static peer file of `host`: every stack on the other hosts, except removed ones.
@@ -512,6 +507,18 @@ impl Mesh {
         Ok(())
     }
 
+    /// `docker compose down` of `stack`'s current copy: its router stops (SIGTERM: the
+    /// stack enters its grace period) and its router and service containers go (their
+    /// namespaces, with the router's overlay link). The network stays.
+    pub fn compose_down(&mut self, stack: &str) -> Result<()> {
+        self.stop_router(stack, libc::SIGTERM)?;
+        let host = self.stack(stack).host;
+        let net = self.net_of(stack, host);
+        let h = self.topo.host_mut(host);
+        h.remove_container(&net, "svc")?;
+        h.remove_container(&net, "rtr")
+    }
+
     /// Puts a copy of `stack` on `host` (its network, router and service containers,
     /// the same name and addresses; made once) and makes it the stack's current copy,
     /// as when the same compose file is brought up on another host: from then on
@@ -525,11 +532,14 @@ impl Mesh {
         if s.host == host {
             return Ok(());
         }
-        if self.topo.host(host).container(s.name, "rtr").is_none() {
+        let net = self.net_of(stack, host);
+        if self.topo.host(host).container(&net, "rtr").is_none() {
+            let net = format!("{stack}-h{host}");
             let h = self.topo.host_mut(host);
-            h.add_network(s.name, s.cidr, s.protection)?;
-            h.add_container(s.name, "rtr", &s.router_ip(), Role::Router)?;
-            h.add_container(s.name, "svc", &s.service_ip(), Role::Service)?;
+            h.add_network(&net, s.cidr, s.protection)?;
+            h.add_container(&net, "rtr", &s.router_ip(), Role::Router)?;
+            h.add_container(&net, "svc", &s.service_ip(), Role::Service)?;
+            self.copy_nets.insert((stack.to_string(), host), net);
         }
         if let Some(d) = self.routers.remove(stack) {
             self.routers.insert(copy_name(stack, s.host), d);
@@ -543,21 +553,30 @@ impl Mesh {
         Ok(())
     }
 
+    /// The network of `stack`'s copy on `host`: the stack's name, or the copy's
+    /// network made by [`Mesh::move_stack`].
+    pub fn net_of(&self, stack: &str, host: usize) -> String {
+        self.copy_nets
+            .get(&(stack.to_string(), host))
+            .cloned()
+            .unwrap_or_else(|| stack.to_string())
+    }
+
     /// The service container of `stack`'s copy on `host` (see [`Mesh::move_stack`]).
     pub fn svc_on(&self, stack: &str, host: usize) -> Container {
-        self.topo
-            .host(host)
-            .container(stack, "svc")
-            .unwrap_or_else(|| panic!("no copy of stack {stack} on host {host}"))
-            .clone()
+        self.container_on(stack, host, "svc")
     }
 
     /// The router container of `stack`'s copy on `host`.
     pub fn rtr_on(&self, stack: &str, host: usize) -> Container {
+        self.container_on(stack, host, "rtr")
+    }
+
+    fn container_on(&self, stack: &str, host: usize, name: &str) -> Container {
         self.topo
             .host(host)
-            .container(stack, "rtr")
-            .unwrap_or_else(|| panic!("no copy of stack {stack} on host {host}"))
+            .container(&self.net_of(stack, host), name)
+            .unwrap_or_else(|| panic!("no container {name} of stack {stack} on host {host}"))
             .clone()
     }
 

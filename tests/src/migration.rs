@@ -3,7 +3,7 @@
 //!
 //! The mesh: three hosts with gossip, stack `sN` on host N (VNI 1000, 10.N.0.0/24) and
 //! stack [`MOVED`] (VNI 1000, 10.50.0.0/24) on host 1, which the tests move to host 2
-//! ([`Mesh::move_stack`]: the same name, subnet and addresses, as the same compose
+//! ([`crate::mesh::Mesh::move_stack`]: the same name, subnet and addresses, as the same compose
 //! file brought up there). Host 3 is the third host whose traffic must follow.
 //! Which copy receives traffic is read from an nftables counter of ICMP echo requests
 //! in each copy's service namespace ([`EchoCounter`]), independent of the code under
@@ -39,7 +39,10 @@ pub fn mesh(test: &str) -> Result<GossipMesh> {
     g.wait_full_mesh(Duration::from_secs(40))
         .context("the mesh did not converge")?;
     if wait_reply(&g, FROM, MOVED, Duration::from_secs(15)).is_none() {
-        bail!("no traffic from {FROM} to {MOVED} at the start\n{}", g.summary());
+        bail!(
+            "no traffic from {FROM} to {MOVED} at the start\n{}",
+            g.summary()
+        );
     }
     Ok(g)
 }
@@ -109,21 +112,27 @@ impl EchoCounter {
 
 impl Drop for EchoCounter {
     fn drop(&mut self) {
-        let _ = exec_ok(Some(&self.ns), &["nft", "delete", "table", "ip", &self.table]);
+        let _ = exec_ok(
+            Some(&self.ns),
+            &["nft", "delete", "table", "ip", &self.table],
+        );
     }
 }
 
-/// Graceful move of [`MOVED`] from [`OLD`] to [`NEW`]: its router stops (SIGTERM, as
-/// `docker compose down` stops it; the old copy enters its grace period), then starts
-/// on the new host. Returns the time from the new router's start to the first answer
+/// Graceful move of [`MOVED`] from [`OLD`] to [`NEW`]: `docker compose down` on the
+/// old host ([`crate::mesh::Mesh::compose_down`]: the router stops, the old copy enters its grace
+/// period, its containers go), then its router starts on the new host. Returns the time from the new router's start to the first answer
 /// from host 3, and whether the old copy was still in its grace period then.
 pub fn graceful_move(g: &mut GossipMesh) -> Result<(Duration, bool)> {
-    g.stop_router(MOVED, libc::SIGTERM)?;
+    g.compose_down(MOVED)?;
     g.move_stack(MOVED, NEW)?;
     let t = Instant::now();
     g.start_router(MOVED)?;
     wait_reply(g, FROM, MOVED, Duration::from_secs(15)).with_context(|| {
-        format!("no traffic from {FROM} to the moved {MOVED} within 15 s\n{}", g.summary())
+        format!(
+            "no traffic from {FROM} to the moved {MOVED} within 15 s\n{}",
+            g.summary()
+        )
     })?;
     let took = t.elapsed();
     let old_in_grace = g
@@ -142,7 +151,10 @@ pub fn crash_move(g: &mut GossipMesh) -> Result<(Duration, Duration)> {
     let start = Instant::now();
     g.start_router(MOVED)?;
     wait_reply(g, FROM, MOVED, Duration::from_secs(20)).with_context(|| {
-        format!("no traffic from {FROM} to {MOVED} on host {NEW} within 20 s\n{}", g.summary())
+        format!(
+            "no traffic from {FROM} to {MOVED} on host {NEW} within 20 s\n{}",
+            g.summary()
+        )
     })?;
     Ok((cut.elapsed(), start.elapsed()))
 }

@@ -91,8 +91,7 @@ fn stale_copy_returning_is_withdrawn_and_traffic_never_flips_back() {
     // The old host saw the newer placement and withdrew its copy.
     let withdrawn = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
         !events(&g, OLD, "stack_superseded", since).is_empty()
-            && g
-                .peers(THIRD)
+            && g.peers(THIRD)
                 .iter()
                 .filter(|p| p.addr == g.topo.host(OLD).underlay_ip.to_string())
                 .all(|p| !p.stacks.iter().any(|s| s == MOVED))
@@ -111,17 +110,17 @@ fn stale_copy_returning_is_withdrawn_and_traffic_never_flips_back() {
         "{}",
         sup[0]
     );
-    let refused = g
-        .discovery_file(OLD)
-        .map(|d| d.refused)
-        .unwrap_or_default();
+    let refused = g.discovery_file(OLD).map(|d| d.refused).unwrap_or_default();
     assert!(
         refused
             .iter()
             .any(|r| r.stack.as_str() == MOVED && r.code == "superseded"),
         "{refused:?}"
     );
-    assert_eq!(w.flips, 0, "traffic or routes went back to the old copy: {w:?}");
+    assert_eq!(
+        w.flips, 0,
+        "traffic or routes went back to the old copy: {w:?}"
+    );
     assert_eq!(w.old_copy_echoes, 0, "{w:?}");
     assert!(w.lost <= 2, "traffic to the new copy interrupted: {w:?}");
     // And the stale copy's router gets no routes.
