@@ -33,9 +33,20 @@ pub const PROBE: Duration = Duration::from_millis(150);
 /// The three-host mesh with [`MOVED`] on host 1, converged, with traffic from host 3
 /// to it.
 pub fn mesh(test: &str) -> Result<GossipMesh> {
+    mesh_with(test, &[])
+}
+
+/// [`mesh`] with extra discovery settings on every host.
+pub fn mesh_with(test: &str, env: &[(&str, &str)]) -> Result<GossipMesh> {
     let mut stacks = one_stack_per_host(3);
     stacks.push(StackDef::new(MOVED, OLD, 1000, "10.50.0.0/24"));
-    let g = GossipMesh::start(test, 3, stacks)?;
+    let mut g = GossipMesh::build(test, 3, stacks)?;
+    for h in 1..=3 {
+        for (k, v) in env {
+            g.set_discovery_env(h, k, v);
+        }
+    }
+    g.start_all()?;
     g.wait_full_mesh(Duration::from_secs(40))
         .context("the mesh did not converge")?;
     if wait_reply(&g, FROM, MOVED, Duration::from_secs(15)).is_none() {

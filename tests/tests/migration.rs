@@ -158,11 +158,12 @@ fn stale_copy_returning_is_withdrawn_and_traffic_never_flips_back() {
 
 /// The same stack started on two hosts by mistake: the later copy wins, the other is
 /// told once, and router restarts on either host (kill -9 and start, within the grace
-/// period) never make traffic flip.
+/// period: 10 s here, so a slow start on a loaded machine stays within it) never make
+/// traffic flip.
 #[test]
 fn duplicate_copy_stays_put_across_router_restarts() {
     require_root!();
-    let mut g = mesh("mig_duplicate").expect("mesh");
+    let mut g = mesh_with("mig_duplicate", &[("VROUTER_GRACE_MS", "10000")]).expect("mesh");
     let since = now_ms();
     g.move_stack(MOVED, NEW).unwrap();
     g.start_router(MOVED).unwrap();

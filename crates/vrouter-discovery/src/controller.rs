@@ -65,6 +65,8 @@ pub struct Controller {
     superseded: BTreeMap<StackName, crate::placement::Copy>,
     /// Placement changes already reported (stack_moved, stack_superseded).
     placement_tracker: crate::placement::Tracker,
+    /// The copies a running local copy lost to (see `placement::update_claims`).
+    yielded: BTreeMap<StackName, crate::placement::Copy>,
     /// Static and gossip peers routed in the last reconcile.
     all_peers: Vec<PeerHost>,
     gossip_status: Option<GossipStatus>,
@@ -219,6 +221,7 @@ impl Controller {
             gossip_copies: BTreeMap::new(),
             superseded: BTreeMap::new(),
             placement_tracker: Default::default(),
+            yielded: BTreeMap::new(),
             all_peers: Vec::new(),
             gossip_status: None,
             routed_nodes: BTreeSet::new(),
@@ -363,7 +366,20 @@ impl Controller {
                 .unwrap_or(0)
                 .max(gens.get(n))
         };
-        let changed = crate::placement::update_claims(&mut self.claims, &names, known, copies, now);
+        // A winner that left every gossip record is forgotten.
+        self.yielded.retain(|n, w| {
+            copies
+                .get(n)
+                .is_some_and(|v| v.iter().any(|c| c.node == w.node))
+        });
+        let changed = crate::placement::update_claims(
+            &mut self.claims,
+            &names,
+            known,
+            copies,
+            &self.yielded,
+            now,
+        );
         let mut raised = false;
         for (n, c) in &self.claims {
             raised |= self.generations.note(n, c.generation, now);
@@ -482,15 +498,18 @@ impl Controller {
                     stack,
                     winner,
                     own_generation,
-                } => self.event(
-                    EventKind::StackSuperseded,
-                    format!(
-                        "stack {stack} also runs on host {} with a newer placement (generation {} against this copy's {own_generation}); this copy is withdrawn: no routes, not announced. Stop this copy: docker compose down",
-                        winner.host.map(|h| h.to_string()).unwrap_or_default(),
-                        winner.generation
-                    ),
-                    Some(&stack),
-                ),
+                } => {
+                    self.event(
+                        EventKind::StackSuperseded,
+                        format!(
+                            "stack {stack} also runs on host {} with a newer placement (generation {} against this copy's {own_generation}); this copy is withdrawn: no routes, not announced. Stop this copy: docker compose down",
+                            winner.host.map(|h| h.to_string()).unwrap_or_default(),
+                            winner.generation
+                        ),
+                        Some(&stack),
+                    );
+                    self.yielded.insert(stack, winner);
+                }
             }
         }
     }

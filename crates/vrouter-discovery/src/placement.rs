@@ -145,30 +145,57 @@ pub fn superseded(
 /// 1 + the highest generation `known` gives for its name; a young claim re-bumps
 /// above a copy in `remote` claimed before it with a generation as high. Returns
 /// whether anything changed.
+///
+/// `yielded`: the copies this host's running copies lost to (a duplicate told with
+/// `stack_superseded`). While such a winner is still in `remote`, a fresh claim of
+/// that name (the losing copy restarted after its grace period) stays one below it
+/// and never re-bumps over it: restarting the duplicate does not take the stack
+/// over.
 pub fn update_claims(
     claims: &mut BTreeMap<StackName, Claim>,
     registered: &BTreeSet<StackName>,
     known: impl Fn(&StackName) -> u64,
     remote: &BTreeMap<StackName, Vec<Copy>>,
+    yielded: &BTreeMap<StackName, Copy>,
     now_ms: u64,
 ) -> bool {
     let before = claims.clone();
     claims.retain(|n, _| registered.contains(n));
+    let live_winner = |n: &StackName| -> Option<&Copy> {
+        let w = yielded.get(n)?;
+        remote
+            .get(n)?
+            .iter()
+            .any(|r| r.host.is_some() && r.node == w.node && r.generation >= w.generation)
+            .then_some(w)
+    };
     for n in registered {
-        claims.entry(n.clone()).or_insert_with(|| Claim {
-            claimed_ms: now_ms,
-            generation: known(n).saturating_add(1),
-        });
+        if claims.contains_key(n) {
+            continue;
+        }
+        let generation = match live_winner(n) {
+            Some(w) => w.generation.saturating_sub(1),
+            None => known(n).saturating_add(1),
+        };
+        claims.insert(
+            n.clone(),
+            Claim {
+                claimed_ms: now_ms,
+                generation,
+            },
+        );
     }
     for (n, c) in claims.iter_mut() {
         if now_ms.saturating_sub(c.claimed_ms) >= YOUNG_MS {
             continue;
         }
+        let winner = yielded.get(n).map(|w| w.node.as_str());
         let above = remote
             .get(n)
             .into_iter()
             .flatten()
             .filter(|r| r.host.is_some() && r.claimed_ms < c.claimed_ms)
+            .filter(|r| Some(r.node.as_str()) != winner)
             .map(|r| r.generation)
             .max();
         if let Some(g) = above.filter(|g| *g >= c.generation) {
@@ -434,7 +461,14 @@ mod tests {
         let mut c = BTreeMap::new();
         let reg: BTreeSet<StackName> = [name("s")].into();
         let known = |n: &StackName| if n.as_str() == "s" { 4 } else { 0 };
-        assert!(update_claims(&mut c, &reg, known, &BTreeMap::new(), 1_000));
+        assert!(update_claims(
+            &mut c,
+            &reg,
+            known,
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            1_000
+        ));
         assert_eq!(
             c[&name("s")],
             Claim {
@@ -449,6 +483,7 @@ mod tests {
             &reg,
             |_| 40,
             &BTreeMap::new(),
+            &BTreeMap::new(),
             900_000
         ));
         assert_eq!(c[&name("s")].generation, 5);
@@ -458,14 +493,29 @@ mod tests {
             &BTreeSet::new(),
             known,
             &BTreeMap::new(),
+            &BTreeMap::new(),
             1_000_000
         ));
         assert!(c.is_empty());
-        update_claims(&mut c, &reg, |_| 5, &BTreeMap::new(), 1_000_001);
+        update_claims(
+            &mut c,
+            &reg,
+            |_| 5,
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            1_000_001,
+        );
         assert_eq!(c[&name("s")].generation, 6);
         // Saturates instead of overflowing on a hostile generation.
         let mut c = BTreeMap::new();
-        update_claims(&mut c, &reg, |_| u64::MAX, &BTreeMap::new(), 1);
+        update_claims(
+            &mut c,
+            &reg,
+            |_| u64::MAX,
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            1,
+        );
         assert_eq!(c[&name("s")].generation, u64::MAX);
     }
 
@@ -476,13 +526,27 @@ mod tests {
         // A copy claimed earlier with the same generation (its host had not synced).
         let earlier = vec![peer("198.18.0.2", "0000000000000002", &[("s", 9_000, 1)])];
         let remote = copies(&BTreeMap::new(), "", &earlier);
-        assert!(update_claims(&mut c, &reg, |_| 0, &remote, 12_000));
+        assert!(update_claims(
+            &mut c,
+            &reg,
+            |_| 0,
+            &remote,
+            &BTreeMap::new(),
+            12_000
+        ));
         assert_eq!(c[&name("s")].generation, 2);
         assert!(superseded(&c, "0000000000000001", &earlier).is_empty());
         // A copy claimed after it: never (no ping-pong).
         let later = vec![peer("198.18.0.2", "0000000000000002", &[("s", 11_000, 7)])];
         let remote = copies(&BTreeMap::new(), "", &later);
-        assert!(!update_claims(&mut c, &reg, |_| 0, &remote, 12_000));
+        assert!(!update_claims(
+            &mut c,
+            &reg,
+            |_| 0,
+            &remote,
+            &BTreeMap::new(),
+            12_000
+        ));
         assert_eq!(c[&name("s")].generation, 2);
         // Once old, not even above earlier copies.
         let high = vec![peer("198.18.0.2", "0000000000000002", &[("s", 9_000, 5)])];
@@ -492,6 +556,7 @@ mod tests {
             &reg,
             |_| 0,
             &remote,
+            &BTreeMap::new(),
             10_000 + YOUNG_MS
         ));
         assert_eq!(c[&name("s")].generation, 2);
@@ -500,11 +565,45 @@ mod tests {
         let mut a = claims(&[("s", 9_000, 1)]);
         let b_peer = vec![peer("198.18.0.3", "0000000000000003", &[("s", 10_000, 2)])];
         let remote = copies(&BTreeMap::new(), "", &b_peer);
-        assert!(!update_claims(&mut a, &reg, |_| 0, &remote, 12_000));
+        assert!(!update_claims(
+            &mut a,
+            &reg,
+            |_| 0,
+            &remote,
+            &BTreeMap::new(),
+            12_000
+        ));
         assert_eq!(
             superseded(&a, "0000000000000001", &b_peer)[&name("s")].host,
             Some(ip("198.18.0.3"))
         );
+    }
+
+    #[test]
+    fn a_duplicate_restarted_after_its_grace_stays_below_the_copy_it_lost_to() {
+        let reg: BTreeSet<StackName> = [name("s")].into();
+        let winner = vec![peer("198.18.0.2", "02", &[("s", 5_000, 2)])];
+        let remote = copies(&BTreeMap::new(), "", &winner);
+        let w = winners(&remote)[&name("s")].clone();
+        let yielded: BTreeMap<StackName, Copy> = [(name("s"), w)].into();
+        // The duplicate's claim expired with its grace; it registers again.
+        let mut c = BTreeMap::new();
+        update_claims(&mut c, &reg, |_| 2, &remote, &yielded, 20_000);
+        assert_eq!(c[&name("s")].generation, 1);
+        // Young, but no re-bump over the copy it yielded to.
+        assert!(!update_claims(
+            &mut c,
+            &reg,
+            |_| 2,
+            &remote,
+            &yielded,
+            21_000
+        ));
+        assert_eq!(superseded(&c, "01", &winner).len(), 1, "still the loser");
+        // Once that copy is gone, a fresh claim is a new placement again.
+        let mut c = BTreeMap::new();
+        update_claims(&mut c, &reg, |_| 2, &BTreeMap::new(), &yielded, 30_000);
+        assert_eq!(c[&name("s")].generation, 3);
     }
 
     #[test]
