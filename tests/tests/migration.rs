@@ -88,9 +88,11 @@ fn crash_move_follows_within_detection() {
     let mut g = mesh("mig_crash").expect("mesh");
     let (from_cut, from_start) = crash_move(&mut g).expect("crash move");
     eprintln!("MEASURED: crash move: first answer from host {THIRD} {from_cut:?} after the cut, {from_start:?} after the new router's start");
+    // The bound: failure detection (its target, 3 s: docs/benchmarks.md
+    // `gossip.real.failure_detection_ms`) + 2 s, from the cut; the stack starts at it.
     assert!(
-        from_start <= Duration::from_secs(2),
-        "crash move took {from_start:?} after the new router's start (> 2 s)\n{}",
+        from_cut <= Duration::from_secs(5),
+        "crash move took {from_cut:?} after the cut (> 3 s + 2 s)\n{}",
         g.summary()
     );
     assert_eq!(
