@@ -134,6 +134,27 @@ A relay forwards in its host namespace: an nftables `netdev` ingress chain on it
   **return_loss**, the longest gap in the pings meanwhile.""",
     ),
     (
+        "migration",
+        "Stack migration (`vrt-migration-bench`)",
+        """\
+A stack moving between hosts (issue 18) with the real daemons on three simulated hosts
+in one gossip mesh: stack `mv` on host 1 moves to host 2 (the same name, subnet and
+addresses), host 3's stack sends the traffic (pings with a 150 ms timeout, 10 ms apart).
+Copies of one stack rank by placement generation (ARCHITECTURE.md, "Placement
+generations"), so the new copy wins at once. Each round, on a fresh mesh each time:
+
+- **migration_graceful_s**: `docker compose down` on host 1 (the old copy enters its
+  3 s grace period), its router started on host 2: from that start to the first
+  answer from host 3;
+- **migration_crash_s**: host 1 cut off from the others with `mv` still running
+  there, `mv` started on host 2: from that start to the first answer from host 3 (the
+  issue's bound is failure detection plus 2 s), and **migration_crash_from_cut_s**
+  from the cut;
+- **migration_flips**: host 1 healed with its stale copy running, 10 s of pings from
+  host 3: the samples where the old copy's service received a ping (an nftables
+  counter there) or host 3 routed to the old host.""",
+    ),
+    (
         "control",
         "Control plane (`vrt-ctl-bench`)",
         """\
@@ -230,6 +251,7 @@ MAKE_TARGET = {
     "fuzz": "make fuzz",
     "encryption": "make bench-encryption",
     "relay": "make bench-relay",
+    "migration": "make bench-migration",
 }
 
 GOSSIP_INTRO = """\

@@ -34,6 +34,7 @@ pub mod gossip;
 pub mod http;
 pub mod interrupt;
 pub mod mesh;
+pub mod migration;
 pub mod nat;
 pub mod probe;
 pub mod relaybench;

@@ -119,6 +119,10 @@ pub struct Mesh {
     pub stacks: Vec<StackDef>,
     /// Stacks left out of the other hosts' static configuration.
     removed: Vec<String>,
+    /// The network of each stack copy made by [`Mesh::move_stack`], by (stack, host):
+    /// container namespaces are named after their network, so a copy's network is
+    /// `<stack>-h<host>` (its router still announces the stack's name).
+    copy_nets: BTreeMap<(String, usize), String>,
     /// Extra environment of each host's discovery (e.g. the gossip settings).
     discovery_env: BTreeMap<usize, Vec<(String, String)>>,
     /// Extra environment of each stack's router.
@@ -197,6 +201,7 @@ impl Mesh {
             routers: BTreeMap::new(),
             stacks: Vec::new(),
             removed: Vec::new(),
+            copy_nets: BTreeMap::new(),
             discovery_env: BTreeMap::new(),
             router_env: BTreeMap::new(),
             static_peers: true,
@@ -321,21 +326,11 @@ impl Mesh {
     }
 
     pub fn svc(&self, stack: &str) -> Container {
-        let s = self.stack(stack);
-        self.topo
-            .host(s.host)
-            .container(s.name, "svc")
-            .unwrap()
-            .clone()
+        self.svc_on(stack, self.stack(stack).host)
     }
 
     pub fn rtr(&self, stack: &str) -> Container {
-        let s = self.stack(stack);
-        self.topo
-            .host(s.host)
-            .container(s.name, "rtr")
-            .unwrap()
-            .clone()
+        self.rtr_on(stack, self.stack(stack).host)
     }
 
     /// The static peer file of `host`: every stack on the other hosts, except removed ones.
@@ -474,12 +469,115 @@ impl Mesh {
         Ok(())
     }
 
+    /// Starts the router of `stack`'s copy on `host` (see [`Mesh::move_stack`]): the
+    /// current copy's as [`Mesh::start_router`] does, another one under the name
+    /// `<stack>@h<host>`.
+    pub fn start_router_on(&mut self, stack: &str, host: usize) -> Result<()> {
+        let s = self.stack(stack).clone();
+        if s.host == host {
+            return self.start_router(stack);
+        }
+        let bin = self.bins.join("vrouter-router");
+        let dir = self.state_dir(host).display().to_string();
+        let vni = s.vni.to_string();
+        let mut env = vec![
+            ("VROUTER_STACK", s.name),
+            ("VROUTER_VNI", vni.as_str()),
+            ("VROUTER_STATE_DIR", dir.as_str()),
+            ("RUST_LOG", "info"),
+        ];
+        if let Some(p) = s.prefixes {
+            env.push(("VROUTER_PREFIXES", p));
+        }
+        if let Some(extra) = self.router_env.get(stack) {
+            env.extend(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        }
+        let d = self
+            .rtr_on(stack, host)
+            .spawn_privileged(bin.to_str().unwrap(), &[], &env)?;
+        self.routers.insert(copy_name(stack, host), d);
+        Ok(())
+    }
+
     pub fn stop_router(&mut self, stack: &str, signal: i32) -> Result<()> {
         if let Some(mut d) = self.routers.remove(stack) {
             d.kill(signal)?;
             d.wait_exit(Duration::from_secs(5))?;
         }
         Ok(())
+    }
+
+    /// `docker compose down` of `stack`'s current copy: its router stops (SIGTERM: the
+    /// stack enters its grace period) and its router and service containers go (their
+    /// namespaces, with the router's overlay link). The network stays.
+    pub fn compose_down(&mut self, stack: &str) -> Result<()> {
+        self.stop_router(stack, libc::SIGTERM)?;
+        let host = self.stack(stack).host;
+        let net = self.net_of(stack, host);
+        let h = self.topo.host_mut(host);
+        h.remove_container(&net, "svc")?;
+        h.remove_container(&net, "rtr")
+    }
+
+    /// Puts a copy of `stack` on `host` (its network, router and service containers,
+    /// the same name and addresses; made once) and makes it the stack's current copy,
+    /// as when the same compose file is brought up on another host: from then on
+    /// [`Mesh::svc`], [`Mesh::rtr`], [`Mesh::start_router`], [`Mesh::router`] and
+    /// [`Mesh::stop_router`] with the stack's name mean the copy on `host`. A router
+    /// still running in the previous copy stays, under the name `<stack>@h<old host>`
+    /// (stop it with `stop_router("<stack>@h<old>", ..)`); [`Mesh::svc_on`] and
+    /// [`Mesh::rtr_on`] reach either copy. Starts nothing.
+    pub fn move_stack(&mut self, stack: &str, host: usize) -> Result<()> {
+        let s = self.stack(stack).clone();
+        if s.host == host {
+            return Ok(());
+        }
+        let net = self.net_of(stack, host);
+        if self.topo.host(host).container(&net, "rtr").is_none() {
+            let net = format!("{stack}-h{host}");
+            let h = self.topo.host_mut(host);
+            h.add_network(&net, s.cidr, s.protection)?;
+            h.add_container(&net, "rtr", &s.router_ip(), Role::Router)?;
+            h.add_container(&net, "svc", &s.service_ip(), Role::Service)?;
+            self.copy_nets.insert((stack.to_string(), host), net);
+        }
+        if let Some(d) = self.routers.remove(stack) {
+            self.routers.insert(copy_name(stack, s.host), d);
+        }
+        if let Some(d) = self.routers.remove(&copy_name(stack, host)) {
+            self.routers.insert(stack.to_string(), d);
+        }
+        if let Some(x) = self.stacks.iter_mut().find(|x| x.name == stack) {
+            x.host = host;
+        }
+        Ok(())
+    }
+
+    /// The network of `stack`'s copy on `host`: the stack's name, or the copy's
+    /// network made by [`Mesh::move_stack`].
+    pub fn net_of(&self, stack: &str, host: usize) -> String {
+        self.copy_nets
+            .get(&(stack.to_string(), host))
+            .cloned()
+            .unwrap_or_else(|| stack.to_string())
+    }
+
+    /// The service container of `stack`'s copy on `host` (see [`Mesh::move_stack`]).
+    pub fn svc_on(&self, stack: &str, host: usize) -> Container {
+        self.container_on(stack, host, "svc")
+    }
+
+    /// The router container of `stack`'s copy on `host`.
+    pub fn rtr_on(&self, stack: &str, host: usize) -> Container {
+        self.container_on(stack, host, "rtr")
+    }
+
+    fn container_on(&self, stack: &str, host: usize, name: &str) -> Container {
+        self.topo
+            .host(host)
+            .container(&self.net_of(stack, host), name)
+            .unwrap_or_else(|| panic!("no container {name} of stack {stack} on host {host}"))
+            .clone()
     }
 
     /// Restarts a router the way `docker restart` does: SIGTERM, a fresh network
@@ -721,6 +819,11 @@ impl Drop for Mesh {
             let _ = std::fs::remove_dir_all(self.config_path(h).parent().unwrap());
         }
     }
+}
+
+/// The name [`Mesh::move_stack`] keeps a previous copy's router under.
+pub fn copy_name(stack: &str, host: usize) -> String {
+    format!("{stack}@h{host}")
 }
 
 /// ifindex of a link in a namespace (from netlink: /sys in the caller's mount namespace

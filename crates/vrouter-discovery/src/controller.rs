@@ -53,8 +53,20 @@ pub struct Controller {
     drift_repairs: u64,
     /// The gossip mesh, when configured; static peers still apply beside it.
     gossip: Option<GossipHandle>,
-    /// When each local stack was first claimed (kept in the state directory).
-    claims: BTreeMap<StackName, u64>,
+    /// When each local stack was first claimed and its placement generation (kept in
+    /// the private directory's claims.json).
+    claims: BTreeMap<StackName, crate::placement::Claim>,
+    /// The highest placement generation seen of each stack name (generations.json).
+    generations: crate::placement::Remembered,
+    /// Every stack copy in the current gossip records (any member state), by name:
+    /// what a fresh claim numbers itself above.
+    gossip_copies: BTreeMap<StackName, Vec<crate::placement::Copy>>,
+    /// Local stacks another host's copy outranks (withdrawn here), with the winner.
+    superseded: BTreeMap<StackName, crate::placement::Copy>,
+    /// Placement changes already reported (stack_moved, stack_superseded).
+    placement_tracker: crate::placement::Tracker,
+    /// The copies a running local copy lost to (see `placement::update_claims`).
+    yielded: BTreeMap<StackName, crate::placement::Copy>,
     /// Static and gossip peers routed in the last reconcile.
     all_peers: Vec<PeerHost>,
     gossip_status: Option<GossipStatus>,
@@ -205,6 +217,11 @@ impl Controller {
             drift_repairs: 0,
             gossip: None,
             claims: BTreeMap::new(),
+            generations: Default::default(),
+            gossip_copies: BTreeMap::new(),
+            superseded: BTreeMap::new(),
+            placement_tracker: Default::default(),
+            yielded: BTreeMap::new(),
             all_peers: Vec::new(),
             gossip_status: None,
             routed_nodes: BTreeSet::new(),
@@ -327,7 +344,9 @@ impl Controller {
     }
 
     /// The stacks this host announces: every registered one (in grace too, so a
-    /// restart announces the same stacks), with its first claim time.
+    /// restart announces the same stacks), with its first claim time and placement
+    /// generation (see [`crate::placement::update_claims`]). Superseded copies are
+    /// among them; the announcement leaves them out.
     pub fn claimed_stacks(&mut self) -> Vec<vrouter_gossip::ClaimedStack> {
         let now = now_ms();
         let names: BTreeSet<StackName> = self
@@ -335,36 +354,164 @@ impl Controller {
             .entries()
             .map(|e| e.spec.name.clone())
             .collect();
-        let before = self.claims.clone();
-        self.claims.retain(|n, _| names.contains(n));
-        for n in &names {
-            self.claims.entry(n.clone()).or_insert(now);
+        let gens = &self.generations;
+        let copies = &self.gossip_copies;
+        let known = |n: &StackName| {
+            copies
+                .get(n)
+                .into_iter()
+                .flatten()
+                .map(|c| c.generation)
+                .max()
+                .unwrap_or(0)
+                .max(gens.get(n))
+        };
+        // A winner that left every gossip record is forgotten.
+        self.yielded.retain(|n, w| {
+            copies
+                .get(n)
+                .is_some_and(|v| v.iter().any(|c| c.node == w.node))
+        });
+        let changed = crate::placement::update_claims(
+            &mut self.claims,
+            &names,
+            known,
+            copies,
+            &self.yielded,
+            now,
+        );
+        let mut raised = false;
+        for (n, c) in &self.claims {
+            raised |= self.generations.note(n, c.generation, now);
         }
-        if self.claims != before && self.gossip.is_some() {
-            if let Err(e) = crate::gossip::store_claims(&self.dir, &self.claims) {
-                warn!("cannot store claims.json: {e}");
+        if self.gossip.is_some() {
+            if changed {
+                if let Err(e) = crate::gossip::store_claims(&self.dir, &self.claims) {
+                    warn!("cannot store claims.json: {e}");
+                }
+            }
+            if raised {
+                crate::gossip::store_generations(&self.dir, &self.generations);
             }
         }
         self.registry
             .entries()
-            .map(|e| vrouter_gossip::ClaimedStack {
-                spec: e.spec.clone(),
-                claimed_ms: self.claims.get(&e.spec.name).copied().unwrap_or(now),
+            .map(|e| {
+                let c = self.claims.get(&e.spec.name);
+                vrouter_gossip::ClaimedStack {
+                    spec: e.spec.clone(),
+                    claimed_ms: c.map_or(now, |c| c.claimed_ms),
+                    generation: c.map_or(0, |c| c.generation),
+                }
             })
             .collect()
     }
 
-    pub fn set_gossip_claims(&mut self, claims: BTreeMap<StackName, u64>) {
-        self.claims = claims;
+    /// What to announce when gossip starts: [`Controller::claimed_stacks`] without
+    /// the copies the previous run found superseded (the first reconcile decides
+    /// again), so a restart does not announce a withdrawn copy for a moment.
+    pub fn initial_stacks(&mut self) -> Vec<vrouter_gossip::ClaimedStack> {
+        let superseded: BTreeSet<StackName> = self
+            .last_discovery
+            .iter()
+            .flat_map(|d| d.refused.iter())
+            .filter(|r| r.code == "superseded")
+            .map(|r| r.stack.clone())
+            .collect();
+        self.claimed_stacks()
+            .into_iter()
+            .filter(|c| !superseded.contains(&c.spec.name))
+            .collect()
     }
 
-    pub fn claims(&self) -> &BTreeMap<StackName, u64> {
+    pub fn set_gossip_claims(
+        &mut self,
+        claims: BTreeMap<StackName, crate::placement::Claim>,
+        generations: crate::placement::Remembered,
+    ) {
+        self.claims = claims;
+        self.generations = generations;
+    }
+
+    pub fn claims(&self) -> &BTreeMap<StackName, crate::placement::Claim> {
         &self.claims
     }
 
-    pub fn set_gossip(&mut self, g: GossipHandle, claims: BTreeMap<StackName, u64>) {
-        self.claims = claims;
+    pub fn set_gossip(&mut self, g: GossipHandle) {
         self.gossip = Some(g);
+    }
+
+    /// Claims of the admitted local stacks, as the placement rule ranks them: in
+    /// static mode every copy ranks as claim 0, generation 0.
+    fn placement_claims(
+        &self,
+        local: &[LocalRouter],
+    ) -> BTreeMap<StackName, crate::placement::Claim> {
+        let gossip_on = self.gossip.is_some();
+        local
+            .iter()
+            .map(|l| {
+                let c = self
+                    .claims
+                    .get(&l.spec.name)
+                    .copied()
+                    .filter(|_| gossip_on)
+                    .unwrap_or(crate::placement::Claim {
+                        claimed_ms: 0,
+                        generation: 0,
+                    });
+                (l.spec.name.clone(), c)
+            })
+            .collect()
+    }
+
+    /// Placement changes since the last reconcile as events (once per change).
+    fn report_placement(&mut self, local: &[LocalRouter], peers: &[PeerHost]) {
+        use crate::placement::Note;
+        let claims = self.placement_claims(local);
+        let own = self
+            .gossip
+            .as_ref()
+            .map(|g| g.node_id.to_string())
+            .unwrap_or_default();
+        let winners = crate::placement::winners(&crate::placement::copies(&claims, &own, peers));
+        let registry = &self.registry;
+        let notes = self
+            .placement_tracker
+            .observe(&winners, self.advertise, &claims, |n| {
+                registry.get(n).is_some_and(|e| e.conn.is_some())
+            });
+        for n in notes {
+            match n {
+                Note::Moved {
+                    stack,
+                    from,
+                    to,
+                    from_generation,
+                    to_generation,
+                } => self.event(
+                    EventKind::StackMoved,
+                    format!("stack {stack} moved from host {from} to host {to} (placement {from_generation} -> {to_generation})"),
+                    Some(&stack),
+                ),
+                Note::Superseded {
+                    stack,
+                    winner,
+                    own_generation,
+                } => {
+                    self.event(
+                        EventKind::StackSuperseded,
+                        format!(
+                            "stack {stack} also runs on host {} with a newer placement (generation {} against this copy's {own_generation}); this copy is withdrawn: no routes, not announced. Stop this copy: docker compose down",
+                            winner.host.map(|h| h.to_string()).unwrap_or_default(),
+                            winner.generation
+                        ),
+                        Some(&stack),
+                    );
+                    self.yielded.insert(stack, winner);
+                }
+            }
+        }
     }
 
     pub fn has_gossip(&self) -> bool {
@@ -458,6 +605,33 @@ impl Controller {
         for e in events {
             self.gossip_event(e);
         }
+        // Every copy in the records gossip holds, whatever the member's state: a
+        // fresh claim numbers itself above all of them.
+        let mut copies: BTreeMap<StackName, Vec<crate::placement::Copy>> = BTreeMap::new();
+        for m in snap.members.iter().filter(|m| !m.record.left) {
+            for s in &m.record.stacks {
+                copies
+                    .entry(s.spec.name.clone())
+                    .or_default()
+                    .push(crate::placement::Copy {
+                        host: Some(m.record.underlay),
+                        node: m.record.id.to_string(),
+                        claimed_ms: s.claimed_ms,
+                        generation: s.generation,
+                    });
+            }
+        }
+        let now = now_ms();
+        let mut raised = false;
+        for (n, v) in &copies {
+            for c in v {
+                raised |= self.generations.note(n, c.generation, now);
+            }
+        }
+        if raised {
+            crate::gossip::store_generations(&self.dir, &self.generations);
+        }
+        self.gossip_copies = copies;
         let reachable = membership::reachability(&self.dir.read_all_probes(), now_ms());
         let decided = membership::decide(membership::Facts {
             members: &snap.members,
@@ -1004,10 +1178,18 @@ impl Controller {
             .iter()
             .filter_map(|l| l.bridge.as_ref().map(|b| b.1))
             .collect();
-        // Claim times first: the newest stacks are the ones a limit refuses.
+        // The peers first: a fresh claim's generation goes above every copy gossip
+        // knows.
+        let mut all_peers = self.peers.clone();
+        all_peers.extend(self.gossip_peers());
+        // Claim times next: the newest stacks are the ones a limit refuses.
         let stacks = self.claimed_stacks();
         let admission = HostView {
-            local_claims: self.claims.clone(),
+            local_claims: self
+                .claims
+                .iter()
+                .map(|(n, c)| (n.clone(), c.claimed_ms))
+                .collect(),
             max_prefixes_per_host: self.settings.max_prefixes_per_host,
             ..HostView::default()
         };
@@ -1025,13 +1207,24 @@ impl Controller {
             .filter(|l| !refused_local.contains(&l.spec.name))
             .collect();
         self.refused_local = local_refusals.iter().map(|r| r.reason.clone()).collect();
-        let mut all_peers = self.peers.clone();
-        all_peers.extend(self.gossip_peers());
+        // Placement: local copies another host's copy outranks are withdrawn (not
+        // announced, no routes) until that copy disappears.
+        let own_node = self
+            .gossip
+            .as_ref()
+            .map(|g| g.node_id.to_string())
+            .unwrap_or_default();
+        self.superseded =
+            crate::placement::superseded(&self.placement_claims(&local), &own_node, &all_peers);
+        self.report_placement(&local, &all_peers);
         let own_tunnel = self.encryption_pass(&mut all_peers).await;
         if let Some(g) = &self.gossip {
             let stacks = stacks
                 .into_iter()
-                .filter(|c| !refused_local.contains(&c.spec.name))
+                .filter(|c| {
+                    !refused_local.contains(&c.spec.name)
+                        && !self.superseded.contains_key(&c.spec.name)
+                })
                 .collect();
             let encryption = self.announcement(own_tunnel);
             g.set_local(self.advertise, self.settings.vxlan_port, stacks, encryption);
@@ -1050,10 +1243,22 @@ impl Controller {
             // Static mode ranks every stack as claim 0 (ties by name); the claim times
             // kept in memory there only order local stacks for the prefix cap.
             local_claims: if gossip_on {
-                self.claims.clone()
+                self.claims
+                    .iter()
+                    .map(|(n, c)| (n.clone(), c.claimed_ms))
+                    .collect()
             } else {
                 BTreeMap::new()
             },
+            local_generations: if gossip_on {
+                self.claims
+                    .iter()
+                    .map(|(n, c)| (n.clone(), c.generation))
+                    .collect()
+            } else {
+                BTreeMap::new()
+            },
+            superseded: self.superseded.clone(),
             max_prefixes_per_host: self.settings.max_prefixes_per_host,
             underlay_network: Some(Prefix::containing(
                 self.underlay.addr,
@@ -1101,7 +1306,8 @@ impl Controller {
             .retain(|r| !transit.fdb.iter().any(|t| t.vni == r.vni && t.mac == r.mac));
         want.fdb.extend(transit.fdb.iter().copied());
         self.all_peers = all_peers;
-        for r in &want.refusals {
+        // A superseded local copy is reported as `stack_superseded` (report_placement).
+        for r in want.refusals.iter().filter(|r| r.code != "superseded") {
             let key = format!("{}|{:?}|{}", r.stack, r.prefix, r.reason);
             if self.reported.insert(key) {
                 self.event_because(
@@ -1157,10 +1363,19 @@ impl Controller {
         // under `require` a host without a tunnel (refused now) keeps none: nothing
         // may leave in the clear, not even for routers that have not caught up.
         let require = self.settings.encryption == vrouter_state::EncryptionMode::Require;
+        // A router MAC lives on one host: a retained row for a MAC the desired rows
+        // place elsewhere (a stack that moved) gives way at once.
+        let wanted_macs: BTreeSet<(Vni, Mac)> = want
+            .fdb
+            .iter()
+            .filter(|r| !r.is_flood())
+            .map(|r| (r.vni, r.mac))
+            .collect();
         target.extend(
             self.retention
                 .retained(|v| registry.acks(v))
                 .into_iter()
+                .filter(|r| r.is_flood() || !wanted_macs.contains(&(r.vni, r.mac)))
                 .filter(|r| !require || self.enc_plan.tunnel_dst.contains_key(&r.dst))
                 .map(|r| FdbRow {
                     dst: want.fdb_dst(r.dst),
@@ -2254,6 +2469,11 @@ impl Controller {
                         bridge: l.bridge.as_ref().map(|b| b.0.clone()),
                         connected: e.is_some_and(|e| e.conn.is_some()),
                         acked_generation: e.map(|e| e.acked).unwrap_or(0),
+                        generation: if self.gossip.is_some() {
+                            self.claims.get(&l.spec.name).map_or(0, |c| c.generation)
+                        } else {
+                            0
+                        },
                     }
                 })
                 .collect(),

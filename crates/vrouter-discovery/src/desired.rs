@@ -1,7 +1,7 @@
 //! The host's desired state as a plain value, computed from what discovery knows:
 //! the local routers, the peers and the host's own networks. Pure; no kernel here.
 
-use crate::safety;
+use crate::{placement, safety};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use vrouter_kernel::{Route, Rule};
@@ -22,6 +22,12 @@ pub struct HostView {
     /// Unset (static mode), every claim ranks as 0 and ties go by stack name.
     pub node_id: Option<String>,
     pub local_claims: BTreeMap<StackName, u64>,
+    /// Gossip: each local stack's placement generation (absent: 0, as in static mode).
+    pub local_generations: BTreeMap<StackName, u64>,
+    /// Local stacks that another host's copy outranks among every peer gossip knows
+    /// (see [`crate::placement::superseded`]), with the winner: withdrawn here even
+    /// when that peer is not routed from this host.
+    pub superseded: BTreeMap<StackName, crate::placement::Copy>,
     /// Most prefixes one host may announce, this one included; the rest are refused
     /// (0: no cap).
     pub max_prefixes_per_host: usize,
@@ -154,24 +160,37 @@ pub fn admit_local(
     (refused, refusals)
 }
 
-/// Computes the desired state. Conflicts are settled deterministically: for two stacks
-/// with overlapping prefixes, the earlier claim keeps the prefix (gossip stamps each
-/// stack with the time its host first announced it), then the lower node id, then the
-/// stack name; static peers and local stacks in static mode rank as claim 0. Every host
-/// that sees the same stacks decides the same way, and a newcomer cannot take a prefix
-/// someone already holds by choosing its node id.
+/// Computes the desired state. Conflicts are settled deterministically. Copies of one
+/// stack (one name announced by several hosts, this one included) go by the placement
+/// rule ([`crate::placement`]): the higher generation, then the earlier claim, then the
+/// lower node id; a losing local copy is `superseded` (no routes, not announced), a
+/// losing remote one a `duplicate_stack`. For two stacks with overlapping prefixes,
+/// the earlier claim keeps the prefix (gossip stamps each stack with the time its host
+/// first announced it), then the lower node id, then the stack name; static peers and
+/// local stacks in static mode rank as claim 0 and generation 0. Every host that sees
+/// the same stacks decides the same way, and a newcomer cannot take a prefix someone
+/// already holds by choosing its node id.
 pub fn compute(host: &HostView, local: &[LocalRouter], peers: &[PeerHost]) -> Desired {
     let mut refusals = Vec::new();
-    let local_names: BTreeSet<&StackName> = local.iter().map(|l| &l.spec.name).collect();
     let own_node = host.node_id.clone().unwrap_or_default();
 
     // Everything that announces prefixes, in deterministic order.
     type Rank = (u64, String);
-    let mut all: Vec<(&StackSpec, Option<Ipv4Addr>, Rank)> = local
+    let mut all: Vec<(&StackSpec, Option<Ipv4Addr>, Rank, placement::Copy)> = local
         .iter()
         .map(|l| {
             let claim = host.local_claims.get(&l.spec.name).copied().unwrap_or(0);
-            (&l.spec, None, (claim, own_node.clone()))
+            let copy = placement::Copy {
+                host: None,
+                node: own_node.clone(),
+                claimed_ms: claim,
+                generation: host
+                    .local_generations
+                    .get(&l.spec.name)
+                    .copied()
+                    .unwrap_or(0),
+            };
+            (&l.spec, None, (claim, own_node.clone()), copy)
         })
         .collect();
     for p in peers {
@@ -195,18 +214,6 @@ pub fn compute(host: &HostView, local: &[LocalRouter], peers: &[PeerHost]) -> De
                 continue;
             }
             budget -= s.prefixes.len();
-            if local_names.contains(&s.name) {
-                refusals.push(Refusal {
-                    stack: s.name.clone(),
-                    prefix: None,
-                    reason: format!(
-                        "stack {} announced by host {} has the name of a stack on this host; give every stack its own name",
-                        s.name, p.addr
-                    ),
-                    code: "name_clash".into(),
-                });
-                continue;
-            }
             if Some(p.addr) == host.advertise_addr {
                 refusals.push(Refusal {
                     stack: s.name.clone(),
@@ -221,9 +228,72 @@ pub fn compute(host: &HostView, local: &[LocalRouter], peers: &[PeerHost]) -> De
             }
             let claim = p.claims.get(&s.name).copied().unwrap_or(0);
             let node = p.node.clone().unwrap_or_default();
-            all.push((s, Some(p.addr), (claim, node)));
+            all.push((
+                s,
+                Some(p.addr),
+                (claim, node),
+                placement::peer_copy(p, &s.name),
+            ));
         }
     }
+    // Stacks refused whole: a local one gets no routes either.
+    let mut refused_stacks: BTreeSet<&StackName> = BTreeSet::new();
+    // Copies of one stack on several hosts: the placement rule keeps one.
+    let mut best: BTreeMap<&StackName, placement::Copy> = BTreeMap::new();
+    for (spec, _, _, copy) in &all {
+        if copy.host.is_none() && host.superseded.contains_key(&spec.name) {
+            continue;
+        }
+        let e = best.entry(&spec.name).or_insert_with(|| copy.clone());
+        if copy.rank() < e.rank() {
+            *e = copy.clone();
+        }
+    }
+    let here = host
+        .advertise_addr
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "this host".into());
+    let mut kept_all = Vec::new();
+    for entry in all {
+        let (spec, at, _, copy) = &entry;
+        let winner = best
+            .get(&spec.name)
+            .or_else(|| host.superseded.get(&spec.name));
+        let Some(w) = winner.filter(|w| *w != copy) else {
+            kept_all.push(entry);
+            continue;
+        };
+        let w_host = w
+            .host
+            .map(|h| h.to_string())
+            .unwrap_or_else(|| here.clone());
+        if at.is_none() {
+            refused_stacks.insert(&spec.name);
+            refusals.push(Refusal {
+                stack: spec.name.clone(),
+                prefix: None,
+                reason: format!(
+                    "stack {} also runs on host {w_host} with a newer placement (generation {} against this copy's {}); this copy is withdrawn and gets no routes: stop it (docker compose down) on this host",
+                    spec.name, w.generation, copy.generation
+                ),
+                code: "superseded".into(),
+            });
+        } else {
+            refusals.push(Refusal {
+                stack: spec.name.clone(),
+                prefix: None,
+                reason: format!(
+                    "stack {} is announced by more than one host; the copy on host {w_host} is used (placement generation {}), not the one on host {} (generation {})",
+                    spec.name,
+                    w.generation,
+                    at.map(|h| h.to_string()).unwrap_or_default(),
+                    copy.generation
+                ),
+                code: "duplicate_stack".into(),
+            });
+        }
+    }
+    let mut all = kept_all;
     all.sort_by(|a, b| {
         a.2.cmp(&b.2)
             .then(a.0.name.cmp(&b.0.name))
@@ -232,22 +302,16 @@ pub fn compute(host: &HostView, local: &[LocalRouter], peers: &[PeerHost]) -> De
 
     let mut placed: Vec<Placed> = Vec::new();
     let mut seen_names: BTreeSet<&StackName> = BTreeSet::new();
-    // Stacks refused whole: a local one gets no routes either.
-    let mut refused_stacks: BTreeSet<&StackName> = BTreeSet::new();
-    for (spec, at, _) in all {
+    for (spec, at, _, _) in all {
         if !seen_names.insert(&spec.name) {
+            // One host announcing a name twice: the first copy is used.
             refusals.push(Refusal {
                 stack: spec.name.clone(),
                 prefix: None,
                 reason: format!(
-                    "stack {} is announced by more than one host; only the first ({}) is used",
+                    "stack {} is announced twice by host {}; only one copy is used",
                     spec.name,
-                    placed
-                        .iter()
-                        .find(|p| p.spec.name == spec.name)
-                        .and_then(|p| p.host)
-                        .map(|h| h.to_string())
-                        .unwrap_or_else(|| "this host".into())
+                    at.map(|h| h.to_string()).unwrap_or_else(|| here.clone())
                 ),
                 code: "duplicate_stack".into(),
             });
@@ -482,6 +546,7 @@ mod tests {
             source: vrouter_state::PeerOrigin::Static,
             node: None,
             claims: Default::default(),
+            generations: Default::default(),
             encryption: None,
         }
     }
@@ -498,6 +563,7 @@ mod tests {
         PeerHost {
             addr: addr.parse().unwrap(),
             claims: stacks.iter().map(|(s, c)| (s.name.clone(), *c)).collect(),
+            generations: Default::default(),
             stacks: stacks.into_iter().map(|(s, _)| s).collect(),
             encryption: None,
             source: vrouter_state::PeerOrigin::Gossip,
@@ -535,6 +601,131 @@ mod tests {
         );
         let d = compute(&host(), &[], &[tie, holder]);
         assert!(d.refusals.iter().any(|r| r.stack.as_str() == "zzz"));
+    }
+
+    /// A gossip peer whose stacks carry (claim, generation).
+    fn placed_peer(addr: &str, node: &str, stacks: Vec<(StackSpec, u64, u64)>) -> PeerHost {
+        PeerHost {
+            generations: stacks
+                .iter()
+                .map(|(s, _, g)| (s.name.clone(), *g))
+                .collect(),
+            ..gossip_peer(
+                addr,
+                node,
+                stacks.into_iter().map(|(s, c, _)| (s, c)).collect(),
+            )
+        }
+    }
+
+    #[test]
+    fn a_moved_stack_s_new_copy_wins_at_once_on_a_third_host() {
+        let l = local("mine", 100, "10.1.0.0/24", "10.1.0.254", "br1", 7);
+        let moved = spec("s", 100, "10.9.0.0/24", "10.9.0.254");
+        // The old copy (in its grace period, claimed long ago) and the new one.
+        let old = placed_peer(
+            "198.18.0.2",
+            "0000000000000001",
+            vec![(moved.clone(), 1_000, 1)],
+        );
+        let new = placed_peer(
+            "198.18.0.3",
+            "00000000000000ff",
+            vec![(moved.clone(), 9_000, 2)],
+        );
+        let mut h = host();
+        h.node_id = Some("0000000000000000".into());
+        for peers in [
+            vec![old.clone(), new.clone()],
+            vec![new.clone(), old.clone()],
+        ] {
+            let d = compute(&h, std::slice::from_ref(&l), &peers);
+            let r = &d.candidates[&StackName::new("mine").unwrap()];
+            assert_eq!(r.len(), 1);
+            assert_eq!(r[0].host, ip("198.18.0.3"), "the new placement is used");
+            let mac = moved.router_mac();
+            let rows: Vec<_> = d.fdb.iter().filter(|f| f.mac == mac).collect();
+            assert_eq!(rows.len(), 1, "{rows:?}");
+            assert_eq!(rows[0].dst, ip("198.18.0.3"));
+            let dup: Vec<_> = d
+                .refusals
+                .iter()
+                .filter(|r| r.code == "duplicate_stack")
+                .collect();
+            assert_eq!(dup.len(), 1);
+            assert!(
+                dup[0]
+                    .reason
+                    .contains("the copy on host 198.18.0.3 is used")
+                    && dup[0].reason.contains("198.18.0.2 (generation 1)"),
+                "{}",
+                dup[0].reason
+            );
+        }
+    }
+
+    #[test]
+    fn an_outranked_local_copy_is_superseded_and_routes_nothing() {
+        let mut s_local = local("s", 100, "10.9.0.0/24", "10.9.0.254", "br9", 9);
+        s_local.spec.router_ip = "10.9.0.254".parse().unwrap();
+        let other = local("mine", 100, "10.1.0.0/24", "10.1.0.254", "br1", 7);
+        let newer = placed_peer(
+            "198.18.0.3",
+            "00000000000000ff",
+            vec![(spec("s", 100, "10.9.0.0/24", "10.9.0.254"), 9_000, 2)],
+        );
+        let mut h = host();
+        h.node_id = Some("0000000000000000".into());
+        h.local_claims = [(s_local.spec.name.clone(), 1_000)].into();
+        h.local_generations = [(s_local.spec.name.clone(), 1)].into();
+        let d = compute(
+            &h,
+            &[s_local.clone(), other.clone()],
+            std::slice::from_ref(&newer),
+        );
+        let sup: Vec<_> = d
+            .refusals
+            .iter()
+            .filter(|r| r.code == "superseded")
+            .collect();
+        assert_eq!(sup.len(), 1, "{:?}", d.refusals);
+        assert!(
+            sup[0].reason.contains("host 198.18.0.3")
+                && sup[0].reason.contains("docker compose down")
+        );
+        assert!(d.candidates[&s_local.spec.name].is_empty());
+        // The other local stack reaches s on the winning host, not the local copy.
+        let r = &d.candidates[&other.spec.name];
+        assert_eq!(r.len(), 1);
+        assert!(!r[0].same_host && r[0].host == ip("198.18.0.3"), "{r:?}");
+        // A higher local generation wins instead, and the remote copy is refused.
+        h.local_generations = [(s_local.spec.name.clone(), 3)].into();
+        let d = compute(
+            &h,
+            &[s_local.clone(), other.clone()],
+            std::slice::from_ref(&newer),
+        );
+        assert!(d.refusals.iter().all(|r| r.code != "superseded"));
+        assert!(d.refusals.iter().any(|r| r.code == "duplicate_stack"));
+        assert!(d.candidates[&other.spec.name][0].same_host);
+        // Superseded by a host that is not routed from here (decided on every peer
+        // gossip knows): still withdrawn.
+        h.local_generations = [(s_local.spec.name.clone(), 1)].into();
+        h.superseded = crate::placement::superseded(
+            &[(
+                s_local.spec.name.clone(),
+                crate::placement::Claim {
+                    claimed_ms: 1_000,
+                    generation: 1,
+                },
+            )]
+            .into(),
+            "0000000000000000",
+            std::slice::from_ref(&newer),
+        );
+        let d = compute(&h, &[s_local.clone(), other], &[]);
+        assert!(d.refusals.iter().any(|r| r.code == "superseded"));
+        assert!(d.candidates[&s_local.spec.name].is_empty());
     }
 
     #[test]
@@ -809,9 +1000,11 @@ mod tests {
         assert!(reasons
             .iter()
             .any(|r| r.contains("overlaps this host's network 198.18.0.0/24")));
+        // A remote copy of local stack a (static: generation 0, claim 0): the local
+        // copy ranks first and the remote one is the duplicate.
         assert!(reasons
             .iter()
-            .any(|r| r.contains("name of a stack on this host")));
+            .any(|r| r.contains("the copy on host 198.18.0.1 is used")));
         assert!(reasons
             .iter()
             .any(|r| r.contains("this host's own address")));

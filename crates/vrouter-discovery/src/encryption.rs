@@ -307,6 +307,7 @@ mod tests {
             source: PeerOrigin::Gossip,
             node: Some("0000000000000001".into()),
             claims: BTreeMap::new(),
+            generations: BTreeMap::new(),
             encryption: e,
         }
     }

@@ -3,6 +3,7 @@
 //! snapshot of the members; the decision of what to route stays in the controller
 //! (membership is not the datapath's liveness).
 
+use crate::placement::{Claim, Remembered};
 use crate::settings::Settings;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -20,6 +21,8 @@ use vrouter_state::{PrivateDir, StackName, StateDir};
 
 pub const NODE_ID_FILE: &str = "node-id";
 pub const CLAIMS_FILE: &str = "claims.json";
+/// The highest placement generation seen of each stack name (private directory).
+pub const GENERATIONS_FILE: &str = "generations.json";
 /// Replay protection's state (in the private directory), see [`ReplayFile`].
 pub const REPLAY_FILE: &str = "replay.json";
 /// How often the replay state is stored while nothing else asks for it.
@@ -230,24 +233,25 @@ pub fn load_node_id(dir: &StateDir) -> anyhow::Result<NodeId> {
     Ok(id)
 }
 
-/// When each local stack was first claimed, kept across restarts so a restart never
-/// loses a prefix to a later claimant. Kept in the private directory: claim times
-/// decide prefix conflicts mesh-wide. After an upgrade an older version's claims.json
-/// in the shared directory is adopted once.
-pub fn load_claims(dir: &StateDir) -> BTreeMap<StackName, u64> {
+/// When each local stack was first claimed and its placement generation, kept across
+/// restarts so a restart never loses a prefix to a later claimant nor its placement
+/// to another copy. Kept in the private directory: claims decide conflicts mesh-wide.
+/// An older version's format (a bare claim time per stack) reads as generation 0.
+/// After an upgrade an older version's claims.json in the shared directory is adopted
+/// once.
+pub fn load_claims(dir: &StateDir) -> BTreeMap<StackName, Claim> {
     let Ok(private) = private(dir) else {
         return BTreeMap::new();
     };
     match private.read(CLAIMS_FILE, PRIVATE_FILE_CAP) {
-        Ok(Some(b)) => return serde_json::from_slice(&b).unwrap_or_default(),
+        Ok(Some(b)) => return crate::placement::parse_claims(&b).unwrap_or_default(),
         Ok(None) => {}
         Err(e) => {
             warn!("{e}");
             return BTreeMap::new();
         }
     }
-    let adopted: Option<BTreeMap<StackName, u64>> =
-        legacy_file(dir, CLAIMS_FILE).and_then(|b| serde_json::from_slice(&b).ok());
+    let adopted = legacy_file(dir, CLAIMS_FILE).and_then(|b| crate::placement::parse_claims(&b));
     match adopted {
         Some(claims) => {
             info!("adopted {} claim(s) from the shared directory's claims.json (kept by an older version)", claims.len());
@@ -260,10 +264,39 @@ pub fn load_claims(dir: &StateDir) -> BTreeMap<StackName, u64> {
     }
 }
 
-pub fn store_claims(dir: &StateDir, claims: &BTreeMap<StackName, u64>) -> anyhow::Result<()> {
+pub fn store_claims(dir: &StateDir, claims: &BTreeMap<StackName, Claim>) -> anyhow::Result<()> {
     let bytes = serde_json::to_vec_pretty(claims)?;
     private(dir)?.write(CLAIMS_FILE, &bytes)?;
     Ok(())
+}
+
+/// The highest placement generation seen of each stack name (private
+/// `generations.json`, bounded: see [`crate::placement::Remembered`]); empty when
+/// absent or unreadable.
+pub fn load_generations(dir: &StateDir) -> Remembered {
+    let Ok(private) = private(dir) else {
+        return Remembered::default();
+    };
+    match private.read(GENERATIONS_FILE, PRIVATE_FILE_CAP) {
+        Ok(Some(b)) => Remembered::parse(&b),
+        Ok(None) => Remembered::default(),
+        Err(e) => {
+            warn!("{e}");
+            Remembered::default()
+        }
+    }
+}
+
+/// Writes generations.json (failures are logged: it only sharpens fresh claims).
+pub fn store_generations(dir: &StateDir, g: &Remembered) {
+    let write = || -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec(g)?;
+        private(dir)?.write(GENERATIONS_FILE, &bytes)?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        warn!("cannot store {GENERATIONS_FILE}: {e}");
+    }
 }
 
 /// The keys from the settings: the secret file, else the inline secrets, else the
@@ -872,6 +905,19 @@ mod tests {
             serde_json::to_vec(&claims).unwrap(),
         )
         .unwrap();
+        // The old format (a bare claim time) reads as generation 0.
+        let claims: BTreeMap<StackName, Claim> = claims
+            .into_iter()
+            .map(|(n, t)| {
+                (
+                    n,
+                    Claim {
+                        claimed_ms: t,
+                        generation: 0,
+                    },
+                )
+            })
+            .collect();
         assert_eq!(load_node_id(&dirs.state()).unwrap(), old);
         assert_eq!(load_claims(&dirs.state()), claims);
         assert!(dirs.private().join(NODE_ID_FILE).is_file());
@@ -881,6 +927,16 @@ mod tests {
         std::fs::write(dirs.0.join(CLAIMS_FILE), b"{}").unwrap();
         assert_eq!(load_node_id(&dirs.state()).unwrap(), old);
         assert_eq!(load_claims(&dirs.state()), claims);
+        // Claims and generations round-trip through the private directory.
+        let mut c = claims.clone();
+        c.get_mut(&StackName::new("a").unwrap()).unwrap().generation = 7;
+        store_claims(&dirs.state(), &c).unwrap();
+        assert_eq!(load_claims(&dirs.state()), c);
+        assert_eq!(load_generations(&dirs.state()), Remembered::default());
+        let mut g = Remembered::default();
+        g.note(&StackName::new("a").unwrap(), 7, 5);
+        store_generations(&dirs.state(), &g);
+        assert_eq!(load_generations(&dirs.state()), g);
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod ownership;
 pub mod paths;
 pub mod peers;
+pub mod placement;
 pub mod readiness;
 pub mod registry;
 pub mod relay;

@@ -125,6 +125,12 @@ pub fn decide(f: Facts) -> Membership {
                     .iter()
                     .map(|s| (s.spec.name.clone(), s.claimed_ms))
                     .collect::<BTreeMap<_, _>>(),
+                generations: r
+                    .stacks
+                    .iter()
+                    .filter(|s| s.generation != 0)
+                    .map(|s| (s.spec.name.clone(), s.generation))
+                    .collect::<BTreeMap<_, _>>(),
                 encryption: r.encryption.as_ref().map(peer_encryption),
             });
         }
@@ -199,6 +205,7 @@ mod tests {
                 stacks: vec![ClaimedStack {
                     spec,
                     claimed_ms: 100 + id,
+                    generation: id,
                 }],
                 left: state == G::Left,
                 bump: 1,
@@ -245,6 +252,7 @@ mod tests {
         assert_eq!(routed, vec![node(1), node(2), node(4)]);
         assert!(m.peers.iter().all(|p| p.source == PeerOrigin::Gossip));
         assert_eq!(m.peers[0].claims[&StackName::new("s1").unwrap()], 101);
+        assert_eq!(m.peers[0].generations[&StackName::new("s1").unwrap()], 1);
         let states: Vec<_> = m.members.iter().map(|g| g.state.clone()).collect();
         assert_eq!(
             states,
@@ -324,6 +332,7 @@ mod tests {
             source: PeerOrigin::Gossip,
             node: Some(node(id)),
             claims: BTreeMap::new(),
+            generations: BTreeMap::new(),
             encryption: None,
         };
         let remembered = [old(1), old(7)];

@@ -973,6 +973,7 @@ mod tests {
             },
             node: node.map(|n| n.to_string()),
             claims: BTreeMap::new(),
+            generations: BTreeMap::new(),
             encryption: None,
         }
     }

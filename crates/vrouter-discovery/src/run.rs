@@ -140,10 +140,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         let state = open_state(&settings)?;
         let node_id = crate::gossip::load_node_id(&state)?;
         let claims = crate::gossip::load_claims(&state);
+        let generations = crate::gossip::load_generations(&state);
         // Announce what the previous run had (routers in grace), so a restart changes
         // nothing elsewhere.
-        ctl.set_gossip_claims(claims);
-        let stacks = ctl.claimed_stacks();
+        ctl.set_gossip_claims(claims, generations);
+        let stacks = ctl.initial_stacks();
         let encryption = ctl.encryption_at_start();
         let handle = crate::gossip::start(
             &settings,
@@ -154,8 +155,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             gossip_tx,
         )
         .await?;
-        let claims = ctl.claims().clone();
-        ctl.set_gossip(handle, claims);
+        ctl.set_gossip(handle);
     }
     let listener = AttachListener::bind(&StateDir::open(&settings.state_dir)?.socket_path())
         .with_context(|| {

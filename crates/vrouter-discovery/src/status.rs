@@ -1149,6 +1149,7 @@ pub(crate) mod tests {
             bridge: Some(format!("br-{n}")),
             connected,
             acked_generation: 4,
+            generation: 1,
         };
         DiscoveryFile {
             schema: SCHEMA_VERSION,
@@ -1170,6 +1171,7 @@ pub(crate) mod tests {
                     source: PeerOrigin::Static,
                     node: None,
                     claims: BTreeMap::new(),
+                    generations: BTreeMap::new(),
                     encryption: None,
                 },
                 PeerHost {
@@ -1178,6 +1180,7 @@ pub(crate) mod tests {
                     source: PeerOrigin::Gossip,
                     node: Some("00000000000000d3".into()),
                     claims: BTreeMap::new(),
+                    generations: BTreeMap::new(),
                     encryption: None,
                 },
             ],

@@ -304,6 +304,7 @@ mod tests {
             source: PeerOrigin::Gossip,
             node: None,
             claims: BTreeMap::new(),
+            generations: BTreeMap::new(),
             encryption: None,
         }
     }

@@ -817,6 +817,7 @@ mod tests {
             source: PeerOrigin::Gossip,
             node: None,
             claims: BTreeMap::new(),
+            generations: BTreeMap::new(),
             encryption: Some(PeerEncryption {
                 mode: EncryptionMode::Prefer,
                 public_key: Some(k.to_string()),
@@ -901,6 +902,7 @@ mod tests {
                 source: PeerOrigin::Gossip,
                 node: None,
                 claims: BTreeMap::new(),
+                generations: BTreeMap::new(),
                 encryption: Some(PeerEncryption {
                     mode: EncryptionMode::Require,
                     public_key: Some(k.to_string()),
@@ -915,6 +917,7 @@ mod tests {
                 source: PeerOrigin::Gossip,
                 node: None,
                 claims: BTreeMap::new(),
+                generations: BTreeMap::new(),
                 encryption: None,
             },
         ];

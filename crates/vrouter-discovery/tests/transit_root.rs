@@ -192,6 +192,7 @@ fn a_relay_host_forwards_between_two_hosts_that_cannot_reach_each_other() {
             source: PeerOrigin::Gossip,
             node: None,
             claims: BTreeMap::new(),
+            generations: BTreeMap::new(),
             encryption: None,
         },
         PeerHost {
@@ -200,6 +201,7 @@ fn a_relay_host_forwards_between_two_hosts_that_cannot_reach_each_other() {
             source: PeerOrigin::Gossip,
             node: None,
             claims: BTreeMap::new(),
+            generations: BTreeMap::new(),
             encryption: None,
         },
     ];

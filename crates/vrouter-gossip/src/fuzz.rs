@@ -559,6 +559,7 @@ fn sample_stack(i: usize) -> ClaimedStack {
             router_ip: Ipv4Addr::new(10, i as u8, 0, 254),
         },
         claimed_ms: WALL0,
+        generation: 1,
     }
 }
 
@@ -660,6 +661,7 @@ impl Gen {
                 router_ip: Ipv4Addr::from(self.rng.random::<u32>()),
             },
             claimed_ms: self.num(),
+            generation: self.num(),
         }
     }
 

@@ -35,14 +35,19 @@ impl std::str::FromStr for NodeId {
     }
 }
 
-/// A stack as announced, with the time its node first claimed it. Between two
-/// overlapping claims the earlier one wins, so a newcomer cannot take a prefix someone
-/// already holds whatever its node id.
+/// A stack as announced, with the time its node first claimed it and its placement
+/// generation. Between two overlapping claims of different stacks the earlier one
+/// wins, so a newcomer cannot take a prefix someone already holds whatever its node
+/// id. Between copies of one stack (one name on several hosts) the higher generation
+/// wins, then the earlier claim, then the lower node id: a stack that moves gets the
+/// old placement's generation plus one, so its move is a migration, not a hijack.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClaimedStack {
     pub spec: StackSpec,
     /// Milliseconds since the Unix epoch when this node first announced the stack.
     pub claimed_ms: u64,
+    /// The placement generation (format 4; 0 from an older build, and in static mode).
+    pub generation: u64,
 }
 
 /// Everything a node publishes. The owner raises `version` on every change; every other
@@ -195,8 +200,11 @@ impl foca::Identity for Member {
 /// Format 2 appends the encryption unit to the head (`Option<bytes>`); format 3
 /// appends the NAT unit and the relay unit after it (each `Option<bytes>`), written
 /// only when one of them is set (or fields of a newer format follow), so a record
-/// without them has a format-2 record's size and layout.
-pub const FORMAT: u16 = 3;
+/// without them has a format-2 record's size and layout. Format 4 appends the
+/// placement generation (a varint) to each stack unit, after `claimed_ms`, written
+/// only when it is not 0 (or fields of a newer format follow): a stack unit without
+/// it reads as generation 0.
+pub const FORMAT: u16 = 4;
 /// Record bytes carried by one part: a part and its framing stay well inside one
 /// datagram, even piggybacked on a SWIM packet with membership updates.
 pub const PART_BYTES: usize = 900;
@@ -307,8 +315,35 @@ pub fn encode(r: &NodeRecord, f: &Format) -> Vec<u8> {
     } else {
         with_appended(&(head, encryption), f)
     };
-    let stacks: Vec<Vec<u8>> = r.stacks.iter().map(|s| with_appended(s, f)).collect();
+    let stacks: Vec<Vec<u8>> = r.stacks.iter().map(|s| stack_unit(s, f)).collect();
     with_appended(&(head, stacks), f)
+}
+
+/// A stack's unit: the format-1 fields (spec, claimed_ms), then (format 4) the
+/// generation when it is not 0 or newer fields follow.
+fn stack_unit(s: &ClaimedStack, f: &Format) -> Vec<u8> {
+    if s.generation == 0 && f.appended.is_empty() {
+        with_appended(&(&s.spec, s.claimed_ms), f)
+    } else {
+        with_appended(&(&s.spec, s.claimed_ms, s.generation), f)
+    }
+}
+
+/// A stack unit: the format-1 fields from its front, then the generation if present
+/// (format 4; absent: 0); whatever follows is skipped.
+fn decode_stack(unit: &[u8]) -> Result<ClaimedStack, FormatError> {
+    let ((spec, claimed_ms), rest) = postcard::take_from_bytes::<(StackSpec, u64)>(unit)
+        .map_err(|_| FormatError::Undecodable)?;
+    let generation = if rest.is_empty() {
+        0
+    } else {
+        decode_front::<u64>(rest).ok_or(FormatError::Undecodable)?
+    };
+    Ok(ClaimedStack {
+        spec,
+        claimed_ms,
+        generation,
+    })
 }
 
 /// The head's units after the format-1 fields: encryption (format 2), NAT and relay
@@ -374,7 +409,7 @@ pub fn decode(bytes: &[u8]) -> Result<NodeRecord, FormatError> {
     let (encryption, nat, relay) = decode_units(rest)?;
     let stacks = stacks
         .iter()
-        .map(|s| decode_front::<ClaimedStack>(s).ok_or(FormatError::Undecodable))
+        .map(|s| decode_stack(s))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(NodeRecord {
         id: head.id,
@@ -459,11 +494,7 @@ pub const RECORD_OVERHEAD: usize = 64 + 80 + NAT_RELAY_BYTES;
 /// Summed over the stacks, with [`RECORD_OVERHEAD`], it bounds the record's size, so
 /// the caller can decide what fits in one pass.
 pub fn stack_cost(spec: &StackSpec) -> usize {
-    let s = ClaimedStack {
-        spec: spec.clone(),
-        claimed_ms: u64::MAX,
-    };
-    postcard::to_allocvec(&s)
+    postcard::to_allocvec(&(spec, u64::MAX, u64::MAX))
         .map(|v| v.len())
         .unwrap_or(usize::MAX / 2)
         + 3
@@ -608,6 +639,22 @@ mod tests {
         bump: u64,
     }
 
+    /// A stack unit as formats 1 to 3 wrote and read it.
+    type StackV1 = (StackSpec, u64);
+
+    fn v1_stacks(r: &NodeRecord) -> Vec<Vec<u8>> {
+        r.stacks
+            .iter()
+            .map(|s| postcard::to_allocvec(&(&s.spec, s.claimed_ms)).unwrap())
+            .collect()
+    }
+
+    fn without_generations(r: &mut NodeRecord) {
+        for s in &mut r.stacks {
+            s.generation = 0;
+        }
+    }
+
     fn v1_head(r: &NodeRecord) -> HeadV1 {
         HeadV1 {
             format: 1,
@@ -625,15 +672,12 @@ mod tests {
     fn a_format_1_record_decodes_without_encryption() {
         let mut r = big_record(5);
         let head = postcard::to_allocvec(&v1_head(&r)).unwrap();
-        let stacks: Vec<Vec<u8>> = r
-            .stacks
-            .iter()
-            .map(|s| postcard::to_allocvec(s).unwrap())
-            .collect();
+        let stacks = v1_stacks(&r);
         let v1 = postcard::to_allocvec(&(head, stacks)).unwrap();
         r.encryption = None;
         r.nat = None;
         r.relay = None;
+        without_generations(&mut r);
         assert_eq!(decode(&v1).unwrap(), r);
     }
 
@@ -654,8 +698,13 @@ mod tests {
             (old.vxlan_port, old.bump, old.left),
             (r.vxlan_port, r.bump, r.left)
         );
-        let back: Vec<ClaimedStack> = stacks.iter().map(|s| decode_front(s).unwrap()).collect();
-        assert_eq!(back, r.stacks);
+        let back: Vec<StackV1> = stacks.iter().map(|s| decode_front(s).unwrap()).collect();
+        let want: Vec<StackV1> = r
+            .stacks
+            .iter()
+            .map(|s| (s.spec.clone(), s.claimed_ms))
+            .collect();
+        assert_eq!(back, want);
         // And this build reads it whole, off and unknown modes included.
         assert_eq!(decode(&blob).unwrap(), r);
         let mut off = r.clone();
@@ -690,12 +739,7 @@ mod tests {
         let mut h = v1_head(r);
         h.format = 2;
         let head = postcard::to_allocvec(&(h, enc)).unwrap();
-        let stacks: Vec<Vec<u8>> = r
-            .stacks
-            .iter()
-            .map(|s| postcard::to_allocvec(s).unwrap())
-            .collect();
-        postcard::to_allocvec(&(head, stacks)).unwrap()
+        postcard::to_allocvec(&(head, v1_stacks(r))).unwrap()
     }
 
     #[test]
@@ -704,6 +748,7 @@ mod tests {
         let v2 = v2_blob(&r);
         r.nat = None;
         r.relay = None;
+        without_generations(&mut r);
         assert_eq!(decode(&v2).unwrap(), r);
         // Without NAT and relay this build writes a format-2 record's layout.
         assert_eq!(encode(&r, &Format::default()).len(), v2.len());
@@ -725,8 +770,13 @@ mod tests {
                 decode_encryption(&unit.unwrap()).unwrap(),
                 r.encryption.clone().unwrap()
             );
-            let back: Vec<ClaimedStack> = stacks.iter().map(|s| decode_front(s).unwrap()).collect();
-            assert_eq!(back, r.stacks);
+            let back: Vec<StackV1> = stacks.iter().map(|s| decode_front(s).unwrap()).collect();
+            let want: Vec<StackV1> = r
+                .stacks
+                .iter()
+                .map(|s| (s.spec.clone(), s.claimed_ms))
+                .collect();
+            assert_eq!(back, want);
             // This build reads it whole.
             assert_eq!(decode(&blob).unwrap(), r);
         }
@@ -745,6 +795,34 @@ mod tests {
             decode(&encode(&only_nat, &Format::default())).unwrap(),
             only_nat
         );
+    }
+
+    #[test]
+    fn generations_travel_and_an_older_stack_unit_reads_as_generation_0() {
+        let mut r = big_record(11);
+        for (i, s) in r.stacks.iter_mut().enumerate() {
+            s.generation = [0, 1, 2, u64::MAX][i % 4];
+        }
+        for f in [Format::default(), Format::newer_for_tests()] {
+            let blob = encode(&r, &f);
+            assert_eq!(decode(&blob).unwrap(), r);
+            // A format-3 reader takes (spec, claimed_ms) from each unit's front.
+            let (_, stacks): (Vec<u8>, Vec<Vec<u8>>) = decode_front(&blob).unwrap();
+            for (unit, s) in stacks.iter().zip(&r.stacks) {
+                let old: StackV1 = decode_front(unit).unwrap();
+                assert_eq!(old, (s.spec.clone(), s.claimed_ms));
+            }
+        }
+        // Generation 0 is not written: a format-3 stack unit, byte for byte.
+        let mut zero = r.clone();
+        without_generations(&mut zero);
+        let (_, units): (Vec<u8>, Vec<Vec<u8>>) =
+            decode_front(&encode(&zero, &Format::default())).unwrap();
+        assert_eq!(units, v1_stacks(&zero));
+        // A garbled generation is undecodable.
+        let mut unit = postcard::to_allocvec(&(&r.stacks[0].spec, 5u64)).unwrap();
+        unit.extend_from_slice(&[0xff; 11]);
+        assert_eq!(decode_stack(&unit), Err(FormatError::Undecodable));
     }
 
     #[test]
@@ -817,6 +895,9 @@ mod tests {
         r.id = NodeId(u64::MAX);
         r.version = u64::MAX;
         r.bump = u64::MAX;
+        for s in &mut r.stacks {
+            s.generation = u64::MAX;
+        }
         // The largest NAT and relay units.
         r.nat = Some(NatInfo {
             observed: Ipv4Addr::BROADCAST,

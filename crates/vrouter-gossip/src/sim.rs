@@ -85,6 +85,7 @@ pub fn long_stacks(seed: u64, n: usize, prefixes: usize) -> Vec<ClaimedStack> {
                     },
                 },
                 claimed_ms: 1_800_000_000_000 + k as u64,
+                generation: 1,
             }
         })
         .collect()
@@ -365,6 +366,7 @@ pub(crate) mod tests {
                 router_ip: format!("10.{}.0.254", i + 1).parse().unwrap(),
             },
             claimed_ms: 1,
+            generation: 1,
         }]
     }
 

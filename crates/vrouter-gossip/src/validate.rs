@@ -287,6 +287,7 @@ mod tests {
                 router_ip: format!("10.{third}.0.254").parse().unwrap(),
             },
             claimed_ms: 1,
+            generation: 1,
         }
     }
 

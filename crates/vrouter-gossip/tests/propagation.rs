@@ -32,6 +32,7 @@ fn stack(i: usize, k: usize, prefixes: usize) -> ClaimedStack {
                 .unwrap(),
         },
         claimed_ms: 1,
+        generation: 1,
     }
 }
 

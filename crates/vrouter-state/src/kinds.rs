@@ -169,6 +169,11 @@ wire_enum! {
         PathUnreachable = "path_unreachable",
         /// A peer (or this host) is behind a port-translating NAT without encryption.
         NatPortTranslated = "nat_port_translated",
+        /// A local copy of a stack is outranked by another host's copy (a higher
+        /// placement generation): withdrawn here until that copy disappears.
+        StackSuperseded = "stack_superseded",
+        /// The copy of a stack in use moved to another host (placement generation).
+        StackMoved = "stack_moved",
     }
 }
 

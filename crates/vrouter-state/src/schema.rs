@@ -267,6 +267,11 @@ pub struct PeerHost {
     /// overlapping prefixes the earlier claim wins. Static peers have none and rank as 0.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub claims: BTreeMap<StackName, u64>,
+    /// Gossip only: each stack's placement generation (absent: 0, as from an older
+    /// version or a static peer). Between copies of one stack on several hosts the
+    /// higher generation wins (see docs/ARCHITECTURE.md "Placement generations").
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub generations: BTreeMap<StackName, u64>,
     /// Its encryption (absent: an older version, or a static peer without a key; both
     /// count as `off`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -285,6 +290,10 @@ pub struct LocalStack {
     pub connected: bool,
     /// Highest routes.json generation the router has acknowledged.
     pub acked_generation: u64,
+    /// The stack's placement generation on this host (0 in static mode, or written
+    /// by an older version).
+    #[serde(default)]
+    pub generation: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -292,9 +301,10 @@ pub struct Refusal {
     pub stack: StackName,
     pub prefix: Option<Prefix>,
     pub reason: String,
-    /// Machine-readable cause: "prefix_cap", "name_clash", "own_address",
-    /// "duplicate_stack", "default_route", "reserved_prefix", "underlay_network",
-    /// "host_network", "router_outside_prefixes", "router_ip_clash" or "overlap".
+    /// Machine-readable cause: "prefix_cap", "own_address", "duplicate_stack",
+    /// "superseded" (a local copy that another host's copy of the stack outranks),
+    /// "default_route", "reserved_prefix", "underlay_network", "host_network",
+    /// "router_outside_prefixes", "router_ip_clash" or "overlap".
     #[serde(default)]
     pub code: String,
 }

@@ -52,6 +52,7 @@ fn peer_static() -> PeerHost {
         source: PeerOrigin::Static,
         node: None,
         claims: BTreeMap::new(),
+        generations: BTreeMap::new(),
         encryption: None,
     }
 }
@@ -68,6 +69,7 @@ fn peer_gossip() -> PeerHost {
         source: PeerOrigin::Gossip,
         node: Some("00000000000000c3".into()),
         claims: [(stack("c"), TS - 5_000)].into_iter().collect(),
+        generations: [(stack("c"), 2)].into_iter().collect(),
         encryption: None,
     }
 }
@@ -111,6 +113,7 @@ fn discovery_json_is_unchanged() {
             bridge: Some("br-a".into()),
             connected: true,
             acked_generation: 9,
+            generation: 3,
         }],
         refused: vec![
             Refusal {
@@ -335,6 +338,8 @@ const EVENTS: &[(&str, EventKind, &str)] = &[
         EventKind::NatPortTranslated,
         "nat_port_translated",
     ),
+    ("discovery", EventKind::StackSuperseded, "stack_superseded"),
+    ("discovery", EventKind::StackMoved, "stack_moved"),
 ];
 
 fn event(source: &str, kind: &EventKind, reason: &str, i: usize) -> Event {

@@ -175,6 +175,7 @@ pub fn parse_static_config(text: &str, origin: &str) -> Result<Vec<PeerHost>, St
             source: vrouter_state::PeerOrigin::Static,
             node: None,
             claims: Default::default(),
+            generations: Default::default(),
             encryption,
         });
     }

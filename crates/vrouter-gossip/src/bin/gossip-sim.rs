@@ -71,6 +71,7 @@ fn stack(i: usize, variant: u8) -> ClaimedStack {
             router_ip: format!("{net}.{a}.{b}.254").parse().expect("valid ip"),
         },
         claimed_ms: 1,
+        generation: 1,
     }
 }
 
