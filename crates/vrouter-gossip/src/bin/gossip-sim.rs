@@ -52,7 +52,9 @@ fn parse_args() -> Opts {
             "--n1000" => o.n1000 = true,
             "--out" => o.out = Some(args.next().unwrap_or_else(|| usage("--out needs a FILE"))),
             "--scale" => {
-                let v = args.next().unwrap_or_else(|| usage("--scale needs NxK,..."));
+                let v = args
+                    .next()
+                    .unwrap_or_else(|| usage("--scale needs NxK,..."));
                 for item in v.split(',') {
                     let (n, k) = item.split_once('x').unwrap_or((item, "100"));
                     match (n.parse::<usize>(), k.parse::<usize>()) {
@@ -564,13 +566,20 @@ fn main() {
         out["tool"] = json!("gossip-sim --scale");
         out["params"] = json!(Params::default());
         out["base_seed"] = json!(SEED);
-        out["network"] = json!({"latency_ms": [1, 1], "loss": 0.0, "ip_udp_header_bytes": IP_UDP_HEADERS});
+        out["network"] =
+            json!({"latency_ms": [1, 1], "loss": 0.0, "ip_udp_header_bytes": IP_UDP_HEADERS});
         out["total_wall_s"] = json!(wall.elapsed().as_secs_f64());
         println!("{}", serde_json::to_string_pretty(&out).expect("json"));
         if let Some(path) = o.out {
             let figures = scale_figures(&out);
             let command = std::env::args().collect::<Vec<_>>().join(" ");
-            if let Err(e) = write_results(std::path::Path::new(&path), "gossip-scale", &command, &figures, out) {
+            if let Err(e) = write_results(
+                std::path::Path::new(&path),
+                "gossip-scale",
+                &command,
+                &figures,
+                out,
+            ) {
                 eprintln!("gossip-sim: cannot write {path}: {e:#}");
                 std::process::exit(1);
             }
@@ -1046,7 +1055,14 @@ fn fit(xs: &[f64], ys: &[f64]) -> Option<(f64, f64)> {
 fn scale_main(list: &[(usize, usize)], updates: usize, crashes: usize) -> Value {
     let mut runs = Vec::new();
     for (n, k) in list {
-        let v = scale_run(*n, *k, updates, crashes, SEED ^ (*n as u64) ^ ((*k as u64) << 20), 120_000);
+        let v = scale_run(
+            *n,
+            *k,
+            updates,
+            crashes,
+            SEED ^ (*n as u64) ^ ((*k as u64) << 20),
+            120_000,
+        );
         eprintln!("{}", serde_json::to_string(&v).unwrap_or_default());
         runs.push(v);
     }
@@ -1061,7 +1077,10 @@ fn scale_main(list: &[(usize, usize)], updates: usize, crashes: usize) -> Value 
         .iter()
         .map(|r| (r["nodes"].as_f64().unwrap_or(1.0)).log2())
         .collect();
-    let xs: Vec<f64> = big.iter().map(|r| r["nodes"].as_f64().unwrap_or(1.0)).collect();
+    let xs: Vec<f64> = big
+        .iter()
+        .map(|r| r["nodes"].as_f64().unwrap_or(1.0))
+        .collect();
     let col = |p: &[&str]| -> Vec<f64> {
         big.iter()
             .map(|r| {
@@ -1080,13 +1099,58 @@ fn scale_main(list: &[(usize, usize)], updates: usize, crashes: usize) -> Value 
             trend[key] = json!({"model": model, "a": a, "b": b, "value": a + b * x, "from": ys});
         }
     };
-    put(&mut trend, "record_update_median_ms", "a + b*log2(N)", &xs_log, col(&["record_update", "ms", "median"]), at.log2());
-    put(&mut trend, "record_update_max_ms", "a + b*log2(N)", &xs_log, col(&["record_update", "ms", "max"]), at.log2());
-    put(&mut trend, "failure_detection_median_ms", "a + b*log2(N)", &xs_log, col(&["failure_detection", "ms", "median"]), at.log2());
-    put(&mut trend, "idle_kbit_s_mean", "a + b*log2(N)", &xs_log, col(&["idle", "kbit_s_mean"]), at.log2());
-    put(&mut trend, "idle_kbit_s_max", "a + b*log2(N)", &xs_log, col(&["idle", "kbit_s_max"]), at.log2());
-    put(&mut trend, "sim_peak_rss_mib", "a + b*N (per N: the sim holds N^2 records)", &xs.iter().map(|x| x * x).collect::<Vec<_>>(), col(&["process_rss_mib", "peak"]), at * at);
-    let rb = big.first().and_then(|r| r["record_bytes"].as_f64()).unwrap_or(0.0);
+    put(
+        &mut trend,
+        "record_update_median_ms",
+        "a + b*log2(N)",
+        &xs_log,
+        col(&["record_update", "ms", "median"]),
+        at.log2(),
+    );
+    put(
+        &mut trend,
+        "record_update_max_ms",
+        "a + b*log2(N)",
+        &xs_log,
+        col(&["record_update", "ms", "max"]),
+        at.log2(),
+    );
+    put(
+        &mut trend,
+        "failure_detection_median_ms",
+        "a + b*log2(N)",
+        &xs_log,
+        col(&["failure_detection", "ms", "median"]),
+        at.log2(),
+    );
+    put(
+        &mut trend,
+        "idle_kbit_s_mean",
+        "a + b*log2(N)",
+        &xs_log,
+        col(&["idle", "kbit_s_mean"]),
+        at.log2(),
+    );
+    put(
+        &mut trend,
+        "idle_kbit_s_max",
+        "a + b*log2(N)",
+        &xs_log,
+        col(&["idle", "kbit_s_max"]),
+        at.log2(),
+    );
+    put(
+        &mut trend,
+        "sim_peak_rss_mib",
+        "a + b*N (per N: the sim holds N^2 records)",
+        &xs.iter().map(|x| x * x).collect::<Vec<_>>(),
+        col(&["process_rss_mib", "peak"]),
+        at * at,
+    );
+    let rb = big
+        .first()
+        .and_then(|r| r["record_bytes"].as_f64())
+        .unwrap_or(0.0);
     let per_record = trend["sim_peak_rss_mib"]["b"].as_f64().unwrap_or(f64::NAN);
     trend["records_held_per_host_mib"] = json!({
         "what": "memory one host spends on the other N-1 records at N=10,000: the simulator's peak RSS per record held (the N^2 slope) times 9,999",
@@ -1152,14 +1216,30 @@ fn scale_figures(out: &Value) -> Vec<Figure> {
     }
     let t = &out["trend"];
     for (k, label, unit) in [
-        ("record_update_median_ms", "record update reaching all (median), extrapolated", "ms"),
-        ("failure_detection_median_ms", "failure detection (median), extrapolated", "ms"),
-        ("idle_kbit_s_max", "idle traffic, busiest node, extrapolated", "kbit/s"),
+        (
+            "record_update_median_ms",
+            "record update reaching all (median), extrapolated",
+            "ms",
+        ),
+        (
+            "failure_detection_median_ms",
+            "failure detection (median), extrapolated",
+            "ms",
+        ),
+        (
+            "idle_kbit_s_max",
+            "idle traffic, busiest node, extrapolated",
+            "kbit/s",
+        ),
     ] {
         if t[k]["value"].is_number() {
             f.push(Figure::new(
                 &format!("gossip.scale.n10000_trend.{k}"),
-                &format!("Gossip at N=10,000 ({} stacks per node): {label} from the runs ({})", t["stacks_per_node"], t[k]["model"].as_str().unwrap_or("")),
+                &format!(
+                    "Gossip at N=10,000 ({} stacks per node): {label} from the runs ({})",
+                    t["stacks_per_node"],
+                    t[k]["model"].as_str().unwrap_or("")
+                ),
                 unit,
                 one(&t[k]["value"]),
             ));
