@@ -9,7 +9,7 @@ IMAGE_TAG ?= local
 PREFIX ?= vrt
 export VROUTER_TEST_PREFIX ?= $(PREFIX)
 
-.PHONY: all setup build musl images demo test unit-test root-test docker-test bench bench-acl bench-datapath bench-encryption bench-relay bench-report fuzz clean-leftovers fmt lint
+.PHONY: all setup build musl images demo test unit-test root-test docker-test bench bench-acl bench-datapath bench-encryption bench-relay bench-report bench-scale fuzz clean-leftovers fmt lint
 
 all: build
 
@@ -123,6 +123,19 @@ bench-relay: setup build
 	for f in docs/bench/*.json; do [ -e target/bench/$$(basename $$f) ] || cp $$f target/bench/; done
 	$(MAKE) bench-report
 
+# Scale (about 40 minutes; not in `make bench`): vrt-scale-bench (100 stacks on one host
+# plus a second host with real routers; 20 hosts x 5 stacks with gossip) writes
+# target/bench/scale.json, gossip-sim --scale (meshes of 100..400 nodes whose records are
+# those of 100-stack hosts, the trend to 10,000) target/bench/gossip-scale.json; the
+# page keeps the other benches' figures of the last full run (docs/bench/*.json).
+SCALE_SIM ?= 100x100,200x100,300x100,400x100
+bench-scale: setup build
+	mkdir -p target/bench
+	bash .ci/cleanup
+	target/release/vrt-scale-bench --out target/bench/scale.json
+	target/release/gossip-sim --scale $(SCALE_SIM) --out target/bench/gossip-scale.json > /dev/null
+	for f in docs/bench/*.json; do [ -e target/bench/$$(basename $$f) ] || cp $$f target/bench/; done
+	$(MAKE) bench-report
 # Regenerates docs/benchmarks.md and docs/benchmarks.png from target/bench/*.json
 # (needs python3-matplotlib, which .ci/setup installs).
 bench-report:
