@@ -9,11 +9,7 @@ IMAGE_TAG ?= local
 PREFIX ?= vrt
 export VROUTER_TEST_PREFIX ?= $(PREFIX)
 
-<<<<<<< HEAD
-.PHONY: all setup build musl images demo test unit-test root-test docker-test bench soak bench-acl bench-datapath bench-encryption bench-relay bench-report fuzz clean-leftovers fmt lint
-=======
-.PHONY: all setup build musl images demo test unit-test root-test docker-test bench bench-acl bench-datapath bench-encryption bench-relay bench-migration bench-report fuzz clean-leftovers fmt lint
->>>>>>> i18-migration
+.PHONY: all setup build musl images demo test unit-test root-test docker-test bench soak chaos bench-acl bench-datapath bench-encryption bench-relay bench-migration bench-scale bench-report fuzz clean-leftovers fmt lint
 
 all: build
 
@@ -128,7 +124,6 @@ bench-relay: setup build
 	for f in docs/bench/*.json; do [ -e target/bench/$$(basename $$f) ] || cp $$f target/bench/; done
 	$(MAKE) bench-report
 
-<<<<<<< HEAD
 # An hour of churn (SOAK_SECONDS, default 3600; not in `make bench`, not in CI): five
 # simulated gossip hosts, stacks coming and going, hosts cut off and healed, discovery
 # and router restarts, every pair of live stacks pinged continuously, RSS, descriptors
@@ -143,7 +138,7 @@ soak: setup build
 	status=0; target/release/vrt-soak --seconds $(SOAK_SECONDS) --seed $(SOAK_SEED) --out target/bench/soak.json --series target/bench/soak-series.json || status=$$?; \
 	for f in docs/bench/*.json; do [ -e target/bench/$$(basename $$f) ] || cp $$f target/bench/; done; \
 	/usr/bin/python3 tests/bench-report.py --in target/bench --md docs/benchmarks.md --png docs/benchmarks.png --raw-dir docs/bench --soak-png docs/soak.png && exit $$status
-=======
+
 # The migration figures alone (vrt-migration-bench, about 2 minutes: a stack moved
 # between simulated gossip hosts, gracefully and with its old host cut off, then the
 # stale copy's return), into the same JSON and report; the page keeps the other
@@ -154,7 +149,20 @@ bench-migration: setup build
 	target/release/vrt-migration-bench --out target/bench/migration.json
 	for f in docs/bench/*.json; do [ -e target/bench/$$(basename $$f) ] || cp $$f target/bench/; done
 	$(MAKE) bench-report
->>>>>>> i18-migration
+
+# Scale (about 40 minutes; not in `make bench`): vrt-scale-bench (100 stacks on one host
+# plus a second host with real routers; 20 hosts x 5 stacks with gossip) writes
+# target/bench/scale.json, gossip-sim --scale (meshes of 100..400 nodes whose records are
+# those of 100-stack hosts, the trend to 10,000) target/bench/gossip-scale.json; the
+# page keeps the other benches' figures of the last full run (docs/bench/*.json).
+SCALE_SIM ?= 100x100,200x100,300x100,400x100
+bench-scale: setup build
+	mkdir -p target/bench
+	bash .ci/cleanup
+	target/release/vrt-scale-bench --out target/bench/scale.json
+	target/release/gossip-sim --scale $(SCALE_SIM) --out target/bench/gossip-scale.json > /dev/null
+	for f in docs/bench/*.json; do [ -e target/bench/$$(basename $$f) ] || cp $$f target/bench/; done
+	$(MAKE) bench-report
 
 # Regenerates docs/benchmarks.md and docs/benchmarks.png from target/bench/*.json
 # (needs python3-matplotlib, which .ci/setup installs).

@@ -280,6 +280,332 @@ class BadInput(Exception):
     pass
 
 
+# ---- scale (vrt-scale-bench, gossip-sim --scale): one block, its own sections ----
+
+SCALE_SECTIONS = [
+    (
+        "gossip-scale",
+        "Simulation at size, records of 100-stack hosts (`gossip-sim --scale`)",
+        """\
+The same simulator as above (real `Node`s, sealed datagrams), with every node announcing
+100 stacks with random 64-character names and 4 prefixes each (the record of a host at
+about the per-host limit, below) instead of one short stack. Nodes start 10 per 100 ms
+through node 0; then 10 s settle and 20 s of idle traffic; then record updates (one
+node replaces one of its stacks: a new record version), then crashes one after another.
+The simulator holds every node's copy of every record in one process (N² records), so
+the N it can run is bounded by this machine's memory, not by the protocol; the N=10,000
+figures are extrapolated from the runs (least squares over log2 N).""",
+    ),
+    (
+        "scale",
+        "Real daemons at size (`vrt-scale-bench`)",
+        """\
+Simulated hosts (network namespaces on a veth underlay, the Docker-28.2-like firewall,
+daemons under CAP_NET_ADMIN only, gossip), release binaries, every stack on VNI 1000 so
+every stack routes every other one (same-host stacks too).
+
+- **one host**: 100 stacks on host 1 (100 router processes, 100 bridges, 200 container
+  namespaces) and 3 on host 2. From the last router's start until every router's
+  namespace holds a route to every other stack (netlink dumps of all 103); then a ping
+  between every pair of stacks across the hosts; discovery's reconcile time (the
+  `vrouter_reconcile_duration_seconds` histogram's mean over a window) and RSS; then
+  one more stack on host 1: its router started until all 104 routers route to it;
+- **hosts**: 20 hosts with 5 stacks each (20 discoveries, 100 routers): the whole mesh
+  from the routers' start until every host's routes.json lists every stack and every
+  router's kernel routes every other stack; a new stack's join and failure detection
+  as in the N=10 bench above.""",
+    ),
+]
+SECTIONS.insert(
+    next(i for i, s in enumerate(SECTIONS) if s[0] == "gossip-sim") + 1, SCALE_SECTIONS[0]
+)
+SECTIONS.append(SCALE_SECTIONS[1])
+MAKE_TARGET["scale"] = "make bench-scale"
+MAKE_TARGET["gossip-scale"] = "make bench-scale"
+
+
+def _get(d, *path):
+    for p in path:
+        if isinstance(d, dict):
+            d = d.get(p)
+        elif isinstance(d, list) and isinstance(p, int) and -len(d) <= p < len(d):
+            d = d[p]
+        else:
+            return None
+    return d
+
+
+def gossip_scale_text(extra):
+    """Per-N table of a `gossip-sim --scale` run and its trend to N=10,000."""
+    runs = extra.get("runs") if isinstance(extra.get("runs"), list) else []
+    if not runs:
+        return []
+    out = [
+        "| Nodes | Stacks per node | Record (bytes) | Join after last start | Record update, median / max | Failure detection, median / max | Idle traffic per node, mean / busiest | Simulator peak RSS |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        out.append(
+            "| {} | {} | {} | {} ms | {} / {} ms | {} / {} ms | {} / {} kbit/s | {} MiB |".format(
+                fmt(_get(r, "nodes")),
+                fmt(_get(r, "stacks_per_node")),
+                fmt(_get(r, "record_bytes")),
+                fmt(_get(r, "join", "converged_ms_after_last_start")),
+                fmt(_get(r, "record_update", "ms", "median")),
+                fmt(_get(r, "record_update", "ms", "max")),
+                fmt(_get(r, "failure_detection", "ms", "median")),
+                fmt(_get(r, "failure_detection", "ms", "max")),
+                fmt(_get(r, "idle", "kbit_s_mean")),
+                fmt(_get(r, "idle", "kbit_s_max")),
+                fmt(_get(r, "process_rss_mib", "peak")),
+            )
+        )
+    t = extra.get("trend") if isinstance(extra.get("trend"), dict) else {}
+    if t:
+        parts = []
+        for k, what, unit in [
+            ("record_update_median_ms", "record update (median)", "ms"),
+            ("record_update_max_ms", "record update (max)", "ms"),
+            ("failure_detection_median_ms", "failure detection (median)", "ms"),
+            ("idle_kbit_s_mean", "idle traffic per node (mean)", "kbit/s"),
+            ("idle_kbit_s_max", "idle traffic, busiest node", "kbit/s"),
+        ]:
+            v = _get(t, k, "value")
+            if isinstance(v, (int, float)):
+                parts.append(f"{what} {fmt(v)} {unit}")
+        held = _get(t, "records_held_per_host_mib", "value")
+        if isinstance(held, (int, float)):
+            parts.append(f"records held per host {fmt(held)} MiB")
+        out += [
+            "",
+            "Extrapolated to N={} ({}; least squares over the runs above, log2 N for times and traffic, N² for the simulator's memory): {}.".format(
+                fmt(t.get("at_nodes")), _get(t, "record_update_median_ms", "model") or "", "; ".join(parts)
+            ),
+        ]
+    return out + [""]
+
+
+def scale_text(extra):
+    """Details of a vrt-scale-bench run beyond its figures."""
+    out = []
+    one = extra.get("one_host") if isinstance(extra.get("one_host"), dict) else {}
+    if one.get("error"):
+        out += [f"One-host part failed: {one['error']}", ""]
+    elif one:
+        h1 = one.get("host1") or {}
+        d1 = one.get("discovery_host1") or {}
+        cpu = one.get("idle_cpu") or {}
+        out += [
+            "One host with {} stacks (+1 added) and one with {}: every router's routes complete {} ms after the last router's start; {} cross-host pairs pinged, {} failed; {} same-host pairs sampled, {} failed.".format(
+                fmt(one.get("stacks_host1")), fmt(one.get("stacks_host2")),
+                fmt(one.get("all_routes_installed_ms_after_last_start")),
+                fmt(one.get("cross_host_pairs")), fmt(len(one.get("cross_host_failed") or [])),
+                fmt(one.get("same_host_pairs_sampled")), fmt(len(one.get("same_host_failed") or [])),
+            ),
+            "",
+            "| On host 1 ({} local stacks, {} in the mesh) | Measured |".format(
+                fmt((one.get("stacks_host1") or 0) + 1),
+                fmt((one.get("stacks_host1") or 0) + 1 + (one.get("stacks_host2") or 0)),
+            ),
+            "|---|---|",
+            f"| Discovery reconcile, idle (mean) | {fmt(d1.get('reconcile_idle_mean_ms'))} ms |",
+            f"| Discovery reconcile while one stack registers (mean) | {fmt(d1.get('reconcile_during_extra_stack_mean_ms'))} ms |",
+            f"| Discovery RSS (peak) | {fmt(d1.get('rss_mib'))} MiB ({fmt(d1.get('peak_rss_mib'))}) |",
+            f"| Routers' RSS: median, sum of {fmt(_get(one, 'routers', 'count'))} | {fmt(_get(one, 'routers', 'rss_mib_median'))} MiB, {fmt(_get(one, 'routers', 'rss_mib_sum'))} MiB |",
+            f"| Host routes of protocol 118 (steering tables) | {fmt(h1.get('host_routes_proto118'))} |",
+            f"| Policy rules (iif) | {fmt(h1.get('host_rules_iif'))} |",
+            f"| FDB rows with a destination on vxlan1000 | {fmt(h1.get('fdb_rows_with_dst'))} |",
+            f"| Routes per router (protocol 118), median | {fmt(_get(one, 'routers', 'routes_proto118_median'))} |",
+            f"| Permanent neighbours per router, median | {fmt(_get(one, 'routers', 'permanent_neighbours_median'))} |",
+            f"| routes.json: rows, bytes | {fmt(h1.get('routes_json_rows'))}, {fmt(h1.get('routes_json_bytes'))} |",
+            f"| discovery.json bytes | {fmt(h1.get('discovery_json_bytes'))} |",
+            f"| CPU of all routers, idle (cores) | {fmt(cpu.get('routers_host1_cpu_share'))} |",
+            f"| CPU of discovery, idle (cores) | {fmt(cpu.get('discovery_host1_cpu_share'))} |",
+            "",
+        ]
+    hosts = extra.get("hosts") if isinstance(extra.get("hosts"), dict) else {}
+    if hosts.get("error"):
+        out += [f"Many-hosts part failed: {hosts['error']}", ""]
+    return out
+
+
+def max_stacks_section(docs):
+    """## Maximum number of interconnected stacks: limits from scale.json and
+    gossip-scale.json (measured), projections (estimated)."""
+    out = ["", "## Maximum number of interconnected stacks", ""]
+    sc = (docs.get("scale") or {}).get("extra") or {}
+    gs = (docs.get("gossip-scale") or {}).get("extra") or {}
+    if not sc and not gs:
+        return out + ["*Not in this run: target/bench/scale.json and gossip-scale.json are missing (run `make bench-scale`).*"]
+    out += [
+        "All stacks on one VNI, so every stack routes every other (the worst case: stacks on",
+        "different VNIs do not route each other and cost nothing of the below). **Measured**",
+        "rows come from the runs above; **estimated** rows scale them by the formula shown.",
+        "",
+    ]
+    rl = sc.get("record_limits") or {}
+    shapes = rl.get("shapes") or []
+    if shapes:
+        out += [
+            "### Per host: the gossip record",
+            "",
+            "A host announces its stacks in one gossip record of at most {} bytes ({} of fixed overhead); a stack that does not fit is refused on its host (`record_full`). What one stack costs depends on its name and prefixes (record.rs `stack_cost`, computed by the bench):".format(
+                fmt(rl.get("max_record_bytes")), fmt(rl.get("record_overhead_bytes"))
+            ),
+            "",
+            "| Stack name | Prefixes | Bytes per stack | Stacks per host at most |",
+            "|---|---|---|---|",
+        ]
+        for s in shapes:
+            out.append(
+                f"| {fmt(s.get('name_chars'))} characters | {fmt(s.get('prefixes'))} | {fmt(s.get('bytes_per_stack'))} | **{fmt(s.get('max_stacks_per_host'))}** |"
+            )
+        out.append("")
+    pr = sc.get("projections") if isinstance(sc.get("projections"), list) else []
+    one = sc.get("one_host") if isinstance(sc.get("one_host"), dict) else {}
+    if pr and one.get("host1"):
+        h1 = one["host1"]
+        l = (one.get("stacks_host1") or 0) + 1
+        s_all = l + (one.get("stacks_host2") or 0)
+        out += [
+            "### Per host and per router: kernel entries, state files, probes",
+            "",
+            f"Measured at {fmt(l)} local stacks in a mesh of {fmt(s_all)}; estimated for larger meshes from the per-entry figures (basis in the last rows).",
+            "",
+            "| Grows with | Measured ({} local, {} total) | {} |".format(
+                fmt(l), fmt(s_all),
+                " | ".join(f"Estimated: {fmt(p.get('stacks_total'))} stacks, {fmt(p.get('stacks_per_host'))} per host" for p in pr),
+            ),
+            "|---|---|" + "---|" * len(pr),
+        ]
+        rows = [
+            ("Host routes in steering tables (local × (total − 1))", h1.get("host_routes_proto118"), "host_routes"),
+            ("routes.json rows (local × (total − 1))", h1.get("routes_json_rows"), "routes_json_rows"),
+            ("routes.json size, MiB (rewritten on every change)", (h1.get("routes_json_bytes") or 0) / 1048576, "routes_json_mib"),
+            ("discovery.json size, MiB (total stacks)", (h1.get("discovery_json_bytes") or 0) / 1048576, "discovery_json_mib"),
+            ("Routes per router (total − 1)", _get(one, "routers", "routes_proto118_median"), "router_routes_each"),
+            ("Permanent neighbours per router (total − 1)", _get(one, "routers", "permanent_neighbours_median"), "router_neighbours_each"),
+            ("FDB rows on the VXLAN device (remote routers + hosts)", h1.get("fdb_rows_with_dst"), "fdb_rows"),
+            ("Probe requests per second sent by a host's routers (local × min(4 × remote, 1,000))", _get(one, "idle_cpu", "probe_requests_per_s_host1_routers"), "probe_requests_per_s_per_host"),
+            ("Probe interval per remote router, s (remote / 1,000, at least 0.25)", None, "probe_interval_s_per_peer"),
+        ]
+        for what, measured, key in rows:
+            out.append(
+                "| {} | {} | {} |".format(what, fmt(measured), " | ".join(fmt(p.get(key)) for p in pr))
+            )
+        b = pr[0].get("basis") or {}
+        out += [
+            "",
+            "Basis: {} bytes per routes.json row, {} host routes per (local, remote) pair, {} discovery.json bytes per stack.".format(
+                fmt(b.get("routes_json_bytes_per_row")),
+                fmt(b.get("host_routes_per_local_remote_pair")),
+                fmt(b.get("discovery_json_bytes_per_stack")),
+            ),
+            "",
+        ]
+    runs = gs.get("runs") if isinstance(gs.get("runs"), list) else []
+    t = gs.get("trend") if isinstance(gs.get("trend"), dict) else {}
+    if runs:
+        big = max(runs, key=lambda r: r.get("nodes") or 0)
+        out += [
+            "### Hosts: gossip",
+            "",
+            "Measured on the simulator up to N={} hosts of {} stacks each: record update median {} ms (max {}), failure detection median {} ms, idle {} kbit/s per node (busiest {}). Extrapolated to N={}: update {} ms, failure detection {} ms, idle {} kbit/s (busiest {}); each host would hold {} MiB of other hosts' records. `Params::max_members` caps a mesh at {} other hosts.".format(
+                fmt(big.get("nodes")), fmt(big.get("stacks_per_node")),
+                fmt(_get(big, "record_update", "ms", "median")), fmt(_get(big, "record_update", "ms", "max")),
+                fmt(_get(big, "failure_detection", "ms", "median")),
+                fmt(_get(big, "idle", "kbit_s_mean")), fmt(_get(big, "idle", "kbit_s_max")),
+                fmt(t.get("at_nodes")),
+                fmt(_get(t, "record_update_median_ms", "value")),
+                fmt(_get(t, "failure_detection_median_ms", "value")),
+                fmt(_get(t, "idle_kbit_s_mean", "value")), fmt(_get(t, "idle_kbit_s_max", "value")),
+                fmt(_get(t, "records_held_per_host_mib", "value")),
+                fmt(_get(gs, "params", "max_members")),
+            ),
+            "",
+        ]
+    out += ["### Answer", ""] + max_stacks_answer(docs)
+    return out
+
+
+def max_stacks_answer(docs):
+    """The answer as numbers, each from the JSON (measured) or a projection of it."""
+    sc = (docs.get("scale") or {}).get("extra") or {}
+    gs = (docs.get("gossip-scale") or {}).get("extra") or {}
+    ctl = {f["key"]: f for f in (docs.get("control") or {}).get("figures") or []}
+    out = []
+    shapes = {(s.get("name_chars"), s.get("prefixes")): s for s in _get(sc, "record_limits", "shapes") or []}
+    one = sc.get("one_host") if isinstance(sc.get("one_host"), dict) else {}
+    hosts = sc.get("hosts") if isinstance(sc.get("hosts"), dict) else {}
+    if shapes:
+        a, b, c = (shapes.get(k) or {} for k in [(64, 4), (64, 1), (16, 1)])
+        out.append(
+            "**Stacks per host: at most {} with 64-character names and 4 prefixes each, {} with 64-character names and 1 prefix, {} with 16-character names and 1 prefix** (the {}-byte gossip record; static mode has no such limit).".format(
+                fmt(a.get("max_stacks_per_host")), fmt(b.get("max_stacks_per_host")),
+                fmt(c.get("max_stacks_per_host")), fmt(_get(sc, "record_limits", "max_record_bytes")),
+            )
+        )
+    if one.get("host1"):
+        out.append(
+            "Measured with real daemons: {} stacks on one host and {} on another, all reachable across the hosts ({} pairs, {} failed); every router's routes complete {} s after the last router's start; discovery reconciles in {} ms idle and {} ms while a stack registers, at {} MiB RSS.".format(
+                fmt((one.get("stacks_host1") or 0) + 1), fmt(one.get("stacks_host2")),
+                fmt(one.get("cross_host_pairs")), fmt(len(one.get("cross_host_failed") or [])),
+                fmt((one.get("all_routes_installed_ms_after_last_start") or math.nan) / 1000),
+                fmt(_get(one, "discovery_host1", "reconcile_idle_mean_ms")),
+                fmt(_get(one, "discovery_host1", "reconcile_during_extra_stack_mean_ms")),
+                fmt(_get(one, "discovery_host1", "rss_mib")),
+            )
+        )
+    if hosts.get("hosts"):
+        out.append(
+            "Measured with real daemons: {} hosts × {} stacks with gossip on this 2-vCPU machine: mesh complete {} s after the routers' start, join {} ms (median), failure detection {} ms (median).".format(
+                fmt(hosts.get("hosts")), fmt(hosts.get("stacks_per_host")),
+                fmt((hosts.get("kernel_routes_complete_ms") or math.nan) / 1000),
+                fmt(_get(hosts, "join_ms", "median")), fmt(_get(hosts, "failure_detection_ms", "median")),
+            )
+        )
+    t = gs.get("trend") if isinstance(gs.get("trend"), dict) else {}
+    if t:
+        goals = [
+            ("record update ≤ 3 s", _get(t, "record_update_max_ms", "value"), 3000),
+            ("failure detection ≤ 3 s (median)", _get(t, "failure_detection_median_ms", "value"), 3000),
+            ("idle ≤ 10 kbit/s per node", _get(t, "idle_kbit_s_mean", "value"), 10),
+        ]
+        missed = [g for g, v, lim in goals if not (isinstance(v, (int, float)) and v <= lim)]
+        verdict = (
+            "all goals met at that size"
+            if not missed
+            else "goals missed at that size: " + ", ".join(missed)
+        )
+        out.append(
+            "**Hosts per mesh: {} estimated** ({}): a record update reaches all in {} ms, failure detection {} ms, idle traffic {} kbit/s per node (busiest {}), {} MiB of records held per host, extrapolated from the simulator; the hard cap is {} other hosts (`max_members`).".format(
+                fmt(t.get("at_nodes")),
+                verdict,
+                fmt(_get(t, "record_update_median_ms", "value")),
+                fmt(_get(t, "failure_detection_median_ms", "value")),
+                fmt(_get(t, "idle_kbit_s_mean", "value")), fmt(_get(t, "idle_kbit_s_max", "value")),
+                fmt(_get(t, "records_held_per_host_mib", "value")),
+                fmt(_get(gs, "params", "max_members")),
+            )
+        )
+    pr = {(p.get("stacks_total"), p.get("stacks_per_host")): p for p in sc.get("projections") or []}
+    p10 = pr.get((10000, 10)) or {}
+    p100 = pr.get((10000, 100)) or {}
+    r10k = ctl.get("control.reconcile.10k") or {}
+    if p10 or p100:
+        out.append(
+            "**Interconnected stacks on one VNI: about 10,000 (estimated)**: every router then holds {} routes and {} neighbours (a router installs 10,000 routes in {} ms, `control.reconcile.10k`) and probes each remote router every {} s (1,000 requests/s per router). Per host the cost grows with local × total: at 10 stacks per host (1,000 hosts) routes.json has {} rows ({} MiB) and the host {} steering routes; at 100 per host (100 hosts) {} rows ({} MiB, rewritten on every change and read by every local router) and {} steering routes, and its routers send {} probe requests/s — the practical bound for hosts that dense.".format(
+                fmt((p10 or p100).get("router_routes_each")), fmt((p10 or p100).get("router_neighbours_each")),
+                fmt(r10k.get("median")), fmt((p10 or p100).get("probe_interval_s_per_peer")),
+                fmt(p10.get("routes_json_rows")), fmt(p10.get("routes_json_mib")), fmt(p10.get("host_routes")),
+                fmt(p100.get("routes_json_rows")), fmt(p100.get("routes_json_mib")), fmt(p100.get("host_routes")),
+                fmt(p100.get("probe_requests_per_s_per_host")),
+            )
+        )
+    return out
+
+
+
 def fmt(v):
     """A number for the tables: thousands separators, precision by magnitude."""
     if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -711,12 +1037,18 @@ def render(docs, in_dir, md_path, png_path, raw_links, chart_panels, soak_png=No
             out += encryption_text(extra)
         if stem == "relay":
             out += relay_text(extra)
+        if stem == "gossip-scale":
+            out += gossip_scale_text(extra)
+        if stem == "scale":
+            out += scale_text(extra)
         if doc["figures"]:
             out += figures_table(doc)
         else:
             out.append("*The file holds no figures.*")
         if stem in raw_links:
             out += ["", f"Raw: [{stem}.json]({raw_links[stem]})."]
+    if "scale" in docs or "gossip-scale" in docs:
+        out += max_stacks_section(docs)
     out += soak_section(docs, md_dir, raw_links, soak_png)
     return "\n".join(out) + "\n"
 

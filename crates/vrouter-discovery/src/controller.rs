@@ -1440,16 +1440,14 @@ impl Controller {
             .chain(have_rules.iter())
             .map(|r| r.table)
             .collect();
-        let mut have_routes: BTreeSet<Route> = BTreeSet::new();
-        for t in tables {
-            have_routes.extend(
-                self.kernel
-                    .routes(t)
-                    .await?
-                    .into_iter()
-                    .filter(|r| r.protocol == RTPROT_VROUTER),
-            );
-        }
+        // One dump for every stack's table: the kernel lists all tables in any dump.
+        let have_routes: BTreeSet<Route> = self
+            .kernel
+            .routes_of_tables(&tables)
+            .await?
+            .into_iter()
+            .filter(|r| r.protocol == RTPROT_VROUTER)
+            .collect();
         for change in diff::diff_steering(&want_rules, &want_routes, &have_rules, &have_routes) {
             changes += 1;
             if let Err(e) = self.apply(&change, &devices).await {

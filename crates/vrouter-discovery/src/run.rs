@@ -569,13 +569,21 @@ pub async fn cleanup(settings: &Settings) -> anyhow::Result<()> {
         }
     }
     crate::ownership::record(&dir, &Default::default());
-    for rule in kernel.rules().await? {
-        if rule.protocol != RTPROT_VROUTER || rule.iif.is_none() || rule.fwmark.is_some() {
-            continue;
-        }
-        for route in kernel.routes(rule.table).await? {
+    let rules: Vec<_> = kernel
+        .rules()
+        .await?
+        .into_iter()
+        .filter(|r| r.protocol == RTPROT_VROUTER && r.iif.is_some() && r.fwmark.is_none())
+        .collect();
+    // One dump for all the rules' tables (not one per stack).
+    let tables: std::collections::BTreeSet<u32> = rules.iter().map(|r| r.table).collect();
+    let routes = kernel.routes_of_tables(&tables).await?;
+    let mut emptied = std::collections::BTreeSet::new();
+    for rule in rules {
+        let first = emptied.insert(rule.table);
+        for route in routes.iter().filter(|r| first && r.table == rule.table) {
             if route.protocol == RTPROT_VROUTER {
-                kernel.delete_route(&route).await?;
+                kernel.delete_route(route).await?;
                 removed.push(format!("route {} table {}", route.dst, route.table));
             }
         }

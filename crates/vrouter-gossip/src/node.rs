@@ -1616,6 +1616,34 @@ impl Node {
             .collect()
     }
 
+    /// Cheap view of one member for large simulations (no record clone): its held
+    /// record version, its stack count and its standing.
+    pub fn member_brief(&self, id: NodeId) -> Option<(u64, usize, MemberState)> {
+        let store = self.store.lock().expect("store lock");
+        let r = &store.records.get(&id)?.record;
+        let state = self
+            .states
+            .get(&id)
+            .map(|s| s.0)
+            .unwrap_or(MemberState::Unknown);
+        Some((r.version, r.stacks.len(), state))
+    }
+
+    /// Records held of other nodes, and how many of them are alive with at least one
+    /// stack (a cheap convergence check for large simulations).
+    pub fn held_brief(&self) -> (usize, usize) {
+        let store = self.store.lock().expect("store lock");
+        let alive = store
+            .records
+            .values()
+            .filter(|h| {
+                !h.record.stacks.is_empty()
+                    && self.states.get(&h.record.id).map(|s| s.0) == Some(MemberState::Alive)
+            })
+            .count();
+        (store.records.len(), alive)
+    }
+
     /// The encoded parts held for `id`'s record, as they will be relayed.
     #[cfg(test)]
     pub(crate) fn held_parts(&self, id: NodeId) -> Option<Vec<Vec<u8>>> {

@@ -930,3 +930,60 @@ fn another_namespace_seen_through_its_veth_without_entering_it() {
             .map_or(true, |a| a.is_empty()));
     });
 }
+
+/// Discovery keeps a steering table per local stack. The kernel dumps every table
+/// whatever the request names, so reading 100 tables one by one costs 100 full dumps:
+/// `routes_of_tables` reads them all from one dump, with the same rows.
+#[test]
+fn one_dump_reads_many_tables() {
+    in_new_netns("one_dump_reads_many_tables", || async {
+        let k = Kernel::connect().await.unwrap();
+        let dev = veth(&k, "brS", Ipv4Addr::new(10, 255, 0, 1), 16).await;
+        const TABLES: u32 = 100;
+        const PER_TABLE: u32 = 100;
+        let tables: std::collections::BTreeSet<u32> = (0..TABLES).map(|t| 1000 + t).collect();
+        for &t in &tables {
+            for j in 0..PER_TABLE {
+                let r = Route {
+                    table: t,
+                    dst: format!("10.{}.{}.0/24", 100 + j / 200, j % 200)
+                        .parse()
+                        .unwrap(),
+                    gateway: Some(Ipv4Addr::new(10, 255, 0, 254)),
+                    oif: Some(dev),
+                    onlink: false,
+                    protocol: RTPROT_VROUTER,
+                    nexthop: None,
+                };
+                k.replace_route(&r).await.unwrap();
+            }
+        }
+        let t0 = std::time::Instant::now();
+        let mut one_by_one = Vec::new();
+        for &t in &tables {
+            one_by_one.extend(k.routes(t).await.unwrap());
+        }
+        let per_table = t0.elapsed();
+        let t1 = std::time::Instant::now();
+        let mut together = k.routes_of_tables(&tables).await.unwrap();
+        let one = t1.elapsed();
+        eprintln!(
+            "{TABLES} tables x {PER_TABLE} routes: {TABLES} dumps {per_table:?}, one dump {one:?}"
+        );
+        assert_eq!(together.len(), (TABLES * PER_TABLE) as usize);
+        let key = |r: &Route| (r.table, r.dst.addr(), r.dst.prefix_len());
+        one_by_one.sort_by_key(key);
+        together.sort_by_key(key);
+        assert_eq!(together, one_by_one);
+        assert!(k
+            .routes_of_tables(&Default::default())
+            .await
+            .unwrap()
+            .is_empty());
+        // 100 dumps against one: far more than noise on a busy machine.
+        assert!(
+            per_table > one * 10,
+            "one dump {one:?} is not much cheaper than {TABLES} dumps {per_table:?}"
+        );
+    });
+}

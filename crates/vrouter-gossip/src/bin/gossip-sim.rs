@@ -30,6 +30,10 @@ struct Opts {
     quick: bool,
     n1000: bool,
     out: Option<String>,
+    /// `--scale N1xK1,N2xK2,...`: large meshes of N nodes with K stacks each.
+    scale: Vec<(usize, usize)>,
+    updates: usize,
+    crashes: usize,
 }
 
 fn parse_args() -> Opts {
@@ -37,6 +41,9 @@ fn parse_args() -> Opts {
         quick: false,
         n1000: false,
         out: None,
+        scale: Vec::new(),
+        updates: 5,
+        crashes: 5,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -44,6 +51,30 @@ fn parse_args() -> Opts {
             "--quick" => o.quick = true,
             "--n1000" => o.n1000 = true,
             "--out" => o.out = Some(args.next().unwrap_or_else(|| usage("--out needs a FILE"))),
+            "--scale" => {
+                let v = args
+                    .next()
+                    .unwrap_or_else(|| usage("--scale needs NxK,..."));
+                for item in v.split(',') {
+                    let (n, k) = item.split_once('x').unwrap_or((item, "100"));
+                    match (n.parse::<usize>(), k.parse::<usize>()) {
+                        (Ok(n), Ok(k)) if n >= 2 => o.scale.push((n, k)),
+                        _ => usage(&format!("bad --scale item {item:?}")),
+                    }
+                }
+            }
+            "--updates" => {
+                o.updates = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| usage("--updates needs a number"))
+            }
+            "--crashes" => {
+                o.crashes = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| usage("--crashes needs a number"))
+            }
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown argument {other:?}")),
         }
@@ -56,6 +87,7 @@ fn usage(msg: &str) -> ! {
         eprintln!("gossip-sim: {msg}");
     }
     eprintln!("usage: gossip-sim [--quick] [--n1000] [--out FILE]");
+    eprintln!("       gossip-sim --scale N1xK1,N2xK2,... [--updates U] [--crashes C] [--out FILE]");
     std::process::exit(if msg.is_empty() { 0 } else { 2 })
 }
 
@@ -530,6 +562,31 @@ fn join_convergence(n: usize, runs: u64) -> Value {
 fn main() {
     let o = parse_args();
     let wall = Instant::now();
+    if !o.scale.is_empty() {
+        let mut out = scale_main(&o.scale, o.updates, o.crashes);
+        out["tool"] = json!("gossip-sim --scale");
+        out["params"] = json!(Params::default());
+        out["base_seed"] = json!(SEED);
+        out["network"] =
+            json!({"latency_ms": [1, 1], "loss": 0.0, "ip_udp_header_bytes": IP_UDP_HEADERS});
+        out["total_wall_s"] = json!(wall.elapsed().as_secs_f64());
+        println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+        if let Some(path) = o.out {
+            let figures = scale_figures(&out);
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            if let Err(e) = write_results(
+                std::path::Path::new(&path),
+                "gossip-scale",
+                &command,
+                &figures,
+                out,
+            ) {
+                eprintln!("gossip-sim: cannot write {path}: {e:#}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     let q = o.quick;
     let mut out = json!({
         "tool": "gossip-sim",
@@ -734,6 +791,460 @@ fn figures(out: &Value, big: usize) -> Vec<Figure> {
             "kbit/s",
             one(&idle["max"]),
         ));
+    }
+    f
+}
+
+// ---------------------------------------------------------------------------------------
+// --scale: large meshes whose records are the size of 100-stack hosts (gossip-scale.json)
+// ---------------------------------------------------------------------------------------
+
+/// Peak and current resident memory of this process, in MiB (VmHWM, VmRSS).
+fn rss_mib() -> (f64, f64) {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let get = |k: &str| {
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+            .unwrap_or(f64::NAN)
+    };
+    (get("VmHWM:"), get("VmRSS:"))
+}
+
+/// Node `i`'s stacks in a scale run: `k` stacks with 64-character names and 4 prefixes
+/// each (the record of a host with `k` long-named stacks; 100 of them take ~14 kB).
+fn scale_stacks(i: usize, k: usize, variant: u64) -> Vec<ClaimedStack> {
+    if k <= 1 {
+        return vec![stack(i, variant as u8)];
+    }
+    let mut v = vrouter_gossip::sim::long_stacks(i as u64 * 1_000 + 7, k, 4);
+    if variant > 0 {
+        // One stack replaced by another: the update a host makes when a stack moves.
+        v.pop();
+        let mut extra = vrouter_gossip::sim::long_stacks(i as u64 * 1_000 + 7 + variant, 1, 4);
+        extra[0].claimed_ms += 10_000 + variant;
+        v.extend(extra);
+    }
+    v
+}
+
+/// Every running node holds every other's record, alive, and SWIM counts all as active.
+fn scale_converged(s: &Sim, want: usize) -> bool {
+    let run = running(s);
+    run.iter().all(|i| {
+        let n = s.node(*i).expect("running");
+        n.active_members() == want && n.held_brief().1 == want
+    })
+}
+
+fn scale_run(n: usize, k: usize, updates: usize, crashes: usize, seed: u64, cap_ms: u64) -> Value {
+    let wall = Instant::now();
+    let mut s = Sim::new(n, Params::default(), seed);
+    let record_bytes = {
+        let st = scale_stacks(0, k, 0);
+        let r = vrouter_gossip::NodeRecord {
+            id: Sim::node_id(0),
+            version: 1,
+            gossip_addr: vrouter_gossip::sim::sim_addr(0),
+            underlay: *vrouter_gossip::sim::sim_addr(0).ip(),
+            vxlan_port: 4789,
+            stacks: st,
+            left: false,
+            bump: 0,
+            encryption: None,
+            nat: None,
+            relay: None,
+        };
+        vrouter_gossip::record::encoded_len(&r)
+    };
+    s.start(0, scale_stacks(0, k, 0), &[]);
+    let mut next = 1;
+    while next < n {
+        let t = s.now() + 100;
+        s.run_until(t);
+        for i in next..(next + 10).min(n) {
+            s.start(i, scale_stacks(i, k, 0), &[0]);
+        }
+        next += 10;
+    }
+    let all_started = s.now();
+    eprintln!(
+        "scale n={n} k={k}: all started at {all_started} ms sim, wall {:.1} s, record {record_bytes} B",
+        wall.elapsed().as_secs_f64()
+    );
+    let jw = Instant::now();
+    let mut joined_at = None;
+    let mut last_print = Instant::now();
+    while s.now() < all_started + cap_ms {
+        if scale_converged(&s, n - 1) {
+            joined_at = Some(s.now());
+            break;
+        }
+        let t = s.now() + 500;
+        s.run_until(t);
+        if last_print.elapsed().as_secs_f64() > 20.0 {
+            last_print = Instant::now();
+            let full = running(&s)
+                .iter()
+                .filter(|i| s.node(**i).expect("running").held_brief().1 == n - 1)
+                .count();
+            eprintln!(
+                "  n={n}: t={} ms sim, wall {:.0} s, {full}/{n} nodes hold all alive; rss {:?}",
+                s.now(),
+                wall.elapsed().as_secs_f64(),
+                rss_mib()
+            );
+        }
+    }
+    let join_wall_s = jw.elapsed().as_secs_f64();
+    eprintln!(
+        "scale n={n}: join {:?} ms after last start, wall {join_wall_s:.1} s",
+        joined_at.map(|t| t - all_started)
+    );
+    // Idle traffic: let the join's broadcasts die out, then a 20 s window.
+    let t = s.now() + 10_000;
+    s.run_until(t);
+    let before = s.wire_bytes.clone();
+    let pk_before = s.wire_packets.clone();
+    let window = 20_000;
+    let t = s.now() + window;
+    s.run_until(t);
+    let idle: Vec<f64> = (0..n)
+        .map(|i| (s.wire_bytes[i] - before[i]) as f64 * 8.0 / window as f64)
+        .collect();
+    let pps = (0..n)
+        .map(|i| (s.wire_packets[i] - pk_before[i]) as f64)
+        .sum::<f64>()
+        / n as f64
+        / (window as f64 / 1000.0);
+    let idle_mean = idle.iter().sum::<f64>() / n as f64;
+    eprintln!(
+        "scale n={n}: idle mean {idle_mean:.2} kbit/s, max {:.2}, {pps:.1} pkt/s/node",
+        max(&idle)
+    );
+    // Record updates: one stack of a node's 100 replaced.
+    let mut times = Vec::new();
+    let mut upd_bytes = Vec::new();
+    let mut pick = seed;
+    for u in 0..updates {
+        pick = pick
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let who = 1 + (pick >> 33) as usize % (n - 1);
+        let b0: u64 = s.wire_bytes.iter().sum();
+        s.set_stacks(who, scale_stacks(who, k, 1 + u as u64))
+            .expect("set_stacks");
+        let version = s.node(who).expect("running").record().version;
+        let id = Sim::node_id(who);
+        let t0 = s.now();
+        let mut pending: Vec<usize> = running(&s).into_iter().filter(|j| *j != who).collect();
+        let mut done = None;
+        while s.now() < t0 + 60_000 {
+            pending.retain(|j| {
+                s.node(*j)
+                    .expect("running")
+                    .member_brief(id)
+                    .is_none_or(|(v, _, _)| v < version)
+            });
+            if pending.is_empty() {
+                done = Some(s.now() - t0);
+                break;
+            }
+            let t = s.now() + 10;
+            s.run_until(t);
+        }
+        let b1: u64 = s.wire_bytes.iter().sum();
+        upd_bytes.push((b1 - b0) as f64);
+        eprintln!(
+            "scale n={n}: update {u} from {who}: {done:?} ms (pending {})",
+            pending.len()
+        );
+        times.push(done.map(|t| t as f64).unwrap_or(f64::INFINITY));
+        let t = s.now() + 5_000;
+        s.run_until(t);
+    }
+    // Failure detection: crash one node at a time, until all others see it Down.
+    let mut fd = Vec::new();
+    let mut crashed = Vec::new();
+    for c in 0..crashes {
+        let victim = 1 + (c * 7919 + 13) % (n - 1);
+        if crashed.contains(&victim) {
+            continue;
+        }
+        let t = s.now() + 2_000 + (seed >> (c % 40)) % 500;
+        s.run_until(t);
+        crashed.push(victim);
+        s.crash(victim);
+        let id = Sim::node_id(victim);
+        let t0 = s.now();
+        let mut pending: Vec<usize> = running(&s);
+        let mut done = None;
+        while s.now() < t0 + 30_000 {
+            pending.retain(|j| {
+                s.node(*j)
+                    .expect("running")
+                    .member_brief(id)
+                    .is_none_or(|(_, _, st)| st != MemberState::Down)
+            });
+            if pending.is_empty() {
+                done = Some(s.now() - t0);
+                break;
+            }
+            let t = s.now() + 10;
+            s.run_until(t);
+        }
+        eprintln!("scale n={n}: crash of {victim} seen Down by all after {done:?} ms");
+        fd.push(done.map(|t| t as f64).unwrap_or(f64::INFINITY));
+    }
+    let (hwm, rss) = rss_mib();
+    json!({
+        "nodes": n,
+        "stacks_per_node": k,
+        "record_bytes": record_bytes,
+        "seed": seed,
+        "join": {
+            "what": "nodes 1..N start 10 per 100 ms simulated, each joining through node 0; time after the last start until every node holds every other's record alive and SWIM counts all (checked every 500 ms)",
+            "converged_ms_after_last_start": joined_at.map(|t| t - all_started),
+            "cap_ms": cap_ms,
+            "wall_s": join_wall_s,
+        },
+        "idle": {
+            "what": "bytes sent per node incl. 28-byte IP/UDP headers, 10 s after the join converged, over 20 s",
+            "window_ms": window,
+            "kbit_s_mean": idle_mean,
+            "kbit_s_max": max(&idle),
+            "packets_s_per_node": pps,
+            "target_kbit_s": 10.0,
+        },
+        "record_update": {
+            "what": "one node replaces one of its stacks (a new record version); simulated time until every other node holds it (checked every 10 ms)",
+            "ms": summary(&times),
+            "mesh_bytes_per_update": summary(&upd_bytes),
+            "target_ms": 3000,
+        },
+        "failure_detection": {
+            "what": "one node crashes; simulated time until every other node sees it Down (checked every 10 ms); crashes one after another",
+            "ms": summary(&fd),
+            "target_ms": {"p50": 3000, "p99": 5000},
+        },
+        "process_rss_mib": {"peak": hwm, "end": rss},
+        "held_bytes_per_node_est": (n - 1) * record_bytes * 2,
+        "wall_s": wall.elapsed().as_secs_f64(),
+    })
+}
+
+/// Least-squares fit y = a + b*x.
+fn fit(xs: &[f64], ys: &[f64]) -> Option<(f64, f64)> {
+    let n = xs.len() as f64;
+    if xs.len() < 2 {
+        return None;
+    }
+    let (sx, sy) = (xs.iter().sum::<f64>(), ys.iter().sum::<f64>());
+    let sxx = xs.iter().map(|x| x * x).sum::<f64>();
+    let sxy = xs.iter().zip(ys).map(|(x, y)| x * y).sum::<f64>();
+    let d = n * sxx - sx * sx;
+    if d.abs() < 1e-12 {
+        return None;
+    }
+    let b = (n * sxy - sx * sy) / d;
+    Some(((sy - b * sx) / n, b))
+}
+
+/// Runs every (N, stacks) of `--scale`, and extrapolates to N = 10,000.
+fn scale_main(list: &[(usize, usize)], updates: usize, crashes: usize) -> Value {
+    let mut runs = Vec::new();
+    for (n, k) in list {
+        let v = scale_run(
+            *n,
+            *k,
+            updates,
+            crashes,
+            SEED ^ (*n as u64) ^ ((*k as u64) << 20),
+            120_000,
+        );
+        eprintln!("{}", serde_json::to_string(&v).unwrap_or_default());
+        runs.push(v);
+    }
+    // Trend over the runs with the largest record size: update time and failure
+    // detection against log2(N) (epidemic dissemination), idle traffic against N.
+    let kmax = list.iter().map(|x| x.1).max().unwrap_or(1);
+    let big: Vec<&Value> = runs
+        .iter()
+        .filter(|r| r["stacks_per_node"].as_u64() == Some(kmax as u64))
+        .collect();
+    let xs_log: Vec<f64> = big
+        .iter()
+        .map(|r| (r["nodes"].as_f64().unwrap_or(1.0)).log2())
+        .collect();
+    let xs: Vec<f64> = big
+        .iter()
+        .map(|r| r["nodes"].as_f64().unwrap_or(1.0))
+        .collect();
+    let col = |p: &[&str]| -> Vec<f64> {
+        big.iter()
+            .map(|r| {
+                let mut v = *r;
+                for k in p {
+                    v = &v[*k];
+                }
+                v.as_f64().unwrap_or(f64::NAN)
+            })
+            .collect()
+    };
+    let at = 10_000f64;
+    let mut trend = json!({"at_nodes": 10_000, "stacks_per_node": kmax});
+    let put = |trend: &mut Value, key: &str, model: &str, xs: &[f64], ys: Vec<f64>, x: f64| {
+        if let Some((a, b)) = fit(xs, &ys) {
+            trend[key] = json!({"model": model, "a": a, "b": b, "value": a + b * x, "from": ys});
+        }
+    };
+    put(
+        &mut trend,
+        "record_update_median_ms",
+        "a + b*log2(N)",
+        &xs_log,
+        col(&["record_update", "ms", "median"]),
+        at.log2(),
+    );
+    put(
+        &mut trend,
+        "record_update_max_ms",
+        "a + b*log2(N)",
+        &xs_log,
+        col(&["record_update", "ms", "max"]),
+        at.log2(),
+    );
+    put(
+        &mut trend,
+        "failure_detection_median_ms",
+        "a + b*log2(N)",
+        &xs_log,
+        col(&["failure_detection", "ms", "median"]),
+        at.log2(),
+    );
+    put(
+        &mut trend,
+        "idle_kbit_s_mean",
+        "a + b*log2(N)",
+        &xs_log,
+        col(&["idle", "kbit_s_mean"]),
+        at.log2(),
+    );
+    put(
+        &mut trend,
+        "idle_kbit_s_max",
+        "a + b*log2(N)",
+        &xs_log,
+        col(&["idle", "kbit_s_max"]),
+        at.log2(),
+    );
+    put(
+        &mut trend,
+        "sim_peak_rss_mib",
+        "a + b*N (per N: the sim holds N^2 records)",
+        &xs.iter().map(|x| x * x).collect::<Vec<_>>(),
+        col(&["process_rss_mib", "peak"]),
+        at * at,
+    );
+    let rb = big
+        .first()
+        .and_then(|r| r["record_bytes"].as_f64())
+        .unwrap_or(0.0);
+    let per_record = trend["sim_peak_rss_mib"]["b"].as_f64().unwrap_or(f64::NAN);
+    trend["records_held_per_host_mib"] = json!({
+        "what": "memory one host spends on the other N-1 records at N=10,000: the simulator's peak RSS per record held (the N^2 slope) times 9,999",
+        "record_bytes": rb,
+        "mib_per_record_held": per_record,
+        "value": per_record * (at - 1.0),
+    });
+    json!({
+        "what": "gossip meshes whose records are those of hosts with many long-named stacks, at several N; trend to N=10,000",
+        "runs": runs,
+        "trend": trend,
+    })
+}
+
+/// Figures of a `--scale` run: per N, and the trend to N=10,000.
+fn scale_figures(out: &Value) -> Vec<Figure> {
+    let mut f = Vec::new();
+    for r in out["runs"].as_array().cloned().unwrap_or_default() {
+        let n = r["nodes"].as_u64().unwrap_or(0);
+        let k = r["stacks_per_node"].as_u64().unwrap_or(0);
+        let key = format!("gossip.scale.n{n}_k{k}");
+        let rb = r["record_bytes"].as_u64().unwrap_or(0);
+        let what = format!("N={n} nodes, {k} stacks each ({rb}-byte records)");
+        f.push(
+            Figure::new(
+                &format!("{key}.record_update_ms"),
+                &format!("Gossip sim, {what}: a record update reaching all others"),
+                "ms",
+                samples(&r["record_update"]["ms"]["values"]),
+            )
+            .with_target(Target::AtMost(3000.0)),
+        );
+        f.push(
+            Figure::new(
+                &format!("{key}.idle_kbit"),
+                &format!("Gossip sim, {what}: idle traffic sent per node, busiest node"),
+                "kbit/s",
+                one(&r["idle"]["kbit_s_max"]),
+            )
+            .with_target(Target::AtMost(10.0)),
+        );
+        f.push(Figure::new(
+            &format!("{key}.idle_mean_kbit"),
+            &format!("Gossip sim, {what}: idle traffic sent per node, mean"),
+            "kbit/s",
+            one(&r["idle"]["kbit_s_mean"]),
+        ));
+        f.push(
+            Figure::new(
+                &format!("{key}.failure_detection_ms"),
+                &format!("Gossip sim, {what}: a crashed node seen Down by all others"),
+                "ms",
+                samples(&r["failure_detection"]["ms"]["values"]),
+            )
+            .with_target(Target::AtMost(3000.0)),
+        );
+        f.push(Figure::new(
+            &format!("{key}.join_ms"),
+            &format!("Gossip sim, {what}: join (10 per 100 ms through one node) converged after the last start"),
+            "ms",
+            one(&r["join"]["converged_ms_after_last_start"]),
+        ));
+    }
+    let t = &out["trend"];
+    for (k, label, unit) in [
+        (
+            "record_update_median_ms",
+            "record update reaching all (median), extrapolated",
+            "ms",
+        ),
+        (
+            "failure_detection_median_ms",
+            "failure detection (median), extrapolated",
+            "ms",
+        ),
+        (
+            "idle_kbit_s_max",
+            "idle traffic, busiest node, extrapolated",
+            "kbit/s",
+        ),
+    ] {
+        if t[k]["value"].is_number() {
+            f.push(Figure::new(
+                &format!("gossip.scale.n10000_trend.{k}"),
+                &format!(
+                    "Gossip at N=10,000 ({} stacks per node): {label} from the runs ({})",
+                    t["stacks_per_node"],
+                    t[k]["model"].as_str().unwrap_or("")
+                ),
+                unit,
+                one(&t[k]["value"]),
+            ));
+        }
     }
     f
 }
