@@ -21,6 +21,7 @@
 
 pub mod attach;
 pub mod bench;
+pub mod chaos;
 pub mod cleanup;
 pub mod cmd;
 pub mod cpuprof;
@@ -35,6 +36,7 @@ pub mod http;
 pub mod interrupt;
 pub mod mesh;
 pub mod nat;
+pub mod oracle;
 pub mod probe;
 pub mod relaybench;
 pub mod steering;
