@@ -594,16 +594,17 @@ impl Chaos {
         })
     }
 
-    /// Every reachable crash point once.
-    pub fn every_point(&mut self) -> Result<Vec<PointRun>> {
+    /// Every reachable crash point once (only those containing `only`, when given).
+    pub fn every_point(&mut self, only: Option<&str>) -> Result<Vec<PointRun>> {
+        let wanted = |p: &str| only.is_none_or(|o| o.split(',').any(|x| p.contains(x)));
         let mut runs = Vec::new();
         for p in DISCOVERY_POINTS {
-            if UNREACHED.iter().any(|(u, _)| u == p) {
+            if UNREACHED.iter().any(|(u, _)| u == p) || !wanted(p) {
                 continue;
             }
             runs.push(self.discovery_point_round(p)?);
         }
-        for p in ROUTER_POINTS {
+        for p in ROUTER_POINTS.iter().filter(|p| wanted(p)) {
             runs.push(self.router_point_round(p)?);
         }
         Ok(runs)

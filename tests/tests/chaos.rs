@@ -9,8 +9,13 @@ use std::time::Instant;
 use vrouter_tests::chaos::*;
 use vrouter_tests::*;
 
-const DISCOVERY_KILLS: usize = 5;
-const ROUTER_KILLS: usize = 5;
+/// Random kills of each daemon (`VROUTER_CHAOS_KILLS` overrides, for a quicker look).
+fn kills() -> usize {
+    std::env::var("VROUTER_CHAOS_KILLS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5)
+}
 
 fn seed() -> u64 {
     std::env::var("VROUTER_CHAOS_SEED")
@@ -31,19 +36,23 @@ fn kills_and_crash_points_leave_nothing_behind() {
     eprintln!("chaos seed {seed} (VROUTER_CHAOS_SEED to repeat)");
     let started = Instant::now();
     let mut c = Chaos::start("chaos", seed).unwrap_or_else(|e| panic!("{e:#}"));
-    for i in 0..DISCOVERY_KILLS {
+    for i in 0..kills() {
         let o = c
             .discovery_kill_round()
             .unwrap_or_else(|e| panic!("discovery kill {i} (seed {seed}): {e:#}"));
         eprintln!("discovery kill {i}: converged in {:?}", o.converge);
     }
-    for i in 0..ROUTER_KILLS {
+    for i in 0..kills() {
         let o = c
             .router_kill_round()
             .unwrap_or_else(|e| panic!("router kill {i} (seed {seed}): {e:#}"));
         eprintln!("router kill {i}: converged in {:?}", o.converge);
     }
-    let runs = c.every_point().unwrap_or_else(|e| panic!("{e:#}"));
+    // VROUTER_CHAOS_ONLY=<part>[,<part>]: only the points whose names contain one.
+    let only = std::env::var("VROUTER_CHAOS_ONLY").ok();
+    let runs = c
+        .every_point(only.as_deref())
+        .unwrap_or_else(|e| panic!("seed {seed}: {e:#}"));
     for r in &runs {
         eprintln!(
             "{}: fired {}, converged in {:?}",

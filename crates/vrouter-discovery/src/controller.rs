@@ -879,6 +879,12 @@ impl Controller {
                         k.delete_link(old.index).await.map_err(|e| e.to_string())?;
                     }
                 }
+                // Recorded before it exists: a crash between the create and the marker
+                // below must leave a device the next start adopts (unmarked, recorded,
+                // as built), never one it refuses as foreign for good.
+                if self.owned_vnis.insert(vni) {
+                    crate::ownership::record(&self.dir, &self.owned_vnis);
+                }
                 let spec = VxlanSpec {
                     name: name.clone(),
                     vni,
@@ -908,7 +914,7 @@ impl Controller {
                     self.event(
                         EventKind::DeviceAdopted,
                         format!(
-                            "{name} (made by an older version) now carries the marker \"{}\"",
+                            "{name} (made by an older version, or by a run that stopped before marking it) now carries the marker \"{}\"",
                             crate::ownership::marker(vni)
                         ),
                         None,
