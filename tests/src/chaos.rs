@@ -292,74 +292,13 @@ impl Chaos {
         failed
     }
 
-    /// Every state file parses; returns the number of temp files found. Fails on a
-    /// file that does not parse, a torn events.log line, or more than one temp file
-    /// per target (temp files piling up).
+    /// Every state file of every host parses ([`check_state_files`]); the number of
+    /// temp files found.
     pub fn check_files(&self) -> Result<usize> {
         let mut temps = 0;
         for h in 1..=3 {
-            let dir = self.g.state_dir(h);
-            let state = vrouter_state::StateDir::open_readonly(&dir)
-                .map_err(|e| anyhow::anyhow!("host {h}: {e}"))?;
-            state
-                .read_discovery()
-                .map_err(|e| anyhow::anyhow!("host {h} discovery.json: {e}"))?;
-            state
-                .read_routes()
-                .map_err(|e| anyhow::anyhow!("host {h} routes.json: {e}"))?;
-            for name in ["events.log", "events.log.1"] {
-                let p = dir.join(name);
-                let Ok(bytes) = std::fs::read(&p) else {
-                    continue;
-                };
-                if !bytes.is_empty() && bytes.last() != Some(&b'\n') {
-                    bail!("host {h} {name}: torn last line");
-                }
-                for (n, line) in bytes.split(|b| *b == b'\n').enumerate() {
-                    if line.is_empty() {
-                        continue;
-                    }
-                    serde_json::from_slice::<vrouter_state::Event>(line).with_context(|| {
-                        format!(
-                            "host {h} {name} line {}: torn or unreadable: {}",
-                            n + 1,
-                            String::from_utf8_lossy(line)
-                        )
-                    })?;
-                }
-            }
-            let probes = dir.join(vrouter_state::PROBES_DIR);
-            let private = self.g.private_dir(h);
-            for d in [dir.clone(), probes.clone(), private.clone()] {
-                let Ok(rd) = std::fs::read_dir(&d) else {
-                    continue;
-                };
-                let mut per_target: BTreeMap<String, usize> = BTreeMap::new();
-                for e in rd.flatten() {
-                    let name = e.file_name().to_string_lossy().to_string();
-                    if let Some((target, _)) = name
-                        .strip_prefix('.')
-                        .and_then(|n| n.split_once(".tmp."))
-                    {
-                        temps += 1;
-                        *per_target.entry(target.to_string()).or_default() += 1;
-                        continue;
-                    }
-                    let is_json = name.ends_with(".json");
-                    if is_json && (d == probes || d == private) {
-                        let text = std::fs::read(e.path())?;
-                        serde_json::from_slice::<serde_json::Value>(&text).with_context(|| {
-                            format!("host {h} {}: unreadable", e.path().display())
-                        })?;
-                    }
-                }
-                if let Some((t, n)) = per_target.iter().find(|(_, n)| **n > 1) {
-                    bail!(
-                        "host {h} {}: {n} temp files of {t} (they pile up)",
-                        d.display()
-                    );
-                }
-            }
+            temps += check_state_files(&self.g.state_dir(h), &self.g.private_dir(h))
+                .with_context(|| format!("host {h}"))?;
         }
         Ok(temps)
     }
@@ -477,6 +416,68 @@ impl Chaos {
             s.signal() == Some(libc::SIGKILL)
         }))
     }
+}
+
+/// Checks one host's state files: discovery.json and routes.json read as the daemons
+/// read them, every events.log line is a whole event ending in a newline, every JSON
+/// file in `probes/` and in the private directory parses, and no file has more than
+/// one temp file (`.<name>.tmp.<random>`) beside it. Returns the number of temp files.
+pub fn check_state_files(dir: &std::path::Path, private: &std::path::Path) -> Result<usize> {
+    let mut temps = 0;
+    let state = vrouter_state::StateDir::open_readonly(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    state
+        .read_discovery()
+        .map_err(|e| anyhow::anyhow!("discovery.json: {e}"))?;
+    state
+        .read_routes()
+        .map_err(|e| anyhow::anyhow!("routes.json: {e}"))?;
+    for name in ["events.log", "events.log.1"] {
+        let Ok(bytes) = std::fs::read(dir.join(name)) else {
+            continue;
+        };
+        if !bytes.is_empty() && bytes.last() != Some(&b'\n') {
+            bail!("{name}: torn last line");
+        }
+        for (n, line) in bytes.split(|b| *b == b'\n').enumerate() {
+            if line.is_empty() {
+                continue;
+            }
+            serde_json::from_slice::<vrouter_state::Event>(line).with_context(|| {
+                format!(
+                    "{name} line {}: torn or unreadable: {}",
+                    n + 1,
+                    String::from_utf8_lossy(line)
+                )
+            })?;
+        }
+    }
+    let probes = dir.join(vrouter_state::PROBES_DIR);
+    for d in [dir, probes.as_path(), private] {
+        let Ok(rd) = std::fs::read_dir(d) else {
+            continue;
+        };
+        let mut per_target: BTreeMap<String, usize> = BTreeMap::new();
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if let Some((target, _)) = name
+                .strip_prefix('.')
+                .and_then(|n| n.split_once(".tmp."))
+            {
+                temps += 1;
+                *per_target.entry(target.to_string()).or_default() += 1;
+                continue;
+            }
+            if name.ends_with(".json") && d != dir {
+                let text = std::fs::read(e.path())?;
+                serde_json::from_slice::<serde_json::Value>(&text)
+                    .with_context(|| format!("{}: unreadable", e.path().display()))?;
+            }
+        }
+        if let Some((t, n)) = per_target.iter().find(|(_, n)| **n > 1) {
+            bail!("{}: {n} temp files of {t} (they pile up)", d.display());
+        }
+    }
+    Ok(temps)
 }
 
 /// What drove a crash point to fire.
@@ -650,5 +651,57 @@ mod tests {
                 "{p} has no row in docs/operations.md"
             );
         }
+    }
+
+    fn write_state(dir: &std::path::Path) {
+        std::fs::write(
+            dir.join("discovery.json"),
+            r#"{"schema": 1, "generation": 1, "updated_ms": 0, "host": {"underlay_interface": "eth0", "local_addr": "198.18.0.1", "advertise_addr": "198.18.0.1", "vxlan_port": 4789, "underlay_mtu": 1500, "pid": 1}, "peers": [], "local_stacks": [], "refused": []}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("routes.json"),
+            r#"{"schema": 1, "generation": 1, "stacks": {}}"#,
+        )
+        .unwrap();
+    }
+
+    /// The file check fails on a torn file, a torn event line and piled-up temp files.
+    #[test]
+    fn torn_files_and_piled_up_temps_fail_the_check() {
+        let base = std::env::temp_dir().join(format!("vrt-chaos-files-{}", std::process::id()));
+        let dir = base.join("state");
+        let private = base.join("private");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&private).unwrap();
+        write_state(&dir);
+        let ev = serde_json::to_string(&vrouter_state::Event::new(
+            "discovery",
+            vrouter_state::EventKind::Error,
+            "x",
+        ))
+        .unwrap();
+        std::fs::write(dir.join("events.log"), format!("{ev}\n")).unwrap();
+        std::fs::write(dir.join(".routes.json.tmp.0123"), "{").unwrap();
+        assert_eq!(check_state_files(&dir, &private).unwrap(), 1);
+
+        std::fs::write(dir.join(".routes.json.tmp.4567"), "{").unwrap();
+        assert!(check_state_files(&dir, &private).is_err(), "two temps of one file");
+        std::fs::remove_file(dir.join(".routes.json.tmp.4567")).unwrap();
+
+        std::fs::write(dir.join("events.log"), format!("{ev}\n{}", &ev[..10])).unwrap();
+        assert!(check_state_files(&dir, &private).is_err(), "torn last event");
+        std::fs::write(dir.join("events.log"), format!("{}\n{ev}\n", &ev[..10])).unwrap();
+        assert!(check_state_files(&dir, &private).is_err(), "torn event inside");
+        std::fs::write(dir.join("events.log"), format!("{ev}\n")).unwrap();
+
+        let good = std::fs::read(dir.join("routes.json")).unwrap();
+        std::fs::write(dir.join("routes.json"), &good[..good.len() / 2]).unwrap();
+        assert!(check_state_files(&dir, &private).is_err(), "torn routes.json");
+        std::fs::write(dir.join("routes.json"), &good).unwrap();
+
+        std::fs::write(private.join("claims.json"), "{\"a\": ").unwrap();
+        assert!(check_state_files(&dir, &private).is_err(), "torn private file");
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }
