@@ -145,8 +145,7 @@ impl Chaos {
         }
         g.mesh
             .set_router_env(ACL_STACK, "VROUTER_DEFAULT_POLICY", "deny");
-        g.mesh
-            .set_router_env(ACL_STACK, "VROUTER_ALLOW", ACL_ALLOW);
+        g.mesh.set_router_env(ACL_STACK, "VROUTER_ALLOW", ACL_ALLOW);
         g.start_all()?;
         let c = Chaos {
             g,
@@ -211,7 +210,11 @@ impl Chaos {
                         .network(s.name)
                         .map(|n| n.bridge.clone())
                         .unwrap_or_default(),
-                    acl_rules: if s.name == ACL_STACK { ACL_ALLOW.split(',').count() } else { 0 },
+                    acl_rules: if s.name == ACL_STACK {
+                        ACL_ALLOW.split(',').count()
+                    } else {
+                        0
+                    },
                 }
             })
             .collect();
@@ -347,12 +350,17 @@ impl Chaos {
         let s = self.g.stack(stack).clone();
         if up {
             self.g.stop_router(stack, libc::SIGTERM)?;
-            self.g.topo.host_mut(s.host).remove_container(s.name, "rtr")?;
-        } else {
             self.g
                 .topo
                 .host_mut(s.host)
-                .add_container(s.name, "rtr", &s.router_ip(), Role::Router)?;
+                .remove_container(s.name, "rtr")?;
+        } else {
+            self.g.topo.host_mut(s.host).add_container(
+                s.name,
+                "rtr",
+                &s.router_ip(),
+                Role::Router,
+            )?;
             self.g.start_router(stack)?;
         }
         self.up.insert(stack, !up);
@@ -373,10 +381,10 @@ impl Chaos {
 
     pub fn start_discovery(&mut self, host: usize, crash_at: Option<&str>) -> Result<()> {
         match crash_at {
-            Some(p) => self
+            Some(p) => self.g.set_discovery_env(host, vrouter_state::crash::ENV, p),
+            None => self
                 .g
-                .set_discovery_env(host, vrouter_state::crash::ENV, p),
-            None => self.g.set_discovery_env(host, vrouter_state::crash::ENV, ""),
+                .set_discovery_env(host, vrouter_state::crash::ENV, ""),
         }
         self.g.start_discovery(host)
     }
@@ -388,7 +396,12 @@ impl Chaos {
 
     /// Starts `stack`'s router again, in its namespace or (`fresh_ns`, as Docker's
     /// restart does) in a new one with the same address.
-    pub fn start_router(&mut self, stack: &str, fresh_ns: bool, crash_at: Option<&str>) -> Result<()> {
+    pub fn start_router(
+        &mut self,
+        stack: &str,
+        fresh_ns: bool,
+        crash_at: Option<&str>,
+    ) -> Result<()> {
         self.g
             .set_router_env(stack, vrouter_state::crash::ENV, crash_at.unwrap_or(""));
         if fresh_ns {
@@ -459,10 +472,7 @@ pub fn check_state_files(dir: &std::path::Path, private: &std::path::Path) -> Re
         let mut per_target: BTreeMap<String, usize> = BTreeMap::new();
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            if let Some((target, _)) = name
-                .strip_prefix('.')
-                .and_then(|n| n.split_once(".tmp."))
-            {
+            if let Some((target, _)) = name.strip_prefix('.').and_then(|n| n.split_once(".tmp.")) {
                 temps += 1;
                 *per_target.entry(target.to_string()).or_default() += 1;
                 continue;
@@ -501,8 +511,9 @@ impl Chaos {
         self.kill_discovery(host)?;
         std::thread::sleep(Duration::from_millis(self.rng.below(300)));
         self.start_discovery(host, None)?;
-        self.wait_converged(CONVERGE)
-            .with_context(|| format!("after killing discovery on host {host} {delay} ms into a churn step"))
+        self.wait_converged(CONVERGE).with_context(|| {
+            format!("after killing discovery on host {host} {delay} ms into a churn step")
+        })
     }
 
     /// One random router kill: a churn step starts (routes change under the routers),
@@ -570,7 +581,9 @@ impl Chaos {
         }
         crate::exec_ok(
             Some(&self.g.rtr(stack).ns),
-            &["ip", "rule", "add", "pref", "30000", "table", "30322", "proto", "118"],
+            &[
+                "ip", "rule", "add", "pref", "30000", "table", "30322", "proto", "118",
+            ],
         )?;
         self.start_router(stack, false, Some(point))?;
         let mut fired = false;
@@ -686,22 +699,37 @@ mod tests {
         assert_eq!(check_state_files(&dir, &private).unwrap(), 1);
 
         std::fs::write(dir.join(".routes.json.tmp.4567"), "{").unwrap();
-        assert!(check_state_files(&dir, &private).is_err(), "two temps of one file");
+        assert!(
+            check_state_files(&dir, &private).is_err(),
+            "two temps of one file"
+        );
         std::fs::remove_file(dir.join(".routes.json.tmp.4567")).unwrap();
 
         std::fs::write(dir.join("events.log"), format!("{ev}\n{}", &ev[..10])).unwrap();
-        assert!(check_state_files(&dir, &private).is_err(), "torn last event");
+        assert!(
+            check_state_files(&dir, &private).is_err(),
+            "torn last event"
+        );
         std::fs::write(dir.join("events.log"), format!("{}\n{ev}\n", &ev[..10])).unwrap();
-        assert!(check_state_files(&dir, &private).is_err(), "torn event inside");
+        assert!(
+            check_state_files(&dir, &private).is_err(),
+            "torn event inside"
+        );
         std::fs::write(dir.join("events.log"), format!("{ev}\n")).unwrap();
 
         let good = std::fs::read(dir.join("routes.json")).unwrap();
         std::fs::write(dir.join("routes.json"), &good[..good.len() / 2]).unwrap();
-        assert!(check_state_files(&dir, &private).is_err(), "torn routes.json");
+        assert!(
+            check_state_files(&dir, &private).is_err(),
+            "torn routes.json"
+        );
         std::fs::write(dir.join("routes.json"), &good).unwrap();
 
         std::fs::write(private.join("claims.json"), "{\"a\": ").unwrap();
-        assert!(check_state_files(&dir, &private).is_err(), "torn private file");
+        assert!(
+            check_state_files(&dir, &private).is_err(),
+            "torn private file"
+        );
         std::fs::remove_dir_all(&base).unwrap();
     }
 }

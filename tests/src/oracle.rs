@@ -118,7 +118,12 @@ impl Model {
             for kind in ["route", "nexthop", "neigh", "rule", "overlay", "acl"] {
                 touch(&mut o, &place, kind);
             }
-            put(&mut o, &place, "overlay", format!("ovl{} macvlan up", s.vni));
+            put(
+                &mut o,
+                &place,
+                "overlay",
+                format!("ovl{} macvlan up", s.vni),
+            );
             // Every router holds an access table (the default policy's too): its own
             // prefix, and each remote prefix with the router MAC it must come from.
             put(&mut o, &place, "acl", "table ip vrouter_acl".into());
@@ -209,10 +214,7 @@ impl Model {
                         &mut o,
                         &place,
                         "fdb",
-                        format!(
-                            "vxlan{v} {} dst {dst}",
-                            router_mac(t.vni, t.router_ip)
-                        ),
+                        format!("vxlan{v} {} dst {dst}", router_mac(t.vni, t.router_ip)),
                     );
                     flood.insert(dst);
                 }
@@ -325,7 +327,9 @@ pub fn dump_router(ns: &str, stack: &str, acl_table: &str) -> Result<Objects> {
             if !proto_is_ours(&n) {
                 continue;
             }
-            let onlink = arr(&n["flags"]).iter().any(|f| f.as_str() == Some("onlink"));
+            let onlink = arr(&n["flags"])
+                .iter()
+                .any(|f| f.as_str() == Some("onlink"));
             put(
                 &mut o,
                 &place,
@@ -340,7 +344,10 @@ pub fn dump_router(ns: &str, stack: &str, acl_table: &str) -> Result<Objects> {
             );
         }
     }
-    for n in arr(&json(ns, &["ip", "-j", "neigh", "show", "nud", "permanent"])?) {
+    for n in arr(&json(
+        ns,
+        &["ip", "-j", "neigh", "show", "nud", "permanent"],
+    )?) {
         put(
             &mut o,
             &place,
@@ -480,7 +487,9 @@ pub fn dump_host(
             continue;
         }
         let permanent = s(&r, "state") == "permanent"
-            || arr(&r["flags"]).iter().any(|f| f.as_str() == Some("permanent"));
+            || arr(&r["flags"])
+                .iter()
+                .any(|f| f.as_str() == Some("permanent"));
         if !permanent {
             continue;
         }
@@ -509,7 +518,10 @@ pub fn dump_host(
     for (host, tunnel) in wg_peers {
         put(&mut o, &place, "wg_peer", format!("{host} tunnel {tunnel}"));
     }
-    let filter = crate::exec(Some(ns), &["nft", "-j", "list", "table", "ip", steering_table])?;
+    let filter = crate::exec(
+        Some(ns),
+        &["nft", "-j", "list", "table", "ip", steering_table],
+    )?;
     if filter.success() && filter.stdout.contains("\"rule\"") {
         put(&mut o, &place, "filter", "vxlan input filter".into());
     }

@@ -18,8 +18,8 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
 use tracing::{info, warn};
 use vrouter_kernel::{FdbEntry, Kernel, KernelError, Link, Route, Rule, VxlanSpec};
-use vrouter_state::crash;
 use vrouter_state::attach::{DiscoveryMessage, NetnsKey, Registration};
+use vrouter_state::crash;
 use vrouter_state::{
     now_ms, DiscoveryFile, Event, EventKind, GossipStatus, HostInfo, LocalStack, Mac, PeerHost,
     Prefix, RoutesFile, StackName, StackRoutes, StackSteering, StateDir, SteeringMode,

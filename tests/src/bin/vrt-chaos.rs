@@ -29,9 +29,7 @@ struct Args {
 }
 
 fn usage() -> ! {
-    eprintln!(
-        "usage: vrt-chaos [--discovery-kills N] [--router-kills N] [--seed S] [--out PATH]"
-    );
+    eprintln!("usage: vrt-chaos [--discovery-kills N] [--router-kills N] [--seed S] [--out PATH]");
     std::process::exit(2)
 }
 
@@ -87,19 +85,37 @@ fn run(args: &Args) -> Result<()> {
     let mut temps = Samples::default();
     for i in 0..args.discovery_kills {
         check_stop()?;
-        let o = c
-            .discovery_kill_round()
-            .with_context(|| format!("discovery kill {} of {} (seed {})", i + 1, args.discovery_kills, args.seed))?;
-        eprintln!("discovery kill {}: converged in {:.2} s", i + 1, secs(o.converge));
+        let o = c.discovery_kill_round().with_context(|| {
+            format!(
+                "discovery kill {} of {} (seed {})",
+                i + 1,
+                args.discovery_kills,
+                args.seed
+            )
+        })?;
+        eprintln!(
+            "discovery kill {}: converged in {:.2} s",
+            i + 1,
+            secs(o.converge)
+        );
         disc.push(secs(o.converge));
         temps.push(o.temps as f64);
     }
     for i in 0..args.router_kills {
         check_stop()?;
-        let o = c
-            .router_kill_round()
-            .with_context(|| format!("router kill {} of {} (seed {})", i + 1, args.router_kills, args.seed))?;
-        eprintln!("router kill {}: converged in {:.2} s", i + 1, secs(o.converge));
+        let o = c.router_kill_round().with_context(|| {
+            format!(
+                "router kill {} of {} (seed {})",
+                i + 1,
+                args.router_kills,
+                args.seed
+            )
+        })?;
+        eprintln!(
+            "router kill {}: converged in {:.2} s",
+            i + 1,
+            secs(o.converge)
+        );
         rtr.push(secs(o.converge));
         temps.push(o.temps as f64);
     }
