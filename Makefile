@@ -164,6 +164,18 @@ bench-scale: setup build
 	for f in docs/bench/*.json; do [ -e target/bench/$$(basename $$f) ] || cp $$f target/bench/; done
 	$(MAKE) bench-report
 
+# Crash at any point (issue 18, vrt-chaos, about 15 minutes): 100 random kill -9 of
+# discovery and 100 of routers on a 3-host mesh, then every crash point once; each must
+# converge to the kernel state the test topology implies, with no torn state file.
+# Into the same JSON and report (not part of `make bench`).
+CHAOS_ARGS ?=
+chaos: setup build
+	mkdir -p target/bench
+	bash .ci/cleanup
+	target/release/vrt-chaos --out target/bench/chaos.json $(CHAOS_ARGS)
+	for f in docs/bench/*.json; do [ -e target/bench/$$(basename $$f) ] || cp $$f target/bench/; done
+	$(MAKE) bench-report
+
 # Regenerates docs/benchmarks.md and docs/benchmarks.png from target/bench/*.json
 # (needs python3-matplotlib, which .ci/setup installs).
 bench-report:

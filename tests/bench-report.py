@@ -246,8 +246,33 @@ part of `make bench`.""",
     ),
 ]
 
+# Crash at any point (issue 18): `make chaos`, not part of `make bench`.
+SECTIONS.append(
+    (
+        "chaos",
+        "Crash at any point (`vrt-chaos`)",
+        """\
+Three simulated hosts in one gossip mesh with every kind of state the project keeps:
+userspace WireGuard (`require`) on every host, port steering, an access policy on one
+router (default deny), six stacks on two VNIs of which three come and go (compose up
+and down) all the time. Discovery and routers are killed with SIGKILL at random moments
+during registrations, publishes and withdrawals, then each crash point
+(docs/operations.md, "Crash points") fires once. After every crash the daemon starts
+again and the run checks that every state file parses (no torn discovery.json,
+routes.json, events.log line, probes or private file), that temp files do not pile up,
+that traffic flows between every live pair, and that the kernel equals an oracle
+derived from the test topology alone (tests/src/oracle.rs): VXLAN devices, FDB rows,
+policy rules and steering routes, steering chains, the WireGuard peers and input
+filter, each router's routes, nexthops, neighbours, rules, overlay link and access
+table elements, none missing and none left over. The run stops at the first failure,
+so a result file means every crash converged; **converge** is the time from the
+restart to that state.""",
+    )
+)
+
 # How to produce a results file, where it is not `make bench`.
 MAKE_TARGET = {
+    "chaos": "make chaos",
     "fuzz": "make fuzz",
     "encryption": "make bench-encryption",
     "relay": "make bench-relay",
@@ -873,6 +898,25 @@ def relay_text(extra):
     return out
 
 
+def chaos_text(extra):
+    """The chaos run's kills and crash points, from the JSON's extra."""
+    fired = extra.get("points_fired") or []
+    missed = extra.get("points_not_reached") or []
+    unreachable = extra.get("points_unreachable_here") or []
+    out = [
+        f"{extra.get('discovery_kills', '?')} discovery kills, "
+        f"{extra.get('router_kills', '?')} router kills, "
+        f"{len(fired)} crash points fired (seed {extra.get('seed', '?')}, "
+        f"{extra.get('duration_s', '?')} s).",
+    ]
+    if missed:
+        out.append("Not reached: " + ", ".join(f"`{p}`" for p in missed) + ".")
+    for u in unreachable:
+        if isinstance(u, dict):
+            out.append(f"`{u.get('point')}` is not crashed at here: {u.get('why')}.")
+    return out + [""]
+
+
 def encryption_text(extra):
     """The encryption bench's notes: kernel WireGuard, the goal, knobs, the CPU per
     path and the perf breakdown, all from the JSON's extra."""
@@ -1041,6 +1085,8 @@ def render(docs, in_dir, md_path, png_path, raw_links, chart_panels, soak_png=No
             out += gossip_scale_text(extra)
         if stem == "scale":
             out += scale_text(extra)
+        if stem == "chaos":
+            out += chaos_text(extra)
         if doc["figures"]:
             out += figures_table(doc)
         else:

@@ -21,6 +21,7 @@
 
 pub mod attach;
 pub mod bench;
+pub mod chaos;
 pub mod cleanup;
 pub mod cmd;
 pub mod cpuprof;
@@ -36,6 +37,7 @@ pub mod interrupt;
 pub mod mesh;
 pub mod migration;
 pub mod nat;
+pub mod oracle;
 pub mod probe;
 pub mod relaybench;
 pub mod soak;

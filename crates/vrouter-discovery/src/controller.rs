@@ -19,6 +19,7 @@ use std::time::Instant;
 use tracing::{info, warn};
 use vrouter_kernel::{FdbEntry, Kernel, KernelError, Link, Route, Rule, VxlanSpec};
 use vrouter_state::attach::{DiscoveryMessage, NetnsKey, Registration};
+use vrouter_state::crash;
 use vrouter_state::{
     now_ms, DiscoveryFile, Event, EventKind, GossipStatus, HostInfo, LocalStack, Mac, PeerHost,
     Prefix, RoutesFile, StackName, StackRoutes, StackSteering, StateDir, SteeringMode,
@@ -313,6 +314,7 @@ impl Controller {
         if let Err(err) = self.dir.append_event(&e) {
             warn!("cannot append to events.log: {err}");
         }
+        crash::point("discovery.after_event");
     }
 
     /// Discovery never writes sysctls (it may not); it reports the ones that break the
@@ -849,6 +851,8 @@ impl Controller {
             ),
             Some(&spec.name),
         );
+        // Registered and attached; the reply is not sent yet.
+        crash::point("discovery.after_register");
         DiscoveryMessage::Attached {
             ifname: name,
             mac,
@@ -894,6 +898,8 @@ impl Controller {
                 "cannot move {name} into the router's network namespace: {e}"
             ));
         }
+        // The macvlan is in the router's namespace; the registry does not know yet.
+        crash::point("discovery.after_attach");
         drop(netns);
         Ok(())
     }
@@ -1047,6 +1053,12 @@ impl Controller {
                         k.delete_link(old.index).await.map_err(|e| e.to_string())?;
                     }
                 }
+                // Recorded before it exists: a crash between the create and the marker
+                // below must leave a device the next start adopts (unmarked, recorded,
+                // as built), never one it refuses as foreign for good.
+                if self.owned_vnis.insert(vni) {
+                    crate::ownership::record(&self.dir, &self.owned_vnis);
+                }
                 let spec = VxlanSpec {
                     name: name.clone(),
                     vni,
@@ -1059,6 +1071,8 @@ impl Controller {
                 match k.create_vxlan(&spec).await {
                     Err(e) => Err((e, None)),
                     Ok(index) => async {
+                        // Made, not yet marked as ours.
+                        crash::point("discovery.after_device_create");
                         k.set_alias(index, &crate::ownership::marker(vni)).await?;
                         k.set_up(index).await
                     }
@@ -1074,7 +1088,7 @@ impl Controller {
                     self.event(
                         EventKind::DeviceAdopted,
                         format!(
-                            "{name} (made by an older version) now carries the marker \"{}\"",
+                            "{name} (made by an older version, or by a run that stopped before marking it) now carries the marker \"{}\"",
                             crate::ownership::marker(vni)
                         ),
                         None,
@@ -1337,6 +1351,8 @@ impl Controller {
                     warn!("not deleting {}: {why}", l.name);
                 } else {
                     self.kernel.delete_link(l.index).await?;
+                    // Deleted; the private record still lists it.
+                    crash::point("discovery.after_device_delete");
                     changes += 1;
                     self.event(
                         EventKind::DeviceDeleted,
@@ -1384,9 +1400,10 @@ impl Controller {
         );
         target.retain(|r| devices.contains_key(&r.vni));
         let observed = self.dump_fdb(&devices).await?;
-        for change in diff::diff_fdb(&target, &observed) {
+        let fdb_changes = diff::diff_fdb(&target, &observed);
+        for change in &fdb_changes {
             changes += 1;
-            if let Err(e) = self.apply(&change, &devices).await {
+            if let Err(e) = self.apply(change, &devices).await {
                 self.event_because(
                     EventKind::Error,
                     "kernel_change_failed",
@@ -1394,6 +1411,10 @@ impl Controller {
                     None,
                 );
             }
+        }
+        if !fdb_changes.is_empty() {
+            // FDB changed; routes.json not yet written.
+            crash::point("discovery.after_fdb");
         }
 
         // Publish what the FDB now carries.
@@ -1412,6 +1433,7 @@ impl Controller {
             };
             let written = self.dir.write_routes(&file);
             if self.note_state("writing routes.json", written).is_ok() {
+                crash::point("discovery.after_routes");
                 self.routes_current = true;
                 self.report_route_changes(&published, &want);
                 self.retention
@@ -1448,9 +1470,11 @@ impl Controller {
             .into_iter()
             .filter(|r| r.protocol == RTPROT_VROUTER)
             .collect();
-        for change in diff::diff_steering(&want_rules, &want_routes, &have_rules, &have_routes) {
+        let steering_changes =
+            diff::diff_steering(&want_rules, &want_routes, &have_rules, &have_routes);
+        for change in &steering_changes {
             changes += 1;
-            if let Err(e) = self.apply(&change, &devices).await {
+            if let Err(e) = self.apply(change, &devices).await {
                 self.event_because(
                     EventKind::Error,
                     "kernel_change_failed",
@@ -1458,6 +1482,9 @@ impl Controller {
                     None,
                 );
             }
+        }
+        if !steering_changes.is_empty() {
+            crash::point("discovery.after_steering_rules");
         }
 
         self.devices_up = devices.keys().copied().collect();
@@ -1525,6 +1552,8 @@ impl Controller {
         if let (Some(t), Some(addr), false) = (self.tunnel.as_mut(), own, self.left_mesh) {
             t.set_endpoints(endpoints);
             notes = t.apply(addr, self.underlay.mtu, &plan).await;
+            // The WireGuard device and the input filter applied.
+            crash::point("discovery.after_wireguard");
         }
         for n in notes {
             self.encryption_note(n);
@@ -1903,7 +1932,10 @@ impl Controller {
         let table = self.relay_table();
         if !plan.is_empty() || self.transit_applied {
             match crate::transit::apply(&table, &plan) {
-                Ok(()) => self.transit_applied = !plan.is_empty(),
+                Ok(()) => {
+                    crash::point("discovery.after_transit");
+                    self.transit_applied = !plan.is_empty()
+                }
                 // Nothing wanted and nothing to remove (no nftables): fine.
                 Err(_) if plan.is_empty() && !self.settings.relay => self.transit_applied = false,
                 Err(e) => {
@@ -2181,6 +2213,10 @@ impl Controller {
                 (steer::Apply::Delete, _) => crate::steering::delete(table),
                 _ => Ok(()),
             };
+            if applied.is_ok() && matches!(action, steer::Apply::Replace | steer::Apply::Delete) {
+                // The port-steering table replaced (or deleted).
+                crash::point("discovery.after_steering");
+            }
             match applied {
                 Ok(()) => {
                     self.steer_applied = plan.table;
@@ -2501,6 +2537,7 @@ impl Controller {
             // Readiness reports it; the next reconcile tries again.
             return Ok(());
         }
+        crash::point("discovery.after_discovery");
         self.discovery_generation += 1;
         self.last_discovery = Some(file);
         Ok(())

@@ -89,6 +89,8 @@ impl<E: Enforcer + ?Sized> Enforcer for Box<E> {
 /// is in place.
 pub fn start_enforcer(policy: &Policy, surround: &Surround) -> Result<Box<dyn Enforcer>, String> {
     let acl = Acl::start(policy.clone(), context(surround))?;
+    // The access table (or the closed one) is in the kernel.
+    vrouter_state::crash::point("router.after_acl");
     Ok(Box::new(acl))
 }
 
@@ -114,6 +116,8 @@ impl<K: AclKernel> Enforcer for Acl<K> {
 
     fn set_context(&mut self, surround: &Surround) -> Result<(), String> {
         Acl::set_context(self, context(surround))?;
+        // The access table for the new routes replaced.
+        vrouter_state::crash::point("router.after_acl_update");
         match self.state() {
             AclState::Installed => Ok(()),
             AclState::Closed { reason } => Err(reason.clone()),

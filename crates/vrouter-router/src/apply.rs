@@ -168,6 +168,21 @@ pub async fn apply<K: RoutingKernel>(kernel: &K, plan: &[Change]) -> Applied {
                 }
             }
         }
+        // After each group: one kind of object changed, the next kinds not yet.
+        match group[0] {
+            Change::DeleteRoute(_) | Change::ReplaceRoute(_) => {
+                vrouter_state::crash::point("router.after_routes")
+            }
+            Change::ReplaceNeighbour { .. } | Change::DeleteNeighbour { .. } => {
+                vrouter_state::crash::point("router.after_neighbours")
+            }
+            Change::ReplaceNexthop(_) | Change::DeleteNexthop(_) => {
+                vrouter_state::crash::point("router.after_nexthops")
+            }
+            Change::AddRule(_) | Change::DeleteRule(_) => {
+                vrouter_state::crash::point("router.after_rules")
+            }
+        }
     }
     if !out.failed.is_empty() {
         tracing::warn!(

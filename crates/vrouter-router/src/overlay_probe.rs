@@ -1074,6 +1074,7 @@ impl ProbeTask {
             if let Err(e) = state.write_probes(&file) {
                 tracing::warn!(error = %e, "overlay probes: cannot write the results");
             }
+            vrouter_state::crash::point("router.after_probes");
         }));
     }
 }

@@ -519,6 +519,8 @@ impl Router {
                     .await
                 {
                     Ok(index) => {
+                        // The overlay link renamed and configured; routes not yet.
+                        vrouter_state::crash::point("router.after_attach");
                         self.link_held |= !up;
                         tracing::info!(%ifname, link = %self.overlay_name, index, mtu, "overlay link attached");
                         self.hold_link().await;
