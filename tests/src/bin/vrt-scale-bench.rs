@@ -268,6 +268,9 @@ fn router_inventory(ns: &str) -> (usize, usize) {
     (routes, neigh)
 }
 
+/// A router's namespace, a netlink socket in it and the prefixes it still lacks.
+type RouterWatch = (String, Netlink, HashSet<(Ipv4Addr, u8)>);
+
 /// Waits until every router in `stacks` has a route to every other stack's prefix;
 /// returns per-router completion times (ms after `t0`), or the gap after `timeout`.
 fn wait_all_installed(
@@ -276,7 +279,7 @@ fn wait_all_installed(
     t0: Instant,
     timeout: Duration,
 ) -> Result<Vec<f64>> {
-    let mut socks: Vec<(String, Netlink, HashSet<(Ipv4Addr, u8)>)> = Vec::new();
+    let mut socks: Vec<RouterWatch> = Vec::new();
     for s in stacks {
         let ns = g.rtr(s.name).ns.clone();
         let want: HashSet<_> = stacks
