@@ -446,37 +446,14 @@ impl Mesh {
     }
 
     pub fn start_router(&mut self, stack: &str) -> Result<()> {
-        let s = self.stack(stack).clone();
-        let bin = self.bins.join("vrouter-router");
-        let dir = self.state_dir(s.host).display().to_string();
-        let vni = s.vni.to_string();
-        let mut env = vec![
-            ("VROUTER_STACK", s.name),
-            ("VROUTER_VNI", vni.as_str()),
-            ("VROUTER_STATE_DIR", dir.as_str()),
-            ("RUST_LOG", "info"),
-        ];
-        if let Some(p) = s.prefixes {
-            env.push(("VROUTER_PREFIXES", p));
-        }
-        if let Some(extra) = self.router_env.get(stack) {
-            env.extend(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        }
-        let d = self
-            .rtr(stack)
-            .spawn_privileged(bin.to_str().unwrap(), &[], &env)?;
-        self.routers.insert(stack.to_string(), d);
-        Ok(())
+        let host = self.stack(stack).host;
+        self.start_router_on(stack, host)
     }
 
-    /// Starts the router of `stack`'s copy on `host` (see [`Mesh::move_stack`]): the
-    /// current copy's as [`Mesh::start_router`] does, another one under the name
-    /// `<stack>@h<host>`.
+    /// Starts the router of `stack`'s copy on `host` (see [`Mesh::move_stack`]): on the
+    /// stack's own host under its name, on another under the name `<stack>@h<host>`.
     pub fn start_router_on(&mut self, stack: &str, host: usize) -> Result<()> {
         let s = self.stack(stack).clone();
-        if s.host == host {
-            return self.start_router(stack);
-        }
         let bin = self.bins.join("vrouter-router");
         let dir = self.state_dir(host).display().to_string();
         let vni = s.vni.to_string();
@@ -492,10 +469,13 @@ impl Mesh {
         if let Some(extra) = self.router_env.get(stack) {
             env.extend(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         }
-        let d = self
-            .rtr_on(stack, host)
-            .spawn_privileged(bin.to_str().unwrap(), &[], &env)?;
-        self.routers.insert(copy_name(stack, host), d);
+        let (rtr, key) = if s.host == host {
+            (self.rtr(stack), stack.to_string())
+        } else {
+            (self.rtr_on(stack, host), copy_name(stack, host))
+        };
+        let d = rtr.spawn_privileged(bin.to_str().unwrap(), &[], &env)?;
+        self.routers.insert(key, d);
         Ok(())
     }
 
