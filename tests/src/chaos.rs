@@ -386,7 +386,15 @@ impl Chaos {
                 .g
                 .set_discovery_env(host, vrouter_state::crash::ENV, ""),
         }
-        self.g.start_discovery(host)
+        self.g.start_discovery(host)?;
+        if crash_at.is_none() {
+            // A restarted discovery keeps the stacks of its last published state for one
+            // grace period, waiting for their routers to reconnect; a stack whose router
+            // went away meanwhile (its withdrawal was cut short by the crash) holds its
+            // device and rules until then. Judge the kernel after that period.
+            std::thread::sleep(Duration::from_millis(GRACE_MS + 1500));
+        }
+        Ok(())
     }
 
     /// SIGKILLs `stack`'s router.
@@ -541,6 +549,13 @@ impl Chaos {
     /// Started again without the switch, the mesh must converge.
     pub fn discovery_point_round(&mut self, point: &str) -> Result<PointRun> {
         let host = 1;
+        // Stack e (host 2) shares d's VNI: with e up, d's coming and going also changes
+        // host 1's FDB rows, so the FDB step runs (and its point can fire).
+        if !self.is_up("e") {
+            self.toggle("e")?;
+            self.wait_converged(CONVERGE)
+                .context("bringing stack e up before a crash-point round")?;
+        }
         self.kill_discovery(host)?;
         self.start_discovery(host, Some(point))?;
         let mut fired = false;
