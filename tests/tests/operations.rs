@@ -99,6 +99,14 @@ fn http_endpoints_match_the_kernel_and_readiness_follows_faults() {
     );
     let r = wait_ready(&mesh, 503, "routes.json has not been written", CONVERGE);
     assert!(r.body.starts_with("not ready: "), "{}", r.body);
+    // /metrics answers once discovery.json exists, which the first reconcile writes
+    // whatever routes.json's fate: on a loaded machine /readyz can answer first.
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+            get(&mesh, 1, "/metrics").status == 200
+        }),
+        "/metrics never answered 200"
+    );
     assert_eq!(metric(&metrics(&mesh), "vrouter_ready"), Some(0.0));
     std::fs::remove_dir(&blocker).unwrap();
     wait_ready(&mesh, 200, "ready", Duration::from_secs(5));
