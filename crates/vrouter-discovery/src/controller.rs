@@ -295,6 +295,20 @@ impl Controller {
         message: String,
         stack: Option<&StackName>,
     ) {
+        let e = Self::logged_event(kind, reason, message, stack);
+        if let Err(err) = self.dir.append_event(&e) {
+            warn!("cannot append to events.log: {err}");
+        }
+        crash::point("discovery.after_event");
+    }
+
+    /// An event, logged; the caller appends it to events.log.
+    fn logged_event(
+        kind: EventKind,
+        reason: &str,
+        message: String,
+        stack: Option<&StackName>,
+    ) -> Event {
         let stack_name = stack.map(|s| s.as_str());
         match kind {
             EventKind::Error
@@ -311,10 +325,7 @@ impl Controller {
         if let Some(s) = stack {
             e = e.for_stack(s);
         }
-        if let Err(err) = self.dir.append_event(&e) {
-            warn!("cannot append to events.log: {err}");
-        }
-        crash::point("discovery.after_event");
+        e
     }
 
     /// Discovery never writes sysctls (it may not); it reports the ones that break the
@@ -2411,31 +2422,42 @@ impl Controller {
         }
     }
 
-    /// One event per route that routes.json gained or lost, with the cause.
+    /// One event per route that routes.json gained or lost, with the cause, appended
+    /// in one batch ([`StateDir::append_events`]).
     fn report_route_changes(
         &self,
         new: &BTreeMap<StackName, StackRoutes>,
         want: &desired::Desired,
     ) {
         let generation = self.routes_generation;
-        for c in diff::route_changes(&self.published, new, want) {
-            let (stack, p, from) = (&c.stack, c.prefix, &c.from);
-            if c.added {
-                self.event_because(
-                    EventKind::RouteAdded,
-                    c.reason,
-                    format!("stack {stack}: {p} of stack {from} published (routes.json generation {generation})"),
-                    Some(stack),
-                );
-            } else {
-                self.event_because(
-                    EventKind::RouteWithdrawn,
-                    c.reason,
-                    format!("stack {stack}: {p} of stack {from} withdrawn ({}; routes.json generation {generation})", c.reason.replace('_', " ")),
-                    Some(stack),
-                );
-            }
+        let events: Vec<Event> = diff::route_changes(&self.published, new, want)
+            .into_iter()
+            .map(|c| {
+                let (stack, p, from) = (&c.stack, c.prefix, &c.from);
+                if c.added {
+                    Self::logged_event(
+                        EventKind::RouteAdded,
+                        c.reason,
+                        format!("stack {stack}: {p} of stack {from} published (routes.json generation {generation})"),
+                        Some(stack),
+                    )
+                } else {
+                    Self::logged_event(
+                        EventKind::RouteWithdrawn,
+                        c.reason,
+                        format!("stack {stack}: {p} of stack {from} withdrawn ({}; routes.json generation {generation})", c.reason.replace('_', " ")),
+                        Some(stack),
+                    )
+                }
+            })
+            .collect();
+        if events.is_empty() {
+            return;
         }
+        if let Err(err) = self.dir.append_events(&events) {
+            warn!("cannot append to events.log: {err}");
+        }
+        crash::point("discovery.after_event");
     }
 
     async fn dump_fdb(&self, devices: &BTreeMap<Vni, Link>) -> anyhow::Result<BTreeSet<FdbRow>> {

@@ -60,6 +60,8 @@ pub struct Router {
     last_apply_error: Option<String>,
     /// Why routes.json could not be read at the last try (the last good state stays).
     routes_error: Option<String>,
+    /// The version of routes.json behind `intent`, when it was read without error.
+    routes_stamp: Option<vrouter_state::fsio::Stamp>,
     /// The router's health, for the probes file.
     health: watch::Sender<Option<HealthReport>>,
     last_overlay: Option<OverlayLink>,
@@ -204,6 +206,7 @@ pub async fn run(settings: Settings, policy: Policy) -> anyhow::Result<()> {
         style: RouteStyle::Nexthop,
         last_apply_error: None,
         routes_error: None,
+        routes_stamp: None,
         health: health_tx,
         last_overlay: None,
         probes: ProbeTracker::default(),
@@ -571,7 +574,15 @@ impl Router {
 
     /// Reads routes.json into `self.intent`, reporting problems once.
     fn read_intent(&mut self) {
+        // The file this router last read without error is still there: the intent
+        // stands (a parse of a 100-stack host's routes.json costs milliseconds, on
+        // every tick of every router).
+        let stamp = self.state.routes_stamp();
+        if stamp.is_some() && stamp == self.routes_stamp {
+            return;
+        }
         let read = self.state.read_routes();
+        self.routes_stamp = if read.is_ok() { stamp } else { None };
         self.routes_error = read
             .as_ref()
             .err()

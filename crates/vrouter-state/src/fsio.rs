@@ -24,6 +24,16 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+/// One version of a file, as [`Dir::stamp`] reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: i64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
 /// A directory opened by descriptor; names are resolved inside it without following
 /// links.
 #[derive(Debug)]
@@ -143,6 +153,26 @@ impl Dir {
             ));
         }
         Ok(File::from(fd))
+    }
+
+    /// What tells one version of `name` from the next, read without opening it and
+    /// without following a link: inode, size and change times. Every writer here
+    /// replaces a file by rename (a new inode), and the change time cannot be set by a
+    /// writer, so an equal stamp means the same contents as when it was last read.
+    pub fn stamp(&self, name: &str) -> io::Result<Stamp> {
+        let st = nix::sys::stat::fstatat(
+            self.fd.as_fd(),
+            name,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(nix_io)?;
+        Ok(Stamp {
+            dev: st.st_dev as u64,
+            ino: st.st_ino as u64,
+            size: st.st_size as i64,
+            mtime: (st.st_mtime as i64, st.st_mtime_nsec as i64),
+            ctime: (st.st_ctime as i64, st.st_ctime_nsec as i64),
+        })
     }
 
     /// The contents of `name`, at most `cap` bytes (a larger file is an error, not a
@@ -290,6 +320,22 @@ mod tests {
             b"fine",
             "exactly the cap is fine"
         );
+    }
+
+    #[test]
+    fn a_stamp_changes_with_each_replacement_only() {
+        let tmp = TempDir::new("fsio");
+        let dir = Dir::open(&tmp.0).unwrap();
+        dir.write_atomic("f", b"same", 0o644).unwrap();
+        let a = dir.stamp("f").unwrap();
+        assert_eq!(dir.read("f", 16).unwrap(), b"same");
+        assert_eq!(dir.stamp("f").unwrap(), a, "a read changes nothing");
+        dir.write_atomic("f", b"same", 0o644).unwrap();
+        assert_ne!(dir.stamp("f").unwrap(), a, "same bytes, new file");
+        // A link is stamped as itself, not followed.
+        symlink(tmp.0.join("f"), tmp.0.join("l")).unwrap();
+        assert_ne!(dir.stamp("l").unwrap(), dir.stamp("f").unwrap());
+        assert!(dir.stamp("missing").is_err());
     }
 
     #[test]

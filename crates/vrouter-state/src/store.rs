@@ -475,6 +475,14 @@ impl StateDir {
         self.read_json(ROUTES_FILE)
     }
 
+    /// The version of routes.json now there ([`crate::fsio::Dir::stamp`]), `None` when
+    /// it cannot be read. A router compares it with the stamp of its last good read
+    /// and parses the file only when it changed: at 100 stacks on a host routes.json is
+    /// over 2 MB, and a parse on every timer tick of every router took 1.5 cores.
+    pub fn routes_stamp(&self) -> Option<crate::fsio::Stamp> {
+        Dir::open(&self.path).ok()?.stamp(ROUTES_FILE).ok()
+    }
+
     /// Writes this router's probe results to `probes/<stack>.json` by atomic rename,
     /// creating `probes/` if missing. Takes no lock: each router writes only its own
     /// file. A `probes` that is a link is refused, not followed.
@@ -533,18 +541,46 @@ impl StateDir {
     /// [`crate::probes::ROUTER_EVENTS_KEPT`]) and travel in that file, from which
     /// discovery copies them into events.log.
     pub fn append_event(&self, event: &Event) -> Result<(), StateError> {
+        self.append_events(std::slice::from_ref(event))
+    }
+
+    /// Records several events as [`StateDir::append_event`] does, under one lock and in
+    /// one `write(2)` per [`DEFAULT_EVENTS_CAP`]-sized run of lines. Every write to the
+    /// shared directory wakes each process watching it (every router on the host):
+    /// a publish at 100 stacks reports 10,000 routes, and one write per line kept the
+    /// host's CPUs busy for minutes.
+    pub fn append_events(&self, events: &[Event]) -> Result<(), StateError> {
+        if events.is_empty() {
+            return Ok(());
+        }
         self.require_writable("appending to events.log")?;
         if self.private.is_none() {
-            with_router_events(|e| e.push(event.clone()));
+            with_router_events(|e| {
+                for ev in events {
+                    e.push(ev.clone())
+                }
+            });
             return Ok(());
         }
         let _lock = self.lock_state("appending to events.log")?;
         let dir = self.shared()?;
-        let path = self.events_path();
-        let mut line = serde_json::to_vec(event).expect("an Event always serialises");
-        line.push(b'\n');
+        let mut lines = Vec::new();
+        for ev in events {
+            let mut line = serde_json::to_vec(ev).expect("an Event always serialises");
+            line.push(b'\n');
+            if !lines.is_empty() && (lines.len() + line.len()) as u64 > self.events_cap {
+                self.append_lines(&dir, std::mem::take(&mut lines))?;
+            }
+            lines.extend_from_slice(&line);
+        }
+        self.append_lines(&dir, lines)
+    }
 
-        let mut log = self.open_events(&dir)?;
+    /// Appends whole lines to events.log in one write, rotating first when they would
+    /// take it past the cap. The caller holds the state lock.
+    fn append_lines(&self, dir: &Dir, mut line: Vec<u8>) -> Result<(), StateError> {
+        let path = self.events_path();
+        let mut log = self.open_events(dir)?;
         let len = log
             .metadata()
             .map_err(StateError::io("reading size of", &path))?
@@ -552,7 +588,7 @@ impl StateDir {
         let mut torn = false;
         if len > 0 && len + line.len() as u64 > self.events_cap {
             match dir.rename(EVENTS_FILE, EVENTS_ROTATED_FILE) {
-                Ok(()) => log = self.open_events(&dir)?,
+                Ok(()) => log = self.open_events(dir)?,
                 // Something planted at events.log.1 (a directory) blocks the rename:
                 // keep the cap anyway rather than grow or stop logging.
                 Err(e)

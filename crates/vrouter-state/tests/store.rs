@@ -476,6 +476,56 @@ fn events_rotate_at_the_cap_keeping_one_old_file() {
 }
 
 #[test]
+fn a_batch_of_events_is_one_write_and_keeps_the_cap() {
+    let tmp = TempDir::new("events-batch");
+    let state = discovery(tmp.path());
+    state
+        .append_event(&Event::new("discovery", EventKind::Started, "first"))
+        .unwrap();
+    // Every write to the shared directory wakes every router watching it: a batch of
+    // route events must reach events.log as one write, not one per line.
+    let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+    assert!(fd >= 0);
+    let path = std::ffi::CString::new(state.events_path().as_os_str().as_encoded_bytes()).unwrap();
+    assert!(unsafe { libc::inotify_add_watch(fd, path.as_ptr(), libc::IN_MODIFY) } >= 0);
+    let batch: Vec<Event> = (0..100)
+        .map(|i| Event::new("discovery", EventKind::RouteAdded, format!("{i:03}")))
+        .collect();
+    state.append_events(&batch).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    unsafe { libc::close(fd) };
+    let header = std::mem::size_of::<libc::inotify_event>() as isize;
+    assert_eq!(n, header, "one IN_MODIFY event for the whole batch");
+    let events = state.read_events().unwrap();
+    assert_eq!(events.len(), 101);
+    assert_eq!(events[1].message, "000");
+    assert_eq!(events[100].message, "099");
+
+    // A batch larger than the cap rotates between runs of whole lines: both files stay
+    // within the cap and the newest events are kept, contiguous.
+    let tmp = TempDir::new("events-batch-cap");
+    let cap = 1000;
+    let state = discovery(tmp.path()).with_events_cap(cap);
+    let batch: Vec<Event> = (0..60)
+        .map(|i| Event::new("discovery", EventKind::RouteAdded, format!("{i:03}")))
+        .collect();
+    state.append_events(&batch).unwrap();
+    let current = fs::metadata(state.events_path()).unwrap().len();
+    let old = fs::metadata(tmp.path().join("events.log.1")).unwrap().len();
+    assert!(current <= cap && old <= cap, "{current} {old}");
+    let seq: Vec<u32> = state
+        .read_events()
+        .unwrap()
+        .iter()
+        .map(|e| e.message.parse().unwrap())
+        .collect();
+    assert_eq!(*seq.last().unwrap(), 59);
+    assert!(seq.windows(2).all(|w| w[1] == w[0] + 1), "{seq:?}");
+    state.append_events(&[]).unwrap();
+}
+
+#[test]
 fn leader_lock_is_exclusive_and_released_on_drop() {
     let tmp = TempDir::new("leader");
     let state = Arc::new(discovery(tmp.path()));
