@@ -160,14 +160,14 @@ pub async fn run(settings: Settings, policy: Policy) -> anyhow::Result<()> {
     }
 
     let (file_tx, mut file_rx) = mpsc::unbounded_channel::<()>();
-    let _watcher = watch_files(&settings.state_dir, ROUTES_FILE.as_ref(), file_tx);
+    let _watcher = watch_files(&settings.state_dir, ROUTES_FILE.as_ref(), false, file_tx);
     let (acl_file_tx, mut acl_file_rx) = mpsc::unbounded_channel::<()>();
     let _acl_watcher = settings.acl.file.as_deref().and_then(|path| {
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,
             _ => std::path::Path::new("."),
         };
-        watch_files(dir, path.file_name()?, acl_file_tx)
+        watch_files(dir, path.file_name()?, true, acl_file_tx)
     });
     let (acl_counters, acl_counters_rx) = watch::channel(Vec::new());
 
@@ -292,45 +292,76 @@ const ACL_FILE_SETTLE: Duration = Duration::from_millis(5);
 
 /// Watches a directory (a rename replaces a file's inode, so watching the file would
 /// go deaf after the first write) and signals changes to the file `name` in it.
+///
+/// The kernel is asked only for the events that can replace a file (create, rename in
+/// or out, delete), and a close after writing when the file may be `written_in_place`
+/// (the policy file, by an editor; discovery replaces its files only by rename).
+/// Opening a file and appending to one are left out: every router on a host watches the same state
+/// directory, and each open or events.log append by any of them or by discovery would
+/// otherwise wake all the others (at 100 stacks on a host, tens of thousands of wakeups
+/// a second). A queue overflow counts as a change.
 fn watch_files(
     dir: &std::path::Path,
     name: &std::ffi::OsStr,
+    written_in_place: bool,
     tx: mpsc::UnboundedSender<()>,
-) -> Option<notify::RecommendedWatcher> {
+) -> Option<std::thread::JoinHandle<()>> {
+    watch_files_counted(dir, name, written_in_place, tx, Arc::new(AtomicU64::new(0)))
+}
+
+/// [`watch_files`], counting the watch thread's wakeups in `wakeups`.
+fn watch_files_counted(
+    dir: &std::path::Path,
+    name: &std::ffi::OsStr,
+    written_in_place: bool,
+    tx: mpsc::UnboundedSender<()>,
+    wakeups: Arc<AtomicU64>,
+) -> Option<std::thread::JoinHandle<()>> {
+    use inotify::{EventMask, Inotify, WatchMask};
     let name = name.to_owned();
-    use notify::{RecursiveMode, Watcher};
-    let handler = move |res: notify::Result<notify::Event>| {
-        if let Ok(ev) = res {
-            // Opening and closing count as access events; our own reads would
-            // otherwise trigger reconciles forever.
-            let change = matches!(
-                ev.kind,
-                notify::EventKind::Create(_)
-                    | notify::EventKind::Modify(_)
-                    | notify::EventKind::Remove(_)
-                    | notify::EventKind::Any
-            );
-            if change
-                && ev
-                    .paths
-                    .iter()
-                    .any(|p| p.file_name().is_some_and(|n| n == name))
-            {
-                let _ = tx.send(());
-            }
+    let watching = Inotify::init().and_then(|inotify| {
+        let mut mask =
+            WatchMask::CREATE | WatchMask::MOVED_TO | WatchMask::MOVED_FROM | WatchMask::DELETE;
+        if written_in_place {
+            mask |= WatchMask::CLOSE_WRITE;
         }
-    };
-    let watcher = notify::recommended_watcher(handler).and_then(|mut w| {
-        w.watch(dir, RecursiveMode::NonRecursive)?;
-        Ok(w)
+        inotify.watches().add(dir, mask)?;
+        Ok(inotify)
     });
-    match watcher {
-        Ok(w) => Some(w),
+    let mut inotify = match watching {
+        Ok(i) => i,
         Err(e) => {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the directory; relying on the reconcile timer for routes.json and on SIGHUP for the policy file (raise fs.inotify.max_user_instances?)");
-            None
+            return None;
         }
-    }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("watch-files".into())
+        .spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                let events = match inotify.read_events_blocking(&mut buf) {
+                    Ok(events) => events,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the directory watch failed; relying on the reconcile timer");
+                        return;
+                    }
+                };
+                wakeups.fetch_add(1, Ordering::Relaxed);
+                let change = events.into_iter().any(|ev| {
+                    ev.mask.contains(EventMask::Q_OVERFLOW)
+                        || ev.name.is_some_and(|n| n == name.as_os_str())
+                });
+                // The receiver is gone: the router is exiting.
+                if change && tx.send(()).is_err() {
+                    return;
+                }
+            }
+        });
+    spawned
+        .map_err(|e| tracing::warn!(error = %e, "cannot start the directory watch"))
+        .ok()
 }
 
 async fn probe_loop(
@@ -993,6 +1024,54 @@ fn log_plan(trigger: Trigger, plan: &[Change]) {
 mod tests {
     use super::*;
     use vrouter_state::{RoutesFile, StackName, StackRoutes, Vni};
+
+    #[test]
+    fn the_file_watch_wakes_for_replacements_not_for_opens_or_appends() {
+        let dir = std::env::temp_dir().join(format!(
+            "vrouter-watch-{}-{}",
+            std::process::id(),
+            vrouter_state::fsio::random_suffix()
+        ));
+        std::fs::create_dir(&dir).unwrap();
+        let state = StateDir::open_discovery(&dir, &dir.with_extension("private")).unwrap();
+        state.write_routes(&RoutesFile::default()).unwrap();
+        state
+            .append_event(&Event::new("t", EventKind::Started, "events.log exists"))
+            .unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let wakeups = Arc::new(AtomicU64::new(0));
+        let _w =
+            watch_files_counted(&dir, ROUTES_FILE.as_ref(), false, tx, wakeups.clone()).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        // What every router and discovery do all the time: read the files, append
+        // events. None of it may wake a watcher (every router on the host has one).
+        for i in 0..50 {
+            let _ = state.read_routes();
+            let _ = state.read_discovery();
+            state
+                .append_event(&Event::new("t", EventKind::Started, format!("{i}")))
+                .unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            wakeups.load(Ordering::Relaxed),
+            0,
+            "woken by opens or appends"
+        );
+        assert!(rx.try_recv().is_err());
+        // A new routes.json (by rename) is a change.
+        state.write_routes(&RoutesFile::default()).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while rx.try_recv().is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no signal for a new routes.json"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(dir.with_extension("private"));
+    }
 
     #[test]
     fn access_follows_the_routes_the_router_accepts() {
