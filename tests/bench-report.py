@@ -451,6 +451,29 @@ def scale_text(extra):
     hosts = extra.get("hosts") if isinstance(extra.get("hosts"), dict) else {}
     if hosts.get("error"):
         out += [f"Many-hosts part failed: {hosts['error']}", ""]
+    elif hosts:
+        jf = _get(hosts, "join_ms", "failed") or []
+        df = _get(hosts, "failure_detection_ms", "failed") or []
+        jv = _get(hosts, "join_ms", "values") or []
+        dv = _get(hosts, "failure_detection_ms", "values") or []
+        out += [
+            "| {} hosts × {} stacks, gossip, real daemons | Measured |".format(
+                fmt(hosts.get("hosts")), fmt(hosts.get("stacks_per_host"))
+            ),
+            "|---|---|",
+            f"| Routers started → every host's routes.json lists every stack | {fmt((hosts.get('mesh_converged_ms') or math.nan) / 1000)} s |",
+            f"| Routers started → every router's kernel routes every other stack | {fmt((hosts.get('kernel_routes_complete_ms') or math.nan) / 1000)} s |",
+            f"| Idle gossip traffic per node, median (max) | {fmt(_get(hosts, 'idle_kbit_s_per_node', 'median'))} ({fmt(_get(hosts, 'idle_kbit_s_per_node', 'max'))}) kbit/s |",
+            f"| Overlay probe requests per second, all routers (4 per remote router each) | {fmt(hosts.get('probe_requests_per_s_all_routers'))} |",
+            f"| CPU of all routers, idle (cores of 2) | {fmt(hosts.get('routers_idle_cpu_cores'))} |",
+            f"| Load average, idle | {fmt(hosts.get('load_average_idle'))} |",
+            f"| Joins answered (median, max) | {len(jv)} of {len(jv) + len(jf)} ({fmt(_get(hosts, 'join_ms', 'median'))}, {fmt(_get(hosts, 'join_ms', 'max'))} ms); waited {fmt(_get(hosts, 'join_ms', 'wait_s'))} s each |",
+            f"| Host cuts withdrawn everywhere (median, max) | {len(dv)} of {len(dv) + len(df)} ({fmt(_get(hosts, 'failure_detection_ms', 'median'))}, {fmt(_get(hosts, 'failure_detection_ms', 'max'))} ms) |",
+            f"| Discovery RSS, median (max) | {fmt(_get(hosts, 'discovery_rss_mib', 'median'))} ({fmt(_get(hosts, 'discovery_rss_mib', 'max'))}) MiB |",
+            "",
+        ]
+        if jf or df:
+            out += ["Not answered: " + "; ".join(jf + df) + ".", ""]
     return out
 
 
@@ -582,11 +605,17 @@ def max_stacks_answer(docs):
             )
         )
     if hosts.get("hosts"):
+        jf = _get(hosts, "join_ms", "failed") or []
+        jv = _get(hosts, "join_ms", "values") or []
         out.append(
-            "Measured with real daemons: {} hosts × {} stacks with gossip on this 2-vCPU machine: mesh complete {} s after the routers' start, join {} ms (median), failure detection {} ms (median).".format(
+            "Measured with real daemons: {} hosts × {} stacks with gossip on this 2-vCPU machine: mesh complete {} s after the routers' start, {} of {} joins answered (median {} ms), failure detection {} ms (median). All {} routers run on the same 2 vCPUs and send {} overlay probe requests a second (load average {}); on real hosts each would carry a twentieth of that.".format(
                 fmt(hosts.get("hosts")), fmt(hosts.get("stacks_per_host")),
                 fmt((hosts.get("kernel_routes_complete_ms") or math.nan) / 1000),
+                len(jv), len(jv) + len(jf),
                 fmt(_get(hosts, "join_ms", "median")), fmt(_get(hosts, "failure_detection_ms", "median")),
+                fmt((hosts.get("hosts") or 0) * (hosts.get("stacks_per_host") or 0)),
+                fmt(hosts.get("probe_requests_per_s_all_routers")),
+                fmt(hosts.get("load_average_idle")),
             )
         )
     t = gs.get("trend") if isinstance(gs.get("trend"), dict) else {}
@@ -614,16 +643,31 @@ def max_stacks_answer(docs):
             )
         )
     pr = {(p.get("stacks_total"), p.get("stacks_per_host")): p for p in sc.get("projections") or []}
+    row_bytes = _get((sc.get("projections") or [{}])[0], "basis", "routes_json_bytes_per_row")
+    # vrouter_state::store::MAX_STATE_FILE_BYTES (older scale.json files do not carry it).
+    cap = _get(sc, "record_limits", "max_state_file_bytes") or 64 * 1048576
+    if isinstance(row_bytes, (int, float)) and row_bytes > 0:
+        rows_max = cap / row_bytes
+        out.append(
+            "**routes.json caps the stacks on one host times the stacks in the mesh**: readers refuse a state file over {} MiB, and routes.json holds one row of about {} bytes per (local stack, other stack) pair on a VNI, so local × (total − 1) ≤ {} rows: at 100 stacks per host at most {} stacks in the mesh, at 10 per host {}, at 1 per host {} (estimated from the measured row size).".format(
+                fmt(cap / 1048576), fmt(row_bytes), fmt(math.floor(rows_max)),
+                fmt(math.floor(rows_max / 100) + 1), fmt(math.floor(rows_max / 10) + 1),
+                fmt(math.floor(rows_max) + 1),
+            )
+        )
     p10 = pr.get((10000, 10)) or {}
     p100 = pr.get((10000, 100)) or {}
     r10k = ctl.get("control.reconcile.10k") or {}
     if p10 or p100:
         out.append(
-            "**Interconnected stacks on one VNI: about 10,000 (estimated)**: every router then holds {} routes and {} neighbours (a router installs 10,000 routes in {} ms, `control.reconcile.10k`) and probes each remote router every {} s (1,000 requests/s per router). Per host the cost grows with local × total: at 10 stacks per host (1,000 hosts) routes.json has {} rows ({} MiB) and the host {} steering routes; at 100 per host (100 hosts) {} rows ({} MiB, rewritten on every change and read by every local router) and {} steering routes, and its routers send {} probe requests/s — the practical bound for hosts that dense.".format(
+            "**Interconnected stacks on one VNI: about 10,000 (estimated)**: every router then holds {} routes and {} neighbours (a router installs 10,000 routes in {} ms, `control.reconcile.10k`) and probes each remote router every {} s (1,000 requests/s per router). Per host the cost grows with local × total: at 10 stacks per host (1,000 hosts) routes.json has {} rows ({} MiB) and the host {} steering routes; at 100 per host (100 hosts) {} rows ({} MiB{}) and {} steering routes, and its routers would send {} probe requests/s.".format(
                 fmt((p10 or p100).get("router_routes_each")), fmt((p10 or p100).get("router_neighbours_each")),
                 fmt(r10k.get("median")), fmt((p10 or p100).get("probe_interval_s_per_peer")),
                 fmt(p10.get("routes_json_rows")), fmt(p10.get("routes_json_mib")), fmt(p10.get("host_routes")),
-                fmt(p100.get("routes_json_rows")), fmt(p100.get("routes_json_mib")), fmt(p100.get("host_routes")),
+                fmt(p100.get("routes_json_rows")), fmt(p100.get("routes_json_mib")),
+                (", over the {} MiB cap: not possible".format(fmt(cap / 1048576))
+                 if (p100.get("routes_json_mib") or 0) * 1048576 > cap else ", rewritten on every change"),
+                fmt(p100.get("host_routes")),
                 fmt(p100.get("probe_requests_per_s_per_host")),
             )
         )
