@@ -469,11 +469,28 @@ def scale_text(extra):
             f"| Load average, idle | {fmt(hosts.get('load_average_idle'))} |",
             f"| Joins answered (median, max) | {len(jv)} of {len(jv) + len(jf)} ({fmt(_get(hosts, 'join_ms', 'median'))}, {fmt(_get(hosts, 'join_ms', 'max'))} ms); waited {fmt(_get(hosts, 'join_ms', 'wait_s'))} s each |",
             f"| Host cuts withdrawn everywhere (median, max) | {len(dv)} of {len(dv) + len(df)} ({fmt(_get(hosts, 'failure_detection_ms', 'median'))}, {fmt(_get(hosts, 'failure_detection_ms', 'max'))} ms) |",
+            f"| `member_failed` events, all hosts (the cuts alone account for {fmt(len(dv) * ((hosts.get('hosts') or 1) - 1))}) | {fmt(hosts.get('member_failed_events_total'))} |",
             f"| Discovery RSS, median (max) | {fmt(_get(hosts, 'discovery_rss_mib', 'median'))} ({fmt(_get(hosts, 'discovery_rss_mib', 'max'))}) MiB |",
             "",
         ]
         if jf or df:
             out += ["Not answered: " + "; ".join(jf + df) + ".", ""]
+    light = extra.get("hosts_one_stack_each") if isinstance(extra.get("hosts_one_stack_each"), dict) else {}
+    if light.get("hosts"):
+        out += [
+            "The same {} hosts with {} stack each ({} routers, {} overlay probe requests a second; load average {}, routers' CPU {} cores): mesh complete {} s after the routers' start, join median {} ms (max {}), failure detection median {} ms (max {}), idle gossip {} kbit/s per node (max {}), {} `member_failed` events.".format(
+                fmt(light.get("hosts")), fmt(light.get("stacks_per_host")),
+                fmt((light.get("hosts") or 0) * (light.get("stacks_per_host") or 0)),
+                fmt(light.get("probe_requests_per_s_all_routers")),
+                fmt(light.get("load_average_idle")), fmt(light.get("routers_idle_cpu_cores")),
+                fmt((light.get("kernel_routes_complete_ms") or math.nan) / 1000),
+                fmt(_get(light, "join_ms", "median")), fmt(_get(light, "join_ms", "max")),
+                fmt(_get(light, "failure_detection_ms", "median")), fmt(_get(light, "failure_detection_ms", "max")),
+                fmt(_get(light, "idle_kbit_s_per_node", "median")), fmt(_get(light, "idle_kbit_s_per_node", "max")),
+                fmt(light.get("member_failed_events_total")),
+            ),
+            "",
+        ]
     return out
 
 
@@ -616,6 +633,11 @@ def max_stacks_answer(docs):
                 fmt((hosts.get("hosts") or 0) * (hosts.get("stacks_per_host") or 0)),
                 fmt(hosts.get("probe_requests_per_s_all_routers")),
                 fmt(hosts.get("load_average_idle")),
+            )
+        )
+        out.append(
+            "**Idle gossip traffic of real daemons: {} kbit/s per node at {} hosts, over the 10 kbit/s goal** that the simulator meets (about 5): the simulator runs SWIM only, while real discoveries also send path probes (issue 17: one a second to each candidate address of every peer that shares a VNI or offers relaying, up to 256 peers, each answered), so idle traffic grows with the peers that share a VNI.".format(
+                fmt(_get(hosts, "idle_kbit_s_per_node", "median")), fmt(hosts.get("hosts")),
             )
         )
     t = gs.get("trend") if isinstance(gs.get("trend"), dict) else {}
