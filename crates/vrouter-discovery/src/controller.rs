@@ -296,7 +296,15 @@ impl Controller {
         stack: Option<&StackName>,
     ) {
         let e = Self::logged_event(kind, reason, message, stack);
-        if let Err(err) = self.dir.append_event(&e) {
+        self.append_events(std::slice::from_ref(&e));
+    }
+
+    /// Appends logged events to events.log in one batch ([`StateDir::append_events`]).
+    fn append_events(&self, events: &[Event]) {
+        if events.is_empty() {
+            return;
+        }
+        if let Err(err) = self.dir.append_events(events) {
             warn!("cannot append to events.log: {err}");
         }
         crash::point("discovery.after_event");
@@ -2451,13 +2459,7 @@ impl Controller {
                 }
             })
             .collect();
-        if events.is_empty() {
-            return;
-        }
-        if let Err(err) = self.dir.append_events(&events) {
-            warn!("cannot append to events.log: {err}");
-        }
-        crash::point("discovery.after_event");
+        self.append_events(&events);
     }
 
     async fn dump_fdb(&self, devices: &BTreeMap<Vni, Link>) -> anyhow::Result<BTreeSet<FdbRow>> {
