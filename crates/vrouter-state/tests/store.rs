@@ -437,6 +437,20 @@ fn events_skip_a_torn_line_and_the_next_append_is_whole() {
     assert_eq!(state.read_events().unwrap().len(), 5);
 }
 
+/// The numbers of the retained events (their messages), checked to end at `last` and
+/// to run without a gap across events.log.1 and events.log.
+fn kept_sequence(state: &StateDir, last: u32) -> Vec<u32> {
+    let seq: Vec<u32> = state
+        .read_events()
+        .unwrap()
+        .iter()
+        .map(|e| e.message.parse().unwrap())
+        .collect();
+    assert_eq!(*seq.last().unwrap(), last);
+    assert!(seq.windows(2).all(|w| w[1] == w[0] + 1), "{seq:?}");
+    seq
+}
+
 #[test]
 fn events_rotate_at_the_cap_keeping_one_old_file() {
     let tmp = TempDir::new("events-rotate");
@@ -458,15 +472,8 @@ fn events_rotate_at_the_cap_keeping_one_old_file() {
     assert!(!tmp.path().join("events.log.2").exists());
 
     // What is kept is the newest events, contiguous across the two files.
-    let seq: Vec<u32> = state
-        .read_events()
-        .unwrap()
-        .iter()
-        .map(|e| e.message.parse().unwrap())
-        .collect();
-    assert_eq!(*seq.last().unwrap(), 59);
+    let seq = kept_sequence(&state, 59);
     assert!(seq[0] > 0, "oldest events were dropped");
-    assert!(seq.windows(2).all(|w| w[1] == w[0] + 1), "{seq:?}");
     let lines = fs::read_to_string(state.events_path())
         .unwrap()
         .lines()
@@ -514,14 +521,7 @@ fn a_batch_of_events_is_one_write_and_keeps_the_cap() {
     let current = fs::metadata(state.events_path()).unwrap().len();
     let old = fs::metadata(tmp.path().join("events.log.1")).unwrap().len();
     assert!(current <= cap && old <= cap, "{current} {old}");
-    let seq: Vec<u32> = state
-        .read_events()
-        .unwrap()
-        .iter()
-        .map(|e| e.message.parse().unwrap())
-        .collect();
-    assert_eq!(*seq.last().unwrap(), 59);
-    assert!(seq.windows(2).all(|w| w[1] == w[0] + 1), "{seq:?}");
+    kept_sequence(&state, 59);
     state.append_events(&[]).unwrap();
 }
 
